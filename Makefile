@@ -1,0 +1,30 @@
+# Two entry points (see README.md): `make run` and `make test`. Both create .venv from requirements.lock
+# when it is missing or stale, so a fresh clone needs nothing else.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m runtime.supervisor --config config/default.yaml
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m benchmarks dispatch
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

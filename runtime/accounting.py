@@ -1,0 +1,204 @@
+"""Who used what: per-task usage, per-agent totals, per-worker overhead, and reconciliation.
+
+The pool charges every finished task (successful, failed or killed) to its agent. Every CPU-second a
+worker burns that is not a task's is named overhead: ``startup``, ``idle`` (waiting and messaging),
+``measurement`` (the probes), ``exit`` (after the worker's last report, for workers that stopped
+between tasks). ``reconcile`` compares the sum of charges and overhead with what the kernel says each
+worker used (its cgroup's CPU counter, else ``/proc/<pid>/stat``), which the workers cannot influence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from msgspec import Struct, field
+
+from runtime.protocol import Counters
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class TaskUsage(Struct, frozen=True):
+    """What a task cost, as charged to its agent."""
+
+    cpu_seconds: float
+    #: Highest memory use of the worker while the task ran (absolute, bytes).
+    peak_memory_bytes: int
+    #: Memory use of the worker when the task started.
+    baseline_memory_bytes: int
+    wall_seconds: float
+    worker_pid: int
+    #: How the memory was measured: ``cgroup-v1``, ``cgroup-v2``, ``vmhwm`` (or ``rusage`` for a
+    #: worker that died, when only its lifetime maximum RSS is known).
+    memory_probe: str
+    attempts: int = 1
+
+    @property
+    def task_memory_bytes(self) -> int:
+        """Memory the task added on top of what the worker already used."""
+        return max(0, self.peak_memory_bytes - self.baseline_memory_bytes)
+
+    def plus(self, later: TaskUsage) -> TaskUsage:
+        """This attempt's usage followed by a retry's: CPU and wall add up, peaks take the max."""
+        bigger = self if self.task_memory_bytes >= later.task_memory_bytes else later
+        return TaskUsage(
+            self.cpu_seconds + later.cpu_seconds,
+            bigger.peak_memory_bytes,
+            bigger.baseline_memory_bytes,
+            self.wall_seconds + later.wall_seconds,
+            later.worker_pid,
+            later.memory_probe,
+            self.attempts + later.attempts,
+        )
+
+
+class AgentTotals(Struct):
+    """Running totals for one agent."""
+
+    tasks: int = 0
+    failed: int = 0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    #: The largest memory a single task of this agent added.
+    max_task_memory_bytes: int = 0
+
+
+class WorkerAccount(Struct):
+    """The CPU of one worker process, split into charges and named overhead."""
+
+    pid: int
+    worker_id: int
+    charged: float = 0.0
+    counters: Counters | None = None
+    #: CPU used after the last report by a worker that stopped (or died) with no task in flight.
+    exit: float = 0.0
+    #: Kernel CPU total of the process once it has been reaped (``wait4``).
+    final_kernel: float | None = None
+    cpu_probe: str = "/proc"
+
+    def overhead(self) -> dict[str, float]:
+        """Named overhead reported so far."""
+        c = self.counters
+        if c is None:
+            return {"startup": 0.0, "idle": 0.0, "measurement": 0.0, "exit": self.exit}
+        return {"startup": c.startup, "idle": c.idle, "measurement": c.measurement, "exit": self.exit}
+
+
+class Reconciliation(Struct, frozen=True):
+    """Charges plus overhead against the kernel's count, over a set of workers."""
+
+    charged: float
+    overhead: dict[str, float]
+    kernel: float
+    workers: int
+
+    @property
+    def accounted(self) -> float:
+        """Charged plus every named overhead."""
+        return self.charged + sum(self.overhead.values())
+
+    @property
+    def relative_error(self) -> float:
+        """``|accounted - kernel| / kernel`` (0 when nothing ran)."""
+        return abs(self.accounted - self.kernel) / self.kernel if self.kernel else 0.0
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a live process (all threads, reaped children excluded) from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class Accounts:
+    """Per-agent totals and per-worker CPU books for one pool."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, AgentTotals] = {}
+        self.workers: dict[int, WorkerAccount] = {}
+        self.retired: list[WorkerAccount] = []
+
+    def charge(self, agent: str, usage: TaskUsage, ok: bool, worker_pid: int, cpu: float) -> None:
+        """Charge one task attempt: ``cpu`` is this attempt's CPU, booked to the worker that ran it."""
+        t = self.agents.get(agent)
+        if t is None:
+            t = self.agents[agent] = AgentTotals()
+        t.tasks += 1
+        t.failed += 0 if ok else 1
+        t.cpu_seconds += cpu
+        t.wall_seconds += usage.wall_seconds
+        t.max_task_memory_bytes = max(t.max_task_memory_bytes, usage.task_memory_bytes)
+        w = self.workers.get(worker_pid)
+        if w is not None:
+            w.charged += cpu
+
+    def open_worker(self, pid: int, worker_id: int, cpu_probe: str) -> WorkerAccount:
+        """Start the books of a new worker process."""
+        acct = self.workers[pid] = WorkerAccount(pid, worker_id, cpu_probe=cpu_probe)
+        return acct
+
+    def unreported(self, pid: int, kernel_total: float) -> float:
+        """CPU a worker used after its last report, given the kernel's total for it."""
+        c = self.workers[pid].counters
+        return max(0.0, kernel_total - (c.cpu_total if c else 0.0))
+
+    def close_worker(
+        self, pid: int, kernel_total: float, exit_overhead: float, cgroup_total: float | None = None
+    ) -> None:
+        """Close a reaped worker's books. ``exit_overhead`` is its unreported CPU when no task
+        was in flight to pay for it (zero otherwise: the task was charged that CPU).
+
+        ``kernel_total`` is ``wait4``'s count; ``cgroup_total`` the worker's cgroup counter, which
+        is kept for reconciliation because it does not go through the worker's reports at all."""
+        acct = self.workers.pop(pid)
+        acct.exit = exit_overhead
+        acct.final_kernel = cgroup_total if cgroup_total is not None else kernel_total
+        self.retired.append(acct)
+
+    def overhead(self) -> dict[str, float]:
+        """Named overhead over every worker, live and retired."""
+        out = {"startup": 0.0, "idle": 0.0, "measurement": 0.0, "exit": 0.0}
+        for acct in [*self.workers.values(), *self.retired]:
+            for k, v in acct.overhead().items():
+                out[k] += v
+        return out
+
+    def charged(self) -> float:
+        """CPU charged to tasks so far."""
+        return sum(a.charged for a in [*self.workers.values(), *self.retired])
+
+    def reconcile(self, kernel_cpu: dict[int, float], retired: bool = False) -> Reconciliation:
+        """Compare books with kernel readings: the live workers given (pid -> CPU seconds), and
+        with ``retired`` also every reaped worker (its cgroup counter or ``wait4`` total)."""
+        pairs = [(self.workers[pid], cpu) for pid, cpu in kernel_cpu.items()]
+        if retired:
+            pairs += [(a, a.final_kernel or 0.0) for a in self.retired]
+        charged = 0.0
+        overhead = {"startup": 0.0, "idle": 0.0, "measurement": 0.0, "exit": 0.0}
+        kernel = 0.0
+        for acct, cpu in pairs:
+            charged += acct.charged
+            for k, v in acct.overhead().items():
+                overhead[k] += v
+            kernel += cpu
+        return Reconciliation(charged, overhead, kernel, len(pairs))
+
+
+class UsageSummary(Struct):
+    """The JSON summary written when the supervisor exits."""
+
+    agents: dict[str, AgentTotals]
+    charged_cpu_seconds: float
+    overhead_cpu_seconds: dict[str, float]
+    supervisor_cpu_seconds: float
+    workers_started: int
+    workers_crashed: int
+    memory_probe: str
+    cgroups: str
+    #: Every worker's books against its kernel count (live ones and reaped ones).
+    reconciliation: Reconciliation | None = None
+    container: dict[str, float | int | None] = field(default_factory=dict)

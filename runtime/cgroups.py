@@ -1,0 +1,312 @@
+"""cgroup discovery, container limits and per-worker child cgroups.
+
+Hosts differ: pure cgroup v2 (``cpu.max``, ``memory.max``, ``memory.peak``), pure v1
+(``cpu.cfs_quota_us``, ``memory.limit_in_bytes``, ``cpuacct.usage``, ``memory.max_usage_in_bytes``)
+and hybrids (v1 controllers plus a v2 tree without controllers). Everything here is found from
+``/proc/self/cgroup`` and ``/proc/self/mountinfo``; nothing assumes a layout.
+
+Per-worker child cgroups give each worker an exact, resettable memory peak and an exact CPU counter
+that does not depend on the worker's own word. When the hierarchy is not writable the pool falls back
+to in-process probes, and ``WorkerCgroups.create`` returns the reason so that status output can say so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from msgspec import Struct
+
+CgroupMode = Literal["v1", "v2", "hybrid", "none"]
+_UNLIMITED = 1 << 62  # v1 reports "no limit" as a page-rounded 2**63-1
+
+
+class Mount(Struct, frozen=True):
+    """One cgroup filesystem mount: which controllers, where, and which hierarchy path is its root."""
+
+    mountpoint: str
+    root: str
+    controllers: tuple[str, ...]
+    version: Literal[1, 2]
+
+
+class CgroupInfo(Struct, frozen=True):
+    """Where this process's cgroups live in the filesystem, per controller."""
+
+    mode: CgroupMode
+    #: controller name -> directory of this process's own cgroup ("unified" for the v2 tree).
+    dirs: dict[str, str]
+    #: controller name -> its mount point (limits are looked up from ``dirs`` up to here).
+    mounts: dict[str, str]
+    #: controllers enabled in the v2 tree at this process's cgroup (empty on v1).
+    v2_controllers: tuple[str, ...] = ()
+
+    def ancestors(self, controller: str) -> list[Path]:
+        """This process's cgroup directory for ``controller`` and its parents up to the mount."""
+        d, top = self.dir(controller), self.mounts.get(controller)
+        if d is None or top is None:
+            return []
+        out = [d]
+        while out[-1] != Path(top) and out[-1] != out[-1].parent:
+            out.append(out[-1].parent)
+        return out
+
+    def dir(self, controller: str) -> Path | None:
+        """The directory of this process's cgroup for ``controller``, if mounted."""
+        d = self.dirs.get(controller)
+        return Path(d) if d else None
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """Parse ``/proc/<pid>/cgroup`` into controller -> path (``"unified"`` for the ``0::`` line)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and controllers == "":
+            out["unified"] = path
+            continue
+        for c in controllers.split(","):
+            out[c.removeprefix("name=")] = path
+    return out
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The cgroup and cgroup2 mounts listed in ``/proc/<pid>/mountinfo``."""
+    mounts: list[Mount] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        fstype, _source, *opts = right.split()
+        if fstype not in ("cgroup", "cgroup2") or len(fields) < 5:
+            continue
+        root, mountpoint = fields[3], fields[4]
+        if fstype == "cgroup2":
+            mounts.append(Mount(mountpoint, root, ("unified",), 2))
+            continue
+        super_opts = opts[0].split(",") if opts else []
+        ctrls = tuple(o.removeprefix("name=") for o in super_opts if o not in ("rw", "ro") and "=" not in o)
+        ctrls += tuple(o.removeprefix("name=") for o in super_opts if o.startswith("name="))
+        mounts.append(Mount(mountpoint, root, ctrls, 1))
+    return mounts
+
+
+def discover(proc: Path = Path("/proc/self")) -> CgroupInfo:
+    """Find this process's cgroup directories for every mounted controller."""
+    try:
+        paths = parse_proc_cgroup((proc / "cgroup").read_text())
+        mounts = parse_mountinfo((proc / "mountinfo").read_text())
+    except OSError:
+        return CgroupInfo("none", {}, {})
+    dirs: dict[str, str] = {}
+    tops: dict[str, str] = {}
+    for m in mounts:
+        for c in m.controllers:
+            path = paths.get(c)
+            if path is None or c in dirs:
+                continue
+            # A container sees its own cgroup as the mount's root: strip that prefix.
+            rel = path[len(m.root) :] if path.startswith(m.root) and m.root != "/" else path
+            d = Path(m.mountpoint) / rel.lstrip("/")
+            if d.is_dir():
+                dirs[c] = str(d)
+                tops[c] = m.mountpoint
+    has_v1 = any(m.version == 1 for m in mounts if any(c in dirs for c in m.controllers))
+    has_v2 = "unified" in dirs
+    v2_ctrls: tuple[str, ...] = ()
+    if has_v2:
+        try:
+            v2_ctrls = tuple((Path(dirs["unified"]) / "cgroup.controllers").read_text().split())
+        except OSError:
+            v2_ctrls = ()
+    mode: CgroupMode = "hybrid" if has_v1 and has_v2 else "v1" if has_v1 else "v2" if has_v2 else "none"
+    return CgroupInfo(mode, dirs, tops, v2_ctrls)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_quota_cores(info: CgroupInfo) -> float | None:
+    """The CPU quota of this process's cgroup (or its tightest ancestor) in cores, None if unlimited."""
+    best: float | None = None
+    for d in info.ancestors("cpu"):
+        quota, period = _read_int(d / "cpu.cfs_quota_us"), _read_int(d / "cpu.cfs_period_us")
+        if quota is not None and period and quota > 0:
+            best = min(best or float("inf"), quota / period)
+    for d in info.ancestors("unified"):
+        try:
+            q, p = (d / "cpu.max").read_text().split()
+        except (OSError, ValueError):
+            continue
+        if q != "max":
+            best = min(best or float("inf"), int(q) / int(p))
+    return best
+
+
+def memory_limit_bytes(info: CgroupInfo) -> int | None:
+    """The memory limit of this process's cgroup (or its tightest ancestor), None if unlimited."""
+    best: int | None = None
+    for d in info.ancestors("memory"):
+        v = _read_int(d / "memory.limit_in_bytes")
+        if v is not None and v < _UNLIMITED:
+            best = v if best is None else min(best, v)
+    for d in info.ancestors("unified"):
+        v = _read_int(d / "memory.max")  # "max" does not parse: unlimited
+        if v is not None:
+            best = v if best is None else min(best, v)
+    return best
+
+
+def cpu_capacity(info: CgroupInfo) -> float:
+    """Cores this process may use: the cgroup quota, capped by the CPUs it is allowed to run on."""
+    cpus = float(len(os.sched_getaffinity(0)))
+    quota = cpu_quota_cores(info)
+    return min(cpus, quota) if quota else cpus
+
+
+class WorkerCgroups(Struct):
+    """The child cgroups of one worker: an exact memory peak and an exact CPU counter.
+
+    ``memory`` and ``cpu`` name the version of each probe (or None when it could not be made).
+    """
+
+    dirs: list[str]
+    memory_dir: str | None
+    memory_version: Literal[1, 2] | None
+    cpu_file: str | None
+
+    @classmethod
+    def create(cls, info: CgroupInfo, name: str) -> tuple[WorkerCgroups | None, str]:
+        """Make the child cgroups ``name`` under this process's own; return them and a status line."""
+        made: list[str] = []
+        mem_dir: str | None = None
+        mem_ver: Literal[1, 2] | None = None
+        cpu_file: str | None = None
+        notes: list[str] = []
+
+        def mk(parent: Path | None) -> Path | None:
+            if parent is None:
+                return None
+            d = parent / name
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as exc:
+                notes.append(f"{parent}: {exc.strerror}")
+                return None
+            made.append(str(d))
+            return d
+
+        if (d := mk(info.dir("memory"))) is not None:
+            mem_dir, mem_ver = str(d), 1
+        if (d := mk(info.dir("cpuacct"))) is not None:
+            cpu_file = str(d / "cpuacct.usage")
+        # A v2 child always has cpu.stat; memory.peak only with the memory controller delegated.
+        needs_v2 = info.dir("unified") is not None and (mem_dir is None or cpu_file is None)
+        if needs_v2 and (d := mk(info.dir("unified"))) is not None:
+            if cpu_file is None:
+                cpu_file = str(d / "cpu.stat")
+            if mem_dir is None and (d / "memory.peak").exists():
+                mem_dir, mem_ver = str(d), 2
+        if not made:
+            return None, "no writable cgroup hierarchy (" + "; ".join(notes or ["none mounted"]) + ")"
+        cg = cls(made, mem_dir, mem_ver, cpu_file)
+        mem = f"memory cgroup v{mem_ver}" if mem_ver else "memory via /proc (no memory cgroup)"
+        cpu = "cpuacct.usage" if cpu_file and cpu_file.endswith("usage") else "cpu.stat"
+        return cg, f"per-worker cgroups: {mem}, cpu from {cpu if cpu_file else '/proc'}"
+
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a worker writes its pid into to join."""
+        return [str(Path(d) / "cgroup.procs") for d in self.dirs]
+
+    def cpu_seconds(self) -> float | None:
+        """CPU used by every process that ever ran in the cgroup, from the kernel."""
+        if self.cpu_file is None:
+            return None
+        try:
+            text = Path(self.cpu_file).read_text()
+        except OSError:
+            return None
+        if self.cpu_file.endswith("cpuacct.usage"):
+            return int(text) / 1e9
+        for line in text.splitlines():
+            key, _, val = line.partition(" ")
+            if key == "usage_usec":
+                return int(val) / 1e6
+        return None
+
+    def memory_peak_bytes(self) -> int | None:
+        """The memory high-water mark since the worker last reset it (v1 and v2)."""
+        if self.memory_dir is None:
+            return None
+        f = "memory.max_usage_in_bytes" if self.memory_version == 1 else "memory.peak"
+        return _read_int(Path(self.memory_dir) / f)
+
+    def remove(self) -> None:
+        """Remove the (now empty) child cgroups. Safe to call twice."""
+        for d in self.dirs:
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                # A cgroup directory cannot be removed while a process is still in it; rmtree
+                # would fail the same way, so leave it for the next start-up's sweep.
+                continue
+
+
+def child_name(owner_pid: int, worker: int, generation: int) -> str:
+    """The name of a worker's child cgroup; the owner pid lets ``sweep_stale`` spot orphans."""
+    return f"{CHILD_PREFIX}{owner_pid}-w{worker}-{generation}"
+
+
+CHILD_PREFIX = "aeco-"
+
+
+def sweep_stale(info: CgroupInfo) -> int:
+    """Remove empty worker cgroups whose supervisor is gone (it was killed). Returns how many."""
+    removed = 0
+    for c in ("memory", "cpuacct", "unified"):
+        parent = info.dir(c)
+        if parent is None:
+            continue
+        for d in parent.glob(CHILD_PREFIX + "*"):
+            owner = d.name.removeprefix(CHILD_PREFIX).split("-")[0]
+            if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+                continue
+            try:
+                os.rmdir(d)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def processes_in(cgroup_dir: str) -> list[int]:
+    """Pids still in a cgroup (used to make sure no worker is left behind)."""
+    try:
+        return [int(x) for x in (Path(cgroup_dir) / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+__all__ = [
+    "CgroupInfo",
+    "WorkerCgroups",
+    "child_name",
+    "cpu_capacity",
+    "cpu_quota_cores",
+    "discover",
+    "memory_limit_bytes",
+    "parse_mountinfo",
+    "parse_proc_cgroup",
+    "processes_in",
+    "sweep_stale",
+]

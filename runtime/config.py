@@ -1,0 +1,176 @@
+"""Typed configuration: YAML files under ``config/`` decoded into msgspec Structs.
+
+Unknown keys and wrong types are errors that name the file, the key path and what was expected.
+A container overrides what it decides (data directory, worker count, transport) through environment
+variables, listed in ``ENV_OVERRIDES``; a bad value there names the variable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+from runtime.protocol import TaskSpec
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class PoolConfig(_Section, frozen=True):
+    """The worker pool: size, transport, liveness, restarts and recycling."""
+
+    #: Number of workers; ``auto`` is the container's CPU capacity (cgroup quota, else CPU count).
+    workers: PositiveInt | Literal["auto"] = "auto"
+    transport: Literal["ipc", "tcp"] = "ipc"
+    tcp_host: str = "127.0.0.1"
+    #: An idle worker reports every ``heartbeat_s``; silent for ``heartbeat_timeout_s`` and it is killed.
+    heartbeat_s: PositiveFloat = 1.0
+    heartbeat_timeout_s: PositiveFloat = 10.0
+    startup_timeout_s: PositiveFloat = 30.0
+    #: Default deadline of a task once it runs; a task over its deadline has its worker killed.
+    task_timeout_s: PositiveFloat = 600.0
+    #: Recycle a worker after this many tasks (0: never) or when it grew this much over its start.
+    max_tasks_per_worker: NonNegInt = 0
+    max_memory_growth_mb: PositiveInt = 1024
+    #: A crashed worker is replaced after ``restart_backoff_s`` × 2^(crashes in a row), capped.
+    restart_backoff_s: PositiveFloat = 0.05
+    restart_backoff_max_s: PositiveFloat = 5.0
+    #: More than ``max_restarts`` crashes within ``restart_window_s`` and the pool gives up.
+    max_restarts: PositiveInt = 10
+    restart_window_s: PositiveFloat = 60.0
+    #: ``auto``: per-worker child cgroups when the hierarchy is writable, else /proc probes.
+    cgroups: Literal["auto", "off"] = "auto"
+
+
+class AgentConfig(_Section, frozen=True):
+    """A placeholder agent: it cycles through its workload, one task at a time."""
+
+    id: AgentId
+    workload: Annotated[list[TaskSpec], Meta(min_length=1)]
+    #: Pause between two tasks of this agent.
+    pause_ms: NonNegInt = 0
+
+
+class Config(_Section, frozen=True):
+    """The whole configuration of one supervisor."""
+
+    data_dir: str = "data"
+    pool: PoolConfig = PoolConfig()
+    agents: list[AgentConfig] = []
+    #: Seconds between two refreshes of the live table.
+    status_interval_s: PositiveFloat = 1.0
+    #: Where the JSON usage summary is written on exit (relative paths are under ``data_dir``).
+    summary: str = "usage-summary.json"
+
+
+#: Environment variable -> key path it overrides.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "AECO_DATA_DIR": ("data_dir",),
+    "AECO_WORKERS": ("pool", "workers"),
+    "AECO_TRANSPORT": ("pool", "transport"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
+
+
+def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str]) -> str:
+    text = str(exc)
+    what, _, where = text.rpartition(" - at `")
+    if not _:
+        what, where = text, "$`"
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    if m := _UNKNOWN.match(what):
+        key = m.group(1)
+        full = f"{path}.{key}" if path else key
+        known = _fields_at(path)
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        return f"{source}: unknown key `{full}` (expected one of: {', '.join(known)}){hint}"
+    origin = next((f" (set by ${var})" for var, p in env_paths.items() if path == p), "")
+    return f"{source}: at `{path or '<top>'}`{origin}: {what}"
+
+
+def _fields_at(path: str) -> list[str]:
+    """The keys allowed at a path such as ``agents[0]`` or ``pool`` (empty if it is ambiguous)."""
+    t: Any = msgspec.inspect.type_info(Config)
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if part.startswith("["):
+            t = t.item_type if isinstance(t, msgspec.inspect.ListType) else None
+        elif isinstance(t, msgspec.inspect.StructType):
+            t = next((f.type for f in t.fields if f.name == part), None)
+        else:
+            return []
+        if isinstance(t, msgspec.inspect.UnionType):
+            structs = [x for x in t.types if isinstance(x, msgspec.inspect.StructType)]
+            t = structs[0] if len(structs) == 1 else None
+        if t is None:
+            return []
+    return [f.name for f in t.fields] if isinstance(t, msgspec.inspect.StructType) else []
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    applied: dict[str, str] = {}
+    for var, keys in ENV_OVERRIDES.items():
+        if var not in environ:
+            continue
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"${var}: cannot override `{'.'.join(keys)}`: its parent is not a mapping")
+        node[keys[-1]] = yaml.safe_load(environ[var]) if environ[var] else ""
+        applied[var] = ".".join(keys)
+    return applied
+
+
+def parse(text: str | bytes, source: str = "<config>", environ: dict[str, str] | None = None) -> Config:
+    """Decode YAML text into a ``Config``, applying environment overrides; raise ``ConfigError``."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top, got {type(raw).__name__}")
+    env_paths = _apply_env(raw, dict(os.environ) if environ is None else environ)
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, source, env_paths)) from None
+    ids = [a.id for a in cfg.agents]
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
+        raise ConfigError(f"{source}: agent ids must be unique; repeated: {', '.join(dup)}")
+    return cfg
+
+
+def load(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+    """Read and decode a configuration file; raise ``ConfigError`` naming the file on any problem."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse(text, str(path), environ)
+
+
+def data_path(cfg: Config, name: str) -> Path:
+    """A path under the data directory (``name`` may also be absolute)."""
+    return Path(cfg.data_dir) / name

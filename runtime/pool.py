@@ -1,0 +1,868 @@
+"""The worker pool: a ZeroMQ ROUTER in the supervisor, one DEALER per worker process.
+
+Invariants (asserted where they can break):
+
+- A worker runs at most one task at a time: a task is sent only to a worker in ``idle`` state, which
+  then becomes ``busy`` until its ``Result`` arrives or it dies.
+- Every task that reaches a worker is charged exactly once per attempt: from its ``Result`` when the
+  worker answers, from the kernel (``wait4``) when it dies first. Nothing else charges tasks.
+- Every worker process is reaped (through its pidfd) and its child cgroups are removed.
+
+Failures become clear errors rather than hangs: a worker that dies fails its task with
+``worker_crashed`` (retried once if the task is idempotent); a task over its deadline has its worker
+killed and fails with ``deadline_exceeded``; too many crashes in a window and the pool fails every
+task with ``pool_failed`` instead of restarting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import zmq
+
+from runtime import cgroups as cg
+from runtime import protocol as p
+from runtime.accounting import Accounts, TaskUsage, proc_cpu_seconds
+from runtime.config import PoolConfig
+from runtime.fairqueue import FairQueue
+
+log = logging.getLogger("runtime.pool")
+
+ErrorCode = Literal[
+    "task_error", "worker_crashed", "deadline_exceeded", "pool_failed", "pool_closed", "cancelled"
+]
+
+
+class TaskFailed(Exception):
+    """A task did not produce a result. ``code`` says why; ``usage`` is what it was charged."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, usage: TaskUsage | None = None, payload: bytes = b""
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code: ErrorCode = code
+        self.detail = message
+        self.usage = usage
+        #: For ``task_error`` on a ``call`` task: the pickled exception raised by the callable.
+        self.payload = payload
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """A finished task: its output and what it cost."""
+
+    task_id: int
+    agent: str
+    output: bytes
+    usage: TaskUsage
+
+
+Done = Callable[[Outcome | None, TaskFailed | None], None]
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    id: int
+    agent: str
+    spec: p.TaskSpec
+    timeout_s: float
+    idempotent: bool
+    measure: bool
+    done: Done
+    #: Called once when the job is about to be sent; False means it was cancelled meanwhile.
+    claim: Callable[[], bool] | None = None
+    attempts: int = 0
+    prior: TaskUsage | None = None
+
+
+WorkerState = Literal["starting", "idle", "busy", "stopping", "dead"]
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    worker_id: int
+    ident: bytes
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+    cgroups: cg.WorkerCgroups | None
+    started_at: float
+    state: WorkerState = "starting"
+    job: _Job | None = None
+    job_started: float = 0.0
+    deadline: asyncio.TimerHandle | None = None
+    kill_reason: str | None = None
+    last_seen: float = 0.0
+    counters: p.Counters | None = None
+    baseline_memory: int = 0
+    memory_probe: str = "off"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class PoolStatus(msgspec.Struct):
+    """A snapshot for status displays."""
+
+    size: int
+    live: int
+    idle: int
+    busy: int
+    queued: int
+    started: int
+    crashed: int
+    failed: str | None
+    memory_probe: str
+    cgroups: str
+    cpu_capacity: float
+    memory_limit: int | None
+    workers: list[dict[str, Any]] = []
+
+
+def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
+    """Number of workers: the configured count, or the container's CPU capacity for ``auto``."""
+    if cfg.workers != "auto":
+        return cfg.workers
+    return max(1, int(cg.cpu_capacity(info or cg.discover())))
+
+
+class WorkerPool:
+    """An asyncio pool of worker processes with per-task measurement. Use ``async with``."""
+
+    def __init__(
+        self, cfg: PoolConfig | None = None, *, size: int | None = None, run_dir: str | None = None
+    ) -> None:
+        self.cfg = cfg or PoolConfig()
+        self.info = cg.discover() if self.cfg.cgroups == "auto" else cg.CgroupInfo("none", {}, {})
+        self.size = size or resolve_size(self.cfg, self.info)
+        self.accounts = Accounts()
+        self.failed: str | None = None
+        self.malformed_frames = 0
+        self.started = 0
+        self.crashed = 0
+        self.cgroup_status = "cgroups off by configuration" if self.cfg.cgroups == "off" else ""
+        self._own_run_dir = run_dir is None
+        self._run_dir = run_dir or tempfile.mkdtemp(prefix="aeco-pool-")
+        self._ids = itertools.count(1)
+        self._worker_ids = itertools.count(1)
+        self._queue: FairQueue[_Job] = FairQueue()
+        self._workers: dict[bytes, _Worker] = {}
+        self._idle: collections.deque[_Worker] = collections.deque()
+        self._crash_times: collections.deque[float] = collections.deque()
+        self._crashes_in_a_row = 0
+        self._pending_spawns = 0
+        self._closing = False
+        self._all_exited: asyncio.Event | None = None
+        self._ready: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._endpoint = ""
+        self._monitor: asyncio.TimerHandle | None = None
+        self._log_budget = 20  # malformed-frame log lines before going quiet
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> WorkerPool:
+        """Bind the socket and start the workers; returns once all of them said hello."""
+        self._loop = asyncio.get_running_loop()
+        self._all_exited = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if self.cfg.transport == "ipc":
+            os.chmod(self._run_dir, 0o700)
+            self._endpoint = f"ipc://{self._run_dir}/pool.sock"
+            self._sock.bind(self._endpoint)
+        else:
+            self._sock.bind(f"tcp://{self.cfg.tcp_host}:*")
+            self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._loop.add_reader(self._fd(), self._drain)
+        if self.info.mode != "none":
+            cg.sweep_stale(self.info)
+        for _ in range(self.size):
+            self._spawn()
+        self._arm_monitor()
+        deadline = self.cfg.startup_timeout_s + 1
+        try:
+            await asyncio.wait_for(self._ready.wait(), deadline)
+        except TimeoutError:
+            await self.close()
+            raise RuntimeError(f"workers did not start within {deadline:.0f} s") from None
+        if self.failed:
+            await self.close()
+            raise RuntimeError(f"worker pool failed to start: {self.failed}")
+        return self
+
+    async def __aenter__(self) -> WorkerPool:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Stop every worker: finish in-flight tasks within ``grace_s``, then kill; reap all."""
+        if self._closing or self._loop is None:
+            return
+        self._closing = True
+        for job in self._queue.drain():
+            self._fail(job, "pool_closed", "the pool was closed before the task ran")
+        for w in list(self._workers.values()):
+            if w.state == "starting":  # not connected yet: nothing to finish
+                w.kill_reason = "pool_closed"
+                self._kill(w)
+            elif w.state in ("idle", "busy"):
+                self._send(w, p.Shutdown())
+                if w.state == "busy":
+                    w.kill_reason = "pool_closed"  # if it has to be killed after the grace period
+                else:
+                    w.state = "stopping"
+        assert self._all_exited is not None
+        if self._workers:
+            try:
+                await asyncio.wait_for(self._all_exited.wait(), grace_s)
+            except TimeoutError:
+                for w in list(self._workers.values()):
+                    w.kill_reason = w.kill_reason or "pool_closed"
+                    self._kill(w)
+                await asyncio.wait_for(self._all_exited.wait(), 5.0)
+        if self._monitor:
+            self._monitor.cancel()
+        if self._sock is not None:
+            self._loop.remove_reader(self._fd())
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._own_run_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------ submitting
+
+    def submit(
+        self,
+        spec: p.TaskSpec,
+        done: Done,
+        *,
+        agent: str = "default",
+        timeout_s: float | None = None,
+        idempotent: bool = False,
+        measure: bool = True,
+        claim: Callable[[], bool] | None = None,
+    ) -> int:
+        """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
+
+        Must be called from the pool's event loop thread. Returns the task id.
+        """
+        job = _Job(
+            next(self._ids),
+            agent,
+            spec,
+            timeout_s or self.cfg.task_timeout_s,
+            idempotent,
+            measure,
+            done,
+            claim,
+        )
+        if self.failed or self._closing:
+            code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
+            self._fail(job, code, self.failed or "the pool is closed")
+            return job.id
+        self._queue.push(agent, job)
+        self._dispatch()
+        return job.id
+
+    async def run(
+        self,
+        spec: p.TaskSpec,
+        *,
+        agent: str = "default",
+        timeout_s: float | None = None,
+        idempotent: bool = False,
+        measure: bool = True,
+    ) -> Outcome:
+        """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed."""
+        assert self._loop is not None, "start the pool first"
+        fut: asyncio.Future[Outcome] = self._loop.create_future()
+
+        def done(out: Outcome | None, err: TaskFailed | None) -> None:
+            if fut.done():
+                return
+            if out is not None:
+                fut.set_result(out)
+            else:
+                fut.set_exception(err or TaskFailed("cancelled", "no outcome"))
+
+        self.submit(
+            spec,
+            done,
+            agent=agent,
+            timeout_s=timeout_s,
+            idempotent=idempotent,
+            measure=measure,
+            claim=lambda: not fut.cancelled(),
+        )
+        return await fut
+
+    # ------------------------------------------------------------------------------- scheduling
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            w = self._idle.popleft()
+            if w.state != "idle":
+                continue
+            _, job = self._queue.pop()
+            if job.claim is not None and not job.claim():
+                self._idle.appendleft(w)
+                continue
+            assert w.job is None, "a worker runs one task at a time"
+            job.attempts += 1
+            w.state, w.job, w.job_started = "busy", job, time.monotonic()
+            if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure)):
+                # The worker is gone before it saw the task: put the task back untouched.
+                job.attempts -= 1
+                w.job = None
+                self._queue.push_front(job.agent, job)
+                continue
+            assert self._loop is not None
+            w.deadline = self._loop.call_later(job.timeout_s, self._on_deadline, w, job)
+
+    def _send(self, w: _Worker, msg: p.Message) -> bool:
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart([w.ident, p.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("worker %d unreachable (%s); killing it", w.worker_id, exc)
+            w.kill_reason = w.kill_reason or "unreachable"
+            self._kill(w)
+            return False
+        finally:
+            # Sending can consume the edge that signals pending input; look again.
+            if self._loop is not None and int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._loop.call_soon(self._drain)
+        return True
+
+    # --------------------------------------------------------------------------------- receiving
+
+    def _fd(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockopt(zmq.FD))
+
+    def _drain(self) -> None:
+        sock = self._sock
+        if sock is None or sock.closed:
+            return
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            try:
+                self._handle(frames)
+            except Exception:  # a bug in one message's handling must not stop the pool
+                log.exception("error while handling a frame")
+
+    def _drop(self, why: str) -> None:
+        self.malformed_frames += 1
+        if self._log_budget > 0:
+            self._log_budget -= 1
+            log.warning("dropped frame: %s%s", why, "" if self._log_budget else " (further drops not logged)")
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return self._drop(f"{len(frames)} parts, expected identity + message")
+        w = self._workers.get(frames[0])
+        if w is None:
+            return self._drop(f"unknown peer {frames[0][:32]!r}")
+        try:
+            msg = p.decode(frames[1])
+        except p.ProtocolError as exc:
+            return self._drop(f"from worker {w.worker_id}: {exc}")
+        w.last_seen = time.monotonic()
+        if isinstance(msg, p.Result):
+            self._on_result(w, msg)
+        elif isinstance(msg, p.Heartbeat):
+            self._note_counters(w, msg.counters)
+            if w.state == "idle":
+                self._maybe_recycle(w)
+        elif isinstance(msg, p.Hello):
+            self._on_hello(w, msg)
+        else:
+            self._drop(f"unexpected {type(msg).__name__} from worker {w.worker_id}")
+
+    def _note_counters(self, w: _Worker, c: p.Counters) -> None:
+        w.counters = c
+        acct = self.accounts.workers.get(w.pid)
+        if acct is not None:
+            acct.counters = c
+
+    def _on_hello(self, w: _Worker, msg: p.Hello) -> None:
+        if w.state != "starting" or msg.pid != w.pid or msg.worker_id != w.worker_id:
+            return self._drop(f"hello from worker {w.worker_id} in state {w.state}")
+        self._note_counters(w, msg.counters)
+        w.baseline_memory = msg.counters.memory_bytes
+        w.memory_probe = msg.memory_probe
+        w.state = "idle"
+        self._idle.append(w)
+        if self._ready is not None and sum(x.state == "idle" for x in self._workers.values()) >= self.size:
+            self._ready.set()
+        self._dispatch()
+
+    def _on_result(self, w: _Worker, msg: p.Result) -> None:
+        job = w.job
+        if w.state != "busy" or job is None or msg.task_id != job.id:
+            return self._drop(f"result for task {msg.task_id} not running on worker {w.worker_id}")
+        if w.deadline is not None:
+            w.deadline.cancel()
+            w.deadline = None
+        self._note_counters(w, msg.counters)
+        self._crashes_in_a_row = 0
+        w.job = None
+        if msg.usage is not None:
+            u = msg.usage
+            usage = TaskUsage(
+                u.cpu_seconds,
+                u.peak_memory_bytes,
+                u.baseline_memory_bytes,
+                u.wall_seconds,
+                w.pid,
+                w.memory_probe,
+            )
+        else:  # unmeasured (benchmark) task
+            usage = TaskUsage(0.0, 0, 0, time.monotonic() - w.job_started, w.pid, "off")
+        self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
+        if job.prior is not None:
+            usage = job.prior.plus(usage)
+        if msg.ok:
+            job.done(Outcome(job.id, job.agent, msg.output, usage), None)
+        else:
+            job.done(None, TaskFailed("task_error", msg.error or "failed", usage, msg.output))
+        if self._closing:
+            w.state = "stopping"
+            return
+        w.state = "idle"
+        if not self._maybe_recycle(w):
+            self._idle.append(w)
+        self._dispatch()
+
+    # ----------------------------------------------------------------------------- worker lives
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        wid = next(self._worker_ids)
+        cgroups, status = (None, self.cgroup_status)
+        if self.info.mode != "none":
+            cgroups, status = cg.WorkerCgroups.create(self.info, cg.child_name(os.getpid(), wid, 0))
+        self.cgroup_status = status
+        boot = p.WorkerBoot(
+            worker_id=wid,
+            endpoint=self._endpoint,
+            parent_pid=os.getpid(),
+            heartbeat_s=self.cfg.heartbeat_s,
+            memory_cgroup=(cgroups.memory_dir, cgroups.memory_version)
+            if cgroups and cgroups.memory_dir and cgroups.memory_version
+            else None,
+        )
+        env = dict(os.environ)
+        env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()
+        # Workers import what the supervisor imports (the executor pickles functions by reference).
+        env["PYTHONPATH"] = os.pathsep.join(x for x in sys.path if x)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.worker"], env=env, close_fds=True, stdin=subprocess.DEVNULL
+        )
+        if cgroups is not None:
+            # Moved as soon as it exists: the few hundred microseconds before this are charged to
+            # the worker's start-up by getrusage, and missing from its cgroup's counter.
+            for f in cgroups.procs_files():
+                try:
+                    with open(f, "w") as fh:
+                        fh.write(str(proc.pid))
+                except OSError as exc:
+                    log.warning("could not move worker into %s: %s", f, exc)
+        pidfd = os.pidfd_open(proc.pid)
+        now = time.monotonic()
+        ident = f"w{wid}-{proc.pid}".encode()
+        w = _Worker(wid, ident, proc, pidfd, cgroups, now, last_seen=now)
+        self._workers[ident] = w
+        self.started += 1
+        cpu_probe = "cgroup" if cgroups is not None and cgroups.cpu_file else "/proc"
+        self.accounts.open_worker(proc.pid, wid, cpu_probe)
+        self._loop.add_reader(pidfd, self._on_exit, w)
+
+    def _kill(self, w: _Worker) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGKILL)
+
+    def _on_deadline(self, w: _Worker, job: _Job) -> None:
+        if w.job is job and w.state == "busy":
+            w.kill_reason = "deadline_exceeded"
+            self._kill(w)
+
+    def _maybe_recycle(self, w: _Worker) -> bool:
+        """Retire a worker that did its share of tasks or grew too much; start its replacement."""
+        c = w.counters
+        if c is None or self._closing or w.state != "idle":
+            return False
+        too_many = bool(self.cfg.max_tasks_per_worker) and c.tasks_done >= self.cfg.max_tasks_per_worker
+        too_big = c.memory_bytes - w.baseline_memory > self.cfg.max_memory_growth_mb << 20
+        if not (too_many or too_big):
+            return False
+        log.info("recycling worker %d (%s)", w.worker_id, "task count" if too_many else "memory growth")
+        w.state = "stopping"
+        w.kill_reason = "recycled"
+        self._send(w, p.Shutdown())
+        self._spawn()
+        return True
+
+    def _on_exit(self, w: _Worker) -> None:
+        assert self._loop is not None
+        try:
+            pid, status, ru = os.wait4(w.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status, ru = w.pid, 0, None
+        if pid == 0:
+            return  # not yet a zombie
+        self._loop.remove_reader(w.pidfd)
+        os.close(w.pidfd)
+        w.proc.returncode = os.waitstatus_to_exitcode(status) if ru is not None else -1
+        if w.deadline is not None:
+            w.deadline.cancel()
+        kernel_total = ru.ru_utime + ru.ru_stime if ru is not None else 0.0
+        peak = w.cgroups.memory_peak_bytes() if w.cgroups else None
+        cgroup_cpu = w.cgroups.cpu_seconds() if w.cgroups else None
+        if w.cgroups is not None:
+            w.cgroups.remove()
+        job, was_state = w.job, w.state
+        w.state, w.job = "dead", None
+        del self._workers[w.ident]
+        tail = self.accounts.unreported(w.pid, kernel_total)
+        reason = w.kill_reason
+        if job is not None:
+            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason)
+        self.accounts.close_worker(
+            w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
+        )
+        expected = reason in ("recycled", "pool_closed", "deadline_exceeded") or self._closing
+        if not expected:
+            self.crashed += 1
+            log.warning(
+                "worker %d (pid %d) died in state %s: %s",
+                w.worker_id,
+                w.pid,
+                was_state,
+                reason or f"exit status {w.proc.returncode}",
+            )
+        if not self._workers and self._closing and self._all_exited is not None:
+            self._all_exited.set()
+        if self._closing or self.failed:
+            return
+        if reason == "deadline_exceeded":
+            self._spawn()  # the task's fault, not the worker's: no back-off
+        elif not expected:
+            self._schedule_restart()
+
+    def _charge_lost(
+        self, w: _Worker, job: _Job, cpu: float, cgroup_peak: int | None, maxrss: int, reason: str | None
+    ) -> None:
+        """Charge a task whose worker died under it, from the kernel's account of the worker."""
+        baseline = w.counters.memory_bytes if w.counters else 0
+        probe = w.memory_probe if cgroup_peak is not None else "rusage"
+        usage = TaskUsage(
+            cpu,
+            cgroup_peak if cgroup_peak is not None else maxrss,
+            baseline,
+            time.monotonic() - w.job_started,
+            w.pid,
+            probe,
+        )
+        self.accounts.charge(job.agent, usage, False, w.pid, cpu)
+        total = job.prior.plus(usage) if job.prior is not None else usage
+        if reason == "deadline_exceeded":
+            msg = f"task {job.id} ran over its {job.timeout_s:g} s deadline; its worker was killed"
+            return job.done(None, TaskFailed("deadline_exceeded", msg, total))
+        if reason == "pool_closed":
+            return job.done(None, TaskFailed("pool_closed", "the pool was closed mid-task", total))
+        what = f"worker {w.worker_id} (pid {w.pid}) died while running task {job.id}"
+        code = w.proc.returncode
+        what += f" (killed by signal {-code})" if code is not None and code < 0 else f" (exit {code})"
+        if job.idempotent and job.attempts < 2 and not self._closing and not self.failed:
+            log.info("%s; retrying it once (idempotent)", what)
+            job.prior = total
+            self._queue.push_front(job.agent, job)
+            return
+        job.done(None, TaskFailed("worker_crashed", what, total))
+
+    def _schedule_restart(self) -> None:
+        assert self._loop is not None
+        now = time.monotonic()
+        self._crash_times.append(now)
+        while self._crash_times and now - self._crash_times[0] > self.cfg.restart_window_s:
+            self._crash_times.popleft()
+        if len(self._crash_times) > self.cfg.max_restarts:
+            return self._fail_pool(
+                f"{len(self._crash_times)} worker crashes within {self.cfg.restart_window_s:g} s "
+                f"(limit {self.cfg.max_restarts})"
+            )
+        self._crashes_in_a_row += 1
+        delay = min(
+            self.cfg.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1), self.cfg.restart_backoff_max_s
+        )
+        self._pending_spawns += 1
+        self._loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._pending_spawns -= 1
+        if not self._closing and not self.failed:
+            self._spawn()
+
+    def _fail_pool(self, reason: str) -> None:
+        log.error("worker pool failed: %s", reason)
+        self.failed = reason
+        for job in self._queue.drain():
+            self._fail(job, "pool_failed", reason)
+        for w in list(self._workers.values()):
+            w.kill_reason = w.kill_reason or "pool_failed"
+            self._kill(w)
+        if self._ready is not None:
+            self._ready.set()
+
+    def _fail(self, job: _Job, code: ErrorCode, message: str) -> None:
+        if job.claim is not None and not job.claim():
+            return
+        job.done(None, TaskFailed(code, message, job.prior))
+
+    def _arm_monitor(self) -> None:
+        assert self._loop is not None
+        self._monitor = self._loop.call_later(self.cfg.heartbeat_s, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        for w in list(self._workers.values()):
+            if w.kill_reason is not None:
+                continue
+            if w.state == "starting" and now - w.started_at > self.cfg.startup_timeout_s:
+                w.kill_reason = "startup_timeout"
+            elif w.state == "idle" and now - w.last_seen > self.cfg.heartbeat_timeout_s:
+                w.kill_reason = "heartbeat_timeout"
+            else:
+                continue
+            log.warning("worker %d: %s; killing it", w.worker_id, w.kill_reason)
+            self._kill(w)
+        if not self._closing:
+            self._arm_monitor()
+
+    # ------------------------------------------------------------------------------------ status
+
+    def kernel_cpu(self) -> dict[int, float]:
+        """CPU of each live worker from the kernel: its cgroup counter, else /proc/<pid>/stat."""
+        out: dict[int, float] = {}
+        for w in self._workers.values():
+            v = w.cgroups.cpu_seconds() if w.cgroups else None
+            if v is None:
+                v = proc_cpu_seconds(w.pid)
+            if v is not None:
+                out[w.pid] = v
+        return out
+
+    def status(self) -> PoolStatus:
+        """A snapshot of the pool for live views and summaries."""
+        ws = list(self._workers.values())
+        probes = sorted({w.memory_probe for w in ws if w.state != "starting"}) or ["(starting)"]
+        return PoolStatus(
+            size=self.size,
+            live=len(ws),
+            idle=sum(w.state == "idle" for w in ws),
+            busy=sum(w.state == "busy" for w in ws),
+            queued=len(self._queue),
+            started=self.started,
+            crashed=self.crashed,
+            failed=self.failed,
+            memory_probe=",".join(probes),
+            cgroups=self.cgroup_status or f"no cgroups ({self.info.mode})",
+            cpu_capacity=cg.cpu_capacity(self.info),
+            memory_limit=cg.memory_limit_bytes(self.info),
+            workers=[
+                {
+                    "id": w.worker_id,
+                    "pid": w.pid,
+                    "state": w.state,
+                    "tasks": w.counters.tasks_done if w.counters else 0,
+                }
+                for w in ws
+            ],
+        )
+
+    @property
+    def endpoint(self) -> str:
+        """The address workers connect to (``ipc://…`` or ``tcp://…``)."""
+        return self._endpoint
+
+    def pids(self) -> list[int]:
+        """Pids of the live worker processes."""
+        return [w.pid for w in self._workers.values()]
+
+
+# ------------------------------------------------------------------------------------ the executor
+
+
+class UsageFuture(cf.Future[Any]):
+    """A ``concurrent.futures.Future`` that also carries what its task cost once it is done."""
+
+    usage: TaskUsage | None = None
+
+
+class WorkerPoolExecutor(cf.Executor):
+    """A ``concurrent.futures.Executor`` over a ``WorkerPool``, usable wherever ProcessPoolExecutor is.
+
+    ``submit(fn, *args, **kwargs)`` takes an importable callable (pickled by reference, as with
+    ProcessPoolExecutor); the returned future has ``.usage`` (a ``TaskUsage``) once done. The pool's
+    event loop runs in a background thread.
+    """
+
+    def __init__(
+        self, max_workers: int | None = None, *, config: PoolConfig | None = None, agent: str = "executor"
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._agent = agent
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._pending: set[UsageFuture] = set()
+        self._idle = threading.Condition(self._lock)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._pool = WorkerPool(config, size=max_workers)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, name="aeco-pool", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The underlying pool (read its ``accounts`` and ``status()`` from any thread, racily)."""
+        return self._pool
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            try:
+                await self._pool.start()
+            except BaseException as exc:
+                self._start_error = exc
+                self._started.set()
+                return
+            self._started.set()
+            await self._stop.wait()
+            await self._pool.close()
+
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> UsageFuture:
+        """Schedule ``fn(*args, **kwargs)`` on a worker; return a future with ``.usage``."""
+        fut = UsageFuture()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._pool.failed:
+                raise cf.BrokenExecutor(f"the worker pool failed: {self._pool.failed}")
+            self._pending.add(fut)
+        try:
+            payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            self._settle(fut)
+            fut.set_exception(exc)
+            return fut
+        spec = p.Call(payload=payload)
+
+        def done(out: Outcome | None, err: TaskFailed | None) -> None:
+            try:
+                if out is not None:
+                    fut.usage = out.usage
+                    fut.set_result(pickle.loads(out.output))
+                elif err is not None:
+                    fut.usage = err.usage
+                    fut.set_exception(pickle.loads(err.payload) if err.payload else err)
+            except Exception as exc:  # e.g. a result that cannot be unpickled here
+                if not fut.done():
+                    fut.set_exception(exc)
+            finally:
+                self._settle(fut)
+
+        def claim() -> bool:
+            if fut.set_running_or_notify_cancel():
+                return True
+            self._settle(fut)
+            return False
+
+        self._loop.call_soon_threadsafe(lambda: self._pool.submit(spec, done, agent=self._agent, claim=claim))
+        return fut
+
+    def _settle(self, fut: UsageFuture) -> None:
+        with self._lock:
+            self._pending.discard(fut)
+            if not self._pending:
+                self._idle.notify_all()
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Any:
+        """Like ``Executor.map``: results in the order of the inputs (``chunksize`` is ignored)."""
+        return super().map(fn, *iterables, timeout=timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel what has not started; stop the workers."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for fut in pending:
+                if fut.cancel():
+                    self._settle(fut)
+        if not self._thread.is_alive():
+            return
+
+        def stop_when_idle() -> None:
+            with self._lock:
+                while self._pending:
+                    self._idle.wait()
+            if self._stop is not None:
+                self._loop.call_soon_threadsafe(self._stop.set)
+
+        if wait:
+            stop_when_idle()
+            self._thread.join()
+        else:
+            threading.Thread(target=stop_when_idle, daemon=True).start()

@@ -1,0 +1,180 @@
+"""Wire messages between the supervisor and its workers.
+
+Every frame is one msgpack-encoded message from the ``Message`` union, tagged by ``type`` and carrying
+``v`` (the protocol version). The supervisor's ROUTER sees ``[identity, frame]``; a worker's DEALER
+sees ``[frame]``. A frame that does not decode, carries another version or is of a type the receiver
+does not expect is dropped and logged by the receiver: it never raises into the pool or the worker loop.
+
+These Structs are also the task specifications used in configuration files (``kind: burn`` …), so
+there is exactly one definition of what a task looks like.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = 1
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+
+
+class _Spec(Struct, tag_field="kind", forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of task specifications; the ``kind`` tag selects the handler in the worker."""
+
+
+class Burn(_Spec, tag="burn", frozen=True):
+    """Spin the CPU for ``ms`` milliseconds of CPU time in each of ``threads`` threads.
+
+    The threads release the GIL while they spin, so ``threads`` threads cost ``threads`` × ``ms``.
+    """
+
+    ms: PositiveInt
+    threads: Annotated[int, Meta(ge=1, le=64)] = 1
+
+
+class Alloc(_Spec, tag="alloc", frozen=True):
+    """Touch every page of ``mb`` MiB of fresh anonymous memory and hold it for ``hold_ms``."""
+
+    mb: PositiveInt
+    hold_ms: NonNegInt = 0
+
+
+class Sleep(_Spec, tag="sleep", frozen=True):
+    """Sleep ``ms`` milliseconds without using the CPU."""
+
+    ms: NonNegInt
+
+
+class Echo(_Spec, tag="echo", frozen=True):
+    """Return ``data`` unchanged: the no-op used to measure dispatch overhead."""
+
+    data: str = ""
+
+
+class Call(_Spec, tag="call", frozen=True):
+    """Call an importable Python callable: ``payload`` is ``pickle((fn, args, kwargs))``."""
+
+    payload: bytes
+
+
+TaskSpec = Burn | Alloc | Sleep | Echo | Call
+
+MemoryProbe = Literal["cgroup-v1", "cgroup-v2", "vmhwm", "off"]
+
+
+class Usage(Struct, frozen=True, array_like=True):
+    """What one task cost, as the worker measured it."""
+
+    cpu_seconds: float
+    #: Highest memory use of the worker while the task ran (bytes, absolute).
+    peak_memory_bytes: int
+    #: Memory use of the worker when the task started; peak minus baseline is what the task added.
+    baseline_memory_bytes: int
+    wall_seconds: float
+
+
+class Counters(Struct, frozen=True, array_like=True):
+    """A worker's cumulative CPU, split into task time and named overhead (seconds).
+
+    ``startup + idle + measurement + tasks == cpu_total`` at the moment of the report: every
+    segment of the worker's life is assigned to exactly one of them.
+    """
+
+    cpu_total: float
+    startup: float
+    idle: float
+    measurement: float
+    tasks: float
+    tasks_done: int
+    memory_bytes: int
+
+
+class _Msg(Struct, tag_field="type", forbid_unknown_fields=True, frozen=True, kw_only=True):
+    v: int = PROTOCOL_VERSION
+
+
+class Hello(_Msg, tag="hello", frozen=True):
+    """First frame of a worker: it is ready for a task."""
+
+    worker_id: int
+    pid: int
+    memory_probe: MemoryProbe
+    counters: Counters
+
+
+class Task(_Msg, tag="task", frozen=True):
+    """One unit of work for one worker. ``measure=False`` skips every probe (benchmarks only)."""
+
+    id: int
+    spec: TaskSpec
+    measure: bool = True
+
+
+class Result(_Msg, tag="result", frozen=True):
+    """The outcome of a task. ``error`` is set iff the task failed in the worker."""
+
+    task_id: int
+    ok: bool
+    output: bytes
+    error: str | None
+    usage: Usage | None
+    counters: Counters
+
+
+class Heartbeat(_Msg, tag="heartbeat", frozen=True):
+    """Sent by an idle worker every ``heartbeat_s``: it is alive and this is its CPU so far."""
+
+    counters: Counters
+
+
+class Shutdown(_Msg, tag="shutdown", frozen=True):
+    """Ask a worker to exit after its current task."""
+
+
+Message = Hello | Task | Result | Heartbeat | Shutdown
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+def encode(msg: Message) -> bytes:
+    """Encode one message to a frame."""
+    return _encoder.encode(msg)
+
+
+def decode(frame: bytes) -> Message:
+    """Decode one frame, raising ``ProtocolError`` with the reason if it is not a valid message."""
+    try:
+        msg: Message = _decoder.decode(frame)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(f"undecodable frame ({len(frame)} bytes): {exc}") from None
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {msg.v}, expected {PROTOCOL_VERSION}")
+    return msg
+
+
+class WorkerBoot(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker is told at start (JSON in the ``AECO_WORKER_BOOT`` environment variable)."""
+
+    worker_id: int
+    endpoint: str
+    parent_pid: int
+    heartbeat_s: float
+    #: ``cgroup.procs`` files to join before doing anything else (empty: no per-worker cgroups).
+    cgroup_procs: list[str] = []
+    #: The worker's own memory cgroup (directory, version), or None to fall back to /proc probes.
+    memory_cgroup: tuple[str, int] | None = None
+
+
+def kind_of(spec: TaskSpec) -> str:
+    """The ``kind`` tag of a task specification (``"burn"``, ``"echo"`` …)."""
+    return str(spec.__struct_config__.tag)

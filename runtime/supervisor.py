@@ -1,0 +1,118 @@
+"""The supervisor: ``python -m runtime.supervisor [--config FILE] [--check] [--duration S]``.
+
+It starts the worker pool sized from the container's limits, runs the configured agents, shows a live
+table, and on exit (SIGINT/SIGTERM, or after ``--duration``) stops every worker and writes a JSON
+usage summary under the data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from runtime import config as config_mod
+from runtime.accounting import UsageSummary
+from runtime.agents.placeholder import PlaceholderAgent
+from runtime.live import LiveView, render
+from runtime.pool import WorkerPool
+
+log = logging.getLogger("runtime.supervisor")
+
+
+def summarize(pool: WorkerPool) -> UsageSummary:
+    """What everyone used, for the JSON summary."""
+    st = pool.status()
+    own = resource.getrusage(resource.RUSAGE_SELF)  # SELF: reaped workers are in RUSAGE_CHILDREN
+    return UsageSummary(
+        agents=dict(pool.accounts.agents),
+        charged_cpu_seconds=pool.accounts.charged(),
+        overhead_cpu_seconds=pool.accounts.overhead(),
+        supervisor_cpu_seconds=own.ru_utime + own.ru_stime,
+        workers_started=st.started,
+        workers_crashed=st.crashed,
+        memory_probe=st.memory_probe,
+        cgroups=st.cgroups,
+        reconciliation=pool.accounts.reconcile(pool.kernel_cpu(), retired=True),
+        container={"cpu_capacity": st.cpu_capacity, "memory_limit_bytes": st.memory_limit},
+    )
+
+
+async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) -> int:
+    """Run the pool and the agents until a signal or the end of ``duration_s``."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if duration_s is not None:
+        loop.call_later(duration_s, stop.set)
+    data = Path(cfg.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    pool = WorkerPool(cfg.pool)
+    await pool.start()
+    print(
+        f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "
+        f"{len(cfg.agents)} agents; data in {data}",
+        flush=True,
+    )
+    agents = [PlaceholderAgent(a, pool) for a in cfg.agents]
+    runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
+    view = LiveView() if live else None
+    try:
+        while not stop.is_set() and not pool.failed:
+            if view is not None:
+                view.show(render(pool, agents, time.monotonic() - started), time.monotonic() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
+    finally:
+        for r in runners:
+            r.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+        await pool.close()
+        final = render(pool, agents, time.monotonic() - started)
+        summary_path = config_mod.data_path(cfg, cfg.summary)
+        summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
+        print(final, flush=True)
+        print(f"usage summary: {summary_path}", flush=True)
+    if pool.failed:
+        print(f"error: worker pool failed: {pool.failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.supervisor", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="config/default.yaml", help="YAML configuration file")
+    ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    ap.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    ap.add_argument("--no-live", action="store_true", help="no live table (log lines only)")
+    args = ap.parse_args(argv)
+    if args.duration is not None and args.duration <= 0:
+        ap.error(f"--duration must be positive, got {args.duration}")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok ({len(cfg.agents)} agents, workers: {cfg.pool.workers})")
+        return 0
+    return asyncio.run(serve(cfg, args.duration, live=not args.no_live))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Helpers for tests that run a real pool of worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from runtime.config import PoolConfig
+from runtime.pool import WorkerPool
+
+T = TypeVar("T")
+
+
+def with_pool(body: Callable[[WorkerPool], Awaitable[T]], size: int = 2, **cfg: Any) -> T:
+    """Start a real pool, run ``body(pool)`` on its loop, close the pool, return what body returned."""
+    pool_cfg = msgspec.structs.replace(PoolConfig(), **cfg)
+
+    async def main() -> T:
+        async with WorkerPool(pool_cfg, size=size) as pool:
+            return await body(pool)
+
+    return asyncio.run(main())
+
+
+async def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``cond`` every 10 ms until it holds; fail the test after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < end, f"condition not met within {timeout_s} s"
+        await asyncio.sleep(0.01)

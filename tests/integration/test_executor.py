@@ -1,0 +1,137 @@
+"""``WorkerPoolExecutor`` passes the same generic executor tests as ProcessPoolExecutor."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from runtime.pool import UsageFuture, WorkerPoolExecutor
+
+
+class CustomError(Exception):
+    """An exception type the caller must get back as itself."""
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def slow_square(x: int, delay: float = 0.05) -> int:
+    time.sleep(delay)
+    return x * x
+
+
+def fail(message: str) -> None:
+    raise CustomError(message)
+
+
+def kwargs_echo(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
+    return args, kwargs
+
+
+@pytest.fixture(params=["ProcessPoolExecutor", "WorkerPoolExecutor"])
+def make(request: pytest.FixtureRequest) -> Iterator[type[cf.Executor]]:
+    yield cf.ProcessPoolExecutor if request.param == "ProcessPoolExecutor" else WorkerPoolExecutor
+
+
+def test_submit_returns_the_result(make: type[cf.Executor]) -> None:
+    with make(2) as ex:  # type: ignore[call-arg]
+        assert ex.submit(square, 7).result(timeout=30) == 49
+        assert ex.submit(kwargs_echo, 1, b=2).result(timeout=30) == ((1,), {"b": 2})
+
+
+def test_map_keeps_order(make: type[cf.Executor]) -> None:
+    with make(2) as ex:  # type: ignore[call-arg]
+        delays = [0.05 * ((7 * i) % 5) for i in range(20)]  # finishing order differs from input order
+        assert list(ex.map(slow_square, range(20), delays, timeout=60)) == [i * i for i in range(20)]
+        assert list(ex.map(square, [])) == []
+
+
+def test_exceptions_propagate_with_their_type(make: type[cf.Executor]) -> None:
+    with make(2) as ex:  # type: ignore[call-arg]
+        fut = ex.submit(fail, "boom")
+        with pytest.raises(CustomError, match="boom"):
+            fut.result(timeout=30)
+        assert isinstance(fut.exception(), CustomError)
+        with pytest.raises(ZeroDivisionError):
+            ex.submit(divmod, 1, 0).result(timeout=30)
+        results = ex.map(fail, ["first"])
+        with pytest.raises(CustomError, match="first"):
+            list(results)
+
+
+def test_shutdown_wait_waits_for_every_future(make: type[cf.Executor]) -> None:
+    ex = make(2)  # type: ignore[call-arg]
+    futs = [ex.submit(slow_square, i, 0.1) for i in range(6)]
+    ex.shutdown(wait=True)
+    assert all(f.done() for f in futs)
+    assert [f.result() for f in futs] == [i * i for i in range(6)]
+
+
+def test_submit_after_shutdown_raises(make: type[cf.Executor]) -> None:
+    ex = make(1)  # type: ignore[call-arg]
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(square, 1)
+
+
+def test_pending_futures_can_be_cancelled(make: type[cf.Executor]) -> None:
+    with make(1) as ex:  # type: ignore[call-arg]
+        first = ex.submit(slow_square, 1, 0.5)
+        time.sleep(0.2)  # let the first one start
+        # ProcessPoolExecutor moves up to max_workers + 1 items to its call queue ahead of time;
+        # those can no longer be cancelled, so look at the last few of a longer queue.
+        pending = [ex.submit(slow_square, i, 0.2) for i in range(10)]
+        cancelled = [f.cancel() for f in pending[-5:]]
+        assert all(cancelled)
+        assert first.result(timeout=30) == 1
+        for f in pending[-5:]:
+            assert f.cancelled()
+            with pytest.raises(cf.CancelledError):
+                f.result()
+        assert not first.cancel()  # already finished
+
+
+def test_shutdown_cancel_futures(make: type[cf.Executor]) -> None:
+    ex = make(1)  # type: ignore[call-arg]
+    running = ex.submit(slow_square, 3, 0.4)
+    time.sleep(0.15)
+    queued = [ex.submit(slow_square, i, 0.4) for i in range(8)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert running.result() == 9
+    assert sum(f.cancelled() for f in queued) >= 5
+    assert all(f.done() for f in queued)
+
+
+def test_usage_is_attached_to_each_future() -> None:
+    with WorkerPoolExecutor(1) as ex:
+        # The first call in a worker imports this test module (and pytest): that CPU is real and is
+        # charged to it. Measure a second call.
+        first = ex.submit(slow_square, 4, 0.0)
+        assert first.result(timeout=30) == 16 and first.usage is not None
+        fut = ex.submit(slow_square, 4, 0.2)
+        assert fut.result(timeout=30) == 16
+        assert isinstance(fut, UsageFuture) and fut.usage is not None
+        assert fut.usage.wall_seconds >= 0.2
+        assert fut.usage.cpu_seconds < 0.02  # sleeping costs (almost) nothing
+        assert first.usage.cpu_seconds > fut.usage.cpu_seconds
+        assert fut.usage.worker_pid > 0
+        failed = ex.submit(fail, "x")
+        assert isinstance(failed.exception(timeout=30), CustomError)
+        assert failed.usage is not None
+
+
+def test_an_unpicklable_argument_fails_its_future() -> None:
+    with WorkerPoolExecutor(1) as ex:
+        fut = ex.submit(square, lambda: 1)
+        with pytest.raises(Exception, match="pickle"):
+            fut.result(timeout=30)
+        assert ex.submit(square, 2).result(timeout=30) == 4
+
+
+def test_max_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        WorkerPoolExecutor(0)

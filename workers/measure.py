@@ -1,0 +1,142 @@
+"""Measurement probes used by a worker around each task.
+
+CPU is ``getrusage`` (this process, all threads, plus waited-for children); memory is a resettable
+high-water mark, from the worker's own memory cgroup when it has one, else from ``VmHWM`` in
+``/proc/self/status`` reset through ``/proc/self/clear_refs``. Files are opened once and read with
+``pread``, which keeps a probe in the microseconds.
+
+A peak is only reset when it is above the current use: a high-water mark that already equals the
+current use is exactly what a reset would give, and the reset (a kernel walk over the page tables for
+``clear_refs``) is the expensive part.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Protocol
+
+from runtime.protocol import MemoryProbe
+
+_SELF, _CHILDREN = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN
+
+
+def cpu_seconds() -> float:
+    """CPU (user + system) used so far by this process's threads and its reaped children.
+
+    Children are only ever reaped inside a task, so their CPU always lands in a task's segment.
+    """
+    s, c = resource.getrusage(_SELF), resource.getrusage(_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class MemoryMeter(Protocol):
+    """A resettable memory high-water mark for the current process."""
+
+    name: MemoryProbe
+
+    def start(self) -> int:
+        """Reset the peak to the current use and return the current use (bytes)."""
+        ...
+
+    def peak(self) -> int:
+        """The highest use since ``start`` (bytes)."""
+        ...
+
+    def current(self) -> int:
+        """The current use (bytes)."""
+        ...
+
+
+def _pread_int(fd: int) -> int:
+    return int(os.pread(fd, 64, 0))
+
+
+class CgroupV1Meter:
+    """``memory.max_usage_in_bytes`` of the worker's own v1 memory cgroup (reset by writing 0)."""
+
+    name: MemoryProbe = "cgroup-v1"
+
+    def __init__(self, directory: str) -> None:
+        self._usage = os.open(os.path.join(directory, "memory.usage_in_bytes"), os.O_RDONLY)
+        self._max = os.open(os.path.join(directory, "memory.max_usage_in_bytes"), os.O_RDWR)
+
+    def start(self) -> int:
+        usage = _pread_int(self._usage)
+        if _pread_int(self._max) > usage:
+            os.pwrite(self._max, b"0", 0)
+        return usage
+
+    def peak(self) -> int:
+        return _pread_int(self._max)
+
+    def current(self) -> int:
+        return _pread_int(self._usage)
+
+
+class CgroupV2Meter:
+    """``memory.peak`` of the worker's own v2 cgroup; writing to an open file resets its own peak
+    (kernel >= 6.12)."""
+
+    name: MemoryProbe = "cgroup-v2"
+
+    def __init__(self, directory: str) -> None:
+        self._current = os.open(os.path.join(directory, "memory.current"), os.O_RDONLY)
+        self._peak = os.open(os.path.join(directory, "memory.peak"), os.O_RDWR)
+        os.pwrite(self._peak, b"reset", 0)  # raises on kernels without per-fd reset
+
+    def start(self) -> int:
+        usage = _pread_int(self._current)
+        if _pread_int(self._peak) > usage:
+            os.pwrite(self._peak, b"reset", 0)
+        return usage
+
+    def peak(self) -> int:
+        return _pread_int(self._peak)
+
+    def current(self) -> int:
+        return _pread_int(self._current)
+
+
+class ProcStatusMeter:
+    """``VmHWM``/``VmRSS`` from ``/proc/self/status``, the peak reset by writing 5 to ``clear_refs``."""
+
+    name: MemoryProbe = "vmhwm"
+
+    def __init__(self) -> None:
+        self._status = os.open("/proc/self/status", os.O_RDONLY)
+        self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
+
+    def _read(self) -> tuple[int, int]:
+        text = os.pread(self._status, 4096, 0)
+        hwm = rss = 0
+        for line in text.split(b"\n"):
+            if line.startswith(b"VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+            elif line.startswith(b"VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+                break  # VmRSS follows VmHWM
+        return hwm, rss
+
+    def start(self) -> int:
+        hwm, rss = self._read()
+        if hwm > rss:
+            os.write(self._clear, b"5")
+        return rss
+
+    def peak(self) -> int:
+        return self._read()[0]
+
+    def current(self) -> int:
+        return self._read()[1]
+
+
+def open_meter(memory_cgroup: tuple[str, int] | None) -> MemoryMeter:
+    """The best memory meter available: the worker's own cgroup, else ``/proc/self``."""
+    if memory_cgroup is not None:
+        directory, version = memory_cgroup
+        try:
+            return CgroupV1Meter(directory) if version == 1 else CgroupV2Meter(directory)
+        except OSError:
+            pass
+    return ProcStatusMeter()

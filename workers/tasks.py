@@ -1,0 +1,91 @@
+"""Task handlers: what a worker does for each kind of task.
+
+``burn``, ``alloc``, ``sleep`` and ``echo`` are the instruments the accounting is checked with;
+``call`` runs an importable callable for ``WorkerPoolExecutor``. A handler returns the output bytes or
+raises; ``TaskError`` carries a pickled exception back so that the caller re-raises it with its type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import threading
+import time
+import traceback
+
+from runtime.protocol import Alloc, Burn, Call, Echo, Sleep, TaskSpec
+
+_PAGE = 4096
+_BLOCK = bytes(16384)  # hashing >2 KiB releases the GIL, so burning threads run in parallel
+
+
+class TaskError(Exception):
+    """A task failed; ``payload`` is the pickled exception (for ``call``) or empty."""
+
+    def __init__(self, message: str, payload: bytes = b"") -> None:
+        super().__init__(message)
+        self.payload = payload
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    sha = hashlib.sha256
+    while time.thread_time() < end:
+        sha(_BLOCK)
+
+
+def burn(spec: Burn) -> bytes:
+    """Spend ``spec.ms`` of CPU time in each of ``spec.threads`` threads."""
+    seconds = spec.ms / 1000
+    if spec.threads == 1:
+        _spin(seconds)
+        return b""
+    threads = [threading.Thread(target=_spin, args=(seconds,)) for _ in range(spec.threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return b""
+
+
+def alloc(spec: Alloc) -> bytes:
+    """Touch ``spec.mb`` MiB page by page, hold it ``spec.hold_ms``, then free it."""
+    size = spec.mb << 20
+    buf = bytearray(size)  # calloc'd: untouched pages cost nothing until written
+    buf[::_PAGE] = b"\x01" * (size // _PAGE)
+    if spec.hold_ms:
+        time.sleep(spec.hold_ms / 1000)
+    del buf
+    return b""
+
+
+def call(spec: Call) -> bytes:
+    """Unpickle ``(fn, args, kwargs)``, call it, and pickle what it returns."""
+    try:
+        fn, args, kwargs = pickle.loads(spec.payload)
+        value = fn(*args, **kwargs)
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:  # the caller gets every failure, with its type
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        try:
+            payload = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.loads(payload)
+        except Exception:
+            payload = pickle.dumps(RuntimeError(f"unpicklable {type(exc).__name__}: {exc}"))
+        raise TaskError(text, payload) from None
+
+
+def run(spec: TaskSpec) -> bytes:
+    """Run one task and return its output; raise ``TaskError`` (or anything) if it fails."""
+    if isinstance(spec, Echo):
+        return spec.data.encode()
+    if isinstance(spec, Call):
+        return call(spec)
+    if isinstance(spec, Burn):
+        return burn(spec)
+    if isinstance(spec, Alloc):
+        return alloc(spec)
+    if isinstance(spec, Sleep):
+        time.sleep(spec.ms / 1000)
+        return b""
+    raise TaskError(f"unknown task kind {type(spec).__name__}")
