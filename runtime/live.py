@@ -30,16 +30,20 @@ def render(pool: WorkerPool, agents: Sequence[PlaceholderAgent], elapsed_s: floa
     over = pool.accounts.overhead()
     rec = pool.accounts.reconcile(pool.kernel_cpu(), retired=True)
     limit = f"{st.memory_limit / _MB:.0f} MB" if st.memory_limit else "none"
+    probe_note = f"; memory probe {st.memory_probe}" if st.live else ""
+    failure_note = f", FAILED: {st.failed}" if st.failed else ""
     rows += [
         "",
         f"pool: {st.live}/{st.size} workers ({st.busy} busy, {st.idle} idle), {st.queued} queued, "
-        f"{st.started} started, {st.crashed} crashed{', FAILED: ' + st.failed if st.failed else ''}",
-        f"limits: {st.cpu_capacity:g} CPUs, memory {limit}; memory probe {st.memory_probe}; {st.cgroups}",
-        "overhead: "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in over.items())
-        + f"; all workers: accounted {rec.accounted:.2f} s of {rec.kernel:.2f} s kernel CPU"
-        + f" ({rec.relative_error:.2%} apart)",
-        f"elapsed {elapsed_s:.0f} s — Ctrl-C to stop",
+        f"{st.started} started, {st.crashed} crashed{failure_note}",
+        f"limits: {st.cpu_capacity:g} CPUs, memory {limit}{probe_note}; {st.cgroups}",
+        "overhead: " + ", ".join(f"{k} {v:.2f} s" for k, v in over.items()),
+        f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
+        f"({rec.kernel - rec.accounted:+.2f} s not yet reported by busy workers)"
+        if st.busy
+        else f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
+        f"({rec.relative_error:.2%} apart)",
+        f"elapsed {elapsed_s:.0f} s" + (" — Ctrl-C to stop" if st.live else ""),
     ]
     return "\n".join(rows)
 

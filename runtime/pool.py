@@ -45,6 +45,13 @@ from runtime.config import PoolConfig
 from runtime.fairqueue import FairQueue
 
 log = logging.getLogger("runtime.pool")
+_POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum lookups per frame
+_JOIN_AND_EXEC = """IFS='
+'
+for f in $AECO_CGROUP_PROCS; do echo $$ 2>/dev/null > "$f"; done
+unset AECO_CGROUP_PROCS
+exec "$@"
+"""
 
 ErrorCode = Literal[
     "task_error", "worker_crashed", "deadline_exceeded", "pool_failed", "pool_closed", "cancelled"
@@ -106,7 +113,8 @@ class _Worker:
     state: WorkerState = "starting"
     job: _Job | None = None
     job_started: float = 0.0
-    deadline: asyncio.TimerHandle | None = None
+    #: When the task in flight must be over (event-loop clock); 0 when idle.
+    deadline_at: float = 0.0
     kill_reason: str | None = None
     last_seen: float = 0.0
     counters: p.Counters | None = None
@@ -176,6 +184,8 @@ class WorkerPool:
         self._sock: zmq.Socket[bytes] | None = None
         self._endpoint = ""
         self._monitor: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_when = float("inf")
         self._log_budget = 20  # malformed-frame log lines before going quiet
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -245,8 +255,9 @@ class WorkerPool:
                     w.kill_reason = w.kill_reason or "pool_closed"
                     self._kill(w)
                 await asyncio.wait_for(self._all_exited.wait(), 5.0)
-        if self._monitor:
-            self._monitor.cancel()
+        for timer in (self._monitor, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
         if self._sock is not None:
             self._loop.remove_reader(self._fd())
             self._sock.close(0)
@@ -335,20 +346,21 @@ class WorkerPool:
                 continue
             assert w.job is None, "a worker runs one task at a time"
             job.attempts += 1
-            w.state, w.job, w.job_started = "busy", job, time.monotonic()
+            w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
             if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure)):
                 # The worker is gone before it saw the task: put the task back untouched.
                 job.attempts -= 1
                 w.job = None
                 self._queue.push_front(job.agent, job)
                 continue
-            assert self._loop is not None
-            w.deadline = self._loop.call_later(job.timeout_s, self._on_deadline, w, job)
+            w.deadline_at = w.job_started + job.timeout_s
+            if w.deadline_at < self._deadline_when:
+                self._arm_deadline(w.deadline_at)
 
     def _send(self, w: _Worker, msg: p.Message) -> bool:
         assert self._sock is not None
         try:
-            self._sock.send_multipart([w.ident, p.encode(msg)], zmq.NOBLOCK)
+            self._sock.send_multipart([w.ident, p.encode(msg)], _NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("worker %d unreachable (%s); killing it", w.worker_id, exc)
             w.kill_reason = w.kill_reason or "unreachable"
@@ -356,7 +368,7 @@ class WorkerPool:
             return False
         finally:
             # Sending can consume the edge that signals pending input; look again.
-            if self._loop is not None and int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if self._loop is not None and int(self._sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                 self._loop.call_soon(self._drain)
         return True
 
@@ -370,13 +382,9 @@ class WorkerPool:
         sock = self._sock
         if sock is None or sock.closed:
             return
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
+        # Checking EVENTS is cheaper than ending every drain on a zmq.Again exception.
+        while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+            frames = sock.recv_multipart(_NOBLOCK)
             try:
                 self._handle(frames)
             except Exception:  # a bug in one message's handling must not stop the pool
@@ -419,6 +427,13 @@ class WorkerPool:
     def _on_hello(self, w: _Worker, msg: p.Hello) -> None:
         if w.state != "starting" or msg.pid != w.pid or msg.worker_id != w.worker_id:
             return self._drop(f"hello from worker {w.worker_id} in state {w.state}")
+        if w.cgroups is not None and not all(
+            w.pid in cg.processes_in(os.path.dirname(f)) for f in w.cgroups.procs_files()
+        ):
+            log.warning("worker %d is not in its cgroups; measuring it through /proc", w.worker_id)
+            w.cgroups.remove()
+            w.cgroups = None
+            self.accounts.workers[w.pid].cpu_probe = "/proc"
         self._note_counters(w, msg.counters)
         w.baseline_memory = msg.counters.memory_bytes
         w.memory_probe = msg.memory_probe
@@ -432,9 +447,7 @@ class WorkerPool:
         job = w.job
         if w.state != "busy" or job is None or msg.task_id != job.id:
             return self._drop(f"result for task {msg.task_id} not running on worker {w.worker_id}")
-        if w.deadline is not None:
-            w.deadline.cancel()
-            w.deadline = None
+        w.deadline_at = 0.0
         self._note_counters(w, msg.counters)
         self._crashes_in_a_row = 0
         w.job = None
@@ -487,18 +500,13 @@ class WorkerPool:
         env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()
         # Workers import what the supervisor imports (the executor pickles functions by reference).
         env["PYTHONPATH"] = os.pathsep.join(x for x in sys.path if x)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.worker"], env=env, close_fds=True, stdin=subprocess.DEVNULL
-        )
+        argv = [sys.executable, "-m", "workers.worker"]
         if cgroups is not None:
-            # Moved as soon as it exists: the few hundred microseconds before this are charged to
-            # the worker's start-up by getrusage, and missing from its cgroup's counter.
-            for f in cgroups.procs_files():
-                try:
-                    with open(f, "w") as fh:
-                        fh.write(str(proc.pid))
-                except OSError as exc:
-                    log.warning("could not move worker into %s: %s", f, exc)
+            # A shell joins the cgroups and then becomes the worker, so the cgroup counts the
+            # worker's CPU from its first instruction. A failed join is noticed at hello.
+            env["AECO_CGROUP_PROCS"] = "\n".join(cgroups.procs_files())
+            argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", *argv]
+        proc = subprocess.Popen(argv, env=env, close_fds=True, stdin=subprocess.DEVNULL)
         pidfd = os.pidfd_open(proc.pid)
         now = time.monotonic()
         ident = f"w{wid}-{proc.pid}".encode()
@@ -513,10 +521,28 @@ class WorkerPool:
         with contextlib.suppress(ProcessLookupError):
             os.kill(w.pid, signal.SIGKILL)
 
-    def _on_deadline(self, w: _Worker, job: _Job) -> None:
-        if w.job is job and w.state == "busy":
-            w.kill_reason = "deadline_exceeded"
-            self._kill(w)
+    def _arm_deadline(self, when: float) -> None:
+        # One timer for the earliest deadline, not one per task: dispatching stays a comparison.
+        assert self._loop is not None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_when = when
+        self._deadline_timer = self._loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        self._deadline_timer, self._deadline_when = None, float("inf")
+        upcoming = float("inf")
+        for w in list(self._workers.values()):
+            if w.state != "busy" or not w.deadline_at or w.kill_reason is not None:
+                continue
+            if w.deadline_at <= now:
+                w.kill_reason = "deadline_exceeded"
+                self._kill(w)
+            else:
+                upcoming = min(upcoming, w.deadline_at)
+        if upcoming < float("inf"):
+            self._arm_deadline(upcoming)
 
     def _maybe_recycle(self, w: _Worker) -> bool:
         """Retire a worker that did its share of tasks or grew too much; start its replacement."""
@@ -545,8 +571,7 @@ class WorkerPool:
         self._loop.remove_reader(w.pidfd)
         os.close(w.pidfd)
         w.proc.returncode = os.waitstatus_to_exitcode(status) if ru is not None else -1
-        if w.deadline is not None:
-            w.deadline.cancel()
+        w.deadline_at = 0.0
         kernel_total = ru.ru_utime + ru.ru_stime if ru is not None else 0.0
         peak = w.cgroups.memory_peak_bytes() if w.cgroups else None
         cgroup_cpu = w.cgroups.cpu_seconds() if w.cgroups else None

@@ -169,8 +169,6 @@ class WorkerBoot(Struct, frozen=True, forbid_unknown_fields=True):
     endpoint: str
     parent_pid: int
     heartbeat_s: float
-    #: ``cgroup.procs`` files to join before doing anything else (empty: no per-worker cgroups).
-    cgroup_procs: list[str] = []
     #: The worker's own memory cgroup (directory, version), or None to fall back to /proc probes.
     memory_cgroup: tuple[str, int] | None = None
 

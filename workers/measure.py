@@ -135,7 +135,11 @@ def open_meter(memory_cgroup: tuple[str, int] | None) -> MemoryMeter:
     """The best memory meter available: the worker's own cgroup, else ``/proc/self``."""
     if memory_cgroup is not None:
         directory, version = memory_cgroup
+        with open("/proc/self/cgroup") as f:
+            joined = os.path.basename(directory) in f.read()
         try:
+            if not joined:
+                raise OSError(f"not a member of {directory}")
             return CgroupV1Meter(directory) if version == 1 else CgroupV2Meter(directory)
         except OSError:
             pass

@@ -1,9 +1,10 @@
 """A pool worker: ``python -m workers.worker``, started by the supervisor's pool.
 
-It joins its child cgroups and arranges to die with the supervisor before importing anything heavy,
-then runs one task at a time from its DEALER socket, measuring each. Its CPU life is cut into
-contiguous segments — start-up, idle (waiting, messaging), measurement, tasks — so that every
-CPU-second it uses is reported under exactly one name (``runtime.protocol.Counters``).
+It arranges to die with the supervisor before importing anything heavy (the pool has already put
+it in its child cgroups, if any), then runs one task at a time from its DEALER socket, measuring
+each. Its CPU life is cut into contiguous segments — start-up, idle (waiting, messaging),
+measurement, tasks — so that every CPU-second it uses is reported under exactly one name
+(``runtime.protocol.Counters``).
 """
 
 from __future__ import annotations
@@ -27,17 +28,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _join_cgroups(procs_files: list[str]) -> bool:
-    ok = True
-    for f in procs_files:
-        try:
-            with open(f, "w") as fh:
-                fh.write(str(os.getpid()))
-        except OSError:
-            ok = False
-    return ok
-
-
 def main() -> int:
     """Run the worker loop until the supervisor says shut down (or dies)."""
     import msgspec
@@ -46,7 +36,6 @@ def main() -> int:
 
     boot = msgspec.json.decode(os.environ["AECO_WORKER_BOOT"], type=WorkerBoot)
     _die_with_parent(boot.parent_pid)
-    joined = _join_cgroups(boot.cgroup_procs)
 
     import zmq
 
@@ -55,7 +44,7 @@ def main() -> int:
 
     log = logging.getLogger(f"worker.{boot.worker_id}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
-    meter = measure.open_meter(boot.memory_cgroup if joined else None)
+    meter = measure.open_meter(boot.memory_cgroup)
     cpu = measure.cpu_seconds
 
     ctx = zmq.Context(io_threads=1)
@@ -79,17 +68,19 @@ def main() -> int:
             )
         )
     )
-    timeout_ms = int(boot.heartbeat_s * 1000)
+    # A receive timeout rather than poll + recv: one call per frame, a heartbeat when it times out.
+    sock.setsockopt(zmq.RCVTIMEO, int(boot.heartbeat_s * 1000))
     last = counters(startup)
     while True:
-        if not sock.poll(timeout_ms):
+        try:
+            frame = sock.recv()
+        except zmq.Again:
             now = cpu()
             idle += now - mark
             mark = now
             last = counters(now)
             sock.send(p.encode(p.Heartbeat(counters=last)))
             continue
-        frame = sock.recv()
         try:
             msg = p.decode(frame)
         except p.ProtocolError as exc:

