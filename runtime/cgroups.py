@@ -20,6 +20,8 @@ from msgspec import Struct
 
 CgroupMode = Literal["v1", "v2", "hybrid", "none"]
 _UNLIMITED = 1 << 62  # v1 reports "no limit" as a page-rounded 2**63-1
+#: Super-block options of a v1 cgroup mount that are not controller names.
+_NOT_CONTROLLERS = frozenset({"rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode"})
 
 
 class Mount(Struct, frozen=True):
@@ -89,7 +91,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
             mounts.append(Mount(mountpoint, root, ("unified",), 2))
             continue
         super_opts = opts[0].split(",") if opts else []
-        ctrls = tuple(o.removeprefix("name=") for o in super_opts if o not in ("rw", "ro") and "=" not in o)
+        ctrls = tuple(o for o in super_opts if o not in _NOT_CONTROLLERS and "=" not in o)
         ctrls += tuple(o.removeprefix("name=") for o in super_opts if o.startswith("name="))
         mounts.append(Mount(mountpoint, root, ctrls, 1))
     return mounts
@@ -110,7 +112,8 @@ def discover(proc: Path = Path("/proc/self")) -> CgroupInfo:
             if path is None or c in dirs:
                 continue
             # A container sees its own cgroup as the mount's root: strip that prefix.
-            rel = path[len(m.root) :] if path.startswith(m.root) and m.root != "/" else path
+            inside = m.root != "/" and (path == m.root or path.startswith(m.root + "/"))
+            rel = path[len(m.root) :] if inside else path
             d = Path(m.mountpoint) / rel.lstrip("/")
             if d.is_dir():
                 dirs[c] = str(d)
@@ -144,10 +147,10 @@ def cpu_quota_cores(info: CgroupInfo) -> float | None:
     for d in info.ancestors("unified"):
         try:
             q, p = (d / "cpu.max").read_text().split()
+            if q != "max" and int(p) > 0:
+                best = min(best or float("inf"), int(q) / int(p))
         except (OSError, ValueError):
             continue
-        if q != "max":
-            best = min(best or float("inf"), int(q) / int(p))
     return best
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -76,11 +77,17 @@ class Config(_Section, frozen=True):
     summary: str = "usage-summary.json"
 
 
-#: Environment variable -> key path it overrides.
-ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
-    "AECO_DATA_DIR": ("data_dir",),
-    "AECO_WORKERS": ("pool", "workers"),
-    "AECO_TRANSPORT": ("pool", "transport"),
+def _int_or_word(value: str) -> int | str:
+    """``"4"`` -> 4; anything else stays text for the type check to judge (``"auto"``)."""
+    return int(value) if value.strip().lstrip("+-").isdigit() else value
+
+
+#: Environment variable -> (key path it overrides, how its text is read). Values are not YAML:
+#: a directory named ``2024`` or ``/data #1`` is taken as it is.
+ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
+    "AECO_DATA_DIR": (("data_dir",), str),
+    "AECO_WORKERS": (("pool", "workers"), _int_or_word),
+    "AECO_TRANSPORT": (("pool", "transport"), str),
 }
 
 
@@ -91,7 +98,7 @@ class ConfigError(ValueError):
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
-def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str]) -> str:
+def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str], raw: Any) -> str:
     text = str(exc)
     what, _, where = text.rpartition(" - at `")
     if not _:
@@ -100,7 +107,7 @@ def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str
     if m := _UNKNOWN.match(what):
         key = m.group(1)
         full = f"{path}.{key}" if path else key
-        known = _fields_at(path)
+        known = _fields_at(path, raw)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
         return f"{source}: unknown key `{full}` (expected one of: {', '.join(known)}){hint}"
@@ -108,27 +115,36 @@ def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str
     return f"{source}: at `{path or '<top>'}`{origin}: {what}"
 
 
-def _fields_at(path: str) -> list[str]:
-    """The keys allowed at a path such as ``agents[0]`` or ``pool`` (empty if it is ambiguous)."""
+def _fields_at(path: str, raw: Any) -> list[str]:
+    """The keys allowed at a path such as ``agents[0]`` or ``pool``; a tagged union (a task spec) is
+    resolved by the ``kind`` found at that place in the raw document."""
     t: Any = msgspec.inspect.type_info(Config)
+    node = raw
     for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
         if part.startswith("["):
             t = t.item_type if isinstance(t, msgspec.inspect.ListType) else None
+            i = int(part[1:-1])
+            node = node[i] if isinstance(node, list) and i < len(node) else None
         elif isinstance(t, msgspec.inspect.StructType):
             t = next((f.type for f in t.fields if f.name == part), None)
+            node = node.get(part) if isinstance(node, dict) else None
         else:
             return []
         if isinstance(t, msgspec.inspect.UnionType):
             structs = [x for x in t.types if isinstance(x, msgspec.inspect.StructType)]
-            t = structs[0] if len(structs) == 1 else None
+            kind = node.get("kind") if isinstance(node, dict) else None
+            tagged = [x for x in structs if x.tag == kind]
+            t = tagged[0] if len(tagged) == 1 else structs[0] if len(structs) == 1 else None
         if t is None:
             return []
-    return [f.name for f in t.fields] if isinstance(t, msgspec.inspect.StructType) else []
+    if not isinstance(t, msgspec.inspect.StructType):
+        return []
+    return [f.name for f in t.fields if f.name != t.tag_field]
 
 
 def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
     applied: dict[str, str] = {}
-    for var, keys in ENV_OVERRIDES.items():
+    for var, (keys, read) in ENV_OVERRIDES.items():
         if var not in environ:
             continue
         node = raw
@@ -136,7 +152,7 @@ def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"${var}: cannot override `{'.'.join(keys)}`: its parent is not a mapping")
-        node[keys[-1]] = yaml.safe_load(environ[var]) if environ[var] else ""
+        node[keys[-1]] = read(environ[var])
         applied[var] = ".".join(keys)
     return applied
 
@@ -155,7 +171,7 @@ def parse(text: str | bytes, source: str = "<config>", environ: dict[str, str] |
     try:
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, source, env_paths)) from None
+        raise ConfigError(_explain(exc, source, env_paths, raw)) from None
     ids = [a.id for a in cfg.agents]
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"{source}: agent ids must be unique; repeated: {', '.join(dup)}")

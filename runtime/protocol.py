@@ -155,8 +155,10 @@ def decode(frame: bytes) -> Message:
     """Decode one frame, raising ``ProtocolError`` with the reason if it is not a valid message."""
     try:
         msg: Message = _decoder.decode(frame)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise ProtocolError(f"undecodable frame ({len(frame)} bytes): {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # DecodeError covers ValidationError; a non-UTF-8 string and a value nested a thousand
+        # deep before the tag escape it, and a frame must never raise anything but ProtocolError.
+        raise ProtocolError(f"undecodable frame ({len(frame)} bytes): {type(exc).__name__}: {exc}") from None
     if msg.v != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {msg.v}, expected {PROTOCOL_VERSION}")
     return msg

@@ -71,8 +71,15 @@ def call(spec: Call) -> bytes:
             payload = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
             pickle.loads(payload)
         except Exception:
-            payload = pickle.dumps(RuntimeError(f"unpicklable {type(exc).__name__}: {exc}"))
+            payload = pickle.dumps(RuntimeError(f"unpicklable {type(exc).__name__}: {_describe(exc)}"))
         raise TaskError(text, payload) from None
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # an exception whose __str__ itself fails
+        return f"<{type(exc).__name__} with an unprintable message>"
 
 
 def run(spec: TaskSpec) -> bytes:

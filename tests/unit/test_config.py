@@ -1,0 +1,341 @@
+"""Unit tests for ``runtime.config``: loading, error messages and environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ENV_OVERRIDES, Config, ConfigError, data_path, load, parse
+from runtime.protocol import Alloc, Burn, Echo, Sleep
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT = REPO / "config" / "default.yaml"
+
+NO_ENV: dict[str, str] = {}
+
+
+def error_of(text: str, environ: dict[str, str] | None = None, source: str = "test.yaml") -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text, source, environ=NO_ENV if environ is None else environ)
+    return str(info.value)
+
+
+# --- the shipped default -------------------------------------------------------------------------
+
+
+def test_default_yaml_loads() -> None:
+    cfg = load(DEFAULT, environ=NO_ENV)
+    assert isinstance(cfg, Config)
+    assert cfg.data_dir == "data"
+    assert cfg.pool.workers == "auto"
+    assert cfg.pool.transport == "ipc"
+    assert cfg.pool.max_tasks_per_worker == 5000
+    assert [a.id for a in cfg.agents] == ["cruncher", "hoarder", "napper", "chatter"]
+    cruncher, hoarder, napper, chatter = cfg.agents
+    assert cruncher.workload == [Burn(ms=120), Burn(ms=60, threads=2)]
+    assert hoarder.workload == [Alloc(mb=64, hold_ms=100), Burn(ms=30)]
+    assert napper.workload == [Sleep(ms=400), Echo(data="hello")]
+    assert napper.pause_ms == 100
+    assert chatter.workload[0] == Echo(data="")
+    assert cfg.summary == "usage-summary.json"
+
+
+def test_empty_document_gives_all_defaults() -> None:
+    cfg = parse("", environ=NO_ENV)
+    assert cfg == Config()
+    assert cfg.agents == []
+    assert cfg.pool.workers == "auto"
+
+
+def test_load_from_tmp_path(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "data_dir: /srv/aeco\n"
+        "pool:\n"
+        "  workers: 4\n"
+        "  transport: tcp\n"
+        "  heartbeat_timeout_s: 2.5\n"
+        "agents:\n"
+        "  - id: solo\n"
+        "    workload: [{kind: burn, ms: 7, threads: 3}]\n"
+        "    pause_ms: 9\n"
+    )
+    cfg = load(path, environ=NO_ENV)
+    assert cfg.data_dir == "/srv/aeco"
+    assert cfg.pool.workers == 4
+    assert cfg.pool.transport == "tcp"
+    assert cfg.pool.heartbeat_timeout_s == 2.5
+    assert len(cfg.agents) == 1
+    assert cfg.agents[0].id == "solo"
+    assert cfg.agents[0].workload == [Burn(ms=7, threads=3)]
+    assert cfg.agents[0].pause_ms == 9
+    assert data_path(cfg, "x.json") == Path("/srv/aeco/x.json")
+
+
+def test_load_accepts_str_path(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("pool: {workers: 1}\n")
+    assert load(str(path), environ=NO_ENV).pool.workers == 1
+
+
+def test_load_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("pool: {wokers: 2}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ=NO_ENV)
+    assert str(path) in str(info.value)
+    assert "pool.wokers" in str(info.value)
+
+
+def test_load_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        load(path, environ=NO_ENV)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "cannot read" in msg
+
+
+def test_load_directory_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, environ=NO_ENV)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_load_non_utf8_bytes_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"pool: {workers: \xff\xfe\xfd}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ=NO_ENV)
+    assert str(path) in str(info.value)
+
+
+# --- unknown keys ------------------------------------------------------------------------------
+
+
+def test_typo_in_pool_key_names_file_path_and_suggestion() -> None:
+    msg = error_of("pool: {wokers: 2}\n", source="conf/site.yaml")
+    assert msg.startswith("conf/site.yaml:")
+    assert "`pool.wokers`" in msg
+    assert "did you mean `workers`?" in msg
+
+
+def test_typo_at_top_level() -> None:
+    msg = error_of("statu_interval_s: 2\n")
+    assert "`statu_interval_s`" in msg
+    assert "did you mean `status_interval_s`?" in msg
+    # the list of what is allowed is the top-level fields
+    assert "data_dir" in msg and "agents" in msg
+
+
+def test_typo_inside_an_agent() -> None:
+    msg = error_of("agents:\n  - id: a\n    wrkload: [{kind: echo}]\n")
+    assert "test.yaml" in msg
+    assert "`agents[0].wrkload`" in msg
+    assert "did you mean `workload`?" in msg
+
+
+def test_typo_inside_second_agent_has_right_index() -> None:
+    msg = error_of(
+        "agents:\n  - {id: a, workload: [{kind: echo}]}\n  - {id: b, workload: [{kind: echo}], pause_m: 3}\n"
+    )
+    assert "`agents[1].pause_m`" in msg
+    assert "did you mean `pause_ms`?" in msg
+
+
+def test_typo_inside_a_task_spec_names_the_path() -> None:
+    msg = error_of("agents: [{id: a, workload: [{kind: echo, dta: x}]}]\n")
+    assert "`agents[0].workload[0].dta`" in msg
+
+
+def test_typo_inside_a_task_spec_suggests_the_field() -> None:
+    msg = error_of("agents: [{id: a, workload: [{kind: echo, dta: x}]}]\n")
+    assert "expected one of: )" not in msg
+    assert "did you mean `data`?" in msg
+
+
+# --- wrong types and values ----------------------------------------------------------------------
+
+
+def test_string_for_int_names_the_path() -> None:
+    msg = error_of("pool: {max_tasks_per_worker: lots}\n")
+    assert "`pool.max_tasks_per_worker`" in msg
+    assert "int" in msg
+
+
+def test_string_for_float_names_the_path() -> None:
+    msg = error_of("pool: {heartbeat_s: soon}\n")
+    assert "`pool.heartbeat_s`" in msg
+    assert "float" in msg
+
+
+def test_workers_must_be_positive_or_auto() -> None:
+    assert "`pool.workers`" in error_of("pool: {workers: 0}\n")
+    assert "`pool.workers`" in error_of("pool: {workers: two}\n")
+    assert "`pool.workers`" in error_of("pool: {workers: true}\n")
+
+
+def test_negative_ms_in_a_burn_names_the_path() -> None:
+    msg = error_of("agents:\n  - id: a\n    workload:\n      - {kind: echo}\n      - {kind: burn, ms: -5}\n")
+    assert "`agents[0].workload[1].ms`" in msg
+    assert ">= 1" in msg
+
+
+def test_string_ms_in_a_burn_names_the_path() -> None:
+    msg = error_of("agents: [{id: a, workload: [{kind: burn, ms: '5'}]}]\n")
+    assert "`agents[0].workload[0].ms`" in msg
+    assert "got `str`" in msg
+
+
+def test_too_many_threads_names_the_path() -> None:
+    msg = error_of("agents: [{id: a, workload: [{kind: burn, ms: 5, threads: 65}]}]\n")
+    assert "`agents[0].workload[0].threads`" in msg
+
+
+def test_unknown_task_kind() -> None:
+    msg = error_of("agents: [{id: a, workload: [{kind: fly, ms: 3}]}]\n")
+    assert "`agents[0].workload[0].kind`" in msg
+    assert "fly" in msg
+
+
+def test_empty_workload_rejected() -> None:
+    msg = error_of("agents: [{id: a, workload: []}]\n")
+    assert "`agents[0].workload`" in msg
+
+
+def test_missing_agent_id() -> None:
+    msg = error_of("agents: [{workload: [{kind: echo}]}]\n")
+    assert "`agents[0]`" in msg
+    assert "id" in msg
+
+
+@pytest.mark.parametrize("bad_id", ["Upper", "1abc", "has space", "x" * 33])
+def test_agent_id_pattern(bad_id: str) -> None:
+    msg = error_of(f"agents: [{{id: '{bad_id}', workload: [{{kind: echo}}]}}]\n")
+    assert "`agents[0].id`" in msg
+
+
+def test_unknown_transport() -> None:
+    assert "`pool.transport`" in error_of("pool: {transport: udp}\n")
+
+
+def test_pool_must_be_a_mapping() -> None:
+    assert "`pool`" in error_of("pool: null\n")
+    assert "`pool`" in error_of("pool: [1, 2]\n")
+
+
+# --- document shape ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- 1\n- 2\n", "list"), ("42\n", "int"), ("just words\n", "str")])
+def test_top_level_not_a_mapping(text: str, kind: str) -> None:
+    msg = error_of(text, source="top.yaml")
+    assert msg.startswith("top.yaml:")
+    assert "mapping" in msg
+    assert kind in msg
+
+
+@pytest.mark.parametrize("text", ["pool: [1\n", "pool: {workers: 2\n", "a: b: c\n", "\tpool: 1\n"])
+def test_invalid_yaml(text: str) -> None:
+    msg = error_of(text, source="bad.yaml")
+    assert msg.startswith("bad.yaml: not valid YAML")
+
+
+def test_duplicate_agent_ids() -> None:
+    msg = error_of(
+        "agents:\n"
+        "  - {id: a, workload: [{kind: echo}]}\n"
+        "  - {id: b, workload: [{kind: echo}]}\n"
+        "  - {id: a, workload: [{kind: sleep, ms: 1}]}\n"
+        "  - {id: b, workload: [{kind: echo}]}\n"
+        "  - {id: c, workload: [{kind: echo}]}\n"
+    )
+    assert "unique" in msg
+    assert "repeated: a, b" in msg
+    assert "c" not in msg.split("repeated:")[1]
+
+
+# --- environment overrides -----------------------------------------------------------------------
+
+
+def test_env_overrides_table_is_what_the_tests_exercise() -> None:
+    assert ENV_OVERRIDES["AECO_WORKERS"][0] == ("pool", "workers")
+    assert ENV_OVERRIDES["AECO_DATA_DIR"][0] == ("data_dir",)
+
+
+def test_env_workers_overrides_file() -> None:
+    cfg = parse("pool: {workers: 8, transport: tcp}\n", environ={"AECO_WORKERS": "3"})
+    assert cfg.pool.workers == 3
+    assert cfg.pool.transport == "tcp"  # siblings of the override are kept
+
+
+def test_env_workers_on_empty_document() -> None:
+    assert parse("", environ={"AECO_WORKERS": "3"}).pool.workers == 3
+    assert parse("", environ={"AECO_WORKERS": "auto"}).pool.workers == "auto"
+
+
+def test_env_data_dir() -> None:
+    cfg = parse("data_dir: from-file\n", environ={"AECO_DATA_DIR": "/var/lib/aeco"})
+    assert cfg.data_dir == "/var/lib/aeco"
+
+
+def test_env_transport() -> None:
+    assert parse("", environ={"AECO_TRANSPORT": "tcp"}).pool.transport == "tcp"
+
+
+def test_unrelated_env_ignored() -> None:
+    cfg = parse("pool: {workers: 2}\n", environ={"AECO_WORKER": "9", "WORKERS": "9", "HOME": "/x"})
+    assert cfg.pool.workers == 2
+
+
+def test_bad_env_workers_names_the_variable() -> None:
+    msg = error_of("pool: {workers: 2}\n", environ={"AECO_WORKERS": "zero"})
+    assert "$AECO_WORKERS" in msg
+    assert "`pool.workers`" in msg
+
+
+def test_zero_env_workers_names_the_variable() -> None:
+    msg = error_of("", environ={"AECO_WORKERS": "0"})
+    assert "$AECO_WORKERS" in msg
+
+
+def test_bad_file_value_does_not_blame_the_environment() -> None:
+    msg = error_of("pool: {workers: zero}\n", environ={"AECO_DATA_DIR": "/d"})
+    assert "`pool.workers`" in msg
+    assert "set by" not in msg
+
+
+def test_env_override_when_pool_is_not_a_mapping() -> None:
+    msg = error_of("pool: 3\n", environ={"AECO_WORKERS": "2"})
+    assert "$AECO_WORKERS" in msg
+    assert "pool.workers" in msg
+
+
+def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    # environ=None means os.environ; monkeypatch restores it afterwards.
+    monkeypatch.setenv("AECO_WORKERS", "5")
+    assert parse("").pool.workers == 5
+    # an explicit mapping wins over os.environ
+    assert parse("", environ={}).pool.workers == "auto"
+
+
+def test_load_applies_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("pool: {workers: 2}\n")
+    assert load(path, environ={"AECO_WORKERS": "7"}).pool.workers == 7
+
+
+@pytest.mark.parametrize("value", ["2024", "yes", "/data #1", "@x", "[x", "/a: b"])
+def test_env_data_dir_is_taken_literally(value: str) -> None:
+    try:
+        cfg = parse("", environ={"AECO_DATA_DIR": value})
+    except ConfigError as exc:  # a ConfigError at least names the variable; still wrong here
+        pytest.fail(f"AECO_DATA_DIR={value!r} rejected: {exc}")
+    assert cfg.data_dir == value
+
+
+def test_env_value_that_is_not_yaml_gives_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("", environ={"AECO_WORKERS": "[3"})
+    assert "$AECO_WORKERS" in str(info.value)
