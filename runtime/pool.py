@@ -853,7 +853,7 @@ class WorkerPoolExecutor(cf.Executor):
     def _settle(self, fut: UsageFuture) -> None:
         with self._lock:
             self._pending.discard(fut)
-            if not self._pending:
+            if self._shutdown and not self._pending:  # only shutdown waits for "all settled"
                 self._idle.notify_all()
 
     def map(

@@ -1,0 +1,64 @@
+"""``python -m benchmarks NAME [--quick] [--json PATH] [--profile]``: run one benchmark.
+
+Each benchmark is a module with ``run(opts: benchmarks.common.Options) -> int``, registered in
+``BENCHMARKS`` by name. Modules are imported only when chosen, so one benchmark's heavy imports do not
+slow down or break another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import cast
+
+from benchmarks.common import RESULTS_DIR, Options
+
+#: Benchmark name -> (module that implements it, one-line description).
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "dispatch": ("benchmarks.dispatch", "no-op round trips/s and latency: this pool vs its peers"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in BENCHMARKS.items())
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run one benchmark; print a table and write JSON (and a plot) under benchmarks/results/.",
+        epilog=f"benchmarks:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("name", metavar="NAME", help="the benchmark to run (see below)")
+    ap.add_argument(
+        "--quick", action="store_true", help="short measurements (~0.5 s per case), for a smoke test"
+    )
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        type=Path,
+        help="where to write the results (default: benchmarks/results/NAME.json); "
+        "a plot, if the benchmark makes one, goes next to it with the .png suffix",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="also record py-spy flame graphs into benchmarks/results/"
+    )
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, import the chosen benchmark and run it; return its exit status."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    name: str = args.name
+    if name not in BENCHMARKS:
+        ap.error(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
+    module = importlib.import_module(BENCHMARKS[name][0])
+    run = cast(Callable[[Options], int], module.run)
+    json_path: Path = args.json if args.json is not None else RESULTS_DIR / f"{name}.json"
+    return run(Options(quick=args.quick, json_path=json_path, profile=args.profile))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

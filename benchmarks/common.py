@@ -1,0 +1,369 @@
+"""Pieces shared by the benchmarks: options, closed-loop drivers, latency statistics, host facts, py-spy.
+
+A closed loop keeps exactly one request in flight per client: a client sends the next request only
+when the previous one came back. With as many clients as workers, throughput measures how fast the
+system turns a request around rather than how deep a queue it can build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import math
+import os
+import platform
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What the command line asked for; every benchmark module takes one in its ``run``."""
+
+    quick: bool
+    json_path: Path
+    profile: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How long to measure one system at one worker count."""
+
+    #: Round trips run (in total over all clients) and thrown away before measuring.
+    warmup: int
+    #: Measuring stops at whichever comes first: this much time, or ``max_round_trips`` in total.
+    duration_s: float
+    max_round_trips: int
+
+
+@dataclass(slots=True)
+class Sample:
+    """Raw result of one closed-loop run: every measured round trip's latency."""
+
+    latencies_ns: list[int]
+    seconds: float
+    #: py-spy was sampling during the measurement (its numbers are slightly pessimistic).
+    profiled: bool = False
+
+    @property
+    def round_trips(self) -> int:
+        """Number of measured round trips."""
+        return len(self.latencies_ns)
+
+    @property
+    def per_second(self) -> float:
+        """Round trips per second over the whole measured interval."""
+        return self.round_trips / self.seconds if self.seconds > 0 else 0.0
+
+
+def percentile_us(sorted_ns: Sequence[int], q: float) -> float:
+    """The ``q``-th percentile (0-100, nearest rank) of sorted nanosecond values, in microseconds."""
+    if not sorted_ns:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_ns)))
+    return sorted_ns[rank - 1] / 1000
+
+
+class Failed(Exception):
+    """A closed-loop run could not complete (a client raised, or the run was aborted)."""
+
+
+def closed_loop_threads(
+    clients: Sequence[Callable[[], object]],
+    budget: Budget,
+    before_measure: Callable[[], None] | None = None,
+) -> Sample:
+    """Run each ``clients[i]`` (one blocking round trip per call) in a loop in its own thread.
+
+    ``before_measure`` runs once after the warm-up of every client and before the clock starts.
+    """
+    n = len(clients)
+    lats: list[list[int]] = [[] for _ in clients]
+    ends = [0] * n
+    errors: list[BaseException] = []
+    clock = {"start": 0, "deadline": 0}
+    warm_each = math.ceil(budget.warmup / n)
+    cap_each = max(1, budget.max_round_trips // n)
+
+    def start_clock() -> None:
+        if before_measure is not None:
+            before_measure()
+        clock["start"] = time.perf_counter_ns()
+        clock["deadline"] = clock["start"] + int(budget.duration_s * 1e9)
+
+    # The barrier's action runs once, after every client finished its warm-up and before any of
+    # them measures, so that no client's warm-up overlaps another client's measurement.
+    barrier = threading.Barrier(n, action=start_clock)
+
+    def body(i: int) -> None:
+        call = clients[i]
+        try:
+            for _ in range(warm_each):
+                call()
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+            return
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        except BaseException as exc:  # raised by before_measure, in the thread that ran it
+            errors.append(exc)
+            return
+        pc = time.perf_counter_ns
+        out = lats[i]
+        deadline = clock["deadline"]
+        t1 = pc()
+        try:
+            while True:
+                t0 = pc()
+                call()
+                t1 = pc()
+                out.append(t1 - t0)
+                if t1 >= deadline or len(out) >= cap_each:
+                    break
+        except BaseException as exc:
+            errors.append(exc)
+        ends[i] = t1
+
+    threads = [threading.Thread(target=body, args=(i,), name=f"client-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise Failed(f"a client failed: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
+    if barrier.broken or clock["start"] == 0:
+        raise Failed("the measurement was aborted before it started")
+    return Sample(sorted(x for lat in lats for x in lat), (max(ends) - clock["start"]) / 1e9)
+
+
+async def closed_loop_async(
+    clients: Sequence[Callable[[], Awaitable[object]]],
+    budget: Budget,
+    before_measure: Callable[[], None] | None = None,
+    timeout_s: float = 120.0,
+) -> Sample:
+    """Run each ``clients[i]`` (one awaited round trip per call) in a loop in its own coroutine.
+
+    ``before_measure`` runs once after the warm-up and before the clock starts; the whole run is
+    bounded by ``timeout_s`` rather than each call, so that no per-call wrapper adds overhead.
+    """
+    n = len(clients)
+    warm_each = math.ceil(budget.warmup / n)
+    cap_each = max(1, budget.max_round_trips // n)
+
+    async def warm(call: Callable[[], Awaitable[object]]) -> None:
+        for _ in range(warm_each):
+            await call()
+
+    async def measure(call: Callable[[], Awaitable[object]], deadline: int) -> tuple[list[int], int]:
+        pc = time.perf_counter_ns
+        out: list[int] = []
+        while True:
+            t0 = pc()
+            await call()
+            t1 = pc()
+            out.append(t1 - t0)
+            if t1 >= deadline or len(out) >= cap_each:
+                return out, t1
+
+    async def both() -> Sample:
+        await asyncio.gather(*(warm(c) for c in clients))
+        if before_measure is not None:
+            before_measure()
+        start = time.perf_counter_ns()
+        deadline = start + int(budget.duration_s * 1e9)
+        runs = await asyncio.gather(*(measure(c, deadline) for c in clients))
+        lats = sorted(x for lat, _ in runs for x in lat)
+        return Sample(lats, (max(end for _, end in runs) - start) / 1e9)
+
+    try:
+        return await asyncio.wait_for(both(), timeout_s)
+    except TimeoutError:
+        raise Failed(f"no result within {timeout_s:g} s") from None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def host_info(packages: Sequence[str] = ()) -> dict[str, Any]:
+    """Facts about the machine and interpreter that the numbers depend on."""
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        # Other load on the machine skews every number: record it so that a noisy run can be told.
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        from runtime import cgroups
+
+        info["cpu_capacity"] = cgroups.cpu_capacity(cgroups.discover())
+    except Exception as exc:  # a fact we can do without
+        info["cpu_capacity"] = f"unknown ({exc})"
+    info["packages"] = {name: _version(name) for name in packages}
+    return info
+
+
+def write_json(path: Path, obj: msgspec.Struct) -> None:
+    """Write ``obj`` as indented JSON, creating the directory if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
+
+
+def child_pids() -> list[tuple[int, str]]:
+    """Pids and names of this process's live children (to report anything a peer left behind)."""
+    me = os.getpid()
+    out: list[tuple[int, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may itself contain spaces or parentheses.
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if int(rest[1]) == me and rest[0] != "Z":
+            out.append((int(entry), name))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ py-spy
+
+
+def _py_spy_binary() -> str | None:
+    # The venv's bin directory is often not on PATH when the interpreter is called by its full path.
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+class PySpy:
+    """A ``py-spy record`` of one process into a flame graph SVG, stopped when the measurement ends."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], pid: int, out: Path) -> None:
+        self.proc = proc
+        self.pid = pid
+        self.out = out
+
+    @classmethod
+    def start(cls, pid: int, out: Path, max_s: float, what: str) -> PySpy | None:
+        """Start recording ``pid`` and wait until py-spy samples; print why and return None if not."""
+        exe = _py_spy_binary()
+        if exe is None:
+            print(f"  py-spy ({what}): not found; no flame graph")
+            return None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # --nonblocking: do not pause the target at every sample, which would inflate its latency.
+        # --duration is only a safety net: the recording is stopped with SIGINT when the loop ends.
+        cmd = [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "flamegraph",
+            "-o",
+            str(out),
+            "--duration",
+            str(max(1, math.ceil(max_s))),
+            "--nonblocking",
+        ]
+        try:
+            # py-spy reports progress on stdout and errors on stderr: read both as one stream.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+        except OSError as exc:
+            print(f"  py-spy ({what}): could not start: {exc}")
+            return None
+        text = _read_until(proc, b"Sampling process", 15.0)
+        if b"Sampling process" not in text:
+            _stop(proc)
+            why = text.decode(errors="replace").strip().splitlines()
+            print(f"  py-spy ({what}): did not start sampling pid {pid}: {why[0] if why else 'no output'}")
+            return None
+        print(f"  py-spy ({what}): sampling pid {pid}")
+        return cls(proc, pid, out)
+
+    def stop(self, what: str) -> None:
+        """Stop the recording (py-spy writes the SVG on SIGINT) and say whether it was written."""
+        tail = _stop(self.proc).decode(errors="replace")
+        wrote = [line for line in tail.splitlines() if "Wrote" in line]
+        if self.proc.returncode == 0 and self.out.exists():
+            print(f"  py-spy ({what}): {wrote[0].removeprefix('py-spy> ') if wrote else self.out}")
+        else:
+            last = tail.strip().splitlines()
+            print(f"  py-spy ({what}): failed (exit {self.proc.returncode}): {last[-1] if last else ''}")
+
+
+def _read_until(proc: subprocess.Popen[bytes], needle: bytes, timeout_s: float) -> bytes:
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    end = time.monotonic() + timeout_s
+    while needle not in buf:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:  # py-spy exited
+            break
+        buf += chunk
+    return buf
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> bytes:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or b""
+
+
+def stop_resource_trackers() -> None:
+    """Stop the resource-tracker processes that multiprocessing and loky start on first use.
+
+    They are per-process singletons meant to live until the interpreter exits, so shutting an
+    executor down leaves them running; stopping them here (they restart on demand) means a run
+    leaves no helper process behind and the check for leftovers sees only what a peer left.
+    """
+    import multiprocessing.resource_tracker
+
+    modules = [multiprocessing.resource_tracker, sys.modules.get("loky.backend.resource_tracker")]
+    for module in modules:
+        tracker = getattr(module, "_resource_tracker", None)
+        stop = getattr(tracker, "_stop", None)  # private, but the only way short of exiting
+        if stop is None:
+            continue
+        try:
+            stop()
+        except Exception as exc:  # a tracker we cannot stop is only untidy
+            print(f"  could not stop {type(tracker).__module__} resource tracker: {exc}")

@@ -1,0 +1,531 @@
+"""Dispatch overhead: no-op round trips per second and their latency, for this pool and its peers.
+
+With W workers, W closed-loop clients each keep exactly one no-op in flight, so every number is the
+cost of turning one request around (send, wake a worker, run nothing, answer, wake the client) and
+not of batching or queueing. Systems measured, each with 1 and 2 workers:
+
+- ``aeco-pool``: ``WorkerPool.run(Echo())`` from W coroutines, per-task accounting on;
+- ``aeco-pool-noacct``: the same with ``measure=False`` (what accounting costs is the difference);
+- ``aeco-executor``: ``WorkerPoolExecutor.submit(_noop).result()`` from W threads, accounting on;
+- ``ProcessPoolExecutor``, ``multiprocessing.Pool`` (``apply``), loky and Ray, the same way;
+- ``pyzmq-floor``: bare REQ/REP over ipc to W echo processes, no encoding and no scheduling, the
+  fastest any design built on pyzmq can go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import ctypes
+import importlib.util
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    Budget,
+    Failed,
+    Options,
+    PySpy,
+    Sample,
+    child_pids,
+    closed_loop_async,
+    closed_loop_threads,
+    host_info,
+    percentile_us,
+    stop_resource_trackers,
+    write_json,
+)
+
+FULL = Budget(warmup=200, duration_s=3.0, max_round_trips=20_000)
+QUICK = Budget(warmup=200, duration_s=0.5, max_round_trips=20_000)
+WORKER_COUNTS = (1, 2)
+#: A round trip that takes this long means the peer is stuck: fail it rather than hang the benchmark.
+CALL_TIMEOUT_S = 30.0
+PROFILED = "aeco-pool"  # the system (at 1 worker) that --profile records
+PPE, FLOOR = "ProcessPoolExecutor", "pyzmq-floor"
+
+
+def _noop() -> None:
+    """The task every executor runs: module level, so that workers import it by reference."""
+
+
+# --------------------------------------------------------------------------------------- results
+
+
+class Entry(msgspec.Struct, omit_defaults=True):
+    """One system at one worker count."""
+
+    name: str
+    workers: int
+    round_trips_per_s: float
+    p50_us: float
+    p99_us: float
+    round_trips: int
+    seconds: float
+    #: py-spy was sampling while this was measured (its numbers are slightly pessimistic).
+    profiled: bool = False
+
+
+class Skipped(msgspec.Struct):
+    """A system (or one worker count of it) that was not measured, and why."""
+
+    name: str
+    workers: int | None
+    reason: str
+
+
+class Report(msgspec.Struct):
+    """The JSON file: host facts, the budget used, one entry per system and worker count."""
+
+    benchmark: str
+    mode: str
+    host: dict[str, Any]
+    budget: dict[str, float]
+    results: list[Entry]
+    skipped: list[Skipped]
+
+
+class Unavailable(Exception):
+    """A peer that is not installed: skipped, not failed."""
+
+
+# ---------------------------------------------------------------------------------------- peers
+
+Runner = Callable[[int, Budget, Path | None], Sample]
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    """A system under test: ``runner(workers, budget, profile_dir)`` sets up, measures, shuts down."""
+
+    name: str
+    describe: str
+    runner: Runner
+
+
+def zmq_echo_server(endpoint: str) -> None:
+    """The floor's server process: answer every request with itself until asked to stop."""
+    # Die with the benchmark even if it is killed before it can say stop.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
+    sock = ctx.socket(zmq.REP)
+    sock.bind(endpoint)
+    print("ready", flush=True)
+    while True:
+        msg = sock.recv()
+        sock.send(msg)
+        if msg == b"stop":
+            break
+    sock.close(linger=1000)
+    ctx.term()
+
+
+def _reap(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _run_zmq_floor(workers: int, budget: Budget, _profile: Path | None) -> Sample:
+    tmp = tempfile.mkdtemp(prefix="aeco-zmq-floor-")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in sys.path if x))
+    servers: list[subprocess.Popen[bytes]] = []
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
+    socks: list[zmq.Socket[bytes]] = []
+    stopped = False
+    try:
+        for i in range(workers):
+            endpoint = f"ipc://{tmp}/floor-{i}.sock"
+            code = "import sys; from benchmarks.dispatch import zmq_echo_server as s; s(sys.argv[1])"
+            servers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code, endpoint],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                )
+            )
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, int(CALL_TIMEOUT_S * 1000))
+            sock.setsockopt(zmq.SNDTIMEO, int(CALL_TIMEOUT_S * 1000))
+            sock.connect(endpoint)
+            socks.append(sock)
+        for proc in servers:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != b"ready":
+                raise Failed(f"echo server pid {proc.pid} did not start (exit {proc.wait()})")
+
+        def client(sock: zmq.Socket[bytes]) -> Callable[[], object]:
+            def call() -> bytes:
+                sock.send(b"x")
+                return sock.recv()
+
+            return call
+
+        # Sockets are created here and used by one client thread each: zmq allows moving a socket
+        # to another thread when the move is a full memory barrier, as starting a thread is.
+        sample = closed_loop_threads([client(s) for s in socks], budget)
+        for sock in socks:
+            sock.send(b"stop")
+            sock.recv()
+        stopped = True
+        return sample
+    finally:
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
+        for proc in servers:
+            _reap(proc, 5.0 if stopped else 0.0)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_executor(make: Callable[[int], cf.Executor]) -> Runner:
+    def run(workers: int, budget: Budget, _profile: Path | None) -> Sample:
+        with make(workers) as ex:
+
+            def call() -> object:
+                return ex.submit(_noop).result(timeout=CALL_TIMEOUT_S)
+
+            return closed_loop_threads([call] * workers, budget)
+
+    return run
+
+
+def _make_ppe(workers: int) -> cf.Executor:
+    return cf.ProcessPoolExecutor(max_workers=workers)
+
+
+def _make_loky(workers: int) -> cf.Executor:
+    import loky
+
+    # A private executor rather than get_reusable_executor, so that its workers end with this run.
+    ex: cf.Executor = loky.ProcessPoolExecutor(max_workers=workers)
+    return ex
+
+
+def _make_aeco_executor(workers: int) -> cf.Executor:
+    from runtime.pool import WorkerPoolExecutor
+
+    return WorkerPoolExecutor(max_workers=workers)
+
+
+def _run_mp_pool(workers: int, budget: Budget, _profile: Path | None) -> Sample:
+    pool = multiprocessing.Pool(workers)
+    try:
+
+        def call() -> object:
+            # What Pool.apply does, plus a timeout so that a stuck pool fails instead of hanging.
+            return pool.apply_async(_noop).get(CALL_TIMEOUT_S)
+
+        sample = closed_loop_threads([call] * workers, budget)
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+    return sample
+
+
+def _run_ray(workers: int, budget: Budget, _profile: Path | None) -> Sample:
+    try:
+        import ray
+    except ImportError as exc:
+        raise Unavailable(f"not installed ({exc})") from None
+    # Ray's workers are started by its raylet, which inherits this environment: they must be able
+    # to import benchmarks.dispatch to find the no-op.
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in sys.path if x)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    try:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        try:
+            noop = ray.remote(_noop)
+
+            def call() -> object:
+                return ray.get(noop.remote(), timeout=CALL_TIMEOUT_S)
+
+            return closed_loop_threads([call] * workers, budget)
+        finally:
+            ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_aeco_pool(measure: bool) -> Runner:
+    def run(workers: int, budget: Budget, profile: Path | None) -> Sample:
+        return asyncio.run(_aeco_pool(workers, budget, measure, profile))
+
+    return run
+
+
+async def _aeco_pool(workers: int, budget: Budget, measure: bool, profile: Path | None) -> Sample:
+    from runtime import protocol as p
+    from runtime.config import PoolConfig
+    from runtime.pool import Outcome, WorkerPool
+
+    spec = p.Echo()
+    spies: list[tuple[PySpy, str]] = []
+    async with WorkerPool(PoolConfig(workers=workers), size=workers) as pool:
+
+        def call() -> Awaitable[Outcome]:
+            return pool.run(spec, measure=measure)
+
+        def start_profiles() -> None:
+            if profile is None:
+                return
+            # Generous: the loop usually stops first and the recordings are stopped with it.
+            max_s = budget.duration_s + 30
+            targets = [("supervisor", os.getpid()), ("worker", pool.pids()[0])]
+            for what, pid in targets:
+                spy = PySpy.start(pid, profile / f"dispatch-{what}.svg", max_s, what)
+                if spy is not None:
+                    spies.append((spy, what))
+
+        try:
+            sample = await closed_loop_async([call] * workers, budget, before_measure=start_profiles)
+            sample.profiled = bool(spies)
+            return sample
+        finally:
+            for spy, what in spies:
+                spy.stop(what)
+
+
+SYSTEMS: list[System] = [
+    System(FLOOR, "bare pyzmq REQ/REP over ipc, one echo process per worker", _run_zmq_floor),
+    System(PPE, "concurrent.futures, submit().result()", _run_executor(_make_ppe)),
+    System("multiprocessing.Pool", "apply", _run_mp_pool),
+    System("loky", "loky.ProcessPoolExecutor, submit().result()", _run_executor(_make_loky)),
+    System("aeco-pool", "WorkerPool.run(Echo()), accounting on", _run_aeco_pool(True)),
+    System("aeco-pool-noacct", "WorkerPool.run(Echo(), measure=False)", _run_aeco_pool(False)),
+    System(
+        "aeco-executor",
+        "WorkerPoolExecutor, submit().result(), accounting on",
+        _run_executor(_make_aeco_executor),
+    ),
+    System("ray", "ray.remote no-op, ray.get", _run_ray),
+]
+
+
+def _unavailable(name: str) -> str | None:
+    if name != "ray":
+        return None
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # ValueError: a module blocked in sys.modules
+        found = False
+    return None if found else "not installed, skipped"
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _ratio(num: Entry | None, den: Entry | None) -> float | None:
+    if num is None or den is None or den.round_trips_per_s <= 0:
+        return None
+    return num.round_trips_per_s / den.round_trips_per_s
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}×"
+
+
+def print_table(entries: list[Entry]) -> None:
+    """Print one row per system and worker count, with throughput relative to PPE and the floor."""
+    by = {(e.name, e.workers): e for e in entries}
+    head = (
+        f"{'system':<22} {'workers':>7} {'rt/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'× PPE':>7} {'× floor':>8}"
+    )
+    print()
+    print(head)
+    print("-" * len(head))
+    for e in entries:
+        mark = " *" if e.profiled else ""
+        print(
+            f"{e.name:<22} {e.workers:>7} {e.round_trips_per_s:>10,.0f} {e.p50_us:>9.1f} {e.p99_us:>9.1f} "
+            f"{_fmt_ratio(_ratio(e, by.get((PPE, e.workers)))):>7} "
+            f"{_fmt_ratio(_ratio(e, by.get((FLOOR, e.workers)))):>8}{mark}"
+        )
+    if any(e.profiled for e in entries):
+        print("* measured while py-spy was sampling (--profile): slightly pessimistic")
+
+
+def print_targets(entries: list[Entry]) -> None:
+    """Print the two targets of the pool: 2× ProcessPoolExecutor, half of the pyzmq floor."""
+    by = {(e.name, e.workers): e for e in entries}
+    print()
+    for w in WORKER_COUNTS:
+        pool = by.get(("aeco-pool", w))
+        n = f"{w} worker{'s' if w > 1 else ''}"
+        r = _ratio(pool, by.get((PPE, w)))
+        verdict = "" if r is None else (" — met" if r >= 2 else " — NOT met")
+        print(
+            f"aeco-pool (accounting on) vs ProcessPoolExecutor, {n}: {_fmt_ratio(r)} (target ≥ 2×){verdict}"
+        )
+        r = _ratio(pool, by.get((FLOOR, w)))
+        verdict = "" if r is None else (" — met" if r >= 0.5 else " — NOT met")
+        print(
+            f"aeco-pool (accounting on) vs pyzmq floor, {n}: {_fmt_ratio(r)} of floor throughput "
+            f"(target ≥ 0.5×){verdict}"
+        )
+
+
+def plot(entries: list[Entry], path: Path, title_note: str) -> None:
+    """Grouped bars of round trips per second, one group per system, one bar per worker count."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(e.name for e in entries))
+    by = {(e.name, e.workers): e for e in entries}
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    width = 0.8 / len(WORKER_COUNTS)
+    for j, w in enumerate(WORKER_COUNTS):
+        xs = [i + (j - (len(WORKER_COUNTS) - 1) / 2) * width for i in range(len(names))]
+        found = [by.get((n, w)) for n in names]
+        vals = [e.round_trips_per_s if e else 0.0 for e in found]
+        bars = ax.bar(xs, vals, width, label=f"{w} worker{'s' if w > 1 else ''}")
+        labels = [f"{v / 1000:.1f}k" if e else "n/a" for v, e in zip(vals, found, strict=True)]
+        ax.bar_label(bars, labels=labels, fontsize=8, padding=2)
+    ax.set_xticks(range(len(names)), names, rotation=15, ha="right")
+    ax.set_ylabel("no-op round trips per second")
+    ax.set_title(
+        f"Dispatch overhead: closed loop, one task in flight per worker (higher is better)\n{title_note}"
+    )
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def _entry(name: str, workers: int, s: Sample) -> Entry:
+    return Entry(
+        name=name,
+        workers=workers,
+        round_trips_per_s=round(s.per_second, 1),
+        p50_us=round(percentile_us(s.latencies_ns, 50), 1),
+        p99_us=round(percentile_us(s.latencies_ns, 99), 1),
+        round_trips=s.round_trips,
+        seconds=round(s.seconds, 3),
+        profiled=s.profiled,
+    )
+
+
+def _check_leftovers(tag: str, before: set[int]) -> None:
+    """Say if a system left child processes behind after its shutdown."""
+    stop_resource_trackers()
+    left = [(pid, name) for pid, name in child_pids() if pid not in before]
+    if left:
+        time.sleep(1.0)  # some peers (Ray) stop their helpers asynchronously: give them a moment
+        left = [(pid, name) for pid, name in child_pids() if pid not in before]
+    if left:
+        print(f"{tag} warning: processes left behind: {', '.join(f'{p} ({n})' for p, n in left)}")
+
+
+def run(opts: Options) -> int:
+    """Measure every system at every worker count; print, and write the JSON and the plot.
+
+    Returns 1 if a system that is installed failed, else 0.
+    """
+    budget = QUICK if opts.quick else FULL
+    mode = "quick" if opts.quick else "full"
+    host = host_info(["pyzmq", "msgspec", "loky", "ray"])
+    host["libzmq"] = zmq.zmq_version()
+    print(
+        f"dispatch benchmark ({mode}): {budget.warmup} warm-up round trips, then "
+        f"{budget.duration_s:g} s or {budget.max_round_trips:,} round trips per system and worker count; "
+        f"{host['cpus_usable']} usable CPUs, Python {host['python']}"
+    )
+    entries: list[Entry] = []
+    skipped: list[Skipped] = []
+    failed = False
+    for system in SYSTEMS:
+        why = _unavailable(system.name)
+        if why is not None:
+            print(f"{system.name}: {why}")
+            skipped.append(Skipped(system.name, None, why))
+            continue
+        for w in WORKER_COUNTS:
+            tag = f"[{system.name}, {w} worker{'s' if w > 1 else ''}]"
+            profile = RESULTS_DIR if opts.profile and system.name == PROFILED and w == 1 else None
+            print(f"{tag} starting: {system.describe}", flush=True)
+            before = {pid for pid, _ in child_pids()}
+            try:
+                sample = system.runner(w, budget, profile)
+            except Unavailable as exc:
+                print(f"{tag} skipped: {exc}")
+                skipped.append(Skipped(system.name, w, str(exc)))
+                break
+            except Exception as exc:  # one peer's failure must not cost the others' numbers
+                cause = exc.__cause__
+                detail = f" ({type(cause).__name__}: {cause})" if cause and str(cause) not in str(exc) else ""
+                print(f"{tag} FAILED: {type(exc).__name__}: {exc}{detail}")
+                skipped.append(Skipped(system.name, w, f"failed: {type(exc).__name__}: {exc}"))
+                failed = True
+            else:
+                e = _entry(system.name, w, sample)
+                entries.append(e)
+                print(
+                    f"{tag} done: {e.round_trips_per_s:,.0f} rt/s, p50 {e.p50_us:.1f} µs, "
+                    f"p99 {e.p99_us:.1f} µs ({e.round_trips:,} round trips in {e.seconds:.2f} s)",
+                    flush=True,
+                )
+            finally:
+                _check_leftovers(tag, before)
+    print_table(entries)
+    print_targets(entries)
+    report = Report(
+        benchmark="dispatch",
+        mode=mode,
+        host=host,
+        budget={
+            "warmup": budget.warmup,
+            "duration_s": budget.duration_s,
+            "max_round_trips": budget.max_round_trips,
+        },
+        results=entries,
+        skipped=skipped,
+    )
+    write_json(opts.json_path, report)
+    print(f"\nwrote {opts.json_path}")
+    png = opts.json_path.with_suffix(".png")
+    if entries:
+        note = f"{host['cpus_usable']} CPUs, Python {host['python']}, {mode} run"
+        try:
+            plot(entries, png, note)
+            print(f"wrote {png}")
+        except Exception as exc:  # the numbers are already printed and saved
+            print(f"plot failed: {type(exc).__name__}: {exc}")
+    return 1 if failed else 0
