@@ -24,7 +24,9 @@ test: lint
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.lock
 	$(PY) -m benchmarks dispatch
+	$(PY) -m benchmarks ledger
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

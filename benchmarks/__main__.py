@@ -19,6 +19,7 @@ from benchmarks.common import RESULTS_DIR, Options
 #: Benchmark name -> (module that implements it, one-line description).
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "dispatch": ("benchmarks.dispatch", "no-op round trips/s and latency: this pool vs its peers"),
+    "ledger": ("benchmarks.ledger", "durable transfers/s: LMDB group commit vs per-op and SQLite WAL"),
 }
 
 
@@ -31,9 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("name", metavar="NAME", help="the benchmark to run (see below)")
-    ap.add_argument(
-        "--quick", action="store_true", help="short measurements (~0.5 s per case), for a smoke test"
-    )
+    ap.add_argument("--quick", action="store_true", help="short measurements (~0.5 s per case), for a smoke test")
     ap.add_argument(
         "--json",
         metavar="PATH",
@@ -41,9 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the results (default: benchmarks/results/NAME.json); "
         "a plot, if the benchmark makes one, goes next to it with the .png suffix",
     )
-    ap.add_argument(
-        "--profile", action="store_true", help="also record py-spy flame graphs into benchmarks/results/"
-    )
+    ap.add_argument("--profile", action="store_true", help="also record py-spy flame graphs into benchmarks/results/")
     return ap
 
 

@@ -358,9 +358,7 @@ def _fmt_ratio(r: float | None) -> str:
 def print_table(entries: list[Entry]) -> None:
     """Print one row per system and worker count, with throughput relative to PPE and the floor."""
     by = {(e.name, e.workers): e for e in entries}
-    head = (
-        f"{'system':<22} {'workers':>7} {'rt/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'× PPE':>7} {'× floor':>8}"
-    )
+    head = f"{'system':<22} {'workers':>7} {'rt/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'× PPE':>7} {'× floor':>8}"
     print()
     print(head)
     print("-" * len(head))
@@ -384,9 +382,7 @@ def print_targets(entries: list[Entry]) -> None:
         n = f"{w} worker{'s' if w > 1 else ''}"
         r = _ratio(pool, by.get((PPE, w)))
         verdict = "" if r is None else (" — met" if r >= 2 else " — NOT met")
-        print(
-            f"aeco-pool (accounting on) vs ProcessPoolExecutor, {n}: {_fmt_ratio(r)} (target ≥ 2×){verdict}"
-        )
+        print(f"aeco-pool (accounting on) vs ProcessPoolExecutor, {n}: {_fmt_ratio(r)} (target ≥ 2×){verdict}")
         r = _ratio(pool, by.get((FLOOR, w)))
         verdict = "" if r is None else (" — met" if r >= 0.5 else " — NOT met")
         print(
@@ -415,9 +411,7 @@ def plot(entries: list[Entry], path: Path, title_note: str) -> None:
         ax.bar_label(bars, labels=labels, fontsize=8, padding=2)
     ax.set_xticks(range(len(names)), names, rotation=15, ha="right")
     ax.set_ylabel("no-op round trips per second")
-    ax.set_title(
-        f"Dispatch overhead: closed loop, one task in flight per worker (higher is better)\n{title_note}"
-    )
+    ax.set_title(f"Dispatch overhead: closed loop, one task in flight per worker (higher is better)\n{title_note}")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)

@@ -57,12 +57,36 @@ class PoolConfig(_Section, frozen=True):
 
 
 class AgentConfig(_Section, frozen=True):
-    """A placeholder agent: it cycles through its workload, one task at a time."""
+    """A placeholder agent: it cycles through its workload, one task at a time.
+
+    The rights below are its initial holdings, granted when its ledger account is first opened; after
+    that the ledger is the truth (trades persist across restarts).
+    """
 
     id: AgentId
     workload: Annotated[list[TaskSpec], Meta(min_length=1)]
     #: Pause between two tasks of this agent.
     pause_ms: NonNegInt = 0
+    #: CPU right in millicores (CPU-seconds per second × 1000); ``auto`` shares what is left evenly.
+    cpu_rate: PositiveInt | Literal["auto"] = "auto"
+    #: LLM-token right in tokens per second.
+    llm_rate: NonNegInt = 0
+    #: The largest memory a single task of this agent may add (MiB).
+    memory_quota_mb: PositiveInt = 1024
+    #: Bytes the agent may own in the artifact store (MiB).
+    disk_quota_mb: NonNegInt = 64
+    scrip: NonNegInt = 1000
+
+
+class EconomyConfig(_Section, frozen=True):
+    """Buckets and the capacity they share."""
+
+    #: A bucket holds ``rate × burst_seconds``: how long an agent may run above its rate.
+    burst_seconds: PositiveFloat = 10.0
+    #: The sum of all ``cpu_rate`` may not exceed the container's CPU capacity × this.
+    target_utilisation: Annotated[float, Meta(gt=0, le=1)] = 0.9
+    #: CPU-seconds an agent's first task of a kind is assumed to cost, before any is measured.
+    default_estimate_s: PositiveFloat = 0.05
 
 
 class Config(_Section, frozen=True):
@@ -70,6 +94,7 @@ class Config(_Section, frozen=True):
 
     data_dir: str = "data"
     pool: PoolConfig = PoolConfig()
+    economy: EconomyConfig = EconomyConfig()
     agents: list[AgentConfig] = []
     #: Seconds between two refreshes of the live table.
     status_interval_s: PositiveFloat = 1.0

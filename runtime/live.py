@@ -7,24 +7,36 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from runtime.agents.placeholder import PlaceholderAgent
+from runtime.economy import Economy
 from runtime.pool import WorkerPool
 
 _MB = 1 << 20
 
 
-def render(pool: WorkerPool, agents: Sequence[PlaceholderAgent], elapsed_s: float) -> str:
+def render(
+    pool: WorkerPool, agents: Sequence[PlaceholderAgent], elapsed_s: float, economy: Economy | None = None
+) -> str:
     """The table as text."""
     rows = [
-        f"{'agent':<12} {'state':<9} {'tasks':>7} {'failed':>6} {'cpu s':>8} {'peak MB':>8} "
-        f"{'wall s':>8}  last"
+        f"{'agent':<12} {'state':<8} {'tasks':>6} {'fail':>4} {'cpu s':>7} {'bucket s':>13} {'debt s':>6} "
+        f"{'scrip':>6} {'peak MB':>7}  last"
     ]
+    balances = economy.ledger.balances() if economy else {}
     for a in agents:
         t = pool.accounts.agents.get(a.id)
         tasks, failed = (t.tasks, t.failed) if t else (0, 0)
-        cpu, wall = (t.cpu_seconds, t.wall_seconds) if t else (0.0, 0.0)
+        cpu = t.cpu_seconds if t else 0.0
         peak = t.max_task_memory_bytes / _MB if t else 0.0
+        bucket = debt = "-"
+        if economy is not None:
+            b = economy.buckets.get(a.id, "cpu")
+            level = economy.buckets.level(a.id, "cpu")
+            bucket = f"{max(level, 0):.2f}/{b.capacity:.1f}"
+            debt = f"{-level:.2f}" if level < 0 else "0"
+        scrip = balances.get(a.id, {}).get("scrip", 0)
         rows.append(
-            f"{a.id:<12} {a.state:<9} {tasks:>7} {failed:>6} {cpu:>8.2f} {peak:>8.1f} {wall:>8.2f}  {a.last}"
+            f"{a.id:<12} {a.status:<8} {tasks:>6} {failed:>4} {cpu:>7.2f} {bucket:>13} {debt:>6} "
+            f"{scrip:>6} {peak:>7.1f}  {a.last}"
         )
     st = pool.status()
     over = pool.accounts.overhead()

@@ -53,17 +53,13 @@ unset AECO_CGROUP_PROCS
 exec "$@"
 """
 
-ErrorCode = Literal[
-    "task_error", "worker_crashed", "deadline_exceeded", "pool_failed", "pool_closed", "cancelled"
-]
+ErrorCode = Literal["task_error", "worker_crashed", "deadline_exceeded", "pool_failed", "pool_closed", "cancelled"]
 
 
 class TaskFailed(Exception):
     """A task did not produce a result. ``code`` says why; ``usage`` is what it was charged."""
 
-    def __init__(
-        self, code: ErrorCode, message: str, usage: TaskUsage | None = None, payload: bytes = b""
-    ) -> None:
+    def __init__(self, code: ErrorCode, message: str, usage: TaskUsage | None = None, payload: bytes = b"") -> None:
         super().__init__(f"{code}: {message}")
         self.code: ErrorCode = code
         self.detail = message
@@ -154,9 +150,7 @@ def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
 class WorkerPool:
     """An asyncio pool of worker processes with per-task measurement. Use ``async with``."""
 
-    def __init__(
-        self, cfg: PoolConfig | None = None, *, size: int | None = None, run_dir: str | None = None
-    ) -> None:
+    def __init__(self, cfg: PoolConfig | None = None, *, size: int | None = None, run_dir: str | None = None) -> None:
         self.cfg = cfg or PoolConfig()
         self.info = cg.discover() if self.cfg.cgroups == "auto" else cg.CgroupInfo("none", {}, {})
         self.size = size or resolve_size(self.cfg, self.info)
@@ -649,9 +643,7 @@ class WorkerPool:
                 f"(limit {self.cfg.max_restarts})"
             )
         self._crashes_in_a_row += 1
-        delay = min(
-            self.cfg.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1), self.cfg.restart_backoff_max_s
-        )
+        delay = min(self.cfg.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1), self.cfg.restart_backoff_max_s)
         self._pending_spawns += 1
         self._loop.call_later(delay, self._restart)
 

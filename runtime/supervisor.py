@@ -23,6 +23,9 @@ import msgspec
 from runtime import config as config_mod
 from runtime.accounting import UsageSummary
 from runtime.agents.placeholder import PlaceholderAgent
+from runtime.buckets import Buckets, Estimator
+from runtime.economy import CapacityError, Economy, open_economy
+from runtime.ledger.lmdb import LmdbLedger
 from runtime.live import LiveView, render
 from runtime.pool import WorkerPool
 
@@ -48,7 +51,7 @@ def summarize(pool: WorkerPool) -> UsageSummary:
 
 
 async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) -> int:
-    """Run the pool and the agents until a signal or the end of ``duration_s``."""
+    """Run the pool, the ledger and the agents until a signal or the end of ``duration_s``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,28 +61,43 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    ledger = LmdbLedger(data / "ledger")
+    buckets = Buckets(on_event=lambda kind, agent, res, level: log.info("%s %s (%s %.2f)", kind, agent, res, level))
     pool = WorkerPool(cfg.pool)
+    try:
+        capacity = open_economy(cfg, ledger, pool.info, buckets)
+    except CapacityError as exc:
+        ledger.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     await pool.start()
+    economy = Economy(pool, ledger, buckets, Estimator(cfg.economy.default_estimate_s))
     print(
         f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "
-        f"{len(cfg.agents)} agents; data in {data}",
+        f"{len(cfg.agents)} agents sharing {capacity} millicores; data in {data}",
         flush=True,
     )
-    agents = [PlaceholderAgent(a, pool) for a in cfg.agents]
+    agents = [PlaceholderAgent(a, economy) for a in cfg.agents]
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
     view = LiveView() if live else None
     try:
         while not stop.is_set() and not pool.failed:
             if view is not None:
-                view.show(render(pool, agents, time.monotonic() - started), time.monotonic() - started)
+                now = time.monotonic() - started
+                view.show(render(pool, agents, now, economy), now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
     finally:
         for r in runners:
             r.cancel()
-        await asyncio.gather(*runners, return_exceptions=True)
+        # Close the pool first: it ends the tasks in flight (finished or killed, and charged),
+        # which lets each cancelled agent record its last task's usage before it stops.
         await pool.close()
-        final = render(pool, agents, time.monotonic() - started)
+        _, stuck = await asyncio.wait(runners, timeout=5.0)
+        for r in stuck:
+            log.error("%s did not stop within 5 s after the pool closed", r.get_name())
+        final = render(pool, agents, time.monotonic() - started, economy)
+        ledger.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
         print(final, flush=True)
@@ -100,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.duration is not None and args.duration <= 0:
         ap.error(f"--duration must be positive, got {args.duration}")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:

@@ -63,9 +63,7 @@ def main() -> int:
 
     sock.send(
         p.encode(
-            p.Hello(
-                worker_id=boot.worker_id, pid=os.getpid(), memory_probe=meter.name, counters=counters(startup)
-            )
+            p.Hello(worker_id=boot.worker_id, pid=os.getpid(), memory_probe=meter.name, counters=counters(startup))
         )
     )
     # A receive timeout rather than poll + recv: one call per frame, a heartbeat when it times out.
@@ -97,9 +95,7 @@ def main() -> int:
             except Exception as exc:
                 out, err = getattr(exc, "payload", b""), f"{type(exc).__name__}: {exc}"
             sock.send(
-                p.encode(
-                    p.Result(task_id=msg.id, ok=err is None, output=out, error=err, usage=None, counters=last)
-                )
+                p.encode(p.Result(task_id=msg.id, ok=err is None, output=out, error=err, usage=None, counters=last))
             )
             continue
 
@@ -124,11 +120,7 @@ def main() -> int:
         measurement += (c2 - c1) + (mark - c3)
         last = counters(mark)
         usage = p.Usage(task_cpu, peak, baseline, wall)
-        sock.send(
-            p.encode(
-                p.Result(task_id=msg.id, ok=err is None, output=out, error=err, usage=usage, counters=last)
-            )
-        )
+        sock.send(p.encode(p.Result(task_id=msg.id, ok=err is None, output=out, error=err, usage=usage, counters=last)))
     sock.close()
     ctx.term()
     return 0

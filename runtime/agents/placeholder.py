@@ -1,7 +1,8 @@
 """Placeholder agents: each cycles through its configured workload, one task at a time.
 
-They stand in for LLM agents until inference arrives, and drive the pool and its accounting with
-real burn/alloc/sleep/echo tasks through the same path later agents will use.
+They stand in for LLM agents until inference arrives, and drive the pool, its accounting and the
+economy with real burn/alloc/sleep/echo tasks through the same path later agents will use: every
+task waits for the agent's CPU bucket and is charged in the ledger.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import itertools
 from typing import Literal
 
 from runtime.config import AgentConfig
-from runtime.pool import TaskFailed, WorkerPool
+from runtime.economy import Economy
+from runtime.pool import TaskFailed
 from runtime.protocol import kind_of
 
 AgentState = Literal["waiting", "running", "pausing", "stopped"]
@@ -20,12 +22,17 @@ AgentState = Literal["waiting", "running", "pausing", "stopped"]
 class PlaceholderAgent:
     """One agent's loop over its workload."""
 
-    def __init__(self, cfg: AgentConfig, pool: WorkerPool) -> None:
+    def __init__(self, cfg: AgentConfig, economy: Economy) -> None:
         self.cfg = cfg
-        self.pool = pool
+        self.economy = economy
         self.state: AgentState = "waiting"
         self.last = ""
         self.errors: dict[str, int] = {}
+
+    @property
+    def status(self) -> str:
+        """``blocked`` while its bucket holds it back, else its own state."""
+        return "blocked" if self.economy.buckets.blocked(self.id) else self.state
 
     @property
     def id(self) -> str:
@@ -39,7 +46,7 @@ class PlaceholderAgent:
             for spec in itertools.cycle(self.cfg.workload):
                 self.state = "running"
                 try:
-                    out = await self.pool.run(spec, agent=self.id)
+                    out = await self.economy.run(self.id, spec)
                     self.last = f"{kind_of(spec)} ok {out.usage.cpu_seconds * 1000:.0f} ms CPU"
                 except TaskFailed as exc:
                     self.errors[exc.code] = self.errors.get(exc.code, 0) + 1

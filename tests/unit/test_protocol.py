@@ -63,9 +63,7 @@ MESSAGES: list[Message] = [
         usage=Usage(cpu_seconds=0.1, peak_memory_bytes=2**31, baseline_memory_bytes=2**20, wall_seconds=0.2),
         counters=COUNTERS,
     ),
-    Result(
-        task_id=10, ok=False, output=b"", error="Traceback ...\nValueError: x", usage=None, counters=COUNTERS
-    ),
+    Result(task_id=10, ok=False, output=b"", error="Traceback ...\nValueError: x", usage=None, counters=COUNTERS),
     Heartbeat(counters=COUNTERS),
     Shutdown(),
 ]
@@ -210,9 +208,9 @@ INVALID_UTF8_FRAMES = {
     "memory-probe": encode(Hello(worker_id=0, pid=1, memory_probe="vmhwm", counters=COUNTERS)).replace(
         b"vmhwm", b"vmhw\x80"
     ),
-    "result-error": encode(
-        Result(task_id=1, ok=False, output=b"", error="Z", usage=None, counters=COUNTERS)
-    ).replace(b"\xa1Z", b"\xa1\x80"),
+    "result-error": encode(Result(task_id=1, ok=False, output=b"", error="Z", usage=None, counters=COUNTERS)).replace(
+        b"\xa1Z", b"\xa1\x80"
+    ),
 }
 
 
@@ -296,9 +294,7 @@ LEAVES = (
 )
 OBJECTS = st.recursive(
     LEAVES,
-    lambda children: (
-        st.lists(children, max_size=8) | st.dictionaries(KEYS | st.text(max_size=8), children, max_size=8)
-    ),
+    lambda children: st.lists(children, max_size=8) | st.dictionaries(KEYS | st.text(max_size=8), children, max_size=8),
     max_leaves=20,
 )
 
@@ -325,8 +321,7 @@ def test_arbitrary_msgpack_objects(obj: Any) -> None:
             "ok": LEAVES,
             "output": LEAVES,
             "error": LEAVES,
-            "usage": st.none()
-            | st.lists(st.floats() | st.integers(min_value=0, max_value=2**40), max_size=5),
+            "usage": st.none() | st.lists(st.floats() | st.integers(min_value=0, max_value=2**40), max_size=5),
         },
     )
 )

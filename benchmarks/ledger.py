@@ -1,0 +1,547 @@
+"""Ledger write throughput: durable transfers per second, LMDB group commit against its baselines.
+
+Every system runs the same transfer (check both accounts, refuse an overdraft, move the amount, append
+the operation to a journal and index its id for idempotency) on files in one temporary directory on the
+same disk as the data directory. Systems, each measured for a fixed time:
+
+- ``lmdb-group-threads``: ``LmdbLedger(group=True)``, 64 threads each applying one transfer at a time;
+- ``lmdb-group-batches``: the same ledger, one thread keeping two batches of 1,024 futures in flight;
+- ``lmdb-group``: the better of the two (what group commit delivers);
+- ``lmdb-per-op``: ``LmdbLedger(group=False)``, one durable transaction per transfer, sequential;
+- ``sqlite-wal-full`` / ``sqlite-wal-normal``: SQLite in WAL mode with ``synchronous=FULL`` (durable) or
+  ``NORMAL`` (a commit can be lost on power failure: listed for reference, marked not durable), one
+  transaction per transfer, sequential.
+
+After each run the numbers are checked against the store itself: the journal must hold exactly the
+transfers counted, and (for LMDB) ``runtime.ledger.check`` must pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import os
+import random
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from benchmarks.common import RESULTS_DIR, Options, host_info, write_json
+from runtime.ledger import LedgerError, Mint, OpenAccount, Receipt, Transfer
+from runtime.ledger.check import check
+from runtime.ledger.lmdb import LmdbLedger
+
+FULL_S, QUICK_S = 3.0, 1.0
+ACCOUNTS = tuple(f"acct{i}" for i in range(100))
+#: Enough that no transfer is ever refused: every measured operation is a real write.
+FUNDS = 10**12
+THREADS = 64
+BATCH = 1024
+TARGET_VS_SQLITE = 5.0
+TARGET_RATE = 20_000
+GROUP_MODES = ("lmdb-group-threads", "lmdb-group-batches")
+
+
+class Entry(msgspec.Struct, omit_defaults=True):
+    """One system's result."""
+
+    name: str
+    transfers_per_s: float
+    transfers: int
+    seconds: float
+    #: Every counted transfer was on disk (fsync'd) before it was counted.
+    durable: bool
+    describe: str
+    #: For ``lmdb-group``: which of the group-commit modes it reports.
+    best_of: str | None = None
+
+
+class Skipped(msgspec.Struct):
+    """A system that failed, and why."""
+
+    name: str
+    reason: str
+
+
+class Report(msgspec.Struct):
+    """The JSON file."""
+
+    benchmark: str
+    mode: str
+    host: dict[str, Any]
+    duration_s: float
+    results: list[Entry]
+    skipped: list[Skipped]
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """Transfers counted over the measured interval."""
+
+    transfers: int
+    seconds: float
+
+
+class Mismatch(Exception):
+    """The store does not hold what the benchmark counted."""
+
+
+# ------------------------------------------------------------------------------------------- LMDB
+
+
+def _op(rng: random.Random, op_id: str) -> Transfer:
+    src, dst = rng.sample(ACCOUNTS, 2)
+    return Transfer(id=op_id, src=src, dst=dst, asset="scrip", amount=rng.randint(1, 100))
+
+
+def _open_lmdb(path: Path, group: bool) -> LmdbLedger:
+    led = LmdbLedger(path, durable=True, group=group)
+    futures = [led.submit(OpenAccount(id=f"open-{a}", account=a)) for a in ACCOUNTS]
+    futures += [
+        led.submit(Mint(id=f"fund-{a}", account=a, asset="scrip", amount=FUNDS, reason="benchmark")) for a in ACCOUNTS
+    ]
+    for f in futures:
+        f.result()
+    return led
+
+
+def _verify_lmdb(led: LmdbLedger, counted: int) -> None:
+    transfers = sum(1 for e in led.journal() if isinstance(e.op, Transfer))
+    if transfers != counted:
+        raise Mismatch(f"journal holds {transfers} transfers, the benchmark counted {counted}")
+    report = check(led)
+    if not report.ok:
+        raise Mismatch(f"ledger check failed: {report.problems[:3]}")
+
+
+def _lmdb_threads(path: Path, duration: float) -> Measured:
+    """64 closed-loop clients: each applies one transfer and waits for it to be durable, then the next."""
+    led = _open_lmdb(path, group=True)
+    try:
+        counts = [0] * THREADS
+        ends = [0.0] * THREADS
+        clock = {"deadline": 0.0, "start": 0.0}
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            clock["start"] = time.perf_counter()
+            clock["deadline"] = clock["start"] + duration
+
+        barrier = threading.Barrier(THREADS, action=start)
+
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            try:
+                barrier.wait()
+                deadline, n, now = clock["deadline"], 0, time.perf_counter()
+                while now < deadline:
+                    led.apply(_op(rng, f"t{k}-{n}"))
+                    n += 1
+                    now = time.perf_counter()
+                counts[k], ends[k] = n, now
+            except BaseException as exc:
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        measured = Measured(sum(counts), max(ends) - clock["start"])
+        _verify_lmdb(led, measured.transfers)
+        return measured
+    finally:
+        led.close()
+
+
+def _lmdb_batches(path: Path, duration: float) -> Measured:
+    """One thread submitting batches of futures, two batches in flight so the writer never waits."""
+    led = _open_lmdb(path, group=True)
+    try:
+        rng = random.Random(0)
+        ids = itertools.count()
+        inflight: collections.deque[list[Future[Receipt]]] = collections.deque()
+        n = 0
+        start = time.perf_counter()
+        deadline = start + duration
+        while True:
+            if time.perf_counter() < deadline:
+                inflight.append([led.submit(_op(rng, f"b{next(ids)}")) for _ in range(BATCH)])
+            if len(inflight) >= 2 or (inflight and time.perf_counter() >= deadline):
+                for f in inflight.popleft():
+                    f.result()
+                    n += 1
+            if not inflight:
+                break
+        measured = Measured(n, time.perf_counter() - start)
+        _verify_lmdb(led, measured.transfers)
+        return measured
+    finally:
+        led.close()
+
+
+def _lmdb_per_op(path: Path, duration: float) -> Measured:
+    """One durable transaction per transfer, applied one after another."""
+    led = _open_lmdb(path, group=False)
+    try:
+        rng = random.Random(0)
+        n = 0
+        start = time.perf_counter()
+        deadline = start + duration
+        now = start
+        while now < deadline:
+            led.apply(_op(rng, f"s{n}"))
+            n += 1
+            now = time.perf_counter()
+        measured = Measured(n, now - start)
+        _verify_lmdb(led, measured.transfers)
+        return measured
+    finally:
+        led.close()
+
+
+# ----------------------------------------------------------------------------------------- SQLite
+
+_SCHEMA = """
+CREATE TABLE accounts (account TEXT PRIMARY KEY, kind TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE balances (
+    account TEXT NOT NULL, asset TEXT NOT NULL, amount INTEGER NOT NULL CHECK (amount >= 0),
+    PRIMARY KEY (account, asset)
+) WITHOUT ROWID;
+CREATE TABLE journal (seq INTEGER PRIMARY KEY, at REAL NOT NULL, op BLOB NOT NULL);
+CREATE TABLE ops (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, at REAL NOT NULL) WITHOUT ROWID;
+"""
+
+_enc = msgspec.msgpack.Encoder()
+
+
+class SqliteLedger:
+    """The same transfer as the LMDB ledger's rule book, in SQL: one transaction per transfer."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        # isolation_level=None: the module starts no transactions of its own; we BEGIN and COMMIT.
+        self.con = sqlite3.connect(path, isolation_level=None)
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute(f"PRAGMA synchronous={synchronous}")
+        self.con.executescript(_SCHEMA)
+        with self.con:
+            self.con.execute("BEGIN")
+            self.con.executemany("INSERT INTO accounts VALUES (?, 'agent')", [(a,) for a in ACCOUNTS])
+            self.con.executemany("INSERT INTO balances VALUES (?, 'scrip', ?)", [(a, FUNDS) for a in ACCOUNTS])
+
+    def transfer(self, op: Transfer) -> Receipt:
+        """Apply ``op`` durably (as durable as ``synchronous`` makes a commit), or raise ``LedgerError``."""
+        cur = self.con.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            prev = cur.execute("SELECT seq, at FROM ops WHERE id = ?", (op.id,)).fetchone()
+            if prev is not None:
+                (blob,) = cur.execute("SELECT op FROM journal WHERE seq = ?", (prev[0],)).fetchone()
+                cur.execute("COMMIT")
+                if blob != _enc.encode(op):
+                    raise LedgerError("conflict", f"op id `{op.id}` was already used for another operation")
+                return Receipt(op.id, prev[0], prev[1], fresh=False)
+            if op.src == op.dst:
+                raise LedgerError("invalid", f"transfer from `{op.src}` to itself")
+            for account in (op.src, op.dst):
+                if cur.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is None:
+                    raise LedgerError("unknown_account", f"no account `{account}`")
+            row = cur.execute(
+                "SELECT amount FROM balances WHERE account = ? AND asset = ?", (op.src, op.asset)
+            ).fetchone()
+            have = row[0] if row else 0
+            if have < op.amount:
+                raise LedgerError("overdraft", f"`{op.src}` has {have} {op.asset}, cannot transfer {op.amount}")
+            cur.execute(
+                "UPDATE balances SET amount = amount - ? WHERE account = ? AND asset = ?",
+                (op.amount, op.src, op.asset),
+            )
+            cur.execute(
+                "INSERT INTO balances VALUES (?, ?, ?) "
+                "ON CONFLICT (account, asset) DO UPDATE SET amount = amount + excluded.amount",
+                (op.dst, op.asset, op.amount),
+            )
+            now = time.time()
+            cur.execute("INSERT INTO journal (at, op) VALUES (?, ?)", (now, _enc.encode(op)))
+            seq = cur.lastrowid
+            assert seq is not None
+            cur.execute("INSERT INTO ops VALUES (?, ?, ?)", (op.id, seq, now))
+            cur.execute("COMMIT")
+            return Receipt(op.id, seq, now)
+        except BaseException:
+            if self.con.in_transaction:
+                cur.execute("ROLLBACK")
+            raise
+
+    def verify(self, counted: int) -> None:
+        """The journal holds every counted transfer, and no scrip was created or lost."""
+        (journal,) = self.con.execute("SELECT count(*) FROM journal").fetchone()
+        (total,) = self.con.execute("SELECT sum(amount) FROM balances WHERE asset = 'scrip'").fetchone()
+        if journal != counted:
+            raise Mismatch(f"journal holds {journal} transfers, the benchmark counted {counted}")
+        if total != FUNDS * len(ACCOUNTS):
+            raise Mismatch(f"scrip sums to {total}, not {FUNDS * len(ACCOUNTS)}")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.con.close()
+
+
+def _sqlite(synchronous: str) -> Callable[[Path, float], Measured]:
+    def run(path: Path, duration: float) -> Measured:
+        led = SqliteLedger(path / "ledger.sqlite3", synchronous)
+        try:
+            rng = random.Random(0)
+            n = 0
+            start = time.perf_counter()
+            deadline = start + duration
+            now = start
+            while now < deadline:
+                led.transfer(_op(rng, f"s{n}"))
+                n += 1
+                now = time.perf_counter()
+            measured = Measured(n, now - start)
+            led.verify(measured.transfers)
+            return measured
+        finally:
+            led.close()
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    """A system under test: ``runner(fresh_dir, seconds)`` sets up, measures, verifies and closes."""
+
+    name: str
+    describe: str
+    durable: bool
+    runner: Callable[[Path, float], Measured]
+
+
+SYSTEMS = [
+    System(
+        "lmdb-group-threads",
+        f"LmdbLedger(group=True), {THREADS} threads each applying one transfer at a time",
+        True,
+        _lmdb_threads,
+    ),
+    System(
+        "lmdb-group-batches",
+        f"LmdbLedger(group=True), one thread, two batches of {BATCH:,} futures in flight",
+        True,
+        _lmdb_batches,
+    ),
+    System("lmdb-per-op", "LmdbLedger(group=False), one durable transaction per transfer", True, _lmdb_per_op),
+    System("sqlite-wal-full", "SQLite WAL, synchronous=FULL, one transaction per transfer", True, _sqlite("FULL")),
+    System(
+        "sqlite-wal-normal",
+        "SQLite WAL, synchronous=NORMAL (not durable on power loss), one transaction per transfer",
+        False,
+        _sqlite("NORMAL"),
+    ),
+]
+
+
+def _fdatasync_rate(directory: Path, seconds: float = 0.5) -> float:
+    """Raw fdatasync calls per second on a small file in ``directory``: the ceiling of one-sync-per-op."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            os.pwrite(fd, b"x" * 64, 0)
+            os.fdatasync(fd)
+            n += 1
+        return n / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def _ratio(by: dict[str, Entry], num: str, den: str) -> float | None:
+    a, b = by.get(num), by.get(den)
+    return a.transfers_per_s / b.transfers_per_s if a and b and b.transfers_per_s > 0 else None
+
+
+def print_table(entries: list[Entry]) -> None:
+    """One row per system, with its speed relative to SQLite WAL FULL."""
+    by = {e.name: e for e in entries}
+    head = f"{'system':<20} {'transfers/s':>12} {'transfers':>10} {'seconds':>8} {'durable':>8} {'× sqlite-full':>14}"
+    print()
+    print(head)
+    print("-" * len(head))
+    for e in entries:
+        r = _ratio(by, e.name, "sqlite-wal-full")
+        note = f"  (= {e.best_of})" if e.best_of else ""
+        print(
+            f"{e.name:<20} {e.transfers_per_s:>12,.0f} {e.transfers:>10,} {e.seconds:>8.2f} "
+            f"{'yes' if e.durable else 'NO':>8} {'n/a' if r is None else f'{r:.1f}×':>14}{note}"
+        )
+
+
+def print_targets(entries: list[Entry]) -> None:
+    """The two targets: 5× SQLite WAL FULL, and 20,000 durable transfers per second."""
+    by = {e.name: e for e in entries}
+    print()
+    r = _ratio(by, "lmdb-group", "sqlite-wal-full")
+    if r is None:
+        print(f"lmdb-group vs sqlite-wal-full: n/a (target ≥ {TARGET_VS_SQLITE:g}×)")
+    else:
+        verdict = "met" if r >= TARGET_VS_SQLITE else "NOT met"
+        print(f"lmdb-group vs sqlite-wal-full: {r:.1f}× (target ≥ {TARGET_VS_SQLITE:g}×) — {verdict}")
+    group = by.get("lmdb-group")
+    if group is not None:
+        verdict = "met" if group.transfers_per_s >= TARGET_RATE else "NOT met"
+        print(f"lmdb-group: {group.transfers_per_s:,.0f} durable transfers/s (target ≥ {TARGET_RATE:,}) — {verdict}")
+    r = _ratio(by, "lmdb-group", "lmdb-per-op")
+    if r is not None:
+        print(f"lmdb-group vs lmdb-per-op (what grouping the syncs buys): {r:.1f}×")
+
+
+def _color(name: str) -> str:
+    if name == "lmdb-group":
+        return "tab:green"
+    return "tab:blue" if name.startswith("lmdb") else "tab:gray"
+
+
+def plot(entries: list[Entry], path: Path, title_note: str) -> None:
+    """Bars of transfers per second; the non-durable reference hatched, the 20,000/s target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    names = [f"{e.name}\n(= {e.best_of})" if e.best_of else e.name for e in entries]
+    vals = [e.transfers_per_s for e in entries]
+    colors = [_color(e.name) for e in entries]
+    bars = ax.bar(range(len(entries)), vals, color=colors)
+    for bar, e in zip(bars, entries, strict=True):
+        if not e.durable:
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+    ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}" for v in vals], fontsize=9)
+    ax.axhline(TARGET_RATE, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATE:,}/s")
+    ax.set_xticks(range(len(entries)), names, rotation=15, ha="right")
+    ax.set_ylabel("transfers per second")
+    ax.set_title(
+        "Ledger: durable transfers per second (higher is better; hatched = not durable on power loss)\n" + title_note
+    )
+    ax.legend(loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(opts: Options) -> int:
+    """Measure every system; print the table and targets; write the JSON and the plot.
+
+    Returns 1 if a system failed or its store disagreed with what was counted, else 0.
+    """
+    duration = QUICK_S if opts.quick else FULL_S
+    mode = "quick" if opts.quick else "full"
+    tmp = Path(tempfile.mkdtemp(prefix="aeco-ledger-bench-"))
+    host = host_info(["lmdb", "msgspec"])
+    host["sqlite"] = sqlite3.sqlite_version
+    host["tmp_dir"] = str(tmp)
+    data_dir = Path("data")
+    if data_dir.exists():
+        host["same_device_as_data_dir"] = os.stat(data_dir).st_dev == os.stat(tmp).st_dev
+    host["fdatasync_per_s"] = round(_fdatasync_rate(tmp), 1)
+    print(
+        f"ledger benchmark ({mode}): {duration:g} s per system, {len(ACCOUNTS)} accounts, files in {tmp}; "
+        f"{host['cpus_usable']} usable CPUs, Python {host['python']}, raw fdatasync "
+        f"{host['fdatasync_per_s']:,.0f}/s",
+        flush=True,
+    )
+    entries: list[Entry] = []
+    skipped: list[Skipped] = []
+    failed = False
+    try:
+        for system in SYSTEMS:
+            tag = f"[{system.name}]"
+            print(f"{tag} starting: {system.describe}", flush=True)
+            where = tmp / system.name
+            where.mkdir()
+            try:
+                m = system.runner(where, duration)
+            except Exception as exc:  # one system's failure must not cost the others' numbers
+                print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
+                skipped.append(Skipped(system.name, f"{type(exc).__name__}: {exc}"))
+                failed = True
+                continue
+            finally:
+                shutil.rmtree(where, ignore_errors=True)
+            e = Entry(
+                name=system.name,
+                transfers_per_s=round(m.transfers / m.seconds, 1),
+                transfers=m.transfers,
+                seconds=round(m.seconds, 3),
+                durable=system.durable,
+                describe=system.describe,
+            )
+            entries.append(e)
+            print(
+                f"{tag} done: {e.transfers_per_s:,.0f} transfers/s ({e.transfers:,} in {e.seconds:.2f} s, "
+                "verified against the store)",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    groups = [e for e in entries if e.name in GROUP_MODES]
+    if groups:
+        best = max(groups, key=lambda e: e.transfers_per_s)
+        entries.insert(
+            0,
+            msgspec.structs.replace(
+                best, name="lmdb-group", best_of=best.name, describe=f"the better of {', '.join(GROUP_MODES)}"
+            ),
+        )
+    print_table(entries)
+    print_targets(entries)
+    report = Report("ledger", mode, host, duration, entries, skipped)
+    write_json(opts.json_path, report)
+    print(f"\nwrote {opts.json_path}")
+    png = opts.json_path.with_suffix(".png")
+    if entries:
+        note = f"{host['cpus_usable']} CPUs, raw fdatasync {host['fdatasync_per_s']:,.0f}/s, {mode} run"
+        try:
+            plot(entries, png, note)
+            print(f"wrote {png}")
+        except Exception as exc:  # the numbers are already printed and saved
+            print(f"plot failed: {type(exc).__name__}: {exc}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m benchmarks.ledger``), for when the registry does not list it."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_S:g} s per system instead of {FULL_S:g} s")
+    ap.add_argument("--json", type=Path, default=RESULTS_DIR / "ledger.json", help="where to write the results")
+    args = ap.parse_args(argv)
+    return run(Options(quick=args.quick, json_path=args.json, profile=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

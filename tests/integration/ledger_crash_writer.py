@@ -1,0 +1,133 @@
+"""Writer process for the ledger crash test, and the one place where ledger backends are built for tests.
+
+``python -m tests.integration.ledger_crash_writer DIR --start N`` opens the ledger in ``DIR``, makes
+sure the bank accounts exist and are funded (with fixed op ids, so every round after the first only
+replays them), then streams transfers with op ids ``c{N}-{i}`` from several threads, each keeping a
+window of operations in flight so that the group commit batches them. Every operation whose future
+resolved with a receipt is printed (op id, newline, flushed) *after* it resolved: a printed id is a
+promise that the operation is durable, which the test checks after killing this process with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import itertools
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+
+from runtime.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
+from runtime.ledger.lmdb import LmdbLedger
+
+#: The bank: this many accounts, each funded once with ``FUNDS`` scrip.
+ACCOUNTS = tuple(f"acct{i}" for i in range(10))
+FUNDS = 1_000
+
+LedgerFactory = Callable[..., Ledger]
+
+
+def _lmdb(path: Path, *, durable: bool = True, group: bool = True) -> Ledger:
+    return LmdbLedger(path, durable=durable, group=group)
+
+
+#: Backend name -> ``factory(path, durable=..., group=...)``. A PostgreSQL backend is added here (its
+#: factory would create a fresh schema named after ``path``) and every ledger test runs against it too.
+BACKENDS: dict[str, LedgerFactory] = {"lmdb": _lmdb}
+
+
+def open_ledger(backend: str, path: Path, *, durable: bool = True, group: bool = True) -> Ledger:
+    """Open (or create) a ledger of the named backend whose storage lives at ``path``."""
+    return BACKENDS[backend](path, durable=durable, group=group)
+
+
+def fund_bank(ledger: Ledger) -> None:
+    """Open and fund the bank accounts; idempotent (fixed op ids), so it is safe on every start."""
+    for account in ACCOUNTS:
+        ledger.apply(OpenAccount(id=f"setup-open-{account}", account=account))
+        ledger.apply(
+            Mint(
+                id=f"setup-mint-{account}",
+                account=account,
+                asset="scrip",
+                amount=FUNDS,
+                reason="bank test funds",
+            )
+        )
+
+
+def _die_with_parent() -> None:
+    # If the test process dies before it can kill us, we must not keep writing into its tmp dir.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def stream(ledger: Ledger, start: int, threads: int, window: int, max_seconds: float) -> None:
+    """Submit transfers from ``threads`` threads, ``window`` in flight each; print every acknowledged id."""
+    counter = itertools.count()
+    counter_lock = threading.Lock()
+    out_lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def submitter(k: int) -> None:
+        rng = random.Random(start * 1000 + k)
+        inflight: collections.deque[tuple[str, Future[Receipt]]] = collections.deque()
+        while time.monotonic() < deadline or inflight:
+            while len(inflight) < window and time.monotonic() < deadline:
+                with counter_lock:
+                    i = next(counter)
+                src, dst = rng.sample(ACCOUNTS, 2)
+                op = Transfer(id=f"c{start}-{i}", src=src, dst=dst, asset="scrip", amount=rng.randint(1, 30))
+                inflight.append((op.id, ledger.submit(op)))
+            acked: list[str] = []
+            # Wait for the oldest, then take every other one that is already done, so one flush
+            # covers a whole committed group rather than one line per syscall.
+            while inflight and (not acked or inflight[0][1].done()):
+                op_id, fut = inflight.popleft()
+                try:
+                    fut.result()
+                except LedgerError as exc:
+                    if exc.code != "overdraft":  # refused transfers are expected; anything else is not
+                        raise
+                    continue
+                acked.append(op_id)
+            if acked:
+                with out_lock:
+                    sys.stdout.write("".join(f"{a}\n" for a in acked))
+                    sys.stdout.flush()
+
+    workers = [threading.Thread(target=submitter, args=(k,), name=f"submitter-{k}") for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, fund the bank and stream transfers until killed (or ``--max-seconds``)."""
+    ap = argparse.ArgumentParser(prog="python -m tests.integration.ledger_crash_writer")
+    ap.add_argument("dir", type=Path, help="the ledger's storage directory")
+    ap.add_argument("--start", type=int, required=True, help="round number: op ids are c{N}-{i}")
+    ap.add_argument("--backend", default="lmdb", choices=sorted(BACKENDS))
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--window", type=int, default=8, help="operations in flight per thread")
+    ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    ledger = open_ledger(args.backend, args.dir)
+    try:
+        fund_bank(ledger)
+        stream(ledger, args.start, args.threads, args.window, args.max_seconds)
+    finally:
+        ledger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
