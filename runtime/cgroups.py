@@ -252,6 +252,21 @@ class WorkerCgroups(Struct):
         f = "memory.max_usage_in_bytes" if self.memory_version == 1 else "memory.peak"
         return _read_int(Path(self.memory_dir) / f)
 
+    def oom_kills(self) -> int:
+        """How many processes the kernel killed in this cgroup for going over its memory limit."""
+        if self.memory_dir is None:
+            return 0
+        f = "memory.oom_control" if self.memory_version == 1 else "memory.events"
+        try:
+            text = (Path(self.memory_dir) / f).read_text()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            key, _, val = line.partition(" ")
+            if key == "oom_kill":
+                return int(val)
+        return 0
+
     def remove(self) -> None:
         """Remove the (now empty) child cgroups. Safe to call twice."""
         for d in self.dirs:

@@ -104,6 +104,26 @@ def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buck
     return capacity
 
 
+def charge(buckets: Buckets, agent: str, kind: str, task_id: str, usage: TaskUsage, ok: bool) -> RecordUsage:
+    """Charge a finished task to its agent's bucket; return the one ledger operation that records it.
+
+    The operation carries the bucket level after the charge and is keyed by the task id: applying
+    it again (a retry after a crash) changes nothing, and a restart restores exactly that level.
+    """
+    state = buckets.charge(agent, "cpu", usage.cpu_seconds)
+    return RecordUsage(
+        id=f"usage:{task_id}",
+        task_id=task_id,
+        agent=agent,
+        kind=kind,
+        ok=ok,
+        cpu_seconds=usage.cpu_seconds,
+        memory_bytes=usage.task_memory_bytes,
+        wall_seconds=usage.wall_seconds,
+        buckets={"cpu": state},
+    )
+
+
 class Economy:
     """Charges every task of every agent: admission on an estimate, charge on the measurement."""
 
@@ -129,7 +149,9 @@ class Economy:
         kind = kind_of(spec)
         await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, kind))
         task_id = f"{self.run_id}-{next(self._n)}"
-        inner = asyncio.ensure_future(self.pool.run(spec, agent=agent, timeout_s=timeout_s))
+        # A task's memory limit is its agent's memory_quota, as the ledger holds it now.
+        quota = self.ledger.balance(agent, "memory_quota")
+        inner = asyncio.ensure_future(self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota))
         try:
             out = await asyncio.shield(inner)
         except asyncio.CancelledError:
@@ -154,19 +176,8 @@ class Economy:
     async def _charge(self, agent: str, kind: str, task_id: str, usage: TaskUsage | None, ok: bool) -> None:
         if usage is None:
             return  # the task never reached a worker: nothing was used
-        state = self.buckets.charge(agent, "cpu", usage.cpu_seconds)
         self.estimator.observe(agent, kind, usage.cpu_seconds)
-        record = RecordUsage(
-            id=f"usage:{task_id}",
-            task_id=task_id,
-            agent=agent,
-            kind=kind,
-            ok=ok,
-            cpu_seconds=usage.cpu_seconds,
-            memory_bytes=usage.task_memory_bytes,
-            wall_seconds=usage.wall_seconds,
-            buckets={"cpu": state},
-        )
+        record = charge(self.buckets, agent, kind, task_id, usage, ok)
         await asyncio.wrap_future(self.ledger.submit(record))
 
     async def transfer_right(self, op: Transfer) -> Receipt:

@@ -53,7 +53,9 @@ unset AECO_CGROUP_PROCS
 exec "$@"
 """
 
-ErrorCode = Literal["task_error", "worker_crashed", "deadline_exceeded", "pool_failed", "pool_closed", "cancelled"]
+ErrorCode = Literal[
+    "task_error", "memory_exceeded", "worker_crashed", "deadline_exceeded", "pool_failed", "pool_closed", "cancelled"
+]
 
 
 class TaskFailed(Exception):
@@ -88,6 +90,7 @@ class _Job:
     timeout_s: float
     idempotent: bool
     measure: bool
+    memory_limit: int
     done: Done
     #: Called once when the job is about to be sent; False means it was cancelled meanwhile.
     claim: Callable[[], bool] | None = None
@@ -271,6 +274,7 @@ class WorkerPool:
         timeout_s: float | None = None,
         idempotent: bool = False,
         measure: bool = True,
+        memory_limit: int = 0,
         claim: Callable[[], bool] | None = None,
     ) -> int:
         """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
@@ -284,6 +288,7 @@ class WorkerPool:
             timeout_s or self.cfg.task_timeout_s,
             idempotent,
             measure,
+            memory_limit,
             done,
             claim,
         )
@@ -303,8 +308,13 @@ class WorkerPool:
         timeout_s: float | None = None,
         idempotent: bool = False,
         measure: bool = True,
+        memory_limit: int = 0,
     ) -> Outcome:
-        """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed."""
+        """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed.
+
+        ``memory_limit``: bytes the task may add to its worker's memory (0: unlimited); over it the
+        task fails with ``memory_exceeded`` and is charged what it used.
+        """
         assert self._loop is not None, "start the pool first"
         fut: asyncio.Future[Outcome] = self._loop.create_future()
 
@@ -323,6 +333,7 @@ class WorkerPool:
             timeout_s=timeout_s,
             idempotent=idempotent,
             measure=measure,
+            memory_limit=memory_limit,
             claim=lambda: not fut.cancelled(),
         )
         return await fut
@@ -341,7 +352,7 @@ class WorkerPool:
             assert w.job is None, "a worker runs one task at a time"
             job.attempts += 1
             w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
-            if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure)):
+            if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
                 # The worker is gone before it saw the task: put the task back untouched.
                 job.attempts -= 1
                 w.job = None
@@ -463,7 +474,8 @@ class WorkerPool:
         if msg.ok:
             job.done(Outcome(job.id, job.agent, msg.output, usage), None)
         else:
-            job.done(None, TaskFailed("task_error", msg.error or "failed", usage, msg.output))
+            code: ErrorCode = "memory_exceeded" if msg.error_code == "memory_exceeded" else "task_error"
+            job.done(None, TaskFailed(code, msg.error or "failed", usage, msg.output))
         if self._closing:
             w.state = "stopping"
             return
@@ -569,6 +581,7 @@ class WorkerPool:
         kernel_total = ru.ru_utime + ru.ru_stime if ru is not None else 0.0
         peak = w.cgroups.memory_peak_bytes() if w.cgroups else None
         cgroup_cpu = w.cgroups.cpu_seconds() if w.cgroups else None
+        oom_killed = bool(w.cgroups and w.cgroups.oom_kills())
         if w.cgroups is not None:
             w.cgroups.remove()
         job, was_state = w.job, w.state
@@ -576,12 +589,16 @@ class WorkerPool:
         del self._workers[w.ident]
         tail = self.accounts.unreported(w.pid, kernel_total)
         reason = w.kill_reason
+        if reason is None and oom_killed and job is not None and job.memory_limit:
+            reason = "memory_exceeded"  # the kernel killed it at the limit set for this task
         if job is not None:
             self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason)
         self.accounts.close_worker(
             w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
         )
-        expected = reason in ("recycled", "pool_closed", "deadline_exceeded") or self._closing
+        # The task's fault, not the worker's: replaced at once, not counted against restarts.
+        task_fault = reason in ("deadline_exceeded", "memory_exceeded")
+        expected = task_fault or reason in ("recycled", "pool_closed") or self._closing
         if not expected:
             self.crashed += 1
             log.warning(
@@ -595,8 +612,8 @@ class WorkerPool:
             self._all_exited.set()
         if self._closing or self.failed:
             return
-        if reason == "deadline_exceeded":
-            self._spawn()  # the task's fault, not the worker's: no back-off
+        if task_fault:
+            self._spawn()
         elif not expected:
             self._schedule_restart()
 
@@ -621,6 +638,9 @@ class WorkerPool:
             return job.done(None, TaskFailed("deadline_exceeded", msg, total))
         if reason == "pool_closed":
             return job.done(None, TaskFailed("pool_closed", "the pool was closed mid-task", total))
+        if reason == "memory_exceeded":
+            msg = f"task {job.id} went over its {job.memory_limit} byte memory limit; the kernel killed its worker"
+            return job.done(None, TaskFailed("memory_exceeded", msg, total))
         what = f"worker {w.worker_id} (pid {w.pid}) died while running task {job.id}"
         code = w.proc.returncode
         what += f" (killed by signal {-code})" if code is not None and code < 0 else f" (exit {code})"

@@ -113,6 +113,9 @@ class Task(_Msg, tag="task", frozen=True):
     id: int
     spec: TaskSpec
     measure: bool = True
+    #: Bytes the task may add to the worker's memory (0: no limit); over it the task fails with
+    #: ``memory_exceeded`` (the worker's memory cgroup limit, else ``RLIMIT_AS``).
+    memory_limit: NonNegInt = 0
 
 
 class Result(_Msg, tag="result", frozen=True):
@@ -124,6 +127,8 @@ class Result(_Msg, tag="result", frozen=True):
     error: str | None
     usage: Usage | None
     counters: Counters
+    #: Why it failed, when the worker can tell more than "the task raised".
+    error_code: Literal["", "memory_exceeded"] = ""
 
 
 class Heartbeat(_Msg, tag="heartbeat", frozen=True):

@@ -47,6 +47,14 @@ class MemoryMeter(Protocol):
         """The current use (bytes)."""
         ...
 
+    def limit(self, extra: int) -> None:
+        """Let the process grow by at most ``extra`` bytes from now on (until ``unlimit``)."""
+        ...
+
+    def unlimit(self) -> None:
+        """Lift the limit set by ``limit``."""
+        ...
+
 
 def _pread_int(fd: int) -> int:
     return int(os.pread(fd, 64, 0))
@@ -60,6 +68,15 @@ class CgroupV1Meter:
     def __init__(self, directory: str) -> None:
         self._usage = os.open(os.path.join(directory, "memory.usage_in_bytes"), os.O_RDONLY)
         self._max = os.open(os.path.join(directory, "memory.max_usage_in_bytes"), os.O_RDWR)
+        self._limit = os.open(os.path.join(directory, "memory.limit_in_bytes"), os.O_WRONLY)
+
+    def limit(self, extra: int) -> None:
+        # Over it the kernel OOM-kills the worker (its cgroup's only process); the pool reads the
+        # cgroup's oom_kill count to report memory_exceeded.
+        os.pwrite(self._limit, str(_pread_int(self._usage) + extra).encode(), 0)
+
+    def unlimit(self) -> None:
+        os.pwrite(self._limit, b"-1", 0)
 
     def start(self) -> int:
         usage = _pread_int(self._usage)
@@ -83,7 +100,14 @@ class CgroupV2Meter:
     def __init__(self, directory: str) -> None:
         self._current = os.open(os.path.join(directory, "memory.current"), os.O_RDONLY)
         self._peak = os.open(os.path.join(directory, "memory.peak"), os.O_RDWR)
+        self._max = os.open(os.path.join(directory, "memory.max"), os.O_WRONLY)
         os.pwrite(self._peak, b"reset", 0)  # raises on kernels without per-fd reset
+
+    def limit(self, extra: int) -> None:
+        os.pwrite(self._max, str(_pread_int(self._current) + extra).encode(), 0)
+
+    def unlimit(self) -> None:
+        os.pwrite(self._max, b"max", 0)
 
     def start(self) -> int:
         usage = _pread_int(self._current)
@@ -106,6 +130,21 @@ class ProcStatusMeter:
     def __init__(self) -> None:
         self._status = os.open("/proc/self/status", os.O_RDONLY)
         self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
+
+    def limit(self, extra: int) -> None:
+        # Without a memory cgroup, bound the address space: an allocation over it raises
+        # MemoryError inside the task instead of growing the worker.
+        vm = 0
+        for line in os.pread(self._status, 4096, 0).split(b"\n"):
+            if line.startswith(b"VmSize:"):
+                vm = int(line.split()[1]) * 1024
+                break
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + extra, hard))
+
+    def unlimit(self) -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
     def _read(self) -> tuple[int, int]:
         text = os.pread(self._status, 4096, 0)

@@ -22,9 +22,11 @@ _BLOCK = bytes(16384)  # hashing >2 KiB releases the GIL, so burning threads run
 class TaskError(Exception):
     """A task failed; ``payload`` is the pickled exception (for ``call``) or empty."""
 
-    def __init__(self, message: str, payload: bytes = b"") -> None:
+    def __init__(self, message: str, payload: bytes = b"", raised: str = "") -> None:
         super().__init__(message)
         self.payload = payload
+        #: The type name of the exception the task raised (``MemoryError`` …), if any.
+        self.raised = raised
 
 
 def _spin(seconds: float) -> None:
@@ -72,7 +74,7 @@ def call(spec: Call) -> bytes:
             pickle.loads(payload)
         except Exception:
             payload = pickle.dumps(RuntimeError(f"unpicklable {type(exc).__name__}: {_describe(exc)}"))
-        raise TaskError(text, payload) from None
+        raise TaskError(text, payload, type(exc).__name__) from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from typing import Literal
 
 _PR_SET_PDEATHSIG = 1
 
@@ -103,14 +104,23 @@ def main() -> int:
         idle += c1 - mark
         w0 = time.perf_counter()
         baseline = meter.start()
+        if msg.memory_limit:
+            meter.limit(msg.memory_limit)
+        code: Literal["", "memory_exceeded"] = ""
         c2 = cpu()
         try:
             out, err = tasks.run(msg.spec), None
         except tasks.TaskError as exc:
             out, err = exc.payload, str(exc)
+            code = "memory_exceeded" if msg.memory_limit and exc.raised == "MemoryError" else ""
+        except MemoryError:
+            out, err = b"", f"MemoryError: the task went over its {msg.memory_limit} byte memory limit"
+            code = "memory_exceeded" if msg.memory_limit else ""
         except Exception as exc:  # a handler bug must not kill the worker
             out, err = b"", f"{type(exc).__name__}: {exc}"
         c3 = cpu()
+        if msg.memory_limit:
+            meter.unlimit()
         peak = meter.peak()
         wall = time.perf_counter() - w0
         task_cpu = c3 - c2
@@ -120,7 +130,10 @@ def main() -> int:
         measurement += (c2 - c1) + (mark - c3)
         last = counters(mark)
         usage = p.Usage(task_cpu, peak, baseline, wall)
-        sock.send(p.encode(p.Result(task_id=msg.id, ok=err is None, output=out, error=err, usage=usage, counters=last)))
+        result = p.Result(
+            task_id=msg.id, ok=err is None, output=out, error=err, usage=usage, counters=last, error_code=code
+        )
+        sock.send(p.encode(result))
     sock.close()
     ctx.term()
     return 0

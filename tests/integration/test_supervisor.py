@@ -152,3 +152,55 @@ def test_workers_die_with_a_killed_supervisor(config: Path) -> None:
     while time.monotonic() < end and [w for w in workers if _alive(w)]:
         time.sleep(0.05)
     assert not [w for w in workers if _alive(w)]
+
+
+def _admin(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_ledger_survives_runs_and_the_admin_commands_read_it(config: Path, tmp_path: Path) -> None:
+    for _ in range(2):  # a restart reuses the accounts and keeps the usage records
+        proc = _supervisor("--config", str(config), "--duration", "2", "--no-live")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "bucket s" in out and "scrip" in out
+    data = tmp_path / "data"
+    check = _admin(data, "check")
+    assert check.returncode == 0 and "all invariants hold" in check.stdout, check.stdout
+    balances = _admin(data, "balances")
+    assert balances.returncode == 0
+    rows = {line.split()[0]: line.split() for line in balances.stdout.splitlines()[1:]}
+    assert set(rows) >= {"mint", "treasury", "cruncher", "hoarder", "napper", "supply"}
+    assert rows["cruncher"][2] == "1000"  # scrip granted once, not once per run
+    journal = _admin(data, "journal", "--limit", "5")
+    entries = [json.loads(line) for line in journal.stdout.splitlines()]
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    usage = [json.loads(line) for line in _admin(data, "journal").stdout.splitlines()]
+    assert sum(e["op"]["op"] == "usage" for e in usage) > 20
+
+
+def test_cpu_rights_beyond_the_container_are_refused_at_start(tmp_path: Path) -> None:
+    bad = tmp_path / "greedy.yaml"
+    bad.write_text(
+        f"data_dir: {tmp_path / 'data'}\nagents:\n  - {{id: greedy, cpu_rate: 100000, workload: [{{kind: echo}}]}}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.supervisor", "--config", str(bad), "--duration", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "100000 millicores" in out.stderr and "available" in out.stderr
+
+
+def test_admin_without_a_ledger_says_so(tmp_path: Path) -> None:
+    out = _admin(tmp_path / "nothing", "check")
+    assert out.returncode == 2 and "no ledger" in out.stderr
