@@ -233,6 +233,20 @@ def write_json(path: Path, obj: msgspec.Struct) -> None:
     path.write_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
 
 
+def publish(json_path: Path, report: msgspec.Struct, plot: Callable[[Path], None]) -> None:
+    """Write the JSON report, then the PNG beside it (a failed plot does not lose the numbers)."""
+    write_json(json_path, report)
+    print(f"\nwrote {json_path}")
+    png = json_path.with_suffix(".png")
+    try:
+        plot(png)
+    except Exception as exc:  # the numbers are already printed and saved
+        print(f"plot failed: {type(exc).__name__}: {exc}")
+    else:
+        if png.exists():
+            print(f"wrote {png}")
+
+
 def child_pids() -> list[tuple[int, str]]:
     """Pids and names of this process's live children (to report anything a peer left behind)."""
     me = os.getpid()

@@ -47,8 +47,8 @@ from benchmarks.common import (
     closed_loop_threads,
     host_info,
     percentile_us,
+    publish,
     stop_resource_trackers,
-    write_json,
 )
 
 FULL = Budget(warmup=200, duration_s=3.0, max_round_trips=20_000)
@@ -512,14 +512,6 @@ def run(opts: Options) -> int:
         results=entries,
         skipped=skipped,
     )
-    write_json(opts.json_path, report)
-    print(f"\nwrote {opts.json_path}")
-    png = opts.json_path.with_suffix(".png")
-    if entries:
-        note = f"{host['cpus_usable']} CPUs, Python {host['python']}, {mode} run"
-        try:
-            plot(entries, png, note)
-            print(f"wrote {png}")
-        except Exception as exc:  # the numbers are already printed and saved
-            print(f"plot failed: {type(exc).__name__}: {exc}")
+    note = f"{host['cpus_usable']} CPUs, Python {host['python']}, {mode} run"
+    publish(opts.json_path, report, lambda png: plot(entries, png, note) if entries else None)
     return 1 if failed else 0

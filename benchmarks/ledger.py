@@ -18,14 +18,12 @@ transfers counted, and (for LMDB) ``runtime.ledger.check`` must pass.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 import os
 import random
 import shutil
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.common import RESULTS_DIR, Options, host_info, write_json
+from benchmarks.common import Options, host_info, publish
 from runtime.ledger import LedgerError, Mint, OpenAccount, Receipt, Transfer
 from runtime.ledger.check import check
 from runtime.ledger.lmdb import LmdbLedger
@@ -521,27 +519,6 @@ def run(opts: Options) -> int:
     print_table(entries)
     print_targets(entries)
     report = Report("ledger", mode, host, duration, entries, skipped)
-    write_json(opts.json_path, report)
-    print(f"\nwrote {opts.json_path}")
-    png = opts.json_path.with_suffix(".png")
-    if entries:
-        note = f"{host['cpus_usable']} CPUs, raw fdatasync {host['fdatasync_per_s']:,.0f}/s, {mode} run"
-        try:
-            plot(entries, png, note)
-            print(f"wrote {png}")
-        except Exception as exc:  # the numbers are already printed and saved
-            print(f"plot failed: {type(exc).__name__}: {exc}")
+    note = f"{host['cpus_usable']} CPUs, raw fdatasync {host['fdatasync_per_s']:,.0f}/s, {mode} run"
+    publish(opts.json_path, report, lambda png: plot(entries, png, note) if entries else None)
     return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m benchmarks.ledger``), for when the registry does not list it."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK_S:g} s per system instead of {FULL_S:g} s")
-    ap.add_argument("--json", type=Path, default=RESULTS_DIR / "ledger.json", help="where to write the results")
-    args = ap.parse_args(argv)
-    return run(Options(quick=args.quick, json_path=args.json, profile=False))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
