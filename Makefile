@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.lock
 	$(PY) -m benchmarks dispatch
 	$(PY) -m benchmarks ledger
+	$(PY) -m benchmarks store
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,14 +1,25 @@
 """Operator commands: ``python -m runtime.admin [--config FILE | --data-dir DIR] COMMAND``.
 
+The ledger:
+
 - ``balances``: every account's holdings, and each asset's supply (minted − burned);
 - ``journal [--since SEQ] [--limit N]``: the append-only journal, one operation per line (JSON);
 - ``check``: the ledger's invariants; exit status 1 when one is violated.
+
+The artifact store's history, which no agent can reach (the store is single-writer: stop the
+supervisor first):
+
+- ``history ID``: every commit that changed an artifact, newest first;
+- ``show ID@COMMIT``: an artifact as it was at a commit (its bytes to stdout);
+- ``rollback --to COMMIT``: a new commit whose tree is that commit's; agents see a ``system_reset``
+  event when the supervisor next starts, and disk usage is recomputed from the new HEAD.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -17,6 +28,8 @@ from runtime import config as config_mod
 from runtime.ledger import ASSETS
 from runtime.ledger.check import check
 from runtime.ledger.lmdb import LmdbLedger
+from runtime.store import StoreError, check_id
+from runtime.store.git import GitStore
 
 
 def _balances(ledger: LmdbLedger) -> int:
@@ -50,6 +63,40 @@ def _check(ledger: LmdbLedger) -> int:
     return 0 if report.ok else 1
 
 
+def _store_command(path: Path, args: argparse.Namespace) -> int:
+    if not (path / "HEAD").exists():
+        print(f"error: no artifact store at {path}", file=sys.stderr)
+        return 2
+    try:
+        store = GitStore(path)
+    except StoreError as exc:
+        print(f"error: {exc} (stop the supervisor first: the store has one writer)", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "history":
+            for e in store.history(check_id(args.id)):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
+                print(f"{e.commit}  {when}Z  {e.author:<16} {e.action:<6} {e.size:>10} B")
+            return 0
+        if args.command == "show":
+            aid, sep, commit = args.target.partition("@")
+            if not sep or not commit:
+                print(f"error: expected ID@COMMIT, got {args.target!r}", file=sys.stderr)
+                return 2
+            art = store.show(check_id(aid), commit)
+            print(f"# {art.id} at {commit}: {art.kind}, owner {art.owner}, {art.size} B", file=sys.stderr)
+            sys.stdout.buffer.write(art.content)
+            return 0
+        new = store.rollback(args.to, operator="operator")
+        print(f"rolled back to {args.to}: new HEAD {new}; usage now {store.usage()}")
+        return 0
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(prog="python -m runtime.admin", description=(__doc__ or "").splitlines()[0])
@@ -62,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--since", type=int, default=0, metavar="SEQ", help="entries after this sequence number")
     j.add_argument("--limit", type=int, metavar="N", help="at most N entries")
     sub.add_parser("check", help="check every invariant (exit 1 on a violation)")
+    h = sub.add_parser("history", help="the commits that changed an artifact")
+    h.add_argument("id")
+    s = sub.add_parser("show", help="an artifact as it was at a commit")
+    s.add_argument("target", metavar="ID@COMMIT")
+    r = sub.add_parser("rollback", help="reset the store to a commit (as a new commit)")
+    r.add_argument("--to", required=True, metavar="COMMIT")
     args = ap.parse_args(argv)
     if args.data_dir is not None:
         data = Path(args.data_dir)
@@ -71,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         except config_mod.ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if args.command in ("history", "show", "rollback"):
+        return _store_command(data / "artifacts.git", args)
     path = data / "ledger"
     if not (path / "data.mdb").exists():
         print(f"error: no ledger at {path} (has the supervisor run with this data directory?)", file=sys.stderr)

@@ -12,7 +12,10 @@ to in-process probes, and ``WorkerCgroups.create`` returns the reason so that st
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -185,17 +188,21 @@ class WorkerCgroups(Struct):
     memory_dir: str | None
     memory_version: Literal[1, 2] | None
     cpu_file: str | None
+    #: Controller (``memory``, ``cpuacct``, ``unified``) -> this worker's directory in it.
+    controllers: dict[str, str] = {}
 
     @classmethod
     def create(cls, info: CgroupInfo, name: str) -> tuple[WorkerCgroups | None, str]:
         """Make the child cgroups ``name`` under this process's own; return them and a status line."""
         made: list[str] = []
+        by_controller: dict[str, str] = {}
         mem_dir: str | None = None
         mem_ver: Literal[1, 2] | None = None
         cpu_file: str | None = None
         notes: list[str] = []
 
-        def mk(parent: Path | None) -> Path | None:
+        def mk(controller: str) -> Path | None:
+            parent = info.dir(controller)
             if parent is None:
                 return None
             d = parent / name
@@ -205,22 +212,23 @@ class WorkerCgroups(Struct):
                 notes.append(f"{parent}: {exc.strerror}")
                 return None
             made.append(str(d))
+            by_controller[controller] = str(d)
             return d
 
-        if (d := mk(info.dir("memory"))) is not None:
+        if (d := mk("memory")) is not None:
             mem_dir, mem_ver = str(d), 1
-        if (d := mk(info.dir("cpuacct"))) is not None:
+        if (d := mk("cpuacct")) is not None:
             cpu_file = str(d / "cpuacct.usage")
         # A v2 child always has cpu.stat; memory.peak only with the memory controller delegated.
         needs_v2 = info.dir("unified") is not None and (mem_dir is None or cpu_file is None)
-        if needs_v2 and (d := mk(info.dir("unified"))) is not None:
+        if needs_v2 and (d := mk("unified")) is not None:
             if cpu_file is None:
                 cpu_file = str(d / "cpu.stat")
             if mem_dir is None and (d / "memory.peak").exists():
                 mem_dir, mem_ver = str(d), 2
         if not made:
             return None, "no writable cgroup hierarchy (" + "; ".join(notes or ["none mounted"]) + ")"
-        cg = cls(made, mem_dir, mem_ver, cpu_file)
+        cg = cls(made, mem_dir, mem_ver, cpu_file, by_controller)
         mem = f"memory cgroup v{mem_ver}" if mem_ver else "memory via /proc (no memory cgroup)"
         cpu = "cpuacct.usage" if cpu_file and cpu_file.endswith("usage") else "cpu.stat"
         return cg, f"per-worker cgroups: {mem}, cpu from {cpu if cpu_file else '/proc'}"
@@ -268,8 +276,10 @@ class WorkerCgroups(Struct):
         return 0
 
     def remove(self) -> None:
-        """Remove the (now empty) child cgroups. Safe to call twice."""
+        """Remove the (now empty) child cgroups, and any nested ones a killed worker left behind
+        (a sandbox's), killing what still runs in those. Safe to call twice."""
         for d in self.dirs:
+            _remove_nested(Path(d))
             try:
                 os.rmdir(d)
             except FileNotFoundError:
@@ -278,6 +288,24 @@ class WorkerCgroups(Struct):
                 # A cgroup directory cannot be removed while a process is still in it; rmtree
                 # would fail the same way, so leave it for the next start-up's sweep.
                 continue
+
+
+def _remove_nested(d: Path) -> None:
+    """Kill the processes of every cgroup nested under ``d`` and remove those cgroups, deepest first."""
+    nested = sorted((p for p in d.glob("**/") if p != d), key=lambda p: -len(p.parts)) if d.is_dir() else []
+    for sub in nested:
+        for pid in processes_in(str(sub)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for sub in nested:
+        for _ in range(50):  # killed processes leave the cgroup once the kernel has reaped them
+            try:
+                os.rmdir(sub)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
 
 
 def child_name(owner_pid: int, worker: int, generation: int) -> str:
@@ -299,6 +327,7 @@ def sweep_stale(info: CgroupInfo) -> int:
             owner = d.name.removeprefix(CHILD_PREFIX).split("-")[0]
             if not owner.isdigit() or Path(f"/proc/{owner}").exists():
                 continue
+            _remove_nested(d)
             try:
                 os.rmdir(d)
                 removed += 1

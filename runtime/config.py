@@ -18,7 +18,8 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from runtime.protocol import TaskSpec
+from runtime.actions import Action
+from runtime.protocol import InstrumentSpec
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -64,7 +65,8 @@ class AgentConfig(_Section, frozen=True):
     """
 
     id: AgentId
-    workload: Annotated[list[TaskSpec], Meta(min_length=1)]
+    #: Tasks for the pool (burn, alloc, sleep, echo) and actions on the world (write_artifact …).
+    workload: Annotated[list[InstrumentSpec | Action], Meta(min_length=1)]
     #: Pause between two tasks of this agent.
     pause_ms: NonNegInt = 0
     #: CPU right in millicores (CPU-seconds per second × 1000); ``auto`` shares what is left evenly.

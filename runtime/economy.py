@@ -23,8 +23,8 @@ from runtime.accounting import TaskUsage
 from runtime.buckets import Buckets, BucketState, Estimator
 from runtime.config import AgentConfig, Config
 from runtime.ledger import Asset, Ledger, OpenAccount, Receipt, RecordUsage, SetBuckets, Transfer
-from runtime.pool import Outcome, TaskFailed, WorkerPool
-from runtime.protocol import TaskSpec, kind_of
+from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
+from runtime.protocol import Invoke, TaskSpec, kind_of
 
 log = logging.getLogger("runtime.economy")
 
@@ -140,7 +140,9 @@ class Economy:
         self.run_id = uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
 
-    async def run(self, agent: str, spec: TaskSpec, *, timeout_s: float | None = None) -> Outcome:
+    async def run(
+        self, agent: str, spec: TaskSpec, *, timeout_s: float | None = None, serve: Serve | None = None
+    ) -> Outcome:
         """Run one task for ``agent`` once its CPU bucket admits it, and charge what it used.
 
         Raises ``TaskFailed`` (after charging) when the task failed. If the caller is cancelled while
@@ -149,9 +151,13 @@ class Economy:
         kind = kind_of(spec)
         await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, kind))
         task_id = f"{self.run_id}-{next(self._n)}"
-        # A task's memory limit is its agent's memory_quota, as the ledger holds it now.
-        quota = self.ledger.balance(agent, "memory_quota")
-        inner = asyncio.ensure_future(self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota))
+        # A task's memory limit is its agent's memory_quota, as the ledger holds it now. Confined code
+        # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
+        # could make the kernel pick the worker, not the sandbox, when memory runs out.
+        quota = 0 if isinstance(spec, Invoke) else self.ledger.balance(agent, "memory_quota")
+        inner = asyncio.ensure_future(
+            self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve)
+        )
         try:
             out = await asyncio.shield(inner)
         except asyncio.CancelledError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from runtime.agents.placeholder import PlaceholderAgent
 from runtime.economy import Economy
@@ -13,8 +13,18 @@ from runtime.pool import WorkerPool
 _MB = 1 << 20
 
 
+class EventCounts(Protocol):
+    """Anything that counts events by kind."""
+
+    counts: dict[str, int]
+
+
 def render(
-    pool: WorkerPool, agents: Sequence[PlaceholderAgent], elapsed_s: float, economy: Economy | None = None
+    pool: WorkerPool,
+    agents: Sequence[PlaceholderAgent],
+    elapsed_s: float,
+    economy: Economy | None = None,
+    events: EventCounts | None = None,
 ) -> str:
     """The table as text."""
     rows = [
@@ -50,6 +60,9 @@ def render(
         f"{st.started} started, {st.crashed} crashed{failure_note}",
         f"limits: {st.cpu_capacity:g} CPUs, memory {limit}{probe_note}; {st.cgroups}",
         "overhead: " + ", ".join(f"{k} {v:.2f} s" for k, v in over.items()),
+        "events: " + (", ".join(f"{k} {v}" for k, v in sorted(events.counts.items())) or "none")
+        if events is not None
+        else "",
         f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
         f"({rec.kernel - rec.accounted:+.2f} s not yet reported by busy workers)"
         if st.busy

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,6 +80,8 @@ class Outcome(msgspec.Struct, frozen=True):
 
 
 Done = Callable[[Outcome | None, TaskFailed | None], None]
+#: Serves a confined task's request: ``(op, JSON params) -> (ok, JSON value, error)``.
+Serve = Callable[[str, bytes], Awaitable[tuple[bool, bytes, str]]]
 
 
 @dataclass(slots=True, eq=False)
@@ -94,6 +96,8 @@ class _Job:
     done: Done
     #: Called once when the job is about to be sent; False means it was cancelled meanwhile.
     claim: Callable[[], bool] | None = None
+    #: Answers the task's ``Request`` messages (confined code reaching the world), if it may send any.
+    serve: Serve | None = None
     attempts: int = 0
     prior: TaskUsage | None = None
 
@@ -153,8 +157,17 @@ def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
 class WorkerPool:
     """An asyncio pool of worker processes with per-task measurement. Use ``async with``."""
 
-    def __init__(self, cfg: PoolConfig | None = None, *, size: int | None = None, run_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PoolConfig | None = None,
+        *,
+        size: int | None = None,
+        run_dir: str | None = None,
+        hide: Iterable[str] = (),
+    ) -> None:
         self.cfg = cfg or PoolConfig()
+        #: Paths that confined code run by the workers must not see (the pool adds its socket directory).
+        self.hide = [os.path.abspath(h) for h in hide]
         self.info = cg.discover() if self.cfg.cgroups == "auto" else cg.CgroupInfo("none", {}, {})
         self.size = size or resolve_size(self.cfg, self.info)
         self.accounts = Accounts()
@@ -276,6 +289,7 @@ class WorkerPool:
         measure: bool = True,
         memory_limit: int = 0,
         claim: Callable[[], bool] | None = None,
+        serve: Serve | None = None,
     ) -> int:
         """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
 
@@ -291,6 +305,7 @@ class WorkerPool:
             memory_limit,
             done,
             claim,
+            serve,
         )
         if self.failed or self._closing:
             code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
@@ -309,6 +324,7 @@ class WorkerPool:
         idempotent: bool = False,
         measure: bool = True,
         memory_limit: int = 0,
+        serve: Serve | None = None,
     ) -> Outcome:
         """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed.
 
@@ -335,6 +351,7 @@ class WorkerPool:
             measure=measure,
             memory_limit=memory_limit,
             claim=lambda: not fut.cancelled(),
+            serve=serve,
         )
         return await fut
 
@@ -418,10 +435,32 @@ class WorkerPool:
             self._note_counters(w, msg.counters)
             if w.state == "idle":
                 self._maybe_recycle(w)
+        elif isinstance(msg, p.Request):
+            self._on_request(w, msg)
         elif isinstance(msg, p.Hello):
             self._on_hello(w, msg)
         else:
             self._drop(f"unexpected {type(msg).__name__} from worker {w.worker_id}")
+
+    def _on_request(self, w: _Worker, msg: p.Request) -> None:
+        job = w.job
+        if w.state != "busy" or job is None or msg.task_id != job.id:
+            return self._drop(f"request for task {msg.task_id} not running on worker {w.worker_id}")
+        if job.serve is None:
+            self._send(w, p.Reply(task_id=job.id, seq=msg.seq, ok=False, error="this task has no channel"))
+            return None
+        assert self._loop is not None
+        self._loop.create_task(self._answer(w, job, job.serve, msg))
+        return None
+
+    async def _answer(self, w: _Worker, job: _Job, serve: Serve, msg: p.Request) -> None:
+        try:
+            ok, value, error = await serve(msg.op, msg.params)
+        except Exception as exc:  # a failing handler is the request's error, not the pool's
+            log.exception("serving %s for task %d", msg.op, job.id)
+            ok, value, error = False, b"null", f"internal error serving {msg.op}: {type(exc).__name__}"
+        if w.job is job and w.state == "busy":  # the task may have ended (or its worker died) meanwhile
+            self._send(w, p.Reply(task_id=job.id, seq=msg.seq, ok=ok, value=value, error=error))
 
     def _note_counters(self, w: _Worker, c: p.Counters) -> None:
         w.counters = c
@@ -501,6 +540,8 @@ class WorkerPool:
             memory_cgroup=(cgroups.memory_dir, cgroups.memory_version)
             if cgroups and cgroups.memory_dir and cgroups.memory_version
             else None,
+            cgroup_dirs=dict(cgroups.controllers) if cgroups else {},
+            sandbox_hide=[*self.hide, self._run_dir],
         )
         env = dict(os.environ)
         env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()

@@ -62,7 +62,21 @@ class Call(_Spec, tag="call", frozen=True):
     payload: bytes
 
 
-TaskSpec = Burn | Alloc | Sleep | Echo | Call
+class Invoke(_Spec, tag="invoke", frozen=True):
+    """Run an agent's code artifact confined (``workers.sandbox``): ``args`` is JSON; the limits bound
+    the confined child. The code reaches the world only through ``Request``/``Reply`` messages that
+    the supervisor serves with the invoker's identity."""
+
+    code: str
+    args: bytes = b"null"
+    cpu_seconds: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    wall_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    memory_bytes: Annotated[int, Meta(gt=0)] = 256 << 20
+
+
+TaskSpec = Burn | Alloc | Sleep | Echo | Call | Invoke
+#: The tasks a configuration may ask for directly: the instruments the accounting is checked with.
+InstrumentSpec = Burn | Alloc | Sleep | Echo
 
 MemoryProbe = Literal["cgroup-v1", "cgroup-v2", "vmhwm", "off"]
 
@@ -141,7 +155,26 @@ class Shutdown(_Msg, tag="shutdown", frozen=True):
     """Ask a worker to exit after its current task."""
 
 
-Message = Hello | Task | Result | Heartbeat | Shutdown
+class Request(_Msg, tag="request", frozen=True):
+    """From a busy worker: confined code asks for something (``op`` with JSON ``params``)."""
+
+    task_id: int
+    seq: int
+    op: Annotated[str, Meta(max_length=32)]
+    params: bytes
+
+
+class Reply(_Msg, tag="reply", frozen=True):
+    """The supervisor's answer to a ``Request``: a JSON ``value``, or an ``error``."""
+
+    task_id: int
+    seq: int
+    ok: bool
+    value: bytes = b"null"
+    error: str = ""
+
+
+Message = Hello | Task | Result | Heartbeat | Shutdown | Request | Reply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -178,8 +211,12 @@ class WorkerBoot(Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_s: float
     #: The worker's own memory cgroup (directory, version), or None to fall back to /proc probes.
     memory_cgroup: tuple[str, int] | None = None
+    #: The worker's own cgroup directory per controller: confined code gets a child cgroup under each.
+    cgroup_dirs: dict[str, str] = {}
+    #: Paths confined code must not see (the data directory, the pool's socket directory).
+    sandbox_hide: list[str] = []
 
 
-def kind_of(spec: TaskSpec) -> str:
-    """The ``kind`` tag of a task specification (``"burn"``, ``"echo"`` …)."""
+def kind_of(spec: Struct) -> str:
+    """The ``kind`` tag of a task specification or an action (``"burn"``, ``"write_artifact"`` …)."""
     return str(spec.__struct_config__.tag)

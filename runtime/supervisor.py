@@ -28,8 +28,34 @@ from runtime.economy import CapacityError, Economy, open_economy
 from runtime.ledger.lmdb import LmdbLedger
 from runtime.live import LiveView, render
 from runtime.pool import WorkerPool
+from runtime.store.git import GitStore
+from runtime.world import World
 
 log = logging.getLogger("runtime.supervisor")
+
+
+class EventCounter:
+    """Counts and logs the world's events. The durable event log with observers arrives with the
+    agents' events (issue 5); until then the live view shows the counts."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def emit(self, kind: str, fields: dict[str, object]) -> None:
+        """Record one event."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        log.debug("%s %s", kind, fields)
+
+
+def announce_reset(store: GitStore, events: EventCounter) -> None:
+    """Tell agents about an operator's rollback made while the supervisor was stopped.
+
+    ``python -m runtime.admin rollback`` needs the store to itself, so the supervisor learns of a
+    reset when it starts: the HEAD commit is then the operator's reset commit.
+    """
+    history = store.last_commit()
+    if history.action == "reset":
+        events.emit("system_reset", {"commit": history.commit, "by": history.author})
 
 
 def summarize(pool: WorkerPool) -> UsageSummary:
@@ -60,14 +86,21 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         loop.call_later(duration_s, stop.set)
     data = Path(cfg.data_dir)
     data.mkdir(parents=True, exist_ok=True)
+    data.chmod(0o700)  # the ledger, the repository and memory are the operator's alone
     started = time.monotonic()
     ledger = LmdbLedger(data / "ledger")
-    buckets = Buckets(on_event=lambda kind, agent, res, level: log.info("%s %s (%s %.2f)", kind, agent, res, level))
-    pool = WorkerPool(cfg.pool)
+    store = GitStore(data / "artifacts.git")
+    events = EventCounter()
+    buckets = Buckets(
+        on_event=lambda kind, agent, res, lvl: events.emit(kind, {"agent": agent, "resource": res, "level": lvl})
+    )
+    # Confined code must not see the data directory (repository, ledger, memory).
+    pool = WorkerPool(cfg.pool, hide=[str(data.resolve())])
     try:
         capacity = open_economy(cfg, ledger, pool.info, buckets)
     except CapacityError as exc:
         ledger.close()
+        store.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     await pool.start()
@@ -77,14 +110,16 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         f"{len(cfg.agents)} agents sharing {capacity} millicores; data in {data}",
         flush=True,
     )
-    agents = [PlaceholderAgent(a, economy) for a in cfg.agents]
+    world = World(store, economy, events.emit)
+    announce_reset(store, events)
+    agents = [PlaceholderAgent(a, world) for a in cfg.agents]
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
     view = LiveView() if live else None
     try:
         while not stop.is_set() and not pool.failed:
             if view is not None:
                 now = time.monotonic() - started
-                view.show(render(pool, agents, now, economy), now)
+                view.show(render(pool, agents, now, economy, events), now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
     finally:
@@ -96,8 +131,9 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         _, stuck = await asyncio.wait(runners, timeout=5.0)
         for r in stuck:
             log.error("%s did not stop within 5 s after the pool closed", r.get_name())
-        final = render(pool, agents, time.monotonic() - started, economy)
+        final = render(pool, agents, time.monotonic() - started, economy, events)
         ledger.close()
+        store.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
         print(final, flush=True)

@@ -1,7 +1,7 @@
 """A pool worker: ``python -m workers.worker``, started by the supervisor's pool.
 
-It arranges to die with the supervisor before importing anything heavy (the pool has already put
-it in its child cgroups, if any), then runs one task at a time from its DEALER socket, measuring
+It arranges to die with the supervisor first (the pool has already put it in its child cgroups, if
+any), then runs one task at a time from its DEALER socket, measuring
 each. Its CPU life is cut into contiguous segments — start-up, idle (waiting, messaging),
 measurement, tasks — so that every CPU-second it uses is reported under exactly one name
 (``runtime.protocol.Counters``).
@@ -9,7 +9,9 @@ measurement, tasks — so that every CPU-second it uses is reported under exactl
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -17,11 +19,24 @@ import sys
 import time
 from typing import Literal
 
+import msgspec
+import zmq
+
+from runtime import protocol as p
+from workers import measure, tasks
+from workers.measure import MemoryMeter
+
 _PR_SET_PDEATHSIG = 1
+#: How long confined code may wait for the supervisor to answer one request.
+_REPLY_TIMEOUT_S = 30.0
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when the supervisor dies; exit now if it already has."""
+    """SIGKILL this process when the supervisor dies; exit now if it already has.
+
+    The parent is checked after the death signal is armed, so a supervisor that died at any moment
+    before is noticed here.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
@@ -29,111 +44,206 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+class Worker:
+    """The worker's loop and books. One instance per process."""
+
+    def __init__(self, boot: p.WorkerBoot, sock: zmq.Socket[bytes], meter: MemoryMeter) -> None:
+
+        self.boot, self.sock, self.meter = boot, sock, meter
+        self.log = logging.getLogger(f"worker.{boot.worker_id}")
+        self._rusage_cpu = measure.cpu_seconds
+        #: CPU of confined processes that the kernel counted in their cgroup but that no wait4
+        #: returned to this process (descendants killed with their sandbox); part of this worker's use.
+        self.unreaped = 0.0
+        self.startup = self.cpu()
+        self.idle = self.measurement = self.task_total = 0.0
+        self.done = 0
+        self.mark = self.startup
+        self.last = self.counters(self.startup)
+        self.shutdown_requested = False
+
+    def cpu(self) -> float:
+        """All CPU this worker is responsible for so far."""
+        return self._rusage_cpu() + self.unreaped
+
+    def counters(self, now: float) -> p.Counters:
+        """The books as of CPU reading ``now``."""
+
+        return p.Counters(
+            now, self.startup, self.idle, self.measurement, self.task_total, self.done, self.meter.current()
+        )
+
+    def send(self, msg: p.Message) -> None:
+        """Send one message to the supervisor."""
+
+        self.sock.send(p.encode(msg))
+
+    def serve(self) -> None:
+        """Answer tasks until told to shut down."""
+
+        self.send(
+            p.Hello(worker_id=self.boot.worker_id, pid=os.getpid(), memory_probe=self.meter.name, counters=self.last)
+        )
+        # A receive timeout rather than poll + recv: one call per frame, a heartbeat when it times out.
+        self.sock.setsockopt(zmq.RCVTIMEO, int(self.boot.heartbeat_s * 1000))
+        while not self.shutdown_requested:
+            try:
+                frame = self.sock.recv()
+            except zmq.Again:
+                now = self.cpu()
+                self.idle += now - self.mark
+                self.mark = now
+                self.last = self.counters(now)
+                self.send(p.Heartbeat(counters=self.last))
+                continue
+            msg = self._decode(frame)
+            if isinstance(msg, p.Shutdown):
+                break
+            if isinstance(msg, p.Task):
+                self.send(self._run(msg) if msg.measure else self._run_unmeasured(msg))
+            elif msg is not None:
+                self.log.warning("dropped unexpected %s message", type(msg).__name__)
+
+    def _decode(self, frame: bytes) -> p.Message | None:
+
+        try:
+            return p.decode(frame)
+        except p.ProtocolError as exc:
+            self.log.warning("dropped frame: %s", exc)
+            return None
+
+    def _execute(self, msg: p.Task) -> tuple[bytes, str | None, Literal["", "memory_exceeded"]]:
+
+        try:
+            if isinstance(msg.spec, p.Invoke):
+                return self._invoke(msg), None, ""
+            return tasks.run(msg.spec), None, ""
+        except tasks.TaskError as exc:
+            over = bool(msg.memory_limit) and exc.raised == "MemoryError"
+            return exc.payload, str(exc), "memory_exceeded" if over else ""
+        except MemoryError:
+            text = f"MemoryError: the task went over its {msg.memory_limit} byte memory limit"
+            return b"", text, "memory_exceeded" if msg.memory_limit else ""
+        except Exception as exc:  # a handler bug must not kill the worker
+            return b"", f"{type(exc).__name__}: {exc}", ""
+
+    def _run_unmeasured(self, msg: p.Task) -> p.Result:
+
+        out, err, code = self._execute(msg)
+        return p.Result(
+            task_id=msg.id, ok=err is None, output=out, error=err, usage=None, counters=self.last, error_code=code
+        )
+
+    def _run(self, msg: p.Task) -> p.Result:
+
+        c1 = self.cpu()
+        self.idle += c1 - self.mark
+        w0 = time.perf_counter()
+        baseline = self.meter.start()
+        if msg.memory_limit:
+            self.meter.limit(msg.memory_limit)
+        c2 = self.cpu()
+        out, err, code = self._execute(msg)
+        c3 = self.cpu()
+        if msg.memory_limit:
+            self.meter.unlimit()
+        peak = self.meter.peak()
+        wall = time.perf_counter() - w0
+        task_cpu = c3 - c2
+        self.task_total += task_cpu
+        self.done += 1
+        self.mark = self.cpu()
+        self.measurement += (c2 - c1) + (self.mark - c3)
+        self.last = self.counters(self.mark)
+        usage = p.Usage(task_cpu, peak, baseline, wall)
+        return p.Result(
+            task_id=msg.id, ok=err is None, output=out, error=err, usage=usage, counters=self.last, error_code=code
+        )
+
+    # ------------------------------------------------------------------------- confined code
+
+    def _invoke(self, msg: p.Task) -> bytes:
+        """Run an ``Invoke`` task's code confined; return the JSON summary the supervisor reads."""
+        from workers import sandbox  # only workers that run agent code need it
+
+        spec = msg.spec
+        assert isinstance(spec, p.Invoke)
+        seq = 0
+
+        def handle(op: str, params: dict[str, object]) -> dict[str, object]:
+            nonlocal seq
+            seq += 1
+            ok, value, error = self._request(msg.id, seq, op, json.dumps(params).encode())
+            if not ok:
+                return {"ok": False, "error": error}
+            decoded = json.loads(value)
+            if op == "read_artifact":  # artifact bytes cross the JSON channel as base64
+                return {"ok": True, "value": base64.b64decode(decoded["b64"])}
+            return {"ok": True, "value": decoded}
+
+        limits = sandbox.Limits(
+            cpu_seconds=spec.cpu_seconds, wall_seconds=spec.wall_seconds, memory_bytes=spec.memory_bytes
+        )
+        children_before = self._rusage_cpu()
+        res = sandbox.run_confined(
+            spec.code,
+            json.loads(spec.args),
+            limits,
+            handle,
+            hide=self.boot.sandbox_hide,
+            cgroup_parents=self.boot.cgroup_dirs or None,
+        )
+        # wait4 returned the confined child's CPU to this process's RUSAGE_CHILDREN; descendants
+        # killed with the sandbox are only in its cgroup's count: book the difference as ours.
+        reaped = self._rusage_cpu() - children_before
+        self.unreaped += max(0.0, res.cpu_seconds - reaped)
+        return json.dumps(
+            {
+                "ok": res.ok,
+                "value": json.loads(res.value) if res.ok and res.value else None,
+                "error": res.error,
+                "error_code": res.error_code,
+                "stdout": res.stdout.decode("utf-8", "replace"),
+                "cpu_seconds": res.cpu_seconds,
+                "peak_memory_bytes": res.peak_memory_bytes,
+                "isolation": list(res.isolation),
+            }
+        ).encode()
+
+    def _request(self, task_id: int, seq: int, op: str, params: bytes) -> tuple[bool, bytes, str]:
+        """Ask the supervisor (which answers as the invoker) and wait for its reply."""
+
+        self.send(p.Request(task_id=task_id, seq=seq, op=op, params=params))
+        deadline = time.monotonic() + _REPLY_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                break
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            msg = self._decode(frame)
+            if isinstance(msg, p.Reply) and msg.task_id == task_id and msg.seq == seq:
+                return msg.ok, msg.value, msg.error
+            if isinstance(msg, p.Shutdown):
+                self.shutdown_requested = True  # after this task
+            elif msg is not None:
+                self.log.warning("dropped %s while waiting for reply %d", type(msg).__name__, seq)
+        return False, b"null", f"no answer to `{op}` within {_REPLY_TIMEOUT_S:g} s"
+
+
 def main() -> int:
     """Run the worker loop until the supervisor says shut down (or dies)."""
-    import msgspec
-
-    from runtime.protocol import WorkerBoot
-
-    boot = msgspec.json.decode(os.environ["AECO_WORKER_BOOT"], type=WorkerBoot)
+    boot = msgspec.json.decode(os.environ["AECO_WORKER_BOOT"], type=p.WorkerBoot)
     _die_with_parent(boot.parent_pid)
-
-    import zmq
-
-    from runtime import protocol as p
-    from workers import measure, tasks
-
-    log = logging.getLogger(f"worker.{boot.worker_id}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
     meter = measure.open_meter(boot.memory_cgroup)
-    cpu = measure.cpu_seconds
-
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.IDENTITY, f"w{boot.worker_id}-{os.getpid()}".encode())
     sock.connect(boot.endpoint)
-
-    startup = cpu()
-    idle = measurement = task_total = 0.0
-    done = 0
-    mark = startup
-
-    def counters(now: float) -> p.Counters:
-        return p.Counters(now, startup, idle, measurement, task_total, done, meter.current())
-
-    sock.send(
-        p.encode(
-            p.Hello(worker_id=boot.worker_id, pid=os.getpid(), memory_probe=meter.name, counters=counters(startup))
-        )
-    )
-    # A receive timeout rather than poll + recv: one call per frame, a heartbeat when it times out.
-    sock.setsockopt(zmq.RCVTIMEO, int(boot.heartbeat_s * 1000))
-    last = counters(startup)
-    while True:
-        try:
-            frame = sock.recv()
-        except zmq.Again:
-            now = cpu()
-            idle += now - mark
-            mark = now
-            last = counters(now)
-            sock.send(p.encode(p.Heartbeat(counters=last)))
-            continue
-        try:
-            msg = p.decode(frame)
-        except p.ProtocolError as exc:
-            log.warning("dropped frame: %s", exc)
-            continue
-        if isinstance(msg, p.Shutdown):
-            break
-        if not isinstance(msg, p.Task):
-            log.warning("dropped unexpected %s message", type(msg).__name__)
-            continue
-        if not msg.measure:
-            try:
-                out, err = tasks.run(msg.spec), None
-            except Exception as exc:
-                out, err = getattr(exc, "payload", b""), f"{type(exc).__name__}: {exc}"
-            sock.send(
-                p.encode(p.Result(task_id=msg.id, ok=err is None, output=out, error=err, usage=None, counters=last))
-            )
-            continue
-
-        c1 = cpu()
-        idle += c1 - mark
-        w0 = time.perf_counter()
-        baseline = meter.start()
-        if msg.memory_limit:
-            meter.limit(msg.memory_limit)
-        code: Literal["", "memory_exceeded"] = ""
-        c2 = cpu()
-        try:
-            out, err = tasks.run(msg.spec), None
-        except tasks.TaskError as exc:
-            out, err = exc.payload, str(exc)
-            code = "memory_exceeded" if msg.memory_limit and exc.raised == "MemoryError" else ""
-        except MemoryError:
-            out, err = b"", f"MemoryError: the task went over its {msg.memory_limit} byte memory limit"
-            code = "memory_exceeded" if msg.memory_limit else ""
-        except Exception as exc:  # a handler bug must not kill the worker
-            out, err = b"", f"{type(exc).__name__}: {exc}"
-        c3 = cpu()
-        if msg.memory_limit:
-            meter.unlimit()
-        peak = meter.peak()
-        wall = time.perf_counter() - w0
-        task_cpu = c3 - c2
-        task_total += task_cpu
-        done += 1
-        mark = cpu()
-        measurement += (c2 - c1) + (mark - c3)
-        last = counters(mark)
-        usage = p.Usage(task_cpu, peak, baseline, wall)
-        result = p.Result(
-            task_id=msg.id, ok=err is None, output=out, error=err, usage=usage, counters=last, error_code=code
-        )
-        sock.send(p.encode(result))
+    Worker(boot, sock, meter).serve()
     sock.close()
     ctx.term()
     return 0

@@ -1,0 +1,134 @@
+"""Writer process for the artifact store's crash test.
+
+``python -m tests.integration.store_crash_writer DIR --round N`` opens the store at ``DIR`` (with a
+small ``max_packs``, so that pack roll-ups happen while it is being killed) and streams operations from
+several threads, each keeping a window of them in flight so that the group commit batches them:
+
+- creates and rewrites of ``c{N}-{t}-{k}``: the content is ``content_for(id, version)``, and every
+  acknowledged one is printed as ``w <id> <version>``;
+- creates of ``d{N}-{t}-{k}`` followed, once acknowledged, by their deletion, printed as ``d <id>``.
+
+A line is printed (and flushed) only *after* its future resolved: it is a promise that the operation
+is durable, which the test checks after killing this process with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import hashlib
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from runtime.store.git import GitStore
+
+AGENTS = tuple(f"w{i}" for i in range(5))
+QUOTA = 1 << 40
+
+
+def content_for(aid: str, version: int) -> bytes:
+    """The deterministic content of version ``version`` of ``aid``: ``"<id> v<version> "`` and 0 to 2,999
+    pseudo-random bytes."""
+    seed = hashlib.sha256(f"{aid}:{version}".encode()).digest()
+    extra = int.from_bytes(seed[:2], "big") % 3000
+    return f"{aid} v{version} ".encode() + (seed * (extra // 32 + 1))[:extra]
+
+
+def version_of(content: bytes) -> int:
+    """The version number written at the start of ``content_for``'s output."""
+    return int(content.split(b" v", 1)[1].split(b" ", 1)[0])
+
+
+def agent_for(aid: str) -> str:
+    """The agent that writes ``aid`` (fixed per id, so rewrites are always by the owner)."""
+    return AGENTS[int(hashlib.sha1(aid.encode()).hexdigest(), 16) % len(AGENTS)]
+
+
+def _die_with_parent() -> None:
+    # If the test process dies before it can kill us, we must not keep writing into its tmp dir.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def stream(store: GitStore, rnd: int, threads: int, window: int, max_seconds: float) -> None:
+    """Submit from ``threads`` threads, ``window`` in flight each; print every acknowledged operation."""
+    out_lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def write(aid: str, version: int) -> Future[Any]:
+        return store.submit_write(agent_for(aid), aid, content_for(aid, version), quota=QUOTA)
+
+    def submitter(t: int) -> None:
+        rng = random.Random(rnd * 1000 + t)
+        versions: dict[str, int] = {}
+        inflight: collections.deque[tuple[str, Future[Any]]] = collections.deque()
+        k = 0
+        while time.monotonic() < deadline or inflight:
+            while len(inflight) < window and time.monotonic() < deadline:
+                roll = rng.random()
+                if roll < 0.1:
+                    aid = f"d{rnd}-{t}-{k}"
+                    k += 1
+                    inflight.append((f"D {aid}", write(aid, 0)))
+                    continue
+                if versions and roll < 0.4:
+                    aid = rng.choice(list(versions))
+                    versions[aid] += 1
+                else:
+                    aid = f"c{rnd}-{t}-{k}"
+                    k += 1
+                    versions[aid] = 0
+                v = versions[aid]
+                inflight.append((f"w {aid} {v}", write(aid, v)))
+            lines: list[str] = []
+            # Wait for the oldest, then take every other one already done, so that one flush covers
+            # a whole committed group rather than one line per syscall.
+            while inflight and (not lines or inflight[0][1].done()):
+                tag, fut = inflight.popleft()
+                fut.result()
+                if tag.startswith("D "):  # created: now delete it (acknowledged as "d <id>")
+                    aid = tag[2:]
+                    inflight.append((f"d {aid}", store.submit_delete(agent_for(aid), aid)))
+                    continue
+                lines.append(tag)
+            if lines:
+                with out_lock:
+                    sys.stdout.write("".join(f"{line}\n" for line in lines))
+                    sys.stdout.flush()
+
+    workers = [threading.Thread(target=submitter, args=(t,), name=f"submitter-{t}") for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and stream operations until killed (or ``--max-seconds``)."""
+    ap = argparse.ArgumentParser(prog="python -m tests.integration.store_crash_writer")
+    ap.add_argument("dir", type=Path, help="the store's repository path")
+    ap.add_argument("--round", type=int, required=True, help="round number: ids are c{N}-*, d{N}-*")
+    ap.add_argument("--threads", type=int, default=3)
+    ap.add_argument("--window", type=int, default=32, help="operations in flight per thread")
+    ap.add_argument("--max-packs", type=int, default=4)
+    ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    store = GitStore(args.dir, max_packs=args.max_packs)
+    try:
+        stream(store, args.round, args.threads, args.window, args.max_seconds)
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

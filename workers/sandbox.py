@@ -1,0 +1,744 @@
+"""Running agent-written Python confined, from inside a worker process.
+
+``run_confined(code, args, limits, handle)`` starts a fresh ``python -I -S`` (no site-packages, no
+environment-driven configuration) on ``workers/sandbox_boot.py``, which confines itself and then runs
+the code with a ``world`` object in its globals. The worker talks to it over a socketpair (the child's
+fd 3) and serves the code's requests (``world.read_artifact``, ``world.transfer``) through ``handle``,
+which forwards them to the supervisor. Limits are enforced and usage is measured by the kernel, not
+by the child: the child's word is only taken for what happened inside the code (its result, its
+exception), never for what it cost.
+
+Isolation steps and what happens when the host refuses one (``Confined.isolation`` lists the steps
+that were applied, so a fallback is always visible; ``isolation_available()`` says what this host
+allows):
+
+``mountns``    a private mount namespace: propagation private, a private tmpfs (size ``memory_bytes``)
+               over ``/tmp``, ``/var/tmp`` and ``/dev/shm`` with the working directory ``/tmp/work``
+               in it, an empty read-only tmpfs over every path in ``hide`` (``/dev/null`` over a
+               file), a tmpfs over any directory nobody may not traverse on the way to the
+               interpreter's standard library (pyenv's ``/root``) with the library bound back
+               read-only. Fallback: the host's file system, guarded by nobody's file permissions
+               only (hidden paths must then be unreadable to others: 0700, owned by root); the working
+               directory is ``/``.
+``rofs``       every mount read-only and nosuid (``mount_setattr``, Linux >= 5.12). Fallback: writes
+               outside the private tmpfs are stopped by file permissions only.
+``netns``      a network namespace with only a loopback, which is down: no network at all, and no
+               abstract unix sockets of the host. Fallback: the host's network.
+``ipcns``      SysV IPC and POSIX message queues of its own, destroyed with it. Fallback: shared
+               (``RLIMIT_MSGQUEUE`` is 0 anyway).
+``pidns``      a PID namespace whose init is the trusted bootstrap: the code sees only its own
+               processes (``/proc`` is remounted), cannot signal anything outside, and everything it
+               forked dies with it. Fallback: ``/proc`` is remounted ``hidepid=2`` (with ``mountns``)
+               and leftovers are killed through the bootstrap being a child subreaper, or the cgroup.
+``rlimits``    ``RLIMIT_CPU`` (whole seconds, +1 hard), ``RLIMIT_AS`` (``memory_bytes`` over the
+               interpreter's own baseline), ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, ``RLIMIT_FSIZE``,
+               ``RLIMIT_CORE`` 0 (see ``sandbox_boot._set_rlimits``).
+``uid``        ``setgroups([])`` and uid/gid nobody (65534): no capabilities, no access to root's files.
+``nonewprivs`` ``PR_SET_NO_NEW_PRIVS``: no privilege back through setuid binaries.
+``cgroup``     (when ``cgroup_parents`` is given and writable) a child cgroup per invocation, joined
+               before the interpreter starts: ``memory.limit_in_bytes`` = ``memory_bytes`` for the
+               whole tree, CPU (``cpuacct.usage``) and peak (``memory.max_usage_in_bytes``) of the
+               whole tree, total CPU enforced every ``_CPU_TICK``, ``pids.max`` with a ``pids``
+               parent, every process in it killed at the end. Fallback: CPU and peak from ``wait4``
+               of the bootstrap (descendants it reaped; the peak of the largest single process),
+               memory bounded per process by ``RLIMIT_AS``, CPU per process by ``RLIMIT_CPU``.
+
+Not provided: a seccomp filter (the standard library has none), so the code can make any system call
+that an unprivileged process may make. ``RLIMIT_NPROC`` is per uid, so concurrent sandboxes share
+``max_processes`` unless a ``pids`` cgroup parent is given. The code can read what nobody may read
+outside the hidden paths (for example the runtime's own source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+import math
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from workers.sandbox_boot import MAX_FRAME
+
+log = logging.getLogger("workers.sandbox")
+
+ErrorCode = Literal[
+    "",
+    "code_error",
+    "cpu_exceeded",
+    "memory_exceeded",
+    "deadline_exceeded",
+    "killed",
+    "output_too_large",
+    "sandbox_error",
+]
+#: The requests agent code can make, and the parameters ``handle`` receives for each.
+Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
+#: Isolation steps that ``skip`` may name (for tests, and for hosts where a step misbehaves).
+STEPS = ("mountns", "netns", "ipcns", "pidns")
+
+_BOOT = str(Path(__file__).with_name("sandbox_boot.py"))
+#: The bootstrap's whole environment: nothing of the worker's (secrets included) reaches the child.
+_CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+#: Join the per-invocation cgroups (positional arguments: count, procs files, then the command) and
+#: exec: the interpreter starts inside them, so its own start-up is measured and limited too.
+_JOIN_AND_EXEC = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; n=$((n - 1)); shift; done; exec "$@"'
+)
+_STDERR_KEEP = 16 << 10  # the bootstrap's own diagnostics: only used in sandbox_error messages
+_CPU_TICK = 0.05  # how often total CPU is checked against the limit when a cgroup measures it
+_GRACE = 1.0  # how long the bootstrap gets to exit (or clean up when asked) before it is killed
+_MAX_ERROR = 64 << 10
+_seq = itertools.count()
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """What one confined invocation may use. Per invocation, not per process."""
+
+    cpu_seconds: float = 5.0
+    memory_bytes: int = 256 << 20
+    wall_seconds: float = 10.0
+    max_processes: int = 16
+    max_open_files: int = 64
+    max_output_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not (self.cpu_seconds > 0 and self.wall_seconds > 0 and self.memory_bytes > 0):
+            raise ValueError(f"limits must be positive: {self}")
+        if self.max_processes < 1 or self.max_open_files < 8:
+            raise ValueError(f"max_processes must be >= 1 and max_open_files >= 8: {self}")
+        if not 0 < self.max_output_bytes <= MAX_FRAME - (64 << 10):
+            raise ValueError(f"max_output_bytes must be in 1..{MAX_FRAME - (64 << 10)}: {self}")
+
+
+class Confined(msgspec.Struct, frozen=True):
+    """How a confined invocation ended, and what it used (to be charged to the caller)."""
+
+    ok: bool
+    value: bytes  # JSON of the code's result ("null" when it set none); b"" when not ok
+    error: str
+    error_code: ErrorCode
+    cpu_seconds: float  # all processes of the invocation, bootstrap included
+    peak_memory_bytes: int  # the whole tree with a memory cgroup, else the largest process
+    wall_seconds: float
+    stdout: bytes  # what the code wrote to stdout and stderr, at most max_output_bytes
+    isolation: tuple[str, ...]
+
+
+# --- frames from the child ---------------------------------------------------------------------------
+
+
+class _ReadArtifactParams(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+
+
+class _TransferParams(msgspec.Struct, forbid_unknown_fields=True):
+    to: str
+    amount: int
+
+
+class _Ready(msgspec.Struct, tag="ready", tag_field="op", forbid_unknown_fields=True):
+    isolation: list[str]
+
+
+class _ReadArtifact(msgspec.Struct, tag="read_artifact", tag_field="op", forbid_unknown_fields=True):
+    params: _ReadArtifactParams
+
+
+class _Transfer(msgspec.Struct, tag="transfer", tag_field="op", forbid_unknown_fields=True):
+    params: _TransferParams
+
+
+class _Done(msgspec.Struct, tag="done", tag_field="op", forbid_unknown_fields=True):
+    ok: bool
+    value: msgspec.Raw = msgspec.Raw(b"null")
+    error: str = ""
+    error_code: str = ""
+
+
+_decode = msgspec.json.Decoder(_Ready | _ReadArtifact | _Transfer | _Done).decode
+_encode = msgspec.json.Encoder().encode
+#: What a ``done`` frame may claim once the code runs (anything else becomes code_error).
+_CODE_ENDINGS: frozenset[str] = frozenset({"code_error", "memory_exceeded", "output_too_large"})
+
+
+def _frame(payload: bytes) -> bytes:
+    assert len(payload) <= MAX_FRAME
+    return len(payload).to_bytes(4, "big") + payload
+
+
+# --- per-invocation cgroups --------------------------------------------------------------------------
+
+
+class _Cgroups:
+    """The child cgroups of one invocation, under the worker's own (one per controller).
+
+    v1 controllers by name (``memory``, ``cpuacct``, ``pids``, others for membership only) and the v2
+    tree as ``unified``, whose files are used when present: ``cpu.stat`` always, ``memory.max``,
+    ``memory.peak`` and ``pids.max`` only where the parent delegates those controllers.
+    """
+
+    def __init__(self, dirs: dict[str, str]) -> None:
+        self.dirs = dirs
+
+    @classmethod
+    def create(cls, parents: Mapping[str, str], name: str, limits: Limits) -> _Cgroups:
+        """Make and configure them; on any failure remove what was made and raise OSError."""
+        cg = cls({})
+        pids_max = limits.max_processes + 2  # + the bootstrap and the PID namespace's init
+        try:
+            for controller, parent in parents.items():
+                d = os.path.join(parent, name)
+                os.mkdir(d)
+                cg.dirs[controller] = d
+            if (mem := cg.dirs.get("memory")) is not None:
+                _write(mem, "memory.limit_in_bytes", limits.memory_bytes)
+                _write(mem, "memory.memsw.limit_in_bytes", limits.memory_bytes, optional=True)  # no swap
+            if (pids := cg.dirs.get("pids")) is not None:
+                _write(pids, "pids.max", pids_max)
+            if (v2 := cg.dirs.get("unified")) is not None:
+                _write(v2, "memory.max", limits.memory_bytes, optional=True)
+                _write(v2, "memory.swap.max", 0, optional=True)
+                _write(v2, "pids.max", pids_max, optional=True)
+        except OSError:
+            cg.remove(deadline=time.monotonic())
+            raise
+        return cg
+
+    def procs_files(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+
+    def pids(self) -> set[int]:
+        out: set[int] = set()
+        for f in self.procs_files():
+            with contextlib.suppress(OSError):
+                out.update(int(x) for x in Path(f).read_text().split())
+        return out
+
+    def _read(self, controller: str, name: str) -> str | None:
+        d = self.dirs.get(controller)
+        if d is None:
+            return None
+        try:
+            return Path(d, name).read_text()
+        except OSError:
+            return None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU of every process that ever ran in the cgroup (exact: the scheduler's count)."""
+        if (text := self._read("cpuacct", "cpuacct.usage")) is not None:
+            return int(text) / 1e9
+        if (text := self._read("unified", "cpu.stat")) is not None:
+            return _field(text, "usage_usec") / 1e6
+        return None
+
+    def peak_bytes(self) -> int | None:
+        """The high-water mark of the whole tree's memory (a fresh cgroup: no reset needed)."""
+        text = self._read("memory", "memory.max_usage_in_bytes") or self._read("unified", "memory.peak")
+        return int(text) if text is not None else None
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed in the cgroup for going over its memory limit."""
+        text = self._read("memory", "memory.oom_control") or self._read("unified", "memory.events")
+        return _field(text, "oom_kill") if text is not None else 0
+
+    def kill(self, spare: int = 0) -> int:
+        """SIGKILL every process in the cgroups but ``spare``; how many were signalled.
+
+        A pid read from ``cgroup.procs`` may be reused before the kill: each is opened as a pidfd
+        first and signalled only if it is still listed after that, which pins it to a member.
+        """
+        fds: dict[int, int] = {}
+        try:
+            for pid in self.pids() - {spare}:
+                with contextlib.suppress(ProcessLookupError):
+                    fds[pid] = os.pidfd_open(pid)
+            members = self.pids()
+            n = 0
+            for pid, fd in fds.items():
+                if pid in members:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        n += 1
+            return n
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def remove(self, deadline: float) -> bool:
+        """Kill what is left and remove the cgroups, retrying until ``deadline``; True when gone."""
+        while True:
+            self.kill()
+            if (v2 := self.dirs.get("unified")) is not None:
+                # v2 kills the whole cgroup atomically (Linux >= 5.14): nothing forks past it.
+                with contextlib.suppress(OSError):
+                    _write(v2, "cgroup.kill", 1, optional=True)
+            for c, d in list(self.dirs.items()):
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # still busy: dying processes leave it asynchronously
+                del self.dirs[c]
+            if not self.dirs:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("cgroups %s not removed: processes %s remain", sorted(self.dirs.values()), self.pids())
+                return False
+            time.sleep(0.002)
+
+
+def _write(directory: str, name: str, value: int, optional: bool = False) -> None:
+    """Write a cgroup setting; an ``optional`` one is skipped when the kernel does not offer it."""
+    path = os.path.join(directory, name)
+    if optional and not os.path.exists(path):
+        return
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def _field(text: str, key: str) -> int:
+    """The value of ``key`` in a flat-keyed cgroup file (``cpu.stat``, ``memory.events`` …); 0 if absent."""
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+# --- one invocation ----------------------------------------------------------------------------------
+
+_End = Literal["done", "exit", "deadline", "cpu", "output", "protocol", "internal"]
+
+
+class _Invocation:
+    """One running confined child, the worker's end of its channel and pipes, and how it ended."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        sock: socket.socket,
+        cg: _Cgroups | None,
+        limits: Limits,
+        handle: Handler,
+        job: bytes,
+        started: float,
+    ) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc, self.sock, self.cg, self.limits, self.handle = proc, sock, cg, limits, handle
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.out_fd, self.err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+        self.deadline = started + limits.wall_seconds
+        self.inbuf = bytearray()
+        self.outbuf = bytearray(_frame(job))  # the job is the first thing the child reads
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.ready: tuple[str, ...] | None = None
+        self.done: _Done | None = None
+        self.ended: _End | None = None
+        self.detail = ""
+        self.exited = False
+        self.status = 0
+        self.rusage_cpu = 0.0
+        self.rusage_peak = 0
+
+    def end(self, why: _End, detail: str = "") -> None:
+        if self.ended is None:
+            self.ended, self.detail = why, detail
+
+    def running(self) -> bool:
+        """Not ended yet (a method: attribute narrowing would not see ``end`` called by a helper)."""
+        return self.ended is None
+
+    # -- the watch loop
+
+    def watch(self) -> None:
+        """Serve the child until it is done, exits, breaks a limit or breaks the protocol."""
+        for fd in (self.out_fd, self.err_fd):
+            os.set_blocking(fd, False)
+        self.sock.setblocking(False)
+        chan = self.sock.fileno()
+        poller = select.poll()
+        for fd in (self.out_fd, self.err_fd, self.pidfd):
+            poller.register(fd, select.POLLIN)
+        open_fds = {chan, self.out_fd, self.err_fd}
+        cpu_watch = self.cg is not None and self.cg.cpu_seconds() is not None
+        while self.running():
+            if chan in open_fds:
+                # One request at a time: nothing more is read until the last answer has been sent.
+                poller.register(chan, select.POLLOUT if self.outbuf else select.POLLIN)
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.end("deadline")
+                break
+            wait = min(left, _CPU_TICK) if cpu_watch else left
+            events = poller.poll(math.ceil(wait * 1000))
+            # The pidfd last: a "done" that arrived with the exit must be seen first.
+            for fd, ev in sorted(events, key=lambda e: e[0] == self.pidfd):
+                if fd == chan:
+                    if not self._on_channel(ev):
+                        open_fds.discard(fd)
+                        poller.unregister(fd)
+                elif fd in (self.out_fd, self.err_fd):
+                    if not self._on_output(fd):
+                        open_fds.discard(fd)
+                        poller.unregister(fd)
+                elif fd == self.pidfd:
+                    self.end("exit")
+                if not self.running():
+                    break
+            if cpu_watch and self.running():
+                assert self.cg is not None
+                used = self.cg.cpu_seconds()
+                if used is not None and used > self.limits.cpu_seconds:
+                    self.end("cpu")
+
+    def _on_channel(self, ev: int) -> bool:
+        """Move bytes on the channel; False once it is closed."""
+        try:
+            if self.outbuf and ev & select.POLLOUT:
+                del self.outbuf[: self.sock.send(self.outbuf)]
+                if not self.outbuf:
+                    self._frames()  # a request that arrived while we were answering
+                return True
+            if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    return False
+                self.inbuf += data
+                self._frames()
+        except BlockingIOError:
+            return True
+        except OSError:  # the child's end is gone
+            return False
+        return True
+
+    def _frames(self, serve: bool = True) -> None:
+        """Handle every complete frame in ``inbuf`` (stopping while an answer is pending)."""
+        while self.ended is None and not self.outbuf and len(self.inbuf) >= 4:
+            n = int.from_bytes(self.inbuf[:4], "big")
+            if not 0 < n <= MAX_FRAME:
+                self.end("protocol", f"a frame of {n} bytes (the limit is {MAX_FRAME})")
+                return
+            if len(self.inbuf) < 4 + n:
+                return
+            payload = bytes(self.inbuf[4 : 4 + n])
+            del self.inbuf[: 4 + n]
+            try:
+                msg = _decode(payload)
+            except msgspec.MsgspecError as exc:
+                self.end("protocol", f"a malformed frame ({exc})")
+                return
+            self._on_message(msg, serve)
+
+    def _on_message(self, msg: _Ready | _ReadArtifact | _Transfer | _Done, serve: bool) -> None:
+        if isinstance(msg, _Ready):
+            if self.ready is not None:
+                self.end("protocol", "a second 'ready' frame")
+            else:
+                self.ready = tuple(msg.isolation)
+        elif isinstance(msg, _Done):
+            if self.ready is None and msg.ok:
+                self.end("protocol", "'done' before 'ready'")
+            else:
+                self.done = msg
+                self.end("done")
+        elif self.ready is None:
+            self.end("protocol", "a request before 'ready'")
+        elif serve:
+            op, params = (
+                ("read_artifact", msgspec.structs.asdict(msg.params))
+                if isinstance(msg, _ReadArtifact)
+                else ("transfer", msgspec.structs.asdict(msg.params))
+            )
+            self.outbuf += _frame(self._serve(op, params))
+
+    def _serve(self, op: str, params: dict[str, Any]) -> bytes:
+        """Ask ``handle`` and encode its answer; a failing handler is a refusal, not a crash."""
+        try:
+            answer = self.handle(op, params)
+        except Exception as exc:
+            log.debug("sandbox request %s failed", op, exc_info=True)
+            return _encode({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]})
+        if not isinstance(answer, dict) or answer.get("ok") is not True:
+            err = answer.get("error") if isinstance(answer, dict) else None
+            return _encode({"ok": False, "error": str(err or f"{op} refused")[:_MAX_ERROR]})
+        value = answer.get("value")
+        if op == "read_artifact":
+            if not isinstance(value, bytes | bytearray | memoryview):
+                return _encode({"ok": False, "error": f"{op}: the handler returned no bytes"})
+            reply = _encode({"ok": True, "value": bytes(value)})  # bytes travel as base64
+            if len(reply) > MAX_FRAME:
+                return _encode({"ok": False, "error": f"{op}: {len(value)} bytes is over the channel limit"})
+            return reply
+        return _encode({"ok": True, "value": None})
+
+    def _on_output(self, fd: int) -> bool:
+        """Read the child's stdout or stderr (bounded); False at EOF."""
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        if fd == self.out_fd:
+            self.stdout += data
+            if len(self.stdout) > self.limits.max_output_bytes:
+                self.end("output")
+        elif len(self.stderr) < _STDERR_KEEP:
+            self.stderr += data[: _STDERR_KEEP - len(self.stderr)]
+        return True
+
+    # -- the end
+
+    def _wait_exit(self, timeout: float) -> bool:
+        if self.exited:
+            return True
+        self.exited = bool(select.select([self.pidfd], [], [], max(0.0, timeout))[0])
+        return self.exited
+
+    def stop(self) -> None:
+        """Make sure nothing of the sandbox runs any more, and reap the bootstrap.
+
+        The bootstrap is asked first (SIGTERM: it kills its child, reaps and kills whatever is
+        left under it, and exits, so its ``wait4`` carries the CPU of the whole tree); the cgroup
+        is emptied alongside; SIGKILL when it does not exit within the grace period.
+        """
+        if self.ended == "exit":
+            self.exited = True
+        if not self.exited and self.ended == "done":
+            self._wait_exit(_GRACE)  # the runner exits right after "done"
+        if not self.exited:
+            if self.cg is not None:
+                self.cg.kill(spare=self.proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
+            if not self._wait_exit(_GRACE):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                if self.cg is not None:
+                    self.cg.kill()
+                if not self._wait_exit(10.0):
+                    log.error("sandbox bootstrap %d does not die; leaving it", self.proc.pid)
+                    return
+        pid, status, ru = os.wait4(self.proc.pid, 0)
+        assert pid == self.proc.pid
+        self.status = status
+        self.proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits on the pid
+        self.rusage_cpu = ru.ru_utime + ru.ru_stime
+        self.rusage_peak = ru.ru_maxrss * 1024
+
+    def drain(self) -> None:
+        """Collect what the dead child left in its channel and pipes (bounded in time and size)."""
+        if self.ended == "exit":
+            with contextlib.suppress(OSError):
+                while data := self.sock.recv(1 << 16):
+                    self.inbuf += data
+                    if len(self.inbuf) > MAX_FRAME + 4:
+                        break
+            self.outbuf.clear()  # nobody is left to read an answer
+            self.ended = None
+            self._frames(serve=False)
+            if self.ended is None:
+                self.ended = "exit"
+        until = time.monotonic() + 0.5
+        fds = [self.out_fd, self.err_fd]
+        while fds and time.monotonic() < until and len(self.stdout) <= self.limits.max_output_bytes:
+            ready, _, _ = select.select(fds, [], [], max(0.0, until - time.monotonic()))
+            for fd in ready:
+                if not self._on_output(fd):
+                    fds.remove(fd)
+        if self.ended != "output" and len(self.stdout) > self.limits.max_output_bytes:
+            self.ended = "output"
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        self.sock.close()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+def _signal_name(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}"
+
+
+def _classify(inv: _Invocation, cpu: float, oom: int) -> tuple[ErrorCode, str]:
+    """The error code and message of an invocation that did not end in a successful ``done``."""
+    lim = inv.limits
+    if inv.ended == "protocol":
+        return "sandbox_error", f"the sandbox broke the channel protocol: {inv.detail}"
+    if inv.ended == "internal":
+        return "sandbox_error", f"internal error while watching the sandbox: {inv.detail}"
+    if inv.ended == "output":
+        return "output_too_large", f"the code wrote more than {lim.max_output_bytes} bytes of output"
+    if inv.ended == "cpu":
+        return "cpu_exceeded", f"the code used {cpu:.3f} s of CPU, over its {lim.cpu_seconds} s limit"
+    if inv.ended == "deadline":
+        return "deadline_exceeded", f"the code ran past its {lim.wall_seconds} s wall-clock limit"
+    if inv.done is not None:
+        d = inv.done
+        if inv.ready is None:
+            return "sandbox_error", d.error or "the sandbox could not be set up"
+        code: ErrorCode = "code_error"
+        if d.error_code == "memory_exceeded":
+            code = "memory_exceeded"
+        elif d.error_code == "output_too_large":
+            code = "output_too_large"
+        return code, d.error[:_MAX_ERROR] or "the code failed"
+    # It exited without a word: read its death from the kernel.
+    if os.WIFSIGNALED(inv.status):
+        sig = os.WTERMSIG(inv.status)
+    else:
+        code_ = os.WEXITSTATUS(inv.status)
+        sig = code_ - 128 if code_ > 128 else 0
+    if oom > 0:
+        return "memory_exceeded", f"killed by the kernel for going over its {lim.memory_bytes} byte memory limit"
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= lim.cpu_seconds):
+        return "cpu_exceeded", f"the code used {cpu:.3f} s of CPU, over its {lim.cpu_seconds} s limit"
+    stderr = inv.stderr.decode(errors="replace").strip()
+    if inv.ready is None:
+        return "sandbox_error", "the sandbox failed to start" + (f": {stderr[-2000:]}" if stderr else "")
+    if sig:
+        return "killed", f"the code was killed by {_signal_name(sig)}"
+    return "code_error", f"the code exited (status {os.WEXITSTATUS(inv.status)}) without finishing"
+
+
+def _failure(code: ErrorCode, error: str, started: float) -> Confined:
+    return Confined(False, b"", error, code, 0.0, 0, time.monotonic() - started, b"", ())
+
+
+def run_confined(
+    code: str,
+    args: object,
+    limits: Limits,
+    handle: Handler,
+    *,
+    hide: Sequence[str] = (),
+    cgroup_parents: Mapping[str, str] | None = None,
+    skip: Collection[str] = (),
+) -> Confined:
+    """Run agent ``code`` confined and measured; never raises for anything the code does.
+
+    ``args`` (JSON-able) is ``world.args``; ``handle(op, params)`` serves the code's requests:
+    ``("read_artifact", {"id": str})`` must answer ``{"ok": True, "value": bytes}``,
+    ``("transfer", {"to": str, "amount": int})`` ``{"ok": True}``; ``{"ok": False, "error": str}``
+    (or an exception) is raised in the code as ``world.Error``. ``hide`` are paths the code must not
+    see; ``cgroup_parents`` maps controller names (``memory``, ``cpuacct``, ``pids``, ...) to the
+    directory of the calling worker's own cgroup; ``skip`` names isolation steps (``STEPS``) not to
+    attempt. Must be called from a thread that outlives the call (the child dies with that thread).
+    Raises ``TypeError`` when ``args`` are not JSON-able (a caller's bug).
+    """
+    started = time.monotonic()
+    unknown = set(skip) - set(STEPS)
+    if unknown:
+        raise ValueError(f"unknown isolation steps {sorted(unknown)}; known: {STEPS}")
+    job = _encode(
+        {"code": code, "args": args, "limits": limits, "hide": [os.path.abspath(h) for h in hide], "skip": list(skip)}
+    )
+    if len(job) > MAX_FRAME:
+        return _failure("sandbox_error", f"code and arguments are {len(job)} bytes, over {MAX_FRAME}", started)
+    cg: _Cgroups | None = None
+    if cgroup_parents:
+        try:
+            cg = _Cgroups.create(cgroup_parents, f"sbx-{os.getpid()}-{next(_seq)}", limits)
+        except OSError as exc:
+            log.warning("sandbox without cgroups: %s", exc)
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [sys.executable, "-I", "-S", _BOOT, str(child_sock.fileno()), str(os.getpid())]
+    if cg is not None:
+        files = cg.procs_files()
+        argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", str(len(files)), *files, *argv]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(child_sock.fileno(),),
+            close_fds=True,
+            env=_CHILD_ENV,
+            cwd="/",  # a cwd inside a hidden directory would be a way around the mount
+        )
+    except OSError as exc:
+        parent_sock.close()
+        if cg is not None:
+            cg.remove(deadline=time.monotonic() + 1.0)
+        return _failure("sandbox_error", f"cannot start the sandbox: {exc}", started)
+    finally:
+        child_sock.close()
+    try:
+        inv = _Invocation(proc, parent_sock, cg, limits, handle, job, started)
+    except OSError as exc:  # no pidfd: kill our (unreaped, so unambiguous) child the plain way
+        proc.kill()
+        proc.wait()
+        parent_sock.close()
+        if cg is not None:
+            cg.remove(deadline=time.monotonic() + 2.0)
+        return _failure("sandbox_error", f"cannot watch the sandbox: {exc}", started)
+    try:
+        try:
+            inv.watch()
+        except Exception as exc:  # a bug here must not take the worker down with it
+            log.exception("watching a sandbox failed")
+            inv.end("internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            inv.stop()  # whatever happened above (even KeyboardInterrupt), nothing is left running
+        inv.drain()
+        cpu, peak, oom = inv.rusage_cpu, inv.rusage_peak, 0
+        if cg is not None:
+            # Each figure is a lower bound of the truth (wait4 misses descendants nobody reaped,
+            # the cgroup anything before the join), so the larger is the better.
+            cpu = max(cpu, cg.cpu_seconds() or 0.0)
+            peak = max(peak, cg.peak_bytes() or 0)
+            oom = cg.oom_kills()
+    finally:
+        inv.close()
+        if cg is not None:
+            cg.remove(deadline=time.monotonic() + 2.0)
+    isolation = (inv.ready or ()) + (("cgroup",) if cg is not None else ())
+    stdout = bytes(inv.stdout[: limits.max_output_bytes])
+    wall = time.monotonic() - started
+    if inv.ended == "done" and inv.done is not None and inv.done.ok and inv.ready is not None:
+        value = bytes(inv.done.value)
+        if len(value) > limits.max_output_bytes:
+            msg = f"the result is {len(value)} bytes of JSON, over the {limits.max_output_bytes} byte limit"
+            return Confined(False, b"", msg, "output_too_large", cpu, peak, wall, stdout, isolation)
+        return Confined(True, value, "", "", cpu, peak, wall, stdout, isolation)
+    err_code, error = _classify(inv, cpu, oom)
+    return Confined(False, b"", error, err_code, cpu, peak, wall, stdout, isolation)
+
+
+def _refuse(op: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"ok": False, "error": "no world here"}
+
+
+@functools.cache
+def isolation_available() -> tuple[str, ...]:
+    """What this host allows (for status output): a trivial invocation's isolation, plus
+    ``cgroup`` when this process's memory cgroup is writable. Measured once per process."""
+    from runtime import cgroups
+
+    out = run_confined("pass", None, Limits(cpu_seconds=2.0, wall_seconds=10.0), _refuse).isolation
+    mem = cgroups.discover().dir("memory")
+    if mem is not None and os.access(mem, os.W_OK):
+        out += ("cgroup",)
+    return out
+
+
+__all__ = ["STEPS", "Confined", "ErrorCode", "Handler", "Limits", "isolation_available", "run_confined"]
