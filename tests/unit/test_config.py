@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.actions import InvokeArtifact, ReadArtifact, WriteArtifact
 from runtime.config import ENV_OVERRIDES, Config, ConfigError, data_path, load, parse
 from runtime.protocol import Alloc, Burn, Echo, Sleep
 
@@ -33,11 +34,18 @@ def test_default_yaml_loads() -> None:
     assert cfg.pool.max_tasks_per_worker == 5000
     assert [a.id for a in cfg.agents] == ["cruncher", "hoarder", "napper", "chatter"]
     cruncher, hoarder, napper, chatter = cfg.agents
-    assert cruncher.workload == [Burn(ms=120), Burn(ms=60, threads=2)]
-    assert hoarder.workload == [Alloc(mb=64, hold_ms=100), Burn(ms=30)]
-    assert napper.workload == [Sleep(ms=400), Echo(data="hello")]
+    assert cruncher.workload[0] == Burn(ms=120) and cruncher.cpu_rate == 600
+    adder = cruncher.workload[1]
+    assert isinstance(adder, WriteArtifact) and adder.artifact_kind == "code" and adder.price == 2
+    assert hoarder.workload[0] == Alloc(mb=64, hold_ms=100) and hoarder.memory_quota_mb == 256
+    assert napper.workload[:2] == [Sleep(ms=400), ReadArtifact(id="hoard")]
+    assert napper.workload[2] == InvokeArtifact(id="adder", args=[1, 2, 3])
     assert napper.pause_ms == 100
     assert chatter.workload[0] == Echo(data="")
+    # Every artifact an agent reads or invokes is written by some agent of the default config.
+    written = {s.id for a in cfg.agents for s in a.workload if isinstance(s, WriteArtifact)}
+    used = {s.id for a in cfg.agents for s in a.workload if isinstance(s, ReadArtifact | InvokeArtifact)}
+    assert used <= written
     assert cfg.summary == "usage-summary.json"
 
 
