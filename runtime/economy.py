@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from runtime.buckets import Buckets, BucketState, Estimator
 from runtime.config import AgentConfig, Config
 from runtime.ledger import Asset, Ledger, OpenAccount, Receipt, RecordUsage, SetBuckets, Transfer
 from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
-from runtime.protocol import Invoke, TaskSpec, kind_of
+from runtime.protocol import Invoke, TaskSpec, Think, kind_of
 
 log = logging.getLogger("runtime.economy")
 
@@ -104,13 +105,17 @@ def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buck
     return capacity
 
 
-def charge(buckets: Buckets, agent: str, kind: str, task_id: str, usage: TaskUsage, ok: bool) -> RecordUsage:
-    """Charge a finished task to its agent's bucket; return the one ledger operation that records it.
+def charge(
+    buckets: Buckets, agent: str, kind: str, task_id: str, usage: TaskUsage, ok: bool, llm_tokens: int = 0
+) -> RecordUsage:
+    """Charge a finished task to its agent's buckets; return the one ledger operation that records it.
 
-    The operation carries the bucket level after the charge and is keyed by the task id: applying
-    it again (a retry after a crash) changes nothing, and a restart restores exactly that level.
+    The operation carries the bucket levels after the charge and is keyed by the task id: applying
+    it again (a retry after a crash) changes nothing, and a restart restores exactly those levels.
     """
-    state = buckets.charge(agent, "cpu", usage.cpu_seconds)
+    levels = {"cpu": buckets.charge(agent, "cpu", usage.cpu_seconds)}
+    if llm_tokens:
+        levels["llm_tokens"] = buckets.charge(agent, "llm_tokens", float(llm_tokens))
     return RecordUsage(
         id=f"usage:{task_id}",
         task_id=task_id,
@@ -119,9 +124,21 @@ def charge(buckets: Buckets, agent: str, kind: str, task_id: str, usage: TaskUsa
         ok=ok,
         cpu_seconds=usage.cpu_seconds,
         memory_bytes=usage.task_memory_bytes,
+        llm_tokens=llm_tokens,
         wall_seconds=usage.wall_seconds,
-        buckets={"cpu": state},
+        buckets=levels,
     )
+
+
+def _tokens(spec: TaskSpec | None, out: Outcome) -> int:
+    """Prompt + completion tokens a ``think`` task reported (llama.cpp's own counts)."""
+    if not isinstance(spec, Think):
+        return 0
+    try:
+        report = json.loads(out.output)
+        return int(report.get("prompt_tokens", 0)) + int(report.get("completion_tokens", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 class Economy:
@@ -136,6 +153,8 @@ class Economy:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.pool, self.ledger, self.buckets, self.estimator = pool, ledger, buckets, estimator
+        #: Tokens an agent's next think is expected to use (prompt + completion).
+        self.token_estimator = Estimator(default=256.0)
         #: Task ids are ``<run>-<n>``: unique across restarts without asking the ledger.
         self.run_id = uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
@@ -150,6 +169,8 @@ class Economy:
         """
         kind = kind_of(spec)
         await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, kind))
+        if isinstance(spec, Think):
+            await self.buckets.acquire(agent, "llm_tokens", self.token_estimator.estimate(agent, kind))
         task_id = f"{self.run_id}-{next(self._n)}"
         # A task's memory limit is its agent's memory_quota, as the ledger holds it now. Confined code
         # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
@@ -163,27 +184,32 @@ class Economy:
         except asyncio.CancelledError:
             # The task goes on in its worker (or is ended by the pool's close); its cost is the
             # agent's all the same.
-            await self._settle(agent, kind, task_id, inner)
+            await self._settle(agent, spec, task_id, inner)
             raise
         except TaskFailed as exc:
             await self._charge(agent, kind, task_id, exc.usage, ok=False)
             raise
-        await self._charge(agent, kind, task_id, out.usage, ok=True)
+        await self._charge(agent, kind, task_id, out.usage, ok=True, llm_tokens=_tokens(spec, out))
         return out
 
-    async def _settle(self, agent: str, kind: str, task_id: str, inner: asyncio.Future[Outcome]) -> None:
+    async def _settle(self, agent: str, spec: TaskSpec, task_id: str, inner: asyncio.Future[Outcome]) -> None:
+        kind = kind_of(spec)
         try:
             out = await inner
         except TaskFailed as exc:
             await self._charge(agent, kind, task_id, exc.usage, ok=False)
         else:
-            await self._charge(agent, kind, task_id, out.usage, ok=True)
+            await self._charge(agent, kind, task_id, out.usage, ok=True, llm_tokens=_tokens(spec, out))
 
-    async def _charge(self, agent: str, kind: str, task_id: str, usage: TaskUsage | None, ok: bool) -> None:
+    async def _charge(
+        self, agent: str, kind: str, task_id: str, usage: TaskUsage | None, ok: bool, llm_tokens: int = 0
+    ) -> None:
         if usage is None:
             return  # the task never reached a worker: nothing was used
         self.estimator.observe(agent, kind, usage.cpu_seconds)
-        record = charge(self.buckets, agent, kind, task_id, usage, ok)
+        if llm_tokens:
+            self.token_estimator.observe(agent, kind, float(llm_tokens))
+        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens)
         await asyncio.wrap_future(self.ledger.submit(record))
 
     async def transfer_right(self, op: Transfer) -> Receipt:

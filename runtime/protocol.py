@@ -74,7 +74,32 @@ class Invoke(_Spec, tag="invoke", frozen=True):
     memory_bytes: Annotated[int, Meta(gt=0)] = 256 << 20
 
 
-TaskSpec = Burn | Alloc | Sleep | Echo | Call | Invoke
+class Think(_Spec, tag="think", frozen=True):
+    """Generate with the worker's local model, constrained to a JSON schema (``native.llama``).
+
+    The output is JSON: ``{"text": ..., "prompt_tokens": n, "completion_tokens": m}``.
+    """
+
+    system: str
+    prompt: str
+    #: JSON schema the completion must follow (compiled to a grammar); empty: free text.
+    schema: bytes = b""
+    max_tokens: Annotated[int, Meta(ge=1, le=4096)] = 256
+    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.7
+    seed: NonNegInt = 0
+    #: A GGUF path; empty: the worker's default model (see ``native.models``).
+    model: str = ""
+
+
+class Embed(_Spec, tag="embed", frozen=True):
+    """Embed texts with the worker's embedder (``native.embed``); output: msgpack list of float lists."""
+
+    texts: Annotated[list[str], Meta(min_length=1, max_length=256)]
+    #: ``hash`` (fast, offline) or a sentence-embedding model name when installed.
+    embedder: str = "hash"
+
+
+TaskSpec = Burn | Alloc | Sleep | Echo | Call | Invoke | Think | Embed
 #: The tasks a configuration may ask for directly: the instruments the accounting is checked with.
 InstrumentSpec = Burn | Alloc | Sleep | Echo
 

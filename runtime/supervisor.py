@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -25,29 +26,30 @@ from runtime.accounting import UsageSummary
 from runtime.agents.placeholder import PlaceholderAgent
 from runtime.buckets import Buckets, Estimator
 from runtime.economy import CapacityError, Economy, open_economy
+from runtime.events.log import EventLog
+from runtime.events.pub import EventPublisher
 from runtime.ledger.lmdb import LmdbLedger
 from runtime.live import LiveView, render
 from runtime.pool import WorkerPool
 from runtime.store.git import GitStore
-from runtime.world import World
+from runtime.world import Emit, World
 
 log = logging.getLogger("runtime.supervisor")
 
 
-class EventCounter:
-    """Counts and logs the world's events. The durable event log with observers arrives with the
-    agents' events (issue 5); until then the live view shows the counts."""
+def emitter(events: EventLog) -> Emit:
+    """``emit(kind, fields)`` for the world and the buckets: queued to the durable event log (which
+    wakes sleeping agents and tells observers once the event is on disk), without waiting for it."""
 
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
+    def emit(kind: str, fields: dict[str, Any]) -> None:
+        rest = dict(fields)
+        agent = rest.pop("agent", None)
+        events.submit(kind, agent if isinstance(agent, str) else None, rest)
 
-    def emit(self, kind: str, fields: dict[str, object]) -> None:
-        """Record one event."""
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        log.debug("%s %s", kind, fields)
+    return emit
 
 
-def announce_reset(store: GitStore, events: EventCounter) -> None:
+def announce_reset(store: GitStore, emit: Emit) -> None:
     """Tell agents about an operator's rollback made while the supervisor was stopped.
 
     ``python -m runtime.admin rollback`` needs the store to itself, so the supervisor learns of a
@@ -55,7 +57,7 @@ def announce_reset(store: GitStore, events: EventCounter) -> None:
     """
     history = store.last_commit()
     if history.action == "reset":
-        events.emit("system_reset", {"commit": history.commit, "by": history.author})
+        emit("system_reset", {"commit": history.commit, "by": history.author})
 
 
 def summarize(pool: WorkerPool) -> UsageSummary:
@@ -90,9 +92,13 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     started = time.monotonic()
     ledger = LmdbLedger(data / "ledger")
     store = GitStore(data / "artifacts.git")
-    events = EventCounter()
+    events = EventLog(data / "events")
+    (data / "run").mkdir(exist_ok=True)
+    publisher = EventPublisher(run_dir=str(data / "run"))
+    events.attach(publisher)
+    emit = emitter(events)
     buckets = Buckets(
-        on_event=lambda kind, agent, res, lvl: events.emit(kind, {"agent": agent, "resource": res, "level": lvl})
+        on_event=lambda kind, agent, res, lvl: emit(kind, {"agent": agent, "resource": res, "level": lvl})
     )
     # Confined code must not see the data directory (repository, ledger, memory).
     pool = WorkerPool(cfg.pool, hide=[str(data.resolve())])
@@ -101,17 +107,20 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     except CapacityError as exc:
         ledger.close()
         store.close()
+        events.close()
+        publisher.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     await pool.start()
     economy = Economy(pool, ledger, buckets, Estimator(cfg.economy.default_estimate_s))
     print(
         f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "
-        f"{len(cfg.agents)} agents sharing {capacity} millicores; data in {data}",
+        f"{len(cfg.agents)} agents sharing {capacity} millicores; data in {data}; "
+        f"events: python -m runtime.events tail {publisher.endpoint}",
         flush=True,
     )
-    world = World(store, economy, events.emit)
-    announce_reset(store, events)
+    world = World(store, economy, emit)
+    announce_reset(store, emit)
     agents = [PlaceholderAgent(a, world) for a in cfg.agents]
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
     view = LiveView() if live else None
@@ -134,6 +143,8 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         final = render(pool, agents, time.monotonic() - started, economy, events)
         ledger.close()
         store.close()
+        events.close()
+        publisher.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
         print(final, flush=True)

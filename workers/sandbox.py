@@ -705,7 +705,10 @@ def run_confined(
             # Each figure is a lower bound of the truth (wait4 misses descendants nobody reaped,
             # the cgroup anything before the join), so the larger is the better.
             cpu = max(cpu, cg.cpu_seconds() or 0.0)
-            peak = max(peak, cg.peak_bytes() or 0)
+            # Not the larger here: wait4's maxrss of an exec'd child starts at its spawner's RSS
+            # (the kernel keeps the pre-exec high-water mark), so in a big worker it says nothing
+            # about the sandbox; the cgroup's peak is the tree's own.
+            peak = cg.peak_bytes() or peak
             oom = cg.oom_kills()
     finally:
         inv.close()

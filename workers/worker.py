@@ -117,6 +117,14 @@ class Worker:
         try:
             if isinstance(msg.spec, p.Invoke):
                 return self._invoke(msg), None, ""
+            if isinstance(msg.spec, p.Think):
+                from workers import think  # llama.cpp is loaded only by workers that think
+
+                return think.think(msg.spec), None, ""
+            if isinstance(msg.spec, p.Embed):
+                from native import embed
+
+                return embed.embed(msg.spec), None, ""
             return tasks.run(msg.spec), None, ""
         except tasks.TaskError as exc:
             over = bool(msg.memory_limit) and exc.raised == "MemoryError"

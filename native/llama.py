@@ -1,0 +1,385 @@
+"""Local inference with llama.cpp (through llama-cpp-python), constrained to a JSON schema.
+
+``LlamaBackend`` loads one GGUF model once and generates chat completions with it. With a schema, the
+completion is constrained by a grammar compiled from the schema (cached per schema), then checked
+against the schema again: a completion that does not match raises ``InvalidOutput``, which carries the
+raw text and the token counts so that the caller can still charge for it and tell the agent why.
+
+Schemas: llama-cpp-python's JSON-schema converter ignores ``minLength``, ``maxLength``, ``minimum``,
+``maximum``, ``minItems``/``maxItems`` and friends, and its plain strings admit raw control
+characters. A string or a number the grammar does not bound lets a small model ramble until
+``max_tokens`` cuts the JSON short. So:
+
+- bound every string with an anchored ``pattern`` (``"^[a-z]{1,12}$"``), which the grammar enforces;
+- give small integers as an ``enum`` (``{"enum": [1, 2, 5]}``);
+- use ``const``/``enum`` for tags and ``anyOf`` for unions of objects.
+
+``check_schema`` still checks the bounds the grammar cannot (a ``maxLength`` the converter ignored is
+caught here, and reported as invalid output rather than passed on).
+
+The types here (``Generation``, ``InvalidOutput``, ``check_schema``) are shared with
+``native.openai``; ``llama_cpp`` itself is imported only when a ``LlamaBackend`` is made, so a node
+that talks to an inference server does not need it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+FinishReason = Literal["stop", "length", ""]
+#: Grammars kept per backend; the runtime uses a handful of schemas, so this only bounds a misuse.
+GRAMMAR_CACHE_SIZE = 64
+#: What ``generate`` accepts as a schema: parsed, or JSON bytes as they travel in a ``Think`` task.
+Schema = Mapping[str, Any] | bytes
+
+
+class Generation(msgspec.Struct, frozen=True):
+    """One completion and what it cost in tokens (as counted by the model's own tokenizer)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: ``stop``: the model (or the grammar) ended it; ``length``: ``max_tokens`` cut it off.
+    finish_reason: FinishReason
+    #: Price of the tokens at the configured rates (``native.openai``); 0 for local inference.
+    cost_usd: float = 0.0
+
+
+class InferenceError(RuntimeError):
+    """Generation could not run (model failed to load, prompt too long, server unreachable …)."""
+
+
+class SchemaError(ValueError):
+    """The JSON schema given for a generation is not valid JSON or cannot be compiled to a grammar."""
+
+
+class InvalidOutput(ValueError):
+    """The completion does not match the schema. The tokens were still spent: see ``generation``."""
+
+    def __init__(self, reason: str, generation: Generation) -> None:
+        super().__init__(f"output does not match the schema: {reason}; raw output: {generation.text[:200]!r}")
+        self.reason = reason
+        self.generation = generation
+
+    @property
+    def text(self) -> str:
+        """The raw completion."""
+        return self.generation.text
+
+
+# ----------------------------------------------------------------------------- schema checking
+
+
+def parse_schema(schema: Schema | None) -> tuple[bytes, dict[str, Any]] | None:
+    """Canonical bytes (the cache key) and the parsed schema; None for no schema (free text)."""
+    if schema is None or (isinstance(schema, bytes | bytearray) and not schema.strip()):
+        return None
+    if isinstance(schema, bytes | bytearray):
+        key = bytes(schema)
+        try:
+            parsed = msgspec.json.decode(key)
+        except msgspec.DecodeError as exc:
+            raise SchemaError(f"the schema is not valid JSON: {exc}") from None
+    else:
+        parsed = dict(schema)
+        key = msgspec.json.encode(parsed, order="sorted")
+    if not isinstance(parsed, dict):
+        raise SchemaError(f"the schema must be a JSON object, not {type(parsed).__name__}")
+    return key, parsed
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "object": (dict,),
+    "array": (list,),
+    "string": (str,),
+    "number": (int, float),
+    "integer": (int,),
+    "boolean": (bool,),
+    "null": (type(None),),
+}
+
+
+def check_schema(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any] | None = None, at: str = "$") -> None:
+    """Raise ``ValueError`` saying where and why ``value`` does not match ``schema``.
+
+    Covers the subset of JSON Schema that makes sense for constrained generation: ``type``,
+    ``const``, ``enum``, ``anyOf``/``oneOf``/``allOf``, ``properties``/``required``/
+    ``additionalProperties``, ``items``/``prefixItems``, ``pattern``, the length, size and range
+    bounds, and local ``$ref`` (``#/$defs/…``, ``#/definitions/…``). Other keywords are ignored.
+    """
+    root = schema if root is None else root
+    if "$ref" in schema:
+        schema = _resolve(schema["$ref"], root, at)
+    if "const" in schema and not _same(value, schema["const"]):
+        raise ValueError(f"{at}: expected {schema['const']!r}, got {value!r}")
+    if "enum" in schema and not any(_same(value, option) for option in schema["enum"]):
+        raise ValueError(f"{at}: {value!r} is not one of {schema['enum']!r}")
+    if "type" in schema:
+        _check_type(value, schema["type"], at)
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            reasons = []
+            for option in schema[key]:
+                try:
+                    check_schema(value, option, root, at)
+                except ValueError as exc:
+                    reasons.append(str(exc))
+                else:
+                    break
+            else:
+                raise ValueError(f"{at}: matches none of the {len(schema[key])} alternatives ({'; '.join(reasons)})")
+    for option in schema.get("allOf", ()):
+        check_schema(value, option, root, at)
+    if isinstance(value, dict):
+        _check_object(value, schema, root, at)
+    elif isinstance(value, list):
+        _check_array(value, schema, root, at)
+    elif isinstance(value, str):
+        _check_string(value, schema, at)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        _check_number(value, schema, at)
+
+
+def _resolve(ref: str, root: Mapping[str, Any], at: str) -> Mapping[str, Any]:
+    node: Any = root
+    if not ref.startswith("#"):
+        raise ValueError(f"{at}: only local $ref are supported, not {ref!r}")
+    for part in ref.lstrip("#").strip("/").split("/"):
+        if not part:
+            continue
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(f"{at}: $ref {ref!r} points nowhere")
+        node = node[part]
+    if not isinstance(node, Mapping):
+        raise ValueError(f"{at}: $ref {ref!r} is not a schema")
+    return node
+
+
+def _same(a: Any, b: Any) -> bool:
+    # JSON equality: 1 and 1.0 are the same number, but true is not 1.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+def _check_type(value: Any, expected: str | list[str], at: str) -> None:
+    names = [expected] if isinstance(expected, str) else list(expected)
+    for name in names:
+        types = _JSON_TYPES.get(name)
+        if types is None:
+            continue
+        if isinstance(value, bool) and name not in ("boolean",):
+            continue
+        if name == "integer" and isinstance(value, float) and value.is_integer():
+            return
+        if isinstance(value, types):
+            return
+    raise ValueError(f"{at}: expected {' or '.join(names)}, got {_json_type(value)}")
+
+
+def _json_type(value: Any) -> str:
+    for name, types in _JSON_TYPES.items():
+        if isinstance(value, types) and not (isinstance(value, bool) and name != "boolean"):
+            return name
+    return type(value).__name__
+
+
+def _check_object(value: dict[str, Any], schema: Mapping[str, Any], root: Mapping[str, Any], at: str) -> None:
+    props: Mapping[str, Any] = schema.get("properties", {})
+    for name in schema.get("required", ()):
+        if name not in value:
+            raise ValueError(f"{at}: missing required property {name!r}")
+    extra = schema.get("additionalProperties", True)
+    for name, item in value.items():
+        where = f"{at}.{name}"
+        if name in props:
+            check_schema(item, props[name], root, where)
+        elif extra is False:
+            raise ValueError(f"{at}: unexpected property {name!r}")
+        elif isinstance(extra, Mapping):
+            check_schema(item, extra, root, where)
+    _check_bounds(len(value), schema, "minProperties", "maxProperties", "properties", at)
+
+
+def _check_array(value: list[Any], schema: Mapping[str, Any], root: Mapping[str, Any], at: str) -> None:
+    prefix: list[Any] = schema.get("prefixItems", [])
+    for i, item in enumerate(value):
+        if i < len(prefix):
+            check_schema(item, prefix[i], root, f"{at}[{i}]")
+        elif isinstance(schema.get("items"), Mapping):
+            check_schema(item, schema["items"], root, f"{at}[{i}]")
+    _check_bounds(len(value), schema, "minItems", "maxItems", "items", at)
+
+
+def _check_string(value: str, schema: Mapping[str, Any], at: str) -> None:
+    pattern = schema.get("pattern")
+    if pattern is not None and re.search(pattern, value) is None:
+        raise ValueError(f"{at}: {value!r} does not match the pattern {pattern!r}")
+    _check_bounds(len(value), schema, "minLength", "maxLength", "characters", at)
+
+
+def _check_number(value: float, schema: Mapping[str, Any], at: str) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{at}: {value!r} is not a finite number")
+    if "minimum" in schema and value < schema["minimum"]:
+        raise ValueError(f"{at}: {value!r} is below the minimum {schema['minimum']!r}")
+    if "maximum" in schema and value > schema["maximum"]:
+        raise ValueError(f"{at}: {value!r} is above the maximum {schema['maximum']!r}")
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        raise ValueError(f"{at}: {value!r} is not above {schema['exclusiveMinimum']!r}")
+    if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+        raise ValueError(f"{at}: {value!r} is not below {schema['exclusiveMaximum']!r}")
+
+
+def _check_bounds(n: int, schema: Mapping[str, Any], low: str, high: str, unit: str, at: str) -> None:
+    if low in schema and n < schema[low]:
+        raise ValueError(f"{at}: {n} {unit}, fewer than {low} {schema[low]}")
+    if high in schema and n > schema[high]:
+        raise ValueError(f"{at}: {n} {unit}, more than {high} {schema[high]}")
+
+
+def validate(generation: Generation, schema: Mapping[str, Any]) -> Any:
+    """Decode the completion as JSON (msgspec) and check it against ``schema``; return the value.
+
+    Raises ``InvalidOutput`` carrying the generation when it is not JSON or does not match.
+    """
+    # The grammar was still open when the tokens ran out: say so rather than "bad JSON".
+    why = "cut off at max_tokens before the JSON was complete" if generation.finish_reason == "length" else ""
+    try:
+        value = msgspec.json.decode(generation.text)
+    except msgspec.DecodeError as exc:
+        raise InvalidOutput(why or f"not valid JSON ({exc})", generation) from None
+    try:
+        check_schema(value, schema)
+    except ValueError as exc:
+        raise InvalidOutput(str(exc), generation) from None
+    return value
+
+
+def finish_reason(value: object) -> FinishReason:
+    """A response's ``finish_reason`` as one of ours (anything unexpected becomes ``""``)."""
+    if value == "stop":
+        return "stop"
+    if value == "length":
+        return "length"
+    return ""
+
+
+def messages(system: str, prompt: str) -> list[dict[str, str]]:
+    """The chat messages of one generation; an empty system prompt is left out."""
+    out = [{"role": "system", "content": system}] if system else []
+    out.append({"role": "user", "content": prompt})
+    return out
+
+
+# ------------------------------------------------------------------------------------- backend
+
+
+class LlamaBackend:
+    """One GGUF model loaded once, generating chat completions, optionally constrained to a schema.
+
+    ``n_threads`` is used for both prompt processing and generation: on a small machine more threads
+    cost more CPU per token, and the worker is charged for all of them. The model file is mmapped
+    (llama.cpp's default), so its pages are shared and counted once per worker.
+    Not for concurrent use: calls are serialised by a lock.
+    """
+
+    def __init__(self, path: str | Path, *, n_threads: int = 1, n_ctx: int = 2048, seed: int = 0) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise InferenceError(
+                f"llama-cpp-python is not installed ({exc}); install it with `pip install llama-cpp-python`"
+            ) from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InferenceError(f"model file {str(self.path)!r} does not exist")
+        self.n_threads = n_threads
+        self.n_ctx = n_ctx
+        try:
+            self.llm: Llama = Llama(
+                model_path=str(self.path),
+                n_threads=n_threads,
+                n_threads_batch=n_threads,  # defaults to every CPU, which would bill the prompt to all cores
+                n_ctx=n_ctx,
+                seed=seed,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InferenceError(f"llama.cpp could not load {str(self.path)!r}: {exc}") from None
+        self._grammars: dict[bytes, LlamaGrammar] = {}
+        self._lock = threading.Lock()
+
+    def grammar(self, key: bytes, schema: Mapping[str, Any]) -> LlamaGrammar:
+        """The grammar compiled from ``schema``, cached under its bytes ``key``."""
+        cached = self._grammars.get(key)
+        if cached is not None:
+            return cached
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        try:
+            compiled = LlamaGrammar.from_json_schema(msgspec.json.encode(schema).decode(), verbose=False)
+        except Exception as exc:  # the converter raises bare Exceptions, ValueErrors, KeyErrors …
+            raise SchemaError(f"the schema cannot be compiled to a grammar: {type(exc).__name__}: {exc}") from None
+        if len(self._grammars) >= GRAMMAR_CACHE_SIZE:
+            del self._grammars[next(iter(self._grammars))]  # the oldest: dicts keep insertion order
+        self._grammars[key] = compiled
+        return compiled
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in this model's vocabulary (special tokens such as ``<|im_end|>`` parsed)."""
+        return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
+
+    def generate(
+        self,
+        system: str,
+        prompt: str,
+        *,
+        schema: Schema | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        seed: int = 0,
+    ) -> Generation:
+        """Generate one chat completion; with ``schema``, constrained to it and then validated.
+
+        Raises ``InvalidOutput`` (with the generation) if the completion does not match the schema,
+        ``SchemaError`` if the schema is unusable, ``InferenceError`` if llama.cpp refuses (for
+        instance a prompt longer than the context).
+        """
+        parsed = parse_schema(schema)
+        grammar = self.grammar(*parsed) if parsed is not None else None
+        with self._lock:
+            try:
+                response: Any = self.llm.create_chat_completion(
+                    messages=messages(system, prompt),  # type: ignore[arg-type]
+                    grammar=grammar,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    seed=seed,
+                    stream=False,
+                )
+            except ValueError as exc:  # "Requested tokens (…) exceed context window of …"
+                raise InferenceError(f"llama.cpp refused the generation: {exc}") from None
+        choice = response["choices"][0]
+        usage = response["usage"]
+        generation = Generation(
+            text=choice["message"]["content"] or "",
+            prompt_tokens=int(usage["prompt_tokens"]),
+            completion_tokens=int(usage["completion_tokens"]),
+            finish_reason=finish_reason(choice.get("finish_reason")),
+        )
+        if parsed is not None:
+            validate(generation, parsed[1])
+        return generation

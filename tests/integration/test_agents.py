@@ -1,0 +1,193 @@
+"""Agents end to end: the loop (context, think on a worker, act, charge, publish) on the real runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from runtime.actions import (
+    AgentAction,
+    InvokeArtifact,
+    Noop,
+    ReadArtifact,
+    RecallMemories,
+    Remember,
+    SleepFor,
+    TransferScrip,
+    WriteArtifact,
+)
+from runtime.agents.loop import Agent, Brain, ScriptedBrain, Thought
+from runtime.buckets import Buckets, Estimator
+from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
+from runtime.economy import Economy, open_economy
+from runtime.events.log import EventLog
+from runtime.ledger.check import check
+from runtime.ledger.lmdb import LmdbLedger
+from runtime.memory.qdrant import QdrantMemory
+from runtime.pool import WorkerPool
+from runtime.store.git import GitStore
+from runtime.world import World
+
+T = TypeVar("T")
+NAMES = ("ann", "ben", "cat")
+
+
+class Runtime(msgspec.Struct):
+    world: World
+    events: EventLog
+    memory: QdrantMemory
+
+
+def with_runtime(tmp: Path, body: Callable[[Runtime], Awaitable[T]]) -> T:
+    """Ledger, store, event log, memory and a pool, as the supervisor wires them."""
+    data = tmp / "data"
+    data.mkdir(exist_ok=True, mode=0o700)
+    agents = [
+        msgspec.convert({"id": n, "workload": [{"kind": "echo"}], "cpu_rate": 500, "llm_rate": 1000}, AgentConfig)
+        for n in NAMES
+    ]
+    cfg = Config(data_dir=str(data), pool=PoolConfig(workers=2), economy=EconomyConfig(burst_seconds=30), agents=agents)
+
+    async def main() -> T:
+        ledger = LmdbLedger(data / "ledger")
+        store = GitStore(data / "artifacts.git")
+        events = EventLog(data / "events")
+        memory = QdrantMemory(path=data / "memory")
+        try:
+            buckets = Buckets()
+            pool = WorkerPool(cfg.pool, size=2, hide=[str(data)])
+            open_economy(cfg, ledger, pool.info, buckets)
+            async with pool:
+                eco = Economy(pool, ledger, buckets, Estimator(0.01))
+                world = World(store, eco)
+                return await body(Runtime(world, events, memory))
+        finally:
+            memory.close()
+            events.close()
+            store.close()
+            ledger.close()
+
+    return asyncio.run(main())
+
+
+def policy(me: str, other: str) -> list[AgentAction]:
+    """Ten actions per round, two of which the world refuses."""
+    return [
+        WriteArtifact(id=f"{me}-notes", content="hello from an agent"),
+        ReadArtifact(id=f"{me}-notes"),
+        WriteArtifact(id=f"{me}-sum", artifact_kind="code", content="world.result(sum(world.args))", price=1),
+        InvokeArtifact(id=f"{other}-sum", args=[1, 2]),
+        TransferScrip(to=other, amount=1),
+        Remember(text="the sum artifact adds numbers"),
+        RecallMemories(query="which artifact adds numbers"),
+        ReadArtifact(id="missing"),  # refused: not found
+        TransferScrip(to="nobody", amount=1),  # refused: unknown account
+        Noop(),
+    ]
+
+
+def test_scripted_agents_act_and_every_think_is_charged(tmp_path: Path) -> None:
+    """3 agents × 50 actions: every think is charged; every action is applied or rejected with a reason."""
+
+    async def body(rt: Runtime) -> list[Agent]:
+        agents = [
+            Agent(
+                n,
+                ScriptedBrain(rt.world.economy, policy(n, NAMES[(i + 1) % 3]), think_ms=5),
+                rt.world,
+                rt.events,
+                rt.memory,
+            )
+            for i, n in enumerate(NAMES)
+        ]
+        await asyncio.gather(*(a.run(max_actions=50) for a in agents))
+        return agents
+
+    agents = with_runtime(tmp_path, body)
+    for a in agents:
+        assert a.actions + a.rejected == 50
+        # Refused: the two bad actions of every round (unless a transfer to this agent made the decision
+        # stale first), and invoking a neighbour's artifact before the neighbour wrote it.
+        allowed = ("no artifact `missing`", "no account `nobody`", "world changed", "-sum`")
+        assert all(any(x in r for x in allowed) for r in a.reasons), a.reasons
+        assert 10 <= a.rejected <= 25 and a.actions >= 25
+    data = tmp_path / "data"
+    with EventLog(data / "events", readonly=True) as events:
+        acts = events.read(kinds={"action"})
+    assert len(acts) == 150
+    refused = [e for e in acts if not e.fields["ok"]]
+    assert all(e.fields["reason"] for e in refused)
+    assert {"read_artifact", "transfer"} <= {e.fields["action"] for e in refused}
+    with LmdbLedger(data / "ledger") as ledger:
+        assert check(ledger).ok
+        burns = [r for r in ledger.usage_records() if r.kind == "burn"]
+        assert len(burns) == 150 and all(r.cpu_seconds > 0.003 for r in burns)  # every think charged
+        applied = [e.fields["action"] for e in acts if e.fields["ok"]]
+        # Each applied remember and recall embedded its text on a worker, and was charged for it.
+        embeds = sum(r.kind == "embed" for r in ledger.usage_records())
+        assert embeds == applied.count("remember") + applied.count("recall") > 0
+        assert sum(r.kind == "invoke" for r in ledger.usage_records()) == applied.count("invoke_artifact") > 0
+    import subprocess
+
+    fsck = subprocess.run(["git", "-C", str(data / "artifacts.git"), "fsck", "--strict"], capture_output=True)
+    assert fsck.returncode == 0, fsck.stderr
+
+
+class Garbage:
+    """A test brain whose "model" answers with text that is no action at all."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def think(self, agent: str, context: str) -> Thought:
+        self.calls += 1
+        from runtime.agents.schema import InvalidAction, parse_action
+
+        try:
+            return Thought(parse_action('{"kind": "take_over_the_world"}' if self.calls % 2 else "{}"))
+        except InvalidAction as exc:
+            return Thought(None, str(exc))
+
+
+def test_output_that_is_not_an_action_is_rejected_and_the_agent_carries_on(tmp_path: Path) -> None:
+    async def body(rt: Runtime) -> Agent:
+        brain: Brain = Garbage()
+        agent = Agent("ann", brain, rt.world, rt.events, rt.memory)
+        await agent.run(max_actions=4)
+        return agent
+
+    agent = with_runtime(tmp_path, body)
+    assert agent.rejected == 4 and agent.actions == 0
+    assert "take_over_the_world" in agent.last or "kind" in agent.last
+
+
+def test_a_sleeping_agent_uses_nothing_and_wakes_within_100_ms_of_its_event(tmp_path: Path) -> None:
+    async def body(rt: Runtime) -> tuple[float, float]:
+        sleeper = Agent(
+            "ann",
+            ScriptedBrain(rt.world.economy, [SleepFor(seconds=30, until="transfer")]),
+            rt.world,
+            rt.events,
+            rt.memory,
+        )
+        task = asyncio.create_task(sleeper.step())
+        while sleeper.state != "sleeping":
+            await asyncio.sleep(0.005)
+        cpu_before = rt.world.economy.pool.accounts.agents["ann"].cpu_seconds
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        await rt.events.publish("transfer", "ann", amount=1)
+        await task
+        woke = time.monotonic() - t0
+        used = rt.world.economy.pool.accounts.agents["ann"].cpu_seconds - cpu_before
+        assert "woke on transfer" in sleeper.last
+        return woke, used
+
+    woke, used = with_runtime(tmp_path, body)
+    assert woke < 0.1
+    assert used == 0.0  # no task ran for the sleeping agent

@@ -1,0 +1,79 @@
+"""The ``think`` task handler: one constrained generation with the worker's local model.
+
+Each worker process keeps its models loaded (``LlamaBackend``, one per model path, ``n_threads=1``),
+so only the first ``think`` of a worker pays for loading; the cost of that load is part of that task's
+measured CPU, as it should be.
+
+The output is JSON (``ThinkOutput``)::
+
+    {"text": ..., "prompt_tokens": n, "completion_tokens": m, "finish_reason": "stop",
+     "valid": true, "error": ""}
+
+A completion that does not match the schema is not a task failure: the tokens were spent and are
+charged; ``valid`` is false and ``error`` says why, so that the agent can be told. Errors that are not
+about the completion (no model, unusable schema, prompt longer than the context) raise.
+
+The default model (``Think.model`` empty) is ``AECO_LLM_MODEL`` from the environment if set (the
+supervisor passes ``llm.model`` that way), else what ``native.models.find_model`` finds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from native.llama import InvalidOutput, LlamaBackend
+from native.models import find_model
+from runtime.protocol import Think
+
+#: Environment variable naming the worker's default GGUF (workers inherit the supervisor's environment).
+MODEL_ENV = "AECO_LLM_MODEL"
+#: Context window of the worker's models.
+N_CTX = 2048
+
+_backends: dict[Path, LlamaBackend] = {}
+_encoder = msgspec.json.Encoder()
+
+
+class ThinkOutput(msgspec.Struct, frozen=True):
+    """What a ``think`` task returns (JSON): the completion, its token counts, and whether it is valid."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = ""
+    #: The completion matched the schema (always true without a schema).
+    valid: bool = True
+    #: Why it did not, when ``valid`` is false.
+    error: str = ""
+
+
+def backend(model: str = "") -> LlamaBackend:
+    """This process's backend for ``model`` (a path; empty: the default), loaded on first use."""
+    path = find_model(model or os.environ.get(MODEL_ENV) or None).resolve()
+    loaded = _backends.get(path)
+    if loaded is None:
+        loaded = _backends[path] = LlamaBackend(path, n_threads=1, n_ctx=N_CTX)
+    return loaded
+
+
+def think(spec: Think) -> bytes:
+    """Run one generation and return ``ThinkOutput`` as JSON bytes."""
+    llm = backend(spec.model)
+    try:
+        gen = llm.generate(
+            spec.system,
+            spec.prompt,
+            schema=spec.schema or None,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            seed=spec.seed,
+        )
+    except InvalidOutput as exc:
+        g = exc.generation
+        out = ThinkOutput(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, False, exc.reason)
+    else:
+        out = ThinkOutput(gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason)
+    return _encoder.encode(out)
