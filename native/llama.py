@@ -342,6 +342,10 @@ class LlamaBackend:
         """Tokens of ``text`` in this model's vocabulary (special tokens such as ``<|im_end|>`` parsed)."""
         return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
 
+    def close(self) -> None:
+        """Free the model now (llama-cpp-python's own finaliser fails when it runs at interpreter exit)."""
+        self.llm.close()
+
     def generate(
         self,
         system: str,

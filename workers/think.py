@@ -19,6 +19,7 @@ supervisor passes ``llm.model`` that way), else what ``native.models.find_model`
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 
@@ -34,6 +35,14 @@ MODEL_ENV = "AECO_LLM_MODEL"
 N_CTX = 2048
 
 _backends: dict[Path, LlamaBackend] = {}
+
+
+@atexit.register
+def _free_models() -> None:
+    while _backends:
+        _backends.popitem()[1].close()
+
+
 _encoder = msgspec.json.Encoder()
 
 
