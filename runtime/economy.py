@@ -155,6 +155,8 @@ class Economy:
         self.pool, self.ledger, self.buckets, self.estimator = pool, ledger, buckets, estimator
         #: Tokens an agent's next think is expected to use (prompt + completion).
         self.token_estimator = Estimator(default=256.0)
+        #: LLM tokens charged per agent in this run (the ledger's usage records hold them durably).
+        self.tokens: dict[str, int] = {}
         #: Task ids are ``<run>-<n>``: unique across restarts without asking the ledger.
         self.run_id = uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
@@ -209,6 +211,7 @@ class Economy:
         self.estimator.observe(agent, kind, usage.cpu_seconds)
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
+            self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
         record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens)
         await asyncio.wrap_future(self.ledger.submit(record))
 

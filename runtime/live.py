@@ -6,9 +6,8 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol, TextIO
 
-from runtime.agents.placeholder import PlaceholderAgent
-from runtime.economy import Economy
 from runtime.pool import WorkerPool
+from runtime.world import World
 
 _MB = 1 << 20
 
@@ -19,34 +18,49 @@ class EventCounts(Protocol):
     counts: dict[str, int]
 
 
+class LiveAgent(Protocol):
+    """What the table shows of an agent (placeholder or thinking)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def last(self) -> str: ...
+
+
 def render(
     pool: WorkerPool,
-    agents: Sequence[PlaceholderAgent],
+    agents: Sequence[LiveAgent],
     elapsed_s: float,
-    economy: Economy | None = None,
+    world: World | None = None,
     events: EventCounts | None = None,
 ) -> str:
     """The table as text."""
     rows = [
-        f"{'agent':<12} {'state':<8} {'tasks':>6} {'fail':>4} {'cpu s':>7} {'bucket s':>13} {'debt s':>6} "
-        f"{'scrip':>6} {'peak MB':>7}  last"
+        f"{'agent':<12} {'state':<8} {'tasks':>6} {'fail':>4} {'cpu s':>7} {'tokens':>7} {'bucket s':>11} "
+        f"{'debt s':>6} {'scrip':>6} {'disk KB':>7} {'peak MB':>7}  last"
     ]
+    economy = world.economy if world else None
     balances = economy.ledger.balances() if economy else {}
+    disk = world.store.usage() if world else {}
     for a in agents:
         t = pool.accounts.agents.get(a.id)
         tasks, failed = (t.tasks, t.failed) if t else (0, 0)
         cpu = t.cpu_seconds if t else 0.0
         peak = t.max_task_memory_bytes / _MB if t else 0.0
         bucket = debt = "-"
+        tokens = 0
         if economy is not None:
             b = economy.buckets.get(a.id, "cpu")
             level = economy.buckets.level(a.id, "cpu")
             bucket = f"{max(level, 0):.2f}/{b.capacity:.1f}"
             debt = f"{-level:.2f}" if level < 0 else "0"
+            tokens = economy.tokens.get(a.id, 0)
         scrip = balances.get(a.id, {}).get("scrip", 0)
         rows.append(
-            f"{a.id:<12} {a.status:<8} {tasks:>6} {failed:>4} {cpu:>7.2f} {bucket:>13} {debt:>6} "
-            f"{scrip:>6} {peak:>7.1f}  {a.last}"
+            f"{a.id:<12} {a.status:<8} {tasks:>6} {failed:>4} {cpu:>7.2f} {tokens:>7} {bucket:>11} {debt:>6} "
+            f"{scrip:>6} {disk.get(a.id, 0) / 1024:>7.1f} {peak:>7.1f}  {a.last[:60]}"
         )
     st = pool.status()
     over = pool.accounts.overhead()

@@ -23,13 +23,16 @@ import msgspec
 
 from runtime import config as config_mod
 from runtime.accounting import UsageSummary
+from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain
 from runtime.agents.placeholder import PlaceholderAgent
 from runtime.buckets import Buckets, Estimator
+from runtime.config import AgentConfig
 from runtime.economy import CapacityError, Economy, open_economy
 from runtime.events.log import EventLog
 from runtime.events.pub import EventPublisher
 from runtime.ledger.lmdb import LmdbLedger
 from runtime.live import LiveView, render
+from runtime.memory.qdrant import QdrantMemory
 from runtime.pool import WorkerPool
 from runtime.store.git import GitStore
 from runtime.world import Emit, World
@@ -58,6 +61,29 @@ def announce_reset(store: GitStore, emit: Emit) -> None:
     history = store.last_commit()
     if history.action == "reset":
         emit("system_reset", {"commit": history.commit, "by": history.author})
+
+
+def make_agent(
+    a: AgentConfig, cfg: config_mod.Config, world: World, events: EventLog, memory: QdrantMemory | None
+) -> PlaceholderAgent | Agent:
+    """The configured kind of agent, with its brain."""
+    if a.brain == "placeholder":
+        return PlaceholderAgent(a, world)
+    brain: Brain
+    if a.brain == "scripted":
+        brain = ScriptedBrain(world.economy, a.policy, a.think_ms)
+    else:
+        brain = LlmBrain(
+            world.economy, a.persona or DEFAULT_PERSONA, model=cfg.llm.model, max_tokens=cfg.llm.max_tokens
+        )
+    # Remembered items count against the same bytes as artifacts: the agent's disk quota.
+    return Agent(a.id, brain, world, events, memory, memory_quota_bytes=a.disk_quota_mb << 20)
+
+
+DEFAULT_PERSONA = (
+    "You are an agent in a small economy. You earn scrip when others invoke your code artifacts, and "
+    "you pay for every CPU-second and token you use. Act to grow your scrip."
+)
 
 
 def summarize(pool: WorkerPool) -> UsageSummary:
@@ -121,14 +147,15 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     )
     world = World(store, economy, emit)
     announce_reset(store, emit)
-    agents = [PlaceholderAgent(a, world) for a in cfg.agents]
+    memory = QdrantMemory(path=data / "memory") if any(a.brain != "placeholder" for a in cfg.agents) else None
+    agents = [make_agent(a, cfg, world, events, memory) for a in cfg.agents]
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
     view = LiveView() if live else None
     try:
         while not stop.is_set() and not pool.failed:
             if view is not None:
                 now = time.monotonic() - started
-                view.show(render(pool, agents, now, economy, events), now)
+                view.show(render(pool, agents, now, world, events), now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
     finally:
@@ -140,7 +167,9 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         _, stuck = await asyncio.wait(runners, timeout=5.0)
         for r in stuck:
             log.error("%s did not stop within 5 s after the pool closed", r.get_name())
-        final = render(pool, agents, time.monotonic() - started, economy, events)
+        final = render(pool, agents, time.monotonic() - started, world, events)
+        if memory is not None:
+            memory.close()
         ledger.close()
         store.close()
         events.close()

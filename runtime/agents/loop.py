@@ -81,7 +81,7 @@ class ScriptedBrain:
 class LlmBrain:
     """Thinks with the worker's llama.cpp model, constrained to the action schema."""
 
-    def __init__(self, economy: Economy, persona: str, *, model: str = "", max_tokens: int = 96) -> None:
+    def __init__(self, economy: Economy, persona: str, *, model: str = "", max_tokens: int = 160) -> None:
         self.economy = economy
         self.persona = persona
         self.model = model
@@ -133,6 +133,8 @@ class Agent:
         self.reasons: collections.deque[str] = collections.deque(maxlen=100)
         self.last = ""
         self._recalled: list[str] = []
+        #: The last event the agent's context showed it; its cursor moves there after the turn.
+        self._seen = 0
         self._n = itertools.count(1)
 
     @property
@@ -174,12 +176,19 @@ class Agent:
         self.actions += 1
         self.last = f"{_kind(thought.action)}: {result}"[:120]
         await self.events.publish("action", self.id, action=_kind(thought.action), ok=True, result=result[:200])
+        await self._advance()
+
+    async def _advance(self) -> None:
+        """Move the agent's durable cursor past the news it has been shown (it survives a restart)."""
+        if self._seen > self.events.cursor(self.id):
+            await asyncio.wrap_future(self.events.set_cursor(self.id, self._seen))
 
     async def _reject(self, kind: str, why: str) -> None:
         self.rejected += 1
         self.reasons.append(f"{kind}: {why}")
         self.last = f"{kind} rejected: {why}"[:120]
         await self.events.publish("action", self.id, action=kind, ok=False, reason=why[:300])
+        await self._advance()
 
     def _fingerprint(self) -> tuple[int, int]:
         """What the agent's decision rests on: its scrip and the events addressed to it."""
@@ -189,7 +198,9 @@ class Agent:
     def context(self) -> str:
         """The prompt: the time, the agent's holdings and buckets, news, what it can see, its memories."""
         ledger, buckets = self.economy.ledger, self.economy.buckets
-        news = self.events.read(self.events.cursor(self.id), agent=self.id, limit=20)[-5:]
+        news = self.events.read(self.events.cursor(self.id), agent=self.id, limit=20)
+        self._seen = news[-1].seq if news else self._seen
+        news = news[-5:]
         visible = [a.id for a in self.world.list_artifacts(self.id)][:10]
         lines = [
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",

@@ -16,7 +16,7 @@ from runtime.actions import AgentAction
 
 _ID = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}$"}
 _AGENT = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}$"}
-_TEXT = {"type": "string", "pattern": "^[A-Za-z0-9 ,.!?'-]{1,120}$"}
+_TEXT = {"type": "string", "pattern": "^[A-Za-z0-9 ,.!?'-]{1,60}$"}
 
 
 def _action(kind: str, **props: Any) -> dict[str, Any]:

