@@ -63,6 +63,25 @@ def announce_reset(store: GitStore, emit: Emit) -> None:
         emit("system_reset", {"commit": history.commit, "by": history.author})
 
 
+STATUS_NAME = "status.json"
+
+
+class Status(msgspec.Struct):
+    """The live view as a file, for ``python -m runtime.status`` in another terminal."""
+
+    pid: int
+    at: float
+    running: bool
+    table: str
+
+
+def write_status(path: Path, pid: int, table: str, running: bool = True) -> None:
+    """Replace the status file atomically (a reader never sees half of it)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode(Status(pid, time.time(), running, table)))
+    os.replace(tmp, path)
+
+
 def make_agent(
     a: AgentConfig, cfg: config_mod.Config, world: World, events: EventLog, memory: QdrantMemory | None
 ) -> PlaceholderAgent | Agent:
@@ -152,10 +171,13 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
     view = LiveView() if live else None
     try:
+        status_file = data / "run" / STATUS_NAME
         while not stop.is_set() and not pool.failed:
+            now = time.monotonic() - started
+            table = render(pool, agents, now, world, events)
+            write_status(status_file, os.getpid(), table)
             if view is not None:
-                now = time.monotonic() - started
-                view.show(render(pool, agents, now, world, events), now)
+                view.show(table, now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
     finally:
@@ -176,6 +198,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         publisher.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
+        write_status(data / "run" / STATUS_NAME, os.getpid(), final, running=False)
         print(final, flush=True)
         print(f"usage summary: {summary_path}", flush=True)
     if pool.failed:

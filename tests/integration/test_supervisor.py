@@ -204,3 +204,73 @@ def test_cpu_rights_beyond_the_container_are_refused_at_start(tmp_path: Path) ->
 def test_admin_without_a_ledger_says_so(tmp_path: Path) -> None:
     out = _admin(tmp_path / "nothing", "check")
     assert out.returncode == 2 and "no ledger" in out.stderr
+
+
+SCRIPTED = """
+data_dir: {data}
+pool: {{workers: 2, heartbeat_s: 0.5}}
+agents:
+  - id: writer
+    brain: scripted
+    think_ms: 5
+    policy:
+      - {{kind: write_artifact, id: diary, content: "day one"}}
+      - {{kind: remember, text: "I wrote my diary"}}
+      - {{kind: transfer, to: reader, amount: 1}}
+  - id: reader
+    brain: scripted
+    policy:
+      - {{kind: read_artifact, id: diary}}
+      - {{kind: recall, query: "what did I write"}}
+      - {{kind: sleep, seconds: 0.2}}
+status_interval_s: 0.2
+"""
+
+
+def test_agents_carry_on_across_a_restart_and_nothing_is_charged_twice(tmp_path: Path) -> None:
+    cfg = tmp_path / "scripted.yaml"
+    cfg.write_text(SCRIPTED.format(data=tmp_path / "data"))
+    data = tmp_path / "data"
+    for round_ in range(2):
+        proc = _supervisor("--config", str(cfg), "--no-live")
+        _wait_for_workers(proc.pid, 2)
+        time.sleep(2.5)
+        status = subprocess.run(
+            [sys.executable, "-m", "runtime.status", "--data-dir", str(data)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0 and "running" in status.stdout and "writer" in status.stdout, status
+        proc.send_signal(signal.SIGTERM)  # mid-run: agents are thinking and acting
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        check = _admin(data, "check")
+        assert check.returncode == 0 and "all invariants hold" in check.stdout, (round_, check.stdout)
+    stopped = subprocess.run(
+        [sys.executable, "-m", "runtime.status", "--data-dir", str(data)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "stopped" in stopped.stdout
+    journal = [json.loads(line) for line in _admin(data, "journal").stdout.splitlines()]
+    usage = [e["op"] for e in journal if e["op"]["op"] == "usage"]
+    assert len({u["task_id"] for u in usage}) == len(usage)  # never charged twice
+    assert {u["agent"] for u in usage} == {"writer", "reader"}
+    runs = {u["task_id"].split("-")[0] for u in usage}
+    assert len(runs) == 2  # both runs charged their tasks
+    transfers = [e["op"] for e in journal if e["op"]["op"] == "transfer"]
+    balances = {r.split()[0]: r.split() for r in _admin(data, "balances").stdout.splitlines()[1:]}
+    assert int(balances["reader"][2]) == 1000 + sum(t["amount"] for t in transfers)  # nothing lost
+    dump = subprocess.run(
+        [sys.executable, "-m", "runtime.events", "dump", str(data / "events")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    seqs = [json.loads(line)["seq"] for line in dump.stdout.splitlines()]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10  # one gapless log across both runs

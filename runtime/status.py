@@ -1,0 +1,79 @@
+"""``python -m runtime.status [--config FILE | --data-dir DIR] [--watch]``: what a running supervisor
+shows in its live view, from another terminal (it refreshes ``<data>/run/status.json`` every
+``status_interval_s``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from runtime import config as config_mod
+from runtime.supervisor import STATUS_NAME, Status
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def show(path: Path) -> int:
+    """Print the status once; 1 if there is none, 0 otherwise."""
+    try:
+        st = msgspec.json.decode(path.read_bytes(), type=Status)
+    except FileNotFoundError:
+        print(f"no status at {path}: is a supervisor running with this data directory?", file=sys.stderr)
+        return 1
+    except msgspec.DecodeError as exc:
+        print(f"unreadable status at {path}: {exc}", file=sys.stderr)
+        return 1
+    age = time.time() - st.at
+    if st.running and _alive(st.pid):
+        head = f"supervisor {st.pid}, running (as of {age:.1f} s ago)"
+    else:
+        head = f"supervisor {st.pid}, stopped ({age:.0f} s ago); its last view:"
+    print(head)
+    print(st.table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.status", description=(__doc__ or "").splitlines()[0])
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
+    where.add_argument("--data-dir", help="the data directory (overrides --config)")
+    ap.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    args = ap.parse_args(argv)
+    if args.data_dir is not None:
+        data = Path(args.data_dir)
+    else:
+        try:
+            data = Path(config_mod.load(args.config).data_dir)
+        except config_mod.ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    path = data / "run" / STATUS_NAME
+    if not args.watch:
+        return show(path)
+    try:
+        while True:
+            sys.stdout.write("\x1b[H\x1b[J")
+            show(path)
+            sys.stdout.flush()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
