@@ -116,6 +116,9 @@ class Config(_Section, frozen=True):
     agents: list[AgentConfig] = []
     #: Seconds between two refreshes of the live table.
     status_interval_s: PositiveFloat = 1.0
+    #: Prometheus metrics at ``http://metrics_host:metrics_port/metrics`` (0: none).
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9464
+    metrics_host: str = "127.0.0.1"
     #: Where the JSON usage summary is written on exit (relative paths are under ``data_dir``).
     summary: str = "usage-summary.json"
 

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from runtime import config as config_mod
+from runtime import metrics
 from runtime.accounting import UsageSummary
 from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain
 from runtime.agents.placeholder import PlaceholderAgent
@@ -169,6 +170,12 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     memory = QdrantMemory(path=data / "memory") if any(a.brain != "placeholder" for a in cfg.agents) else None
     agents = [make_agent(a, cfg, world, events, memory) for a in cfg.agents]
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
+    if cfg.metrics_port:
+        try:
+            metrics.serve(cfg.metrics_port, cfg.metrics_host, pool, economy, lambda: agents)
+            print(f"metrics: http://{cfg.metrics_host}:{cfg.metrics_port}/metrics", flush=True)
+        except OSError as exc:  # the port is taken: run on, say so
+            log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
     view = LiveView() if live else None
     try:
         status_file = data / "run" / STATUS_NAME

@@ -274,3 +274,34 @@ def test_agents_carry_on_across_a_restart_and_nothing_is_charged_twice(tmp_path:
     )
     seqs = [json.loads(line)["seq"] for line in dump.stdout.splitlines()]
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10  # one gapless log across both runs
+
+
+def test_prometheus_metrics_show_the_agents_and_the_pool(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "metrics.yaml"
+    cfg.write_text(SCRIPTED.format(data=tmp_path / "data") + f"metrics_port: {port}\n")
+    proc = _supervisor("--config", str(cfg), "--no-live")
+    try:
+        _wait_for_workers(proc.pid, 2)
+        time.sleep(2.0)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    values = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values['aeco_agent_actions_total{agent="writer",outcome="applied"}'] > 0
+    assert values['aeco_agent_cpu_seconds_total{agent="writer"}'] > 0
+    assert values["aeco_pool_workers"] == 2
+    assert 0 <= values["aeco_pool_utilisation"] <= 1
+    assert values["aeco_container_cpu_seconds_total"] > 0
+    assert values['aeco_overhead_cpu_seconds_total{kind="startup"}'] > 0
+    assert "aeco_unattributed_cpu_seconds" in values
