@@ -202,11 +202,13 @@ class Agent:
         self._seen = news[-1].seq if news else self._seen
         news = news[-5:]
         visible = [a.id for a in self.world.list_artifacts(self.id)][:10]
+        others = sorted(a for a, kind in ledger.accounts().items() if kind == "agent" and a != self.id)[:10]
         lines = [
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
             f"You are {self.id}. Scrip: {ledger.balance(self.id, 'scrip')}. "
             f"CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
             "News: " + ("; ".join(_describe(e) for e in news) or "none"),
+            "Other agents: " + (", ".join(others) or "none"),
             "Artifacts you can see: " + (", ".join(visible) or "none"),
         ]
         if self._recalled:

