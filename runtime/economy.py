@@ -83,6 +83,7 @@ def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buck
                     "scrip": a.scrip,
                     "memory_quota": a.memory_quota_mb * _MB,
                     "disk_quota": a.disk_quota_mb * _MB,
+                    "llm_budget": round(a.llm_budget_usd * 1e6),
                 },
             )
         )
@@ -106,7 +107,14 @@ def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buck
 
 
 def charge(
-    buckets: Buckets, agent: str, kind: str, task_id: str, usage: TaskUsage, ok: bool, llm_tokens: int = 0
+    buckets: Buckets,
+    agent: str,
+    kind: str,
+    task_id: str,
+    usage: TaskUsage,
+    ok: bool,
+    llm_tokens: int = 0,
+    llm_cost_microusd: int = 0,
 ) -> RecordUsage:
     """Charge a finished task to its agent's buckets; return the one ledger operation that records it.
 
@@ -125,20 +133,23 @@ def charge(
         cpu_seconds=usage.cpu_seconds,
         memory_bytes=usage.task_memory_bytes,
         llm_tokens=llm_tokens,
+        llm_cost_microusd=llm_cost_microusd,
         wall_seconds=usage.wall_seconds,
         buckets=levels,
     )
 
 
-def _tokens(spec: TaskSpec | None, out: Outcome) -> int:
-    """Prompt + completion tokens a ``think`` task reported (llama.cpp's own counts)."""
+def _tokens(spec: TaskSpec | None, out: Outcome) -> tuple[int, int]:
+    """Prompt + completion tokens a ``think`` task reported (the model's own counts), and what they
+    cost in micro-dollars (paid servers only)."""
     if not isinstance(spec, Think):
-        return 0
+        return 0, 0
     try:
         report = json.loads(out.output)
-        return int(report.get("prompt_tokens", 0)) + int(report.get("completion_tokens", 0))
+        tokens = int(report.get("prompt_tokens", 0)) + int(report.get("completion_tokens", 0))
+        return tokens, round(float(report.get("cost_usd", 0.0)) * 1e6)
     except (ValueError, TypeError, AttributeError):
-        return 0
+        return 0, 0
 
 
 class Economy:
@@ -191,7 +202,7 @@ class Economy:
         except TaskFailed as exc:
             await self._charge(agent, kind, task_id, exc.usage, ok=False)
             raise
-        await self._charge(agent, kind, task_id, out.usage, ok=True, llm_tokens=_tokens(spec, out))
+        await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
         return out
 
     async def _settle(self, agent: str, spec: TaskSpec, task_id: str, inner: asyncio.Future[Outcome]) -> None:
@@ -201,10 +212,17 @@ class Economy:
         except TaskFailed as exc:
             await self._charge(agent, kind, task_id, exc.usage, ok=False)
         else:
-            await self._charge(agent, kind, task_id, out.usage, ok=True, llm_tokens=_tokens(spec, out))
+            await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
 
     async def _charge(
-        self, agent: str, kind: str, task_id: str, usage: TaskUsage | None, ok: bool, llm_tokens: int = 0
+        self,
+        agent: str,
+        kind: str,
+        task_id: str,
+        usage: TaskUsage | None,
+        ok: bool,
+        llm_tokens: int = 0,
+        llm_cost_microusd: int = 0,
     ) -> None:
         if usage is None:
             return  # the task never reached a worker: nothing was used
@@ -212,7 +230,7 @@ class Economy:
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
-        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens)
+        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd)
         await asyncio.wrap_future(self.ledger.submit(record))
 
     async def transfer_right(self, op: Transfer) -> Receipt:

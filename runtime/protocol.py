@@ -87,8 +87,14 @@ class Think(_Spec, tag="think", frozen=True):
     max_tokens: Annotated[int, Meta(ge=1, le=4096)] = 256
     temperature: Annotated[float, Meta(ge=0, le=2)] = 0.7
     seed: NonNegInt = 0
-    #: A GGUF path; empty: the worker's default model (see ``native.models``).
+    #: A GGUF path; empty: the worker's default model (see ``native.models``). With ``endpoint``: the
+    #: model name the server knows.
     model: str = ""
+    #: An OpenAI-compatible server (``http://host:port``) to generate with instead of the local model;
+    #: charged by the tokens it reports, at these prices (US dollars per 1,000 tokens).
+    endpoint: str = ""
+    price_prompt_per_1k: NonNegFloat = 0.0
+    price_completion_per_1k: NonNegFloat = 0.0
 
 
 class Embed(_Spec, tag="embed", frozen=True):

@@ -93,8 +93,15 @@ def make_agent(
     if a.brain == "scripted":
         brain = ScriptedBrain(world.economy, a.policy, a.think_ms)
     else:
+        price = cfg.llm.prices.get(cfg.llm.model, config_mod.ModelPrice())
         brain = LlmBrain(
-            world.economy, a.persona or DEFAULT_PERSONA, model=cfg.llm.model, max_tokens=cfg.llm.max_tokens
+            world.economy,
+            a.persona or DEFAULT_PERSONA,
+            model=cfg.llm.model,
+            max_tokens=cfg.llm.max_tokens,
+            endpoint=cfg.llm.endpoint,
+            price_prompt_per_1k=price.prompt_per_1k,
+            price_completion_per_1k=price.completion_per_1k,
         )
     # Remembered items count against the same bytes as artifacts: the agent's disk quota.
     return Agent(a.id, brain, world, events, memory, memory_quota_bytes=a.disk_quota_mb << 20)

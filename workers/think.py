@@ -27,6 +27,7 @@ import msgspec
 
 from native.llama import InvalidOutput, LlamaBackend
 from native.models import find_model
+from native.openai import OpenAIBackend, Price
 from runtime.protocol import Think
 
 #: Environment variable naming the worker's default GGUF (workers inherit the supervisor's environment).
@@ -57,6 +58,8 @@ class ThinkOutput(msgspec.Struct, frozen=True):
     valid: bool = True
     #: Why it did not, when ``valid`` is false.
     error: str = ""
+    #: What the tokens cost at the task's prices (remote servers; 0 for local inference).
+    cost_usd: float = 0.0
 
 
 def backend(model: str = "") -> LlamaBackend:
@@ -70,7 +73,12 @@ def backend(model: str = "") -> LlamaBackend:
 
 def think(spec: Think) -> bytes:
     """Run one generation and return ``ThinkOutput`` as JSON bytes."""
-    llm = backend(spec.model)
+    llm: LlamaBackend | OpenAIBackend
+    if spec.endpoint:
+        price = Price(spec.price_prompt_per_1k, spec.price_completion_per_1k)
+        llm = OpenAIBackend(spec.endpoint, spec.model, prices={spec.model: price})
+    else:
+        llm = backend(spec.model)
     try:
         gen = llm.generate(
             spec.system,
@@ -82,7 +90,7 @@ def think(spec: Think) -> bytes:
         )
     except InvalidOutput as exc:
         g = exc.generation
-        out = ThinkOutput(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, False, exc.reason)
+        out = ThinkOutput(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, False, exc.reason, g.cost_usd)
     else:
-        out = ThinkOutput(gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason)
+        out = ThinkOutput(gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, cost_usd=gen.cost_usd)
     return _encoder.encode(out)

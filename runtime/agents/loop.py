@@ -78,18 +78,37 @@ class ScriptedBrain:
         return Thought(next(self._policy))
 
 
-class LlmBrain:
-    """Thinks with the worker's llama.cpp model, constrained to the action schema."""
+class BudgetSpent(Exception):
+    """The agent has no ``llm_budget`` left for a paid model."""
 
-    def __init__(self, economy: Economy, persona: str, *, model: str = "", max_tokens: int = 160) -> None:
+
+class LlmBrain:
+    """Thinks with the worker's llama.cpp model (or an OpenAI-compatible server), constrained to the
+    action schema."""
+
+    def __init__(
+        self,
+        economy: Economy,
+        persona: str,
+        *,
+        model: str = "",
+        max_tokens: int = 160,
+        endpoint: str = "",
+        price_prompt_per_1k: float = 0.0,
+        price_completion_per_1k: float = 0.0,
+    ) -> None:
         self.economy = economy
         self.persona = persona
         self.model = model
         self.max_tokens = max_tokens
+        self.endpoint = endpoint
+        self.prices = (price_prompt_per_1k, price_completion_per_1k)
         self._seed = itertools.count(1)
 
     async def think(self, agent: str, context: str) -> Thought:
         """Generate one action; output that does not parse is a thought without an action."""
+        if any(self.prices) and self.economy.ledger.balance(agent, "llm_budget") <= 0:
+            raise BudgetSpent(f"{agent} has no llm_budget left for {self.model or 'the paid model'}")
         spec = Think(
             system=self.persona,
             prompt=context,
@@ -97,6 +116,9 @@ class LlmBrain:
             max_tokens=self.max_tokens,
             seed=next(self._seed),
             model=self.model,
+            endpoint=self.endpoint,
+            price_prompt_per_1k=self.prices[0],
+            price_completion_per_1k=self.prices[1],
         )
         out = await self.economy.run(agent, spec)
         report = json.loads(out.output)
@@ -164,6 +186,14 @@ class Agent:
             thought = await self.brain.think(self.id, context)
         except TaskFailed as exc:
             return await self._reject("think", f"thinking failed: {exc.code}: {exc.detail[:200]}")
+        except BudgetSpent as exc:
+            # Nothing to think with until someone gives it budget: sleep on it, not in a loop.
+            await self._reject("think", str(exc))
+            self.state = "sleeping"
+            await self.events.wait(
+                self.id, kinds={"transfer", "system_reset"}, since=self.events.last_seq(), timeout=60
+            )
+            return None
         if thought.action is None:
             return await self._reject("think", thought.error)
         if self._fingerprint() != before:

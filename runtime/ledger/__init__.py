@@ -23,8 +23,9 @@ from msgspec import Meta, Struct
 
 from runtime.buckets import BucketState
 
-Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota"]
-ASSETS: tuple[Asset, ...] = ("scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota")
+#: ``llm_budget`` is in micro-dollars: what an agent may still spend on a paid (remote) model.
+Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+ASSETS: tuple[Asset, ...] = ("scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget")
 QUOTA_ASSETS: tuple[Asset, ...] = ("disk_quota", "memory_quota")
 AccountKind = Literal["agent", "system"]
 #: Principals every ledger has: ``mint`` issues and retires assets, ``treasury`` holds the unallocated.
@@ -98,6 +99,9 @@ class RecordUsage(_Op, tag="usage", frozen=True):
     cpu_seconds: NonNegFloat
     memory_bytes: NonNegInt = 0
     llm_tokens: NonNegInt = 0
+    #: What a paid model charged for the task (micro-dollars), burnt from the agent's ``llm_budget``;
+    #: a cost over what is left burns the rest (the agent cannot think on a paid model after that).
+    llm_cost_microusd: NonNegInt = 0
     wall_seconds: NonNegFloat = 0.0
     buckets: dict[str, BucketState] = {}
 

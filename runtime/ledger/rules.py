@@ -122,6 +122,13 @@ def apply(view: View, op: Op) -> None:
         if view.has_usage(op.task_id):
             raise LedgerError("duplicate_usage", f"task `{op.task_id}` already has a usage record")
         view.put_usage(op)
+        if op.llm_cost_microusd:
+            have = view.balance(op.agent, "llm_budget")
+            spent = min(have, op.llm_cost_microusd)
+            if spent:
+                minted, burned = view.supply("llm_budget")
+                view.set_balance(op.agent, "llm_budget", have - spent)
+                view.set_supply("llm_budget", minted, burned + spent)
         if op.buckets:
             view.put_buckets(op.agent, op.buckets)
     elif isinstance(op, SetBuckets):

@@ -47,12 +47,14 @@ class Runtime(msgspec.Struct):
     memory: QdrantMemory
 
 
-def with_runtime(tmp: Path, body: Callable[[Runtime], Awaitable[T]]) -> T:
+def with_runtime(tmp: Path, body: Callable[[Runtime], Awaitable[T]], **agent_fields: object) -> T:
     """Ledger, store, event log, memory and a pool, as the supervisor wires them."""
     data = tmp / "data"
     data.mkdir(exist_ok=True, mode=0o700)
     agents = [
-        msgspec.convert({"id": n, "workload": [{"kind": "echo"}], "cpu_rate": 500, "llm_rate": 1000}, AgentConfig)
+        msgspec.convert(
+            {"id": n, "workload": [{"kind": "echo"}], "cpu_rate": 500, "llm_rate": 1000, **agent_fields}, AgentConfig
+        )
         for n in NAMES
     ]
     cfg = Config(data_dir=str(data), pool=PoolConfig(workers=2), economy=EconomyConfig(burst_seconds=30), agents=agents)
@@ -244,3 +246,50 @@ def test_llm_agents_with_smollm2(tmp_path: Path) -> None:
     crowd, data = _llm_run(tmp_path, model, 2, 10)
     _check_llm_run(crowd, data, 10)
     assert not any("not a valid action" in r for a in crowd for r in a.reasons)  # every output parsed
+
+
+def test_a_paid_model_is_charged_in_dollars_until_the_budget_is_spent(tmp_path: Path) -> None:
+    """An OpenAI-compatible server (llama-cpp-python's own, on localhost): every think is charged the
+    tokens the server reports, and their price is burnt from the agent's llm_budget; once it is spent,
+    the agent stops thinking and sleeps until something changes."""
+    from tests.integration.test_native import _llama_server
+
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+
+    async def body(rt: Runtime) -> Agent:
+        # $2 per 1,000 tokens and a $1 budget: a few hundred-token thinks spend it.
+        brain = LlmBrain(
+            rt.world.economy,
+            "You are frugal.",
+            model="tiny",
+            max_tokens=160,
+            endpoint=base,
+            price_prompt_per_1k=2.0,
+            price_completion_per_1k=2.0,
+        )
+        agent = Agent("ann", brain, rt.world, rt.events, rt.memory)
+        for _ in range(30):
+            step = asyncio.create_task(agent.step())
+            for _ in range(2000):
+                if step.done() or agent.state == "sleeping":
+                    break
+                await asyncio.sleep(0.01)
+            if agent.state == "sleeping" and any("llm_budget" in r for r in agent.reasons):
+                step.cancel()
+                break
+            await step
+        assert any("no llm_budget left" in r for r in agent.reasons), list(agent.reasons)
+        return agent
+
+    with _llama_server(model, tmp_path / "server.log") as base:
+        agent = with_runtime(tmp_path, body, llm_budget_usd=1.0)
+    assert agent.actions + agent.rejected >= 3
+    with LmdbLedger(tmp_path / "data" / "ledger") as ledger:
+        assert check(ledger).ok
+        thinks = [r for r in ledger.usage_records() if r.kind == "think"]
+        assert thinks and all(r.llm_tokens > 0 and r.llm_cost_microusd > 0 for r in thinks)
+        for r in thinks:  # the price of the server's token counts, to the micro-dollar
+            assert r.llm_cost_microusd == pytest.approx(r.llm_tokens * 2.0 / 1000 * 1e6, abs=1)
+        assert ledger.balance("ann", "llm_budget") == 0
+        minted, burned = ledger.supply()["llm_budget"]
+        assert (minted, burned) == (3_000_000, 1_000_000)  # three budgets granted, ann's spent to the end
