@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks ledger
 	$(PY) -m benchmarks store
 	$(PY) -m benchmarks llm
+	$(PY) -m benchmarks ecology
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,9 @@ per-thread breakdown), and the workers' utilisation (CPU charged to tasks / work
 
 Verified after each size, on the quiet stores: ``runtime.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
+
+``--profile`` also records a py-spy flame graph of this process during the 1,000-agent window, written
+beside the JSON as ``ecology-supervisor.svg``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ from typing import Any
 import msgspec
 
 from benchmarks.common import (
-    RESULTS_DIR,
     Options,
     PySpy,
     child_pids,
@@ -301,8 +303,11 @@ def _burst_seconds(rate_millicores: int, horizon_s: float) -> float:
     return 2.0 * horizon_s * 1000.0 / rate_millicores
 
 
-async def measure(n: int, data: Path, duration: float, sampler: RssSampler, profile: bool) -> SizeResult:
-    """Open a runtime for ``n`` agents in ``data``, run them, close everything, verify the stores."""
+async def measure(n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None) -> SizeResult:
+    """Open a runtime for ``n`` agents in ``data``, run them, close everything, verify the stores.
+
+    ``profile``: where to write a py-spy flame graph of this process during the measured window.
+    """
     rss_before = _rss_bytes()
     horizon = WARMUP_MAX_S + duration + DRAIN_MAX_S
     ledger = LmdbLedger(data / "ledger")
@@ -359,9 +364,8 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
                 if not all(a.actions + a.rejected for a in agents):
                     problems.append(f"after {warmup:.0f} s of warm-up some agents had not finished a turn")
                 spy = None
-                if profile:
-                    out = RESULTS_DIR / "ecology-supervisor.svg"
-                    spy = await asyncio.to_thread(PySpy.start, os.getpid(), out, duration + 30, "supervisor")
+                if profile is not None:
+                    spy = await asyncio.to_thread(PySpy.start, os.getpid(), profile, duration + 30, "supervisor")
                 sampler.samples.clear()
                 sampler.recording = True
                 first = _snapshot(agents, pool)
@@ -586,7 +590,9 @@ def run(opts: Options) -> int:
             data = tmp / f"agents-{n}"
             data.mkdir(mode=0o700)
             try:
-                profile = opts.profile and n == TARGET_AGENTS
+                profile = (
+                    opts.json_path.with_name("ecology-supervisor.svg") if opts.profile and n == SIZES[-1] else None
+                )
                 r = asyncio.run(measure(n, data, duration, sampler, profile))
             except Exception as exc:  # one size's failure must not cost the others' numbers
                 print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
