@@ -127,6 +127,8 @@ class Config(_Section, frozen=True):
     pool: PoolConfig = PoolConfig()
     economy: EconomyConfig = EconomyConfig()
     llm: LlmConfig = LlmConfig()
+    #: A Qdrant server for agents' memories (shared by nodes); empty: local mode under the data directory.
+    memory_url: str = ""
     agents: list[AgentConfig] = []
     #: Seconds between two refreshes of the live table.
     status_interval_s: PositiveFloat = 1.0

@@ -174,7 +174,9 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     )
     world = World(store, economy, emit)
     announce_reset(store, emit)
-    memory = QdrantMemory(path=data / "memory") if any(a.brain != "placeholder" for a in cfg.agents) else None
+    memory: QdrantMemory | None = None
+    if any(a.brain != "placeholder" for a in cfg.agents):
+        memory = QdrantMemory(url=cfg.memory_url) if cfg.memory_url else QdrantMemory(path=data / "memory")
     agents = [make_agent(a, cfg, world, events, memory) for a in cfg.agents]
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
     if cfg.metrics_port:

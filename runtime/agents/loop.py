@@ -157,6 +157,9 @@ class Agent:
         self._recalled: list[str] = []
         #: The last event the agent's context showed it; its cursor moves there after the turn.
         self._seen = 0
+        self._others: list[str] = []
+        self._first_turn = True
+        self._n_context = itertools.count(1)
         self._n = itertools.count(1)
 
     @property
@@ -222,17 +225,23 @@ class Agent:
 
     def _fingerprint(self) -> tuple[int, int]:
         """What the agent's decision rests on: its scrip and the events addressed to it."""
-        mine = self.events.read(self.events.cursor(self.id), agent=self.id, kinds=_ADDRESSED)
-        return self.economy.ledger.balance(self.id, "scrip"), len(mine)
+        return self.economy.ledger.balance(self.id, "scrip"), self.events.last_addressed(self.id, _ADDRESSED)
 
     def context(self) -> str:
         """The prompt: the time, the agent's holdings and buckets, news, what it can see, its memories."""
         ledger, buckets = self.economy.ledger, self.economy.buckets
-        news = self.events.read(self.events.cursor(self.id), agent=self.id, limit=20)
+        cursor = self.events.cursor(self.id)
+        # News is what others did that concerns this agent. Reading scans every event since the cursor,
+        # so only when there is some (or on the first turn, for what arrived while the runtime was down).
+        fresh = self._first_turn or self.events.last_addressed(self.id, _ADDRESSED) > cursor
+        self._first_turn = False
+        news = self.events.read(cursor, agent=self.id, kinds=_ADDRESSED, limit=20) if fresh else []
         self._seen = news[-1].seq if news else self._seen
         news = news[-5:]
         visible = [a.id for a in self.world.list_artifacts(self.id)][:10]
-        others = sorted(a for a, kind in ledger.accounts().items() if kind == "agent" and a != self.id)[:10]
+        if not self._others or next(self._n_context) % 100 == 0:  # accounts change rarely: look now and then
+            self._others = sorted(a for a, kind in ledger.accounts().items() if kind == "agent" and a != self.id)[:10]
+        others = self._others
         lines = [
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
             f"You are {self.id}. Scrip: {ledger.balance(self.id, 'scrip')}. "

@@ -55,6 +55,10 @@ KINDS: tuple[str, ...] = (
 MAX_FIELDS_BYTES = 64 * 1024
 
 
+#: For ``last_addressed``: any kind of event.
+ANY_KIND = "*"
+
+
 class Event(Struct, frozen=True):
     """One thing that happened, as kept in the log and sent to observers."""
 
@@ -144,6 +148,10 @@ class Events(Protocol):
 
     def last_seq(self) -> int:
         """The sequence number of the last durable event (0 for an empty log)."""
+        ...
+
+    def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
+        """The newest seq of an event of ``kinds`` for ``agent`` (or everyone) since the log was opened."""
         ...
 
     def cursor(self, agent: str) -> int:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import msgspec
 
-from runtime.events import MAX_FIELDS_BYTES, ErrorCode, Event, EventError, Notifier
+from runtime.events import ANY_KIND, MAX_FIELDS_BYTES, ErrorCode, Event, EventError, Notifier
 
 if TYPE_CHECKING:
     from runtime.events import Events
@@ -120,6 +120,8 @@ class EventLog:
         max_batch: int = 4096,
         map_size: int = 1 << 34,
     ) -> None:
+        #: (agent or "" for broadcasts, kind) -> newest seq, written by the writer thread only.
+        self._latest: dict[tuple[str, str], int] = {}
         self.path = Path(path)
         self.readonly = readonly
         if not readonly:
@@ -281,8 +283,10 @@ class EventLog:
     def _tell(self, events: list[Event]) -> None:
         """Everything that hears of committed events, none of which may stop the writer."""
         counts = dict(self.counts)
+        latest = self._latest  # updated in place: one key at a time, each store atomic for readers
         for ev in events:
             counts[ev.kind] = counts.get(ev.kind, 0) + 1
+            latest[(ev.agent or "", ev.kind)] = latest[(ev.agent or "", ANY_KIND)] = ev.seq
         self.counts = counts
         self.notice(events)
         for notifier in self._notifiers:
@@ -290,6 +294,13 @@ class EventLog:
                 notifier.announce(events)
             except Exception:
                 log.exception("notifier %r failed; events up to %d are durable regardless", notifier, events[-1].seq)
+
+    def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
+        """The newest seq, among events of ``kinds`` (``ANY_KIND`` for all) committed since this log was
+        opened, that concerns ``agent`` (addressed to it, or to everyone); 0 if none. O(len(kinds)), for
+        hot paths: it tells whether a ``read`` for the agent could find anything new."""
+        latest = self._latest
+        return max((max(latest.get((agent, k), 0), latest.get(("", k), 0)) for k in kinds), default=0)
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, wake every waiter (they return ``[]``) and close the
