@@ -22,7 +22,7 @@ from typing import Any
 from msgspec import Struct
 
 from runtime.economy import Economy
-from runtime.ledger import LedgerError, Transfer
+from runtime.ledger import LedgerError, Receipt, Transfer
 from runtime.pool import Outcome, TaskFailed
 from runtime.protocol import Invoke
 from runtime.store import Artifact, ArtifactInfo, Kind, Readable, Store, StoreError, WriteReceipt, check_id
@@ -97,6 +97,14 @@ class World:
         """The artifacts the agent can see."""
         return self.store.list(agent)
 
+    async def transfer(self, op: Transfer) -> Receipt:
+        """Move an asset between accounts (a rate right re-rates both buckets); the recipient gets a
+        ``transfer`` event addressed to it — news that may change what it decides."""
+        receipt = await self.economy.transfer_right(op)
+        if receipt.fresh:
+            self.emit("transfer", {"agent": op.dst, "from": op.src, "asset": op.asset, "amount": op.amount})
+        return receipt
+
     async def invoke_artifact(
         self,
         agent: str,
@@ -165,7 +173,7 @@ class World:
                         ),
                     )
                 try:
-                    await self.economy.transfer_right(
+                    await self.transfer(
                         Transfer(
                             id=f"invoke:{key}:{transferred}:{to}:{amount}",
                             src=agent,
@@ -184,16 +192,19 @@ class World:
         try:
             out = await self.economy.run(agent, spec, serve=serve)
         except TaskFailed as exc:
-            self.emit("artifact_invoked", {"agent": agent, "id": aid, "ok": False, "error": exc.code})
+            self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": exc.code})
             raise InvokeError(exc.code, exc.detail) from None
         result = json.loads(out.output)
         if not result.get("ok"):
-            self.emit("artifact_invoked", {"agent": agent, "id": aid, "ok": False, "error": result.get("error_code")})
+            self.emit(
+                "artifact_invoked",
+                {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": result.get("error_code")},
+            )
             raise InvokeError(result.get("error_code") or "code_error", result.get("error", ""), out)
         paid = 0
         if art.price and art.owner != agent:
             try:
-                await self.economy.transfer_right(
+                await self.transfer(
                     Transfer(
                         id=f"price:{key}",
                         src=agent,
@@ -206,7 +217,8 @@ class World:
                 paid = art.price
             except LedgerError as exc:
                 raise InvokeError("insufficient_funds", f"could not pay the price of `{aid}`: {exc}", out) from None
-        self.emit("artifact_invoked", {"agent": agent, "id": aid, "ok": True, "paid": paid})
+        # Addressed to the owner: someone used (and maybe paid for) its artifact.
+        self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": True, "paid": paid})
         return Invocation(
             value=result.get("value"),
             stdout=result.get("stdout", ""),

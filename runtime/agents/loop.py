@@ -287,7 +287,7 @@ class Agent:
                 asset="scrip",
                 amount=action.amount,
             )
-            await self.economy.transfer_right(op)
+            await w.transfer(op)
             return f"gave {action.amount} scrip to {action.to}"
         if isinstance(action, Remember):
             item = await asyncio.to_thread(

@@ -35,6 +35,7 @@ from runtime.ledger.lmdb import LmdbLedger
 from runtime.memory.qdrant import QdrantMemory
 from runtime.pool import WorkerPool
 from runtime.store.git import GitStore
+from runtime.supervisor import emitter
 from runtime.world import World
 
 T = TypeVar("T")
@@ -70,7 +71,7 @@ def with_runtime(tmp: Path, body: Callable[[Runtime], Awaitable[T]], **agent_fie
             open_economy(cfg, ledger, pool.info, buckets)
             async with pool:
                 eco = Economy(pool, ledger, buckets, Estimator(0.01))
-                world = World(store, eco)
+                world = World(store, eco, emitter(events))  # as the supervisor wires it
                 return await body(Runtime(world, events, memory))
         finally:
             memory.close()
@@ -293,3 +294,36 @@ def test_a_paid_model_is_charged_in_dollars_until_the_budget_is_spent(tmp_path: 
         assert ledger.balance("ann", "llm_budget") == 0
         minted, burned = ledger.supply()["llm_budget"]
         assert (minted, burned) == (3_000_000, 1_000_000)  # three budgets granted, ann's spent to the end
+
+
+def test_news_reaches_the_agent_it_concerns(tmp_path: Path) -> None:
+    """A transfer is news for its recipient, an invocation for the artifact's owner: both show in their
+    next context, and the agent's cursor moves past them."""
+
+    async def body(rt: Runtime) -> tuple[str, str]:
+        ann = Agent("ann", ScriptedBrain(rt.world.economy, [Noop()]), rt.world, rt.events, rt.memory)
+        ben = Agent(
+            "ben",
+            ScriptedBrain(
+                rt.world.economy,
+                [
+                    WriteArtifact(id="ben-tool", artifact_kind="code", content="world.result(1)"),
+                    TransferScrip(to="ann", amount=3),
+                ],
+            ),
+            rt.world,
+            rt.events,
+            rt.memory,
+        )
+        await ben.run(max_actions=2)
+        await rt.world.invoke_artifact("ann", "ben-tool")
+        # Events are queued, not awaited, by the world: let the invocation's become durable first.
+        assert await rt.events.wait("ben", kinds={"artifact_invoked"}, since=0, timeout=5)
+        ann_context, ben_context = ann.context(), ben.context()
+        await ann.step()
+        assert rt.events.cursor("ann") > 0
+        return ann_context, ben_context
+
+    ann_context, ben_context = with_runtime(tmp_path, body)
+    assert "transfer(from=ben, asset=scrip, amount=3)" in ann_context
+    assert "artifact_invoked(by=ann, id=ben-tool" in ben_context
