@@ -21,6 +21,7 @@ Databases in the environment: ``log`` (seq as big-endian u64 -> msgpack ``Event`
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import queue
@@ -28,6 +29,7 @@ import re
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -120,6 +122,9 @@ class EventLog:
         max_batch: int = 4096,
         map_size: int = 1 << 34,
     ) -> None:
+        #: Seqs of the events committed since this log was opened, per agent ("" for broadcasts): lets a
+        #: read for one agent skip everyone else's events. Appended by the writer thread only.
+        self._index: dict[str, array[int]] = {}
         #: (agent or "" for broadcasts, kind) -> newest seq, written by the writer thread only.
         self._latest: dict[tuple[str, str], int] = {}
         self.path = Path(path)
@@ -154,6 +159,9 @@ class EventLog:
         self._waiters: dict[str, set[_Waiter]] = {}
         self._wlock = threading.Lock()  # guards _waiters: registered on loops, matched on the writer
         self._writer: threading.Thread | None = None
+        # A read-only log sees other processes' writes: it never indexes, and always scans.
+        self._indexed_from = last if not readonly else 1 << 62
+        self._indexed_to = last
         if not readonly:
             self._last_at = self.read(last - 1)[0].at if last else 0.0
             self._writer = threading.Thread(target=self._write_loop, name="events-writer", daemon=True)
@@ -287,7 +295,9 @@ class EventLog:
         for ev in events:
             counts[ev.kind] = counts.get(ev.kind, 0) + 1
             latest[(ev.agent or "", ev.kind)] = latest[(ev.agent or "", ANY_KIND)] = ev.seq
+            self._index.setdefault(ev.agent or "", array("Q")).append(ev.seq)
         self.counts = counts
+        self._indexed_to = events[-1].seq
         self.notice(events)
         for notifier in self._notifiers:
             try:
@@ -351,6 +361,21 @@ class EventLog:
         kset = None if kinds is None else frozenset(kinds)
         filtered = kset is not None or agent is not None
         out: list[Event] = []
+        indexed_to = self._indexed_to
+        if agent is not None and since >= self._indexed_from and indexed_to > since:
+            # The agent's own index instead of a scan over everyone's events: O(its events).
+            seqs = sorted(self._tail(agent, since, indexed_to) + self._tail("", since, indexed_to))
+            with self.env.begin() as txn:
+                for seq in seqs:
+                    raw = txn.get(_SEQ.pack(seq), db=self._log)
+                    assert raw is not None, f"invariant: indexed event {seq} is in the log"
+                    if kset is not None and _head_dec.decode(raw).kind not in kset:
+                        continue
+                    out.append(_event_dec.decode(raw))
+                    if limit is not None and len(out) >= limit:
+                        return out
+            since = indexed_to  # what was committed after the index was last updated: scanned below
+            limit = None if limit is None else limit - len(out)
         with self.env.begin() as txn:
             cur = txn.cursor(db=self._log)
             if not cur.set_range(_SEQ.pack(since + 1)):
@@ -366,6 +391,12 @@ class EventLog:
                 if limit is not None and len(out) >= limit:
                     break
         return out
+
+    def _tail(self, key: str, since: int, upto: int) -> list[int]:
+        seqs = self._index.get(key)
+        if not seqs:
+            return []
+        return [s for s in seqs[bisect.bisect_right(seqs, since) :] if s <= upto]
 
     def cursor(self, agent: str) -> int:
         """The agent's persisted cursor (0 if it never set one)."""

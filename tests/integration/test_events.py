@@ -705,3 +705,25 @@ def test_the_observer_cli_prints_json_lines(make_log: Make, tmp_path: Path) -> N
 
 if __name__ == "__main__":
     sys.exit(crash_writer())
+
+
+def test_a_read_for_one_agent_from_its_index_equals_a_full_scan(tmp_path: Path) -> None:
+    """Reads for an agent use an in-memory index of the events committed since the log was opened;
+    an unfiltered read scans the log: filtering that scan by hand must give the same events."""
+    rng = random.Random(3)
+    agents = ["a", "b", "c", None]
+    log = EventLog(tmp_path / "ev")
+    try:
+        for i in range(300):
+            log.append(rng.choice(["transfer", "artifact_invoked", "action"]), rng.choice(agents), i=i)
+        for since in (0, 1, 57, 150, 299, 300):
+            everything = log.read(since)
+            for agent in ("a", "b", "z"):
+                for kinds in (None, {"transfer"}, {"transfer", "artifact_invoked"}):
+                    expected = [e for e in everything if concerns(e, kinds, agent)]
+                    for limit in (None, 1, 7):
+                        got = log.read(since, agent=agent, kinds=kinds, limit=limit)
+                        assert got == (expected if limit is None else expected[:limit]), (since, agent, kinds)
+        assert log.read(0, agent="a") and all(e.agent in ("a", None) for e in log.read(0, agent="a"))
+    finally:
+        log.close()
