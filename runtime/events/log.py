@@ -39,6 +39,7 @@ import lmdb
 import msgspec
 
 from runtime.events import ANY_KIND, MAX_FIELDS_BYTES, ErrorCode, Event, EventError, Notifier
+from runtime.groupcommit import serve_batches
 
 if TYPE_CHECKING:
     from runtime.events import Events
@@ -231,21 +232,11 @@ class EventLog:
             self._queue.put(item)
 
     def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._commit(batch)
-                    return
-                batch.append(nxt)
+        def commit(batch: list[_Item]) -> None:
+            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
             self._commit(batch)
+
+        serve_batches(self._queue, self._max_batch, commit)
 
     def _commit(self, batch: list[_Item]) -> None:
         events: list[Event] = []

@@ -26,6 +26,7 @@ import lmdb
 import msgspec
 
 from runtime.buckets import BucketState
+from runtime.groupcommit import serve_batches
 from runtime.ledger import (
     SYSTEM_ACCOUNTS,
     AccountKind,
@@ -155,21 +156,11 @@ class LmdbLedger:
         return self.submit(op).result()
 
     def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._commit(batch)
-                    return
-                batch.append(nxt)
+        def commit(batch: list[_Item]) -> None:
+            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
             self._commit(batch)
+
+        serve_batches(self._queue, self._max_batch, commit)
 
     def _commit(self, batch: list[_Item]) -> None:
         outcomes: list[tuple[Future[Receipt], Receipt | BaseException]] = []

@@ -81,6 +81,7 @@ from dulwich.pack import (
 from dulwich.refs import DiskRefsContainer, Ref
 from dulwich.repo import Repo
 
+from runtime.groupcommit import serve_batches
 from runtime.store import (
     AGENT_PATTERN,
     KINDS,
@@ -433,24 +434,11 @@ class GitStore:
     # -------------------------------------------------------------------------------- writer
 
     def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+        def commit(batch: list[_Item]) -> None:
+            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
             self._commit(batch)
-            if stop:
-                return
+
+        serve_batches(self._queue, self._max_batch, commit)
 
     def _commit(self, batch: list[_Item]) -> None:
         if self._broken is not None:
