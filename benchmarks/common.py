@@ -19,10 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -231,6 +231,49 @@ def write_json(path: Path, obj: msgspec.Struct) -> None:
     """Write ``obj`` as indented JSON, creating the directory if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
+
+
+class Skipped(msgspec.Struct):
+    """A system that failed, and why."""
+
+    name: str
+    reason: str
+
+
+class Runnable(Protocol):
+    """A system under test: ``runner(fresh_dir, seconds)`` sets up, measures, verifies and cleans up."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def describe(self) -> str: ...
+    @property
+    def runner(self) -> Callable[[Path, float], object]: ...
+
+
+S = TypeVar("S", bound=Runnable)
+
+
+def measure_each(
+    systems: Sequence[S], tmp: Path, duration: float, skipped: list[Skipped]
+) -> Iterator[tuple[S, object]]:
+    """Run each system in a fresh directory under ``tmp`` and yield what it measured. A system that
+    fails is printed and recorded in ``skipped``; the others go on (one failure must not cost the
+    others' numbers)."""
+    for system in systems:
+        tag = f"[{system.name}]"
+        print(f"{tag} starting: {system.describe}", flush=True)
+        where = tmp / system.name
+        where.mkdir()
+        try:
+            measured = system.runner(where, duration)
+        except Exception as exc:
+            print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            skipped.append(Skipped(system.name, f"{type(exc).__name__}: {exc}"))
+            continue
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+        yield system, measured
 
 
 def publish(json_path: Path, report: msgspec.Struct, plot: Callable[[Path], None]) -> None:

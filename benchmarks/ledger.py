@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.common import Options, host_info, publish
+from benchmarks.common import Options, Skipped, host_info, measure_each, publish
 from runtime.ledger import LedgerError, Mint, OpenAccount, Receipt, Transfer
 from runtime.ledger.check import check
 from runtime.ledger.lmdb import LmdbLedger
@@ -63,13 +63,6 @@ class Entry(msgspec.Struct, omit_defaults=True):
     describe: str
     #: For ``lmdb-group``: which of the group-commit modes it reports.
     best_of: str | None = None
-
-
-class Skipped(msgspec.Struct):
-    """A system that failed, and why."""
-
-    name: str
-    reason: str
 
 
 class Report(msgspec.Struct):
@@ -475,22 +468,10 @@ def run(opts: Options) -> int:
     )
     entries: list[Entry] = []
     skipped: list[Skipped] = []
-    failed = False
     try:
-        for system in SYSTEMS:
+        for system, m in measure_each(SYSTEMS, tmp, duration, skipped):
+            assert isinstance(m, Measured)
             tag = f"[{system.name}]"
-            print(f"{tag} starting: {system.describe}", flush=True)
-            where = tmp / system.name
-            where.mkdir()
-            try:
-                m = system.runner(where, duration)
-            except Exception as exc:  # one system's failure must not cost the others' numbers
-                print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
-                skipped.append(Skipped(system.name, f"{type(exc).__name__}: {exc}"))
-                failed = True
-                continue
-            finally:
-                shutil.rmtree(where, ignore_errors=True)
             e = Entry(
                 name=system.name,
                 transfers_per_s=round(m.transfers / m.seconds, 1),
@@ -521,4 +502,4 @@ def run(opts: Options) -> int:
     report = Report("ledger", mode, host, duration, entries, skipped)
     note = f"{host['cpus_usable']} CPUs, raw fdatasync {host['fdatasync_per_s']:,.0f}/s, {mode} run"
     publish(opts.json_path, report, lambda png: plot(entries, png, note) if entries else None)
-    return 1 if failed else 0
+    return 1 if skipped else 0

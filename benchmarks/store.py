@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from benchmarks.common import Options, host_info, publish
+from benchmarks.common import Options, Skipped, host_info, measure_each, publish
 from runtime.pool import WorkerPool
 from runtime.protocol import Invoke
 from runtime.store import WriteReceipt, verify
@@ -75,13 +75,6 @@ class Entry(msgspec.Struct, omit_defaults=True):
     #: Every counted write was on disk (fsync'd) before it was counted (reads: not applicable).
     durable: bool
     describe: str
-
-
-class Skipped(msgspec.Struct):
-    """A system that failed, and why."""
-
-    name: str
-    reason: str
 
 
 class Report(msgspec.Struct):
@@ -588,22 +581,10 @@ def run(opts: Options) -> int:
     )
     entries: list[Entry] = []
     skipped: list[Skipped] = []
-    failed = False
     try:
-        for system in SYSTEMS:
+        for system, m in measure_each(SYSTEMS, tmp, duration, skipped):
+            assert isinstance(m, Measured)
             tag = f"[{system.name}]"
-            print(f"{tag} starting: {system.describe}", flush=True)
-            where = tmp / system.name
-            where.mkdir()
-            try:
-                m = system.runner(where, duration)
-            except Exception as exc:  # one system's failure must not cost the others' numbers
-                print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
-                skipped.append(Skipped(system.name, f"{type(exc).__name__}: {exc}"))
-                failed = True
-                continue
-            finally:
-                shutil.rmtree(where, ignore_errors=True)
             e = Entry(
                 name=system.name,
                 ops_per_s=round(m.ops / m.seconds, 1),
@@ -626,4 +607,4 @@ def run(opts: Options) -> int:
     report = Report("store", mode, host, duration, SIZE, entries, ratios, skipped)
     note = f"{host['cpus_usable']} CPUs, dulwich {host['packages']['dulwich']}, {host['git']}, {mode} run"
     publish(opts.json_path, report, lambda png: plot(entries, png, note) if entries else None)
-    return 1 if failed else 0
+    return 1 if skipped else 0
