@@ -21,7 +21,6 @@ exactly the same work. CPU per token is the task's measured CPU in the pool, and
 from __future__ import annotations
 
 import asyncio
-import json
 import resource
 import statistics
 import tempfile
@@ -36,39 +35,13 @@ from benchmarks.common import Options, host_info, publish
 from native.llama import Generation, InvalidOutput, LlamaBackend
 from native.models import default_model
 from native.tiny_model import write_tiny_model
+from runtime.agents.schema import ACTION_SCHEMA_BYTES
 from runtime.pool import WorkerPool
 from runtime.protocol import Think
 from workers.think import ThinkOutput
 
 TARGET_RATIO = 0.90
 SYSTEM = "You are an agent in a small economy. Answer with exactly one action as JSON."
-ACTION_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {
-            "type": "object",
-            "properties": {"action": {"const": "noop"}},
-            "required": ["action"],
-            "additionalProperties": False,
-        },
-        {
-            "type": "object",
-            "properties": {"action": {"const": "sleep"}, "seconds": {"enum": [1, 2, 5]}},
-            "required": ["action", "seconds"],
-            "additionalProperties": False,
-        },
-        {
-            "type": "object",
-            "properties": {
-                "action": {"const": "write_artifact"},
-                "id": {"type": "string", "pattern": "^[a-z]{1,12}$"},
-                "content": {"type": "string", "pattern": "^[a-z ]{0,40}$"},
-            },
-            "required": ["action", "id", "content"],
-            "additionalProperties": False,
-        },
-    ]
-}
-ACTION_BYTES = json.dumps(ACTION_SCHEMA).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +55,9 @@ class Workload:
 
 
 WORKLOADS = (
-    Workload("constrained", ACTION_BYTES, 128, "one action as JSON, grammar-constrained to the action union"),
+    Workload(
+        "constrained", ACTION_SCHEMA_BYTES, 160, "one action as JSON, grammar-constrained to the agents' action schema"
+    ),
     Workload("free", b"", 64, "free text, up to 64 tokens"),
 )
 
