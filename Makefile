@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 test: lint
+	scripts/ensure-services
 	$(PY) -m pytest
 
 bench: $(STAMP)

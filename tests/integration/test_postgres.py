@@ -1,0 +1,109 @@
+"""Connecting to PostgreSQL (retry while refused, fail fast when rejected) and concurrent migrations."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+
+from runtime.postgres import DatabaseUnavailable, connect, migrate, redact
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_redact_hides_only_the_password() -> None:
+    assert redact("postgresql://agent:s3cret@db:5432/eco") == "postgresql://agent:***@db:5432/eco"
+    assert redact("postgresql://agent@db/eco") == "postgresql://agent@db/eco"
+
+
+def test_a_url_of_another_scheme_is_refused_at_once() -> None:
+    with pytest.raises(DatabaseUnavailable, match=r"POSTGRES_URL='mysql://x' is not a PostgreSQL URL"):
+        connect("mysql://x")
+
+
+def test_an_unknown_database_is_rejected_at_once_with_the_url(pg_url: str) -> None:
+    bad = pg_url.rpartition("/")[0] + "/no_such_db_here"
+    t0 = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match=r"rejected by the server.*no_such_db_here"):
+        connect(bad, deadline_s=20)
+    assert time.monotonic() - t0 < 5, "a rejected login must not be retried until the deadline"
+
+
+def test_a_server_that_never_answers_fails_after_the_deadline_and_hides_the_password() -> None:
+    url = f"postgresql://agent:hunter2@127.0.0.1:{_free_port()}/eco"
+    t0 = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match=r"no PostgreSQL server answered within 1 s") as info:
+        connect(url, deadline_s=1.0, log=False)
+    assert "hunter2" not in str(info.value) and ":***@" in str(info.value)
+    assert 0.9 <= time.monotonic() - t0 < 10
+
+
+def test_a_server_slow_to_come_up_is_waited_for(pg_url: str) -> None:
+    """A TCP relay that starts listening 1 s late stands for a server still starting."""
+    port = _free_port()
+    target = pg_url.split("@", 1)[1].split("/", 1)[0]
+    host, _, tport = target.partition(":")
+
+    def relay() -> None:
+        time.sleep(1.0)
+        srv = socket.create_server(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        up = socket.create_connection((host, int(tport or 5432)))
+
+        def pump(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                b.close()
+
+        threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+        pump(up, conn)
+        srv.close()
+
+    threading.Thread(target=relay, daemon=True).start()
+    late = pg_url.replace(target, f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with connect(late, deadline_s=15, log=False) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert time.monotonic() - t0 >= 0.9
+
+
+def test_concurrent_migrations_apply_each_step_once(pg_url: str) -> None:
+    steps = [
+        "CREATE TABLE t (x integer)",
+        "INSERT INTO t VALUES (1)",
+        "INSERT INTO t VALUES (2)",
+    ]
+    errors: list[BaseException] = []
+
+    def node() -> None:
+        try:
+            with connect(pg_url) as conn:
+                assert migrate(conn, "demo", steps) == 3
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT x FROM t ORDER BY x").fetchall() == [(1,), (2,)]
+        versions = conn.execute("SELECT version FROM aeco_migrations WHERE component = 'demo' ORDER BY 1").fetchall()
+        assert versions == [(1,), (2,), (3,)]
+        # A later release adds a step; an older node then refuses a schema newer than it knows.
+        assert migrate(conn, "demo", [*steps, "INSERT INTO t VALUES (3)"]) == 4
+        with pytest.raises(DatabaseUnavailable, match="newer than this code knows"):
+            migrate(conn, "demo", steps)
