@@ -134,6 +134,6 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str, steps:
                 f"({len(steps)}); upgrade this node"
             )
         for version, sql in enumerate(steps[done:], start=done + 1):
-            conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute(sql)
             conn.execute("INSERT INTO aeco_migrations (component, version) VALUES (%s, %s)", (component, version))
     return len(steps)

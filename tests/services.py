@@ -29,7 +29,7 @@ def create_database() -> str:
     """Create an empty database and return its URL (as the administrative role)."""
     name = f"aeco_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'CREATE DATABASE "{name}"')
     return _with_db(ADMIN_URL, name)
 
 
@@ -37,7 +37,7 @@ def drop_database(url: str) -> None:
     """Drop a database made by ``create_database``, closing whatever still connects to it."""
     name = url.rpartition("/")[2]
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
