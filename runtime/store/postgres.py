@@ -250,7 +250,7 @@ def ensure_agent_login(conn: psycopg.Connection[Any], name: str, password: str |
     secret = sql.SQL(" PASSWORD {}").format(sql.Literal(password)) if password is not None else sql.SQL("")
     role = sql.Identifier(name)
     with conn.transaction():
-        exists = conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
         verb = "ALTER" if exists else "CREATE"
         conn.execute(
             sql.SQL("{} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS{}").format(
@@ -516,7 +516,7 @@ class PostgresStore:
         # EXCLUSIVE: waits for every batch in flight (of every node) and keeps new ones out, so that the
         # state at the target is final and nothing lands between reading it and restoring it.
         conn.execute("LOCK TABLE store_artifacts IN EXCLUSIVE MODE")
-        if conn.execute("SELECT FROM store_commits WHERE id = %s", (op.target,)).fetchone() is None:
+        if conn.execute("SELECT 1 FROM store_commits WHERE id = %s", (op.target,)).fetchone() is None:
             raise StoreError("not_found", f"no commit {op.target} in the store's history")
         row = conn.execute(
             "INSERT INTO store_commits (author, at, action, subject)"
@@ -648,7 +648,7 @@ class PostgresStore:
             raise StoreError("invalid", f"{commit!r} is not a commit id (a decimal number)")
         n = int(want)
         with self._translated("the history"):
-            found = n <= _MAX_BIGINT and bool(self._query("SELECT FROM store_commits WHERE id = %s", (n,)))
+            found = n <= _MAX_BIGINT and bool(self._query("SELECT 1 FROM store_commits WHERE id = %s", (n,)))
         if not found:
             raise StoreError("not_found", f"no commit {want} in the store's history")
         return n
