@@ -139,7 +139,7 @@ class PostgresBackend:
         dbname = store.url.rpartition("/")[2]
         url = next(u for u in self.urls.values() if u.rpartition("/")[2] == dbname)
         with psycopg.connect(url, autocommit=True) as conn:
-            return conn.execute(query).fetchall()  # type: ignore[arg-type]
+            return conn.execute(query).fetchall()
 
     def head(self, store: Any) -> str:
         """The highest commit id in ``store_commits``."""

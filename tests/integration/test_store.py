@@ -27,8 +27,18 @@ import pytest
 
 from runtime.store import Artifact, ArtifactInfo, Kind, Readable, Store, StoreError, WriteReceipt, check_id, verify
 from runtime.store.git import GitStore
-from tests.integration.store_backends import BACKENDS, Backend, GitBackend, assert_fsck, git, git_head, usage_by_git
+from tests.integration.store_backends import (
+    BACKENDS,
+    Backend,
+    GitBackend,
+    PostgresBackend,
+    assert_fsck,
+    git,
+    git_head,
+    usage_by_git,
+)
 from tests.integration.store_crash_writer import agent_for, content_for, version_of
+from tests.services import ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[2]
 Make = Callable[..., GitStore]
@@ -891,3 +901,78 @@ def test_leftovers_of_a_killed_writer_are_cleaned_up_on_open(make_store: Make) -
     store.write("alice", "b", b"y", quota=BIG)
     assert [a.id for a in store.list("bob")] == ["a", "b"] and verify(store) == []
     assert_fsck(store.path)
+
+
+# ------------------------------------------------------------------------------ operator commands
+
+
+def _admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    clean = {k: v for k, v in os.environ.items() if k != "POSTGRES_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.admin", *args],
+        capture_output=True,
+        cwd=REPO,
+        env=dict(clean, PYTHONPATH=str(REPO), **(env or {})),
+        timeout=120,
+    )
+
+
+def test_admin_history_show_and_rollback_work_the_same_on_both_backends(store_backend: Backend, tmp_path: Path) -> None:
+    url = empty_url = ""
+    if isinstance(store_backend, PostgresBackend):
+        url, empty_url = store_backend.url("artifacts"), store_backend.url("empty")
+    pg = bool(url)
+    store = store_backend.open("artifacts")  # Git: tmp_path/artifacts.git, the data directory's store
+    where = ["--data-dir", str(tmp_path)] + (["--postgres", url] if pg else [])
+    c1 = store.write("alice", "doc", b"first version", quota=BIG).commit
+    c2 = store.write("alice", "doc", b"second", price=3, quota=BIG).commit
+    store.write("bob", "later", b"after both", quota=BIG)
+    store.close()  # the Git store has one writer; PostgreSQL does not mind, but the same steps suit both
+    res = _admin(*where, "history", "doc")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == [c2, c1]
+    assert all(line.split()[3:] == ["alice", "write", line.split()[5], "B"] for line in lines)
+    assert [int(line.split()[5]) for line in lines] == [6, 13]
+    res = _admin(*where, "show", f"doc@{c1}")
+    assert res.returncode == 0 and res.stdout == b"first version", res.stderr
+    assert f"doc at {c1}: data, owner alice, 13 B".encode() in res.stderr
+    # PostgreSQL: the URL may come from the environment instead.
+    env = {"POSTGRES_URL": url} if pg else None
+    res = _admin("--data-dir", str(tmp_path), "rollback", "--to", c1, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.decode().startswith(f"rolled back to {c1}: new HEAD ")
+    assert "'alice': 13" in res.stdout.decode()
+    store = store_backend.open("artifacts")
+    last = store.last_commit()
+    assert (last.action, last.author) == ("reset", "operator")
+    assert store.read("bob", "doc").content == b"first version" and store.usage() == {"alice": 13}
+    assert [h.action for h in store.history("later")] == ["reset", "write"]
+    store.close()
+    # Mistakes are said, and change nothing.
+    unknown = "999999" if pg else "ffffff"
+    for args, code, words in [
+        (("show", "doc"), 2, "expected ID@COMMIT"),
+        (("history", "../x"), 1, "invalid_id"),
+        (("show", f"doc@{unknown}"), 1, "not_found: no commit"),
+        (("rollback", "--to", "nonsense!"), 1, "invalid: 'nonsense!' is not a commit id"),
+    ]:
+        res = _admin(*where, *args)
+        assert res.returncode == code and words in res.stderr.decode(), (args, res.stderr)
+    store = store_backend.open("artifacts")
+    assert store.head() == last.commit
+    store.close()
+    # No store at all: refused, none created.
+    empty = ["--data-dir", str(tmp_path / "nothing")] + (["--postgres", empty_url] if pg else [])
+    res = _admin(*empty, "history", "doc")
+    assert res.returncode == 2 and "no artifact store" in res.stderr.decode(), res.stderr
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_admin_names_an_unusable_database_without_its_password(tmp_path: Path) -> None:
+    host = ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]
+    url = f"postgresql://ops:hunter2@{host}/no_such_database_here"
+    res = _admin("--data-dir", str(tmp_path), "--postgres", url, "history", "x")
+    err = res.stderr.decode()
+    assert res.returncode == 2 and "rejected by the server" in err, err
+    assert "hunter2" not in err and "ops:***@" in err, err

@@ -40,7 +40,7 @@ def agent_role() -> Iterator[str]:
     name = f"aeco_t_agent_{uuid.uuid4().hex[:10]}"
     yield name
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP ROLE IF EXISTS "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'DROP ROLE IF EXISTS "{name}"')
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_the_agent_role_cannot_read_history_or_the_ledger_but_the_operator_can(
     with psycopg.connect(_as(pg_url, agent_role), autocommit=True) as conn:
         for table in OPERATOR_TABLES:
             with pytest.raises(errors.InsufficientPrivilege, match=f"permission denied for table {table}"):
-                conn.execute(f"SELECT * FROM {table}")  # type: ignore[arg-type]
+                conn.execute(f"SELECT * FROM {table}")
         # ...and it may touch no table but the current artifacts, whatever exists in the schema.
         granted = conn.execute(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -136,11 +136,10 @@ def test_the_agent_role_cannot_forge_history_ownership_or_a_reset(
             conn.execute("UPDATE store_artifacts SET owner = 'mallory' WHERE id = 'doc'")
         conn.execute("UPDATE store_artifacts SET creator = 'mallory', created = 0, price = 5 WHERE id = 'doc'")
         # Claiming to be part of a reset: refused, the reset commit must be this transaction's own.
-        with conn.transaction():
+        with conn.transaction(force_rollback=True):
             conn.execute("SELECT set_config('aeco.store_reset', %s, true)", (receipt.commit,))
             with pytest.raises(errors.InsufficientPrivilege, match="not a reset commit made by this transaction"):
                 conn.execute("DELETE FROM store_artifacts WHERE id = 'doc'")
-            raise psycopg.Rollback
         # Security-definer functions other than store_head() are not callable by agents.
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("SELECT store_append_only()")
@@ -184,7 +183,7 @@ def test_history_is_append_only_even_for_the_operator(pg_url: str, stores: Calla
             "TRUNCATE store_commits CASCADE",
         ):
             with pytest.raises(errors.InsufficientPrivilege, match="is append-only"):
-                conn.execute(sql)  # type: ignore[arg-type]
+                conn.execute(sql)
         # The current table may change (that is a write), and the change is recorded, not overwritten.
         conn.execute("UPDATE store_artifacts SET content = 'three' WHERE id = 'doc'")
     assert store.history("doc")[1:] == history and store.history("doc")[0].size == 5
