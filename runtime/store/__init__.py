@@ -23,12 +23,16 @@ Both validate requests with ``write_op``/``delete_op`` and apply the rules with 
 from __future__ import annotations
 
 import builtins
+import queue
 import re
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 from msgspec import Meta, Struct
+
+from runtime.groupcommit import serve_batches
 
 #: Artifact ids: an ASCII letter or digit, then up to 127 letters, digits, ``_`` or ``-``. No dots and
 #: no slashes, so an id is always one safe path component (and ``<id>.meta.json`` never collides).
@@ -351,6 +355,102 @@ def failed(exc: BaseException) -> Future[Any]:
     fut.set_running_or_notify_cancel()
     fut.set_exception(exc)
     return fut
+
+
+class QueuedWriter:
+    """The request side of a group-committing store: validated requests go to a queue with a future
+    each, and one writer thread hands them in batches to ``_commit`` (which resolves every future).
+
+    A subclass calls ``_start_writer`` once it is ready to write, implements ``_commit(batch)`` and
+    calls ``_stop_writer`` from its ``close``.
+    """
+
+    #: (operation, future) pairs; the operations are the subclass's own types.
+    _queue: queue.SimpleQueue[tuple[Any, Future[Any]] | None]
+
+    def _start_writer(self, name: str, max_batch: int) -> None:
+        self._queue = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._max_batch = max_batch
+        self._writer = threading.Thread(target=self._write_loop, name=name, daemon=True)
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        def commit(batch: builtins.list[tuple[Any, Future[Any]]]) -> None:
+            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
+            self._commit(batch)
+
+        serve_batches(self._queue, self._max_batch, commit)
+
+    def _commit(self, batch: builtins.list[tuple[Any, Future[Any]]]) -> None:
+        raise NotImplementedError
+
+    def _stop_writer(self) -> bool:
+        """Let the writer finish what is queued and stop; False when it was already stopped."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._queue.put(None)
+        self._writer.join()
+        return True
+
+    def _submit(self, op: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        # Running from the start: a queued operation cannot be withdrawn (cancelling only stops the
+        # waiting), and the writer may always resolve it.
+        fut.set_running_or_notify_cancel()
+        with self._lock:
+            if self._closed:
+                fut.set_exception(StoreError("closed", "the store is closed"))
+                return fut
+            self._queue.put((op, fut))
+        return fut
+
+    def submit_write(
+        self,
+        agent: str,
+        id: str,
+        content: bytes,
+        *,
+        kind: Kind = "data",
+        price: int = 0,
+        readable: Readable = "public",
+        quota: int,
+    ) -> Future[WriteReceipt]:
+        """Queue a write; the future resolves once it is durable (or with the ``StoreError``)."""
+        try:
+            op = write_op(agent, id, content, kind, price, readable, quota)
+        except StoreError as exc:
+            return failed(exc)
+        return self._submit(op)
+
+    def write(
+        self,
+        agent: str,
+        id: str,
+        content: bytes,
+        *,
+        kind: Kind = "data",
+        price: int = 0,
+        readable: Readable = "public",
+        quota: int,
+    ) -> WriteReceipt:
+        """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is durable."""
+        return self.submit_write(agent, id, content, kind=kind, price=price, readable=readable, quota=quota).result()
+
+    def submit_delete(self, agent: str, id: str) -> Future[str]:
+        """Queue a delete; the future resolves with the commit once it is durable."""
+        try:
+            op = delete_op(agent, id)
+        except StoreError as exc:
+            return failed(exc)
+        return self._submit(op)
+
+    def delete(self, agent: str, id: str) -> str:
+        """Delete ``id`` (its owner only); return the commit once it is durable."""
+        return self.submit_delete(agent, id).result()
 
 
 def verify(store: Store) -> list[str]:

@@ -49,7 +49,6 @@ import hashlib
 import logging
 import mmap
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -81,7 +80,6 @@ from dulwich.pack import (
 from dulwich.refs import DiskRefsContainer, Ref
 from dulwich.repo import Repo
 
-from runtime.groupcommit import serve_batches
 from runtime.store import (
     AgentName,
     Artifact,
@@ -91,6 +89,7 @@ from runtime.store import (
     HistoryEntry,
     Kind,
     Price,
+    QueuedWriter,
     Readable,
     Size,
     StoreError,
@@ -100,9 +99,6 @@ from runtime.store import (
     check_delete,
     check_id,
     check_write,
-    delete_op,
-    failed,
-    write_op,
 )
 
 BRANCH = Ref(b"refs/heads/main")
@@ -213,7 +209,7 @@ def _idx_count(idx: Path) -> int:
     return count
 
 
-class GitStore:
+class GitStore(QueuedWriter):
     """The Git artifact store at ``path`` (a bare repository, created if missing).
 
     ``durable=False`` skips every fsync (for tests of logic, never for real runs). ``max_batch`` bounds
@@ -232,7 +228,6 @@ class GitStore:
         self.path = Path(path)
         self.index_path = Path(f"{self.path}.index")
         self._durable = durable
-        self._max_batch = max_batch
         self._max_packs = max(2, max_packs)
         self._pack_dir = self.path / "objects" / "pack"
         if not (self.path / "HEAD").exists():
@@ -288,11 +283,7 @@ class GitStore:
         self._dirs: dict[str, dict[bytes, tuple[int, ObjectID]]] = {}
         self._tip_tree = commit.tree
         self._broken: str | None = None
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._closed = False
-        self._lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
-        self._writer.start()
+        self._start_writer("store-writer", max_batch)
 
     # ------------------------------------------------------------------------------- opening
 
@@ -340,62 +331,6 @@ class GitStore:
 
     # ------------------------------------------------------------------------------ requests
 
-    def _submit(self, op: _Op) -> Future[Any]:
-        fut: Future[Any] = Future()
-        # Running from the start: a queued operation cannot be withdrawn (cancelling only stops the
-        # waiting), and the writer may always resolve it.
-        fut.set_running_or_notify_cancel()
-        with self._lock:
-            if self._closed:
-                fut.set_exception(StoreError("closed", "the store is closed"))
-                return fut
-            self._queue.put((op, fut))
-        return fut
-
-    def submit_write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> Future[WriteReceipt]:
-        """Queue a write; the future resolves once it is durable (or with the ``StoreError``)."""
-        try:
-            op = write_op(agent, id, content, kind, price, readable, quota)
-        except StoreError as exc:
-            return failed(exc)
-        return self._submit(op)
-
-    def write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> WriteReceipt:
-        """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is durable."""
-        return self.submit_write(agent, id, content, kind=kind, price=price, readable=readable, quota=quota).result()
-
-    def submit_delete(self, agent: str, id: str) -> Future[str]:
-        """Queue a delete; the future resolves with the commit once it is durable."""
-        try:
-            op = delete_op(agent, id)
-        except StoreError as exc:
-            return failed(exc)
-        return self._submit(op)
-
-    def delete(self, agent: str, id: str) -> str:
-        """Delete ``id`` (its owner only); return the commit once it is durable."""
-        return self.submit_delete(agent, id).result()
-
     def rollback(self, to_commit: str, operator: str = "system") -> str:
         """A new commit, authored by ``operator``, whose tree is ``to_commit``'s (a commit of HEAD's
         history, by full id or unique prefix); the index and usage follow. Return the new commit."""
@@ -405,13 +340,6 @@ class GitStore:
         return fut.result()
 
     # -------------------------------------------------------------------------------- writer
-
-    def _write_loop(self) -> None:
-        def commit(batch: list[_Item]) -> None:
-            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
-            self._commit(batch)
-
-        serve_batches(self._queue, self._max_batch, commit)
 
     def _commit(self, batch: list[_Item]) -> None:
         if self._broken is not None:
@@ -913,12 +841,8 @@ class GitStore:
 
     def close(self) -> None:
         """Apply what is queued, stop the writer, and release the index, the packs and the lock."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._writer.join()
+        if not self._stop_writer():
+            return
         self.env.close()
         self._wobjects.close()
         with self._robjects_lock:

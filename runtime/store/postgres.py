@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import queue
 import re
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -55,7 +53,6 @@ import psycopg
 from psycopg import errors, sql
 from psycopg_pool import ConnectionPool
 
-from runtime.groupcommit import serve_batches
 from runtime.postgres import connect, migrate, redact
 from runtime.store import (
     Artifact,
@@ -63,8 +60,7 @@ from runtime.store import (
     CommitInfo,
     DeleteOp,
     HistoryEntry,
-    Kind,
-    Readable,
+    QueuedWriter,
     StoreError,
     WriteOp,
     WriteReceipt,
@@ -72,9 +68,6 @@ from runtime.store import (
     check_delete,
     check_id,
     check_write,
-    delete_op,
-    failed,
-    write_op,
 )
 
 #: The group role of every login role the agent-facing path connects with.
@@ -281,7 +274,7 @@ def _info(aid: str, row: tuple[Any, ...]) -> ArtifactInfo:
     return ArtifactInfo(aid, kind, creator, owner, int(price), readable, float(created), float(updated), int(size))
 
 
-class PostgresStore:
+class PostgresStore(QueuedWriter):
     """The artifact store in the PostgreSQL database at ``url`` (the operator's URL: its role owns the
     schema, which is created or migrated on open).
 
@@ -312,7 +305,6 @@ class PostgresStore:
         self.url = agent_url if agent_url is not None else url
         self._what = "the agent URL" if agent_url is not None else "POSTGRES_URL"
         self._deadline_s = deadline_s
-        self._max_batch = max_batch
         self._wconn = connect(self.url, what=self._what, deadline_s=deadline_s, autocommit=True)
         try:
             self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
@@ -328,67 +320,9 @@ class PostgresStore:
         except BaseException:
             self._wconn.close()
             raise
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._closed = False
-        self._lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_loop, name="pg-store-writer", daemon=True)
-        self._writer.start()
+        self._start_writer("pg-store-writer", max_batch)
 
     # ------------------------------------------------------------------------------ requests
-
-    def _submit(self, op: _Op) -> Future[Any]:
-        fut: Future[Any] = Future()
-        fut.set_running_or_notify_cancel()  # a queued operation cannot be withdrawn
-        with self._lock:
-            if self._closed:
-                fut.set_exception(StoreError("closed", "the store is closed"))
-                return fut
-            self._queue.put((op, fut))
-        return fut
-
-    def submit_write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> Future[WriteReceipt]:
-        """Queue a write; the future resolves once its transaction committed (or with the ``StoreError``)."""
-        try:
-            op = write_op(agent, id, content, kind, price, readable, quota)
-        except StoreError as exc:
-            return failed(exc)
-        return self._submit(op)
-
-    def write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> WriteReceipt:
-        """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is committed."""
-        return self.submit_write(agent, id, content, kind=kind, price=price, readable=readable, quota=quota).result()
-
-    def submit_delete(self, agent: str, id: str) -> Future[str]:
-        """Queue a delete; the future resolves with the commit once it is committed."""
-        try:
-            op = delete_op(agent, id)
-        except StoreError as exc:
-            return failed(exc)
-        return self._submit(op)
-
-    def delete(self, agent: str, id: str) -> str:
-        """Delete ``id`` (its owner only); return the commit once it is committed."""
-        return self.submit_delete(agent, id).result()
 
     def rollback(self, to_commit: str, operator: str = "system") -> str:
         """A new commit, authored by ``operator``, that makes every artifact what it was at ``to_commit``;
@@ -399,14 +333,6 @@ class PostgresStore:
         return fut.result()
 
     # -------------------------------------------------------------------------------- writer
-
-    def _write_loop(self) -> None:
-        def commit(batch: list[_Item]) -> None:
-            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
-            self._commit(batch)
-
-        serve_batches(self._queue, self._max_batch, commit)
-        self._wconn.close()
 
     def _commit(self, batch: list[_Item]) -> None:
         """Apply a batch: its writes and deletes in one transaction; a reset, rare, in one of its own."""
@@ -684,13 +610,9 @@ class PostgresStore:
 
     def close(self) -> None:
         """Apply what is queued, stop the writer, and close the connections."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._writer.join()
-        self._pool.close()
+        if self._stop_writer():
+            self._wconn.close()
+            self._pool.close()
 
     def __enter__(self) -> PostgresStore:
         return self
