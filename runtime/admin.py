@@ -6,8 +6,9 @@ The ledger:
 - ``journal [--since SEQ] [--limit N]``: the append-only journal, one operation per line (JSON);
 - ``check``: the ledger's invariants; exit status 1 when one is violated.
 
-The artifact store's history, which no agent can reach (the store is single-writer: stop the
-supervisor first):
+The artifact store's history, which no agent can reach (with ``--postgres URL``, default
+``$POSTGRES_URL``, the PostgreSQL store; else the Git store of the data directory, which has one
+writer: stop the supervisor first):
 
 - ``history ID``: every commit that changed an artifact, newest first;
 - ``show ID@COMMIT``: an artifact as it was at a commit (its bytes to stdout);
@@ -18,6 +19,7 @@ supervisor first):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,8 +30,9 @@ from runtime import config as config_mod
 from runtime.ledger import ASSETS
 from runtime.ledger.check import check
 from runtime.ledger.lmdb import LmdbLedger
+from runtime.postgres import DatabaseUnavailable
 from runtime.store import StoreError, check_id
-from runtime.store.git import GitStore
+from runtime.store.open import open_store
 
 
 def _balances(ledger: LmdbLedger) -> int:
@@ -63,14 +66,15 @@ def _check(ledger: LmdbLedger) -> int:
     return 0 if report.ok else 1
 
 
-def _store_command(path: Path, args: argparse.Namespace) -> int:
-    if not (path / "HEAD").exists():
-        print(f"error: no artifact store at {path}", file=sys.stderr)
-        return 2
+def _store_command(data: Path, postgres_url: str | None, args: argparse.Namespace) -> int:
     try:
-        store = GitStore(path)
+        store = open_store(data, postgres_url, create=False)
+    except DatabaseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except StoreError as exc:
-        print(f"error: {exc} (stop the supervisor first: the store has one writer)", file=sys.stderr)
+        hint = " (stop the supervisor first: the store has one writer)" if exc.code == "closed" else ""
+        print(f"error: {exc.message}{hint}", file=sys.stderr)
         return 2
     try:
         if args.command == "history":
@@ -103,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
     where.add_argument("--data-dir", help="the data directory (overrides --config)")
+    ap.add_argument(
+        "--postgres",
+        default=os.environ.get("POSTGRES_URL") or None,
+        metavar="URL",
+        help="the shared PostgreSQL database, as its operator (default: $POSTGRES_URL); store commands use it",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("balances", help="holdings of every account and the supply of each asset")
     j = sub.add_parser("journal", help="the journal, one JSON operation per line")
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if args.command in ("history", "show", "rollback"):
-        return _store_command(data / "artifacts.git", args)
+        return _store_command(data, args.postgres, args)
     path = data / "ledger"
     if not (path / "data.mdb").exists():
         print(f"error: no ledger at {path} (has the supervisor run with this data directory?)", file=sys.stderr)

@@ -14,16 +14,25 @@ Rules every backend keeps (and ``verify`` checks):
   above its quota (the ``disk_quota`` the caller read from the ledger) is refused and writes nothing;
 - a refused operation writes nothing: HEAD, the index and usage are unchanged.
 
-The backend is ``runtime.store.git.GitStore`` (a bare Git repository written with dulwich).
+Backends: ``runtime.store.git.GitStore`` (a bare Git repository written with dulwich; the embedded
+default) and ``runtime.store.postgres.PostgresStore`` (PostgreSQL, when several nodes share the store).
+Both validate requests with ``write_op``/``delete_op`` and apply the rules with ``check_write``/
+``check_delete`` below, so that they refuse the same things with the same words.
 """
 
 from __future__ import annotations
 
 import builtins
+import queue
+import re
+import threading
 from concurrent.futures import Future
-from typing import Annotated, Literal, Protocol
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
 
 from msgspec import Meta, Struct
+
+from runtime.groupcommit import serve_batches
 
 #: Artifact ids: an ASCII letter or digit, then up to 127 letters, digits, ``_`` or ``-``. No dots and
 #: no slashes, so an id is always one safe path component (and ``<id>.meta.json`` never collides).
@@ -44,6 +53,7 @@ Size = Annotated[int, Meta(ge=0)]
 
 ErrorCode = Literal["invalid_id", "not_found", "forbidden", "quota_exceeded", "invalid", "closed"]
 
+_AGENT_RE = re.compile(AGENT_PATTERN)
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _ID_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -212,7 +222,7 @@ class Store(Protocol):
         ...
 
 
-def check_id(raw: str | bytes) -> str:
+def check_id(raw: object) -> str:
     """Return ``raw`` as a valid artifact id, or raise ``StoreError("invalid_id")`` saying what is wrong."""
     if isinstance(raw, bytes | bytearray):
         try:
@@ -246,6 +256,201 @@ def check_id(raw: str | bytes) -> str:
                 "invalid_id", f"bad character {ch!r} at position {i} of {shown!r} (allowed: A-Z a-z 0-9 _ -)"
             )
     return text
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOp:
+    """A validated write request (what ``write_op`` returns)."""
+
+    agent: str
+    id: str
+    content: bytes
+    kind: Kind
+    price: int
+    readable: Readable
+    quota: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    """A validated delete request (what ``delete_op`` returns)."""
+
+    agent: str
+    id: str
+
+
+def check_agent(agent: object, what: str = "agent") -> str:
+    """Return ``agent`` as a valid agent (or operator) name, or raise ``StoreError("invalid")``."""
+    if not isinstance(agent, str) or not _AGENT_RE.match(agent):
+        raise StoreError("invalid", f"{what} {agent!r} is not a valid name ({AGENT_PATTERN})")
+    return agent
+
+
+def _check_choice(value: object, allowed: tuple[str, ...], what: str) -> Any:
+    if value not in allowed or not isinstance(value, str):
+        raise StoreError("invalid", f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _check_int(value: object, what: str, limit: int | None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit is not None and value > limit):
+        bound = f" and at most {limit}" if limit is not None else ""
+        raise StoreError("invalid", f"{what} must be an integer >= 0{bound}, not {value!r}")
+    return value
+
+
+def write_op(
+    agent: object, id: object, content: object, kind: object, price: object, readable: object, quota: object
+) -> WriteOp:
+    """Validate a write request field by field; raise ``StoreError`` naming the first bad field."""
+    who, aid = check_agent(agent), check_id(id)
+    if not isinstance(content, bytes | bytearray | memoryview):
+        raise StoreError("invalid", f"content must be bytes, not {type(content).__name__}")
+    return WriteOp(
+        who,
+        aid,
+        bytes(content),
+        _check_choice(kind, KINDS, "kind"),
+        _check_int(price, "price", 1 << 62),
+        _check_choice(readable, READABLE, "readable"),
+        _check_int(quota, "quota", None),
+    )
+
+
+def delete_op(agent: object, id: object) -> DeleteOp:
+    """Validate a delete request; raise ``StoreError`` naming the bad field."""
+    return DeleteOp(check_agent(agent), check_id(id))
+
+
+def check_write(op: WriteOp, old_owner: str | None, old_size: int, before: int) -> int:
+    """Apply the write rules given the id's current owner and size (``None``, 0 when it does not exist)
+    and the bytes ``op.agent`` owns now; return what it owns after the write, or raise ``StoreError``."""
+    if old_owner is not None and old_owner != op.agent:
+        raise StoreError("forbidden", f"artifact id `{op.id}` is taken by another agent")
+    size = len(op.content)
+    after = before - old_size + size
+    # A write that does not grow the agent's usage is always allowed, so that an agent whose quota
+    # was lowered below what it owns can still shrink.
+    if after > before and after > op.quota:
+        raise StoreError(
+            "quota_exceeded",
+            f"`{op.agent}` owns {before} bytes; writing {size} bytes to `{op.id}` would make it {after}, "
+            f"over its disk quota of {op.quota}",
+        )
+    return after
+
+
+def check_delete(op: DeleteOp, old_owner: str | None, old_readable: Readable | None) -> None:
+    """Apply the delete rules given the id's current owner and readability (``None`` when it does not
+    exist): an owner-only artifact of someone else does not exist for ``op.agent``."""
+    if old_owner is None or (old_owner != op.agent and old_readable == "owner"):
+        raise StoreError("not_found", f"no artifact `{op.id}`")
+    if old_owner != op.agent:
+        raise StoreError("forbidden", f"`{op.id}` belongs to another agent: only its owner may delete it")
+
+
+def failed(exc: BaseException) -> Future[Any]:
+    """A future that has already failed with ``exc`` (for a request refused before it was queued)."""
+    fut: Future[Any] = Future()
+    fut.set_running_or_notify_cancel()
+    fut.set_exception(exc)
+    return fut
+
+
+class QueuedWriter:
+    """The request side of a group-committing store: validated requests go to a queue with a future
+    each, and one writer thread hands them in batches to ``_commit`` (which resolves every future).
+
+    A subclass calls ``_start_writer`` once it is ready to write, implements ``_commit(batch)`` and
+    calls ``_stop_writer`` from its ``close``.
+    """
+
+    #: (operation, future) pairs; the operations are the subclass's own types.
+    _queue: queue.SimpleQueue[tuple[Any, Future[Any]] | None]
+
+    def _start_writer(self, name: str, max_batch: int) -> None:
+        self._queue = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._max_batch = max_batch
+        self._writer = threading.Thread(target=self._write_loop, name=name, daemon=True)
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        def commit(batch: builtins.list[tuple[Any, Future[Any]]]) -> None:
+            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
+            self._commit(batch)
+
+        serve_batches(self._queue, self._max_batch, commit)
+
+    def _commit(self, batch: builtins.list[tuple[Any, Future[Any]]]) -> None:
+        raise NotImplementedError
+
+    def _stop_writer(self) -> bool:
+        """Let the writer finish what is queued and stop; False when it was already stopped."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._queue.put(None)
+        self._writer.join()
+        return True
+
+    def _submit(self, op: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        # Running from the start: a queued operation cannot be withdrawn (cancelling only stops the
+        # waiting), and the writer may always resolve it.
+        fut.set_running_or_notify_cancel()
+        with self._lock:
+            if self._closed:
+                fut.set_exception(StoreError("closed", "the store is closed"))
+                return fut
+            self._queue.put((op, fut))
+        return fut
+
+    def submit_write(
+        self,
+        agent: str,
+        id: str,
+        content: bytes,
+        *,
+        kind: Kind = "data",
+        price: int = 0,
+        readable: Readable = "public",
+        quota: int,
+    ) -> Future[WriteReceipt]:
+        """Queue a write; the future resolves once it is durable (or with the ``StoreError``)."""
+        try:
+            op = write_op(agent, id, content, kind, price, readable, quota)
+        except StoreError as exc:
+            return failed(exc)
+        return self._submit(op)
+
+    def write(
+        self,
+        agent: str,
+        id: str,
+        content: bytes,
+        *,
+        kind: Kind = "data",
+        price: int = 0,
+        readable: Readable = "public",
+        quota: int,
+    ) -> WriteReceipt:
+        """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is durable."""
+        return self.submit_write(agent, id, content, kind=kind, price=price, readable=readable, quota=quota).result()
+
+    def submit_delete(self, agent: str, id: str) -> Future[str]:
+        """Queue a delete; the future resolves with the commit once it is durable."""
+        try:
+            op = delete_op(agent, id)
+        except StoreError as exc:
+            return failed(exc)
+        return self._submit(op)
+
+    def delete(self, agent: str, id: str) -> str:
+        """Delete ``id`` (its owner only); return the commit once it is durable."""
+        return self.submit_delete(agent, id).result()
 
 
 def verify(store: Store) -> list[str]:

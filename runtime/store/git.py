@@ -49,7 +49,6 @@ import hashlib
 import logging
 import mmap
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -81,23 +80,25 @@ from dulwich.pack import (
 from dulwich.refs import DiskRefsContainer, Ref
 from dulwich.repo import Repo
 
-from runtime.groupcommit import serve_batches
 from runtime.store import (
-    AGENT_PATTERN,
-    KINDS,
-    READABLE,
     AgentName,
     Artifact,
     ArtifactInfo,
     CommitInfo,
+    DeleteOp,
     HistoryEntry,
     Kind,
     Price,
+    QueuedWriter,
     Readable,
     Size,
     StoreError,
+    WriteOp,
     WriteReceipt,
+    check_agent,
+    check_delete,
     check_id,
+    check_write,
 )
 
 BRANCH = Ref(b"refs/heads/main")
@@ -112,7 +113,6 @@ _BLOB = Blob.type_num
 #: zlib level of new packs: level 1 is several times faster than git's default 6 on our small objects
 #: and costs little size (object ids, a large part of trees and commits, do not compress anyway).
 _ZLEVEL = 1
-_AGENT_RE = re.compile(AGENT_PATTERN)
 _HEX_RE = re.compile(r"^[0-9a-f]{4,40}$")
 _U64 = struct.Struct(">Q")
 log = logging.getLogger("runtime.store")
@@ -149,29 +149,12 @@ _enc = msgspec.msgpack.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
-class _Write:
-    agent: str
-    id: str
-    content: bytes
-    kind: Kind
-    price: int
-    readable: Readable
-    quota: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Delete:
-    agent: str
-    id: str
-
-
-@dataclass(frozen=True, slots=True)
 class _Reset:
     target: ObjectID
     operator: str
 
 
-_Op = _Write | _Delete | _Reset
+_Op = WriteOp | DeleteOp | _Reset
 _Item = tuple[_Op, "Future[Any]"]
 
 
@@ -210,12 +193,6 @@ def _ident(name: str, domain: str) -> bytes:
     return f"{name} <{name}@{domain}>".encode()
 
 
-def _check_agent(agent: object, what: str = "agent") -> str:
-    if not isinstance(agent, str) or not _AGENT_RE.match(agent):
-        raise StoreError("invalid", f"{what} {agent!r} is not a valid name ({AGENT_PATTERN})")
-    return agent
-
-
 def _tree_of(entries: dict[bytes, tuple[int, ObjectID]]) -> Tree:
     tree = Tree()
     for name, (mode, sha) in entries.items():
@@ -232,7 +209,7 @@ def _idx_count(idx: Path) -> int:
     return count
 
 
-class GitStore:
+class GitStore(QueuedWriter):
     """The Git artifact store at ``path`` (a bare repository, created if missing).
 
     ``durable=False`` skips every fsync (for tests of logic, never for real runs). ``max_batch`` bounds
@@ -251,7 +228,6 @@ class GitStore:
         self.path = Path(path)
         self.index_path = Path(f"{self.path}.index")
         self._durable = durable
-        self._max_batch = max_batch
         self._max_packs = max(2, max_packs)
         self._pack_dir = self.path / "objects" / "pack"
         if not (self.path / "HEAD").exists():
@@ -307,11 +283,7 @@ class GitStore:
         self._dirs: dict[str, dict[bytes, tuple[int, ObjectID]]] = {}
         self._tip_tree = commit.tree
         self._broken: str | None = None
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._closed = False
-        self._lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
-        self._writer.start()
+        self._start_writer("store-writer", max_batch)
 
     # ------------------------------------------------------------------------------- opening
 
@@ -359,86 +331,15 @@ class GitStore:
 
     # ------------------------------------------------------------------------------ requests
 
-    def _submit(self, op: _Op) -> Future[Any]:
-        fut: Future[Any] = Future()
-        # Running from the start: a queued operation cannot be withdrawn (cancelling only stops the
-        # waiting), and the writer may always resolve it.
-        fut.set_running_or_notify_cancel()
-        with self._lock:
-            if self._closed:
-                fut.set_exception(StoreError("closed", "the store is closed"))
-                return fut
-            self._queue.put((op, fut))
-        return fut
-
-    def submit_write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> Future[WriteReceipt]:
-        """Queue a write; the future resolves once it is durable (or with the ``StoreError``)."""
-        try:
-            op = _Write(
-                _check_agent(agent),
-                check_id(id),
-                _check_content(content),
-                _check_choice(kind, KINDS, "kind"),
-                _check_int(price, "price", 1 << 62),
-                _check_choice(readable, READABLE, "readable"),
-                _check_int(quota, "quota", None),
-            )
-        except StoreError as exc:
-            return _failed(exc)
-        return self._submit(op)
-
-    def write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> WriteReceipt:
-        """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is durable."""
-        return self.submit_write(agent, id, content, kind=kind, price=price, readable=readable, quota=quota).result()
-
-    def submit_delete(self, agent: str, id: str) -> Future[str]:
-        """Queue a delete; the future resolves with the commit once it is durable."""
-        try:
-            op = _Delete(_check_agent(agent), check_id(id))
-        except StoreError as exc:
-            return _failed(exc)
-        return self._submit(op)
-
-    def delete(self, agent: str, id: str) -> str:
-        """Delete ``id`` (its owner only); return the commit once it is durable."""
-        return self.submit_delete(agent, id).result()
-
     def rollback(self, to_commit: str, operator: str = "system") -> str:
         """A new commit, authored by ``operator``, whose tree is ``to_commit``'s (a commit of HEAD's
         history, by full id or unique prefix); the index and usage follow. Return the new commit."""
-        _check_agent(operator, "operator")
+        check_agent(operator, "operator")
         target = self._resolve(to_commit)
         fut: Future[str] = self._submit(_Reset(target, operator))
         return fut.result()
 
     # -------------------------------------------------------------------------------- writer
-
-    def _write_loop(self) -> None:
-        def commit(batch: list[_Item]) -> None:
-            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
-            self._commit(batch)
-
-        serve_batches(self._queue, self._max_batch, commit)
 
     def _commit(self, batch: list[_Item]) -> None:
         if self._broken is not None:
@@ -501,29 +402,20 @@ class GitStore:
                 fut.set_result(res)
 
     def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op) -> object:
-        if isinstance(op, _Write):
+        if isinstance(op, WriteOp):
             return self._apply_write(txn, b, op)
-        if isinstance(op, _Delete):
+        if isinstance(op, DeleteOp):
             return self._apply_delete(txn, b, op)
         return self._apply_reset(txn, b, op)
 
-    def _apply_write(self, txn: lmdb.Transaction, b: _Batch, op: _Write) -> WriteReceipt:
+    def _apply_write(self, txn: lmdb.Transaction, b: _Batch, op: WriteOp) -> WriteReceipt:
         key = op.id.encode()
         raw = txn.get(key, db=self._arts)
         old = _entry_dec.decode(raw) if raw is not None else None
-        if old is not None and old.meta.owner != op.agent:
-            raise StoreError("forbidden", f"artifact id `{op.id}` is taken by another agent")
         before = self._owned(txn, op.agent)
+        owner, old_size = (old.meta.owner, old.meta.size) if old is not None else (None, 0)
+        after = check_write(op, owner, old_size, before)
         size = len(op.content)
-        after = before - (old.meta.size if old is not None else 0) + size
-        # A write that does not grow the agent's usage is always allowed, so that an agent whose quota
-        # was lowered below what it owns can still shrink.
-        if after > before and after > op.quota:
-            raise StoreError(
-                "quota_exceeded",
-                f"`{op.agent}` owns {before} bytes; writing {size} bytes to `{op.id}` would make it {after}, "
-                f"over its disk quota of {op.quota}",
-            )
         now = time.time()
         meta = _Meta(
             kind=op.kind,
@@ -543,14 +435,12 @@ class GitStore:
         self._set_owned(txn, op.agent, after)
         return WriteReceipt(op.id, commit.decode(), old is None, size, after)
 
-    def _apply_delete(self, txn: lmdb.Transaction, b: _Batch, op: _Delete) -> str:
+    def _apply_delete(self, txn: lmdb.Transaction, b: _Batch, op: DeleteOp) -> str:
         key = op.id.encode()
         raw = txn.get(key, db=self._arts)
         old = _entry_dec.decode(raw) if raw is not None else None
-        if old is None or (old.meta.owner != op.agent and old.meta.readable == "owner"):
-            raise StoreError("not_found", f"no artifact `{op.id}`")
-        if old.meta.owner != op.agent:
-            raise StoreError("forbidden", f"`{op.id}` belongs to another agent: only its owner may delete it")
+        check_delete(op, old.meta.owner if old is not None else None, old.meta.readable if old is not None else None)
+        assert old is not None
         self._set(b, op.id, None)
         commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"delete {op.id}", time.time())
         txn.delete(key, db=self._arts)
@@ -951,12 +841,8 @@ class GitStore:
 
     def close(self) -> None:
         """Apply what is queued, stop the writer, and release the index, the packs and the lock."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._writer.join()
+        if not self._stop_writer():
+            return
         self.env.close()
         self._wobjects.close()
         with self._robjects_lock:
@@ -975,32 +861,6 @@ class GitStore:
 
 def _artifact(aid: str, m: _Meta, content: bytes) -> Artifact:
     return Artifact(aid, m.kind, m.creator, m.owner, m.price, m.readable, m.created, m.updated, len(content), content)
-
-
-def _failed(exc: StoreError) -> Future[Any]:
-    fut: Future[Any] = Future()
-    fut.set_running_or_notify_cancel()
-    fut.set_exception(exc)
-    return fut
-
-
-def _check_content(content: object) -> bytes:
-    if not isinstance(content, bytes | bytearray | memoryview):
-        raise StoreError("invalid", f"content must be bytes, not {type(content).__name__}")
-    return bytes(content)
-
-
-def _check_choice(value: object, allowed: tuple[str, ...], what: str) -> Any:
-    if value not in allowed or not isinstance(value, str):
-        raise StoreError("invalid", f"{what} must be one of {', '.join(allowed)}, not {value!r}")
-    return value
-
-
-def _check_int(value: object, what: str, limit: int | None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit is not None and value > limit):
-        bound = f" and at most {limit}" if limit is not None else ""
-        raise StoreError("invalid", f"{what} must be an integer >= 0{bound}, not {value!r}")
-    return value
 
 
 def _write_pack(pack_dir: Path, records: Iterator[UnpackedObject], count: int, durable: bool) -> str:

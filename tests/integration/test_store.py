@@ -27,85 +27,52 @@ import pytest
 
 from runtime.store import Artifact, ArtifactInfo, Kind, Readable, Store, StoreError, WriteReceipt, check_id, verify
 from runtime.store.git import GitStore
+from tests.integration.store_backends import (
+    BACKENDS,
+    Backend,
+    GitBackend,
+    PostgresBackend,
+    assert_fsck,
+    git,
+    git_head,
+    usage_by_git,
+)
 from tests.integration.store_crash_writer import agent_for, content_for, version_of
+from tests.services import ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[2]
 Make = Callable[..., GitStore]
 BIG = 1 << 40  # a quota that never binds
 
 
+@pytest.fixture(params=sorted(BACKENDS))
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each backend in turn (tests taking it run on Git and on PostgreSQL); stores closed afterwards."""
+    backend = BACKENDS[request.param](tmp_path)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def store(store_backend: Backend) -> Any:
+    """A fresh store of the backend under test."""
+    return store_backend.open()
+
+
 @pytest.fixture
 def make_store(tmp_path: Path) -> Iterator[Make]:
-    """``make(name="store", **options)``: a fresh GitStore at ``tmp_path/<name>.git``, closed after the test."""
-    opened: list[GitStore] = []
-
-    def make(name: str = "store", **options: Any) -> GitStore:
-        s = GitStore(tmp_path / f"{name}.git", **options)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        s.close()
+    """``make(name="store", **options)``: a GitStore at ``tmp_path/<name>.git``, closed after the test."""
+    backend = GitBackend(tmp_path)
+    yield backend.open
+    backend.close()
 
 
 @pytest.fixture
-def store(make_store: Make) -> GitStore:
-    """A fresh durable store."""
+def git_store(make_store: Make) -> GitStore:
+    """A fresh durable Git store (for the tests of what only the Git backend has)."""
     return make_store()
-
-
-def git(repo: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run the real git CLI on a bare repository, without the user's or the system's configuration."""
-    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL="/dev/null", LC_ALL="C")
-    env |= {
-        f"GIT_{who}_{what}": "test" if what == "NAME" else "test@example.invalid"
-        for who in ("AUTHOR", "COMMITTER")
-        for what in ("NAME", "EMAIL")
-    }
-    return subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, env=env, timeout=120)
-
-
-def assert_fsck(repo: Path) -> None:
-    """``git fsck --strict`` exits 0 and reports no error or warning (dangling objects are fine)."""
-    res = git(repo, "fsck", "--strict")
-    text = (res.stdout + res.stderr).decode(errors="replace")
-    bad = [line for line in text.splitlines() if "error" in line.lower() or "warning" in line.lower()]
-    assert res.returncode == 0 and not bad, f"git fsck --strict (exit {res.returncode}):\n{text[:3000]}"
-
-
-def git_head(repo: Path) -> str:
-    return git(repo, "rev-parse", "HEAD").stdout.decode().strip()
-
-
-def usage_by_git(repo: Path) -> dict[str, int]:
-    """Bytes owned per agent at HEAD, computed with the git CLI alone: ``ls-tree -r -l`` for content
-    sizes, ``cat-file --batch`` for the owners in the metadata blobs."""
-    listing = git(repo, "ls-tree", "-r", "-l", "HEAD").stdout.decode().splitlines()
-    sizes: dict[str, int] = {}
-    metas: dict[str, str] = {}
-    for line in listing:
-        info, path = line.split("\t", 1)
-        _, kind, sha, size = info.split()
-        assert kind == "blob"
-        name = path.rsplit("/", 1)[-1]
-        if name.endswith(".meta.json"):
-            metas[name[: -len(".meta.json")]] = sha
-        else:
-            sizes[name] = int(size)
-    assert sizes.keys() == metas.keys(), "every artifact has content and metadata"
-    ids = sorted(metas)
-    out = git(repo, "cat-file", "--batch", stdin="".join(f"{metas[i]}\n" for i in ids).encode()).stdout
-    owned: dict[str, int] = {}
-    pos = 0
-    for aid in ids:
-        header_end = out.index(b"\n", pos)
-        n = int(out[pos:header_end].split()[2])
-        meta = json.loads(out[header_end + 1 : header_end + 1 + n])
-        assert meta["size"] == sizes[aid], f"{aid}: metadata says {meta['size']} bytes, the blob is {sizes[aid]}"
-        owned[meta["owner"]] = owned.get(meta["owner"], 0) + sizes[aid]
-        pos = header_end + 1 + n + 1
-    return owned
 
 
 def code_of(call: Callable[[], object]) -> tuple[str, str]:
@@ -151,7 +118,7 @@ def test_check_id_accepts_good_ids(raw: str | bytes) -> None:
     assert check_id(raw) == (raw.decode() if isinstance(raw, bytes) else raw)
 
 
-def test_every_store_call_refuses_bad_ids_and_writes_nothing(store: GitStore) -> None:
+def test_every_store_call_refuses_bad_ids_and_writes_nothing(store: Any, store_backend: Backend) -> None:
     store.write("alice", "ok", b"x", quota=BIG)
     head = store.head()
     calls: list[Callable[[str], object]] = [
@@ -166,7 +133,7 @@ def test_every_store_call_refuses_bad_ids_and_writes_nothing(store: GitStore) ->
         for call in calls:
             code, message = code_of(functools.partial(call, raw))
             assert code == "invalid_id" and words in message, message
-    assert store.head() == head == git_head(store.path)
+    assert store.head() == head == store_backend.head(store)
 
 
 def test_msgspec_refuses_bad_kind_price_and_id() -> None:
@@ -219,31 +186,41 @@ def test_msgspec_refuses_bad_kind_price_and_id() -> None:
         ({"content": "text, not bytes"}, "content must be bytes, not str"),
     ],
 )
-def test_the_store_refuses_bad_fields_and_writes_nothing(store: GitStore, kwargs: dict[str, Any], words: str) -> None:
+def test_the_store_refuses_bad_fields_and_writes_nothing(
+    store: Any, store_backend: Backend, kwargs: dict[str, Any], words: str
+) -> None:
     store.write("alice", "a1", b"before", quota=BIG)
     head, usage = store.head(), store.usage()
     args: dict[str, Any] = {"agent": "alice", "id": "a1", "content": b"after", "quota": BIG, **kwargs}
     code, message = code_of(lambda: store.write(**args))
     assert code == "invalid" and words in message, message
-    assert store.head() == head == git_head(store.path)
+    assert store.head() == head == store_backend.head(store)
     assert store.usage() == usage and store.read("alice", "a1").content == b"before"
 
 
 # ------------------------------------------------------------------------------ basic semantics
 
 
-def test_a_new_store_is_one_empty_commit(store: GitStore) -> None:
+def test_a_new_store_is_one_empty_commit(store: Any, store_backend: Backend) -> None:
     assert store.list("alice") == [] and store.usage() == {} and store.owned_bytes("alice") == 0
+    assert store_backend.log(store) == [(store.head(), "agent-ecology", "create artifact store")]
+    assert store.head() == store_backend.head(store)
+    last = store.last_commit()
+    assert (last.commit, last.action, last.author, last.id) == (store.head(), "create", "agent-ecology", None)
+    assert verify(store) == []
+    store_backend.check(store)
+
+
+def test_a_new_git_store_is_a_bare_repository(git_store: GitStore) -> None:
+    store = git_store
     log = git(store.path, "log", "--format=%an|%cn <%ce>|%s").stdout.decode().splitlines()
     assert log == ["agent-ecology|agent-ecology <runtime@agents.invalid>|create artifact store"]
     assert git(store.path, "symbolic-ref", "HEAD").stdout.decode().strip() == "refs/heads/main"
     assert git(store.path, "rev-parse", "--is-bare-repository").stdout.decode().strip() == "true"
-    assert store.head() == git_head(store.path)
-    assert store.last_commit().action == "create" and store.last_commit().author == "agent-ecology"
     assert_fsck(store.path)
 
 
-def test_write_rewrite_and_metadata(store: GitStore) -> None:
+def test_write_rewrite_and_metadata(store: Any, store_backend: Backend) -> None:
     s: Store = store  # the backend satisfies the protocol the runtime uses
     r1 = s.write("alice", "doc", b"hello", kind="data", price=0, quota=BIG)
     assert (r1.id, r1.created, r1.size, r1.owned_bytes) == ("doc", True, 5, 5)
@@ -256,7 +233,21 @@ def test_write_rewrite_and_metadata(store: GitStore) -> None:
     assert (second.kind, second.price, second.content) == ("code", 7, b"print('hi')")
     assert second.created == first.created and second.updated > first.updated
     assert s.list("bob") == [second.info()]
-    # One commit per write, authored by the agent, committed by the runtime, parent = previous commit.
+    # One commit per write, authored by the agent, in order.
+    assert store_backend.log(store)[1:] == [
+        (r1.commit, "alice", "write doc (5 bytes)"),
+        (r2.commit, "alice", "write doc (11 bytes)"),
+    ]
+    assert s.head() == r2.commit == store_backend.head(store)
+    assert verify(s) == []
+    store_backend.check(store)
+
+
+def test_git_commits_chain_and_carry_the_metadata_beside_the_content(git_store: GitStore) -> None:
+    store = git_store
+    r1 = store.write("alice", "doc", b"hello", kind="data", price=0, quota=BIG)
+    r2 = store.write("alice", "doc", b"print('hi')", kind="code", price=7, readable="public", quota=BIG)
+    # Authored by the agent, committed by the runtime, parent = previous commit.
     log = git(store.path, "log", "--format=%H|%P|%an <%ae>|%cn <%ce>|%s").stdout.decode().splitlines()
     assert [line.split("|")[0] for line in log[:2]] == [r2.commit, r1.commit]
     assert log[0].split("|")[1] == r1.commit
@@ -280,22 +271,22 @@ def test_write_rewrite_and_metadata(store: GitStore) -> None:
         "updated": 0,
         "size": 11,
     }
-    assert verify(s) == []
+    assert verify(store) == []
     assert_fsck(store.path)
 
 
-def test_empty_content_and_large_content(store: GitStore) -> None:
+def test_empty_content_and_large_content(store: Any, store_backend: Backend) -> None:
     store.write("alice", "empty", b"", quota=BIG)
     big = os.urandom(3 << 20)
     store.write("alice", "big", big, quota=BIG)
     assert store.read("bob", "empty").content == b""
     assert store.read("bob", "big").content == big
     assert store.owned_bytes("alice") == len(big)
-    assert verify(store) == [] and usage_by_git(store.path) == {"alice": len(big)}
-    assert_fsck(store.path)
+    assert verify(store) == [] and store_backend.usage(store) == {"alice": len(big)}
+    store_backend.check(store)
 
 
-def test_no_agent_call_returns_an_overwritten_version_but_the_operator_can(store: GitStore) -> None:
+def test_no_agent_call_returns_an_overwritten_version_but_the_operator_can(store: Any, store_backend: Backend) -> None:
     v1, v2 = b"version one, the longer one", b"v2"
     c1 = store.write("alice", "doc", v1, price=1, quota=BIG).commit
     store.write("alice", "later", b"created after v1", quota=BIG)
@@ -315,44 +306,51 @@ def test_no_agent_call_returns_an_overwritten_version_but_the_operator_can(store
     ]
     old = store.show("doc", c1)
     assert (old.content, old.price, old.size) == (v1, 1, len(v1))
-    assert store.show("doc", c1[:10]) == old  # a unique prefix names a commit too
+    if isinstance(store, GitStore):
+        assert store.show("doc", c1[:10]) == old  # a unique prefix names a commit too
     assert code_of(lambda: store.show("later", c1))[0] == "not_found"
-    # Rollback: a new commit, by the operator, whose tree is c1's.
+    # Rollback: a new commit, by the operator, that restores c1's state.
     before = store.head()
     reset = store.rollback(c1, operator="ops")
-    assert reset != c1 and store.head() == reset == git_head(store.path)
+    assert reset != c1 and store.head() == reset == store_backend.head(store)
     assert store.read("bob", "doc").content == v1 and store.read("bob", "doc").price == 1
     assert code_of(lambda: store.read("alice", "later"))[0] == "not_found"
-    assert store.usage() == {"alice": len(v1)} == usage_by_git(store.path)
-    line = git(store.path, "log", "-1", "--format=%P|%an|%cn|%s").stdout.decode().strip()
-    assert line == f"{before}|ops|agent-ecology|system reset to {c1}"
-    tree = git(store.path, "rev-parse", f"{c1}^{{tree}}", "HEAD^{tree}").stdout.decode().split()
-    assert tree[0] == tree[1]
+    assert store.usage() == {"alice": len(v1)} == store_backend.usage(store)
+    assert store_backend.log(store)[-1] == (reset, "ops", f"system reset to {c1}")
+    if isinstance(store, GitStore):
+        line = git(store.path, "log", "-1", "--format=%P|%an|%cn|%s").stdout.decode().strip()
+        assert line == f"{before}|ops|agent-ecology|system reset to {c1}"
+        tree = git(store.path, "rev-parse", f"{c1}^{{tree}}", "HEAD^{tree}").stdout.decode().split()
+        assert tree[0] == tree[1]
     assert store.history("doc")[0].action == "reset" and store.history("doc")[0].author == "ops"
     assert store.history("later")[0].action == "reset" and store.history("later")[0].size == 0
     # Writing after a rollback continues the chain; rolling forward again is another reset.
     store.write("alice", "doc", b"v3", quota=BIG)
     store.rollback(c2)
     assert store.read("bob", "doc").content == v2 and store.read("bob", "later").content == b"created after v1"
-    assert verify(store) == [] and store.usage() == usage_by_git(store.path)
-    assert_fsck(store.path)
+    assert verify(store) == [] and store.usage() == store_backend.usage(store)
+    store_backend.check(store)
 
 
-def test_rollback_and_show_refuse_unknown_commits(store: GitStore) -> None:
+def test_rollback_and_show_refuse_unknown_commits(store: Any, store_backend: Backend) -> None:
     store.write("alice", "doc", b"x", quota=BIG)
     head = store.head()
     assert code_of(lambda: store.rollback("not-a-sha"))[0] == "invalid"
     assert code_of(lambda: store.rollback("0" * 40))[0] == "not_found"
     assert code_of(lambda: store.show("doc", "abc"))[0] == "invalid"  # shorter than 4 digits
     assert code_of(lambda: store.rollback(head, operator="Not Valid"))[0] == "invalid"
-    # A commit outside HEAD's history (here: a dangling one made with the git CLI) is not a target.
-    tree = git(store.path, "rev-parse", "HEAD^{tree}").stdout.decode().strip()
-    stray = git(store.path, "commit-tree", tree, "-m", "stray", "-p", head).stdout.decode().strip()
+    if isinstance(store, GitStore):
+        # A commit outside HEAD's history (here: a dangling one made with the git CLI) is not a target.
+        tree = git(store.path, "rev-parse", "HEAD^{tree}").stdout.decode().strip()
+        stray = git(store.path, "commit-tree", tree, "-m", "stray", "-p", head).stdout.decode().strip()
+    else:
+        stray = str(int(head) + 1)  # a commit that does not exist (yet)
     assert stray and code_of(lambda: store.rollback(stray))[0] == "not_found"
-    assert store.head() == head == git_head(store.path)
+    assert code_of(lambda: store.show("doc", stray))[0] == "not_found"
+    assert store.head() == head == store_backend.head(store)
 
 
-def test_history_lists_writes_deletes_and_resets_newest_first(store: GitStore) -> None:
+def test_history_lists_writes_deletes_and_resets_newest_first(store: Any) -> None:
     c1 = store.write("alice", "doc", b"one", quota=BIG).commit
     store.write("bob", "other", b"unrelated", quota=BIG)
     c2 = store.write("alice", "doc", b"two!", quota=BIG).commit
@@ -381,7 +379,7 @@ def test_history_lists_writes_deletes_and_resets_newest_first(store: GitStore) -
 # ------------------------------------------------------------------------------------ ownership
 
 
-def test_first_writer_wins_and_others_change_nothing(store: GitStore) -> None:
+def test_first_writer_wins_and_others_change_nothing(store: Any, store_backend: Backend) -> None:
     store.write("alice", "mine", b"alice's", quota=BIG)
     store.write("alice", "hidden", b"secret", readable="owner", quota=BIG)
     head, usage = store.head(), store.usage()
@@ -400,7 +398,7 @@ def test_first_writer_wins_and_others_change_nothing(store: GitStore) -> None:
     assert [a.id for a in store.list("bob")] == ["mine"]
     assert [a.id for a in store.list("alice")] == ["hidden", "mine"]
     assert store.read("alice", "hidden").content == b"secret"
-    assert store.head() == head == git_head(store.path) and store.usage() == usage
+    assert store.head() == head == store_backend.head(store) and store.usage() == usage
     # The owner can change readability, price and kind; the creator stays.
     store.write("alice", "hidden", b"now public", readable="public", kind="code", price=4, quota=BIG)
     art = store.read("bob", "hidden")
@@ -408,7 +406,9 @@ def test_first_writer_wins_and_others_change_nothing(store: GitStore) -> None:
     assert verify(store) == []
 
 
-def test_checks_see_earlier_operations_of_the_same_batch(store: GitStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checks_see_earlier_operations_of_the_same_batch(
+    store: Any, store_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Hold the writer on its first batch while the next operations queue up, so they form one batch."""
     gate, sizes = threading.Event(), []
     commit = store._commit
@@ -437,9 +437,9 @@ def test_checks_see_earlier_operations_of_the_same_batch(store: GitStore, monkey
     codes = [e.code if isinstance(e, StoreError) else None for e in outcomes]
     assert codes == [None, "forbidden", None, "quota_exceeded", None, None, "forbidden"]
     assert store.read("bob", "race").content == b"alice first"
-    assert store.usage() == {"alice": 1 + 11 + 10} == usage_by_git(store.path)
-    # One commit per accepted operation of the second batch, chained in submission order.
-    subjects = git(store.path, "log", "--reverse", "--format=%s").stdout.decode().splitlines()
+    assert store.usage() == {"alice": 1 + 11 + 10} == store_backend.usage(store)
+    # One commit per accepted operation of the second batch, in submission order.
+    subjects = [subject for _, _, subject in store_backend.log(store)]
     assert subjects == [
         "create artifact store",
         "write warm (1 bytes)",
@@ -449,19 +449,19 @@ def test_checks_see_earlier_operations_of_the_same_batch(store: GitStore, monkey
         "write over (10 bytes)",
     ]
     assert verify(store) == []
-    assert_fsck(store.path)
+    store_backend.check(store)
 
 
 # ---------------------------------------------------------------------------------------- quota
 
 
-def test_quota_refuses_and_gives_back(store: GitStore) -> None:
+def test_quota_refuses_and_gives_back(store: Any, store_backend: Backend) -> None:
     store.write("alice", "a", b"a" * 600, quota=1000)
     head = store.head()
     code, message = code_of(lambda: store.write("alice", "b", b"b" * 500, quota=1000))
     assert code == "quota_exceeded"
     assert "owns 600 bytes" in message and "make it 1100" in message and "quota of 1000" in message
-    assert store.head() == head == git_head(store.path)
+    assert store.head() == head == store_backend.head(store)
     assert store.owned_bytes("alice") == 600 and code_of(lambda: store.read("alice", "b"))[0] == "not_found"
     # Growing an existing artifact over the quota is refused too.
     assert code_of(lambda: store.write("alice", "a", b"a" * 1001, quota=1000))[0] == "quota_exceeded"
@@ -479,7 +479,7 @@ def test_quota_refuses_and_gives_back(store: GitStore) -> None:
     # An agent above a lowered quota may still shrink, but not grow.
     assert store.write("alice", "d", b"d" * 400, quota=10).owned_bytes == 950
     assert code_of(lambda: store.write("alice", "d", b"d" * 401, quota=10))[0] == "quota_exceeded"
-    assert store.usage() == {"alice": 950, "bob": 1000} == usage_by_git(store.path)
+    assert store.usage() == {"alice": 950, "bob": 1000} == store_backend.usage(store)
     store.delete("bob", "e")
     assert store.usage() == {"alice": 950}
     assert verify(store) == []
@@ -519,7 +519,7 @@ class Model:
 
 
 @pytest.mark.slow
-def test_ten_thousand_operations_by_fifty_agents(store: GitStore) -> None:
+def test_ten_thousand_operations_by_fifty_agents(store: Any, store_backend: Backend) -> None:
     rng = random.Random(20261201)
     agents = [f"agent{i:02d}" for i in range(50)]
     quota = 40_000
@@ -565,14 +565,14 @@ def test_ten_thousand_operations_by_fifty_agents(store: GitStore) -> None:
     # The workload exercised what it claims to: creates, rewrites, deletes and both refusals.
     assert codes[None] > 8000 and codes.get("forbidden", 0) > 100 and codes.get("quota_exceeded", 0) > 50
     assert sum(1 for k, *_ in plan if k == "delete") > 500
-    # git log: exactly one commit per successful operation, authored by its agent, in order.
-    log = git(store.path, "log", "--reverse", "--format=%H|%an|%s").stdout.decode().splitlines()
-    assert log[0].endswith("|agent-ecology|create artifact store")
-    assert [tuple(line.split("|")) for line in log[1:]] == commits
+    # The log: exactly one commit per successful operation, authored by its agent, in order.
+    log = store_backend.log(store)
+    assert log[0][1:] == ("agent-ecology", "create artifact store")
+    assert log[1:] == commits
     assert len(set(c for c, _, _ in commits)) == len(commits)
-    # Usage: the index, the model and the git CLI agree.
+    # Usage: the store, the model and the storage read without the store's code agree.
     expected_usage = {a: n for a, n in model.usage.items() if n}
-    assert store.usage() == expected_usage == usage_by_git(store.path)
+    assert store.usage() == expected_usage == store_backend.usage(store)
     assert all(store.owned_bytes(a) == model.usage.get(a, 0) for a in agents)
     assert verify(store) == []
     # What each agent sees, and a sample of reads.
@@ -583,16 +583,17 @@ def test_ten_thousand_operations_by_fifty_agents(store: GitStore) -> None:
         owner, content, seen_by = model.arts[aid]
         art = store.read(owner, aid)
         assert (art.owner, art.content, art.readable) == (owner, content, seen_by)
-    assert_fsck(store.path)
-    # The packs were rolled up as they went, not left as one per batch.
-    assert len(list((store.path / "objects" / "pack").glob("*.idx"))) <= 17
+    store_backend.check(store)
+    if isinstance(store, GitStore):
+        # The packs were rolled up as they went, not left as one per batch.
+        assert len(list((store.path / "objects" / "pack").glob("*.idx"))) <= 17
 
 
 # ---------------------------------------------------------------------------- concurrent readers
 
 
-def test_readers_see_whole_versions_while_writes_and_rollups_go_on(make_store: Make) -> None:
-    store = make_store("busy", max_packs=3)
+def test_readers_see_whole_versions_while_writes_and_rollups_go_on(store_backend: Backend) -> None:
+    store = store_backend.open("busy", **({"max_packs": 3} if store_backend.name == "git" else {}))
     ids = [f"k{i}" for i in range(40)]
     for aid in ids:
         store.write("alice", aid, content_for(aid, 0), quota=BIG)
@@ -627,9 +628,10 @@ def test_readers_see_whole_versions_while_writes_and_rollups_go_on(make_store: M
         for t in threads:
             t.join(10)
     assert errors == [] and reads[0] > 100
-    assert len(list((store.path / "objects" / "pack").glob("*.idx"))) <= 4
+    if isinstance(store, GitStore):
+        assert len(list((store.path / "objects" / "pack").glob("*.idx"))) <= 4
     assert verify(store) == []
-    assert_fsck(store.path)
+    store_backend.check(store)
 
 
 # ------------------------------------------------------------------------------ crash and restart
@@ -754,7 +756,8 @@ def test_a_stale_or_missing_index_is_rebuilt_from_head(make_store: Make, tmp_pat
     assert store.rebuilt_index and (store.usage(), store.indexed(), store.head()) == expected
 
 
-def test_verify_notices_an_index_that_disagrees_with_head(store: GitStore) -> None:
+def test_verify_notices_an_index_that_disagrees_with_head(git_store: GitStore) -> None:
+    store = git_store
     store.write("alice", "a", b"12345", quota=BIG)
     store.write("bob", "b", b"123", quota=BIG)
     assert verify(store) == []
@@ -766,7 +769,7 @@ def test_verify_notices_an_index_that_disagrees_with_head(store: GitStore) -> No
     assert any("`b` is in HEAD's tree but not in the index" in p for p in problems)
 
 
-def test_a_store_is_opened_by_one_process_and_refuses_work_once_closed(make_store: Make, tmp_path: Path) -> None:
+def test_a_git_store_is_opened_by_one_process(make_store: Make) -> None:
     store = make_store("once")
     store.write("alice", "a", b"x", quota=BIG)
     probe = (
@@ -781,6 +784,11 @@ def test_a_store_is_opened_by_one_process_and_refuses_work_once_closed(make_stor
         timeout=60,
     )
     assert b"open in another process" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_closed_store_refuses_work_and_reopened_has_everything(store_backend: Backend) -> None:
+    store = store_backend.open("once")
+    store.write("alice", "a", b"x", quota=BIG)
     store.close()
     for call in (
         lambda: store.write("alice", "b", b"y", quota=BIG),
@@ -788,16 +796,19 @@ def test_a_store_is_opened_by_one_process_and_refuses_work_once_closed(make_stor
         lambda: store.delete("alice", "a"),
         lambda: store.read("alice", "a"),
         lambda: store.list("alice"),
+        lambda: store.usage(),
+        lambda: store.history("a"),
     ):
         assert code_of(call)[0] == "closed"
     store.close()  # closing twice is harmless
-    reopened = make_store("once")
-    assert reopened.read("alice", "a").content == b"x"
+    reopened = store_backend.open("once")
+    assert reopened.read("alice", "a").content == b"x" and reopened.usage() == {"alice": 1}
 
 
 def test_a_batch_that_fails_before_the_ref_moves_writes_nothing(
-    store: GitStore, monkeypatch: pytest.MonkeyPatch
+    git_store: GitStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = git_store
     import runtime.store.git as git_backend
 
     store.write("alice", "keep", b"kept", quota=BIG)
@@ -831,7 +842,8 @@ def test_a_batch_that_fails_before_the_ref_moves_writes_nothing(
     assert_fsck(store.path)
 
 
-def test_a_batch_whose_index_commit_fails_after_the_ref_moved_is_still_durable(store: GitStore) -> None:
+def test_a_batch_whose_index_commit_fails_after_the_ref_moved_is_still_durable(git_store: GitStore) -> None:
+    store = git_store
     store.write("alice", "a", b"1", quota=BIG)
     real_env = store.env
 
@@ -889,3 +901,78 @@ def test_leftovers_of_a_killed_writer_are_cleaned_up_on_open(make_store: Make) -
     store.write("alice", "b", b"y", quota=BIG)
     assert [a.id for a in store.list("bob")] == ["a", "b"] and verify(store) == []
     assert_fsck(store.path)
+
+
+# ------------------------------------------------------------------------------ operator commands
+
+
+def _admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    clean = {k: v for k, v in os.environ.items() if k != "POSTGRES_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.admin", *args],
+        capture_output=True,
+        cwd=REPO,
+        env=dict(clean, PYTHONPATH=str(REPO), **(env or {})),
+        timeout=120,
+    )
+
+
+def test_admin_history_show_and_rollback_work_the_same_on_both_backends(store_backend: Backend, tmp_path: Path) -> None:
+    url = empty_url = ""
+    if isinstance(store_backend, PostgresBackend):
+        url, empty_url = store_backend.url("artifacts"), store_backend.url("empty")
+    pg = bool(url)
+    store = store_backend.open("artifacts")  # Git: tmp_path/artifacts.git, the data directory's store
+    where = ["--data-dir", str(tmp_path)] + (["--postgres", url] if pg else [])
+    c1 = store.write("alice", "doc", b"first version", quota=BIG).commit
+    c2 = store.write("alice", "doc", b"second", price=3, quota=BIG).commit
+    store.write("bob", "later", b"after both", quota=BIG)
+    store.close()  # the Git store has one writer; PostgreSQL does not mind, but the same steps suit both
+    res = _admin(*where, "history", "doc")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == [c2, c1]
+    assert all(line.split()[3:] == ["alice", "write", line.split()[5], "B"] for line in lines)
+    assert [int(line.split()[5]) for line in lines] == [6, 13]
+    res = _admin(*where, "show", f"doc@{c1}")
+    assert res.returncode == 0 and res.stdout == b"first version", res.stderr
+    assert f"doc at {c1}: data, owner alice, 13 B".encode() in res.stderr
+    # PostgreSQL: the URL may come from the environment instead.
+    env = {"POSTGRES_URL": url} if pg else None
+    res = _admin("--data-dir", str(tmp_path), "rollback", "--to", c1, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.decode().startswith(f"rolled back to {c1}: new HEAD ")
+    assert "'alice': 13" in res.stdout.decode()
+    store = store_backend.open("artifacts")
+    last = store.last_commit()
+    assert (last.action, last.author) == ("reset", "operator")
+    assert store.read("bob", "doc").content == b"first version" and store.usage() == {"alice": 13}
+    assert [h.action for h in store.history("later")] == ["reset", "write"]
+    store.close()
+    # Mistakes are said, and change nothing.
+    unknown = "999999" if pg else "ffffff"
+    for args, code, words in [
+        (("show", "doc"), 2, "expected ID@COMMIT"),
+        (("history", "../x"), 1, "invalid_id"),
+        (("show", f"doc@{unknown}"), 1, "not_found: no commit"),
+        (("rollback", "--to", "nonsense!"), 1, "invalid: 'nonsense!' is not a commit id"),
+    ]:
+        res = _admin(*where, *args)
+        assert res.returncode == code and words in res.stderr.decode(), (args, res.stderr)
+    store = store_backend.open("artifacts")
+    assert store.head() == last.commit
+    store.close()
+    # No store at all: refused, none created.
+    empty = ["--data-dir", str(tmp_path / "nothing")] + (["--postgres", empty_url] if pg else [])
+    res = _admin(*empty, "history", "doc")
+    assert res.returncode == 2 and "no artifact store" in res.stderr.decode(), res.stderr
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_admin_names_an_unusable_database_without_its_password(tmp_path: Path) -> None:
+    host = ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]
+    url = f"postgresql://ops:hunter2@{host}/no_such_database_here"
+    res = _admin("--data-dir", str(tmp_path), "--postgres", url, "history", "x")
+    err = res.stderr.decode()
+    assert res.returncode == 2 and "rejected by the server" in err, err
+    assert "hunter2" not in err and "ops:***@" in err, err
