@@ -135,6 +135,7 @@ class _BatchView:
         self._kinds: dict[str, AccountKind | None] = {}
         self._balances: dict[tuple[str, str], int] = {}
         self._supply: dict[str, tuple[int, int]] = {}
+        self._supply_loaded = False
         self._usage: dict[str, bool] = {}
         self._levels: dict[str, dict[str, BucketState]] = {}
         self._new_accounts: dict[str, AccountKind] = {}
@@ -156,7 +157,7 @@ class _BatchView:
         held = ex("SELECT account, asset, amount FROM ledger_balances WHERE account = ANY(%s)", (accts,))
         used = ex("SELECT task_id FROM ledger_usage WHERE task_id = ANY(%s)", (tasks,))
         levels = ex("SELECT agent, levels FROM ledger_buckets WHERE agent = ANY(%s)", (owners,))
-        supply = ex("SELECT asset, minted, burned FROM ledger_supply") if not self._supply else None
+        supply = None if self._supply_loaded else ex("SELECT asset, minted, burned FROM ledger_supply")
         self._kinds.update(dict.fromkeys(accts))
         self._kinds.update(kinds.fetchall())
         self._balances.update(((account, asset), amount) for account, asset, amount in held.fetchall())
@@ -166,6 +167,7 @@ class _BatchView:
         self._levels.update((agent, _buckets_dec.decode(blob)) for agent, blob in levels.fetchall())
         if supply is not None:
             self._supply.update((asset, (minted, burned)) for asset, minted, burned in supply.fetchall())
+            self._supply_loaded = True
 
     def account_kind(self, account: str) -> AccountKind | None:
         if account not in self._kinds:
@@ -186,6 +188,8 @@ class _BatchView:
         self._dirty_balances.add((account, asset))
 
     def supply(self, asset: Asset) -> tuple[int, int]:
+        if not self._supply_loaded:
+            self.load((), (), ())
         return self._supply.get(asset, (0, 0))
 
     def set_supply(self, asset: Asset, minted: int, burned: int) -> None:
@@ -306,8 +310,15 @@ class PostgresLedger:
     def _connect_writer(self) -> _Conn:
         conn: _Conn = connect(self._url, deadline_s=self._deadline_s, autocommit=True, log=False)
         conn.execute("SELECT set_config('application_name', %s, false)", (WRITER_NAME,))
+        # A node that stalls inside a batch (stopped, partitioned) would hold the ledger lock and stop
+        # every other node: the server ends its session instead, and the node's writer reconnects and
+        # retries. A batch is milliseconds of work between statements, so this never hits a live one.
+        conn.execute("SET idle_in_transaction_session_timeout = '30s'")
         if not self._durable:
             conn.execute("SET synchronous_commit = off")
+        elif conn.execute("SHOW synchronous_commit").fetchone() == ("off",):
+            # The server's (or the role's) default would acknowledge commits that a crash can lose.
+            conn.execute("SET synchronous_commit = on")
         return conn
 
     # ------------------------------------------------------------------------------------ writes

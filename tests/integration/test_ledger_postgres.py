@@ -21,10 +21,11 @@ import msgspec
 import psycopg
 import pytest
 
+from runtime.buckets import BucketState
 from runtime.ledger import Mint, OpenAccount, RecordUsage, Transfer
 from runtime.ledger.check import check
 from runtime.ledger.open import NoLedger, open_ledger
-from runtime.ledger.postgres import WRITER_NAME, PostgresLedger
+from runtime.ledger.postgres import WRITER_NAME, PostgresLedger, _BatchView
 from runtime.ledger.rules import MemoryView
 from runtime.ledger.rules import apply as apply_rule
 from runtime.postgres import DatabaseUnavailable
@@ -172,6 +173,24 @@ def test_a_lost_writer_connection_is_replaced_and_the_batch_applied_once(pg_url:
         assert led.apply(Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=30)).fresh is False
         assert led.balances() == {"alice": {"scrip": 70}, "bob": {"scrip": 30}}
         assert check(led).ok
+
+
+def test_the_batch_view_reads_on_demand_what_the_preload_missed(pg_url: str) -> None:
+    """The per-batch preload is an optimisation: a view given nothing still reads every row it needs."""
+    levels = {"cpu": BucketState(1.0, 2.0)}
+    with PostgresLedger(pg_url) as led:
+        led.apply(OpenAccount(id="o", account="alice", grants={"scrip": 5}))
+        led.apply(RecordUsage(id="u", task_id="t1", agent="alice", kind="x", ok=True, cpu_seconds=1, buckets=levels))
+    with psycopg.connect(pg_url, autocommit=True) as conn, conn.transaction():
+        view = _BatchView(conn)
+        assert view.account_kind("alice") == "agent" and view.account_kind("ghost") is None
+        assert view.balance("alice", "scrip") == 5 and view.balance("alice", "cpu_rate") == 0
+        assert view.supply("scrip") == (5, 0)
+        assert view.has_usage("t1") and not view.has_usage("t2")
+        view.put_buckets("alice", {"llm_tokens": BucketState(3.0, 4.0)})
+        view.flush()
+    with PostgresLedger(pg_url) as led:
+        assert led.buckets("alice") == {**levels, "llm_tokens": BucketState(3.0, 4.0)}
 
 
 def _free_port() -> int:
