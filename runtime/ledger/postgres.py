@@ -35,11 +35,8 @@ unique op id is the idempotency index), ``ledger_usage`` (task id -> record), ``
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Collection, Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import msgspec
@@ -47,7 +44,6 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from runtime.buckets import BucketState
-from runtime.groupcommit import serve_batches
 from runtime.ledger import (
     SYSTEM_ACCOUNTS,
     AccountKind,
@@ -62,6 +58,7 @@ from runtime.ledger import (
     Transfer,
     rules,
 )
+from runtime.ledger.writer import GroupCommitted, Item, fail, resolve
 from runtime.postgres import connect, lock_key, migrate
 
 #: Append-only migration steps of the ``ledger`` component (never edit a shipped step; add one).
@@ -106,7 +103,6 @@ _op_dec = msgspec.msgpack.Decoder(Op)
 _usage_dec = msgspec.msgpack.Decoder(RecordUsage)
 _buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
 
-_Item = tuple[Op, "Future[Receipt]"]
 _Conn = psycopg.Connection[tuple[Any, ...]]
 
 
@@ -256,7 +252,7 @@ class _BatchView:
             )
 
 
-class PostgresLedger:
+class PostgresLedger(GroupCommitted):
     """The PostgreSQL ledger at ``url`` (its schema is created or upgraded on open; safe when several
     nodes open at once). ``durable=False`` commits with ``synchronous_commit=off`` (for tests of logic,
     never for real runs); ``group=False`` commits one operation per transaction (the benchmark's
@@ -295,12 +291,7 @@ class PostgresLedger:
         except BaseException:
             self._conn.close()
             raise
-        self._max_batch = max_batch if group else 1
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._closed = False
-        self._lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
-        self._writer.start()
+        self._start_writer(max_batch if group else 1)
         present = self.accounts()
         for name in SYSTEM_ACCOUNTS:
             if name not in present:
@@ -323,36 +314,12 @@ class PostgresLedger:
 
     # ------------------------------------------------------------------------------------ writes
 
-    def submit(self, op: Op) -> Future[Receipt]:
-        """Queue ``op``; the future resolves once it is committed (or with the ``LedgerError``)."""
-        fut: Future[Receipt] = Future()
-        # Running from the start: a queued operation cannot be withdrawn (see LmdbLedger.submit).
-        fut.set_running_or_notify_cancel()
-        try:
-            op = rules.validate(op)
-        except LedgerError as exc:
-            fut.set_exception(exc)
-            return fut
-        with self._lock:
-            if self._closed:
-                fut.set_exception(LedgerError("closed", "the ledger is closed"))
-                return fut
-            self._queue.put((op, fut))
-        return fut
-
-    def apply(self, op: Op) -> Receipt:
-        """Apply one operation and wait until it is committed."""
-        return self.submit(op).result()
-
-    def _write_loop(self) -> None:
-        serve_batches(self._queue, self._max_batch, self._commit)
-
-    def _commit(self, batch: list[_Item]) -> None:
+    def _commit(self, batch: list[Item]) -> None:
         try:
             outcomes = self._run_batch(batch)
         except psycopg.OperationalError as exc:
             if not self._conn.closed:
-                _fail(batch, exc)
+                fail(batch, exc)
                 return
             # The connection was lost (server restart, failover, terminated backend): whether the
             # COMMIT got through is unknown, so run the batch again on a new connection. Op ids make
@@ -361,18 +328,14 @@ class PostgresLedger:
                 self._conn = self._connect_writer()
                 outcomes = self._run_batch(batch)
             except Exception as again:
-                _fail(batch, again)
+                fail(batch, again)
                 return
         except Exception as exc:
-            _fail(batch, exc)
+            fail(batch, exc)
             return
-        for (_, fut), res in zip(batch, outcomes, strict=True):
-            if isinstance(res, Receipt):
-                fut.set_result(res)
-            else:
-                fut.set_exception(res)
+        resolve(batch, outcomes)
 
-    def _run_batch(self, batch: list[_Item]) -> list[Receipt | LedgerError]:
+    def _run_batch(self, batch: list[Item]) -> list[Receipt | LedgerError]:
         """One transaction: lock, load, apply every op with the rule book, write back, commit."""
         conn = self._conn
         accounts: set[str] = set()
@@ -431,22 +394,9 @@ class PostgresLedger:
                     )
         return outcomes
 
-    def close(self) -> None:
-        """Apply what is queued, stop the writer and close the connections."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._writer.join()
+    def _close_store(self) -> None:
         self._conn.close()
         self._pool.close()
-
-    def __enter__(self) -> PostgresLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------------------------- reads
 
@@ -507,12 +457,6 @@ class PostgresLedger:
             if len(page) < _JOURNAL_PAGE:
                 return
             since = page[-1][0]
-
-
-def _fail(batch: list[_Item], exc: Exception) -> None:
-    # The transaction was rolled back: nothing of the batch is written, and every caller learns why.
-    for _, fut in batch:
-        fut.set_exception(exc)
 
 
 def _configure_reader(conn: _Conn) -> None:
