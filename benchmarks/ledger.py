@@ -420,7 +420,7 @@ def _postgres_unavailable() -> str | None:
     from tests.services import ADMIN_URL
 
     try:
-        with connect(ADMIN_URL, deadline_s=3.0, log=False) as conn:
+        with connect(ADMIN_URL, what="AECO_TEST_POSTGRES", deadline_s=3.0, log=False) as conn:
             row = conn.execute("SHOW server_version").fetchone()
     except DatabaseUnavailable as exc:
         return f"no PostgreSQL server: {exc}"
@@ -513,7 +513,7 @@ def plot(entries: list[Entry], path: Path, title_note: str) -> None:
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 5.5))
+    fig, ax = plt.subplots(figsize=(14, 6))
     names = [f"{e.name}\n(= {e.best_of})" if e.best_of else e.name for e in entries]
     vals = [e.transfers_per_s for e in entries]
     colors = [_color(e.name) for e in entries]
