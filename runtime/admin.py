@@ -1,6 +1,7 @@
-"""Operator commands: ``python -m runtime.admin [--config FILE | --data-dir DIR] COMMAND``.
+"""Operator commands: ``python -m runtime.admin [--config FILE | --data-dir DIR] [--postgres URL] COMMAND``.
 
-The ledger:
+The ledger (in PostgreSQL with ``--postgres URL``, by default ``$POSTGRES_URL`` when set; else the LMDB
+ledger in the data directory):
 
 - ``balances``: every account's holdings, and each asset's supply (minted − burned);
 - ``journal [--since SEQ] [--limit N]``: the append-only journal, one operation per line (JSON);
@@ -27,15 +28,15 @@ from pathlib import Path
 import msgspec
 
 from runtime import config as config_mod
-from runtime.ledger import ASSETS
+from runtime.ledger import ASSETS, Ledger
 from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
+from runtime.ledger.open import NoLedger, open_ledger
 from runtime.postgres import DatabaseUnavailable
 from runtime.store import StoreError, check_id
 from runtime.store.open import open_store
 
 
-def _balances(ledger: LmdbLedger) -> int:
+def _balances(ledger: Ledger) -> int:
     balances = ledger.balances()
     kinds = ledger.accounts()
     print(f"{'account':<14} {'kind':<7}" + "".join(f"{a:>16}" for a in ASSETS))
@@ -47,7 +48,7 @@ def _balances(ledger: LmdbLedger) -> int:
     return 0
 
 
-def _journal(ledger: LmdbLedger, since: int, limit: int | None) -> int:
+def _journal(ledger: Ledger, since: int, limit: int | None) -> int:
     out = sys.stdout.buffer
     for n, entry in enumerate(ledger.journal(since)):
         if limit is not None and n >= limit:
@@ -57,7 +58,7 @@ def _journal(ledger: LmdbLedger, since: int, limit: int | None) -> int:
     return 0
 
 
-def _check(ledger: LmdbLedger) -> int:
+def _check(ledger: Ledger) -> int:
     report = check(ledger)
     print(f"{report.accounts} accounts, {report.journal_entries} journal entries, {report.usage_records} usage records")
     for problem in report.problems:
@@ -109,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--data-dir", help="the data directory (overrides --config)")
     ap.add_argument(
         "--postgres",
-        default=os.environ.get("POSTGRES_URL") or None,
         metavar="URL",
-        help="the shared PostgreSQL database, as its operator (default: $POSTGRES_URL); store commands use it",
+        default=os.environ.get("POSTGRES_URL") or None,
+        help="the shared PostgreSQL database, as its operator (default: $POSTGRES_URL when set, "
+        "else the LMDB ledger and the Git store in the data directory)",
     )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("balances", help="holdings of every account and the supply of each asset")
@@ -136,16 +138,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command in ("history", "show", "rollback"):
         return _store_command(data, args.postgres, args)
-    path = data / "ledger"
-    if not (path / "data.mdb").exists():
-        print(f"error: no ledger at {path} (has the supervisor run with this data directory?)", file=sys.stderr)
+    try:
+        ledger = open_ledger(data, args.postgres, create=False)
+    except (NoLedger, DatabaseUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    with LmdbLedger(path) as ledger:
+    try:
         if args.command == "balances":
             return _balances(ledger)
         if args.command == "journal":
             return _journal(ledger, args.since, args.limit)
         return _check(ledger)
+    finally:
+        ledger.close()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The ledger: accounts, integer balances of assets, usage records and bucket levels.
 
 Every change is an operation (``Op``) with an id. Operations are applied by one rule book,
-``runtime.ledger.rules.apply``, against a ``View`` of the store, so every backend (LMDB here,
-PostgreSQL later) and the journal replay in ``runtime.ledger.check`` share one definition of what an
+``runtime.ledger.rules.apply``, against a ``View`` of the store, so every backend (``lmdb``,
+``postgres``) and the journal replay in ``runtime.ledger.check`` share one definition of what an
 operation does. Replaying an operation id changes nothing and returns the first receipt.
 
 Invariants (checked by ``python -m runtime.admin check``):

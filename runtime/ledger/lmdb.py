@@ -13,12 +13,9 @@ int64), ``supply`` (asset -> minted, burned), ``journal`` (seq -> entry), ``ops`
 
 from __future__ import annotations
 
-import queue
 import struct
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,6 @@ import lmdb
 import msgspec
 
 from runtime.buckets import BucketState
-from runtime.groupcommit import serve_batches
 from runtime.ledger import (
     SYSTEM_ACCOUNTS,
     AccountKind,
@@ -39,7 +35,7 @@ from runtime.ledger import (
     RecordUsage,
     rules,
 )
-from runtime.ledger.rules import validate
+from runtime.ledger.writer import GroupCommitted, Item, fail, resolve
 
 _I64 = struct.Struct(">q")
 _SEQ = struct.Struct(">Q")
@@ -49,8 +45,6 @@ _enc = msgspec.msgpack.Encoder()
 _entry_dec = msgspec.msgpack.Decoder(JournalEntry)
 _usage_dec = msgspec.msgpack.Decoder(RecordUsage)
 _buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
-
-_Item = tuple[Op, "Future[Receipt]"]
 
 
 def _bkey(account: str, asset: str) -> bytes:
@@ -101,7 +95,7 @@ class _TxnView:
         self.txn.put(key, _enc.encode(merged), db=self.dbs["buckets"])
 
 
-class LmdbLedger:
+class LmdbLedger(GroupCommitted):
     """The LMDB ledger. ``durable=False`` skips the sync (for tests of logic, never for real runs);
     ``group=False`` commits one operation per transaction (the benchmark's baseline)."""
 
@@ -119,12 +113,7 @@ class LmdbLedger:
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, sync=durable, metasync=durable, max_readers=512)
         names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
-        self._max_batch = max_batch if group else 1
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._closed = False
-        self._lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
-        self._writer.start()
+        self._start_writer(max_batch if group else 1)
         present = self.accounts()
         for name in SYSTEM_ACCOUNTS:
             if name not in present:
@@ -132,58 +121,23 @@ class LmdbLedger:
 
     # ------------------------------------------------------------------------------------ writes
 
-    def submit(self, op: Op) -> Future[Receipt]:
-        """Queue ``op``; the future resolves once it is durable (or with the ``LedgerError``)."""
-        fut: Future[Receipt] = Future()
-        # Running from the start: an operation cannot be withdrawn once queued (cancelling the
-        # future, or an asyncio wrapper of it, only stops the waiting), and the writer may always
-        # resolve it.
-        fut.set_running_or_notify_cancel()
-        try:
-            op = validate(op)
-        except LedgerError as exc:
-            fut.set_exception(exc)
-            return fut
-        with self._lock:
-            if self._closed:
-                fut.set_exception(LedgerError("closed", "the ledger is closed"))
-                return fut
-            self._queue.put((op, fut))
-        return fut
-
-    def apply(self, op: Op) -> Receipt:
-        """Apply one operation and wait until it is durable."""
-        return self.submit(op).result()
-
-    def _write_loop(self) -> None:
-        def commit(batch: list[_Item]) -> None:
-            # Looked up per batch, not bound once: a test can hold the writer mid-stream.
-            self._commit(batch)
-
-        serve_batches(self._queue, self._max_batch, commit)
-
-    def _commit(self, batch: list[_Item]) -> None:
-        outcomes: list[tuple[Future[Receipt], Receipt | BaseException]] = []
+    def _commit(self, batch: list[Item]) -> None:
+        outcomes: list[Receipt | LedgerError] = []
         try:
             with self.env.begin(write=True) as txn:
                 view = _TxnView(txn, self.dbs)
                 cur = txn.cursor(db=self.dbs["journal"])
                 seq = _SEQ.unpack(cur.key())[0] if cur.last() else 0
                 now = time.time()
-                for op, fut in batch:
-                    outcomes.append((fut, self._apply_one(txn, view, op, seq + 1, now)))
-                    res = outcomes[-1][1]
+                for op, _ in batch:
+                    res = self._apply_one(txn, view, op, seq + 1, now)
+                    outcomes.append(res)
                     if isinstance(res, Receipt) and res.fresh:
                         seq += 1
-        except BaseException as exc:  # the transaction was aborted: nothing of the batch is written
-            for _, fut in batch:
-                fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+        except BaseException as exc:
+            fail(batch, exc)
             return
-        for fut, res in outcomes:
-            if isinstance(res, Receipt):
-                fut.set_result(res)
-            else:
-                fut.set_exception(res)
+        resolve(batch, outcomes)
 
     def _apply_one(self, txn: lmdb.Transaction, view: _TxnView, op: Op, seq: int, now: float) -> Receipt | LedgerError:
         key = op.id.encode()
@@ -204,21 +158,8 @@ class LmdbLedger:
         txn.put(key, _OPREF.pack(seq, now), db=self.dbs["ops"])
         return Receipt(op.id, seq, now)
 
-    def close(self) -> None:
-        """Apply what is queued, stop the writer and close the environment."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._writer.join()
+    def _close_store(self) -> None:
         self.env.close()
-
-    def __enter__(self) -> LmdbLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------------------------- reads
 
