@@ -244,12 +244,18 @@ class RedisRelay:
                 pubsub.subscribe(self.channel, self._control)
                 self._listen(pubsub)
                 return  # stopped
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except Exception as exc:
                 if self._stop.is_set():
                     return
                 self.disconnects += 1
+                # A dropped connection is expected now and then; anything else deserves its traceback.
+                expected = isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
                 _logger.warning(
-                    "relay: lost the subscription to %s (%s); reconnecting in %g s", self.channel, exc, backoff
+                    "relay: lost the subscription to %s (%s); reconnecting in %g s",
+                    self.channel,
+                    exc,
+                    backoff,
+                    exc_info=not expected,
                 )
             finally:
                 pubsub.close()
