@@ -147,8 +147,10 @@ class LogBase(abc.ABC):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return self.submit(kind, agent, fields).result()
-        raise RuntimeError(f"{type(self).__name__}.append would block the event loop; await publish() instead")
+            pass  # no loop on this thread: blocking is fine (outside the handler, so failures chain nothing)
+        else:
+            raise RuntimeError(f"{type(self).__name__}.append would block the event loop; await publish() instead")
+        return self.submit(kind, agent, fields).result()
 
     async def publish(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
         """Append one event and return it once durable. By then the waiters it concerns have been

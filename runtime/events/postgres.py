@@ -22,6 +22,11 @@ back along the sequence whichever node writes. The price is that batches of all 
 at a time; each batch holds the lock only for its inserts and its commit, and group commit makes
 batches larger as load grows.
 
+A node rides out a server restart or a dropped session: a batch whose connection turns out dead
+before its ``COMMIT`` is written again on a new connection (nothing of it was written), and a read
+is repeated once on another pooled connection. Only a connection lost *during* ``COMMIT`` fails its
+callers, since the outcome is then unknown.
+
 Local waiters are woken by local commits. Events committed by *other* nodes wake them only through a
 notifier that hears of those events and calls ``notice`` (``runtime.events.redis.RedisRelay``).
 
@@ -118,22 +123,27 @@ class PostgresEventLog(LogBase):
         super().__init__(notifiers=notifiers, max_batch=max_batch)
         self.url, self._what, self._deadline_s, self._durable = url, what, deadline_s, durable
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = self._connect()
-        migrate(self._conn, "events", STEPS)
+        self._committing = False  # the writer's current batch has reached its COMMIT
+        # The writer connection proved the server is up: the pool only has to open its own.
+        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, readers),
+            kwargs={"autocommit": True},
+            name="events-readers",
+            num_workers=1,
+            open=False,
+        )
         try:
-            # The writer connection proved the server is up: the pool only has to open its own.
-            self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-                url,
-                min_size=1,
-                max_size=max(1, readers),
-                kwargs={"autocommit": True},
-                name="events-readers",
-                num_workers=1,
-                open=False,
-            )
-            self._pool.open(wait=True, timeout=deadline_s)
-        except Exception as exc:
+            migrate(self._conn, "events", STEPS)
+            try:
+                self._pool.open(wait=True, timeout=deadline_s)
+            except Exception as exc:
+                self._pool.close()
+                raise DatabaseUnavailable(f"{what}={redact(url)!r}: the event log's readers: {exc}") from exc
+        except BaseException:
             self._conn.close()
-            raise DatabaseUnavailable(f"{what}={redact(url)!r}: could not open the event log's readers: {exc}") from exc
+            raise
         #: The last seq when this log was opened: no waiter of this node has read anything before it.
         self.opened_seq = self.last_seq()
         self._start_writer()
@@ -147,50 +157,66 @@ class PostgresEventLog(LogBase):
     # ------------------------------------------------------------------------------------ writes
 
     def _commit(self, batch: list[Item]) -> None:
+        for attempt in (1, 2):
+            try:
+                events, cursors = self._write(batch)
+            except psycopg.OperationalError as exc:
+                if attempt == 1 and not self._committing and self._conn is not None and self._conn.broken:
+                    # The connection died before COMMIT (the server restarted, or dropped an idle
+                    # session): nothing was written, so the batch is tried once more on a new one.
+                    continue
+                self._fail(batch, exc)
+                return
+            except BaseException as exc:
+                self._fail(batch, exc)
+                return
+            self._acknowledge(batch, events, cursors)
+            return
+
+    def _write(self, batch: list[Item]) -> tuple[list[Event], CursorResults]:
+        """One attempt at ``batch`` in one transaction; ``_committing`` turns true once all that is left
+        is the COMMIT (a failure from then on leaves the outcome unknown: never retried). Any
+        exception rolls the counter back with the rows, so the numbers stay gapless."""
+        self._committing = False
+        if self._conn is None or self._conn.broken:
+            self._conn = None
+            self._conn = self._connect()
+        conn = self._conn
         events: list[Event] = []
         cursors: CursorResults = []
-        try:
-            if self._conn is None or self._conn.broken:
-                # The last batch lost the connection (a server restart): this one gets a new one.
-                self._conn = None
-                self._conn = self._connect()
-            conn = self._conn
-            with conn.transaction():
-                appends = sum(isinstance(it, Append) for it in batch)
-                if appends:
-                    row = conn.execute(_NUMBER, (appends,)).fetchone()
-                    assert row is not None, "invariant: events_head has its row"
-                    seq, at = int(row[0]) - appends, float(row[1])
+        with conn.transaction():
+            appends = sum(isinstance(it, Append) for it in batch)
+            if appends:
+                row = conn.execute(_NUMBER, (appends,)).fetchone()
+                assert row is not None, "invariant: events_head has its row"
+                seq, at = int(row[0]) - appends, float(row[1])
+            else:
+                head = conn.execute("SELECT seq FROM events_head").fetchone()
+                assert head is not None, "invariant: events_head has its row"
+                seq, at = int(head[0]), 0.0
+            rows: list[tuple[int, float, str, str, str]] = []
+            moves: list[tuple[str, int]] = []
+            for item in batch:
+                if isinstance(item, Append):
+                    seq += 1
+                    events.append(Event(seq, at, item.kind, item.agent, item.fields))
+                    rows.append((seq, at, item.kind, item.agent or "", _json_enc.encode(item.fields).decode()))
+                elif item.seq > seq:
+                    cursors.append((item.fut, EventError("cursor", f"{item.seq} is past the last event {seq}")))
                 else:
-                    head = conn.execute("SELECT seq FROM events_head").fetchone()
-                    assert head is not None, "invariant: events_head has its row"
-                    seq, at = int(head[0]), 0.0
-                rows: list[tuple[int, float, str, str, str]] = []
-                moves: list[tuple[str, int]] = []
-                for item in batch:
-                    if isinstance(item, Append):
-                        seq += 1
-                        events.append(Event(seq, at, item.kind, item.agent, item.fields))
-                        rows.append((seq, at, item.kind, item.agent or "", _json_enc.encode(item.fields).decode()))
-                    elif item.seq > seq:
-                        cursors.append((item.fut, EventError("cursor", f"{item.seq} is past the last event {seq}")))
-                    else:
-                        moves.append((item.agent, item.seq))
-                        cursors.append((item.fut, item.seq))
-                with conn.cursor() as cur:
-                    if rows:
-                        with cur.copy(_COPY) as copy:
-                            for r in rows:
-                                copy.write_row(r)
-                    if moves:
-                        cur.executemany(_SET_CURSOR, moves)
-        except BaseException as exc:
-            # Rolled back: the counter with the rows, so the numbers stay gapless. (If the connection
-            # died during COMMIT itself the batch may be durable after all; other nodes' relays and
-            # this node's own catch-up then still deliver it.)
-            self._fail(batch, exc)
-            return
-        self._acknowledge(batch, events, cursors)
+                    moves.append((item.agent, item.seq))
+                    cursors.append((item.fut, item.seq))
+            with conn.cursor() as cur:
+                if rows:
+                    with cur.copy(_COPY) as copy:
+                        for r in rows:
+                            copy.write_row(r)
+                if moves:
+                    cur.executemany(_SET_CURSOR, moves)
+            # If the connection dies during the COMMIT the batch may be durable after all; its callers
+            # hear of the failure, while other nodes (and this node's own relay catch-up) see it.
+            self._committing = True
+        return events, cursors
 
     def _close_store(self) -> None:
         if self._conn is not None:
@@ -201,8 +227,14 @@ class PostgresEventLog(LogBase):
     # ------------------------------------------------------------------------------------- reads
 
     def _fetch(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        with self._pool.connection() as conn:
-            return conn.execute(query, params).fetchall()
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(query, params).fetchall()
+        except psycopg.OperationalError:
+            # A pooled connection the server dropped fails once (and the pool discards it); a read
+            # can safely be repeated on another.
+            with self._pool.connection() as conn:
+                return conn.execute(query, params).fetchall()
 
     def last_seq(self) -> int:
         """The sequence number of the last durable event of any node (0 for an empty log)."""

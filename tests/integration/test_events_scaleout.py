@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 import redis
 
 from runtime.events import Event
 from runtime.events.postgres import PostgresEventLog
 from runtime.events.redis import RedisRelay, RedisUnavailable
+from tests.services import ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[2]
 #: A safety poll so slow that a test finishing well within it proves the wake-up came another way.
@@ -355,6 +357,27 @@ def test_a_restarted_node_resumes_from_its_durable_cursor(nodes: Nodes) -> None:
     assert asyncio.run(main()) == missed[:2]
     assert again.read(again.cursor("alice"), agent="alice") == missed[:2]
     assert again.last_addressed("alice", {"transfer"}) == missed[0].seq
+
+
+def test_a_node_whose_database_sessions_are_dropped_carries_on(nodes: Nodes) -> None:
+    """What a node sees when the server restarts or drops its sessions: the writer retries the batch
+    that found its connection dead (nothing of it was written), reads retry on a fresh connection."""
+    a = nodes.log()
+    first = a.append("transfer", "alice")
+    assert a.read(agent="alice") == [first]
+    dbname = nodes.pg_url.rpartition("/")[2]
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s", (dbname,)
+        ).fetchone()
+        assert row is not None and row[0] >= 2  # the writer's session and a reader's
+        end = time.monotonic() + 20
+        while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (dbname,)).fetchone() != (0,):
+            assert time.monotonic() < end, "the sessions were not terminated"
+            time.sleep(0.02)
+    again = a.append("transfer", "alice", after="drop")
+    assert again.seq == 2
+    assert a.read() == [first, again] and a.last_seq() == 2 and a.cursor("alice") == 0
 
 
 # ----------------------------------------------------------------------------------- Redis coming and going
