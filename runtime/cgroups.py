@@ -195,7 +195,7 @@ def cpu_capacity_found(info: CgroupInfo) -> Found:
     """Cores this process may use, and why: the cgroup quota, capped by the CPUs it may run on."""
     cpus = len(os.sched_getaffinity(0))
     quota = cpu_quota(info)
-    if quota is not None and quota.value < cpus:
+    if quota is not None and quota.value <= cpus:
         return quota
     beyond = f" (below the cgroup quota of {quota.value:g})" if quota else ""
     return Found(float(cpus), f"sched_getaffinity: {cpus} CPUs{beyond}")
