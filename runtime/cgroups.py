@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -209,20 +210,23 @@ def cpu_capacity(info: CgroupInfo) -> float:
 def cpu_usage(info: CgroupInfo) -> Found | None:
     """CPU-seconds used by this process's cgroup and everything below it (in a container: the
     container's), from the kernel: v1 ``cpuacct.usage``, else v2 ``cpu.stat`` ``usage_usec``."""
-    for controller, name in (("cpuacct", "cpuacct.usage"), ("unified", "cpu.stat")):
-        d = info.dir(controller)
-        if d is not None and (v := read_cpu_seconds(d / name)) is not None:
-            return Found(v, f"cgroup v{1 if controller == 'cpuacct' else 2} {name} at {d}")
-    return None
+    return _first_counter(info, ("cpuacct", "cpuacct.usage"), ("unified", "cpu.stat"), read=read_cpu_seconds)
 
 
 def memory_usage(info: CgroupInfo) -> Found | None:
     """Bytes of memory charged to this process's cgroup and below (page cache included, as ``docker
     stats`` counts it before its own adjustments): v1 ``memory.usage_in_bytes``, v2 ``memory.current``."""
-    for controller, name in (("memory", "memory.usage_in_bytes"), ("unified", "memory.current")):
+    return _first_counter(info, ("memory", "memory.usage_in_bytes"), ("unified", "memory.current"), read=_read_int)
+
+
+def _first_counter(
+    info: CgroupInfo, v1: tuple[str, str], v2: tuple[str, str], read: Callable[[Path], float | None]
+) -> Found | None:
+    """The v1 counter file ``(controller, name)`` of this process's cgroup if it reads, else the v2 one."""
+    for version, (controller, name) in ((1, v1), (2, v2)):
         d = info.dir(controller)
-        if d is not None and (v := _read_int(d / name)) is not None:
-            return Found(v, f"cgroup v{1 if controller == 'memory' else 2} {name} at {d}")
+        if d is not None and (v := read(d / name)) is not None:
+            return Found(v, f"cgroup v{version} {name} at {d}")
     return None
 
 
