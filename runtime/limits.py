@@ -204,12 +204,28 @@ def _llm_rates(cfg: Config, limits: Limits, calibration: tuple[Calibration, Path
     return {**rates, **dict.fromkeys(auto, share)}, source
 
 
+def describe(limits: Limits, sizing: Sizing) -> list[str]:
+    """The detected limits with their sources, and what was sized from them, as lines of text."""
+    mem = f"{limits.memory_bytes / _MB:.0f} MiB" if limits.memory_bytes is not None else "no limit"
+    task = sizing.task_memory_max_bytes
+    lines = [
+        f"limits: {limits.cpu_cores:g} CPUs ({limits.cpu_source}); memory {mem} ({limits.memory_source}); "
+        f"hardware class {limits.hardware_class}",
+        f"sized: {sizing.workers} workers ({sizing.workers_rule}); cpu_rate {sizing.cpu_millicores} millicores"
+        + (f"; a task may add up to {_mb(task)}" if task is not None else ""),
+    ]
+    if sizing.llm_rate_source:
+        lines.append(f"llm_rate auto: {sizing.llm_rate_source}")
+    return lines
+
+
 __all__ = [
     "CapacityError",
     "HardwareClass",
     "Limits",
     "Sizing",
     "cpu_millicores",
+    "describe",
     "detect",
     "find_calibration",
     "hardware_class",

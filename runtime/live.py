@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol, TextIO
 
+from runtime.limits import describe
 from runtime.pool import WorkerPool
 from runtime.stats import Snapshot
 from runtime.world import World
@@ -100,22 +101,16 @@ def render(
 
 def _limits_lines(snap: Snapshot) -> list[str]:
     """The container's limits with their sources, what was sized from them, and its usage now."""
-    lim, size, c = snap.limits, snap.sizing, snap.container
-    mem = f"{lim.memory_bytes / _MB:.0f} MB" if lim.memory_bytes is not None else "no limit"
-    task = f", a task up to {size.task_memory_max_bytes / _MB:.0f} MB" if size.task_memory_max_bytes is not None else ""
+    c = snap.container
     cpu_now = f"{c.cpu_percent:.0f}%" if c.cpu_percent is not None else "-"
     total = f"{c.cpu_seconds:.1f} CPU-s in all" if c.cpu_seconds is not None else "no counter"
     used = f"{c.memory_bytes / _MB:.0f} MB" if c.memory_bytes is not None else "-"
-    lines = [
-        f"limits: {lim.cpu_cores:g} CPUs ({lim.cpu_source}); memory {mem} ({lim.memory_source}); "
-        f"class {lim.hardware_class}",
-        f"sized: {size.workers} workers ({size.workers_rule}), cpu_rate {size.cpu_millicores} millicores{task}",
-        f"container: CPU {cpu_now} of {c.cpu_capacity:g} CPUs ({total}; {c.cpu_source}), memory {used} / {mem} "
+    limit = f"{c.memory_limit_bytes / _MB:.0f} MB" if c.memory_limit_bytes is not None else "no limit"
+    return [
+        *describe(snap.limits, snap.sizing),
+        f"container: CPU {cpu_now} of {c.cpu_capacity:g} CPUs ({total}; {c.cpu_source}), memory {used} / {limit} "
         f"({c.memory_source})",
     ]
-    if size.llm_rate_source:
-        lines.append(f"llm_rate auto: {size.llm_rate_source}")
-    return lines
 
 
 class LiveView:

@@ -125,19 +125,6 @@ DEFAULT_PERSONA = (
 )
 
 
-def describe(limits: Limits, sizing: Sizing) -> str:
-    """The detected limits with their sources and what was sized from them, in a few lines."""
-    mem = f"{limits.memory_bytes >> 20} MiB" if limits.memory_bytes is not None else "no limit"
-    lines = [
-        f"limits: {limits.cpu_cores:g} CPUs ({limits.cpu_source}); memory {mem} ({limits.memory_source}); "
-        f"hardware class {limits.hardware_class}",
-        f"sized: {sizing.workers} workers ({sizing.workers_rule}); cpu_rate {sizing.cpu_millicores} millicores",
-    ]
-    if sizing.llm_rate_source:
-        lines.append(f"llm_rate auto: {sizing.llm_rate_source}")
-    return "\n".join(lines)
-
-
 def summarize(pool: WorkerPool) -> UsageSummary:
     """What everyone used, for the JSON summary."""
     st = pool.status()
@@ -197,7 +184,8 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     print(
         f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "
         f"{len(cfg.agents)} agents sharing {capacity} millicores; data in {data}; "
-        f"events: python -m runtime.events tail {publisher.endpoint}\n{describe(limits, sizing)}",
+        f"events: python -m runtime.events tail {publisher.endpoint}\n"
+        + "\n".join(limits_mod.describe(limits, sizing)),
         flush=True,
     )
     world = World(store, economy, emit)
@@ -286,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"{args.config}: ok ({len(cfg.agents)} agents, workers: {cfg.pool.workers})")
-        print(describe(limits, sizing))
+        print("\n".join(limits_mod.describe(limits, sizing)))
         return 0
     return asyncio.run(serve(cfg, args.duration, live=not args.no_live))
 

@@ -119,7 +119,7 @@ def test_status_shows_the_limits_the_container_and_each_agent(tmp_path: Path) ->
     shown = run(["-m", "runtime.status", "--data-dir", str(tmp_path / "data")])
     assert shown.returncode == 0
     assert "limits: 0.5 CPUs (cgroup v1 cpu.cfs_quota_us=50000" in shown.stdout
-    assert "memory 1024 MB (cgroup v1 memory.limit_in_bytes" in shown.stdout
+    assert "memory 1024 MiB (cgroup v1 memory.limit_in_bytes" in shown.stdout
     assert re.search(r"container: CPU \d+% of 0\.5 CPUs \([\d.]+ CPU-s in all", shown.stdout), shown.stdout
 
 
