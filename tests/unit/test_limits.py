@@ -19,6 +19,7 @@ from runtime.limits import (
     hardware_llm_rate,
     plan,
 )
+from runtime.stats import Meter
 from tests.unit.test_cgroups import AFFINITY, make_v1, make_v2, write
 
 MB = 1 << 20
@@ -236,3 +237,22 @@ def test_find_calibration_reads_the_data_dirs_file_and_names_a_bad_key(tmp_path:
         find_calibration(cfg)
     off = msgspec.structs.replace(cfg, economy=msgspec.structs.replace(cfg.economy, calibration=""))
     assert find_calibration(off) is None
+
+
+def test_the_meter_reports_cpu_percent_of_capacity_over_each_interval(tmp_path: Path) -> None:
+    info, cpu, mem = make_v1(tmp_path)
+    write(cpu / "a/b/cpu.cfs_quota_us", "100000")  # one core: at most the CPUs there are
+    write(cpu / "a/b/cpu.cfs_period_us", "100000")
+    write(mem / "a/b/memory.limit_in_bytes", str(2 << 30))
+    write(mem / "a/b/memory.usage_in_bytes", str(100 * MB))
+    now = [100.0]
+    meter = Meter(info, clock=lambda: now[0])
+    write(cpu / "a/b/cpuacct.usage", "1000000000")
+    first = meter.container()
+    assert first.cpu_percent is None and first.cpu_seconds == 1.0 and first.interval_s == 0.0
+    assert first.memory_bytes == 100 * MB and first.memory_limit_bytes == 2 << 30
+    now[0] += 2.0
+    write(cpu / "a/b/cpuacct.usage", "2500000000")  # 1.5 CPU-s in 2 s on one core
+    second = meter.container()
+    assert second.cpu_percent == pytest.approx(75.0) and second.interval_s == 2.0
+    assert second.cpu_seconds == 2.5 and second.cpu_source == f"cgroup v1 cpuacct.usage at {cpu / 'a/b'}"
