@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -140,42 +141,108 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def cpu_quota_cores(info: CgroupInfo) -> float | None:
-    """The CPU quota of this process's cgroup (or its tightest ancestor) in cores, None if unlimited."""
-    best: float | None = None
+class Found(Struct, frozen=True):
+    """A number read from the cgroup files, and where it was found (for status output)."""
+
+    value: float
+    source: str
+
+
+def cpu_quota(info: CgroupInfo) -> Found | None:
+    """The CPU quota (in cores) of this process's cgroup or its tightest ancestor, None if unlimited."""
+    best: Found | None = None
     for d in info.ancestors("cpu"):
         quota, period = _read_int(d / "cpu.cfs_quota_us"), _read_int(d / "cpu.cfs_period_us")
-        if quota is not None and period and quota > 0:
-            best = min(best or float("inf"), quota / period)
+        if quota is not None and period and quota > 0 and (best is None or quota / period < best.value):
+            src = f"cgroup v1 cpu.cfs_quota_us={quota}/cpu.cfs_period_us={period} at {d}"
+            best = Found(quota / period, src)
     for d in info.ancestors("unified"):
         try:
             q, p = (d / "cpu.max").read_text().split()
-            if q != "max" and int(p) > 0:
-                best = min(best or float("inf"), int(q) / int(p))
+            if q != "max" and int(p) > 0 and (best is None or int(q) / int(p) < best.value):
+                best = Found(int(q) / int(p), f"cgroup v2 cpu.max={q} {p} at {d}")
         except (OSError, ValueError):
             continue
     return best
 
 
-def memory_limit_bytes(info: CgroupInfo) -> int | None:
-    """The memory limit of this process's cgroup (or its tightest ancestor), None if unlimited."""
-    best: int | None = None
+def cpu_quota_cores(info: CgroupInfo) -> float | None:
+    """The CPU quota of this process's cgroup (or its tightest ancestor) in cores, None if unlimited."""
+    found = cpu_quota(info)
+    return found.value if found else None
+
+
+def memory_limit(info: CgroupInfo) -> Found | None:
+    """The memory limit (bytes) of this process's cgroup or its tightest ancestor, None if unlimited."""
+    best: Found | None = None
     for d in info.ancestors("memory"):
         v = _read_int(d / "memory.limit_in_bytes")
-        if v is not None and v < _UNLIMITED:
-            best = v if best is None else min(best, v)
+        if v is not None and v < _UNLIMITED and (best is None or v < best.value):
+            best = Found(v, f"cgroup v1 memory.limit_in_bytes at {d}")
     for d in info.ancestors("unified"):
         v = _read_int(d / "memory.max")  # "max" does not parse: unlimited
-        if v is not None:
-            best = v if best is None else min(best, v)
+        if v is not None and (best is None or v < best.value):
+            best = Found(v, f"cgroup v2 memory.max at {d}")
     return best
+
+
+def memory_limit_bytes(info: CgroupInfo) -> int | None:
+    """The memory limit of this process's cgroup (or its tightest ancestor), None if unlimited."""
+    found = memory_limit(info)
+    return int(found.value) if found else None
+
+
+def cpu_capacity_found(info: CgroupInfo) -> Found:
+    """Cores this process may use, and why: the cgroup quota, capped by the CPUs it may run on."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cpu_quota(info)
+    if quota is not None and quota.value <= cpus:
+        return quota
+    beyond = f" (below the cgroup quota of {quota.value:g})" if quota else ""
+    return Found(float(cpus), f"sched_getaffinity: {cpus} CPUs{beyond}")
 
 
 def cpu_capacity(info: CgroupInfo) -> float:
     """Cores this process may use: the cgroup quota, capped by the CPUs it is allowed to run on."""
-    cpus = float(len(os.sched_getaffinity(0)))
-    quota = cpu_quota_cores(info)
-    return min(cpus, quota) if quota else cpus
+    return cpu_capacity_found(info).value
+
+
+def cpu_usage(info: CgroupInfo) -> Found | None:
+    """CPU-seconds used by this process's cgroup and everything below it (in a container: the
+    container's), from the kernel: v1 ``cpuacct.usage``, else v2 ``cpu.stat`` ``usage_usec``."""
+    return _first_counter(info, ("cpuacct", "cpuacct.usage"), ("unified", "cpu.stat"), read=read_cpu_seconds)
+
+
+def memory_usage(info: CgroupInfo) -> Found | None:
+    """Bytes of memory charged to this process's cgroup and below (page cache included, as ``docker
+    stats`` counts it before its own adjustments): v1 ``memory.usage_in_bytes``, v2 ``memory.current``."""
+    return _first_counter(info, ("memory", "memory.usage_in_bytes"), ("unified", "memory.current"), read=_read_int)
+
+
+def _first_counter(
+    info: CgroupInfo, v1: tuple[str, str], v2: tuple[str, str], read: Callable[[Path], float | None]
+) -> Found | None:
+    """The v1 counter file ``(controller, name)`` of this process's cgroup if it reads, else the v2 one."""
+    for version, (controller, name) in ((1, v1), (2, v2)):
+        d = info.dir(controller)
+        if d is not None and (v := read(d / name)) is not None:
+            return Found(v, f"cgroup v{version} {name} at {d}")
+    return None
+
+
+def read_cpu_seconds(path: Path) -> float | None:
+    """CPU-seconds from a v1 ``cpuacct.usage`` (ns) or a v2 ``cpu.stat`` (``usage_usec``) file."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if path.name == "cpuacct.usage":
+        return int(text) / 1e9
+    for line in text.splitlines():
+        key, _, val = line.partition(" ")
+        if key == "usage_usec":
+            return int(val) / 1e6
+    return None
 
 
 class WorkerCgroups(Struct):
@@ -239,19 +306,7 @@ class WorkerCgroups(Struct):
 
     def cpu_seconds(self) -> float | None:
         """CPU used by every process that ever ran in the cgroup, from the kernel."""
-        if self.cpu_file is None:
-            return None
-        try:
-            text = Path(self.cpu_file).read_text()
-        except OSError:
-            return None
-        if self.cpu_file.endswith("cpuacct.usage"):
-            return int(text) / 1e9
-        for line in text.splitlines():
-            key, _, val = line.partition(" ")
-            if key == "usage_usec":
-                return int(val) / 1e6
-        return None
+        return None if self.cpu_file is None else read_cpu_seconds(Path(self.cpu_file))
 
     def memory_peak_bytes(self) -> int | None:
         """The memory high-water mark since the worker last reset it (v1 and v2)."""
@@ -346,14 +401,21 @@ def processes_in(cgroup_dir: str) -> list[int]:
 
 __all__ = [
     "CgroupInfo",
+    "Found",
     "WorkerCgroups",
     "child_name",
     "cpu_capacity",
+    "cpu_capacity_found",
+    "cpu_quota",
     "cpu_quota_cores",
+    "cpu_usage",
     "discover",
+    "memory_limit",
     "memory_limit_bytes",
+    "memory_usage",
     "parse_mountinfo",
     "parse_proc_cgroup",
     "processes_in",
+    "read_cpu_seconds",
     "sweep_stale",
 ]

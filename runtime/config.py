@@ -55,6 +55,10 @@ class PoolConfig(_Section, frozen=True):
     restart_window_s: PositiveFloat = 60.0
     #: ``auto``: per-worker child cgroups when the hierarchy is writable, else /proc probes.
     cgroups: Literal["auto", "off"] = "auto"
+    #: Under a memory limit: what is kept back for the supervisor, and a worker's own footprint (model
+    #: included); ``workers: auto`` and the memory quotas are sized from the rest (see ``runtime.limits``).
+    supervisor_memory_mb: PositiveInt = 256
+    worker_memory_mb: PositiveInt = 192
 
 
 class AgentConfig(_Section, frozen=True):
@@ -78,10 +82,12 @@ class AgentConfig(_Section, frozen=True):
     pause_ms: NonNegInt = 0
     #: CPU right in millicores (CPU-seconds per second × 1000); ``auto`` shares what is left evenly.
     cpu_rate: PositiveInt | Literal["auto"] = "auto"
-    #: LLM-token right in tokens per second.
-    llm_rate: NonNegInt = 0
-    #: The largest memory a single task of this agent may add (MiB).
-    memory_quota_mb: PositiveInt = 1024
+    #: LLM-token right in tokens per second; ``auto``: the calibration file if there is one, else the
+    #: default of the container's hardware class (0 for agents that are not ``llm``).
+    llm_rate: NonNegInt | Literal["auto"] = "auto"
+    #: The largest memory a single task of this agent may add (MiB); ``auto``: 1024, or less when the
+    #: container's memory limit leaves a worker less room than that.
+    memory_quota_mb: PositiveInt | Literal["auto"] = "auto"
     #: Bytes the agent may own in the artifact store (MiB).
     disk_quota_mb: NonNegInt = 64
     scrip: NonNegInt = 1000
@@ -118,6 +124,9 @@ class EconomyConfig(_Section, frozen=True):
     target_utilisation: Annotated[float, Meta(gt=0, le=1)] = 0.9
     #: CPU-seconds an agent's first task of a kind is assumed to cost, before any is measured.
     default_estimate_s: PositiveFloat = 0.05
+    #: Written by ``python -m runtime.calibrate`` (relative paths are under ``data_dir``); when it exists,
+    #: ``llm_rate: auto`` agents take their rate from it. Empty: never use one.
+    calibration: str = "calibration.yaml"
 
 
 class Config(_Section, frozen=True):
@@ -137,6 +146,26 @@ class Config(_Section, frozen=True):
     metrics_host: str = "127.0.0.1"
     #: Where the JSON usage summary is written on exit (relative paths are under ``data_dir``).
     summary: str = "usage-summary.json"
+
+
+class Calibration(_Section, frozen=True):
+    """What ``python -m runtime.calibrate`` measured: the LLM rate that kept the container at its target."""
+
+    #: Tokens per second for each of ``agents`` agents thinking back to back.
+    llm_rate: PositiveInt
+    agents: PositiveInt
+    #: The container it was measured in: CPU capacity (cores) and where that came from.
+    cpu_capacity: PositiveFloat
+    cpu_source: str = ""
+    #: The container's CPU utilisation (of its capacity) in the last window.
+    utilisation: Annotated[float, Meta(ge=0, le=10)] = 0.0
+    #: The model file and the configured ``llm.max_tokens``.
+    model: str = ""
+    max_tokens: PositiveInt = 160
+    #: When (UTC, ISO 8601), in how many windows of how many seconds.
+    date: str = ""
+    windows: NonNegInt = 0
+    window_s: PositiveFloat = 1.0
 
 
 def _int_or_word(value: str) -> int | str:
@@ -160,7 +189,9 @@ class ConfigError(ValueError):
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
-def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str], raw: Any) -> str:
+def _explain(
+    exc: msgspec.ValidationError, source: str, env_paths: dict[str, str], raw: Any, root: type[Struct] = Config
+) -> str:
     text = str(exc)
     what, _, where = text.rpartition(" - at `")
     if not _:
@@ -169,7 +200,7 @@ def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str
     if m := _UNKNOWN.match(what):
         key = m.group(1)
         full = f"{path}.{key}" if path else key
-        known = _fields_at(path, raw)
+        known = _fields_at(path, raw, root)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
         return f"{source}: unknown key `{full}` (expected one of: {', '.join(known)}){hint}"
@@ -177,10 +208,10 @@ def _explain(exc: msgspec.ValidationError, source: str, env_paths: dict[str, str
     return f"{source}: at `{path or '<top>'}`{origin}: {what}"
 
 
-def _fields_at(path: str, raw: Any) -> list[str]:
+def _fields_at(path: str, raw: Any, root: type[Struct] = Config) -> list[str]:
     """The keys allowed at a path such as ``agents[0]`` or ``pool``; a tagged union (a task spec) is
     resolved by the ``kind`` found at that place in the raw document."""
-    t: Any = msgspec.inspect.type_info(Config)
+    t: Any = msgspec.inspect.type_info(root)
     node = raw
     for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
         if part.startswith("["):
@@ -252,6 +283,22 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     return parse(text, str(path), environ)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file; raise ``ConfigError`` naming the file and the key on any problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top, got {type(raw).__name__}")
+    try:
+        return msgspec.convert(raw, Calibration)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, str(path), {}, raw, Calibration)) from None
 
 
 def data_path(cfg: Config, name: str) -> Path:

@@ -24,6 +24,8 @@ from runtime.accounting import TaskUsage
 from runtime.buckets import Buckets, BucketState, Estimator
 from runtime.config import AgentConfig, Config
 from runtime.ledger import Asset, Ledger, OpenAccount, Receipt, RecordUsage, SetBuckets, Transfer
+from runtime.limits import CapacityError as CapacityError  # raised here; callers import it from here
+from runtime.limits import Sizing, cpu_millicores, detect, find_calibration, plan
 from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
 from runtime.protocol import Invoke, TaskSpec, Think, kind_of
 
@@ -38,13 +40,9 @@ RATE_RIGHTS: dict[Asset, tuple[Resource, float]] = {
 _MB = 1 << 20
 
 
-class CapacityError(ValueError):
-    """The agents' CPU rights exceed what the container can give."""
-
-
 def capacity_millicores(cfg: Config, info: cg.CgroupInfo) -> int:
     """The CPU the agents may hold rights to: the container's capacity × target utilisation."""
-    return int(cg.cpu_capacity(info) * 1000 * cfg.economy.target_utilisation)
+    return cpu_millicores(cfg, cg.cpu_capacity(info))
 
 
 def initial_cpu_rates(agents: list[AgentConfig], available: int) -> dict[str, int]:
@@ -63,10 +61,18 @@ def initial_cpu_rates(agents: list[AgentConfig], available: int) -> dict[str, in
     return {**{k: int(v) for k, v in explicit.items()}, **dict.fromkeys(auto, share)}
 
 
-def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buckets) -> int:
+def open_economy(
+    cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buckets, sizing: Sizing | None = None
+) -> int:
     """Open accounts for new agents, check capacity, and add every agent's buckets. Returns the
-    capacity in millicores. Raises ``CapacityError`` with the numbers when rights do not fit."""
-    capacity = capacity_millicores(cfg, info)
+    capacity in millicores. Raises ``CapacityError`` with the numbers when rights do not fit.
+
+    ``sizing`` (``runtime.limits.plan``) gives the capacity and the new agents' ``llm_rate`` and
+    ``memory_quota``; without it, it is planned here from ``info`` and the calibration file.
+    """
+    if sizing is None:
+        sizing = plan(cfg, detect(info), find_calibration(cfg))
+    capacity = sizing.cpu_millicores
     existing = ledger.accounts()
     held = ledger.balances()
     taken = sum(held.get(a, {}).get("cpu_rate", 0) for a, kind in existing.items() if kind == "agent")
@@ -79,9 +85,9 @@ def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buck
                 account=a.id,
                 grants={
                     "cpu_rate": rates[a.id],
-                    "llm_rate": a.llm_rate,
+                    "llm_rate": sizing.llm_rates[a.id],
                     "scrip": a.scrip,
-                    "memory_quota": a.memory_quota_mb * _MB,
+                    "memory_quota": sizing.memory_quotas[a.id],
                     "disk_quota": a.disk_quota_mb * _MB,
                     "llm_budget": round(a.llm_budget_usd * 1e6),
                 },
@@ -96,7 +102,7 @@ def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buck
     if total > capacity:
         raise CapacityError(
             f"agents hold {total} millicores of cpu_rate but the container offers {capacity} "
-            f"({cg.cpu_capacity(info):g} CPUs × target utilisation {cfg.economy.target_utilisation:g})"
+            f"(its CPU capacity × target utilisation {cfg.economy.target_utilisation:g})"
         )
     for a in cfg.agents:
         persisted = ledger.buckets(a.id)

@@ -6,7 +6,9 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol, TextIO
 
+from runtime.limits import describe
 from runtime.pool import WorkerPool
+from runtime.stats import Snapshot
 from runtime.world import World
 
 _MB = 1 << 20
@@ -35,12 +37,15 @@ def render(
     elapsed_s: float,
     world: World | None = None,
     events: EventCounts | None = None,
+    snapshot: Snapshot | None = None,
 ) -> str:
-    """The table as text."""
+    """The table as text; with a ``snapshot``, CPU % and memory per agent and the container's limits
+    (and where they were found) and usage."""
     rows = [
-        f"{'agent':<12} {'state':<8} {'tasks':>6} {'fail':>4} {'cpu s':>7} {'tokens':>7} {'bucket s':>11} "
-        f"{'debt s':>6} {'scrip':>6} {'disk KB':>7} {'peak MB':>7}  last"
+        f"{'agent':<12} {'state':<8} {'tasks':>6} {'fail':>4} {'cpu s':>7} {'cpu %':>5} {'tokens':>7} "
+        f"{'bucket s':>11} {'debt s':>6} {'scrip':>6} {'disk KB':>7} {'mem MB':>11}  last"
     ]
+    per_agent = {s.id: s for s in snapshot.agents} if snapshot else {}
     economy = world.economy if world else None
     balances = economy.ledger.balances() if economy else {}
     disk = world.store.usage() if world else {}
@@ -58,9 +63,12 @@ def render(
             debt = f"{-level:.2f}" if level < 0 else "0"
             tokens = economy.tokens.get(a.id, 0)
         scrip = balances.get(a.id, {}).get("scrip", 0)
+        stats = per_agent.get(a.id)
+        percent = f"{stats.cpu_percent:.0f}" if stats else "-"
+        mem = f"{peak:.0f}/{stats.memory_quota_bytes / _MB:.0f}" if stats else f"{peak:.1f}"
         rows.append(
-            f"{a.id:<12} {a.status:<8} {tasks:>6} {failed:>4} {cpu:>7.2f} {tokens:>7} {bucket:>11} {debt:>6} "
-            f"{scrip:>6} {disk.get(a.id, 0) / 1024:>7.1f} {peak:>7.1f}  {a.last[:60]}"
+            f"{a.id:<12} {a.status:<8} {tasks:>6} {failed:>4} {cpu:>7.2f} {percent:>5} {tokens:>7} {bucket:>11} "
+            f"{debt:>6} {scrip:>6} {disk.get(a.id, 0) / 1024:>7.1f} {mem:>11}  {a.last[:60]}"
         )
     st = pool.status()
     over = pool.accounts.overhead()
@@ -72,7 +80,11 @@ def render(
         "",
         f"pool: {st.live}/{st.size} workers ({st.busy} busy, {st.idle} idle), {st.queued} queued, "
         f"{st.started} started, {st.crashed} crashed{failure_note}",
-        f"limits: {st.cpu_capacity:g} CPUs, memory {limit}{probe_note}; {st.cgroups}",
+        *(
+            [*_limits_lines(snapshot), f"measuring: {st.cgroups}{probe_note}"]
+            if snapshot
+            else [f"limits: {st.cpu_capacity:g} CPUs, memory {limit}{probe_note}; {st.cgroups}"]
+        ),
         "overhead: " + ", ".join(f"{k} {v:.2f} s" for k, v in over.items()),
         "events: " + (", ".join(f"{k} {v}" for k, v in sorted(events.counts.items())) or "none")
         if events is not None
@@ -85,6 +97,20 @@ def render(
         f"elapsed {elapsed_s:.0f} s" + (" — Ctrl-C to stop" if st.live else ""),
     ]
     return "\n".join(rows)
+
+
+def _limits_lines(snap: Snapshot) -> list[str]:
+    """The container's limits with their sources, what was sized from them, and its usage now."""
+    c = snap.container
+    cpu_now = f"{c.cpu_percent:.0f}%" if c.cpu_percent is not None else "-"
+    total = f"{c.cpu_seconds:.1f} CPU-s in all" if c.cpu_seconds is not None else "no counter"
+    used = f"{c.memory_bytes / _MB:.0f} MB" if c.memory_bytes is not None else "-"
+    limit = f"{c.memory_limit_bytes / _MB:.0f} MB" if c.memory_limit_bytes is not None else "no limit"
+    return [
+        *describe(snap.limits, snap.sizing),
+        f"container: CPU {cpu_now} of {c.cpu_capacity:g} CPUs ({total}; {c.cpu_source}), memory {used} / {limit} "
+        f"({c.memory_source})",
+    ]
 
 
 class LiveView:

