@@ -6,6 +6,10 @@ event log in PostgreSQL, so that several nodes run one world; with ``node.redis_
 a Redis relay carries wake-ups between the nodes (the PostgreSQL log stays the source of truth).
 Either way a ZeroMQ PUB socket under ``<data>/run`` serves this node's live observers.
 
+``python -m runtime.backends setup [--config FILE]`` prepares a shared database once per deployment:
+it applies the schema migrations and creates the login role of ``POSTGRES_AGENT_URL`` (a member of the
+restricted ``aeco_agent`` group), which only the operator's role may do.
+
 A server that is merely slow to come up is waited for, with back-off, up to ``node.connect_timeout_s``;
 one that rejects the node (bad URL, unknown database or role) fails at once. Both raise
 ``BackendUnavailable`` with one line that names the URL without its password.
@@ -13,12 +17,15 @@ one that rejects the node (bad URL, unknown database or role) fails at once. Bot
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from runtime import config as config_mod
 from runtime.config import Config, node_id
 from runtime.events import Events, Notifier
 from runtime.events.pub import EventPublisher
@@ -123,3 +130,58 @@ def open_backends(cfg: Config, data: Path) -> Backends:
         events.attach(publisher)
         opened.pop_all()
         return Backends(ledger, store, events, publisher, where, relay_stop)
+
+
+def setup(cfg: Config) -> str:
+    """Migrate the shared schemas and create the agent-facing login role; return what was done.
+
+    Raises ``BackendUnavailable`` when there is no PostgreSQL to set up or it cannot be used.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from runtime.events.postgres import PostgresEventLog
+    from runtime.ledger.postgres import PostgresLedger
+    from runtime.postgres import DatabaseUnavailable, connect, redact
+    from runtime.store.postgres import PostgresStore, ensure_agent_login
+
+    node = cfg.node
+    if not node.postgres_url:
+        raise BackendUnavailable("nothing to set up: POSTGRES_URL (node.postgres_url) is not set")
+    deadline = node.connect_timeout_s
+    try:
+        # Opening each backend applies its migrations (under an advisory lock).
+        PostgresLedger(node.postgres_url, connect_deadline_s=deadline).close()
+        PostgresStore(node.postgres_url, deadline_s=deadline).close()
+        PostgresEventLog(node.postgres_url, deadline_s=deadline).close()
+        done = f"schemas migrated at {redact(node.postgres_url)}"
+        if node.postgres_agent_url:
+            agent = urlsplit(node.postgres_agent_url)
+            if not agent.username:
+                raise BackendUnavailable(
+                    f"POSTGRES_AGENT_URL={redact(node.postgres_agent_url)!r} names no role (postgresql://ROLE:PASSWORD@...)"
+                )
+            with connect(node.postgres_url, deadline_s=deadline) as conn:
+                password = unquote(agent.password) if agent.password is not None else None
+                ensure_agent_login(conn, unquote(agent.username), password)
+            done += f"; agent role {agent.username!r} ready"
+    except DatabaseUnavailable as exc:
+        raise BackendUnavailable(" ".join(str(exc).split())) from exc
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``setup``)."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.backends", description="Prepare the shared PostgreSQL.")
+    ap.add_argument("command", choices=["setup"], help="migrate the schemas and create the agent login role")
+    ap.add_argument("--config", default="config/scale-out.yaml", help="YAML configuration (and the environment)")
+    args = ap.parse_args(argv)
+    try:
+        print(f"setup: {setup(config_mod.load(args.config))}")
+    except (config_mod.ConfigError, BackendUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
