@@ -1,6 +1,7 @@
-"""Operator commands: ``python -m runtime.admin [--config FILE | --data-dir DIR] COMMAND``.
+"""Operator commands: ``python -m runtime.admin [--config FILE | --data-dir DIR] [--postgres URL] COMMAND``.
 
-The ledger:
+The ledger (in PostgreSQL with ``--postgres URL``, by default ``$POSTGRES_URL`` when set; else the LMDB
+ledger in the data directory):
 
 - ``balances``: every account's holdings, and each asset's supply (minted − burned);
 - ``journal [--since SEQ] [--limit N]``: the append-only journal, one operation per line (JSON);
@@ -18,6 +19,7 @@ supervisor first):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,14 +27,15 @@ from pathlib import Path
 import msgspec
 
 from runtime import config as config_mod
-from runtime.ledger import ASSETS
+from runtime.ledger import ASSETS, Ledger
 from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
+from runtime.ledger.open import NoLedger, open_ledger
+from runtime.postgres import DatabaseUnavailable
 from runtime.store import StoreError, check_id
 from runtime.store.git import GitStore
 
 
-def _balances(ledger: LmdbLedger) -> int:
+def _balances(ledger: Ledger) -> int:
     balances = ledger.balances()
     kinds = ledger.accounts()
     print(f"{'account':<14} {'kind':<7}" + "".join(f"{a:>16}" for a in ASSETS))
@@ -44,7 +47,7 @@ def _balances(ledger: LmdbLedger) -> int:
     return 0
 
 
-def _journal(ledger: LmdbLedger, since: int, limit: int | None) -> int:
+def _journal(ledger: Ledger, since: int, limit: int | None) -> int:
     out = sys.stdout.buffer
     for n, entry in enumerate(ledger.journal(since)):
         if limit is not None and n >= limit:
@@ -54,7 +57,7 @@ def _journal(ledger: LmdbLedger, since: int, limit: int | None) -> int:
     return 0
 
 
-def _check(ledger: LmdbLedger) -> int:
+def _check(ledger: Ledger) -> int:
     report = check(ledger)
     print(f"{report.accounts} accounts, {report.journal_entries} journal entries, {report.usage_records} usage records")
     for problem in report.problems:
@@ -103,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
     where.add_argument("--data-dir", help="the data directory (overrides --config)")
+    ap.add_argument(
+        "--postgres",
+        metavar="URL",
+        default=os.environ.get("POSTGRES_URL") or None,
+        help="the ledger commands read the ledger in this PostgreSQL database "
+        "(default: $POSTGRES_URL when set, else the LMDB ledger in the data directory)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("balances", help="holdings of every account and the supply of each asset")
     j = sub.add_parser("journal", help="the journal, one JSON operation per line")
@@ -126,16 +136,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command in ("history", "show", "rollback"):
         return _store_command(data / "artifacts.git", args)
-    path = data / "ledger"
-    if not (path / "data.mdb").exists():
-        print(f"error: no ledger at {path} (has the supervisor run with this data directory?)", file=sys.stderr)
+    try:
+        ledger = open_ledger(data, args.postgres, create=False)
+    except (NoLedger, DatabaseUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    with LmdbLedger(path) as ledger:
+    try:
         if args.command == "balances":
             return _balances(ledger)
         if args.command == "journal":
             return _journal(ledger, args.since, args.limit)
         return _check(ledger)
+    finally:
+        ledger.close()
 
 
 if __name__ == "__main__":

@@ -105,9 +105,9 @@ def connect(
             backoff = min(backoff * 2, 2.0)
 
 
-def _lock_key(component: str) -> int:
-    # A stable signed 64-bit key per component; the high word marks "ours" in pg_locks.
-    return (0x4145434F << 32 | zlib.crc32(component.encode())) - (1 << 63)
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name``; the high word marks "ours" in pg_locks."""
+    return (0x4145434F << 32 | zlib.crc32(name.encode())) - (1 << 63)
 
 
 def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str, steps: Sequence[str]) -> int:
@@ -118,7 +118,7 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str, steps:
     never edit one that has shipped, add a new one.
     """
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("aeco_migrations"),))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("aeco_migrations"),))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS aeco_migrations ("
             " component text NOT NULL, version integer NOT NULL,"
@@ -134,6 +134,6 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str, steps:
                 f"({len(steps)}); upgrade this node"
             )
         for version, sql in enumerate(steps[done:], start=done + 1):
-            conn.execute(sql)  # type: ignore[arg-type]
+            conn.execute(sql)
             conn.execute("INSERT INTO aeco_migrations (component, version) VALUES (%s, %s)", (component, version))
     return len(steps)

@@ -25,11 +25,17 @@ def _with_db(url: str, name: str) -> str:
     return f"{base}/{name}"
 
 
-def create_database() -> str:
-    """Create an empty database and return its URL (as the administrative role)."""
-    name = f"aeco_t_{uuid.uuid4().hex[:12]}"
+def create_database(name: str | None = None, *, exist_ok: bool = False) -> str:
+    """Create an empty database (a fresh random name unless ``name`` is given) and return its URL (as the
+    administrative role). With ``exist_ok``, a database of that name already there is simply reused."""
+    name = name or f"aeco_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        try:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            # UniqueViolation: another session created the same name at the same moment.
+            if not exist_ok:
+                raise
     return _with_db(ADMIN_URL, name)
 
 
@@ -37,7 +43,7 @@ def drop_database(url: str) -> None:
     """Drop a database made by ``create_database``, closing whatever still connects to it."""
     name = url.rpartition("/")[2]
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

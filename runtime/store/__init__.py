@@ -14,14 +14,19 @@ Rules every backend keeps (and ``verify`` checks):
   above its quota (the ``disk_quota`` the caller read from the ledger) is refused and writes nothing;
 - a refused operation writes nothing: HEAD, the index and usage are unchanged.
 
-The backend is ``runtime.store.git.GitStore`` (a bare Git repository written with dulwich).
+Backends: ``runtime.store.git.GitStore`` (a bare Git repository written with dulwich; the embedded
+default) and ``runtime.store.postgres.PostgresStore`` (PostgreSQL, when several nodes share the store).
+Both validate requests with ``write_op``/``delete_op`` and apply the rules with ``check_write``/
+``check_delete`` below, so that they refuse the same things with the same words.
 """
 
 from __future__ import annotations
 
 import builtins
+import re
 from concurrent.futures import Future
-from typing import Annotated, Literal, Protocol
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
 
 from msgspec import Meta, Struct
 
@@ -44,6 +49,7 @@ Size = Annotated[int, Meta(ge=0)]
 
 ErrorCode = Literal["invalid_id", "not_found", "forbidden", "quota_exceeded", "invalid", "closed"]
 
+_AGENT_RE = re.compile(AGENT_PATTERN)
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _ID_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -212,7 +218,7 @@ class Store(Protocol):
         ...
 
 
-def check_id(raw: str | bytes) -> str:
+def check_id(raw: object) -> str:
     """Return ``raw`` as a valid artifact id, or raise ``StoreError("invalid_id")`` saying what is wrong."""
     if isinstance(raw, bytes | bytearray):
         try:
@@ -246,6 +252,105 @@ def check_id(raw: str | bytes) -> str:
                 "invalid_id", f"bad character {ch!r} at position {i} of {shown!r} (allowed: A-Z a-z 0-9 _ -)"
             )
     return text
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOp:
+    """A validated write request (what ``write_op`` returns)."""
+
+    agent: str
+    id: str
+    content: bytes
+    kind: Kind
+    price: int
+    readable: Readable
+    quota: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    """A validated delete request (what ``delete_op`` returns)."""
+
+    agent: str
+    id: str
+
+
+def check_agent(agent: object, what: str = "agent") -> str:
+    """Return ``agent`` as a valid agent (or operator) name, or raise ``StoreError("invalid")``."""
+    if not isinstance(agent, str) or not _AGENT_RE.match(agent):
+        raise StoreError("invalid", f"{what} {agent!r} is not a valid name ({AGENT_PATTERN})")
+    return agent
+
+
+def _check_choice(value: object, allowed: tuple[str, ...], what: str) -> Any:
+    if value not in allowed or not isinstance(value, str):
+        raise StoreError("invalid", f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _check_int(value: object, what: str, limit: int | None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit is not None and value > limit):
+        bound = f" and at most {limit}" if limit is not None else ""
+        raise StoreError("invalid", f"{what} must be an integer >= 0{bound}, not {value!r}")
+    return value
+
+
+def write_op(
+    agent: object, id: object, content: object, kind: object, price: object, readable: object, quota: object
+) -> WriteOp:
+    """Validate a write request field by field; raise ``StoreError`` naming the first bad field."""
+    who, aid = check_agent(agent), check_id(id)
+    if not isinstance(content, bytes | bytearray | memoryview):
+        raise StoreError("invalid", f"content must be bytes, not {type(content).__name__}")
+    return WriteOp(
+        who,
+        aid,
+        bytes(content),
+        _check_choice(kind, KINDS, "kind"),
+        _check_int(price, "price", 1 << 62),
+        _check_choice(readable, READABLE, "readable"),
+        _check_int(quota, "quota", None),
+    )
+
+
+def delete_op(agent: object, id: object) -> DeleteOp:
+    """Validate a delete request; raise ``StoreError`` naming the bad field."""
+    return DeleteOp(check_agent(agent), check_id(id))
+
+
+def check_write(op: WriteOp, old_owner: str | None, old_size: int, before: int) -> int:
+    """Apply the write rules given the id's current owner and size (``None``, 0 when it does not exist)
+    and the bytes ``op.agent`` owns now; return what it owns after the write, or raise ``StoreError``."""
+    if old_owner is not None and old_owner != op.agent:
+        raise StoreError("forbidden", f"artifact id `{op.id}` is taken by another agent")
+    size = len(op.content)
+    after = before - old_size + size
+    # A write that does not grow the agent's usage is always allowed, so that an agent whose quota
+    # was lowered below what it owns can still shrink.
+    if after > before and after > op.quota:
+        raise StoreError(
+            "quota_exceeded",
+            f"`{op.agent}` owns {before} bytes; writing {size} bytes to `{op.id}` would make it {after}, "
+            f"over its disk quota of {op.quota}",
+        )
+    return after
+
+
+def check_delete(op: DeleteOp, old_owner: str | None, old_readable: Readable | None) -> None:
+    """Apply the delete rules given the id's current owner and readability (``None`` when it does not
+    exist): an owner-only artifact of someone else does not exist for ``op.agent``."""
+    if old_owner is None or (old_owner != op.agent and old_readable == "owner"):
+        raise StoreError("not_found", f"no artifact `{op.id}`")
+    if old_owner != op.agent:
+        raise StoreError("forbidden", f"`{op.id}` belongs to another agent: only its owner may delete it")
+
+
+def failed(exc: BaseException) -> Future[Any]:
+    """A future that has already failed with ``exc`` (for a request refused before it was queued)."""
+    fut: Future[Any] = Future()
+    fut.set_running_or_notify_cancel()
+    fut.set_exception(exc)
+    return fut
 
 
 def verify(store: Store) -> list[str]:

@@ -83,21 +83,26 @@ from dulwich.repo import Repo
 
 from runtime.groupcommit import serve_batches
 from runtime.store import (
-    AGENT_PATTERN,
-    KINDS,
-    READABLE,
     AgentName,
     Artifact,
     ArtifactInfo,
     CommitInfo,
+    DeleteOp,
     HistoryEntry,
     Kind,
     Price,
     Readable,
     Size,
     StoreError,
+    WriteOp,
     WriteReceipt,
+    check_agent,
+    check_delete,
     check_id,
+    check_write,
+    delete_op,
+    failed,
+    write_op,
 )
 
 BRANCH = Ref(b"refs/heads/main")
@@ -112,7 +117,6 @@ _BLOB = Blob.type_num
 #: zlib level of new packs: level 1 is several times faster than git's default 6 on our small objects
 #: and costs little size (object ids, a large part of trees and commits, do not compress anyway).
 _ZLEVEL = 1
-_AGENT_RE = re.compile(AGENT_PATTERN)
 _HEX_RE = re.compile(r"^[0-9a-f]{4,40}$")
 _U64 = struct.Struct(">Q")
 log = logging.getLogger("runtime.store")
@@ -149,29 +153,12 @@ _enc = msgspec.msgpack.Encoder()
 
 
 @dataclass(frozen=True, slots=True)
-class _Write:
-    agent: str
-    id: str
-    content: bytes
-    kind: Kind
-    price: int
-    readable: Readable
-    quota: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Delete:
-    agent: str
-    id: str
-
-
-@dataclass(frozen=True, slots=True)
 class _Reset:
     target: ObjectID
     operator: str
 
 
-_Op = _Write | _Delete | _Reset
+_Op = WriteOp | DeleteOp | _Reset
 _Item = tuple[_Op, "Future[Any]"]
 
 
@@ -208,12 +195,6 @@ def _fsync_dir(path: Path) -> None:
 
 def _ident(name: str, domain: str) -> bytes:
     return f"{name} <{name}@{domain}>".encode()
-
-
-def _check_agent(agent: object, what: str = "agent") -> str:
-    if not isinstance(agent, str) or not _AGENT_RE.match(agent):
-        raise StoreError("invalid", f"{what} {agent!r} is not a valid name ({AGENT_PATTERN})")
-    return agent
 
 
 def _tree_of(entries: dict[bytes, tuple[int, ObjectID]]) -> Tree:
@@ -384,17 +365,9 @@ class GitStore:
     ) -> Future[WriteReceipt]:
         """Queue a write; the future resolves once it is durable (or with the ``StoreError``)."""
         try:
-            op = _Write(
-                _check_agent(agent),
-                check_id(id),
-                _check_content(content),
-                _check_choice(kind, KINDS, "kind"),
-                _check_int(price, "price", 1 << 62),
-                _check_choice(readable, READABLE, "readable"),
-                _check_int(quota, "quota", None),
-            )
+            op = write_op(agent, id, content, kind, price, readable, quota)
         except StoreError as exc:
-            return _failed(exc)
+            return failed(exc)
         return self._submit(op)
 
     def write(
@@ -414,9 +387,9 @@ class GitStore:
     def submit_delete(self, agent: str, id: str) -> Future[str]:
         """Queue a delete; the future resolves with the commit once it is durable."""
         try:
-            op = _Delete(_check_agent(agent), check_id(id))
+            op = delete_op(agent, id)
         except StoreError as exc:
-            return _failed(exc)
+            return failed(exc)
         return self._submit(op)
 
     def delete(self, agent: str, id: str) -> str:
@@ -426,7 +399,7 @@ class GitStore:
     def rollback(self, to_commit: str, operator: str = "system") -> str:
         """A new commit, authored by ``operator``, whose tree is ``to_commit``'s (a commit of HEAD's
         history, by full id or unique prefix); the index and usage follow. Return the new commit."""
-        _check_agent(operator, "operator")
+        check_agent(operator, "operator")
         target = self._resolve(to_commit)
         fut: Future[str] = self._submit(_Reset(target, operator))
         return fut.result()
@@ -501,29 +474,20 @@ class GitStore:
                 fut.set_result(res)
 
     def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op) -> object:
-        if isinstance(op, _Write):
+        if isinstance(op, WriteOp):
             return self._apply_write(txn, b, op)
-        if isinstance(op, _Delete):
+        if isinstance(op, DeleteOp):
             return self._apply_delete(txn, b, op)
         return self._apply_reset(txn, b, op)
 
-    def _apply_write(self, txn: lmdb.Transaction, b: _Batch, op: _Write) -> WriteReceipt:
+    def _apply_write(self, txn: lmdb.Transaction, b: _Batch, op: WriteOp) -> WriteReceipt:
         key = op.id.encode()
         raw = txn.get(key, db=self._arts)
         old = _entry_dec.decode(raw) if raw is not None else None
-        if old is not None and old.meta.owner != op.agent:
-            raise StoreError("forbidden", f"artifact id `{op.id}` is taken by another agent")
         before = self._owned(txn, op.agent)
+        owner, old_size = (old.meta.owner, old.meta.size) if old is not None else (None, 0)
+        after = check_write(op, owner, old_size, before)
         size = len(op.content)
-        after = before - (old.meta.size if old is not None else 0) + size
-        # A write that does not grow the agent's usage is always allowed, so that an agent whose quota
-        # was lowered below what it owns can still shrink.
-        if after > before and after > op.quota:
-            raise StoreError(
-                "quota_exceeded",
-                f"`{op.agent}` owns {before} bytes; writing {size} bytes to `{op.id}` would make it {after}, "
-                f"over its disk quota of {op.quota}",
-            )
         now = time.time()
         meta = _Meta(
             kind=op.kind,
@@ -543,14 +507,12 @@ class GitStore:
         self._set_owned(txn, op.agent, after)
         return WriteReceipt(op.id, commit.decode(), old is None, size, after)
 
-    def _apply_delete(self, txn: lmdb.Transaction, b: _Batch, op: _Delete) -> str:
+    def _apply_delete(self, txn: lmdb.Transaction, b: _Batch, op: DeleteOp) -> str:
         key = op.id.encode()
         raw = txn.get(key, db=self._arts)
         old = _entry_dec.decode(raw) if raw is not None else None
-        if old is None or (old.meta.owner != op.agent and old.meta.readable == "owner"):
-            raise StoreError("not_found", f"no artifact `{op.id}`")
-        if old.meta.owner != op.agent:
-            raise StoreError("forbidden", f"`{op.id}` belongs to another agent: only its owner may delete it")
+        check_delete(op, old.meta.owner if old is not None else None, old.meta.readable if old is not None else None)
+        assert old is not None
         self._set(b, op.id, None)
         commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"delete {op.id}", time.time())
         txn.delete(key, db=self._arts)
@@ -975,32 +937,6 @@ class GitStore:
 
 def _artifact(aid: str, m: _Meta, content: bytes) -> Artifact:
     return Artifact(aid, m.kind, m.creator, m.owner, m.price, m.readable, m.created, m.updated, len(content), content)
-
-
-def _failed(exc: StoreError) -> Future[Any]:
-    fut: Future[Any] = Future()
-    fut.set_running_or_notify_cancel()
-    fut.set_exception(exc)
-    return fut
-
-
-def _check_content(content: object) -> bytes:
-    if not isinstance(content, bytes | bytearray | memoryview):
-        raise StoreError("invalid", f"content must be bytes, not {type(content).__name__}")
-    return bytes(content)
-
-
-def _check_choice(value: object, allowed: tuple[str, ...], what: str) -> Any:
-    if value not in allowed or not isinstance(value, str):
-        raise StoreError("invalid", f"{what} must be one of {', '.join(allowed)}, not {value!r}")
-    return value
-
-
-def _check_int(value: object, what: str, limit: int | None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit is not None and value > limit):
-        bound = f" and at most {limit}" if limit is not None else ""
-        raise StoreError("invalid", f"{what} must be an integer >= 0{bound}, not {value!r}")
-    return value
 
 
 def _write_pack(pack_dir: Path, records: Iterator[UnpackedObject], count: int, durable: bool) -> str:

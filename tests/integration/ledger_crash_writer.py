@@ -1,11 +1,13 @@
 """Writer process for the ledger crash test, and the one place where ledger backends are built for tests.
 
-``python -m tests.integration.ledger_crash_writer DIR --start N`` opens the ledger in ``DIR``, makes
-sure the bank accounts exist and are funded (with fixed op ids, so every round after the first only
-replays them), then streams transfers with op ids ``c{N}-{i}`` from several threads, each keeping a
-window of operations in flight so that the group commit batches them. Every operation whose future
-resolved with a receipt is printed (op id, newline, flushed) *after* it resolved: a printed id is a
-promise that the operation is durable, which the test checks after killing this process with SIGKILL.
+``python -m tests.integration.ledger_crash_writer DIR --start N [--backend B]`` opens the ledger of
+backend ``B`` at ``DIR`` (for PostgreSQL: the test database named after ``DIR``, on the server of
+``tests.services.ADMIN_URL``), makes sure the bank accounts exist and are funded (with fixed op ids, so
+every round after the first only replays them), then streams transfers with op ids ``c{N}-{i}`` from
+several threads, each keeping a window of operations in flight so that the group commit batches them.
+Every operation whose future resolved with a receipt is printed (op id, newline, flushed) *after* it
+resolved: a printed id is a promise that the operation is durable, which the test checks after killing
+this process with SIGKILL.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import hashlib
 import itertools
 import random
 import signal
@@ -25,6 +28,8 @@ from pathlib import Path
 
 from runtime.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
 from runtime.ledger.lmdb import LmdbLedger
+from runtime.ledger.postgres import PostgresLedger
+from tests import services
 
 #: The bank: this many accounts, each funded once with ``FUNDS`` scrip.
 ACCOUNTS = tuple(f"acct{i}" for i in range(10))
@@ -37,9 +42,31 @@ def _lmdb(path: Path, *, durable: bool = True, group: bool = True) -> Ledger:
     return LmdbLedger(path, durable=durable, group=group)
 
 
-#: Backend name -> ``factory(path, durable=..., group=...)``. A PostgreSQL backend is added here (its
-#: factory would create a fresh schema named after ``path``) and every ledger test runs against it too.
-BACKENDS: dict[str, LedgerFactory] = {"lmdb": _lmdb}
+#: URLs of the PostgreSQL databases this process opened ledgers in (``drop_postgres_databases`` drops them).
+PG_DATABASES: set[str] = set()
+
+
+def postgres_database(path: Path) -> str:
+    """The name of the test database that stands for ``path``: the same path always names the same
+    database, so a ledger reopened (or opened by a writer subprocess) at a path finds its state."""
+    return "aeco_t_l" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:20]
+
+
+def _postgres(path: Path, *, durable: bool = True, group: bool = True) -> Ledger:
+    url = services.create_database(postgres_database(path), exist_ok=True)
+    PG_DATABASES.add(url)
+    # durable=False is synchronous_commit=off: a commit returns before its WAL is flushed.
+    return PostgresLedger(url, durable=durable, group=group)
+
+
+def drop_postgres_databases() -> None:
+    """Drop every database ``_postgres`` opened in this process (its ledgers should be closed)."""
+    while PG_DATABASES:
+        services.drop_database(PG_DATABASES.pop())
+
+
+#: Backend name -> ``factory(path, durable=..., group=...)``; every ledger test runs against each.
+BACKENDS: dict[str, LedgerFactory] = {"lmdb": _lmdb, "postgres": _postgres}
 
 
 def open_ledger(backend: str, path: Path, *, durable: bool = True, group: bool = True) -> Ledger:

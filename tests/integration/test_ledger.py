@@ -1,8 +1,9 @@
 """The ledger against real storage: semantics, refusals, a concurrent bank, SIGKILL, and group commit.
 
 Every test takes its ledger from the ``backend`` fixture, parametrized over
-``tests.integration.ledger_crash_writer.BACKENDS`` (today only LMDB, on files in ``tmp_path``), and uses
-only the ``Ledger`` protocol, so that a PostgreSQL backend runs the same tests once it is registered.
+``tests.integration.ledger_crash_writer.BACKENDS`` (LMDB on files in ``tmp_path``; PostgreSQL in a test
+database named after the path, dropped after the test), and uses only the ``Ledger`` protocol, so both
+backends pass the very same tests.
 """
 
 from __future__ import annotations
@@ -40,17 +41,28 @@ from runtime.ledger import (
 from runtime.ledger.check import check
 from runtime.ledger.rules import MemoryView
 from runtime.ledger.rules import apply as apply_rule
-from tests.integration.ledger_crash_writer import ACCOUNTS, BACKENDS, FUNDS, fund_bank, open_ledger
+from tests.integration.ledger_crash_writer import (
+    ACCOUNTS,
+    BACKENDS,
+    FUNDS,
+    drop_postgres_databases,
+    fund_bank,
+    open_ledger,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 Make = Callable[..., Ledger]
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest) -> str:
-    """The name of the backend under test."""
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The name of the backend under test; the PostgreSQL databases the test opened are dropped after it
+    (this fixture is set up before, so torn down after, the ledgers that use them)."""
     name: str = request.param
-    return name
+    try:
+        yield name
+    finally:
+        drop_postgres_databases()
 
 
 @pytest.fixture

@@ -1,0 +1,255 @@
+"""What only the PostgreSQL ledger has: several nodes (processes) writing one ledger, opening it at
+once, losing their connection, bad URLs, and the operator commands against a database.
+
+The semantics every backend shares (refusals, replays, the bank, SIGKILL) are in test_ledger.py, which
+runs against PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+import psycopg
+import pytest
+
+from runtime.ledger import Mint, OpenAccount, RecordUsage, Transfer
+from runtime.ledger.check import check
+from runtime.ledger.open import NoLedger, open_ledger
+from runtime.ledger.postgres import WRITER_NAME, PostgresLedger
+from runtime.ledger.rules import MemoryView
+from runtime.ledger.rules import apply as apply_rule
+from runtime.postgres import DatabaseUnavailable
+from tests.integration.ledger_bank_client import Summary
+from tests.integration.ledger_crash_writer import ACCOUNTS, FUNDS, fund_bank
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bank_workload_in_two_processes_on_one_database(pg_url: str) -> None:
+    """Two OS processes, each its own PostgresLedger (as two nodes), transfer concurrently among the
+    same accounts; a third reads snapshots meanwhile. Nothing is lost or made up, and the one journal
+    both wrote replays exactly to the balances."""
+    total = FUNDS * len(ACCOUNTS)
+    with PostgresLedger(pg_url) as led:
+        fund_bank(led)
+        base = sum(1 for _ in led.journal())
+    cmd = [sys.executable, "-m", "tests.integration.ledger_bank_client", pg_url, "--seconds", "4"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--client", str(k)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for k in range(2)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        with PostgresLedger(pg_url) as reader_led:
+            stop = threading.Event()
+            bad: list[object] = []
+            reads = 0
+
+            def reader() -> None:
+                nonlocal reads
+                while not stop.is_set():
+                    held = reader_led.balances()
+                    if sum(v.get("scrip", 0) for v in held.values()) != total:
+                        bad.append(held)
+                    reads += 1
+
+            watcher = threading.Thread(target=reader)
+            watcher.start()
+            try:
+                for p in procs:  # both go at once
+                    assert p.stdin is not None
+                    p.stdin.write(b"go\n")
+                    p.stdin.flush()
+                outs = [p.communicate(timeout=180) for p in procs]
+            finally:
+                stop.set()
+                watcher.join(30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err.decode()
+    summaries = [msgspec.json.decode(out.splitlines()[-1], type=Summary) for out, _ in outs]
+    assert bad == [] and reads > 10
+    for s in summaries:
+        assert s.errors == []
+        # Each node really worked concurrently, and the workload did what it claims to.
+        assert len(s.fresh) > 100 and s.refused > 0 and s.replayed > 0, (len(s.fresh), s.refused, s.replayed)
+
+    with PostgresLedger(pg_url) as led:
+        report = check(led)
+        assert report.ok, report.problems
+        entries = list(led.journal(since=base))
+        fresh = {op_id: seq for s in summaries for op_id, seq in s.fresh.items()}
+        # Exactly the acknowledged transfers are journalled, at the seqs their receipts gave.
+        assert {e.op.id: e.seq for e in entries} == fresh
+        assert all(isinstance(e.op, Transfer) for e in entries)
+        assert [e.seq for e in entries] == list(range(base + 1, base + 1 + len(entries)))
+        # The two nodes' batches interleave in the one order (they did not merely take turns once).
+        nodes = [e.op.id.split("-")[0] for e in entries]
+        assert Counter(nodes) == {"n0": len(summaries[0].fresh), "n1": len(summaries[1].fresh)}
+        assert sum(a != b for a, b in itertools.pairwise(nodes)) >= 10
+        view = MemoryView()
+        for e in led.journal():
+            apply_rule(view, e.op)
+        assert view.nonzero() == led.balances()
+        assert sum(v.get("scrip", 0) for v in led.balances().values()) == total
+        assert led.supply()["scrip"] == (total, 0)
+
+
+def test_nodes_opening_one_database_at_once_share_one_schema_and_system_accounts(pg_url: str) -> None:
+    opened: list[PostgresLedger] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def node() -> None:
+        try:
+            barrier.wait()
+            opened.append(PostgresLedger(pg_url, pool_size=1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert errors == [] and len(opened) == 4
+        first = opened[0]
+        assert first.accounts() == {"mint": "system", "treasury": "system"}
+        assert [e.op.id for e in first.journal()] in (["open:mint", "open:treasury"], ["open:treasury", "open:mint"])
+        # Every node writes into the same ledger and sees the others' writes.
+        for k, led in enumerate(opened):
+            led.apply(OpenAccount(id=f"o{k}", account=f"agent{k}", grants={"scrip": 10}))
+        assert all(led.balances() == {f"agent{k}": {"scrip": 10} for k in range(4)} for led in opened)
+        assert check(first).ok
+    finally:
+        for led in opened:
+            led.close()
+
+
+def test_a_lost_writer_connection_is_replaced_and_the_batch_applied_once(pg_url: str) -> None:
+    with PostgresLedger(pg_url) as led:
+        led.apply(OpenAccount(id="o", account="alice", grants={"scrip": 100}))
+        led.apply(OpenAccount(id="o2", account="bob"))
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                (WRITER_NAME,),
+            ).fetchall()
+            assert killed == [(True,)]
+            # The writer finds out when it next uses the connection, and retries on a new one.
+            receipt = led.apply(Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=30))
+            assert receipt.fresh
+            count = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
+                (WRITER_NAME,),
+            ).fetchone()
+            assert count == (1,)
+        assert led.apply(Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=30)).fresh is False
+        assert led.balances() == {"alice": {"scrip": 70}, "bob": {"scrip": 30}}
+        assert check(led).ok
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_bad_url_or_an_absent_server_is_a_clear_error() -> None:
+    with pytest.raises(DatabaseUnavailable, match="is not a PostgreSQL URL"):
+        PostgresLedger("sqlite:///ledger.db")
+    with pytest.raises(DatabaseUnavailable, match=r"no PostgreSQL server answered within 1 s"):
+        PostgresLedger(f"postgresql://agent:pw@127.0.0.1:{_free_port()}/eco", connect_deadline_s=1.0)
+
+
+# ------------------------------------------------------------------------------------ operator commands
+
+
+def _admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "POSTGRES_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.admin", *args],
+        cwd=REPO,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_admin_ledger_commands_read_a_postgres_ledger(pg_url: str, tmp_path: Path) -> None:
+    empty = _admin("--data-dir", str(tmp_path), "--postgres", pg_url, "check")
+    assert empty.returncode == 2 and "no ledger in the database" in empty.stderr, empty.stderr
+    with PostgresLedger(pg_url) as led:
+        led.apply(OpenAccount(id="o-a", account="alice", grants={"scrip": 100}))
+        led.apply(OpenAccount(id="o-b", account="bob"))
+        led.apply(Transfer(id="t", src="alice", dst="bob", asset="scrip", amount=40))
+        led.apply(Mint(id="m", account="bob", asset="cpu_rate", amount=7, reason="grant"))
+        led.apply(RecordUsage(id="u", task_id="task-1", agent="bob", kind="think", ok=True, cpu_seconds=0.5))
+
+    # The URL from the flag, or from $POSTGRES_URL; the data directory is not looked at.
+    for how in (["--postgres", pg_url], []):
+        env = None if how else {"POSTGRES_URL": pg_url}
+        balances = _admin("--data-dir", str(tmp_path / "nowhere"), *how, "balances", env=env)
+        assert balances.returncode == 0, balances.stderr
+        rows = {line.split()[0]: line.split() for line in balances.stdout.splitlines()[1:]}
+        assert rows["alice"][2] == "60" and rows["bob"][2] == "40" and rows["bob"][3] == "7"
+        assert rows["supply"][1:3] == ["100", "7"]
+    journal = _admin("--postgres", pg_url, "journal", "--since", "2", "--limit", "3")
+    entries = [json.loads(line) for line in journal.stdout.splitlines()]
+    assert [(e["seq"], e["op"]["id"]) for e in entries] == [(3, "o-a"), (4, "o-b"), (5, "t")]
+    ok = _admin("--postgres", pg_url, "check")
+    assert ok.returncode == 0 and "all invariants hold" in ok.stdout, ok.stdout
+
+    # Money made up behind the ledger's back is found.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE ledger_balances SET amount = amount + 5 WHERE account = 'alice'")
+    bad = _admin("--postgres", pg_url, "check")
+    assert bad.returncode == 1 and "VIOLATION: scrip: balances sum to 105" in bad.stdout, bad.stdout
+
+    unreachable = _admin("--postgres", "mysql://nope", "check")
+    assert unreachable.returncode == 2 and "is not a PostgreSQL URL" in unreachable.stderr
+
+
+def test_open_ledger_picks_the_backend_and_refuses_to_invent_one(pg_url: str, tmp_path: Path) -> None:
+    with pytest.raises(NoLedger, match=str(tmp_path / "ledger")):
+        open_ledger(tmp_path, None, create=False)
+    with pytest.raises(NoLedger, match="no ledger in the database"):
+        open_ledger(tmp_path, pg_url, create=False)
+    for url in (None, pg_url):
+        led = open_ledger(tmp_path, url)
+        try:
+            assert isinstance(led, PostgresLedger) == (url is not None)
+            led.apply(OpenAccount(id="o", account="alice", grants={"scrip": 3}))
+        finally:
+            led.close()
+        again = open_ledger(tmp_path, url, create=False)
+        try:
+            assert again.balance("alice", "scrip") == 3
+        finally:
+            again.close()
