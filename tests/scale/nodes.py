@@ -39,6 +39,7 @@ class Node:
             "AGENT_RANGE": agent_range,
             "AECO_DATA_DIR": str(self.data),
             "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",  # the output files show progress as it happens
         }
         self.proc: subprocess.Popen[bytes] | None = None
         #: The run id of each start, in order (task ids are ``<run>-<n>``).
