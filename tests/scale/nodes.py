@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,8 +58,9 @@ class Node:
     def _err(self) -> Path:
         return self.where / f"{self.name}-{self._starts}.err"
 
-    def start(self, extra: Sequence[str] = ()) -> None:
-        """Start the supervisor (without waiting for it to be up: see ``wait_up``)."""
+    def start(self, extra: Sequence[str] = (), preexec: Callable[[], None] | None = None) -> None:
+        """Start the supervisor (without waiting for it to be up: see ``wait_up``); ``preexec`` runs in
+        the child before it executes (to enter a cgroup, say)."""
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
         self._starts += 1
         with self._out().open("wb") as out, self._err().open("wb") as err:
@@ -69,6 +70,7 @@ class Node:
                 env=self.env,
                 stdout=out,
                 stderr=err,
+                preexec_fn=preexec,
             )
 
     def output(self) -> str:
