@@ -1,15 +1,17 @@
 """Events: what happened in the world, numbered in a durable log, served to observers and waking agents.
 
 Every event (a task finished, a transfer, an artifact written, an agent blocked or woken, a worker
-crashed, …) gets the next sequence number in the log (``runtime.events.log.EventLog``, LMDB) and is
+crashed, …) gets the next sequence number in the log (``runtime.events.log.EventLog``, LMDB; or
+``runtime.events.postgres.PostgresEventLog``, shared by the nodes of a scale-out deployment) and is
 acknowledged only once it is on disk. After each commit the log hands the new events to
 
 - the in-process waiters: an agent sleeping in ``wait`` until an event concerning it arrives is woken
   by the commit itself (no polling), then reads the log from where it left off;
-- its ``Notifier``s: the ZeroMQ PUB socket for live observers (``runtime.events.pub``), later the Redis
-  notifier that carries wake-ups to other nodes. Notifiers are fire-and-forget: a lost notification
-  costs an observer a line or a remote waiter a wake-up, never an event, because the log is the
-  source of truth and everything downstream can re-read it by sequence number.
+- its ``Notifier``s: the ZeroMQ PUB socket for live observers (``runtime.events.pub``), the Redis
+  relay that carries wake-ups to other nodes (``runtime.events.redis``). Notifiers are
+  fire-and-forget: a lost notification costs an observer a line or a remote waiter a wake-up, never
+  an event, because the log is the source of truth and everything downstream can re-read it by
+  sequence number.
 
 Each agent has a cursor (the last sequence number it has dealt with) kept in the same log, so that an
 agent that restarts resumes where it was.
@@ -97,7 +99,7 @@ class Notifier(Protocol):
 
     ``announce`` runs on the log's writer thread, between commits: it must not block (drop instead)
     and should not raise (an exception is logged and ignored; the events are durable regardless).
-    A notifier that *receives* wake-ups from elsewhere hands them to ``EventLog.notice``.
+    A notifier that *receives* wake-ups from elsewhere hands them to the log's ``notice``.
     """
 
     def announce(self, events: Sequence[Event]) -> None:
@@ -151,7 +153,8 @@ class Events(Protocol):
         ...
 
     def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
-        """The newest seq of an event of ``kinds`` for ``agent`` (or everyone) since the log was opened."""
+        """The newest seq of an event of ``kinds`` for ``agent`` (or everyone), at least among those
+        committed since the log was opened (LMDB: exactly those; PostgreSQL: the whole log)."""
         ...
 
     def cursor(self, agent: str) -> int:

@@ -1,5 +1,8 @@
-"""The event log against real LMDB files and real ZeroMQ sockets: order, durability (SIGKILL), filters,
-cursors, waiting without polling, observers that cannot slow the writer, and the observer CLI.
+"""The event log against real LMDB files, a real PostgreSQL database and real ZeroMQ sockets: order,
+durability (SIGKILL), filters, cursors, waiting without polling, observers that cannot slow the writer,
+and the observer CLI. Tests of the contract run on both backends (``make_log``, ``events``); tests of
+LMDB specifics (read-only opening, the SIGKILL writer, the ``dump`` CLI) on LMDB only
+(``make_lmdb_log``). Several PostgreSQL nodes and Redis: ``test_events_scaleout.py``.
 
 Run as a module (``python -m tests.integration.test_events DIR --round N``) this file is the crash
 writer of ``test_acknowledged_events_survive_sigkill``: it streams events from several threads and
@@ -29,17 +32,20 @@ import msgspec
 import pytest
 import zmq
 
-from runtime.events import Event, EventError, concerns
+from runtime.events import ANY_KIND, Event, EventError, concerns
 from runtime.events.log import EventLog
+from runtime.events.postgres import PostgresEventLog
 from runtime.events.pub import EventPublisher, Observer
 
 REPO = Path(__file__).resolve().parents[2]
-Make = Callable[..., EventLog]
+Log = EventLog | PostgresEventLog
+Make = Callable[..., Log]
+MakeLmdb = Callable[..., EventLog]
 
 
 @pytest.fixture
-def make_log(tmp_path: Path) -> Iterator[Make]:
-    """``make(name="events", durable=True)``: an event log in ``tmp_path``, closed after the test."""
+def make_lmdb_log(tmp_path: Path) -> Iterator[MakeLmdb]:
+    """``make(name="events", durable=True)``: an LMDB event log in ``tmp_path``, closed after the test."""
     opened: list[EventLog] = []
 
     def make(name: str = "events", **kw: Any) -> EventLog:
@@ -52,8 +58,28 @@ def make_log(tmp_path: Path) -> Iterator[Make]:
         log.close()
 
 
+@pytest.fixture(params=["lmdb", "postgres"])
+def make_log(request: pytest.FixtureRequest, make_lmdb_log: MakeLmdb) -> Iterator[Make]:
+    """``make(durable=True, notifiers=...)``: an event log of each backend (a test runs once per backend);
+    each call opens the same log again (the same LMDB directory, the same database)."""
+    if request.param == "lmdb":
+        yield make_lmdb_log
+        return
+    url: str = request.getfixturevalue("pg_url")
+    opened: list[PostgresEventLog] = []
+
+    def make(**kw: Any) -> PostgresEventLog:
+        log = PostgresEventLog(url, **kw)
+        opened.append(log)
+        return log
+
+    yield make
+    for log in opened:
+        log.close()
+
+
 @pytest.fixture
-def events(make_log: Make) -> EventLog:
+def events(make_log: Make) -> Log:
     """A fresh durable log."""
     return make_log()
 
@@ -66,7 +92,7 @@ def seqs(evs: Sequence[Event]) -> list[int]:
 # ------------------------------------------------------------------------------ order and durability
 
 
-def test_concurrent_submitters_get_gapless_seqs_in_submission_order(events: EventLog) -> None:
+def test_concurrent_submitters_get_gapless_seqs_in_submission_order(events: Log) -> None:
     threads, per_thread = 8, 250
     results: dict[int, list[Event]] = {}
 
@@ -95,11 +121,11 @@ def test_concurrent_submitters_get_gapless_seqs_in_submission_order(events: Even
     assert events.counts == {"transfer": total}
 
 
-async def _publish_many(log: EventLog, n: int, **fields: Any) -> list[Event]:
+async def _publish_many(log: Log, n: int, **fields: Any) -> list[Event]:
     return list(await asyncio.gather(*(log.publish("task_finished", "alice", i=i, **fields) for i in range(n))))
 
 
-def test_publish_from_the_loop_and_submit_from_threads_share_one_sequence(events: EventLog) -> None:
+def test_publish_from_the_loop_and_submit_from_threads_share_one_sequence(events: Log) -> None:
     async def main() -> tuple[list[Event], list[Event]]:
         loop = asyncio.get_running_loop()
         from_threads = loop.run_in_executor(
@@ -290,7 +316,7 @@ def crash_writer(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------- filters and cursors
 
 
-def test_read_filters_by_kind_agent_since_and_limit(events: EventLog) -> None:
+def test_read_filters_by_kind_agent_since_and_limit(events: Log) -> None:
     events.append("artifact_written", "alice", id="a1")  # 1
     events.append("transfer", "bob", amount=5)  # 2
     events.append("system_reset")  # 3: for everyone
@@ -318,7 +344,7 @@ def test_read_filters_by_kind_agent_since_and_limit(events: EventLog) -> None:
         events.read(-1)
 
 
-def test_cursors_default_set_move_back_and_refuse_the_future(events: EventLog) -> None:
+def test_cursors_default_set_move_back_and_refuse_the_future(events: Log) -> None:
     assert events.cursor("alice") == 0
     with pytest.raises(EventError) as err:
         events.set_cursor("alice", 1).result()
@@ -338,7 +364,7 @@ def test_cursors_default_set_move_back_and_refuse_the_future(events: EventLog) -
     assert events.cursors() == {"alice": 4}
 
 
-def test_bad_events_are_refused_and_nothing_is_written(events: EventLog) -> None:
+def test_bad_events_are_refused_and_nothing_is_written(events: Log) -> None:
     bad: list[tuple[Any, Any, Any]] = [
         ("Transfer", None, {}),  # kinds are lowercase
         ("task finished", None, {}),
@@ -361,17 +387,21 @@ def test_bad_events_are_refused_and_nothing_is_written(events: EventLog) -> None
     assert events.read() == [ev]
 
 
-def test_append_refuses_to_block_an_event_loop_and_readonly_logs_refuse_writes(make_log: Make) -> None:
-    log = make_log()
-
+def test_append_refuses_to_block_an_event_loop(events: Log) -> None:
     async def main() -> None:
         with pytest.raises(RuntimeError, match="publish"):
-            log.append("transfer")
+            events.append("transfer")
 
     asyncio.run(main())
+    assert events.last_seq() == 0
+    assert events.append("transfer", "alice").seq == 1
+
+
+def test_readonly_logs_refuse_writes(make_lmdb_log: MakeLmdb) -> None:
+    log = make_lmdb_log()
     log.append("transfer", "alice")
     log.close()  # LMDB must not be opened twice in one process (reading alongside: see the dump CLI test)
-    reader = make_log(readonly=True)
+    reader = make_lmdb_log(readonly=True)
     assert seqs(reader.read()) == [1]
     with pytest.raises(EventError) as err:
         reader.submit("transfer").result()
@@ -412,7 +442,7 @@ def test_notifiers_hear_every_committed_event_once_in_order_and_a_broken_one_har
 # ------------------------------------------------------------------------------------------- waiting
 
 
-def test_wait_returns_at_once_when_a_matching_event_is_already_durable(events: EventLog) -> None:
+def test_wait_returns_at_once_when_a_matching_event_is_already_durable(events: Log) -> None:
     events.append("agent_woken", "alice", why="trade")  # 1
     events.append("transfer", "bob", amount=1)  # 2
     events.append("system_reset")  # 3
@@ -433,7 +463,7 @@ def test_wait_returns_at_once_when_a_matching_event_is_already_durable(events: E
     asyncio.run(main())
 
 
-def test_a_waiter_wakes_within_milliseconds_of_a_publish(events: EventLog) -> None:
+def test_a_waiter_wakes_within_milliseconds_of_a_publish(events: Log) -> None:
     async def waiter(since: int) -> tuple[float, list[Event]]:
         got = await events.wait("alice", kinds={"agent_woken"}, since=since, timeout=5)
         return time.perf_counter(), got
@@ -463,7 +493,7 @@ def test_a_waiter_wakes_within_milliseconds_of_a_publish(events: EventLog) -> No
     assert max(delays) < 0.25, delays
 
 
-def test_an_event_submitted_from_another_thread_wakes_a_waiter_on_the_loop(events: EventLog) -> None:
+def test_an_event_submitted_from_another_thread_wakes_a_waiter_on_the_loop(events: Log) -> None:
     async def main() -> tuple[float, list[Event]]:
         task = asyncio.create_task(events.wait("alice", since=0, timeout=5))
         while events.waiting() == 0:
@@ -478,7 +508,7 @@ def test_an_event_submitted_from_another_thread_wakes_a_waiter_on_the_loop(event
     assert delay < 0.25
 
 
-def test_a_publish_wakes_only_the_waiters_it_concerns_and_a_broadcast_wakes_all(events: EventLog) -> None:
+def test_a_publish_wakes_only_the_waiters_it_concerns_and_a_broadcast_wakes_all(events: Log) -> None:
     agents = [f"a{i}" for i in range(100)]
 
     async def main() -> None:
@@ -496,7 +526,7 @@ def test_a_publish_wakes_only_the_waiters_it_concerns_and_a_broadcast_wakes_all(
     asyncio.run(main())
 
 
-def test_a_waiter_with_a_timeout_returns_nothing_after_the_timeout(events: EventLog) -> None:
+def test_a_waiter_with_a_timeout_returns_nothing_after_the_timeout(events: Log) -> None:
     events.append("transfer", "alice")
 
     async def main() -> tuple[float, list[Event]]:
@@ -508,7 +538,7 @@ def test_a_waiter_with_a_timeout_returns_nothing_after_the_timeout(events: Event
     assert got == [] and 0.29 <= elapsed < 0.6
 
 
-def test_a_sleeping_waiter_uses_no_cpu(events: EventLog) -> None:
+def test_a_sleeping_waiter_uses_no_cpu(events: Log) -> None:
     async def main() -> tuple[float, float, list[Event]]:
         cpu0, wall0 = time.process_time(), time.monotonic()
         got = await events.wait("alice", since=0, timeout=1.0)
@@ -519,7 +549,7 @@ def test_a_sleeping_waiter_uses_no_cpu(events: EventLog) -> None:
     assert cpu < 0.02, f"a sleeping waiter burnt {cpu:.3f} s of CPU in {wall:.2f} s"
 
 
-def test_closing_the_log_wakes_its_waiters_with_nothing(events: EventLog) -> None:
+def test_closing_the_log_wakes_its_waiters_with_nothing(events: Log) -> None:
     async def main() -> list[Event]:
         task = asyncio.create_task(events.wait("alice", since=0))  # no timeout at all
         while events.waiting() == 0:
@@ -530,7 +560,7 @@ def test_closing_the_log_wakes_its_waiters_with_nothing(events: EventLog) -> Non
     assert asyncio.run(main()) == []
 
 
-def test_notice_wakes_a_waiter_that_then_trusts_only_the_log(events: EventLog) -> None:
+def test_notice_wakes_a_waiter_that_then_trusts_only_the_log(events: Log) -> None:
     """What a cross-node notifier does: hand over an event heard of elsewhere. The waiter re-reads
     the log; a hint of an event the log does not hold wakes it but returns nothing."""
 
@@ -551,7 +581,7 @@ def test_notice_wakes_a_waiter_that_then_trusts_only_the_log(events: EventLog) -
 # -------------------------------------------------------------------------------------- observers
 
 
-async def _until_heard(log: EventLog, hear: Callable[[], bool], kind: str = "probe") -> None:
+async def _until_heard(log: Log, hear: Callable[[], bool], kind: str = "probe") -> None:
     """Publish ``kind`` events until ``hear()`` says one arrived: a new subscription takes a moment."""
     end = time.monotonic() + 10
     while not hear():
@@ -653,8 +683,8 @@ def _lines(proc: subprocess.Popen[bytes], out: list[bytes]) -> threading.Thread:
     return t
 
 
-def test_the_observer_cli_prints_json_lines(make_log: Make, tmp_path: Path) -> None:
-    log = make_log(durable=False)
+def test_the_observer_cli_prints_json_lines(make_lmdb_log: MakeLmdb, tmp_path: Path) -> None:
+    log = make_lmdb_log(durable=False)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with EventPublisher() as pub:
         log.attach(pub)
@@ -707,23 +737,25 @@ if __name__ == "__main__":
     sys.exit(crash_writer())
 
 
-def test_a_read_for_one_agent_from_its_index_equals_a_full_scan(tmp_path: Path) -> None:
-    """Reads for an agent use an in-memory index of the events committed since the log was opened;
-    an unfiltered read scans the log: filtering that scan by hand must give the same events."""
+def test_a_read_for_one_agent_from_its_index_equals_a_full_scan(events: Log) -> None:
+    """Reads for an agent use an in-memory index of the events committed since the log was opened (LMDB)
+    or SQL filters (PostgreSQL); an unfiltered read scans the log: filtering that scan by hand must
+    give the same events. ``last_addressed`` must agree with the scan too."""
     rng = random.Random(3)
     agents = ["a", "b", "c", None]
-    log = EventLog(tmp_path / "ev")
-    try:
-        for i in range(300):
-            log.append(rng.choice(["transfer", "artifact_invoked", "action"]), rng.choice(agents), i=i)
-        for since in (0, 1, 57, 150, 299, 300):
-            everything = log.read(since)
-            for agent in ("a", "b", "z"):
-                for kinds in (None, {"transfer"}, {"transfer", "artifact_invoked"}):
-                    expected = [e for e in everything if concerns(e, kinds, agent)]
-                    for limit in (None, 1, 7):
-                        got = log.read(since, agent=agent, kinds=kinds, limit=limit)
-                        assert got == (expected if limit is None else expected[:limit]), (since, agent, kinds)
-        assert log.read(0, agent="a") and all(e.agent in ("a", None) for e in log.read(0, agent="a"))
-    finally:
-        log.close()
+    for i in range(300):
+        events.append(rng.choice(["transfer", "artifact_invoked", "action"]), rng.choice(agents), i=i)
+    for since in (0, 1, 57, 150, 299, 300):
+        everything = events.read(since)
+        for agent in ("a", "b", "z"):
+            for kinds in (None, {"transfer"}, {"transfer", "artifact_invoked"}):
+                expected = [e for e in everything if concerns(e, kinds, agent)]
+                for limit in (None, 1, 7):
+                    got = events.read(since, agent=agent, kinds=kinds, limit=limit)
+                    assert got == (expected if limit is None else expected[:limit]), (since, agent, kinds)
+    assert events.read(0, agent="a") and all(e.agent in ("a", None) for e in events.read(0, agent="a"))
+    everything = events.read()
+    for agent in ("a", "b", "z"):
+        for kinds in ({"transfer"}, {"transfer", "artifact_invoked"}, {ANY_KIND}, {"nothing"}, set()):
+            matching = [e.seq for e in everything if concerns(e, None if ANY_KIND in kinds else kinds, agent)]
+            assert events.last_addressed(agent, kinds) == max(matching, default=0), (agent, kinds)
