@@ -295,8 +295,8 @@ def plot(report: Report, path: Path) -> None:
     rates = [r.transfers_per_s for r in report.ledger]
     right.bar(names, rates, color=["#55a868" if n.startswith("lmdb") else "#8172b2" for n in names])
     right.axhline(TARGET_POSTGRES, color="#c44e52", ls="--", label=f"target {TARGET_POSTGRES:,}/s")
-    for n, r in zip(names, rates, strict=True):
-        right.annotate(f"{r:,.0f}", (n, r), ha="center", va="bottom")
+    for name, rate in zip(names, rates, strict=True):
+        right.annotate(f"{rate:,.0f}", (name, rate), ha="center", va="bottom")
     right.set_ylabel("durable transfers/s (64 threads)")
     right.set_title("ledger")
     right.legend(loc="upper right")
@@ -310,7 +310,7 @@ def run(opts: Options) -> int:
     """Measure 1, 2 and 3 nodes, then the ledgers; print, write JSON and the plot."""
     duration = QUICK_S if opts.quick else FULL_S
     skipped: list[Skipped] = []
-    unavailable = ledger_bench._postgres_unavailable()  # noqa: SLF001 (the ledger benchmark's own check)
+    unavailable = ledger_bench._postgres_unavailable()
     results: list[NodesResult] = []
     tmp = Path(tempfile.mkdtemp(prefix="aeco-scale-"))
     try:

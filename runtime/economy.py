@@ -64,9 +64,7 @@ def initial_cpu_rates(agents: list[AgentConfig], available: int) -> dict[str, in
     return {**{k: int(v) for k, v in explicit.items()}, **dict.fromkeys(auto, share)}
 
 
-def open_economy(
-    cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buckets, *, node: bool = False
-) -> int:
+def open_economy(cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buckets, *, node: bool = False) -> int:
     """Open accounts for new agents, check capacity, and add every agent's buckets. Returns the
     capacity in millicores. Raises ``CapacityError`` with the numbers when rights do not fit.
 

@@ -26,10 +26,10 @@ from runtime import metrics
 from runtime.accounting import UsageSummary
 from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain
 from runtime.agents.placeholder import PlaceholderAgent
+from runtime.backends import BackendUnavailable, open_backends
 from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig
 from runtime.economy import CapacityError, Economy, open_economy
-from runtime.backends import BackendUnavailable, open_backends
 from runtime.events import Events
 from runtime.live import LiveView, render
 from runtime.memory.qdrant import QdrantMemory

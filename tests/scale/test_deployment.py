@@ -135,7 +135,11 @@ def test_k8s_pod_ordinals_pick_ranges_that_partition_the_population(tmp_path: Pa
     per_node = next(e["value"] for e in container["env"] if e["name"] == "AGENTS_PER_NODE")
     ranges = []
     for ordinal in range(int(sts["spec"]["replicas"])):
-        env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "HOSTNAME": f"agent-nodes-{ordinal}", "AGENTS_PER_NODE": per_node}
+        env = {
+            "PATH": f"{tmp_path}:{os.environ['PATH']}",
+            "HOSTNAME": f"agent-nodes-{ordinal}",
+            "AGENTS_PER_NODE": per_node,
+        }
         out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=10, check=True)
         agent_range, node, args = out.stdout.split(" ", 2)
         assert node == f"agent-nodes-{ordinal}" and "--config config/scale-out.yaml" in args

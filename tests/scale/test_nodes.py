@@ -95,7 +95,9 @@ class World:
         return self.events.read(since)
 
     def cross_transfers(self, since: int = 0) -> list[Event]:
-        return [e for e in self.all(since) if e.kind == "transfer" and _cross(self.nodes, e.fields.get("from"), e.agent)]
+        return [
+            e for e in self.all(since) if e.kind == "transfer" and _cross(self.nodes, e.fields.get("from"), e.agent)
+        ]
 
     def cross_invocations(self, since: int = 0) -> list[Event]:
         return [
@@ -113,12 +115,18 @@ class World:
             result = str(e.fields.get("result", ""))
             if e.kind == "action" and e.fields.get("action") == "sleep" and result.startswith("woke on transfer #"):
                 cause = by_seq[int(result.rpartition("#")[2])]
-                if cause.kind == "transfer" and cause.agent == e.agent and _cross(self.nodes, cause.fields["from"], e.agent):
+                if (
+                    cause.kind == "transfer"
+                    and cause.agent == e.agent
+                    and _cross(self.nodes, cause.fields["from"], e.agent)
+                ):
                     out.append((e, cause))
         return out
 
     def actions_by(self, node: Node, since: int = 0) -> int:
-        return sum(1 for e in self.all(since) if e.kind == "action" and e.agent and node_of(self.nodes, e.agent) is node)
+        return sum(
+            1 for e in self.all(since) if e.kind == "action" and e.agent and node_of(self.nodes, e.agent) is node
+        )
 
 
 def test_three_nodes_trade_invoke_wake_each_other_and_survive_a_kill(nodes: list[Node], pg_url: str) -> None:
@@ -171,9 +179,7 @@ def test_three_nodes_trade_invoke_wake_each_other_and_survive_a_kill(nodes: list
         _until(
             "node 2's agents to resume and read past the news they missed",
             lambda: (
-                all(
-                    any(e.kind == "action" and e.agent == a for e in world.all(restarted_at)) for a in node2_agents
-                )
+                all(any(e.kind == "action" and e.agent == a for e in world.all(restarted_at)) for a in node2_agents)
                 and all(events.cursor(a) >= seq for a, seq in missed.items())
             ),
             timeout_s=180,

@@ -8,6 +8,7 @@ behind TCP forwarders that only start listening a few seconds after the node.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -72,10 +73,8 @@ class Forwarder:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         """Stop accepting; open connections end when either side closes."""
