@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ledger": ("benchmarks.ledger", "durable transfers/s: LMDB group commit vs per-op and SQLite WAL"),
     "llm": ("benchmarks.llm", "local inference tokens/s: Think tasks through the pool vs LlamaBackend directly"),
     "store": ("benchmarks.store", "artifact writes/s and reads/s vs the git CLI; confined invocation overhead"),
+    "scale": (
+        "benchmarks.scale",
+        "actions/s of 1, 2 and 3 nodes sharing PostgreSQL + Redis; PostgreSQL vs LMDB ledger",
+    ),
 }
 
 

@@ -18,7 +18,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from runtime.actions import Action, AgentAction
+from runtime.actions import Action, AgentAction, InvokeArtifact, SleepFor, TransferScrip, WriteArtifact
 from runtime.protocol import InstrumentSpec
 
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -129,6 +129,51 @@ class EconomyConfig(_Section, frozen=True):
     calibration: str = "calibration.yaml"
 
 
+class PopulationConfig(_Section, frozen=True):
+    """Many agents from one template, appended to ``agents``: ids are the template's id followed by the
+    agent's number, zero-padded to ``digits`` (``a`` -> ``a001``, ``a002``, …).
+
+    ``policy: trader`` gives each scripted agent a generated policy that reaches agents ``stride`` and
+    ``2 × stride`` positions further on (wrapping around): it publishes a priced code artifact, gives
+    them scrip, invokes theirs, and sleeps until someone gives it scrip. With ``stride`` equal to the
+    size of each node's ``agent_range``, every partner lives on another node.
+    """
+
+    count: Annotated[int, Meta(gt=0, le=100_000)]
+    template: AgentConfig
+    digits: Annotated[int, Meta(ge=1, le=6)] = 3
+    #: ``template``: every agent follows the template's own ``policy``; ``trader``: generated (above).
+    policy: Literal["template", "trader"] = "template"
+    stride: PositiveInt = 1
+    #: How long a trader sleeps at most while it waits for scrip.
+    sleep_s: Annotated[float, Meta(gt=0, le=3600)] = 2.0
+
+
+class NodeConfig(_Section, frozen=True):
+    """This node of a scale-out deployment: which agents it runs and where the shared state lives.
+
+    Every node loads the same configuration; ``agent_range`` (``AGENT_RANGE``) picks its agents by
+    position in ``agents`` (1-based, inclusive, after ``population`` is expanded). Empty: all of them.
+    """
+
+    agent_range: Annotated[str, Meta(pattern=r"^(\d+-\d+)?$")] = ""
+    #: Prefixed to the node's task and operation ids; empty: ``n`` + the agent range (``n1-50``).
+    id: Annotated[str, Meta(pattern=r"^([a-z0-9][a-z0-9-]{0,23})?$")] = ""
+    #: The shared PostgreSQL (ledger, artifacts, events) as the operator's role; empty: LMDB and Git
+    #: under the data directory.
+    postgres_url: str = ""
+    #: The restricted role the agent-facing artifact path connects with (cannot read history or the
+    #: ledger); empty: the store decides from ``postgres_url``.
+    postgres_agent_url: str = ""
+    #: Redis for wake-ups across nodes (needs ``postgres_url``); empty: waiters are woken only by this
+    #: node's own events.
+    redis_url: str = ""
+    #: Redis channel prefix: every node of one deployment uses the same.
+    namespace: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "aeco"
+    #: How long a node waits for PostgreSQL and Redis to come up before it gives up.
+    connect_timeout_s: PositiveFloat = 30.0
+
+
 class Config(_Section, frozen=True):
     """The whole configuration of one supervisor."""
 
@@ -139,6 +184,8 @@ class Config(_Section, frozen=True):
     #: A Qdrant server for agents' memories (shared by nodes); empty: local mode under the data directory.
     memory_url: str = ""
     agents: list[AgentConfig] = []
+    population: PopulationConfig | None = None
+    node: NodeConfig = NodeConfig()
     #: Seconds between two refreshes of the live table.
     status_interval_s: PositiveFloat = 1.0
     #: Prometheus metrics at ``http://metrics_host:metrics_port/metrics`` (0: none).
@@ -179,6 +226,14 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
     "AECO_DATA_DIR": (("data_dir",), str),
     "AECO_WORKERS": (("pool", "workers"), _int_or_word),
     "AECO_TRANSPORT": (("pool", "transport"), str),
+    "AGENT_RANGE": (("node", "agent_range"), str),
+    "NODE_ID": (("node", "id"), str),
+    "POSTGRES_URL": (("node", "postgres_url"), str),
+    "POSTGRES_AGENT_URL": (("node", "postgres_agent_url"), str),
+    "REDIS_URL": (("node", "redis_url"), str),
+    "AECO_NAMESPACE": (("node", "namespace"), str),
+    "AECO_CONNECT_TIMEOUT_S": (("node", "connect_timeout_s"), _int_or_word),
+    "QDRANT_URL": (("memory_url",), str),
 }
 
 
@@ -265,6 +320,8 @@ def parse(text: str | bytes, source: str = "<config>", environ: dict[str, str] |
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, source, env_paths, raw)) from None
+    if cfg.population is not None:
+        cfg = msgspec.structs.replace(cfg, agents=[*cfg.agents, *_expand(cfg.population, source)])
     for i, a in enumerate(cfg.agents):
         if a.brain == "placeholder" and not a.workload:
             raise ConfigError(f"{source}: at `agents[{i}]` ({a.id}): a placeholder agent needs a `workload`")
@@ -273,7 +330,86 @@ def parse(text: str | bytes, source: str = "<config>", environ: dict[str, str] |
     ids = [a.id for a in cfg.agents]
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"{source}: agent ids must be unique; repeated: {', '.join(dup)}")
+    _check_node(cfg, source, env_paths)
     return cfg
+
+
+def trader_policy(me: str, first: str, second: str, sleep_s: float) -> list[AgentAction]:
+    """The ``trader`` policy of agent ``me`` whose partners are ``first`` and ``second``: publish a priced
+    tool, pay and use each partner's tool, and sleep until someone pays (or ``sleep_s`` passes)."""
+    return [
+        WriteArtifact(id=f"tool-{me}", artifact_kind="code", content=f"world.result({me!r})", price=1),
+        TransferScrip(to=first, amount=1),
+        InvokeArtifact(id=f"tool-{first}"),
+        SleepFor(seconds=sleep_s, until="transfer"),
+        TransferScrip(to=second, amount=1),
+        InvokeArtifact(id=f"tool-{second}"),
+    ]
+
+
+def _expand(pop: PopulationConfig, source: str) -> list[AgentConfig]:
+    t = pop.template
+    ids = [f"{t.id}{i:0{pop.digits}d}" for i in range(1, pop.count + 1)]
+    if len(ids[-1]) > 32 or len(str(pop.count)) > pop.digits:
+        raise ConfigError(
+            f"{source}: at `population`: {pop.count} agents need ids like {ids[-1]!r}: "
+            f"at most 32 characters and at most `digits` ({pop.digits}) digits"
+        )
+    if pop.policy == "template":
+        return [msgspec.structs.replace(t, id=i) for i in ids]
+    if t.brain != "scripted":
+        raise ConfigError(f"{source}: at `population.template`: the trader policy needs `brain: scripted`")
+    n = len(ids)
+    return [
+        msgspec.structs.replace(
+            t,
+            id=me,
+            policy=trader_policy(me, ids[(k + pop.stride) % n], ids[(k + 2 * pop.stride) % n], pop.sleep_s),
+        )
+        for k, me in enumerate(ids)
+    ]
+
+
+def _check_node(cfg: Config, source: str, env_paths: dict[str, str]) -> None:
+    def where(key: str) -> str:
+        var = next((v for v, p in env_paths.items() if p == f"node.{key}"), None)
+        return f"${var}" if var else f"{source}: at `node.{key}`"
+
+    node = cfg.node
+    if node.agent_range:
+        first, last = (int(x) for x in node.agent_range.split("-"))
+        if not 1 <= first <= last <= len(cfg.agents):
+            raise ConfigError(
+                f"{where('agent_range')}: agent range {node.agent_range} is not within the "
+                f"{len(cfg.agents)} configured agents (1-{len(cfg.agents)})"
+            )
+        if not node.postgres_url:
+            raise ConfigError(
+                f"{where('agent_range')}: nodes running part of the agents must share PostgreSQL: "
+                "set POSTGRES_URL (node.postgres_url)"
+            )
+    if node.redis_url and not node.postgres_url:
+        raise ConfigError(
+            f"{where('redis_url')}: Redis carries wake-ups for the shared PostgreSQL event log: "
+            "set POSTGRES_URL (node.postgres_url) too"
+        )
+    if node.postgres_agent_url and not node.postgres_url:
+        raise ConfigError(f"{where('postgres_agent_url')}: needs POSTGRES_URL (node.postgres_url) too")
+
+
+def local_agents(cfg: Config) -> list[AgentConfig]:
+    """The agents this node runs: those of ``node.agent_range``, or all of them."""
+    if not cfg.node.agent_range:
+        return list(cfg.agents)
+    first, last = (int(x) for x in cfg.node.agent_range.split("-"))
+    return cfg.agents[first - 1 : last]
+
+
+def node_id(cfg: Config) -> str:
+    """The node's name in task and operation ids: ``node.id``, else ``n<range>``, else empty (one node)."""
+    if cfg.node.id:
+        return cfg.node.id
+    return f"n{cfg.node.agent_range}" if cfg.node.agent_range else ""
 
 
 def load(path: str | Path, environ: dict[str, str] | None = None) -> Config:

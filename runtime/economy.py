@@ -23,6 +23,7 @@ from runtime import cgroups as cg
 from runtime.accounting import TaskUsage
 from runtime.buckets import Buckets, BucketState, Estimator
 from runtime.config import AgentConfig, Config
+from runtime.events import Events
 from runtime.ledger import Asset, Ledger, OpenAccount, Receipt, RecordUsage, SetBuckets, Transfer
 from runtime.limits import CapacityError as CapacityError  # raised here; callers import it from here
 from runtime.limits import Sizing, cpu_millicores, detect, find_calibration, plan
@@ -62,20 +63,38 @@ def initial_cpu_rates(agents: list[AgentConfig], available: int) -> dict[str, in
 
 
 def open_economy(
-    cfg: Config, ledger: Ledger, info: cg.CgroupInfo, buckets: Buckets, sizing: Sizing | None = None
+    cfg: Config,
+    ledger: Ledger,
+    info: cg.CgroupInfo,
+    buckets: Buckets,
+    sizing: Sizing | None = None,
+    *,
+    node: bool = False,
 ) -> int:
     """Open accounts for new agents, check capacity, and add every agent's buckets. Returns the
     capacity in millicores. Raises ``CapacityError`` with the numbers when rights do not fit.
 
     ``sizing`` (``runtime.limits.plan``) gives the capacity and the new agents' ``llm_rate`` and
     ``memory_quota``; without it, it is planned here from ``info`` and the calibration file.
+
+    One container (``node=False``): every agent account in the ledger shares this container's CPU.
+    A node of a scale-out deployment (``node=True``) runs only ``cfg.agents``, so only their rights
+    share its CPU; rights traded in from other nodes may take them over its capacity, which is
+    reported (the CPU a trade moves is freed on the other node) rather than refused.
     """
     if sizing is None:
         sizing = plan(cfg, detect(info), find_calibration(cfg))
     capacity = sizing.cpu_millicores
+
+    def held_here() -> int:
+        """Millicores held by the agents whose rights this container carries."""
+        held = ledger.balances()
+        accounts = ledger.accounts()
+        mine = [a.id for a in cfg.agents] if node else [a for a, kind in accounts.items() if kind == "agent"]
+        return sum(held.get(a, {}).get("cpu_rate", 0) for a in mine)
+
     existing = ledger.accounts()
-    held = ledger.balances()
-    taken = sum(held.get(a, {}).get("cpu_rate", 0) for a, kind in existing.items() if kind == "agent")
+    taken = held_here()
     new = [a for a in cfg.agents if a.id not in existing]
     rates = initial_cpu_rates(new, capacity - taken) if new else {}
     futures = [
@@ -97,13 +116,16 @@ def open_economy(
     ]
     for f in futures:
         f.result()
-    held = ledger.balances()
-    total = sum(held.get(a, {}).get("cpu_rate", 0) for a, k in ledger.accounts().items() if k == "agent")
+    total = held_here()
     if total > capacity:
-        raise CapacityError(
+        over = (
             f"agents hold {total} millicores of cpu_rate but the container offers {capacity} "
             f"(its CPU capacity × target utilisation {cfg.economy.target_utilisation:g})"
         )
+        if not node:
+            raise CapacityError(over)
+        log.warning("%s: rights traded in from other nodes; this node's workers are oversubscribed", over)
+    held = ledger.balances()
     for a in cfg.agents:
         persisted = ledger.buckets(a.id)
         for asset, (resource, per_unit) in RATE_RIGHTS.items():
@@ -168,14 +190,16 @@ class Economy:
         buckets: Buckets,
         estimator: Estimator,
         clock: Callable[[], float] | None = None,
+        node: str = "",
     ) -> None:
         self.pool, self.ledger, self.buckets, self.estimator = pool, ledger, buckets, estimator
         #: Tokens an agent's next think is expected to use (prompt + completion).
         self.token_estimator = Estimator(default=256.0)
         #: LLM tokens charged per agent in this run (the ledger's usage records hold them durably).
         self.tokens: dict[str, int] = {}
-        #: Task ids are ``<run>-<n>``: unique across restarts without asking the ledger.
-        self.run_id = uuid.uuid4().hex[:12]
+        #: Task ids are ``<run>-<n>``: unique across restarts without asking the ledger; a node's runs
+        #: carry its name (``n1-50.<hex>``), so ids are unique across nodes and tell where a task ran.
+        self.run_id = f"{node}.{uuid.uuid4().hex[:12]}" if node else uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
 
     async def run(
@@ -240,17 +264,38 @@ class Economy:
         await asyncio.wrap_future(self.ledger.submit(record))
 
     async def transfer_right(self, op: Transfer) -> Receipt:
-        """Transfer an asset; a rate right moves both agents' bucket rates with it, at once."""
+        """Transfer an asset; a rate right moves both agents' bucket rates with it, at once (for the
+        agents whose buckets are here: another node re-rates its own, see ``follow_rates``)."""
         receipt = await asyncio.wrap_future(self.ledger.submit(op))
         if op.asset in RATE_RIGHTS and receipt.fresh:
-            resource, per_unit = RATE_RIGHTS[op.asset]
             for agent in (op.src, op.dst):
                 if agent in self.buckets.agents():
-                    rate = self.ledger.balance(agent, op.asset) * per_unit
-                    state: BucketState = self.buckets.set_rate(agent, resource, rate)
-                    await asyncio.wrap_future(
-                        self.ledger.submit(
-                            SetBuckets(id=f"rate:{op.id}:{agent}", agent=agent, buckets={resource: state})
-                        )
-                    )
+                    await self.rerate(agent, op.asset, op.id)
         return receipt
+
+    async def rerate(self, agent: str, asset: Asset, op_id: str) -> None:
+        """Set ``agent``'s bucket rate to its holding of the rate right ``asset`` in the ledger, and
+        persist the bucket under an id derived from the trade ``op_id`` (so a replay changes nothing)."""
+        resource, per_unit = RATE_RIGHTS[asset]
+        rate = self.ledger.balance(agent, asset) * per_unit
+        if rate == self.buckets.get(agent, resource).rate:
+            return
+        state: BucketState = self.buckets.set_rate(agent, resource, rate)
+        await asyncio.wrap_future(
+            self.ledger.submit(SetBuckets(id=f"rate:{op_id}:{agent}", agent=agent, buckets={resource: state}))
+        )
+
+    async def follow_rates(self, events: Events, agent: str) -> None:
+        """Re-rate ``agent``'s buckets whenever another node trades it a rate right (the ``rate_changed``
+        events ``World.transfer`` addresses to a recipient it does not run), until the log closes.
+
+        Trades made while this node was down need no event: the buckets are built from the ledger's
+        holdings when the node starts.
+        """
+        since = events.last_seq()
+        while news := await events.wait(agent, kinds={"rate_changed"}, since=since):
+            since = news[-1].seq
+            for e in news:
+                asset, op_id = e.fields.get("asset"), e.fields.get("op")
+                if asset in RATE_RIGHTS and isinstance(op_id, str):
+                    await self.rerate(agent, asset, op_id)

@@ -28,24 +28,23 @@ from runtime import metrics
 from runtime.accounting import UsageSummary
 from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain
 from runtime.agents.placeholder import PlaceholderAgent
+from runtime.backends import BackendUnavailable, open_backends
 from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig
 from runtime.economy import Economy, open_economy
-from runtime.events.log import EventLog
-from runtime.events.pub import EventPublisher
-from runtime.ledger.lmdb import LmdbLedger
+from runtime.events import Events
 from runtime.limits import CapacityError, Limits, Sizing
 from runtime.live import LiveView, render
 from runtime.memory.qdrant import QdrantMemory
 from runtime.pool import WorkerPool
 from runtime.stats import AgentStats, ContainerStats, Meter, Snapshot
-from runtime.store.git import GitStore
+from runtime.store import Store
 from runtime.world import Emit, World
 
 log = logging.getLogger("runtime.supervisor")
 
 
-def emitter(events: EventLog) -> Emit:
+def emitter(events: Events) -> Emit:
     """``emit(kind, fields)`` for the world and the buckets: queued to the durable event log (which
     wakes sleeping agents and tells observers once the event is on disk), without waiting for it."""
 
@@ -57,7 +56,7 @@ def emitter(events: EventLog) -> Emit:
     return emit
 
 
-def announce_reset(store: GitStore, emit: Emit) -> None:
+def announce_reset(store: Store, emit: Emit) -> None:
     """Tell agents about an operator's rollback made while the supervisor was stopped.
 
     ``python -m runtime.admin rollback`` needs the store to itself, so the supervisor learns of a
@@ -96,7 +95,7 @@ def write_status(path: Path, status: Status) -> None:
 
 
 def make_agent(
-    a: AgentConfig, cfg: config_mod.Config, world: World, events: EventLog, memory: QdrantMemory | None
+    a: AgentConfig, cfg: config_mod.Config, world: World, events: Events, memory: QdrantMemory | None
 ) -> PlaceholderAgent | Agent:
     """The configured kind of agent, with its brain."""
     if a.brain == "placeholder":
@@ -155,12 +154,15 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)  # the ledger, the repository and memory are the operator's alone
     started = time.monotonic()
-    ledger = LmdbLedger(data / "ledger")
-    store = GitStore(data / "artifacts.git")
-    events = EventLog(data / "events")
-    (data / "run").mkdir(exist_ok=True)
-    publisher = EventPublisher(run_dir=str(data / "run"))
-    events.attach(publisher)
+    node = config_mod.node_id(cfg)
+    # From here on this node's view: the agents of its AGENT_RANGE (all of them on a single node).
+    cfg = msgspec.structs.replace(cfg, agents=config_mod.local_agents(cfg))
+    try:
+        backends = open_backends(cfg, data)
+    except BackendUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ledger, store, events, publisher = backends.ledger, backends.store, backends.events, backends.publisher
     emit = emitter(events)
     buckets = Buckets(
         on_event=lambda kind, agent, res, lvl: emit(kind, {"agent": agent, "resource": res, "level": lvl})
@@ -171,16 +173,13 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
         # Confined code must not see the data directory (repository, ledger, memory).
         pool = WorkerPool(cfg.pool, size=sizing.workers, hide=[str(data.resolve())])
-        capacity = open_economy(cfg, ledger, pool.info, buckets, sizing)
+        capacity = open_economy(cfg, ledger, pool.info, buckets, sizing, node=bool(cfg.node.agent_range))
     except (CapacityError, config_mod.ConfigError) as exc:
-        ledger.close()
-        store.close()
-        events.close()
-        publisher.close()
+        backends.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     await pool.start()
-    economy = Economy(pool, ledger, buckets, Estimator(cfg.economy.default_estimate_s))
+    economy = Economy(pool, ledger, buckets, Estimator(cfg.economy.default_estimate_s), node=node)
     print(
         f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "
         f"{len(cfg.agents)} agents sharing {capacity} millicores; data in {data}; "
@@ -188,6 +187,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(limits, sizing)),
         flush=True,
     )
+    print(f"node {node or '-'}, run {economy.run_id}: {backends.where}", flush=True)
     world = World(store, economy, emit)
     announce_reset(store, emit)
     memory: QdrantMemory | None = None
@@ -195,6 +195,8 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         memory = QdrantMemory(url=cfg.memory_url) if cfg.memory_url else QdrantMemory(path=data / "memory")
     agents = [make_agent(a, cfg, world, events, memory) for a in cfg.agents]
     runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in agents]
+    if cfg.node.postgres_url:  # other nodes may trade rate rights to this node's agents
+        runners += [asyncio.create_task(economy.follow_rates(events, a.id), name=f"rates:{a.id}") for a in agents]
     if cfg.metrics_port:
         try:
             metrics.serve(cfg.metrics_port, cfg.metrics_host, pool, economy, lambda: agents)
@@ -235,10 +237,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         final = render(pool, agents, time.monotonic() - started, world, events, snap)
         if memory is not None:
             memory.close()
-        ledger.close()
-        store.close()
-        events.close()
-        publisher.close()
+        backends.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
         write_status(data / "run" / STATUS_NAME, status(final, snap, running=False))

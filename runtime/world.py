@@ -21,7 +21,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from runtime.economy import Economy
+from runtime.economy import RATE_RIGHTS, Economy
 from runtime.ledger import LedgerError, Receipt, Transfer
 from runtime.pool import Outcome, TaskFailed
 from runtime.protocol import Invoke
@@ -103,6 +103,9 @@ class World:
         receipt = await self.economy.transfer_right(op)
         if receipt.fresh:
             self.emit("transfer", {"agent": op.dst, "from": op.src, "asset": op.asset, "amount": op.amount})
+            if op.asset in RATE_RIGHTS and op.dst not in self.economy.buckets.agents():
+                # The recipient runs on another node: that node re-rates its buckets on this event.
+                self.emit("rate_changed", {"agent": op.dst, "asset": op.asset, "op": op.id})
         return receipt
 
     async def invoke_artifact(

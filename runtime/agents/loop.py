@@ -306,7 +306,8 @@ class Agent:
             self.state = "sleeping"
             kinds = {action.until} if action.until else None
             woken = await self.events.wait(self.id, kinds=kinds, since=self.events.last_seq(), timeout=action.seconds)
-            return f"woke on {woken[0].kind}" if woken else f"slept {action.seconds:g} s"
+            # The seq names the event that woke it (which may have come from another node).
+            return f"woke on {woken[0].kind} #{woken[0].seq}" if woken else f"slept {action.seconds:g} s"
         assert isinstance(action, Noop)
         return "nothing"
 

@@ -1,0 +1,359 @@
+"""Scale-out: actions/s of 1, 2 and 3 agent nodes sharing PostgreSQL and Redis at constant total CPU,
+and durable ledger transfers/s on PostgreSQL against LMDB.
+
+Nodes. Each run gets a fresh database and Redis namespace, and starts N supervisor processes
+(``python -m runtime.supervisor``, the real node) on one population of ``AGENTS`` scripted agents split
+into N equal ``AGENT_RANGE``s. The total CPU is held constant: each node process (and the workers it
+forks) runs in a cgroup v1 ``cpu`` group of its own with ``cpu.cfs_quota_us`` = ``TOTAL_CORES / N``
+cores, which is also what the node sizes its pool and its agents' CPU rights from. PostgreSQL and Redis
+run outside those groups, on the same machine: the cost of coordination they carry is not inside the
+quota, it competes with the nodes for the same cores (the runs say so as ``coordination`` overhead:
+the actions/s of N nodes against one).
+
+Every agent's policy is cheap but goes through the whole pipeline and across nodes:
+
+    noop, give 1 scrip to the agent AGENTS/3 on, write its own note (a PostgreSQL store commit),
+    give 1 scrip to the agent 2×AGENTS/3 on
+
+with ``think_ms=1``. Measured from the shared event log: the ``action`` events committed in a fixed
+window after every agent has acted once. Afterwards the ledger's invariants are checked.
+
+Ledger. ``benchmarks.ledger``'s closed-loop systems, run here in the same session: 64 threads each
+applying one durable transfer at a time, on ``LmdbLedger`` and on ``PostgresLedger`` (fresh database,
+``synchronous_commit`` on).
+
+Targets: 3 nodes deliver at least 90% of one node's actions/s; the PostgreSQL ledger sustains at
+least 2,000 durable transfers/s. Needs root (for the cgroups), the PostgreSQL server of
+``tests.services.ADMIN_URL`` and the Redis server of ``tests.services.REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from benchmarks import ledger as ledger_bench
+from benchmarks.common import Options, Skipped, host_info, measure_each, publish
+
+NODE_COUNTS = (1, 2, 3)
+AGENTS = 60
+TOTAL_CORES = 2.0
+FULL_S, QUICK_S = 20.0, 5.0
+WARMUP_S, WARMUP_MAX_S = 3.0, 180.0
+LEDGER_SYSTEMS = ("lmdb-group-threads", "postgres-group-threads")
+TARGET_RATIO = 0.9
+TARGET_POSTGRES = ledger_bench.TARGET_POSTGRES_RATE
+_PERIOD_US = 100_000
+
+
+class NodesResult(msgspec.Struct):
+    """N nodes sharing the servers."""
+
+    nodes: int
+    agents: int
+    cores_per_node: float
+    seconds: float
+    actions: int
+    actions_per_s: float
+    #: Actions/s of this run over the one-node run's.
+    vs_one_node: float | None
+    #: Per node: actions in the window.
+    per_node: dict[str, int]
+    cross_node_transfers: int
+    ledger_ok: bool
+    problems: list[str]
+
+
+class LedgerResult(msgspec.Struct):
+    """One ledger system."""
+
+    name: str
+    describe: str
+    transfers_per_s: float
+    transfers: int
+    seconds: float
+
+
+class Report(msgspec.Struct):
+    """The JSON file."""
+
+    benchmark: str
+    mode: str
+    host: dict[str, Any]
+    duration_s: float
+    agents: int
+    total_cores: float
+    policy: list[str]
+    nodes: list[NodesResult]
+    ledger: list[LedgerResult]
+    targets: list[str]
+    skipped: list[Skipped]
+
+
+POLICY_TEXT = [
+    "noop",
+    f"transfer 1 scrip to the agent {AGENTS // 3} on",
+    "write_artifact note-<me> (32 bytes)",
+    f"transfer 1 scrip to the agent {2 * AGENTS // 3} on",
+]
+
+
+def _config(path: Path) -> Path:
+    """The benchmark's population, as the YAML every node loads."""
+    ids = [f"a{i:03d}" for i in range(1, AGENTS + 1)]
+    agents = [
+        {
+            "id": me,
+            "brain": "scripted",
+            "think_ms": 1,
+            "scrip": 1_000_000,
+            "policy": [
+                {"kind": "noop"},
+                {"kind": "transfer", "to": ids[(k + AGENTS // 3) % AGENTS], "amount": 1},
+                {"kind": "write_artifact", "id": f"note-{me}", "content": f"{me} was here, all is well"},
+                {"kind": "transfer", "to": ids[(k + 2 * AGENTS // 3) % AGENTS], "amount": 1},
+            ],
+        }
+        for k, me in enumerate(ids)
+    ]
+    # A burst large enough that buckets never hold an agent back: this measures the pipeline.
+    doc = {"economy": {"burst_seconds": 3600}, "metrics_port": 0, "status_interval_s": 1.0, "agents": agents}
+    out = path / "scale-bench.yaml"
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+class CpuGroup:
+    """A cgroup v1 ``cpu`` group limited to ``cores``, next to this process's own."""
+
+    def __init__(self, name: str, cores: float) -> None:
+        from runtime import cgroups
+
+        own = cgroups.discover().dir("cpu")
+        if own is None:
+            raise RuntimeError("no cgroup v1 cpu controller mounted: cannot hold the nodes' CPU constant")
+        self.path = own / name
+        self.path.mkdir()
+        (self.path / "cpu.cfs_period_us").write_text(str(_PERIOD_US))
+        (self.path / "cpu.cfs_quota_us").write_text(str(int(cores * _PERIOD_US)))
+
+    def enter(self) -> None:
+        """Move the calling process into the group (run in the node's child before it executes)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        """Remove the group once its processes are gone (the pool removes its own worker groups)."""
+        for d in sorted(self.path.rglob("*"), reverse=True):
+            if d.is_dir():
+                d.rmdir()
+        self.path.rmdir()
+
+
+def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: float | None) -> NodesResult:
+    from runtime.events.postgres import PostgresEventLog
+    from runtime.ledger import Transfer
+    from runtime.ledger.check import check
+    from runtime.ledger.postgres import PostgresLedger
+    from tests.scale.nodes import Node, node_of
+    from tests.services import REDIS_URL, create_database, drop_database
+
+    per = AGENTS // n
+    url = create_database()
+    env = {"POSTGRES_URL": url, "REDIS_URL": REDIS_URL, "AECO_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}"}
+    nodes = [Node(f"node{i + 1}", f"{i * per + 1}-{(i + 1) * per}", config, where, env) for i in range(n)]
+    groups = [CpuGroup(f"aeco-scale-{os.getpid()}-{n}-{i}", TOTAL_CORES / n) for i in range(n)]
+    problems: list[str] = []
+    try:
+        for node, group in zip(nodes, groups, strict=True):
+            node.start(preexec=group.enter)
+        for node in nodes:
+            node.wait_up()
+        events = PostgresEventLog(url)
+        try:
+            acted: set[str] = set()
+            t0 = time.monotonic()
+            seen = 0
+            while time.monotonic() - t0 < WARMUP_MAX_S:
+                time.sleep(0.5)
+                fresh = events.read(seen, kinds={"action"})
+                seen = fresh[-1].seq if fresh else seen
+                acted.update(e.agent for e in fresh if e.agent)
+                if len(acted) == AGENTS and time.monotonic() - t0 >= WARMUP_S:
+                    break
+                if not all(node.alive() for node in nodes):
+                    raise RuntimeError("a node died during the warm-up")
+            if len(acted) < AGENTS:
+                problems.append(f"only {len(acted)} of {AGENTS} agents acted during the warm-up")
+            start_seq, start = events.last_seq(), time.perf_counter()
+            time.sleep(duration)
+            end_seq, seconds = events.last_seq(), time.perf_counter() - start
+            window = [e for e in events.read(start_seq, kinds={"action"}) if e.seq <= end_seq]
+        finally:
+            events.close()
+        codes = [node.stop() for node in nodes]
+        if any(codes):
+            problems.append(f"exit codes {codes}")
+        ledger = PostgresLedger(url)
+        try:
+            report = check(ledger)
+            cross = sum(
+                1
+                for e in ledger.journal()
+                if isinstance(e.op, Transfer) and node_of(nodes, e.op.src) is not node_of(nodes, e.op.dst)
+            )
+        finally:
+            ledger.close()
+        problems += [f"ledger: {p}" for p in report.problems[:5]]
+        per_node = {node.name: sum(1 for e in window if e.agent and node_of(nodes, e.agent) is node) for node in nodes}
+        rate = len(window) / seconds
+        return NodesResult(
+            nodes=n,
+            agents=AGENTS,
+            cores_per_node=round(TOTAL_CORES / n, 3),
+            seconds=round(seconds, 2),
+            actions=len(window),
+            actions_per_s=round(rate, 1),
+            vs_one_node=round(rate / one, 3) if one else None,
+            per_node=per_node,
+            cross_node_transfers=cross,
+            ledger_ok=report.ok,
+            problems=problems,
+        )
+    finally:
+        for node in nodes:
+            if node.alive():
+                node.kill()
+        for group in groups:
+            group.remove()
+        drop_database(url)
+
+
+def _measure_ledgers(quick: bool, skipped: list[Skipped]) -> list[LedgerResult]:
+    systems = [s for s in ledger_bench.SYSTEMS if s.name in LEDGER_SYSTEMS]
+    duration = ledger_bench.QUICK_S if quick else ledger_bench.FULL_S
+    out: list[LedgerResult] = []
+    with tempfile.TemporaryDirectory(prefix="aeco-scale-ledger-") as tmp:
+        for system, measured in measure_each(systems, Path(tmp), duration, skipped):
+            assert isinstance(measured, ledger_bench.Measured)
+            rate = measured.transfers / measured.seconds
+            print(f"[{system.name}] {rate:,.0f} durable transfers/s", flush=True)
+            out.append(LedgerResult(system.name, system.describe, round(rate, 1), measured.transfers, measured.seconds))
+    return out
+
+
+def targets(nodes: list[NodesResult], ledgers: list[LedgerResult]) -> list[str]:
+    """One line per target, saying whether it was met."""
+    lines = []
+    three = next((r for r in nodes if r.nodes == 3), None)
+    if three is None or three.vs_one_node is None:
+        lines.append(f"3 nodes ≥ {TARGET_RATIO:.0%} of one node's actions/s: no result — NOT met")
+    else:
+        met = three.vs_one_node >= TARGET_RATIO and three.ledger_ok and not three.problems
+        lines.append(
+            f"3 nodes: {three.actions_per_s:,.0f} actions/s = {three.vs_one_node:.0%} of one node's "
+            f"(target ≥ {TARGET_RATIO:.0%}) — {'met' if met else 'NOT met'}"
+        )
+    pg = next((r for r in ledgers if r.name == "postgres-group-threads"), None)
+    if pg is None:
+        lines.append(f"PostgreSQL ledger ≥ {TARGET_POSTGRES:,} durable transfers/s: no result — NOT met")
+    else:
+        met = pg.transfers_per_s >= TARGET_POSTGRES
+        lines.append(
+            f"PostgreSQL ledger: {pg.transfers_per_s:,.0f} durable transfers/s (target ≥ {TARGET_POSTGRES:,}) — "
+            f"{'met' if met else 'NOT met'}"
+        )
+    return lines
+
+
+def plot(report: Report, path: Path) -> None:
+    """Actions/s against the number of nodes, and ledger transfers/s by backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    xs = [r.nodes for r in report.nodes]
+    left.bar([str(x) for x in xs], [r.actions_per_s for r in report.nodes], color="#4c72b0")
+    if report.nodes and report.nodes[0].nodes == 1:
+        left.axhline(report.nodes[0].actions_per_s * TARGET_RATIO, color="#c44e52", ls="--", label="90% of one node")
+        left.legend(loc="lower right")
+    for x, r in zip(xs, report.nodes, strict=True):
+        left.annotate(f"{r.actions_per_s:,.0f}", (str(x), r.actions_per_s), ha="center", va="bottom")
+    left.set_xlabel(f"nodes (sharing {report.total_cores:g} cores in total)")
+    left.set_ylabel("actions/s")
+    left.set_title(f"{report.agents} scripted agents, PostgreSQL + Redis")
+    names = [r.name.replace("-group-threads", "") for r in report.ledger]
+    rates = [r.transfers_per_s for r in report.ledger]
+    right.bar(names, rates, color=["#55a868" if n.startswith("lmdb") else "#8172b2" for n in names])
+    right.axhline(TARGET_POSTGRES, color="#c44e52", ls="--", label=f"target {TARGET_POSTGRES:,}/s")
+    for name, rate in zip(names, rates, strict=True):
+        right.annotate(f"{rate:,.0f}", (name, rate), ha="center", va="bottom")
+    right.set_ylabel("durable transfers/s (64 threads)")
+    right.set_title("ledger")
+    right.legend(loc="upper right")
+    fig.suptitle(f"scale-out ({report.mode}); load at start {report.host.get('loadavg_at_start')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(opts: Options) -> int:
+    """Measure 1, 2 and 3 nodes, then the ledgers; print, write JSON and the plot."""
+    duration = QUICK_S if opts.quick else FULL_S
+    skipped: list[Skipped] = []
+    unavailable = ledger_bench._postgres_unavailable()
+    results: list[NodesResult] = []
+    tmp = Path(tempfile.mkdtemp(prefix="aeco-scale-"))
+    try:
+        config = _config(tmp)
+        for n in NODE_COUNTS if unavailable is None else ():
+            print(f"[{n} node{'s' if n > 1 else ''}] {AGENTS} agents, {TOTAL_CORES / n:.2f} cores each", flush=True)
+            where = tmp / f"nodes-{n}"
+            where.mkdir()
+            one = results[0].actions_per_s if results and results[0].nodes == 1 else None
+            try:
+                r = _measure_nodes(n, config, where, duration, one)
+            except Exception as exc:
+                print(f"[{n} nodes] FAILED: {type(exc).__name__}: {exc}", flush=True)
+                skipped.append(Skipped(f"{n}-nodes", f"{type(exc).__name__}: {exc}"))
+                continue
+            results.append(r)
+            print(
+                f"[{n} node{'s' if n > 1 else ''}] {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
+                f"per node {r.per_node}); ledger check {'ok' if r.ledger_ok else 'FAILED'}"
+                + (f"; problems: {r.problems}" if r.problems else ""),
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if unavailable is not None:
+        skipped.append(Skipped("nodes", unavailable))
+    ledgers = _measure_ledgers(opts.quick, skipped)
+    lines = targets(results, ledgers)
+    print()
+    for line in lines:
+        print(line)
+    report = Report(
+        benchmark="scale",
+        mode="quick" if opts.quick else "full",
+        host=host_info(["psycopg", "redis", "lmdb"]),
+        duration_s=duration,
+        agents=AGENTS,
+        total_cores=TOTAL_CORES,
+        policy=POLICY_TEXT,
+        nodes=results,
+        ledger=ledgers,
+        targets=lines,
+        skipped=skipped,
+    )
+    publish(opts.json_path, report, lambda png: plot(report, png))
+    return 0 if results and ledgers and not skipped else 1

@@ -1,0 +1,187 @@
+"""Where a supervisor keeps its state, decided in one place.
+
+Embedded (the default): the LMDB ledger, the Git artifact store and the LMDB event log under the data
+directory. Shared (``node.postgres_url``, from ``POSTGRES_URL``): the ledger, the artifacts and the
+event log in PostgreSQL, so that several nodes run one world; with ``node.redis_url`` (``REDIS_URL``)
+a Redis relay carries wake-ups between the nodes (the PostgreSQL log stays the source of truth).
+Either way a ZeroMQ PUB socket under ``<data>/run`` serves this node's live observers.
+
+``python -m runtime.backends setup [--config FILE]`` prepares a shared database once per deployment:
+it applies the schema migrations and creates the login role of ``POSTGRES_AGENT_URL`` (a member of the
+restricted ``aeco_agent`` group), which only the operator's role may do.
+
+A server that is merely slow to come up is waited for, with back-off, up to ``node.connect_timeout_s``;
+one that rejects the node (bad URL, unknown database or role) fails at once. Both raise
+``BackendUnavailable`` with one line that names the URL without its password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from runtime import config as config_mod
+from runtime.config import Config, node_id
+from runtime.events import Events, Notifier
+from runtime.events.pub import EventPublisher
+from runtime.ledger import Ledger
+from runtime.store import Store
+
+
+class EventBackend(Events, Protocol):
+    """An event log as the supervisor uses it: the ``Events`` interface, notifiers, counts by kind."""
+
+    #: Events committed since the log was opened, per kind (for the live view).
+    counts: dict[str, int]
+
+    def attach(self, notifier: Notifier) -> None:
+        """Tell ``notifier`` of every event committed from now on."""
+        ...
+
+
+class BackendUnavailable(RuntimeError):
+    """PostgreSQL or Redis could not be used; the message is one line naming the (redacted) URL."""
+
+
+@dataclass
+class Backends:
+    """The opened ledger, store and event log, with what else must be closed after them."""
+
+    ledger: Ledger
+    store: Store
+    events: EventBackend
+    publisher: EventPublisher
+    #: One line for the start-up banner: where the state lives.
+    where: str
+    #: Closed first, in order, before the event log (the Redis relay must stop before its log).
+    before_events: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Close everything: queued writes are committed first."""
+        for stop in self.before_events:
+            stop()
+        self.events.close()
+        self.publisher.close()
+        self.store.close()
+        self.ledger.close()
+
+
+def open_backends(cfg: Config, data: Path) -> Backends:
+    """Open the ledger, the store and the event log ``cfg`` asks for (see the module docstring).
+
+    Raises ``BackendUnavailable`` when a server cannot be used; nothing stays open then.
+    """
+    with contextlib.ExitStack() as opened:
+        node = cfg.node
+        relay_stop: list[Callable[[], None]] = []
+        ledger: Ledger
+        store: Store
+        events: EventBackend
+        if not node.postgres_url:
+            from runtime.events.log import EventLog
+            from runtime.ledger.lmdb import LmdbLedger
+            from runtime.store.git import GitStore
+
+            ledger = LmdbLedger(data / "ledger")
+            opened.callback(ledger.close)
+            store = GitStore(data / "artifacts.git")
+            opened.callback(store.close)
+            events = EventLog(data / "events")
+            opened.callback(events.close)
+            where = f"LMDB ledger, Git store and LMDB events in {data}"
+        else:
+            from runtime.events.postgres import PostgresEventLog
+            from runtime.events.redis import RedisRelay, RedisUnavailable
+            from runtime.ledger.postgres import PostgresLedger
+            from runtime.postgres import DatabaseUnavailable, redact
+            from runtime.store.postgres import PostgresStore
+
+            deadline = node.connect_timeout_s
+            try:
+                ledger = PostgresLedger(node.postgres_url, connect_deadline_s=deadline)
+                opened.callback(ledger.close)
+                store = PostgresStore(node.postgres_url, agent_url=node.postgres_agent_url or None, deadline_s=deadline)
+                opened.callback(store.close)
+                pg_events = PostgresEventLog(node.postgres_url, deadline_s=deadline)
+                opened.callback(pg_events.close)
+                events = pg_events
+                where = f"PostgreSQL at {redact(node.postgres_url)}"
+                if node.redis_url:
+                    relay = RedisRelay(
+                        node.redis_url,
+                        pg_events,
+                        namespace=node.namespace,
+                        node=node_id(cfg) or None,
+                        deadline_s=deadline,
+                    )
+                    opened.callback(relay.close)
+                    relay_stop.append(relay.close)
+                    where += f", wake-ups through Redis at {redact(node.redis_url)} ({relay.channel})"
+            except (DatabaseUnavailable, RedisUnavailable) as exc:
+                raise BackendUnavailable(" ".join(str(exc).split())) from exc
+        (data / "run").mkdir(exist_ok=True)
+        publisher = EventPublisher(run_dir=str(data / "run"))
+        opened.callback(publisher.close)
+        events.attach(publisher)
+        opened.pop_all()
+        return Backends(ledger, store, events, publisher, where, relay_stop)
+
+
+def setup(cfg: Config) -> str:
+    """Migrate the shared schemas and create the agent-facing login role; return what was done.
+
+    Raises ``BackendUnavailable`` when there is no PostgreSQL to set up or it cannot be used.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from runtime.events.postgres import PostgresEventLog
+    from runtime.ledger.postgres import PostgresLedger
+    from runtime.postgres import DatabaseUnavailable, connect, redact
+    from runtime.store.postgres import PostgresStore, ensure_agent_login
+
+    node = cfg.node
+    if not node.postgres_url:
+        raise BackendUnavailable("nothing to set up: POSTGRES_URL (node.postgres_url) is not set")
+    deadline = node.connect_timeout_s
+    try:
+        # Opening each backend applies its migrations (under an advisory lock).
+        PostgresLedger(node.postgres_url, connect_deadline_s=deadline).close()
+        PostgresStore(node.postgres_url, deadline_s=deadline).close()
+        PostgresEventLog(node.postgres_url, deadline_s=deadline).close()
+        done = f"schemas migrated at {redact(node.postgres_url)}"
+        if node.postgres_agent_url:
+            agent = urlsplit(node.postgres_agent_url)
+            if not agent.username:
+                raise BackendUnavailable(
+                    f"POSTGRES_AGENT_URL={redact(node.postgres_agent_url)!r} names no role (postgresql://ROLE:PASSWORD@...)"
+                )
+            with connect(node.postgres_url, deadline_s=deadline) as conn:
+                password = unquote(agent.password) if agent.password is not None else None
+                ensure_agent_login(conn, unquote(agent.username), password)
+            done += f"; agent role {agent.username!r} ready"
+    except DatabaseUnavailable as exc:
+        raise BackendUnavailable(" ".join(str(exc).split())) from exc
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``setup``)."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.backends", description="Prepare the shared PostgreSQL.")
+    ap.add_argument("command", choices=["setup"], help="migrate the schemas and create the agent login role")
+    ap.add_argument("--config", default="config/scale-out.yaml", help="YAML configuration (and the environment)")
+    args = ap.parse_args(argv)
+    try:
+        print(f"setup: {setup(config_mod.load(args.config))}")
+    except (config_mod.ConfigError, BackendUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

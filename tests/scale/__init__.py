@@ -1,0 +1,1 @@
+"""Scale-out: several agent nodes sharing PostgreSQL and Redis, as real processes."""
