@@ -55,6 +55,9 @@ class PoolConfig(_Section, frozen=True):
     restart_window_s: PositiveFloat = 60.0
     #: ``auto``: per-worker child cgroups when the hierarchy is writable, else /proc probes.
     cgroups: Literal["auto", "off"] = "auto"
+    #: How often the CPU counter of each running task is written down (``runtime.inflight``): after a
+    #: supervisor crash without per-worker cgroups, a task's CPU since its last sample is not charged.
+    sample_s: PositiveFloat = 0.25
 
 
 class AgentConfig(_Section, frozen=True):

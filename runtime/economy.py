@@ -115,6 +115,7 @@ def charge(
     ok: bool,
     llm_tokens: int = 0,
     llm_cost_microusd: int = 0,
+    error: str = "",
 ) -> RecordUsage:
     """Charge a finished task to its agent's buckets; return the one ledger operation that records it.
 
@@ -130,6 +131,7 @@ def charge(
         agent=agent,
         kind=kind,
         ok=ok,
+        error=error,
         cpu_seconds=usage.cpu_seconds,
         memory_bytes=usage.task_memory_bytes,
         llm_tokens=llm_tokens,
@@ -190,7 +192,7 @@ class Economy:
         # could make the kernel pick the worker, not the sandbox, when memory runs out.
         quota = 0 if isinstance(spec, Invoke) else self.ledger.balance(agent, "memory_quota")
         inner = asyncio.ensure_future(
-            self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve)
+            self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id)
         )
         try:
             out = await asyncio.shield(inner)
@@ -200,7 +202,7 @@ class Economy:
             await self._settle(agent, spec, task_id, inner)
             raise
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False)
+            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
             raise
         await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
         return out
@@ -210,7 +212,7 @@ class Economy:
         try:
             out = await inner
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False)
+            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
         else:
             await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
 
@@ -223,6 +225,7 @@ class Economy:
         ok: bool,
         llm_tokens: int = 0,
         llm_cost_microusd: int = 0,
+        error: str = "",
     ) -> None:
         if usage is None:
             return  # the task never reached a worker: nothing was used
@@ -230,8 +233,10 @@ class Economy:
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
-        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd)
+        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error)
         await asyncio.wrap_future(self.ledger.submit(record))
+        if self.pool.inflight is not None:  # durable now: a crash from here on must not charge it again
+            self.pool.inflight.clear(task_id)
 
     async def transfer_right(self, op: Transfer) -> Receipt:
         """Transfer an asset; a rate right moves both agents' bucket rates with it, at once."""

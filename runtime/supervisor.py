@@ -31,10 +31,12 @@ from runtime.config import AgentConfig
 from runtime.economy import CapacityError, Economy, open_economy
 from runtime.events.log import EventLog
 from runtime.events.pub import EventPublisher
+from runtime.inflight import InflightLog
 from runtime.ledger.lmdb import LmdbLedger
 from runtime.live import LiveView, render
 from runtime.memory.qdrant import QdrantMemory
 from runtime.pool import WorkerPool
+from runtime.recovery import recover
 from runtime.store.git import GitStore
 from runtime.world import Emit, World
 
@@ -153,17 +155,21 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     buckets = Buckets(
         on_event=lambda kind, agent, res, lvl: emit(kind, {"agent": agent, "resource": res, "level": lvl})
     )
+    inflight = InflightLog(data / "run" / "inflight")
     # Confined code must not see the data directory (repository, ledger, memory).
-    pool = WorkerPool(cfg.pool, hide=[str(data.resolve())])
+    pool = WorkerPool(cfg.pool, hide=[str(data.resolve())], inflight=inflight)
     try:
         capacity = open_economy(cfg, ledger, pool.info, buckets)
     except CapacityError as exc:
+        inflight.close()
         ledger.close()
         store.close()
         events.close()
         publisher.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Before the pool starts: its sweep removes the killed workers' cgroups, which hold their final CPU.
+    recover(inflight, ledger, buckets, events, say=lambda line: print(line, flush=True))
     await pool.start()
     economy = Economy(pool, ledger, buckets, Estimator(cfg.economy.default_estimate_s))
     print(
@@ -209,6 +215,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         if memory is not None:
             memory.close()
         ledger.close()
+        inflight.close()
         store.close()
         events.close()
         publisher.close()
