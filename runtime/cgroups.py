@@ -245,13 +245,7 @@ class WorkerCgroups(Struct):
             text = Path(self.cpu_file).read_text()
         except OSError:
             return None
-        if self.cpu_file.endswith("cpuacct.usage"):
-            return int(text) / 1e9
-        for line in text.splitlines():
-            key, _, val = line.partition(" ")
-            if key == "usage_usec":
-                return int(val) / 1e6
-        return None
+        return cpu_seconds_in(self.cpu_file, text)
 
     def memory_peak_bytes(self) -> int | None:
         """The memory high-water mark since the worker last reset it (v1 and v2)."""
@@ -288,6 +282,17 @@ class WorkerCgroups(Struct):
                 # A cgroup directory cannot be removed while a process is still in it; rmtree
                 # would fail the same way, so leave it for the next start-up's sweep.
                 continue
+
+
+def cpu_seconds_in(cpu_file: str, text: str) -> float | None:
+    """The CPU seconds in the text of a worker's ``cpuacct.usage`` (v1) or ``cpu.stat`` (v2)."""
+    if cpu_file.endswith("cpuacct.usage"):
+        return int(text) / 1e9
+    for line in text.splitlines():
+        key, _, val = line.partition(" ")
+        if key == "usage_usec":
+            return int(val) / 1e6
+    return None
 
 
 def _remove_nested(d: Path) -> None:
@@ -350,6 +355,7 @@ __all__ = [
     "child_name",
     "cpu_capacity",
     "cpu_quota_cores",
+    "cpu_seconds_in",
     "discover",
     "memory_limit_bytes",
     "parse_mountinfo",

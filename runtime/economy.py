@@ -234,9 +234,12 @@ class Economy:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
         record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error)
-        await asyncio.wrap_future(self.ledger.submit(record))
-        if self.pool.inflight is not None:  # durable now: a crash from here on must not charge it again
-            self.pool.inflight.clear(task_id)
+        durable = asyncio.wrap_future(self.ledger.submit(record))
+        inflight = self.pool.inflight
+        if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
+            # cancelled meanwhile (the shield keeps the future going), which is how agents are stopped
+            durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else inflight.clear(task_id))
+        await asyncio.shield(durable)
 
     async def transfer_right(self, op: Transfer) -> Receipt:
         """Transfer an asset; a rate right moves both agents' bucket rates with it, at once."""

@@ -43,7 +43,7 @@ from runtime import protocol as p
 from runtime.accounting import Accounts, TaskUsage, proc_cpu_seconds
 from runtime.config import PoolConfig
 from runtime.fairqueue import FairQueue
-from runtime.inflight import InFlight, InflightLog
+from runtime.inflight import InFlight, InflightLog, KernelCpu
 
 log = logging.getLogger("runtime.pool")
 _POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum lookups per frame
@@ -126,6 +126,8 @@ class _Worker:
     counters: p.Counters | None = None
     baseline_memory: int = 0
     memory_probe: str = "off"
+    #: The kernel's CPU counter of the worker, opened at its first tracked task.
+    cpu_counter: KernelCpu | None = None
 
     @property
     def pid(self) -> int:
@@ -399,7 +401,9 @@ class WorkerPool:
                 self._arm_deadline(w.deadline_at)
 
     def _record(self, w: _Worker, job: _Job, track: str, inflight: InflightLog) -> None:
-        baseline = self._kernel_cpu_of(w)
+        if w.cpu_counter is None:
+            w.cpu_counter = KernelCpu(w.pid, w.cgroups)
+        baseline = w.cpu_counter.read()
         now = time.time()
         inflight.begin(
             InFlight(
@@ -409,7 +413,7 @@ class WorkerPool:
                 worker_id=w.worker_id,
                 worker_pid=w.pid,
                 started_at=now,
-                cpu_probe="cgroup" if w.cgroups is not None and w.cgroups.cpu_file else "/proc",
+                cpu_probe=w.cpu_counter.probe,
                 baseline_cpu=baseline or 0.0,
                 prior_cpu=job.prior.cpu_seconds if job.prior is not None else 0.0,
                 baseline_memory=w.counters.memory_bytes if w.counters else 0,
@@ -425,11 +429,10 @@ class WorkerPool:
         readings = [
             (w.job.track, cpu)
             for w in self._workers.values()
-            if w.state == "busy" and w.job is not None and w.job.track is not None
-            if (cpu := self._kernel_cpu_of(w)) is not None
+            if w.state == "busy" and w.job is not None and w.job.track is not None and w.cpu_counter is not None
+            if (cpu := w.cpu_counter.read()) is not None
         ]
-        if readings:
-            self.inflight.sample(readings)
+        self.inflight.sample(readings)  # also commits what finished or was charged since the last commit
         if not self._closing:
             self._sampler = self._loop.call_later(self.cfg.sample_s, self._sample_inflight)
 
@@ -681,6 +684,8 @@ class WorkerPool:
         oom_killed = bool(w.cgroups and w.cgroups.oom_kills())
         if w.cgroups is not None:
             w.cgroups.remove()
+        if w.cpu_counter is not None:
+            w.cpu_counter.close()
         job, was_state = w.job, w.state
         w.state, w.job = "dead", None
         del self._workers[w.ident]
@@ -813,14 +818,12 @@ class WorkerPool:
         """CPU of each live worker from the kernel: its cgroup counter, else /proc/<pid>/stat."""
         out: dict[int, float] = {}
         for w in self._workers.values():
-            if (v := self._kernel_cpu_of(w)) is not None:
+            v = w.cgroups.cpu_seconds() if w.cgroups else None
+            if v is None:
+                v = proc_cpu_seconds(w.pid)
+            if v is not None:
                 out[w.pid] = v
         return out
-
-    @staticmethod
-    def _kernel_cpu_of(w: _Worker) -> float | None:
-        v = w.cgroups.cpu_seconds() if w.cgroups else None
-        return proc_cpu_seconds(w.pid) if v is None else v
 
     def status(self) -> PoolStatus:
         """A snapshot of the pool for live views and summaries."""

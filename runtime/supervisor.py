@@ -215,6 +215,10 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         if memory is not None:
             memory.close()
         ledger.close()
+        # Charges the close made durable clear their in-flight records: two turns of the loop (the
+        # ledger's future lands, then its callbacks run).
+        for _ in range(2):
+            await asyncio.sleep(0)
         inflight.close()
         store.close()
         events.close()

@@ -33,7 +33,7 @@ THINK_MS = 400
 #: test and refill only 1 ms per second, so "persisted level minus charges" is checked to the millisecond.
 CONFIG = """
 data_dir: {data}
-pool: {{workers: 2, heartbeat_s: 0.5, sample_s: 0.1, cgroups: {cgroups}}}
+pool: {{workers: 2, heartbeat_s: 0.5, sample_s: 0.1, cgroups: "{cgroups}"}}
 economy: {{burst_seconds: 10000}}
 metrics_port: 0
 status_interval_s: 0.2
@@ -131,11 +131,20 @@ def test_a_killed_supervisor_restarts_and_charges_the_tasks_in_flight_once(setup
     cfg, data, cgroups = setup
     _kill_mid_run(cfg, data)
 
+    with LmdbLedger(data / "ledger") as ledger:
+        persisted = _cpu_levels(ledger)
+        before = {u.task_id for u in ledger.usage_records()}
     left = _pending(data)
-    running = [r for r in left if r.finished is None]
+    # Records of tasks already charged may linger (their deletion is written with the next commit):
+    # the restart must leave them alone.
+    running = [r for r in left if r.finished is None and r.task_id not in before]
     assert running, left  # two were under way a moment before the kill
+    assert {r.agent for r in running} <= set(persisted), "agents whose thinks were charged before the kill"
     expected: dict[str, tuple[float, float]] = {}  # task id -> (at least, at most) CPU-s
+    exact: dict[str, float] = {}  # task id -> the dead worker's cgroup counter minus the baseline
     for r in left:
+        if r.task_id in before:
+            continue
         if r.finished is not None:  # answered, not yet durably charged: its exact usage is known
             expected[r.task_id] = (r.finished.cpu_seconds, r.finished.cpu_seconds)
             continue
@@ -145,18 +154,18 @@ def test_a_killed_supervisor_restarts_and_charges_the_tasks_in_flight_once(setup
         if r.cgroups is not None:  # the dead worker's cgroup keeps its final counter until the restart
             final = r.cgroups.cpu_seconds()
             assert final is not None and final - r.baseline_cpu >= r.sampled_cpu - r.baseline_cpu
-            expected[r.task_id] = (final - r.baseline_cpu - 1e-6, final - r.baseline_cpu + 1e-6)
-    with LmdbLedger(data / "ledger") as ledger:
-        persisted = _cpu_levels(ledger)
-        before = {u.task_id for u in ledger.usage_records()}
-    assert set(persisted) >= {r.agent for r in running}, "some thinks were charged before the kill"
-    assert not before & set(expected)
+            exact[r.task_id] = final - r.baseline_cpu
+    assert len(exact) == (len(running) if cgroups == "auto" else 0)
 
     proc = _start("--config", str(cfg), "--duration", "4", "--no-live")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    for task_id in expected:
-        assert f"recovered task {task_id} " in out, out
+    said = {line.split()[2]: line for line in out.splitlines() if line.startswith("recovered task ")}
+    assert set(said) == set(expected), out  # one line per task recovered; none for those charged
+    # The exact counter, unless another pool on this host swept the dead cgroup first (every pool
+    # sweeps the cgroups of dead supervisors when it starts): then the last sample, as in /proc mode.
+    for task_id in (t for t in exact if said[t].endswith("(final cgroup counter)")):
+        expected[task_id] = (exact[task_id] - 1e-6, exact[task_id] + 1e-6)
 
     with LmdbLedger(data / "ledger") as ledger:
         report = check(ledger)
