@@ -1,10 +1,10 @@
 """The whole ecology end to end: actions per second and supervisor memory with 10, 100 and 1,000 agents.
 
 Each size gets a fresh runtime wired as the supervisor wires it: a real ``WorkerPool`` sized from the
-machine, a durable ``LmdbLedger``, a durable ``EventLog``, a ``GitStore``, the buckets and the economy
-(``open_economy``), and the world with the events as its ``emit``. No memory store: the policy has no
-memory actions. Every agent is a real ``Agent`` with a ``ScriptedBrain`` whose policy is cheap but goes
-through the whole pipeline:
+machine (recording the tasks in flight, ``runtime.inflight``), a durable ``LmdbLedger``, a durable
+``EventLog``, a ``GitStore``, the buckets and the economy (``open_economy``), and the world with the
+events as its ``emit``. No memory store: the policy has no memory actions. Every agent is a real
+``Agent`` with a ``ScriptedBrain`` whose policy is cheap but goes through the whole pipeline:
 
     noop, transfer 1 scrip to the next agent, read the public artifact written at setup, noop
 
@@ -64,6 +64,7 @@ from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
 from runtime.economy import Economy, capacity_millicores, open_economy
 from runtime.events.log import EventLog
+from runtime.inflight import InflightLog
 from runtime.ledger.check import check
 from runtime.ledger.lmdb import LmdbLedger
 from runtime.pool import WorkerPool
@@ -313,13 +314,14 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     ledger = LmdbLedger(data / "ledger")
     store = GitStore(data / "artifacts.git")
     events = EventLog(data / "events")
+    inflight = InflightLog(data / "run" / "inflight")
     problems: list[str] = []
     try:
         emit = emitter(events)
         buckets = Buckets(
             on_event=lambda kind, agent, res, lvl: emit(kind, {"agent": agent, "resource": res, "level": lvl})
         )
-        pool = WorkerPool(PoolConfig(), hide=[str(data.resolve())])
+        pool = WorkerPool(PoolConfig(), hide=[str(data.resolve())], inflight=inflight)
         probe = Config(data_dir=str(data))
         rate = capacity_millicores(probe, pool.info) // n
         if rate <= 0:
@@ -413,6 +415,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
         events.close()
         store.close()
         ledger.close()
+        inflight.close()
     secs = last.wall - first.wall
     done = (last.applied - first.applied) + (last.rejected - first.rejected)
     lat = sorted(state.latencies)

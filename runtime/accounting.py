@@ -110,6 +110,12 @@ def proc_cpu_seconds(pid: int) -> float | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    return proc_stat_cpu_seconds(text)
+
+
+def proc_stat_cpu_seconds(text: str) -> float:
+    """User + system CPU in the text of a ``/proc/<pid>/stat`` file (after the command, which may
+    contain spaces and parentheses)."""
     fields = text.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 

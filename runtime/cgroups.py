@@ -236,13 +236,7 @@ def read_cpu_seconds(path: Path) -> float | None:
         text = path.read_text()
     except OSError:
         return None
-    if path.name == "cpuacct.usage":
-        return int(text) / 1e9
-    for line in text.splitlines():
-        key, _, val = line.partition(" ")
-        if key == "usage_usec":
-            return int(val) / 1e6
-    return None
+    return cpu_seconds_in(str(path), text)
 
 
 class WorkerCgroups(Struct):
@@ -345,6 +339,17 @@ class WorkerCgroups(Struct):
                 continue
 
 
+def cpu_seconds_in(cpu_file: str, text: str) -> float | None:
+    """The CPU seconds in the text of a worker's ``cpuacct.usage`` (v1) or ``cpu.stat`` (v2)."""
+    if cpu_file.endswith("cpuacct.usage"):
+        return int(text) / 1e9
+    for line in text.splitlines():
+        key, _, val = line.partition(" ")
+        if key == "usage_usec":
+            return int(val) / 1e6
+    return None
+
+
 def _remove_nested(d: Path) -> None:
     """Kill the processes of every cgroup nested under ``d`` and remove those cgroups, deepest first."""
     nested = sorted((p for p in d.glob("**/") if p != d), key=lambda p: -len(p.parts)) if d.is_dir() else []
@@ -408,6 +413,7 @@ __all__ = [
     "cpu_capacity_found",
     "cpu_quota",
     "cpu_quota_cores",
+    "cpu_seconds_in",
     "cpu_usage",
     "discover",
     "memory_limit",

@@ -59,6 +59,9 @@ class PoolConfig(_Section, frozen=True):
     #: included); ``workers: auto`` and the memory quotas are sized from the rest (see ``runtime.limits``).
     supervisor_memory_mb: PositiveInt = 256
     worker_memory_mb: PositiveInt = 192
+    #: How often the CPU counter of each running task is written down (``runtime.inflight``): after a
+    #: supervisor crash without per-worker cgroups, a task's CPU since its last sample is not charged.
+    sample_s: PositiveFloat = 0.25
 
 
 class AgentConfig(_Section, frozen=True):

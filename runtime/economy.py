@@ -143,6 +143,7 @@ def charge(
     ok: bool,
     llm_tokens: int = 0,
     llm_cost_microusd: int = 0,
+    error: str = "",
 ) -> RecordUsage:
     """Charge a finished task to its agent's buckets; return the one ledger operation that records it.
 
@@ -158,6 +159,7 @@ def charge(
         agent=agent,
         kind=kind,
         ok=ok,
+        error=error,
         cpu_seconds=usage.cpu_seconds,
         memory_bytes=usage.task_memory_bytes,
         llm_tokens=llm_tokens,
@@ -220,7 +222,7 @@ class Economy:
         # could make the kernel pick the worker, not the sandbox, when memory runs out.
         quota = 0 if isinstance(spec, Invoke) else self.ledger.balance(agent, "memory_quota")
         inner = asyncio.ensure_future(
-            self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve)
+            self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id)
         )
         try:
             out = await asyncio.shield(inner)
@@ -230,7 +232,7 @@ class Economy:
             await self._settle(agent, spec, task_id, inner)
             raise
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False)
+            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
             raise
         await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
         return out
@@ -240,7 +242,7 @@ class Economy:
         try:
             out = await inner
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False)
+            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
         else:
             await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
 
@@ -253,6 +255,7 @@ class Economy:
         ok: bool,
         llm_tokens: int = 0,
         llm_cost_microusd: int = 0,
+        error: str = "",
     ) -> None:
         if usage is None:
             return  # the task never reached a worker: nothing was used
@@ -260,8 +263,13 @@ class Economy:
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
-        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd)
-        await asyncio.wrap_future(self.ledger.submit(record))
+        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error)
+        durable = asyncio.wrap_future(self.ledger.submit(record))
+        inflight = self.pool.inflight
+        if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
+            # cancelled meanwhile (the shield keeps the future going), which is how agents are stopped
+            durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else inflight.clear(task_id))
+        await asyncio.shield(durable)
 
     async def transfer_right(self, op: Transfer) -> Receipt:
         """Transfer an asset; a rate right moves both agents' bucket rates with it, at once (for the

@@ -43,6 +43,7 @@ from runtime import protocol as p
 from runtime.accounting import Accounts, TaskUsage, proc_cpu_seconds
 from runtime.config import PoolConfig
 from runtime.fairqueue import FairQueue
+from runtime.inflight import InFlight, InflightLog, KernelCpu
 
 log = logging.getLogger("runtime.pool")
 _POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum lookups per frame
@@ -100,6 +101,8 @@ class _Job:
     serve: Serve | None = None
     attempts: int = 0
     prior: TaskUsage | None = None
+    #: The ledger's id of the task: recorded in ``WorkerPool.inflight`` while it runs.
+    track: str | None = None
 
 
 WorkerState = Literal["starting", "idle", "busy", "stopping", "dead"]
@@ -123,6 +126,8 @@ class _Worker:
     counters: p.Counters | None = None
     baseline_memory: int = 0
     memory_probe: str = "off"
+    #: The kernel's CPU counter of the worker, opened at its first tracked task.
+    cpu_counter: KernelCpu | None = None
 
     @property
     def pid(self) -> int:
@@ -164,8 +169,11 @@ class WorkerPool:
         size: int | None = None,
         run_dir: str | None = None,
         hide: Iterable[str] = (),
+        inflight: InflightLog | None = None,
     ) -> None:
         self.cfg = cfg or PoolConfig()
+        #: Where tracked tasks are recorded while they run, for charging them after a supervisor crash.
+        self.inflight = inflight
         #: Paths that confined code run by the workers must not see (the pool adds its socket directory).
         self.hide = [os.path.abspath(h) for h in hide]
         self.info = cg.discover() if self.cfg.cgroups == "auto" else cg.CgroupInfo("none", {}, {})
@@ -195,6 +203,7 @@ class WorkerPool:
         self._endpoint = ""
         self._monitor: asyncio.TimerHandle | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self._sampler: asyncio.TimerHandle | None = None
         self._deadline_when = float("inf")
         self._log_budget = 20  # malformed-frame log lines before going quiet
 
@@ -222,6 +231,8 @@ class WorkerPool:
         for _ in range(self.size):
             self._spawn()
         self._arm_monitor()
+        if self.inflight is not None:
+            self._sampler = self._loop.call_later(self.cfg.sample_s, self._sample_inflight)
         deadline = self.cfg.startup_timeout_s + 1
         try:
             await asyncio.wait_for(self._ready.wait(), deadline)
@@ -265,7 +276,7 @@ class WorkerPool:
                     w.kill_reason = w.kill_reason or "pool_closed"
                     self._kill(w)
                 await asyncio.wait_for(self._all_exited.wait(), 5.0)
-        for timer in (self._monitor, self._deadline_timer):
+        for timer in (self._monitor, self._deadline_timer, self._sampler):
             if timer is not None:
                 timer.cancel()
         if self._sock is not None:
@@ -290,10 +301,13 @@ class WorkerPool:
         memory_limit: int = 0,
         claim: Callable[[], bool] | None = None,
         serve: Serve | None = None,
+        track: str | None = None,
     ) -> int:
         """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
 
-        Must be called from the pool's event loop thread. Returns the task id.
+        ``track``: the ledger's id of the task, to record it in ``inflight`` from dispatch until the
+        caller clears it (once its charge is durable). Must be called from the pool's event loop
+        thread. Returns the task id.
         """
         job = _Job(
             next(self._ids),
@@ -306,6 +320,7 @@ class WorkerPool:
             done,
             claim,
             serve,
+            track=track,
         )
         if self.failed or self._closing:
             code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
@@ -325,11 +340,12 @@ class WorkerPool:
         measure: bool = True,
         memory_limit: int = 0,
         serve: Serve | None = None,
+        track: str | None = None,
     ) -> Outcome:
         """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed.
 
         ``memory_limit``: bytes the task may add to its worker's memory (0: unlimited); over it the
-        task fails with ``memory_exceeded`` and is charged what it used.
+        task fails with ``memory_exceeded`` and is charged what it used. ``track``: see ``submit``.
         """
         assert self._loop is not None, "start the pool first"
         fut: asyncio.Future[Outcome] = self._loop.create_future()
@@ -352,6 +368,7 @@ class WorkerPool:
             memory_limit=memory_limit,
             claim=lambda: not fut.cancelled(),
             serve=serve,
+            track=track,
         )
         return await fut
 
@@ -369,8 +386,12 @@ class WorkerPool:
             assert w.job is None, "a worker runs one task at a time"
             job.attempts += 1
             w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
+            if job.track is not None and self.inflight is not None:
+                self._record(w, job, job.track, self.inflight)  # before sending: a kill may come any time
             if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
                 # The worker is gone before it saw the task: put the task back untouched.
+                if job.track is not None and self.inflight is not None:
+                    self.inflight.clear(job.track)
                 job.attempts -= 1
                 w.job = None
                 self._queue.push_front(job.agent, job)
@@ -378,6 +399,42 @@ class WorkerPool:
             w.deadline_at = w.job_started + job.timeout_s
             if w.deadline_at < self._deadline_when:
                 self._arm_deadline(w.deadline_at)
+
+    def _record(self, w: _Worker, job: _Job, track: str, inflight: InflightLog) -> None:
+        if w.cpu_counter is None:
+            w.cpu_counter = KernelCpu(w.pid, w.cgroups)
+        baseline = w.cpu_counter.read()
+        now = time.time()
+        inflight.begin(
+            InFlight(
+                task_id=track,
+                agent=job.agent,
+                kind=p.kind_of(job.spec),
+                worker_id=w.worker_id,
+                worker_pid=w.pid,
+                started_at=now,
+                cpu_probe=w.cpu_counter.probe,
+                baseline_cpu=baseline or 0.0,
+                prior_cpu=job.prior.cpu_seconds if job.prior is not None else 0.0,
+                baseline_memory=w.counters.memory_bytes if w.counters else 0,
+                cgroups=w.cgroups,
+                sampled_cpu=baseline or 0.0,
+                sampled_at=now,
+            )
+        )
+
+    def _sample_inflight(self) -> None:
+        """Write down the kernel's CPU counter of every worker running a tracked task."""
+        assert self._loop is not None and self.inflight is not None
+        readings = [
+            (w.job.track, cpu)
+            for w in self._workers.values()
+            if w.state == "busy" and w.job is not None and w.job.track is not None and w.cpu_counter is not None
+            if (cpu := w.cpu_counter.read()) is not None
+        ]
+        self.inflight.sample(readings)  # also commits what finished or was charged since the last commit
+        if not self._closing:
+            self._sampler = self._loop.call_later(self.cfg.sample_s, self._sample_inflight)
 
     def _send(self, w: _Worker, msg: p.Message) -> bool:
         assert self._sock is not None
@@ -510,6 +567,8 @@ class WorkerPool:
         self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
         if job.prior is not None:
             usage = job.prior.plus(usage)
+        if job.track is not None and self.inflight is not None:
+            self.inflight.finish(job.track, usage)
         if msg.ok:
             job.done(Outcome(job.id, job.agent, msg.output, usage), None)
         else:
@@ -625,6 +684,8 @@ class WorkerPool:
         oom_killed = bool(w.cgroups and w.cgroups.oom_kills())
         if w.cgroups is not None:
             w.cgroups.remove()
+        if w.cpu_counter is not None:
+            w.cpu_counter.close()
         job, was_state = w.job, w.state
         w.state, w.job = "dead", None
         del self._workers[w.ident]
@@ -674,6 +735,8 @@ class WorkerPool:
         )
         self.accounts.charge(job.agent, usage, False, w.pid, cpu)
         total = job.prior.plus(usage) if job.prior is not None else usage
+        if job.track is not None and self.inflight is not None:
+            self.inflight.finish(job.track, total)
         if reason == "deadline_exceeded":
             msg = f"task {job.id} ran over its {job.timeout_s:g} s deadline; its worker was killed"
             return job.done(None, TaskFailed("deadline_exceeded", msg, total))

@@ -33,10 +33,12 @@ from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig
 from runtime.economy import Economy, open_economy
 from runtime.events import Events
+from runtime.inflight import InflightLog
 from runtime.limits import CapacityError, Limits, Sizing
 from runtime.live import LiveView, render
 from runtime.memory.qdrant import QdrantMemory
 from runtime.pool import WorkerPool
+from runtime.recovery import recover
 from runtime.stats import AgentStats, ContainerStats, Meter, Snapshot
 from runtime.store import Store
 from runtime.world import Emit, World
@@ -169,15 +171,19 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     )
     info = cg.discover()
     limits = limits_mod.detect(info)
+    inflight = InflightLog(data / "run" / "inflight")
     try:
         sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
         # Confined code must not see the data directory (repository, ledger, memory).
-        pool = WorkerPool(cfg.pool, size=sizing.workers, hide=[str(data.resolve())])
+        pool = WorkerPool(cfg.pool, size=sizing.workers, hide=[str(data.resolve())], inflight=inflight)
         capacity = open_economy(cfg, ledger, pool.info, buckets, sizing, node=bool(cfg.node.agent_range))
     except (CapacityError, config_mod.ConfigError) as exc:
+        inflight.close()
         backends.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Before the pool starts: its sweep removes the killed workers' cgroups, which hold their final CPU.
+    recover(inflight, ledger, buckets, events, say=lambda line: print(line, flush=True))
     await pool.start()
     economy = Economy(pool, ledger, buckets, Estimator(cfg.economy.default_estimate_s), node=node)
     print(
@@ -238,6 +244,11 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         if memory is not None:
             memory.close()
         backends.close()
+        # Charges the close made durable clear their in-flight records: two turns of the loop (the
+        # ledger's future lands, then its callbacks run).
+        for _ in range(2):
+            await asyncio.sleep(0)
+        inflight.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
         write_status(data / "run" / STATUS_NAME, status(final, snap, running=False))

@@ -41,6 +41,7 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 #: The kinds the runtime itself emits. Others are allowed (any ``Kind``); these are the ones to know.
 KINDS: tuple[str, ...] = (
     "task_finished",
+    "task_failed",
     "transfer",
     "artifact_written",
     "artifact_deleted",

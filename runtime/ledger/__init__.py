@@ -97,6 +97,8 @@ class RecordUsage(_Op, tag="usage", frozen=True):
     kind: Annotated[str, Meta(max_length=32)]
     ok: bool
     cpu_seconds: NonNegFloat
+    #: Why a failed task failed (``worker_crashed``, ``supervisor_crashed`` …); empty when it succeeded.
+    error: Annotated[str, Meta(max_length=32)] = ""
     memory_bytes: NonNegInt = 0
     llm_tokens: NonNegInt = 0
     #: What a paid model charged for the task (micro-dollars), burnt from the agent's ``llm_budget``;
