@@ -1,7 +1,8 @@
 # agent-ecology-local: the embedded runtime (LMDB ledger, Git store, local memory, bundled SmolLM2) in
 # one container that sizes its pool and buckets from the limits it is given:
 #
-#   docker build -t agent-ecology-local .          (or: make image)
+#   docker build -t agent-ecology-local .          (or: make image; Podman needs --format docker,
+#                                                   or it drops the HEALTHCHECK: OCI images have none)
 #   docker run --cpus=2 --memory=4g -v aeco-data:/data agent-ecology-local
 #
 # Two stages: the builder compiles wheels (llama.cpp for any x86-64, not the build host's CPU), the
@@ -32,11 +33,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_PYTHON_VERSION_WARNING=1 \
 # tini as PID 1: it forwards SIGTERM to the supervisor and reaps any orphan a killed worker leaves.
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tini >/dev/null \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 # The wheels are bind-mounted from the builder, not copied: they never become a layer of this image.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m pip install --quiet --no-index --no-deps /wheels/*.whl
-RUN useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin aeco \
+RUN groupadd --system --gid 10001 aeco \
+ && useradd --system --uid 10001 --gid aeco --home-dir /app --shell /usr/sbin/nologin aeco \
  && mkdir -p /data && chown aeco:aeco /data && chmod 0700 /data
 WORKDIR /app
 COPY --chown=root:root runtime/ runtime/

@@ -40,7 +40,7 @@ bench: $(STAMP)
 ENGINE ?= $(shell if [ -f ../shared/container/prepare-engine.sh ]; then bash ../shared/container/prepare-engine.sh 2>/dev/null | tail -1; \
 	elif command -v docker >/dev/null 2>&1; then echo docker; else echo podman; fi)
 image:
-	$(ENGINE) build --tag agent-ecology-local .
+	$(ENGINE) build $(if $(findstring podman,$(ENGINE)),--format=docker) --tag agent-ecology-local .
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -122,6 +122,8 @@ class Engine:
         """Build ``image`` from ``root``'s Dockerfile, labelled with the hash of its inputs."""
         digest = inputs_hash(root)
         args = ["build", "--tag", image, "--label", f"{INPUTS_LABEL}={digest}"]
+        if self.cmd == "podman":
+            args.append("--format=docker")  # an OCI image cannot carry the HEALTHCHECK
         if no_cache:
             args.append("--no-cache")
         start = time.monotonic()
