@@ -152,10 +152,10 @@ def test_the_health_check_follows_the_supervisor(box: Box) -> None:
     assert stopped.returncode == 1 and "stopped" in stopped.stdout, stopped.stdout
 
 
-#: Agents that drain their CPU buckets quickly (capacity 2 CPU-s, refill 0.05 CPU-s per second), so
-#: that a restart that refilled them would show at once.
-RATE_CPU_S = 0.05
-BURST_S = 40
+#: Agents that drain their CPU buckets within seconds (capacity 0.5 CPU-s, ten 50 ms thinks) and refill
+#: slowly (0.02 CPU-s a second), so that a restart that refilled them would show at once.
+RATE_CPU_S = 0.02
+BURST_S = 25
 DRAINING = f"""
 pool: {{workers: 2, heartbeat_s: 0.5}}
 economy: {{burst_seconds: {BURST_S}}}
@@ -168,14 +168,13 @@ agents:
     cpu_rate: {int(RATE_CPU_S * 1000)}
     policy:
       - {{kind: write_artifact, id: diary, content: "another day"}}
-      - {{kind: transfer, to: reader, amount: 1}}
   - id: reader
     brain: scripted
     think_ms: 50
     cpu_rate: {int(RATE_CPU_S * 1000)}
     policy:
       - {{kind: read_artifact, id: diary}}
-      - {{kind: noop}}
+      - {{kind: transfer, to: writer, amount: 1}}
 """
 
 
@@ -196,7 +195,7 @@ def test_a_killed_supervisor_is_restarted_and_resumes_from_the_data_volume(box: 
     box.wait_running(name, killed_at)
     assert int(box.engine.inspect(name, "{{.RestartCount}}")) == restarts + 1
     assert box.supervisor_pid(name) != first
-    time.sleep(5.0)  # the resumed run charges a few tasks
+    time.sleep(8.0)  # the resumed run charges a few tasks (one every 2.5 s per agent once drained)
     box.engine.run("stop", name, timeout_s=60.0)
     assert box.wait(name) == 0, box.logs(name)
     time.sleep(2.0)
