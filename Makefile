@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench image clean
 
 # llama.cpp is built for x86-64-v3 (AVX2/FMA/F16C), never for the build host's own CPU: a native build on a
 # CPU that advertises AMX runs `ldtilecfg`, which faults where the kernel or VM does not grant AMX state
@@ -44,6 +44,14 @@ bench: $(STAMP)
 	$(PY) -m benchmarks store
 	$(PY) -m benchmarks llm
 	$(PY) -m benchmarks ecology
+	$(PY) -m benchmarks container
+
+# The container image (Dockerfile). On this project's hosts ../shared/container/prepare-engine.sh
+# provides the engine (Podman) and the base image; elsewhere docker, else podman.
+ENGINE ?= $(shell if [ -f ../shared/container/prepare-engine.sh ]; then bash ../shared/container/prepare-engine.sh 2>/dev/null | tail -1; \
+	elif command -v docker >/dev/null 2>&1; then echo docker; else echo podman; fi)
+image:
+	$(ENGINE) build $(if $(findstring podman,$(ENGINE)),--format=docker) --tag agent-ecology-local .
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

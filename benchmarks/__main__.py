@@ -18,6 +18,10 @@ from benchmarks.common import RESULTS_DIR, Options
 
 #: Benchmark name -> (module that implements it, one-line description).
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "container": (
+        "benchmarks.container",
+        "the same workload on the host and in the image, 2 CPUs/4g: throughput, books vs cgroup",
+    ),
     "ecology": ("benchmarks.ecology", "end-to-end actions/s and supervisor RSS with 10, 100 and 1,000 scripted agents"),
     "dispatch": ("benchmarks.dispatch", "no-op round trips/s and latency: this pool vs its peers"),
     "ledger": ("benchmarks.ledger", "durable transfers/s: LMDB group commit vs per-op and SQLite WAL"),

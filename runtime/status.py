@@ -1,6 +1,9 @@
-"""``python -m runtime.status [--config FILE | --data-dir DIR] [--watch]``: what a running supervisor
-shows in its live view, from another terminal (it refreshes ``<data>/run/status.json`` every
-``status_interval_s``)."""
+"""``python -m runtime.status [--config FILE | --data-dir DIR] [--watch | --health MAX_AGE_S]``: what a
+running supervisor shows in its live view, from another terminal (it refreshes ``<data>/run/status.json``
+every ``status_interval_s``).
+
+``--health MAX_AGE_S`` is the container's health check: exit 0 only while the supervisor that wrote the
+status is alive, says it is running and refreshed it within the last ``MAX_AGE_S`` seconds."""
 
 from __future__ import annotations
 
@@ -46,14 +49,41 @@ def show(path: Path) -> int:
     return 0
 
 
+def healthy(path: Path, max_age_s: float) -> int:
+    """0 if a live supervisor refreshed the status within ``max_age_s`` seconds, else 1 (and why)."""
+    try:
+        st = msgspec.json.decode(path.read_bytes(), type=Status)
+    except (OSError, msgspec.DecodeError) as exc:
+        print(f"unhealthy: no readable status at {path}: {exc}")
+        return 1
+    age = time.time() - st.at
+    if not st.running or not _alive(st.pid):
+        print(f"unhealthy: supervisor {st.pid} has stopped")
+        return 1
+    if age > max_age_s:
+        print(f"unhealthy: supervisor {st.pid} has not refreshed its status for {age:.0f} s (limit {max_age_s:g} s)")
+        return 1
+    print(f"healthy: supervisor {st.pid}, status {age:.1f} s old")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(prog="python -m runtime.status", description=(__doc__ or "").splitlines()[0])
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
     where.add_argument("--data-dir", help="the data directory (overrides --config)")
-    ap.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    mode.add_argument(
+        "--health",
+        type=float,
+        metavar="MAX_AGE_S",
+        help="exit 0 only if a live supervisor refreshed its status within MAX_AGE_S seconds",
+    )
     args = ap.parse_args(argv)
+    if args.health is not None and args.health <= 0:
+        ap.error(f"--health must be positive, got {args.health}")
     if args.data_dir is not None:
         data = Path(args.data_dir)
     else:
@@ -63,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     path = data / "run" / STATUS_NAME
+    if args.health is not None:
+        return healthy(path, args.health)
     if not args.watch:
         return show(path)
     try:
