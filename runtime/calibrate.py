@@ -188,8 +188,15 @@ async def _windows(
     ids = [a.id for a in cfg.agents]
     failures: list[str] = []
 
-    async def think_loop(a: AgentConfig) -> None:
+    # Agents that start together stay in step (each thinks, then all wait out their debt together), and a
+    # window then catches whole bursts or none. Spread their first thinks over one think interval at the
+    # start rate, and measure only once all of them run.
+    spread_s = min(cfg.llm.max_tokens / rate, 4 * window_s)
+    show(f"warming up: starting the agents {spread_s / len(ids):.1f} s apart")
+
+    async def think_loop(a: AgentConfig, delay_s: float) -> None:
         brain = LlmBrain(economy, a.persona, model=cfg.llm.model, max_tokens=cfg.llm.max_tokens)
+        await asyncio.sleep(delay_s)
         while True:
             try:
                 await brain.think(a.id, _context(a.id, ids))
@@ -197,9 +204,13 @@ async def _windows(
                 failures.append(f"{a.id}: {exc.code}: {exc.detail[:300]}")
                 await asyncio.sleep(0.5)  # a failed think is charged too; do not spin on one
 
-    loops = [asyncio.create_task(think_loop(a), name=f"calibrate:{a.id}") for a in cfg.agents]
+    loops = [
+        asyncio.create_task(think_loop(a, i * spread_s / len(ids)), name=f"calibrate:{a.id}")
+        for i, a in enumerate(cfg.agents)
+    ]
     windows: list[Window] = []
     try:
+        await asyncio.sleep(spread_s)
         for n in range(1, max_windows + 1):
             cpu0, t0, tokens0, failed0 = _cpu(info), time.monotonic(), sum(economy.tokens.values()), len(failures)
             await asyncio.sleep(window_s)

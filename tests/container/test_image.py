@@ -1,8 +1,5 @@
 """The image ``agent-ecology-local`` under a real engine: limits it detects, what a short run charges,
 its health check, a kill -9 of the supervisor with ``--restart=unless-stopped``, and calibration.
-
-Tests marked "needs branch ``limits``" check contracts that branch adds (structured ``limits`` and
-``container`` fields in ``status.json``, ``python -m runtime.calibrate``); they fail until it is merged.
 """
 
 from __future__ import annotations
@@ -11,6 +8,7 @@ import calendar
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -18,9 +16,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
 from benchmarks.engine import supervisor_command
+from runtime import config as config_mod
 from tests.container.conftest import Box
 
 # A cold build of the image (llama.cpp compiles) happens in the first test's set-up.
@@ -58,12 +56,6 @@ def _usage(journal: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e["op"] for e in journal if e["op"]["op"] == "usage"]
 
 
-def _table_limits(capacity: float, limit: int | None) -> str:
-    """The line of the live table (``runtime.live``) that shows the detected limits."""
-    memory = f"{limit / (1 << 20):.0f} MB" if limit else "none"
-    return f"limits: {capacity:g} CPUs, memory {memory}"
-
-
 @pytest.mark.parametrize(
     ("cpus", "memory", "capacity", "limit"),
     [(1, None, 1.0, None), (2, "4g", 2.0, 4 * GiB)],
@@ -81,7 +73,13 @@ def test_detects_its_limits_and_charges_a_short_run(
     assert summary["workers_crashed"] == 0
     status = box.status()
     assert status is not None and status["running"] is False
-    assert _table_limits(capacity, limit) in status["table"], status["table"]
+    # The limits, and the cgroup files they were read from, in status.json and in the live table.
+    limits = status["limits"]
+    assert (limits["cpu_cores"], limits["memory_bytes"]) == (capacity, limit), limits
+    assert "cpu.cfs_quota_us" in limits["cpu_source"] or "cpu.max" in limits["cpu_source"], limits
+    if limit is not None:
+        assert "memory.limit_in_bytes" in limits["memory_source"] or "memory.max" in limits["memory_source"]
+    assert f"limits: {capacity:g} CPUs ({limits['cpu_source']})" in status["table"], status["table"]
 
     usage = _usage(box.journal())
     per_agent = collections.Counter(u["agent"] for u in usage)
@@ -265,10 +263,15 @@ def test_status_json_reports_the_limits_and_where_they_came_from(box: Box) -> No
 
 
 def test_a_short_calibration_converges_in_the_container(box: Box) -> None:
-    """Needs branch ``limits``: ``python -m runtime.calibrate`` writes ``<data_dir>/calibration.yaml``."""
-    cmd = ["python", "-m", "runtime.calibrate", "--config", "config/default.yaml", "--agents", "2"]
-    cmd += ["--window-s", "5", "--max-windows", "8"]
-    name = box.start(*cmd, cpus=2, memory="4g")
+    """``python -m runtime.calibrate`` with the bundled SmolLM2 and the issue's defaults (5 agents from
+    10 tokens/s each) in a one-CPU container: it holds 70–80% of the quota and writes the rate."""
+    cmd = ["python", "-m", "runtime.calibrate", "--config", "config/default.yaml"]
+    cmd += ["--window-s", "10", "--max-windows", "14"]
+    name = box.start(*cmd, cpus=1, memory="4g")
     assert box.wait(name, timeout_s=900.0) == 0, box.logs(name)
-    calibration = yaml.safe_load((box.data / "calibration.yaml").read_text())
-    assert isinstance(calibration, dict) and calibration, calibration
+    log = box.logs(name)
+    shares = [float(m) / 100 for m in re.findall(r"CPU\s+([0-9.]+)% of 1 ", log)]
+    assert len(shares) >= 2 and all(0.70 <= u <= 0.80 for u in shares[-2:]), log
+    cal = config_mod.load_calibration(box.data / "calibration.yaml")
+    assert cal.agents == 5 and cal.cpu_capacity == 1.0 and "cpu.cfs_quota_us" in cal.cpu_source, cal
+    assert cal.llm_rate >= 1 and 0.70 <= cal.utilisation <= 0.80, cal
