@@ -53,7 +53,7 @@ CPUS = 2
 MEMORY = "4g"
 MEMORY_BYTES = 4 << 30
 AGENTS = 4
-THINK_MS = 50
+THINK_MS = 200
 FULL_S, QUICK_S = 30.0, 10.0
 FULL_ROUNDS, QUICK_ROUNDS = 2, 1
 #: Actions before this many seconds after the first one are the warm-up, not counted.

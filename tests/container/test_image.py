@@ -19,6 +19,7 @@ import pytest
 
 from benchmarks.engine import supervisor_command
 from runtime import config as config_mod
+from runtime.inflight import CRASH_CODE
 from tests.container.conftest import Box
 
 # A cold build of the image (llama.cpp compiles) happens in the first test's set-up.
@@ -154,6 +155,8 @@ def test_the_health_check_follows_the_supervisor(box: Box) -> None:
 #: slowly (0.02 CPU-s a second), so that a restart that refilled them would show at once.
 RATE_CPU_S = 0.02
 BURST_S = 25
+#: A third agent thinks 2 s burns back to back, so that a task is in flight whenever the kill comes.
+CRUNCH_MS = 2000
 DRAINING = f"""
 pool: {{workers: 2, heartbeat_s: 0.5}}
 economy: {{burst_seconds: {BURST_S}}}
@@ -173,6 +176,12 @@ agents:
     policy:
       - {{kind: read_artifact, id: diary}}
       - {{kind: transfer, to: writer, amount: 1}}
+  - id: cruncher
+    brain: scripted
+    think_ms: {CRUNCH_MS}
+    cpu_rate: 1000
+    policy:
+      - {{kind: noop}}
 """
 
 
@@ -207,6 +216,13 @@ def test_a_killed_supervisor_is_restarted_and_resumes_from_the_data_volume(box: 
     assert len({e["op"]["task_id"] for e in usage}) == len(usage)  # nothing charged twice
     runs = list(dict.fromkeys(e["op"]["task_id"].split("-")[0] for e in usage))
     assert len(runs) == 2, runs  # the killed run and the resumed one
+    # The task in flight at the kill: recorded as failed by the restart, charged what was measured
+    # (CPU sampled every pool.sample_s without per-worker cgroups, as here), exactly once.
+    crashed = [e["op"] for e in usage if e["op"].get("error") == CRASH_CODE]
+    assert [u["agent"] for u in crashed] == ["cruncher"], crashed
+    assert crashed[0]["task_id"].startswith(runs[0]) and not crashed[0]["ok"], crashed
+    assert 0 < crashed[0]["cpu_seconds"] <= CRUNCH_MS / 1000 + 0.2, crashed
+    assert f"recovered task {crashed[0]['task_id']}" in box.logs(name)
     capacity = RATE_CPU_S * BURST_S
     for agent in ("writer", "reader"):
         mine = [e for e in usage if e["op"]["agent"] == agent]
