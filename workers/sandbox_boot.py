@@ -88,14 +88,17 @@ def _prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), zero, zero, zero), f"prctl({option})")
 
 
-def _read_only_mounts(path: str) -> None:
-    """Make every mount in this namespace read-only and nosuid (one recursive ``mount_setattr``)."""
-    attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
+def _read_only_mounts(path: str, writable: bool = False) -> None:
+    """Make every mount at and under ``path`` read-only and nosuid (one recursive ``mount_setattr``);
+    ``writable``: make the mount at ``path`` alone writable again."""
+    attr = (ctypes.c_uint64 * 4)(
+        *((0, _MOUNT_ATTR_RDONLY) if writable else (_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0)), 0, 0
+    )
     ret = _libc.syscall(
         ctypes.c_long(_SYS_MOUNT_SETATTR),
         ctypes.c_int(_AT_FDCWD),
         path.encode(),
-        ctypes.c_uint(_AT_RECURSIVE),
+        ctypes.c_uint(0 if writable else _AT_RECURSIVE),
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
@@ -350,6 +353,11 @@ def _setup_mounts(hide: list[str], tmp_bytes: int, applied: list[str]) -> None:
     try:
         _read_only_mounts("/")
         applied.append("rofs")
+        if "userns" in applied:
+            # The runner writes its nested namespace's id maps under /proc; where no /proc of the
+            # sandbox's own can be mounted over it (see _init), that is this one. Its read-only
+            # submounts (/proc/sys ...) stay read-only, and the code never sees it (_nested_user_namespace).
+            _read_only_mounts("/proc", writable=True)
     except OSError:
         pass  # old kernel: writes outside the tmpfs below are then stopped by file permissions only
     for path in hide:
