@@ -12,6 +12,16 @@ Isolation steps and what happens when the host refuses one (``Confined.isolation
 that were applied, so a fallback is always visible; ``isolation_available()`` says what this host
 allows):
 
+``userns``     (not root, or root without CAP_SYS_ADMIN, which first becomes nobody) the namespaces
+               below are made inside a user namespace in which the bootstrap is root (its own uid
+               outside), which lets it mount; the code then runs in a nested user namespace of its
+               own as nobody (still the worker's uid outside), with every capability dropped: the
+               hiding mounts are locked there (``MNT_LOCKED``) and cannot be unmounted, moved or
+               made writable (``sandbox_boot._nested_user_namespace``). ``/proc`` shows only the
+               sandbox's processes, or is covered by an empty tmpfs where the kernel refuses a new
+               one (a container engine's masked ``/proc``). Without a user namespace an unprivileged
+               worker refuses to run code with a non-empty ``hide`` (the code would run as the
+               worker's own user, which can read those paths): ``sandbox_error``.
 ``mountns``    a private mount namespace: propagation private, a private tmpfs (size ``memory_bytes``)
                over ``/tmp``, ``/var/tmp`` and ``/dev/shm`` with the working directory ``/tmp/work``
                in it, an empty read-only tmpfs over every path in ``hide`` (``/dev/null`` over a
@@ -34,6 +44,8 @@ allows):
                interpreter's own baseline), ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, ``RLIMIT_FSIZE``,
                ``RLIMIT_CORE`` 0 (see ``sandbox_boot._set_rlimits``).
 ``uid``        ``setgroups([])`` and uid/gid nobody (65534): no capabilities, no access to root's files.
+               Missing with ``userns`` from an unprivileged worker: the code's uid outside is the
+               worker's, so files the worker owns outside the hidden paths are the code's too.
 ``nonewprivs`` ``PR_SET_NO_NEW_PRIVS``: no privilege back through setuid binaries.
 ``cgroup``     (when ``cgroup_parents`` is given and writable) a child cgroup per invocation, joined
                before the interpreter starts: ``memory.limit_in_bytes`` = ``memory_bytes`` for the

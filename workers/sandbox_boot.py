@@ -25,6 +25,7 @@ parent reads and bounds), never to the channel; fd 2 is pointed at fd 1 before t
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -46,9 +47,12 @@ WORKDIR = "/tmp/work"
 
 # Linux constants (x86_64 and the generic syscall table agree on these).
 _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+_CLONE_NEWUSER = 0x10000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+_PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE = 442, -100, 0x8000
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 0x1, 0x2
 _SIGNALLED = 128  # exit status 128 + n reports "the runner died of signal n"
@@ -84,18 +88,29 @@ def _prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), zero, zero, zero), f"prctl({option})")
 
 
-def _read_only_mounts(path: str) -> None:
-    """Make every mount in this namespace read-only and nosuid (one recursive ``mount_setattr``)."""
-    attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
+def _read_only_mounts(path: str, writable: bool = False) -> None:
+    """Make every mount at and under ``path`` read-only and nosuid (one recursive ``mount_setattr``);
+    ``writable``: make the mount at ``path`` alone writable again."""
+    attr = (ctypes.c_uint64 * 4)(
+        *((0, _MOUNT_ATTR_RDONLY) if writable else (_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0)), 0, 0
+    )
     ret = _libc.syscall(
         ctypes.c_long(_SYS_MOUNT_SETATTR),
         ctypes.c_int(_AT_FDCWD),
         path.encode(),
-        ctypes.c_uint(_AT_RECURSIVE),
+        ctypes.c_uint(0 if writable else _AT_RECURSIVE),
         ctypes.byref(attr),
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     _check(ret, "mount_setattr")
+
+
+def _write_file(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 # --- the channel -------------------------------------------------------------------------------------
@@ -271,11 +286,62 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
+def _drop_root() -> None:
+    """Root becomes nobody for good: no groups, uid/gid nobody."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    assert os.getuid() == os.geteuid() == NOBODY and os.getgid() == NOBODY
+
+
+def _map_ids(inside: int, outside_uid: int, outside_gid: int) -> None:
+    """Map ``inside`` in the user namespace just entered to one uid and gid of its parent (one id is
+    all an unprivileged process may map). setgroups must be denied first: the kernel refuses an
+    unprivileged ``gid_map`` otherwise."""
+    _prctl(_PR_SET_DUMPABLE, 1)  # a non-dumpable process's /proc/self files belong to root: unwritable
+    _write_file("/proc/self/setgroups", "deny")
+    _write_file("/proc/self/uid_map", f"{inside} {outside_uid} 1")
+    _write_file("/proc/self/gid_map", f"{inside} {outside_gid} 1")
+    # Keeps the processes that hold this namespace's capabilities (this one, the PID namespace's init)
+    # out of reach of the code: it runs as the same uid outside, and ptrace (or /proc/<pid>/root,
+    # /proc/<pid>/mem) between same-uid processes is refused only for a non-dumpable target.
+    _prctl(_PR_SET_DUMPABLE, 0)
+
+
+def _new_mount_namespace(applied: list[str]) -> bool:
+    """Enter a new mount namespace: as root directly, else together with a new user namespace.
+
+    Unprivileged (the image's user), the mount namespace is made with a user namespace in which this
+    process is root (uid 0 mapped to its own uid, ``userns`` in the list): that gives it the
+    capabilities to mount, in this mount namespace only. The code must never hold them: see
+    ``_nested_user_namespace``. Root that may not unshare (no CAP_SYS_ADMIN) first becomes nobody, so
+    that the user namespace maps nobody and not root (who owns most files). False: the host refused.
+    """
+    if os.geteuid() == 0:
+        try:
+            _unshare(_CLONE_NEWNS)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EPERM:
+                return False
+        try:
+            _drop_root()
+        except OSError:
+            return False
+        applied.append("uid")
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        _unshare(_CLONE_NEWUSER | _CLONE_NEWNS)
+    except OSError:
+        return False  # user namespaces disabled (user.max_user_namespaces = 0, a seccomp filter ...)
+    _map_ids(0, uid, gid)
+    applied.append("userns")
+    return True
+
+
 def _setup_mounts(hide: list[str], tmp_bytes: int, applied: list[str]) -> None:
     """A private mount namespace: read-only host, private temp dirs, hidden paths, stdlib readable."""
-    try:
-        _unshare(_CLONE_NEWNS)
-    except OSError:
+    if not _new_mount_namespace(applied):
         return  # refused by the host: the code sees the host's mounts (with nobody's permissions)
     # Without private propagation our mounts would appear on the host: never mount anything then.
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
@@ -287,6 +353,11 @@ def _setup_mounts(hide: list[str], tmp_bytes: int, applied: list[str]) -> None:
     try:
         _read_only_mounts("/")
         applied.append("rofs")
+        if "userns" in applied:
+            # The runner writes its nested namespace's id maps under /proc; where no /proc of the
+            # sandbox's own can be mounted over it (see _init), that is this one. Its read-only
+            # submounts (/proc/sys ...) stay read-only, and the code never sees it (_nested_user_namespace).
+            _read_only_mounts("/proc", writable=True)
     except OSError:
         pass  # old kernel: writes outside the tmpfs below are then stopped by file permissions only
     for path in hide:
@@ -294,9 +365,7 @@ def _setup_mounts(hide: list[str], tmp_bytes: int, applied: list[str]) -> None:
         if not os.path.lexists(p):
             continue
         if os.path.isdir(p):
-            _mount(
-                "tmpfs", p, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,nr_inodes=2,mode=555"
-            )
+            _hide_dir(p)
         else:
             _mount("/dev/null", p, None, _MS_BIND)
             _mount(None, p, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
@@ -309,7 +378,8 @@ def _setup_mounts(hide: list[str], tmp_bytes: int, applied: list[str]) -> None:
         if os.path.isdir(target):
             _mount(f"/tmp/{sub}", target, None, _MS_BIND)
     os.mkdir(WORKDIR, 0o700)
-    os.chown(WORKDIR, NOBODY, NOBODY)
+    if "userns" not in applied:  # in a user namespace the code's uid (see _nested_user_namespace) owns it
+        os.chown(WORKDIR, NOBODY, NOBODY)
     # Libraries behind a directory nobody may not traverse (pyenv's /root) or under a tmpfs we just
     # mounted: mask the blocking directory with a tmpfs and bind the library back, read-only.
     masks = {a for p in libs if (a := _blocked_ancestor(p)) is not None and not any(_under(a, h) for h in hide)}
@@ -328,6 +398,11 @@ def _setup_mounts(hide: list[str], tmp_bytes: int, applied: list[str]) -> None:
         _mount(None, a, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     for fd in keep.values():
         os.close(fd)
+
+
+def _hide_dir(path: str) -> None:
+    """An empty, read-only tmpfs over ``path``."""
+    _mount("tmpfs", path, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,nr_inodes=2,mode=555")
 
 
 def _mount_proc(own_pidns: bool) -> None:
@@ -386,17 +461,58 @@ def _preload() -> None:
             continue
 
 
+#: Set by the PID namespace's init when it mounted a /proc of that namespace (inherited by the runner).
+_proc_private = False
+
+
+def _nested_user_namespace() -> None:
+    """Give up, for good, the capabilities that the sandbox's user namespace (``userns``) gave.
+
+    The code runs as the same uid outside as the worker (an unprivileged process can map no other),
+    so what keeps it from the hidden paths is the hiding mounts alone, and with CAP_SYS_ADMIN over
+    their mount namespace it could simply unmount them. Two independent locks, both needed:
+
+    * a nested user namespace with a mount namespace of its own, where the code is uid and gid
+      nobody (mapped to the outer namespace's root, i.e. the same uid outside). Every mount copied
+      into a mount namespace owned by a less privileged user namespace is locked by the kernel
+      (``MNT_LOCKED``, and its read-only/nosuid/nodev/noexec flags): no capability in the nested
+      namespace can unmount, move or loosen it, or bind its parent without it. Dropping
+      capabilities alone would leave the code in the namespace where the hiding mounts are *not*
+      locked, one regained capability away from undoing them; and whatever user namespace the
+      code makes itself is again less privileged, so its copies are locked as well.
+    * every capability dropped (bounding set, ambient, then effective/permitted/inheritable; and
+      ``no_new_privs`` in ``_become_nobody``): the creator of a user namespace holds all capabilities
+      in it, which would still let the code mount over paths in its own view or configure
+      namespaces it owns. Without them it cannot mount at all.
+
+    When the PID namespace's init could not mount a /proc of its own (a container engine's masked
+    /proc makes the kernel refuse), the host's /proc is covered instead: its same-uid processes (the
+    worker) are otherwise reachable through /proc/<pid>/root.
+    """
+    _unshare(_CLONE_NEWUSER | _CLONE_NEWNS)
+    _map_ids(NOBODY, 0, 0)
+    if not _proc_private:
+        _hide_dir("/proc")
+    for cap in range(64):
+        try:
+            _prctl(_PR_CAPBSET_DROP, cap)
+        except OSError:
+            break  # EINVAL: past the last capability this kernel knows
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
 def _become_nobody(parent: int) -> bool:
     """Drop root for good: no groups, uid/gid nobody, no way back through setuid binaries.
 
-    Started by an unprivileged worker there is no root to drop: the code then runs as the worker's
-    user (False is returned, and ``uid`` is missing from the isolation list)."""
+    Started by an unprivileged worker there is no root to drop (False is returned, and ``uid`` is
+    missing from the isolation list): the code then runs as the worker's user, confined by the
+    user namespaces of ``_nested_user_namespace`` when the host allows them."""
     dropped = os.geteuid() == 0
     if dropped:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-        assert os.getuid() == os.geteuid() == NOBODY and os.getgid() == NOBODY
+        _drop_root()
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     _prctl(_PR_SET_DUMPABLE, 0)  # same-uid processes (other sandboxes) cannot ptrace this one
     # A credential change clears the parent-death signal: set it (again) now.
@@ -413,8 +529,10 @@ def _runner(job: dict[str, Any], applied: list[str]) -> NoReturn:
     limits = job["limits"]
     if "mountns" not in applied:
         _preload()
-    _set_rlimits(limits)
+    _set_rlimits(limits)  # before the nested user namespace, which records RLIMIT_NPROC as its maximum
     applied.append("rlimits")
+    if "userns" in applied:
+        _nested_user_namespace()
     applied += ["uid", "nonewprivs"] if _become_nobody(parent) else ["nonewprivs"]
     os.closerange(CHANNEL_FD + 1, 1 << 16)
     home = WORKDIR if "mountns" in applied else "/"
@@ -457,11 +575,15 @@ def _init(job: dict[str, Any], applied: list[str], outer: int) -> NoReturn:
     if select.select([outer], [], [], 0)[0]:
         os._exit(1)
     os.close(outer)
+    global _proc_private
     try:
         if "mountns" in applied:
             _mount_proc(own_pidns=True)
+            _proc_private = True
     except OSError as exc:
-        _fail(f"sandbox setup failed: {exc}")
+        if "userns" not in applied:
+            _fail(f"sandbox setup failed: {exc}")
+        # A container's masked /proc (mount_too_revealing): the runner covers /proc instead.
     pid = os.fork()
     if pid == 0:
         _runner(job, applied)
@@ -585,10 +707,16 @@ def main() -> NoReturn:
             except OSError:
                 continue  # refused by the host: recorded by its absence from the list
             applied.append(name)
-        if "pidns" not in applied and "mountns" in applied:
-            _mount_proc(own_pidns=False)
+        if "pidns" not in applied and "mountns" in applied and "userns" not in applied:
+            _mount_proc(own_pidns=False)  # in a user namespace the runner covers /proc instead
     except OSError as exc:
         _fail(f"sandbox setup failed: {exc}")
+    if job["hide"] and "mountns" not in applied and os.geteuid() != 0 and "uid" not in applied:
+        # The code would run as this process's own user, which can read what it was asked to hide.
+        _fail(
+            f"cannot hide {job['hide']}: no mount namespace could be made (are unprivileged user "
+            f"namespaces disabled?) and the code would run as uid {os.geteuid()}, which can read them"
+        )
     outer = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:

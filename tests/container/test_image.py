@@ -110,8 +110,19 @@ def test_runs_as_a_non_root_user_and_says_which_sandbox_isolation_applies(box: B
     assert out.returncode == 0, out.stderr
     steps = set(out.stdout.split())
     print(f"sandbox isolation in the container (uid {uid}): {sorted(steps)}")
-    # Unprivileged, the sandbox cannot make namespaces or change user; it keeps what needs no privilege.
-    assert {"rlimits", "nonewprivs"} <= steps, steps
+    # Unprivileged, the sandbox makes its namespaces inside a user namespace (the code holds no capability).
+    assert {"userns", "mountns", "rofs", "netns", "ipcns", "pidns", "rlimits", "nonewprivs"} <= steps, steps
+    # Confined code cannot reach the data volume (the ledger, the Git history), which its uid owns.
+    (box.data / "ledger-probe").write_text("ledger secret")
+    probe = (
+        "from workers.sandbox import Limits, run_confined\n"
+        'code = \'import os\\ntry:\\n    result = open("/data/ledger-probe").read()\\n'
+        'except OSError as exc:\\n    result = [type(exc).__name__, os.listdir("/data")]\'\n'
+        "r = run_confined(code, None, Limits(), lambda op, p: {'ok': False}, hide=['/data'])\n"
+        "print(r.ok, r.value.decode(), r.error)"
+    )
+    out = box.inside("python", "-c", probe)
+    assert out.returncode == 0 and out.stdout.split() == ["True", '["FileNotFoundError",[]]'], out.stdout + out.stderr
 
 
 IDLE = """

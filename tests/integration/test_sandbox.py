@@ -16,16 +16,20 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from runtime import cgroups
 from workers.sandbox import STEPS, Confined, Limits, isolation_available, run_confined
 
 NOBODY = 65534
+#: The unprivileged user of the "unprivileged" runs (not the image's 10001: containers that other tests
+#: start on this host run as that uid, and their processes would count as leftovers).
+UNPRIVILEGED = 10077
 REPO = Path(__file__).resolve().parents[2]
 FAST = Limits(cpu_seconds=2.0, memory_bytes=128 << 20, wall_seconds=10.0)
 
@@ -78,15 +82,15 @@ def mode(request: pytest.FixtureRequest, parents: dict[str, str]) -> dict[str, A
     return {"cgroup_parents": parents} if request.param == "cgroup" else {}
 
 
-def nobody_processes() -> list[str]:
+def nobody_processes(uid: int = NOBODY) -> list[str]:
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             status = (d / "status").read_text()
-            uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-            if int(uid) == NOBODY:
+            uid_ = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+            if int(uid_) == uid:
                 out.append(f"{d.name}: {(d / 'cmdline').read_bytes()!r}")
     return out
 
@@ -100,6 +104,7 @@ def assert_contained(r: Confined | None, parents: dict[str, str] | None = None) 
     """Nothing of the sandbox is left, its cgroups are gone, a trivial invocation still works, and
     the failed invocation ``r`` (if given) was measured."""
     assert nobody_processes() == [], nobody_processes()
+    assert nobody_processes(UNPRIVILEGED) == [], nobody_processes(UNPRIVILEGED)
     if parents:
         for d in parents.values():
             assert [p.name for p in Path(d).iterdir() if p.is_dir()] == [], f"cgroup left under {d}"
@@ -112,6 +117,57 @@ def assert_contained(r: Confined | None, parents: dict[str, str] | None = None) 
 def value(r: Confined) -> Any:
     assert r.ok, r
     return json.loads(r.value)
+
+
+#: ``run_confined`` in a process of another user (as a worker in the image runs): the job on stdin,
+#: the ``Confined`` on stdout. Its requests to the world are refused.
+_AS_USER = """
+import sys, msgspec
+from workers.sandbox import Limits, run_confined
+job = msgspec.json.decode(sys.stdin.buffer.read())
+r = run_confined(job["code"], job["args"], msgspec.convert(job["limits"], Limits),
+                 lambda op, params: {"ok": False, "error": "no world here"}, hide=job["hide"], skip=job["skip"])
+sys.stdout.buffer.write(msgspec.json.encode(r))
+"""
+#: How each kind of worker is started: as root (in this process), as an unprivileged user (the
+#: image), and as root without CAP_SYS_ADMIN (a root container without privileges).
+USERS: dict[str, list[str] | None] = {
+    "root": None,
+    "unprivileged": ["setpriv", f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups"],
+    "root-without-sys-admin": ["setpriv", "--bounding-set=-sys_admin"],
+}
+Confine = Callable[..., Confined]
+
+
+def _python_for_others() -> str:
+    """This Python version at a path other users can execute (the venv's may sit under a 0700 /root)."""
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, f"/usr/local/bin/python{v}", f"/usr/bin/python{v}"):
+        real = Path(os.path.realpath(candidate))
+        if real.exists() and all(os.stat(d).st_mode & 0o001 for d in (real, *real.parents)):
+            return str(real)
+    pytest.skip(f"no python{v} that other users may execute")
+
+
+@pytest.fixture(params=list(USERS))
+def confine(request: pytest.FixtureRequest) -> Confine:
+    """``run`` as each kind of worker (see ``USERS``)."""
+    prefix = USERS[request.param]
+    if prefix is None:
+        return run
+    python = _python_for_others()
+    path = [str(REPO), str(Path(msgspec.__file__).parents[1])]
+
+    def as_user(code: str, args: object = None, limits: Limits = FAST, hide: Any = (), skip: Any = ()) -> Confined:
+        job = msgspec.json.encode({"code": code, "args": args, "limits": limits, "hide": hide, "skip": skip})
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))  # the worker's secrets included
+        p = subprocess.run(
+            [*prefix, python, "-c", _AS_USER], input=job, capture_output=True, cwd="/", env=env, timeout=300
+        )
+        assert p.returncode == 0, p.stderr.decode(errors="replace")
+        return msgspec.json.decode(p.stdout, type=Confined)
+
+    return as_user
 
 
 # --- the protocol ------------------------------------------------------------------------------------
@@ -346,7 +402,7 @@ def secret_dir() -> Iterator[Path]:
     d.rmdir()
 
 
-def test_hidden_paths_cannot_be_read(secret_dir: Path) -> None:
+def test_hidden_paths_cannot_be_read(secret_dir: Path, confine: Confine) -> None:
     code = """
 import os
 out = {}
@@ -361,16 +417,18 @@ except OSError as exc:
 result = out
 """
     # Control: without hiding, nobody can read it (so hiding is what stops it below).
-    assert value(run(code, str(secret_dir))) == {"read": "the secret", "list": ["secret.txt"]}
-    r = run(code, str(secret_dir), hide=[str(secret_dir)])
+    assert value(confine(code, str(secret_dir))) == {"read": "the secret", "list": ["secret.txt"]}
+    r = confine(code, str(secret_dir), hide=[str(secret_dir)])
     assert value(r) == {"read": "FileNotFoundError", "list": []}
     assert "mountns" in r.isolation
-    r = run(code.replace("+ '/secret.txt'", ""), str(secret_dir / "secret.txt"), hide=[str(secret_dir / "secret.txt")])
+    r = confine(
+        code.replace("+ '/secret.txt'", ""), str(secret_dir / "secret.txt"), hide=[str(secret_dir / "secret.txt")]
+    )
     assert value(r)["read"] == "PermissionError"  # /dev/null on a nodev mount: unopenable
     assert_contained(r)
 
 
-def test_no_network(secret_dir: Path) -> None:
+def test_no_network(secret_dir: Path, confine: Confine) -> None:
     with socket.socket() as server, socket.socket(socket.AF_UNIX) as usrv:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -392,10 +450,10 @@ for family, addr in ((socket.AF_INET, ('127.0.0.1', world.args[0])), (socket.AF_
 result = out
 """
         args = [server.getsockname()[1], path]
-        assert value(run(code, args, skip=("netns",))) == ["connected", "connected"]  # control
+        assert value(confine(code, args, skip=("netns",))) == ["connected", "connected"]  # control
         server.accept()[0].close()
         usrv.accept()[0].close()
-        r = run(code, args, hide=[str(secret_dir)])
+        r = confine(code, args, hide=[str(secret_dir)])
         tcp, unix = value(r)
         assert tcp != "connected" and unix != "connected", (tcp, unix)
         assert "netns" in r.isolation
@@ -406,7 +464,7 @@ result = out
     assert_contained(r)
 
 
-def test_writes_outside_its_directory_do_not_reach_the_host() -> None:
+def test_writes_outside_its_directory_do_not_reach_the_host(confine: Confine) -> None:
     tag = uuid.uuid4().hex
     targets = [f"/tmp/escape-{tag}", f"/var/tmp/escape-{tag}", f"/dev/shm/escape-{tag}", f"{REPO}/escape-{tag}"]
     targets += [f"/root/escape-{tag}", f"/etc/escape-{tag}"]
@@ -421,7 +479,7 @@ for path in world.args:
         out[path] = type(exc).__name__
 result = out
 """
-    r = run(code, targets)
+    r = confine(code, targets)
     outcome = value(r)
     assert outcome[f"/tmp/escape-{tag}"] == "written"  # into the private tmpfs
     for path in targets:
@@ -429,7 +487,7 @@ result = out
     assert_contained(r)
 
 
-def test_cannot_signal_the_caller() -> None:
+def test_cannot_signal_the_caller(confine: Confine) -> None:
     code = """
 import os, signal
 out = []
@@ -441,14 +499,17 @@ for pid in (os.getppid(), world.args, -1):
         out.append(type(exc).__name__)
 result = out
 """
-    r = run(code, os.getpid())
+    r = confine(code, os.getpid())
     # Its parent is the PID namespace's init (root); nothing outside the namespace has a pid in it.
-    assert value(r) == ["PermissionError", "ProcessLookupError", "ProcessLookupError"], r
+    # In a user namespace init has the code's uid outside, so a signal to it is permitted, and
+    # dropped by the kernel (an init ignores what it has no handler for): the code carries on.
+    first = "sent" if "userns" in r.isolation else "PermissionError"
+    assert value(r) == [first, "ProcessLookupError", "ProcessLookupError"], r
     os.kill(os.getpid(), 0)  # we are alive
     assert_contained(r)
 
 
-def test_no_secrets_in_the_environment() -> None:
+def test_no_secrets_in_the_environment(confine: Confine) -> None:
     os.environ["AECO_TEST_SECRET"] = "hunter2-" + uuid.uuid4().hex
     try:
         code = """
@@ -461,13 +522,119 @@ for pid in (os.getppid(), world.args, 'self', 1):
         out[str(pid)] = type(exc).__name__
 result = out
 """
-        r = run(code, os.getpid())
+        r = confine(code, os.getpid())
         text = r.value.decode()
         assert r.ok and os.environ["AECO_TEST_SECRET"] not in text and "AECO" not in text, text
         assert set(value(r)["env"]) == {"PATH", "HOME", "LANG"}
     finally:
         del os.environ["AECO_TEST_SECRET"]
     assert_contained(r)
+
+
+UNDO_THE_MOUNTS = """
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+hidden = world.args
+MS_REMOUNT, MS_BIND, MS_REC, MNT_DETACH = 32, 4096, 16384, 2
+
+def err(ret):
+    return "ok" if ret == 0 else errno.errorcode[ctypes.get_errno()]
+
+def attempts():
+    out = {"caps": [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapBnd"))]
+           if os.path.exists("/proc/self/status") else "no /proc"}
+    out["umount"] = err(libc.umount2(hidden.encode(), 0))
+    out["umount_detach"] = err(libc.umount2(hidden.encode(), MNT_DETACH))
+    out["mount"] = err(libc.mount(b"tmpfs", b"/tmp/work", b"tmpfs", 0, None))
+    out["remount_rw"] = err(libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND, None))
+    os.makedirs("/tmp/b", exist_ok=True)
+    parent = os.path.dirname(hidden).encode()
+    out["bind_parent"] = err(libc.mount(parent, b"/tmp/b", None, MS_BIND, None))
+    rbind = err(libc.mount(parent, b"/tmp/b", None, MS_BIND | MS_REC, None))
+    seen = os.listdir(hidden) + (os.listdir("/tmp/b/" + os.path.basename(hidden)) if rbind == "ok" else [])
+    out["seen"] = seen
+    out["ptrace_init"] = err(libc.ptrace(16, 1, None, None))  # PTRACE_ATTACH to the namespace's init
+    try:
+        out["init_root"] = os.listdir("/proc/1/root" + hidden)
+    except OSError as exc:
+        out["init_root"] = type(exc).__name__
+    return out
+
+result = {"direct": attempts()}
+# Its own user namespace (all capabilities in it, its own ids mapped) and mount namespace: the copies
+# of the hiding mounts are locked there.
+r, w = os.pipe()
+if os.fork() == 0:
+    uid, gid = os.getuid(), os.getgid()
+    libc.prctl(4, 1, 0, 0, 0)  # dumpable: its own /proc/self files must be writable to map ids
+    out = {"unshare": err(libc.unshare(0x10000000 | 0x20000))}
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        out["mapped"] = "ok"
+    except OSError as exc:
+        out["mapped"] = str(exc)
+    out.update(attempts())
+    os.write(w, json.dumps(out).encode())
+    os._exit(0)
+os.close(w)
+result["nested"] = json.loads(os.read(r, 1 << 20))
+os.wait()
+"""
+
+
+def test_the_code_cannot_undo_the_hiding_mounts(secret_dir: Path, confine: Confine) -> None:
+    """Unmounting, remounting, binding around and re-namespacing to reach what a hiding mount covers
+    all fail, whether the sandbox was made as root or in a user namespace (where the code's uid
+    outside is the worker's own: the mounts are all that hides the data)."""
+    r = confine(UNDO_THE_MOUNTS, str(secret_dir), hide=[str(secret_dir)])
+    out = value(r)
+    assert "the secret" not in r.value.decode() and "secret.txt" not in r.value.decode(), out
+    print(f"\nisolation {r.isolation}:\n{json.dumps(out, indent=1)}")
+    direct, nested = out["direct"], out["nested"]
+    assert nested["unshare"] == "ok" and nested["mapped"] == "ok", nested  # the attack itself worked
+    for attempt in (direct, nested):
+        for op in ("umount", "umount_detach", "remount_rw", "bind_parent", "ptrace_init"):
+            assert attempt[op] in ("EPERM", "EINVAL", "EACCES", "ESRCH"), (op, attempt)
+        assert attempt["seen"] == [] and attempt["init_root"] in ("PermissionError", "FileNotFoundError"), attempt
+    assert direct["mount"] == "EPERM", direct  # no capability at all in its own namespaces
+    if direct["caps"] != "no /proc":  # effective, bounding: nothing, and nothing to regain in a user namespace
+        assert direct["caps"][0] == "0" * 16, direct
+        assert "userns" not in r.isolation or direct["caps"][1] == "0" * 16, direct
+    assert_contained(r)
+
+
+def test_limits_hold_for_every_kind_of_worker(confine: Confine) -> None:
+    r = confine("while True:\n    pass", limits=Limits(cpu_seconds=1.0, wall_seconds=10.0))
+    assert r.error_code == "cpu_exceeded" and r.cpu_seconds > 0.5, r  # charged (wait4 only: no cgroup)
+    r = confine("x = bytearray(10 << 30)", limits=Limits(memory_bytes=64 << 20))
+    assert r.error_code == "memory_exceeded", r
+    lim = Limits(cpu_seconds=5.0, wall_seconds=3.0, max_processes=8)
+    n, err = value(confine(FORK_COUNT, limits=lim))
+    assert n <= lim.max_processes - 1 and err == "BlockingIOError", (n, err)
+    r = confine("import os\nwhile True:\n    os.fork()", limits=lim)
+    assert r.error_code in ("code_error", "deadline_exceeded", "cpu_exceeded"), r
+    assert_contained(r)
+
+
+def test_unhideable_paths_refuse_to_run_rather_than_expose_them(secret_dir: Path) -> None:
+    """Unprivileged without a mount namespace the code would run as the worker's own user: refused."""
+    as_user = USERS["unprivileged"]
+    assert as_user is not None
+    job: dict[str, Any] = {"code": "result = open(world.args).read()", "args": str(secret_dir / "secret.txt")}
+    job.update(limits=FAST, hide=[str(secret_dir)], skip=["mountns"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(Path(msgspec.__file__).parents[1])]))
+    p = subprocess.run(
+        [*as_user, _python_for_others(), "-c", _AS_USER],
+        input=msgspec.json.encode(job),
+        capture_output=True,
+        cwd="/",
+        env=env,
+        timeout=300,
+    )
+    r = msgspec.json.decode(p.stdout, type=Confined)
+    assert r.error_code == "sandbox_error" and "cannot hide" in r.error and "the secret" not in r.error, r
 
 
 def test_without_namespaces_the_fallback_is_visible_and_still_contains(parents: dict[str, str]) -> None:
@@ -506,13 +673,18 @@ result = out
     assert_contained(r, parents)
 
 
-def test_isolation_of_this_host() -> None:
-    avail = isolation_available()
-    r = run("import os\nresult = [os.getuid(), os.getgid(), os.getgroups(), os.getcwd()]")
+def test_isolation_of_this_host(confine: Confine) -> None:
+    r = confine("import os\nresult = [os.getuid(), os.getgid(), os.getgroups(), os.getcwd()]")
+    # Unprivileged, the code is nobody inside its user namespace (and the worker's uid outside).
     assert value(r) == [NOBODY, NOBODY, [], "/tmp/work"]
-    print(f"\nisolation available: {avail}")
-    for step in ("mountns", "netns", "pidns", "uid", "rlimits"):
-        assert step in avail and step in r.isolation, (step, avail)
+    print(f"\nisolation: {r.isolation}")
+    for step in ("mountns", "rofs", "netns", "ipcns", "pidns", "rlimits", "nonewprivs"):
+        assert step in r.isolation, (step, r.isolation)
+    if confine is run:
+        assert "uid" in r.isolation and "userns" not in r.isolation, r.isolation  # root: unchanged
+        assert set(isolation_available()) >= set(r.isolation), isolation_available()
+    else:
+        assert "userns" in r.isolation, r.isolation
 
 
 def test_round_trip_overhead(parents: dict[str, str]) -> None:
