@@ -297,8 +297,12 @@ def test_a_short_calibration_converges_in_the_container(box: Box) -> None:
     name = box.start(*cmd, cpus=1, memory="4g")
     assert box.wait(name, timeout_s=900.0) == 0, box.logs(name)
     log = box.logs(name)
-    shares = [float(m) / 100 for m in re.findall(r"CPU\s+([0-9.]+)% of 1 ", log)]
-    assert len(shares) >= 2 and all(0.70 <= u <= 0.80 for u in shares[-2:]), log
+    # Decided on the utilisation at the rate (CPU per token from the cgroup × rate); the cgroup's own
+    # count over the last windows must agree with it roughly (a window's count swings with its thinks).
+    at_rate = [float(m) / 100 for m in re.findall(r"→\s+([0-9.]+)% at this rate", log)]
+    measured = [float(m) / 100 for m in re.findall(r"CPU\s+([0-9.]+)% of 1 this window", log)]
+    assert len(at_rate) >= 2 and all(0.70 <= u <= 0.80 for u in at_rate[-2:]), log
+    assert 0.5 <= sum(measured[-2:]) / 2 <= 1.0, log
     cal = config_mod.load_calibration(box.data / "calibration.yaml")
     assert cal.agents == 5 and cal.cpu_capacity == 1.0 and "cpu.cfs_quota_us" in cal.cpu_source, cal
     assert cal.llm_rate >= 1 and 0.70 <= cal.utilisation <= 0.80, cal

@@ -66,8 +66,11 @@ def test_calibration_converges_in_a_half_cpu_container_and_the_supervisor_uses_i
         out = run([*args, "--start-rate", "1500", "--max-windows", "20"], box)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "calibrating: 3 agents on 1 workers, 0.5 CPUs (cgroup v1 cpu.cfs_quota_us=50000" in out.stdout
-    percents = [float(p) for p in re.findall(r"CPU +([\d.]+)% of 0\.5", out.stdout)]
+    # The rule decides on the utilisation at the rate; the cgroup's count over the window agrees roughly.
+    percents = [float(p) for p in re.findall(r"→ +([\d.]+)% at this rate", out.stdout)]
+    measured = [float(p) for p in re.findall(r"CPU +([\d.]+)% of 0\.5 this window", out.stdout)]
     assert len(percents) >= 2 and all(70 <= p <= 80 for p in percents[-2:]), out.stdout
+    assert len(measured) == len(percents) and 50 <= sum(measured[-2:]) / 2 <= 100, out.stdout
     cal = load_calibration(tmp_path / "data" / "calibration.yaml")
     assert cal.agents == 3 and cal.cpu_capacity == 0.5 and cal.llm_rate >= 1
     assert "cfs_quota_us=50000" in cal.cpu_source and cal.model == str(tmp_path / "tiny.gguf")
