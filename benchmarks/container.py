@@ -31,11 +31,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import msgspec
 
+from benchmarks.cgroup_box import CgroupBox
 from benchmarks.common import Options, Skipped, host_info, publish
 from benchmarks.engine import (
     IMAGE,
@@ -46,7 +46,6 @@ from benchmarks.engine import (
     supervisor_command,
     volume_dir,
 )
-from runtime import cgroups
 from runtime.events.log import EventLog
 
 CPUS = 2
@@ -177,62 +176,18 @@ def _run_from(side: str, round_: int, data: Path, cgroup_cpu_s: float) -> Run:
     )
 
 
-class HostCgroup:
-    """A v1 child cgroup (cpu quota, memory limit, cpuacct) under this process's own, for the host run."""
-
-    def __init__(self, name: str) -> None:
-        info = cgroups.discover()
-        self.dirs: list[Path] = []
-        for controller in ("cpu", "cpuacct", "memory"):
-            parent = info.dir(controller)
-            if parent is None:
-                raise RuntimeError(f"no v1 {controller} cgroup here ({info.mode}): cannot limit the host run")
-            d = parent / name
-            d.mkdir(exist_ok=True)  # cpu and cpuacct may be one hierarchy: then it is the same directory
-            if d not in self.dirs:
-                self.dirs.append(d)
-            if controller == "cpu":
-                period = int((d / "cpu.cfs_period_us").read_text())
-                (d / "cpu.cfs_quota_us").write_text(str(CPUS * period))
-            elif controller == "cpuacct":
-                self.usage = d / "cpuacct.usage"
-            else:
-                (d / "memory.limit_in_bytes").write_text(str(MEMORY_BYTES))
-
-    def join(self) -> None:
-        """Move the calling process in (run in the child between fork and exec)."""
-        for d in self.dirs:
-            (d / "cgroup.procs").write_text(str(os.getpid()))
-
-    def cpu_seconds(self) -> float:
-        """CPU used by everything that ran in the cgroup, from the kernel."""
-        return int(self.usage.read_text()) / 1e9
-
-    def remove(self) -> None:
-        """Remove the (now empty) cgroups."""
-        for d in self.dirs:
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
-
-
 def run_host(where: Path, config: Path, duration: float, round_: int) -> Run:
     """The supervisor on the host, in a child cgroup with the container's limits."""
     data = where / "data"
-    cg = HostCgroup(f"aeco-bench-{os.getpid()}-{round_}")
-    try:
+    # cpuacct: the kernel's count of the run, which the books are checked against.
+    with CgroupBox(f"aeco-bench-{os.getpid()}-{round_}", CPUS, memory_bytes=MEMORY_BYTES, cpuacct=True) as cg:
         env = {**os.environ, "AECO_DATA_DIR": str(data)}
         cmd = [sys.executable, "-m", *supervisor_command(str(config), duration)[2:]]
         out = subprocess.run(
             cmd,
             cwd=Path(__file__).resolve().parent.parent,
             env=env,
-            preexec_fn=cg.join,  # this process is single-threaded here: joining before exec is safe
+            preexec_fn=cg.enter,  # this process is single-threaded here: joining before exec is safe
             capture_output=True,
             text=True,
             timeout=duration + 300,
@@ -240,8 +195,6 @@ def run_host(where: Path, config: Path, duration: float, round_: int) -> Run:
         if out.returncode != 0:
             raise RuntimeError(f"host supervisor exit {out.returncode}: {out.stderr[-2000:]}")
         used = cg.cpu_seconds()
-    finally:
-        cg.remove()
     return _run_from("host", round_, data, used)
 
 

@@ -41,6 +41,7 @@ import msgspec
 import yaml
 
 from benchmarks import ledger as ledger_bench
+from benchmarks.cgroup_box import CgroupBox
 from benchmarks.common import Options, Skipped, host_info, measure_each, publish
 
 NODE_COUNTS = (1, 2, 3)
@@ -131,32 +132,6 @@ def _config(path: Path) -> Path:
     return out
 
 
-class CpuGroup:
-    """A cgroup v1 ``cpu`` group limited to ``cores``, next to this process's own."""
-
-    def __init__(self, name: str, cores: float) -> None:
-        from runtime import cgroups
-
-        own = cgroups.discover().dir("cpu")
-        if own is None:
-            raise RuntimeError("no cgroup v1 cpu controller mounted: cannot hold the nodes' CPU constant")
-        self.path = own / name
-        self.path.mkdir()
-        (self.path / "cpu.cfs_period_us").write_text(str(_PERIOD_US))
-        (self.path / "cpu.cfs_quota_us").write_text(str(int(cores * _PERIOD_US)))
-
-    def enter(self) -> None:
-        """Move the calling process into the group (run in the node's child before it executes)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
-
-    def remove(self) -> None:
-        """Remove the group once its processes are gone (the pool removes its own worker groups)."""
-        for d in sorted(self.path.rglob("*"), reverse=True):
-            if d.is_dir():
-                d.rmdir()
-        self.path.rmdir()
-
-
 def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: float | None) -> NodesResult:
     from runtime.events.postgres import PostgresEventLog
     from runtime.ledger import Transfer
@@ -169,7 +144,7 @@ def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: floa
     url = create_database()
     env = {"POSTGRES_URL": url, "REDIS_URL": REDIS_URL, "AECO_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}"}
     nodes = [Node(f"node{i + 1}", f"{i * per + 1}-{(i + 1) * per}", config, where, env) for i in range(n)]
-    groups = [CpuGroup(f"aeco-scale-{os.getpid()}-{n}-{i}", TOTAL_CORES / n) for i in range(n)]
+    groups = [CgroupBox(f"aeco-scale-{os.getpid()}-{n}-{i}", TOTAL_CORES / n, period_us=_PERIOD_US) for i in range(n)]
     problems: list[str] = []
     try:
         for node, group in zip(nodes, groups, strict=True):
