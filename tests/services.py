@@ -2,14 +2,18 @@
 
 ``make test`` starts them when they are down (``scripts/ensure-services``). Each test that asks for
 ``pg_url`` gets a database of its own, created from nothing and dropped afterwards, so tests never
-see each other's rows and may run in any order.
+see each other's rows and may run in any order. ``Forwarder`` stands for a server that comes up late.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -44,6 +48,74 @@ def drop_database(url: str) -> None:
     name = url.rpartition("/")[2]
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the moment of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Forwarder:
+    """A TCP forwarder from ``127.0.0.1:port`` to ``target``, listening only once ``open`` is called:
+    a server that comes up late, as it does when a node is started before its servers."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._server: socket.socket | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def open(self) -> None:
+        """Start accepting connections (and forwarding each to the target)."""
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.2)
+        self._spawn(self._accept)
+
+    def _spawn(self, fn: object, *args: object) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        assert self._server is not None
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._spawn(self._pipe, client, upstream)
+            self._spawn(self._pipe, upstream, client)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop accepting; open connections end when either side closes."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.close()
+
+
+def via(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by ``127.0.0.1:port`` (its user and password kept)."""
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"))
 
 
 @pytest.fixture

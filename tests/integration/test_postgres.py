@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
 from runtime.postgres import DatabaseUnavailable, connect, migrate, redact
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.services import Forwarder, free_port, via
 
 
 def test_redact_hides_only_the_password() -> None:
@@ -37,7 +32,7 @@ def test_an_unknown_database_is_rejected_at_once_with_the_url(pg_url: str) -> No
 
 
 def test_a_server_that_never_answers_fails_after_the_deadline_and_hides_the_password() -> None:
-    url = f"postgresql://agent:hunter2@127.0.0.1:{_free_port()}/eco"
+    url = f"postgresql://agent:hunter2@127.0.0.1:{free_port()}/eco"
     t0 = time.monotonic()
     with pytest.raises(DatabaseUnavailable, match=r"no PostgreSQL server answered within 1 s") as info:
         connect(url, deadline_s=1.0, log=False)
@@ -46,36 +41,20 @@ def test_a_server_that_never_answers_fails_after_the_deadline_and_hides_the_pass
 
 
 def test_a_server_slow_to_come_up_is_waited_for(pg_url: str) -> None:
-    """A TCP relay that starts listening 1 s late stands for a server still starting."""
-    port = _free_port()
-    target = pg_url.split("@", 1)[1].split("/", 1)[0]
-    host, _, tport = target.partition(":")
-
-    def relay() -> None:
-        time.sleep(1.0)
-        srv = socket.create_server(("127.0.0.1", port))
-        conn, _ = srv.accept()
-        up = socket.create_connection((host, int(tport or 5432)))
-
-        def pump(a: socket.socket, b: socket.socket) -> None:
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-            except OSError:
-                pass
-            finally:
-                b.close()
-
-        threading.Thread(target=pump, args=(conn, up), daemon=True).start()
-        pump(up, conn)
-        srv.close()
-
-    threading.Thread(target=relay, daemon=True).start()
-    late = pg_url.replace(target, f"127.0.0.1:{port}")
-    t0 = time.monotonic()
-    with connect(late, deadline_s=15, log=False) as conn:
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert time.monotonic() - t0 >= 0.9
+    """A forwarder that starts listening 1 s late stands for a server still starting."""
+    target = urlsplit(pg_url)
+    forwarder = Forwarder((target.hostname or "", target.port or 5432))
+    opening = threading.Timer(1.0, forwarder.open)
+    opening.start()
+    try:
+        t0 = time.monotonic()
+        with connect(via(pg_url, forwarder.port), deadline_s=15, log=False) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert time.monotonic() - t0 >= 0.9
+    finally:
+        opening.cancel()
+        opening.join()
+        forwarder.close()
 
 
 def test_concurrent_migrations_apply_each_step_once(pg_url: str) -> None:

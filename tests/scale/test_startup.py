@@ -8,85 +8,18 @@ behind TCP forwarders that only start listening a few seconds after the node.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.scale.nodes import ROOT, Node
+from tests.services import Forwarder, free_port, via
 
 SECRET = "s3cret-pw"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Forwarder:
-    """A TCP forwarder from ``127.0.0.1:port`` to ``target``, listening only once ``open`` is called."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = _free_port()
-        self._server: socket.socket | None = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def open(self) -> None:
-        """Start accepting connections (and forwarding each to the target)."""
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        self._server.settimeout(0.2)
-        self._spawn(self._accept)
-
-    def _spawn(self, fn: object, *args: object) -> None:
-        t = threading.Thread(target=fn, args=args, daemon=True)  # type: ignore[arg-type]
-        t.start()
-        self._threads.append(t)
-
-    def _accept(self) -> None:
-        assert self._server is not None
-        while not self._stop.is_set():
-            try:
-                client, _ = self._server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self._spawn(self._pipe, client, upstream)
-            self._spawn(self._pipe, upstream, client)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        """Stop accepting; open connections end when either side closes."""
-        self._stop.set()
-        if self._server is not None:
-            self._server.close()
-
-
-def _via(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    auth = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"))
 
 
 def _node(tmp_path: Path, **env: str) -> Node:
@@ -117,7 +50,7 @@ def test_a_postgres_url_that_is_not_one_is_refused(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_redis_fails_after_retrying(tmp_path: Path, pg_url: str) -> None:
-    nowhere = f"redis://:{SECRET}@127.0.0.1:{_free_port()}/0"
+    nowhere = f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"
     node = _node(tmp_path, POSTGRES_URL=pg_url, REDIS_URL=nowhere, AECO_CONNECT_TIMEOUT_S="3")
     line = _fails_clearly(node, names="REDIS_URL=")
     assert "no Redis server answered within 3 s" in line and ":***@" in line
@@ -125,7 +58,7 @@ def test_an_unreachable_redis_fails_after_retrying(tmp_path: Path, pg_url: str) 
 
 
 def test_an_unreachable_postgres_fails_after_retrying(tmp_path: Path) -> None:
-    nowhere = f"postgresql://postgres:{SECRET}@127.0.0.1:{_free_port()}/aeco"
+    nowhere = f"postgresql://postgres:{SECRET}@127.0.0.1:{free_port()}/aeco"
     node = _node(tmp_path, POSTGRES_URL=nowhere, AECO_CONNECT_TIMEOUT_S="3")
     line = _fails_clearly(node, names="POSTGRES_URL=")
     assert "no PostgreSQL server answered within 3 s" in line
@@ -156,8 +89,8 @@ def test_a_node_waits_for_servers_that_come_up_late(
     pg, rd = forwarders
     node = _node(
         tmp_path,
-        POSTGRES_URL=_via(pg_url, pg.port),
-        REDIS_URL=_via(redis_url, rd.port),
+        POSTGRES_URL=via(pg_url, pg.port),
+        REDIS_URL=via(redis_url, rd.port),
         AECO_NAMESPACE=f"test-{uuid.uuid4().hex[:8]}",
         AECO_CONNECT_TIMEOUT_S="60",
     )
