@@ -13,12 +13,13 @@ once apply each step exactly once and none sees a half-made schema.
 
 from __future__ import annotations
 
-import time
 import zlib
 from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+
+from runtime.retry import GaveUp, reason, retry_transient
 
 #: Connection failures that mean "not yet": the server is down, starting, or its name not resolvable yet.
 _TRANSIENT = (
@@ -77,32 +78,31 @@ def connect(
     ``deadline_s`` for a server that never came up.
     """
     check_url(url, what=what)
-    end = time.monotonic() + deadline_s
-    backoff = first_backoff_s
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return psycopg.connect(url, autocommit=autocommit, connect_timeout=max(1, min(10, int(deadline_s))))
-        except psycopg.ProgrammingError as exc:
-            raise DatabaseUnavailable(f"{what}={redact(url)!r} is malformed: {exc}".strip()) from exc
-        except psycopg.OperationalError as exc:
-            reason = " ".join(str(exc).split())
-            if not _transient(exc):
-                raise DatabaseUnavailable(
-                    f"{what}={redact(url)!r} was rejected by the server: {reason}. "
-                    "Check the database name, role and password in the URL."
-                ) from exc
-            left = end - time.monotonic()
-            if left <= 0:
-                raise DatabaseUnavailable(
-                    f"{what}={redact(url)!r}: no PostgreSQL server answered within {deadline_s:g} s "
-                    f"({attempt} attempts; last: {reason}). Is the server running and reachable?"
-                ) from exc
-            if log and attempt == 1:
-                print(f"postgres: {redact(url)} not reachable yet ({reason}); retrying for up to {deadline_s:g} s")
-            time.sleep(min(backoff, left))
-            backoff = min(backoff * 2, 2.0)
+
+    def waiting(exc: psycopg.OperationalError) -> None:
+        print(f"postgres: {redact(url)} not reachable yet ({reason(exc)}); retrying for up to {deadline_s:g} s")
+
+    try:
+        return retry_transient(
+            lambda: psycopg.connect(url, autocommit=autocommit, connect_timeout=max(1, min(10, int(deadline_s)))),
+            catch=psycopg.OperationalError,
+            is_transient=_transient,
+            deadline_s=deadline_s,
+            first_backoff_s=first_backoff_s,
+            on_first_failure=waiting if log else None,
+        )
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseUnavailable(f"{what}={redact(url)!r} is malformed: {exc}".strip()) from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"{what}={redact(url)!r} was rejected by the server: {reason(exc)}. "
+            "Check the database name, role and password in the URL."
+        ) from exc
+    except GaveUp as gave_up:
+        raise DatabaseUnavailable(
+            f"{what}={redact(url)!r}: no PostgreSQL server answered within {deadline_s:g} s "
+            f"({gave_up.attempts} attempts; last: {reason(gave_up.last)}). Is the server running and reachable?"
+        ) from gave_up.last
 
 
 def lock_key(name: str) -> int:

@@ -39,6 +39,7 @@ from redis.retry import Retry
 from runtime.events import Event
 from runtime.events.postgres import PostgresEventLog
 from runtime.postgres import redact
+from runtime.retry import GaveUp, reason, retry_transient
 
 _logger = logging.getLogger("runtime.events")
 
@@ -95,34 +96,34 @@ def connect(
         )
     except ValueError as exc:
         raise RedisUnavailable(f"{what}={redact(url)!r} is malformed: {exc}") from exc
-    end = time.monotonic() + deadline_s
-    backoff, attempt = first_backoff_s, 0
-    while True:
-        attempt += 1
-        try:
-            client.ping()
-            return client
-        except redis.RedisError as exc:
-            reason = " ".join(str(exc).split())
-            if not _transient(exc):
-                client.close()
-                raise RedisUnavailable(
-                    f"{what}={redact(url)!r} was rejected by the server: {reason}. "
-                    "Check the user, password and database number in the URL."
-                ) from exc
-            left = end - time.monotonic()
-            if left <= 0:
-                client.close()
-                raise RedisUnavailable(
-                    f"{what}={redact(url)!r}: no Redis server answered within {deadline_s:g} s "
-                    f"({attempt} attempts; last: {reason}). Is the server running and reachable?"
-                ) from exc
-            if attempt == 1:
-                _logger.warning(
-                    "redis: %s not reachable yet (%s); retrying for up to %g s", redact(url), reason, deadline_s
-                )
-            time.sleep(min(backoff, left))
-            backoff = min(backoff * 2, 2.0)
+
+    def waiting(exc: redis.RedisError) -> None:
+        _logger.warning(
+            "redis: %s not reachable yet (%s); retrying for up to %g s", redact(url), reason(exc), deadline_s
+        )
+
+    try:
+        retry_transient(
+            client.ping,
+            catch=redis.RedisError,
+            is_transient=_transient,
+            deadline_s=deadline_s,
+            first_backoff_s=first_backoff_s,
+            on_first_failure=waiting,
+        )
+        return client
+    except redis.RedisError as exc:
+        client.close()
+        raise RedisUnavailable(
+            f"{what}={redact(url)!r} was rejected by the server: {reason(exc)}. "
+            "Check the user, password and database number in the URL."
+        ) from exc
+    except GaveUp as gave_up:
+        client.close()
+        raise RedisUnavailable(
+            f"{what}={redact(url)!r}: no Redis server answered within {deadline_s:g} s "
+            f"({gave_up.attempts} attempts; last: {reason(gave_up.last)}). Is the server running and reachable?"
+        ) from gave_up.last
 
 
 class RedisRelay:
