@@ -28,8 +28,8 @@ import os
 import random
 import shutil
 import sqlite3
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -40,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.common import Options, Skipped, host_info, measure_each, publish
+from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
 from runtime.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
 from runtime.ledger.check import check
 from runtime.ledger.lmdb import LmdbLedger
@@ -162,39 +162,13 @@ def _threads(opener: Opener) -> Callable[[Path, float], Measured]:
 
     def run(path: Path, duration: float) -> Measured:
         with opener(path, True) as led:
-            counts = [0] * THREADS
-            ends = [0.0] * THREADS
-            clock = {"deadline": 0.0, "start": 0.0}
-            errors: list[BaseException] = []
 
-            def start() -> None:
-                clock["start"] = time.perf_counter()
-                clock["deadline"] = clock["start"] + duration
+            def client(k: int) -> Callable[[], object]:
+                rng, ids = random.Random(k), itertools.count()
+                return lambda: led.apply(_op(rng, f"t{k}-{next(ids)}"))
 
-            barrier = threading.Barrier(THREADS, action=start)
-
-            def client(k: int) -> None:
-                rng = random.Random(k)
-                try:
-                    barrier.wait()
-                    deadline, n, now = clock["deadline"], 0, time.perf_counter()
-                    while now < deadline:
-                        led.apply(_op(rng, f"t{k}-{n}"))
-                        n += 1
-                        now = time.perf_counter()
-                    counts[k], ends[k] = n, now
-                except BaseException as exc:
-                    errors.append(exc)
-                    barrier.abort()
-
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(THREADS)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if errors:
-                raise errors[0]
-            measured = Measured(sum(counts), max(ends) - clock["start"])
+            sample = closed_loop_threads([client(k) for k in range(THREADS)], Budget(0, duration, sys.maxsize))
+            measured = Measured(sample.round_trips, sample.seconds)
             _verify(led, measured.transfers)
             return measured
 

@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -45,7 +44,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from benchmarks.common import Options, Skipped, host_info, measure_each, publish
+from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
 from runtime.pool import WorkerPool
 from runtime.protocol import Invoke
 from runtime.store import WriteReceipt, verify
@@ -211,40 +210,13 @@ def _store_sync_threads(path: Path, duration: float) -> Measured:
     store = GitStore(path / "store.git")
     try:
         base = _commit_count(store.path)
-        counts = [0] * THREADS
-        ends = [0.0] * THREADS
-        clock = {"start": 0.0, "deadline": 0.0}
-        errors: list[BaseException] = []
 
-        def start() -> None:
-            clock["start"] = time.perf_counter()
-            clock["deadline"] = clock["start"] + duration
+        def client(k: int) -> Callable[[], object]:
+            rng, ids, agent = random.Random(k), itertools.count(), AGENTS[k % len(AGENTS)]
+            return lambda: store.write(agent, f"t{k}-{next(ids)}", _content(rng), quota=QUOTA)
 
-        barrier = threading.Barrier(THREADS, action=start)
-
-        def client(k: int) -> None:
-            rng = random.Random(k)
-            agent = AGENTS[k % len(AGENTS)]
-            try:
-                barrier.wait()
-                n, now, deadline = 0, time.perf_counter(), clock["deadline"]
-                while now < deadline:
-                    store.write(agent, f"t{k}-{n}", _content(rng), quota=QUOTA)
-                    n += 1
-                    now = time.perf_counter()
-                counts[k], ends[k] = n, now
-            except BaseException as exc:
-                errors.append(exc)
-                barrier.abort()
-
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        measured = Measured(sum(counts), max(ends) - clock["start"])
+        sample = closed_loop_threads([client(k) for k in range(THREADS)], Budget(0, duration, sys.maxsize))
+        measured = Measured(sample.round_trips, sample.seconds)
         _check_store(store, base, measured.ops)
         return measured
     finally:
