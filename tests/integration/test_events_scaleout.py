@@ -183,7 +183,9 @@ def test_two_node_processes_append_concurrently_into_one_gapless_sequence(nodes:
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err.decode()
     reports = [msgspec.json.decode(out, type=NodeReport) for out, _ in outs]
-    assert [e.kind for e in woken] == ["agent_woken"] and woken[0].seq in {r.woke for r in reports}
+    # Woken by the first child's event; the second child's may already be durable when it reads.
+    assert 1 <= len(woken) <= 2 and all(e.kind == "agent_woken" for e in woken), woken
+    assert {e.seq for e in woken} <= {r.woke for r in reports}, (woken, reports)
     assert relay.received >= 1 and relay.delivered >= 1
 
     stored = watcher.read()
