@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks llm
 	$(PY) -m benchmarks ecology
 	$(PY) -m benchmarks container
+	$(PY) -m benchmarks scale
 
 # The container image (Dockerfile). On this project's hosts ../shared/container/prepare-engine.sh
 # provides the engine (Podman) and the base image; elsewhere docker, else podman.
