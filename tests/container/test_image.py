@@ -232,7 +232,11 @@ def test_a_killed_supervisor_is_restarted_and_resumes_from_the_data_volume(box: 
     crashed = [e["op"] for e in usage if e["op"].get("error") == CRASH_CODE]
     assert [u["agent"] for u in crashed] == ["cruncher"], crashed
     assert crashed[0]["task_id"].startswith(runs[0]) and not crashed[0]["ok"], crashed
-    assert 0 < crashed[0]["cpu_seconds"] <= CRUNCH_MS / 1000 + 0.2, crashed
+    # Without per-worker cgroups (as here) the charge is the CPU up to the last sample: at most the wall
+    # time sampled (one thread burning), and nothing only when the kill came before the first sample.
+    cpu, sampled = crashed[0]["cpu_seconds"], crashed[0]["wall_seconds"]
+    assert cpu <= min(sampled, CRUNCH_MS / 1000) + 0.05, crashed
+    assert cpu > 0 or sampled == 0, crashed
     assert f"recovered task {crashed[0]['task_id']}" in box.logs(name)
     capacity = RATE_CPU_S * BURST_S
     for agent in ("writer", "reader"):
