@@ -36,6 +36,7 @@ from runtime.events import ANY_KIND, Event, EventError, concerns
 from runtime.events.log import EventLog
 from runtime.events.postgres import PostgresEventLog
 from runtime.events.pub import EventPublisher, Observer
+from tests.crash import kill_mid_write
 
 REPO = Path(__file__).resolve().parents[2]
 Log = EventLog | PostgresEventLog
@@ -186,47 +187,12 @@ def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     acked: dict[int, tuple[int, int, int]] = {}  # seq -> (round, thread, i)
     cursor_acked = 0
     for rnd in range(5):
-        errlog = tmp_path / f"writer-{rnd}.err"
-        with errlog.open("wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.integration.test_events", str(data), "--round", str(rnd)],
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        lines: list[bytes] = []
-        first = threading.Event()
-
-        def drain(p: subprocess.Popen[bytes] = proc, out: list[bytes] = lines, ev: threading.Event = first) -> None:
-            # Read continuously so that a full pipe never slows the writer down before the kill.
-            assert p.stdout is not None
-            for line in p.stdout:
-                out.append(line)
-                ev.set()
-
-        reader = threading.Thread(target=drain)
-        reader.start()
-        try:
-            assert first.wait(30), f"round {rnd}: no acknowledgement; stderr: {errlog.read_text()}"
-            time.sleep(rng.uniform(0.05, 0.6))
-            assert proc.poll() is None, f"round {rnd}: writer exited early; stderr: {errlog.read_text()}"
-            proc.kill()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            reader.join(10)
-            assert proc.stdout is not None
-            proc.stdout.close()
-        assert proc.returncode == -signal.SIGKILL
+        cmd = [sys.executable, "-m", "tests.integration.test_events", str(data), "--round", str(rnd)]
+        lines = kill_mid_write(cmd, env=env, errlog=tmp_path / f"writer-{rnd}.err", delay_s=rng.uniform(0.05, 0.6))
         round_acks = 0
         for line in lines:
-            if not line.endswith(b"\n"):  # a line cut short by the kill is not an acknowledgement
-                continue
             tag, *nums = line.split()
-            if tag == b"c":
+            if tag == "c":
                 cursor_acked = max(cursor_acked, int(nums[0]))
             else:
                 seq, r, k, i = map(int, nums)

@@ -12,8 +12,6 @@ import asyncio
 import math
 import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -41,6 +39,7 @@ from runtime.ledger import (
 from runtime.ledger.check import check
 from runtime.ledger.rules import MemoryView
 from runtime.ledger.rules import apply as apply_rule
+from tests.crash import kill_mid_write
 from tests.integration.ledger_crash_writer import (
     ACCOUNTS,
     BACKENDS,
@@ -686,46 +685,10 @@ def test_acknowledged_transfers_survive_sigkill(backend: str, tmp_path: Path) ->
     env = dict(os.environ, PYTHONPATH=str(REPO))
     writer = [sys.executable, "-m", "tests.integration.ledger_crash_writer"]
     acked_all: set[str] = set()
-    procs: list[subprocess.Popen[bytes]] = []
     for rnd in range(20):
-        errlog = tmp_path / f"writer-{rnd}.err"
-        with errlog.open("wb") as err:
-            proc = subprocess.Popen(
-                [*writer, str(data), "--start", str(rnd), "--backend", backend],
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        procs.append(proc)
-        lines: list[bytes] = []
-        first = threading.Event()
-
-        def drain(p: subprocess.Popen[bytes] = proc, out: list[bytes] = lines, ev: threading.Event = first) -> None:
-            # Read continuously so that a full pipe never slows the writer down before the kill.
-            assert p.stdout is not None
-            for line in p.stdout:
-                out.append(line)
-                ev.set()
-
-        reader = threading.Thread(target=drain)
-        reader.start()
-        try:
-            assert first.wait(30), f"round {rnd}: no acknowledgement; stderr: {errlog.read_text()}"
-            time.sleep(rng.uniform(0.05, 0.6))
-            assert proc.poll() is None, f"round {rnd}: writer exited early; stderr: {errlog.read_text()}"
-            proc.kill()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            reader.join(10)
-            assert proc.stdout is not None
-            proc.stdout.close()
-        assert proc.returncode == -signal.SIGKILL
-        # A line cut short by the kill is not an acknowledgement.
-        acked = {line[:-1].decode() for line in lines if line.endswith(b"\n")}
+        cmd = [*writer, str(data), "--start", str(rnd), "--backend", backend]
+        delay = rng.uniform(0.05, 0.6)
+        acked = set(kill_mid_write(cmd, env=env, errlog=tmp_path / f"writer-{rnd}.err", delay_s=delay))
         assert acked and all(a.startswith(f"c{rnd}-") for a in acked)
         acked_all |= acked
 
@@ -741,7 +704,6 @@ def test_acknowledged_transfers_survive_sigkill(backend: str, tmp_path: Path) ->
             assert sum(v.get("scrip", 0) for v in led.balances().values()) == total
         finally:
             led.close()
-    assert all(p.returncode == -signal.SIGKILL for p in procs)
     assert _writer_children() == []
     assert len(acked_all) > 20 * 100  # every round really streamed, not just trickled
 

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import pytest
 
 from runtime.store import Artifact, ArtifactInfo, Kind, Readable, Store, StoreError, WriteReceipt, check_id, verify
 from runtime.store.git import GitStore
+from tests.crash import kill_mid_write
 from tests.integration.store_backends import (
     BACKENDS,
     Backend,
@@ -663,43 +663,10 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     deleted: set[str] = set()
     total = 0
     for rnd in range(6):
-        errlog = tmp_path / f"writer-{rnd}.err"
-        with errlog.open("wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.integration.store_crash_writer", str(repo), "--round", str(rnd)],
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        lines: list[bytes] = []
-        first = threading.Event()
-
-        def drain(p: subprocess.Popen[bytes] = proc, out: list[bytes] = lines, ev: threading.Event = first) -> None:
-            # Read continuously so that a full pipe never slows the writer down before the kill.
-            assert p.stdout is not None
-            for line in p.stdout:
-                out.append(line)
-                ev.set()
-
-        reader = threading.Thread(target=drain)
-        reader.start()
-        try:
-            assert first.wait(30), f"round {rnd}: no acknowledgement; stderr: {errlog.read_text()}"
-            time.sleep(rng.uniform(0.2, 0.9))
-            assert proc.poll() is None, f"round {rnd}: writer exited early; stderr: {errlog.read_text()}"
-            proc.kill()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            reader.join(10)
-            assert proc.stdout is not None
-            proc.stdout.close()
-        assert proc.returncode == -signal.SIGKILL
-        # A line cut short by the kill is not an acknowledgement.
-        acked = [line[:-1].decode().split() for line in lines if line.endswith(b"\n")]
+        cmd = [sys.executable, "-m", "tests.integration.store_crash_writer", str(repo), "--round", str(rnd)]
+        delay = rng.uniform(0.2, 0.9)
+        lines = kill_mid_write(cmd, env=env, errlog=tmp_path / f"writer-{rnd}.err", delay_s=delay)
+        acked = [line.split() for line in lines]
         assert len(acked) > 50, f"round {rnd}: only {len(acked)} acknowledgements"
         for fields in acked:
             if fields[0] == "w":

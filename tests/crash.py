@@ -1,0 +1,51 @@
+"""Killing a writer process at a random moment, for the crash-safety tests of the durable stores.
+
+A writer prints one line per operation once it is durable; the test kills it with SIGKILL while it
+writes, then checks that every acknowledged operation survived.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def kill_mid_write(cmd: Sequence[str], *, env: Mapping[str, str], errlog: Path, delay_s: float) -> list[str]:
+    """Run ``cmd``; ``delay_s`` after its first acknowledgement, SIGKILL it. Return the lines it printed
+    in full (a line cut short by the kill is not an acknowledgement), without their newlines."""
+    with errlog.open("wb") as err:
+        proc = subprocess.Popen(
+            list(cmd), cwd=REPO, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
+        )
+    lines: list[bytes] = []
+    first = threading.Event()
+
+    def drain() -> None:
+        # Read continuously so that a full pipe never slows the writer down before the kill.
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            first.set()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        assert first.wait(30), f"no acknowledgement; stderr: {errlog.read_text()}"
+        time.sleep(delay_s)
+        assert proc.poll() is None, f"the writer exited early; stderr: {errlog.read_text()}"
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        reader.join(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, f"exit status {proc.returncode}; stderr: {errlog.read_text()}"
+    return [line[:-1].decode() for line in lines if line.endswith(b"\n")]
