@@ -21,12 +21,14 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Self
 
 import psycopg
 import redis
@@ -79,60 +81,96 @@ def _newest_postgres_bin() -> Path:
     return Path(found[-1]).parent
 
 
-class PostgresServer:
+class _Server:
+    """One server process of the benchmark's, in a temporary directory of its own: started by the
+    subclass (``_launch``), waited for until ``_answers``, stopped with ``stop_signal`` by ``close``,
+    which also deletes the directory. A context manager."""
+
+    #: The signal that shuts the server down cleanly.
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, prefix: str, parent: str | None = None) -> None:
+        self.port = free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _launch(self, cmd: list[str], **popen: Any) -> None:
+        """Start ``cmd`` and wait (up to ``START_TIMEOUT_S``) until the server answers."""
+        log = self._dir / "server.log"
+        with log.open("wb") as out:
+            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **popen)
+        end = time.monotonic() + START_TIMEOUT_S
+        while not self._answers():
+            if self._proc.poll() is not None or time.monotonic() > end:
+                raise ServerFailed(f"{Path(cmd[0]).name} did not start: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        """The server's main process (the root of the tree whose CPU is measured)."""
+        assert self._proc is not None
+        return self._proc.pid
+
+    def close(self) -> None:
+        """Stop the server and delete its files. Safe to call twice."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(self.stop_signal)
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class PostgresServer(_Server):
     """A fresh PostgreSQL cluster on ``127.0.0.1:port``, run as the ``postgres`` user (it refuses root).
 
-    ``url`` is its superuser's URL (trust authentication on the loopback only); ``create_database``
-    makes an empty database for one run. Stopped and deleted by ``close``.
+    ``url`` is its superuser's URL (trust authentication, on the loopback only); ``create_database``
+    makes an empty database for one run. On disk (``/var/tmp``), so that commits are really durable.
     """
 
+    stop_signal = signal.SIGINT  # PostgreSQL's "fast" shutdown
+
     def __init__(self, user: str = "postgres") -> None:
-        self.port = free_port()
-        self._bin = _newest_postgres_bin()
-        self._account = pwd.getpwnam(user)
-        self._dir = Path(tempfile.mkdtemp(prefix="aeco-bench-pg-", dir="/var/tmp"))
-        os.chown(self._dir, self._account.pw_uid, self._account.pw_gid)
-        self.data = self._dir / "data"
-        self._log = self._dir / "server.log"
+        super().__init__("aeco-bench-pg-", parent="/var/tmp")
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self._proc: subprocess.Popen[bytes] | None = None
+        account = pwd.getpwnam(user)
+        uid, gid = account.pw_uid, account.pw_gid
+        os.chown(self._dir, uid, gid)
+        tools = _newest_postgres_bin()
+        data = self._dir / "data"
         try:
-            self._as_user("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8")
-            self._start()
+            out = subprocess.run(
+                [str(tools / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8"],
+                capture_output=True, text=True, timeout=120, cwd=self._dir, user=uid, group=gid,
+            )  # fmt: skip
+            if out.returncode != 0:
+                raise ServerFailed(f"initdb failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+            self._launch(
+                [str(tools / "postgres"), "-D", str(data), "-p", str(self.port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self._dir}"],
+                cwd=self._dir, user=uid, group=gid,
+            )  # fmt: skip
         except BaseException:
             self.close()
             raise
 
-    def _as_user(self, tool: str, *args: str) -> None:
-        out = subprocess.run(
-            [str(self._bin / tool), *args], user=self._account.pw_uid, group=self._account.pw_gid,
-            capture_output=True, text=True, timeout=120, cwd=self._dir,
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise ServerFailed(f"{tool} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-
-    def _start(self) -> None:
-        with self._log.open("wb") as log:
-            self._proc = subprocess.Popen(
-                [str(self._bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self._dir}"],
-                user=self._account.pw_uid, group=self._account.pw_gid, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        end = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                psycopg.connect(self.url, connect_timeout=2).close()
-                return
-            except psycopg.OperationalError:
-                if self._proc.poll() is not None or time.monotonic() > end:
-                    raise ServerFailed(f"PostgreSQL did not start: {self._log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-
-    @property
-    def pid(self) -> int:
-        """The postmaster's pid (every backend is its child)."""
-        assert self._proc is not None
-        return self._proc.pid
+    def _answers(self) -> bool:
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def create_database(self) -> str:
         """An empty database of its own; its URL."""
@@ -141,72 +179,30 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"{self.url.rpartition('/')[0]}/{name}"
 
-    def close(self) -> None:
-        """Stop the server (a fast shutdown) and delete its files."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(2)  # SIGINT: PostgreSQL's fast shutdown
-            try:
-                self._proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> PostgresServer:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-
-class RedisServer:
+class RedisServer(_Server):
     """``redis-server`` on ``127.0.0.1:port`` with nothing persisted (as the compose file runs it)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self._dir = Path(tempfile.mkdtemp(prefix="aeco-bench-redis-"))
+        super().__init__("aeco-bench-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         binary = shutil.which("redis-server")
-        if binary is None:
-            raise ServerFailed("redis-server is not installed")
-        self._proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self._dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        end = time.monotonic() + START_TIMEOUT_S
-        client = redis.Redis.from_url(self.url)
         try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if self._proc.poll() is not None or time.monotonic() > end:
-                        self.close()
-                        raise ServerFailed(f"redis-server did not start (exit {self._proc.poll()})") from None
-                    time.sleep(0.05)
+            if binary is None:
+                raise ServerFailed("redis-server is not installed")
+            self._launch(
+                [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                 "--dir", str(self._dir)],
+            )  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+
+    def _answers(self) -> bool:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
         finally:
             client.close()
-
-    @property
-    def pid(self) -> int:
-        """The server's pid."""
-        return self._proc.pid
-
-    def close(self) -> None:
-        """Stop the server and delete its directory."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
