@@ -20,8 +20,8 @@ window after every agent has acted once. Afterwards the ledger's invariants are 
 
 Servers and the capacity model. The node runs use a PostgreSQL cluster and a Redis server started for
 the benchmark alone (``benchmarks.servers``: nothing else on the host adds to their counters), and
-read the kernel's CPU counters of their whole process trees at the start and the end of each window
-(exited PostgreSQL backends included, through the postmaster's reaped-children counters). Their CPU
+read their CPU counters at the start and the end of each window (PostgreSQL's whole process tree,
+exited backends included through the postmaster's reaped-children counters; Redis's own getrusage). Their CPU
 divided by the window's actions is each server's CPU per action; divided by the window and the number
 of nodes it is the share of a core one node costs it, and its inverse is how many such nodes one
 PostgreSQL core, and one Redis core, can carry at the measured per-node rate.
@@ -51,7 +51,7 @@ import yaml
 from benchmarks import ledger as ledger_bench
 from benchmarks.cgroup_box import CgroupBox
 from benchmarks.common import Options, Skipped, host_info, measure_each, publish
-from benchmarks.servers import PostgresServer, RedisServer, ServerFailed, tree_cpu_seconds
+from benchmarks.servers import PostgresServer, RedisServer, ServerFailed
 
 NODE_COUNTS = (1, 2, 3)
 AGENTS = 60
@@ -193,11 +193,11 @@ def _measure_nodes(
                     raise RuntimeError("a node died during the warm-up")
             if len(acted) < AGENTS:
                 problems.append(f"only {len(acted)} of {AGENTS} agents acted during the warm-up")
-            pg_start, rd_start = tree_cpu_seconds(pg.pid), tree_cpu_seconds(rd.pid)
+            pg_start, rd_start = pg.cpu_seconds(), rd.cpu_seconds()
             start_seq, start = events.last_seq(), time.perf_counter()
             time.sleep(duration)
             end_seq, seconds = events.last_seq(), time.perf_counter() - start
-            pg_cpu, rd_cpu = tree_cpu_seconds(pg.pid) - pg_start, tree_cpu_seconds(rd.pid) - rd_start
+            pg_cpu, rd_cpu = pg.cpu_seconds() - pg_start, rd.cpu_seconds() - rd_start
             window = [e for e in events.read(start_seq, kinds={"action"}) if e.seq <= end_seq]
         finally:
             events.close()
