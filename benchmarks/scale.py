@@ -317,6 +317,8 @@ def plot(report: Report, path: Path) -> None:
     left.set_title(f"{report.agents} scripted agents, PostgreSQL + Redis")
     width = 0.38
     pos = range(len(xs))
+    tallest = max([r.postgres_ms_per_action or 0.0 for r in report.nodes] + [0.1])
+    middle.set_ylim(0, tallest * 1.6)  # room above the bars for the capacity text and the legend
     for offset, label, values, color in (
         (-width / 2, "PostgreSQL", [r.postgres_ms_per_action or 0.0 for r in report.nodes], "#8172b2"),
         (width / 2, "Redis", [r.redis_ms_per_action or 0.0 for r in report.nodes], "#dd8452"),
@@ -326,13 +328,14 @@ def plot(report: Report, path: Path) -> None:
     middle.set_xticks(list(pos), [str(x) for x in xs])
     middle.set_xlabel("nodes")
     middle.set_ylabel("server CPU per action (ms)")
-    middle.set_title("capacity: nodes per server core (1-node run)")
+    middle.set_title("shared servers' CPU per action")
     if report.nodes and report.nodes[0].nodes_per_postgres_core is not None:
         first = report.nodes[0]
         middle.text(
             0.02, 0.95,
-            f"one PostgreSQL core: {first.nodes_per_postgres_core:,.1f} nodes\n"
-            f"one Redis core: {first.nodes_per_redis_core:,.1f} nodes",
+            f"nodes of {first.cores_per_node:g} cores at {first.actions_per_s:,.0f} actions/s:\n"
+            f"one PostgreSQL core carries {first.nodes_per_postgres_core:,.1f}\n"
+            f"one Redis core carries {first.nodes_per_redis_core:,.1f}",
             transform=middle.transAxes, va="top", fontsize=9,
         )  # fmt: skip
     middle.legend(loc="upper right")
