@@ -7,7 +7,8 @@ field is an error, as ``kubectl apply --validate=strict`` would make it. Both fi
 what the runtime needs: every node has its agent range, the shared servers' URLs pointing at services
 that exist, resource limits, health checks and start-up order; the nodes' ranges partition the
 population of ``config/scale-out.yaml`` exactly; each node's environment gives a configuration the
-supervisor accepts; the servers are sized as the deployment table says; no password has a default.
+supervisor accepts; the servers are sized as the deployment table and the measurement say; no
+password has a default.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ URL_VARS = ("POSTGRES_URL", "POSTGRES_AGENT_URL", "REDIS_URL", "QDRANT_URL")
 #: The Kubernetes versions the manifest is validated against: the oldest it is meant for and the newest
 #: whose schemas kubernetes-validate (pinned in requirements.lock) ships.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-#: The shared servers' limits (CPUs, memory), as the deployment's sizing table gives them.
-SIZING = {"postgres": (1.0, "2g"), "redis": (1.0, "1g"), "qdrant": (2.0, "4g")}
+#: The shared servers' limits (CPUs, memory): the deployment's sizing table, except PostgreSQL's CPUs
+#: (2, not 1), which `python -m benchmarks scale` measured (README, "When to scale").
+SIZING = {"postgres": (2.0, "2g"), "redis": (1.0, "1g"), "qdrant": (2.0, "4g")}
 
 
 def _compose() -> dict[str, Any]:
