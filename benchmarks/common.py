@@ -218,7 +218,7 @@ def host_info(packages: Sequence[str] = ()) -> dict[str, Any]:
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     try:
-        from runtime import cgroups
+        from runtime.host import cgroups
 
         info["cpu_capacity"] = cgroups.cpu_capacity(cgroups.discover())
     except Exception as exc:  # a fact we can do without

@@ -17,7 +17,7 @@ fixed time:
   transaction per transfer, sequential.
 
 After each run the numbers are checked against the store itself: the journal must hold exactly the
-transfers counted, and (for the ledgers) ``runtime.ledger.check`` must pass.
+transfers counted, and (for the ledgers) ``runtime.economy.ledger.check`` must pass.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from typing import Any
 import msgspec
 
 from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
-from runtime.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.ledger.postgres import PostgresLedger
-from runtime.postgres import DatabaseUnavailable, connect, redact
+from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.economy.ledger.postgres import PostgresLedger
+from runtime.host.postgres import DatabaseUnavailable, connect, redact
 
 FULL_S, QUICK_S = 3.0, 1.0
 ACCOUNTS = tuple(f"acct{i}" for i in range(100))

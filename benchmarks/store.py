@@ -17,7 +17,7 @@ by the agent, and ``refs/heads/main`` moved to it. Systems, each measured for a 
 - ``git-cli-fsync``: the same with ``core.fsync=all``, durable like the store.
 
 After each run the numbers are checked against the repository: the commit count must equal the writes
-counted (``git rev-list --count``), and for the store ``runtime.store.verify`` must pass.
+counted (``git rev-list --count``), and for the store ``runtime.world.store.verify`` must pass.
 
 ``SYSTEMS`` is a plain list: another comparison (say, a confined invocation against fork+exec) is one
 more ``System`` with its own ``kind``.
@@ -47,8 +47,8 @@ import msgspec
 from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
 from runtime.pool import WorkerPool
 from runtime.protocol import Invoke
-from runtime.store import WriteReceipt, verify
-from runtime.store.git import GitStore, fanout
+from runtime.world.store import WriteReceipt, verify
+from runtime.world.store.git import GitStore, fanout
 
 FULL_S, QUICK_S = 3.0, 1.0
 SIZE = 1024

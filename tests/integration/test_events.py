@@ -32,10 +32,10 @@ import msgspec
 import pytest
 import zmq
 
-from runtime.events import ANY_KIND, Event, EventError, concerns
-from runtime.events.log import EventLog
-from runtime.events.postgres import PostgresEventLog
-from runtime.events.pub import EventPublisher, Observer
+from runtime.world.events import ANY_KIND, Event, EventError, concerns
+from runtime.world.events.log import EventLog
+from runtime.world.events.postgres import PostgresEventLog
+from runtime.world.events.pub import EventPublisher, Observer
 from tests.crash import kill_mid_write
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from runtime.buckets import BucketState
-from runtime.ledger import (
+from runtime.economy.buckets import BucketState
+from runtime.economy.ledger import (
     Burn,
     Ledger,
     LedgerError,
@@ -36,9 +36,9 @@ from runtime.ledger import (
     SetQuota,
     Transfer,
 )
-from runtime.ledger.check import check
-from runtime.ledger.rules import MemoryView
-from runtime.ledger.rules import apply as apply_rule
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.rules import MemoryView
+from runtime.economy.ledger.rules import apply as apply_rule
 from tests.crash import kill_mid_write
 from tests.integration.ledger_crash_writer import (
     ACCOUNTS,

@@ -163,7 +163,7 @@ def test_valid_msgpack_wrong_shape(obj: Any) -> None:
     raises_protocol_error(msgspec.msgpack.encode(obj))
 
 
-@pytest.mark.parametrize("v", [0, 2, -1, 2**64 - 1])
+@pytest.mark.parametrize("v", [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, -1, 2**64 - 1])
 def test_other_version(v: int) -> None:
     msg = raises_protocol_error(encode(Shutdown(v=v)))
     assert f"protocol version {v}" in msg
