@@ -9,7 +9,6 @@ for the live workers that neither a charge nor a named overhead explains yet.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -30,40 +29,6 @@ class MetricAgent(Protocol):
     def status(self) -> str: ...
 
 
-def _read_number(path: Path, key: str | None = None) -> float | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    if key is None:
-        return float(text.split()[0])
-    for line in text.splitlines():
-        k, _, v = line.partition(" ")
-        if k == key:
-            return float(v)
-    return None
-
-
-def container_cpu_seconds(info: cg.CgroupInfo) -> float | None:
-    """CPU used by everything in this process's cgroup (the container), from the kernel."""
-    d = info.dir("cpuacct")
-    if d is not None and (ns := _read_number(d / "cpuacct.usage")) is not None:
-        return ns / 1e9
-    u = info.dir("unified")
-    if u is not None and (us := _read_number(u / "cpu.stat", "usage_usec")) is not None:
-        return us / 1e6
-    return None
-
-
-def container_memory_bytes(info: cg.CgroupInfo) -> float | None:
-    """Memory charged to this process's cgroup (the container)."""
-    d = info.dir("memory")
-    if d is not None and (v := _read_number(d / "memory.usage_in_bytes")) is not None:
-        return v
-    u = info.dir("unified")
-    return _read_number(u / "memory.current") if u is not None else None
-
-
 class RuntimeCollector(Collector):
     """Collects every metric from the pool, the economy and the agents at scrape time."""
 
@@ -74,12 +39,12 @@ class RuntimeCollector(Collector):
         """One scrape."""
         info = self.pool.info
         cpu = CounterMetricFamily("aeco_container_cpu_seconds", "CPU used by the container (cgroup)")
-        if (c := container_cpu_seconds(info)) is not None:
-            cpu.add_metric([], c)
+        if (c := cg.cpu_usage(info)) is not None:
+            cpu.add_metric([], c.value)
         yield cpu
         mem = GaugeMetricFamily("aeco_container_memory_bytes", "Memory charged to the container (cgroup)")
-        if (m := container_memory_bytes(info)) is not None:
-            mem.add_metric([], m)
+        if (m := cg.memory_usage(info)) is not None:
+            mem.add_metric([], m.value)
         yield mem
         yield GaugeMetricFamily("aeco_container_cpu_capacity", "CPUs the container may use", cg.cpu_capacity(info))
 

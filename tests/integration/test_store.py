@@ -776,11 +776,11 @@ def test_a_batch_that_fails_before_the_ref_moves_writes_nothing(
     git_store: GitStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = git_store
-    import runtime.world.store.git as git_backend
+    from runtime.world.store import git_packs
 
     store.write("alice", "keep", b"kept", quota=BIG)
     head, usage = store.head(), store.usage()
-    real = git_backend._write_pack
+    real = git_packs.write_pack
     calls = [0]
 
     def failing(*args: Any, **kwargs: Any) -> str:
@@ -789,7 +789,7 @@ def test_a_batch_that_fails_before_the_ref_moves_writes_nothing(
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(git_backend, "_write_pack", failing)
+    monkeypatch.setattr(git_packs, "write_pack", failing)
     futs = [store.submit_write("alice", f"lost{i}", b"x" * 10, quota=BIG) for i in range(20)]
     errors = [f.exception(timeout=10) for f in futs]
     # The first batch failed as a whole (later ones may have committed): no partial commit, no stale tree.

@@ -41,13 +41,11 @@ is also what makes it safe to remove a ref lock file or temporary pack left behi
 
 from __future__ import annotations
 
-import binascii
 import builtins
 import contextlib
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import re
 import secrets
@@ -55,27 +53,18 @@ import shutil
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import lmdb
 import msgspec
-from dulwich.object_format import DEFAULT_OBJECT_FORMAT
 from dulwich.object_store import DiskObjectStore
 from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
 from dulwich.pack import (
-    OFS_DELTA,
-    REF_DELTA,
-    UnpackedObject,
     full_unpacked_object,
-    load_pack_index,
-    pack_object_header,
-    write_pack_data,
-    write_pack_index,
 )
 from dulwich.refs import DiskRefsContainer, Ref
 from dulwich.repo import Repo
@@ -99,6 +88,7 @@ from runtime.world.store import (
     check_delete,
     check_id,
     check_write,
+    git_packs,
 )
 
 BRANCH = Ref(b"refs/heads/main")
@@ -110,9 +100,6 @@ LOCK_NAME = "agent-ecology.lock"
 _DIR_MODE = 0o040000
 _FILE_MODE = 0o100644
 _BLOB = Blob.type_num
-#: zlib level of new packs: level 1 is several times faster than git's default 6 on our small objects
-#: and costs little size (object ids, a large part of trees and commits, do not compress anyway).
-_ZLEVEL = 1
 _HEX_RE = re.compile(r"^[0-9a-f]{4,40}$")
 _U64 = struct.Struct(">Q")
 log = logging.getLogger("runtime.world.store")
@@ -181,14 +168,6 @@ def fanout(aid: str) -> tuple[str, ...]:
     return tuple(digest[:FANOUT_LEVELS])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ident(name: str, domain: str) -> bytes:
     return f"{name} <{name}@{domain}>".encode()
 
@@ -198,15 +177,6 @@ def _tree_of(entries: dict[bytes, tuple[int, ObjectID]]) -> Tree:
     for name, (mode, sha) in entries.items():
         tree.add(name, mode, sha)
     return tree
-
-
-def _idx_count(idx: Path) -> int:
-    """Objects in a pack, read from its index's fan-out table (v2 has an 8-byte header, v1 none)."""
-    with idx.open("rb") as f:
-        head = f.read(8 + 256 * 4)
-    base = 8 if head[:4] == b"\xfftOc" else 0
-    count: int = struct.unpack_from(">I", head, base + 255 * 4)[0]
-    return count
 
 
 class GitStore(QueuedWriter):
@@ -242,7 +212,9 @@ class GitStore(QueuedWriter):
             self._clean_leftovers()
             #: Packs we may roll up (name -> objects); a pack with a ``.keep`` file is left alone, as git does.
             self._packs = {
-                p.stem: _idx_count(p) for p in self._pack_dir.glob("pack-*.idx") if not p.with_suffix(".keep").exists()
+                p.stem: git_packs.idx_count(p)
+                for p in self._pack_dir.glob("pack-*.idx")
+                if not p.with_suffix(".keep").exists()
             }
             self._refs = DiskRefsContainer(self.path)
             self._wobjects = self._open_objects()  # the writer thread's
@@ -303,16 +275,18 @@ class GitStore(QueuedWriter):
             first.author_time = first.commit_time = now
             first.author_timezone = first.commit_timezone = 0
             first.message = b"create artifact store\n"
-            _write_pack(tmp / "objects" / "pack", (full_unpacked_object(o) for o in (empty, first)), 2, self._durable)
+            git_packs.write_pack(
+                tmp / "objects" / "pack", (full_unpacked_object(o) for o in (empty, first)), 2, self._durable
+            )
             refs = DiskRefsContainer(tmp)
             if not refs.set_if_equals(BRANCH, None, first.id):
                 raise RuntimeError(f"could not set {BRANCH.decode()} in {tmp}")
             if self._durable:
-                _fsync_dir(tmp / "refs" / "heads")
-                _fsync_dir(tmp)
+                git_packs.fsync_dir(tmp / "refs" / "heads")
+                git_packs.fsync_dir(tmp)
             os.rename(tmp, self.path)
             if self._durable:
-                _fsync_dir(self.path.parent)
+                git_packs.fsync_dir(self.path.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -328,7 +302,7 @@ class GitStore(QueuedWriter):
                 p.unlink()
 
     def _open_objects(self) -> DiskObjectStore:
-        return DiskObjectStore(str(self.path / "objects"), pack_compression_level=_ZLEVEL)
+        return DiskObjectStore(str(self.path / "objects"), pack_compression_level=git_packs.ZLEVEL)
 
     # ------------------------------------------------------------------------------ requests
 
@@ -360,13 +334,13 @@ class GitStore(QueuedWriter):
                     outcomes.append((fut, exc))
             if b.head != head:
                 records = (full_unpacked_object(o) for o in b.objects.values())
-                base = _write_pack(self._pack_dir, records, len(b.objects), self._durable)
+                base = git_packs.write_pack(self._pack_dir, records, len(b.objects), self._durable)
                 self._packs[base] = len(b.objects)
                 if not self._refs.set_if_equals(BRANCH, head, b.head):
                     raise RuntimeError(f"{BRANCH.decode()} moved under the store: is another process writing?")
                 moved = True
                 if self._durable:
-                    _fsync_dir(self.path / "refs" / "heads")
+                    git_packs.fsync_dir(self.path / "refs" / "heads")
                 txn.put(b"head", b.head, db=self._state)
             txn.commit()
         except BaseException as exc:
@@ -543,114 +517,22 @@ class GitStore(QueuedWriter):
     # ------------------------------------------------------------------------------- packs
 
     def _roll_up(self) -> None:
-        """Merge the smaller packs into one, following git's ``repack --geometric=2``: keep the largest
-        packs that already form a progression (each at least twice the next smaller), roll up the rest."""
-        packs = sorted((n, base) for base, n in self._packs.items())
-        sizes = [n for n, _ in packs]
-        i = len(sizes) - 1
-        while i > 0 and sizes[i] >= 2 * sizes[i - 1]:
-            i -= 1
-        split = i + 1 if i > 0 else 0
-        total = sum(sizes[:split])
-        while split < len(sizes) and sizes[split] < 2 * total:
-            total += sizes[split]
-            split += 1
-        if split < 2:  # already a progression: merge the smallest to stay within max_packs
-            split = len(sizes) - self._max_packs + 1
-        bases = [base for _, base in packs[:split]]
-        base, count = self._merge_packs(bases)
+        """Merge the smaller packs into one (``git_packs.to_roll_up``), drop the merged ones."""
+        bases = git_packs.to_roll_up(self._packs, self._max_packs)
+        base, count = git_packs.merge_packs(self._pack_dir, bases, self._wobjects.get_raw, self._durable)
         for old in bases:
             del self._packs[old]
-            if old == base:  # the merge reproduced this pack byte for byte (the others held only copies)
-                continue
-            # The .idx first: a .pack without its index is invisible (and cleaned up on open). Files git
-            # may have added beside a pack (reverse index, bitmap) go with it.
-            for suffix in (".idx", ".pack", ".rev", ".bitmap", ".mtimes"):
-                with contextlib.suppress(FileNotFoundError):
-                    (self._pack_dir / f"{old}{suffix}").unlink()
+            if old != base:  # the merge may reproduce a pack byte for byte (the others held only copies)
+                git_packs.remove_pack(self._pack_dir, old)
         self._packs[base] = count
         if self._durable:
-            _fsync_dir(self._pack_dir)
+            git_packs.fsync_dir(self._pack_dir)
         # Drop cached handles on the removed packs (they would keep the deleted files' space).
         self._wobjects.close()
         self._wobjects = self._open_objects()
         with self._robjects_lock:
             self._robjects.close()
             self._robjects = self._open_objects()
-
-    def _merge_packs(self, bases: builtins.list[str]) -> tuple[str, int]:
-        """Write one pack holding every object of the packs ``bases`` once; return its name and size.
-
-        Objects are copied as their packed bytes, without decompressing: a pack with no delta and no
-        object already taken from an earlier one is copied as one block, and its index entries are
-        shifted. A delta (an operator's ``git gc`` may leave some; our packs have none) is resolved
-        and written whole, so that the new pack never depends on the old ones.
-        """
-        trailer = DEFAULT_OBJECT_FORMAT.oid_length
-        tables: builtins.list[builtins.list[tuple[int, bytes, int | None]]] = []
-        for old in bases:
-            idx = load_pack_index(self._pack_dir / f"{old}.idx", DEFAULT_OBJECT_FORMAT)
-            try:
-                tables.append(sorted((off, bytes(sha), crc) for sha, off, crc in idx.iterentries()))
-            finally:
-                idx.close()
-        count = len({sha for table in tables for _, sha, _ in table})
-        entries: builtins.list[tuple[bytes, int, int | None]] = []
-        seen: set[bytes] = set()
-        tmp = self._pack_dir / f"tmp_pack_{secrets.token_hex(8)}"
-        tmp_idx = self._pack_dir / f"tmp_idx_{secrets.token_hex(8)}"
-        try:
-            with tmp.open("wb") as out:
-                digest = hashlib.sha1(usedforsecurity=False)
-
-                def put(data: bytes | memoryview) -> None:
-                    out.write(data)
-                    digest.update(data)
-
-                put(b"PACK" + struct.pack(">II", 2, count))
-                pos = 12
-                for old, table in zip(bases, tables, strict=True):
-                    path = self._pack_dir / f"{old}.pack"
-                    with path.open("rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                        end_of_data = len(m) - trailer
-                        types = {(m[off] >> 4) & 7 for off, _, _ in table}
-                        if not (types & {OFS_DELTA, REF_DELTA}) and seen.isdisjoint(sha for _, sha, _ in table):
-                            block = memoryview(m)[12:end_of_data]
-                            put(block)
-                            block.release()
-                            entries.extend((sha, off - 12 + pos, crc) for off, sha, crc in table)
-                            seen.update(sha for _, sha, _ in table)
-                            pos += end_of_data - 12
-                            continue
-                        ends = [off for off, _, _ in table[1:]] + [end_of_data]
-                        for (off, sha, crc), end in zip(table, ends, strict=True):
-                            if sha in seen:
-                                continue
-                            seen.add(sha)
-                            if (m[off] >> 4) & 7 in (OFS_DELTA, REF_DELTA):
-                                real_type, raw = self._wobjects.get_raw(ObjectID(sha.hex().encode()))
-                                header = pack_object_header(real_type, None, len(raw), DEFAULT_OBJECT_FORMAT)
-                                data = bytes(header) + zlib.compress(raw, _ZLEVEL)
-                                crc = None
-                            else:
-                                data = m[off:end]
-                            put(data)
-                            entries.append((sha, pos, crc if crc is not None else binascii.crc32(data)))
-                            pos += len(data)
-                checksum = digest.digest()
-                out.write(checksum)
-                _flush(out, self._durable)
-            assert len(entries) == count, f"invariant: merged {len(entries)} objects, expected {count}"
-            with tmp_idx.open("wb") as idx_out:
-                write_pack_index(idx_out, sorted(entries), checksum, version=2)
-                _flush(idx_out, self._durable)
-            base = f"pack-{checksum.hex()}"
-            _install(tmp, tmp_idx, self._pack_dir / base, self._durable)
-        finally:
-            for p in (tmp, tmp_idx):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-        return base, count
 
     # --------------------------------------------------------------------------------- reads
 
@@ -862,49 +744,6 @@ class GitStore(QueuedWriter):
 
 def _artifact(aid: str, m: _Meta, content: bytes) -> Artifact:
     return Artifact(aid, m.kind, m.creator, m.owner, m.price, m.readable, m.created, m.updated, len(content), content)
-
-
-def _write_pack(pack_dir: Path, records: Iterator[UnpackedObject], count: int, durable: bool) -> str:
-    """Write ``count`` records as one pack and its index, durably, into ``pack_dir``; return its base name.
-
-    Both files are written under temporary names and fsync'd before ``_install`` moves them into place.
-    The pack is named by its checksum, as git names packs.
-    """
-    assert count > 0, "invariant: an empty pack"
-    tmp = pack_dir / f"tmp_pack_{secrets.token_hex(8)}"
-    tmp_idx = pack_dir / f"tmp_idx_{secrets.token_hex(8)}"
-    try:
-        with tmp.open("wb") as f:
-            entries, checksum = write_pack_data(
-                f.write, records, DEFAULT_OBJECT_FORMAT, num_records=count, compression_level=_ZLEVEL
-            )
-            _flush(f, durable)
-        with tmp_idx.open("wb") as f:
-            write_pack_index(f, sorted((sha, off, crc) for sha, (off, crc) in entries.items()), checksum, version=2)
-            _flush(f, durable)
-        base = f"pack-{checksum.hex()}"
-        _install(tmp, tmp_idx, pack_dir / base, durable)
-    finally:
-        for p in (tmp, tmp_idx):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-    return base
-
-
-def _install(pack: Path, idx: Path, base: Path, durable: bool) -> None:
-    """Move a written pack and its index into place, read-only as git makes them: the ``.pack`` first
-    (git and dulwich see a pack only once its ``.idx`` exists), then fsync the directory."""
-    for tmp, suffix in ((pack, ".pack"), (idx, ".idx")):
-        os.chmod(tmp, 0o444)
-        os.rename(tmp, base.with_name(base.name + suffix))
-    if durable:
-        _fsync_dir(base.parent)
-
-
-def _flush(f: IO[bytes], durable: bool) -> None:
-    f.flush()
-    if durable:
-        os.fsync(f.fileno())
 
 
 def _read_meta(raw: Callable[[ObjectID], tuple[int, bytes]], sha: ObjectID) -> _Meta:
