@@ -319,7 +319,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     )
     state = Drive()
     try:
-        async with Node(cfg, metrics=False) as node:
+        async with Node(cfg) as node:
             pool, ledger, events = node.pool, node.backends.ledger, node.events
             await node.world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable="public")
             agents = [a for a in node.agents if isinstance(a, Agent)]

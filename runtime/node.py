@@ -14,7 +14,6 @@ Start (each step needs the ones before it)::
     pool             workers spawned and connected
     economy, world   charging every task; the agent-facing surface
     memory, agents   built, not yet running (``start_agents``)
-    metrics          the Prometheus endpoint, when configured
 
 Stop, in reverse: the agents are cancelled; the pool closes first, ending the tasks in flight (finished
 or killed, and charged), which lets each cancelled agent record its last task's usage; then memory,
@@ -107,8 +106,7 @@ class Node:
     """One supervisor's runtime, built from ``cfg`` (see the module docstring for the order).
 
     Use ``async with Node(cfg) as node:``; the parts are attributes once started. ``say`` hears the
-    start-up lines meant for a person (recovery, the banner). ``metrics=False`` serves no Prometheus
-    endpoint whatever the configuration says (benchmarks, tests). ``memory``: open the vector memory
+    start-up lines meant for a person (recovery). ``memory``: open the vector memory
     (True), never (False), or when some agent may use it (None: an LLM, or a policy that remembers).
     """
 
@@ -117,7 +115,6 @@ class Node:
         cfg: Config,
         *,
         say: Callable[[str], None] = _quiet,
-        metrics: bool = True,
         memory: bool | None = None,
     ) -> None:
         self.data = Path(cfg.data_dir)
@@ -125,7 +122,6 @@ class Node:
         self.cfg = msgspec.structs.replace(cfg, agents=config_mod.local_agents(cfg))
         self.node_id = config_mod.node_id(cfg)
         self.say = say
-        self._metrics = metrics
         self._memory = memory
         self.info: cg.CgroupInfo = cg.discover()
         self.limits: Limits = limits_mod.detect(self.info)
@@ -192,8 +188,6 @@ class Node:
             self.world = World(self.backends.store, self.economy, self.backends.events, self.memory)
             announce_reset(self.backends.store, emit)
             self.agents = [make_agent(a, cfg, self.world) for a in cfg.agents]
-            if self._metrics and cfg.metrics_port:
-                self._serve_metrics()
         except BaseException:
             await self.close()
             raise
@@ -207,16 +201,6 @@ class Node:
             self.runners += [
                 asyncio.create_task(self.world.follow_rates(a.id), name=f"rates:{a.id}") for a in self.agents
             ]
-
-    def _serve_metrics(self) -> None:
-        from runtime.ops import metrics
-
-        cfg = self.cfg
-        try:
-            metrics.serve(cfg.metrics_port, cfg.metrics_host, self.pool, self.economy, lambda: self.agents)
-            self.say(f"metrics: http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")
-        except OSError as exc:  # the port is taken: run on, say so
-            log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
 
     async def stop(self) -> None:
         """Stop what runs — the agents and the pool, every task ended and charged — and leave the state

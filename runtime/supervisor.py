@@ -26,6 +26,7 @@ from runtime.host import cgroups as cg
 from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
 from runtime.node import Node
+from runtime.ops import metrics
 from runtime.ops.live import LiveView, render
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
@@ -79,6 +80,12 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(node.limits, node.sizing))
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
+    if cfg.metrics_port:
+        try:
+            metrics.serve(cfg.metrics_port, cfg.metrics_host, pool, node.economy, lambda: node.agents)
+            _say(f"metrics: http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")
+        except OSError as exc:  # the port is taken: run on, say so
+            log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
     node.start_agents()
     view = LiveView() if live else None
     meter = Meter(node.info)

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
 
 from runtime.economy.buckets import Buckets
 from runtime.economy.charging import charge
 from runtime.economy.ledger import Ledger, LedgerError, RecordUsage
 from runtime.pool.inflight import CRASH_CODE, InflightLog, measure
-from runtime.world.events import Events
+
+
+class EventSink(Protocol):
+    """Where recovery tells of the tasks it charged (the event log: ``runtime.world.events.Events``)."""
+
+    def submit(self, kind: str, agent: str | None = None, fields: dict[str, Any] | None = None) -> Future[Any]:
+        """Queue one event; the future resolves once it is durable."""
+        ...
 
 
 def recover(
     inflight: InflightLog,
     ledger: Ledger,
     buckets: Buckets,
-    events: Events,
+    events: EventSink,
     say: Callable[[str], None] = print,
 ) -> list[RecordUsage]:
     """Charge every task a killed supervisor left in flight, as failed with ``supervisor_crashed``.

@@ -170,7 +170,7 @@ async def calibrate(
         raise CalibrationFailed(f"no cgroup CPU counter (cpuacct.usage or cpu.stat) found (cgroups: {info.mode})")
     with tempfile.TemporaryDirectory(prefix="aeco-calibrate-") as tmp:
         run_cfg = calibration_config(cfg, agents, start_rate, tmp)
-        async with Node(run_cfg, metrics=False) as node:
+        async with Node(run_cfg) as node:
             ids = [a.id for a in node.cfg.agents]
             for a in ids:
                 # The whole capacity each: only the token bucket may hold an agent back.

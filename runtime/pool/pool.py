@@ -190,7 +190,6 @@ class WorkerPool:
         self._idle: collections.deque[_Worker] = collections.deque()
         self._crash_times: collections.deque[float] = collections.deque()
         self._crashes_in_a_row = 0
-        self._pending_spawns = 0
         self._closing = False
         self._all_exited: asyncio.Event | None = None
         self._ready: asyncio.Event | None = None
@@ -769,11 +768,9 @@ class WorkerPool:
             )
         self._crashes_in_a_row += 1
         delay = min(self.cfg.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1), self.cfg.restart_backoff_max_s)
-        self._pending_spawns += 1
         self._loop.call_later(delay, self._restart)
 
     def _restart(self) -> None:
-        self._pending_spawns -= 1
         if not self._closing and not self.failed:
             self._spawn()
 

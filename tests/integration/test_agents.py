@@ -58,7 +58,7 @@ def with_runtime(tmp: Path, body: Callable[[Runtime], Awaitable[T]], **agent_fie
     cfg = Config(data_dir=str(data), pool=PoolConfig(workers=2), economy=EconomyConfig(burst_seconds=30), agents=agents)
 
     async def main() -> T:
-        async with Node(cfg, metrics=False, memory=True) as node:
+        async with Node(cfg, memory=True) as node:
             assert isinstance(node.memory, QdrantMemory)
             return await body(Runtime(node.world, node.events, node.memory))
 

@@ -36,7 +36,7 @@ from runtime.world.store import (
     verify,
 )
 from runtime.world.store.git import GitStore
-from tests.crash import kill_mid_write
+from tests.crash import kill_mid_write, live_children
 from tests.integration.store_backends import (
     BACKENDS,
     Backend,
@@ -637,23 +637,6 @@ def test_readers_see_whole_versions_while_writes_and_rollups_go_on(store_backend
 # ------------------------------------------------------------------------------ crash and restart
 
 
-def _writer_children() -> list[int]:
-    """Pids of this process's live children that run the crash writer."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me and fields[0] != "Z" and b"store_crash_writer" in cmdline:
-            found.append(int(entry))
-    return found
-
-
 @pytest.mark.slow
 def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     rng = random.Random(20261202)
@@ -689,7 +672,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
             assert store.usage() == usage_by_git(repo)
             assert store.head() == git_head(repo)
         assert_fsck(repo)
-    assert _writer_children() == []
+    assert live_children("store_crash_writer") == []
     assert total > 6 * 200  # every round really streamed
 
 

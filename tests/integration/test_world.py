@@ -38,7 +38,7 @@ def with_world(tmp: Path, body: Callable[[World], Awaitable[T]], events: list[st
     )
 
     async def main() -> T:
-        async with Node(cfg, metrics=False) as node:
+        async with Node(cfg) as node:
             out = await body(node.world)
             if events is not None:
                 await node.events.publish("marker")  # committed in order: every earlier event is durable

@@ -37,7 +37,7 @@ def _node(name: str, position: int, pg_url: str, redis_url: str, namespace: str,
         ),
         metrics_port=0,
     )
-    return Node(cfg, metrics=False)
+    return Node(cfg)
 
 
 def test_a_rate_right_traded_across_nodes_rerates_the_recipient_there(

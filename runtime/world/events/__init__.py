@@ -40,19 +40,22 @@ Kind = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
 #: Same shape as a ledger account id.
 AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 
-#: The kinds the runtime itself emits. Others are allowed (any ``Kind``); these are the ones to know.
+#: The kinds the runtime itself emits (others are allowed: any ``Kind``), with who emits them:
+#: ``action`` (an agent's turn: ok or rejected, and why), ``transfer`` and ``rate_changed`` (``World``),
+#: ``artifact_written``/``_deleted``/``_invoked`` (``World``), ``agent_blocked``/``_unblocked`` (the
+#: buckets), ``system_reset`` (an operator's rollback, announced at start), ``task_failed`` (a task a
+#: crash interrupted, charged by the recovery). ``tests/unit/test_event_kinds.py`` keeps this list true.
 KINDS: tuple[str, ...] = (
-    "task_finished",
-    "task_failed",
+    "action",
     "transfer",
+    "rate_changed",
     "artifact_written",
     "artifact_deleted",
     "artifact_invoked",
     "agent_blocked",
     "agent_unblocked",
-    "agent_woken",
-    "worker_crashed",
     "system_reset",
+    "task_failed",
 )
 
 #: An event's encoded ``fields`` may not exceed this: events announce, they do not carry payloads
