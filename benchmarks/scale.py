@@ -160,10 +160,10 @@ def _per_core(cpu_s: float, seconds: float, nodes: int) -> float | None:
 def _measure_nodes(
     n: int, config: Path, where: Path, duration: float, one: float | None, pg: PostgresServer, rd: RedisServer
 ) -> NodesResult:
-    from runtime.events.postgres import PostgresEventLog
-    from runtime.ledger import Transfer
-    from runtime.ledger.check import check
-    from runtime.ledger.postgres import PostgresLedger
+    from runtime.economy.ledger import Transfer
+    from runtime.economy.ledger.check import check
+    from runtime.economy.ledger.postgres import PostgresLedger
+    from runtime.world.events.postgres import PostgresEventLog
     from tests.scale.nodes import Node, node_of
 
     per = AGENTS // n

@@ -13,15 +13,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime import cgroups as cg
-from runtime.accounting import TaskUsage
-from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
-from runtime.economy import CapacityError, Economy, charge, open_economy
-from runtime.ledger import OpenAccount, RecordUsage, Transfer
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
+from runtime.economy.buckets import Buckets, Estimator
+from runtime.economy.charging import Economy, charge
+from runtime.economy.ledger import OpenAccount, RecordUsage, Transfer
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.economy.rights import open_economy
+from runtime.host import cgroups as cg
+from runtime.host.limits import CapacityError
 from runtime.pool import TaskFailed, WorkerPool
+from runtime.pool.accounting import TaskUsage
 from runtime.protocol import Alloc, Burn, Echo
 
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from runtime import cgroups
+from runtime.host import cgroups
 from workers.sandbox import STEPS, Confined, Limits, isolation_available, run_confined
 
 NOBODY = 65534

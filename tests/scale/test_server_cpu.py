@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from benchmarks.servers import PostgresServer, RedisServer, tree_cpu_seconds
-from runtime.accounting import proc_cpu_seconds
+from runtime.pool.accounting import proc_cpu_seconds
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts PostgreSQL as the postgres user (needs root)")
 
