@@ -31,12 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import psutil
 import psycopg
 import redis
 
 from tests.services import free_port
 
-_TICK = os.sysconf("SC_CLK_TCK")
 #: How long a server may take to accept connections before the benchmark gives up on it.
 START_TIMEOUT_S = 60.0
 
@@ -45,32 +45,25 @@ class ServerFailed(RuntimeError):
     """A server could not be started; the message carries the end of its log."""
 
 
-def _stat(pid: int) -> tuple[float, float, list[int]]:
-    """(own CPU, CPU of reaped children, live children) of a process, in CPU-seconds."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text.rpartition(")")[2].split()  # the command, in parentheses, may hold spaces
-    own = (int(fields[11]) + int(fields[12])) / _TICK
-    reaped = (int(fields[13]) + int(fields[14])) / _TICK
-    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return own, reaped, children
-
-
 def tree_cpu_seconds(pid: int, attempts: int = 20) -> float:
     """CPU-seconds used so far by process ``pid``, its live children and its reaped children.
 
     One consistent reading: a child reaped while its siblings are being read would be counted twice
-    (in its own counter and in the parent's) or not at all, so the parent is read before and after
-    and the reading is retried until nothing was reaped in between. Grandchildren are included through
-    their parent's counters once reaped, and read directly while alive.
+    (in its own counter and in the parent's) or not at all, so the parent's reaped-children counter
+    is read before and after, and the reading is retried until nothing was reaped in between.
+    Grandchildren are included through their parent's counters once reaped, and read directly while
+    alive.
     """
+    proc = psutil.Process(pid)
     for _ in range(attempts):
-        own, reaped, children = _stat(pid)
-        total = own + reaped
-        for child in children:
+        own = proc.cpu_times()
+        total = own.user + own.system + own.children_user + own.children_system
+        for child in proc.children():
             # A child gone meanwhile shows in the reaped counter, and the re-read below notices.
-            with contextlib.suppress(FileNotFoundError):
-                total += tree_cpu_seconds(child, attempts)
-        if _stat(pid)[1] == reaped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += tree_cpu_seconds(child.pid, attempts)
+        again = proc.cpu_times()
+        if (again.children_user, again.children_system) == (own.children_user, own.children_system):
             return total
     raise RuntimeError(f"process {pid}: children kept exiting while it was being read ({attempts} tries)")
 
