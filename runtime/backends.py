@@ -101,7 +101,7 @@ def open_backends(cfg: Config, data: Path) -> Backends:
             from runtime.economy.ledger.postgres import PostgresLedger
             from runtime.host.postgres import DatabaseUnavailable, redact
             from runtime.world.events.postgres import PostgresEventLog
-            from runtime.world.events.redis import RedisUnavailable
+            from runtime.world.events.redis import RedisRelay, RedisUnavailable
             from runtime.world.store.postgres import PostgresStore
 
             deadline = node.connect_timeout_s
