@@ -38,16 +38,8 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.common import (
-    Budget,
-    Options,
-    Skipped,
-    closed_loop_threads,
-    host_info,
-    measure_each,
-    pipelined_batches,
-    publish,
-)
+from benchmarks import common
+from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
 from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
@@ -189,7 +181,7 @@ def _batches(opener: Opener) -> Callable[[Path, float], Measured]:
         with opener(path, True) as led:
             rng = random.Random(0)
             ids = itertools.count()
-            n, seconds = pipelined_batches(
+            n, seconds = common.pipelined_batches(
                 lambda: [led.submit(_op(rng, f"b{next(ids)}")) for _ in range(BATCH)], duration
             )
             measured = Measured(n, seconds)

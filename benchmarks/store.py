@@ -43,16 +43,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from benchmarks.common import (
-    Budget,
-    Options,
-    Skipped,
-    closed_loop_threads,
-    host_info,
-    measure_each,
-    pipelined_batches,
-    publish,
-)
+from benchmarks import common
+from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
 from runtime.pool import WorkerPool
 from runtime.protocol import Invoke
 from runtime.world.store import WriteReceipt, verify
@@ -168,7 +160,7 @@ def _store_pipelined(rewrite: bool) -> Callable[[Path, float], Measured]:
                     out.append(store.submit_write(agent, aid, _content(rng), quota=QUOTA))
                 return out
 
-            n, seconds = pipelined_batches(batch, duration)
+            n, seconds = common.pipelined_batches(batch, duration)
             measured = Measured(n, seconds)
             _check_store(store, base, n)
             return measured

@@ -22,11 +22,12 @@ Both validate requests with ``write_op``/``delete_op`` and apply the rules with 
 
 from __future__ import annotations
 
+import abc
 import builtins
 import re
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
@@ -126,96 +127,6 @@ class CommitInfo(Struct, frozen=True):
     id: str | None
     #: The commit message's first line (``write <id> (<n> bytes)``, ``system reset to <sha>``, ...).
     subject: str
-
-
-class Store(Protocol):
-    """What the runtime needs from an artifact store. Every mutation is durable when it returns."""
-
-    # ------------------------------------------------------------------------- agent-facing
-    def write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> WriteReceipt:
-        """Create or rewrite ``id`` as ``agent`` (``quota`` = its disk quota in bytes); wait until durable."""
-        ...
-
-    def submit_write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> Future[WriteReceipt]:
-        """Queue a write; the future resolves once it is durable (or with the ``StoreError``)."""
-        ...
-
-    def delete(self, agent: str, id: str) -> str:
-        """Delete ``id`` (owner only); return the commit. Its bytes go back to the owner's quota."""
-        ...
-
-    def submit_delete(self, agent: str, id: str) -> Future[str]:
-        """Queue a delete; the future resolves with the commit once it is durable."""
-        ...
-
-    def read(self, agent: str, id: str) -> Artifact:
-        """The artifact at HEAD if ``agent`` may read it, else ``not_found``."""
-        ...
-
-    def list(self, agent: str) -> builtins.list[ArtifactInfo]:
-        """Every artifact at HEAD that ``agent`` can see, by id."""
-        ...
-
-    def owned_bytes(self, agent: str) -> int:
-        """Content bytes ``agent`` owns at HEAD."""
-        ...
-
-    def usage(self) -> dict[str, int]:
-        """Content bytes owned at HEAD, per agent that owns any."""
-        ...
-
-    # ------------------------------------------------------------------------ operator only
-    def history(self, id: str) -> builtins.list[HistoryEntry]:
-        """Every commit that changed ``id``, newest first."""
-        ...
-
-    def show(self, id: str, commit: str) -> Artifact:
-        """``id`` as it was at ``commit``."""
-        ...
-
-    def rollback(self, to_commit: str, operator: str = "system") -> str:
-        """Make HEAD's tree equal ``to_commit``'s in a new commit authored by ``operator``; return it."""
-        ...
-
-    def head(self) -> str:
-        """The current HEAD commit."""
-        ...
-
-    def last_commit(self) -> CommitInfo:
-        """What the HEAD commit did (for example, a reset made while the runtime was stopped)."""
-        ...
-
-    def walk_head(self) -> dict[str, tuple[ArtifactInfo, str]]:
-        """Every artifact in HEAD's tree (read from the repository, not the index), with its content blob."""
-        ...
-
-    def indexed(self) -> dict[str, tuple[ArtifactInfo, str]]:
-        """Every artifact in the HEAD index, with its content blob."""
-        ...
-
-    def close(self) -> None:
-        """Finish what is queued and release the store."""
-        ...
 
 
 def check_id(raw: object) -> str:
@@ -353,12 +264,15 @@ def failed(exc: BaseException) -> Future[Any]:
     return fut
 
 
-class QueuedWriter(GroupCommitter[tuple[Any, "Future[Any]"]]):
-    """The request side of a group-committing store: validated requests go, each with a future, to the
-    shared group-commit writer (``runtime.groupcommit``), whose ``_commit`` resolves every future.
+class Store(GroupCommitter[tuple[Any, "Future[Any]"]]):
+    """An artifact store: what the runtime needs of one. Every mutation is durable when it returns.
 
-    A subclass calls ``_init_writer`` and ``_start_writer`` once it is ready to write, implements
-    ``_commit(batch)`` of ``(operation, future)`` pairs and calls ``_stop_writer`` from its ``close``.
+    The agent-facing writes are implemented here, once: validated requests go, each with a future, to
+    the shared group-commit writer (``runtime.groupcommit``), whose ``_commit`` — the backend's — applies
+    a batch of ``(operation, future)`` pairs in one durable transaction and resolves every future. A
+    backend calls ``_init_writer`` and ``_start_writer`` once it is ready to write, ``_stop_writer`` from
+    its ``close``, and implements the reads: the agent-facing ones see HEAD only; history is the
+    operator's (an agent-facing PostgreSQL role is refused it).
     """
 
     def _submit(self, op: Any) -> Future[Any]:
@@ -413,6 +327,70 @@ class QueuedWriter(GroupCommitter[tuple[Any, "Future[Any]"]]):
     def delete(self, agent: str, id: str) -> str:
         """Delete ``id`` (its owner only); return the commit once it is durable."""
         return self.submit_delete(agent, id).result()
+
+    # ------------------------------------------------------------------------- agent-facing reads
+
+    @abc.abstractmethod
+    def read(self, agent: str, id: str) -> Artifact:
+        """The artifact at HEAD if ``agent`` may read it, else ``not_found``."""
+        ...
+
+    @abc.abstractmethod
+    def list(self, agent: str) -> builtins.list[ArtifactInfo]:
+        """Every artifact at HEAD that ``agent`` can see, by id."""
+        ...
+
+    @abc.abstractmethod
+    def owned_bytes(self, agent: str) -> int:
+        """Content bytes ``agent`` owns at HEAD."""
+        ...
+
+    @abc.abstractmethod
+    def usage(self) -> dict[str, int]:
+        """Content bytes owned at HEAD, per agent that owns any."""
+        ...
+
+    # ------------------------------------------------------------------------ operator only
+
+    @abc.abstractmethod
+    def history(self, id: str) -> builtins.list[HistoryEntry]:
+        """Every commit that changed ``id``, newest first."""
+        ...
+
+    @abc.abstractmethod
+    def show(self, id: str, commit: str) -> Artifact:
+        """``id`` as it was at ``commit``."""
+        ...
+
+    @abc.abstractmethod
+    def rollback(self, to_commit: str, operator: str = "system") -> str:
+        """Make HEAD's tree equal ``to_commit``'s in a new commit authored by ``operator``; return it."""
+        ...
+
+    @abc.abstractmethod
+    def head(self) -> str:
+        """The current HEAD commit."""
+        ...
+
+    @abc.abstractmethod
+    def last_commit(self) -> CommitInfo:
+        """What the HEAD commit did (for example, a reset made while the runtime was stopped)."""
+        ...
+
+    @abc.abstractmethod
+    def walk_head(self) -> dict[str, tuple[ArtifactInfo, str]]:
+        """Every artifact in HEAD's tree (read from the repository, not the index), with its content blob."""
+        ...
+
+    @abc.abstractmethod
+    def indexed(self) -> dict[str, tuple[ArtifactInfo, str]]:
+        """Every artifact in the HEAD index, with its content blob."""
+        ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish what is queued and release the store."""
+        ...
 
 
 def verify(store: Store) -> list[str]:

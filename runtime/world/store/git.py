@@ -78,9 +78,9 @@ from runtime.world.store import (
     HistoryEntry,
     Kind,
     Price,
-    QueuedWriter,
     Readable,
     Size,
+    Store,
     StoreError,
     WriteOp,
     WriteReceipt,
@@ -179,7 +179,7 @@ def _tree_of(entries: dict[bytes, tuple[int, ObjectID]]) -> Tree:
     return tree
 
 
-class GitStore(QueuedWriter):
+class GitStore(Store):
     """The Git artifact store at ``path`` (a bare repository, created if missing).
 
     ``durable=False`` skips every fsync (for tests of logic, never for real runs). ``max_batch`` bounds

@@ -60,7 +60,7 @@ from runtime.world.store import (
     CommitInfo,
     DeleteOp,
     HistoryEntry,
-    QueuedWriter,
+    Store,
     StoreError,
     WriteOp,
     WriteReceipt,
@@ -274,7 +274,7 @@ def _info(aid: str, row: tuple[Any, ...]) -> ArtifactInfo:
     return ArtifactInfo(aid, kind, creator, owner, int(price), readable, float(created), float(updated), int(size))
 
 
-class PostgresStore(QueuedWriter):
+class PostgresStore(Store):
     """The artifact store in the PostgreSQL database at ``url`` (the operator's URL: its role owns the
     schema, which is created or migrated on open).
 
