@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, Self
 
@@ -58,6 +58,8 @@ class SetCursor:
 
 
 Item = Append | SetCursor
+#: ``follower(events, local)``: told of events in seq order, ``local`` when this log committed them.
+Follower = Callable[[Sequence[Event], bool], None]
 #: What a commit decided for each cursor update of its batch: the seq written, or why it was refused.
 CursorResults = list[tuple[Future[int], int | EventError]]
 
@@ -96,6 +98,7 @@ class LogBase(GroupCommitter[Item]):
 
     def __init__(self, *, notifiers: Iterable[Notifier], max_batch: int) -> None:
         self._notifiers: list[Notifier] = list(notifiers)
+        self._followers: list[Follower] = []
         #: Events committed since this log was opened, per kind (replaced, never mutated, so that
         #: another thread can iterate it).
         self.counts: dict[str, int] = {}
@@ -108,6 +111,31 @@ class LogBase(GroupCommitter[Item]):
         with self._lock:
             # Copy-on-write: the writer thread iterates the list it saw, without a lock.
             self._notifiers = [*self._notifiers, notifier]
+
+    def follow(self, follower: Follower) -> None:
+        """Tell ``follower`` of every event this node learns of from now on: those it commits (on the
+        writer thread, right after the commit) and, with a relay, those other nodes commit (on the
+        relay's thread, as ``heard``). Followers keep the node's caches true; they must be quick and
+        must not raise."""
+        with self._lock:
+            self._followers = [*self._followers, follower]  # copy-on-write, as the notifiers
+
+    def followed(self) -> bool:
+        """Whether something follows the stream (a relay then reads other nodes' events even when no
+        waiter would be woken by them)."""
+        return bool(self._followers)
+
+    def heard(self, events: Sequence[Event]) -> None:
+        """Events another node committed (from a relay): the followers are told, then the waiters woken."""
+        self._follow(events, local=False)
+        self.notice(events)
+
+    def _follow(self, events: Sequence[Event], *, local: bool) -> None:
+        for follower in self._followers:
+            try:
+                follower(events, local)
+            except Exception:
+                log.exception("a follower failed on events %d..%d", events[0].seq, events[-1].seq)
 
     # ------------------------------------------------------------------------------------ writes
 
@@ -195,6 +223,7 @@ class LogBase(GroupCommitter[Item]):
         for ev in events:
             counts[ev.kind] = counts.get(ev.kind, 0) + 1
         self.counts = counts
+        self._follow(events, local=True)
         self.notice(events)
         for notifier in self._notifiers:
             try:
@@ -240,6 +269,40 @@ class LogBase(GroupCommitter[Item]):
     def cursor(self, agent: str) -> int:
         """The agent's persisted cursor (0 if it never set one)."""
 
+    @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The sequence number of the last durable event (0 for an empty log)."""
+
+    @abc.abstractmethod
+    def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
+        """The newest seq of an event of ``kinds`` for ``agent`` (or everyone)."""
+
+    # The reads for the event loop. Here they are the synchronous ones, right for a log whose reads are
+    # local lookups (LMDB: microseconds); a backend whose reads cross a network overrides them.
+
+    async def read_async(
+        self,
+        since: int = 0,
+        *,
+        kinds: Collection[str] | None = None,
+        agent: str | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """``read``, for code on the event loop."""
+        return self.read(since, kinds=kinds, agent=agent, limit=limit)
+
+    async def cursor_async(self, agent: str) -> int:
+        """``cursor``, for code on the event loop."""
+        return self.cursor(agent)
+
+    async def last_seq_async(self) -> int:
+        """``last_seq``, for code on the event loop."""
+        return self.last_seq()
+
+    async def last_addressed_async(self, agent: str, kinds: Collection[str]) -> int:
+        """``last_addressed``, for code on the event loop."""
+        return self.last_addressed(agent, kinds)
+
     # ----------------------------------------------------------------------------------- waiting
 
     async def wait(
@@ -257,7 +320,7 @@ class LogBase(GroupCommitter[Item]):
         closed. The cursor is not moved: the agent moves it (``set_cursor``) once it has dealt with
         the events, so an event is seen at least once even across a crash."""
         if since is None:
-            since = self.cursor(agent)
+            since = await self.cursor_async(agent)
         waiter = _Waiter(agent, None if kinds is None else frozenset(kinds), since)
         # Registered before the first read: an event committed between the read and the sleep still
         # sets the flag, so it cannot be missed.
@@ -268,7 +331,7 @@ class LogBase(GroupCommitter[Item]):
             try:
                 async with asyncio.timeout_at(deadline):
                     while not self.stopped:
-                        found = self.read(since, kinds=waiter.kinds, agent=agent, limit=limit)
+                        found = await self.read_async(since, kinds=waiter.kinds, agent=agent, limit=limit)
                         if found:
                             return found
                         await waiter.flag.wait()
@@ -276,7 +339,7 @@ class LogBase(GroupCommitter[Item]):
             except TimeoutError:
                 pass
             # At the deadline, one last look: an event that became durable just then is still news.
-            return [] if self.stopped else self.read(since, kinds=waiter.kinds, agent=agent, limit=limit)
+            return [] if self.stopped else await self.read_async(since, kinds=waiter.kinds, agent=agent, limit=limit)
         finally:
             with self._wlock:
                 group = self._waiters.get(agent)

@@ -8,15 +8,18 @@ Each node runs one ``RedisRelay`` on its ``PostgresEventLog``. The relay is
   back. Pub/sub is fire-and-forget: a publish that fails is counted (``dropped``) and not retried.
 - a subscriber: on an announcement from another node of seqs beyond what this node has seen, it reads
   the new events *from PostgreSQL* (the payload is only a hint) and hands them to the log's
-  ``notice``, which wakes the local waiters they concern. Each event is handed over once: the relay
-  keeps a high-water mark of the seqs it has dealt with, and skips the ones this node committed
-  itself (their commit already woke the local waiters).
+  ``heard``, which tells the log's followers (the node's caches) and wakes the local waiters they
+  concern. Each event is handed over once: the relay keeps a high-water mark of the seqs it has dealt
+  with, and skips the ones this node committed itself (their commit already told the followers and
+  woke the local waiters).
 
 Messages get lost (a disconnect, a restart, Redis down for a while). The relay catches up from the log
 whenever it may have missed something: once subscribed (at start and after each reconnect, which backs
 off exponentially), and on a slow safety poll (``poll_s``) that compares ``last_seq`` with its mark,
 so a lost message delays a wake-up by at most ``poll_s`` and never loses an event. Catching up while
-no waiter is registered just moves the mark (a waiter that registers later reads the log itself).
+no waiter is registered and nothing follows the stream just moves the mark (a waiter that registers
+later reads the log itself). Once subscribed, the relay sets the log's ``relayed``: from then on every
+event reaches the log's followers, which is what lets it answer some reads from memory.
 """
 
 from __future__ import annotations
@@ -190,6 +193,7 @@ class RedisRelay:
             self.close()
             raise RedisUnavailable(f"{what}={redact(url)!r}: no subscription to {self.channel} within {deadline_s:g} s")
         log.attach(self)
+        log.relayed = True
 
     # --------------------------------------------------------------------------- local commits
 
@@ -311,7 +315,7 @@ class RedisRelay:
             if last <= seen:
                 return
             # Read before this check, ``last`` covers everything a waiter registered after it will read itself.
-            if self.log.waiting() == 0:
+            if self.log.waiting() == 0 and not self.log.followed():
                 self._mark(last, ())
                 return
             while seen < last:
@@ -320,7 +324,7 @@ class RedisRelay:
                     return
                 fresh = self._mark(events[-1].seq, events)
                 if fresh:
-                    self.log.notice(fresh)
+                    self.log.heard(fresh)
                     self.delivered += len(fresh)
                 seen = events[-1].seq
         except Exception:
@@ -347,6 +351,7 @@ class RedisRelay:
         if self._closed:
             return
         self._closed = True
+        self.log.relayed = False
         self._stop.set()
         with self._hw:
             self._wake.notify()
