@@ -47,7 +47,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -463,34 +463,35 @@ def run(opts: Options) -> int:
         config = _config(tmp)
         with PostgresServer() as pg, RedisServer() as rd:
             print(f"servers of this run: PostgreSQL pid {pg.pid} on :{pg.port}, Redis pid {rd.pid} on :{rd.port}")
-            print(f"[embedded] {AGENTS} agents, one node on LMDB, {TOTAL_CORES:.2f} cores", flush=True)
-            (tmp / "embedded").mkdir()
-            try:
-                embedded = _measure_embedded(config, tmp / "embedded", duration, pg, rd)
-                print(
-                    f"[embedded] {embedded.actions_per_s:,.0f} actions/s ({embedded.actions:,} in "
-                    f"{embedded.seconds:g} s); ledger check {'ok' if embedded.ledger_ok else 'FAILED'}"
-                    + (f"; problems: {embedded.problems}" if embedded.problems else ""),
-                    flush=True,
+            runs: list[tuple[str, str, Callable[[Path], NodesResult]]] = [
+                (
+                    "embedded",
+                    f"one node on LMDB, {TOTAL_CORES:.2f} cores",
+                    lambda w: _measure_embedded(config, w, duration, pg, rd),
                 )
-            except Exception as exc:
-                print(f"[embedded] FAILED: {type(exc).__name__}: {exc}", flush=True)
-                skipped.append(Skipped("embedded", f"{type(exc).__name__}: {exc}"))
+            ]
             for n in NODE_COUNTS:
-                label = f"[{n} node{'s' if n > 1 else ''}]"
-                print(f"{label} {AGENTS} agents, {TOTAL_CORES / n:.2f} cores each", flush=True)
-                where = tmp / f"nodes-{n}"
-                where.mkdir()
-                one = results[0].actions_per_s if results and results[0].nodes == 1 else None
+
+                def nodes(w: Path, n: int = n) -> NodesResult:
+                    one = results[0].actions_per_s if results and results[0].nodes == 1 else None
+                    return _measure_nodes(n, config, w, duration, one, pg, rd)
+
+                runs.append((f"{n}-nodes", f"{n} node(s) on PostgreSQL, {TOTAL_CORES / n:.2f} cores each", nodes))
+            for name, describe, measure in runs:
+                print(f"[{name}] {AGENTS} agents, {describe}", flush=True)
+                (tmp / name).mkdir()
                 try:
-                    r = _measure_nodes(n, config, where, duration, one, pg, rd)
+                    r = measure(tmp / name)
                 except Exception as exc:
-                    print(f"{label} FAILED: {type(exc).__name__}: {exc}", flush=True)
-                    skipped.append(Skipped(f"{n}-nodes", f"{type(exc).__name__}: {exc}"))
+                    print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+                    skipped.append(Skipped(name, f"{type(exc).__name__}: {exc}"))
                     continue
-                results.append(r)
+                if r.backend == "lmdb":
+                    embedded = r
+                else:
+                    results.append(r)
                 print(
-                    f"{label} {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
+                    f"[{name}] {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
                     f"per node {r.per_node}); server CPU: PostgreSQL {r.postgres_cpu_s:.2f} s, "
                     f"Redis {r.redis_cpu_s:.2f} s; ledger check {'ok' if r.ledger_ok else 'FAILED'}"
                     + (f"; problems: {r.problems}" if r.problems else ""),

@@ -83,9 +83,10 @@ def follow_shared_caches(ledger: PostgresLedger, store: PostgresStore) -> Follow
     """The rules that keep a node's caches of the shared state true across nodes, driven by the events
     other nodes commit (the node's own writes put their results into the caches themselves):
 
-    - a ``transfer`` (addressed to the recipient) makes the node forget the recipient's holdings. Every
-      debit of an agent is an operation of the node that runs it; a credit may come from any node, and
-      announces itself this way;
+    - a ``transfer`` (addressed to the recipient, with the journal seq of its operation) is added to the
+      recipient's cached holdings, once (``HoldingsCache.credit``); one without a seq makes the node
+      forget them. Every debit of an agent is an operation of the node that runs it; a credit may
+      come from any node, and announces itself this way;
     - ``artifact_written`` and ``artifact_deleted`` mark the artifact for reading again before the
       next listing; ``system_reset`` (a rollback) drops the copy of HEAD.
 
@@ -98,7 +99,11 @@ def follow_shared_caches(ledger: PostgresLedger, store: PostgresStore) -> Follow
         changed: list[str] = []
         for ev in events:
             if ev.kind == "transfer" and ev.agent is not None:
-                ledger.holdings_cache.forget(ev.agent)
+                asset, amount, seq = (ev.fields.get(k) for k in ("asset", "amount", "ledger_seq"))
+                if isinstance(asset, str) and isinstance(amount, int) and amount > 0 and isinstance(seq, int):
+                    ledger.holdings_cache.credit(ev.agent, asset, amount, seq)
+                else:
+                    ledger.holdings_cache.forget(ev.agent)
             elif ev.kind in ("artifact_written", "artifact_deleted") and isinstance(ev.fields.get("id"), str):
                 changed.append(ev.fields["id"])
             elif ev.kind == "system_reset":

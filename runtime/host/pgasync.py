@@ -45,7 +45,7 @@ class AsyncReader:
     """
 
     def __init__(
-        self, url: str, *, size: int = 8, name: str = "aeco-reader", setup: str = "", what: str = "POSTGRES_URL"
+        self, url: str, *, size: int = 4, name: str = "aeco-reader", setup: str = "", what: str = "POSTGRES_URL"
     ) -> None:
         check_url(url, what=what)
         if size < 1:

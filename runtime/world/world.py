@@ -105,7 +105,15 @@ class World:
         ``transfer`` event addressed to it — news that may change what it decides."""
         receipt = await self.economy.transfer_right(op)
         if receipt.fresh:
-            self.emit("transfer", {"agent": op.dst, "from": op.src, "asset": op.asset, "amount": op.amount})
+            # ``ledger_seq`` lets another node add this credit to its cached holdings exactly once.
+            fields = {
+                "agent": op.dst,
+                "from": op.src,
+                "asset": op.asset,
+                "amount": op.amount,
+                "ledger_seq": receipt.seq,
+            }
+            self.emit("transfer", fields)
             if op.asset in RATE_RIGHTS and op.dst not in self.economy.buckets.agents():
                 # The recipient runs on another node: that node re-rates its buckets on this event.
                 self.emit("rate_changed", {"agent": op.dst, "asset": op.asset, "op": op.id})

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import psycopg
 import pytest
 
@@ -93,14 +94,28 @@ def test_a_credit_from_another_node_is_seen_through_the_event_stream(two_nodes: 
 
     async def body() -> None:
         assert await a.ledger.balance_async("bob", "scrip") == 100  # cached by node a
-        # Node b pays bob and announces it as the world does: a transfer event addressed to the recipient.
-        await asyncio.wrap_future(b.ledger.submit(Transfer(id="t2", src="carol", dst="bob", asset="scrip", amount=5)))
-        await b.events.publish("transfer", "bob", **{"from": "carol", "asset": "scrip", "amount": 5})
+        # Node b pays bob and announces it as the world does: a transfer event addressed to the recipient,
+        # with the journal seq of the operation.
+        op = Transfer(id="t2", src="carol", dst="bob", asset="scrip", amount=5)
+        receipt = await asyncio.wrap_future(b.ledger.submit(op))
+        fields = {"from": "carol", "asset": "scrip", "amount": 5, "ledger_seq": receipt.seq}
+        before = a.reads()
+        await b.events.publish("transfer", "bob", **fields)
 
         async def seen() -> bool:
             return await a.ledger.balance_async("bob", "scrip") == 105
 
         await eventually(seen, within_s=a.ledger.holdings_cache.max_age_s / 2)
+        assert a.reads() == before, "the credit was added to the cached holdings, not read again"
+        # An announcement without a seq cannot be added: the holdings are forgotten and read again.
+        receipt = await asyncio.wrap_future(b.ledger.submit(msgspec.structs.replace(op, id="t3")))
+        await b.events.publish("transfer", "bob", **{"from": "carol", "asset": "scrip", "amount": 5})
+
+        async def read_again() -> bool:
+            return await a.ledger.balance_async("bob", "scrip") == 110
+
+        await eventually(read_again, within_s=a.ledger.holdings_cache.max_age_s / 2)
+        assert a.reads() > before
 
     asyncio.run(body())
 

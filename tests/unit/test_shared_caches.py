@@ -58,6 +58,28 @@ def test_what_was_read_before_a_forget_is_not_put_after_it() -> None:
     assert cache.put("carol", 3, {}, token)  # a forget concerns its account only
 
 
+def test_a_credit_from_another_node_is_added_once() -> None:
+    cache = HoldingsCache(clock=Clock())
+    cache.put("bob", 10, {"scrip": 100}, cache.token())
+    cache.credit("bob", "scrip", 5, 12)  # after the entry's seq: not in it yet
+    cache.credit("bob", "cpu_rate", 7, 13)
+    assert cache.get("bob") == {"scrip": 105, "cpu_rate": 7}
+    cache.put("bob", 14, {"scrip": 104, "cpu_rate": 7}, cache.token())  # this node's own batch, after both
+    cache.credit("bob", "scrip", 5, 12)  # an entry at seq 14 already holds a credit at 12
+    assert cache.get("bob") == {"scrip": 104, "cpu_rate": 7}
+    cache.credit("carol", "scrip", 1, 20)  # no entry: nothing to add to, and nothing cached
+    assert cache.get("carol") is None
+
+
+def test_balances_read_before_a_credit_are_not_trusted_after_it() -> None:
+    cache = HoldingsCache(clock=Clock())
+    cache.put("bob", 10, {"scrip": 100}, cache.token())
+    token = cache.token()  # a read (or this node's batch) starts
+    cache.credit("bob", "scrip", 5, 12)
+    assert not cache.put("bob", 11, {"scrip": 90}, token)  # may predate the credit; the entry may miss it
+    assert cache.get("bob") is None  # so neither is kept
+
+
 def test_a_copy_is_returned() -> None:
     cache = HoldingsCache(clock=Clock())
     cache.put("alice", 1, {"scrip": 1}, cache.token())

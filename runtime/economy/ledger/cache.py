@@ -11,15 +11,20 @@ Where its entries come from, and why they stay true:
   runs it (transfers, prices and code's transfers are all submitted by the payer's node), so between
   its own operations an agent's balances change only by credits from elsewhere;
 - a read puts what it found, with the journal seq of its snapshot;
-- ``forget(account)``: a credit from elsewhere, announced by the event stream (a ``transfer`` event
-  another node committed), drops the entry; the next read fetches it again;
+- ``credit(account, asset, amount, seq)``: a credit from elsewhere, announced by the event stream (a
+  ``transfer`` event another node committed, which carries the journal seq of its operation), is added
+  to the entry unless the entry's seq shows it already holds it. Credits are announced once each, so
+  none is counted twice; an entry with credits added is still exact as of its seq plus every credit
+  after it that was announced, which is every change but this node's own (those put a newer entry);
+- ``forget(account)`` drops the entry (a change that cannot be applied: the next read fetches it);
 - ``max_age_s``: an entry older than this is not used. It bounds how long a change that announces
   itself to nobody (an operator's or a tool's operation written straight to the database, a wake-up
   message lost with Redis down) stays unseen.
 
 Invariants (asserted in ``put``): an entry's balances are the account's exact balances at the seq it
-carries; an entry is never replaced by one of an older seq; an entry read or computed before a
-``forget`` of its account is never put after it (``token``).
+carries plus the announced credits after that seq; an entry is never replaced by one of an older seq;
+balances read or computed before a credit or ``forget`` of their account are never put after it
+(``token``): they may predate the change, so the entry is dropped instead.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ class HoldingsCache:
         now = self._clock()
         with self._lock:
             if self._forgotten.get(account, -1) >= token:
+                # A credit or forget came after these were read: they may miss it, and the entry may
+                # miss what they saw. Neither can be trusted alone.
+                self._entries.pop(account, None)
                 return False
             old = self._entries.get(account)
             if old is not None and old[0] > seq:
@@ -80,8 +88,23 @@ class HoldingsCache:
             return True
 
     def forget(self, account: str) -> None:
-        """Drop ``account``'s entry (it changed by an operation of another node)."""
+        """Drop ``account``'s entry (it changed in a way the cache cannot apply)."""
         with self._lock:
             self._entries.pop(account, None)
-            self._forgotten[account] = self._forgets
-            self._forgets += 1
+            self._touched(account)
+
+    def credit(self, account: str, asset: str, amount: int, seq: int) -> None:
+        """Another node's operation at journal ``seq`` gave ``account`` ``amount`` of ``asset``."""
+        assert amount > 0, f"invariant: a credit is positive ({amount})"
+        with self._lock:
+            entry = self._entries.get(account)
+            if entry is not None and entry[0] < seq:
+                amounts = dict(entry[2])
+                amounts[asset] = amounts.get(asset, 0) + amount
+                self._entries[account] = (entry[0], entry[1], amounts)
+            self._touched(account)
+
+    def _touched(self, account: str) -> None:
+        # Holding the lock: reads that began before now may predate this change of ``account``.
+        self._forgotten[account] = self._forgets
+        self._forgets += 1

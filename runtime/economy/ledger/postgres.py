@@ -295,7 +295,7 @@ class PostgresLedger(GroupCommitted):
         pool_size: int = 4,
         connect_deadline_s: float = 30.0,
         cache_max_age_s: float = 1.0,
-        async_readers: int = 8,
+        async_readers: int = 4,
     ) -> None:
         self._url = url
         #: The node's holdings cache (``runtime.economy.ledger.cache``); ``cache_max_age_s=0`` disables it.

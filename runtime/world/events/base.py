@@ -67,12 +67,14 @@ CursorResults = list[tuple[Future[int], int | EventError]]
 class _Waiter:
     """One ``wait`` in progress: what it waits for, and the flag that wakes it on its own loop."""
 
-    __slots__ = ("agent", "flag", "kinds", "loop", "since")
+    __slots__ = ("agent", "asleep", "flag", "kinds", "loop", "since")
 
     def __init__(self, agent: str, kinds: frozenset[str] | None, since: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.agent, self.kinds, self.since = agent, kinds, since
         self.flag = asyncio.Event()
+        #: It read the log, found nothing, and sleeps until its flag is set.
+        self.asleep = False
 
     def wants(self, event: Event) -> bool:
         return event.seq > self.since and (self.kinds is None or event.kind in self.kinds)
@@ -289,6 +291,11 @@ class LogBase(GroupCommitter[Item]):
         limit: int | None = None,
     ) -> list[Event]:
         """``read``, for code on the event loop."""
+        return await self._read_async(since, kinds, agent, limit)
+
+    async def _read_async(
+        self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None
+    ) -> list[Event]:
         return self.read(since, kinds=kinds, agent=agent, limit=limit)
 
     async def cursor_async(self, agent: str) -> int:
@@ -334,7 +341,9 @@ class LogBase(GroupCommitter[Item]):
                         found = await self.read_async(since, kinds=waiter.kinds, agent=agent, limit=limit)
                         if found:
                             return found
+                        waiter.asleep = True
                         await waiter.flag.wait()
+                        waiter.asleep = False
                         waiter.flag.clear()
             except TimeoutError:
                 pass
@@ -352,6 +361,12 @@ class LogBase(GroupCommitter[Item]):
         """How many ``wait`` calls are in progress."""
         with self._wlock:
             return sum(len(g) for g in self._waiters.values())
+
+    def sleeping(self) -> int:
+        """How many ``wait`` calls have read the log, found nothing, and sleep until woken (a read on a
+        shared log is awaited: a wait is registered before its first read is done)."""
+        with self._wlock:
+            return sum(w.asleep for g in self._waiters.values() for w in g)
 
     def notice(self, events: Sequence[Event]) -> None:
         """Wake the waiters these events concern. Called by the writer after each commit, and by a

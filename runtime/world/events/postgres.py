@@ -131,7 +131,7 @@ class PostgresEventLog(LogBase):
         notifiers: Iterable[Notifier] = (),
         max_batch: int = 4096,
         readers: int = 4,
-        async_readers: int = 8,
+        async_readers: int = 4,
         what: str = "POSTGRES_URL",
         deadline_s: float = 30.0,
     ) -> None:
@@ -143,6 +143,9 @@ class PostgresEventLog(LogBase):
         self._cursor_cache: dict[str, int] = {}
         self._seen_lock = threading.Lock()  # the writer and the relay both update ``_latest``
         self._latest: dict[tuple[str, str], int] = {}
+        #: seq -> at of every event this log is committing or committed and a relay has not passed yet:
+        #: recorded before the COMMIT, so a relay that reads the log at any moment can tell them apart.
+        self._own: dict[int, float] = {}
         self._before: dict[tuple[str, frozenset[str]], int] = {}
         self.follow(self._learn)
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = self._connect()
@@ -238,6 +241,11 @@ class PostgresEventLog(LogBase):
                     cur.executemany(_SET_CURSOR, moves)
             # If the connection dies during the COMMIT the batch may be durable after all; its callers
             # hear of the failure, while other nodes (and this node's own relay catch-up) see it.
+            # A batch that fails leaves its (seq, at) pairs behind: another node's events that later take
+            # those seqs have another ``at``, so they are never mistaken for this node's.
+            if self.relayed:  # only a relay asks (and forgets them as it passes)
+                with self._seen_lock:
+                    self._own.update((r[0], r[1]) for r in rows)
             self._committing = True
         self._cursor_cache.update(moves)
         return events, cursors
@@ -248,6 +256,17 @@ class PostgresEventLog(LogBase):
             self._conn = None
         self._pool.close()
         self.reader.close()
+
+    def own(self, event: Event) -> bool:
+        """Whether this log committed ``event`` (for its relay: its own commits are not news)."""
+        with self._seen_lock:
+            return self._own.get(event.seq) == event.at
+
+    def forget_own(self, upto: int) -> None:
+        """The relay has passed ``upto``: nothing at or below it needs telling apart any more."""
+        with self._seen_lock:
+            for seq in [s for s in self._own if s <= upto]:
+                del self._own[seq]
 
     def _learn(self, events: Sequence[Event], local: bool) -> None:
         """Follow the stream: the newest seq per (agent or everyone, kind), and per agent of any kind."""
@@ -304,15 +323,9 @@ class PostgresEventLog(LogBase):
 
     # ------------------------------------------------------------------------ reads on the loop
 
-    async def read_async(
-        self,
-        since: int = 0,
-        *,
-        kinds: Collection[str] | None = None,
-        agent: str | None = None,
-        limit: int | None = None,
+    async def _read_async(
+        self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None
     ) -> list[Event]:
-        """``read``, awaited."""
         query = _read_query(since, kinds, agent, limit)
         return [] if query is None else [_event(row) for row in await self.reader.fetch(*query)]
 

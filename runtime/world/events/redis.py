@@ -182,7 +182,8 @@ class RedisRelay:
         self._wake = threading.Condition(self._hw)
         self._stop = threading.Event()
         self._closed = False
-        #: Set each time a subscription is confirmed and the catch-up after it is done.
+        #: Set while subscribed: each time a subscription is confirmed and the catch-up after it is done;
+        #: cleared when it is lost.
         self.subscribed = threading.Event()
 
         self._publisher = threading.Thread(target=self._publish_loop, name="relay-publisher", daemon=True)
@@ -253,6 +254,7 @@ class RedisRelay:
             except Exception as exc:
                 if self._stop.is_set():
                     return
+                self.subscribed.clear()
                 self.disconnects += 1
                 # A dropped connection is expected now and then; anything else deserves its traceback.
                 expected = isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
@@ -285,31 +287,36 @@ class RedisRelay:
                     self.subscribed.set()
                 continue
             elif msg["type"] == "message" and msg["channel"] == self.channel.encode():
-                self._heard(msg["data"])
+                # Every announcement already waiting is taken with this one: one read covers them all.
+                upto = self._heard(msg["data"])
+                while (more := pubsub.get_message(timeout=0)) is not None:
+                    if more["type"] == "message" and more["channel"] == self.channel.encode():
+                        upto = max(upto, self._heard(more["data"]))
+                if upto:
+                    self._catch_up(upto if upto > 0 else None)
             if time.monotonic() >= next_poll:
                 self._catch_up()
                 next_poll = time.monotonic() + self.poll_s
 
-    def _heard(self, data: bytes) -> None:
+    def _heard(self, data: bytes) -> int:
+        """What an announcement calls for: the seq to catch up to (0: nothing; -1: up to the log's end)."""
         try:
             ann = _dec.decode(data)
         except msgspec.DecodeError:
             # Not ours, or from a newer version: any message may mean news, and looking is cheap.
             _logger.warning("relay: ignoring the content of an unreadable message on %s", self.channel)
-            self._catch_up()
-            return
+            return -1
         if ann.node == self.node:
-            return  # our own commit: it already woke our waiters
+            return 0  # our own commit: it already woke our waiters
         self.received += 1
         with self._hw:
-            news = ann.last > self._seen
-        if news:
-            self._catch_up()
+            return ann.last if ann.last > self._seen else 0
 
-    def _catch_up(self) -> None:
-        """Hand every event after the mark that this node did not commit to ``log.notice``."""
+    def _catch_up(self, upto: int | None = None) -> None:
+        """Hand every event after the mark that this node did not commit to ``log.heard``: up to ``upto``
+        (an announced seq: committed, as is every seq below it), else up to the log's last seq."""
         try:
-            last = self.log.last_seq()
+            last = self.log.last_seq() if upto is None else upto
             with self._hw:
                 seen = self._seen
             if last <= seen:
@@ -334,8 +341,11 @@ class RedisRelay:
     def _mark(self, upto: int, events: Sequence[Event]) -> list[Event]:
         """Move the mark to ``upto``; return those of ``events`` not dealt with before."""
         with self._hw:
-            fresh = [ev for ev in events if ev.seq > self._seen and ev.seq not in self._local]
+            # ``own``: an event this node committed whose announcement has not reached ``_local`` yet
+            # (the read raced the writer between its COMMIT and its notifiers) is still its own.
+            fresh = [ev for ev in events if ev.seq > self._seen and ev.seq not in self._local and not self.log.own(ev)]
             if upto > self._seen:
+                self.log.forget_own(upto)
                 self._seen = upto
                 self._local = {s for s in self._local if s > upto}
                 self._advance_over_local()

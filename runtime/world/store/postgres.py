@@ -312,7 +312,7 @@ class PostgresStore(Store):
         create: bool = True,
         max_batch: int = 512,
         readers: int = 4,
-        async_readers: int = 8,
+        async_readers: int = 4,
         head_max_age_s: float = 5.0,
         deadline_s: float = 30.0,
     ) -> None:
