@@ -21,6 +21,11 @@ Where its entries come from, and why they stay true:
   itself to nobody (an operator's or a tool's operation written straight to the database, a wake-up
   message lost with Redis down) stays unseen.
 
+The rule is about the accounts of the agents this node runs, and only those are read through the
+cache by the runtime (an agent's own turn, its own world calls). An account run elsewhere may be cached
+too (a batch of this node touched it), but its debits, made by its own node, announce nothing here:
+such an entry is only as fresh as ``max_age_s``.
+
 Invariants (asserted in ``put``): an entry's balances are the account's exact balances at the seq it
 carries plus the announced credits after that seq; an entry is never replaced by one of an older seq;
 balances read or computed before a credit or ``forget`` of their account are never put after it
