@@ -57,7 +57,7 @@ import yaml
 from benchmarks import ledger as ledger_bench
 from benchmarks.cgroup_box import CgroupBox
 from benchmarks.common import Options, Skipped, host_info, measure_each, publish
-from benchmarks.servers import PostgresServer, RedisServer, ServerFailed
+from benchmarks.servers import PostgresServer, RedisServer, ServerFailed, tree_cpu_seconds
 from runtime.economy.ledger.check import CheckReport
 from runtime.world.events import Event
 from tests.scale.nodes import Node, node_of
@@ -101,10 +101,12 @@ class NodesResult(msgspec.Struct):
     cross_node_transfers: int
     ledger_ok: bool
     problems: list[str]
-    #: CPU-seconds the PostgreSQL and Redis process trees used in the window.
+    #: CPU-seconds the nodes (supervisors and workers), PostgreSQL and Redis process trees used in the window.
+    nodes_cpu_s: float
     postgres_cpu_s: float
     redis_cpu_s: float
     #: Their CPU per action, in milliseconds.
+    nodes_ms_per_action: float | None
     postgres_ms_per_action: float | None
     redis_ms_per_action: float | None
     #: Nodes like these (``cores_per_node``, at this run's actions/s per node) one core of each carries.
@@ -139,6 +141,8 @@ class Report(msgspec.Struct):
     targets: list[str]
     #: How many nodes one PostgreSQL core and one Redis core carry, one line per run.
     capacity: list[str]
+    #: The CPU one action costs in all (nodes, PostgreSQL, Redis), one line per run: what sharing adds.
+    costs: list[str]
     skipped: list[Skipped]
 
 
@@ -185,6 +189,8 @@ class _Window(msgspec.Struct):
 
     actions: list[Event]
     seconds: float
+    #: CPU-seconds of the node processes' trees (supervisors and their workers).
+    nodes_cpu_s: float
     postgres_cpu_s: float
     redis_cpu_s: float
     problems: list[str]
@@ -209,13 +215,16 @@ def _run_window(
             raise RuntimeError("a node died during the warm-up")
     if len(acted) < AGENTS:
         problems.append(f"only {len(acted)} of {AGENTS} agents acted during the warm-up")
+    pids = [node.proc.pid for node in nodes if node.proc is not None]
     pg_start, rd_start = pg.cpu_seconds(), rd.cpu_seconds()
+    nodes_start = sum(tree_cpu_seconds(pid) for pid in pids)
     start_seq, start = events.last_seq(), time.perf_counter()
     time.sleep(duration)
     end_seq, seconds = events.last_seq(), time.perf_counter() - start
+    nodes_cpu = sum(tree_cpu_seconds(pid) for pid in pids) - nodes_start
     pg_cpu, rd_cpu = pg.cpu_seconds() - pg_start, rd.cpu_seconds() - rd_start
     window = [e for e in events.read(start_seq, kinds={"action"}) if e.seq <= end_seq]
-    return _Window(window, seconds, pg_cpu, rd_cpu, problems)
+    return _Window(window, seconds, nodes_cpu, pg_cpu, rd_cpu, problems)
 
 
 def _result(
@@ -241,8 +250,10 @@ def _result(
         cross_node_transfers=cross,
         ledger_ok=report.ok,
         problems=w.problems + [f"ledger: {p}" for p in report.problems[:5]],
+        nodes_cpu_s=round(w.nodes_cpu_s, 3),
         postgres_cpu_s=round(w.postgres_cpu_s, 3),
         redis_cpu_s=round(w.redis_cpu_s, 3),
+        nodes_ms_per_action=round(1000 * w.nodes_cpu_s / len(w.actions), 3) if w.actions else None,
         postgres_ms_per_action=round(1000 * w.postgres_cpu_s / len(w.actions), 3) if shared else None,
         redis_ms_per_action=round(1000 * w.redis_cpu_s / len(w.actions), 3) if shared else None,
         nodes_per_postgres_core=_per_core(w.postgres_cpu_s, w.seconds, n) if shared else None,
@@ -370,6 +381,21 @@ def targets(embedded: NodesResult | None, nodes: list[NodesResult], ledgers: lis
     return lines
 
 
+def costs(embedded: NodesResult | None, nodes: list[NodesResult]) -> list[str]:
+    """One line per run: the CPU one action cost the nodes (supervisors and workers) and the servers."""
+    lines = []
+    for r in ([embedded] if embedded else []) + nodes:
+        if r.nodes_ms_per_action is None:
+            continue
+        where = "the embedded node" if r.backend == "lmdb" else f"{r.nodes} node(s) on PostgreSQL"
+        servers = (r.postgres_ms_per_action or 0.0) + (r.redis_ms_per_action or 0.0)
+        lines.append(
+            f"CPU per action, {where}: nodes {r.nodes_ms_per_action:.2f} ms + servers {servers:.2f} ms "
+            f"= {r.nodes_ms_per_action + servers:.2f} ms"
+        )
+    return lines
+
+
 def capacity(nodes: list[NodesResult]) -> list[str]:
     """One line per run: what one PostgreSQL core and one Redis core carry of nodes like its nodes."""
     lines = []
@@ -455,6 +481,7 @@ def plot(report: Report, path: Path) -> None:
 def run(opts: Options) -> int:
     """Measure the embedded node, then 1, 2 and 3 nodes, then the ledgers; print, write JSON and the plot."""
     duration = QUICK_S if opts.quick else FULL_S
+    host = host_info(["psycopg", "redis", "lmdb"])  # before the runs: its load average is the one at the start
     skipped: list[Skipped] = []
     results: list[NodesResult] = []
     embedded: NodesResult | None = None
@@ -492,7 +519,8 @@ def run(opts: Options) -> int:
                     results.append(r)
                 print(
                     f"[{name}] {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
-                    f"per node {r.per_node}); server CPU: PostgreSQL {r.postgres_cpu_s:.2f} s, "
+                    f"per node {r.per_node}); CPU per action: nodes {r.nodes_ms_per_action or 0:.2f} ms; "
+                    f"server CPU: PostgreSQL {r.postgres_cpu_s:.2f} s, "
                     f"Redis {r.redis_cpu_s:.2f} s; ledger check {'ok' if r.ledger_ok else 'FAILED'}"
                     + (f"; problems: {r.problems}" if r.problems else ""),
                     flush=True,
@@ -505,13 +533,14 @@ def run(opts: Options) -> int:
     ledgers = _measure_ledgers(opts.quick, skipped)
     lines = targets(embedded, results, ledgers)
     sizing = capacity(results)
+    spent = costs(embedded, results)
     print()
-    for line in lines + sizing:
+    for line in lines + spent + sizing:
         print(line)
     report = Report(
         benchmark="scale",
         mode="quick" if opts.quick else "full",
-        host=host_info(["psycopg", "redis", "lmdb"]),
+        host=host,
         duration_s=duration,
         agents=AGENTS,
         total_cores=TOTAL_CORES,
@@ -521,6 +550,7 @@ def run(opts: Options) -> int:
         ledger=ledgers,
         targets=lines,
         capacity=sizing,
+        costs=spent,
         skipped=skipped,
     )
     publish(opts.json_path, report, lambda png: plot(report, png))
