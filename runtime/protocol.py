@@ -74,6 +74,22 @@ class Invoke(_Spec, tag="invoke", frozen=True):
     memory_bytes: Annotated[int, Meta(gt=0)] = 256 << 20
 
 
+class InvokeOutput(Struct, frozen=True, forbid_unknown_fields=True):
+    """What an ``Invoke`` task returns (JSON in ``Result.output``): how the confined code ended and what
+    it used. ``value`` is the code's result, already checked by the worker to be strict JSON (UTF-8,
+    finite numbers, 64-bit integers: ``workers.sandbox.result_error``); a result that is not is the
+    code's own failure (``code_error``), never a fault of the runtime."""
+
+    ok: bool
+    value: msgspec.Raw = msgspec.Raw(b"null")
+    error: str = ""
+    error_code: str = ""
+    stdout: str = ""
+    cpu_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    isolation: list[str] = []
+
+
 class Think(_Spec, tag="think", frozen=True):
     """Generate with the worker's local model, constrained to a JSON schema (``native.llama``).
 

@@ -19,12 +19,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from msgspec import Struct
 
 from runtime.economy import RATE_RIGHTS, Economy
 from runtime.ledger import LedgerError, Receipt, Transfer
 from runtime.pool import Outcome, TaskFailed
-from runtime.protocol import Invoke
+from runtime.protocol import Invoke, InvokeOutput
 from runtime.store import Artifact, ArtifactInfo, Kind, Readable, Store, StoreError, WriteReceipt, check_id
 
 log = logging.getLogger("runtime.world")
@@ -132,7 +133,7 @@ class World:
                 f"`{agent}` has {scrip} scrip; invoking `{aid}` costs {art.price} plus up to {max_transfer} authorised",
             )
         try:
-            encoded_args = json.dumps(args).encode()
+            encoded_args = json.dumps(args, allow_nan=False).encode()  # JSON has no NaN or Infinity
         except (TypeError, ValueError) as exc:
             raise InvokeError("invalid", f"args are not JSON: {exc}") from None
         memory = min(self.economy.ledger.balance(agent, "memory_quota"), 1 << 30) or (256 << 20)
@@ -197,13 +198,11 @@ class World:
         except TaskFailed as exc:
             self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": exc.code})
             raise InvokeError(exc.code, exc.detail) from None
-        result = json.loads(out.output)
-        if not result.get("ok"):
-            self.emit(
-                "artifact_invoked",
-                {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": result.get("error_code")},
-            )
-            raise InvokeError(result.get("error_code") or "code_error", result.get("error", ""), out)
+        result = msgspec.json.decode(out.output, type=InvokeOutput)
+        if not result.ok:
+            code = result.error_code or "code_error"
+            self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": code})
+            raise InvokeError(code, result.error, out)
         paid = 0
         if art.price and art.owner != agent:
             try:
@@ -223,8 +222,8 @@ class World:
         # Addressed to the owner: someone used (and maybe paid for) its artifact.
         self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": True, "paid": paid})
         return Invocation(
-            value=result.get("value"),
-            stdout=result.get("stdout", ""),
+            value=msgspec.json.decode(result.value),
+            stdout=result.stdout,
             cpu_seconds=out.usage.cpu_seconds,
             peak_memory_bytes=out.usage.peak_memory_bytes,
             paid=paid,

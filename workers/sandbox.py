@@ -67,6 +67,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import marshal
 import math
 import os
 import select
@@ -81,6 +82,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from workers import rootfs, seccomp
 from workers.sandbox_boot import MAX_FRAME
 
 log = logging.getLogger("workers.sandbox")
@@ -98,9 +100,24 @@ ErrorCode = Literal[
 #: The requests agent code can make, and the parameters ``handle`` receives for each.
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 #: Isolation steps that ``skip`` may name (for tests, and for hosts where a step misbehaves).
-STEPS = ("mountns", "netns", "ipcns", "pidns")
+STEPS = ("mountns", "netns", "ipcns", "utsns", "cgroupns", "pidns", "seccomp")
 
 _BOOT = str(Path(__file__).with_name("sandbox_boot.py"))
+#: What the child's interpreter runs (``-c``): the bootstrap's code object arrives as the first frame
+#: on the channel, compiled once by this worker (``_boot_code``). Run as a script, the bootstrap would
+#: be compiled from source in every invocation (scripts get no bytecode cache; nor does an image
+#: whose code directory its user cannot write): most of a bare interpreter's start-up again.
+_LOADER = """import marshal, os, sys
+def read(n):
+    b = b''
+    while len(b) < n:
+        c = os.read(int(sys.argv[1]), n - len(b))
+        if not c:
+            os._exit(1)
+        b += c
+    return b
+exec(marshal.loads(read(int.from_bytes(read(4), 'big'))), {'__name__': '__main__'})
+"""
 #: The bootstrap's whole environment: nothing of the worker's (secrets included) reaches the child.
 _CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 #: Join the per-invocation cgroups (positional arguments: count, procs files, then the command) and
@@ -179,8 +196,18 @@ class _Done(msgspec.Struct, tag="done", tag_field="op", forbid_unknown_fields=Tr
     error_code: str = ""
 
 
+class _Report(msgspec.Struct, forbid_unknown_fields=True):
+    """What the bootstrap's outer process measured of the whole tree when no cgroup did (``_Watch``
+    in ``sandbox_boot``), on a pipe only it holds."""
+
+    peak: int
+    cpu: float
+    samples: int
+    over: Literal["", "memory", "cpu"]
+
+
 _decode = msgspec.json.Decoder(_Ready | _ReadArtifact | _Transfer | _Done).decode
-_encode = msgspec.json.Encoder().encode
+_decode_report = msgspec.json.Decoder(_Report).decode
 #: What a ``done`` frame may claim once the code runs (anything else becomes code_error).
 _CODE_ENDINGS: frozenset[str] = frozenset({"code_error", "memory_exceeded", "output_too_large"})
 
@@ -188,6 +215,16 @@ _CODE_ENDINGS: frozenset[str] = frozenset({"code_error", "memory_exceeded", "out
 def _frame(payload: bytes) -> bytes:
     assert len(payload) <= MAX_FRAME
     return len(payload).to_bytes(4, "big") + payload
+
+
+@functools.cache
+def _boot_code() -> bytes:
+    """The bootstrap, compiled (``marshal`` of its code object: the loader runs the same interpreter)."""
+    return marshal.dumps(compile(Path(_BOOT).read_text(), _BOOT, "exec", dont_inherit=True))
+
+
+def _refusal(error: str) -> bytes:
+    return marshal.dumps({"ok": False, "error": error[:_MAX_ERROR]})
 
 
 # --- per-invocation cgroups --------------------------------------------------------------------------
@@ -254,6 +291,12 @@ class _Cgroups:
         if (text := self._read("unified", "cpu.stat")) is not None:
             return _field(text, "usage_usec") / 1e6
         return None
+
+    def measures_memory(self) -> bool:
+        """Whether these cgroups bound and measure the tree's memory (a memory controller is there)."""
+        return "memory" in self.dirs or (
+            "unified" in self.dirs and os.path.exists(os.path.join(self.dirs["unified"], "memory.peak"))
+        )
 
     def peak_bytes(self) -> int | None:
         """The high-water mark of the whole tree's memory (a fresh cgroup: no reset needed)."""
@@ -347,14 +390,17 @@ class _Invocation:
         handle: Handler,
         job: bytes,
         started: float,
+        report: int,
     ) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         self.proc, self.sock, self.cg, self.limits, self.handle = proc, sock, cg, limits, handle
+        self.report_fd = report
+        self.report: _Report | None = None
         self.pidfd = os.pidfd_open(proc.pid)
         self.out_fd, self.err_fd = proc.stdout.fileno(), proc.stderr.fileno()
         self.deadline = started + limits.wall_seconds
         self.inbuf = bytearray()
-        self.outbuf = bytearray(_frame(job))  # the job is the first thing the child reads
+        self.outbuf = bytearray(_frame(_boot_code()) + _frame(job))  # what the child reads first
         self.stdout = bytearray()
         self.stderr = bytearray()
         self.ready: tuple[str, ...] | None = None
@@ -478,24 +524,25 @@ class _Invocation:
             self.outbuf += _frame(self._serve(op, params))
 
     def _serve(self, op: str, params: dict[str, Any]) -> bytes:
-        """Ask ``handle`` and encode its answer; a failing handler is a refusal, not a crash."""
+        """Ask ``handle`` and encode its answer (``marshal``: see ``sandbox_boot``); a failing handler
+        is a refusal, not a crash."""
         try:
             answer = self.handle(op, params)
         except Exception as exc:
             log.debug("sandbox request %s failed", op, exc_info=True)
-            return _encode({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]})
+            return _refusal(f"{type(exc).__name__}: {exc}")
         if not isinstance(answer, dict) or answer.get("ok") is not True:
             err = answer.get("error") if isinstance(answer, dict) else None
-            return _encode({"ok": False, "error": str(err or f"{op} refused")[:_MAX_ERROR]})
+            return _refusal(str(err or f"{op} refused"))
         value = answer.get("value")
         if op == "read_artifact":
             if not isinstance(value, bytes | bytearray | memoryview):
-                return _encode({"ok": False, "error": f"{op}: the handler returned no bytes"})
-            reply = _encode({"ok": True, "value": bytes(value)})  # bytes travel as base64
+                return _refusal(f"{op}: the handler returned no bytes")
+            reply = marshal.dumps({"ok": True, "value": bytes(value)})
             if len(reply) > MAX_FRAME:
-                return _encode({"ok": False, "error": f"{op}: {len(value)} bytes is over the channel limit"})
+                return _refusal(f"{op}: {len(value)} bytes is over the channel limit")
             return reply
-        return _encode({"ok": True, "value": None})
+        return marshal.dumps({"ok": True, "value": None})
 
     def _on_output(self, fd: int) -> bool:
         """Read the child's stdout or stderr (bounded); False at EOF."""
@@ -551,6 +598,21 @@ class _Invocation:
         self.proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits on the pid
         self.rusage_cpu = ru.ru_utime + ru.ru_stime
         self.rusage_peak = ru.ru_maxrss * 1024
+        self.report = self._read_report()
+
+    def _read_report(self) -> _Report | None:
+        """The outer's report, if it wrote one before it exited (it is gone: the read cannot block)."""
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self.report_fd, 4096):
+                data += chunk
+        if not data:
+            return None
+        try:
+            return _decode_report(data)
+        except msgspec.MsgspecError:
+            log.error("sandbox bootstrap %d wrote a malformed report: %r", self.proc.pid, data[:200])
+            return None
 
     def drain(self) -> None:
         """Collect what the dead child left in its channel and pipes (bounded in time and size)."""
@@ -577,6 +639,7 @@ class _Invocation:
 
     def close(self) -> None:
         os.close(self.pidfd)
+        os.close(self.report_fd)
         self.sock.close()
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
@@ -594,6 +657,8 @@ def _classify(inv: _Invocation, cpu: float, oom: int) -> tuple[ErrorCode, str]:
     """The error code and message of an invocation that did not end in a successful ``done``."""
     lim = inv.limits
     if inv.ended == "protocol":
+        if inv.ready is not None:  # only the code writes on the channel after "ready"
+            return "code_error", f"the code broke the channel protocol: {inv.detail}"
         return "sandbox_error", f"the sandbox broke the channel protocol: {inv.detail}"
     if inv.ended == "internal":
         return "sandbox_error", f"internal error while watching the sandbox: {inv.detail}"
@@ -603,6 +668,11 @@ def _classify(inv: _Invocation, cpu: float, oom: int) -> tuple[ErrorCode, str]:
         return "cpu_exceeded", f"the code used {cpu:.3f} s of CPU, over its {lim.cpu_seconds} s limit"
     if inv.ended == "deadline":
         return "deadline_exceeded", f"the code ran past its {lim.wall_seconds} s wall-clock limit"
+    if inv.report is not None and inv.report.over == "memory":
+        held = inv.report.peak
+        return "memory_exceeded", f"the invocation's processes and /tmp held {held} bytes, over its {lim.memory_bytes}"
+    if inv.report is not None and inv.report.over == "cpu":
+        return "cpu_exceeded", f"the code used {cpu:.3f} s of CPU, over its {lim.cpu_seconds} s limit"
     if inv.done is not None:
         d = inv.done
         if inv.ready is None:
@@ -629,6 +699,57 @@ def _classify(inv: _Invocation, cpu: float, oom: int) -> tuple[ErrorCode, str]:
     if sig:
         return "killed", f"the code was killed by {_signal_name(sig)}"
     return "code_error", f"the code exited (status {os.WEXITSTATUS(inv.status)}) without finishing"
+
+
+#: The integers a result may hold: 64 bits (signed or not), what msgpack, PostgreSQL and most JSON
+#: readers can represent. Floats are finite doubles (JSON has no NaN or Infinity; the strict decoder
+#: refuses ``1e999``).
+RESULT_INT_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def result_error(value: bytes) -> str:
+    """Why ``value`` (a result as the child sent it) is not acceptable JSON, or "" when it is.
+
+    The bootstrap encodes results strictly, but the code can write its own ``done`` frame: this is
+    the check that counts. UTF-8, RFC 8259 syntax, finite numbers, integers in ``RESULT_INT_RANGE``.
+    """
+    try:
+        decoded = msgspec.json.decode(value)
+    except msgspec.DecodeError as exc:
+        return f"the result is not valid JSON: {exc}"
+    lo, hi = RESULT_INT_RANGE
+    todo = [decoded]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, list):
+            todo += v
+        elif isinstance(v, dict):
+            todo += v.values()
+        elif isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:
+            text = str(v)
+            return f"the result holds an integer outside 64 bits ({text[:24]}{'…' if len(text) > 24 else ''})"
+    return ""
+
+
+def _job(code: str, args: object, limits: Limits, hide: Sequence[str], skip: Collection[str], *, watch: bool) -> bytes:
+    """The first frame the bootstrap reads (``marshal``: see ``sandbox_boot``). Raises ``OSError`` or
+    ``ValueError`` when this host has no root plan or no seccomp table the sandbox could use."""
+    hidden = [os.path.abspath(h) for h in hide]
+    numbers = seccomp.arch().numbers
+    job = {
+        "code": code,
+        "args": args,
+        "limits": msgspec.structs.asdict(limits),
+        "hide": hidden,
+        "skip": list(skip),
+        "root": [] if "mountns" in skip else list(rootfs.plan(tuple(hidden))),
+        "python": os.path.realpath(sys.executable),
+        "seccomp": b"" if "seccomp" in skip else seccomp.program(),
+        "nr": {name: numbers[name] for name in ("pivot_root", "keyctl", "mount_setattr")},
+        "watch": watch,
+        "worker": os.getpid(),
+    }
+    return marshal.dumps(job)
 
 
 def _failure(code: ErrorCode, error: str, started: float) -> Confined:
@@ -660,19 +781,30 @@ def run_confined(
     unknown = set(skip) - set(STEPS)
     if unknown:
         raise ValueError(f"unknown isolation steps {sorted(unknown)}; known: {STEPS}")
-    job = _encode(
-        {"code": code, "args": args, "limits": limits, "hide": [os.path.abspath(h) for h in hide], "skip": list(skip)}
-    )
-    if len(job) > MAX_FRAME:
-        return _failure("sandbox_error", f"code and arguments are {len(job)} bytes, over {MAX_FRAME}", started)
+    # JSON types only (TypeError otherwise), as the code will see them.
+    args = msgspec.json.decode(msgspec.json.encode(args))
     cg: _Cgroups | None = None
     if cgroup_parents:
         try:
             cg = _Cgroups.create(cgroup_parents, f"sbx-{os.getpid()}-{next(_seq)}", limits)
         except OSError as exc:
             log.warning("sandbox without cgroups: %s", exc)
+    try:
+        job = _job(code, args, limits, hide, skip, watch=cg is None or not cg.measures_memory())
+    except (OSError, ValueError) as exc:  # no root or filter for this host: refuse rather than run unconfined
+        if cg is not None:
+            cg.remove(deadline=time.monotonic() + 1.0)
+        return _failure("sandbox_error", f"cannot prepare the sandbox: {exc}", started)
+    if len(job) > MAX_FRAME:
+        if cg is not None:
+            cg.remove(deadline=time.monotonic() + 1.0)
+        return _failure("sandbox_error", f"code and arguments are {len(job)} bytes, over {MAX_FRAME}", started)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [sys.executable, "-I", "-S", _BOOT, str(child_sock.fileno()), str(os.getpid())]
+    report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    # The interpreter itself, not the worker's virtual-environment link to it: that path is not in
+    # the root (and the code reads its command line in /proc).
+    python = os.path.realpath(sys.executable)
+    argv = [python, "-I", "-S", "-c", _LOADER, str(child_sock.fileno()), str(report_w)]
     if cg is not None:
         files = cg.procs_files()
         argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", str(len(files)), *files, *argv]
@@ -682,24 +814,27 @@ def run_confined(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            pass_fds=(child_sock.fileno(),),
+            pass_fds=(child_sock.fileno(), report_w),
             close_fds=True,
             env=_CHILD_ENV,
             cwd="/",  # a cwd inside a hidden directory would be a way around the mount
         )
     except OSError as exc:
         parent_sock.close()
+        os.close(report_r)
         if cg is not None:
             cg.remove(deadline=time.monotonic() + 1.0)
         return _failure("sandbox_error", f"cannot start the sandbox: {exc}", started)
     finally:
         child_sock.close()
+        os.close(report_w)
     try:
-        inv = _Invocation(proc, parent_sock, cg, limits, handle, job, started)
+        inv = _Invocation(proc, parent_sock, cg, limits, handle, job, started, report_r)
     except OSError as exc:  # no pidfd: kill our (unreaped, so unambiguous) child the plain way
         proc.kill()
         proc.wait()
         parent_sock.close()
+        os.close(report_r)
         if cg is not None:
             cg.remove(deadline=time.monotonic() + 2.0)
         return _failure("sandbox_error", f"cannot watch the sandbox: {exc}", started)
@@ -722,18 +857,29 @@ def run_confined(
             # about the sandbox; the cgroup's peak is the tree's own.
             peak = cg.peak_bytes() or peak
             oom = cg.oom_kills()
+        if inv.report is not None:
+            # What the outer saw of the tree (never below what the kernel reported, see _Watch),
+            # rather than wait4's maxrss of the outer, which starts at this worker's own high-water
+            # mark (the kernel keeps it across exec). The cgroup's peak, when there is one, counts too.
+            peak = max(inv.report.peak, cg.peak_bytes() or 0) if cg is not None else inv.report.peak
+            cpu = max(cpu, inv.report.cpu)  # processes killed with the tree and autoreaped are lost to wait4
     finally:
         inv.close()
         if cg is not None:
             cg.remove(deadline=time.monotonic() + 2.0)
     isolation = (inv.ready or ()) + (("cgroup",) if cg is not None else ())
+    if inv.report is not None and inv.ready is not None:
+        isolation += ("memwatch",)
     stdout = bytes(inv.stdout[: limits.max_output_bytes])
     wall = time.monotonic() - started
-    if inv.ended == "done" and inv.done is not None and inv.done.ok and inv.ready is not None:
+    over = inv.report is not None and inv.report.over != ""
+    if inv.ended == "done" and inv.done is not None and inv.done.ok and inv.ready is not None and not over:
         value = bytes(inv.done.value)
         if len(value) > limits.max_output_bytes:
             msg = f"the result is {len(value)} bytes of JSON, over the {limits.max_output_bytes} byte limit"
             return Confined(False, b"", msg, "output_too_large", cpu, peak, wall, stdout, isolation)
+        if reason := result_error(value):
+            return Confined(False, b"", reason, "code_error", cpu, peak, wall, stdout, isolation)
         return Confined(True, value, "", "", cpu, peak, wall, stdout, isolation)
     err_code, error = _classify(inv, cpu, oom)
     return Confined(False, b"", error, err_code, cpu, peak, wall, stdout, isolation)

@@ -58,6 +58,8 @@ class Worker:
         self.startup = self.cpu()
         self.idle = self.measurement = self.task_total = 0.0
         self.done = 0
+        #: Peak memory of the confined tree of the last ``Invoke`` (its own processes, not this worker's).
+        self.confined_peak = 0
         self.mark = self.startup
         self.last = self.counters(self.startup)
         self.shutdown_requested = False
@@ -150,12 +152,15 @@ class Worker:
         baseline = self.meter.start()
         if msg.memory_limit:
             self.meter.limit(msg.memory_limit)
+        self.confined_peak = 0
         c2 = self.cpu()
         out, err, code = self._execute(msg)
         c3 = self.cpu()
         if msg.memory_limit:
             self.meter.unlimit()
-        peak = self.meter.peak()
+        # Confined code runs in processes of its own: without a cgroup around both, this worker's
+        # meter does not see them, and their peak is added to what the worker held when it began.
+        peak = max(self.meter.peak(), baseline + self.confined_peak)
         wall = time.perf_counter() - w0
         task_cpu = c3 - c2
         self.task_total += task_cpu
@@ -205,18 +210,19 @@ class Worker:
         # killed with the sandbox are only in its cgroup's count: book the difference as ours.
         reaped = self._rusage_cpu() - children_before
         self.unreaped += max(0.0, res.cpu_seconds - reaped)
-        return json.dumps(
-            {
-                "ok": res.ok,
-                "value": json.loads(res.value) if res.ok and res.value else None,
-                "error": res.error,
-                "error_code": res.error_code,
-                "stdout": res.stdout.decode("utf-8", "replace"),
-                "cpu_seconds": res.cpu_seconds,
-                "peak_memory_bytes": res.peak_memory_bytes,
-                "isolation": list(res.isolation),
-            }
-        ).encode()
+        self.confined_peak = res.peak_memory_bytes
+        return msgspec.json.encode(
+            p.InvokeOutput(
+                ok=res.ok,
+                value=msgspec.Raw(res.value if res.ok else b"null"),  # checked by run_confined
+                error=res.error,
+                error_code=res.error_code,
+                stdout=res.stdout.decode("utf-8", "replace"),
+                cpu_seconds=res.cpu_seconds,
+                peak_memory_bytes=res.peak_memory_bytes,
+                isolation=list(res.isolation),
+            )
+        )
 
     def _request(self, task_id: int, seq: int, op: str, params: bytes) -> tuple[bool, bytes, str]:
         """Ask the supervisor (which answers as the invoker) and wait for its reply."""

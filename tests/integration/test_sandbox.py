@@ -170,6 +170,13 @@ def confine(request: pytest.FixtureRequest) -> Confine:
     return as_user
 
 
+def stdlib_of(confine: Confine) -> str:
+    """The standard library directory of the interpreter a ``confine`` worker runs (the root binds it)."""
+    python = sys.executable if confine is run else _python_for_others()
+    cmd = [python, "-I", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
 # --- the protocol ------------------------------------------------------------------------------------
 
 
@@ -190,13 +197,14 @@ def test_world_requests_reach_handle_and_get_its_answer() -> None:
     r = run("data = world.read_artifact('a1')\nworld.transfer('bob', 7)\nresult = list(data)", world=world)
     assert bytes(value(r)) == world.artifacts["a1"]
     assert world.calls == [("read_artifact", {"id": "a1"}), ("transfer", {"to": "bob", "amount": 7})]
-    # Requests written back to back (not through world) are still answered one by one, in order.
+    # Requests written back to back (not through world) are still answered one by one, in order
+    # (answers are marshal: see sandbox_boot).
     pipelined = """
-import json, os
+import json, marshal, os
 m = json.dumps({"op": "transfer", "params": {"to": "x", "amount": 1}}).encode()
 os.write(3, 2 * (len(m).to_bytes(4, "big") + m))
 def answer():
-    return json.loads(os.read(3, int.from_bytes(os.read(3, 4), "big")))
+    return marshal.loads(os.read(3, int.from_bytes(os.read(3, 4), "big")))
 result = [answer(), answer()]
 """
     assert value(run(pipelined, limits=Limits(wall_seconds=3.0))) == [{"ok": True, "value": None}] * 2
@@ -256,16 +264,17 @@ def test_output_over_the_limit_is_output_too_large() -> None:
     assert_contained(r)
 
 
-def test_a_malformed_frame_is_a_sandbox_error() -> None:
+def test_a_malformed_frame_from_the_code_is_its_code_error() -> None:
+    """Only the code writes on the channel after "ready": a breach of the protocol is its fault."""
     for junk in (b"\xff\xff\xff\xff", b"\x00\x00\x00\x05notjs", b'\x00\x00\x00\x0c{"op":"ls"}!'):
         r = run(f"import os, time\nos.write(3, {junk!r})\ntime.sleep(5)")
-        assert r.error_code == "sandbox_error" and "protocol" in r.error, r
+        assert r.error_code == "code_error" and "protocol" in r.error, r
         assert r.wall_seconds < 4
         assert_contained(r)
     # A forged "ready" after the real one is a protocol breach too.
     forged = 'import os\nm = b\'{"op":"ready","isolation":[]}\'\nos.write(3, len(m).to_bytes(4, \'big\') + m)'
     r = run(forged)
-    assert r.error_code == "sandbox_error", r
+    assert r.error_code == "code_error" and "second 'ready'" in r.error, r
 
 
 def test_exiting_without_finishing_is_a_code_error() -> None:
@@ -372,14 +381,19 @@ def test_fork_bomb_is_contained(pidns: bool, mode: dict[str, Any], parents: dict
     r = run("import os\nwhile True:\n    os.fork()", limits=lim, skip=skip, **mode)
     assert r.error_code in ("code_error", "deadline_exceeded", "cpu_exceeded"), r
     assert_contained(r, parents)
-    spam = "import subprocess\nps = [subprocess.Popen(['sleep', '60']) for _ in range(100)]"
+    sleeper = "[sys.executable, '-c', 'import time; time.sleep(60)']"  # the root holds the interpreter, no `sleep`
+    spam = f"import subprocess, sys\nps = [subprocess.Popen({sleeper}) for _ in range(100)]"
     r = run(spam, limits=lim, skip=skip, **mode)
     assert r.error_code == "code_error" and "BlockingIOError" in r.error, r
     assert_contained(r, parents)
 
 
 def test_a_daemon_left_behind_is_killed(mode: dict[str, Any], parents: dict[str, str]) -> None:
-    code = "import subprocess\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\nresult = 'left one'"
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        "result = 'left one'"
+    )
     for skip in ((), ("pidns",)):
         assert value(run(code, skip=skip, **mode)) == "left one"
         assert_contained(None, parents)
@@ -402,29 +416,30 @@ def secret_dir() -> Iterator[Path]:
     d.rmdir()
 
 
-def test_hidden_paths_cannot_be_read(secret_dir: Path, confine: Confine) -> None:
+def test_only_the_minimal_root_is_reachable(secret_dir: Path, confine: Confine) -> None:
+    """A path outside the root is simply not there (hidden or not); a hidden path inside a bind is covered."""
     code = """
 import os
 out = {}
-try:
-    out['read'] = open(world.args + '/secret.txt').read()
-except OSError as exc:
-    out['read'] = type(exc).__name__
-try:
-    out['list'] = os.listdir(world.args)
-except OSError as exc:
-    out['list'] = type(exc).__name__
+for path in world.args:
+    try:
+        out[path] = os.listdir(path) if os.path.isdir(path) else open(path).read()
+    except OSError as exc:
+        out[path] = type(exc).__name__
 result = out
 """
-    # Control: without hiding, nobody can read it (so hiding is what stops it below).
-    assert value(confine(code, str(secret_dir))) == {"read": "the secret", "list": ["secret.txt"]}
-    r = confine(code, str(secret_dir), hide=[str(secret_dir)])
-    assert value(r) == {"read": "FileNotFoundError", "list": []}
-    assert "mountns" in r.isolation
-    r = confine(
-        code.replace("+ '/secret.txt'", ""), str(secret_dir / "secret.txt"), hide=[str(secret_dir / "secret.txt")]
-    )
-    assert value(r)["read"] == "PermissionError"  # /dev/null on a nodev mount: unopenable
+    secret = str(secret_dir / "secret.txt")
+    # Control: without a mount namespace, nobody can read it (so the root is what stops it below).
+    assert value(confine(code, [secret], skip=("mountns",)))[secret] == "the secret"
+    r = confine(code, [secret, str(secret_dir)])
+    assert value(r) == {secret: "FileNotFoundError", str(secret_dir): "FileNotFoundError"}
+    assert {"mountns", "minroot", "rofs"} <= set(r.isolation), r.isolation
+    stdlib = stdlib_of(confine)  # inside a bind: hiding covers it
+    hidden = [f"{stdlib}/xmlrpc", f"{stdlib}/this.py"]
+    assert value(confine(code, hidden))[hidden[0]] != []  # control: there without hiding
+    r = confine(code, hidden, hide=hidden)
+    # An empty read-only directory; /dev/null on a nodev mount: unopenable.
+    assert value(r) == {hidden[0]: [], hidden[1]: "PermissionError"}, r
     assert_contained(r)
 
 
@@ -450,7 +465,8 @@ for family, addr in ((socket.AF_INET, ('127.0.0.1', world.args[0])), (socket.AF_
 result = out
 """
         args = [server.getsockname()[1], path]
-        assert value(confine(code, args, skip=("netns",))) == ["connected", "connected"]  # control
+        control = confine(code, args, skip=("netns", "mountns"))  # the socket's path is outside the root
+        assert value(control) == ["connected", "connected"]
         server.accept()[0].close()
         usrv.accept()[0].close()
         r = confine(code, args, hide=[str(secret_dir)])
@@ -531,38 +547,45 @@ result = out
     assert_contained(r)
 
 
-UNDO_THE_MOUNTS = """
+UNDO_THE_ROOT = """
 import ctypes, errno, json, os
 libc = ctypes.CDLL(None, use_errno=True)
-hidden = world.args
+covered = world.args  # a directory of the standard library, hidden: an empty read-only directory over it
 MS_REMOUNT, MS_BIND, MS_REC, MNT_DETACH = 32, 4096, 16384, 2
 
 def err(ret):
     return "ok" if ret == 0 else errno.errorcode[ctypes.get_errno()]
 
+def listing(path):
+    try:
+        return os.listdir(path)
+    except OSError as exc:
+        return type(exc).__name__
+
 def attempts():
-    out = {"caps": [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapBnd"))]
-           if os.path.exists("/proc/self/status") else "no /proc"}
-    out["umount"] = err(libc.umount2(hidden.encode(), 0))
-    out["umount_detach"] = err(libc.umount2(hidden.encode(), MNT_DETACH))
+    status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else ""
+    out = {"caps": [l.split()[1] for l in status.splitlines() if l.startswith(("CapEff", "CapBnd"))]}
+    out["umount"] = err(libc.umount2(covered.encode(), 0))
+    out["umount_detach"] = err(libc.umount2(covered.encode(), MNT_DETACH))
     out["mount"] = err(libc.mount(b"tmpfs", b"/tmp/work", b"tmpfs", 0, None))
     out["remount_rw"] = err(libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND, None))
     os.makedirs("/tmp/b", exist_ok=True)
-    parent = os.path.dirname(hidden).encode()
+    parent = os.path.dirname(covered).encode()
     out["bind_parent"] = err(libc.mount(parent, b"/tmp/b", None, MS_BIND, None))
     rbind = err(libc.mount(parent, b"/tmp/b", None, MS_BIND | MS_REC, None))
-    seen = os.listdir(hidden) + (os.listdir("/tmp/b/" + os.path.basename(hidden)) if rbind == "ok" else [])
-    out["seen"] = seen
+    out["seen"] = [listing(covered), listing("/tmp/b/" + os.path.basename(covered)) if rbind == "ok" else []]
     out["ptrace_init"] = err(libc.ptrace(16, 1, None, None))  # PTRACE_ATTACH to the namespace's init
-    try:
-        out["init_root"] = os.listdir("/proc/1/root" + hidden)
-    except OSError as exc:
-        out["init_root"] = type(exc).__name__
+    out["init_root"] = listing("/proc/1/root/etc")
+    # The host's root is detached: a chroot break-out (chroot into a subdirectory, climb) finds this root.
+    out["chroot"] = err(libc.chroot(b"/tmp"))
+    for _ in range(8):
+        os.chdir("..")
+    out["climbed"] = sorted(os.listdir("."))
     return out
 
 result = {"direct": attempts()}
 # Its own user namespace (all capabilities in it, its own ids mapped) and mount namespace: the copies
-# of the hiding mounts are locked there.
+# of the root's mounts are locked there.
 r, w = os.pipe()
 if os.fork() == 0:
     uid, gid = os.getuid(), os.getgid()
@@ -584,24 +607,31 @@ os.wait()
 """
 
 
-def test_the_code_cannot_undo_the_hiding_mounts(secret_dir: Path, confine: Confine) -> None:
-    """Unmounting, remounting, binding around and re-namespacing to reach what a hiding mount covers
-    all fail, whether the sandbox was made as root or in a user namespace (where the code's uid
-    outside is the worker's own: the mounts are all that hides the data)."""
-    r = confine(UNDO_THE_MOUNTS, str(secret_dir), hide=[str(secret_dir)])
+@pytest.mark.parametrize("filtered", [False, True], ids=["mounts-alone", "with-seccomp"])
+def test_the_code_cannot_undo_its_root(confine: Confine, filtered: bool) -> None:
+    """Unmounting, remounting, binding around, chrooting out and re-namespacing to reach past the
+    root all fail, whether the sandbox was made as root or in a user namespace (where the code's uid
+    outside is the worker's own): by the locked mounts alone, and by seccomp on top of them."""
+    covered = os.path.join(stdlib_of(confine), "xmlrpc")
+    r = confine(UNDO_THE_ROOT, covered, hide=[covered], skip=() if filtered else ("seccomp",))
     out = value(r)
-    assert "the secret" not in r.value.decode() and "secret.txt" not in r.value.decode(), out
     print(f"\nisolation {r.isolation}:\n{json.dumps(out, indent=1)}")
     direct, nested = out["direct"], out["nested"]
-    assert nested["unshare"] == "ok" and nested["mapped"] == "ok", nested  # the attack itself worked
+    assert direct["mount"] == "EPERM", direct  # no capability at all (in its own namespace it may mount)
     for attempt in (direct, nested):
         for op in ("umount", "umount_detach", "remount_rw", "bind_parent", "ptrace_init"):
             assert attempt[op] in ("EPERM", "EINVAL", "EACCES", "ESRCH"), (op, attempt)
-        assert attempt["seen"] == [] and attempt["init_root"] in ("PermissionError", "FileNotFoundError"), attempt
-    assert direct["mount"] == "EPERM", direct  # no capability at all in its own namespaces
-    if direct["caps"] != "no /proc":  # effective, bounding: nothing, and nothing to regain in a user namespace
-        assert direct["caps"][0] == "0" * 16, direct
-        assert "userns" not in r.isolation or direct["caps"][1] == "0" * 16, direct
+        assert attempt["seen"] == [[], []] and attempt["init_root"] in ("PermissionError", "FileNotFoundError")
+        # Climbing out of a chroot (where one was allowed) ends at the sandbox's root, not the host's.
+        assert "tmp" in attempt["climbed"] and not {"sys", "var", "home", "run"} & set(attempt["climbed"]), attempt
+    if filtered:
+        assert nested["unshare"] == "EPERM" and "seccomp" in r.isolation, nested
+        assert all(direct[op] == "EPERM" for op in ("umount", "mount", "remount_rw", "bind_parent", "ptrace_init"))
+    else:
+        assert nested["unshare"] == "ok" and nested["mapped"] == "ok", nested  # the attack itself worked
+        assert "seccomp" not in r.isolation
+    if direct["caps"]:  # effective, bounding: nothing, and nothing to regain in a user namespace
+        assert direct["caps"] == ["0" * 16, "0" * 16], direct
     assert_contained(r)
 
 
