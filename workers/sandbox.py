@@ -375,7 +375,7 @@ def _field(text: str, key: str) -> int:
 
 # --- one invocation ----------------------------------------------------------------------------------
 
-_End = Literal["done", "exit", "deadline", "cpu", "output", "protocol", "internal"]
+_End = Literal["done", "exit", "deadline", "cpu", "memory", "output", "protocol", "internal"]
 
 
 class _Invocation:
@@ -433,6 +433,7 @@ class _Invocation:
             poller.register(fd, select.POLLIN)
         open_fds = {chan, self.out_fd, self.err_fd}
         cpu_watch = self.cg is not None and self.cg.cpu_seconds() is not None
+        oom_watch = self.cg is not None and self.cg.measures_memory()
         while self.running():
             if chan in open_fds:
                 # One request at a time: nothing more is read until the last answer has been sent.
@@ -441,7 +442,7 @@ class _Invocation:
             if left <= 0:
                 self.end("deadline")
                 break
-            wait = min(left, _CPU_TICK) if cpu_watch else left
+            wait = min(left, _CPU_TICK) if cpu_watch or oom_watch else left
             events = poller.poll(math.ceil(wait * 1000))
             # The pidfd last: a "done" that arrived with the exit must be seen first.
             for fd, ev in sorted(events, key=lambda e: e[0] == self.pidfd):
@@ -462,6 +463,12 @@ class _Invocation:
                 used = self.cg.cpu_seconds()
                 if used is not None and used > self.limits.cpu_seconds:
                     self.end("cpu")
+            # The kernel killed a process of the tree for going over the memory limit: the
+            # invocation is over its quota, whatever the survivors do (as the no-cgroup watch has it).
+            if oom_watch and self.running():
+                assert self.cg is not None
+                if self.cg.oom_kills() > 0:
+                    self.end("memory")
 
     def _on_channel(self, ev: int) -> bool:
         """Move bytes on the channel; False once it is closed."""
@@ -496,8 +503,8 @@ class _Invocation:
             del self.inbuf[: 4 + n]
             try:
                 msg = _decode(payload)
-            except msgspec.MsgspecError as exc:
-                self.end("protocol", f"a malformed frame ({exc})")
+            except (msgspec.MsgspecError, ValueError, RecursionError) as exc:  # bad UTF-8, nesting too deep
+                self.end("protocol", f"a malformed frame ({type(exc).__name__}: {exc})")
                 return
             self._on_message(msg, serve)
 
@@ -666,6 +673,8 @@ def _classify(inv: _Invocation, cpu: float, oom: int) -> tuple[ErrorCode, str]:
         return "output_too_large", f"the code wrote more than {lim.max_output_bytes} bytes of output"
     if inv.ended == "cpu":
         return "cpu_exceeded", f"the code used {cpu:.3f} s of CPU, over its {lim.cpu_seconds} s limit"
+    if inv.ended == "memory" or (oom > 0 and inv.ended != "done"):
+        return "memory_exceeded", f"killed by the kernel for going over its {lim.memory_bytes} byte memory limit"
     if inv.ended == "deadline":
         return "deadline_exceeded", f"the code ran past its {lim.wall_seconds} s wall-clock limit"
     if inv.report is not None and inv.report.over == "memory":
@@ -689,8 +698,6 @@ def _classify(inv: _Invocation, cpu: float, oom: int) -> tuple[ErrorCode, str]:
     else:
         code_ = os.WEXITSTATUS(inv.status)
         sig = code_ - 128 if code_ > 128 else 0
-    if oom > 0:
-        return "memory_exceeded", f"killed by the kernel for going over its {lim.memory_bytes} byte memory limit"
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= lim.cpu_seconds):
         return "cpu_exceeded", f"the code used {cpu:.3f} s of CPU, over its {lim.cpu_seconds} s limit"
     stderr = inv.stderr.decode(errors="replace").strip()
@@ -715,8 +722,8 @@ def result_error(value: bytes) -> str:
     """
     try:
         decoded = msgspec.json.decode(value)
-    except msgspec.DecodeError as exc:
-        return f"the result is not valid JSON: {exc}"
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return f"the result is not valid JSON: {type(exc).__name__}: {exc}"
     lo, hi = RESULT_INT_RANGE
     todo = [decoded]
     while todo:

@@ -747,23 +747,24 @@ class _Watch:
     """The outer's measure of the whole invocation when no cgroup counts it, and its limit.
 
     Every ``WATCH_PERIOD_S`` it walks the tree under it (the children of every thread, through the
-    host's ``/proc``) and adds up what the kernel says each process holds — resident memory (anonymous,
-    file-backed and shared pages: ``rss`` of ``/proc/<pid>/stat``) and CPU (``utime + stime`` and the
-    same of the children each has reaped) — plus the bytes in use in the private ``/tmp`` (``fstatvfs``:
-    files hold memory there, mapped or not, open or deleted). A total over the quota, or CPU over the
-    limit, kills the tree: ``over`` says which.
+    host's ``/proc``) and adds up what the kernel says each process holds — its own memory
+    (``RssAnon + RssShmem`` of ``/proc/<pid>/status``: anonymous and shared-memory pages, not the
+    interpreter's and libraries' file pages, which the page cache shares with every other process, as
+    a cgroup does not charge them either) and CPU (``utime + stime`` of ``/proc/<pid>/stat`` and the
+    same of the children each has reaped) — plus the bytes in use in the private ``/tmp``
+    (``fstatvfs``: files hold memory there, mapped or not, open or deleted). A total over the quota, or
+    CPU over the limit, kills the tree: ``over`` says which.
 
     ``peak`` is never below what the kernel reported: the largest sampled total, and (at the end) the
-    largest single process's own high-water mark (``ru_maxrss`` of the reaped tree), which catches a
-    spike between two samples. Files mapped by a process count twice (in its ``rss`` and in ``/tmp``):
-    an over-count, never an under-count.
+    largest single process's own high-water mark (``ru_maxrss`` of the reaped tree, file pages
+    included), which catches a spike between two samples. Pages two processes share after a fork, and
+    a ``/tmp`` file a process maps, count twice: an over-count, never an under-count.
     """
 
     def __init__(self, proc: int, tmp: int, limits: dict[str, Any]) -> None:
         self.proc, self.tmp = proc, tmp
         self.memory_limit = int(limits["memory_bytes"])
         self.cpu_limit = float(limits["cpu_seconds"])
-        self.page = os.sysconf("SC_PAGE_SIZE")
         self.tick = os.sysconf("SC_CLK_TCK")
         self.peak = 0
         self.cpu = 0.0
@@ -772,23 +773,25 @@ class _Watch:
 
     def sample(self) -> bool:
         """Take one sample; True when the tree is over a limit (the first time)."""
-        rss = ticks = 0
+        kib = ticks = 0
         todo = [os.getpid()]
         while todo:
             pid = todo.pop()
             try:
                 stat = _read(self.proc, f"{pid}/stat")
+                status = _read(self.proc, f"{pid}/status")
             except OSError:
                 continue  # gone meanwhile
-            fields = stat.rsplit(b")", 1)[1].split()
-            ticks += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-            rss += int(fields[21])
+            ticks += sum(int(x) for x in stat.rsplit(b")", 1)[1].split()[11:15])  # utime, stime, cutime, cstime
+            for line in status.split(b"\n"):
+                if line.startswith((b"RssAnon:", b"RssShmem:")):
+                    kib += int(line.split()[1])
             todo += _children(self.proc, pid)
         used = 0
         if self.tmp >= 0:
             st = os.fstatvfs(self.tmp)
             used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        total = rss * self.page + used
+        total = kib * 1024 + used
         self.peak = max(self.peak, total)
         self.cpu = max(self.cpu, ticks / self.tick)
         self.samples += 1
@@ -931,8 +934,8 @@ def main() -> NoReturn:
                 _unshare(flag)
             except OSError:
                 continue  # refused by the host: recorded by its absence from the list
-            if flag == _CLONE_NEWUTS:
-                _check(_libc.sethostname(HOSTNAME, ctypes.c_size_t(len(HOSTNAME))), "sethostname")
+            if flag == _CLONE_NEWUTS and _libc.sethostname(HOSTNAME, ctypes.c_size_t(len(HOSTNAME))) != 0:
+                continue  # a container engine's seccomp profile may refuse it: the code sees the container's
             applied.append(name)
     except OSError as exc:
         _fail(f"sandbox setup failed: {exc}")

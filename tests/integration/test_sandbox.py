@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 from runtime import cgroups
+from tests import sandbox_attacks
 from workers.sandbox import STEPS, Confined, Limits, isolation_available, run_confined
 
 NOBODY = 65534
@@ -734,3 +735,64 @@ def test_round_trip_overhead(parents: dict[str, str]) -> None:
         f"confined {plain[0] * 1e3:.1f}/{plain[1] * 1e3:.1f}, "
         f"confined+cgroup {with_cg[0] * 1e3:.1f}/{with_cg[1] * 1e3:.1f}"
     )
+
+
+# --- attacks through the real path ------------------------------------------------------------------
+
+
+def git_fsck(repo: Path) -> None:
+    """``git fsck --strict`` of a store, whoever owns it."""
+    cmd = ["git", "-c", "safe.directory=*", "--git-dir", str(repo), "fsck", "--full", "--strict"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line per attack, for the test's output."""
+    lines = [f"workers measured by: {report['cgroups']}"]
+    for name, a in report["attacks"].items():
+        outcome = "ok" if a["ok"] else a["code"]
+        c = a["charged"][0] if a["charged"] else {}
+        lines.append(f"  {name:24} {outcome:18} cpu {c.get('cpu', 0):.3f} s  memory {c.get('memory', 0) >> 20} MiB")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def attack_params() -> dict[str, Any]:
+    params = sandbox_attacks.syscall_params()
+    print(f"\nsystem call numbers from {params['source']}")
+    return params
+
+
+def test_attacks_through_the_world_as_a_root_worker_with_cgroups(
+    tmp_path: Path, attack_params: dict[str, Any], parents: dict[str, str]
+) -> None:
+    """Every attack of tests/sandbox_attacks.py, mallory's code invoked by bob (or by herself), on a
+    pool of root workers that measure and limit with cgroups."""
+    report = sandbox_attacks.run(tmp_path / "data", attack_params)
+    print("\n" + summary(report))
+    assert report["cgroups"] not in ("", "none"), report["cgroups"]
+    sandbox_attacks.verify(report, socket.gethostname())
+    git_fsck(tmp_path / "data" / "artifacts.git")
+
+
+def test_attacks_through_the_world_as_a_non_root_worker_without_cgroups(attack_params: dict[str, Any]) -> None:
+    """The same attacks on a pool (and supervisor) run by an unprivileged user: user namespaces, no
+    cgroups, memory bounded and measured by the sandbox's own watch."""
+    as_user = USERS["unprivileged"]
+    assert as_user is not None
+    home = Path(tempfile.mkdtemp(prefix="aeco-attacks-", dir="/tmp"))
+    try:
+        (home / "params.json").write_text(json.dumps(attack_params))
+        os.chown(home, UNPRIVILEGED, UNPRIVILEGED)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(Path(msgspec.__file__).parents[1])]))
+        driver = REPO / "tests" / "sandbox_attacks.py"
+        cmd = [*as_user, _python_for_others(), str(driver), str(home / "data"), str(home / "params.json")]
+        p = subprocess.run(cmd, capture_output=True, cwd="/", env=env, timeout=600)
+        assert p.returncode == 0, p.stderr.decode(errors="replace")[-4000:]
+        report = json.loads(p.stdout)
+        print("\n" + summary(report))
+        sandbox_attacks.verify(report, socket.gethostname())
+        git_fsck(home / "data" / "artifacts.git")
+    finally:
+        subprocess.run(["rm", "-rf", str(home)], check=True)
