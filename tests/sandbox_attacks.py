@@ -130,7 +130,7 @@ def call(n, *args):
 
 out = {}
 if nr["steal"]:
-    diary = world.read_artifact("diary")
+    diary = nr["secret"].encode() if "secret" in nr else world.read_artifact("diary")
     out["read"] = len(diary)
     for name, ring in KEYRINGS.items():
         out[f"add_key {name}"] = call(nr["add_key"], b"user", f"loot-{name}".encode(), diary,
@@ -523,7 +523,7 @@ MUST_DENY = [
     *("swapon", "swapoff", "reboot", "quotactl", "memfd_create", "shmget", "flock"),
 ]
 #: Arguments for calls whose all-zero arguments would do something should the filter let them through.
-HARMLESS = {"ptrace": [-1, 0, 0, 0], "setns": [-1, 0], "flock": [-1, 0], "kcmp": [-1, -1, 0, 0, 0]}
+HARMLESS = {"ptrace": [-1, 0, 0, 0], "setns": [-1, 0], "flock": [-1, 1], "kcmp": [-1, -1, 0, 0, 0]}
 _HEADERS = {
     "x86_64": ("/usr/include/x86_64-linux-gnu/asm/unistd_64.h", "/usr/include/asm/unistd_64.h"),
     "aarch64": ("/usr/include/asm-generic/unistd.h",),
