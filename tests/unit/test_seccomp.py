@@ -35,7 +35,7 @@ def run(program: bytes, nr: int, arch: int, *args: int) -> int:
         elif op == 0x45:
             pc += jt if acc & k else jf
         elif op == 0x06:
-            return k
+            return int(k)
         else:
             raise AssertionError(f"unexpected opcode {op:#x}")
         pc += 1
