@@ -120,11 +120,6 @@ exec(marshal.loads(read(int.from_bytes(read(4), 'big'))), {'__name__': '__main__
 """
 #: The bootstrap's whole environment: nothing of the worker's (secrets included) reaches the child.
 _CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-#: Join the per-invocation cgroups (positional arguments: count, procs files, then the command) and
-#: exec: the interpreter starts inside them, so its own start-up is measured and limited too.
-_JOIN_AND_EXEC = (
-    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; n=$((n - 1)); shift; done; exec "$@"'
-)
 _STDERR_KEEP = 16 << 10  # the bootstrap's own diagnostics: only used in sandbox_error messages
 _CPU_TICK = 0.05  # how often total CPU is checked against the limit when a cgroup measures it
 _GRACE = 1.0  # how long the bootstrap gets to exit (or clean up when asked) before it is killed
@@ -738,7 +733,9 @@ def result_error(value: bytes) -> str:
     return ""
 
 
-def _job(code: str, args: object, limits: Limits, hide: Sequence[str], skip: Collection[str], *, watch: bool) -> bytes:
+def _job(
+    code: str, args: object, limits: Limits, hide: Sequence[str], skip: Collection[str], cg: _Cgroups | None
+) -> bytes:
     """The first frame the bootstrap reads (``marshal``: see ``sandbox_boot``). Raises ``OSError`` or
     ``ValueError`` when this host has no root plan or no seccomp table the sandbox could use."""
     hidden = [os.path.abspath(h) for h in hide]
@@ -753,7 +750,10 @@ def _job(code: str, args: object, limits: Limits, hide: Sequence[str], skip: Col
         "python": os.path.realpath(sys.executable),
         "seccomp": b"" if "seccomp" in skip else seccomp.program(),
         "nr": {name: numbers[name] for name in ("pivot_root", "keyctl", "mount_setattr")},
-        "watch": watch,
+        # Without a memory cgroup around the tree, the bootstrap watches it (sandbox_boot._Watch).
+        "watch": cg is None or not cg.measures_memory(),
+        # Joined by the bootstrap first thing (its interpreter's start-up is outside: see sandbox_boot.main).
+        "cgroups": cg.procs_files() if cg is not None else [],
         "worker": os.getpid(),
     }
     return marshal.dumps(job)
@@ -797,7 +797,7 @@ def run_confined(
         except OSError as exc:
             log.warning("sandbox without cgroups: %s", exc)
     try:
-        job = _job(code, args, limits, hide, skip, watch=cg is None or not cg.measures_memory())
+        job = _job(code, args, limits, hide, skip, cg)
     except (OSError, ValueError) as exc:  # no root or filter for this host: refuse rather than run unconfined
         if cg is not None:
             cg.remove(deadline=time.monotonic() + 1.0)
@@ -812,9 +812,6 @@ def run_confined(
     # the root (and the code reads its command line in /proc).
     python = os.path.realpath(sys.executable)
     argv = [python, "-I", "-S", "-c", _LOADER, str(child_sock.fileno()), str(report_w)]
-    if cg is not None:
-        files = cg.procs_files()
-        argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", str(len(files)), *files, *argv]
     try:
         proc = subprocess.Popen(
             argv,

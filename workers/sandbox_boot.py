@@ -5,8 +5,9 @@ Started by ``workers.sandbox.run_confined`` as ``python -I -S -c <loader> <chann
 own user, with a minimal environment, stdin on ``/dev/null``,
 stdout and stderr on pipes, and every other fd closed. It imports only the standard library (no
 site-packages are on its path), and of it only what starts in well under a millisecond: ``marshal``
-rather than ``json``, ``_signal`` rather than ``signal`` (their pure-Python layers cost more start-up
-than the rest of the sandbox together). Three processes:
+rather than ``json``, ``_signal`` rather than ``signal``, ``_ctypes`` rather than ``ctypes`` (their
+pure-Python layers cost more start-up than the rest of the sandbox together: ``ctypes`` alone is a third
+of a bare interpreter's). Three processes:
 
 ``outer``  (the worker's child): reads the job, dies with the worker, becomes a child subreaper,
            unshares the mount namespace (inside a user namespace when not root) and builds the
@@ -36,9 +37,9 @@ parent reads and bounds), never to the channel; fd 2 is pointed at fd 1 before t
 
 from __future__ import annotations
 
+import _ctypes
 import _json
 import _signal  # type: ignore[import-not-found]  # no stubs; `signal` costs ms of enum imports
-import ctypes
 import errno
 import marshal
 import os
@@ -80,10 +81,77 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 _KEYCTL_JOIN_SESSION_KEYRING = 1
+_RLIMIT_CPU, _RLIMIT_FSIZE, _RLIMIT_CORE, _RLIMIT_NPROC, _RLIMIT_NOFILE = 0, 1, 4, 6, 7
+_RLIMIT_MEMLOCK, _RLIMIT_AS, _RLIMIT_MSGQUEUE = 8, 9, 12
+_RUSAGE_CHILDREN = -1
 _SIGKILL, _SIGTERM, _SIGCHLD = 9, 15, 17
 _SIGNALLED = 128  # exit status 128 + n reports "the runner died of signal n"
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# --- the C calls, on _ctypes directly -------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    _Number = _ctypes._SimpleCData[int]
+    _Bytes = _ctypes._SimpleCData[bytes]
+else:  # not subscriptable at run time
+    _Number = _Bytes = _ctypes._SimpleCData
+
+
+class _Int(_Number):
+    _type_ = "i"
+
+
+class _UInt(_Number):
+    _type_ = "I"
+
+
+class _Long(_Number):
+    _type_ = "l"
+
+
+class _ULong(_Number):  # also size_t: LP64 is all this file runs on (see workers.seccomp)
+    _type_ = "L"
+
+
+class _U16(_Number):
+    _type_ = "H"
+
+
+class _U64(_Number):
+    _type_ = "Q"
+
+
+class _Ptr(_Number):
+    _type_ = "P"
+
+
+class _Char(_Bytes):
+    _type_ = "c"
+
+
+class _IntFunc(_ctypes.CFuncPtr):
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = _Int
+
+
+class _LongFunc(_ctypes.CFuncPtr):
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = _Long
+
+
+class _Libc:
+    """The C library of this process (what ``ctypes.CDLL(None, use_errno=True)`` gives): a function
+    returning ``int``, or ``long`` for ``syscall``, by attribute."""
+
+    def __init__(self) -> None:
+        self._handle = _ctypes.dlopen(None, 0)  # type: ignore[arg-type]  # None: this process, as dlopen(3) has it
+
+    def __getattr__(self, name: str) -> Any:
+        fn = (_LongFunc if name == "syscall" else _IntFunc)((name, self))  # type: ignore[arg-type]  # a CDLL-like
+        setattr(self, name, fn)
+        return fn
+
+
+_libc = _Libc()
 #: System call numbers the C library has no wrapper for (``pivot_root``, ``keyctl``, ``mount_setattr``),
 #: from the job: the worker's ``workers.seccomp`` tables are their one source.
 _nr: dict[str, int] = {}
@@ -91,16 +159,16 @@ _nr: dict[str, int] = {}
 
 def _check(ret: int, what: str) -> None:
     if ret != 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def _syscall(name: str, *args: Any) -> int:
-    return int(_libc.syscall(ctypes.c_long(_nr[name]), *args))
+    return int(_libc.syscall(_Long(_nr[name]), *args))
 
 
 def _unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+    _check(_libc.unshare(_Int(flags)), "unshare")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -109,7 +177,7 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
             source.encode() if source is not None else None,
             target.encode(),
             fstype.encode() if fstype is not None else None,
-            ctypes.c_ulong(flags),
+            _ULong(flags),
             data.encode() if data is not None else None,
         ),
         f"mount {target}",
@@ -117,27 +185,27 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 
 def _prctl(option: int, arg: int, arg2: Any = 0) -> None:
-    zero = ctypes.c_ulong(0)  # some options (NO_NEW_PRIVS) insist that the unused arguments are 0
+    zero = _ULong(0)  # some options (NO_NEW_PRIVS) insist that the unused arguments are 0
     second = arg2 if arg2 else zero
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), second, zero, zero), f"prctl({option})")
+    _check(_libc.prctl(_Int(option), _ULong(arg), second, zero, zero), f"prctl({option})")
 
 
 def _seal(path: str, recursive: bool, nodev: bool = True) -> None:
     """Make the mount at ``path`` (and, ``recursive``, every mount under it) read-only, nosuid and
     (``nodev``) nodev: one ``mount_setattr`` (Linux >= 5.12), else a bind remount per mount."""
     flags = _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_NODEV if nodev else 0)
-    attr = (ctypes.c_uint64 * 4)(flags, 0, 0, 0)
+    attr = (_U64 * 4)(flags, 0, 0, 0)
     ret = _syscall(
         "mount_setattr",
-        ctypes.c_int(_AT_FDCWD),
+        _Int(_AT_FDCWD),
         path.encode(),
-        ctypes.c_uint(_AT_RECURSIVE if recursive else 0),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
+        _UInt(_AT_RECURSIVE if recursive else 0),
+        _ctypes.byref(attr),
+        _ULong(_ctypes.sizeof(attr)),
     )
     if ret == 0:
         return
-    if ctypes.get_errno() != errno.ENOSYS:
+    if _ctypes.get_errno() != errno.ENOSYS:
         _check(ret, f"mount_setattr {path}")
     for mnt in _mounts_under(path) if recursive else [path]:
         # The flags a user namespace locked on the source (noexec, the atime mode) must be kept.
@@ -272,10 +340,13 @@ class World:
         self._result, self._has_result = value, True
 
 
-def _agent_traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` with only the agent's frames (the bootstrap's are noise to it)."""
+def _agent_traceback(exc: BaseException, code: str) -> str:
+    """The traceback of ``exc`` with only the agent's frames (the bootstrap's are noise to it), its
+    lines quoted from ``code``."""
+    import linecache  # only now: with tokenize and re it costs more than the rest of the sandbox
     import traceback
 
+    linecache.cache[AGENT_FILE] = (len(code), None, code.splitlines(True), AGENT_FILE)
     te = traceback.TracebackException.from_exception(exc)
     seen: set[int] = set()
     todo = [te]
@@ -297,9 +368,7 @@ def _failed(code: str, error: str) -> bytes:
 def _run_code(code: str, world: World, max_value: int) -> bytes:
     """Compile and run the agent code; return the ``done`` frame describing how it ended."""
     import builtins
-    import linecache
 
-    linecache.cache[AGENT_FILE] = (len(code), None, code.splitlines(True), AGENT_FILE)
     glb: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins, "world": world}
     try:
         try:
@@ -309,10 +378,10 @@ def _run_code(code: str, world: World, max_value: int) -> bytes:
                 raise
     except MemoryError as exc:
         _only_the_runner(world, 1)
-        return _failed("memory_exceeded", _agent_traceback(exc))
+        return _failed("memory_exceeded", _agent_traceback(exc, code))
     except BaseException as exc:
         _only_the_runner(world, 1)
-        return _failed("code_error", _agent_traceback(exc))
+        return _failed("code_error", _agent_traceback(exc, code))
     _only_the_runner(world, 0)
     value = world._result if world._has_result else glb.get("result")
     try:
@@ -468,7 +537,7 @@ def _enter_root(with_proc: bool, applied: list[str]) -> None:
                 continue
     os.chdir(STAGE)
     _check(_syscall("pivot_root", b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", ctypes.c_int(_MNT_DETACH)), "umount of the host's root")
+    _check(_libc.umount2(b".", _Int(_MNT_DETACH)), "umount of the host's root")
     os.chdir("/")
 
 
@@ -489,8 +558,6 @@ def _set_rlimits(limits: dict[str, Any], proc: int) -> None:
     the private tmpfs, which is memory. ``RLIMIT_NOFILE`` also bounds what sockets and pipes can hold
     in kernel buffers (each keeps its default size: see ``workers.seccomp``).
     """
-    import resource
-
     baseline = 0
     for line in _read(proc, "self/status").split(b"\n"):
         if line.startswith(b"VmSize:"):
@@ -499,16 +566,17 @@ def _set_rlimits(limits: dict[str, Any], proc: int) -> None:
     cpu = -int(-float(limits["cpu_seconds"]) // 1) + 1
     mem = int(limits["memory_bytes"])
     for res, value in (
-        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
-        (resource.RLIMIT_AS, (baseline + mem, baseline + mem)),
-        (resource.RLIMIT_NPROC, (int(limits["max_processes"]),) * 2),
-        (resource.RLIMIT_NOFILE, (int(limits["max_open_files"]),) * 2),
-        (resource.RLIMIT_FSIZE, (mem, mem)),
-        (resource.RLIMIT_CORE, (0, 0)),
-        (resource.RLIMIT_MEMLOCK, (0, 0)),
-        (resource.RLIMIT_MSGQUEUE, (0, 0)),
+        (_RLIMIT_CPU, (cpu, cpu + 1)),
+        (_RLIMIT_AS, (baseline + mem, baseline + mem)),
+        (_RLIMIT_NPROC, (int(limits["max_processes"]),) * 2),
+        (_RLIMIT_NOFILE, (int(limits["max_open_files"]),) * 2),
+        (_RLIMIT_FSIZE, (mem, mem)),
+        (_RLIMIT_CORE, (0, 0)),
+        (_RLIMIT_MEMLOCK, (0, 0)),
+        (_RLIMIT_MSGQUEUE, (0, 0)),
     ):
-        resource.setrlimit(res, value)
+        limit = (_U64 * 2)(*value)
+        _check(_libc.setrlimit(_Int(res), _ctypes.byref(limit)), f"setrlimit({res})")
 
 
 #: Imported before dropping root when there is no mount namespace: the standard library may then be
@@ -556,18 +624,18 @@ def _own_user_namespace(proc: int) -> None:
         except OSError:
             break  # EINVAL: past the last capability this kernel knows
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
-    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
-    _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+    header = (_UInt * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_UInt * 6)()  # two {effective, permitted, inheritable} words, all zero
+    _check(_libc.capset(_ctypes.byref(header), _ctypes.byref(data)), "capset")
 
 
 def _join_fresh_keyring() -> bool:
     """Replace the session keyring inherited from the worker (and the supervisor, and whoever started
     it) with a new, empty, anonymous one: keys the code could find or add there do not cross
     invocations. False when the kernel has no keyrings (nothing to share then)."""
-    ret = _syscall("keyctl", ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), ctypes.c_void_p(None))
+    ret = _syscall("keyctl", _Long(_KEYCTL_JOIN_SESSION_KEYRING), None)
     if ret < 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         if err == errno.ENOSYS:
             return False
         raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
@@ -578,13 +646,13 @@ def _install_seccomp(program: bytes) -> None:
     """Install the filter built by ``workers.seccomp`` (``struct sock_filter`` array) on this process;
     inherited by everything it forks, and never removable."""
 
-    class _Fprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    class _Fprog(_ctypes.Structure):
+        _fields_ = [("len", _U16), ("filter", _Ptr)]
 
     assert program and len(program) % 8 == 0, "a seccomp program is an array of 8-byte instructions"
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _Fprog(len(program) // 8, ctypes.addressof(buf))
-    _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog))
+    buf = (_Char * len(program)).from_buffer_copy(program)
+    prog = _Fprog(len(program) // 8, _ctypes.addressof(buf))
+    _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, _ctypes.byref(prog))
 
 
 def _become_nobody(parent: int) -> None:
@@ -672,7 +740,7 @@ def _init(job: dict[str, Any], applied: list[str], outer: int, proc: int) -> NoR
     import select
 
     _prctl(_PR_SET_PDEATHSIG, _SIGKILL)
-    if select.select([outer], [], [], 0)[0]:
+    if select.select([outer], [], [], 0)[0]:  # a pidfd is readable once its process has exited
         os._exit(1)
     os.close(outer)
     if "minroot" in applied:
@@ -804,9 +872,9 @@ class _Watch:
         return False
 
     def report(self) -> bytes:
-        import resource
-
-        largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # children: forked after exec
+        usage = (_Long * 18)()  # struct rusage: two timevals, then ru_maxrss (KiB)
+        _check(_libc.getrusage(_Int(_RUSAGE_CHILDREN), _ctypes.byref(usage)), "getrusage")
+        largest = usage[4] * 1024  # the children's own high-water marks: forked after exec, not the worker's
         report = {"peak": max(self.peak, largest), "cpu": self.cpu, "samples": self.samples, "over": self.over}
         return _dumps(report).encode()
 
@@ -916,6 +984,14 @@ def main() -> NoReturn:
     # The worker's pid comes in the job, not on the command line: the code would read it there.
     if os.getppid() != job["worker"]:
         os._exit(1)  # the worker died before we could tie our life to it
+    # The invocation's cgroups, joined before anything else runs: everything forked from here on is
+    # limited and counted there. The interpreter's start-up before this point (its first few
+    # milliseconds and megabytes) is in the worker's cgroup, and in the wait4 the worker charges.
+    for procs in job["cgroups"]:
+        try:
+            _write_file(procs, str(os.getpid()))
+        except OSError as exc:
+            _fail(f"cannot join the invocation's cgroup {procs}: {exc}")
     _nr.update(job["nr"])
     skip = set(job["skip"])
     applied: list[str] = []
@@ -934,7 +1010,7 @@ def main() -> NoReturn:
                 _unshare(flag)
             except OSError:
                 continue  # refused by the host: recorded by its absence from the list
-            if flag == _CLONE_NEWUTS and _libc.sethostname(HOSTNAME, ctypes.c_size_t(len(HOSTNAME))) != 0:
+            if flag == _CLONE_NEWUTS and _libc.sethostname(HOSTNAME, _ULong(len(HOSTNAME))) != 0:
                 continue  # a container engine's seccomp profile may refuse it: the code sees the container's
             applied.append(name)
     except OSError as exc:
