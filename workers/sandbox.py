@@ -1,64 +1,66 @@
 """Running agent-written Python confined, from inside a worker process.
 
 ``run_confined(code, args, limits, handle)`` starts a fresh ``python -I -S`` (no site-packages, no
-environment-driven configuration) on ``workers/sandbox_boot.py``, which confines itself and then runs
-the code with a ``world`` object in its globals. The worker talks to it over a socketpair (the child's
-fd 3) and serves the code's requests (``world.read_artifact``, ``world.transfer``) through ``handle``,
-which forwards them to the supervisor. Limits are enforced and usage is measured by the kernel, not
-by the child: the child's word is only taken for what happened inside the code (its result, its
-exception), never for what it cost.
+environment-driven configuration) running ``workers/sandbox_boot.py`` (its code object, compiled once
+here), which confines itself and then runs the code with a ``world`` object in its globals. The worker
+talks to it over a socketpair (the child's fd 3) and serves the code's requests
+(``world.read_artifact``, ``world.transfer``) through ``handle``, which forwards them to the
+supervisor. Limits are enforced and usage is measured by the kernel, not by the child: the child's
+word is only taken for what happened inside the code (its result, its exception), never for what it
+cost; and a result is accepted only as strict JSON (``result_error``).
 
-Isolation steps and what happens when the host refuses one (``Confined.isolation`` lists the steps
-that were applied, so a fallback is always visible; ``isolation_available()`` says what this host
-allows):
+Isolation steps, in the order they are applied, and what happens when the host refuses one
+(``Confined.isolation`` lists the steps that were applied, so a fallback is always visible;
+``isolation_available()`` says what this host allows; ``skip`` may leave out those in ``STEPS``):
 
 ``userns``     (not root, or root without CAP_SYS_ADMIN, which first becomes nobody) the namespaces
                below are made inside a user namespace in which the bootstrap is root (its own uid
-               outside), which lets it mount; the code then runs in a nested user namespace of its
-               own as nobody (still the worker's uid outside), with every capability dropped: the
-               hiding mounts are locked there (``MNT_LOCKED``) and cannot be unmounted, moved or
-               made writable (``sandbox_boot._nested_user_namespace``). ``/proc`` shows only the
-               sandbox's processes, or is covered by an empty tmpfs where the kernel refuses a new
-               one (a container engine's masked ``/proc``). Without a user namespace an unprivileged
-               worker refuses to run code with a non-empty ``hide`` (the code would run as the
-               worker's own user, which can read those paths): ``sandbox_error``.
-``mountns``    a private mount namespace: propagation private, a private tmpfs (size ``memory_bytes``)
-               over ``/tmp``, ``/var/tmp`` and ``/dev/shm`` with the working directory ``/tmp/work``
-               in it, an empty read-only tmpfs over every path in ``hide`` (``/dev/null`` over a
-               file), a tmpfs over any directory nobody may not traverse on the way to the
-               interpreter's standard library (pyenv's ``/root``) with the library bound back
-               read-only. Fallback: the host's file system, guarded by nobody's file permissions
-               only (hidden paths must then be unreadable to others: 0700, owned by root); the working
-               directory is ``/``.
-``rofs``       every mount read-only and nosuid (``mount_setattr``, Linux >= 5.12). Fallback: writes
-               outside the private tmpfs are stopped by file permissions only.
-``netns``      a network namespace with only a loopback, which is down: no network at all, and no
-               abstract unix sockets of the host. Fallback: the host's network.
-``ipcns``      SysV IPC and POSIX message queues of its own, destroyed with it. Fallback: shared
-               (``RLIMIT_MSGQUEUE`` is 0 anyway).
+               outside), which lets it mount. Without one an unprivileged worker refuses to run code
+               with a non-empty ``hide`` (it would run as the worker's own user): ``sandbox_error``.
+``mountns``    a private mount namespace (propagation private).
+``rofs``       the new root read-only, nosuid, nodev (``mount_setattr``; a remount per mount before 5.12).
+``minroot``    a minimal root (``workers.rootfs``): a tmpfs holding read-only binds of the interpreter,
+               its loader, libraries and standard library (nothing else of the host: no data
+               directory, no sockets, no ``/sys``, no ``/etc`` but the loader cache, no runtime source),
+               ``/dev/{null,zero,urandom}``, a private ``/tmp`` sized ``memory_bytes`` (``/dev/shm``
+               leads there; the working directory ``/tmp/work``), moved into with ``pivot_root`` and
+               the host's root detached. A path in ``hide`` inside one of the binds is covered.
+               Fallback (no mount namespace): the host's file system, guarded by file permissions only.
+``netns``      a network namespace with only a loopback, which is down: no network, no abstract unix
+               sockets of the host. Fallback: the host's network.
+``ipcns``      SysV IPC and POSIX message queues of its own. ``utsns``: a host name of its own
+               (``sandbox``; a container engine that refuses ``sethostname`` leaves the container's).
+``cgroupns``   ``/proc/self/cgroup`` rooted at the invocation's own cgroup: no host cgroup paths.
 ``pidns``      a PID namespace whose init is the trusted bootstrap: the code sees only its own
-               processes (``/proc`` is remounted), cannot signal anything outside, and everything it
-               forked dies with it. Fallback: ``/proc`` is remounted ``hidepid=2`` (with ``mountns``)
-               and leftovers are killed through the bootstrap being a child subreaper, or the cgroup.
-``rlimits``    ``RLIMIT_CPU`` (whole seconds, +1 hard), ``RLIMIT_AS`` (``memory_bytes`` over the
-               interpreter's own baseline), ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, ``RLIMIT_FSIZE``,
-               ``RLIMIT_CORE`` 0 (see ``sandbox_boot._set_rlimits``).
-``uid``        ``setgroups([])`` and uid/gid nobody (65534): no capabilities, no access to root's files.
-               Missing with ``userns`` from an unprivileged worker: the code's uid outside is the
-               worker's, so files the worker owns outside the hidden paths are the code's too.
+               processes, cannot signal anything outside, and everything it forked dies with it.
+``proc``       a ``/proc`` of that namespace (``subset=pid``: processes only, no ``sys``, ``keys``,
+               ``meminfo``...); none where the kernel refuses one (a container's masked ``/proc``).
+``rlimits``    ``RLIMIT_AS`` (``memory_bytes`` over the interpreter's own baseline), ``RLIMIT_NPROC``,
+               ``RLIMIT_NOFILE`` (which also bounds socket and pipe buffers), ``RLIMIT_FSIZE``,
+               ``RLIMIT_CORE`` 0, ``RLIMIT_CPU`` as a backstop (see ``sandbox_boot._set_rlimits``).
+``uid``        (root workers) ``setgroups([])`` and uid/gid nobody (65534).
 ``nonewprivs`` ``PR_SET_NO_NEW_PRIVS``: no privilege back through setuid binaries.
-``cgroup``     (when ``cgroup_parents`` is given and writable) a child cgroup per invocation, joined
-               before the interpreter starts: ``memory.limit_in_bytes`` = ``memory_bytes`` for the
-               whole tree, CPU (``cpuacct.usage``) and peak (``memory.max_usage_in_bytes``) of the
-               whole tree, total CPU enforced every ``_CPU_TICK``, ``pids.max`` with a ``pids``
-               parent, every process in it killed at the end. Fallback: CPU and peak from ``wait4``
-               of the bootstrap (descendants it reaped; the peak of the largest single process),
-               memory bounded per process by ``RLIMIT_AS``, CPU per process by ``RLIMIT_CPU``.
+``keyring``    the code runs in a user namespace of its own as nobody, every capability dropped (its
+               mounts locked: ``MNT_LOCKED``), with a fresh, empty session keyring: no keyring (the
+               worker's session keyring, uid 65534's user keyrings) is shared with anything else.
+``seccomp``    the filter of ``workers.seccomp``, installed last: keyrings, mounts, namespaces, bpf,
+               userfaultfd, perf, io_uring, ptrace, memfd, SysV shm, file locks ... refused with EPERM.
+               Where it cannot be installed the invocation fails (``sandbox_error``): it never runs
+               without it unless ``skip`` says so.
+``cgroup``     (when ``cgroup_parents`` is given and writable) a child cgroup per invocation, joined by
+               the bootstrap first thing: the memory limit for the whole tree, its CPU and peak, the
+               total CPU enforced every ``_CPU_TICK``, an OOM kill inside it ends the invocation
+               (``memory_exceeded``), ``pids.max`` with a ``pids`` parent, everything killed at the end.
+``memwatch``   (no memory cgroup) the bootstrap's outer process samples the tree every 10 ms — the
+               anonymous and shared memory of its processes plus the bytes in its ``/tmp``, and its
+               CPU — kills it over the quota (``memory_exceeded``) or the CPU limit, and reports the
+               peak and CPU it saw, never below what the kernel reported (``sandbox_boot._Watch``).
 
-Not provided: a seccomp filter (the standard library has none), so the code can make any system call
-that an unprivileged process may make. ``RLIMIT_NPROC`` is per uid, so concurrent sandboxes share
-``max_processes`` unless a ``pids`` cgroup parent is given. The code can read what nobody may read
-outside the hidden paths (for example the runtime's own source).
+What is left (said plainly in the README's threat model): socket and pipe buffers are bounded by
+``RLIMIT_NOFILE`` and the default buffer sizes, not measured without a cgroup; ``RLIMIT_NPROC`` is
+per uid, so concurrent sandboxes share ``max_processes`` unless a ``pids`` cgroup parent is given; the
+code can read the files of the interpreter and its libraries, and concurrent invocations can signal
+each other through timing (CPU contention, the page cache).
 """
 
 from __future__ import annotations
