@@ -28,7 +28,6 @@ same); otherwise its system is skipped, and says why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import resource
 import shutil
@@ -45,7 +44,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.common import Options, Skipped, host_info, publish
+from benchmarks.common import Options, Skipped, host_info, publish, save_figure
 from runtime import cgroups
 from runtime.pool import WorkerPool
 from runtime.protocol import Invoke, InvokeOutput
@@ -188,34 +187,15 @@ def _confined(parents: dict[str, str] | None) -> Callable[[Path], tuple[Callable
     return start
 
 
-def _cgroup_parents() -> tuple[dict[str, str], Callable[[], None]]:
-    """Worker-like cgroups for this process (memory, cpuacct, pids), as the pool makes them."""
-    info = cgroups.discover()
-    name = cgroups.child_name(os.getpid(), 98, 0)
-    made: dict[str, str] = {}
-    for c in ("memory", "cpuacct", "pids"):
-        parent = info.dir(c)
-        if parent is not None:
-            with contextlib.suppress(OSError):
-                (parent / name).mkdir()
-                made[c] = str(parent / name)
-    if "memory" not in made or "cpuacct" not in made:
-        for d in made.values():
-            os.rmdir(d)
-        raise RuntimeError("no writable memory and cpuacct cgroups (run as root on a cgroup v1 host)")
-
-    def remove() -> None:
-        for d in made.values():
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-
-    return made, remove
-
-
 def _confined_cgroup(tmp: Path) -> tuple[Callable[[], float], Callable[[], None]]:
-    parents, remove = _cgroup_parents()
-    once, _ = _confined(parents)(tmp)
-    return once, remove
+    """Per-invocation cgroups under worker-like ones of this process, made as the pool makes them."""
+    cg, status = cgroups.WorkerCgroups.create(cgroups.discover(), cgroups.child_name(os.getpid(), 98, 0))
+    if cg is None or cg.memory_dir is None:
+        if cg is not None:
+            cg.remove()
+        raise RuntimeError(f"no memory cgroup to put invocations in (run as root on a cgroup v1 host): {status}")
+    once, _ = _confined(dict(cg.controllers))(tmp)
+    return once, cg.remove
 
 
 def _pool(tmp: Path) -> tuple[Callable[[], float], Callable[[], None]]:
@@ -303,10 +283,7 @@ def plot(entries: list[Entry], path: Path, note: str) -> None:
     ax.set_title(f"{title}\n{note}")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(opts: Options) -> int:

@@ -404,7 +404,9 @@ async def _leftovers(workers: list[int]) -> list[str]:
     """What is left of the sandbox under the workers (processes, cgroups) after a short grace."""
     left: list[str] = []
     for _ in range(50):
-        left = [f"process {c} under worker {w}" for w in workers for c in _children(w)]
+        # A worker's only child is the sandbox's zygote; what the zygote forks must be gone.
+        left = [f"process {o} under worker {w}" for w in workers for z in _children(w) for o in _children(z)]
+        left += [f"worker {w} has {len(_children(w))} children" for w in workers if len(_children(w)) > 1]
         left += [f"cgroup {d}" for w in workers for d in _sandbox_cgroups(w)]
         if not left:
             return []

@@ -75,8 +75,10 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -85,7 +87,7 @@ from typing import Any, Literal
 import msgspec
 
 from workers import rootfs, seccomp
-from workers.sandbox_boot import MAX_FRAME
+from workers.sandbox_boot import EXIT_RECORD, MAX_FRAME
 
 log = logging.getLogger("workers.sandbox")
 
@@ -370,6 +372,113 @@ def _field(text: str, key: str) -> int:
     return 0
 
 
+# --- the zygote -------------------------------------------------------------------------------------
+
+
+class _Zygote:
+    """The bootstrap's zygote (``sandbox_boot.serve``): one per process, started at its first
+    invocation, forked for each one after that.
+
+    A fresh interpreter per invocation would cost its whole start-up (and the bootstrap's imports)
+    every time: more than everything else the sandbox does. The zygote pays it once; each invocation
+    is a fork of the same pristine process (it never runs agent code, holds no secret, and keeps no
+    state of one invocation into the next). What it spends forking and reaping an outer is added to
+    that invocation's CPU; its own start-up is this process's (it is its child, reaped by
+    ``shutdown``). It dies with the thread that started it (the parent-death signal), so
+    ``run_confined`` must be called from a thread that lives as long as the process sandboxes code
+    (a worker's main thread); one invocation runs at a time (``lock``).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The interpreter itself, not the worker's virtual-environment link to it: that path is not
+        # in the root (and the code can read its command line in /proc).
+        argv = [os.path.realpath(sys.executable), "-I", "-S", "-c", _LOADER, str(theirs.fileno())]
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                close_fds=True,
+                env=_CHILD_ENV,
+                cwd="/",  # a cwd inside a hidden directory would be a way around the mount
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.sendall(_frame(_boot_code()))
+        self.sock = ours
+        return ours
+
+    def spawn(self, fds: Sequence[int]) -> tuple[int, int]:
+        """Fork an outer process with ``fds`` (channel, report, stdout, stderr); its pid and a pidfd.
+        A zygote that died (its thread ended, it was killed) is started again, once."""
+        for attempt in (1, 2):
+            sock = self.sock or self._start()
+            try:
+                socket.send_fds(sock, [b"S"], list(fds))
+                msg, got, _, _ = socket.recv_fds(sock, 4, 1)
+            except OSError:
+                msg, got = b"", []
+            if len(msg) == 4 and len(got) == 1:
+                return int.from_bytes(msg, "big", signed=True), got[0]
+            for fd in got:
+                os.close(fd)
+            self.close()
+            if attempt == 2:
+                raise OSError("the sandbox's zygote does not answer")
+        raise AssertionError("unreachable")
+
+    def reaped(self, pid: int) -> tuple[int, float, int] | None:
+        """Once outer ``pid`` has exited: its wait status, the CPU of its tree and of its fork, the
+        tree's largest high-water mark (bytes); None when the zygote is gone."""
+        size = struct.calcsize(EXIT_RECORD)
+        data = b""
+        if self.sock is not None:
+            self.sock.settimeout(_GRACE + 10.0)
+            with contextlib.suppress(OSError):
+                while len(data) < size and (chunk := self.sock.recv(size - len(data))):
+                    data += chunk
+            self.sock.settimeout(None)
+        if len(data) < size:
+            self.close()
+            return None
+        got, status, cpu, spent, maxrss = struct.unpack(EXIT_RECORD, data)
+        assert got == pid, f"the zygote reaped {got}, not {pid}"
+        return status, cpu + spent, maxrss * 1024
+
+    def close(self) -> None:
+        """Let the zygote go (it exits at the end of its socket) and reap it."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+_ZYGOTE = _Zygote()
+
+
+def shutdown() -> None:
+    """Stop this process's zygote, if it has one, and reap it (a worker does before it exits, so that
+    the zygote's own CPU is in what the kernel counts for the worker)."""
+    with _ZYGOTE.lock:
+        _ZYGOTE.close()
+
+
 # --- one invocation ----------------------------------------------------------------------------------
 
 _End = Literal["done", "exit", "deadline", "cpu", "memory", "output", "protocol", "internal"]
@@ -380,24 +489,22 @@ class _Invocation:
 
     def __init__(
         self,
-        proc: subprocess.Popen[bytes],
+        pid: int,
+        pidfd: int,
         sock: socket.socket,
+        fds: tuple[int, int, int],
         cg: _Cgroups | None,
         limits: Limits,
         handle: Handler,
         job: bytes,
         started: float,
-        report: int,
     ) -> None:
-        assert proc.stdout is not None and proc.stderr is not None
-        self.proc, self.sock, self.cg, self.limits, self.handle = proc, sock, cg, limits, handle
-        self.report_fd = report
+        self.pid, self.pidfd, self.sock, self.cg, self.limits, self.handle = pid, pidfd, sock, cg, limits, handle
+        self.out_fd, self.err_fd, self.report_fd = fds
         self.report: _Report | None = None
-        self.pidfd = os.pidfd_open(proc.pid)
-        self.out_fd, self.err_fd = proc.stdout.fileno(), proc.stderr.fileno()
         self.deadline = started + limits.wall_seconds
         self.inbuf = bytearray()
-        self.outbuf = bytearray(_frame(_boot_code()) + _frame(job))  # what the child reads first
+        self.outbuf = bytearray(_frame(job))  # the first thing the outer reads
         self.stdout = bytearray()
         self.stderr = bytearray()
         self.ready: tuple[str, ...] | None = None
@@ -421,8 +528,6 @@ class _Invocation:
 
     def watch(self) -> None:
         """Serve the child until it is done, exits, breaks a limit or breaks the protocol."""
-        for fd in (self.out_fd, self.err_fd):
-            os.set_blocking(fd, False)
         self.sock.setblocking(False)
         chan = self.sock.fileno()
         poller = select.poll()
@@ -585,7 +690,7 @@ class _Invocation:
             self._wait_exit(_GRACE)  # the runner exits right after "done"
         if not self.exited:
             if self.cg is not None:
-                self.cg.kill(spare=self.proc.pid)
+                self.cg.kill(spare=self.pid)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
             if not self._wait_exit(_GRACE):
@@ -594,14 +699,15 @@ class _Invocation:
                 if self.cg is not None:
                     self.cg.kill()
                 if not self._wait_exit(10.0):
-                    log.error("sandbox bootstrap %d does not die; leaving it", self.proc.pid)
+                    log.error("sandbox bootstrap %d does not die; leaving it", self.pid)
+                    _ZYGOTE.close()  # its wait for this one would never end
                     return
-        pid, status, ru = os.wait4(self.proc.pid, 0)
-        assert pid == self.proc.pid
-        self.status = status
-        self.proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen never waits on the pid
-        self.rusage_cpu = ru.ru_utime + ru.ru_stime
-        self.rusage_peak = ru.ru_maxrss * 1024
+        reaped = _ZYGOTE.reaped(self.pid)
+        if reaped is None:  # the zygote died with it: nothing measured the tree but the cgroup
+            self.status = signal.SIGKILL
+        else:
+            # The outer's tree as wait4 counts it (the zygote reaped it), and the zygote's fork of it.
+            self.status, self.rusage_cpu, self.rusage_peak = reaped
         self.report = self._read_report()
 
     def _read_report(self) -> _Report | None:
@@ -615,7 +721,7 @@ class _Invocation:
         try:
             return _decode_report(data)
         except msgspec.MsgspecError:
-            log.error("sandbox bootstrap %d wrote a malformed report: %r", self.proc.pid, data[:200])
+            log.error("sandbox bootstrap %d wrote a malformed report: %r", self.pid, data[:200])
             return None
 
     def drain(self) -> None:
@@ -642,12 +748,9 @@ class _Invocation:
             self.ended = "output"
 
     def close(self) -> None:
-        os.close(self.pidfd)
-        os.close(self.report_fd)
+        for fd in (self.pidfd, self.report_fd, self.out_fd, self.err_fd):
+            os.close(fd)
         self.sock.close()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
 
 
 def _signal_name(n: int) -> str:
@@ -756,7 +859,6 @@ def _job(
         "watch": cg is None or not cg.measures_memory(),
         # Joined by the bootstrap first thing (its interpreter's start-up is outside: see sandbox_boot.main).
         "cgroups": cg.procs_files() if cg is not None else [],
-        "worker": os.getpid(),
     }
     return marshal.dumps(job)
 
@@ -809,41 +911,32 @@ def run_confined(
             cg.remove(deadline=time.monotonic() + 1.0)
         return _failure("sandbox_error", f"code and arguments are {len(job)} bytes, over {MAX_FRAME}", started)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    # The interpreter itself, not the worker's virtual-environment link to it: that path is not in
-    # the root (and the code reads its command line in /proc).
-    python = os.path.realpath(sys.executable)
-    argv = [python, "-I", "-S", "-c", _LOADER, str(child_sock.fileno()), str(report_w)]
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(child_sock.fileno(), report_w),
-            close_fds=True,
-            env=_CHILD_ENV,
-            cwd="/",  # a cwd inside a hidden directory would be a way around the mount
-        )
-    except OSError as exc:
-        parent_sock.close()
-        os.close(report_r)
-        if cg is not None:
-            cg.remove(deadline=time.monotonic() + 1.0)
-        return _failure("sandbox_error", f"cannot start the sandbox: {exc}", started)
-    finally:
-        child_sock.close()
-        os.close(report_w)
-    try:
-        inv = _Invocation(proc, parent_sock, cg, limits, handle, job, started, report_r)
-    except OSError as exc:  # no pidfd: kill our (unreaped, so unambiguous) child the plain way
-        proc.kill()
-        proc.wait()
-        parent_sock.close()
-        os.close(report_r)
-        if cg is not None:
-            cg.remove(deadline=time.monotonic() + 2.0)
-        return _failure("sandbox_error", f"cannot watch the sandbox: {exc}", started)
+    # Pipes block on the child's side (a full stdout must hold the code back, not fail its print);
+    # this side reads without blocking.
+    (report_r, report_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
+    for fd in (report_r, out_r, err_r):
+        os.set_blocking(fd, False)
+    ours = (parent_sock.fileno(), report_r, out_r, err_r)
+    with _ZYGOTE.lock:
+        try:
+            pid, pidfd = _ZYGOTE.spawn([child_sock.fileno(), report_w, out_w, err_w])
+        except OSError as exc:
+            parent_sock.close()
+            for fd in ours[1:]:
+                os.close(fd)
+            if cg is not None:
+                cg.remove(deadline=time.monotonic() + 1.0)
+            return _failure("sandbox_error", f"cannot start the sandbox: {exc}", started)
+        finally:
+            child_sock.close()
+            for fd in (report_w, out_w, err_w):
+                os.close(fd)
+        inv = _Invocation(pid, pidfd, parent_sock, (out_r, err_r, report_r), cg, limits, handle, job, started)
+        return _run(inv, cg, limits, started)
+
+
+def _run(inv: _Invocation, cg: _Cgroups | None, limits: Limits, started: float) -> Confined:
+    """Serve, watch and end one started invocation; measure it; say how it ended."""
     try:
         try:
             inv.watch()
@@ -908,4 +1001,4 @@ def isolation_available() -> tuple[str, ...]:
     return out
 
 
-__all__ = ["STEPS", "Confined", "ErrorCode", "Handler", "Limits", "isolation_available", "run_confined"]
+__all__ = ["STEPS", "Confined", "ErrorCode", "Handler", "Limits", "isolation_available", "run_confined", "shutdown"]

@@ -1,9 +1,10 @@
 """The trusted bootstrap of a confined child (``workers.sandbox``): confine, then run agent code.
 
-Started by ``workers.sandbox.run_confined`` as ``python -I -S -c <loader> <channel fd> <report fd>``
-(the loader execs this file's code object, which the worker sends first), as root or as the worker's
-own user, with a minimal environment, stdin on ``/dev/null``,
-stdout and stderr on pipes, and every other fd closed. It imports only the standard library (no
+Started once per worker by ``workers.sandbox`` as ``python -I -S -c <loader> <control fd>`` (the
+loader execs this file's code object, which the worker sends first), as root or as the worker's own
+user, with a minimal environment, stdin on ``/dev/null`` and every other fd closed: the zygote
+(``serve``), which forks the outer process of each invocation with its channel, report pipe, stdout
+and stderr. It imports only the standard library (no
 site-packages are on its path), and of it only what starts in well under a millisecond: ``marshal``
 rather than ``json``, ``_signal`` rather than ``signal``, ``_ctypes`` rather than ``ctypes`` (their
 pure-Python layers cost more start-up than the rest of the sandbox together: ``ctypes`` alone is a third
@@ -959,31 +960,80 @@ _NAMESPACES = (
 )
 
 
-def _adopt_fds(channel: int, report: int) -> None:
-    """Put the channel on fd 3 and the report pipe on fd 4, whatever numbers they came with."""
-    os.dup2(channel, 100)  # out of the way of both targets first
-    os.dup2(report, 101)
-    for fd in {channel, report} - {CHANNEL_FD, REPORT_FD}:
+def _adopt_fds(fds: list[int]) -> None:
+    """Put the channel, the report pipe, stdout and stderr on fds 3, 4, 1 and 2, whatever numbers they
+    came with (stdin stays the zygote's ``/dev/null``)."""
+    targets = (CHANNEL_FD, REPORT_FD, 1, 2)
+    assert len(fds) == len(targets), fds
+    high = [os.dup2(fd, 100 + i) for i, fd in enumerate(fds)]  # out of the way of every target first
+    for fd in set(fds) - set(targets):
         os.close(fd)
-    os.dup2(100, CHANNEL_FD)
-    os.dup2(101, REPORT_FD)
-    os.close(100)
-    os.close(101)
+    for fd, target in zip(high, targets, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
 
 
-def main() -> NoReturn:
-    """The outer process: confine what can be confined, fork, wait and watch, clean up, report, exit."""
-    # SIGTERM (the worker stopping us) and SIGCHLD are taken by sigwaitinfo once the child runs.
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_SIGTERM, _SIGCHLD})
-    _adopt_fds(int(sys.argv[1]), int(sys.argv[2]))
+def serve() -> NoReturn:
+    """The zygote: a bootstrap started once per worker (``workers.sandbox._Zygote``), already through
+    the interpreter's start-up and this file's imports, that forks one outer process per invocation.
+
+    On its control socket (``sys.argv[1]``, a stream socket to the worker; nothing else is open) it
+    takes a request — one byte with the invocation's channel, report pipe, stdout and stderr as
+    ``SCM_RIGHTS`` — forks the outer with them, answers with the outer's pid and a pidfd of it, waits
+    for it and answers with its wait status, the CPU of its whole tree (``wait4``), the CPU this
+    process spent on it, and the tree's largest ``ru_maxrss``. One invocation at a time. It holds no
+    secret and no state of one invocation into the next: every outer is a copy of the same pristine
+    process. It dies with the worker (the end of the socket, or the parent-death signal).
+    """
+    import resource
+    import socket
+    import struct
+
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_SIGTERM, _SIGCHLD})  # inherited: the outer takes them
     _prctl(_PR_SET_PDEATHSIG, _SIGKILL)
+    ctl = socket.socket(fileno=int(sys.argv[1]))
+
+    def own_cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    while True:
+        msg, fds, _, _ = socket.recv_fds(ctl, 1, 4)
+        if not msg or len(fds) != 4:
+            os._exit(0)  # the worker is gone (or spoke nonsense: it is trusted, so it is gone)
+        before = own_cpu()
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            ctl.close()
+            _adopt_fds(fds)
+            main(me)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)  # before any wait: the pid cannot have been reused
+        socket.send_fds(ctl, [struct.pack("!i", pid)], [pidfd])
+        os.close(pidfd)
+        _, status, ru = os.wait4(pid, 0)
+        spent = own_cpu() - before
+        ctl.sendall(struct.pack(EXIT_RECORD, pid, status, ru.ru_utime + ru.ru_stime, spent, ru.ru_maxrss))
+
+
+#: What the zygote says when an outer has exited: pid, wait status, CPU of the outer's tree, CPU the
+#: zygote spent on it (the fork), the tree's largest ``ru_maxrss`` (KiB).
+EXIT_RECORD = "!iiddq"
+
+
+def main(zygote: int) -> NoReturn:
+    """The outer process (forked by the ``zygote``, its fds in place): confine what can be confined,
+    fork, wait and watch, clean up, report, exit. SIGTERM (the worker stopping us) and SIGCHLD are
+    blocked, and taken by sigwaitinfo once the child runs."""
+    _prctl(_PR_SET_PDEATHSIG, _SIGKILL)
+    if os.getppid() != zygote:
+        os._exit(1)  # the zygote died before we could tie our life to it
     try:
         job = _read_frame()  # the end of the channel if the worker is gone
     except (OSError, ValueError, EOFError, TypeError) as exc:
         _fail(f"bad job: {exc}")
-    # The worker's pid comes in the job, not on the command line: the code would read it there.
-    if os.getppid() != job["worker"]:
-        os._exit(1)  # the worker died before we could tie our life to it
     # The invocation's cgroups, joined before anything else runs: everything forked from here on is
     # limited and counted there. The interpreter's start-up before this point (its first few
     # milliseconds and megabytes) is in the worker's cgroup, and in the wait4 the worker charges.
@@ -1047,4 +1097,4 @@ def main() -> NoReturn:
 
 
 if __name__ == "__main__":
-    main()
+    serve()

@@ -258,6 +258,10 @@ def main() -> int:
     sock.setsockopt(zmq.IDENTITY, f"w{boot.worker_id}-{os.getpid()}".encode())
     sock.connect(boot.endpoint)
     Worker(boot, sock, meter).serve()
+    if (sandbox := sys.modules.get("workers.sandbox")) is not None:
+        # Reap the sandbox's zygote: its CPU (and its outers', already booked as tasks) is then in
+        # what the kernel counts for this worker when the pool reaps it.
+        sandbox.shutdown()
     sock.close()
     ctx.term()
     return 0

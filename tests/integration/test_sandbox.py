@@ -125,10 +125,11 @@ def value(r: Confined) -> Any:
 #: the ``Confined`` on stdout. Its requests to the world are refused.
 _AS_USER = """
 import sys, msgspec
-from workers.sandbox import Limits, run_confined
+from workers.sandbox import Limits, run_confined, shutdown
 job = msgspec.json.decode(sys.stdin.buffer.read())
 r = run_confined(job["code"], job["args"], msgspec.convert(job["limits"], Limits),
                  lambda op, params: {"ok": False, "error": "no world here"}, hide=job["hide"], skip=job["skip"])
+shutdown()  # the zygote is reaped before this process (of the test's other user) ends
 sys.stdout.buffer.write(msgspec.json.encode(r))
 """
 #: How each kind of worker is started: as root (in this process), as an unprivileged user (the
