@@ -1,13 +1,14 @@
 """Running agent-written Python confined, from inside a worker process.
 
-``run_confined(code, args, limits, handle)`` starts a fresh ``python -I -S`` (no site-packages, no
-environment-driven configuration) running ``workers/sandbox_boot.py`` (its code object, compiled once
-here), which confines itself and then runs the code with a ``world`` object in its globals. The worker
-talks to it over a socketpair (the child's fd 3) and serves the code's requests
-(``world.read_artifact``, ``world.transfer``) through ``handle``, which forwards them to the
-supervisor. Limits are enforced and usage is measured by the kernel, not by the child: the child's
-word is only taken for what happened inside the code (its result, its exception), never for what it
-cost; and a result is accepted only as strict JSON (``result_error``).
+``run_confined(code, args, limits, handle)`` forks a confined child from this process's zygote: a
+``python -I -S`` (no site-packages, no environment-driven configuration) running
+``workers/sandbox_boot.py``, started once (``_Zygote``); the child confines itself and then runs the
+code with a ``world`` object in its globals. The worker talks to it over a socketpair (the child's
+fd 3) and serves the code's requests (``world.read_artifact``, ``world.transfer``) through
+``handle``, which forwards them to the supervisor. Limits are enforced and usage is measured by the
+kernel, not by the child: the child's word is only taken for what happened inside the code (its
+result, its exception), never for what it cost; and a result is accepted only as strict JSON
+(``result_error``).
 
 Isolation steps, in the order they are applied, and what happens when the host refuses one
 (``Confined.isolation`` lists the steps that were applied, so a fallback is always visible;
@@ -60,7 +61,8 @@ What is left (said plainly in the README's threat model): socket and pipe buffer
 ``RLIMIT_NOFILE`` and the default buffer sizes, not measured without a cgroup; ``RLIMIT_NPROC`` is
 per uid, so concurrent sandboxes share ``max_processes`` unless a ``pids`` cgroup parent is given; the
 code can read the files of the interpreter and its libraries, and concurrent invocations can signal
-each other through timing (CPU contention, the page cache).
+each other through timing (CPU contention, the page cache); invocations of one process share the
+zygote's address-space layout.
 """
 
 from __future__ import annotations

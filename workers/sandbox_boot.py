@@ -2,22 +2,22 @@
 
 Started once per worker by ``workers.sandbox`` as ``python -I -S -c <loader> <control fd>`` (the
 loader execs this file's code object, which the worker sends first), as root or as the worker's own
-user, with a minimal environment, stdin on ``/dev/null`` and every other fd closed: the zygote
-(``serve``), which forks the outer process of each invocation with its channel, report pipe, stdout
-and stderr. It imports only the standard library (no
-site-packages are on its path), and of it only what starts in well under a millisecond: ``marshal``
-rather than ``json``, ``_signal`` rather than ``signal``, ``_ctypes`` rather than ``ctypes`` (their
-pure-Python layers cost more start-up than the rest of the sandbox together: ``ctypes`` alone is a third
-of a bare interpreter's). Three processes:
+user, with a minimal environment, stdin on ``/dev/null`` and every other fd closed. It imports only
+the standard library (no site-packages are on its path), and of it only what starts in well under a
+millisecond: ``marshal`` rather than ``json``, ``_signal`` rather than ``signal``, ``_ctypes`` rather
+than ``ctypes`` (their pure-Python layers cost more start-up than the rest of the sandbox together).
+Four processes:
 
-``outer``  (the worker's child): reads the job, dies with the worker, becomes a child subreaper,
-           unshares the mount namespace (inside a user namespace when not root) and builds the
-           minimal root under ``STAGE``, unshares the network, IPC, UTS, cgroup and PID namespaces
-           and forks;
-           afterwards it waits, watches the tree's memory and CPU when no cgroup does
-           (``_Watch``), cleans up what is left under it, reports on the report fd and exits with
-           the status of what it forked (``128 + n`` for a death by signal ``n``), so that the
-           worker's ``wait4`` of it is charged the CPU of the whole tree.
+``zygote`` (the worker's child, for the worker's life: ``serve``): forks one outer per invocation,
+           handing it the invocation's channel, report pipe, stdout and stderr, reaps it and tells
+           the worker its ``wait4``: the CPU of the whole tree. A fork of it is a fresh bootstrap
+           without a fresh interpreter's start-up.
+``outer``  (``main``): reads the job, dies with the zygote, joins the invocation's cgroups, becomes a
+           child subreaper, unshares the mount namespace (inside a user namespace when not root) and
+           builds the minimal root under ``STAGE``, unshares the network, IPC, UTS, cgroup and PID
+           namespaces and forks; afterwards it waits, watches the tree's memory and CPU when no
+           cgroup does (``_Watch``), cleans up what is left under it, reports on the report fd and
+           exits with the status of what it forked (``128 + n`` for a death by signal ``n``).
 ``init``   (pid 1 of the new PID namespace; only when that namespace was made): mounts a ``/proc``
            that shows only the sandbox's processes, moves everyone into the new root (``pivot_root``,
            the host's root detached), forks the runner and reaps orphans. When it exits, the kernel
