@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from runtime import cgroups
+from runtime.host import cgroups
 
 
 class CgroupUnavailable(RuntimeError):

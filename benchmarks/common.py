@@ -8,6 +8,7 @@ system turns a request around rather than how deep a queue it can build.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.metadata
 import math
 import os
@@ -20,11 +21,13 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import msgspec
+import psutil
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -75,6 +78,25 @@ def percentile_us(sorted_ns: Sequence[int], q: float) -> float:
         return math.nan
     rank = max(1, math.ceil(q / 100 * len(sorted_ns)))
     return sorted_ns[rank - 1] / 1000
+
+
+def pipelined_batches(submit_batch: Callable[[], Sequence[Future[Any]]], duration_s: float) -> tuple[int, float]:
+    """One thread keeps two batches of futures in flight (so a group-committing writer never waits for
+    it) for ``duration_s``; return how many operations completed and in how many seconds, the last
+    batches drained. ``submit_batch`` submits one batch and returns its futures."""
+    inflight: collections.deque[Sequence[Future[Any]]] = collections.deque()
+    n = 0
+    start = time.perf_counter()
+    deadline = start + duration_s
+    while True:
+        if time.perf_counter() < deadline:
+            inflight.append(submit_batch())
+        if len(inflight) >= 2 or (inflight and time.perf_counter() >= deadline):
+            for f in inflight.popleft():
+                f.result()
+                n += 1
+        if not inflight:
+            return n, time.perf_counter() - start
 
 
 class Failed(Exception):
@@ -218,7 +240,7 @@ def host_info(packages: Sequence[str] = ()) -> dict[str, Any]:
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     try:
-        from runtime import cgroups
+        from runtime.host import cgroups
 
         info["cpu_capacity"] = cgroups.cpu_capacity(cgroups.discover())
     except Exception as exc:  # a fact we can do without
@@ -302,20 +324,13 @@ def publish(json_path: Path, report: msgspec.Struct, plot: Callable[[Path], None
 
 def child_pids() -> list[tuple[int, str]]:
     """Pids and names of this process's live children (to report anything a peer left behind)."""
-    me = os.getpid()
     out: list[tuple[int, str]] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in psutil.Process().children():
         try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                out.append((child.pid, child.name()))
+        except psutil.NoSuchProcess:
             continue
-        # The command name is in parentheses and may itself contain spaces or parentheses.
-        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        if int(rest[1]) == me and rest[0] != "Z":
-            out.append((int(entry), name))
     return out
 
 

@@ -46,7 +46,7 @@ from benchmarks.engine import (
     supervisor_command,
     volume_dir,
 )
-from runtime.events.log import EventLog
+from runtime.world.events.log import EventLog
 
 CPUS = 2
 MEMORY = "4g"

@@ -1,7 +1,7 @@
 """The whole ecology end to end: actions per second and supervisor memory with 10, 100 and 1,000 agents.
 
 Each size gets a fresh runtime wired as the supervisor wires it: a real ``WorkerPool`` sized from the
-machine (recording the tasks in flight, ``runtime.inflight``), a durable ``LmdbLedger``, a durable
+machine (recording the tasks in flight, ``runtime.pool.inflight``), a durable ``LmdbLedger``, a durable
 ``EventLog``, a ``GitStore``, the buckets and the economy (``open_economy``), and the world with the
 events as its ``emit``. No memory store: the policy has no memory actions. Every agent is a real
 ``Agent`` with a ``ScriptedBrain`` whose policy is cheap but goes through the whole pipeline:
@@ -25,7 +25,7 @@ actions per second (applied + rejected, from the agents' counters), turn latency
 (VmRSS of this process, sampled by a thread) and CPU (``time.process_time``, all its threads, with a
 per-thread breakdown), and the workers' utilisation (CPU charged to tasks / workers × seconds).
 
-Verified after each size, on the quiet stores: ``runtime.ledger.check`` passes; exactly one ``burn``
+Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
 
 ``--profile`` also records a py-spy flame graph of this process during the 1,000-agent window, written
@@ -59,17 +59,13 @@ from benchmarks.common import (
     stop_resource_trackers,
 )
 from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
-from runtime.agents.loop import Agent, ScriptedBrain
-from runtime.buckets import Buckets, Estimator
-from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
-from runtime.economy import Economy, capacity_millicores, open_economy
-from runtime.events.log import EventLog
-from runtime.inflight import InflightLog
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
+from runtime.agents.loop import Agent
+from runtime.config import AgentConfig, Config, EconomyConfig
+from runtime.economy.ledger.check import check
+from runtime.economy.rights import capacity_millicores
+from runtime.host import cgroups as cg
+from runtime.node import Node
 from runtime.pool import WorkerPool
-from runtime.store.git import GitStore
-from runtime.world import Emit, World
 
 SIZES = (10, 100, 1000)
 FULL_S, QUICK_S = 10.0, 3.0
@@ -213,18 +209,6 @@ class RssSampler:
 # ----------------------------------------------------------------------------------- the runtime
 
 
-def emitter(events: EventLog) -> Emit:
-    """The supervisor's ``emit`` (``runtime.supervisor.emitter``, not imported because that module
-    imports the memory store's client, which would add to the RSS measured here)."""
-
-    def emit(kind: str, fields: dict[str, Any]) -> None:
-        rest = dict(fields)
-        agent = rest.pop("agent", None)
-        events.submit(kind, agent if isinstance(agent, str) else None, rest)
-
-    return emit
-
-
 def policy_for(i: int, n: int) -> list[AgentAction]:
     """Agent ``i``'s policy: noop, give 1 scrip to the next agent, read the bulletin, noop — rotated by ``i``."""
     base: list[AgentAction] = [
@@ -311,47 +295,34 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     """
     rss_before = _rss_bytes()
     horizon = WARMUP_MAX_S + duration + DRAIN_MAX_S
-    ledger = LmdbLedger(data / "ledger")
-    store = GitStore(data / "artifacts.git")
-    events = EventLog(data / "events")
-    inflight = InflightLog(data / "run" / "inflight")
     problems: list[str] = []
+    capacity = capacity_millicores(Config(data_dir=str(data)), cg.discover())
+    rate = capacity // n
+    if rate <= 0:
+        raise RuntimeError(f"{n} agents do not fit {capacity} millicores")
+    burst = _burst_seconds(rate, horizon)
+    cfg = Config(
+        data_dir=str(data),
+        economy=EconomyConfig(burst_seconds=burst),
+        agents=[
+            AgentConfig(
+                id=agent_id(i),
+                brain="scripted",
+                policy=policy_for(i, n),
+                think_ms=THINK_MS,
+                cpu_rate=rate,
+                llm_rate=0,
+                scrip=SCRIP,
+            )
+            for i in range(n)
+        ],
+    )
+    state = Drive()
     try:
-        emit = emitter(events)
-        buckets = Buckets(
-            on_event=lambda kind, agent, res, lvl: emit(kind, {"agent": agent, "resource": res, "level": lvl})
-        )
-        pool = WorkerPool(PoolConfig(), hide=[str(data.resolve())], inflight=inflight)
-        probe = Config(data_dir=str(data))
-        rate = capacity_millicores(probe, pool.info) // n
-        if rate <= 0:
-            raise RuntimeError(f"{n} agents do not fit {capacity_millicores(probe, pool.info)} millicores")
-        burst = _burst_seconds(rate, horizon)
-        cfg = Config(
-            data_dir=str(data),
-            economy=EconomyConfig(burst_seconds=burst),
-            agents=[
-                AgentConfig(
-                    id=agent_id(i),
-                    brain="scripted",
-                    policy=policy_for(i, n),
-                    think_ms=THINK_MS,
-                    cpu_rate=rate,
-                    llm_rate=0,
-                    scrip=SCRIP,
-                )
-                for i in range(n)
-            ],
-        )
-        open_economy(cfg, ledger, pool.info, buckets)
-        state = Drive()
-        async with pool:
-            economy = Economy(pool, ledger, buckets, Estimator(cfg.economy.default_estimate_s))
-            world = World(store, economy, emit)
-            await world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable="public")
-            agents = [
-                Agent(a.id, ScriptedBrain(economy, a.policy, a.think_ms), world, events, None) for a in cfg.agents
-            ]
+        async with Node(cfg) as node:
+            pool, ledger, events = node.pool, node.backends.ledger, node.events
+            await node.world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable="public")
+            agents = [a for a in node.agents if isinstance(a, Agent)]
             tasks = [asyncio.create_task(drive(a, state), name=f"agent:{a.id}") for a in agents]
             try:
                 # Warm-up: every agent through one turn (its first estimate measured), and at least WARMUP_S.
@@ -390,32 +361,28 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     exc = t.exception()
                     problems.append(f"{t.get_name()} failed: {type(exc).__name__}: {exc}")
-        # pool closed: every task ended and charged; the stores are quiet once the agents stopped.
-        applied, rejected = _turns(agents)
-        thinks = applied + rejected
-        report = check(ledger)
-        problems += [f"ledger: {p}" for p in report.problems[:5]]
-        burns = sum(1 for r in ledger.usage_records() if r.kind == "burn")
-        if burns != thinks:
-            problems.append(f"{burns} burn usage records for {thinks} thinks")
-        all_events = events.read()
-        gapless = [e.seq for e in all_events] == list(range(1, len(all_events) + 1))
-        gapless = gapless and events.last_seq() == len(all_events)
-        if not gapless:
-            problems.append("the event log's seqs are not 1..n")
-        acts = [e for e in all_events if e.kind == "action"]
-        if len(acts) != thinks:
-            problems.append(f"{len(acts)} action events for {thinks} thinks")
-        reasons = collections.Counter(
-            f"{e.fields.get('action')}: {str(e.fields.get('reason', ''))[:60]}" for e in acts if not e.fields["ok"]
-        )
-        blocked = sum(1 for e in all_events if e.kind == "agent_blocked")
+            # Every agent finished its last turn: each task it ran ended and is charged, each event durable.
+            applied, rejected = _turns(agents)
+            thinks = applied + rejected
+            report = check(ledger)
+            problems += [f"ledger: {p}" for p in report.problems[:5]]
+            burns = sum(1 for r in ledger.usage_records() if r.kind == "burn")
+            if burns != thinks:
+                problems.append(f"{burns} burn usage records for {thinks} thinks")
+            all_events = events.read()
+            gapless = [e.seq for e in all_events] == list(range(1, len(all_events) + 1))
+            gapless = gapless and events.last_seq() == len(all_events)
+            if not gapless:
+                problems.append("the event log's seqs are not 1..n")
+            acts = [e for e in all_events if e.kind == "action"]
+            if len(acts) != thinks:
+                problems.append(f"{len(acts)} action events for {thinks} thinks")
+            reasons = collections.Counter(
+                f"{e.fields.get('action')}: {str(e.fields.get('reason', ''))[:60]}" for e in acts if not e.fields["ok"]
+            )
+            blocked = sum(1 for e in all_events if e.kind == "agent_blocked")
     finally:
         sampler.recording = False
-        events.close()
-        store.close()
-        ledger.close()
-        inflight.close()
     secs = last.wall - first.wall
     done = (last.applied - first.applied) + (last.rejected - first.rejected)
     lat = sorted(state.latencies)

@@ -17,12 +17,11 @@ fixed time:
   transaction per transfer, sequential.
 
 After each run the numbers are checked against the store itself: the journal must hold exactly the
-transfers counted, and (for the ledgers) ``runtime.ledger.check`` must pass.
+transfers counted, and (for the ledgers) ``runtime.economy.ledger.check`` must pass.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import random
@@ -32,7 +31,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +38,13 @@ from typing import Any
 
 import msgspec
 
+from benchmarks import common
 from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
-from runtime.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.ledger.postgres import PostgresLedger
-from runtime.postgres import DatabaseUnavailable, connect, redact
+from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.economy.ledger.postgres import PostgresLedger
+from runtime.host.postgres import DatabaseUnavailable, connect, redact
 
 FULL_S, QUICK_S = 3.0, 1.0
 ACCOUNTS = tuple(f"acct{i}" for i in range(100))
@@ -182,20 +181,10 @@ def _batches(opener: Opener) -> Callable[[Path, float], Measured]:
         with opener(path, True) as led:
             rng = random.Random(0)
             ids = itertools.count()
-            inflight: collections.deque[list[Future[Receipt]]] = collections.deque()
-            n = 0
-            start = time.perf_counter()
-            deadline = start + duration
-            while True:
-                if time.perf_counter() < deadline:
-                    inflight.append([led.submit(_op(rng, f"b{next(ids)}")) for _ in range(BATCH)])
-                if len(inflight) >= 2 or (inflight and time.perf_counter() >= deadline):
-                    for f in inflight.popleft():
-                        f.result()
-                        n += 1
-                if not inflight:
-                    break
-            measured = Measured(n, time.perf_counter() - start)
+            n, seconds = common.pipelined_batches(
+                lambda: [led.submit(_op(rng, f"b{next(ids)}")) for _ in range(BATCH)], duration
+            )
+            measured = Measured(n, seconds)
             _verify(led, measured.transfers)
             return measured
 

@@ -37,8 +37,7 @@ from native.models import default_model
 from native.tiny_model import write_tiny_model
 from runtime.agents.schema import ACTION_SCHEMA_BYTES
 from runtime.pool import WorkerPool
-from runtime.protocol import Think
-from workers.think import ThinkOutput
+from runtime.protocol import Think, decode_think
 
 TARGET_RATIO = 0.90
 SYSTEM = "You are an agent in a small economy. Answer with exactly one action as JSON."
@@ -162,7 +161,7 @@ async def _pooled(pool: WorkerPool, model: Path, w: Workload, texts: list[str], 
             model=str(model),
         )
         outcome = await pool.run(spec)
-        out = msgspec.json.decode(outcome.output, type=ThinkOutput)
+        out = decode_think(outcome.output)
         tokens += out.completion_tokens
         prompt_tokens += out.prompt_tokens
         invalid += not out.valid

@@ -45,9 +45,9 @@ from typing import Any
 import msgspec
 
 from benchmarks.common import Options, Skipped, host_info, publish, save_figure
-from runtime import cgroups
+from runtime.host import cgroups
 from runtime.pool import WorkerPool
-from runtime.protocol import Invoke, InvokeOutput
+from runtime.protocol import Invoke, decode_invoke
 from workers import rootfs, seccomp
 from workers.sandbox import Limits, run_confined
 
@@ -212,8 +212,8 @@ def _pool(tmp: Path) -> tuple[Callable[[], float], Callable[[], None]]:
 
     def once() -> float:
         out = asyncio.run_coroutine_threadsafe(pool.run(spec), loop).result(60)
-        res = msgspec.json.decode(out.output, type=InvokeOutput)
-        if not res.ok or bytes(res.value) != b"1":
+        res = decode_invoke(out.output)
+        if not res.ok or res.value != b"1":
             raise Mismatch(f"{res.error_code}: {res.error[:300]}")
         return out.usage.cpu_seconds
 

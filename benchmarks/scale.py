@@ -133,10 +133,10 @@ def _config(path: Path) -> Path:
 
 
 def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: float | None) -> NodesResult:
-    from runtime.events.postgres import PostgresEventLog
-    from runtime.ledger import Transfer
-    from runtime.ledger.check import check
-    from runtime.ledger.postgres import PostgresLedger
+    from runtime.economy.ledger import Transfer
+    from runtime.economy.ledger.check import check
+    from runtime.economy.ledger.postgres import PostgresLedger
+    from runtime.world.events.postgres import PostgresEventLog
     from tests.scale.nodes import Node, node_of
     from tests.services import REDIS_URL, create_database, drop_database
 

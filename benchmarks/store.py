@@ -17,7 +17,7 @@ by the agent, and ``refs/heads/main`` moved to it. Systems, each measured for a 
 - ``git-cli-fsync``: the same with ``core.fsync=all``, durable like the store.
 
 After each run the numbers are checked against the repository: the commit count must equal the writes
-counted (``git rev-list --count``), and for the store ``runtime.store.verify`` must pass.
+counted (``git rev-list --count``), and for the store ``runtime.world.store.verify`` must pass.
 
 ``SYSTEMS`` is a plain list: another comparison is one more ``System`` with its own ``kind``. (Confined
 invocations against fork+exec and bubblewrap: ``python -m benchmarks sandbox``.)
@@ -25,7 +25,6 @@ invocations against fork+exec and bubblewrap: ``python -m benchmarks sandbox``.)
 
 from __future__ import annotations
 
-import collections
 import itertools
 import json
 import os
@@ -43,9 +42,10 @@ from typing import Any, Literal
 
 import msgspec
 
+from benchmarks import common
 from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
-from runtime.store import WriteReceipt, verify
-from runtime.store.git import GitStore, fanout
+from runtime.world.store import WriteReceipt, verify
+from runtime.world.store.git import GitStore, fanout
 
 FULL_S, QUICK_S = 3.0, 1.0
 SIZE = 1024
@@ -147,26 +147,18 @@ def _store_pipelined(rewrite: bool) -> Callable[[Path, float], Measured]:
             base = _commit_count(store.path)
             rng = random.Random(0)
             seq = itertools.count()
-            inflight: collections.deque[list[Future[WriteReceipt]]] = collections.deque()
-            n = 0
-            start = time.perf_counter()
-            deadline = start + duration
-            while True:
-                if time.perf_counter() < deadline:
-                    batch = []
-                    for _ in range(WINDOW):
-                        i = next(seq)
-                        aid = ids[i % len(ids)] if rewrite else f"new-{i}"
-                        agent = AGENTS[(i % len(ids)) % len(AGENTS)] if rewrite else AGENTS[i % len(AGENTS)]
-                        batch.append(store.submit_write(agent, aid, _content(rng), quota=QUOTA))
-                    inflight.append(batch)
-                if len(inflight) >= 2 or (inflight and time.perf_counter() >= deadline):
-                    for f in inflight.popleft():
-                        f.result()
-                        n += 1
-                if not inflight:
-                    break
-            measured = Measured(n, time.perf_counter() - start)
+
+            def batch() -> list[Future[WriteReceipt]]:
+                out = []
+                for _ in range(WINDOW):
+                    i = next(seq)
+                    aid = ids[i % len(ids)] if rewrite else f"new-{i}"
+                    agent = AGENTS[(i % len(ids)) % len(AGENTS)] if rewrite else AGENTS[i % len(AGENTS)]
+                    out.append(store.submit_write(agent, aid, _content(rng), quota=QUOTA))
+                return out
+
+            n, seconds = common.pipelined_batches(batch, duration)
+            measured = Measured(n, seconds)
             _check_store(store, base, n)
             return measured
         finally:

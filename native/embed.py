@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from runtime.errors import Unavailable
 from runtime.protocol import Embed
 
 #: Dimensions of every embedder here (the memory store's default ``dim``).
@@ -57,7 +58,7 @@ _WORD = re.compile(r"\w+")
 _enc = msgspec.msgpack.Encoder()
 
 
-class EmbedderUnavailable(ValueError):
+class EmbedderUnavailable(Unavailable, ValueError):
     """An embedder name that is unknown, or whose packages are not installed in this process."""
 
 

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from runtime.errors import AecoError, ErrorCode
+
 if TYPE_CHECKING:
     from llama_cpp import Llama
     from llama_cpp.llama_grammar import LlamaGrammar
@@ -56,16 +58,22 @@ class Generation(msgspec.Struct, frozen=True):
     cost_usd: float = 0.0
 
 
-class InferenceError(RuntimeError):
+class InferenceError(AecoError, RuntimeError):
     """Generation could not run (model failed to load, prompt too long, server unreachable …)."""
 
+    default_code: ErrorCode = "inference"
 
-class SchemaError(ValueError):
+
+class SchemaError(AecoError, ValueError):
     """The JSON schema given for a generation is not valid JSON or cannot be compiled to a grammar."""
 
+    default_code: ErrorCode = "invalid_schema"
 
-class InvalidOutput(ValueError):
+
+class InvalidOutput(AecoError, ValueError):
     """The completion does not match the schema. The tokens were still spent: see ``generation``."""
+
+    default_code: ErrorCode = "invalid_output"
 
     def __init__(self, reason: str, generation: Generation) -> None:
         super().__init__(f"output does not match the schema: {reason}; raw output: {generation.text[:200]!r}")

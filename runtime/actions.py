@@ -1,11 +1,20 @@
-"""What an agent can do to the world, as typed actions (the placeholder agents' workload today, the
-LLM's action schema later). Each is executed by the supervisor with the acting agent's identity."""
+"""What an agent can do to the world: the typed actions (an LLM's output is decoded into one; scripted
+policies and placeholder workloads list them), and ``perform``, the one way any of them is carried out —
+by the supervisor, with the acting agent's identity.
+
+With ``runtime.protocol`` (supervisor and workers) and ``runtime.config`` (operator and runtime), this is
+one of the languages the runtime speaks: agents and the world. It imports nothing above it at run time.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from msgspec import Meta, Struct
+
+if TYPE_CHECKING:
+    from runtime.world.world import World
 
 ArtifactIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
 
@@ -88,3 +97,53 @@ AgentAction = (
     | Noop
 )
 Action = WriteArtifact | ReadArtifact | DeleteArtifact | InvokeArtifact
+
+
+class Performed(Struct, frozen=True):
+    """What an action did: one line for the agent's next context and for status displays."""
+
+    text: str
+    #: For ``recall``: the texts found, most similar first.
+    recalled: tuple[str, ...] | None = None
+
+
+async def perform(world: World, agent: str, action: AgentAction) -> Performed:
+    """Carry out ``action`` as ``agent``; raise the world's ``AecoError`` when it is refused.
+
+    Every agent loop (LLM, scripted, placeholder) comes here: an action means the same whoever decided it.
+    """
+    match action:
+        case WriteArtifact():
+            r = await world.write_artifact(
+                agent,
+                action.id,
+                action.content.encode(),
+                kind=action.artifact_kind,
+                price=action.price,
+                readable=action.readable,
+            )
+            return Performed(f"wrote {action.id} ({r.size} bytes, {r.owned_bytes} owned)")
+        case ReadArtifact():
+            art = world.read_artifact(agent, action.id)
+            return Performed(f"{action.id} ({art.size} bytes): {art.content[:80].decode('utf-8', 'replace')}")
+        case DeleteArtifact():
+            await world.delete_artifact(agent, action.id)
+            return Performed(f"deleted {action.id}")
+        case InvokeArtifact():
+            inv = await world.invoke_artifact(agent, action.id, action.args, max_transfer=action.max_transfer)
+            return Performed(f"{action.id} returned {json.dumps(inv.value)[:80]} (paid {inv.paid})")
+        case TransferScrip():
+            await world.transfer_scrip(agent, action.to, action.amount)
+            return Performed(f"gave {action.amount} scrip to {action.to}")
+        case Remember():
+            item = await world.remember(agent, action.text)
+            return Performed(f"remembered ({item.size_bytes} bytes)")
+        case RecallMemories():
+            found = await world.recall(agent, action.query, action.k)
+            return Performed(f"recalled {len(found)}", tuple(r.item.text[:80] for r in found))
+        case SleepFor():
+            woken = await world.sleep(agent, action.seconds, action.until)
+            # The seq names the event that woke it (which may have come from another node).
+            return Performed(f"woke on {woken.kind} #{woken.seq}" if woken else f"slept {action.seconds:g} s")
+        case Noop():
+            return Performed("nothing")

@@ -20,17 +20,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from runtime import config as config_mod
 from runtime.config import Config, node_id
-from runtime.events import Events, Notifier
-from runtime.events.pub import EventPublisher
-from runtime.ledger import Ledger
-from runtime.store import Store
+from runtime.economy.ledger import Ledger
+from runtime.errors import Unavailable
+from runtime.world.events import Events, Notifier
+from runtime.world.events.pub import EventPublisher
+from runtime.world.store import Store
+
+if TYPE_CHECKING:
+    from runtime.world.events.redis import RedisRelay
 
 
 class EventBackend(Events, Protocol):
@@ -44,7 +47,7 @@ class EventBackend(Events, Protocol):
         ...
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(Unavailable):
     """PostgreSQL or Redis could not be used; the message is one line naming the (redacted) URL."""
 
 
@@ -58,13 +61,13 @@ class Backends:
     publisher: EventPublisher
     #: One line for the start-up banner: where the state lives.
     where: str
-    #: Closed first, in order, before the event log (the Redis relay must stop before its log).
-    before_events: list[Callable[[], None]] = field(default_factory=list)
+    #: The Redis relay of a shared deployment's wake-ups, if any (closed before the event log it reads).
+    relay: RedisRelay | None = None
 
     def close(self) -> None:
         """Close everything: queued writes are committed first."""
-        for stop in self.before_events:
-            stop()
+        if self.relay is not None:
+            self.relay.close()
         self.events.close()
         self.publisher.close()
         self.store.close()
@@ -78,14 +81,14 @@ def open_backends(cfg: Config, data: Path) -> Backends:
     """
     with contextlib.ExitStack() as opened:
         node = cfg.node
-        relay_stop: list[Callable[[], None]] = []
+        relay: RedisRelay | None = None
         ledger: Ledger
         store: Store
         events: EventBackend
         if not node.postgres_url:
-            from runtime.events.log import EventLog
-            from runtime.ledger.lmdb import LmdbLedger
-            from runtime.store.git import GitStore
+            from runtime.economy.ledger.lmdb import LmdbLedger
+            from runtime.world.events.log import EventLog
+            from runtime.world.store.git import GitStore
 
             ledger = LmdbLedger(data / "ledger")
             opened.callback(ledger.close)
@@ -95,11 +98,11 @@ def open_backends(cfg: Config, data: Path) -> Backends:
             opened.callback(events.close)
             where = f"LMDB ledger, Git store and LMDB events in {data}"
         else:
-            from runtime.events.postgres import PostgresEventLog
-            from runtime.events.redis import RedisRelay, RedisUnavailable
-            from runtime.ledger.postgres import PostgresLedger
-            from runtime.postgres import DatabaseUnavailable, redact
-            from runtime.store.postgres import PostgresStore
+            from runtime.economy.ledger.postgres import PostgresLedger
+            from runtime.host.postgres import DatabaseUnavailable, redact
+            from runtime.world.events.postgres import PostgresEventLog
+            from runtime.world.events.redis import RedisRelay, RedisUnavailable
+            from runtime.world.store.postgres import PostgresStore
 
             deadline = node.connect_timeout_s
             try:
@@ -120,7 +123,6 @@ def open_backends(cfg: Config, data: Path) -> Backends:
                         deadline_s=deadline,
                     )
                     opened.callback(relay.close)
-                    relay_stop.append(relay.close)
                     where += f", wake-ups through Redis at {redact(node.redis_url)} ({relay.channel})"
             except (DatabaseUnavailable, RedisUnavailable) as exc:
                 raise BackendUnavailable(" ".join(str(exc).split())) from exc
@@ -129,7 +131,7 @@ def open_backends(cfg: Config, data: Path) -> Backends:
         opened.callback(publisher.close)
         events.attach(publisher)
         opened.pop_all()
-        return Backends(ledger, store, events, publisher, where, relay_stop)
+        return Backends(ledger, store, events, publisher, where, relay)
 
 
 def setup(cfg: Config) -> str:
@@ -139,10 +141,10 @@ def setup(cfg: Config) -> str:
     """
     from urllib.parse import unquote, urlsplit
 
-    from runtime.events.postgres import PostgresEventLog
-    from runtime.ledger.postgres import PostgresLedger
-    from runtime.postgres import DatabaseUnavailable, connect, redact
-    from runtime.store.postgres import PostgresStore, ensure_agent_login
+    from runtime.economy.ledger.postgres import PostgresLedger
+    from runtime.host.postgres import DatabaseUnavailable, connect, redact
+    from runtime.world.events.postgres import PostgresEventLog
+    from runtime.world.store.postgres import PostgresStore, ensure_agent_login
 
     node = cfg.node
     if not node.postgres_url:

@@ -19,6 +19,7 @@ import yaml
 from msgspec import Meta, Struct
 
 from runtime.actions import Action, AgentAction, InvokeArtifact, SleepFor, TransferScrip, WriteArtifact
+from runtime.errors import AecoError, ErrorCode
 from runtime.protocol import InstrumentSpec
 
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -56,10 +57,10 @@ class PoolConfig(_Section, frozen=True):
     #: ``auto``: per-worker child cgroups when the hierarchy is writable, else /proc probes.
     cgroups: Literal["auto", "off"] = "auto"
     #: Under a memory limit: what is kept back for the supervisor, and a worker's own footprint (model
-    #: included); ``workers: auto`` and the memory quotas are sized from the rest (see ``runtime.limits``).
+    #: included); ``workers: auto`` and the memory quotas are sized from the rest (see ``runtime.host.limits``).
     supervisor_memory_mb: PositiveInt = 256
     worker_memory_mb: PositiveInt = 192
-    #: How often the CPU counter of each running task is written down (``runtime.inflight``): after a
+    #: How often the CPU counter of each running task is written down (``runtime.pool.inflight``): after a
     #: supervisor crash without per-worker cgroups, a task's CPU since its last sample is not charged.
     sample_s: PositiveFloat = 0.25
 
@@ -240,8 +241,10 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], Callable[[str], object]]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(AecoError, ValueError):
     """A configuration that cannot be used; the message says where and why."""
+
+    default_code: ErrorCode = "invalid_config"
 
 
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")

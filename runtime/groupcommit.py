@@ -1,10 +1,25 @@
-"""The writer-thread loop shared by every group-committing store (ledger, event log, artifact store)."""
+"""Group commit, written once for every store that has it (the ledger, the event log, the artifact store).
+
+Callers on any thread queue items (an operation and the future that will carry its outcome); one
+writer thread takes everything queued when it gets to it, at most ``max_batch`` items, and hands the
+batch to the store's ``_commit``, which applies it in one durable transaction and then resolves every
+future. Under load many callers share one sync; alone a caller waits for no one.
+
+Invariants:
+
+- An item is queued only while the writer accepts: ``_enqueue`` and ``_stop_writer`` are ordered by one
+  lock, so nothing is queued after the stop, and everything queued before it is committed before
+  ``_stop_writer`` returns.
+- One thread commits, so batches are committed in the order their first items were queued.
+"""
 
 from __future__ import annotations
 
+import abc
 import queue
+import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -12,8 +27,7 @@ T = TypeVar("T")
 def serve_batches(q: queue.SimpleQueue[T | None], max_batch: int, commit: Callable[[list[T]], None]) -> None:
     """Commit queued items in batches until a ``None`` arrives.
 
-    Each batch is everything queued when the writer gets to it (at most ``max_batch``), so under load
-    many callers share one durable transaction, and alone a caller waits for no one. Items queued
+    Each batch is everything queued when the writer gets to it (at most ``max_batch``). Items queued
     before the ``None`` are committed before the loop returns.
     """
     while True:
@@ -34,3 +48,97 @@ def serve_batches(q: queue.SimpleQueue[T | None], max_batch: int, commit: Callab
         commit(batch)
         if stop:
             return
+
+
+class Hold:
+    """A writer held for a test (``GroupCommitter.hold``): it takes its next batch, sets ``waiting``,
+    and commits nothing until ``release``. ``sizes`` records every batch committed from the hold on."""
+
+    def __init__(self) -> None:
+        self.waiting = threading.Event()
+        self.sizes: list[int] = []
+        self._go = threading.Event()
+
+    def release(self) -> None:
+        """Let the writer commit the batch it holds, and every later one."""
+        self._go.set()
+
+    def _before(self, batch_size: int) -> None:
+        self.sizes.append(batch_size)
+        self.waiting.set()
+        self._go.wait()
+
+
+class GroupCommitter(abc.ABC, Generic[T]):
+    """The write side of a group-committing store (see the module docstring).
+
+    A subclass calls ``_init_writer`` in its constructor, ``_start_writer`` once its store is ready to
+    write (a read-only store never does: it accepts nothing), ``_enqueue`` to queue an item (refusing
+    it, with its own error, when that returns False) and ``_stop_writer`` from its ``close``; it
+    implements ``_commit``.
+    """
+
+    def _init_writer(self, name: str, max_batch: int) -> None:
+        assert max_batch >= 1
+        self._writer_name = name
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[T | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders _enqueue against _stop_writer
+        self._accepting = False
+        self._stopped = False
+        self._writer: threading.Thread | None = None
+        self._hold: Hold | None = None
+
+    def _start_writer(self) -> None:
+        """Accept items from now on and start the writer thread."""
+        with self._lock:
+            assert self._writer is None and not self._stopped, "a writer starts once"
+            self._accepting = True
+            self._writer = threading.Thread(target=self._write_loop, name=self._writer_name, daemon=True)
+            self._writer.start()
+
+    def _enqueue(self, item: T) -> bool:
+        """Queue ``item`` for the writer; False (and nothing queued) when the writer does not accept."""
+        with self._lock:
+            if not self._accepting:
+                return False
+            self._queue.put(item)
+            return True
+
+    def _stop_writer(self) -> bool:
+        """Stop accepting, let the writer commit what is queued and stop. False when already stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self._stopped, self._accepting = True, False
+            writer = self._writer
+            if writer is not None:
+                self._queue.put(None)
+        if writer is not None:
+            writer.join()
+            self._writer = None
+        return True
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``_stop_writer`` has run (the store is closing or closed)."""
+        return self._stopped
+
+    def hold(self) -> Hold:
+        """Test seam: hold the writer before its next batch (see ``Hold``); many items then queue up
+        behind it and form one batch once released."""
+        self._hold = Hold()
+        return self._hold
+
+    def _write_loop(self) -> None:
+        def commit(batch: list[T]) -> None:
+            if (hold := self._hold) is not None:
+                hold._before(len(batch))
+            self._commit(batch)
+
+        serve_batches(self._queue, self._max_batch, commit)
+
+    @abc.abstractmethod
+    def _commit(self, batch: list[T]) -> None:
+        """Apply ``batch`` in one durable transaction, then resolve every item's future (or fail them all
+        with why, writing nothing)."""

@@ -11,13 +11,17 @@ there is exactly one definition of what a task looks like.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
 
-PROTOCOL_VERSION = 1
+from runtime.errors import AecoError, ErrorCode
 
+#: 2: typed inner messages (``ThinkReport``, ``InvokeReport``, ``WorldCall``/``WorldAnswer``).
+PROTOCOL_VERSION = 2
+
+_R = TypeVar("_R")
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
@@ -65,7 +69,7 @@ class Call(_Spec, tag="call", frozen=True):
 class Invoke(_Spec, tag="invoke", frozen=True):
     """Run an agent's code artifact confined (``workers.sandbox``): ``args`` is JSON; the limits bound
     the confined child. The code reaches the world only through ``Request``/``Reply`` messages that
-    the supervisor serves with the invoker's identity."""
+    the supervisor serves with the invoker's identity. The output is an ``InvokeReport`` (msgpack)."""
 
     code: str
     args: bytes = b"null"
@@ -74,26 +78,10 @@ class Invoke(_Spec, tag="invoke", frozen=True):
     memory_bytes: Annotated[int, Meta(gt=0)] = 256 << 20
 
 
-class InvokeOutput(Struct, frozen=True, forbid_unknown_fields=True):
-    """What an ``Invoke`` task returns (JSON in ``Result.output``): how the confined code ended and what
-    it used. ``value`` is the code's result, already checked by the worker to be strict JSON (UTF-8,
-    finite numbers, 64-bit integers: ``workers.sandbox.result_error``); a result that is not is the
-    code's own failure (``code_error``), never a fault of the runtime."""
-
-    ok: bool
-    value: msgspec.Raw = msgspec.Raw(b"null")
-    error: str = ""
-    error_code: str = ""
-    stdout: str = ""
-    cpu_seconds: float = 0.0
-    peak_memory_bytes: int = 0
-    isolation: list[str] = []
-
-
 class Think(_Spec, tag="think", frozen=True):
     """Generate with the worker's local model, constrained to a JSON schema (``native.llama``).
 
-    The output is JSON: ``{"text": ..., "prompt_tokens": n, "completion_tokens": m}``.
+    The output is a ``ThinkReport`` (msgpack).
     """
 
     system: str
@@ -122,6 +110,88 @@ class Embed(_Spec, tag="embed", frozen=True):
 
 
 TaskSpec = Burn | Alloc | Sleep | Echo | Call | Invoke | Think | Embed
+
+
+# ----------------------------------------------------------------------------- what tasks return
+# A task's output travels as bytes in ``Result.output``; these are its types, decoded with
+# ``decode_output``. A ``call`` returns a pickle, an ``embed`` a list of vectors, ``burn``/``alloc``/
+# ``sleep`` nothing, ``echo`` its data.
+
+
+class ThinkReport(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a ``think`` returns: the completion, its token counts (the model's own), and whether it
+    matched the schema. An invalid completion is not a failed task: its tokens were spent and are
+    charged, and ``error`` tells the agent why it was refused."""
+
+    text: str
+    prompt_tokens: NonNegInt
+    completion_tokens: NonNegInt
+    finish_reason: str = ""
+    #: The completion matched the schema (always true without a schema).
+    valid: bool = True
+    error: str = ""
+    #: What the tokens cost at the task's prices (remote servers; 0 for local inference).
+    cost_usd: NonNegFloat = 0.0
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus completion tokens: what the agent's token bucket is charged."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class InvokeReport(Struct, frozen=True, forbid_unknown_fields=True):
+    """How a confined invocation ended (an ``invoke`` task). A failure of the agent's code is a report
+    with ``ok`` false and its ``error_code``, not a failed task: the task itself ran as asked."""
+
+    ok: bool
+    #: JSON text of the code's result (``null`` when it set none); empty when not ok.
+    value: bytes
+    error: str
+    #: Why it failed: ``code_error``, ``cpu_exceeded``, ``memory_exceeded``, ``deadline_exceeded``,
+    #: ``killed``, ``output_too_large``, ``sandbox_error`` (empty when ok).
+    error_code: str
+    #: What the code printed (stdout and stderr, bounded), decoded leniently.
+    stdout: str
+    cpu_seconds: NonNegFloat
+    peak_memory_bytes: NonNegInt
+    #: The isolation layers that were applied (``mountns``, ``netns``, ``seccomp`` …).
+    isolation: list[str] = []
+
+
+class ReadArtifactCall(Struct, tag="read_artifact", tag_field="call", frozen=True, forbid_unknown_fields=True):
+    """Confined code asks for an artifact's content at HEAD (as its invoker may read it)."""
+
+    id: Annotated[str, Meta(max_length=256)]
+
+
+class TransferCall(Struct, tag="transfer", tag_field="call", frozen=True, forbid_unknown_fields=True):
+    """Confined code moves scrip from its invoker, within what the invoker authorised."""
+
+    to: Annotated[str, Meta(max_length=64)]
+    amount: Annotated[int, Meta(gt=0, le=1 << 62)]
+
+
+#: What confined code may ask of the world (``world.read_artifact``, ``world.transfer``).
+WorldCall = ReadArtifactCall | TransferCall
+
+
+class ArtifactAnswer(Struct, tag="artifact", tag_field="answer", frozen=True, forbid_unknown_fields=True):
+    """The content of the artifact asked for."""
+
+    content: bytes
+
+
+class DoneAnswer(Struct, tag="done", tag_field="answer", frozen=True, forbid_unknown_fields=True):
+    """The call was carried out."""
+
+
+class RefusedAnswer(Struct, tag="refused", tag_field="answer", frozen=True, forbid_unknown_fields=True):
+    """The call was refused; ``error`` says why, for the agent's code to read."""
+
+    error: str
+
+
+WorldAnswer = ArtifactAnswer | DoneAnswer | RefusedAnswer
 #: The tasks a configuration may ask for directly: the instruments the accounting is checked with.
 InstrumentSpec = Burn | Alloc | Sleep | Echo
 
@@ -203,22 +273,19 @@ class Shutdown(_Msg, tag="shutdown", frozen=True):
 
 
 class Request(_Msg, tag="request", frozen=True):
-    """From a busy worker: confined code asks for something (``op`` with JSON ``params``)."""
+    """From a busy worker: the confined code it runs calls the world."""
 
     task_id: int
     seq: int
-    op: Annotated[str, Meta(max_length=32)]
-    params: bytes
+    call: WorldCall
 
 
 class Reply(_Msg, tag="reply", frozen=True):
-    """The supervisor's answer to a ``Request``: a JSON ``value``, or an ``error``."""
+    """The supervisor's answer to a ``Request``, given as the task's invoker."""
 
     task_id: int
     seq: int
-    ok: bool
-    value: bytes = b"null"
-    error: str = ""
+    answer: WorldAnswer
 
 
 Message = Hello | Task | Result | Heartbeat | Shutdown | Request | Reply
@@ -227,8 +294,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
-class ProtocolError(ValueError):
+class ProtocolError(AecoError, ValueError):
     """A frame that is not a valid message of this protocol version."""
+
+    default_code: ErrorCode = "protocol"
 
 
 def encode(msg: Message) -> bytes:
@@ -262,6 +331,28 @@ class WorkerBoot(Struct, frozen=True, forbid_unknown_fields=True):
     cgroup_dirs: dict[str, str] = {}
     #: Paths confined code must not see (the data directory, the pool's socket directory).
     sandbox_hide: list[str] = []
+
+
+_think_report = msgspec.msgpack.Decoder(ThinkReport)
+_invoke_report = msgspec.msgpack.Decoder(InvokeReport)
+
+
+def decode_think(output: bytes) -> ThinkReport:
+    """A ``think`` task's output; ``ProtocolError`` if it is not a ``ThinkReport``."""
+    return _decode_output(_think_report, output)
+
+
+def decode_invoke(output: bytes) -> InvokeReport:
+    """An ``invoke`` task's output; ``ProtocolError`` if it is not an ``InvokeReport``."""
+    return _decode_output(_invoke_report, output)
+
+
+def _decode_output(decoder: msgspec.msgpack.Decoder[_R], output: bytes) -> _R:
+    try:
+        return decoder.decode(output)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        name = decoder.type.__name__ if isinstance(decoder.type, type) else str(decoder.type)
+        raise ProtocolError(f"a task output that is not a {name} ({len(output)} bytes): {exc}") from None
 
 
 def kind_of(spec: Struct) -> str:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -49,3 +51,16 @@ def kill_mid_write(cmd: Sequence[str], *, env: Mapping[str, str], errlog: Path, 
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, f"exit status {proc.returncode}; stderr: {errlog.read_text()}"
     return [line[:-1].decode() for line in lines if line.endswith(b"\n")]
+
+
+def live_children(marker: str) -> list[int]:
+    """Pids of this process's live (not zombie) children whose command line mentions ``marker``: the
+    writers a crash test left behind, which must be none once it is over."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and any(marker in arg for arg in child.cmdline()):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found

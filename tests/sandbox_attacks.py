@@ -1,7 +1,7 @@
 """Attacks on confined code through the real path: an agent writes a code artifact, another invokes it.
 
-``run(data_dir, params)`` builds a world in miniature — an LMDB ledger, a Git store, a worker pool
-whose workers run agent code confined — and plays every attack in ``ATTACKS`` through
+``run(data_dir, params)`` builds a world in miniature (``runtime.node.Node``: an LMDB ledger, a Git
+store, a worker pool whose workers run agent code confined) and plays every attack in ``ATTACKS`` through
 ``World.invoke_artifact``: mallory writes the artifact, bob (who owns a private diary and has a
 128 MiB memory quota) invokes it, or mallory invokes it herself. After each attack bob invokes a
 trivial artifact (the pool must serve it), the driver checks that nothing of the sandbox is left
@@ -34,14 +34,12 @@ from typing import Any
 
 import msgspec
 
-from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
-from runtime.economy import Economy, open_economy
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.pool import WorkerPool
-from runtime.store.git import GitStore
-from runtime.world import InvokeError, World
+from runtime.economy.ledger import Ledger
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.node import Node
+from runtime.world.world import InvokeError, World
 
 QUOTA_MB = 128
 MiB = 1 << 20
@@ -440,50 +438,41 @@ async def _session(data: Path, params: dict[str, Any]) -> dict[str, Any]:
         economy=EconomyConfig(burst_seconds=600),
         agents=[_agent("bob", scrip=100, memory_quota_mb=QUOTA_MB), _agent("mallory", memory_quota_mb=QUOTA_MB)],
     )
-    ledger = LmdbLedger(data / "ledger")
-    store = GitStore(data / "artifacts.git")
     report: dict[str, Any] = {"attacks": {}}
-    try:
-        buckets = Buckets()
-        pool = WorkerPool(cfg.pool, size=2, hide=[str(data)])
-        open_economy(cfg, ledger, pool.info, buckets)
-        async with pool:
-            world = World(store, Economy(pool, ledger, buckets, Estimator(0.01)), lambda kind, _f: None)
-            await world.write_artifact("bob", "diary", DIARY, readable="owner")
-            await world.write_artifact("bob", "ok", b"world.result(1)", kind="code")
-            workers = [int(w["pid"]) for w in pool.status().workers]
-            report["cgroups"] = pool.status().cgroups  # how the pool's workers are measured
-            report["hostname"] = os.uname().nodename  # the workers' own (a container's, in the image)
-            lock = [os.path.realpath(sys.executable), os.__file__, "/dev/null", "/etc/ld.so.cache", _libc_path()]
-            lock.append("/etc/os-release")  # the issue's victim: not in the root at all
-            # Host paths the code must find nowhere: the data directory, the pool's socket directory,
-            # the tests' own directory (the repository, or /config in the image), this process's cwd.
-            sock_dir = os.path.dirname(pool.endpoint.removeprefix("ipc://"))
-            needles = [str(data), sock_dir, str(Path(__file__).resolve().parent), os.getcwd()]
-            needles = [n for n in needles if n not in ("", "/")]
-            args: dict[str, Any] = {
-                "": None,
-                "syscalls": params,
-                "steal": {**params["numbers"], "steal": True},
-                "fetch": {**params["numbers"], "steal": False},
-                "scan": {"needles": needles, "lock": lock, "skip_walk": params["skip_walk"]},
-            }
-            for name, (code, invoker, arg) in ATTACKS.items():
-                report["attacks"][name] = await _attack(world, ledger, workers, name, code, invoker, args[arg], lock)
-            report["workers_after"] = [int(w["pid"]) for w in pool.status().workers]
-            report["workers_before"] = workers
-            report["pool_failed"] = str(pool.failed) if pool.failed else ""
-    finally:
-        store.close()
-        ledger.close()
-    with LmdbLedger(data / "ledger") as ledger:
-        result = check(ledger)
+    async with Node(cfg) as node:
+        world, pool, ledger = node.world, node.pool, node.backends.ledger
+        await world.write_artifact("bob", "diary", DIARY, readable="owner")
+        await world.write_artifact("bob", "ok", b"world.result(1)", kind="code")
+        workers = [int(w["pid"]) for w in pool.status().workers]
+        report["cgroups"] = pool.status().cgroups  # how the pool's workers are measured
+        report["hostname"] = os.uname().nodename  # the workers' own (a container's, in the image)
+        lock = [os.path.realpath(sys.executable), os.__file__, "/dev/null", "/etc/ld.so.cache", _libc_path()]
+        lock.append("/etc/os-release")  # the issue's victim: not in the root at all
+        # Host paths the code must find nowhere: the data directory, the pool's socket directory,
+        # the tests' own directory (the repository, or /config in the image), this process's cwd.
+        sock_dir = os.path.dirname(pool.endpoint.removeprefix("ipc://"))
+        needles = [str(data), sock_dir, str(Path(__file__).resolve().parent), os.getcwd()]
+        needles = [n for n in needles if n not in ("", "/")]
+        args: dict[str, Any] = {
+            "": None,
+            "syscalls": params,
+            "steal": {**params["numbers"], "steal": True},
+            "fetch": {**params["numbers"], "steal": False},
+            "scan": {"needles": needles, "lock": lock, "skip_walk": params["skip_walk"]},
+        }
+        for name, (code, invoker, arg) in ATTACKS.items():
+            report["attacks"][name] = await _attack(world, ledger, workers, name, code, invoker, args[arg], lock)
+        report["workers_after"] = [int(w["pid"]) for w in pool.status().workers]
+        report["workers_before"] = workers
+        report["pool_failed"] = str(pool.failed) if pool.failed else ""
+    with LmdbLedger(data / "ledger") as closed:
+        result = check(closed)
         report["check"] = {"ok": result.ok, "problems": result.problems, "usage_records": result.usage_records}
     return report
 
 
 async def _attack(
-    world: World, ledger: LmdbLedger, workers: list[int], name: str, code: str, invoker: str, args: Any, lock: list[str]
+    world: World, ledger: Ledger, workers: list[int], name: str, code: str, invoker: str, args: Any, lock: list[str]
 ) -> dict[str, Any]:
     aid = "attack-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     await world.write_artifact("mallory", aid, code.encode(), kind="code")

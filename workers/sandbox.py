@@ -994,7 +994,7 @@ def _refuse(op: str, params: dict[str, Any]) -> dict[str, Any]:
 def isolation_available() -> tuple[str, ...]:
     """What this host allows (for status output): a trivial invocation's isolation, plus
     ``cgroup`` when this process's memory cgroup is writable. Measured once per process."""
-    from runtime import cgroups
+    from runtime.host import cgroups
 
     out = run_confined("pass", None, Limits(cpu_seconds=2.0, wall_seconds=10.0), _refuse).isolation
     mem = cgroups.discover().dir("memory")

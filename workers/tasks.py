@@ -13,14 +13,17 @@ import threading
 import time
 import traceback
 
+from runtime.errors import AecoError, ErrorCode
 from runtime.protocol import Alloc, Burn, Call, Echo, Sleep, TaskSpec
 
 _PAGE = 4096
 _BLOCK = bytes(16384)  # hashing >2 KiB releases the GIL, so burning threads run in parallel
 
 
-class TaskError(Exception):
+class TaskError(AecoError):
     """A task failed; ``payload`` is the pickled exception (for ``call``) or empty."""
+
+    default_code: ErrorCode = "task_error"
 
     def __init__(self, message: str, payload: bytes = b"", raised: str = "") -> None:
         super().__init__(message)

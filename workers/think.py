@@ -4,13 +4,9 @@ Each worker process keeps its models loaded (``LlamaBackend``, one per model pat
 so only the first ``think`` of a worker pays for loading; the cost of that load is part of that task's
 measured CPU, as it should be.
 
-The output is JSON (``ThinkOutput``)::
-
-    {"text": ..., "prompt_tokens": n, "completion_tokens": m, "finish_reason": "stop",
-     "valid": true, "error": ""}
-
-A completion that does not match the schema is not a task failure: the tokens were spent and are
-charged; ``valid`` is false and ``error`` says why, so that the agent can be told. Errors that are not
+The output is a ``runtime.protocol.ThinkReport`` (msgpack). A completion that does not match the schema
+is not a task failure: the tokens were spent and are charged; ``valid`` is false and ``error`` says
+why, so that the agent can be told. Errors that are not
 about the completion (no model, unusable schema, prompt longer than the context) raise.
 
 The default model (``Think.model`` empty) is ``AECO_LLM_MODEL`` from the environment if set (the
@@ -28,7 +24,7 @@ import msgspec
 from native.llama import InvalidOutput, LlamaBackend
 from native.models import find_model
 from native.openai import OpenAIBackend, Price
-from runtime.protocol import Think
+from runtime.protocol import Think, ThinkReport
 
 #: Environment variable naming the worker's default GGUF (workers inherit the supervisor's environment).
 MODEL_ENV = "AECO_LLM_MODEL"
@@ -44,22 +40,7 @@ def _free_models() -> None:
         _backends.popitem()[1].close()
 
 
-_encoder = msgspec.json.Encoder()
-
-
-class ThinkOutput(msgspec.Struct, frozen=True):
-    """What a ``think`` task returns (JSON): the completion, its token counts, and whether it is valid."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str = ""
-    #: The completion matched the schema (always true without a schema).
-    valid: bool = True
-    #: Why it did not, when ``valid`` is false.
-    error: str = ""
-    #: What the tokens cost at the task's prices (remote servers; 0 for local inference).
-    cost_usd: float = 0.0
+_encoder = msgspec.msgpack.Encoder()
 
 
 def backend(model: str = "") -> LlamaBackend:
@@ -72,7 +53,7 @@ def backend(model: str = "") -> LlamaBackend:
 
 
 def think(spec: Think) -> bytes:
-    """Run one generation and return ``ThinkOutput`` as JSON bytes."""
+    """Run one generation and return its ``ThinkReport`` (msgpack)."""
     llm: LlamaBackend | OpenAIBackend
     if spec.endpoint:
         price = Price(spec.price_prompt_per_1k, spec.price_completion_per_1k)
@@ -90,7 +71,7 @@ def think(spec: Think) -> bytes:
         )
     except InvalidOutput as exc:
         g = exc.generation
-        out = ThinkOutput(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, False, exc.reason, g.cost_usd)
+        out = ThinkReport(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, False, exc.reason, g.cost_usd)
     else:
-        out = ThinkOutput(gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, cost_usd=gen.cost_usd)
+        out = ThinkReport(gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, cost_usd=gen.cost_usd)
     return _encoder.encode(out)

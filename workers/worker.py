@@ -9,7 +9,6 @@ measurement, tasks — so that every CPU-second it uses is reported under exactl
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import json
 import logging
@@ -29,6 +28,7 @@ from workers.measure import MemoryMeter
 _PR_SET_PDEATHSIG = 1
 #: How long confined code may wait for the supervisor to answer one request.
 _REPLY_TIMEOUT_S = 30.0
+_report_encoder = msgspec.msgpack.Encoder()
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -176,7 +176,7 @@ class Worker:
     # ------------------------------------------------------------------------- confined code
 
     def _invoke(self, msg: p.Task) -> bytes:
-        """Run an ``Invoke`` task's code confined; return the JSON summary the supervisor reads."""
+        """Run an ``Invoke`` task's code confined; return its ``InvokeReport`` (msgpack)."""
         from workers import sandbox  # only workers that run agent code need it
 
         spec = msg.spec
@@ -184,15 +184,20 @@ class Worker:
         seq = 0
 
         def handle(op: str, params: dict[str, object]) -> dict[str, object]:
+            # The sandbox's child speaks op + params; the supervisor, typed calls.
             nonlocal seq
             seq += 1
-            ok, value, error = self._request(msg.id, seq, op, json.dumps(params).encode())
-            if not ok:
-                return {"ok": False, "error": error}
-            decoded = json.loads(value)
-            if op == "read_artifact":  # artifact bytes cross the JSON channel as base64
-                return {"ok": True, "value": base64.b64decode(decoded["b64"])}
-            return {"ok": True, "value": decoded}
+            try:
+                call = msgspec.convert({"call": op, **params}, p.WorldCall)
+            except msgspec.ValidationError as exc:
+                return {"ok": False, "error": f"{op}: {exc}"}
+            match self._request(msg.id, seq, call):
+                case p.ArtifactAnswer(content=content):
+                    return {"ok": True, "value": content}
+                case p.DoneAnswer():
+                    return {"ok": True, "value": None}
+                case p.RefusedAnswer(error=error):
+                    return {"ok": False, "error": error}
 
         limits = sandbox.Limits(
             cpu_seconds=spec.cpu_seconds, wall_seconds=spec.wall_seconds, memory_bytes=spec.memory_bytes
@@ -206,28 +211,28 @@ class Worker:
             hide=self.boot.sandbox_hide,
             cgroup_parents=self.boot.cgroup_dirs or None,
         )
-        # wait4 returned the confined child's CPU to this process's RUSAGE_CHILDREN; descendants
-        # killed with the sandbox are only in its cgroup's count: book the difference as ours.
+        # The confined tree is the sandbox zygote's child, reaped there: its CPU (the zygote's wait4,
+        # the cgroup's count where larger, and the zygote's fork of it) is not in this process's
+        # RUSAGE_CHILDREN until the zygote is reaped (sandbox.shutdown): book it as ours now.
         reaped = self._rusage_cpu() - children_before
         self.unreaped += max(0.0, res.cpu_seconds - reaped)
         self.confined_peak = res.peak_memory_bytes
-        return msgspec.json.encode(
-            p.InvokeOutput(
-                ok=res.ok,
-                value=msgspec.Raw(res.value if res.ok else b"null"),  # checked by run_confined
-                error=res.error,
-                error_code=res.error_code,
-                stdout=res.stdout.decode("utf-8", "replace"),
-                cpu_seconds=res.cpu_seconds,
-                peak_memory_bytes=res.peak_memory_bytes,
-                isolation=list(res.isolation),
-            )
+        report = p.InvokeReport(
+            ok=res.ok,
+            value=res.value if res.ok else b"",  # strict JSON: checked by run_confined
+            error=res.error,
+            error_code=res.error_code,
+            stdout=res.stdout.decode("utf-8", "replace"),
+            cpu_seconds=res.cpu_seconds,
+            peak_memory_bytes=res.peak_memory_bytes,
+            isolation=list(res.isolation),
         )
+        return _report_encoder.encode(report)
 
-    def _request(self, task_id: int, seq: int, op: str, params: bytes) -> tuple[bool, bytes, str]:
+    def _request(self, task_id: int, seq: int, call: p.WorldCall) -> p.WorldAnswer:
         """Ask the supervisor (which answers as the invoker) and wait for its reply."""
 
-        self.send(p.Request(task_id=task_id, seq=seq, op=op, params=params))
+        self.send(p.Request(task_id=task_id, seq=seq, call=call))
         deadline = time.monotonic() + _REPLY_TIMEOUT_S
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000) + 1):
@@ -238,12 +243,12 @@ class Worker:
                 continue
             msg = self._decode(frame)
             if isinstance(msg, p.Reply) and msg.task_id == task_id and msg.seq == seq:
-                return msg.ok, msg.value, msg.error
+                return msg.answer
             if isinstance(msg, p.Shutdown):
                 self.shutdown_requested = True  # after this task
             elif msg is not None:
                 self.log.warning("dropped %s while waiting for reply %d", type(msg).__name__, seq)
-        return False, b"null", f"no answer to `{op}` within {_REPLY_TIMEOUT_S:g} s"
+        return p.RefusedAnswer(error=f"no answer to `{p.kind_of(call)}` within {_REPLY_TIMEOUT_S:g} s")
 
 
 def main() -> int:

@@ -13,35 +13,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import json
 import time
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-import msgspec
 from msgspec import Struct
 
-from runtime.actions import (
-    AgentAction,
-    DeleteArtifact,
-    InvokeArtifact,
-    Noop,
-    ReadArtifact,
-    RecallMemories,
-    Remember,
-    SleepFor,
-    TransferScrip,
-    WriteArtifact,
-)
+from runtime.actions import AgentAction, SleepFor, perform
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
-from runtime.economy import Economy
-from runtime.events import Event, Events
-from runtime.ledger import LedgerError, Transfer
-from runtime.memory import MemoryStore, MemoryStoreError
-from runtime.pool import TaskFailed
-from runtime.protocol import Burn, Embed, Think
-from runtime.store import StoreError
-from runtime.world import InvokeError, World
+from runtime.economy.charging import Economy
+from runtime.errors import AecoError, ErrorCode
+from runtime.protocol import Burn, Think, decode_think
+from runtime.world.events import Event, Events
+from runtime.world.world import World
+
+DEFAULT_PERSONA = (
+    "You are an agent in a small economy. You earn scrip when others invoke your code artifacts, and "
+    "you pay for every CPU-second and token you use. Act to grow your scrip."
+)
 
 AgentStatus = Literal["waiting", "thinking", "acting", "sleeping", "stopped"]
 
@@ -78,8 +67,10 @@ class ScriptedBrain:
         return Thought(next(self._policy))
 
 
-class BudgetSpent(Exception):
+class BudgetSpent(AecoError):
     """The agent has no ``llm_budget`` left for a paid model."""
+
+    default_code: ErrorCode = "budget_spent"
 
 
 class LlmBrain:
@@ -121,33 +112,22 @@ class LlmBrain:
             price_completion_per_1k=self.prices[1],
         )
         out = await self.economy.run(agent, spec)
-        report = json.loads(out.output)
-        tokens = int(report.get("prompt_tokens", 0)) + int(report.get("completion_tokens", 0))
+        report = decode_think(out.output)
         try:
-            return Thought(parse_action(report.get("text", "")), tokens=tokens)
+            return Thought(parse_action(report.text), tokens=report.tokens)
         except InvalidAction as exc:
-            return Thought(None, str(exc), tokens)
+            return Thought(None, str(exc), report.tokens)
 
 
 class Agent:
     """One agent's loop, run as an asyncio task by the supervisor."""
 
-    def __init__(
-        self,
-        agent_id: str,
-        brain: Brain,
-        world: World,
-        events: Events,
-        memory: MemoryStore | None,
-        *,
-        memory_quota_bytes: int = 1 << 20,
-    ) -> None:
+    def __init__(self, agent_id: str, brain: Brain, world: World) -> None:
+        assert world.events is not None, "an agent reads its news from the event log"
         self.id = agent_id
         self.brain = brain
         self.world = world
-        self.events = events
-        self.memory = memory
-        self.memory_quota_bytes = memory_quota_bytes
+        self.events: Events = world.events
         self.state: AgentStatus = "waiting"
         self.actions = 0
         self.rejected = 0
@@ -160,7 +140,6 @@ class Agent:
         self._others: list[str] = []
         self._first_turn = True
         self._n_context = itertools.count(1)
-        self._n = itertools.count(1)
 
     @property
     def economy(self) -> Economy:
@@ -187,8 +166,6 @@ class Agent:
         self.state = "thinking"
         try:
             thought = await self.brain.think(self.id, context)
-        except TaskFailed as exc:
-            return await self._reject("think", f"thinking failed: {exc.code}: {exc.detail[:200]}")
         except BudgetSpent as exc:
             # Nothing to think with until someone gives it budget: sleep on it, not in a loop.
             await self._reject("think", str(exc))
@@ -197,6 +174,8 @@ class Agent:
                 self.id, kinds={"transfer", "system_reset"}, since=self.events.last_seq(), timeout=60
             )
             return None
+        except AecoError as exc:
+            return await self._reject("think", f"thinking failed: {exc.code}: {exc.message[:200]}")
         if thought.action is None:
             return await self._reject("think", thought.error)
         if self._fingerprint() != before:
@@ -204,7 +183,7 @@ class Agent:
         self.state = "acting"
         try:
             result = await self.act(thought.action)
-        except (StoreError, InvokeError, LedgerError, MemoryStoreError, TaskFailed) as exc:
+        except AecoError as exc:
             return await self._reject(_kind(thought.action), str(exc)[:300])
         self.actions += 1
         self.last = f"{_kind(thought.action)}: {result}"[:120]
@@ -258,68 +237,13 @@ class Agent:
         return "\n".join(lines)
 
     async def act(self, action: AgentAction) -> str:
-        """Carry out an action as this agent; raise the world's error when it is refused."""
-        w = self.world
-        if isinstance(action, WriteArtifact):
-            r = await w.write_artifact(
-                self.id,
-                action.id,
-                action.content.encode(),
-                kind=action.artifact_kind,
-                price=action.price,
-                readable=action.readable,
-            )
-            return f"wrote {action.id} ({r.size} bytes)"
-        if isinstance(action, ReadArtifact):
-            art = w.read_artifact(self.id, action.id)
-            return f"{action.id}: {art.content[:80].decode('utf-8', 'replace')}"
-        if isinstance(action, DeleteArtifact):
-            await w.delete_artifact(self.id, action.id)
-            return f"deleted {action.id}"
-        if isinstance(action, InvokeArtifact):
-            inv = await w.invoke_artifact(self.id, action.id, action.args, max_transfer=action.max_transfer)
-            return f"{action.id} returned {json.dumps(inv.value)[:80]}"
-        if isinstance(action, TransferScrip):
-            op = Transfer(
-                id=f"{self.economy.run_id}:{self.id}:{next(self._n)}",
-                src=self.id,
-                dst=action.to,
-                asset="scrip",
-                amount=action.amount,
-            )
-            await w.transfer(op)
-            return f"gave {action.amount} scrip to {action.to}"
-        if isinstance(action, Remember):
-            item = await asyncio.to_thread(
-                self._memory().remember,
-                self.id,
-                action.text,
-                await self._embed(action.text),
-                quota_bytes=self.memory_quota_bytes,
-            )
-            return f"remembered ({item.size_bytes} bytes)"
-        if isinstance(action, RecallMemories):
-            found = await asyncio.to_thread(self._memory().recall, self.id, await self._embed(action.query), action.k)
-            self._recalled = [r.item.text[:80] for r in found]
-            return f"recalled {len(found)}"
+        """Carry out an action as this agent; raise the world's ``AecoError`` when it is refused."""
         if isinstance(action, SleepFor):
             self.state = "sleeping"
-            kinds = {action.until} if action.until else None
-            woken = await self.events.wait(self.id, kinds=kinds, since=self.events.last_seq(), timeout=action.seconds)
-            # The seq names the event that woke it (which may have come from another node).
-            return f"woke on {woken[0].kind} #{woken[0].seq}" if woken else f"slept {action.seconds:g} s"
-        assert isinstance(action, Noop)
-        return "nothing"
-
-    def _memory(self) -> MemoryStore:
-        if self.memory is None:
-            raise MemoryStoreError("unavailable", "this runtime has no memory store")
-        return self.memory
-
-    async def _embed(self, text: str) -> list[float]:
-        out = await self.economy.run(self.id, Embed(texts=[text]))
-        vectors: list[list[float]] = msgspec.msgpack.decode(out.output)
-        return vectors[0]
+        done = await perform(self.world, self.id, action)
+        if done.recalled is not None:
+            self._recalled = list(done.recalled)
+        return done.text
 
 
 #: Events addressed to an agent that change what it should decide.

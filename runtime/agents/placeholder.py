@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from typing import Literal
 
-from runtime.actions import Action, DeleteArtifact, InvokeArtifact, ReadArtifact, WriteArtifact
+from runtime.actions import Action, perform
 from runtime.config import AgentConfig
-from runtime.pool import TaskFailed
+from runtime.errors import AecoError
 from runtime.protocol import InstrumentSpec, kind_of
-from runtime.store import StoreError
-from runtime.world import InvokeError, World
+from runtime.world.world import World
 
 AgentState = Literal["waiting", "running", "pausing", "stopped"]
 
@@ -50,12 +48,10 @@ class PlaceholderAgent:
                 self.state = "running"
                 try:
                     self.last = await self._do(step)
-                except TaskFailed as exc:
+                except AecoError as exc:
                     self._failed(kind_of(step), exc.code)
                     if exc.code in ("pool_failed", "pool_closed"):
                         return
-                except (StoreError, InvokeError) as exc:
-                    self._failed(kind_of(step), exc.code)
                 if pause:
                     self.state = "pausing"
                     await asyncio.sleep(pause)
@@ -67,23 +63,7 @@ class PlaceholderAgent:
         self.last = f"{kind} failed: {code}"
 
     async def _do(self, step: InstrumentSpec | Action) -> str:
-        if isinstance(step, WriteArtifact):
-            r = await self.world.write_artifact(
-                self.id,
-                step.id,
-                step.content.encode(),
-                kind=step.artifact_kind,
-                price=step.price,
-                readable=step.readable,
-            )
-            return f"wrote {step.id} ({r.size} B, {r.owned_bytes} B owned)"
-        if isinstance(step, ReadArtifact):
-            return f"read {step.id} ({self.world.read_artifact(self.id, step.id).size} B)"
-        if isinstance(step, DeleteArtifact):
-            await self.world.delete_artifact(self.id, step.id)
-            return f"deleted {step.id}"
-        if isinstance(step, InvokeArtifact):
-            inv = await self.world.invoke_artifact(self.id, step.id, step.args, max_transfer=step.max_transfer)
-            return f"invoked {step.id} -> {json.dumps(inv.value)[:40]} (paid {inv.paid})"
+        if isinstance(step, Action):
+            return (await perform(self.world, self.id, step)).text
         out = await self.world.economy.run(self.id, step)
         return f"{kind_of(step)} ok {out.usage.cpu_seconds * 1000:.0f} ms CPU"

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from runtime.actions import AgentAction
+from runtime.errors import AecoError, ErrorCode
 
 _ID = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}$"}
 _AGENT = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}$"}
@@ -46,8 +47,10 @@ ACTION_SCHEMA_BYTES = json.dumps(ACTION_SCHEMA, separators=(",", ":")).encode()
 _decoder = msgspec.json.Decoder(AgentAction)
 
 
-class InvalidAction(ValueError):
+class InvalidAction(AecoError, ValueError):
     """Model output that is not an action; the message says why, for the agent to read."""
+
+    default_code: ErrorCode = "invalid_action"
 
 
 def parse_action(text: str | bytes) -> AgentAction:

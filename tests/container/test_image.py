@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.engine import supervisor_command
 from runtime import config as config_mod
-from runtime.inflight import CRASH_CODE
+from runtime.pool.inflight import CRASH_CODE
 from tests.container.conftest import Box
 
 # A cold build of the image (llama.cpp compiles) happens in the first test's set-up.

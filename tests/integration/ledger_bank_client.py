@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from runtime.ledger import LedgerError, Receipt, Transfer
-from runtime.ledger.postgres import PostgresLedger
+from runtime.economy.ledger import LedgerError, Receipt, Transfer
+from runtime.economy.ledger.postgres import PostgresLedger
 from tests.integration.ledger_crash_writer import ACCOUNTS
 
 #: Up to 40% of an account's initial funds in one transfer: enough for some overdrafts.

@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
-from runtime.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.ledger.postgres import PostgresLedger
+from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.economy.ledger.postgres import PostgresLedger
 from tests import services
 
 #: The bank: this many accounts, each funded once with ``FUNDS`` scrip.

@@ -14,10 +14,10 @@ import signal
 import sys
 
 from runtime import supervisor
-from runtime.inflight import CRASH_CODE
-from runtime.ledger import Op, Receipt, RecordUsage
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.ledger.writer import GroupCommitted
+from runtime.economy.ledger import Op, Receipt, RecordUsage
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.economy.ledger.writer import GroupCommitted
+from runtime.pool.inflight import CRASH_CODE
 
 
 def main() -> int:

@@ -16,9 +16,9 @@ from typing import Any
 
 import psycopg
 
-from runtime.store import Store
-from runtime.store.git import GitStore
-from runtime.store.postgres import PostgresStore
+from runtime.world.store import Store
+from runtime.world.store.git import GitStore
+from runtime.world.store.postgres import PostgresStore
 from tests.services import create_database, drop_database
 
 

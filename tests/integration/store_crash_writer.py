@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from runtime.store.git import GitStore
+from runtime.world.store.git import GitStore
 
 AGENTS = tuple(f"w{i}" for i in range(5))
 QUOTA = 1 << 40

@@ -26,17 +26,14 @@ from runtime.actions import (
     WriteArtifact,
 )
 from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain, Thought
-from runtime.buckets import Buckets, Estimator
+from runtime.backends import EventBackend
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
-from runtime.economy import Economy, open_economy
-from runtime.events.log import EventLog
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.memory.qdrant import QdrantMemory
-from runtime.pool import WorkerPool
-from runtime.store.git import GitStore
-from runtime.supervisor import emitter
-from runtime.world import World
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.node import Node
+from runtime.world.events.log import EventLog
+from runtime.world.memory.qdrant import QdrantMemory
+from runtime.world.world import World
 
 T = TypeVar("T")
 NAMES = ("ann", "ben", "cat")
@@ -44,7 +41,7 @@ NAMES = ("ann", "ben", "cat")
 
 class Runtime(msgspec.Struct):
     world: World
-    events: EventLog
+    events: EventBackend
     memory: QdrantMemory
 
 
@@ -61,23 +58,9 @@ def with_runtime(tmp: Path, body: Callable[[Runtime], Awaitable[T]], **agent_fie
     cfg = Config(data_dir=str(data), pool=PoolConfig(workers=2), economy=EconomyConfig(burst_seconds=30), agents=agents)
 
     async def main() -> T:
-        ledger = LmdbLedger(data / "ledger")
-        store = GitStore(data / "artifacts.git")
-        events = EventLog(data / "events")
-        memory = QdrantMemory(path=data / "memory")
-        try:
-            buckets = Buckets()
-            pool = WorkerPool(cfg.pool, size=2, hide=[str(data)])
-            open_economy(cfg, ledger, pool.info, buckets)
-            async with pool:
-                eco = Economy(pool, ledger, buckets, Estimator(0.01))
-                world = World(store, eco, emitter(events))  # as the supervisor wires it
-                return await body(Runtime(world, events, memory))
-        finally:
-            memory.close()
-            events.close()
-            store.close()
-            ledger.close()
+        async with Node(cfg, memory=True) as node:
+            assert isinstance(node.memory, QdrantMemory)
+            return await body(Runtime(node.world, node.events, node.memory))
 
     return asyncio.run(main())
 
@@ -107,8 +90,6 @@ def test_scripted_agents_act_and_every_think_is_charged(tmp_path: Path) -> None:
                 n,
                 ScriptedBrain(rt.world.economy, policy(n, NAMES[(i + 1) % 3]), think_ms=5),
                 rt.world,
-                rt.events,
-                rt.memory,
             )
             for i, n in enumerate(NAMES)
         ]
@@ -162,7 +143,7 @@ class Garbage:
 def test_output_that_is_not_an_action_is_rejected_and_the_agent_carries_on(tmp_path: Path) -> None:
     async def body(rt: Runtime) -> Agent:
         brain: Brain = Garbage()
-        agent = Agent("ann", brain, rt.world, rt.events, rt.memory)
+        agent = Agent("ann", brain, rt.world)
         await agent.run(max_actions=4)
         return agent
 
@@ -177,8 +158,6 @@ def test_a_sleeping_agent_uses_nothing_and_wakes_within_100_ms_of_its_event(tmp_
             "ann",
             ScriptedBrain(rt.world.economy, [SleepFor(seconds=30, until="transfer")]),
             rt.world,
-            rt.events,
-            rt.memory,
         )
         task = asyncio.create_task(sleeper.step())
         while sleeper.state != "sleeping":
@@ -205,8 +184,6 @@ def _llm_run(tmp: Path, model: Path, agents: int, actions: int) -> tuple[list[Ag
                 n,
                 LlmBrain(rt.world.economy, "You are a careful trader.", model=str(model), max_tokens=160),
                 rt.world,
-                rt.events,
-                rt.memory,
             )
             for n in NAMES[:agents]
         ]
@@ -268,7 +245,7 @@ def test_a_paid_model_is_charged_in_dollars_until_the_budget_is_spent(tmp_path: 
             price_prompt_per_1k=2.0,
             price_completion_per_1k=2.0,
         )
-        agent = Agent("ann", brain, rt.world, rt.events, rt.memory)
+        agent = Agent("ann", brain, rt.world)
         for _ in range(30):
             step = asyncio.create_task(agent.step())
             for _ in range(2000):
@@ -301,7 +278,7 @@ def test_news_reaches_the_agent_it_concerns(tmp_path: Path) -> None:
     next context, and the agent's cursor moves past them."""
 
     async def body(rt: Runtime) -> tuple[str, str]:
-        ann = Agent("ann", ScriptedBrain(rt.world.economy, [Noop()]), rt.world, rt.events, rt.memory)
+        ann = Agent("ann", ScriptedBrain(rt.world.economy, [Noop()]), rt.world)
         ben = Agent(
             "ben",
             ScriptedBrain(
@@ -312,8 +289,6 @@ def test_news_reaches_the_agent_it_concerns(tmp_path: Path) -> None:
                 ],
             ),
             rt.world,
-            rt.events,
-            rt.memory,
         )
         await ben.run(max_actions=2)
         await rt.world.invoke_artifact("ann", "ben-tool")

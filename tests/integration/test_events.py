@@ -32,11 +32,11 @@ import msgspec
 import pytest
 import zmq
 
-from runtime.events import ANY_KIND, Event, EventError, concerns
-from runtime.events.log import EventLog
-from runtime.events.postgres import PostgresEventLog
-from runtime.events.pub import EventPublisher, Observer
-from tests.crash import kill_mid_write
+from runtime.world.events import ANY_KIND, Event, EventError, concerns
+from runtime.world.events.log import EventLog
+from runtime.world.events.postgres import PostgresEventLog
+from runtime.world.events.pub import EventPublisher, Observer
+from tests.crash import kill_mid_write, live_children
 
 REPO = Path(__file__).resolve().parents[2]
 Log = EventLog | PostgresEventLog
@@ -162,23 +162,6 @@ def test_events_and_cursors_survive_close_and_reopen(make_log: Make) -> None:
     assert nxt.seq == 7 and nxt.at >= stored[-1].at
 
 
-def _crash_children() -> list[int]:
-    """Pids of this process's live children that run the crash writer."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me and fields[0] != "Z" and b"tests.integration.test_events" in cmdline:
-            found.append(int(entry))
-    return found
-
-
 @pytest.mark.slow
 def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     rng = random.Random(20261201)
@@ -218,7 +201,7 @@ def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
             assert cursor_acked <= log.cursor("watcher") <= log.last_seq()
         finally:
             log.close()
-    assert _crash_children() == []
+    assert live_children("tests.integration.test_events") == []
     assert len(acked) > 5 * 100  # every round really streamed, not just trickled
     assert cursor_acked > 0
 

@@ -30,9 +30,9 @@ import psycopg
 import pytest
 import redis
 
-from runtime.events import Event
-from runtime.events.postgres import PostgresEventLog
-from runtime.events.redis import RedisRelay, RedisUnavailable
+from runtime.world.events import Event
+from runtime.world.events.postgres import PostgresEventLog
+from runtime.world.events.redis import RedisRelay, RedisUnavailable
 from tests.services import ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[2]

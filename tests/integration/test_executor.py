@@ -81,7 +81,9 @@ def test_submit_after_shutdown_raises(make: type[cf.Executor]) -> None:
 def test_pending_futures_can_be_cancelled(make: type[cf.Executor]) -> None:
     with make(1) as ex:  # type: ignore[call-arg]
         first = ex.submit(slow_square, 1, 0.5)
-        time.sleep(0.2)  # let the first one start
+        deadline = time.monotonic() + 30
+        while not first.running() and time.monotonic() < deadline:  # it holds the one worker
+            time.sleep(0.001)
         # ProcessPoolExecutor moves up to max_workers + 1 items to its call queue ahead of time;
         # those can no longer be cancelled, so look at the last few of a longer queue.
         pending = [ex.submit(slow_square, i, 0.2) for i in range(10)]

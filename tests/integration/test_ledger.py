@@ -22,8 +22,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from runtime.buckets import BucketState
-from runtime.ledger import (
+from runtime.economy.buckets import BucketState
+from runtime.economy.ledger import (
     Burn,
     Ledger,
     LedgerError,
@@ -36,10 +36,10 @@ from runtime.ledger import (
     SetQuota,
     Transfer,
 )
-from runtime.ledger.check import check
-from runtime.ledger.rules import MemoryView
-from runtime.ledger.rules import apply as apply_rule
-from tests.crash import kill_mid_write
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.rules import MemoryView
+from runtime.economy.ledger.rules import apply as apply_rule
+from tests.crash import kill_mid_write, live_children
 from tests.integration.ledger_crash_writer import (
     ACCOUNTS,
     BACKENDS,
@@ -661,23 +661,6 @@ def test_bank_workload_conserves_money_under_concurrency(ledger: Ledger) -> None
 # ------------------------------------------------------------------------------------ crash safety
 
 
-def _writer_children() -> list[int]:
-    """Pids of this process's live children that run the crash writer."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me and fields[0] != "Z" and b"ledger_crash_writer" in cmdline:
-            found.append(int(entry))
-    return found
-
-
 @pytest.mark.slow
 def test_acknowledged_transfers_survive_sigkill(backend: str, tmp_path: Path) -> None:
     rng = random.Random(20261129)
@@ -704,7 +687,7 @@ def test_acknowledged_transfers_survive_sigkill(backend: str, tmp_path: Path) ->
             assert sum(v.get("scrip", 0) for v in led.balances().values()) == total
         finally:
             led.close()
-    assert _writer_children() == []
+    assert live_children("ledger_crash_writer") == []
     assert len(acked_all) > 20 * 100  # every round really streamed, not just trickled
 
 

@@ -21,14 +21,14 @@ import msgspec
 import psycopg
 import pytest
 
-from runtime.buckets import BucketState
-from runtime.ledger import Mint, OpenAccount, RecordUsage, Transfer
-from runtime.ledger.check import check
-from runtime.ledger.open import NoLedger, open_ledger
-from runtime.ledger.postgres import WRITER_NAME, PostgresLedger, _BatchView
-from runtime.ledger.rules import MemoryView
-from runtime.ledger.rules import apply as apply_rule
-from runtime.postgres import DatabaseUnavailable
+from runtime.economy.buckets import BucketState
+from runtime.economy.ledger import Mint, OpenAccount, RecordUsage, Transfer
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.open import NoLedger, open_ledger
+from runtime.economy.ledger.postgres import WRITER_NAME, PostgresLedger, _BatchView
+from runtime.economy.ledger.rules import MemoryView
+from runtime.economy.ledger.rules import apply as apply_rule
+from runtime.host.postgres import DatabaseUnavailable
 from tests.integration.ledger_bank_client import Summary
 from tests.integration.ledger_crash_writer import ACCOUNTS, FUNDS, fund_bank
 

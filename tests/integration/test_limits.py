@@ -12,9 +12,9 @@ import msgspec
 import pytest
 
 from native.tiny_model import write_tiny_model
-from runtime import cgroups as cg
 from runtime.config import load_calibration
-from runtime.supervisor import Status
+from runtime.host import cgroups as cg
+from runtime.ops.status import Status
 from tests.cgroup_box import cgroup_box
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,16 +26,16 @@ from native.embed import (
     get_embedder,
     minilm_missing,
 )
-from runtime.memory import (
+from runtime.pool import TaskFailed, WorkerPool
+from runtime.protocol import Embed
+from runtime.world.memory import (
     BYTES_PER_DIM,
     MAX_TEXT_BYTES,
     MemoryItem,
     MemoryQuotaExceeded,
     MemoryStoreError,
 )
-from runtime.memory.qdrant import QdrantMemory
-from runtime.pool import TaskFailed, WorkerPool
-from runtime.protocol import Embed
+from runtime.world.memory.qdrant import QdrantMemory
 from tests.integration.conftest import with_pool
 
 H = HashEmbedder()
@@ -285,7 +285,7 @@ def test_another_process_holding_the_path_is_named(tmp_path: Path):
 
 _HOLD = """
 import sys
-from runtime.memory.qdrant import QdrantMemory
+from runtime.world.memory.qdrant import QdrantMemory
 m = QdrantMemory(sys.argv[1])
 m.remember("alice", "held", [1.0] + [0.0] * 383, quota_bytes=1 << 20)
 print("ready", flush=True)

@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from native import models
@@ -24,9 +23,8 @@ from native.models import ModelNotFound, find_model
 from native.openai import OpenAIBackend, Price
 from native.tiny_model import write_tiny_model
 from runtime.pool import WorkerPool
-from runtime.protocol import Think
+from runtime.protocol import Think, ThinkReport, decode_think
 from workers import think as think_mod
-from workers.think import ThinkOutput
 
 ACTION_SCHEMA = {
     "anyOf": [
@@ -315,29 +313,27 @@ def test_openai_backend_against_llama_cpp_server(tiny: Path, llm: LlamaBackend, 
 
 
 def test_think_in_process_reports_invalid_output(tiny: Path) -> None:
-    ok = msgspec.json.decode(
-        think_mod.think(Think(system=SYSTEM, prompt=PROMPT, schema=ACTION_BYTES, seed=1, model=str(tiny))),
-        type=ThinkOutput,
+    ok = decode_think(
+        think_mod.think(Think(system=SYSTEM, prompt=PROMPT, schema=ACTION_BYTES, seed=1, model=str(tiny)))
     )
     assert ok.valid and ok.error == "" and ok.prompt_tokens > 0 and ok.completion_tokens > 0
     _check_action(ok.text)
-    cut = msgspec.json.decode(
-        think_mod.think(Think(system=SYSTEM, prompt=PROMPT, schema=ACTION_BYTES, max_tokens=2, model=str(tiny))),
-        type=ThinkOutput,
+    cut = decode_think(
+        think_mod.think(Think(system=SYSTEM, prompt=PROMPT, schema=ACTION_BYTES, max_tokens=2, model=str(tiny)))
     )
     assert not cut.valid and "max_tokens" in cut.error and cut.completion_tokens == 2
     assert think_mod.backend(str(tiny)) is think_mod.backend(str(tiny)), "loaded once per process"
 
 
 def test_think_through_the_worker_pool(tiny: Path) -> None:
-    async def main() -> list[ThinkOutput]:
+    async def main() -> list[ThinkReport]:
         async with WorkerPool(size=1) as pool:
             outs = []
             for seed in range(3):
                 spec = Think(system=SYSTEM, prompt=PROMPT, schema=ACTION_BYTES, seed=seed, model=str(tiny))
                 outcome = await pool.run(spec)
                 assert outcome.usage.cpu_seconds > 0
-                outs.append(msgspec.json.decode(outcome.output, type=ThinkOutput))
+                outs.append(decode_think(outcome.output))
             return outs
 
     outs = asyncio.run(main())

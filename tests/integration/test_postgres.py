@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from runtime.postgres import DatabaseUnavailable, connect, migrate, redact
+from runtime.host.postgres import DatabaseUnavailable, connect, migrate, redact
 from tests.services import Forwarder, free_port, via
 
 

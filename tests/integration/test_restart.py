@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime.events.log import EventLog
-from runtime.inflight import CRASH_CODE, InFlight, InflightLog
-from runtime.ledger import RecordUsage
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.store import verify
-from runtime.store.git import GitStore
+from runtime.economy.ledger import RecordUsage
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.pool.inflight import CRASH_CODE, InFlight, InflightLog
+from runtime.world.events.log import EventLog
+from runtime.world.store import verify
+from runtime.world.store.git import GitStore
 from tests.integration.test_supervisor import ROOT, _alive, _wait_for_workers
 
 THINK_MS = 400

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from runtime import cgroups
+from runtime.host import cgroups
 from tests import sandbox_attacks
 from workers.sandbox import STEPS, Confined, Limits, isolation_available, run_confined
 

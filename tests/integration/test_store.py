@@ -24,9 +24,19 @@ from typing import Any
 import msgspec
 import pytest
 
-from runtime.store import Artifact, ArtifactInfo, Kind, Readable, Store, StoreError, WriteReceipt, check_id, verify
-from runtime.store.git import GitStore
-from tests.crash import kill_mid_write
+from runtime.world.store import (
+    Artifact,
+    ArtifactInfo,
+    Kind,
+    Readable,
+    Store,
+    StoreError,
+    WriteReceipt,
+    check_id,
+    verify,
+)
+from runtime.world.store.git import GitStore
+from tests.crash import kill_mid_write, live_children
 from tests.integration.store_backends import (
     BACKENDS,
     Backend,
@@ -406,21 +416,11 @@ def test_first_writer_wins_and_others_change_nothing(store: Any, store_backend: 
     assert verify(store) == []
 
 
-def test_checks_see_earlier_operations_of_the_same_batch(
-    store: Any, store_backend: Backend, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_checks_see_earlier_operations_of_the_same_batch(store: Any, store_backend: Backend) -> None:
     """Hold the writer on its first batch while the next operations queue up, so they form one batch."""
-    gate, sizes = threading.Event(), []
-    commit = store._commit
-
-    def held(batch: list[Any]) -> None:
-        gate.wait(10)
-        sizes.append(len(batch))
-        commit(batch)
-
-    monkeypatch.setattr(store, "_commit", held)
+    hold = store.hold()
     first = store.submit_write("alice", "warm", b"x", quota=BIG)
-    time.sleep(0.05)  # the writer has taken `first` and waits on the gate
+    assert hold.waiting.wait(10)  # the writer has taken `first` and waits
     futs: list[Future[Any]] = [
         store.submit_write("alice", "race", b"alice first", quota=100),
         store.submit_write("bob", "race", b"bob second", quota=100),  # forbidden: alice's, same batch
@@ -430,10 +430,10 @@ def test_checks_see_earlier_operations_of_the_same_batch(
         store.submit_write("alice", "over", b"z" * 10, quota=100),  # now fits
         store.submit_delete("bob", "race"),  # forbidden
     ]
-    gate.set()
+    hold.release()
     first.result(timeout=10)
     outcomes = [f.exception(timeout=10) for f in futs]
-    assert sizes == [1, len(futs)]
+    assert hold.sizes == [1, len(futs)]
     codes = [e.code if isinstance(e, StoreError) else None for e in outcomes]
     assert codes == [None, "forbidden", None, "quota_exceeded", None, None, "forbidden"]
     assert store.read("bob", "race").content == b"alice first"
@@ -637,23 +637,6 @@ def test_readers_see_whole_versions_while_writes_and_rollups_go_on(store_backend
 # ------------------------------------------------------------------------------ crash and restart
 
 
-def _writer_children() -> list[int]:
-    """Pids of this process's live children that run the crash writer."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me and fields[0] != "Z" and b"store_crash_writer" in cmdline:
-            found.append(int(entry))
-    return found
-
-
 @pytest.mark.slow
 def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     rng = random.Random(20261202)
@@ -689,7 +672,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
             assert store.usage() == usage_by_git(repo)
             assert store.head() == git_head(repo)
         assert_fsck(repo)
-    assert _writer_children() == []
+    assert live_children("store_crash_writer") == []
     assert total > 6 * 200  # every round really streamed
 
 
@@ -740,7 +723,7 @@ def test_a_git_store_is_opened_by_one_process(make_store: Make) -> None:
     store = make_store("once")
     store.write("alice", "a", b"x", quota=BIG)
     probe = (
-        "import sys; from runtime.store import StoreError; from runtime.store.git import GitStore\n"
+        "import sys; from runtime.world.store import StoreError; from runtime.world.store.git import GitStore\n"
         "try:\n    GitStore(sys.argv[1])\nexcept StoreError as e:\n    print(e.code, e)\n"
     )
     res = subprocess.run(
@@ -776,11 +759,11 @@ def test_a_batch_that_fails_before_the_ref_moves_writes_nothing(
     git_store: GitStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = git_store
-    import runtime.store.git as git_backend
+    from runtime.world.store import git_packs
 
     store.write("alice", "keep", b"kept", quota=BIG)
     head, usage = store.head(), store.usage()
-    real = git_backend._write_pack
+    real = git_packs.write_pack
     calls = [0]
 
     def failing(*args: Any, **kwargs: Any) -> str:
@@ -789,7 +772,7 @@ def test_a_batch_that_fails_before_the_ref_moves_writes_nothing(
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(git_backend, "_write_pack", failing)
+    monkeypatch.setattr(git_packs, "write_pack", failing)
     futs = [store.submit_write("alice", f"lost{i}", b"x" * 10, quota=BIG) for i in range(20)]
     errors = [f.exception(timeout=10) for f in futs]
     # The first batch failed as a whole (later ones may have committed): no partial commit, no stale tree.

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from runtime.store import StoreError, verify
-from runtime.store.postgres import AGENT_ROLE, PostgresStore, ensure_agent_login
+from runtime.world.store import StoreError, verify
+from runtime.world.store.postgres import AGENT_ROLE, PostgresStore, ensure_agent_login
 from tests.services import ADMIN_URL
 
 BIG = 1 << 40

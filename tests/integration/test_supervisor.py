@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,31 +39,17 @@ def _supervisor(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                kids.append(int(d.name))
-    return kids
-
-
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
 
 
 def _wait_for_workers(pid: int, n: int) -> list[int]:
     end = time.monotonic() + 30
     while time.monotonic() < end:
-        kids = _children(pid)
+        kids = [c.pid for c in psutil.Process(pid).children()]
         if len(kids) >= n:
             return kids
         time.sleep(0.05)

@@ -12,15 +12,12 @@ from typing import TypeVar
 import msgspec
 import pytest
 
-from runtime.buckets import Buckets, Estimator
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
-from runtime.economy import Economy, open_economy
-from runtime.ledger.check import check
-from runtime.ledger.lmdb import LmdbLedger
-from runtime.pool import WorkerPool
-from runtime.store import StoreError, verify
-from runtime.store.git import GitStore
-from runtime.world import InvokeError, World
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.node import Node
+from runtime.world.store import StoreError, verify
+from runtime.world.world import InvokeError, World
 
 T = TypeVar("T")
 
@@ -41,19 +38,12 @@ def with_world(tmp: Path, body: Callable[[World], Awaitable[T]], events: list[st
     )
 
     async def main() -> T:
-        ledger = LmdbLedger(data / "ledger")
-        store = GitStore(data / "artifacts.git")
-        try:
-            buckets = Buckets()
-            pool = WorkerPool(cfg.pool, size=2, hide=[str(data)])
-            open_economy(cfg, ledger, pool.info, buckets)
-            async with pool:
-                eco = Economy(pool, ledger, buckets, Estimator(0.01))
-                world = World(store, eco, lambda kind, _f: events.append(kind) if events is not None else None)
-                return await body(world)
-        finally:
-            store.close()
-            ledger.close()
+        async with Node(cfg) as node:
+            out = await body(node.world)
+            if events is not None:
+                await node.events.publish("marker")  # committed in order: every earlier event is durable
+                events.extend(e.kind for e in node.events.read())
+            return out
 
     return asyncio.run(main())
 

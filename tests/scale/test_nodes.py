@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.events import Event
-from runtime.events.postgres import PostgresEventLog
-from runtime.ledger import Transfer
-from runtime.ledger.check import check
-from runtime.ledger.postgres import PostgresLedger
+from runtime.economy.ledger import Transfer
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.postgres import PostgresLedger
+from runtime.world.events import Event
+from runtime.world.events.postgres import PostgresEventLog
 from tests.scale.nodes import ROOT, Node, node_of
 
 pytestmark = pytest.mark.slow

@@ -1,8 +1,8 @@
 """A rate right traded to an agent on another node re-rates its bucket there.
 
-Two nodes in one process, wired as their supervisors wire them but sharing nothing in memory: each
-has its own ``PostgresLedger``, ``PostgresEventLog`` and ``RedisRelay`` on the same database and Redis
-namespace, its own buckets and economy, and runs one agent. Alice (node A) gives Bob (node B) some of
+Two ``Node``s in one process, sharing nothing in memory: each has its own ledger, event log and Redis
+relay connections on the same database and Redis namespace, its own pool, buckets and economy, and
+runs one agent. Alice (node A) gives Bob (node B) some of
 her ``cpu_rate``: node A re-rates Alice at once; node B learns of the trade only through the event
 relayed by Redis, reads Bob's new holding from the shared ledger and re-rates his bucket, waking him
 if he was waiting for CPU. A restarted node B builds Bob's bucket at the new rate from the ledger.
@@ -17,46 +17,27 @@ from pathlib import Path
 import pytest
 
 from runtime.actions import Noop
-from runtime.buckets import Buckets, Estimator
-from runtime.config import AgentConfig, Config, EconomyConfig
-from runtime.economy import Economy, open_economy
-from runtime.events.postgres import PostgresEventLog
-from runtime.events.redis import RedisRelay
-from runtime.ledger import SetBuckets, Transfer
-from runtime.ledger.postgres import PostgresLedger
-from runtime.pool import WorkerPool
-from runtime.store.git import GitStore
-from runtime.supervisor import emitter
-from runtime.world import World
+from runtime.config import AgentConfig, Config, EconomyConfig, NodeConfig, PoolConfig
+from runtime.economy.ledger import SetBuckets, Transfer
+from runtime.node import Node
 
 
-def _config(agent: str, millicores: int) -> Config:
-    # A small burst: Bob's bucket can be drained, so that he waits for CPU when the trade arrives.
-    return Config(
-        economy=EconomyConfig(burst_seconds=1.0),
-        agents=[AgentConfig(id=agent, brain="scripted", policy=[Noop()], cpu_rate=millicores)],
+def _node(name: str, position: int, pg_url: str, redis_url: str, namespace: str, data: Path) -> Node:
+    """Node ``name`` of a two-node deployment sharing the database: alice is agent 1, bob agent 2."""
+    cfg = Config(
+        data_dir=str(data),
+        economy=EconomyConfig(burst_seconds=1.0),  # Bob's bucket can be drained: he waits for CPU
+        pool=PoolConfig(workers=1),
+        agents=[
+            AgentConfig(id="alice", brain="scripted", policy=[Noop()], cpu_rate=1600),
+            AgentConfig(id="bob", brain="scripted", policy=[Noop()], cpu_rate=200),
+        ],
+        node=NodeConfig(
+            agent_range=f"{position}-{position}", id=name, postgres_url=pg_url, redis_url=redis_url, namespace=namespace
+        ),
+        metrics_port=0,
     )
-
-
-class Side:
-    """One node: its own connections to the shared servers, its buckets and its economy."""
-
-    def __init__(self, name: str, cfg: Config, pg_url: str, redis_url: str, namespace: str, store: Path) -> None:
-        self.ledger = PostgresLedger(pg_url)
-        self.events = PostgresEventLog(pg_url)
-        self.relay = RedisRelay(redis_url, self.events, namespace=namespace, node=name)
-        self.store = GitStore(store)
-        self.buckets = Buckets()
-        pool = WorkerPool(cfg.pool)  # never started: a trade runs no task
-        open_economy(cfg, self.ledger, pool.info, self.buckets, node=True)
-        self.economy = Economy(pool, self.ledger, self.buckets, Estimator(0.05), node=name)
-        self.world = World(self.store, self.economy, emitter(self.events))
-
-    def close(self) -> None:
-        self.relay.close()
-        self.events.close()
-        self.store.close()
-        self.ledger.close()
+    return Node(cfg)
 
 
 def test_a_rate_right_traded_across_nodes_rerates_the_recipient_there(
@@ -65,10 +46,10 @@ def test_a_rate_right_traded_across_nodes_rerates_the_recipient_there(
     namespace = f"test-{uuid.uuid4().hex[:8]}"
 
     async def body() -> None:
-        a = Side("node-a", _config("alice", 1600), pg_url, redis_url, namespace, tmp_path / "a.git")
-        b = Side("node-b", _config("bob", 200), pg_url, redis_url, namespace, tmp_path / "b.git")
+        a = await _node("node-a", 1, pg_url, redis_url, namespace, tmp_path / "a").start()
+        b = await _node("node-b", 2, pg_url, redis_url, namespace, tmp_path / "b").start()
         try:
-            follower = asyncio.create_task(b.economy.follow_rates(b.events, "bob"))
+            follower = asyncio.create_task(b.world.follow_rates("bob"))
             # Bob owes 2 CPU-seconds: at 0.2 CPU/s he would wait 10 s for a 0.05 s task.
             b.buckets.charge("bob", "cpu", 2.0 + b.buckets.level("bob", "cpu"))
             bob_waits = asyncio.create_task(b.buckets.acquire("bob", "cpu", 0.05))
@@ -81,19 +62,17 @@ def test_a_rate_right_traded_across_nodes_rerates_the_recipient_there(
                     await asyncio.sleep(0.05)
                 # 2 CPU-seconds of debt at 1.4 CPU/s: admitted soon after the trade, not ten seconds on.
                 await bob_waits
-            assert b.ledger.balance("bob", "cpu_rate") == 1400
-            persisted = [e.op for e in b.ledger.journal() if isinstance(e.op, SetBuckets) and e.op.agent == "bob"]
+            ledger = b.backends.ledger
+            assert ledger.balance("bob", "cpu_rate") == 1400
+            persisted = [e.op for e in ledger.journal() if isinstance(e.op, SetBuckets) and e.op.agent == "bob"]
             assert [op.id for op in persisted] == ["rate:trade-1:bob"]
-            assert b.relay.delivered >= 1
+            assert b.backends.relay is not None and b.backends.relay.delivered >= 1
             follower.cancel()
         finally:
-            a.close()
-            b.close()
+            await a.close()
+            await b.close()
         # Node B restarts: Bob's bucket is built at the rate he now holds.
-        again = Side("node-b", _config("bob", 200), pg_url, redis_url, namespace, tmp_path / "b.git")
-        try:
+        async with _node("node-b", 2, pg_url, redis_url, namespace, tmp_path / "b") as again:
             assert again.buckets.get("bob", "cpu").rate == pytest.approx(1.4)
-        finally:
-            again.close()
 
     asyncio.run(body())

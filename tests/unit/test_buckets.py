@@ -1,4 +1,4 @@
-"""Unit tests for ``runtime.buckets``: the bucket arithmetic on a hand-driven clock, and admission waits."""
+"""Unit tests for ``runtime.economy.buckets``: the bucket arithmetic on a hand-driven clock, and admission waits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.buckets import Bucket, Buckets, BucketState, Estimator
+from runtime.economy.buckets import Bucket, Buckets, BucketState, Estimator
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""Unit tests for ``runtime.calibrate``: the decision rule, convergence, the file it writes, its arguments."""
+"""Unit tests for ``runtime.ops.calibrate``: the decision rule, convergence, the file it writes, its arguments."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.calibrate import Window, converged, decide, main, write_calibration
 from runtime.config import Calibration, load_calibration
+from runtime.ops.calibrate import Window, converged, decide, main, write_calibration
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Unit tests for ``runtime.cgroups``: parsing, discovery over a fake /proc, and limits."""
+"""Unit tests for ``runtime.host.cgroups``: parsing, discovery over a fake /proc, and limits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cgroups import (
+from runtime.host.cgroups import (
     CgroupInfo,
     Mount,
     cpu_capacity,

@@ -1,4 +1,4 @@
-"""Unit tests for ``runtime.fairqueue.FairQueue``."""
+"""Unit tests for ``runtime.pool.fairqueue.FairQueue``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from runtime.fairqueue import FairQueue
+from runtime.pool.fairqueue import FairQueue
 
 
 def pop_all(q: FairQueue[int]) -> list[tuple[str, int]]:

@@ -1,4 +1,4 @@
-"""Unit tests for ``runtime.limits`` and the provenance and usage readers of ``runtime.cgroups``: fake
+"""Unit tests for ``runtime.host.limits`` and the provenance and usage readers of ``runtime.host.cgroups``: fake
 v1 and v2 cgroup trees under tmp_path, and the sizing rules on hand-made limits."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from runtime import cgroups as cg
 from runtime.config import AgentConfig, Calibration, Config, ConfigError, PoolConfig
-from runtime.limits import (
+from runtime.host import cgroups as cg
+from runtime.host.limits import (
     CapacityError,
     Limits,
     detect,
@@ -19,7 +19,7 @@ from runtime.limits import (
     hardware_llm_rate,
     plan,
 )
-from runtime.stats import Meter
+from runtime.ops.stats import Meter
 from tests.unit.test_cgroups import AFFINITY, make_v1, make_v2, write
 
 MB = 1 << 20

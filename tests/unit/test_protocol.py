@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
 from typing import Any
@@ -15,21 +16,35 @@ from hypothesis import strategies as st
 from runtime.protocol import (
     PROTOCOL_VERSION,
     Alloc,
+    ArtifactAnswer,
     Burn,
     Call,
     Counters,
+    DoneAnswer,
     Echo,
+    Embed,
     Heartbeat,
     Hello,
+    Invoke,
+    InvokeReport,
     Message,
     ProtocolError,
+    ReadArtifactCall,
+    RefusedAnswer,
+    Reply,
+    Request,
     Result,
     Shutdown,
     Sleep,
     Task,
     TaskSpec,
+    Think,
+    ThinkReport,
+    TransferCall,
     Usage,
     decode,
+    decode_invoke,
+    decode_think,
     encode,
 )
 
@@ -47,6 +62,12 @@ SPECS: list[TaskSpec] = [
     Echo(data="héllo \x00 wörld"),
     Call(payload=pickle.dumps((len, ([1, 2],), {}))),
     Call(payload=b""),
+    Invoke(code="world.result(sum(world.args))", args=b"[1, 2]", cpu_seconds=0.5, wall_seconds=2, memory_bytes=1 << 20),
+    Invoke(code=""),
+    Think(system="sys", prompt="héllo", schema=b'{"type":"object"}', max_tokens=4, temperature=0, seed=3),
+    Think(system="", prompt="", endpoint="http://127.0.0.1:1", price_prompt_per_1k=0.5),
+    Embed(texts=["one"]),
+    Embed(texts=["a", "b" * 300], embedder="minilm"),
 ]
 MESSAGES: list[Message] = [
     Hello(worker_id=0, pid=4242, memory_probe="vmhwm", counters=COUNTERS),
@@ -66,6 +87,22 @@ MESSAGES: list[Message] = [
     Result(task_id=10, ok=False, output=b"", error="Traceback ...\nValueError: x", usage=None, counters=COUNTERS),
     Heartbeat(counters=COUNTERS),
     Shutdown(),
+    Request(task_id=4, seq=1, call=ReadArtifactCall(id="notes")),
+    Request(task_id=4, seq=2, call=TransferCall(to="bob", amount=2**62)),
+    Reply(task_id=4, seq=1, answer=ArtifactAnswer(content=b"\x00\xff")),
+    Reply(task_id=4, seq=2, answer=DoneAnswer()),
+    Reply(task_id=4, seq=3, answer=RefusedAnswer(error="over what was authorised")),
+]
+#: What tasks return, each decoded by its own typed decoder.
+THINK_REPORTS: list[ThinkReport | InvokeReport] = [
+    ThinkReport(text='{"kind":"noop"}', prompt_tokens=10, completion_tokens=5, finish_reason="stop"),
+    ThinkReport(text="", prompt_tokens=0, completion_tokens=0, valid=False, error="cut", cost_usd=0.25),
+]
+INVOKE_REPORTS: list[ThinkReport | InvokeReport] = [
+    InvokeReport(ok=True, value=b"[1, 2]", error="", error_code="", stdout="hi", cpu_seconds=0.1, peak_memory_bytes=1),
+    InvokeReport(
+        ok=False, value=b"", error="boom", error_code="code_error", stdout="", cpu_seconds=0, peak_memory_bytes=0
+    ),
 ]
 
 
@@ -163,7 +200,7 @@ def test_valid_msgpack_wrong_shape(obj: Any) -> None:
     raises_protocol_error(msgspec.msgpack.encode(obj))
 
 
-@pytest.mark.parametrize("v", [0, 2, -1, 2**64 - 1])
+@pytest.mark.parametrize("v", [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, -1, 2**64 - 1])
 def test_other_version(v: int) -> None:
     msg = raises_protocol_error(encode(Shutdown(v=v)))
     assert f"protocol version {v}" in msg
@@ -242,7 +279,7 @@ def decode_or_protocol_error(frame: bytes) -> None:
         msg = decode(frame)
     except ProtocolError:
         return
-    assert isinstance(msg, Hello | Task | Result | Heartbeat | Shutdown)
+    assert isinstance(msg, Hello | Task | Result | Heartbeat | Shutdown | Request | Reply)
     assert msg.v == PROTOCOL_VERSION
     # what decodes re-encodes to something that decodes to the same message
     assert decode(encode(msg)) == msg
@@ -277,10 +314,47 @@ KEYS = st.sampled_from(
         "output",
         "error",
         "usage",
+        "seq",
+        "call",
+        "answer",
+        "content",
+        "amount",
+        "to",
+        "code",
+        "args",
+        "system",
+        "prompt",
+        "schema",
+        "texts",
+        "text",
+        "prompt_tokens",
+        "value",
     ]
 )
 TAGS = st.sampled_from(
-    ["hello", "task", "result", "heartbeat", "shutdown", "burn", "alloc", "sleep", "echo", "call", "vmhwm"]
+    [
+        "hello",
+        "task",
+        "result",
+        "heartbeat",
+        "shutdown",
+        "request",
+        "reply",
+        "burn",
+        "alloc",
+        "sleep",
+        "echo",
+        "call",
+        "invoke",
+        "think",
+        "embed",
+        "read_artifact",
+        "transfer",
+        "artifact",
+        "done",
+        "refused",
+        "vmhwm",
+    ]
 )
 LEAVES = (
     st.none()
@@ -322,6 +396,9 @@ def test_arbitrary_msgpack_objects(obj: Any) -> None:
             "output": LEAVES,
             "error": LEAVES,
             "usage": st.none() | st.lists(st.floats() | st.integers(min_value=0, max_value=2**40), max_size=5),
+            "seq": LEAVES,
+            "call": st.dictionaries(KEYS, LEAVES, max_size=4),
+            "answer": st.dictionaries(KEYS, LEAVES, max_size=4),
         },
     )
 )
@@ -343,3 +420,23 @@ def test_single_byte_corruption(msg: Message, pos: int, value: int) -> None:
 def test_truncation(msg: Message, cut: int) -> None:
     frame = encode(msg)
     decode_or_protocol_error(frame[: cut % len(frame)])
+
+
+@pytest.mark.parametrize("report", THINK_REPORTS + INVOKE_REPORTS, ids=lambda r: type(r).__name__)
+def test_task_outputs_round_trip_through_their_typed_decoders(report: ThinkReport | InvokeReport) -> None:
+    raw = msgspec.msgpack.encode(report)
+    back = decode_think(raw) if isinstance(report, ThinkReport) else decode_invoke(raw)
+    assert back == report
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(THINK_REPORTS + INVOKE_REPORTS), st.binary(max_size=64), st.integers(min_value=0))
+def test_a_corrupt_task_output_is_a_protocol_error(report: ThinkReport | InvokeReport, junk: bytes, at: int) -> None:
+    """A worker's output that is not its report (truncated, overwritten, or the other report) raises
+    ``ProtocolError`` from the typed decoder, never anything else."""
+    raw = msgspec.msgpack.encode(report)
+    cut = at % (len(raw) + 1)
+    for frame in (raw[:cut], raw[:cut] + junk, junk):
+        for dec in (decode_think, decode_invoke):
+            with contextlib.suppress(ProtocolError):
+                dec(frame)

@@ -1,0 +1,177 @@
+"""Charging every task: ``Economy.run`` is the one path by which an agent's task reaches the pool.
+
+``Economy.run`` is the one path by which an agent's task reaches the pool: wait for the bucket to
+admit the estimate, run, then charge the measured cost — the usage record and the new bucket levels
+in one ledger operation keyed by the task id, so a replay never charges twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+
+from runtime.economy.buckets import Buckets, BucketState, Estimator
+from runtime.economy.ledger import Asset, Ledger, Receipt, RecordUsage, SetBuckets, Transfer
+from runtime.economy.rights import RATE_RIGHTS
+from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
+from runtime.pool.accounting import TaskUsage
+from runtime.protocol import Invoke, TaskSpec, Think, decode_think, kind_of
+
+log = logging.getLogger("runtime.economy.charging")
+
+
+def charge(
+    buckets: Buckets,
+    agent: str,
+    kind: str,
+    task_id: str,
+    usage: TaskUsage,
+    ok: bool,
+    llm_tokens: int = 0,
+    llm_cost_microusd: int = 0,
+    error: str = "",
+) -> RecordUsage:
+    """Charge a finished task to its agent's buckets; return the one ledger operation that records it.
+
+    The operation carries the bucket levels after the charge and is keyed by the task id: applying
+    it again (a retry after a crash) changes nothing, and a restart restores exactly those levels.
+    """
+    levels = {"cpu": buckets.charge(agent, "cpu", usage.cpu_seconds)}
+    if llm_tokens:
+        levels["llm_tokens"] = buckets.charge(agent, "llm_tokens", float(llm_tokens))
+    return RecordUsage(
+        id=f"usage:{task_id}",
+        task_id=task_id,
+        agent=agent,
+        kind=kind,
+        ok=ok,
+        error=error,
+        cpu_seconds=usage.cpu_seconds,
+        memory_bytes=usage.task_memory_bytes,
+        llm_tokens=llm_tokens,
+        llm_cost_microusd=llm_cost_microusd,
+        wall_seconds=usage.wall_seconds,
+        buckets=levels,
+    )
+
+
+def _tokens(spec: TaskSpec | None, out: Outcome) -> tuple[int, int]:
+    """Prompt + completion tokens a ``think`` task reported (the model's own counts), and what they
+    cost in micro-dollars (paid servers only)."""
+    if not isinstance(spec, Think):
+        return 0, 0
+    report = decode_think(out.output)
+    return report.tokens, round(report.cost_usd * 1e6)
+
+
+class Economy:
+    """Charges every task of every agent: admission on an estimate, charge on the measurement."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        ledger: Ledger,
+        buckets: Buckets,
+        estimator: Estimator,
+        node: str = "",
+    ) -> None:
+        self.pool, self.ledger, self.buckets, self.estimator = pool, ledger, buckets, estimator
+        #: Tokens an agent's next think is expected to use (prompt + completion).
+        self.token_estimator = Estimator(default=256.0)
+        #: LLM tokens charged per agent in this run (the ledger's usage records hold them durably).
+        self.tokens: dict[str, int] = {}
+        #: Task ids are ``<run>-<n>``: unique across restarts without asking the ledger; a node's runs
+        #: carry its name (``n1-50.<hex>``), so ids are unique across nodes and tell where a task ran.
+        self.run_id = f"{node}.{uuid.uuid4().hex[:12]}" if node else uuid.uuid4().hex[:12]
+        self._n = itertools.count(1)
+
+    async def run(
+        self, agent: str, spec: TaskSpec, *, timeout_s: float | None = None, serve: Serve | None = None
+    ) -> Outcome:
+        """Run one task for ``agent`` once its CPU bucket admits it, and charge what it used.
+
+        Raises ``TaskFailed`` (after charging) when the task failed. If the caller is cancelled while
+        the task runs, the task's cost is still recorded before the cancellation propagates.
+        """
+        kind = kind_of(spec)
+        await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, kind))
+        if isinstance(spec, Think):
+            await self.buckets.acquire(agent, "llm_tokens", self.token_estimator.estimate(agent, kind))
+        task_id = f"{self.run_id}-{next(self._n)}"
+        # A task's memory limit is its agent's memory_quota, as the ledger holds it now. Confined code
+        # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
+        # could make the kernel pick the worker, not the sandbox, when memory runs out.
+        quota = 0 if isinstance(spec, Invoke) else self.ledger.balance(agent, "memory_quota")
+        inner = asyncio.ensure_future(
+            self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id)
+        )
+        try:
+            out = await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            # The task goes on in its worker (or is ended by the pool's close); its cost is the
+            # agent's all the same.
+            await self._settle(agent, spec, task_id, inner)
+            raise
+        except TaskFailed as exc:
+            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
+            raise
+        await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
+        return out
+
+    async def _settle(self, agent: str, spec: TaskSpec, task_id: str, inner: asyncio.Future[Outcome]) -> None:
+        kind = kind_of(spec)
+        try:
+            out = await inner
+        except TaskFailed as exc:
+            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
+        else:
+            await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
+
+    async def _charge(
+        self,
+        agent: str,
+        kind: str,
+        task_id: str,
+        usage: TaskUsage | None,
+        ok: bool,
+        llm_tokens: int = 0,
+        llm_cost_microusd: int = 0,
+        error: str = "",
+    ) -> None:
+        if usage is None:
+            return  # the task never reached a worker: nothing was used
+        self.estimator.observe(agent, kind, usage.cpu_seconds)
+        if llm_tokens:
+            self.token_estimator.observe(agent, kind, float(llm_tokens))
+            self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
+        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error)
+        durable = asyncio.wrap_future(self.ledger.submit(record))
+        inflight = self.pool.inflight
+        if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
+            # cancelled meanwhile (the shield keeps the future going), which is how agents are stopped
+            durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else inflight.clear(task_id))
+        await asyncio.shield(durable)
+
+    async def transfer_right(self, op: Transfer) -> Receipt:
+        """Transfer an asset; a rate right moves both agents' bucket rates with it, at once (for the
+        agents whose buckets are here: another node re-rates its own, see ``World.follow_rates``)."""
+        receipt = await asyncio.wrap_future(self.ledger.submit(op))
+        if op.asset in RATE_RIGHTS and receipt.fresh:
+            for agent in (op.src, op.dst):
+                if agent in self.buckets.agents():
+                    await self.rerate(agent, op.asset, op.id)
+        return receipt
+
+    async def rerate(self, agent: str, asset: Asset, op_id: str) -> None:
+        """Set ``agent``'s bucket rate to its holding of the rate right ``asset`` in the ledger, and
+        persist the bucket under an id derived from the trade ``op_id`` (so a replay changes nothing)."""
+        resource, per_unit = RATE_RIGHTS[asset]
+        rate = self.ledger.balance(agent, asset) * per_unit
+        if rate == self.buckets.get(agent, resource).rate:
+            return
+        state: BucketState = self.buckets.set_rate(agent, resource, rate)
+        await asyncio.wrap_future(
+            self.ledger.submit(SetBuckets(id=f"rate:{op_id}:{agent}", agent=agent, buckets={resource: state}))
+        )

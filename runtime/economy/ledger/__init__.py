@@ -1,0 +1,195 @@
+"""The ledger: accounts, integer balances of assets, usage records and bucket levels.
+
+Every change is an operation (``Op``) with an id. Operations are applied by one rule book,
+``runtime.economy.ledger.rules.apply``, against a ``View`` of the store, so every backend (``lmdb``,
+``postgres``) and the journal replay in ``runtime.economy.ledger.check`` share one definition of what an
+operation does. Replaying an operation id changes nothing and returns the first receipt.
+
+Invariants (checked by ``python -m runtime.admin check``):
+
+- no balance is negative;
+- for each asset, the sum of balances equals what was minted minus what was burned;
+- each task has exactly one usage record, and each usage record was written by exactly one journal entry;
+- replaying the journal from empty gives the balances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Annotated, Literal, Protocol
+
+from msgspec import Meta, Struct
+
+from runtime.economy.buckets import BucketState
+from runtime.errors import AecoError, ErrorCode
+
+#: ``llm_budget`` is in micro-dollars: what an agent may still spend on a paid (remote) model.
+Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+ASSETS: tuple[Asset, ...] = ("scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget")
+QUOTA_ASSETS: tuple[Asset, ...] = ("disk_quota", "memory_quota")
+AccountKind = Literal["agent", "system"]
+#: Principals every ledger has: ``mint`` issues and retires assets, ``treasury`` holds the unallocated.
+SYSTEM_ACCOUNTS: tuple[str, ...] = ("mint", "treasury")
+
+OpId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:@/+-]{1,128}$")]
+AccountId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+Amount = Annotated[int, Meta(gt=0, le=1 << 62)]
+Reason = Annotated[str, Meta(min_length=1, max_length=200)]
+NonNegInt = Annotated[int, Meta(ge=0, le=1 << 62)]
+#: Finite and bounded: an infinite or NaN cost would poison sums (and NaN != NaN breaks replays).
+NonNegFloat = Annotated[float, Meta(ge=0, le=1e15)]
+
+
+class _Op(Struct, tag_field="op", forbid_unknown_fields=True, frozen=True, kw_only=True):
+    id: OpId
+
+
+class OpenAccount(_Op, tag="open", frozen=True):
+    """Create an account, minting its initial ``grants`` in the same transaction (an agent comes into
+    being with its rights or not at all). Opening an existing account is refused."""
+
+    account: AccountId
+    kind: AccountKind = "agent"
+    grants: dict[Asset, NonNegInt] = {}
+
+
+class Transfer(_Op, tag="transfer", frozen=True):
+    """Move ``amount`` of ``asset`` from ``src`` to ``dst``: both sides or neither."""
+
+    src: AccountId
+    dst: AccountId
+    asset: Asset
+    amount: Amount
+    memo: Annotated[str, Meta(max_length=200)] = ""
+
+
+class Mint(_Op, tag="mint", frozen=True):
+    """Issue new units of ``asset`` to ``account`` (privileged; the reason is journalled)."""
+
+    account: AccountId
+    asset: Asset
+    amount: Amount
+    reason: Reason
+
+
+class Burn(_Op, tag="burn", frozen=True):
+    """Destroy units of ``asset`` held by ``account`` (privileged; the reason is journalled)."""
+
+    account: AccountId
+    asset: Asset
+    amount: Amount
+    reason: Reason
+
+
+class SetQuota(_Op, tag="set_quota", frozen=True):
+    """Set an account's ``disk_quota`` or ``memory_quota`` (minting or burning the difference)."""
+
+    account: AccountId
+    asset: Literal["disk_quota", "memory_quota"]
+    amount: NonNegInt
+
+
+class RecordUsage(_Op, tag="usage", frozen=True):
+    """What one finished task cost, and the agent's bucket levels after charging it: one transaction."""
+
+    task_id: OpId
+    agent: AccountId
+    kind: Annotated[str, Meta(max_length=32)]
+    ok: bool
+    cpu_seconds: NonNegFloat
+    #: Why a failed task failed (``worker_crashed``, ``supervisor_crashed`` …); empty when it succeeded.
+    error: Annotated[str, Meta(max_length=32)] = ""
+    memory_bytes: NonNegInt = 0
+    llm_tokens: NonNegInt = 0
+    #: What a paid model charged for the task (micro-dollars), burnt from the agent's ``llm_budget``;
+    #: a cost over what is left burns the rest (the agent cannot think on a paid model after that).
+    llm_cost_microusd: NonNegInt = 0
+    wall_seconds: NonNegFloat = 0.0
+    buckets: dict[str, BucketState] = {}
+
+
+class SetBuckets(_Op, tag="buckets", frozen=True):
+    """Persist an agent's bucket levels (for example after a trade changed its rates)."""
+
+    agent: AccountId
+    buckets: dict[str, BucketState]
+
+
+Op = OpenAccount | Transfer | Mint | Burn | SetQuota | RecordUsage | SetBuckets
+
+
+class Receipt(Struct, frozen=True):
+    """Proof that an operation is durable: its place in the journal and when it was applied."""
+
+    op_id: str
+    seq: int
+    at: float
+    #: False when this op id had already been applied (the first receipt is returned).
+    fresh: bool = True
+
+
+class JournalEntry(Struct, frozen=True):
+    """One applied operation, as kept in the append-only journal."""
+
+    seq: int
+    at: float
+    op: Op
+
+
+class LedgerError(AecoError, ValueError):
+    """An operation that was refused; nothing of it was written (``invalid``, ``unknown_account``,
+    ``overdraft``, ``conflict``, ``duplicate_usage``, ``closed``)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message, code=code)
+
+
+class Ledger(Protocol):
+    """What every ledger backend offers. Writes go through ``submit`` (group-committed: the future
+    resolves only once the operation is durable); reads see the last committed state and never wait
+    for the writer."""
+
+    def submit(self, op: Op) -> Future[Receipt]:
+        """Queue one operation; the future gets its ``Receipt`` once durable, or a ``LedgerError``."""
+        ...
+
+    def apply(self, op: Op) -> Receipt:
+        """``submit(op).result()``."""
+        ...
+
+    def balance(self, account: str, asset: Asset) -> int:
+        """One balance (0 for an asset the account never held); ``LedgerError`` for an unknown account."""
+        ...
+
+    def balances(self) -> dict[str, dict[str, int]]:
+        """Every account's non-zero balances, from one consistent snapshot."""
+        ...
+
+    def accounts(self) -> dict[str, AccountKind]:
+        """Every account and its kind."""
+        ...
+
+    def supply(self) -> dict[str, tuple[int, int]]:
+        """Per asset: (minted, burned) so far."""
+        ...
+
+    def usage(self, task_id: str) -> RecordUsage | None:
+        """The usage record of a task, if any."""
+        ...
+
+    def usage_records(self) -> Iterator[RecordUsage]:
+        """Every usage record."""
+        ...
+
+    def buckets(self, agent: str) -> dict[str, BucketState]:
+        """The persisted bucket levels of an agent."""
+        ...
+
+    def journal(self, since: int = 0) -> Iterator[JournalEntry]:
+        """Journal entries with ``seq > since``, in order."""
+        ...
+
+    def close(self) -> None:
+        """Finish queued operations and close the store."""
+        ...

@@ -1,0 +1,229 @@
+"""The embedded ledger backend: one LMDB environment under the data directory, with group commit.
+
+One writer thread takes every queued operation it can (up to ``max_batch``), applies them in a single
+write transaction, commits it durably (``fdatasync``), and only then resolves each caller's future:
+many operations share one sync, and no caller is acknowledged before its operation is on disk.
+Readers use their own read transactions (LMDB's MVCC): they see the last committed state and never
+wait for the writer.
+
+Databases in the environment: ``accounts`` (account -> kind), ``balances`` (account NUL asset ->
+int64), ``supply`` (asset -> minted, burned), ``journal`` (seq -> entry), ``ops`` (op id -> seq),
+``usage`` (task id -> record), ``buckets`` (agent -> levels).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgspec
+
+from runtime.economy.buckets import BucketState
+from runtime.economy.ledger import (
+    SYSTEM_ACCOUNTS,
+    AccountKind,
+    Asset,
+    JournalEntry,
+    LedgerError,
+    Op,
+    OpenAccount,
+    Receipt,
+    RecordUsage,
+    rules,
+)
+from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
+
+_I64 = struct.Struct(">q")
+_SEQ = struct.Struct(">Q")
+_SUPPLY = struct.Struct(">qq")
+_OPREF = struct.Struct(">Qd")  # seq, applied at
+_enc = msgspec.msgpack.Encoder()
+_entry_dec = msgspec.msgpack.Decoder(JournalEntry)
+_usage_dec = msgspec.msgpack.Decoder(RecordUsage)
+_buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
+
+
+def _bkey(account: str, asset: str) -> bytes:
+    return f"{account}\x00{asset}".encode()
+
+
+class _TxnView:
+    """``rules.View`` over one LMDB write transaction."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self.txn, self.dbs = txn, dbs
+
+    def account_kind(self, account: str) -> AccountKind | None:
+        v = self.txn.get(account.encode(), db=self.dbs["accounts"])
+        return bytes(v).decode() if v is not None else None  # type: ignore[return-value]
+
+    def add_account(self, account: str, kind: AccountKind) -> None:
+        self.txn.put(account.encode(), kind.encode(), db=self.dbs["accounts"])
+
+    def balance(self, account: str, asset: Asset) -> int:
+        v = self.txn.get(_bkey(account, asset), db=self.dbs["balances"])
+        return _I64.unpack(v)[0] if v is not None else 0
+
+    def set_balance(self, account: str, asset: Asset, value: int) -> None:
+        assert value >= 0, f"invariant: {account} {asset} would be {value}"
+        if value:
+            self.txn.put(_bkey(account, asset), _I64.pack(value), db=self.dbs["balances"])
+        else:
+            self.txn.delete(_bkey(account, asset), db=self.dbs["balances"])
+
+    def supply(self, asset: Asset) -> tuple[int, int]:
+        v = self.txn.get(asset.encode(), db=self.dbs["supply"])
+        return _SUPPLY.unpack(v) if v is not None else (0, 0)
+
+    def set_supply(self, asset: Asset, minted: int, burned: int) -> None:
+        self.txn.put(asset.encode(), _SUPPLY.pack(minted, burned), db=self.dbs["supply"])
+
+    def has_usage(self, task_id: str) -> bool:
+        return self.txn.get(task_id.encode(), db=self.dbs["usage"]) is not None
+
+    def put_usage(self, record: RecordUsage) -> None:
+        self.txn.put(record.task_id.encode(), _enc.encode(record), db=self.dbs["usage"])
+
+    def put_buckets(self, agent: str, buckets: dict[str, BucketState]) -> None:
+        key = agent.encode()
+        old = self.txn.get(key, db=self.dbs["buckets"])
+        merged = {**(_buckets_dec.decode(old) if old else {}), **buckets}
+        self.txn.put(key, _enc.encode(merged), db=self.dbs["buckets"])
+
+
+class LmdbLedger(GroupCommitted):
+    """The LMDB ledger. ``durable=False`` skips the sync (for tests of logic, never for real runs);
+    ``group=False`` commits one operation per transaction (the benchmark's baseline)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        durable: bool = True,
+        group: bool = True,
+        max_batch: int = 4096,
+        map_size: int = 1 << 34,
+    ) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, sync=durable, metasync=durable, max_readers=512)
+        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets")
+        self.dbs = {n: self.env.open_db(n.encode()) for n in names}
+        self._start_ledger_writer(max_batch if group else 1)
+        present = self.accounts()
+        for name in SYSTEM_ACCOUNTS:
+            if name not in present:
+                self.apply(OpenAccount(id=f"open:{name}", account=name, kind="system"))
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def _commit(self, batch: list[Item]) -> None:
+        outcomes: list[Receipt | LedgerError] = []
+        try:
+            with self.env.begin(write=True) as txn:
+                view = _TxnView(txn, self.dbs)
+                cur = txn.cursor(db=self.dbs["journal"])
+                seq = _SEQ.unpack(cur.key())[0] if cur.last() else 0
+                now = time.time()
+                for op, _ in batch:
+                    res = self._apply_one(txn, view, op, seq + 1, now)
+                    outcomes.append(res)
+                    if isinstance(res, Receipt) and res.fresh:
+                        seq += 1
+        except BaseException as exc:
+            fail(batch, exc)
+            return
+        resolve(batch, outcomes)
+
+    def _apply_one(self, txn: lmdb.Transaction, view: _TxnView, op: Op, seq: int, now: float) -> Receipt | LedgerError:
+        key = op.id.encode()
+        prev = txn.get(key, db=self.dbs["ops"])
+        if prev is not None:
+            pseq, pat = _OPREF.unpack(prev)
+            stored = txn.get(_SEQ.pack(pseq), db=self.dbs["journal"])
+            assert stored is not None, f"invariant: op {op.id} indexed at seq {pseq} with no journal entry"
+            first = _entry_dec.decode(stored)
+            if first.op != op:
+                return LedgerError("conflict", f"op id `{op.id}` was already used for another operation")
+            return Receipt(op.id, pseq, pat, fresh=False)
+        try:
+            rules.apply(view, op)
+        except LedgerError as exc:
+            return exc
+        txn.put(_SEQ.pack(seq), _enc.encode(JournalEntry(seq, now, op)), db=self.dbs["journal"], append=True)
+        txn.put(key, _OPREF.pack(seq, now), db=self.dbs["ops"])
+        return Receipt(op.id, seq, now)
+
+    def _close_store(self) -> None:
+        self.env.close()
+
+    # ------------------------------------------------------------------------------------- reads
+
+    def balance(self, account: str, asset: Asset) -> int:
+        """One balance; ``LedgerError`` if the account does not exist."""
+        with self.env.begin() as txn:
+            view = _TxnView(txn, self.dbs)
+            if view.account_kind(account) is None:
+                raise LedgerError("unknown_account", f"no account `{account}`")
+            return view.balance(account, asset)
+
+    def balances(self) -> dict[str, dict[str, int]]:
+        """Every non-zero balance, from one snapshot."""
+        out: dict[str, dict[str, int]] = {}
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.dbs["balances"]):
+                account, asset = bytes(k).decode().split("\x00")
+                out.setdefault(account, {})[asset] = _I64.unpack(v)[0]
+        return out
+
+    def accounts(self) -> dict[str, AccountKind]:
+        """Every account and its kind."""
+        with self.env.begin() as txn:
+            return {
+                bytes(k).decode(): bytes(v).decode()  # type: ignore[misc]
+                for k, v in txn.cursor(db=self.dbs["accounts"])
+            }
+
+    def supply(self) -> dict[str, tuple[int, int]]:
+        """Per asset: (minted, burned)."""
+        with self.env.begin() as txn:
+            return {bytes(k).decode(): _SUPPLY.unpack(v) for k, v in txn.cursor(db=self.dbs["supply"])}
+
+    def usage(self, task_id: str) -> RecordUsage | None:
+        """The usage record of one task."""
+        with self.env.begin() as txn:
+            v = txn.get(task_id.encode(), db=self.dbs["usage"])
+            return _usage_dec.decode(v) if v is not None else None
+
+    def usage_records(self) -> Iterator[RecordUsage]:
+        """Every usage record (from one snapshot)."""
+        with self.env.begin() as txn:
+            records = [_usage_dec.decode(v) for _, v in txn.cursor(db=self.dbs["usage"])]
+        yield from records
+
+    def buckets(self, agent: str) -> dict[str, BucketState]:
+        """The persisted bucket levels of an agent."""
+        with self.env.begin() as txn:
+            v = txn.get(agent.encode(), db=self.dbs["buckets"])
+            return _buckets_dec.decode(v) if v is not None else {}
+
+    def journal(self, since: int = 0) -> Iterator[JournalEntry]:
+        """Journal entries after ``since``, in order, read in pages so a long journal streams."""
+        while True:
+            page: list[JournalEntry] = []
+            with self.env.begin() as txn:
+                cur = txn.cursor(db=self.dbs["journal"])
+                if not cur.set_range(_SEQ.pack(since + 1)):
+                    return
+                for _, v in cur:
+                    page.append(_entry_dec.decode(v))
+                    if len(page) == 1000:
+                        break
+            if not page:
+                return
+            yield from page
+            since = page[-1].seq

@@ -1,0 +1,465 @@
+"""The shared ledger backend: PostgreSQL, for several nodes writing one ledger, with group commit.
+
+Each node has one writer thread (``runtime.groupcommit``) that applies every queued
+operation of a batch in ONE transaction and resolves each caller's future only after COMMIT returned
+(``synchronous_commit`` on: the WAL is flushed, so the operation is durable).
+
+Several nodes, one total order. Every batch transaction first takes a transaction-level advisory lock
+on the ledger, then reads the rows its operations touch, applies them with the shared rule book
+(``runtime.economy.ledger.rules``) against those rows held in memory, and writes the changed rows back in bulk.
+The lock serialises writers across nodes, so:
+
+- no update is lost (a batch reads balances only once the previous writer committed);
+- journal sequence numbers are gapless and *commit order is seq order*, so replaying the journal
+  gives exactly the stored balances. Row locks alone would let two batches that touch disjoint
+  accounts commit in the other order than they numbered their entries, and a batch that later reads
+  a row changed by both would make the replay order matter (an overdraft refused in one order is
+  accepted in the other);
+- a reader polling ``journal(since)`` never sees entry N+1 before entry N.
+
+The cost is that only one node writes at a time; each holds the lock for one batch (a few
+milliseconds plus the commit's WAL flush), and under load batches grow, so throughput is bounded by
+the flushes per second times the batch size, not by the number of nodes.
+
+The writer's transactions are READ COMMITTED on purpose: every statement sees what committed before it
+started, and the statements after the lock start only once the lock is held. (A REPEATABLE READ
+snapshot would be taken by the lock statement itself, before the wait, and miss the previous writer.)
+Reads use a per-node pool of connections in read-only REPEATABLE READ transactions: one consistent
+snapshot per call, never waiting for the writer.
+
+Tables (schema ``ledger`` in ``aeco_migrations``): ``ledger_accounts``, ``ledger_balances`` (only
+non-zero amounts), ``ledger_supply``, ``ledger_journal`` (seq, at, op id, the operation in msgpack; the
+unique op id is the idempotency index), ``ledger_usage`` (task id -> record), ``ledger_buckets``
+(agent -> levels).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterator
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from runtime.economy.buckets import BucketState
+from runtime.economy.ledger import (
+    SYSTEM_ACCOUNTS,
+    AccountKind,
+    Asset,
+    JournalEntry,
+    LedgerError,
+    Op,
+    OpenAccount,
+    Receipt,
+    RecordUsage,
+    SetBuckets,
+    Transfer,
+    rules,
+)
+from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
+from runtime.host.postgres import connect, lock_key, migrate
+
+#: Append-only migration steps of the ``ledger`` component (never edit a shipped step; add one).
+STEPS: tuple[str, ...] = (
+    """
+    CREATE TABLE ledger_accounts (
+        account text PRIMARY KEY,
+        kind text NOT NULL CHECK (kind IN ('agent', 'system'))
+    );
+    CREATE TABLE ledger_balances (
+        account text NOT NULL REFERENCES ledger_accounts (account),
+        asset text NOT NULL,
+        amount bigint NOT NULL CHECK (amount > 0),
+        PRIMARY KEY (account, asset)
+    );
+    CREATE TABLE ledger_supply (
+        asset text PRIMARY KEY,
+        minted bigint NOT NULL CHECK (minted >= 0),
+        burned bigint NOT NULL CHECK (burned BETWEEN 0 AND minted)
+    );
+    CREATE TABLE ledger_journal (
+        seq bigint PRIMARY KEY CHECK (seq > 0),
+        at double precision NOT NULL,
+        op_id text NOT NULL UNIQUE,
+        op bytea NOT NULL
+    );
+    CREATE TABLE ledger_usage (task_id text PRIMARY KEY, record bytea NOT NULL);
+    CREATE TABLE ledger_buckets (
+        agent text PRIMARY KEY REFERENCES ledger_accounts (account),
+        levels bytea NOT NULL
+    );
+    """,
+)
+
+#: What ``pg_stat_activity.application_name`` shows for this backend's connections.
+WRITER_NAME, READER_NAME = "aeco-ledger-writer", "aeco-ledger-reader"
+_LOCK = lock_key("ledger")
+_JOURNAL_PAGE = 1000
+
+_enc = msgspec.msgpack.Encoder()
+_op_dec = msgspec.msgpack.Decoder(Op)
+_usage_dec = msgspec.msgpack.Decoder(RecordUsage)
+_buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
+
+_Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def _touched(op: Op) -> tuple[set[str], set[str], set[str]]:
+    """The accounts, task ids and bucket owners whose rows ``op`` reads (preloaded per batch)."""
+    if isinstance(op, Transfer):
+        return {op.src, op.dst}, set(), set()
+    if isinstance(op, RecordUsage):
+        return {op.agent}, {op.task_id}, {op.agent} if op.buckets else set()
+    if isinstance(op, SetBuckets):
+        return {op.agent}, set(), {op.agent}
+    return {op.account}, set(), set()
+
+
+class _BatchView:
+    """``rules.View`` over one batch transaction: the rows the batch touches, read once under the ledger
+    lock, changed in memory, written back in bulk by ``flush``.
+
+    A refused operation leaves the view untouched because the rule book checks everything before it
+    writes (as the LMDB backend relies on too). A row the preload missed is read on demand, so the
+    preload is only an optimisation, never a correctness condition.
+    """
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn = conn
+        self._kinds: dict[str, AccountKind | None] = {}
+        self._balances: dict[tuple[str, str], int] = {}
+        self._supply: dict[str, tuple[int, int]] = {}
+        self._supply_loaded = False
+        self._usage: dict[str, bool] = {}
+        self._levels: dict[str, dict[str, BucketState]] = {}
+        self._new_accounts: dict[str, AccountKind] = {}
+        self._dirty_balances: set[tuple[str, str]] = set()
+        self._dirty_supply: set[str] = set()
+        self._new_usage: list[RecordUsage] = []
+        self._dirty_levels: set[str] = set()
+
+    def load(self, accounts: Collection[str], task_ids: Collection[str], agents: Collection[str]) -> None:
+        """Read the rows of these keys (and the whole supply, a few rows) that are not loaded yet.
+
+        Every query is sent before any result is read: inside a pipeline that is one round trip.
+        """
+        accts = [a for a in accounts if a not in self._kinds]
+        tasks = [t for t in task_ids if t not in self._usage]
+        owners = [a for a in agents if a not in self._levels]
+        ex = self._conn.execute
+        kinds = ex("SELECT account, kind FROM ledger_accounts WHERE account = ANY(%s)", (accts,))
+        held = ex("SELECT account, asset, amount FROM ledger_balances WHERE account = ANY(%s)", (accts,))
+        used = ex("SELECT task_id FROM ledger_usage WHERE task_id = ANY(%s)", (tasks,))
+        levels = ex("SELECT agent, levels FROM ledger_buckets WHERE agent = ANY(%s)", (owners,))
+        supply = None if self._supply_loaded else ex("SELECT asset, minted, burned FROM ledger_supply")
+        self._kinds.update(dict.fromkeys(accts))
+        self._kinds.update(kinds.fetchall())
+        self._balances.update(((account, asset), amount) for account, asset, amount in held.fetchall())
+        self._usage.update(dict.fromkeys(tasks, False))
+        self._usage.update((task_id, True) for (task_id,) in used.fetchall())
+        self._levels.update({a: {} for a in owners})
+        self._levels.update((agent, _buckets_dec.decode(blob)) for agent, blob in levels.fetchall())
+        if supply is not None:
+            self._supply.update((asset, (minted, burned)) for asset, minted, burned in supply.fetchall())
+            self._supply_loaded = True
+
+    def account_kind(self, account: str) -> AccountKind | None:
+        if account not in self._kinds:
+            self.load([account], (), ())
+        return self._kinds[account]
+
+    def add_account(self, account: str, kind: AccountKind) -> None:
+        self._kinds[account] = self._new_accounts[account] = kind
+
+    def balance(self, account: str, asset: Asset) -> int:
+        if account not in self._kinds:
+            self.load([account], (), ())
+        return self._balances.get((account, asset), 0)
+
+    def set_balance(self, account: str, asset: Asset, value: int) -> None:
+        assert value >= 0, f"invariant: {account} {asset} would be {value}"
+        self._balances[(account, asset)] = value
+        self._dirty_balances.add((account, asset))
+
+    def supply(self, asset: Asset) -> tuple[int, int]:
+        if not self._supply_loaded:
+            self.load((), (), ())
+        return self._supply.get(asset, (0, 0))
+
+    def set_supply(self, asset: Asset, minted: int, burned: int) -> None:
+        self._supply[asset] = (minted, burned)
+        self._dirty_supply.add(asset)
+
+    def has_usage(self, task_id: str) -> bool:
+        if task_id not in self._usage:
+            self.load((), [task_id], ())
+        return self._usage[task_id]
+
+    def put_usage(self, record: RecordUsage) -> None:
+        self._usage[record.task_id] = True
+        self._new_usage.append(record)
+
+    def put_buckets(self, agent: str, buckets: dict[str, BucketState]) -> None:
+        if agent not in self._levels:
+            self.load((), (), [agent])
+        self._levels[agent] = {**self._levels[agent], **buckets}
+        self._dirty_levels.add(agent)
+
+    def flush(self) -> None:
+        """Write every changed row back: one statement per table (new accounts go first, for the keys)."""
+        ex = self._conn.execute
+        if self._new_accounts:
+            ex(
+                "INSERT INTO ledger_accounts (account, kind) SELECT * FROM unnest(%s::text[], %s::text[])",
+                (list(self._new_accounts), list(self._new_accounts.values())),
+            )
+        keep = [k for k in self._dirty_balances if self._balances[k]]
+        gone = [k for k in self._dirty_balances if not self._balances[k]]
+        if keep:
+            ex(
+                "INSERT INTO ledger_balances (account, asset, amount)"
+                " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                " ON CONFLICT (account, asset) DO UPDATE SET amount = excluded.amount",
+                ([a for a, _ in keep], [s for _, s in keep], [self._balances[k] for k in keep]),
+            )
+        if gone:
+            ex(
+                "DELETE FROM ledger_balances b USING unnest(%s::text[], %s::text[]) AS z(account, asset)"
+                " WHERE b.account = z.account AND b.asset = z.asset",
+                ([a for a, _ in gone], [s for _, s in gone]),
+            )
+        if self._dirty_supply:
+            assets = list(self._dirty_supply)
+            ex(
+                "INSERT INTO ledger_supply (asset, minted, burned)"
+                " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
+                " ON CONFLICT (asset) DO UPDATE SET minted = excluded.minted, burned = excluded.burned",
+                (assets, [self._supply[a][0] for a in assets], [self._supply[a][1] for a in assets]),
+            )
+        if self._new_usage:
+            ex(
+                "INSERT INTO ledger_usage (task_id, record) SELECT * FROM unnest(%s::text[], %s::bytea[])",
+                ([r.task_id for r in self._new_usage], [_enc.encode(r) for r in self._new_usage]),
+            )
+        if self._dirty_levels:
+            owners = list(self._dirty_levels)
+            ex(
+                "INSERT INTO ledger_buckets (agent, levels) SELECT * FROM unnest(%s::text[], %s::bytea[])"
+                " ON CONFLICT (agent) DO UPDATE SET levels = excluded.levels",
+                (owners, [_enc.encode(self._levels[a]) for a in owners]),
+            )
+
+
+class PostgresLedger(GroupCommitted):
+    """The PostgreSQL ledger at ``url`` (its schema is created or upgraded on open; safe when several
+    nodes open at once). ``durable=False`` commits with ``synchronous_commit=off`` (for tests of logic,
+    never for real runs); ``group=False`` commits one operation per transaction (the benchmark's
+    baseline). ``pool_size`` bounds this node's read connections.
+
+    Raises ``runtime.host.postgres.DatabaseUnavailable`` for a malformed URL, a rejected login, or a server
+    that does not answer within ``connect_deadline_s``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durable: bool = True,
+        group: bool = True,
+        max_batch: int = 4096,
+        pool_size: int = 4,
+        connect_deadline_s: float = 30.0,
+    ) -> None:
+        self._url = url
+        self._durable = durable
+        self._deadline_s = connect_deadline_s
+        self._conn = self._connect_writer()
+        try:
+            migrate(self._conn, "ledger", STEPS)
+            self._pool: ConnectionPool[_Conn] = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                kwargs={"application_name": READER_NAME},
+                configure=_configure_reader,
+                open=False,
+                name=READER_NAME,
+            )
+            self._pool.open(wait=True, timeout=connect_deadline_s)
+        except BaseException:
+            self._conn.close()
+            raise
+        self._start_ledger_writer(max_batch if group else 1)
+        present = self.accounts()
+        for name in SYSTEM_ACCOUNTS:
+            if name not in present:
+                # Several nodes may do this at once: the fixed op id makes all but one a replay.
+                self.apply(OpenAccount(id=f"open:{name}", account=name, kind="system"))
+
+    def _connect_writer(self) -> _Conn:
+        conn: _Conn = connect(self._url, deadline_s=self._deadline_s, autocommit=True, log=False)
+        conn.execute("SELECT set_config('application_name', %s, false)", (WRITER_NAME,))
+        # A node that stalls inside a batch (stopped, partitioned) would hold the ledger lock and stop
+        # every other node: the server ends its session instead, and the node's writer reconnects and
+        # retries. A batch is milliseconds of work between statements, so this never hits a live one.
+        conn.execute("SET idle_in_transaction_session_timeout = '30s'")
+        if not self._durable:
+            conn.execute("SET synchronous_commit = off")
+        elif conn.execute("SHOW synchronous_commit").fetchone() == ("off",):
+            # The server's (or the role's) default would acknowledge commits that a crash can lose.
+            conn.execute("SET synchronous_commit = on")
+        return conn
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def _commit(self, batch: list[Item]) -> None:
+        try:
+            outcomes = self._run_batch(batch)
+        except psycopg.OperationalError as exc:
+            if not self._conn.closed:
+                fail(batch, exc)
+                return
+            # The connection was lost (server restart, failover, terminated backend): whether the
+            # COMMIT got through is unknown, so run the batch again on a new connection. Op ids make
+            # that safe: what did commit comes back as a replay, with its first receipt.
+            try:
+                self._conn = self._connect_writer()
+                outcomes = self._run_batch(batch)
+            except Exception as again:
+                fail(batch, again)
+                return
+        except Exception as exc:
+            fail(batch, exc)
+            return
+        resolve(batch, outcomes)
+
+    def _run_batch(self, batch: list[Item]) -> list[Receipt | LedgerError]:
+        """One transaction: lock, load, apply every op with the rule book, write back, commit."""
+        conn = self._conn
+        accounts: set[str] = set()
+        task_ids: set[str] = set()
+        agents: set[str] = set()
+        for op, _ in batch:
+            a, t, g = _touched(op)
+            accounts |= a
+            task_ids |= t
+            agents |= g
+        with conn.transaction():
+            view = _BatchView(conn)
+            with conn.pipeline():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+                last = conn.execute("SELECT seq, at FROM ledger_journal ORDER BY seq DESC LIMIT 1")
+                known = conn.execute(
+                    "SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%s)",
+                    (list({op.id for op, _ in batch}),),
+                )
+                view.load(accounts, task_ids, agents)
+                head = last.fetchone()
+                applied: dict[str, tuple[int, float, Op]] = {
+                    op_id: (seq, at, _op_dec.decode(blob)) for op_id, seq, at, blob in known.fetchall()
+                }
+            seq, last_at = head if head is not None else (0, 0.0)
+            # Nodes' clocks differ: never let the journal's time go backwards.
+            now = max(time.time(), last_at)
+            outcomes: list[Receipt | LedgerError] = []
+            rows: list[tuple[int, str, bytes]] = []
+            for op, _ in batch:
+                prev = applied.get(op.id)
+                if prev is not None:
+                    pseq, pat, first = prev
+                    if first != op:
+                        message = f"op id `{op.id}` was already used for another operation"
+                        outcomes.append(LedgerError("conflict", message))
+                    else:
+                        outcomes.append(Receipt(op.id, pseq, pat, fresh=False))
+                    continue
+                try:
+                    rules.apply(view, op)
+                except LedgerError as exc:
+                    outcomes.append(exc)
+                    continue
+                seq += 1
+                applied[op.id] = (seq, now, op)
+                rows.append((seq, op.id, _enc.encode(op)))
+                outcomes.append(Receipt(op.id, seq, now))
+            if rows:
+                with conn.pipeline():
+                    view.flush()
+                    conn.execute(
+                        "INSERT INTO ledger_journal (seq, at, op_id, op)"
+                        " SELECT s, %s::float8, i, o FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS z(s, i, o)",
+                        (now, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+                    )
+        return outcomes
+
+    def _close_store(self) -> None:
+        self._conn.close()
+        self._pool.close()
+
+    # ------------------------------------------------------------------------------------- reads
+
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one query, in its own read-only snapshot."""
+        with self._pool.connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def balance(self, account: str, asset: Asset) -> int:
+        """One balance; ``LedgerError`` if the account does not exist."""
+        rows = self._read(
+            "SELECT coalesce(b.amount, 0) FROM ledger_accounts a"
+            " LEFT JOIN ledger_balances b ON b.account = a.account AND b.asset = %s WHERE a.account = %s",
+            (asset, account),
+        )
+        if not rows:
+            raise LedgerError("unknown_account", f"no account `{account}`")
+        return int(rows[0][0])
+
+    def balances(self) -> dict[str, dict[str, int]]:
+        """Every non-zero balance, from one snapshot."""
+        out: dict[str, dict[str, int]] = {}
+        for account, asset, amount in self._read("SELECT account, asset, amount FROM ledger_balances"):
+            out.setdefault(account, {})[asset] = amount
+        return out
+
+    def accounts(self) -> dict[str, AccountKind]:
+        """Every account and its kind."""
+        return dict(self._read("SELECT account, kind FROM ledger_accounts"))
+
+    def supply(self) -> dict[str, tuple[int, int]]:
+        """Per asset: (minted, burned)."""
+        return {asset: (minted, burned) for asset, minted, burned in self._read("SELECT * FROM ledger_supply")}
+
+    def usage(self, task_id: str) -> RecordUsage | None:
+        """The usage record of one task."""
+        rows = self._read("SELECT record FROM ledger_usage WHERE task_id = %s", (task_id,))
+        return _usage_dec.decode(rows[0][0]) if rows else None
+
+    def usage_records(self) -> Iterator[RecordUsage]:
+        """Every usage record (from one snapshot)."""
+        for (blob,) in self._read("SELECT record FROM ledger_usage"):
+            yield _usage_dec.decode(blob)
+
+    def buckets(self, agent: str) -> dict[str, BucketState]:
+        """The persisted bucket levels of an agent."""
+        rows = self._read("SELECT levels FROM ledger_buckets WHERE agent = %s", (agent,))
+        return _buckets_dec.decode(rows[0][0]) if rows else {}
+
+    def journal(self, since: int = 0) -> Iterator[JournalEntry]:
+        """Journal entries after ``since``, in order, read in pages so a long journal streams."""
+        while True:
+            page = self._read(
+                "SELECT seq, at, op FROM ledger_journal WHERE seq > %s ORDER BY seq LIMIT %s", (since, _JOURNAL_PAGE)
+            )
+            for seq, at, blob in page:
+                yield JournalEntry(seq, at, _op_dec.decode(blob))
+            if len(page) < _JOURNAL_PAGE:
+                return
+            since = page[-1][0]
+
+
+def _configure_reader(conn: _Conn) -> None:
+    # Each read runs in one transaction (the pool commits it on return): one snapshot per call.
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True

@@ -1,0 +1,198 @@
+"""The rule book: what each ledger operation does, written once for every backend.
+
+``apply(view, op)`` checks everything first and only then writes, so a refused operation leaves the
+view untouched. A backend supplies the ``View`` (an LMDB write transaction, an SQL transaction, or the
+in-memory ``MemoryView`` used to replay the journal).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from runtime.economy.buckets import BucketState
+from runtime.economy.ledger import (
+    SYSTEM_ACCOUNTS,
+    AccountKind,
+    Asset,
+    Burn,
+    LedgerError,
+    Mint,
+    Op,
+    OpenAccount,
+    RecordUsage,
+    SetBuckets,
+    SetQuota,
+    Transfer,
+)
+
+
+class View(Protocol):
+    """The reads and writes an operation needs, inside one transaction."""
+
+    def account_kind(self, account: str) -> AccountKind | None: ...
+    def add_account(self, account: str, kind: AccountKind) -> None: ...
+    def balance(self, account: str, asset: Asset) -> int: ...
+    def set_balance(self, account: str, asset: Asset, value: int) -> None: ...
+    def supply(self, asset: Asset) -> tuple[int, int]: ...
+    def set_supply(self, asset: Asset, minted: int, burned: int) -> None: ...
+    def has_usage(self, task_id: str) -> bool: ...
+    def put_usage(self, record: RecordUsage) -> None: ...
+    def put_buckets(self, agent: str, buckets: dict[str, BucketState]) -> None: ...
+
+
+_op_encoder = msgspec.msgpack.Encoder()
+_op_decoder = msgspec.msgpack.Decoder(Op)
+
+
+def validate(op: Op) -> Op:
+    """Check an operation against its declared constraints, however it was built.
+
+    msgspec checks constraints (positive amounts, id patterns, known assets) when decoding, not when
+    a Struct is constructed in Python; a round trip through the wire format applies them to both.
+    """
+    try:
+        checked: Op = _op_decoder.decode(_op_encoder.encode(op))
+    except msgspec.ValidationError as exc:
+        raise LedgerError("invalid", f"{type(op).__name__} {getattr(op, 'id', '?')!r}: {exc}") from None
+    return checked
+
+
+#: The largest amount of any asset that may ever be issued: every balance is below it, so no sum or
+#: stored value overflows a signed 64-bit integer.
+MAX_SUPPLY = (1 << 63) - 1
+
+
+def _issue(view: View, asset: Asset, amount: int) -> tuple[int, int]:
+    minted, burned = view.supply(asset)
+    if minted + amount > MAX_SUPPLY:
+        raise LedgerError("invalid", f"issuing {amount} {asset} would exceed the largest supply ({MAX_SUPPLY})")
+    return minted + amount, burned
+
+
+def _known(view: View, account: str) -> None:
+    if view.account_kind(account) is None:
+        raise LedgerError("unknown_account", f"no account `{account}`")
+
+
+def _agent(view: View, account: str) -> None:
+    kind = view.account_kind(account)
+    if kind is None:
+        raise LedgerError("unknown_account", f"no account `{account}`")
+    if kind != "agent":
+        raise LedgerError("invalid", f"`{account}` is a {kind} account, not an agent")
+
+
+def apply(view: View, op: Op) -> None:
+    """Apply ``op`` to ``view``, or raise ``LedgerError`` having written nothing."""
+    if isinstance(op, Transfer):
+        if op.src == op.dst:
+            raise LedgerError("invalid", f"transfer from `{op.src}` to itself")
+        _known(view, op.src)
+        _known(view, op.dst)
+        have = view.balance(op.src, op.asset)
+        if have < op.amount:
+            raise LedgerError("overdraft", f"`{op.src}` has {have} {op.asset}, cannot transfer {op.amount}")
+        dst_before = view.balance(op.dst, op.asset)
+        view.set_balance(op.src, op.asset, have - op.amount)
+        view.set_balance(op.dst, op.asset, dst_before + op.amount)
+    elif isinstance(op, Mint):
+        _known(view, op.account)
+        minted, burned = _issue(view, op.asset, op.amount)
+        view.set_balance(op.account, op.asset, view.balance(op.account, op.asset) + op.amount)
+        view.set_supply(op.asset, minted, burned)
+    elif isinstance(op, Burn):
+        _known(view, op.account)
+        have = view.balance(op.account, op.asset)
+        if have < op.amount:
+            raise LedgerError("overdraft", f"`{op.account}` has {have} {op.asset}, cannot burn {op.amount}")
+        minted, burned = view.supply(op.asset)
+        view.set_balance(op.account, op.asset, have - op.amount)
+        view.set_supply(op.asset, minted, burned + op.amount)
+    elif isinstance(op, SetQuota):
+        _agent(view, op.account)
+        have = view.balance(op.account, op.asset)
+        diff = op.amount - have
+        minted, burned = _issue(view, op.asset, max(diff, 0))
+        view.set_balance(op.account, op.asset, op.amount)
+        view.set_supply(op.asset, minted, burned + max(-diff, 0))
+    elif isinstance(op, RecordUsage):
+        _agent(view, op.agent)
+        if view.has_usage(op.task_id):
+            raise LedgerError("duplicate_usage", f"task `{op.task_id}` already has a usage record")
+        view.put_usage(op)
+        if op.llm_cost_microusd:
+            have = view.balance(op.agent, "llm_budget")
+            spent = min(have, op.llm_cost_microusd)
+            if spent:
+                minted, burned = view.supply("llm_budget")
+                view.set_balance(op.agent, "llm_budget", have - spent)
+                view.set_supply("llm_budget", minted, burned + spent)
+        if op.buckets:
+            view.put_buckets(op.agent, op.buckets)
+    elif isinstance(op, SetBuckets):
+        _agent(view, op.agent)
+        view.put_buckets(op.agent, op.buckets)
+    elif isinstance(op, OpenAccount):
+        kind = view.account_kind(op.account)
+        if kind is not None:
+            raise LedgerError("conflict", f"account `{op.account}` exists already ({kind})")
+        if op.kind == "system" and op.account not in SYSTEM_ACCOUNTS:
+            raise LedgerError("invalid", f"`{op.account}` is not a system principal {SYSTEM_ACCOUNTS}")
+        issued = {asset: _issue(view, asset, amount) for asset, amount in op.grants.items() if amount}
+        view.add_account(op.account, op.kind)
+        for asset, (minted, burned) in issued.items():
+            view.set_balance(op.account, asset, op.grants[asset])
+            view.set_supply(asset, minted, burned)
+    else:  # pragma: no cover - the union is closed; a new op type must get a rule here
+        raise AssertionError(f"no rule for {type(op).__name__}")
+    if isinstance(op, Transfer | Burn):
+        src = op.src if isinstance(op, Transfer) else op.account
+        assert view.balance(src, op.asset) >= 0, "invariant: no negative balance"
+
+
+class MemoryView:
+    """A ledger state in dictionaries: the reference the journal is replayed into."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, AccountKind] = {}
+        self.balances: dict[tuple[str, str], int] = {}
+        self.supplies: dict[str, tuple[int, int]] = {}
+        self.usage: dict[str, RecordUsage] = {}
+        self.bucket_levels: dict[str, dict[str, BucketState]] = {}
+
+    def account_kind(self, account: str) -> AccountKind | None:
+        return self.kinds.get(account)
+
+    def add_account(self, account: str, kind: AccountKind) -> None:
+        self.kinds[account] = kind
+
+    def balance(self, account: str, asset: Asset) -> int:
+        return self.balances.get((account, asset), 0)
+
+    def set_balance(self, account: str, asset: Asset, value: int) -> None:
+        self.balances[(account, asset)] = value
+
+    def supply(self, asset: Asset) -> tuple[int, int]:
+        return self.supplies.get(asset, (0, 0))
+
+    def set_supply(self, asset: Asset, minted: int, burned: int) -> None:
+        self.supplies[asset] = (minted, burned)
+
+    def has_usage(self, task_id: str) -> bool:
+        return task_id in self.usage
+
+    def put_usage(self, record: RecordUsage) -> None:
+        self.usage[record.task_id] = record
+
+    def put_buckets(self, agent: str, buckets: dict[str, BucketState]) -> None:
+        self.bucket_levels.setdefault(agent, {}).update(buckets)
+
+    def nonzero(self) -> dict[str, dict[str, int]]:
+        """Balances in the shape ``Ledger.balances()`` returns."""
+        out: dict[str, dict[str, int]] = {}
+        for (account, asset), value in self.balances.items():
+            if value:
+                out.setdefault(account, {})[asset] = value
+        return out

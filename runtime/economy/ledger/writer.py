@@ -1,0 +1,78 @@
+"""The write side every ledger backend shares: validate, queue, one writer thread that group-commits.
+
+A backend subclasses ``GroupCommitted``, calls ``_start_ledger_writer`` once it is ready, and supplies
+``_commit(batch)`` (apply every operation of the batch in one durable transaction, then resolve each
+future) and ``_close_store()``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from concurrent.futures import Future
+from typing import Self
+
+from runtime.economy.ledger import LedgerError, Op, Receipt
+from runtime.economy.ledger.rules import validate
+from runtime.groupcommit import GroupCommitter
+
+Item = tuple[Op, "Future[Receipt]"]
+
+
+class GroupCommitted(GroupCommitter[Item]):
+    """``submit``/``apply``/``close`` over the shared group-commit writer (``runtime.groupcommit``), in
+    batches of at most ``max_batch`` operations (1: a transaction per operation)."""
+
+    def _start_ledger_writer(self, max_batch: int) -> None:
+        self._init_writer("ledger-writer", max_batch)
+        self._start_writer()
+
+    def submit(self, op: Op) -> Future[Receipt]:
+        """Queue ``op``; the future resolves once it is durable (or with the ``LedgerError``)."""
+        fut: Future[Receipt] = Future()
+        # Running from the start: an operation cannot be withdrawn once queued (cancelling the
+        # future, or an asyncio wrapper of it, only stops the waiting), and the writer may always
+        # resolve it.
+        fut.set_running_or_notify_cancel()
+        try:
+            op = validate(op)
+        except LedgerError as exc:
+            fut.set_exception(exc)
+            return fut
+        if not self._enqueue((op, fut)):
+            fut.set_exception(LedgerError("closed", "the ledger is closed"))
+        return fut
+
+    def apply(self, op: Op) -> Receipt:
+        """Apply one operation and wait until it is durable."""
+        return self.submit(op).result()
+
+    @abstractmethod
+    def _close_store(self) -> None:
+        """Release the store (the writer has stopped)."""
+
+    def close(self) -> None:
+        """Apply what is queued, stop the writer and close the store."""
+        if self._stop_writer():
+            self._close_store()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve(batch: list[Item], outcomes: list[Receipt | LedgerError]) -> None:
+    """Resolve each future of a committed batch with its receipt or refusal."""
+    for (_, fut), res in zip(batch, outcomes, strict=True):
+        if isinstance(res, Receipt):
+            fut.set_result(res)
+        else:
+            fut.set_exception(res)
+
+
+def fail(batch: list[Item], exc: BaseException) -> None:
+    """The batch's transaction was aborted: nothing of it is written, and every caller learns why."""
+    err = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+    for _, fut in batch:
+        fut.set_exception(err)

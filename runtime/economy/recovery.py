@@ -1,0 +1,80 @@
+"""Recovery at start: charge the tasks a killed supervisor left in flight (see ``runtime.pool.inflight``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+from runtime.economy.buckets import Buckets
+from runtime.economy.charging import charge
+from runtime.economy.ledger import Ledger, LedgerError, RecordUsage
+from runtime.pool.inflight import CRASH_CODE, InflightLog, measure
+
+
+class EventSink(Protocol):
+    """Where recovery tells of the tasks it charged (the event log: ``runtime.world.events.Events``)."""
+
+    def submit(self, kind: str, agent: str | None = None, fields: dict[str, Any] | None = None) -> Future[Any]:
+        """Queue one event; the future resolves once it is durable."""
+        ...
+
+
+def recover(
+    inflight: InflightLog,
+    ledger: Ledger,
+    buckets: Buckets,
+    events: EventSink,
+    say: Callable[[str], None] = print,
+) -> list[RecordUsage]:
+    """Charge every task a killed supervisor left in flight, as failed with ``supervisor_crashed``.
+
+    Run it at start, after the buckets are restored from the ledger and before agents run or the pool
+    sweeps stale cgroups. Each task gets one usage record keyed by its task id (none if it already has
+    one: charged before the kill, or by a recovery that was killed after its commit), its agent's
+    buckets are lowered by the charge from their persisted levels, a ``task_failed`` event is logged
+    (at most once: a kill between the charge and the event loses the event, never the charge), and one
+    line is said. Returns the usage records written.
+    """
+    done: list[str] = []
+    written: list[RecordUsage] = []
+    leftovers = inflight.pending()
+    for rec in leftovers:
+        existing = ledger.usage(rec.task_id)
+        if existing is not None:
+            done.append(rec.task_id)
+            continue
+        usage, source = measure(rec)
+        if rec.agent in buckets.agents():
+            record = charge(buckets, rec.agent, rec.kind, rec.task_id, usage, False, error=CRASH_CODE)
+        else:  # no longer configured: its account pays, it has no bucket to lower
+            record = RecordUsage(
+                id=f"usage:{rec.task_id}",
+                task_id=rec.task_id,
+                agent=rec.agent,
+                kind=rec.kind,
+                ok=False,
+                error=CRASH_CODE,
+                cpu_seconds=usage.cpu_seconds,
+                memory_bytes=usage.task_memory_bytes,
+                wall_seconds=usage.wall_seconds,
+            )
+        try:
+            ledger.apply(record)
+        except LedgerError as exc:  # kept for the next start; the operator sees this line each time
+            say(f"cannot charge task {rec.task_id} left in flight by a killed supervisor: {exc}")
+            continue
+        written.append(record)
+        fields = {"task": rec.task_id, "kind": rec.kind, "code": CRASH_CODE, "cpu_seconds": usage.cpu_seconds}
+        events.submit("task_failed", rec.agent, fields).result()
+        say(
+            f"recovered task {rec.task_id} ({rec.kind} of {rec.agent} on worker {rec.worker_id}): "
+            f"failed with {CRASH_CODE}, charged {usage.cpu_seconds:.3f} CPU-s ({source})"
+        )
+        done.append(rec.task_id)
+    # The dead run's cgroups go once their counters are charged, even if the pool's sweep would not
+    # take them (a new supervisor with the dead one's pid would adopt them, counters and all).
+    for cgroups in {r.cgroups.dirs[0]: r.cgroups for r in leftovers if r.cgroups and r.task_id in done}.values():
+        cgroups.remove()
+    inflight.drop(done)
+    return written

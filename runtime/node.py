@@ -1,0 +1,242 @@
+"""The composition root: a ``Node`` builds one supervisor's runtime from its configuration, once, and
+owns the order in which the parts start and stop. Nothing else wires the runtime: the supervisor's
+command line, calibration, the benchmarks and the tests all open a ``Node``.
+
+Start (each step needs the ones before it)::
+
+    limits, sizing   the container's cgroup limits → pool size, quotas, rates (refused before anything
+                     is created when the configuration does not fit)
+    backends         ledger, artifact store, event log, observers' PUB socket (``runtime.backends``)
+    buckets          per agent, restored from the ledger by ``open_economy`` (which opens new accounts)
+    recovery         tasks a killed supervisor left in flight are charged — before the pool starts,
+                     because the pool's start-up sweep removes the dead workers' cgroups, which hold
+                     their final CPU
+    pool             workers spawned and connected
+    economy, world   charging every task; the agent-facing surface
+    memory, agents   built, not yet running (``start_agents``)
+
+Stop, in reverse: the agents are cancelled; the pool closes first, ending the tasks in flight (finished
+or killed, and charged), which lets each cancelled agent record its last task's usage; then memory,
+the backends (queued writes committed), and last the in-flight log, once the charges the close made
+durable have cleared their records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from runtime import config as config_mod
+from runtime.actions import RecallMemories, Remember
+from runtime.agents.loop import DEFAULT_PERSONA, Agent, Brain, LlmBrain, ScriptedBrain
+from runtime.agents.placeholder import PlaceholderAgent
+from runtime.backends import Backends, EventBackend, open_backends
+from runtime.config import AgentConfig, Config
+from runtime.economy.buckets import Buckets, Estimator
+from runtime.economy.charging import Economy
+from runtime.economy.recovery import recover
+from runtime.economy.rights import open_economy
+from runtime.host import cgroups as cg
+from runtime.host import limits as limits_mod
+from runtime.host.limits import Limits, Sizing
+from runtime.pool import WorkerPool
+from runtime.pool.inflight import InflightLog
+from runtime.world.events import Emit, emitter
+from runtime.world.memory import MemoryStore
+from runtime.world.store import Store
+from runtime.world.world import World
+
+log = logging.getLogger("runtime.node")
+
+AnyAgent = PlaceholderAgent | Agent
+
+#: How long stopped agents get to record their last charge once the pool has closed.
+AGENT_STOP_S = 5.0
+
+
+def announce_reset(store: Store, emit: Emit) -> None:
+    """Tell agents about an operator's rollback made while the supervisor was stopped.
+
+    ``python -m runtime.admin rollback`` needs the store to itself, so the supervisor learns of a
+    reset when it starts: the HEAD commit is then the operator's reset commit.
+    """
+    history = store.last_commit()
+    if history.action == "reset":
+        emit("system_reset", {"commit": history.commit, "by": history.author})
+
+
+def make_agent(a: AgentConfig, cfg: Config, world: World) -> AnyAgent:
+    """The configured kind of agent, with its brain."""
+    if a.brain == "placeholder":
+        return PlaceholderAgent(a, world)
+    brain: Brain
+    if a.brain == "scripted":
+        brain = ScriptedBrain(world.economy, a.policy, a.think_ms)
+    else:
+        price = cfg.llm.prices.get(cfg.llm.model, config_mod.ModelPrice())
+        brain = LlmBrain(
+            world.economy,
+            a.persona or DEFAULT_PERSONA,
+            model=cfg.llm.model,
+            max_tokens=cfg.llm.max_tokens,
+            endpoint=cfg.llm.endpoint,
+            price_prompt_per_1k=price.prompt_per_1k,
+            price_completion_per_1k=price.completion_per_1k,
+        )
+    return Agent(a.id, brain, world)
+
+
+def _remembers(a: AgentConfig) -> bool:
+    """Whether the agent may use its memory: an LLM may decide to; a scripted policy says so."""
+    return a.brain == "llm" or (
+        a.brain == "scripted" and any(isinstance(x, Remember | RecallMemories) for x in a.policy)
+    )
+
+
+def _quiet(line: str) -> None:
+    log.info("%s", line)
+
+
+class Node:
+    """One supervisor's runtime, built from ``cfg`` (see the module docstring for the order).
+
+    Use ``async with Node(cfg) as node:``; the parts are attributes once started. ``say`` hears the
+    start-up lines meant for a person (recovery). ``memory``: open the vector memory
+    (True), never (False), or when some agent may use it (None: an LLM, or a policy that remembers).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        say: Callable[[str], None] = _quiet,
+        memory: bool | None = None,
+    ) -> None:
+        self.data = Path(cfg.data_dir)
+        #: This node's view: the agents of its AGENT_RANGE (all of them on a single node).
+        self.cfg = msgspec.structs.replace(cfg, agents=config_mod.local_agents(cfg))
+        self.node_id = config_mod.node_id(cfg)
+        self.say = say
+        self._memory = memory
+        self.info: cg.CgroupInfo = cg.discover()
+        self.limits: Limits = limits_mod.detect(self.info)
+        #: Raises CapacityError/ConfigError here, before anything is created, when the config does not fit.
+        self.sizing: Sizing = limits_mod.plan(self.cfg, self.limits, limits_mod.find_calibration(self.cfg))
+        self.capacity = 0
+        self.agents: list[AnyAgent] = []
+        self.runners: list[asyncio.Task[None]] = []
+        self.memory: MemoryStore | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._stopper: asyncio.Future[None] | None = None
+        self._started = False
+
+    # The parts, set by ``start``.
+    backends: Backends
+    buckets: Buckets
+    inflight: InflightLog
+    pool: WorkerPool
+    economy: Economy
+    world: World
+    emit: Emit
+
+    @property
+    def events(self) -> EventBackend:
+        """The event log."""
+        return self.backends.events
+
+    async def start(self) -> Node:
+        """Open and start everything in order; on any failure close what was opened and re-raise."""
+        assert not self._started, "a Node starts once"
+        self._started = True
+        cfg, data = self.cfg, self.data
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+            data.chmod(0o700)  # the ledger, the repository and memory are the operator's alone
+            self.inflight = InflightLog(data / "run" / "inflight")
+            self._stack.push_async_callback(self._close_inflight)
+            self.backends = open_backends(cfg, data)
+            self._stack.callback(self.backends.close)
+            self.emit = emitter(self.backends.events)
+            emit = self.emit
+            self.buckets = Buckets(
+                on_event=lambda kind, agent, res, lvl: emit(kind, {"agent": agent, "resource": res, "level": lvl})
+            )
+            # Confined code must not see the data directory (repository, ledger, memory).
+            self.pool = WorkerPool(
+                cfg.pool, size=self.sizing.workers, hide=[str(data.resolve())], inflight=self.inflight
+            )
+            ledger = self.backends.ledger
+            self.capacity = open_economy(
+                cfg, ledger, self.pool.info, self.buckets, self.sizing, node=bool(cfg.node.agent_range)
+            )
+            recover(self.inflight, ledger, self.buckets, self.backends.events, say=self.say)
+            self._stack.callback(self._close_memory)
+            await self.pool.start()
+            self.economy = Economy(
+                self.pool, ledger, self.buckets, Estimator(cfg.economy.default_estimate_s), node=self.node_id
+            )
+            if self._memory if self._memory is not None else any(_remembers(a) for a in cfg.agents):
+                # Imported here: the vector store's client is heavy, and most scripted runs never need it.
+                from runtime.world.memory.qdrant import QdrantMemory
+
+                self.memory = QdrantMemory(url=cfg.memory_url) if cfg.memory_url else QdrantMemory(path=data / "memory")
+            self.world = World(self.backends.store, self.economy, self.backends.events, self.memory)
+            announce_reset(self.backends.store, emit)
+            self.agents = [make_agent(a, cfg, self.world) for a in cfg.agents]
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    def start_agents(self) -> None:
+        """Run every agent's loop (and, on a node of a shared deployment, follow the rate rights other
+        nodes trade to its agents) as asyncio tasks, until ``close``."""
+        self.runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in self.agents]
+        if self.cfg.node.postgres_url:
+            self.runners += [
+                asyncio.create_task(self.world.follow_rates(a.id), name=f"rates:{a.id}") for a in self.agents
+            ]
+
+    async def stop(self) -> None:
+        """Stop what runs — the agents and the pool, every task ended and charged — and leave the state
+        open to read (a final status, a summary, checks). Idempotent; ``close`` calls it."""
+        for r in self.runners:
+            r.cancel()
+        if self._stopper is None:
+            self._stopper = asyncio.ensure_future(self._stop_running())
+        await self._stopper
+
+    async def _stop_running(self) -> None:
+        if hasattr(self, "pool"):
+            await self.pool.close()
+        if self.runners:
+            _, stuck = await asyncio.wait(self.runners, timeout=AGENT_STOP_S)
+            for r in stuck:
+                log.error("%s did not stop within %g s after the pool closed", r.get_name(), AGENT_STOP_S)
+
+    async def close(self) -> None:
+        """Stop everything in reverse order (see the module docstring). Idempotent."""
+        await self.stop()
+        await self._stack.aclose()
+
+    def _close_memory(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+
+    async def _close_inflight(self) -> None:
+        # Charges the close made durable clear their in-flight records: two turns of the loop (the
+        # ledger's future lands, then its callbacks run).
+        for _ in range(2):
+            await asyncio.sleep(0)
+        self.inflight.close()
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,157 @@
+"""Operator commands: ``python -m runtime.admin [--config FILE | --data-dir DIR] [--postgres URL] COMMAND``.
+
+The ledger (in PostgreSQL with ``--postgres URL``, by default ``$POSTGRES_URL`` when set; else the LMDB
+ledger in the data directory):
+
+- ``balances``: every account's holdings, and each asset's supply (minted − burned);
+- ``journal [--since SEQ] [--limit N]``: the append-only journal, one operation per line (JSON);
+- ``check``: the ledger's invariants; exit status 1 when one is violated.
+
+The artifact store's history, which no agent can reach (with ``--postgres URL``, default
+``$POSTGRES_URL``, the PostgreSQL store; else the Git store of the data directory, which has one
+writer: stop the supervisor first):
+
+- ``history ID``: every commit that changed an artifact, newest first;
+- ``show ID@COMMIT``: an artifact as it was at a commit (its bytes to stdout);
+- ``rollback --to COMMIT``: a new commit whose tree is that commit's; agents see a ``system_reset``
+  event when the supervisor next starts, and disk usage is recomputed from the new HEAD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from runtime import config as config_mod
+from runtime.economy.ledger import ASSETS, Ledger
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.open import NoLedger, open_ledger
+from runtime.host.postgres import DatabaseUnavailable
+from runtime.world.store import StoreError, check_id
+from runtime.world.store.open import open_store
+
+
+def _balances(ledger: Ledger) -> int:
+    balances = ledger.balances()
+    kinds = ledger.accounts()
+    print(f"{'account':<14} {'kind':<7}" + "".join(f"{a:>16}" for a in ASSETS))
+    for account in sorted(kinds, key=lambda a: (kinds[a] != "system", a)):
+        held = balances.get(account, {})
+        print(f"{account:<14} {kinds[account]:<7}" + "".join(f"{held.get(a, 0):>16}" for a in ASSETS))
+    supply = ledger.supply()
+    print(f"{'supply':<22}" + "".join(f"{supply.get(a, (0, 0))[0] - supply.get(a, (0, 0))[1]:>16}" for a in ASSETS))
+    return 0
+
+
+def _journal(ledger: Ledger, since: int, limit: int | None) -> int:
+    out = sys.stdout.buffer
+    for n, entry in enumerate(ledger.journal(since)):
+        if limit is not None and n >= limit:
+            break
+        out.write(msgspec.json.encode(entry) + b"\n")
+    out.flush()
+    return 0
+
+
+def _check(ledger: Ledger) -> int:
+    report = check(ledger)
+    print(f"{report.accounts} accounts, {report.journal_entries} journal entries, {report.usage_records} usage records")
+    for problem in report.problems:
+        print(f"VIOLATION: {problem}")
+    print("all invariants hold" if report.ok else f"{len(report.problems)} violation(s)")
+    return 0 if report.ok else 1
+
+
+def _store_command(data: Path, postgres_url: str | None, args: argparse.Namespace) -> int:
+    try:
+        store = open_store(data, postgres_url, create=False)
+    except DatabaseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        hint = " (stop the supervisor first: the store has one writer)" if exc.code == "closed" else ""
+        print(f"error: {exc.message}{hint}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "history":
+            for e in store.history(check_id(args.id)):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
+                print(f"{e.commit}  {when}Z  {e.author:<16} {e.action:<6} {e.size:>10} B")
+            return 0
+        if args.command == "show":
+            aid, sep, commit = args.target.partition("@")
+            if not sep or not commit:
+                print(f"error: expected ID@COMMIT, got {args.target!r}", file=sys.stderr)
+                return 2
+            art = store.show(check_id(aid), commit)
+            print(f"# {art.id} at {commit}: {art.kind}, owner {art.owner}, {art.size} B", file=sys.stderr)
+            sys.stdout.buffer.write(art.content)
+            return 0
+        new = store.rollback(args.to, operator="operator")
+        print(f"rolled back to {args.to}: new HEAD {new}; usage now {store.usage()}")
+        return 0
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.admin", description=(__doc__ or "").splitlines()[0])
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
+    where.add_argument("--data-dir", help="the data directory (overrides --config)")
+    ap.add_argument(
+        "--postgres",
+        metavar="URL",
+        default=os.environ.get("POSTGRES_URL") or None,
+        help="the shared PostgreSQL database, as its operator (default: $POSTGRES_URL when set, "
+        "else the LMDB ledger and the Git store in the data directory)",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("balances", help="holdings of every account and the supply of each asset")
+    j = sub.add_parser("journal", help="the journal, one JSON operation per line")
+    j.add_argument("--since", type=int, default=0, metavar="SEQ", help="entries after this sequence number")
+    j.add_argument("--limit", type=int, metavar="N", help="at most N entries")
+    sub.add_parser("check", help="check every invariant (exit 1 on a violation)")
+    h = sub.add_parser("history", help="the commits that changed an artifact")
+    h.add_argument("id")
+    s = sub.add_parser("show", help="an artifact as it was at a commit")
+    s.add_argument("target", metavar="ID@COMMIT")
+    r = sub.add_parser("rollback", help="reset the store to a commit (as a new commit)")
+    r.add_argument("--to", required=True, metavar="COMMIT")
+    args = ap.parse_args(argv)
+    if args.data_dir is not None:
+        data = Path(args.data_dir)
+    else:
+        try:
+            data = Path(config_mod.load(args.config).data_dir)
+        except config_mod.ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.command in ("history", "show", "rollback"):
+        return _store_command(data, args.postgres, args)
+    try:
+        ledger = open_ledger(data, args.postgres, create=False)
+    except (NoLedger, DatabaseUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "balances":
+            return _balances(ledger)
+        if args.command == "journal":
+            return _journal(ledger, args.since, args.limit)
+        return _check(ledger)
+    finally:
+        ledger.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""``python -m runtime.status [--config FILE | --data-dir DIR] [--watch | --health MAX_AGE_S]``: what a
+running supervisor shows in its live view, from another terminal (it refreshes ``<data>/run/status.json``
+every ``status_interval_s``).
+
+``--health MAX_AGE_S`` is the container's health check: exit 0 only while the supervisor that wrote the
+status is alive, says it is running and refreshed it within the last ``MAX_AGE_S`` seconds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from runtime import config as config_mod
+from runtime.host.limits import Limits, Sizing
+from runtime.ops.stats import AgentStats, ContainerStats
+
+STATUS_NAME = "status.json"
+
+
+class Status(msgspec.Struct):
+    """The live view as a file, for ``python -m runtime.status`` in another terminal.
+
+    ``table`` is the rendered view; the other fields are the same facts structured, for programs:
+    the container's limits and their sources, what was sized from them, and its and each agent's usage.
+    """
+
+    pid: int
+    at: float
+    running: bool
+    table: str
+    limits: Limits | None = None
+    sizing: Sizing | None = None
+    container: ContainerStats | None = None
+    agents: list[AgentStats] = []
+
+
+def write_status(path: Path, status: Status) -> None:
+    """Replace the status file atomically (a reader never sees half of it)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.encode(status))
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def show(path: Path) -> int:
+    """Print the status once; 1 if there is none, 0 otherwise."""
+    try:
+        st = msgspec.json.decode(path.read_bytes(), type=Status)
+    except FileNotFoundError:
+        print(f"no status at {path}: is a supervisor running with this data directory?", file=sys.stderr)
+        return 1
+    except msgspec.DecodeError as exc:
+        print(f"unreadable status at {path}: {exc}", file=sys.stderr)
+        return 1
+    age = time.time() - st.at
+    if st.running and _alive(st.pid):
+        head = f"supervisor {st.pid}, running (as of {age:.1f} s ago)"
+    else:
+        head = f"supervisor {st.pid}, stopped ({age:.0f} s ago); its last view:"
+    print(head)
+    print(st.table)
+    return 0
+
+
+def healthy(path: Path, max_age_s: float) -> int:
+    """0 if a live supervisor refreshed the status within ``max_age_s`` seconds, else 1 (and why)."""
+    try:
+        st = msgspec.json.decode(path.read_bytes(), type=Status)
+    except (OSError, msgspec.DecodeError) as exc:
+        print(f"unhealthy: no readable status at {path}: {exc}")
+        return 1
+    age = time.time() - st.at
+    if not st.running or not _alive(st.pid):
+        print(f"unhealthy: supervisor {st.pid} has stopped")
+        return 1
+    if age > max_age_s:
+        print(f"unhealthy: supervisor {st.pid} has not refreshed its status for {age:.0f} s (limit {max_age_s:g} s)")
+        return 1
+    print(f"healthy: supervisor {st.pid}, status {age:.1f} s old")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.status", description=(__doc__ or "").splitlines()[0])
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
+    where.add_argument("--data-dir", help="the data directory (overrides --config)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    mode.add_argument(
+        "--health",
+        type=float,
+        metavar="MAX_AGE_S",
+        help="exit 0 only if a live supervisor refreshed its status within MAX_AGE_S seconds",
+    )
+    args = ap.parse_args(argv)
+    if args.health is not None and args.health <= 0:
+        ap.error(f"--health must be positive, got {args.health}")
+    if args.data_dir is not None:
+        data = Path(args.data_dir)
+    else:
+        try:
+            data = Path(config_mod.load(args.config).data_dir)
+        except config_mod.ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    path = data / "run" / STATUS_NAME
+    if args.health is not None:
+        return healthy(path, args.health)
+    if not args.watch:
+        return show(path)
+    try:
+        while True:
+            sys.stdout.write("\x1b[H\x1b[J")
+            show(path)
+            sys.stdout.flush()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

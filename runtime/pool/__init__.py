@@ -1,0 +1,30 @@
+"""Dispatch: the worker pool, its fair queue, the books of what each worker's CPU went to, and the
+record of tasks in flight (``inflight``) that lets a restart charge what a crash interrupted.
+
+The public surface is re-exported here: ``WorkerPool`` (asyncio), ``WorkerPoolExecutor``
+(``concurrent.futures``), ``TaskFailed``, ``Outcome``.
+"""
+
+from runtime.pool.pool import (
+    Done,
+    Outcome,
+    PoolStatus,
+    Serve,
+    TaskFailed,
+    UsageFuture,
+    WorkerPool,
+    WorkerPoolExecutor,
+    resolve_size,
+)
+
+__all__ = [
+    "Done",
+    "Outcome",
+    "PoolStatus",
+    "Serve",
+    "TaskFailed",
+    "UsageFuture",
+    "WorkerPool",
+    "WorkerPoolExecutor",
+    "resolve_size",
+]

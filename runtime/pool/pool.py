@@ -1,0 +1,1007 @@
+"""The worker pool: a ZeroMQ ROUTER in the supervisor, one DEALER per worker process.
+
+Invariants (asserted where they can break):
+
+- A worker runs at most one task at a time: a task is sent only to a worker in ``idle`` state, which
+  then becomes ``busy`` until its ``Result`` arrives or it dies.
+- Every task that reaches a worker is charged exactly once per attempt: from its ``Result`` when the
+  worker answers, from the kernel (``wait4``) when it dies first. Nothing else charges tasks.
+- Every worker process is reaped (through its pidfd) and its child cgroups are removed.
+
+Failures become clear errors rather than hangs: a worker that dies fails its task with
+``worker_crashed`` (retried once if the task is idempotent); a task over its deadline has its worker
+killed and fails with ``deadline_exceeded``; too many crashes in a window and the pool fails every
+task with ``pool_failed`` instead of restarting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import zmq
+
+from runtime import protocol as p
+from runtime.config import PoolConfig
+from runtime.errors import AecoError, ErrorCode
+from runtime.host import cgroups as cg
+from runtime.pool.accounting import Accounts, TaskUsage, proc_cpu_seconds
+from runtime.pool.fairqueue import FairQueue
+from runtime.pool.inflight import InFlight, InflightLog, KernelCpu
+
+log = logging.getLogger("runtime.pool")
+_POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum lookups per frame
+_JOIN_AND_EXEC = """IFS='
+'
+for f in $AECO_CGROUP_PROCS; do echo $$ 2>/dev/null > "$f"; done
+unset AECO_CGROUP_PROCS
+exec "$@"
+"""
+
+
+class TaskFailed(AecoError):
+    """A task did not produce a result. ``code`` says why (``task_error``, ``memory_exceeded``,
+    ``worker_crashed``, ``deadline_exceeded``, ``pool_failed``, ``pool_closed``, ``cancelled``);
+    ``usage`` is what it was charged."""
+
+    def __init__(self, code: ErrorCode, message: str, usage: TaskUsage | None = None, payload: bytes = b"") -> None:
+        super().__init__(message, code=code)
+        self.usage = usage
+        #: For ``task_error`` on a ``call`` task: the pickled exception raised by the callable.
+        self.payload = payload
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """A finished task: its output and what it cost."""
+
+    task_id: int
+    agent: str
+    output: bytes
+    usage: TaskUsage
+
+
+Done = Callable[[Outcome | None, TaskFailed | None], None]
+#: Serves a confined task's calls to the world, as its invoker.
+Serve = Callable[[p.WorldCall], Awaitable[p.WorldAnswer]]
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    id: int
+    agent: str
+    spec: p.TaskSpec
+    timeout_s: float
+    idempotent: bool
+    measure: bool
+    memory_limit: int
+    done: Done
+    #: Called once when the job is about to be sent; False means it was cancelled meanwhile.
+    claim: Callable[[], bool] | None = None
+    #: Answers the task's ``Request`` messages (confined code reaching the world), if it may send any.
+    serve: Serve | None = None
+    attempts: int = 0
+    prior: TaskUsage | None = None
+    #: The ledger's id of the task: recorded in ``WorkerPool.inflight`` while it runs.
+    track: str | None = None
+
+
+WorkerState = Literal["starting", "idle", "busy", "stopping", "dead"]
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    worker_id: int
+    ident: bytes
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+    cgroups: cg.WorkerCgroups | None
+    started_at: float
+    state: WorkerState = "starting"
+    job: _Job | None = None
+    job_started: float = 0.0
+    #: When the task in flight must be over (event-loop clock); 0 when idle.
+    deadline_at: float = 0.0
+    kill_reason: str | None = None
+    last_seen: float = 0.0
+    counters: p.Counters | None = None
+    baseline_memory: int = 0
+    memory_probe: str = "off"
+    #: The kernel's CPU counter of the worker, opened at its first tracked task.
+    cpu_counter: KernelCpu | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class PoolStatus(msgspec.Struct):
+    """A snapshot for status displays."""
+
+    size: int
+    live: int
+    idle: int
+    busy: int
+    queued: int
+    started: int
+    crashed: int
+    failed: str | None
+    memory_probe: str
+    cgroups: str
+    cpu_capacity: float
+    memory_limit: int | None
+    workers: list[dict[str, Any]] = []
+
+
+def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
+    """Number of workers: the configured count, or the container's CPU capacity for ``auto``."""
+    if cfg.workers != "auto":
+        return cfg.workers
+    return max(1, int(cg.cpu_capacity(info or cg.discover())))
+
+
+class WorkerPool:
+    """An asyncio pool of worker processes with per-task measurement. Use ``async with``."""
+
+    def __init__(
+        self,
+        cfg: PoolConfig | None = None,
+        *,
+        size: int | None = None,
+        run_dir: str | None = None,
+        hide: Iterable[str] = (),
+        inflight: InflightLog | None = None,
+    ) -> None:
+        self.cfg = cfg or PoolConfig()
+        #: Where tracked tasks are recorded while they run, for charging them after a supervisor crash.
+        self.inflight = inflight
+        #: Paths that confined code run by the workers must not see (the pool adds its socket directory).
+        self.hide = [os.path.abspath(h) for h in hide]
+        self.info = cg.discover() if self.cfg.cgroups == "auto" else cg.CgroupInfo("none", {}, {})
+        self.size = size or resolve_size(self.cfg, self.info)
+        self.accounts = Accounts()
+        self.failed: str | None = None
+        self.malformed_frames = 0
+        self.started = 0
+        self.crashed = 0
+        self.cgroup_status = "cgroups off by configuration" if self.cfg.cgroups == "off" else ""
+        self._own_run_dir = run_dir is None
+        self._run_dir = run_dir or tempfile.mkdtemp(prefix="aeco-pool-")
+        self._ids = itertools.count(1)
+        self._worker_ids = itertools.count(1)
+        self._queue: FairQueue[_Job] = FairQueue()
+        self._workers: dict[bytes, _Worker] = {}
+        self._idle: collections.deque[_Worker] = collections.deque()
+        self._crash_times: collections.deque[float] = collections.deque()
+        self._crashes_in_a_row = 0
+        self._closing = False
+        self._all_exited: asyncio.Event | None = None
+        self._ready: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._endpoint = ""
+        self._monitor: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._sampler: asyncio.TimerHandle | None = None
+        self._deadline_when = float("inf")
+        self._log_budget = 20  # malformed-frame log lines before going quiet
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> WorkerPool:
+        """Bind the socket and start the workers; returns once all of them said hello."""
+        self._loop = asyncio.get_running_loop()
+        self._all_exited = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if self.cfg.transport == "ipc":
+            os.chmod(self._run_dir, 0o700)
+            self._endpoint = f"ipc://{self._run_dir}/pool.sock"
+            self._sock.bind(self._endpoint)
+        else:
+            self._sock.bind(f"tcp://{self.cfg.tcp_host}:*")
+            self._endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._loop.add_reader(self._fd(), self._drain)
+        if self.info.mode != "none":
+            cg.sweep_stale(self.info)
+        for _ in range(self.size):
+            self._spawn()
+        self._arm_monitor()
+        if self.inflight is not None:
+            self._sampler = self._loop.call_later(self.cfg.sample_s, self._sample_inflight)
+        deadline = self.cfg.startup_timeout_s + 1
+        try:
+            await asyncio.wait_for(self._ready.wait(), deadline)
+        except TimeoutError:
+            await self.close()
+            raise RuntimeError(f"workers did not start within {deadline:.0f} s") from None
+        if self.failed:
+            await self.close()
+            raise RuntimeError(f"worker pool failed to start: {self.failed}")
+        return self
+
+    async def __aenter__(self) -> WorkerPool:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Stop every worker: finish in-flight tasks within ``grace_s``, then kill; reap all."""
+        if self._closing or self._loop is None:
+            return
+        self._closing = True
+        for job in self._queue.drain():
+            self._fail(job, "pool_closed", "the pool was closed before the task ran")
+        for w in list(self._workers.values()):
+            if w.state == "starting":  # not connected yet: nothing to finish
+                w.kill_reason = "pool_closed"
+                self._kill(w)
+            elif w.state in ("idle", "busy"):
+                self._send(w, p.Shutdown())
+                if w.state == "busy":
+                    w.kill_reason = "pool_closed"  # if it has to be killed after the grace period
+                else:
+                    w.state = "stopping"
+        assert self._all_exited is not None
+        if self._workers:
+            try:
+                await asyncio.wait_for(self._all_exited.wait(), grace_s)
+            except TimeoutError:
+                for w in list(self._workers.values()):
+                    w.kill_reason = w.kill_reason or "pool_closed"
+                    self._kill(w)
+                await asyncio.wait_for(self._all_exited.wait(), 5.0)
+        for timer in (self._monitor, self._deadline_timer, self._sampler):
+            if timer is not None:
+                timer.cancel()
+        if self._sock is not None:
+            self._loop.remove_reader(self._fd())
+            self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._own_run_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------ submitting
+
+    def submit(
+        self,
+        spec: p.TaskSpec,
+        done: Done,
+        *,
+        agent: str = "default",
+        timeout_s: float | None = None,
+        idempotent: bool = False,
+        measure: bool = True,
+        memory_limit: int = 0,
+        claim: Callable[[], bool] | None = None,
+        serve: Serve | None = None,
+        track: str | None = None,
+    ) -> int:
+        """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
+
+        ``track``: the ledger's id of the task, to record it in ``inflight`` from dispatch until the
+        caller clears it (once its charge is durable). Must be called from the pool's event loop
+        thread. Returns the task id.
+        """
+        job = _Job(
+            next(self._ids),
+            agent,
+            spec,
+            timeout_s or self.cfg.task_timeout_s,
+            idempotent,
+            measure,
+            memory_limit,
+            done,
+            claim,
+            serve,
+            track=track,
+        )
+        if self.failed or self._closing:
+            code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
+            self._fail(job, code, self.failed or "the pool is closed")
+            return job.id
+        self._queue.push(agent, job)
+        self._dispatch()
+        return job.id
+
+    async def run(
+        self,
+        spec: p.TaskSpec,
+        *,
+        agent: str = "default",
+        timeout_s: float | None = None,
+        idempotent: bool = False,
+        measure: bool = True,
+        memory_limit: int = 0,
+        serve: Serve | None = None,
+        track: str | None = None,
+    ) -> Outcome:
+        """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed.
+
+        ``memory_limit``: bytes the task may add to its worker's memory (0: unlimited); over it the
+        task fails with ``memory_exceeded`` and is charged what it used. ``track``: see ``submit``.
+        """
+        assert self._loop is not None, "start the pool first"
+        fut: asyncio.Future[Outcome] = self._loop.create_future()
+
+        def done(out: Outcome | None, err: TaskFailed | None) -> None:
+            if fut.done():
+                return
+            if out is not None:
+                fut.set_result(out)
+            else:
+                fut.set_exception(err or TaskFailed("cancelled", "no outcome"))
+
+        self.submit(
+            spec,
+            done,
+            agent=agent,
+            timeout_s=timeout_s,
+            idempotent=idempotent,
+            measure=measure,
+            memory_limit=memory_limit,
+            claim=lambda: not fut.cancelled(),
+            serve=serve,
+            track=track,
+        )
+        return await fut
+
+    # ------------------------------------------------------------------------------- scheduling
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            w = self._idle.popleft()
+            if w.state != "idle":
+                continue
+            _, job = self._queue.pop()
+            if job.claim is not None and not job.claim():
+                self._idle.appendleft(w)
+                continue
+            assert w.job is None, "a worker runs one task at a time"
+            job.attempts += 1
+            w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
+            if job.track is not None and self.inflight is not None:
+                self._record(w, job, job.track, self.inflight)  # before sending: a kill may come any time
+            if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
+                # The worker is gone before it saw the task: put the task back untouched.
+                if job.track is not None and self.inflight is not None:
+                    self.inflight.clear(job.track)
+                job.attempts -= 1
+                w.job = None
+                self._queue.push_front(job.agent, job)
+                continue
+            w.deadline_at = w.job_started + job.timeout_s
+            if w.deadline_at < self._deadline_when:
+                self._arm_deadline(w.deadline_at)
+
+    def _record(self, w: _Worker, job: _Job, track: str, inflight: InflightLog) -> None:
+        if w.cpu_counter is None:
+            w.cpu_counter = KernelCpu(w.pid, w.cgroups)
+        baseline = w.cpu_counter.read()
+        now = time.time()
+        inflight.begin(
+            InFlight(
+                task_id=track,
+                agent=job.agent,
+                kind=p.kind_of(job.spec),
+                worker_id=w.worker_id,
+                worker_pid=w.pid,
+                started_at=now,
+                cpu_probe=w.cpu_counter.probe,
+                baseline_cpu=baseline or 0.0,
+                prior_cpu=job.prior.cpu_seconds if job.prior is not None else 0.0,
+                baseline_memory=w.counters.memory_bytes if w.counters else 0,
+                cgroups=w.cgroups,
+                sampled_cpu=baseline or 0.0,
+                sampled_at=now,
+            )
+        )
+
+    def _sample_inflight(self) -> None:
+        """Write down the kernel's CPU counter of every worker running a tracked task."""
+        assert self._loop is not None and self.inflight is not None
+        readings = [
+            (w.job.track, cpu)
+            for w in self._workers.values()
+            if w.state == "busy" and w.job is not None and w.job.track is not None and w.cpu_counter is not None
+            if (cpu := w.cpu_counter.read()) is not None
+        ]
+        self.inflight.sample(readings)  # also commits what finished or was charged since the last commit
+        if not self._closing:
+            self._sampler = self._loop.call_later(self.cfg.sample_s, self._sample_inflight)
+
+    def _send(self, w: _Worker, msg: p.Message) -> bool:
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart([w.ident, p.encode(msg)], _NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("worker %d unreachable (%s); killing it", w.worker_id, exc)
+            w.kill_reason = w.kill_reason or "unreachable"
+            self._kill(w)
+            return False
+        finally:
+            # Sending can consume the edge that signals pending input; look again.
+            if self._loop is not None and int(self._sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+                self._loop.call_soon(self._drain)
+        return True
+
+    # --------------------------------------------------------------------------------- receiving
+
+    def _fd(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockopt(zmq.FD))
+
+    def _drain(self) -> None:
+        sock = self._sock
+        if sock is None or sock.closed:
+            return
+        # Checking EVENTS is cheaper than ending every drain on a zmq.Again exception.
+        while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+            frames = sock.recv_multipart(_NOBLOCK)
+            try:
+                self._handle(frames)
+            except Exception:  # a bug in one message's handling must not stop the pool
+                log.exception("error while handling a frame")
+
+    def _drop(self, why: str) -> None:
+        self.malformed_frames += 1
+        if self._log_budget > 0:
+            self._log_budget -= 1
+            log.warning("dropped frame: %s%s", why, "" if self._log_budget else " (further drops not logged)")
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return self._drop(f"{len(frames)} parts, expected identity + message")
+        w = self._workers.get(frames[0])
+        if w is None:
+            return self._drop(f"unknown peer {frames[0][:32]!r}")
+        try:
+            msg = p.decode(frames[1])
+        except p.ProtocolError as exc:
+            return self._drop(f"from worker {w.worker_id}: {exc}")
+        w.last_seen = time.monotonic()
+        if isinstance(msg, p.Result):
+            self._on_result(w, msg)
+        elif isinstance(msg, p.Heartbeat):
+            self._note_counters(w, msg.counters)
+            if w.state == "idle":
+                self._maybe_recycle(w)
+        elif isinstance(msg, p.Request):
+            self._on_request(w, msg)
+        elif isinstance(msg, p.Hello):
+            self._on_hello(w, msg)
+        else:
+            self._drop(f"unexpected {type(msg).__name__} from worker {w.worker_id}")
+
+    def _on_request(self, w: _Worker, msg: p.Request) -> None:
+        job = w.job
+        if w.state != "busy" or job is None or msg.task_id != job.id:
+            return self._drop(f"request for task {msg.task_id} not running on worker {w.worker_id}")
+        if job.serve is None:
+            self._send(
+                w, p.Reply(task_id=job.id, seq=msg.seq, answer=p.RefusedAnswer(error="this task has no channel"))
+            )
+            return None
+        assert self._loop is not None
+        self._loop.create_task(self._answer(w, job, job.serve, msg))
+        return None
+
+    async def _answer(self, w: _Worker, job: _Job, serve: Serve, msg: p.Request) -> None:
+        answer: p.WorldAnswer
+        try:
+            answer = await serve(msg.call)
+        except Exception as exc:  # a failing handler is the request's error, not the pool's
+            what = p.kind_of(msg.call)
+            log.exception("serving %s for task %d", what, job.id)
+            answer = p.RefusedAnswer(error=f"internal error serving {what}: {type(exc).__name__}")
+        if w.job is job and w.state == "busy":  # the task may have ended (or its worker died) meanwhile
+            self._send(w, p.Reply(task_id=job.id, seq=msg.seq, answer=answer))
+
+    def _note_counters(self, w: _Worker, c: p.Counters) -> None:
+        w.counters = c
+        acct = self.accounts.workers.get(w.pid)
+        if acct is not None:
+            acct.counters = c
+
+    def _on_hello(self, w: _Worker, msg: p.Hello) -> None:
+        if w.state != "starting" or msg.pid != w.pid or msg.worker_id != w.worker_id:
+            return self._drop(f"hello from worker {w.worker_id} in state {w.state}")
+        if w.cgroups is not None and not all(
+            w.pid in cg.processes_in(os.path.dirname(f)) for f in w.cgroups.procs_files()
+        ):
+            log.warning("worker %d is not in its cgroups; measuring it through /proc", w.worker_id)
+            w.cgroups.remove()
+            w.cgroups = None
+            self.accounts.workers[w.pid].cpu_probe = "/proc"
+        self._note_counters(w, msg.counters)
+        w.baseline_memory = msg.counters.memory_bytes
+        w.memory_probe = msg.memory_probe
+        w.state = "idle"
+        self._idle.append(w)
+        if self._ready is not None and sum(x.state == "idle" for x in self._workers.values()) >= self.size:
+            self._ready.set()
+        self._dispatch()
+
+    def _on_result(self, w: _Worker, msg: p.Result) -> None:
+        job = w.job
+        if w.state != "busy" or job is None or msg.task_id != job.id:
+            return self._drop(f"result for task {msg.task_id} not running on worker {w.worker_id}")
+        w.deadline_at = 0.0
+        self._note_counters(w, msg.counters)
+        self._crashes_in_a_row = 0
+        w.job = None
+        if msg.usage is not None:
+            u = msg.usage
+            usage = TaskUsage(
+                u.cpu_seconds,
+                u.peak_memory_bytes,
+                u.baseline_memory_bytes,
+                u.wall_seconds,
+                w.pid,
+                w.memory_probe,
+            )
+        else:  # unmeasured (benchmark) task
+            usage = TaskUsage(0.0, 0, 0, time.monotonic() - w.job_started, w.pid, "off")
+        self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
+        if job.prior is not None:
+            usage = job.prior.plus(usage)
+        if job.track is not None and self.inflight is not None:
+            self.inflight.finish(job.track, usage)
+        if msg.ok:
+            job.done(Outcome(job.id, job.agent, msg.output, usage), None)
+        else:
+            code: ErrorCode = "memory_exceeded" if msg.error_code == "memory_exceeded" else "task_error"
+            job.done(None, TaskFailed(code, msg.error or "failed", usage, msg.output))
+        if self._closing:
+            w.state = "stopping"
+            return
+        w.state = "idle"
+        if not self._maybe_recycle(w):
+            self._idle.append(w)
+        self._dispatch()
+
+    # ----------------------------------------------------------------------------- worker lives
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
+        wid = next(self._worker_ids)
+        cgroups, status = (None, self.cgroup_status)
+        if self.info.mode != "none":
+            cgroups, status = cg.WorkerCgroups.create(self.info, cg.child_name(os.getpid(), wid, 0))
+        self.cgroup_status = status
+        boot = p.WorkerBoot(
+            worker_id=wid,
+            endpoint=self._endpoint,
+            parent_pid=os.getpid(),
+            heartbeat_s=self.cfg.heartbeat_s,
+            memory_cgroup=(cgroups.memory_dir, cgroups.memory_version)
+            if cgroups and cgroups.memory_dir and cgroups.memory_version
+            else None,
+            cgroup_dirs=dict(cgroups.controllers) if cgroups else {},
+            sandbox_hide=[*self.hide, self._run_dir],
+        )
+        env = dict(os.environ)
+        env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()
+        # Workers import what the supervisor imports (the executor pickles functions by reference).
+        env["PYTHONPATH"] = os.pathsep.join(x for x in sys.path if x)
+        argv = [sys.executable, "-m", "workers.worker"]
+        if cgroups is not None:
+            # A shell joins the cgroups and then becomes the worker, so the cgroup counts the
+            # worker's CPU from its first instruction. A failed join is noticed at hello.
+            env["AECO_CGROUP_PROCS"] = "\n".join(cgroups.procs_files())
+            argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", *argv]
+        proc = subprocess.Popen(argv, env=env, close_fds=True, stdin=subprocess.DEVNULL)
+        pidfd = os.pidfd_open(proc.pid)
+        now = time.monotonic()
+        ident = f"w{wid}-{proc.pid}".encode()
+        w = _Worker(wid, ident, proc, pidfd, cgroups, now, last_seen=now)
+        self._workers[ident] = w
+        self.started += 1
+        cpu_probe = "cgroup" if cgroups is not None and cgroups.cpu_file else "/proc"
+        self.accounts.open_worker(proc.pid, wid, cpu_probe)
+        self._loop.add_reader(pidfd, self._on_exit, w)
+
+    def _kill(self, w: _Worker) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGKILL)
+
+    def _arm_deadline(self, when: float) -> None:
+        # One timer for the earliest deadline, not one per task: dispatching stays a comparison.
+        assert self._loop is not None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_when = when
+        self._deadline_timer = self._loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        self._deadline_timer, self._deadline_when = None, float("inf")
+        upcoming = float("inf")
+        for w in list(self._workers.values()):
+            if w.state != "busy" or not w.deadline_at or w.kill_reason is not None:
+                continue
+            if w.deadline_at <= now:
+                w.kill_reason = "deadline_exceeded"
+                self._kill(w)
+            else:
+                upcoming = min(upcoming, w.deadline_at)
+        if upcoming < float("inf"):
+            self._arm_deadline(upcoming)
+
+    def _maybe_recycle(self, w: _Worker) -> bool:
+        """Retire a worker that did its share of tasks or grew too much; start its replacement."""
+        c = w.counters
+        if c is None or self._closing or w.state != "idle":
+            return False
+        too_many = bool(self.cfg.max_tasks_per_worker) and c.tasks_done >= self.cfg.max_tasks_per_worker
+        too_big = c.memory_bytes - w.baseline_memory > self.cfg.max_memory_growth_mb << 20
+        if not (too_many or too_big):
+            return False
+        log.info("recycling worker %d (%s)", w.worker_id, "task count" if too_many else "memory growth")
+        w.state = "stopping"
+        w.kill_reason = "recycled"
+        self._send(w, p.Shutdown())
+        self._spawn()
+        return True
+
+    def _on_exit(self, w: _Worker) -> None:
+        assert self._loop is not None
+        try:
+            pid, status, ru = os.wait4(w.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status, ru = w.pid, 0, None
+        if pid == 0:
+            return  # not yet a zombie
+        self._loop.remove_reader(w.pidfd)
+        os.close(w.pidfd)
+        w.proc.returncode = os.waitstatus_to_exitcode(status) if ru is not None else -1
+        w.deadline_at = 0.0
+        kernel_total = ru.ru_utime + ru.ru_stime if ru is not None else 0.0
+        peak = w.cgroups.memory_peak_bytes() if w.cgroups else None
+        cgroup_cpu = w.cgroups.cpu_seconds() if w.cgroups else None
+        oom_killed = bool(w.cgroups and w.cgroups.oom_kills())
+        if w.cgroups is not None:
+            w.cgroups.remove()
+        if w.cpu_counter is not None:
+            w.cpu_counter.close()
+        job, was_state = w.job, w.state
+        w.state, w.job = "dead", None
+        del self._workers[w.ident]
+        tail = self.accounts.unreported(w.pid, kernel_total)
+        reason = w.kill_reason
+        if reason is None and oom_killed and job is not None and job.memory_limit:
+            reason = "memory_exceeded"  # the kernel killed it at the limit set for this task
+        if job is not None:
+            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason)
+        self.accounts.close_worker(
+            w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
+        )
+        # The task's fault, not the worker's: replaced at once, not counted against restarts.
+        task_fault = reason in ("deadline_exceeded", "memory_exceeded")
+        expected = task_fault or reason in ("recycled", "pool_closed") or self._closing
+        if not expected:
+            self.crashed += 1
+            log.warning(
+                "worker %d (pid %d) died in state %s: %s",
+                w.worker_id,
+                w.pid,
+                was_state,
+                reason or f"exit status {w.proc.returncode}",
+            )
+        if not self._workers and self._closing and self._all_exited is not None:
+            self._all_exited.set()
+        if self._closing or self.failed:
+            return
+        if task_fault:
+            self._spawn()
+        elif not expected:
+            self._schedule_restart()
+
+    def _charge_lost(
+        self, w: _Worker, job: _Job, cpu: float, cgroup_peak: int | None, maxrss: int, reason: str | None
+    ) -> None:
+        """Charge a task whose worker died under it, from the kernel's account of the worker."""
+        baseline = w.counters.memory_bytes if w.counters else 0
+        probe = w.memory_probe if cgroup_peak is not None else "rusage"
+        usage = TaskUsage(
+            cpu,
+            cgroup_peak if cgroup_peak is not None else maxrss,
+            baseline,
+            time.monotonic() - w.job_started,
+            w.pid,
+            probe,
+        )
+        self.accounts.charge(job.agent, usage, False, w.pid, cpu)
+        total = job.prior.plus(usage) if job.prior is not None else usage
+        if job.track is not None and self.inflight is not None:
+            self.inflight.finish(job.track, total)
+        if reason == "deadline_exceeded":
+            msg = f"task {job.id} ran over its {job.timeout_s:g} s deadline; its worker was killed"
+            return job.done(None, TaskFailed("deadline_exceeded", msg, total))
+        if reason == "pool_closed":
+            return job.done(None, TaskFailed("pool_closed", "the pool was closed mid-task", total))
+        if reason == "memory_exceeded":
+            msg = f"task {job.id} went over its {job.memory_limit} byte memory limit; the kernel killed its worker"
+            return job.done(None, TaskFailed("memory_exceeded", msg, total))
+        what = f"worker {w.worker_id} (pid {w.pid}) died while running task {job.id}"
+        code = w.proc.returncode
+        what += f" (killed by signal {-code})" if code is not None and code < 0 else f" (exit {code})"
+        if job.idempotent and job.attempts < 2 and not self._closing and not self.failed:
+            log.info("%s; retrying it once (idempotent)", what)
+            job.prior = total
+            self._queue.push_front(job.agent, job)
+            return
+        job.done(None, TaskFailed("worker_crashed", what, total))
+
+    def _schedule_restart(self) -> None:
+        assert self._loop is not None
+        now = time.monotonic()
+        self._crash_times.append(now)
+        while self._crash_times and now - self._crash_times[0] > self.cfg.restart_window_s:
+            self._crash_times.popleft()
+        if len(self._crash_times) > self.cfg.max_restarts:
+            return self._fail_pool(
+                f"{len(self._crash_times)} worker crashes within {self.cfg.restart_window_s:g} s "
+                f"(limit {self.cfg.max_restarts})"
+            )
+        self._crashes_in_a_row += 1
+        delay = min(self.cfg.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1), self.cfg.restart_backoff_max_s)
+        self._loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        if not self._closing and not self.failed:
+            self._spawn()
+
+    def _fail_pool(self, reason: str) -> None:
+        log.error("worker pool failed: %s", reason)
+        self.failed = reason
+        for job in self._queue.drain():
+            self._fail(job, "pool_failed", reason)
+        for w in list(self._workers.values()):
+            w.kill_reason = w.kill_reason or "pool_failed"
+            self._kill(w)
+        if self._ready is not None:
+            self._ready.set()
+
+    def _fail(self, job: _Job, code: ErrorCode, message: str) -> None:
+        if job.claim is not None and not job.claim():
+            return
+        job.done(None, TaskFailed(code, message, job.prior))
+
+    def _arm_monitor(self) -> None:
+        assert self._loop is not None
+        self._monitor = self._loop.call_later(self.cfg.heartbeat_s, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        for w in list(self._workers.values()):
+            if w.kill_reason is not None:
+                continue
+            if w.state == "starting" and now - w.started_at > self.cfg.startup_timeout_s:
+                w.kill_reason = "startup_timeout"
+            elif w.state == "idle" and now - w.last_seen > self.cfg.heartbeat_timeout_s:
+                w.kill_reason = "heartbeat_timeout"
+            else:
+                continue
+            log.warning("worker %d: %s; killing it", w.worker_id, w.kill_reason)
+            self._kill(w)
+        if not self._closing:
+            self._arm_monitor()
+
+    # ------------------------------------------------------------------------------------ status
+
+    def kernel_cpu(self) -> dict[int, float]:
+        """CPU of each live worker from the kernel: its cgroup counter, else /proc/<pid>/stat."""
+        out: dict[int, float] = {}
+        for w in self._workers.values():
+            v = w.cgroups.cpu_seconds() if w.cgroups else None
+            if v is None:
+                v = proc_cpu_seconds(w.pid)
+            if v is not None:
+                out[w.pid] = v
+        return out
+
+    def status(self) -> PoolStatus:
+        """A snapshot of the pool for live views and summaries."""
+        ws = list(self._workers.values())
+        probes = sorted({w.memory_probe for w in ws if w.state != "starting"}) or ["(starting)"]
+        return PoolStatus(
+            size=self.size,
+            live=len(ws),
+            idle=sum(w.state == "idle" for w in ws),
+            busy=sum(w.state == "busy" for w in ws),
+            queued=len(self._queue),
+            started=self.started,
+            crashed=self.crashed,
+            failed=self.failed,
+            memory_probe=",".join(probes),
+            cgroups=self.cgroup_status or f"no cgroups ({self.info.mode})",
+            cpu_capacity=cg.cpu_capacity(self.info),
+            memory_limit=cg.memory_limit_bytes(self.info),
+            workers=[
+                {
+                    "id": w.worker_id,
+                    "pid": w.pid,
+                    "state": w.state,
+                    "tasks": w.counters.tasks_done if w.counters else 0,
+                }
+                for w in ws
+            ],
+        )
+
+    @property
+    def endpoint(self) -> str:
+        """The address workers connect to (``ipc://…`` or ``tcp://…``)."""
+        return self._endpoint
+
+    def pids(self) -> list[int]:
+        """Pids of the live worker processes."""
+        return [w.pid for w in self._workers.values()]
+
+
+# ------------------------------------------------------------------------------------ the executor
+
+
+class UsageFuture(cf.Future[Any]):
+    """A ``concurrent.futures.Future`` that also carries what its task cost once it is done."""
+
+    usage: TaskUsage | None = None
+
+
+class WorkerPoolExecutor(cf.Executor):
+    """A ``concurrent.futures.Executor`` over a ``WorkerPool``, usable wherever ProcessPoolExecutor is.
+
+    ``submit(fn, *args, **kwargs)`` takes an importable callable (pickled by reference, as with
+    ProcessPoolExecutor); the returned future has ``.usage`` (a ``TaskUsage``) once done. The pool's
+    event loop runs in a background thread.
+    """
+
+    def __init__(
+        self, max_workers: int | None = None, *, config: PoolConfig | None = None, agent: str = "executor"
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._agent = agent
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._pending: set[UsageFuture] = set()
+        self._idle = threading.Condition(self._lock)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._pool = WorkerPool(config, size=max_workers)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, name="aeco-pool", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The underlying pool (read its ``accounts`` and ``status()`` from any thread, racily)."""
+        return self._pool
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            try:
+                await self._pool.start()
+            except BaseException as exc:
+                self._start_error = exc
+                self._started.set()
+                return
+            self._started.set()
+            await self._stop.wait()
+            await self._pool.close()
+
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> UsageFuture:
+        """Schedule ``fn(*args, **kwargs)`` on a worker; return a future with ``.usage``."""
+        fut = UsageFuture()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._pool.failed:
+                raise cf.BrokenExecutor(f"the worker pool failed: {self._pool.failed}")
+            self._pending.add(fut)
+        try:
+            payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            self._settle(fut)
+            fut.set_exception(exc)
+            return fut
+        spec = p.Call(payload=payload)
+
+        def done(out: Outcome | None, err: TaskFailed | None) -> None:
+            try:
+                if out is not None:
+                    fut.usage = out.usage
+                    fut.set_result(pickle.loads(out.output))
+                elif err is not None:
+                    fut.usage = err.usage
+                    fut.set_exception(pickle.loads(err.payload) if err.payload else err)
+            except Exception as exc:  # e.g. a result that cannot be unpickled here
+                if not fut.done():
+                    fut.set_exception(exc)
+            finally:
+                self._settle(fut)
+
+        def claim() -> bool:
+            if fut.set_running_or_notify_cancel():
+                return True
+            self._settle(fut)
+            return False
+
+        self._loop.call_soon_threadsafe(lambda: self._pool.submit(spec, done, agent=self._agent, claim=claim))
+        return fut
+
+    def _settle(self, fut: UsageFuture) -> None:
+        with self._lock:
+            self._pending.discard(fut)
+            if self._shutdown and not self._pending:  # only shutdown waits for "all settled"
+                self._idle.notify_all()
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Any:
+        """Like ``Executor.map``: results in the order of the inputs (``chunksize`` is ignored)."""
+        return super().map(fn, *iterables, timeout=timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel what has not started; stop the workers."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._pending)
+        if cancel_futures:
+            for fut in pending:
+                if fut.cancel():
+                    self._settle(fut)
+        if not self._thread.is_alive():
+            return
+
+        def stop_when_idle() -> None:
+            with self._lock:
+                while self._pending:
+                    self._idle.wait()
+            if self._stop is not None:
+                self._loop.call_soon_threadsafe(self._stop.set)
+
+        if wait:
+            stop_when_idle()
+            self._thread.join()
+        else:
+            threading.Thread(target=stop_when_idle, daemon=True).start()

@@ -1,0 +1,190 @@
+"""Events: what happened in the world, numbered in a durable log, served to observers and waking agents.
+
+Every event (a task finished, a transfer, an artifact written, an agent blocked or woken, a worker
+crashed, …) gets the next sequence number in the log (``runtime.world.events.log.EventLog``, LMDB; or
+``runtime.world.events.postgres.PostgresEventLog``, shared by the nodes of a scale-out deployment) and is
+acknowledged only once it is on disk. After each commit the log hands the new events to
+
+- the in-process waiters: an agent sleeping in ``wait`` until an event concerning it arrives is woken
+  by the commit itself (no polling), then reads the log from where it left off;
+- its ``Notifier``s: the ZeroMQ PUB socket for live observers (``runtime.world.events.pub``), the Redis
+  relay that carries wake-ups to other nodes (``runtime.world.events.redis``). Notifiers are
+  fire-and-forget: a lost notification costs an observer a line or a remote waiter a wake-up, never
+  an event, because the log is the source of truth and everything downstream can re-read it by
+  sequence number.
+
+Each agent has a cursor (the last sequence number it has dealt with) kept in the same log, so that an
+agent that restarts resumes where it was.
+
+Invariants:
+
+- sequence numbers are 1, 2, 3, … without gaps, in commit order, and never reused;
+- ``at`` never decreases along the sequence (a clock stepping back is clamped);
+- an event is acknowledged (its future resolved, its waiters woken, its notifiers told) only after it
+  is durable;
+- a cursor never points past the last event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future
+from typing import Annotated, Any, Protocol
+
+from msgspec import Meta, Struct
+
+from runtime.errors import AecoError, ErrorCode
+
+#: Event kinds are ZeroMQ topics, so observers subscribe by prefix: keep them short, lowercase words.
+Kind = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+#: Same shape as a ledger account id.
+AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+
+#: The kinds the runtime itself emits (others are allowed: any ``Kind``), with who emits them:
+#: ``action`` (an agent's turn: ok or rejected, and why), ``transfer`` and ``rate_changed`` (``World``),
+#: ``artifact_written``/``_deleted``/``_invoked`` (``World``), ``agent_blocked``/``_unblocked`` (the
+#: buckets), ``system_reset`` (an operator's rollback, announced at start), ``task_failed`` (a task a
+#: crash interrupted, charged by the recovery). ``tests/unit/test_event_kinds.py`` keeps this list true.
+KINDS: tuple[str, ...] = (
+    "action",
+    "transfer",
+    "rate_changed",
+    "artifact_written",
+    "artifact_deleted",
+    "artifact_invoked",
+    "agent_blocked",
+    "agent_unblocked",
+    "system_reset",
+    "task_failed",
+)
+
+#: An event's encoded ``fields`` may not exceed this: events announce, they do not carry payloads
+#: (those belong in artifacts), and every waiter and observer pays for each byte.
+MAX_FIELDS_BYTES = 64 * 1024
+
+
+#: For ``last_addressed``: any kind of event.
+ANY_KIND = "*"
+
+
+class Event(Struct, frozen=True):
+    """One thing that happened, as kept in the log and sent to observers."""
+
+    seq: int
+    #: When it was committed: UTC unix time, non-decreasing along ``seq``.
+    at: float
+    kind: str
+    #: Whom it concerns; ``None`` concerns everyone (a broadcast).
+    agent: str | None
+    #: JSON-able details.
+    fields: dict[str, Any] = {}
+
+
+class EventError(AecoError, ValueError):
+    """An event or cursor update that was refused; nothing of it was written (``invalid``, ``closed``,
+    ``readonly``, ``cursor``)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message, code=code)
+
+
+def concerns(event: Event, kinds: Collection[str] | None, agent: str | None) -> bool:
+    """Whether ``event`` passes the filters of ``read`` and ``wait``: its kind is one of ``kinds``
+    (any kind when ``None``), and it is for ``agent`` or for everyone (any agent when ``None``)."""
+    if kinds is not None and event.kind not in kinds:
+        return False
+    return agent is None or event.agent is None or event.agent == agent
+
+
+class Notifier(Protocol):
+    """Something told of every committed event after the commit: the PUB socket for observers, the
+    Redis notifier for other nodes' waiters.
+
+    ``announce`` runs on the log's writer thread, between commits: it must not block (drop instead)
+    and should not raise (an exception is logged and ignored; the events are durable regardless).
+    A notifier that *receives* wake-ups from elsewhere hands them to the log's ``notice``.
+    """
+
+    def announce(self, events: Sequence[Event]) -> None:
+        """Pass on these committed events (in ``seq`` order)."""
+        ...
+
+
+class Events(Protocol):
+    """What every event log backend offers. Writes go through ``submit`` (group-committed: the future
+    resolves once the event is durable); reads see the last committed state and never wait for the
+    writer; ``wait`` sleeps until a matching event is durable."""
+
+    def submit(self, kind: str, agent: str | None = None, fields: dict[str, Any] | None = None) -> Future[Event]:
+        """Queue one event; the future gets it, numbered, once durable (or an ``EventError``)."""
+        ...
+
+    async def publish(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
+        """Append one event and return it once durable (waiters and observers have been told)."""
+        ...
+
+    def append(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
+        """``submit(...).result()``: blocks until durable, so not for the event loop's thread."""
+        ...
+
+    def read(
+        self,
+        since: int = 0,
+        *,
+        kinds: Collection[str] | None = None,
+        agent: str | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events with ``seq > since``, in order, that pass ``concerns(event, kinds, agent)``."""
+        ...
+
+    async def wait(
+        self,
+        agent: str,
+        *,
+        kinds: Collection[str] | None = None,
+        since: int | None = None,
+        timeout: float | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events for ``agent`` (or everyone) after ``since`` (default: the agent's cursor), as soon as
+        there is at least one; ``[]`` if none arrived within ``timeout`` seconds."""
+        ...
+
+    def last_seq(self) -> int:
+        """The sequence number of the last durable event (0 for an empty log)."""
+        ...
+
+    def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
+        """The newest seq of an event of ``kinds`` for ``agent`` (or everyone), at least among those
+        committed since the log was opened (LMDB: exactly those; PostgreSQL: the whole log)."""
+        ...
+
+    def cursor(self, agent: str) -> int:
+        """The agent's persisted cursor (0 if never set)."""
+        ...
+
+    def set_cursor(self, agent: str, seq: int) -> Future[int]:
+        """Queue a cursor update; the future resolves (with ``seq``) once it is durable."""
+        ...
+
+    def close(self) -> None:
+        """Commit what is queued, wake every waiter (they return ``[]``) and close the store."""
+        ...
+
+
+#: ``emit(kind, fields)``: an event for the log, queued without waiting for it (``fields["agent"]``,
+#: when set, is whom it concerns).
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def emitter(events: Events) -> Emit:
+    """``emit(kind, fields)`` for the world and the buckets: queued to the durable event log (which
+    wakes sleeping agents and tells observers once the event is on disk), without waiting for it."""
+
+    def emit(kind: str, fields: dict[str, Any]) -> None:
+        rest = dict(fields)
+        agent = rest.pop("agent", None)
+        events.submit(kind, agent if isinstance(agent, str) else None, rest)
+
+    return emit

@@ -1,0 +1,298 @@
+"""The event log in PostgreSQL, shared by every node of a scale-out deployment.
+
+Same contract as the LMDB ``EventLog`` (``runtime.world.events.Events``): one writer thread per node takes
+every queued item it can, numbers the events, writes them and the cursor updates in one transaction,
+and only after ``COMMIT`` (durable: ``synchronous_commit`` is on) wakes the local waiters, tells the
+notifiers and resolves the callers' futures.
+
+Sequence numbers are gapless across all nodes. A batch takes its seqs by incrementing a one-row
+counter (``events_head``) in the same transaction that inserts the events:
+
+- the ``UPDATE`` holds the row's lock until ``COMMIT``, so batches of different nodes are numbered
+  one after the other, never interleaved;
+- a batch that aborts rolls its increment back with its rows, so no number is ever skipped (a
+  PostgreSQL ``SEQUENCE`` is not transactional: an aborted batch would leave a gap);
+- the next batch can only take the lock once the previous one committed, so commit order is seq
+  order and no reader ever sees seq N without every seq below it. This is what lets another node
+  catch up by "everything after the last seq I saw" (``runtime.world.events.redis``) without missing an
+  event that commits late, which a ``SEQUENCE`` (numbers handed out before commit) would allow.
+
+The row also carries the last ``at``, so timestamps come from one clock (the server's) and never go
+back along the sequence whichever node writes. The price is that batches of all nodes commit one
+at a time; each batch holds the lock only for its inserts and its commit, and group commit makes
+batches larger as load grows.
+
+A node rides out a server restart or a dropped session: a batch whose connection turns out dead
+before its ``COMMIT`` is written again on a new connection (nothing of it was written), and a read
+is repeated once on another pooled connection. Only a connection lost *during* ``COMMIT`` fails its
+callers, since the outcome is then unknown.
+
+Local waiters are woken by local commits. Events committed by *other* nodes wake them only through a
+notifier that hears of those events and calls ``notice`` (``runtime.world.events.redis.RedisRelay``).
+
+Tables (prefix ``events_``): ``events_head`` (the counter), ``events_log`` (one row per event;
+``agent`` is ``''`` for a broadcast so that it can be indexed and compared), ``events_cursors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from runtime.host.postgres import DatabaseUnavailable, connect, migrate, redact
+from runtime.world.events import ANY_KIND, Event, EventError, Notifier
+from runtime.world.events.base import Append, CursorResults, Item, LogBase
+
+if TYPE_CHECKING:
+    from runtime.world.events import Events
+
+#: Schema steps for ``runtime.host.postgres.migrate``: append-only, never edit a step that has shipped.
+STEPS: tuple[str, ...] = (
+    """
+    CREATE TABLE events_head (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        seq bigint NOT NULL,
+        at double precision NOT NULL
+    );
+    INSERT INTO events_head (seq, at) VALUES (0, 0);
+    CREATE TABLE events_log (
+        seq bigint PRIMARY KEY,
+        at double precision NOT NULL,
+        kind text NOT NULL,
+        agent text NOT NULL,
+        fields json NOT NULL
+    );
+    CREATE INDEX events_log_agent_seq ON events_log (agent, seq);
+    CREATE INDEX events_log_agent_kind_seq ON events_log (agent, kind, seq);
+    CREATE TABLE events_cursors (
+        agent text PRIMARY KEY,
+        seq bigint NOT NULL
+    );
+    """,
+)
+
+_json_enc = msgspec.json.Encoder()
+_fields_dec = msgspec.json.Decoder(dict[str, Any])
+
+_NUMBER = (
+    "UPDATE events_head SET seq = seq + %s, at = greatest(at, extract(epoch FROM clock_timestamp())::float8) "
+    "RETURNING seq, at"
+)
+_COPY = "COPY events_log (seq, at, kind, agent, fields) FROM STDIN"
+_SET_CURSOR = (
+    "INSERT INTO events_cursors (agent, seq) VALUES (%s, %s) ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq"
+)
+_COLUMNS = "SELECT seq, at, kind, agent, fields::text FROM events_log WHERE seq > %s"
+# The newest event of one (agent, kind), or of one agent: one backward step down an index. Several are
+# combined with greatest() (which skips NULLs): cheaper to plan and run than a join over arrays.
+_NEWEST_OF_KIND = "(SELECT seq FROM events_log WHERE agent = %s AND kind = %s ORDER BY seq DESC LIMIT 1)"
+_NEWEST = "(SELECT seq FROM events_log WHERE agent = %s ORDER BY seq DESC LIMIT 1)"
+
+Row = tuple[int, float, str, str, str]
+
+
+def _event(row: Row) -> Event:
+    seq, at, kind, agent, fields = row
+    return Event(seq, at, kind, agent or None, _fields_dec.decode(fields))
+
+
+class PostgresEventLog(LogBase):
+    """The event log in the PostgreSQL database at ``url`` (see the module docstring).
+
+    Connecting follows ``runtime.host.postgres.connect``: a server that is still starting is waited for up
+    to ``deadline_s``, a rejected URL fails at once, and errors name the URL as ``what`` (without its
+    password). ``durable=False`` turns off ``synchronous_commit`` for this node's writes (for tests of
+    logic, never for real runs). ``readers`` bounds the pooled connections that serve reads.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durable: bool = True,
+        notifiers: Iterable[Notifier] = (),
+        max_batch: int = 4096,
+        readers: int = 4,
+        what: str = "POSTGRES_URL",
+        deadline_s: float = 30.0,
+    ) -> None:
+        super().__init__(notifiers=notifiers, max_batch=max_batch)
+        self.url, self._what, self._deadline_s, self._durable = url, what, deadline_s, durable
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = self._connect()
+        self._committing = False  # the writer's current batch has reached its COMMIT
+        # The writer connection proved the server is up: the pool only has to open its own.
+        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, readers),
+            kwargs={"autocommit": True},
+            name="events-readers",
+            num_workers=1,
+            open=False,
+        )
+        try:
+            migrate(self._conn, "events", STEPS)
+            try:
+                self._pool.open(wait=True, timeout=deadline_s)
+            except Exception as exc:
+                self._pool.close()
+                raise DatabaseUnavailable(f"{what}={redact(url)!r}: the event log's readers: {exc}") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+        #: The last seq when this log was opened: no waiter of this node has read anything before it.
+        self.opened_seq = self.last_seq()
+        self._start_writer()
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        conn = connect(self.url, what=self._what, deadline_s=self._deadline_s, autocommit=True)
+        if not self._durable:
+            conn.execute("SET synchronous_commit TO off")
+        return conn
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def _commit(self, batch: list[Item]) -> None:
+        for attempt in (1, 2):
+            try:
+                events, cursors = self._write(batch)
+            except psycopg.OperationalError as exc:
+                if attempt == 1 and not self._committing and self._conn is not None and self._conn.broken:
+                    # The connection died before COMMIT (the server restarted, or dropped an idle
+                    # session): nothing was written, so the batch is tried once more on a new one.
+                    continue
+                self._fail(batch, exc)
+                return
+            except BaseException as exc:
+                self._fail(batch, exc)
+                return
+            self._acknowledge(batch, events, cursors)
+            return
+
+    def _write(self, batch: list[Item]) -> tuple[list[Event], CursorResults]:
+        """One attempt at ``batch`` in one transaction; ``_committing`` turns true once all that is left
+        is the COMMIT (a failure from then on leaves the outcome unknown: never retried). Any
+        exception rolls the counter back with the rows, so the numbers stay gapless."""
+        self._committing = False
+        if self._conn is None or self._conn.broken:
+            self._conn = None
+            self._conn = self._connect()
+        conn = self._conn
+        events: list[Event] = []
+        cursors: CursorResults = []
+        with conn.transaction():
+            appends = sum(isinstance(it, Append) for it in batch)
+            if appends:
+                row = conn.execute(_NUMBER, (appends,)).fetchone()
+                assert row is not None, "invariant: events_head has its row"
+                seq, at = int(row[0]) - appends, float(row[1])
+            else:
+                head = conn.execute("SELECT seq FROM events_head").fetchone()
+                assert head is not None, "invariant: events_head has its row"
+                seq, at = int(head[0]), 0.0
+            rows: list[tuple[int, float, str, str, str]] = []
+            moves: list[tuple[str, int]] = []
+            for item in batch:
+                if isinstance(item, Append):
+                    seq += 1
+                    events.append(Event(seq, at, item.kind, item.agent, item.fields))
+                    rows.append((seq, at, item.kind, item.agent or "", _json_enc.encode(item.fields).decode()))
+                elif item.seq > seq:
+                    cursors.append((item.fut, EventError("cursor", f"{item.seq} is past the last event {seq}")))
+                else:
+                    moves.append((item.agent, item.seq))
+                    cursors.append((item.fut, item.seq))
+            with conn.cursor() as cur:
+                if rows:
+                    with cur.copy(_COPY) as copy:
+                        for r in rows:
+                            copy.write_row(r)
+                if moves:
+                    cur.executemany(_SET_CURSOR, moves)
+            # If the connection dies during the COMMIT the batch may be durable after all; its callers
+            # hear of the failure, while other nodes (and this node's own relay catch-up) see it.
+            self._committing = True
+        return events, cursors
+
+    def _close_store(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._pool.close()
+
+    # ------------------------------------------------------------------------------------- reads
+
+    def _fetch(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(query, params).fetchall()
+        except psycopg.OperationalError:
+            # A pooled connection the server dropped fails once (and the pool discards it); a read
+            # can safely be repeated on another.
+            with self._pool.connection() as conn:
+                return conn.execute(query, params).fetchall()
+
+    def last_seq(self) -> int:
+        """The sequence number of the last durable event of any node (0 for an empty log)."""
+        return int(self._fetch("SELECT seq FROM events_head", ())[0][0])
+
+    def read(
+        self,
+        since: int = 0,
+        *,
+        kinds: Collection[str] | None = None,
+        agent: str | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events with ``seq > since``, in order, of one of ``kinds`` (any if ``None``) and for ``agent``
+        or for everyone (any agent if ``None``); at most ``limit`` of them."""
+        if since < 0:
+            raise ValueError(f"since must be >= 0, not {since}")
+        if (limit is not None and limit <= 0) or (kinds is not None and not kinds):
+            return []
+        query = _COLUMNS
+        params: list[Any] = [since]
+        if kinds is not None:
+            query += " AND kind = ANY(%s)"
+            params.append(list(kinds))
+        if agent is not None:
+            query += " AND agent IN (%s, '')"
+            params.append(agent)
+        query += " ORDER BY seq"
+        if limit is not None:
+            query += " LIMIT %s"
+            params.append(limit)
+        return [_event(row) for row in self._fetch(query, tuple(params))]
+
+    def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
+        """The newest seq, among events of ``kinds`` (``ANY_KIND`` for all) in the whole log, that
+        concerns ``agent`` (addressed to it, or to everyone); 0 if none. One query whose cost does not
+        grow with the log: one index step per (agent or everyone, kind)."""
+        if not kinds:
+            return 0
+        if ANY_KIND in kinds:
+            parts, params = [_NEWEST, _NEWEST], [agent, ""]
+        else:
+            parts = [_NEWEST_OF_KIND] * (2 * len(kinds))
+            params = [x for who in (agent, "") for kind in kinds for x in (who, kind)]
+        return int(self._fetch(f"SELECT coalesce(greatest({', '.join(parts)}), 0)", tuple(params))[0][0])
+
+    def cursor(self, agent: str) -> int:
+        """The agent's persisted cursor (0 if it never set one)."""
+        rows = self._fetch("SELECT seq FROM events_cursors WHERE agent = %s", (agent,))
+        return int(rows[0][0]) if rows else 0
+
+    def cursors(self) -> dict[str, int]:
+        """Every persisted cursor."""
+        return {str(a): int(s) for a, s in self._fetch("SELECT agent, seq FROM events_cursors", ())}
+
+
+if TYPE_CHECKING:
+
+    def _conforms(events: PostgresEventLog) -> Events:
+        """The class satisfies the interface (checked by mypy)."""
+        return events

@@ -1,0 +1,778 @@
+"""The artifact store as a bare Git repository written with dulwich, with group commit and an LMDB index.
+
+Layout of HEAD's tree: each artifact is two blobs side by side, ``<id>`` (the content) and
+``<id>.meta.json`` (kind, creator, owner, price, readable, created, updated, size), so that history and
+rollback carry the metadata with the bytes. The tree fans out by the first two hex digits of
+``sha1(id)``, one digit per level (``3/f/<id>``): a commit rewrites three small trees (16 entries at
+the two upper levels, about N/128 at the leaf) instead of one tree holding every artifact. A flat
+256-way first level would cost ~7 KB of root tree per commit; two levels of 16 cost under 1 KB.
+
+Every write, delete or reset is one commit on ``refs/heads/main`` (HEAD is a symbolic ref to it),
+authored by the agent (``<agent> <agent@agents.invalid>``) or operator, committed by
+``agent-ecology <runtime@agents.invalid>``, whose parent is the previous commit. The first commit of a
+store is an empty tree ("create artifact store").
+
+Group commit: one writer thread takes every queued operation (up to ``max_batch``), checks and applies
+them in order against one LMDB write transaction (so ownership and quota checks see the earlier
+operations of the batch), builds one chained commit per operation in memory, writes all the batch's
+new objects as ONE pack, moves ``refs/heads/main`` once, commits the index, and only then resolves the
+callers' futures.
+
+Durability: the pack and its index are written to temporary files, fsync'd, renamed into
+``objects/pack`` and the directory fsync'd; then the ref is replaced with dulwich's lock-file protocol
+(fsync'd, renamed) and ``refs/heads`` fsync'd; then the LMDB index commits with ``fdatasync``
+(``metasync`` off: the index is derived data, checked against the repository on open). A crash before
+the ref moves leaves only unreferenced objects; a crash after it but before the index commit leaves an
+index whose recorded head differs from the repository's, which is rebuilt from HEAD's tree on open.
+
+The HEAD index lives outside Git, in the LMDB environment ``<path>.index``: id -> metadata and blob
+ids, agent -> bytes owned, and the head it describes. Agent reads go to the index and then fetch one
+blob by id: they never walk history. Operator calls (``history``, ``show``, ``rollback``) do.
+
+Each batch adds a pack; when there are more than ``max_packs``, the smaller packs are rolled up into
+one (git's ``repack --geometric=2`` rule), copying their compressed objects without recompressing.
+The new pack is installed before the old ones are removed, so every object is always in some pack.
+A roll-up runs before its batch is acknowledged, so an idle store is never removing packs; a
+``git fsck`` that runs *during* one may, as during git's own ``repack -d``, see a pack vanish.
+
+One process at a time: the store holds an exclusive ``flock`` on ``<path>/agent-ecology.lock``, which
+is also what makes it safe to remove a ref lock file or temporary pack left behind by a killed writer.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lmdb
+import msgspec
+from dulwich.object_store import DiskObjectStore
+from dulwich.objects import Blob, Commit, ObjectID, ShaFile, Tree
+from dulwich.pack import (
+    full_unpacked_object,
+)
+from dulwich.refs import DiskRefsContainer, Ref
+from dulwich.repo import Repo
+
+from runtime.world.store import (
+    AgentName,
+    Artifact,
+    ArtifactInfo,
+    CommitInfo,
+    DeleteOp,
+    HistoryEntry,
+    Kind,
+    Price,
+    Readable,
+    Size,
+    Store,
+    StoreError,
+    WriteOp,
+    WriteReceipt,
+    check_agent,
+    check_delete,
+    check_id,
+    check_write,
+    git_packs,
+)
+
+BRANCH = Ref(b"refs/heads/main")
+COMMITTER = b"agent-ecology <runtime@agents.invalid>"
+META_SUFFIX = ".meta.json"
+#: Levels of fan-out, one hex digit of sha1(id) each. Fixed for a repository: changing it needs a migration.
+FANOUT_LEVELS = 2
+LOCK_NAME = "agent-ecology.lock"
+_DIR_MODE = 0o040000
+_FILE_MODE = 0o100644
+_BLOB = Blob.type_num
+_HEX_RE = re.compile(r"^[0-9a-f]{4,40}$")
+_U64 = struct.Struct(">Q")
+log = logging.getLogger("runtime.world.store")
+
+
+class _Meta(msgspec.Struct, frozen=True):
+    """The ``<id>.meta.json`` blob. Unknown fields are tolerated so that a later version can add some."""
+
+    kind: Kind
+    creator: AgentName
+    owner: AgentName
+    price: Price
+    readable: Readable
+    created: float
+    updated: float
+    size: Size
+
+
+class _Entry(msgspec.Struct, frozen=True, array_like=True):
+    """An index record: the metadata and the two blob ids of one artifact at HEAD."""
+
+    meta: _Meta
+    blob: bytes
+    meta_blob: bytes
+
+    def info(self, aid: str) -> ArtifactInfo:
+        m = self.meta
+        return ArtifactInfo(aid, m.kind, m.creator, m.owner, m.price, m.readable, m.created, m.updated, m.size)
+
+
+_meta_json_dec = msgspec.json.Decoder(_Meta)
+_entry_dec = msgspec.msgpack.Decoder(_Entry)
+_enc = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class _Reset:
+    target: ObjectID
+    operator: str
+
+
+_Op = WriteOp | DeleteOp | _Reset
+_Item = tuple[_Op, "Future[Any]"]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What a batch has built so far: its new objects (deduplicated) and the tip of its commit chain."""
+
+    head: ObjectID
+    tree: ObjectID
+    objects: dict[ObjectID, ShaFile]
+
+    def add(self, obj: ShaFile) -> ObjectID:
+        sha = obj.id
+        self.objects.setdefault(sha, obj)
+        return sha
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def fanout(aid: str) -> tuple[str, ...]:
+    """The directory path of ``aid``'s blobs, one element per level (``("3", "f")``)."""
+    digest = hashlib.sha1(aid.encode(), usedforsecurity=False).hexdigest()
+    return tuple(digest[:FANOUT_LEVELS])
+
+
+def _ident(name: str, domain: str) -> bytes:
+    return f"{name} <{name}@{domain}>".encode()
+
+
+def _tree_of(entries: dict[bytes, tuple[int, ObjectID]]) -> Tree:
+    tree = Tree()
+    for name, (mode, sha) in entries.items():
+        tree.add(name, mode, sha)
+    return tree
+
+
+class GitStore(Store):
+    """The Git artifact store at ``path`` (a bare repository, created if missing).
+
+    ``durable=False`` skips every fsync (for tests of logic, never for real runs). ``max_batch`` bounds
+    the operations of one group commit; ``max_packs`` is the pack count above which packs are rolled up.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        durable: bool = True,
+        max_batch: int = 1024,
+        max_packs: int = 16,
+        map_size: int = 1 << 34,
+    ) -> None:
+        self.path = Path(path)
+        self.index_path = Path(f"{self.path}.index")
+        self._durable = durable
+        self._max_packs = max(2, max_packs)
+        self._pack_dir = self.path / "objects" / "pack"
+        if not (self.path / "HEAD").exists():
+            self._create()
+        self._lock_fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreError("closed", f"the store at {self.path} is open in another process") from None
+        try:
+            self._clean_leftovers()
+            #: Packs we may roll up (name -> objects); a pack with a ``.keep`` file is left alone, as git does.
+            self._packs = {
+                p.stem: git_packs.idx_count(p)
+                for p in self._pack_dir.glob("pack-*.idx")
+                if not p.with_suffix(".keep").exists()
+            }
+            self._refs = DiskRefsContainer(self.path)
+            self._wobjects = self._open_objects()  # the writer thread's
+            self._robjects = self._open_objects()  # everyone else's, under _robjects_lock
+            self._robjects_lock = threading.Lock()
+            head = self._refs.read_ref(BRANCH)
+            if head is None:
+                raise StoreError("invalid", f"{self.path} has no {BRANCH.decode()}: not an artifact store")
+            commit = self._wobjects[ObjectID(head)]
+            assert isinstance(commit, Commit), f"invariant: {BRANCH.decode()} points to a {commit.type_name!r}"
+            #: The durable HEAD commit and its tree, replaced as one tuple so that other threads never
+            #: see a commit with another commit's tree.
+            self._committed: tuple[ObjectID, ObjectID] = (commit.id, commit.tree)
+            self.index_path.mkdir(exist_ok=True)
+            self.env = lmdb.open(
+                str(self.index_path),
+                map_size=map_size,
+                max_dbs=4,
+                sync=durable,
+                metasync=False,
+                max_readers=512,
+            )
+            self._arts = self.env.open_db(b"artifacts")
+            self._usage = self.env.open_db(b"usage")
+            self._state = self.env.open_db(b"state")
+            with self.env.begin() as txn:
+                indexed_head = txn.get(b"head", db=self._state)
+            #: True when the index did not describe the repository's HEAD and was rebuilt on open.
+            self.rebuilt_index = indexed_head is None or bytes(indexed_head) != commit.id
+            if self.rebuilt_index:
+                with self.env.begin(write=True) as txn:
+                    self._reindex(txn, commit.tree)
+                    txn.put(b"head", commit.id, db=self._state)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        # The writer's view of the tip: tree entries by directory path ("" is the root), filled lazily.
+        self._dirs: dict[str, dict[bytes, tuple[int, ObjectID]]] = {}
+        self._tip_tree = commit.tree
+        self._broken: str | None = None
+        self._init_writer("store-writer", max_batch)
+        self._start_writer()
+
+    # ------------------------------------------------------------------------------- opening
+
+    def _create(self) -> None:
+        """Create the repository with its first commit in a temporary directory, then rename it into
+        place, so that a crash never leaves a half-made store at ``path``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            Repo.init_bare(tmp, mkdir=True, default_branch=b"main").close()
+            empty = Tree()
+            now = int(time.time())
+            first = Commit()
+            first.tree = empty.id
+            first.author = first.committer = COMMITTER
+            first.author_time = first.commit_time = now
+            first.author_timezone = first.commit_timezone = 0
+            first.message = b"create artifact store\n"
+            git_packs.write_pack(
+                tmp / "objects" / "pack", (full_unpacked_object(o) for o in (empty, first)), 2, self._durable
+            )
+            refs = DiskRefsContainer(tmp)
+            if not refs.set_if_equals(BRANCH, None, first.id):
+                raise RuntimeError(f"could not set {BRANCH.decode()} in {tmp}")
+            if self._durable:
+                git_packs.fsync_dir(tmp / "refs" / "heads")
+                git_packs.fsync_dir(tmp)
+            os.rename(tmp, self.path)
+            if self._durable:
+                git_packs.fsync_dir(self.path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _clean_leftovers(self) -> None:
+        """Remove what a killed writer may have left (we hold the flock: no one else is writing)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / "refs" / "heads" / "main.lock").unlink()
+        for p in self._pack_dir.iterdir():
+            # tmp_*: a pack or index being written; a .pack without its .idx: a pack renamed into place
+            # whose index was not (its objects are unreferenced), or one being removed by a roll-up.
+            orphan = p.suffix == ".pack" and not p.with_suffix(".idx").exists()
+            if p.name.startswith("tmp_") or orphan:
+                p.unlink()
+
+    def _open_objects(self) -> DiskObjectStore:
+        return DiskObjectStore(str(self.path / "objects"), pack_compression_level=git_packs.ZLEVEL)
+
+    # ------------------------------------------------------------------------------ requests
+
+    def rollback(self, to_commit: str, operator: str = "system") -> str:
+        """A new commit, authored by ``operator``, whose tree is ``to_commit``'s (a commit of HEAD's
+        history, by full id or unique prefix); the index and usage follow. Return the new commit."""
+        check_agent(operator, "operator")
+        target = self._resolve(to_commit)
+        fut: Future[str] = self._submit(_Reset(target, operator))
+        return fut.result()
+
+    # -------------------------------------------------------------------------------- writer
+
+    def _commit(self, batch: list[_Item]) -> None:
+        if self._broken is not None:
+            for _, fut in batch:
+                fut.set_exception(StoreError("closed", self._broken))
+            return
+        outcomes: list[tuple[Future[Any], object]] = []
+        head, head_tree = self._committed
+        b = _Batch(head, self._tip_tree, {})
+        moved = False
+        txn = self.env.begin(write=True)
+        try:
+            for op, fut in batch:
+                try:
+                    outcomes.append((fut, self._apply(txn, b, op)))
+                except StoreError as exc:
+                    outcomes.append((fut, exc))
+            if b.head != head:
+                records = (full_unpacked_object(o) for o in b.objects.values())
+                base = git_packs.write_pack(self._pack_dir, records, len(b.objects), self._durable)
+                self._packs[base] = len(b.objects)
+                if not self._refs.set_if_equals(BRANCH, head, b.head):
+                    raise RuntimeError(f"{BRANCH.decode()} moved under the store: is another process writing?")
+                moved = True
+                if self._durable:
+                    git_packs.fsync_dir(self.path / "refs" / "heads")
+                txn.put(b"head", b.head, db=self._state)
+            txn.commit()
+        except BaseException as exc:
+            txn.abort()
+            if not moved:
+                # Nothing is referenced: forget the batch's trees and fail every caller.
+                self._dirs.clear()
+                self._tip_tree = head_tree
+                err = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                for _, fut in batch:
+                    fut.set_exception(err)
+                return
+            # The commits are durable in Git but the index did not follow: rebuild it from HEAD.
+            self._committed = (b.head, b.tree)
+            try:
+                with self.env.begin(write=True) as txn2:
+                    self._reindex(txn2, b.tree)
+                    txn2.put(b"head", b.head, db=self._state)
+            except BaseException as exc2:
+                self._broken = f"the index could not follow HEAD ({exc2!r}); reopen the store to rebuild it"
+        else:
+            self._committed = (b.head, b.tree)
+            # Before acknowledging: once every caller has its answer no pack is being removed, so that
+            # a `git fsck` run after the last write does not race a roll-up.
+            if len(self._packs) > self._max_packs:
+                try:
+                    self._roll_up()
+                except Exception:  # the batch is durable: keep the packs as they are, retry after the next
+                    log.exception("pack roll-up failed")
+        for fut, res in outcomes:
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op) -> object:
+        if isinstance(op, WriteOp):
+            return self._apply_write(txn, b, op)
+        if isinstance(op, DeleteOp):
+            return self._apply_delete(txn, b, op)
+        return self._apply_reset(txn, b, op)
+
+    def _apply_write(self, txn: lmdb.Transaction, b: _Batch, op: WriteOp) -> WriteReceipt:
+        key = op.id.encode()
+        raw = txn.get(key, db=self._arts)
+        old = _entry_dec.decode(raw) if raw is not None else None
+        before = self._owned(txn, op.agent)
+        owner, old_size = (old.meta.owner, old.meta.size) if old is not None else (None, 0)
+        after = check_write(op, owner, old_size, before)
+        size = len(op.content)
+        now = time.time()
+        meta = _Meta(
+            kind=op.kind,
+            creator=old.meta.creator if old is not None else op.agent,
+            owner=op.agent,
+            price=op.price,
+            readable=op.readable,
+            created=old.meta.created if old is not None else now,
+            updated=now,
+            size=size,
+        )
+        blob = b.add(Blob.from_string(op.content))
+        meta_blob = b.add(Blob.from_string(msgspec.json.encode(meta) + b"\n"))
+        self._set(b, op.id, (blob, meta_blob))
+        commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"write {op.id} ({size} bytes)", now)
+        txn.put(key, _enc.encode(_Entry(meta, blob, meta_blob)), db=self._arts)
+        self._set_owned(txn, op.agent, after)
+        return WriteReceipt(op.id, commit.decode(), old is None, size, after)
+
+    def _apply_delete(self, txn: lmdb.Transaction, b: _Batch, op: DeleteOp) -> str:
+        key = op.id.encode()
+        raw = txn.get(key, db=self._arts)
+        old = _entry_dec.decode(raw) if raw is not None else None
+        check_delete(op, old.meta.owner if old is not None else None, old.meta.readable if old is not None else None)
+        assert old is not None
+        self._set(b, op.id, None)
+        commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"delete {op.id}", time.time())
+        txn.delete(key, db=self._arts)
+        self._set_owned(txn, op.agent, self._owned(txn, op.agent) - old.meta.size)
+        return commit.decode()
+
+    def _apply_reset(self, txn: lmdb.Transaction, b: _Batch, op: _Reset) -> str:
+        target = self._wobjects[op.target]
+        assert isinstance(target, Commit), f"invariant: resolved {op.target!r} is not a commit"
+        self._dirs.clear()
+        b.tree = self._tip_tree = target.tree
+        commit = self._chain(b, _ident(op.operator, "operators.invalid"), f"system reset to {op.target.decode()}", None)
+        self._reindex(txn, target.tree)
+        return commit.decode()
+
+    def _chain(self, b: _Batch, author: bytes, message: str, now: float | None) -> ObjectID:
+        """Append a commit of the current tip tree to the batch's chain."""
+        c = Commit()
+        c.tree = b.tree
+        c.parents = [b.head]
+        c.author = author
+        c.committer = COMMITTER
+        c.author_time = c.commit_time = int(time.time() if now is None else now)
+        c.author_timezone = c.commit_timezone = 0
+        c.message = message.encode() + b"\n"
+        b.head = b.add(c)
+        return b.head
+
+    def _dir(self, path: str) -> dict[bytes, tuple[int, ObjectID]]:
+        """The tip's entries of directory ``path``, loaded from the repository on first use."""
+        d = self._dirs.get(path)
+        if d is None:
+            if path == "":
+                sha: ObjectID | None = self._tip_tree
+            else:
+                parent, _, name = path.rpartition("/")
+                entry = self._dir(parent).get(name.encode())
+                sha = entry[1] if entry is not None else None
+            d = {}
+            if sha is not None:
+                tree = self._wobjects[sha]
+                assert isinstance(tree, Tree), f"invariant: {path!r} is a {tree.type_name!r}, not a tree"
+                d = {e.path: (e.mode, e.sha) for e in tree.iteritems()}
+            self._dirs[path] = d
+        return d
+
+    def _set(self, b: _Batch, aid: str, blobs: tuple[ObjectID, ObjectID] | None) -> None:
+        """Put (or, with None, remove) ``aid``'s two blobs in the tip tree; rewrite the trees on its path."""
+        levels = fanout(aid)
+        paths = ["/".join(levels[:i]) for i in range(len(levels) + 1)]  # "", "3", "3/f"
+        leaf = self._dir(paths[-1])
+        name, meta_name = aid.encode(), (aid + META_SUFFIX).encode()
+        if blobs is None:
+            leaf.pop(name, None)
+            leaf.pop(meta_name, None)
+        else:
+            leaf[name] = (_FILE_MODE, blobs[0])
+            leaf[meta_name] = (_FILE_MODE, blobs[1])
+        # Bottom up; an emptied directory disappears from its parent (Git has no empty directories).
+        child: ObjectID | None = b.add(_tree_of(leaf)) if leaf else None
+        for depth in range(len(levels) - 1, -1, -1):
+            parent = self._dir(paths[depth])
+            key = levels[depth].encode()
+            if child is None:
+                parent.pop(key, None)
+            else:
+                parent[key] = (_DIR_MODE, child)
+            child = b.add(_tree_of(parent)) if parent or depth == 0 else None
+        assert child is not None
+        b.tree = self._tip_tree = child
+
+    # ------------------------------------------------------------------------------- index
+
+    def _owned(self, txn: lmdb.Transaction, agent: str) -> int:
+        v = txn.get(agent.encode(), db=self._usage)
+        return _U64.unpack(v)[0] if v is not None else 0
+
+    def _set_owned(self, txn: lmdb.Transaction, agent: str, value: int) -> None:
+        assert value >= 0, f"invariant: `{agent}` would own {value} bytes"
+        if value:
+            txn.put(agent.encode(), _U64.pack(value), db=self._usage)
+        else:
+            txn.delete(agent.encode(), db=self._usage)
+
+    def _reindex(self, txn: lmdb.Transaction, tree: ObjectID) -> None:
+        """Replace the index's artifacts and usage with those of ``tree`` (read from the repository by
+        the writer's object store: called by the writer thread, or before it starts)."""
+        txn.drop(self._arts, delete=False)
+        txn.drop(self._usage, delete=False)
+        owned: dict[str, int] = {}
+        objects = self._wobjects
+        for aid, (blob, meta_blob) in _scan(objects.__getitem__, tree).items():
+            meta = _read_meta(objects.get_raw, meta_blob)
+            txn.put(aid.encode(), _enc.encode(_Entry(meta, blob, meta_blob)), db=self._arts)
+            owned[meta.owner] = owned.get(meta.owner, 0) + meta.size
+        for agent, n in owned.items():
+            self._set_owned(txn, agent, n)
+
+    # ------------------------------------------------------------------------------- packs
+
+    def _roll_up(self) -> None:
+        """Merge the smaller packs into one (``git_packs.to_roll_up``), drop the merged ones."""
+        bases = git_packs.to_roll_up(self._packs, self._max_packs)
+        base, count = git_packs.merge_packs(self._pack_dir, bases, self._wobjects.get_raw, self._durable)
+        for old in bases:
+            del self._packs[old]
+            if old != base:  # the merge may reproduce a pack byte for byte (the others held only copies)
+                git_packs.remove_pack(self._pack_dir, old)
+        self._packs[base] = count
+        if self._durable:
+            git_packs.fsync_dir(self._pack_dir)
+        # Drop cached handles on the removed packs (they would keep the deleted files' space).
+        self._wobjects.close()
+        self._wobjects = self._open_objects()
+        with self._robjects_lock:
+            self._robjects.close()
+            self._robjects = self._open_objects()
+
+    # --------------------------------------------------------------------------------- reads
+
+    def _check_open(self) -> None:
+        if self.stopped:
+            raise StoreError("closed", "the store is closed")
+        if self._broken is not None:
+            raise StoreError("closed", self._broken)
+
+    def _entry(self, aid: str) -> _Entry | None:
+        with self.env.begin() as txn:
+            raw = txn.get(aid.encode(), db=self._arts)
+        return _entry_dec.decode(raw) if raw is not None else None
+
+    def _raw(self, sha: bytes) -> tuple[int, bytes]:
+        # One object per lock hold: a long operator walk never keeps agents' reads waiting for long.
+        with self._robjects_lock:
+            return self._robjects.get_raw(ObjectID(sha))
+
+    def _blob(self, sha: bytes) -> bytes:
+        type_num, raw = self._raw(sha)
+        assert type_num == _BLOB, f"invariant: {sha!r} is not a blob"
+        return raw
+
+    def _obj(self, sha: bytes) -> ShaFile:
+        with self._robjects_lock:
+            return self._robjects[ObjectID(sha)]
+
+    def read(self, agent: str, id: str) -> Artifact:
+        """The artifact at HEAD, if ``agent`` may read it; ``not_found`` otherwise (even when it exists
+        but is readable by its owner only: its existence is not revealed)."""
+        self._check_open()
+        aid = check_id(id)
+        entry = self._entry(aid)
+        if entry is None or (entry.meta.readable == "owner" and entry.meta.owner != agent):
+            raise StoreError("not_found", f"no artifact `{aid}`")
+        m = entry.meta
+        content = self._blob(entry.blob)
+        assert len(content) == m.size, f"invariant: `{aid}` is {len(content)} bytes, indexed as {m.size}"
+        return _artifact(aid, m, content)
+
+    def list(self, agent: str) -> builtins.list[ArtifactInfo]:
+        """Every artifact at HEAD that ``agent`` can see (public ones and its own), by id."""
+        self._check_open()
+        out: builtins.list[ArtifactInfo] = []
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self._arts):
+                e = _entry_dec.decode(v)
+                if e.meta.readable == "public" or e.meta.owner == agent:
+                    out.append(e.info(bytes(k).decode()))
+        return out
+
+    def owned_bytes(self, agent: str) -> int:
+        """Content bytes ``agent`` owns at HEAD."""
+        self._check_open()
+        with self.env.begin() as txn:
+            return self._owned(txn, agent)
+
+    def usage(self) -> dict[str, int]:
+        """Content bytes owned at HEAD, per agent that owns any."""
+        self._check_open()
+        with self.env.begin() as txn:
+            return {bytes(k).decode(): _U64.unpack(v)[0] for k, v in txn.cursor(db=self._usage)}
+
+    def head(self) -> str:
+        """The current HEAD commit (hex)."""
+        return self._committed[0].decode()
+
+    def indexed(self) -> dict[str, tuple[ArtifactInfo, str]]:
+        """Every artifact in the HEAD index, with its content blob id."""
+        self._check_open()
+        with self.env.begin() as txn:
+            entries = [(bytes(k).decode(), _entry_dec.decode(v)) for k, v in txn.cursor(db=self._arts)]
+        return {aid: (e.info(aid), e.blob.decode()) for aid, e in entries}
+
+    def walk_head(self) -> dict[str, tuple[ArtifactInfo, str]]:
+        """Every artifact in HEAD's tree, read from the repository (not the index); sizes are the
+        content blobs' real lengths. Operator only (it reads every blob)."""
+        self._check_open()
+        out: dict[str, tuple[ArtifactInfo, str]] = {}
+        for aid, (blob, meta_blob) in _scan(self._obj, self._committed[1]).items():
+            m = _read_meta(self._raw, meta_blob)
+            size = len(self._blob(blob))
+            info = ArtifactInfo(aid, m.kind, m.creator, m.owner, m.price, m.readable, m.created, m.updated, size)
+            out[aid] = (info, blob.decode())
+        return out
+
+    # ------------------------------------------------------------------------- operator only
+
+    def _first_parents(self) -> Iterator[Commit]:
+        sha: ObjectID | None = self._committed[0]
+        while sha is not None:
+            c = self._obj(sha)
+            assert isinstance(c, Commit), f"invariant: {sha!r} in the history is not a commit"
+            yield c
+            sha = c.parents[0] if c.parents else None
+
+    def _resolve(self, commit: str) -> ObjectID:
+        """A commit of HEAD's history, named by its full id or a unique prefix of at least 4 hex digits."""
+        self._check_open()
+        want = commit.strip().lower() if isinstance(commit, str) else ""
+        if not _HEX_RE.match(want):
+            raise StoreError("invalid", f"{commit!r} is not a commit id (4 to 40 hex digits)")
+        found = [c.id for c in self._first_parents() if c.id.decode().startswith(want)]
+        if not found:
+            raise StoreError("not_found", f"no commit {want} in the store's history")
+        if len(found) > 1:
+            raise StoreError("invalid", f"commit prefix {want} is ambiguous ({len(found)} commits)")
+        return found[0]
+
+    def _lookup(self, tree: ObjectID, aid: str) -> tuple[ObjectID, ObjectID] | None:
+        """``aid``'s (content, meta) blob ids in ``tree``, or None."""
+        sha = tree
+        for level in fanout(aid):
+            t = self._obj(sha)
+            assert isinstance(t, Tree)
+            try:
+                _, sha = t[level.encode()]
+            except KeyError:
+                return None
+        leaf = self._obj(sha)
+        assert isinstance(leaf, Tree)
+        try:
+            return leaf[aid.encode()][1], leaf[(aid + META_SUFFIX).encode()][1]
+        except KeyError:
+            return None
+
+    def last_commit(self) -> CommitInfo:
+        """What the HEAD commit did (for example, a reset made while the runtime was stopped)."""
+        self._check_open()
+        c = self._obj(self._committed[0])
+        assert isinstance(c, Commit)
+        subject = c.message.split(b"\n", 1)[0].decode(errors="replace")
+        word, _, rest = subject.partition(" ")
+        action: Literal["create", "write", "delete", "reset"]
+        target: str | None = None
+        if word in ("write", "delete"):
+            action, target = ("write" if word == "write" else "delete"), rest.split(" ", 1)[0]
+        elif word == "system":
+            action = "reset"
+        else:
+            action = "create"
+        author = c.author.split(b" <", 1)[0].decode(errors="replace")
+        return CommitInfo(c.id.decode(), author, float(c.author_time), action, target, subject)
+
+    def history(self, id: str) -> builtins.list[HistoryEntry]:
+        """Every commit of HEAD's history that changed ``id`` (write, delete, or an operator's reset that
+        touched it), newest first. Walks the history: operator only."""
+        aid = check_id(id)
+        self._check_open()
+        out: builtins.list[HistoryEntry] = []
+        for c in self._first_parents():
+            first = c.message.split(b"\n", 1)[0].decode(errors="replace")
+            action, _, rest = first.partition(" ")
+            kind: Literal["write", "delete", "reset"]
+            if action in ("write", "delete"):
+                if rest.split(" ", 1)[0] != aid:
+                    continue
+                kind = "write" if action == "write" else "delete"
+                now = self._lookup(c.tree, aid)
+            elif action == "system" and c.parents:
+                # A reset names no artifact: it changed this one if its blobs differ from the parent's.
+                now = self._lookup(c.tree, aid)
+                parent = self._obj(c.parents[0])
+                assert isinstance(parent, Commit)
+                if now == self._lookup(parent.tree, aid):
+                    continue
+                kind = "reset"
+            else:
+                continue
+            size = _read_meta(self._raw, now[1]).size if now is not None else 0
+            author = c.author.split(b" <", 1)[0].decode(errors="replace")
+            out.append(HistoryEntry(c.id.decode(), author, float(c.author_time), kind, size))
+        return out
+
+    def show(self, id: str, commit: str) -> Artifact:
+        """``id`` as it was at ``commit`` (a commit of HEAD's history). Operator only."""
+        aid = check_id(id)
+        c = self._obj(self._resolve(commit))
+        assert isinstance(c, Commit)
+        found = self._lookup(c.tree, aid)
+        if found is None:
+            raise StoreError("not_found", f"no artifact `{aid}` at commit {c.id.decode()}")
+        m = _read_meta(self._raw, found[1])
+        content = self._blob(found[0])
+        return _artifact(aid, m, content)
+
+    # -------------------------------------------------------------------------------- close
+
+    def close(self) -> None:
+        """Apply what is queued, stop the writer, and release the index, the packs and the lock."""
+        if not self._stop_writer():
+            return
+        self.env.close()
+        self._wobjects.close()
+        with self._robjects_lock:
+            self._robjects.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> GitStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------- module
+
+
+def _artifact(aid: str, m: _Meta, content: bytes) -> Artifact:
+    return Artifact(aid, m.kind, m.creator, m.owner, m.price, m.readable, m.created, m.updated, len(content), content)
+
+
+def _read_meta(raw: Callable[[ObjectID], tuple[int, bytes]], sha: ObjectID) -> _Meta:
+    type_num, data = raw(sha)
+    assert type_num == _BLOB, f"invariant: metadata {sha!r} is not a blob"
+    return _meta_json_dec.decode(data)
+
+
+def _scan(get: Callable[[ObjectID], ShaFile], tree: ObjectID) -> dict[str, tuple[ObjectID, ObjectID]]:
+    """Every artifact in ``tree``: id -> (content blob, metadata blob). Raises ``StoreError("invalid")``
+    when the tree is not a store's (a blob without its metadata, or the reverse, or a stray entry)."""
+    content: dict[str, ObjectID] = {}
+    metas: dict[str, ObjectID] = {}
+    stack = [(tree, 0)]
+    while stack:
+        sha, depth = stack.pop()
+        t = get(sha)
+        assert isinstance(t, Tree), f"invariant: {sha!r} is not a tree"
+        for e in t.iteritems():
+            name = e.path.decode()
+            if depth < FANOUT_LEVELS:
+                if e.mode != _DIR_MODE:
+                    raise StoreError("invalid", f"stray file {name!r} at fan-out depth {depth} of tree {tree!r}")
+                stack.append((e.sha, depth + 1))
+            elif name.endswith(META_SUFFIX):
+                metas[name[: -len(META_SUFFIX)]] = e.sha
+            else:
+                content[name] = e.sha
+    if content.keys() != metas.keys():
+        odd = sorted(content.keys() ^ metas.keys())
+        raise StoreError("invalid", f"artifacts without content or metadata in tree {tree!r}: {odd[:5]}")
+    return {aid: (content[aid], metas[aid]) for aid in content}
