@@ -191,16 +191,15 @@ def _prctl(option: int, arg: int, arg2: Any = 0) -> None:
     _check(_libc.prctl(_Int(option), _ULong(arg), second, zero, zero), f"prctl({option})")
 
 
-def _seal(path: str, recursive: bool, nodev: bool = True) -> None:
-    """Make the mount at ``path`` (and, ``recursive``, every mount under it) read-only, nosuid and
-    (``nodev``) nodev: one ``mount_setattr`` (Linux >= 5.12), else a bind remount per mount."""
-    flags = _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_NODEV if nodev else 0)
-    attr = (_U64 * 4)(flags, 0, 0, 0)
+def _seal(path: str) -> None:
+    """Make the mount at ``path`` and every mount under it read-only, nosuid and nodev: one
+    ``mount_setattr`` (Linux >= 5.12), else a bind remount per mount."""
+    attr = (_U64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
     ret = _syscall(
         "mount_setattr",
         _Int(_AT_FDCWD),
         path.encode(),
-        _UInt(_AT_RECURSIVE if recursive else 0),
+        _UInt(_AT_RECURSIVE),
         _ctypes.byref(attr),
         _ULong(_ctypes.sizeof(attr)),
     )
@@ -208,11 +207,10 @@ def _seal(path: str, recursive: bool, nodev: bool = True) -> None:
         return
     if _ctypes.get_errno() != errno.ENOSYS:
         _check(ret, f"mount_setattr {path}")
-    for mnt in _mounts_under(path) if recursive else [path]:
+    for mnt in _mounts_under(path):
         # The flags a user namespace locked on the source (noexec, the atime mode) must be kept.
         kept = os.statvfs(mnt).f_flag & (_MS_NOEXEC | 1024 | 2048)  # ST_NOEXEC, ST_NOATIME, ST_NODIRATIME
-        extra = _MS_NODEV if nodev else 0
-        _mount(None, mnt, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | extra | kept)
+        _mount(None, mnt, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | kept)
 
 
 def _mounts_under(path: str) -> list[str]:
@@ -504,7 +502,7 @@ def _build_root(steps: list[tuple[str, ...]], tmp_bytes: int, applied: list[str]
         os.symlink(target, f"{STAGE}/dev/{name}")
     os.symlink("/proc/self/fd/2", f"{STAGE}/dev/stderr")
     os.symlink("/tmp", f"{STAGE}/dev/shm")  # POSIX shared memory and semaphores: the private /tmp
-    _seal(STAGE, recursive=True)
+    _seal(STAGE)
     applied.append("rofs")
     for node in ("null", "zero", "urandom"):
         # Device binds stay writable (writing /dev/null is what it is for); a file's inode is the
@@ -796,20 +794,15 @@ def _read(dirfd: int, path: str) -> bytes:
         os.close(fd)
 
 
-class _Tree:
-    """Killing what is left under the outer (a child subreaper: orphans come back to it)."""
-
-    def __init__(self, proc: int) -> None:
-        self.proc = proc
-
-    def kill_children(self) -> None:
-        """SIGKILL our direct children: unreaped, so their pids cannot have been reused. A killed
-        child's own children are reparented to us and killed on a later call."""
-        for pid in _children(self.proc, os.getpid()):
-            try:
-                os.kill(pid, _SIGKILL)
-            except ProcessLookupError:
-                continue
+def _kill_children(proc: int) -> None:
+    """SIGKILL our direct children (seen through the host's ``/proc``, dir fd ``proc``): unreaped, so
+    their pids cannot have been reused. A killed child's own children are reparented to us (a child
+    subreaper) and killed on a later call."""
+    for pid in _children(proc, os.getpid()):
+        try:
+            os.kill(pid, _SIGKILL)
+        except ProcessLookupError:
+            continue
 
 
 class _Watch:
@@ -917,7 +910,9 @@ def _child(job: dict[str, Any], applied: list[str], outer: int, proc: int) -> No
         _fail(f"sandbox setup failed: {type(exc).__name__}: {exc}")
 
 
-def _wait_for(pid: int, on_term: Callable[[], None], watch: _Watch | None = None, on_over: Any = None) -> int:
+def _wait_for(
+    pid: int, on_term: Callable[[], None], watch: _Watch | None = None, on_over: Callable[[], None] | None = None
+) -> int:
     """Wait for our child ``pid``, reaping orphans meanwhile, calling ``on_term`` on SIGTERM (and,
     with a ``watch``, sampling the tree every ``WATCH_PERIOD_S`` and calling ``on_over`` once it goes
     over a limit); return its wait status. SIGTERM and SIGCHLD must be blocked.
@@ -932,7 +927,7 @@ def _wait_for(pid: int, on_term: Callable[[], None], watch: _Watch | None = None
         else:
             info = _signal.sigtimedwait(signals, WATCH_PERIOD_S)
             got = info.si_signo if info is not None else 0
-            if watch.sample():
+            if watch.sample() and on_over is not None:
                 on_over()
         if got == _SIGTERM:
             on_term()
@@ -1081,15 +1076,18 @@ def main(zygote: int) -> NoReturn:
     null = os.open("/dev/null", os.O_WRONLY)
     os.dup2(null, 1)
     os.close(null)
-    tree = _Tree(proc)
+
+    def kill_children() -> None:
+        _kill_children(proc)
+
     watch = _Watch(proc, tmp, job["limits"]) if job["watch"] else None
     if "pidns" in applied:
         # The init cleans up (and reaps, so that the CPU is charged) when asked to stop, or when the
         # tree goes over a limit: a killed init's namespace would be autoreaped, its CPU lost to wait4.
         status = _wait_for(pid, lambda: os.kill(pid, _SIGTERM), watch, lambda: os.kill(pid, _SIGTERM))
     else:
-        status = _wait_for(pid, lambda: os.kill(pid, _SIGKILL), watch, tree.kill_children)
-    _reap_all(tree.kill_children)
+        status = _wait_for(pid, lambda: os.kill(pid, _SIGKILL), watch, kill_children)
+    _reap_all(kill_children)
     if watch is not None:
         watch.sample()  # what is left in /tmp
         os.write(REPORT_FD, watch.report())
