@@ -7,7 +7,9 @@ read what they left there.
 
 The image is labelled with a hash of its build inputs (the files the Dockerfile copies): an image
 whose label matches the working tree is reused as it is, so a test session or a benchmark run builds
-only when something the image contains has changed.
+only when something the image contains has changed. Each build is also tagged ``NAME:<hash prefix>``,
+and that pinned tag is what a run should use: several working trees on one host share the engine's
+image store, and another tree's build moves ``NAME`` (``:latest``) but never this tree's pinned tag.
 """
 
 from __future__ import annotations
@@ -67,10 +69,10 @@ def prepare_engine(script: Path = PREPARE_ENGINE, timeout_s: float = 900.0) -> s
     raise EngineError(f"no container engine: neither {script} nor docker/podman on PATH")
 
 
-def inputs_hash(root: Path = ROOT) -> str:
+def inputs_hash(root: Path = ROOT, inputs: Sequence[str] = BUILD_INPUTS) -> str:
     """A SHA-256 over the names and contents of every build input (caches and bytecode excluded)."""
     h = hashlib.sha256()
-    for name in BUILD_INPUTS:
+    for name in inputs:
         top = root / name
         files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
         for f in files:
@@ -82,10 +84,16 @@ def inputs_hash(root: Path = ROOT) -> str:
     return h.hexdigest()
 
 
+def pinned_tag(image: str, digest: str) -> str:
+    """``image`` tagged with the first 12 hex digits of its inputs' hash (``agent-ecology-local:3f2a…``)."""
+    return f"{image}:{digest[:12]}"
+
+
 @dataclass(frozen=True, slots=True)
 class Build:
     """How the image came to be: built now (and how long it took) or reused."""
 
+    #: The pinned tag (``pinned_tag``) of the image for these inputs.
     image: str
     inputs: str
     built: bool
@@ -117,25 +125,36 @@ class Engine:
         return value if out.returncode == 0 and value and value != "<no value>" else None
 
     def build(
-        self, image: str = IMAGE, root: Path = ROOT, *, no_cache: bool = False, timeout_s: float = 3600.0
+        self,
+        image: str = IMAGE,
+        root: Path = ROOT,
+        *,
+        inputs: Sequence[str] = BUILD_INPUTS,
+        no_cache: bool = False,
+        timeout_s: float = 3600.0,
     ) -> Build:
-        """Build ``image`` from ``root``'s Dockerfile, labelled with the hash of its inputs."""
-        digest = inputs_hash(root)
-        args = ["build", "--tag", image, "--label", f"{INPUTS_LABEL}={digest}"]
+        """Build ``image`` from ``root``'s Dockerfile, labelled with the hash of its ``inputs`` (paths
+        under ``root``) and tagged both ``image`` and its pinned tag."""
+        digest = inputs_hash(root, inputs)
+        pinned = pinned_tag(image, digest)
+        args = ["build", "--tag", image, "--tag", pinned, "--label", f"{INPUTS_LABEL}={digest}"]
         if self.cmd == "podman":
             args.append("--format=docker")  # an OCI image cannot carry the HEALTHCHECK
         if no_cache:
             args.append("--no-cache")
         start = time.monotonic()
         self.run(*args, str(root), timeout_s=timeout_s)
-        return Build(image, digest, True, time.monotonic() - start)
+        return Build(pinned, digest, True, time.monotonic() - start)
 
-    def ensure_image(self, image: str = IMAGE, root: Path = ROOT) -> Build:
-        """The image for the working tree as it is: reused if its label matches, else built."""
-        digest = inputs_hash(root)
-        if self.label(image, INPUTS_LABEL) == digest:
-            return Build(image, digest, False, 0.0)
-        return self.build(image, root)
+    def ensure_image(self, image: str = IMAGE, root: Path = ROOT, inputs: Sequence[str] = BUILD_INPUTS) -> Build:
+        """The image for ``root`` as it is: reused if its pinned tag carries the inputs' hash, else built.
+        Either way ``image`` itself is left pointing at it too."""
+        digest = inputs_hash(root, inputs)
+        pinned = pinned_tag(image, digest)
+        if self.label(pinned, INPUTS_LABEL) == digest:
+            self.run("tag", pinned, image)
+            return Build(pinned, digest, False, 0.0)
+        return self.build(image, root, inputs=inputs)
 
     def image_size(self, image: str = IMAGE) -> int:
         """The image's size in bytes, as the engine reports it."""

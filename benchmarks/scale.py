@@ -18,13 +18,21 @@ Every agent's policy is cheap but goes through the whole pipeline and across nod
 with ``think_ms=1``. Measured from the shared event log: the ``action`` events committed in a fixed
 window after every agent has acted once. Afterwards the ledger's invariants are checked.
 
+Servers and the capacity model. The node runs use a PostgreSQL cluster and a Redis server started for
+the benchmark alone (``benchmarks.servers``: nothing else on the host adds to their counters), and
+read their CPU counters at the start and the end of each window (PostgreSQL's whole process tree,
+exited backends included through the postmaster's reaped-children counters; Redis's own getrusage). Their CPU
+divided by the window's actions is each server's CPU per action; divided by the window and the number
+of nodes it is the share of a core one node costs it, and its inverse is how many such nodes one
+PostgreSQL core, and one Redis core, can carry at the measured per-node rate.
+
 Ledger. ``benchmarks.ledger``'s closed-loop systems, run here in the same session: 64 threads each
 applying one durable transfer at a time, on ``LmdbLedger`` and on ``PostgresLedger`` (fresh database,
 ``synchronous_commit`` on).
 
 Targets: 3 nodes deliver at least 90% of one node's actions/s; the PostgreSQL ledger sustains at
-least 2,000 durable transfers/s. Needs root (for the cgroups), the PostgreSQL server of
-``tests.services.ADMIN_URL`` and the Redis server of ``tests.services.REDIS_URL``.
+least 2,000 durable transfers/s. Needs root (for the cgroups), Debian's PostgreSQL and Redis packages
+(the node runs' own servers), and the PostgreSQL server of ``tests.services.ADMIN_URL`` (the ledger runs).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import yaml
 from benchmarks import ledger as ledger_bench
 from benchmarks.cgroup_box import CgroupBox
 from benchmarks.common import Options, Skipped, host_info, measure_each, publish
+from benchmarks.servers import PostgresServer, RedisServer, ServerFailed
 
 NODE_COUNTS = (1, 2, 3)
 AGENTS = 60
@@ -71,6 +80,15 @@ class NodesResult(msgspec.Struct):
     cross_node_transfers: int
     ledger_ok: bool
     problems: list[str]
+    #: CPU-seconds the PostgreSQL and Redis process trees used in the window.
+    postgres_cpu_s: float
+    redis_cpu_s: float
+    #: Their CPU per action, in milliseconds.
+    postgres_ms_per_action: float | None
+    redis_ms_per_action: float | None
+    #: Nodes like these (``cores_per_node``, at this run's actions/s per node) one core of each carries.
+    nodes_per_postgres_core: float | None
+    nodes_per_redis_core: float | None
 
 
 class LedgerResult(msgspec.Struct):
@@ -96,6 +114,8 @@ class Report(msgspec.Struct):
     nodes: list[NodesResult]
     ledger: list[LedgerResult]
     targets: list[str]
+    #: How many nodes one PostgreSQL core and one Redis core carry, one line per run.
+    capacity: list[str]
     skipped: list[Skipped]
 
 
@@ -132,17 +152,23 @@ def _config(path: Path) -> Path:
     return out
 
 
-def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: float | None) -> NodesResult:
+def _per_core(cpu_s: float, seconds: float, nodes: int) -> float | None:
+    """How many nodes one core carries when ``nodes`` nodes cost ``cpu_s`` in ``seconds``."""
+    return round(seconds * nodes / cpu_s, 1) if cpu_s > 0 else None
+
+
+def _measure_nodes(
+    n: int, config: Path, where: Path, duration: float, one: float | None, pg: PostgresServer, rd: RedisServer
+) -> NodesResult:
     from runtime.economy.ledger import Transfer
     from runtime.economy.ledger.check import check
     from runtime.economy.ledger.postgres import PostgresLedger
     from runtime.world.events.postgres import PostgresEventLog
     from tests.scale.nodes import Node, node_of
-    from tests.services import REDIS_URL, create_database, drop_database
 
     per = AGENTS // n
-    url = create_database()
-    env = {"POSTGRES_URL": url, "REDIS_URL": REDIS_URL, "AECO_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}"}
+    url = pg.create_database()
+    env = {"POSTGRES_URL": url, "REDIS_URL": rd.url, "AECO_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}"}
     nodes = [Node(f"node{i + 1}", f"{i * per + 1}-{(i + 1) * per}", config, where, env) for i in range(n)]
     groups = [CgroupBox(f"aeco-scale-{os.getpid()}-{n}-{i}", TOTAL_CORES / n, period_us=_PERIOD_US) for i in range(n)]
     problems: list[str] = []
@@ -167,9 +193,11 @@ def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: floa
                     raise RuntimeError("a node died during the warm-up")
             if len(acted) < AGENTS:
                 problems.append(f"only {len(acted)} of {AGENTS} agents acted during the warm-up")
+            pg_start, rd_start = pg.cpu_seconds(), rd.cpu_seconds()
             start_seq, start = events.last_seq(), time.perf_counter()
             time.sleep(duration)
             end_seq, seconds = events.last_seq(), time.perf_counter() - start
+            pg_cpu, rd_cpu = pg.cpu_seconds() - pg_start, rd.cpu_seconds() - rd_start
             window = [e for e in events.read(start_seq, kinds={"action"}) if e.seq <= end_seq]
         finally:
             events.close()
@@ -201,6 +229,12 @@ def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: floa
             cross_node_transfers=cross,
             ledger_ok=report.ok,
             problems=problems,
+            postgres_cpu_s=round(pg_cpu, 3),
+            redis_cpu_s=round(rd_cpu, 3),
+            postgres_ms_per_action=round(1000 * pg_cpu / len(window), 3) if window else None,
+            redis_ms_per_action=round(1000 * rd_cpu / len(window), 3) if window else None,
+            nodes_per_postgres_core=_per_core(pg_cpu, seconds, n),
+            nodes_per_redis_core=_per_core(rd_cpu, seconds, n),
         )
     finally:
         for node in nodes:
@@ -208,7 +242,6 @@ def _measure_nodes(n: int, config: Path, where: Path, duration: float, one: floa
                 node.kill()
         for group in groups:
             group.remove()
-        drop_database(url)
 
 
 def _measure_ledgers(quick: bool, skipped: list[Skipped]) -> list[LedgerResult]:
@@ -248,6 +281,22 @@ def targets(nodes: list[NodesResult], ledgers: list[LedgerResult]) -> list[str]:
     return lines
 
 
+def capacity(nodes: list[NodesResult]) -> list[str]:
+    """One line per run: what one PostgreSQL core and one Redis core carry of nodes like its nodes."""
+    lines = []
+    for r in nodes:
+        if r.nodes_per_postgres_core is None or r.nodes_per_redis_core is None:
+            lines.append(f"{r.nodes} node(s): no server CPU measured — no capacity figure")
+            continue
+        lines.append(
+            f"nodes of {r.cores_per_node:g} cores at {r.actions_per_s / r.nodes:,.0f} actions/s each: "
+            f"PostgreSQL {r.postgres_ms_per_action:.2f} ms and Redis {r.redis_ms_per_action:.2f} ms of CPU per "
+            f"action, so one PostgreSQL core carries {r.nodes_per_postgres_core:,.1f} such nodes and one Redis "
+            f"core {r.nodes_per_redis_core:,.1f} ({r.nodes} node(s) measured)"
+        )
+    return lines
+
+
 def plot(report: Report, path: Path) -> None:
     """Actions/s against the number of nodes, and ledger transfers/s by backend."""
     import matplotlib
@@ -255,7 +304,7 @@ def plot(report: Report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
     xs = [r.nodes for r in report.nodes]
     left.bar([str(x) for x in xs], [r.actions_per_s for r in report.nodes], color="#4c72b0")
     if report.nodes and report.nodes[0].nodes == 1:
@@ -266,6 +315,30 @@ def plot(report: Report, path: Path) -> None:
     left.set_xlabel(f"nodes (sharing {report.total_cores:g} cores in total)")
     left.set_ylabel("actions/s")
     left.set_title(f"{report.agents} scripted agents, PostgreSQL + Redis")
+    width = 0.38
+    pos = range(len(xs))
+    tallest = max([r.postgres_ms_per_action or 0.0 for r in report.nodes] + [0.1])
+    middle.set_ylim(0, tallest * 1.6)  # room above the bars for the capacity text and the legend
+    for offset, label, values, color in (
+        (-width / 2, "PostgreSQL", [r.postgres_ms_per_action or 0.0 for r in report.nodes], "#8172b2"),
+        (width / 2, "Redis", [r.redis_ms_per_action or 0.0 for r in report.nodes], "#dd8452"),
+    ):
+        bars = middle.bar([p + offset for p in pos], values, width, label=label, color=color)
+        middle.bar_label(bars, fmt="%.2f")
+    middle.set_xticks(list(pos), [str(x) for x in xs])
+    middle.set_xlabel("nodes")
+    middle.set_ylabel("server CPU per action (ms)")
+    middle.set_title("shared servers' CPU per action")
+    if report.nodes and report.nodes[0].nodes_per_postgres_core is not None:
+        first = report.nodes[0]
+        middle.text(
+            0.02, 0.95,
+            f"nodes of {first.cores_per_node:g} cores at {first.actions_per_s:,.0f} actions/s:\n"
+            f"one PostgreSQL core carries {first.nodes_per_postgres_core:,.1f}\n"
+            f"one Redis core carries {first.nodes_per_redis_core:,.1f}",
+            transform=middle.transAxes, va="top", fontsize=9,
+        )  # fmt: skip
+    middle.legend(loc="upper right")
     names = [r.name.replace("-group-threads", "") for r in report.ledger]
     rates = [r.transfers_per_s for r in report.ledger]
     right.bar(names, rates, color=["#55a868" if n.startswith("lmdb") else "#8172b2" for n in names])
@@ -285,37 +358,42 @@ def run(opts: Options) -> int:
     """Measure 1, 2 and 3 nodes, then the ledgers; print, write JSON and the plot."""
     duration = QUICK_S if opts.quick else FULL_S
     skipped: list[Skipped] = []
-    unavailable = ledger_bench._postgres_unavailable()
     results: list[NodesResult] = []
     tmp = Path(tempfile.mkdtemp(prefix="aeco-scale-"))
     try:
         config = _config(tmp)
-        for n in NODE_COUNTS if unavailable is None else ():
-            print(f"[{n} node{'s' if n > 1 else ''}] {AGENTS} agents, {TOTAL_CORES / n:.2f} cores each", flush=True)
-            where = tmp / f"nodes-{n}"
-            where.mkdir()
-            one = results[0].actions_per_s if results and results[0].nodes == 1 else None
-            try:
-                r = _measure_nodes(n, config, where, duration, one)
-            except Exception as exc:
-                print(f"[{n} nodes] FAILED: {type(exc).__name__}: {exc}", flush=True)
-                skipped.append(Skipped(f"{n}-nodes", f"{type(exc).__name__}: {exc}"))
-                continue
-            results.append(r)
-            print(
-                f"[{n} node{'s' if n > 1 else ''}] {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
-                f"per node {r.per_node}); ledger check {'ok' if r.ledger_ok else 'FAILED'}"
-                + (f"; problems: {r.problems}" if r.problems else ""),
-                flush=True,
-            )
+        with PostgresServer() as pg, RedisServer() as rd:
+            print(f"servers of this run: PostgreSQL pid {pg.pid} on :{pg.port}, Redis pid {rd.pid} on :{rd.port}")
+            for n in NODE_COUNTS:
+                label = f"[{n} node{'s' if n > 1 else ''}]"
+                print(f"{label} {AGENTS} agents, {TOTAL_CORES / n:.2f} cores each", flush=True)
+                where = tmp / f"nodes-{n}"
+                where.mkdir()
+                one = results[0].actions_per_s if results and results[0].nodes == 1 else None
+                try:
+                    r = _measure_nodes(n, config, where, duration, one, pg, rd)
+                except Exception as exc:
+                    print(f"{label} FAILED: {type(exc).__name__}: {exc}", flush=True)
+                    skipped.append(Skipped(f"{n}-nodes", f"{type(exc).__name__}: {exc}"))
+                    continue
+                results.append(r)
+                print(
+                    f"{label} {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
+                    f"per node {r.per_node}); server CPU: PostgreSQL {r.postgres_cpu_s:.2f} s, "
+                    f"Redis {r.redis_cpu_s:.2f} s; ledger check {'ok' if r.ledger_ok else 'FAILED'}"
+                    + (f"; problems: {r.problems}" if r.problems else ""),
+                    flush=True,
+                )
+    except ServerFailed as exc:
+        print(f"[nodes] no servers of their own: {exc}", flush=True)
+        skipped.append(Skipped("nodes", str(exc)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if unavailable is not None:
-        skipped.append(Skipped("nodes", unavailable))
     ledgers = _measure_ledgers(opts.quick, skipped)
     lines = targets(results, ledgers)
+    sizing = capacity(results)
     print()
-    for line in lines:
+    for line in lines + sizing:
         print(line)
     report = Report(
         benchmark="scale",
@@ -328,6 +406,7 @@ def run(opts: Options) -> int:
         nodes=results,
         ledger=ledgers,
         targets=lines,
+        capacity=sizing,
         skipped=skipped,
     )
     publish(opts.json_path, report, lambda png: plot(report, png))

@@ -8,7 +8,8 @@ Either way a ZeroMQ PUB socket under ``<data>/run`` serves this node's live obse
 
 ``python -m runtime.backends setup [--config FILE]`` prepares a shared database once per deployment:
 it applies the schema migrations and creates the login role of ``POSTGRES_AGENT_URL`` (a member of the
-restricted ``aeco_agent`` group), which only the operator's role may do.
+restricted ``aeco_agent`` group), which only the operator's role may do. It refuses to create that role
+without a password: there is no default one to fall back on.
 
 A server that is merely slow to come up is waited for, with back-off, up to ``node.connect_timeout_s``;
 one that rejects the node (bad URL, unknown database or role) fails at once. Both raise
@@ -137,7 +138,8 @@ def open_backends(cfg: Config, data: Path) -> Backends:
 def setup(cfg: Config) -> str:
     """Migrate the shared schemas and create the agent-facing login role; return what was done.
 
-    Raises ``BackendUnavailable`` when there is no PostgreSQL to set up or it cannot be used.
+    Raises ``ConfigError`` when ``POSTGRES_AGENT_URL`` names no role or no password (before connecting),
+    ``BackendUnavailable`` when there is no PostgreSQL to set up or it cannot be used.
     """
     from urllib.parse import unquote, urlsplit
 
@@ -149,6 +151,21 @@ def setup(cfg: Config) -> str:
     node = cfg.node
     if not node.postgres_url:
         raise BackendUnavailable("nothing to set up: POSTGRES_URL (node.postgres_url) is not set")
+    login: tuple[str, str] | None = None
+    if node.postgres_agent_url:
+        agent = urlsplit(node.postgres_agent_url)
+        if not agent.username:
+            raise config_mod.ConfigError(
+                f"POSTGRES_AGENT_URL={redact(node.postgres_agent_url)!r} names no role (postgresql://ROLE:PASSWORD@...)"
+            )
+        if not agent.password:
+            # A login role that answers over the network with no password is an open door; there is no
+            # default password to fall back on.
+            raise config_mod.ConfigError(
+                f"POSTGRES_AGENT_URL={redact(node.postgres_agent_url)!r} has no password: setup will not create "
+                f"the login role {agent.username!r} without one (postgresql://ROLE:PASSWORD@...)"
+            )
+        login = (unquote(agent.username), unquote(agent.password))
     deadline = node.connect_timeout_s
     try:
         # Opening each backend applies its migrations (under an advisory lock).
@@ -156,16 +173,10 @@ def setup(cfg: Config) -> str:
         PostgresStore(node.postgres_url, deadline_s=deadline).close()
         PostgresEventLog(node.postgres_url, deadline_s=deadline).close()
         done = f"schemas migrated at {redact(node.postgres_url)}"
-        if node.postgres_agent_url:
-            agent = urlsplit(node.postgres_agent_url)
-            if not agent.username:
-                raise BackendUnavailable(
-                    f"POSTGRES_AGENT_URL={redact(node.postgres_agent_url)!r} names no role (postgresql://ROLE:PASSWORD@...)"
-                )
+        if login is not None:
             with connect(node.postgres_url, deadline_s=deadline) as conn:
-                password = unquote(agent.password) if agent.password is not None else None
-                ensure_agent_login(conn, unquote(agent.username), password)
-            done += f"; agent role {agent.username!r} ready"
+                ensure_agent_login(conn, *login)
+            done += f"; agent role {login[0]!r} ready"
     except DatabaseUnavailable as exc:
         raise BackendUnavailable(" ".join(str(exc).split())) from exc
     return done

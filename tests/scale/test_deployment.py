@@ -1,21 +1,29 @@
-"""The deployment files: docker-compose.yml and deploy/k8s/agent-nodes.yaml.
+"""The deployment files: docker-compose.yml and deploy/k8s/agent-nodes.yaml, read without running them.
 
-No container engine runs compose or Kubernetes on the test hosts, so these tests check what can be
-checked without one: the files parse, every node has what the runtime needs (its agent range, the
-shared servers' URLs pointing at services that exist, resource limits, health checks, start-up
-order), the nodes' ranges partition the population of ``config/scale-out.yaml`` exactly, and each
-node's environment gives a configuration the supervisor accepts.
+``tests/container/test_compose.py`` runs the compose file under Podman; no Kubernetes cluster runs here,
+so the manifest is validated against the Kubernetes API's own schemas (the OpenAPI definitions of pinned
+Kubernetes versions as JSON Schema, shipped offline by ``kubernetes-validate``), strictly: an unknown
+field is an error, as ``kubectl apply --validate=strict`` would make it. Both files are also checked for
+what the runtime needs: every node has its agent range, the shared servers' URLs pointing at services
+that exist, resource limits, health checks and start-up order; the nodes' ranges partition the
+population of ``config/scale-out.yaml`` exactly; each node's environment gives a configuration the
+supervisor accepts; the servers are sized as the deployment table and the measurement say; no
+password has a default.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
+import pytest
 import yaml
 
 from runtime import config as config_mod
@@ -25,10 +33,18 @@ COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s" / "agent-nodes.yaml"
 IMAGE = "agent-ecology-local"
 URL_VARS = ("POSTGRES_URL", "POSTGRES_AGENT_URL", "REDIS_URL", "QDRANT_URL")
+#: The Kubernetes versions the manifest is validated against: the oldest it is meant for and the newest
+#: whose schemas kubernetes-validate (pinned in requirements.lock) ships.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+#: The shared servers' limits (CPUs, memory): the deployment's sizing table, except PostgreSQL's CPUs
+#: (2, not 1), which `python -m benchmarks scale` measured (README, "When to scale").
+SIZING = {"postgres": (2.0, "2g"), "redis": (1.0, "1g"), "qdrant": (2.0, "4g")}
 
 
 def _compose() -> dict[str, Any]:
-    doc = yaml.safe_load(COMPOSE.read_text())
+    """The compose file as compose reads it with every required variable set (to ``<name>-value``)."""
+    text = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: f"{m.group(1).lower()}-value", COMPOSE.read_text())
+    doc = yaml.safe_load(text)
     assert isinstance(doc, dict)
     return doc
 
@@ -97,13 +113,58 @@ def test_compose_ranges_partition_the_population_and_each_node_config_is_valid()
     assert sorted(seen) == sorted(a.id for a in config_mod.load(path, environ={}).agents)
 
 
+def test_compose_sizes_the_servers_as_the_table_says_and_no_password_has_a_default() -> None:
+    services = _compose()["services"]
+    for name, (cpus, memory) in SIZING.items():
+        assert (float(services[name]["cpus"]), services[name]["mem_limit"]) == (cpus, memory), name
+    text = COMPOSE.read_text()
+    uses = re.findall(r"\$\{(\w*PASSWORD\w*)([^}]*)\}", text)
+    assert {var for var, _ in uses} == {"POSTGRES_PASSWORD", "AGENT_PASSWORD"}, uses
+    # `:?` makes compose refuse to start without the variable; `:-` would be a default.
+    assert all(rest.startswith(":?") for _, rest in uses), uses
+    env = yaml.safe_load(text)["services"]["node1"]["environment"]
+    for var in ("POSTGRES_URL", "POSTGRES_AGENT_URL"):
+        assert re.search(r":\$\{\w*PASSWORD:\?", env[var]), f"{var} has a password of its own: {env[var]}"
+
+
 def _k8s() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(K8S.read_text()) if d]
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifest_is_valid_against_the_kubernetes_api_schema(version: str) -> None:
+    docs = _k8s()
+    assert {d["kind"] for d in docs} == {"Service", "StatefulSet"}
+    for doc in docs:
+        # Raises for an unknown kind or apiVersion (no schema), a wrong type, a missing required field,
+        # and, strict, for any field the API does not define.
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("where", "change"),
+    [
+        ("a misspelt field", lambda sts: sts["spec"].__setitem__("replica", 3)),
+        ("a wrong type", lambda sts: sts["spec"].__setitem__("replicas", "three")),
+        ("a missing required field", lambda sts: sts["spec"].pop("selector")),
+        ("a misplaced field", lambda sts: sts["spec"]["template"]["spec"]["containers"][0].__setitem__("limits", {})),
+    ],
+)
+def test_the_schema_check_rejects_what_the_api_server_would(where: str, change: Any) -> None:
+    sts = copy.deepcopy(next(d for d in _k8s() if d["kind"] == "StatefulSet"))
+    change(sts)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(sts, K8S_VERSIONS[-1], strict=True)
+
+
 def test_k8s_statefulset_takes_urls_from_the_secret_and_has_resources() -> None:
     docs = _k8s()
-    secret = next(d for d in docs if d["kind"] == "Secret")
+    # The Secret is the operator's to create (the header says how): a Secret here would carry a
+    # default password, and `kubectl apply` would overwrite the real one with it.
+    assert "Secret" not in {d["kind"] for d in docs}
+    header = K8S.read_text().split("\napiVersion:", 1)[0]
+    secret_name = re.search(r"kubectl create secret generic (\S+)", header)
+    assert secret_name, "the header does not say how to create the Secret"
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
     pod = sts["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -114,7 +175,8 @@ def test_k8s_statefulset_takes_urls_from_the_secret_and_has_resources() -> None:
     env = {e["name"]: e for e in container["env"]}
     for var in URL_VARS:
         ref = env[var]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"], var
+        assert ref["name"] == secret_name.group(1) and f"--from-literal={ref['key']}=" in header, var
+        assert not ref.get("optional"), f"{var}: a node must not start without its Secret"
     assert sts["spec"]["serviceName"] in {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
     probe = container["livenessProbe"]["exec"]["command"]
     assert probe[:3] == ["python", "-m", "runtime.status"]

@@ -3,18 +3,25 @@
 A node whose ``POSTGRES_URL`` is wrong, or whose servers never answer, exits with status 2 and one
 ``error:`` line naming the URL without its password. A node started before its servers are up (the
 usual order in a deployment) waits for them with back-off and then runs: here the servers are put
-behind TCP forwarders that only start listening a few seconds after the node.
+behind TCP forwarders that only start listening a few seconds after the node. The deployment's one-shot
+``setup`` creates the agents' login role only with a password, and refuses before touching anything
+when it has none.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from tests.scale.nodes import ROOT, Node
 from tests.services import Forwarder, free_port, via
@@ -107,3 +114,46 @@ def test_a_node_waits_for_servers_that_come_up_late(
     finally:
         code = node.stop()
     assert code == 0, node.output()[-2000:]
+
+
+def _setup(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m runtime.backends setup`` as a deployment's one-shot job runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.backends", "setup"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("agent_url", ["postgresql://aeco_node_agent@{at}", "postgresql://aeco_node_agent:@{at}"])
+def test_setup_refuses_to_make_the_agent_role_without_a_password(pg_url: str, agent_url: str) -> None:
+    at = pg_url.partition("@")[2]
+    out = _setup({"POSTGRES_URL": pg_url, "POSTGRES_AGENT_URL": agent_url.format(at=at)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("error: POSTGRES_AGENT_URL=") and "has no password" in line, line
+    # Refused before touching the database: not even the schemas were migrated.
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('aeco_migrations')").fetchone() == (None,)
+        assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'aeco_node_agent'").fetchone() is None
+
+
+def test_setup_migrates_and_makes_the_agent_role_with_its_password(pg_url: str) -> None:
+    role = f"aeco_t_agent_{uuid.uuid4().hex[:8]}"
+    host = pg_url.partition("@")[2]
+    try:
+        out = _setup({"POSTGRES_URL": pg_url, "POSTGRES_AGENT_URL": f"postgresql://{role}:{SECRET}@{host}"})
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"agent role '{role}' ready" in out.stdout and SECRET not in out.stdout + out.stderr
+        with psycopg.connect(pg_url) as conn:
+            (stored,) = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,)).fetchone() or (
+                None,
+            )
+        assert isinstance(stored, str) and stored.startswith("SCRAM-SHA-256$"), stored  # a password, hashed
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
