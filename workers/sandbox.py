@@ -88,6 +88,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from runtime.host.cgroups import CgroupSet, discover
 from workers import rootfs, seccomp
 from workers.sandbox_boot import EXIT_RECORD, MAX_FRAME
 
@@ -231,149 +232,6 @@ def _refusal(error: str) -> bytes:
 # --- per-invocation cgroups --------------------------------------------------------------------------
 
 
-class _Cgroups:
-    """The child cgroups of one invocation, under the worker's own (one per controller).
-
-    v1 controllers by name (``memory``, ``cpuacct``, ``pids``, others for membership only) and the v2
-    tree as ``unified``, whose files are used when present: ``cpu.stat`` always, ``memory.max``,
-    ``memory.peak`` and ``pids.max`` only where the parent delegates those controllers.
-    """
-
-    def __init__(self, dirs: dict[str, str]) -> None:
-        self.dirs = dirs
-
-    @classmethod
-    def create(cls, parents: Mapping[str, str], name: str, limits: Limits) -> _Cgroups:
-        """Make and configure them; on any failure remove what was made and raise OSError."""
-        cg = cls({})
-        pids_max = limits.max_processes + 2  # + the bootstrap and the PID namespace's init
-        try:
-            for controller, parent in parents.items():
-                d = os.path.join(parent, name)
-                os.mkdir(d)
-                cg.dirs[controller] = d
-            if (mem := cg.dirs.get("memory")) is not None:
-                _write(mem, "memory.limit_in_bytes", limits.memory_bytes)
-                _write(mem, "memory.memsw.limit_in_bytes", limits.memory_bytes, optional=True)  # no swap
-            if (pids := cg.dirs.get("pids")) is not None:
-                _write(pids, "pids.max", pids_max)
-            if (v2 := cg.dirs.get("unified")) is not None:
-                _write(v2, "memory.max", limits.memory_bytes, optional=True)
-                _write(v2, "memory.swap.max", 0, optional=True)
-                _write(v2, "pids.max", pids_max, optional=True)
-        except OSError:
-            cg.remove(deadline=time.monotonic())
-            raise
-        return cg
-
-    def procs_files(self) -> list[str]:
-        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
-
-    def pids(self) -> set[int]:
-        out: set[int] = set()
-        for f in self.procs_files():
-            with contextlib.suppress(OSError):
-                out.update(int(x) for x in Path(f).read_text().split())
-        return out
-
-    def _read(self, controller: str, name: str) -> str | None:
-        d = self.dirs.get(controller)
-        if d is None:
-            return None
-        try:
-            return Path(d, name).read_text()
-        except OSError:
-            return None
-
-    def cpu_seconds(self) -> float | None:
-        """CPU of every process that ever ran in the cgroup (exact: the scheduler's count)."""
-        if (text := self._read("cpuacct", "cpuacct.usage")) is not None:
-            return int(text) / 1e9
-        if (text := self._read("unified", "cpu.stat")) is not None:
-            return _field(text, "usage_usec") / 1e6
-        return None
-
-    def measures_memory(self) -> bool:
-        """Whether these cgroups bound and measure the tree's memory (a memory controller is there)."""
-        return "memory" in self.dirs or (
-            "unified" in self.dirs and os.path.exists(os.path.join(self.dirs["unified"], "memory.peak"))
-        )
-
-    def peak_bytes(self) -> int | None:
-        """The high-water mark of the whole tree's memory (a fresh cgroup: no reset needed)."""
-        text = self._read("memory", "memory.max_usage_in_bytes") or self._read("unified", "memory.peak")
-        return int(text) if text is not None else None
-
-    def oom_kills(self) -> int:
-        """Processes the kernel killed in the cgroup for going over its memory limit."""
-        text = self._read("memory", "memory.oom_control") or self._read("unified", "memory.events")
-        return _field(text, "oom_kill") if text is not None else 0
-
-    def kill(self, spare: int = 0) -> int:
-        """SIGKILL every process in the cgroups but ``spare``; how many were signalled.
-
-        A pid read from ``cgroup.procs`` may be reused before the kill: each is opened as a pidfd
-        first and signalled only if it is still listed after that, which pins it to a member.
-        """
-        fds: dict[int, int] = {}
-        try:
-            for pid in self.pids() - {spare}:
-                with contextlib.suppress(ProcessLookupError):
-                    fds[pid] = os.pidfd_open(pid)
-            members = self.pids()
-            n = 0
-            for pid, fd in fds.items():
-                if pid in members:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                        n += 1
-            return n
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    def remove(self, deadline: float) -> bool:
-        """Kill what is left and remove the cgroups, retrying until ``deadline``; True when gone."""
-        while True:
-            self.kill()
-            if (v2 := self.dirs.get("unified")) is not None:
-                # v2 kills the whole cgroup atomically (Linux >= 5.14): nothing forks past it.
-                with contextlib.suppress(OSError):
-                    _write(v2, "cgroup.kill", 1, optional=True)
-            for c, d in list(self.dirs.items()):
-                try:
-                    os.rmdir(d)
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    continue  # still busy: dying processes leave it asynchronously
-                del self.dirs[c]
-            if not self.dirs:
-                return True
-            if time.monotonic() >= deadline:
-                log.warning("cgroups %s not removed: processes %s remain", sorted(self.dirs.values()), self.pids())
-                return False
-            time.sleep(0.002)
-
-
-def _write(directory: str, name: str, value: int, optional: bool = False) -> None:
-    """Write a cgroup setting; an ``optional`` one is skipped when the kernel does not offer it."""
-    path = os.path.join(directory, name)
-    if optional and not os.path.exists(path):
-        return
-    with open(path, "w") as f:
-        f.write(str(value))
-
-
-def _field(text: str, key: str) -> int:
-    """The value of ``key`` in a flat-keyed cgroup file (``cpu.stat``, ``memory.events`` …); 0 if absent."""
-    for line in text.splitlines():
-        k, _, v = line.partition(" ")
-        if k == key:
-            return int(v)
-    return 0
-
-
 # --- the zygote -------------------------------------------------------------------------------------
 
 
@@ -495,7 +353,7 @@ class _Invocation:
         pidfd: int,
         sock: socket.socket,
         fds: tuple[int, int, int],
-        cg: _Cgroups | None,
+        cg: CgroupSet | None,
         limits: Limits,
         handle: Handler,
         job: bytes,
@@ -841,7 +699,7 @@ def result_error(value: bytes) -> str:
 
 
 def _job(
-    code: str, args: object, limits: Limits, hide: Sequence[str], skip: Collection[str], cg: _Cgroups | None
+    code: str, args: object, limits: Limits, hide: Sequence[str], skip: Collection[str], cg: CgroupSet | None
 ) -> bytes:
     """The first frame the bootstrap reads (``marshal``: see ``sandbox_boot``). Raises ``OSError`` or
     ``ValueError`` when this host has no root plan or no seccomp table the sandbox could use."""
@@ -896,10 +754,15 @@ def run_confined(
         raise ValueError(f"unknown isolation steps {sorted(unknown)}; known: {STEPS}")
     # JSON types only (TypeError otherwise), as the code will see them.
     args = msgspec.json.decode(msgspec.json.encode(args))
-    cg: _Cgroups | None = None
+    cg: CgroupSet | None = None
     if cgroup_parents:
         try:
-            cg = _Cgroups.create(cgroup_parents, f"sbx-{os.getpid()}-{next(_seq)}", limits)
+            cg = CgroupSet.create(
+                cgroup_parents,
+                f"sbx-{os.getpid()}-{next(_seq)}",
+                memory_bytes=limits.memory_bytes,
+                pids_max=limits.max_processes + 2,  # + the bootstrap and the PID namespace's init
+            )
         except OSError as exc:
             log.warning("sandbox without cgroups: %s", exc)
     try:
@@ -937,7 +800,7 @@ def run_confined(
         return _run(inv, cg, limits, started)
 
 
-def _run(inv: _Invocation, cg: _Cgroups | None, limits: Limits, started: float) -> Confined:
+def _run(inv: _Invocation, cg: CgroupSet | None, limits: Limits, started: float) -> Confined:
     """Serve, watch and end one started invocation; measure it; say how it ended."""
     try:
         try:
@@ -994,10 +857,8 @@ def _refuse(op: str, params: dict[str, Any]) -> dict[str, Any]:
 def isolation_available() -> tuple[str, ...]:
     """What this host allows (for status output): a trivial invocation's isolation, plus
     ``cgroup`` when this process's memory cgroup is writable. Measured once per process."""
-    from runtime.host import cgroups
-
     out = run_confined("pass", None, Limits(cpu_seconds=2.0, wall_seconds=10.0), _refuse).isolation
-    mem = cgroups.discover().dir("memory")
+    mem = discover().dir("memory")
     if mem is not None and os.access(mem, os.W_OK):
         out += ("cgroup",)
     return out

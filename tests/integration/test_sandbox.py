@@ -26,6 +26,7 @@ import pytest
 
 from runtime.host import cgroups
 from tests import sandbox_attacks
+from tests.crash import descendants_of_uid
 from workers.sandbox import STEPS, Confined, Limits, isolation_available, run_confined
 
 NOBODY = 65534
@@ -84,19 +85,6 @@ def mode(request: pytest.FixtureRequest, parents: dict[str, str]) -> dict[str, A
     return {"cgroup_parents": parents} if request.param == "cgroup" else {}
 
 
-def nobody_processes(uid: int = NOBODY) -> list[str]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            status = (d / "status").read_text()
-            uid_ = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-            if int(uid_) == uid:
-                out.append(f"{d.name}: {(d / 'cmdline').read_bytes()!r}")
-    return out
-
-
 def run(code: str, args: object = None, limits: Limits = FAST, **kw: Any) -> Confined:
     world = kw.pop("world", None) or World()
     return run_confined(code, args, limits, world.handle, **kw)
@@ -105,8 +93,8 @@ def run(code: str, args: object = None, limits: Limits = FAST, **kw: Any) -> Con
 def assert_contained(r: Confined | None, parents: dict[str, str] | None = None) -> None:
     """Nothing of the sandbox is left, its cgroups are gone, a trivial invocation still works, and
     the failed invocation ``r`` (if given) was measured."""
-    assert nobody_processes() == [], nobody_processes()
-    assert nobody_processes(UNPRIVILEGED) == [], nobody_processes(UNPRIVILEGED)
+    assert descendants_of_uid(NOBODY) == [], descendants_of_uid(NOBODY)
+    assert descendants_of_uid(UNPRIVILEGED) == [], descendants_of_uid(UNPRIVILEGED)
     if parents:
         for d in parents.values():
             assert [p.name for p in Path(d).iterdir() if p.is_dir()] == [], f"cgroup left under {d}"
