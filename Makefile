@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks dispatch
 	$(PY) -m benchmarks ledger
 	$(PY) -m benchmarks store
+	$(PY) -m benchmarks sandbox  # installs Debian's bubblewrap (its peer) when missing and run as root
 	$(PY) -m benchmarks llm
 	$(PY) -m benchmarks ecology
 	$(PY) -m benchmarks container

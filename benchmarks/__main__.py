@@ -26,7 +26,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "dispatch": ("benchmarks.dispatch", "no-op round trips/s and latency: this pool vs its peers"),
     "ledger": ("benchmarks.ledger", "durable transfers/s: LMDB group commit vs per-op and SQLite WAL"),
     "llm": ("benchmarks.llm", "local inference tokens/s: Think tasks through the pool vs LlamaBackend directly"),
-    "store": ("benchmarks.store", "artifact writes/s and reads/s vs the git CLI; confined invocation overhead"),
+    "sandbox": ("benchmarks.sandbox", "a confined invocation's round trip vs a bare fork+exec of Python and bwrap"),
+    "store": ("benchmarks.store", "artifact writes/s and reads/s vs the git CLI"),
     "scale": (
         "benchmarks.scale",
         "actions/s of 1, 2 and 3 nodes sharing PostgreSQL + Redis; PostgreSQL vs LMDB ledger",

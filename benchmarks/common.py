@@ -298,6 +298,16 @@ def measure_each(
         yield system, measured
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out a matplotlib figure, write it as a PNG at ``path`` (creating the directory) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def publish(json_path: Path, report: msgspec.Struct, plot: Callable[[Path], None]) -> None:
     """Write the JSON report, then the PNG beside it (a failed plot does not lose the numbers)."""
     write_json(json_path, report)

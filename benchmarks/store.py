@@ -19,13 +19,12 @@ by the agent, and ``refs/heads/main`` moved to it. Systems, each measured for a 
 After each run the numbers are checked against the repository: the commit count must equal the writes
 counted (``git rev-list --count``), and for the store ``runtime.world.store.verify`` must pass.
 
-``SYSTEMS`` is a plain list: another comparison (say, a confined invocation against fork+exec) is one
-more ``System`` with its own ``kind``.
+``SYSTEMS`` is a plain list: another comparison is one more ``System`` with its own ``kind``. (Confined
+invocations against fork+exec and bubblewrap: ``python -m benchmarks sandbox``.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -45,8 +44,6 @@ import msgspec
 
 from benchmarks import common
 from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
-from runtime.pool import WorkerPool
-from runtime.protocol import Invoke
 from runtime.world.store import WriteReceipt, verify
 from runtime.world.store.git import GitStore, fanout
 
@@ -60,7 +57,7 @@ QUOTA = 1 << 40
 TARGET_VS_GIT = 5.0
 TARGET_RATE = 500
 
-Kind = Literal["write", "read", "invoke"]
+Kind = Literal["write", "read"]
 
 
 class Entry(msgspec.Struct, omit_defaults=True):
@@ -308,43 +305,6 @@ def _git_cli(config: list[str]) -> Callable[[Path, float], Measured]:
     return run
 
 
-# ------------------------------------------------------------------------------- confined code
-
-
-def _confined_invoke(path: Path, duration: float) -> Measured:
-    """Round trips of a trivial confined invocation through the pool: supervisor -> worker -> a fresh
-    sandboxed interpreter (namespaces, rlimits, nobody, cgroup) -> result -> supervisor."""
-
-    async def main() -> Measured:
-        async with WorkerPool(size=1, hide=[str(path)]) as pool:
-            spec = Invoke(code="world.result(1)")
-            out = await pool.run(spec)  # warm: the worker imports the sandbox module once
-            if b'"ok": true' not in out.output:
-                raise Mismatch(f"the warm-up invocation failed: {out.output[:200]!r}")
-            n = 0
-            start = now = time.perf_counter()
-            while now < start + duration:
-                out = await pool.run(spec)
-                if b'"ok": true' not in out.output:
-                    raise Mismatch(f"invocation {n} failed: {out.output[:200]!r}")
-                n += 1
-                now = time.perf_counter()
-            return Measured(n, now - start)
-
-    return asyncio.run(main())
-
-
-def _fork_exec(path: Path, duration: float) -> Measured:
-    """The floor for running code in a new process: fork+exec of a bare ``python -c pass``."""
-    n = 0
-    start = now = time.perf_counter()
-    while now < start + duration:
-        subprocess.run([sys.executable, "-c", "pass"], check=True, cwd=path)
-        n += 1
-        now = time.perf_counter()
-    return Measured(n, now - start)
-
-
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -404,14 +364,6 @@ SYSTEMS: list[System] = [
         _git_cli(["-c", "core.fsync=all", "-c", "core.fsyncMethod=fsync"]),
     ),
     System("store-read", "read", f"GitStore.read of random ids among {REWRITE_IDS:,}, one thread", True, _store_read),
-    System(
-        "confined-invoke",
-        "invoke",
-        "a trivial code artifact run confined through the pool (round trip from the supervisor)",
-        True,
-        _confined_invoke,
-    ),
-    System("fork-exec-python", "invoke", "subprocess.run([python, '-c', 'pass']): the bare floor", True, _fork_exec),
 ]
 
 
@@ -471,12 +423,6 @@ def print_targets(entries: list[Entry], ratios: dict[str, float]) -> None:
     reads = by.get("store-read")
     if reads is not None:
         print(f"store reads: {reads.ops_per_s:,.0f}/s")
-    conf, bare = by.get("confined-invoke"), by.get("fork-exec-python")
-    if conf is not None and bare is not None and conf.ops_per_s:
-        print(
-            f"confined invocation: {1000 / conf.ops_per_s:.1f} ms per round trip vs {1000 / bare.ops_per_s:.1f} ms "
-            f"for a bare fork+exec of Python ({bare.ops_per_s / conf.ops_per_s:.1f}× the time)"
-        )
 
 
 def _color(e: Entry) -> str:

@@ -1,4 +1,5 @@
-"""Killing a writer process at a random moment, for the crash-safety tests of the durable stores.
+"""Processes in tests: killing a writer at a random moment (the crash-safety tests of the durable
+stores), and finding what a test left running.
 
 A writer prints one line per operation once it is durable; the test kills it with SIGKILL while it
 writes, then checks that every acknowledged operation survived.
@@ -61,6 +62,19 @@ def live_children(marker: str) -> list[int]:
         try:
             if child.status() != psutil.STATUS_ZOMBIE and any(marker in arg for arg in child.cmdline()):
                 found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def descendants_of_uid(uid: int) -> list[str]:
+    """This process's live descendants running as ``uid`` (``pid: command line``): what confined code
+    left behind. Only descendants, so that another test run on the same host is never counted."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.uids().real == uid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.pid}: {' '.join(p.cmdline())!r}")
         except psutil.NoSuchProcess:
             continue
     return found

@@ -58,6 +58,8 @@ class Worker:
         self.startup = self.cpu()
         self.idle = self.measurement = self.task_total = 0.0
         self.done = 0
+        #: Peak memory of the confined tree of the last ``Invoke`` (its own processes, not this worker's).
+        self.confined_peak = 0
         self.mark = self.startup
         self.last = self.counters(self.startup)
         self.shutdown_requested = False
@@ -150,12 +152,15 @@ class Worker:
         baseline = self.meter.start()
         if msg.memory_limit:
             self.meter.limit(msg.memory_limit)
+        self.confined_peak = 0
         c2 = self.cpu()
         out, err, code = self._execute(msg)
         c3 = self.cpu()
         if msg.memory_limit:
             self.meter.unlimit()
-        peak = self.meter.peak()
+        # Confined code runs in processes of its own: without a cgroup around both, this worker's
+        # meter does not see them, and their peak is added to what the worker held when it began.
+        peak = max(self.meter.peak(), baseline + self.confined_peak)
         wall = time.perf_counter() - w0
         task_cpu = c3 - c2
         self.task_total += task_cpu
@@ -206,13 +211,15 @@ class Worker:
             hide=self.boot.sandbox_hide,
             cgroup_parents=self.boot.cgroup_dirs or None,
         )
-        # wait4 returned the confined child's CPU to this process's RUSAGE_CHILDREN; descendants
-        # killed with the sandbox are only in its cgroup's count: book the difference as ours.
+        # The confined tree is the sandbox zygote's child, reaped there: its CPU (the zygote's wait4,
+        # the cgroup's count where larger, and the zygote's fork of it) is not in this process's
+        # RUSAGE_CHILDREN until the zygote is reaped (sandbox.shutdown): book it as ours now.
         reaped = self._rusage_cpu() - children_before
         self.unreaped += max(0.0, res.cpu_seconds - reaped)
+        self.confined_peak = res.peak_memory_bytes
         report = p.InvokeReport(
             ok=res.ok,
-            value=res.value if res.ok else b"",
+            value=res.value if res.ok else b"",  # strict JSON: checked by run_confined
             error=res.error,
             error_code=res.error_code,
             stdout=res.stdout.decode("utf-8", "replace"),
@@ -256,6 +263,10 @@ def main() -> int:
     sock.setsockopt(zmq.IDENTITY, f"w{boot.worker_id}-{os.getpid()}".encode())
     sock.connect(boot.endpoint)
     Worker(boot, sock, meter).serve()
+    if (sandbox := sys.modules.get("workers.sandbox")) is not None:
+        # Reap the sandbox's zygote: its CPU (and its outers', already booked as tasks) is then in
+        # what the kernel counts for this worker when the pool reaps it.
+        sandbox.shutdown()
     sock.close()
     ctx.term()
     return 0

@@ -5,22 +5,28 @@ Hosts differ: pure cgroup v2 (``cpu.max``, ``memory.max``, ``memory.peak``), pur
 and hybrids (v1 controllers plus a v2 tree without controllers). Everything here is found from
 ``/proc/self/cgroup`` and ``/proc/self/mountinfo``; nothing assumes a layout.
 
-Per-worker child cgroups give each worker an exact, resettable memory peak and an exact CPU counter
-that does not depend on the worker's own word. When the hierarchy is not writable the pool falls back
+Per-worker child cgroups (``WorkerCgroups``) give each worker an exact, resettable memory peak and an
+exact CPU counter that does not depend on the worker's own word; a confined invocation's child cgroups
+under its worker's (``CgroupSet``) bound and measure its whole process tree and let it be killed at once.
+This module is the one place that reads or writes cgroup files: the pool, the sandbox, the limits and
+the metrics all come here. When the hierarchy is not writable the pool falls back
 to in-process probes, and ``WorkerCgroups.create`` returns the reason so that status output can say so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
 from msgspec import Struct
+
+log = logging.getLogger("runtime.host.cgroups")
 
 CgroupMode = Literal["v1", "v2", "hybrid", "none"]
 _UNLIMITED = 1 << 62  # v1 reports "no limit" as a page-rounded 2**63-1
@@ -315,14 +321,9 @@ class WorkerCgroups(Struct):
             return 0
         f = "memory.oom_control" if self.memory_version == 1 else "memory.events"
         try:
-            text = (Path(self.memory_dir) / f).read_text()
+            return flat_field((Path(self.memory_dir) / f).read_text(), "oom_kill")
         except OSError:
             return 0
-        for line in text.splitlines():
-            key, _, val = line.partition(" ")
-            if key == "oom_kill":
-                return int(val)
-        return 0
 
     def remove(self) -> None:
         """Remove the (now empty) child cgroups, and any nested ones a killed worker left behind
@@ -339,15 +340,162 @@ class WorkerCgroups(Struct):
                 continue
 
 
+class CgroupSet:
+    """Child cgroups of one process tree (a confined invocation's), one per controller, under a parent
+    per controller (its worker's own).
+
+    v1 controllers by name (``memory``, ``cpuacct``, ``pids``, others for membership only) and the v2
+    tree as ``unified``, whose files are used when present: ``cpu.stat`` always, ``memory.max``,
+    ``memory.peak`` and ``pids.max`` only where the parent delegates those controllers.
+    """
+
+    def __init__(self, dirs: dict[str, str]) -> None:
+        self.dirs = dirs
+
+    @classmethod
+    def create(
+        cls, parents: Mapping[str, str], name: str, *, memory_bytes: int | None = None, pids_max: int | None = None
+    ) -> CgroupSet:
+        """Make them (``name`` under each parent) with the limits given (no swap beyond the memory limit);
+        on any failure remove what was made and raise OSError."""
+        cg = cls({})
+        try:
+            for controller, parent in parents.items():
+                d = os.path.join(parent, name)
+                os.mkdir(d)
+                cg.dirs[controller] = d
+            mem, pids, v2 = cg.dirs.get("memory"), cg.dirs.get("pids"), cg.dirs.get("unified")
+            if memory_bytes is not None:
+                if mem is not None:
+                    write_setting(mem, "memory.limit_in_bytes", memory_bytes)
+                    write_setting(mem, "memory.memsw.limit_in_bytes", memory_bytes, optional=True)
+                if v2 is not None:
+                    write_setting(v2, "memory.max", memory_bytes, optional=True)
+                    write_setting(v2, "memory.swap.max", 0, optional=True)
+            if pids_max is not None:
+                if pids is not None:
+                    write_setting(pids, "pids.max", pids_max)
+                if v2 is not None:
+                    write_setting(v2, "pids.max", pids_max, optional=True)
+        except OSError:
+            cg.remove(deadline=time.monotonic())
+            raise
+        return cg
+
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a process writes its pid into to join."""
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+
+    def pids(self) -> set[int]:
+        """Processes in the cgroups now."""
+        out: set[int] = set()
+        for f in self.procs_files():
+            with contextlib.suppress(OSError):
+                out.update(int(x) for x in Path(f).read_text().split())
+        return out
+
+    def _read(self, controller: str, name: str) -> str | None:
+        d = self.dirs.get(controller)
+        if d is None:
+            return None
+        try:
+            return Path(d, name).read_text()
+        except OSError:
+            return None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU of every process that ever ran in the cgroup (exact: the scheduler's count)."""
+        for controller, name in (("cpuacct", "cpuacct.usage"), ("unified", "cpu.stat")):
+            if (text := self._read(controller, name)) is not None:
+                return cpu_seconds_in(name, text)
+        return None
+
+    def measures_memory(self) -> bool:
+        """Whether these cgroups bound and measure the tree's memory (a memory controller is there)."""
+        return "memory" in self.dirs or (
+            "unified" in self.dirs and os.path.exists(os.path.join(self.dirs["unified"], "memory.peak"))
+        )
+
+    def peak_bytes(self) -> int | None:
+        """The high-water mark of the whole tree's memory (a fresh cgroup: no reset needed)."""
+        text = self._read("memory", "memory.max_usage_in_bytes") or self._read("unified", "memory.peak")
+        return int(text) if text is not None else None
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed in the cgroup for going over its memory limit."""
+        text = self._read("memory", "memory.oom_control") or self._read("unified", "memory.events")
+        return flat_field(text, "oom_kill") if text is not None else 0
+
+    def kill(self, spare: int = 0) -> int:
+        """SIGKILL every process in the cgroups but ``spare``; how many were signalled.
+
+        A pid read from ``cgroup.procs`` may be reused before the kill: each is opened as a pidfd
+        first and signalled only if it is still listed after that, which pins it to a member.
+        """
+        fds: dict[int, int] = {}
+        try:
+            for pid in self.pids() - {spare}:
+                with contextlib.suppress(ProcessLookupError):
+                    fds[pid] = os.pidfd_open(pid)
+            members = self.pids()
+            n = 0
+            for pid, fd in fds.items():
+                if pid in members:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        n += 1
+            return n
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def remove(self, deadline: float) -> bool:
+        """Kill what is left and remove the cgroups, retrying until ``deadline``; True when gone."""
+        while True:
+            self.kill()
+            if (v2 := self.dirs.get("unified")) is not None:
+                # v2 kills the whole cgroup atomically (Linux >= 5.14): nothing forks past it.
+                with contextlib.suppress(OSError):
+                    write_setting(v2, "cgroup.kill", 1, optional=True)
+            for c, d in list(self.dirs.items()):
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # still busy: dying processes leave it asynchronously
+                del self.dirs[c]
+            if not self.dirs:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("cgroups %s not removed: processes %s remain", sorted(self.dirs.values()), self.pids())
+                return False
+            time.sleep(0.002)
+
+
+def write_setting(directory: str, name: str, value: int, optional: bool = False) -> None:
+    """Write a cgroup setting; an ``optional`` one is skipped when the kernel does not offer it."""
+    path = os.path.join(directory, name)
+    if optional and not os.path.exists(path):
+        return
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def flat_field(text: str, key: str) -> int:
+    """The value of ``key`` in a flat-keyed cgroup file (``cpu.stat``, ``memory.events`` …); 0 if absent."""
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
 def cpu_seconds_in(cpu_file: str, text: str) -> float | None:
     """The CPU seconds in the text of a worker's ``cpuacct.usage`` (v1) or ``cpu.stat`` (v2)."""
     if cpu_file.endswith("cpuacct.usage"):
         return int(text) / 1e9
-    for line in text.splitlines():
-        key, _, val = line.partition(" ")
-        if key == "usage_usec":
-            return int(val) / 1e6
-    return None
+    return flat_field(text, "usage_usec") / 1e6 if "usage_usec" in text else None
 
 
 def _remove_nested(d: Path) -> None:
@@ -406,6 +554,7 @@ def processes_in(cgroup_dir: str) -> list[int]:
 
 __all__ = [
     "CgroupInfo",
+    "CgroupSet",
     "Found",
     "WorkerCgroups",
     "child_name",
@@ -416,6 +565,7 @@ __all__ = [
     "cpu_seconds_in",
     "cpu_usage",
     "discover",
+    "flat_field",
     "memory_limit",
     "memory_limit_bytes",
     "memory_usage",
@@ -424,4 +574,5 @@ __all__ = [
     "processes_in",
     "read_cpu_seconds",
     "sweep_stale",
+    "write_setting",
 ]

@@ -111,18 +111,23 @@ def test_runs_as_a_non_root_user_and_says_which_sandbox_isolation_applies(box: B
     steps = set(out.stdout.split())
     print(f"sandbox isolation in the container (uid {uid}): {sorted(steps)}")
     # Unprivileged, the sandbox makes its namespaces inside a user namespace (the code holds no capability).
-    assert {"userns", "mountns", "rofs", "netns", "ipcns", "pidns", "rlimits", "nonewprivs"} <= steps, steps
+    expected = {"userns", "mountns", "rofs", "minroot", "netns", "ipcns", "pidns", "rlimits", "nonewprivs"}
+    # ... and a fresh keyring, the seccomp filter, and the tree's memory watched (no writable cgroup).
+    assert expected | {"keyring", "seccomp", "memwatch"} <= steps, steps
     # Confined code cannot reach the data volume (the ledger, the Git history), which its uid owns.
     (box.data / "ledger-probe").write_text("ledger secret")
     probe = (
         "from workers.sandbox import Limits, run_confined\n"
         'code = \'import os\\ntry:\\n    result = open("/data/ledger-probe").read()\\n'
-        'except OSError as exc:\\n    result = [type(exc).__name__, os.listdir("/data")]\'\n'
+        'except OSError as exc:\\n    result = [type(exc).__name__, os.path.exists("/data")]\'\n'
         "r = run_confined(code, None, Limits(), lambda op, p: {'ok': False}, hide=['/data'])\n"
         "print(r.ok, r.value.decode(), r.error)"
     )
     out = box.inside("python", "-c", probe)
-    assert out.returncode == 0 and out.stdout.split() == ["True", '["FileNotFoundError",[]]'], out.stdout + out.stderr
+    # Not hidden: absent (the minimal root holds the interpreter and its library, not /data).
+    assert out.returncode == 0 and out.stdout.split() == ["True", '["FileNotFoundError",false]'], (
+        out.stdout + out.stderr
+    )
 
 
 IDLE = """

@@ -18,6 +18,7 @@ from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.node import Node
 from runtime.world.store import StoreError, verify
 from runtime.world.world import InvokeError, World
+from tests.crash import descendants_of_uid
 
 T = TypeVar("T")
 
@@ -215,39 +216,26 @@ def test_artifacts_respect_owners_and_quotas(tmp_path: Path) -> None:
     with_world(tmp_path, body)
 
 
-def _nobody_processes() -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                uid_line = next(line for line in (d / "status").read_text().splitlines() if line.startswith("Uid:"))
-            except (OSError, StopIteration):
-                continue
-            if uid_line.split()[1] == "65534":
-                found.append(int(d.name))
-    return found
-
-
 def test_a_worker_killed_mid_invocation_leaves_no_process_and_no_cgroup(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         pool = w.economy.pool
         await w.write_artifact("alice", "sleeper", b"import time\ntime.sleep(60)", kind="code")
         task = asyncio.create_task(w.invoke_artifact("bob", "sleeper", cpu_seconds=60, wall_seconds=60))
         for _ in range(300):
-            if _nobody_processes():
+            if descendants_of_uid(65534):
                 break
             await asyncio.sleep(0.02)
         busy = [x["pid"] for x in pool.status().workers if x["state"] == "busy"]
-        assert len(busy) == 1 and _nobody_processes()
+        assert len(busy) == 1 and descendants_of_uid(65534)
         os.kill(int(busy[0]), 9)
         with pytest.raises(InvokeError) as err:
             await task
         assert err.value.code == "worker_crashed"
         for _ in range(100):
-            if not _nobody_processes():
+            if not descendants_of_uid(65534):
                 break
             await asyncio.sleep(0.05)
-        assert not _nobody_processes()
+        assert not descendants_of_uid(65534)
         gone = [d for d in Path("/sys/fs/cgroup/cpuacct").glob(f"aeco-{os.getpid()}-*") if d.is_dir()]
         assert len(gone) <= pool.size  # only the live workers' own cgroups remain
         assert all(not list(d.glob("*/")) for d in gone)
