@@ -289,6 +289,7 @@ def test_a_turn_reads_almost_nothing_from_postgres_in_the_steady_state(
             return shared.reads() - before, 2 * 30, reasons
 
     reads, turns, rejected = asyncio.run(body())
+    print(f"steady state: {reads} reads from PostgreSQL on the event loop in {turns} turns")
     # Two agents paying each other see their scrip change while they think, now and then: that check is
     # the point of the fingerprint. Nothing else may be refused.
     assert all("the world changed while you thought" in r for r in rejected), rejected
