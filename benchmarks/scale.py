@@ -1,5 +1,5 @@
-"""Scale-out: actions/s of 1, 2 and 3 agent nodes sharing PostgreSQL and Redis at constant total CPU,
-and durable ledger transfers/s on PostgreSQL against LMDB.
+"""Scale-out: actions/s of one embedded node (LMDB) and of 1, 2 and 3 agent nodes sharing PostgreSQL and
+Redis, all at the same total CPU, and durable ledger transfers/s on PostgreSQL against LMDB.
 
 Nodes. Each run gets a fresh database and Redis namespace, and starts N supervisor processes
 (``python -m runtime.supervisor``, the real node) on one population of ``AGENTS`` scripted agents split
@@ -18,6 +18,10 @@ Every agent's policy is cheap but goes through the whole pipeline and across nod
 with ``think_ms=1``. Measured from the shared event log: the ``action`` events committed in a fixed
 window after every agent has acted once. Afterwards the ledger's invariants are checked.
 
+The reference is the same population on one embedded node (the default deployment: LMDB ledger and
+event log, Git store) in a group of ``TOTAL_CORES`` cores, measured from its own event log the same
+way, right before the one-node run on PostgreSQL: what a user gives up per node by sharing state.
+
 Servers and the capacity model. The node runs use a PostgreSQL cluster and a Redis server started for
 the benchmark alone (``benchmarks.servers``: nothing else on the host adds to their counters), and
 read their CPU counters at the start and the end of each window (PostgreSQL's whole process tree,
@@ -30,8 +34,9 @@ Ledger. ``benchmarks.ledger``'s closed-loop systems, run here in the same sessio
 applying one durable transfer at a time, on ``LmdbLedger`` and on ``PostgresLedger`` (fresh database,
 ``synchronous_commit`` on).
 
-Targets: 3 nodes deliver at least 90% of one node's actions/s; the PostgreSQL ledger sustains at
-least 2,000 durable transfers/s. Needs root (for the cgroups), Debian's PostgreSQL and Redis packages
+Targets: one node on PostgreSQL delivers at least 60% of the embedded node's actions/s; 3 nodes at
+least 95% of one node's on PostgreSQL; the PostgreSQL ledger sustains at least 2,000 durable
+transfers/s. Needs root (for the cgroups), Debian's PostgreSQL and Redis packages
 (the node runs' own servers), and the PostgreSQL server of ``tests.services.ADMIN_URL`` (the ledger runs).
 """
 
@@ -42,8 +47,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import yaml
@@ -51,7 +57,19 @@ import yaml
 from benchmarks import ledger as ledger_bench
 from benchmarks.cgroup_box import CgroupBox
 from benchmarks.common import Options, Skipped, host_info, measure_each, publish
-from benchmarks.servers import PostgresServer, RedisServer, ServerFailed
+from benchmarks.servers import PostgresServer, RedisServer, ServerFailed, tree_cpu_seconds
+from runtime.economy.ledger.check import CheckReport
+from runtime.world.events import Event
+from tests.scale.nodes import Node, node_of
+
+
+class EventReader(Protocol):
+    """What the window reads of an event log (the PostgreSQL one, or an embedded node's LMDB one)."""
+
+    def read(self, since: int = 0, *, kinds: Collection[str] | None = None) -> list[Event]: ...
+
+    def last_seq(self) -> int: ...
+
 
 NODE_COUNTS = (1, 2, 3)
 AGENTS = 60
@@ -59,14 +77,17 @@ TOTAL_CORES = 2.0
 FULL_S, QUICK_S = 20.0, 5.0
 WARMUP_S, WARMUP_MAX_S = 3.0, 180.0
 LEDGER_SYSTEMS = ("lmdb-group-threads", "postgres-group-threads")
-TARGET_RATIO = 0.9
+TARGET_RATIO = 0.95
+#: One node on PostgreSQL against one embedded node, at the same CPU.
+TARGET_VS_EMBEDDED = 0.6
 TARGET_POSTGRES = ledger_bench.TARGET_POSTGRES_RATE
 _PERIOD_US = 100_000
 
 
 class NodesResult(msgspec.Struct):
-    """N nodes sharing the servers."""
+    """N nodes sharing the servers (``postgres``), or one embedded node (``lmdb``)."""
 
+    backend: str
     nodes: int
     agents: int
     cores_per_node: float
@@ -80,10 +101,12 @@ class NodesResult(msgspec.Struct):
     cross_node_transfers: int
     ledger_ok: bool
     problems: list[str]
-    #: CPU-seconds the PostgreSQL and Redis process trees used in the window.
+    #: CPU-seconds the nodes (supervisors and workers), PostgreSQL and Redis process trees used in the window.
+    nodes_cpu_s: float
     postgres_cpu_s: float
     redis_cpu_s: float
     #: Their CPU per action, in milliseconds.
+    nodes_ms_per_action: float | None
     postgres_ms_per_action: float | None
     redis_ms_per_action: float | None
     #: Nodes like these (``cores_per_node``, at this run's actions/s per node) one core of each carries.
@@ -111,11 +134,15 @@ class Report(msgspec.Struct):
     agents: int
     total_cores: float
     policy: list[str]
+    #: The embedded node (LMDB), the reference for one node on PostgreSQL.
+    embedded: NodesResult | None
     nodes: list[NodesResult]
     ledger: list[LedgerResult]
     targets: list[str]
     #: How many nodes one PostgreSQL core and one Redis core carry, one line per run.
     capacity: list[str]
+    #: The CPU one action costs in all (nodes, PostgreSQL, Redis), one line per run: what sharing adds.
+    costs: list[str]
     skipped: list[Skipped]
 
 
@@ -157,6 +184,111 @@ def _per_core(cpu_s: float, seconds: float, nodes: int) -> float | None:
     return round(seconds * nodes / cpu_s, 1) if cpu_s > 0 else None
 
 
+class _Window(msgspec.Struct):
+    """What the nodes did in the measured window."""
+
+    actions: list[Event]
+    seconds: float
+    #: CPU-seconds of the node processes' trees (supervisors and their workers).
+    nodes_cpu_s: float
+    postgres_cpu_s: float
+    redis_cpu_s: float
+    problems: list[str]
+
+
+def _run_window(
+    nodes: list[Node], events: EventReader, duration: float, pg: PostgresServer, rd: RedisServer
+) -> _Window:
+    """Wait until every agent has acted (the warm-up), then count the actions of ``duration`` seconds."""
+    problems: list[str] = []
+    acted: set[str] = set()
+    t0 = time.monotonic()
+    seen = 0
+    while time.monotonic() - t0 < WARMUP_MAX_S:
+        time.sleep(0.5)
+        fresh = events.read(seen, kinds={"action"})
+        seen = fresh[-1].seq if fresh else seen
+        acted.update(e.agent for e in fresh if e.agent)
+        if len(acted) == AGENTS and time.monotonic() - t0 >= WARMUP_S:
+            break
+        if not all(node.alive() for node in nodes):
+            raise RuntimeError("a node died during the warm-up")
+    if len(acted) < AGENTS:
+        problems.append(f"only {len(acted)} of {AGENTS} agents acted during the warm-up")
+    pids = [node.proc.pid for node in nodes if node.proc is not None]
+    pg_start, rd_start = pg.cpu_seconds(), rd.cpu_seconds()
+    nodes_start = sum(tree_cpu_seconds(pid) for pid in pids)
+    start_seq, start = events.last_seq(), time.perf_counter()
+    time.sleep(duration)
+    end_seq, seconds = events.last_seq(), time.perf_counter() - start
+    nodes_cpu = sum(tree_cpu_seconds(pid) for pid in pids) - nodes_start
+    pg_cpu, rd_cpu = pg.cpu_seconds() - pg_start, rd.cpu_seconds() - rd_start
+    window = [e for e in events.read(start_seq, kinds={"action"}) if e.seq <= end_seq]
+    return _Window(window, seconds, nodes_cpu, pg_cpu, rd_cpu, problems)
+
+
+def _result(
+    backend: str, nodes: list[Node], w: _Window, one: float | None, report: CheckReport, cross: int
+) -> NodesResult:
+    n = len(nodes)
+    per_node = {
+        node.name: sum(1 for e in w.actions if e.agent and (n == 1 or node_of(nodes, e.agent) is node))
+        for node in nodes
+    }
+    rate = len(w.actions) / w.seconds
+    shared = backend == "postgres" and bool(w.actions)
+    return NodesResult(
+        backend=backend,
+        nodes=n,
+        agents=AGENTS,
+        cores_per_node=round(TOTAL_CORES / n, 3),
+        seconds=round(w.seconds, 2),
+        actions=len(w.actions),
+        actions_per_s=round(rate, 1),
+        vs_one_node=round(rate / one, 3) if one else None,
+        per_node=per_node,
+        cross_node_transfers=cross,
+        ledger_ok=report.ok,
+        problems=w.problems + [f"ledger: {p}" for p in report.problems[:5]],
+        nodes_cpu_s=round(w.nodes_cpu_s, 3),
+        postgres_cpu_s=round(w.postgres_cpu_s, 3),
+        redis_cpu_s=round(w.redis_cpu_s, 3),
+        nodes_ms_per_action=round(1000 * w.nodes_cpu_s / len(w.actions), 3) if w.actions else None,
+        postgres_ms_per_action=round(1000 * w.postgres_cpu_s / len(w.actions), 3) if shared else None,
+        redis_ms_per_action=round(1000 * w.redis_cpu_s / len(w.actions), 3) if shared else None,
+        nodes_per_postgres_core=_per_core(w.postgres_cpu_s, w.seconds, n) if shared else None,
+        nodes_per_redis_core=_per_core(w.redis_cpu_s, w.seconds, n) if shared else None,
+    )
+
+
+def _measure_embedded(config: Path, where: Path, duration: float, pg: PostgresServer, rd: RedisServer) -> NodesResult:
+    """One node on its own LMDB ledger and event log and Git store, in a group of ``TOTAL_CORES``."""
+    from runtime.economy.ledger.check import check
+    from runtime.economy.ledger.lmdb import LmdbLedger
+    from runtime.world.events.log import EventLog
+
+    node = Node("embedded", "", config, where, {"POSTGRES_URL": "", "REDIS_URL": ""})
+    group = CgroupBox(f"aeco-scale-{os.getpid()}-embedded", TOTAL_CORES, period_us=_PERIOD_US)
+    try:
+        node.start(preexec=group.enter)
+        node.wait_up()
+        events = EventLog(node.data / "events", readonly=True)
+        try:
+            w = _run_window([node], events, duration, pg, rd)
+        finally:
+            events.close()
+        code = node.stop()
+        if code:
+            w.problems.append(f"exit code {code}")
+        with LmdbLedger(node.data / "ledger") as ledger:
+            report = check(ledger)
+        return _result("lmdb", [node], w, None, report, 0)
+    finally:
+        if node.alive():
+            node.kill()
+        group.remove()
+
+
 def _measure_nodes(
     n: int, config: Path, where: Path, duration: float, one: float | None, pg: PostgresServer, rd: RedisServer
 ) -> NodesResult:
@@ -164,14 +296,12 @@ def _measure_nodes(
     from runtime.economy.ledger.check import check
     from runtime.economy.ledger.postgres import PostgresLedger
     from runtime.world.events.postgres import PostgresEventLog
-    from tests.scale.nodes import Node, node_of
 
     per = AGENTS // n
     url = pg.create_database()
     env = {"POSTGRES_URL": url, "REDIS_URL": rd.url, "AECO_NAMESPACE": f"bench-{uuid.uuid4().hex[:8]}"}
     nodes = [Node(f"node{i + 1}", f"{i * per + 1}-{(i + 1) * per}", config, where, env) for i in range(n)]
     groups = [CgroupBox(f"aeco-scale-{os.getpid()}-{n}-{i}", TOTAL_CORES / n, period_us=_PERIOD_US) for i in range(n)]
-    problems: list[str] = []
     try:
         for node, group in zip(nodes, groups, strict=True):
             node.start(preexec=group.enter)
@@ -179,31 +309,12 @@ def _measure_nodes(
             node.wait_up()
         events = PostgresEventLog(url)
         try:
-            acted: set[str] = set()
-            t0 = time.monotonic()
-            seen = 0
-            while time.monotonic() - t0 < WARMUP_MAX_S:
-                time.sleep(0.5)
-                fresh = events.read(seen, kinds={"action"})
-                seen = fresh[-1].seq if fresh else seen
-                acted.update(e.agent for e in fresh if e.agent)
-                if len(acted) == AGENTS and time.monotonic() - t0 >= WARMUP_S:
-                    break
-                if not all(node.alive() for node in nodes):
-                    raise RuntimeError("a node died during the warm-up")
-            if len(acted) < AGENTS:
-                problems.append(f"only {len(acted)} of {AGENTS} agents acted during the warm-up")
-            pg_start, rd_start = pg.cpu_seconds(), rd.cpu_seconds()
-            start_seq, start = events.last_seq(), time.perf_counter()
-            time.sleep(duration)
-            end_seq, seconds = events.last_seq(), time.perf_counter() - start
-            pg_cpu, rd_cpu = pg.cpu_seconds() - pg_start, rd.cpu_seconds() - rd_start
-            window = [e for e in events.read(start_seq, kinds={"action"}) if e.seq <= end_seq]
+            w = _run_window(nodes, events, duration, pg, rd)
         finally:
             events.close()
         codes = [node.stop() for node in nodes]
         if any(codes):
-            problems.append(f"exit codes {codes}")
+            w.problems.append(f"exit codes {codes}")
         ledger = PostgresLedger(url)
         try:
             report = check(ledger)
@@ -214,28 +325,7 @@ def _measure_nodes(
             )
         finally:
             ledger.close()
-        problems += [f"ledger: {p}" for p in report.problems[:5]]
-        per_node = {node.name: sum(1 for e in window if e.agent and node_of(nodes, e.agent) is node) for node in nodes}
-        rate = len(window) / seconds
-        return NodesResult(
-            nodes=n,
-            agents=AGENTS,
-            cores_per_node=round(TOTAL_CORES / n, 3),
-            seconds=round(seconds, 2),
-            actions=len(window),
-            actions_per_s=round(rate, 1),
-            vs_one_node=round(rate / one, 3) if one else None,
-            per_node=per_node,
-            cross_node_transfers=cross,
-            ledger_ok=report.ok,
-            problems=problems,
-            postgres_cpu_s=round(pg_cpu, 3),
-            redis_cpu_s=round(rd_cpu, 3),
-            postgres_ms_per_action=round(1000 * pg_cpu / len(window), 3) if window else None,
-            redis_ms_per_action=round(1000 * rd_cpu / len(window), 3) if window else None,
-            nodes_per_postgres_core=_per_core(pg_cpu, seconds, n),
-            nodes_per_redis_core=_per_core(rd_cpu, seconds, n),
-        )
+        return _result("postgres", nodes, w, one, report, cross)
     finally:
         for node in nodes:
             if node.alive():
@@ -257,9 +347,19 @@ def _measure_ledgers(quick: bool, skipped: list[Skipped]) -> list[LedgerResult]:
     return out
 
 
-def targets(nodes: list[NodesResult], ledgers: list[LedgerResult]) -> list[str]:
+def targets(embedded: NodesResult | None, nodes: list[NodesResult], ledgers: list[LedgerResult]) -> list[str]:
     """One line per target, saying whether it was met."""
     lines = []
+    one = next((r for r in nodes if r.nodes == 1), None)
+    if embedded is None or one is None or not embedded.actions_per_s:
+        lines.append(f"one node on PostgreSQL ≥ {TARGET_VS_EMBEDDED:.0%} of the embedded node: no result — NOT met")
+    else:
+        ratio = one.actions_per_s / embedded.actions_per_s
+        met = ratio >= TARGET_VS_EMBEDDED and one.ledger_ok and embedded.ledger_ok and not one.problems
+        lines.append(
+            f"one node on PostgreSQL: {one.actions_per_s:,.0f} actions/s = {ratio:.0%} of the embedded node's "
+            f"{embedded.actions_per_s:,.0f} (target ≥ {TARGET_VS_EMBEDDED:.0%}) — {'met' if met else 'NOT met'}"
+        )
     three = next((r for r in nodes if r.nodes == 3), None)
     if three is None or three.vs_one_node is None:
         lines.append(f"3 nodes ≥ {TARGET_RATIO:.0%} of one node's actions/s: no result — NOT met")
@@ -277,6 +377,21 @@ def targets(nodes: list[NodesResult], ledgers: list[LedgerResult]) -> list[str]:
         lines.append(
             f"PostgreSQL ledger: {pg.transfers_per_s:,.0f} durable transfers/s (target ≥ {TARGET_POSTGRES:,}) — "
             f"{'met' if met else 'NOT met'}"
+        )
+    return lines
+
+
+def costs(embedded: NodesResult | None, nodes: list[NodesResult]) -> list[str]:
+    """One line per run: the CPU one action cost the nodes (supervisors and workers) and the servers."""
+    lines = []
+    for r in ([embedded] if embedded else []) + nodes:
+        if r.nodes_ms_per_action is None:
+            continue
+        where = "the embedded node" if r.backend == "lmdb" else f"{r.nodes} node(s) on PostgreSQL"
+        servers = (r.postgres_ms_per_action or 0.0) + (r.redis_ms_per_action or 0.0)
+        lines.append(
+            f"CPU per action, {where}: nodes {r.nodes_ms_per_action:.2f} ms + servers {servers:.2f} ms "
+            f"= {r.nodes_ms_per_action + servers:.2f} ms"
         )
     return lines
 
@@ -306,15 +421,24 @@ def plot(report: Report, path: Path) -> None:
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
     xs = [r.nodes for r in report.nodes]
-    left.bar([str(x) for x in xs], [r.actions_per_s for r in report.nodes], color="#4c72b0")
+    runs = ([report.embedded] if report.embedded else []) + report.nodes
+    labels = [f"{r.nodes} on PG" if r.backend == "postgres" else "1 embedded\n(LMDB)" for r in runs]
+    left.bar(
+        labels, [r.actions_per_s for r in runs], color=["#55a868" if r.backend == "lmdb" else "#4c72b0" for r in runs]
+    )
+    if report.embedded:
+        target = report.embedded.actions_per_s * TARGET_VS_EMBEDDED
+        left.axhline(target, color="#8172b2", ls=":", label=f"{TARGET_VS_EMBEDDED:.0%} of embedded")
     if report.nodes and report.nodes[0].nodes == 1:
-        left.axhline(report.nodes[0].actions_per_s * TARGET_RATIO, color="#c44e52", ls="--", label="90% of one node")
+        target = report.nodes[0].actions_per_s * TARGET_RATIO
+        left.axhline(target, color="#c44e52", ls="--", label=f"{TARGET_RATIO:.0%} of one node on PG")
+    if runs:
         left.legend(loc="lower right")
-    for x, r in zip(xs, report.nodes, strict=True):
-        left.annotate(f"{r.actions_per_s:,.0f}", (str(x), r.actions_per_s), ha="center", va="bottom")
+    for label, r in zip(labels, runs, strict=True):
+        left.annotate(f"{r.actions_per_s:,.0f}", (label, r.actions_per_s), ha="center", va="bottom")
     left.set_xlabel(f"nodes (sharing {report.total_cores:g} cores in total)")
     left.set_ylabel("actions/s")
-    left.set_title(f"{report.agents} scripted agents, PostgreSQL + Redis")
+    left.set_title(f"{report.agents} scripted agents: embedded, and PostgreSQL + Redis")
     width = 0.38
     pos = range(len(xs))
     tallest = max([r.postgres_ms_per_action or 0.0 for r in report.nodes] + [0.1])
@@ -355,31 +479,48 @@ def plot(report: Report, path: Path) -> None:
 
 
 def run(opts: Options) -> int:
-    """Measure 1, 2 and 3 nodes, then the ledgers; print, write JSON and the plot."""
+    """Measure the embedded node, then 1, 2 and 3 nodes, then the ledgers; print, write JSON and the plot."""
     duration = QUICK_S if opts.quick else FULL_S
+    host = host_info(["psycopg", "redis", "lmdb"])  # before the runs: its load average is the one at the start
     skipped: list[Skipped] = []
     results: list[NodesResult] = []
+    embedded: NodesResult | None = None
     tmp = Path(tempfile.mkdtemp(prefix="aeco-scale-"))
     try:
         config = _config(tmp)
         with PostgresServer() as pg, RedisServer() as rd:
             print(f"servers of this run: PostgreSQL pid {pg.pid} on :{pg.port}, Redis pid {rd.pid} on :{rd.port}")
+            runs: list[tuple[str, str, Callable[[Path], NodesResult]]] = [
+                (
+                    "embedded",
+                    f"one node on LMDB, {TOTAL_CORES:.2f} cores",
+                    lambda w: _measure_embedded(config, w, duration, pg, rd),
+                )
+            ]
             for n in NODE_COUNTS:
-                label = f"[{n} node{'s' if n > 1 else ''}]"
-                print(f"{label} {AGENTS} agents, {TOTAL_CORES / n:.2f} cores each", flush=True)
-                where = tmp / f"nodes-{n}"
-                where.mkdir()
-                one = results[0].actions_per_s if results and results[0].nodes == 1 else None
+
+                def nodes(w: Path, n: int = n) -> NodesResult:
+                    one = results[0].actions_per_s if results and results[0].nodes == 1 else None
+                    return _measure_nodes(n, config, w, duration, one, pg, rd)
+
+                runs.append((f"{n}-nodes", f"{n} node(s) on PostgreSQL, {TOTAL_CORES / n:.2f} cores each", nodes))
+            for name, describe, measure in runs:
+                print(f"[{name}] {AGENTS} agents, {describe}", flush=True)
+                (tmp / name).mkdir()
                 try:
-                    r = _measure_nodes(n, config, where, duration, one, pg, rd)
+                    r = measure(tmp / name)
                 except Exception as exc:
-                    print(f"{label} FAILED: {type(exc).__name__}: {exc}", flush=True)
-                    skipped.append(Skipped(f"{n}-nodes", f"{type(exc).__name__}: {exc}"))
+                    print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+                    skipped.append(Skipped(name, f"{type(exc).__name__}: {exc}"))
                     continue
-                results.append(r)
+                if r.backend == "lmdb":
+                    embedded = r
+                else:
+                    results.append(r)
                 print(
-                    f"{label} {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
-                    f"per node {r.per_node}); server CPU: PostgreSQL {r.postgres_cpu_s:.2f} s, "
+                    f"[{name}] {r.actions_per_s:,.0f} actions/s ({r.actions:,} in {r.seconds:g} s; "
+                    f"per node {r.per_node}); CPU per action: nodes {r.nodes_ms_per_action or 0:.2f} ms; "
+                    f"server CPU: PostgreSQL {r.postgres_cpu_s:.2f} s, "
                     f"Redis {r.redis_cpu_s:.2f} s; ledger check {'ok' if r.ledger_ok else 'FAILED'}"
                     + (f"; problems: {r.problems}" if r.problems else ""),
                     flush=True,
@@ -390,23 +531,26 @@ def run(opts: Options) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ledgers = _measure_ledgers(opts.quick, skipped)
-    lines = targets(results, ledgers)
+    lines = targets(embedded, results, ledgers)
     sizing = capacity(results)
+    spent = costs(embedded, results)
     print()
-    for line in lines + sizing:
+    for line in lines + spent + sizing:
         print(line)
     report = Report(
         benchmark="scale",
         mode="quick" if opts.quick else "full",
-        host=host_info(["psycopg", "redis", "lmdb"]),
+        host=host,
         duration_s=duration,
         agents=AGENTS,
         total_cores=TOTAL_CORES,
         policy=POLICY_TEXT,
+        embedded=embedded,
         nodes=results,
         ledger=ledgers,
         targets=lines,
         capacity=sizing,
+        costs=spent,
         skipped=skipped,
     )
     publish(opts.json_path, report, lambda png: plot(report, png))

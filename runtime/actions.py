@@ -124,7 +124,7 @@ async def perform(world: World, agent: str, action: AgentAction) -> Performed:
             )
             return Performed(f"wrote {action.id} ({r.size} bytes, {r.owned_bytes} owned)")
         case ReadArtifact():
-            art = world.read_artifact(agent, action.id)
+            art = await world.read_artifact(agent, action.id)
             return Performed(f"{action.id} ({art.size} bytes): {art.content[:80].decode('utf-8', 'replace')}")
         case DeleteArtifact():
             await world.delete_artifact(agent, action.id)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -29,12 +30,15 @@ from runtime import config as config_mod
 from runtime.config import Config, node_id
 from runtime.economy.ledger import Ledger
 from runtime.errors import Unavailable
-from runtime.world.events import Events, Notifier
+from runtime.world.events import Event, Events, Notifier
 from runtime.world.events.pub import EventPublisher
 from runtime.world.store import Store
 
 if TYPE_CHECKING:
+    from runtime.economy.ledger.postgres import PostgresLedger
+    from runtime.world.events.base import Follower
     from runtime.world.events.redis import RedisRelay
+    from runtime.world.store.postgres import PostgresStore
 
 
 class EventBackend(Events, Protocol):
@@ -75,6 +79,41 @@ class Backends:
         self.ledger.close()
 
 
+def follow_shared_caches(ledger: PostgresLedger, store: PostgresStore) -> Follower:
+    """The rules that keep a node's caches of the shared state true across nodes, driven by the events
+    other nodes commit (the node's own writes put their results into the caches themselves):
+
+    - a ``transfer`` (addressed to the recipient, with the journal seq of its operation) is added to the
+      recipient's cached holdings, once (``HoldingsCache.credit``); one without a seq makes the node
+      forget them. Every debit of an agent is an operation of the node that runs it; a credit may
+      come from any node, and announces itself this way;
+    - ``artifact_written`` and ``artifact_deleted`` mark the artifact for reading again before the
+      next listing; ``system_reset`` (a rollback) drops the copy of HEAD.
+
+    What announces itself to nobody is bounded by each cache's maximum age.
+    """
+
+    def follow(events: Sequence[Event], local: bool) -> None:
+        if local:
+            return
+        changed: list[str] = []
+        for ev in events:
+            if ev.kind == "transfer" and ev.agent is not None:
+                asset, amount, seq = (ev.fields.get(k) for k in ("asset", "amount", "ledger_seq"))
+                if isinstance(asset, str) and isinstance(amount, int) and amount > 0 and isinstance(seq, int):
+                    ledger.holdings_cache.credit(ev.agent, asset, amount, seq)
+                else:
+                    ledger.holdings_cache.forget(ev.agent)
+            elif ev.kind in ("artifact_written", "artifact_deleted") and isinstance(ev.fields.get("id"), str):
+                changed.append(ev.fields["id"])
+            elif ev.kind == "system_reset":
+                store.head_cache.drop()
+        if changed:
+            store.head_cache.dirty(changed)
+
+    return follow
+
+
 def open_backends(cfg: Config, data: Path) -> Backends:
     """Open the ledger, the store and the event log ``cfg`` asks for (see the module docstring).
 
@@ -107,12 +146,17 @@ def open_backends(cfg: Config, data: Path) -> Backends:
 
             deadline = node.connect_timeout_s
             try:
-                ledger = PostgresLedger(node.postgres_url, connect_deadline_s=deadline)
-                opened.callback(ledger.close)
-                store = PostgresStore(node.postgres_url, agent_url=node.postgres_agent_url or None, deadline_s=deadline)
-                opened.callback(store.close)
+                pg_ledger = PostgresLedger(node.postgres_url, connect_deadline_s=deadline)
+                opened.callback(pg_ledger.close)
+                ledger = pg_ledger
+                pg_store = PostgresStore(
+                    node.postgres_url, agent_url=node.postgres_agent_url or None, deadline_s=deadline
+                )
+                opened.callback(pg_store.close)
+                store = pg_store
                 pg_events = PostgresEventLog(node.postgres_url, deadline_s=deadline)
                 opened.callback(pg_events.close)
+                pg_events.follow(follow_shared_caches(pg_ledger, pg_store))
                 events = pg_events
                 where = f"PostgreSQL at {redact(node.postgres_url)}"
                 if node.redis_url:

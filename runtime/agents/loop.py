@@ -98,7 +98,7 @@ class LlmBrain:
 
     async def think(self, agent: str, context: str) -> Thought:
         """Generate one action; output that does not parse is a thought without an action."""
-        if any(self.prices) and self.economy.ledger.balance(agent, "llm_budget") <= 0:
+        if any(self.prices) and await self.economy.ledger.balance_async(agent, "llm_budget") <= 0:
             raise BudgetSpent(f"{agent} has no llm_budget left for {self.model or 'the paid model'}")
         spec = Think(
             system=self.persona,
@@ -161,8 +161,8 @@ class Agent:
 
     async def step(self) -> None:
         """One turn: context, think, check, act, publish."""
-        before = self._fingerprint()
-        context = self.context()
+        before = await self._fingerprint()
+        context = await self.context(before)
         self.state = "thinking"
         try:
             thought = await self.brain.think(self.id, context)
@@ -171,14 +171,14 @@ class Agent:
             await self._reject("think", str(exc))
             self.state = "sleeping"
             await self.events.wait(
-                self.id, kinds={"transfer", "system_reset"}, since=self.events.last_seq(), timeout=60
+                self.id, kinds={"transfer", "system_reset"}, since=await self.events.last_seq_async(), timeout=60
             )
             return None
         except AecoError as exc:
             return await self._reject("think", f"thinking failed: {exc.code}: {exc.message[:200]}")
         if thought.action is None:
             return await self._reject("think", thought.error)
-        if self._fingerprint() != before:
+        if await self._fingerprint() != before:
             return await self._reject(_kind(thought.action), "the world changed while you thought; look again")
         self.state = "acting"
         try:
@@ -192,7 +192,7 @@ class Agent:
 
     async def _advance(self) -> None:
         """Move the agent's durable cursor past the news it has been shown (it survives a restart)."""
-        if self._seen > self.events.cursor(self.id):
+        if self._seen > await self.events.cursor_async(self.id):
             await asyncio.wrap_future(self.events.set_cursor(self.id, self._seen))
 
     async def _reject(self, kind: str, why: str) -> None:
@@ -202,28 +202,34 @@ class Agent:
         await self.events.publish("action", self.id, action=kind, ok=False, reason=why[:300])
         await self._advance()
 
-    def _fingerprint(self) -> tuple[int, int]:
-        """What the agent's decision rests on: its scrip and the events addressed to it."""
-        return self.economy.ledger.balance(self.id, "scrip"), self.events.last_addressed(self.id, _ADDRESSED)
+    async def _fingerprint(self) -> tuple[int, int]:
+        """What the agent's decision rests on: its scrip and the newest event addressed to it. On a shared
+        deployment both usually come from the node's caches, kept true by its own operations and the
+        event stream (``runtime.economy.ledger.cache``, ``runtime.world.events.postgres``)."""
+        scrip = await self.economy.ledger.balance_async(self.id, "scrip")
+        return scrip, await self.events.last_addressed_async(self.id, _ADDRESSED)
 
-    def context(self) -> str:
-        """The prompt: the time, the agent's holdings and buckets, news, what it can see, its memories."""
+    async def context(self, fingerprint: tuple[int, int] | None = None) -> str:
+        """The prompt: the time, the agent's holdings and buckets, news, what it can see, its memories.
+        ``fingerprint`` is what ``_fingerprint`` just read, if the caller has it (its reads are not repeated)."""
         ledger, buckets = self.economy.ledger, self.economy.buckets
-        cursor = self.events.cursor(self.id)
+        scrip, addressed = fingerprint if fingerprint is not None else await self._fingerprint()
+        cursor = await self.events.cursor_async(self.id)
         # News is what others did that concerns this agent. Reading scans every event since the cursor,
         # so only when there is some (or on the first turn, for what arrived while the runtime was down).
-        fresh = self._first_turn or self.events.last_addressed(self.id, _ADDRESSED) > cursor
+        fresh = self._first_turn or addressed > cursor
         self._first_turn = False
-        news = self.events.read(cursor, agent=self.id, kinds=_ADDRESSED, limit=20) if fresh else []
+        news = await self.events.read_async(cursor, agent=self.id, kinds=_ADDRESSED, limit=20) if fresh else []
         self._seen = news[-1].seq if news else self._seen
         news = news[-5:]
-        visible = [a.id for a in self.world.list_artifacts(self.id)][:10]
+        visible = [a.id for a in await self.world.list_artifacts(self.id, limit=10)]
         if not self._others or next(self._n_context) % 100 == 0:  # accounts change rarely: look now and then
-            self._others = sorted(a for a, kind in ledger.accounts().items() if kind == "agent" and a != self.id)[:10]
+            accounts = await ledger.accounts_async()
+            self._others = sorted(a for a, kind in accounts.items() if kind == "agent" and a != self.id)[:10]
         others = self._others
         lines = [
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-            f"You are {self.id}. Scrip: {ledger.balance(self.id, 'scrip')}. "
+            f"You are {self.id}. Scrip: {scrip}. "
             f"CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
             "News: " + ("; ".join(_describe(e) for e in news) or "none"),
             "Other agents: " + (", ".join(others) or "none"),

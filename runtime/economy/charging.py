@@ -103,7 +103,7 @@ class Economy:
         # A task's memory limit is its agent's memory_quota, as the ledger holds it now. Confined code
         # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
         # could make the kernel pick the worker, not the sandbox, when memory runs out.
-        quota = 0 if isinstance(spec, Invoke) else self.ledger.balance(agent, "memory_quota")
+        quota = 0 if isinstance(spec, Invoke) else await self.ledger.balance_async(agent, "memory_quota")
         inner = asyncio.ensure_future(
             self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id)
         )
@@ -168,7 +168,8 @@ class Economy:
         """Set ``agent``'s bucket rate to its holding of the rate right ``asset`` in the ledger, and
         persist the bucket under an id derived from the trade ``op_id`` (so a replay changes nothing)."""
         resource, per_unit = RATE_RIGHTS[asset]
-        rate = self.ledger.balance(agent, asset) * per_unit
+        # Fresh: the trade that calls for this may be another node's, newer than any cached holding.
+        rate = await self.ledger.balance_async(agent, asset, fresh=True) * per_unit
         if rate == self.buckets.get(agent, resource).rate:
             return
         state: BucketState = self.buckets.set_rate(agent, resource, rate)

@@ -78,7 +78,7 @@ class World:
     ) -> WriteReceipt:
         """Create or overwrite an artifact the agent owns, within its disk quota."""
         aid = check_id(artifact_id)
-        quota = self.economy.ledger.balance(agent, "disk_quota")
+        quota = await self.economy.ledger.balance_async(agent, "disk_quota")
         # Through the store's queue: the loop is not blocked on the sync, and agents' writes share commits.
         receipt = await asyncio.wrap_future(
             self.store.submit_write(agent, aid, content, kind=kind, price=price, readable=readable, quota=quota)
@@ -86,9 +86,9 @@ class World:
         self.emit("artifact_written", {"agent": agent, "id": aid, "size": receipt.size, "created": receipt.created})
         return receipt
 
-    def read_artifact(self, agent: str, artifact_id: str | bytes) -> Artifact:
+    async def read_artifact(self, agent: str, artifact_id: str | bytes) -> Artifact:
         """The artifact at HEAD, if the agent may read it."""
-        return self.store.read(agent, check_id(artifact_id))
+        return await self.store.read_async(agent, check_id(artifact_id))
 
     async def delete_artifact(self, agent: str, artifact_id: str | bytes) -> None:
         """Delete an artifact the agent owns; its bytes go back to the agent's quota."""
@@ -96,16 +96,24 @@ class World:
         await asyncio.wrap_future(self.store.submit_delete(agent, aid))
         self.emit("artifact_deleted", {"agent": agent, "id": aid})
 
-    def list_artifacts(self, agent: str) -> list[ArtifactInfo]:
-        """The artifacts the agent can see."""
-        return self.store.list(agent)
+    async def list_artifacts(self, agent: str, limit: int | None = None) -> list[ArtifactInfo]:
+        """The artifacts the agent can see, by id (the first ``limit`` of them)."""
+        return await self.store.list_async(agent, limit)
 
     async def transfer(self, op: Transfer) -> Receipt:
         """Move an asset between accounts (a rate right re-rates both buckets); the recipient gets a
         ``transfer`` event addressed to it — news that may change what it decides."""
         receipt = await self.economy.transfer_right(op)
         if receipt.fresh:
-            self.emit("transfer", {"agent": op.dst, "from": op.src, "asset": op.asset, "amount": op.amount})
+            # ``ledger_seq`` lets another node add this credit to its cached holdings exactly once.
+            fields = {
+                "agent": op.dst,
+                "from": op.src,
+                "asset": op.asset,
+                "amount": op.amount,
+                "ledger_seq": receipt.seq,
+            }
+            self.emit("transfer", fields)
             if op.asset in RATE_RIGHTS and op.dst not in self.economy.buckets.agents():
                 # The recipient runs on another node: that node re-rates its buckets on this event.
                 self.emit("rate_changed", {"agent": op.dst, "asset": op.asset, "op": op.id})
@@ -130,12 +138,12 @@ class World:
     ) -> Invocation:
         """Run a code artifact confined, as ``agent``; raise ``InvokeError`` (after charging) on failure."""
         aid = check_id(artifact_id)
-        art = self.store.read(agent, aid)
+        art = await self.store.read_async(agent, aid)
         if art.kind != "code":
             raise InvokeError("not_code", f"artifact `{aid}` is {art.kind}, not code")
         if max_transfer < 0:
             raise InvokeError("invalid", f"max_transfer must be >= 0, got {max_transfer}")
-        scrip = self.economy.ledger.balance(agent, "scrip")
+        scrip = await self.economy.ledger.balance_async(agent, "scrip")
         if scrip < art.price + max_transfer:
             raise InvokeError(
                 "insufficient_funds",
@@ -145,7 +153,7 @@ class World:
             encoded_args = json.dumps(args, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise InvokeError("invalid", f"args are not JSON: {exc}") from None
-        memory = min(self.economy.ledger.balance(agent, "memory_quota"), 1 << 30) or (256 << 20)
+        memory = min(await self.economy.ledger.balance_async(agent, "memory_quota"), 1 << 30) or (256 << 20)
         spec = p.Invoke(
             code=art.content.decode("utf-8", "replace"),
             args=encoded_args,
@@ -161,7 +169,7 @@ class World:
             match call:
                 case p.ReadArtifactCall(id=wanted):
                     try:
-                        other = self.store.read(agent, check_id(wanted))
+                        other = await self.store.read_async(agent, check_id(wanted))
                     except AecoError as exc:
                         return p.RefusedAnswer(error=str(exc))
                     return p.ArtifactAnswer(content=other.content)
@@ -234,7 +242,7 @@ class World:
         disk quota."""
         memory = self._memory()
         vector = await self.embed(agent, text)
-        quota = self.economy.ledger.balance(agent, "disk_quota")
+        quota = await self.economy.ledger.balance_async(agent, "disk_quota")
         return await asyncio.to_thread(memory.remember, agent, text, vector, quota_bytes=quota)
 
     async def recall(self, agent: str, query: str, k: int = 5) -> list[Recall]:
@@ -261,7 +269,7 @@ class World:
             await asyncio.sleep(seconds)
             return None
         kinds = {until} if until else None
-        woken = await self.events.wait(agent, kinds=kinds, since=self.events.last_seq(), timeout=seconds)
+        woken = await self.events.wait(agent, kinds=kinds, since=await self.events.last_seq_async(), timeout=seconds)
         return woken[0] if woken else None
 
     async def follow_rates(self, agent: str) -> None:
@@ -273,7 +281,7 @@ class World:
         """
         events = self.events
         assert events is not None, "following rates needs the event log"
-        since = events.last_seq()
+        since = await events.last_seq_async()
         while news := await events.wait(agent, kinds={"rate_changed"}, since=since):
             since = news[-1].seq
             for e in news:

@@ -294,7 +294,7 @@ def test_news_reaches_the_agent_it_concerns(tmp_path: Path) -> None:
         await rt.world.invoke_artifact("ann", "ben-tool")
         # Events are queued, not awaited, by the world: let the invocation's become durable first.
         assert await rt.events.wait("ben", kinds={"artifact_invoked"}, since=0, timeout=5)
-        ann_context, ben_context = ann.context(), ben.context()
+        ann_context, ben_context = await ann.context(), await ben.context()
         await ann.step()
         assert rt.events.cursor("ann") > 0
         return ann_context, ben_context

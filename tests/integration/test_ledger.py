@@ -153,6 +153,29 @@ def test_open_mint_transfer_burn(ledger: Ledger) -> None:
     assert report.accounts == 4 and report.journal_entries == journal_len(ledger) == 2 + 3 + 3
 
 
+def test_the_reads_for_the_event_loop_agree_with_the_synchronous_ones(ledger: Ledger) -> None:
+    ledger.apply(OpenAccount(id="o1", account="alice", grants={"scrip": 100, "disk_quota": 1000}))
+    ledger.apply(OpenAccount(id="o2", account="bob"))
+    ledger.apply(Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=30))
+
+    async def body() -> None:
+        for fresh in (False, True):
+            assert await ledger.holdings_async("alice", fresh=fresh) == {"scrip": 70, "disk_quota": 1000}
+            assert await ledger.holdings_async("bob", fresh=fresh) == ledger.balances()["bob"]
+            assert await ledger.balance_async("bob", "scrip", fresh=fresh) == ledger.balance("bob", "scrip")
+            assert await ledger.balance_async("bob", "cpu_rate", fresh=fresh) == 0
+            with pytest.raises(LedgerError) as err:
+                await ledger.holdings_async("ghost", fresh=fresh)
+            assert err.value.code == "unknown_account"
+        assert await ledger.accounts_async() == ledger.accounts()
+        # An operation of this ledger is seen by the next read, cached or not.
+        await asyncio.wrap_future(ledger.submit(Transfer(id="t2", src="bob", dst="alice", asset="scrip", amount=5)))
+        assert await ledger.balance_async("alice", "scrip") == 75
+        assert await ledger.balance_async("bob", "scrip") == 25
+
+    asyncio.run(body())
+
+
 def test_opening_an_existing_account_again_is_refused(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 5})
     before = snapshot(ledger)

@@ -7,6 +7,7 @@ can be: ``git fsck --strict``, ``git log``, ``git ls-tree`` and ``git cat-file``
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -251,6 +252,30 @@ def test_write_rewrite_and_metadata(store: Any, store_backend: Backend) -> None:
     assert s.head() == r2.commit == store_backend.head(store)
     assert verify(s) == []
     store_backend.check(store)
+
+
+def test_the_reads_for_the_event_loop_agree_with_the_synchronous_ones(store: Any, store_backend: Backend) -> None:
+    for aid, owner, readable in (("b-pub", "bob", "public"), ("a-pub", "alice", "public"), ("a-own", "alice", "owner")):
+        store.write(owner, aid, aid.encode(), readable=readable, quota=BIG)
+
+    async def body() -> None:
+        for agent in ("alice", "bob", "carol"):
+            assert await store.list_async(agent) == store.list(agent)
+            assert await store.list_async(agent, 1) == store.list(agent)[:1]
+        assert await store.read_async("alice", "a-own") == store.read("alice", "a-own")
+        with pytest.raises(StoreError) as err:
+            await store.read_async("bob", "a-own")  # owner-only: it does not exist for bob
+        assert err.value.code == "not_found"
+        with pytest.raises(StoreError) as err:
+            await store.read_async("bob", "../x")
+        assert err.value.code == "invalid_id"
+        # A write and a delete are seen by the next listing.
+        store.write("bob", "b-two", b"2", quota=BIG)
+        store.delete("alice", "a-pub")
+        assert [i.id for i in await store.list_async("carol")] == ["b-pub", "b-two"]
+        assert await store.list_async("alice") == store.list("alice")
+
+    asyncio.run(body())
 
 
 def test_git_commits_chain_and_carry_the_metadata_beside_the_content(git_store: GitStore) -> None:

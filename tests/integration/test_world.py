@@ -195,20 +195,20 @@ def test_artifacts_respect_owners_and_quotas(tmp_path: Path) -> None:
         with pytest.raises(StoreError) as err:
             await w.write_artifact("bob", "mine", b"taken over")
         assert err.value.code == "forbidden"
-        assert w.read_artifact("bob", "mine").content == b"x" * 1000
+        assert (await w.read_artifact("bob", "mine")).content == b"x" * 1000
         with pytest.raises(StoreError) as err:  # alice's disk_quota is 1 MiB
             await w.write_artifact("alice", "big", b"y" * (1 << 20))
         assert err.value.code == "quota_exceeded"
         with pytest.raises(StoreError):
-            w.read_artifact("alice", "big")
+            await w.read_artifact("alice", "big")
         for bad in ("../etc/passwd", "", "x" * 200, b"\xff\xfe"):
             with pytest.raises(StoreError) as err:
-                w.read_artifact("alice", bad)
+                await w.read_artifact("alice", bad)
             assert err.value.code == "invalid_id"
         await w.write_artifact("alice", "secret", b"s", readable="owner")
         with pytest.raises(StoreError):
-            w.read_artifact("bob", "secret")
-        assert "secret" not in {a.id for a in w.list_artifacts("bob")}
+            await w.read_artifact("bob", "secret")
+        assert "secret" not in {a.id for a in await w.list_artifacts("bob")}
         with pytest.raises(InvokeError, match="not_code"):
             await w.invoke_artifact("bob", "mine")
         assert not verify(w.store)

@@ -166,6 +166,21 @@ class Ledger(Protocol):
         """Every account's non-zero balances, from one consistent snapshot."""
         ...
 
+    async def holdings_async(self, account: str, *, fresh: bool = False) -> dict[str, int]:
+        """Every non-zero balance of ``account`` (``LedgerError`` for an unknown account), for code on
+        the event loop: it never blocks the loop on a server. A shared backend may answer from a
+        per-node cache that is exact as of this node's own operations (see its docstring); ``fresh``
+        asks the store itself."""
+        ...
+
+    async def balance_async(self, account: str, asset: Asset, *, fresh: bool = False) -> int:
+        """One balance, as ``holdings_async`` reads it."""
+        ...
+
+    async def accounts_async(self) -> dict[str, AccountKind]:
+        """Every account and its kind, for code on the event loop."""
+        ...
+
     def accounts(self) -> dict[str, AccountKind]:
         """Every account and its kind."""
         ...

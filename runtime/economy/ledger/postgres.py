@@ -27,6 +27,12 @@ snapshot would be taken by the lock statement itself, before the wait, and miss 
 Reads use a per-node pool of connections in read-only REPEATABLE READ transactions: one consistent
 snapshot per call, never waiting for the writer.
 
+Reads on the event loop (``holdings_async``, ``balance_async``, ``accounts_async``) await the server
+through ``runtime.host.pgasync`` instead of blocking the loop, each one statement. Holdings come from a
+per-node cache (``runtime.economy.ledger.cache``, where the rule that keeps it true is stated) when it
+has a fresh entry: each batch writes through the exact balances of every account it touched, and the
+node's event stream forgets an account that another node credited.
+
 Tables (schema ``ledger`` in ``aeco_migrations``): ``ledger_accounts``, ``ledger_balances`` (only
 non-zero amounts), ``ledger_supply``, ``ledger_journal`` (seq, at, op id, the operation in msgpack; the
 unique op id is the idempotency index), ``ledger_usage`` (task id -> record), ``ledger_buckets``
@@ -58,7 +64,9 @@ from runtime.economy.ledger import (
     Transfer,
     rules,
 )
+from runtime.economy.ledger.cache import HoldingsCache
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
+from runtime.host.pgasync import AsyncReader
 from runtime.host.postgres import connect, lock_key, migrate
 
 #: Append-only migration steps of the ``ledger`` component (never edit a shipped step; add one).
@@ -95,6 +103,12 @@ STEPS: tuple[str, ...] = (
 
 #: What ``pg_stat_activity.application_name`` shows for this backend's connections.
 WRITER_NAME, READER_NAME = "aeco-ledger-writer", "aeco-ledger-reader"
+#: One statement, one snapshot: the journal's head, whether the account exists, and its balances.
+_HOLDINGS = (
+    "SELECT (SELECT coalesce(max(seq), 0) FROM ledger_journal),"
+    " (SELECT kind FROM ledger_accounts WHERE account = %(a)s),"
+    " (SELECT coalesce(json_object_agg(asset, amount), '{}') FROM ledger_balances WHERE account = %(a)s)"
+)
 _LOCK = lock_key("ledger")
 _JOURNAL_PAGE = 1000
 
@@ -207,6 +221,14 @@ class _BatchView:
         self._levels[agent] = {**self._levels[agent], **buckets}
         self._dirty_levels.add(agent)
 
+    def held(self) -> dict[str, dict[str, int]]:
+        """Every non-zero balance of every existing account the batch loaded (all its assets were)."""
+        out: dict[str, dict[str, int]] = {a: {} for a, kind in self._kinds.items() if kind is not None}
+        for (account, asset), amount in self._balances.items():
+            if amount and account in out:
+                out[account][asset] = amount
+        return out
+
     def flush(self) -> None:
         """Write every changed row back: one statement per table (new accounts go first, for the keys)."""
         ex = self._conn.execute
@@ -256,7 +278,8 @@ class PostgresLedger(GroupCommitted):
     """The PostgreSQL ledger at ``url`` (its schema is created or upgraded on open; safe when several
     nodes open at once). ``durable=False`` commits with ``synchronous_commit=off`` (for tests of logic,
     never for real runs); ``group=False`` commits one operation per transaction (the benchmark's
-    baseline). ``pool_size`` bounds this node's read connections.
+    baseline). ``pool_size`` bounds this node's synchronous read connections, ``async_readers`` those of
+    the reads on the event loop; ``cache_max_age_s`` is the longest a cached holding is used (0: never).
 
     Raises ``runtime.host.postgres.DatabaseUnavailable`` for a malformed URL, a rejected login, or a server
     that does not answer within ``connect_deadline_s``.
@@ -271,8 +294,13 @@ class PostgresLedger(GroupCommitted):
         max_batch: int = 4096,
         pool_size: int = 4,
         connect_deadline_s: float = 30.0,
+        cache_max_age_s: float = 1.0,
+        async_readers: int = 4,
     ) -> None:
         self._url = url
+        #: The node's holdings cache (``runtime.economy.ledger.cache``); ``cache_max_age_s=0`` disables it.
+        self.holdings_cache = HoldingsCache(cache_max_age_s)
+        self.reader = AsyncReader(url, size=async_readers, name=READER_NAME, setup=_READ_ONLY)
         self._durable = durable
         self._deadline_s = connect_deadline_s
         self._conn = self._connect_writer()
@@ -346,6 +374,7 @@ class PostgresLedger(GroupCommitted):
             accounts |= a
             task_ids |= t
             agents |= g
+        token = self.holdings_cache.token()
         with conn.transaction():
             view = _BatchView(conn)
             with conn.pipeline():
@@ -392,11 +421,16 @@ class PostgresLedger(GroupCommitted):
                         " SELECT s, %s::float8, i, o FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS z(s, i, o)",
                         (now, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
                     )
+        # Committed: what the batch read under the lock, changed by its own operations, is every touched
+        # account's exact state at ``seq`` (no other writer could run in between).
+        for account, amounts in view.held().items():
+            self.holdings_cache.put(account, seq, amounts, token)
         return outcomes
 
     def _close_store(self) -> None:
         self._conn.close()
         self._pool.close()
+        self.reader.close()
 
     # ------------------------------------------------------------------------------------- reads
 
@@ -415,6 +449,31 @@ class PostgresLedger(GroupCommitted):
         if not rows:
             raise LedgerError("unknown_account", f"no account `{account}`")
         return int(rows[0][0])
+
+    async def holdings_async(self, account: str, *, fresh: bool = False) -> dict[str, int]:
+        """Every non-zero balance of ``account`` (``LedgerError`` if it does not exist), read without
+        blocking the loop: from the node's cache when it has a fresh entry (unless ``fresh``), else in
+        one statement whose result then fills the cache."""
+        if not fresh:
+            cached = self.holdings_cache.get(account)
+            if cached is not None:
+                return cached
+        token = self.holdings_cache.token()
+        rows = await self.reader.fetch(_HOLDINGS, {"a": account})
+        seq, kind, amounts = rows[0]
+        if kind is None:
+            raise LedgerError("unknown_account", f"no account `{account}`")
+        held = {str(asset): int(n) for asset, n in amounts.items()}
+        self.holdings_cache.put(account, int(seq), held, token)
+        return held
+
+    async def balance_async(self, account: str, asset: Asset, *, fresh: bool = False) -> int:
+        """One balance, as ``holdings_async`` reads it."""
+        return (await self.holdings_async(account, fresh=fresh)).get(asset, 0)
+
+    async def accounts_async(self) -> dict[str, AccountKind]:
+        """Every account and its kind, read without blocking the loop."""
+        return dict(await self.reader.fetch("SELECT account, kind FROM ledger_accounts"))
 
     def balances(self) -> dict[str, dict[str, int]]:
         """Every non-zero balance, from one snapshot."""
@@ -457,6 +516,10 @@ class PostgresLedger(GroupCommitted):
             if len(page) < _JOURNAL_PAGE:
                 return
             since = page[-1][0]
+
+
+#: The async readers' sessions, like the pool's: nothing they run can write.
+_READ_ONLY = "SET default_transaction_read_only = on"
 
 
 def _configure_reader(conn: _Conn) -> None:

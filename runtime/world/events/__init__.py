@@ -164,6 +164,32 @@ class Events(Protocol):
         """The agent's persisted cursor (0 if never set)."""
         ...
 
+    # For code on the event loop: the same reads, never blocking the loop on a server. A shared backend
+    # may answer from a per-node cache kept true by the event stream (see its docstring).
+
+    async def read_async(
+        self,
+        since: int = 0,
+        *,
+        kinds: Collection[str] | None = None,
+        agent: str | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """``read``, awaited."""
+        ...
+
+    async def cursor_async(self, agent: str) -> int:
+        """``cursor``, awaited."""
+        ...
+
+    async def last_seq_async(self) -> int:
+        """``last_seq``, awaited."""
+        ...
+
+    async def last_addressed_async(self, agent: str, kinds: Collection[str]) -> int:
+        """``last_addressed``, awaited."""
+        ...
+
     def set_cursor(self, agent: str, seq: int) -> Future[int]:
         """Queue a cursor update; the future resolves (with ``seq``) once it is durable."""
         ...

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, Self
 
@@ -58,6 +58,8 @@ class SetCursor:
 
 
 Item = Append | SetCursor
+#: ``follower(events, local)``: told of events in seq order, ``local`` when this log committed them.
+Follower = Callable[[Sequence[Event], bool], None]
 #: What a commit decided for each cursor update of its batch: the seq written, or why it was refused.
 CursorResults = list[tuple[Future[int], int | EventError]]
 
@@ -65,12 +67,14 @@ CursorResults = list[tuple[Future[int], int | EventError]]
 class _Waiter:
     """One ``wait`` in progress: what it waits for, and the flag that wakes it on its own loop."""
 
-    __slots__ = ("agent", "flag", "kinds", "loop", "since")
+    __slots__ = ("agent", "asleep", "flag", "kinds", "loop", "since")
 
     def __init__(self, agent: str, kinds: frozenset[str] | None, since: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.agent, self.kinds, self.since = agent, kinds, since
         self.flag = asyncio.Event()
+        #: It read the log, found nothing, and sleeps until its flag is set.
+        self.asleep = False
 
     def wants(self, event: Event) -> bool:
         return event.seq > self.since and (self.kinds is None or event.kind in self.kinds)
@@ -96,6 +100,7 @@ class LogBase(GroupCommitter[Item]):
 
     def __init__(self, *, notifiers: Iterable[Notifier], max_batch: int) -> None:
         self._notifiers: list[Notifier] = list(notifiers)
+        self._followers: list[Follower] = []
         #: Events committed since this log was opened, per kind (replaced, never mutated, so that
         #: another thread can iterate it).
         self.counts: dict[str, int] = {}
@@ -108,6 +113,31 @@ class LogBase(GroupCommitter[Item]):
         with self._lock:
             # Copy-on-write: the writer thread iterates the list it saw, without a lock.
             self._notifiers = [*self._notifiers, notifier]
+
+    def follow(self, follower: Follower) -> None:
+        """Tell ``follower`` of every event this node learns of from now on: those it commits (on the
+        writer thread, right after the commit) and, with a relay, those other nodes commit (on the
+        relay's thread, as ``heard``). Followers keep the node's caches true; they must be quick and
+        must not raise."""
+        with self._lock:
+            self._followers = [*self._followers, follower]  # copy-on-write, as the notifiers
+
+    def followed(self) -> bool:
+        """Whether something follows the stream (a relay then reads other nodes' events even when no
+        waiter would be woken by them)."""
+        return bool(self._followers)
+
+    def heard(self, events: Sequence[Event]) -> None:
+        """Events another node committed (from a relay): the followers are told, then the waiters woken."""
+        self._follow(events, local=False)
+        self.notice(events)
+
+    def _follow(self, events: Sequence[Event], *, local: bool) -> None:
+        for follower in self._followers:
+            try:
+                follower(events, local)
+            except Exception:
+                log.exception("a follower failed on events %d..%d", events[0].seq, events[-1].seq)
 
     # ------------------------------------------------------------------------------------ writes
 
@@ -195,6 +225,7 @@ class LogBase(GroupCommitter[Item]):
         for ev in events:
             counts[ev.kind] = counts.get(ev.kind, 0) + 1
         self.counts = counts
+        self._follow(events, local=True)
         self.notice(events)
         for notifier in self._notifiers:
             try:
@@ -240,6 +271,45 @@ class LogBase(GroupCommitter[Item]):
     def cursor(self, agent: str) -> int:
         """The agent's persisted cursor (0 if it never set one)."""
 
+    @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The sequence number of the last durable event (0 for an empty log)."""
+
+    @abc.abstractmethod
+    def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
+        """The newest seq of an event of ``kinds`` for ``agent`` (or everyone)."""
+
+    # The reads for the event loop. Here they are the synchronous ones, right for a log whose reads are
+    # local lookups (LMDB: microseconds); a backend whose reads cross a network overrides them.
+
+    async def read_async(
+        self,
+        since: int = 0,
+        *,
+        kinds: Collection[str] | None = None,
+        agent: str | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """``read``, for code on the event loop."""
+        return await self._read_async(since, kinds, agent, limit)
+
+    async def _read_async(
+        self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None
+    ) -> list[Event]:
+        return self.read(since, kinds=kinds, agent=agent, limit=limit)
+
+    async def cursor_async(self, agent: str) -> int:
+        """``cursor``, for code on the event loop."""
+        return self.cursor(agent)
+
+    async def last_seq_async(self) -> int:
+        """``last_seq``, for code on the event loop."""
+        return self.last_seq()
+
+    async def last_addressed_async(self, agent: str, kinds: Collection[str]) -> int:
+        """``last_addressed``, for code on the event loop."""
+        return self.last_addressed(agent, kinds)
+
     # ----------------------------------------------------------------------------------- waiting
 
     async def wait(
@@ -257,7 +327,7 @@ class LogBase(GroupCommitter[Item]):
         closed. The cursor is not moved: the agent moves it (``set_cursor``) once it has dealt with
         the events, so an event is seen at least once even across a crash."""
         if since is None:
-            since = self.cursor(agent)
+            since = await self.cursor_async(agent)
         waiter = _Waiter(agent, None if kinds is None else frozenset(kinds), since)
         # Registered before the first read: an event committed between the read and the sleep still
         # sets the flag, so it cannot be missed.
@@ -268,15 +338,17 @@ class LogBase(GroupCommitter[Item]):
             try:
                 async with asyncio.timeout_at(deadline):
                     while not self.stopped:
-                        found = self.read(since, kinds=waiter.kinds, agent=agent, limit=limit)
+                        found = await self.read_async(since, kinds=waiter.kinds, agent=agent, limit=limit)
                         if found:
                             return found
+                        waiter.asleep = True
                         await waiter.flag.wait()
+                        waiter.asleep = False
                         waiter.flag.clear()
             except TimeoutError:
                 pass
             # At the deadline, one last look: an event that became durable just then is still news.
-            return [] if self.stopped else self.read(since, kinds=waiter.kinds, agent=agent, limit=limit)
+            return [] if self.stopped else await self.read_async(since, kinds=waiter.kinds, agent=agent, limit=limit)
         finally:
             with self._wlock:
                 group = self._waiters.get(agent)
@@ -289,6 +361,12 @@ class LogBase(GroupCommitter[Item]):
         """How many ``wait`` calls are in progress."""
         with self._wlock:
             return sum(len(g) for g in self._waiters.values())
+
+    def sleeping(self) -> int:
+        """How many ``wait`` calls have read the log, found nothing, and sleep until woken (a read on a
+        shared log is awaited: a wait is registered before its first read is done)."""
+        with self._wlock:
+            return sum(w.asleep for g in self._waiters.values() for w in g)
 
     def notice(self, events: Sequence[Event]) -> None:
         """Wake the waiters these events concern. Called by the writer after each commit, and by a

@@ -28,7 +28,18 @@ is repeated once on another pooled connection. Only a connection lost *during* `
 callers, since the outcome is then unknown.
 
 Local waiters are woken by local commits. Events committed by *other* nodes wake them only through a
-notifier that hears of those events and calls ``notice`` (``runtime.world.events.redis.RedisRelay``).
+notifier that hears of those events and calls ``heard`` (``runtime.world.events.redis.RedisRelay``).
+
+Reads on the event loop (``read_async``, ``cursor_async``, ``last_addressed_async``, ``last_seq_async``)
+await the server through ``runtime.host.pgasync``, one statement each, and two of them are answered
+from memory when that is exact:
+
+- an agent's cursor: its only writer is the node that runs the agent (``AGENT_RANGE``s do not overlap),
+  so what this log last committed for it, or read of it, is its value;
+- ``last_addressed``: the log follows every event it learns of (its own commits; with a relay, every
+  other node's, ``relayed``) and keeps the newest seq per (agent, kind). The database is asked once per
+  (agent, kinds) for what came before, and the answer is the larger of the two. Without a relay other
+  nodes' events never reach this log, so every call asks the database.
 
 Tables (prefix ``events_``): ``events_head`` (the counter), ``events_log`` (one row per event;
 ``agent`` is ``''`` for a broadcast so that it can be indexed and compared), ``events_cursors``.
@@ -36,13 +47,15 @@ Tables (prefix ``events_``): ``events_head`` (the counter), ``events_log`` (one 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+import threading
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from runtime.host.pgasync import AsyncReader
 from runtime.host.postgres import DatabaseUnavailable, connect, migrate, redact
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
@@ -91,6 +104,7 @@ _COLUMNS = "SELECT seq, at, kind, agent, fields::text FROM events_log WHERE seq 
 # combined with greatest() (which skips NULLs): cheaper to plan and run than a join over arrays.
 _NEWEST_OF_KIND = "(SELECT seq FROM events_log WHERE agent = %s AND kind = %s ORDER BY seq DESC LIMIT 1)"
 _NEWEST = "(SELECT seq FROM events_log WHERE agent = %s ORDER BY seq DESC LIMIT 1)"
+_CURSOR = "SELECT seq FROM events_cursors WHERE agent = %s"
 
 Row = tuple[int, float, str, str, str]
 
@@ -117,11 +131,23 @@ class PostgresEventLog(LogBase):
         notifiers: Iterable[Notifier] = (),
         max_batch: int = 4096,
         readers: int = 4,
+        async_readers: int = 4,
         what: str = "POSTGRES_URL",
         deadline_s: float = 30.0,
     ) -> None:
         super().__init__(notifiers=notifiers, max_batch=max_batch)
         self.url, self._what, self._deadline_s, self._durable = url, what, deadline_s, durable
+        self.reader = AsyncReader(url, size=async_readers, name="aeco-events-reader", what=what)
+        #: Set by a relay once every event another node commits reaches this log (``heard``).
+        self.relayed = False
+        self._cursor_cache: dict[str, int] = {}
+        self._seen_lock = threading.Lock()  # the writer and the relay both update ``_latest``
+        self._latest: dict[tuple[str, str], int] = {}
+        #: seq -> at of every event this log is committing or committed and a relay has not passed yet:
+        #: recorded before the COMMIT, so a relay that reads the log at any moment can tell them apart.
+        self._own: dict[int, float] = {}
+        self._before: dict[tuple[str, frozenset[str]], int] = {}
+        self.follow(self._learn)
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = self._connect()
         self._committing = False  # the writer's current batch has reached its COMMIT
         # The writer connection proved the server is up: the pool only has to open its own.
@@ -215,7 +241,13 @@ class PostgresEventLog(LogBase):
                     cur.executemany(_SET_CURSOR, moves)
             # If the connection dies during the COMMIT the batch may be durable after all; its callers
             # hear of the failure, while other nodes (and this node's own relay catch-up) see it.
+            # A batch that fails leaves its (seq, at) pairs behind: another node's events that later take
+            # those seqs have another ``at``, so they are never mistaken for this node's.
+            if self.relayed:  # only a relay asks (and forgets them as it passes)
+                with self._seen_lock:
+                    self._own.update((r[0], r[1]) for r in rows)
             self._committing = True
+        self._cursor_cache.update(moves)
         return events, cursors
 
     def _close_store(self) -> None:
@@ -223,6 +255,27 @@ class PostgresEventLog(LogBase):
             self._conn.close()
             self._conn = None
         self._pool.close()
+        self.reader.close()
+
+    def own(self, event: Event) -> bool:
+        """Whether this log committed ``event`` (for its relay: its own commits are not news)."""
+        with self._seen_lock:
+            return self._own.get(event.seq) == event.at
+
+    def forget_own(self, upto: int) -> None:
+        """The relay has passed ``upto``: nothing at or below it needs telling apart any more."""
+        with self._seen_lock:
+            for seq in [s for s in self._own if s <= upto]:
+                del self._own[seq]
+
+    def _learn(self, events: Sequence[Event], local: bool) -> None:
+        """Follow the stream: the newest seq per (agent or everyone, kind), and per agent of any kind."""
+        with self._seen_lock:
+            latest = self._latest
+            for ev in events:
+                for key in ((ev.agent or "", ev.kind), (ev.agent or "", ANY_KIND)):
+                    if latest.get(key, 0) < ev.seq:
+                        latest[key] = ev.seq
 
     # ------------------------------------------------------------------------------------- reads
 
@@ -250,23 +303,8 @@ class PostgresEventLog(LogBase):
     ) -> list[Event]:
         """Events with ``seq > since``, in order, of one of ``kinds`` (any if ``None``) and for ``agent``
         or for everyone (any agent if ``None``); at most ``limit`` of them."""
-        if since < 0:
-            raise ValueError(f"since must be >= 0, not {since}")
-        if (limit is not None and limit <= 0) or (kinds is not None and not kinds):
-            return []
-        query = _COLUMNS
-        params: list[Any] = [since]
-        if kinds is not None:
-            query += " AND kind = ANY(%s)"
-            params.append(list(kinds))
-        if agent is not None:
-            query += " AND agent IN (%s, '')"
-            params.append(agent)
-        query += " ORDER BY seq"
-        if limit is not None:
-            query += " LIMIT %s"
-            params.append(limit)
-        return [_event(row) for row in self._fetch(query, tuple(params))]
+        query = _read_query(since, kinds, agent, limit)
+        return [] if query is None else [_event(row) for row in self._fetch(*query)]
 
     def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
         """The newest seq, among events of ``kinds`` (``ANY_KIND`` for all) in the whole log, that
@@ -274,21 +312,92 @@ class PostgresEventLog(LogBase):
         grow with the log: one index step per (agent or everyone, kind)."""
         if not kinds:
             return 0
-        if ANY_KIND in kinds:
-            parts, params = [_NEWEST, _NEWEST], [agent, ""]
-        else:
-            parts = [_NEWEST_OF_KIND] * (2 * len(kinds))
-            params = [x for who in (agent, "") for kind in kinds for x in (who, kind)]
-        return int(self._fetch(f"SELECT coalesce(greatest({', '.join(parts)}), 0)", tuple(params))[0][0])
+        return int(self._fetch(*_addressed_query(agent, kinds))[0][0])
 
     def cursor(self, agent: str) -> int:
         """The agent's persisted cursor (0 if it never set one)."""
-        rows = self._fetch("SELECT seq FROM events_cursors WHERE agent = %s", (agent,))
+        if agent in self._cursor_cache:
+            return self._cursor_cache[agent]
+        rows = self._fetch(_CURSOR, (agent,))
         return int(rows[0][0]) if rows else 0
+
+    # ------------------------------------------------------------------------ reads on the loop
+
+    async def _read_async(
+        self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None
+    ) -> list[Event]:
+        query = _read_query(since, kinds, agent, limit)
+        return [] if query is None else [_event(row) for row in await self.reader.fetch(*query)]
+
+    async def cursor_async(self, agent: str) -> int:
+        """The agent's cursor: what this node last committed or read for it (its only writer), else read."""
+        if agent in self._cursor_cache:
+            return self._cursor_cache[agent]
+        rows = await self.reader.fetch(_CURSOR, (agent,))
+        seq = int(rows[0][0]) if rows else 0
+        # setdefault: a set_cursor committed while we read is newer than what we read.
+        return self._cursor_cache.setdefault(agent, seq)
+
+    async def last_seq_async(self) -> int:
+        """``last_seq``, awaited."""
+        return int((await self.reader.fetch("SELECT seq FROM events_head"))[0][0])
+
+    async def last_addressed_async(self, agent: str, kinds: Collection[str]) -> int:
+        """``last_addressed``: with a relay, the larger of what the stream brought and what the database
+        held when first asked for (agent, kinds); without one, the database's answer every time."""
+        if not kinds:
+            return 0
+        if not self.relayed:
+            return await self._addressed_in_db(agent, kinds)
+        key = (agent, frozenset(kinds))
+        before = self._before.get(key)
+        if before is None:
+            before = self._before[key] = await self._addressed_in_db(agent, kinds)
+        latest = self._latest
+        wanted = (ANY_KIND,) if ANY_KIND in kinds else kinds
+        streamed = max((max(latest.get((agent, k), 0), latest.get(("", k), 0)) for k in wanted), default=0)
+        return max(before, streamed)
+
+    async def _addressed_in_db(self, agent: str, kinds: Collection[str]) -> int:
+        query, params = _addressed_query(agent, kinds)
+        return int((await self.reader.fetch(query, params))[0][0])
 
     def cursors(self) -> dict[str, int]:
         """Every persisted cursor."""
         return {str(a): int(s) for a, s in self._fetch("SELECT agent, seq FROM events_cursors", ())}
+
+
+def _read_query(
+    since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None
+) -> tuple[str, tuple[Any, ...]] | None:
+    """The statement ``read`` runs, or None when it can find nothing."""
+    if since < 0:
+        raise ValueError(f"since must be >= 0, not {since}")
+    if (limit is not None and limit <= 0) or (kinds is not None and not kinds):
+        return None
+    query = _COLUMNS
+    params: list[Any] = [since]
+    if kinds is not None:
+        query += " AND kind = ANY(%s)"
+        params.append(list(kinds))
+    if agent is not None:
+        query += " AND agent IN (%s, '')"
+        params.append(agent)
+    query += " ORDER BY seq"
+    if limit is not None:
+        query += " LIMIT %s"
+        params.append(limit)
+    return query, tuple(params)
+
+
+def _addressed_query(agent: str, kinds: Collection[str]) -> tuple[str, tuple[Any, ...]]:
+    """The statement of ``last_addressed`` (``kinds`` not empty)."""
+    if ANY_KIND in kinds:
+        parts, params = [_NEWEST, _NEWEST], [agent, ""]
+    else:
+        parts = [_NEWEST_OF_KIND] * (2 * len(kinds))
+        params = [x for who in (agent, "") for kind in kinds for x in (who, kind)]
+    return f"SELECT coalesce(greatest({', '.join(parts)}), 0)", tuple(params)
 
 
 if TYPE_CHECKING:

@@ -8,15 +8,18 @@ Each node runs one ``RedisRelay`` on its ``PostgresEventLog``. The relay is
   back. Pub/sub is fire-and-forget: a publish that fails is counted (``dropped``) and not retried.
 - a subscriber: on an announcement from another node of seqs beyond what this node has seen, it reads
   the new events *from PostgreSQL* (the payload is only a hint) and hands them to the log's
-  ``notice``, which wakes the local waiters they concern. Each event is handed over once: the relay
-  keeps a high-water mark of the seqs it has dealt with, and skips the ones this node committed
-  itself (their commit already woke the local waiters).
+  ``heard``, which tells the log's followers (the node's caches) and wakes the local waiters they
+  concern. Each event is handed over once: the relay keeps a high-water mark of the seqs it has dealt
+  with, and skips the ones this node committed itself (their commit already told the followers and
+  woke the local waiters).
 
 Messages get lost (a disconnect, a restart, Redis down for a while). The relay catches up from the log
 whenever it may have missed something: once subscribed (at start and after each reconnect, which backs
 off exponentially), and on a slow safety poll (``poll_s``) that compares ``last_seq`` with its mark,
 so a lost message delays a wake-up by at most ``poll_s`` and never loses an event. Catching up while
-no waiter is registered just moves the mark (a waiter that registers later reads the log itself).
+no waiter is registered and nothing follows the stream just moves the mark (a waiter that registers
+later reads the log itself). Once subscribed, the relay sets the log's ``relayed``: from then on every
+event reaches the log's followers, which is what lets it answer some reads from memory.
 """
 
 from __future__ import annotations
@@ -179,7 +182,8 @@ class RedisRelay:
         self._wake = threading.Condition(self._hw)
         self._stop = threading.Event()
         self._closed = False
-        #: Set each time a subscription is confirmed and the catch-up after it is done.
+        #: Set while subscribed: each time a subscription is confirmed and the catch-up after it is done;
+        #: cleared when it is lost.
         self.subscribed = threading.Event()
 
         self._publisher = threading.Thread(target=self._publish_loop, name="relay-publisher", daemon=True)
@@ -190,6 +194,7 @@ class RedisRelay:
             self.close()
             raise RedisUnavailable(f"{what}={redact(url)!r}: no subscription to {self.channel} within {deadline_s:g} s")
         log.attach(self)
+        log.relayed = True
 
     # --------------------------------------------------------------------------- local commits
 
@@ -249,6 +254,7 @@ class RedisRelay:
             except Exception as exc:
                 if self._stop.is_set():
                     return
+                self.subscribed.clear()
                 self.disconnects += 1
                 # A dropped connection is expected now and then; anything else deserves its traceback.
                 expected = isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError)
@@ -281,37 +287,42 @@ class RedisRelay:
                     self.subscribed.set()
                 continue
             elif msg["type"] == "message" and msg["channel"] == self.channel.encode():
-                self._heard(msg["data"])
+                # Every announcement already waiting is taken with this one: one read covers them all.
+                upto = self._heard(msg["data"])
+                while (more := pubsub.get_message(timeout=0)) is not None:
+                    if more["type"] == "message" and more["channel"] == self.channel.encode():
+                        upto = max(upto, self._heard(more["data"]))
+                if upto:
+                    self._catch_up(upto if upto > 0 else None)
             if time.monotonic() >= next_poll:
                 self._catch_up()
                 next_poll = time.monotonic() + self.poll_s
 
-    def _heard(self, data: bytes) -> None:
+    def _heard(self, data: bytes) -> int:
+        """What an announcement calls for: the seq to catch up to (0: nothing; -1: up to the log's end)."""
         try:
             ann = _dec.decode(data)
         except msgspec.DecodeError:
             # Not ours, or from a newer version: any message may mean news, and looking is cheap.
             _logger.warning("relay: ignoring the content of an unreadable message on %s", self.channel)
-            self._catch_up()
-            return
+            return -1
         if ann.node == self.node:
-            return  # our own commit: it already woke our waiters
+            return 0  # our own commit: it already woke our waiters
         self.received += 1
         with self._hw:
-            news = ann.last > self._seen
-        if news:
-            self._catch_up()
+            return ann.last if ann.last > self._seen else 0
 
-    def _catch_up(self) -> None:
-        """Hand every event after the mark that this node did not commit to ``log.notice``."""
+    def _catch_up(self, upto: int | None = None) -> None:
+        """Hand every event after the mark that this node did not commit to ``log.heard``: up to ``upto``
+        (an announced seq: committed, as is every seq below it), else up to the log's last seq."""
         try:
-            last = self.log.last_seq()
+            last = self.log.last_seq() if upto is None else upto
             with self._hw:
                 seen = self._seen
             if last <= seen:
                 return
             # Read before this check, ``last`` covers everything a waiter registered after it will read itself.
-            if self.log.waiting() == 0:
+            if self.log.waiting() == 0 and not self.log.followed():
                 self._mark(last, ())
                 return
             while seen < last:
@@ -320,7 +331,7 @@ class RedisRelay:
                     return
                 fresh = self._mark(events[-1].seq, events)
                 if fresh:
-                    self.log.notice(fresh)
+                    self.log.heard(fresh)
                     self.delivered += len(fresh)
                 seen = events[-1].seq
         except Exception:
@@ -330,8 +341,11 @@ class RedisRelay:
     def _mark(self, upto: int, events: Sequence[Event]) -> list[Event]:
         """Move the mark to ``upto``; return those of ``events`` not dealt with before."""
         with self._hw:
-            fresh = [ev for ev in events if ev.seq > self._seen and ev.seq not in self._local]
+            # ``own``: an event this node committed whose announcement has not reached ``_local`` yet
+            # (the read raced the writer between its COMMIT and its notifiers) is still its own.
+            fresh = [ev for ev in events if ev.seq > self._seen and ev.seq not in self._local and not self.log.own(ev)]
             if upto > self._seen:
+                self.log.forget_own(upto)
                 self._seen = upto
                 self._local = {s for s in self._local if s > upto}
                 self._advance_over_local()
@@ -347,6 +361,7 @@ class RedisRelay:
         if self._closed:
             return
         self._closed = True
+        self.log.relayed = False
         self._stop.set()
         with self._hw:
             self._wake.notify()

@@ -340,6 +340,18 @@ class Store(GroupCommitter[tuple[Any, "Future[Any]"]]):
         """Every artifact at HEAD that ``agent`` can see, by id."""
         ...
 
+    # The reads for the event loop. Here they are the synchronous ones, right for a store whose HEAD reads
+    # are local lookups (the Git store's index); a store across a network overrides them.
+
+    async def read_async(self, agent: str, id: str) -> Artifact:
+        """``read``, for code on the event loop."""
+        return self.read(agent, id)
+
+    async def list_async(self, agent: str, limit: int | None = None) -> builtins.list[ArtifactInfo]:
+        """The first ``limit`` (all if None) artifacts of ``list``, for code on the event loop."""
+        found = self.list(agent)
+        return found if limit is None else found[:limit]
+
     @abc.abstractmethod
     def owned_bytes(self, agent: str) -> int:
         """Content bytes ``agent`` owns at HEAD."""

@@ -40,6 +40,7 @@ waits for every batch in flight and sees all of them.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import re
@@ -53,6 +54,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg_pool import ConnectionPool
 
+from runtime.host.pgasync import AsyncReader
 from runtime.host.postgres import connect, migrate, redact
 from runtime.world.store import (
     Artifact,
@@ -69,6 +71,7 @@ from runtime.world.store import (
     check_id,
     check_write,
 )
+from runtime.world.store.cache import HeadCache
 
 #: The group role of every login role the agent-facing path connects with.
 AGENT_ROLE = "aeco_agent"
@@ -76,6 +79,14 @@ _ROLE_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _COMMIT_RE = re.compile(r"^[0-9]+$")
 _MAX_BIGINT = (1 << 63) - 1
 _COLUMNS = "kind, creator, owner, price, readable, created, updated"
+_READ = (
+    "SELECT " + _COLUMNS + ", size, content FROM store_artifacts WHERE id = %s AND (readable = 'public' OR owner = %s)"
+)
+_LIST = "SELECT id, " + _COLUMNS + ", size FROM store_artifacts WHERE readable = 'public' OR owner = %s ORDER BY id"
+#: HEAD's metadata with the commit that last wrote each artifact (for the node's ``HeadCache``).
+_HEAD = "SELECT commit_id, id, " + _COLUMNS + ", size FROM store_artifacts"
+#: What a write returns: its commit, and what the history trigger filled in.
+_WRITTEN = "commit_id, creator, created, updated, size"
 
 #: Schema migrations of the ``store`` component (append-only: never edit a shipped step, add one).
 STEPS: tuple[str, ...] = (
@@ -274,6 +285,15 @@ def _info(aid: str, row: tuple[Any, ...]) -> ArtifactInfo:
     return ArtifactInfo(aid, kind, creator, owner, int(price), readable, float(created), float(updated), int(size))
 
 
+def _artifact(aid: str, rows: builtins.list[tuple[Any, ...]]) -> Artifact:
+    """The artifact ``_READ`` found, or ``not_found``."""
+    if not rows:
+        raise StoreError("not_found", f"no artifact `{aid}`")
+    info, content = _info(aid, rows[0]), bytes(rows[0][8])
+    assert len(content) == info.size, f"invariant: `{aid}` is {len(content)} bytes, recorded as {info.size}"
+    return Artifact(**{f: getattr(info, f) for f in ArtifactInfo.__struct_fields__}, content=content)
+
+
 class PostgresStore(Store):
     """The artifact store in the PostgreSQL database at ``url`` (the operator's URL: its role owns the
     schema, which is created or migrated on open).
@@ -292,6 +312,8 @@ class PostgresStore(Store):
         create: bool = True,
         max_batch: int = 512,
         readers: int = 4,
+        async_readers: int = 4,
+        head_max_age_s: float = 5.0,
         deadline_s: float = 30.0,
     ) -> None:
         with connect(url, what="POSTGRES_URL", deadline_s=deadline_s) as conn:
@@ -306,6 +328,11 @@ class PostgresStore(Store):
         self._what = "the agent URL" if agent_url is not None else "POSTGRES_URL"
         self._deadline_s = deadline_s
         self._wconn = connect(self.url, what=self._what, deadline_s=deadline_s, autocommit=True)
+        #: Reads on the event loop (``read_async``, ``list_async``), through the same role as the pool.
+        self.reader = AsyncReader(self.url, size=async_readers, name="aeco-store-reader", what=self._what)
+        #: The node's copy of HEAD's metadata, for listings (``runtime.world.store.cache``).
+        self.head_cache = HeadCache(head_max_age_s)
+        self._head_read: asyncio.Future[None] | None = None
         try:
             self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
                 self.url,
@@ -358,6 +385,7 @@ class PostgresStore(Store):
 
     def _commit_run(self, items: list[_Item]) -> None:
         outcomes: list[object] = []
+        changed: list[tuple[int, ArtifactInfo | str]] = []
         try:
             conn = self._connection()
             with conn.transaction():
@@ -369,7 +397,7 @@ class PostgresStore(Store):
                     usage: dict[str, int] = {}
                     for op, _ in items:
                         try:
-                            outcomes.append(self._apply(conn, usage, op))
+                            outcomes.append(self._apply(conn, usage, op, changed))
                         except StoreError as exc:  # refused before it wrote anything
                             outcomes.append(exc)
         except Exception as exc:
@@ -377,6 +405,14 @@ class PostgresStore(Store):
             for _, fut in items:
                 fut.set_exception(exc)
             return
+        # Committed: the node's copy of HEAD learns it before any caller does.
+        if isinstance(items[0][0], _Reset):
+            self.head_cache.drop()
+        for commit, change in changed:
+            if isinstance(change, str):
+                self.head_cache.deleted(commit, change)
+            else:
+                self.head_cache.wrote(commit, change)
         for (_, fut), res in zip(items, outcomes, strict=True):
             if isinstance(res, BaseException):
                 fut.set_exception(res)
@@ -402,7 +438,15 @@ class PostgresStore(Store):
             usage[agent] = int(row[0]) if row else 0
         return usage[agent]
 
-    def _apply(self, conn: psycopg.Connection[Any], usage: dict[str, int], op: _Op) -> object:
+    def _apply(
+        self,
+        conn: psycopg.Connection[Any],
+        usage: dict[str, int],
+        op: _Op,
+        changed: builtins.list[tuple[int, ArtifactInfo | str]],
+    ) -> object:
+        """Apply one write or delete; append what it made of HEAD to ``changed`` (the new metadata, or
+        the deleted id, with the commit)."""
         if isinstance(op, WriteOp):
             row = conn.execute("SELECT owner, size FROM store_artifacts WHERE id = %s", (op.id,)).fetchone()
             before = self._owned_in(conn, usage, op.agent)
@@ -410,19 +454,24 @@ class PostgresStore(Store):
             if row is None:
                 cur = conn.execute(
                     "INSERT INTO store_artifacts (id, content, kind, owner, price, readable)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING commit_id",
+                    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING " + _WRITTEN,
                     (op.id, op.content, op.kind, op.agent, op.price, op.readable),
                 )
             else:
                 cur = conn.execute(
                     "UPDATE store_artifacts SET content = %s, kind = %s, owner = %s, price = %s, readable = %s"
-                    " WHERE id = %s RETURNING commit_id",
+                    " WHERE id = %s RETURNING " + _WRITTEN,
                     (op.content, op.kind, op.agent, op.price, op.readable, op.id),
                 )
             made = cur.fetchone()
             assert made is not None, f"invariant: the write of `{op.id}` returned no commit"
             usage[op.agent] = after
-            return WriteReceipt(op.id, str(made[0]), row is None, len(op.content), after)
+            commit, creator, created, updated, size = made
+            info = ArtifactInfo(
+                op.id, op.kind, creator, op.agent, op.price, op.readable, float(created), float(updated), int(size)
+            )
+            changed.append((int(commit), info))
+            return WriteReceipt(op.id, str(commit), row is None, len(op.content), after)
         assert isinstance(op, DeleteOp)
         row = conn.execute("SELECT owner, readable, size FROM store_artifacts WHERE id = %s", (op.id,)).fetchone()
         check_delete(op, row[0] if row else None, row[1] if row else None)
@@ -433,6 +482,7 @@ class PostgresStore(Store):
         ).fetchone()
         assert made is not None, f"invariant: the delete of `{op.id}` returned no commit"
         usage[op.agent] = before - int(row[2])
+        changed.append((int(made[0]), op.id))
         return str(made[0])
 
     def _apply_reset(self, conn: psycopg.Connection[Any], op: _Reset) -> str:
@@ -507,25 +557,45 @@ class PostgresStore(Store):
         """The artifact at HEAD, if ``agent`` may read it; ``not_found`` otherwise (even when it exists
         but is readable by its owner only: its existence is not revealed)."""
         aid = check_id(id)
-        rows = self._query(
-            "SELECT " + _COLUMNS + ", size, content FROM store_artifacts"
-            " WHERE id = %s AND (readable = 'public' OR owner = %s)",
-            (aid, agent),
-        )
-        if not rows:
-            raise StoreError("not_found", f"no artifact `{aid}`")
-        info, content = _info(aid, rows[0]), bytes(rows[0][8])
-        assert len(content) == info.size, f"invariant: `{aid}` is {len(content)} bytes, recorded as {info.size}"
-        return Artifact(**{f: getattr(info, f) for f in ArtifactInfo.__struct_fields__}, content=content)
+        return _artifact(aid, self._query(_READ, (aid, agent)))
+
+    async def read_async(self, agent: str, id: str) -> Artifact:
+        """``read``, awaited."""
+        aid = check_id(id)
+        self._check_open()
+        return _artifact(aid, await self.reader.fetch(_READ, (aid, agent)))
 
     def list(self, agent: str) -> builtins.list[ArtifactInfo]:
         """Every artifact at HEAD that ``agent`` can see (public ones and its own), by id."""
-        rows = self._query(
-            "SELECT id, " + _COLUMNS + ", size FROM store_artifacts"
-            " WHERE readable = 'public' OR owner = %s ORDER BY id",
-            (agent,),
-        )
-        return [_info(r[0], r[1:]) for r in rows]
+        return [_info(r[0], r[1:]) for r in self._query(_LIST, (agent,))]
+
+    async def list_async(self, agent: str, limit: int | None = None) -> builtins.list[ArtifactInfo]:
+        """The first ``limit`` (all if None) of ``list``, from the node's copy of HEAD's metadata once it
+        has read what changed elsewhere since (``runtime.world.store.cache``). One read at a time: a
+        listing that finds one in flight waits for it rather than repeat it."""
+        self._check_open()
+        reading = self._head_read
+        if reading is None or reading.done():
+            full, ids = self.head_cache.needs()
+            if full or ids:
+                reading = self._head_read = asyncio.ensure_future(self._read_head(None if full else ids))
+        if reading is not None and not reading.done():
+            await asyncio.shield(reading)
+        return self.head_cache.visible(agent, limit)
+
+    async def _read_head(self, ids: set[str] | None) -> None:
+        """Read HEAD's metadata (whole, or of ``ids``) into the node's copy."""
+        token = self.head_cache.token()
+        try:
+            if ids is None:
+                rows = await self.reader.fetch(_HEAD)
+            else:
+                rows = await self.reader.fetch(_HEAD + " WHERE id = ANY(%s)", (list(ids),))
+        except BaseException:
+            if ids:
+                self.head_cache.dirty(ids)  # still to be read
+            raise
+        self.head_cache.merge([(int(r[0]), _info(r[1], r[2:])) for r in rows], ids, token)
 
     def owned_bytes(self, agent: str) -> int:
         """Content bytes ``agent`` owns at HEAD."""
@@ -614,6 +684,7 @@ class PostgresStore(Store):
         if self._stop_writer():
             self._wconn.close()
             self._pool.close()
+            self.reader.close()
 
     def __enter__(self) -> PostgresStore:
         return self
