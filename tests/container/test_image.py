@@ -306,12 +306,18 @@ def test_a_short_calibration_converges_in_the_container(box: Box) -> None:
     name = box.start(*cmd, cpus=1, memory="4g")
     assert box.wait(name, timeout_s=900.0) == 0, box.logs(name)
     log = box.logs(name)
-    # Decided on the utilisation at the rate (CPU per token from the cgroup × rate); the cgroup's own
-    # count over the last windows must agree with it roughly (a window's count swings with its thinks).
+    # Decided on the utilisation at the rate (CPU per token from the cgroup × rate). Agents think in bursts
+    # and rarely use their whole rate, so one window's cgroup count swings (0.32–0.66 seen at a 0.72
+    # decision): what must hold is that the quota is never exceeded, that the agents really ran, and that
+    # the cgroup's CPU over the achieved tokens of all windows is the CPU per token the decision used.
     at_rate = [float(m) / 100 for m in re.findall(r"→\s+([0-9.]+)% at this rate", log)]
     measured = [float(m) / 100 for m in re.findall(r"CPU\s+([0-9.]+)% of 1 this window", log)]
+    achieved = [float(m) for m in re.findall(r"achieved\s+([0-9.]+) tokens/s", log)]
+    per_token = [float(m) / 1000 for m in re.findall(r"([0-9.]+) ms per token so far", log)]
     assert len(at_rate) >= 2 and all(0.70 <= u <= 0.80 for u in at_rate[-2:]), log
-    assert 0.5 <= sum(measured[-2:]) / 2 <= 1.0, log
+    assert len(measured) == len(achieved) == len(per_token) >= 2, log
+    assert all(0.0 < u <= 1.05 for u in measured) and sum(measured) / len(measured) >= 0.25, log
+    assert sum(measured) / sum(achieved) == pytest.approx(per_token[-1], rel=0.3), log
     cal = config_mod.load_calibration(box.data / "calibration.yaml")
     assert cal.agents == 5 and cal.cpu_capacity == 1.0 and "cpu.cfs_quota_us" in cal.cpu_source, cal
     assert cal.llm_rate >= 1 and 0.70 <= cal.utilisation <= 0.80, cal
