@@ -18,9 +18,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,10 +250,42 @@ def host_info(packages: Sequence[str] = ()) -> dict[str, Any]:
     return info
 
 
+def scratch(name: str, packages: Sequence[str] = ()) -> tuple[Path, dict[str, Any]]:
+    """A fresh directory for benchmark ``name``'s files and the host facts (``host_info``) with where it
+    is, and whether it shares a device with ``data/`` (so that fsync figures compare with a real run)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"aeco-{name}-bench-"))
+    host = host_info(packages)
+    host["tmp_dir"] = str(tmp)
+    data_dir = Path("data")
+    if data_dir.exists():
+        host["same_device_as_data_dir"] = os.stat(data_dir).st_dev == os.stat(tmp).st_dev
+    return tmp, host
+
+
+def announce(name: str, opts: Options, what: str, host: dict[str, Any], *more: str) -> None:
+    """The run's first line: which benchmark, quick or full, what it measures, and the host it runs on."""
+    mode = "quick" if opts.quick else "full"
+    tail = "".join(f", {m}" for m in more)
+    print(
+        f"{name} benchmark ({mode}): {what}; {host['cpus_usable']} usable CPUs, Python {host['python']}{tail}",
+        flush=True,
+    )
+
+
 def write_json(path: Path, obj: msgspec.Struct) -> None:
     """Write ``obj`` as indented JSON, creating the directory if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
+
+
+class ReportHead(msgspec.Struct):
+    """What every benchmark's JSON file starts with; each benchmark's ``Report`` adds its results."""
+
+    benchmark: str
+    #: ``quick`` or ``full``.
+    mode: str
+    host: dict[str, Any]
+    duration_s: float
 
 
 class Skipped(msgspec.Struct):
@@ -298,13 +331,27 @@ def measure_each(
         yield system, measured
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """Lay out a matplotlib figure, write it as a PNG at ``path`` (creating the directory) and free it."""
+def print_rows(head: str, rows: Iterable[str]) -> None:
+    """A results table: ``head``, a rule as wide, then one line per row, set off by blank lines."""
+    print()
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        print(row)
+    print()
+
+
+def save_figure(fig: Any, path: Path, *, grid: Any = None, which: str = "major", dpi: int = 120) -> None:
+    """Lay out a matplotlib figure, write it as a PNG at ``path`` (creating the directory) and free it.
+    ``grid``: axes that get the house style's faint horizontal grid behind the bars (``which`` lines)."""
     import matplotlib.pyplot as plt
 
+    if grid is not None:
+        grid.grid(axis="y", alpha=0.3, which=which)
+        grid.set_axisbelow(True)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

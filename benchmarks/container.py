@@ -30,13 +30,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import msgspec
 
 from benchmarks.cgroup_box import CgroupBox
-from benchmarks.common import Options, Skipped, host_info, publish
+from benchmarks.common import Options, Skipped, publish, save_figure, scratch
 from benchmarks.engine import (
     IMAGE,
     Engine,
@@ -258,9 +257,7 @@ def plot(report: Report, path: Path) -> None:
         f"Host vs container, {CPUS} CPUs and {MEMORY}: {AGENTS} scripted agents, "
         f"think = {THINK_MS} ms burn ({report.mode})"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def run(opts: Options) -> int:
@@ -270,8 +267,7 @@ def run(opts: Options) -> int:
     duration = QUICK_S if opts.quick else FULL_S
     rounds = QUICK_ROUNDS if opts.quick else FULL_ROUNDS
     mode = "quick" if opts.quick else "full"
-    host = host_info(["msgspec", "pyzmq", "lmdb"])
-    tmp = Path(tempfile.mkdtemp(prefix="aeco-container-bench-"))
+    tmp, host = scratch("container", ["msgspec", "pyzmq", "lmdb"])
     config = tmp / "workload.yaml"
     config.write_text(WORKLOAD)
     print(

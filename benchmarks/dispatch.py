@@ -48,6 +48,7 @@ from benchmarks.common import (
     host_info,
     percentile_us,
     publish,
+    save_figure,
     stop_resource_trackers,
 )
 
@@ -413,12 +414,7 @@ def plot(entries: list[Entry], path: Path, title_note: str) -> None:
     ax.set_ylabel("no-op round trips per second")
     ax.set_title(f"Dispatch overhead: closed loop, one task in flight per worker (higher is better)\n{title_note}")
     ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, grid=ax)
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -39,23 +39,25 @@ import collections
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from benchmarks.common import (
     Options,
     PySpy,
+    ReportHead,
+    announce,
     child_pids,
-    host_info,
     percentile_us,
+    print_rows,
     publish,
+    save_figure,
+    scratch,
     stop_resource_trackers,
 )
 from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
@@ -138,13 +140,9 @@ class Skipped(msgspec.Struct):
     reason: str
 
 
-class Report(msgspec.Struct):
+class Report(ReportHead):
     """The JSON file."""
 
-    benchmark: str
-    mode: str
-    host: dict[str, Any]
-    duration_s: float
     think_ms: int
     policy: list[str]
     target: str
@@ -438,16 +436,15 @@ def print_table(results: list[SizeResult]) -> None:
         f"{'agents':>6} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
         f"{'RSS MB':>7} {'sup CPU %':>9} {'worker util %':>13} {'verified':>8}"
     )
-    print()
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        print(
+    print_rows(
+        head,
+        (
             f"{r.agents:>6,} {r.actions_per_s:>10,.0f} {r.applied:>8,} {r.rejected:>8,} {r.p50_ms:>7.1f} "
             f"{r.p99_ms:>8.1f} {r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} {r.worker_util_pct:>13.0f} "
             f"{'yes' if r.verified else 'NO':>8}"
-        )
-    print()
+            for r in results
+        ),
+    )
     print(
         "RSS: peak of the supervisor's VmRSS in the window; sup CPU: process_time of all its threads (100 = one "
         "CPU); worker util: CPU charged to tasks / (workers × seconds)"
@@ -526,10 +523,7 @@ def plot(results: list[SizeResult], path: Path, note: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     fig.suptitle(f"Ecology end to end: scripted agents, think = 1 ms Burn on a worker, durable ledger\n{note}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(opts: Options) -> int:
@@ -539,15 +533,10 @@ def run(opts: Options) -> int:
     """
     duration = QUICK_S if opts.quick else FULL_S
     mode = "quick" if opts.quick else "full"
-    host = host_info(["lmdb", "msgspec", "pyzmq", "dulwich"])
-    tmp = Path(tempfile.mkdtemp(prefix="aeco-ecology-bench-"))
-    host["tmp_dir"] = str(tmp)
-    print(
-        f"ecology benchmark ({mode}): {', '.join(f'{n:,}' for n in SIZES)} scripted agents, {duration:g} s each "
-        f"after a warm-up; think = {THINK_MS} ms Burn on a worker; {host['cpus_usable']} usable CPUs, "
-        f"Python {host['python']}; files in {tmp}",
-        flush=True,
-    )
+    tmp, host = scratch("ecology", ["lmdb", "msgspec", "pyzmq", "dulwich"])
+    sizes = ", ".join(f"{n:,}" for n in SIZES)
+    what = f"{sizes} scripted agents, {duration:g} s each after a warm-up; think = {THINK_MS} ms Burn on a worker"
+    announce("ecology", opts, what, host, f"files in {tmp}")
     results: list[SizeResult] = []
     skipped: list[Skipped] = []
     failed = False

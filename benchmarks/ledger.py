@@ -28,18 +28,16 @@ import random
 import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from benchmarks import common
-from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
+from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, measure_each, publish
 from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
@@ -76,13 +74,9 @@ class Entry(msgspec.Struct, omit_defaults=True):
     best_of: str | None = None
 
 
-class Report(msgspec.Struct):
+class Report(common.ReportHead):
     """The JSON file."""
 
-    benchmark: str
-    mode: str
-    host: dict[str, Any]
-    duration_s: float
     results: list[Entry]
     skipped: list[Skipped]
 
@@ -119,14 +113,20 @@ def _fund(led: Ledger) -> None:
 
 
 @contextmanager
-def _lmdb(path: Path, group: bool) -> Iterator[Ledger]:
-    """A funded durable LMDB ledger in ``path``."""
-    led = LmdbLedger(path, durable=True, group=group)
+def _funded(led: Ledger) -> Iterator[Ledger]:
+    """``led`` with the benchmark's accounts opened and funded, closed afterwards."""
     try:
         _fund(led)
         yield led
     finally:
         led.close()
+
+
+@contextmanager
+def _lmdb(path: Path, group: bool) -> Iterator[Ledger]:
+    """A funded durable LMDB ledger in ``path``."""
+    with _funded(LmdbLedger(path, durable=True, group=group)) as led:
+        yield led
 
 
 @contextmanager
@@ -137,12 +137,8 @@ def _postgres(_path: Path, group: bool) -> Iterator[Ledger]:
 
     url = create_database()
     try:
-        led = PostgresLedger(url, durable=True, group=group)
-        try:
-            _fund(led)
+        with _funded(PostgresLedger(url, durable=True, group=group)) as led:
             yield led
-        finally:
-            led.close()
     finally:
         drop_database(url)
 
@@ -156,60 +152,59 @@ def _verify(led: Ledger, counted: int) -> None:
         raise Mismatch(f"ledger check failed: {report.problems[:3]}")
 
 
-def _threads(opener: Opener) -> Callable[[Path, float], Measured]:
-    """64 closed-loop clients: each applies one transfer and waits for it to be durable, then the next."""
+def _measuring(
+    opener: Opener, group: bool, load: Callable[[Ledger, float], tuple[int, float]]
+) -> Callable[[Path, float], Measured]:
+    """A runner: open a fresh ledger (group-committing or not), put ``load`` on it for the duration (it
+    returns the transfers made and the seconds they took), then check the books against that count."""
 
     def run(path: Path, duration: float) -> Measured:
-        with opener(path, True) as led:
-
-            def client(k: int) -> Callable[[], object]:
-                rng, ids = random.Random(k), itertools.count()
-                return lambda: led.apply(_op(rng, f"t{k}-{next(ids)}"))
-
-            sample = closed_loop_threads([client(k) for k in range(THREADS)], Budget(0, duration, sys.maxsize))
-            measured = Measured(sample.round_trips, sample.seconds)
+        with opener(path, group) as led:
+            measured = Measured(*load(led, duration))
             _verify(led, measured.transfers)
             return measured
 
     return run
+
+
+def _threads(opener: Opener) -> Callable[[Path, float], Measured]:
+    """64 closed-loop clients: each applies one transfer and waits for it to be durable, then the next."""
+
+    def load(led: Ledger, duration: float) -> tuple[int, float]:
+        def client(k: int) -> Callable[[], object]:
+            rng, ids = random.Random(k), itertools.count()
+            return lambda: led.apply(_op(rng, f"t{k}-{next(ids)}"))
+
+        sample = closed_loop_threads([client(k) for k in range(THREADS)], Budget(0, duration, sys.maxsize))
+        return sample.round_trips, sample.seconds
+
+    return _measuring(opener, True, load)
 
 
 def _batches(opener: Opener) -> Callable[[Path, float], Measured]:
     """One thread submitting batches of futures, two batches in flight so the writer never waits."""
 
-    def run(path: Path, duration: float) -> Measured:
-        with opener(path, True) as led:
-            rng = random.Random(0)
-            ids = itertools.count()
-            n, seconds = common.pipelined_batches(
-                lambda: [led.submit(_op(rng, f"b{next(ids)}")) for _ in range(BATCH)], duration
-            )
-            measured = Measured(n, seconds)
-            _verify(led, measured.transfers)
-            return measured
+    def load(led: Ledger, duration: float) -> tuple[int, float]:
+        rng, ids = random.Random(0), itertools.count()
+        return common.pipelined_batches(lambda: [led.submit(_op(rng, f"b{next(ids)}")) for _ in range(BATCH)], duration)
 
-    return run
+    return _measuring(opener, True, load)
 
 
 def _per_op(opener: Opener) -> Callable[[Path, float], Measured]:
     """One durable transaction per transfer, applied one after another."""
 
-    def run(path: Path, duration: float) -> Measured:
-        with opener(path, False) as led:
-            rng = random.Random(0)
-            n = 0
-            start = time.perf_counter()
-            deadline = start + duration
-            now = start
-            while now < deadline:
-                led.apply(_op(rng, f"s{n}"))
-                n += 1
-                now = time.perf_counter()
-            measured = Measured(n, now - start)
-            _verify(led, measured.transfers)
-            return measured
+    def load(led: Ledger, duration: float) -> tuple[int, float]:
+        rng, n = random.Random(0), 0
+        start = now = time.perf_counter()
+        deadline = start + duration
+        while now < deadline:
+            led.apply(_op(rng, f"s{n}"))
+            n += 1
+            now = time.perf_counter()
+        return n, now - start
 
-    return run
+    return _measuring(opener, False, load)
 
 
 # ----------------------------------------------------------------------------------------- SQLite
@@ -500,12 +495,7 @@ def plot(entries: list[Entry], path: Path, title_note: str) -> None:
         "Ledger: durable transfers per second (higher is better; hatched = not durable on power loss)\n" + title_note
     )
     ax.legend(loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, grid=ax)
 
 
 def run(opts: Options) -> int:
@@ -516,20 +506,11 @@ def run(opts: Options) -> int:
     """
     duration = QUICK_S if opts.quick else FULL_S
     mode = "quick" if opts.quick else "full"
-    tmp = Path(tempfile.mkdtemp(prefix="aeco-ledger-bench-"))
-    host = host_info(["lmdb", "msgspec", "psycopg"])
+    tmp, host = common.scratch("ledger", ["lmdb", "msgspec", "psycopg"])
     host["sqlite"] = sqlite3.sqlite_version
-    host["tmp_dir"] = str(tmp)
-    data_dir = Path("data")
-    if data_dir.exists():
-        host["same_device_as_data_dir"] = os.stat(data_dir).st_dev == os.stat(tmp).st_dev
     host["fdatasync_per_s"] = round(_fdatasync_rate(tmp), 1)
-    print(
-        f"ledger benchmark ({mode}): {duration:g} s per system, {len(ACCOUNTS)} accounts, files in {tmp}; "
-        f"{host['cpus_usable']} usable CPUs, Python {host['python']}, raw fdatasync "
-        f"{host['fdatasync_per_s']:,.0f}/s",
-        flush=True,
-    )
+    what = f"{duration:g} s per system, {len(ACCOUNTS)} accounts, files in {tmp}"
+    common.announce("ledger", opts, what, host, f"raw fdatasync {host['fdatasync_per_s']:,.0f}/s")
     entries: list[Entry] = []
     skipped: list[Skipped] = []
     systems = SYSTEMS

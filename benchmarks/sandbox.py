@@ -44,7 +44,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.common import Options, Skipped, host_info, publish, save_figure
+from benchmarks.common import Options, ReportHead, Skipped, host_info, publish, save_figure
 from runtime.host import cgroups
 from runtime.pool import WorkerPool
 from runtime.protocol import Invoke, decode_invoke
@@ -74,13 +74,9 @@ class Entry(msgspec.Struct):
     cpu_ms: float | None
 
 
-class Report(msgspec.Struct):
+class Report(ReportHead):
     """The JSON file."""
 
-    benchmark: str
-    mode: str
-    host: dict[str, Any]
-    duration_s: float
     results: list[Entry]
     ratios: dict[str, float]
     target: str

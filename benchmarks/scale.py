@@ -49,14 +49,14 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 import yaml
 
 from benchmarks import ledger as ledger_bench
 from benchmarks.cgroup_box import CgroupBox
-from benchmarks.common import Options, Skipped, host_info, measure_each, publish
+from benchmarks.common import Options, ReportHead, Skipped, host_info, measure_each, publish, save_figure
 from benchmarks.servers import PostgresServer, RedisServer, ServerFailed, tree_cpu_seconds
 from runtime.economy.ledger.check import CheckReport
 from runtime.world.events import Event
@@ -124,13 +124,9 @@ class LedgerResult(msgspec.Struct):
     seconds: float
 
 
-class Report(msgspec.Struct):
+class Report(ReportHead):
     """The JSON file."""
 
-    benchmark: str
-    mode: str
-    host: dict[str, Any]
-    duration_s: float
     agents: int
     total_cores: float
     policy: list[str]
@@ -473,9 +469,7 @@ def plot(report: Report, path: Path) -> None:
     right.set_title("ledger")
     right.legend(loc="upper right")
     fig.suptitle(f"scale-out ({report.mode}); load at start {report.host.get('loadavg_at_start')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def run(opts: Options) -> int:

@@ -32,18 +32,17 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
 from benchmarks import common
-from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, host_info, measure_each, publish
+from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, measure_each, publish
 from runtime.world.store import WriteReceipt, verify
 from runtime.world.store.git import GitStore, fanout
 
@@ -73,13 +72,9 @@ class Entry(msgspec.Struct, omit_defaults=True):
     describe: str
 
 
-class Report(msgspec.Struct):
+class Report(common.ReportHead):
     """The JSON file."""
 
-    benchmark: str
-    mode: str
-    host: dict[str, Any]
-    duration_s: float
     artifact_bytes: int
     results: list[Entry]
     ratios: dict[str, float]
@@ -139,58 +134,60 @@ def _prepare_rewrites(store: GitStore) -> list[str]:
     return ids
 
 
-def _store_pipelined(rewrite: bool) -> Callable[[Path, float], Measured]:
+Target = Callable[[int], tuple[str, str]]
+
+
+def _store_runner(
+    rewrite: bool, load: Callable[[GitStore, Target, random.Random, float], tuple[int, float]]
+) -> Callable[[Path, float], Measured]:
+    """A runner: a fresh store (with the ids to rewrite, if ``rewrite``), ``load`` on it for the duration
+    (it writes ``target(i)``, an agent and an id, for i = 0, 1, … and returns how many and how long),
+    then the repository checked against that count."""
+
     def run(path: Path, duration: float) -> Measured:
         store = GitStore(path / "store.git")
         try:
             ids = _prepare_rewrites(store) if rewrite else []
+
+            def target(i: int) -> tuple[str, str]:
+                if rewrite:
+                    return AGENTS[(i % len(ids)) % len(AGENTS)], ids[i % len(ids)]
+                return AGENTS[i % len(AGENTS)], f"new-{i}"
+
             base = _commit_count(store.path)
-            rng = random.Random(0)
-            seq = itertools.count()
-
-            def batch() -> list[Future[WriteReceipt]]:
-                out = []
-                for _ in range(WINDOW):
-                    i = next(seq)
-                    aid = ids[i % len(ids)] if rewrite else f"new-{i}"
-                    agent = AGENTS[(i % len(ids)) % len(AGENTS)] if rewrite else AGENTS[i % len(AGENTS)]
-                    out.append(store.submit_write(agent, aid, _content(rng), quota=QUOTA))
-                return out
-
-            n, seconds = common.pipelined_batches(batch, duration)
-            measured = Measured(n, seconds)
+            n, seconds = load(store, target, random.Random(0), duration)
             _check_store(store, base, n)
-            return measured
+            return Measured(n, seconds)
         finally:
             store.close()
 
     return run
+
+
+def _store_pipelined(rewrite: bool) -> Callable[[Path, float], Measured]:
+    def load(store: GitStore, target: Target, rng: random.Random, duration: float) -> tuple[int, float]:
+        seq = itertools.count()
+
+        def batch() -> list[Future[WriteReceipt]]:
+            return [store.submit_write(*target(next(seq)), _content(rng), quota=QUOTA) for _ in range(WINDOW)]
+
+        return common.pipelined_batches(batch, duration)
+
+    return _store_runner(rewrite, load)
 
 
 def _store_sync(rewrite: bool) -> Callable[[Path, float], Measured]:
-    def run(path: Path, duration: float) -> Measured:
-        store = GitStore(path / "store.git")
-        try:
-            ids = _prepare_rewrites(store) if rewrite else []
-            base = _commit_count(store.path)
-            rng = random.Random(0)
-            n = 0
-            start = now = time.perf_counter()
-            deadline = start + duration
-            while now < deadline:
-                if rewrite:
-                    store.write(AGENTS[(n % len(ids)) % len(AGENTS)], ids[n % len(ids)], _content(rng), quota=QUOTA)
-                else:
-                    store.write(AGENTS[n % len(AGENTS)], f"new-{n}", _content(rng), quota=QUOTA)
-                n += 1
-                now = time.perf_counter()
-            measured = Measured(n, now - start)
-            _check_store(store, base, n)
-            return measured
-        finally:
-            store.close()
+    def load(store: GitStore, target: Target, rng: random.Random, duration: float) -> tuple[int, float]:
+        n = 0
+        start = now = time.perf_counter()
+        deadline = start + duration
+        while now < deadline:
+            store.write(*target(n), _content(rng), quota=QUOTA)
+            n += 1
+            now = time.perf_counter()
+        return n, now - start
 
-    return run
+    return _store_runner(rewrite, load)
 
 
 def _store_sync_threads(path: Path, duration: float) -> Measured:
@@ -461,12 +458,7 @@ def plot(entries: list[Entry], path: Path, title_note: str) -> None:
         "(higher is better; hatched = not durable)\n" + title_note
     )
     ax.legend(loc="upper left")
-    ax.grid(axis="y", alpha=0.3, which="both")
-    ax.set_axisbelow(True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, grid=ax, which="both")
 
 
 def run(opts: Options) -> int:
@@ -476,19 +468,10 @@ def run(opts: Options) -> int:
     """
     duration = QUICK_S if opts.quick else FULL_S
     mode = "quick" if opts.quick else "full"
-    tmp = Path(tempfile.mkdtemp(prefix="aeco-store-bench-"))
-    host = host_info(["dulwich", "lmdb", "msgspec"])
+    tmp, host = common.scratch("store", ["dulwich", "lmdb", "msgspec"])
     host["git"] = subprocess.run(["git", "--version"], capture_output=True, text=True, check=False).stdout.strip()
-    host["tmp_dir"] = str(tmp)
-    data_dir = Path("data")
-    if data_dir.exists():
-        host["same_device_as_data_dir"] = os.stat(data_dir).st_dev == os.stat(tmp).st_dev
-    print(
-        f"store benchmark ({mode}): {duration:g} s per system, {SIZE:,}-byte artifacts, files in {tmp}; "
-        f"{host['cpus_usable']} usable CPUs, Python {host['python']}, dulwich {host['packages']['dulwich']}, "
-        f"{host['git']}",
-        flush=True,
-    )
+    what = f"{duration:g} s per system, {SIZE:,}-byte artifacts, files in {tmp}"
+    common.announce("store", opts, what, host, f"dulwich {host['packages']['dulwich']}", host["git"])
     entries: list[Entry] = []
     skipped: list[Skipped] = []
     try:

@@ -24,13 +24,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from runtime import config as config_mod
 from runtime.config import Config, node_id
 from runtime.economy.ledger import Ledger
 from runtime.errors import Unavailable
-from runtime.world.events import Event, Events, Notifier
+from runtime.world.events import Event, Events
 from runtime.world.events.pub import EventPublisher
 from runtime.world.store import Store
 
@@ -39,17 +39,6 @@ if TYPE_CHECKING:
     from runtime.world.events.base import Follower
     from runtime.world.events.redis import RedisRelay
     from runtime.world.store.postgres import PostgresStore
-
-
-class EventBackend(Events, Protocol):
-    """An event log as the supervisor uses it: the ``Events`` interface, notifiers, counts by kind."""
-
-    #: Events committed since the log was opened, per kind (for the live view).
-    counts: dict[str, int]
-
-    def attach(self, notifier: Notifier) -> None:
-        """Tell ``notifier`` of every event committed from now on."""
-        ...
 
 
 class BackendUnavailable(Unavailable):
@@ -62,7 +51,7 @@ class Backends:
 
     ledger: Ledger
     store: Store
-    events: EventBackend
+    events: Events
     publisher: EventPublisher
     #: One line for the start-up banner: where the state lives.
     where: str
@@ -124,7 +113,7 @@ def open_backends(cfg: Config, data: Path) -> Backends:
         relay: RedisRelay | None = None
         ledger: Ledger
         store: Store
-        events: EventBackend
+        events: Events
         if not node.postgres_url:
             from runtime.economy.ledger.lmdb import LmdbLedger
             from runtime.world.events.log import EventLog

@@ -418,6 +418,12 @@ def node_id(cfg: Config) -> str:
     return f"n{cfg.node.agent_range}" if cfg.node.agent_range else ""
 
 
+def data_dir_of(data_dir: str | None, config: str | Path) -> Path:
+    """The data directory an operator's command works on: ``data_dir`` when given, else the one the
+    configuration file names (``ConfigError`` if that file cannot be read)."""
+    return Path(data_dir) if data_dir is not None else Path(load(config).data_dir)
+
+
 def load(path: str | Path, environ: dict[str, str] | None = None) -> Config:
     """Read and decode a configuration file; raise ``ConfigError`` naming the file on any problem."""
     try:

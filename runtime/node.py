@@ -35,7 +35,7 @@ from runtime import config as config_mod
 from runtime.actions import RecallMemories, Remember
 from runtime.agents.loop import DEFAULT_PERSONA, Agent, Brain, LlmBrain, ScriptedBrain
 from runtime.agents.placeholder import PlaceholderAgent
-from runtime.backends import Backends, EventBackend, open_backends
+from runtime.backends import Backends, open_backends
 from runtime.config import AgentConfig, Config
 from runtime.economy.buckets import Buckets, Estimator
 from runtime.economy.charging import Economy
@@ -46,7 +46,7 @@ from runtime.host import limits as limits_mod
 from runtime.host.limits import Limits, Sizing
 from runtime.pool import WorkerPool
 from runtime.pool.inflight import InflightLog
-from runtime.world.events import Emit, emitter
+from runtime.world.events import Emit, Events, emitter
 from runtime.world.memory import MemoryStore
 from runtime.world.store import Store
 from runtime.world.world import World
@@ -145,7 +145,7 @@ class Node:
     emit: Emit
 
     @property
-    def events(self) -> EventBackend:
+    def events(self) -> Events:
         """The event log."""
         return self.backends.events
 

@@ -139,6 +139,19 @@ class ThinkReport(Struct, frozen=True, forbid_unknown_fields=True):
         return self.prompt_tokens + self.completion_tokens
 
 
+#: How confined code can end: ok (empty), or why it failed. A subset of ``runtime.errors.ErrorCode``.
+InvokeEnding = Literal[
+    "",
+    "code_error",
+    "cpu_exceeded",
+    "memory_exceeded",
+    "deadline_exceeded",
+    "killed",
+    "output_too_large",
+    "sandbox_error",
+]
+
+
 class InvokeReport(Struct, frozen=True, forbid_unknown_fields=True):
     """How a confined invocation ended (an ``invoke`` task). A failure of the agent's code is a report
     with ``ok`` false and its ``error_code``, not a failed task: the task itself ran as asked."""
@@ -147,9 +160,8 @@ class InvokeReport(Struct, frozen=True, forbid_unknown_fields=True):
     #: JSON text of the code's result (``null`` when it set none); empty when not ok.
     value: bytes
     error: str
-    #: Why it failed: ``code_error``, ``cpu_exceeded``, ``memory_exceeded``, ``deadline_exceeded``,
-    #: ``killed``, ``output_too_large``, ``sandbox_error`` (empty when ok).
-    error_code: str
+    #: Why it failed (empty when ok).
+    error_code: InvokeEnding
     #: What the code printed (stdout and stderr, bounded), decoded leniently.
     stdout: str
     cpu_seconds: NonNegFloat

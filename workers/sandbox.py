@@ -89,21 +89,14 @@ from typing import Any, Literal
 import msgspec
 
 from runtime.host.cgroups import CgroupSet, discover
+from runtime.protocol import InvokeEnding
 from workers import rootfs, seccomp
 from workers.sandbox_boot import EXIT_RECORD, MAX_FRAME
 
 log = logging.getLogger("workers.sandbox")
 
-ErrorCode = Literal[
-    "",
-    "code_error",
-    "cpu_exceeded",
-    "memory_exceeded",
-    "deadline_exceeded",
-    "killed",
-    "output_too_large",
-    "sandbox_error",
-]
+#: How confined code ended; the wire's own vocabulary, so a report needs no translation.
+ErrorCode = InvokeEnding
 #: The requests agent code can make, and the parameters ``handle`` receives for each.
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 #: Isolation steps that ``skip`` may name (for tests, and for hosts where a step misbehaves).

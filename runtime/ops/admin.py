@@ -128,14 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("rollback", help="reset the store to a commit (as a new commit)")
     r.add_argument("--to", required=True, metavar="COMMIT")
     args = ap.parse_args(argv)
-    if args.data_dir is not None:
-        data = Path(args.data_dir)
-    else:
-        try:
-            data = Path(config_mod.load(args.config).data_dir)
-        except config_mod.ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        data = config_mod.data_dir_of(args.data_dir, args.config)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command in ("history", "show", "rollback"):
         return _store_command(data, args.postgres, args)
     try:

@@ -111,14 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.health is not None and args.health <= 0:
         ap.error(f"--health must be positive, got {args.health}")
-    if args.data_dir is not None:
-        data = Path(args.data_dir)
-    else:
-        try:
-            data = Path(config_mod.load(args.config).data_dir)
-        except config_mod.ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        data = config_mod.data_dir_of(args.data_dir, args.config)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     path = data / "run" / STATUS_NAME
     if args.health is not None:
         return healthy(path, args.health)

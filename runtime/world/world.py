@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 from msgspec import Struct
@@ -206,8 +206,7 @@ class World:
                 "artifact_invoked",
                 {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": report.error_code},
             )
-            code = cast(ErrorCode, report.error_code) if report.error_code in _CODE_ENDINGS else "code_error"
-            raise InvokeError(code, report.error, out)
+            raise InvokeError(report.error_code or "code_error", report.error, out)
         paid = 0
         if art.price and art.owner != agent:
             try:
@@ -288,17 +287,3 @@ class World:
                 asset, op_id = e.fields.get("asset"), e.fields.get("op")
                 if asset in RATE_RIGHTS and isinstance(op_id, str):
                     await self.economy.rerate(agent, asset, op_id)
-
-
-#: What an invocation's report may say its code ended with (anything else is the code's own error).
-_CODE_ENDINGS: frozenset[str] = frozenset(
-    {
-        "code_error",
-        "cpu_exceeded",
-        "memory_exceeded",
-        "deadline_exceeded",
-        "killed",
-        "output_too_large",
-        "sandbox_error",
-    }
-)

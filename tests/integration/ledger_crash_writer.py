@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import hashlib
 import itertools
 import random
-import signal
 import sys
 import threading
 import time
@@ -30,6 +28,7 @@ from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Recei
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.postgres import PostgresLedger
 from tests import services
+from tests.harness import acknowledge, die_with_parent, each_in_a_thread
 
 #: The bank: this many accounts, each funded once with ``FUNDS`` scrip.
 ACCOUNTS = tuple(f"acct{i}" for i in range(10))
@@ -89,12 +88,6 @@ def fund_bank(ledger: Ledger) -> None:
         )
 
 
-def _die_with_parent() -> None:
-    # If the test process dies before it can kill us, we must not keep writing into its tmp dir.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 def stream(ledger: Ledger, start: int, threads: int, window: int, max_seconds: float) -> None:
     """Submit transfers from ``threads`` threads, ``window`` in flight each; print every acknowledged id."""
     counter = itertools.count()
@@ -124,16 +117,9 @@ def stream(ledger: Ledger, start: int, threads: int, window: int, max_seconds: f
                         raise
                     continue
                 acked.append(op_id)
-            if acked:
-                with out_lock:
-                    sys.stdout.write("".join(f"{a}\n" for a in acked))
-                    sys.stdout.flush()
+            acknowledge(acked, out_lock)
 
-    workers = [threading.Thread(target=submitter, args=(k,), name=f"submitter-{k}") for k in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    each_in_a_thread(submitter, threads, "submitter")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=8, help="operations in flight per thread")
     ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     ledger = open_ledger(args.backend, args.dir)
     try:
         fund_bank(ledger)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import hashlib
 import random
-import signal
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.world.store.git import GitStore
+from tests.harness import acknowledge, die_with_parent, each_in_a_thread
 
 AGENTS = tuple(f"w{i}" for i in range(5))
 QUOTA = 1 << 40
@@ -50,12 +49,6 @@ def version_of(content: bytes) -> int:
 def agent_for(aid: str) -> str:
     """The agent that writes ``aid`` (fixed per id, so rewrites are always by the owner)."""
     return AGENTS[int(hashlib.sha1(aid.encode()).hexdigest(), 16) % len(AGENTS)]
-
-
-def _die_with_parent() -> None:
-    # If the test process dies before it can kill us, we must not keep writing into its tmp dir.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def stream(store: GitStore, rnd: int, threads: int, window: int, max_seconds: float) -> None:
@@ -99,16 +92,9 @@ def stream(store: GitStore, rnd: int, threads: int, window: int, max_seconds: fl
                     inflight.append((f"d {aid}", store.submit_delete(agent_for(aid), aid)))
                     continue
                 lines.append(tag)
-            if lines:
-                with out_lock:
-                    sys.stdout.write("".join(f"{line}\n" for line in lines))
-                    sys.stdout.flush()
+            acknowledge(lines, out_lock)
 
-    workers = [threading.Thread(target=submitter, args=(t,), name=f"submitter-{t}") for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    each_in_a_thread(submitter, threads, "submitter")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-packs", type=int, default=4)
     ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     store = GitStore(args.dir, max_packs=args.max_packs)
     try:
         stream(store, args.round, args.threads, args.window, args.max_seconds)

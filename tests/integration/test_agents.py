@@ -26,11 +26,11 @@ from runtime.actions import (
     WriteArtifact,
 )
 from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain, Thought
-from runtime.backends import EventBackend
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.node import Node
+from runtime.world.events import Events
 from runtime.world.events.log import EventLog
 from runtime.world.memory.qdrant import QdrantMemory
 from runtime.world.world import World
@@ -41,7 +41,7 @@ NAMES = ("ann", "ben", "cat")
 
 class Runtime(msgspec.Struct):
     world: World
-    events: EventBackend
+    events: Events
     memory: QdrantMemory
 
 

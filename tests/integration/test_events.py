@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import ctypes
 import os
 import random
 import signal
@@ -37,6 +36,7 @@ from runtime.world.events.log import EventLog
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.events.pub import EventPublisher, Observer
 from tests.crash import kill_mid_write, live_children
+from tests.harness import closing_all, die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 Log = EventLog | PostgresEventLog
@@ -47,16 +47,12 @@ MakeLmdb = Callable[..., EventLog]
 @pytest.fixture
 def make_lmdb_log(tmp_path: Path) -> Iterator[MakeLmdb]:
     """``make(name="events", durable=True)``: an LMDB event log in ``tmp_path``, closed after the test."""
-    opened: list[EventLog] = []
 
     def make(name: str = "events", **kw: Any) -> EventLog:
-        log = EventLog(tmp_path / name, **kw)
-        opened.append(log)
-        return log
+        return EventLog(tmp_path / name, **kw)
 
-    yield make
-    for log in opened:
-        log.close()
+    with closing_all(make) as opener:
+        yield opener
 
 
 @pytest.fixture(params=["lmdb", "postgres"])
@@ -67,16 +63,8 @@ def make_log(request: pytest.FixtureRequest, make_lmdb_log: MakeLmdb) -> Iterato
         yield make_lmdb_log
         return
     url: str = request.getfixturevalue("pg_url")
-    opened: list[PostgresEventLog] = []
-
-    def make(**kw: Any) -> PostgresEventLog:
-        log = PostgresEventLog(url, **kw)
-        opened.append(log)
-        return log
-
-    yield make
-    for log in opened:
-        log.close()
+    with closing_all(lambda **kw: PostgresEventLog(url, **kw)) as opener:
+        yield opener
 
 
 @pytest.fixture
@@ -206,12 +194,6 @@ def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     assert cursor_acked > 0
 
 
-def _die_with_parent() -> None:
-    # If the test process dies before it can kill us, we must not keep writing into its tmp dir.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 def crash_writer(argv: Sequence[str] | None = None) -> int:
     """Stream events into the log at DIR from several threads until killed (or ``--max-seconds``);
     print ``e SEQ ROUND THREAD I`` for each acknowledged event and ``c SEQ`` for each acknowledged
@@ -223,7 +205,7 @@ def crash_writer(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=16, help="events in flight per thread")
     ap.add_argument("--max-seconds", type=float, default=20.0)
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     log = EventLog(args.dir)
     out_lock = threading.Lock()
     deadline = time.monotonic() + args.max_seconds

@@ -33,6 +33,7 @@ import redis
 from runtime.world.events import Event
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.events.redis import RedisRelay, RedisUnavailable
+from tests.harness import reap
 from tests.services import ADMIN_URL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,10 +178,7 @@ def test_two_node_processes_append_concurrently_into_one_gapless_sequence(nodes:
         woken = asyncio.run(main())
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        reap(procs)
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err.decode()
     reports = [msgspec.json.decode(out, type=NodeReport) for out, _ in outs]

@@ -40,6 +40,7 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.rules import MemoryView
 from runtime.economy.ledger.rules import apply as apply_rule
 from tests.crash import kill_mid_write, live_children
+from tests.harness import closing_all
 from tests.integration.ledger_crash_writer import (
     ACCOUNTS,
     BACKENDS,
@@ -67,16 +68,12 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 def make_ledger(backend: str, tmp_path: Path) -> Iterator[Make]:
     """``make(name="ledger", durable=True, group=True)``: a fresh ledger, closed after the test."""
-    opened: list[Ledger] = []
 
     def make(name: str = "ledger", *, durable: bool = True, group: bool = True) -> Ledger:
-        led = open_ledger(backend, tmp_path / name, durable=durable, group=group)
-        opened.append(led)
-        return led
+        return open_ledger(backend, tmp_path / name, durable=durable, group=group)
 
-    yield make
-    for led in opened:
-        led.close()
+    with closing_all(make) as opener:
+        yield opener
 
 
 @pytest.fixture

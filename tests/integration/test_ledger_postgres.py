@@ -29,6 +29,7 @@ from runtime.economy.ledger.postgres import WRITER_NAME, PostgresLedger, _BatchV
 from runtime.economy.ledger.rules import MemoryView
 from runtime.economy.ledger.rules import apply as apply_rule
 from runtime.host.postgres import DatabaseUnavailable
+from tests.harness import reap, together
 from tests.integration.ledger_bank_client import Summary
 from tests.integration.ledger_crash_writer import ACCOUNTS, FUNDS, fund_bank
 
@@ -85,10 +86,7 @@ def test_bank_workload_in_two_processes_on_one_database(pg_url: str) -> None:
                 stop.set()
                 watcher.join(30)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        reap(procs)
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err.decode()
     summaries = [msgspec.json.decode(out.splitlines()[-1], type=Summary) for out, _ in outs]
@@ -121,21 +119,13 @@ def test_bank_workload_in_two_processes_on_one_database(pg_url: str) -> None:
 
 def test_nodes_opening_one_database_at_once_share_one_schema_and_system_accounts(pg_url: str) -> None:
     opened: list[PostgresLedger] = []
-    errors: list[BaseException] = []
     barrier = threading.Barrier(4)
 
     def node() -> None:
-        try:
-            barrier.wait()
-            opened.append(PostgresLedger(pg_url, pool_size=1))
-        except BaseException as exc:
-            errors.append(exc)
+        barrier.wait()
+        opened.append(PostgresLedger(pg_url, pool_size=1))
 
-    threads = [threading.Thread(target=node) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = together(node, 4)
     try:
         assert errors == [] and len(opened) == 4
         first = opened[0]

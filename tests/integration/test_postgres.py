@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from runtime.host.postgres import DatabaseUnavailable, connect, migrate, redact
+from tests.harness import together
 from tests.services import Forwarder, free_port, via
 
 
@@ -63,20 +64,12 @@ def test_concurrent_migrations_apply_each_step_once(pg_url: str) -> None:
         "INSERT INTO t VALUES (1)",
         "INSERT INTO t VALUES (2)",
     ]
-    errors: list[BaseException] = []
 
     def node() -> None:
-        try:
-            with connect(pg_url) as conn:
-                assert migrate(conn, "demo", steps) == 3
-        except BaseException as exc:
-            errors.append(exc)
+        with connect(pg_url) as conn:
+            assert migrate(conn, "demo", steps) == 3
 
-    threads = [threading.Thread(target=node) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = together(node, 6)
     assert not errors, errors
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT x FROM t ORDER BY x").fetchall() == [(1,), (2,)]

@@ -20,6 +20,7 @@ from psycopg import errors
 
 from runtime.world.store import StoreError, verify
 from runtime.world.store.postgres import AGENT_ROLE, PostgresStore, ensure_agent_login
+from tests.harness import closing_all
 from tests.services import ADMIN_URL
 
 BIG = 1 << 40
@@ -46,16 +47,8 @@ def agent_role() -> Iterator[str]:
 @pytest.fixture
 def stores() -> Iterator[Callable[..., PostgresStore]]:
     """``open(url, **options)``: a PostgresStore closed after the test."""
-    opened: list[PostgresStore] = []
-
-    def open_store(url: str, **options: Any) -> PostgresStore:
-        s = PostgresStore(url, **options)
-        opened.append(s)
-        return s
-
-    yield open_store
-    for s in opened:
-        s.close()
+    with closing_all(PostgresStore) as opener:
+        yield opener
 
 
 @pytest.fixture

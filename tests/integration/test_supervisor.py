@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,38 +65,20 @@ def config(tmp_path: Path) -> Path:
 
 
 def test_check_accepts_a_good_config(config: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "runtime.supervisor", "--config", str(config), "--check"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _python_m("runtime.supervisor", "--config", str(config), "--check")
     assert out.returncode == 0 and "ok (3 agents" in out.stdout
 
 
 def test_check_names_the_file_and_the_key_of_a_typo(tmp_path: Path) -> None:
     bad = tmp_path / "typo.yaml"
     bad.write_text("pool:\n  workers: 2\n  hartbeat_s: 1\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "runtime.supervisor", "--config", str(bad), "--check"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _python_m("runtime.supervisor", "--config", str(bad), "--check")
     assert out.returncode == 2
     assert str(bad) in out.stderr and "pool.hartbeat_s" in out.stderr and "heartbeat_s" in out.stderr
 
 
 def test_the_default_config_is_valid() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "runtime.supervisor", "--check"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _python_m("runtime.supervisor", "--check")
     assert out.returncode == 0, out.stderr
 
 
@@ -141,14 +124,13 @@ def test_workers_die_with_a_killed_supervisor(config: Path) -> None:
     assert not [w for w in workers if _alive(w)]
 
 
+def _python_m(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args…`` from the checkout, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def _admin(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return _python_m("runtime.admin", "--data-dir", str(data), *args)
 
 
 def test_the_ledger_survives_runs_and_the_admin_commands_read_it(config: Path, tmp_path: Path) -> None:
@@ -177,13 +159,7 @@ def test_cpu_rights_beyond_the_container_are_refused_at_start(tmp_path: Path) ->
     bad.write_text(
         f"data_dir: {tmp_path / 'data'}\nagents:\n  - {{id: greedy, cpu_rate: 100000, workload: [{{kind: echo}}]}}\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "runtime.supervisor", "--config", str(bad), "--duration", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _python_m("runtime.supervisor", "--config", str(bad), "--duration", "1")
     assert out.returncode == 2
     assert "100000 millicores" in out.stderr and "available" in out.stderr
 
@@ -221,27 +197,19 @@ def test_agents_carry_on_across_a_restart_and_nothing_is_charged_twice(tmp_path:
     for round_ in range(2):
         proc = _supervisor("--config", str(cfg), "--no-live")
         _wait_for_workers(proc.pid, 2)
-        time.sleep(2.5)
-        status = subprocess.run(
-            [sys.executable, "-m", "runtime.status", "--data-dir", str(data)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        # This supervisor's first status file comes with its first sample, later on a loaded host (and
+        # the previous run's file is there until then): wait for one that names it.
+        path, deadline = data / "run" / "status.json", time.monotonic() + 60
+        while time.monotonic() < deadline and not (path.exists() and f'"pid":{proc.pid},' in path.read_text()):
+            time.sleep(0.1)
+        status = _python_m("runtime.status", "--data-dir", str(data))
         assert status.returncode == 0 and "running" in status.stdout and "writer" in status.stdout, status
         proc.send_signal(signal.SIGTERM)  # mid-run: agents are thinking and acting
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         check = _admin(data, "check")
         assert check.returncode == 0 and "all invariants hold" in check.stdout, (round_, check.stdout)
-    stopped = subprocess.run(
-        [sys.executable, "-m", "runtime.status", "--data-dir", str(data)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    stopped = _python_m("runtime.status", "--data-dir", str(data))
     assert "stopped" in stopped.stdout
     journal = [json.loads(line) for line in _admin(data, "journal").stdout.splitlines()]
     usage = [e["op"] for e in journal if e["op"]["op"] == "usage"]
@@ -252,13 +220,7 @@ def test_agents_carry_on_across_a_restart_and_nothing_is_charged_twice(tmp_path:
     transfers = [e["op"] for e in journal if e["op"]["op"] == "transfer"]
     balances = {r.split()[0]: r.split() for r in _admin(data, "balances").stdout.splitlines()[1:]}
     assert int(balances["reader"][2]) == 1000 + sum(t["amount"] for t in transfers)  # nothing lost
-    dump = subprocess.run(
-        [sys.executable, "-m", "runtime.events", "dump", str(data / "events")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    dump = _python_m("runtime.events", "dump", str(data / "events"))
     seqs = [json.loads(line)["seq"] for line in dump.stdout.splitlines()]
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10  # one gapless log across both runs
 
@@ -275,16 +237,22 @@ def test_prometheus_metrics_show_the_agents_and_the_pool(tmp_path: Path) -> None
     proc = _supervisor("--config", str(cfg), "--no-live")
     try:
         _wait_for_workers(proc.pid, 2)
-        time.sleep(2.0)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        # Scraped, as Prometheus would, until the writer has acted (a loaded host starts agents later).
+        values: dict[str, float] = {}
+        deadline = time.monotonic() + 60
+        while values.get('aeco_agent_actions_total{agent="writer",outcome="applied"}', 0) <= 0:
+            assert time.monotonic() < deadline, values
+            time.sleep(0.25)
+            with contextlib.suppress(OSError):  # the endpoint opens with the first sample
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+                values = {
+                    name: float(value)
+                    for name, _, value in (line.rpartition(" ") for line in body.splitlines())
+                    if name and not name.startswith("#")
+                }
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-    values = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
     assert values['aeco_agent_actions_total{agent="writer",outcome="applied"}'] > 0
     assert values['aeco_agent_cpu_seconds_total{agent="writer"}'] > 0
     assert values["aeco_pool_workers"] == 2

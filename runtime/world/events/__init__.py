@@ -28,7 +28,6 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import Future
 from typing import Annotated, Any, Protocol
 
 from msgspec import Meta, Struct
@@ -110,95 +109,6 @@ class Notifier(Protocol):
         ...
 
 
-class Events(Protocol):
-    """What every event log backend offers. Writes go through ``submit`` (group-committed: the future
-    resolves once the event is durable); reads see the last committed state and never wait for the
-    writer; ``wait`` sleeps until a matching event is durable."""
-
-    def submit(self, kind: str, agent: str | None = None, fields: dict[str, Any] | None = None) -> Future[Event]:
-        """Queue one event; the future gets it, numbered, once durable (or an ``EventError``)."""
-        ...
-
-    async def publish(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
-        """Append one event and return it once durable (waiters and observers have been told)."""
-        ...
-
-    def append(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
-        """``submit(...).result()``: blocks until durable, so not for the event loop's thread."""
-        ...
-
-    def read(
-        self,
-        since: int = 0,
-        *,
-        kinds: Collection[str] | None = None,
-        agent: str | None = None,
-        limit: int | None = None,
-    ) -> list[Event]:
-        """Events with ``seq > since``, in order, that pass ``concerns(event, kinds, agent)``."""
-        ...
-
-    async def wait(
-        self,
-        agent: str,
-        *,
-        kinds: Collection[str] | None = None,
-        since: int | None = None,
-        timeout: float | None = None,
-        limit: int | None = None,
-    ) -> list[Event]:
-        """Events for ``agent`` (or everyone) after ``since`` (default: the agent's cursor), as soon as
-        there is at least one; ``[]`` if none arrived within ``timeout`` seconds."""
-        ...
-
-    def last_seq(self) -> int:
-        """The sequence number of the last durable event (0 for an empty log)."""
-        ...
-
-    def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
-        """The newest seq of an event of ``kinds`` for ``agent`` (or everyone), at least among those
-        committed since the log was opened (LMDB: exactly those; PostgreSQL: the whole log)."""
-        ...
-
-    def cursor(self, agent: str) -> int:
-        """The agent's persisted cursor (0 if never set)."""
-        ...
-
-    # For code on the event loop: the same reads, never blocking the loop on a server. A shared backend
-    # may answer from a per-node cache kept true by the event stream (see its docstring).
-
-    async def read_async(
-        self,
-        since: int = 0,
-        *,
-        kinds: Collection[str] | None = None,
-        agent: str | None = None,
-        limit: int | None = None,
-    ) -> list[Event]:
-        """``read``, awaited."""
-        ...
-
-    async def cursor_async(self, agent: str) -> int:
-        """``cursor``, awaited."""
-        ...
-
-    async def last_seq_async(self) -> int:
-        """``last_seq``, awaited."""
-        ...
-
-    async def last_addressed_async(self, agent: str, kinds: Collection[str]) -> int:
-        """``last_addressed``, awaited."""
-        ...
-
-    def set_cursor(self, agent: str, seq: int) -> Future[int]:
-        """Queue a cursor update; the future resolves (with ``seq``) once it is durable."""
-        ...
-
-    def close(self) -> None:
-        """Commit what is queued, wake every waiter (they return ``[]``) and close the store."""
-        ...
-
-
 #: ``emit(kind, fields)``: an event for the log, queued without waiting for it (``fields["agent"]``,
 #: when set, is whom it concerns).
 Emit = Callable[[str, dict[str, Any]], None]
@@ -214,3 +124,23 @@ def emitter(events: Events) -> Emit:
         events.submit(kind, agent if isinstance(agent, str) else None, rest)
 
     return emit
+
+
+# The interface every backend offers is the base class they all derive from (writes, reads, waiting,
+# notifiers); imported last because it is built on the types above.
+from runtime.world.events.base import LogBase as Events  # noqa: E402
+
+__all__ = [
+    "ANY_KIND",
+    "KINDS",
+    "MAX_FIELDS_BYTES",
+    "AgentId",
+    "Emit",
+    "Event",
+    "EventError",
+    "Events",
+    "Kind",
+    "Notifier",
+    "concerns",
+    "emitter",
+]

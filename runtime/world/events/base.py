@@ -92,6 +92,13 @@ def normalized(fields: dict[str, Any]) -> dict[str, Any]:
     return _json_dec.decode(raw)
 
 
+def _wanted(since: int, limit: int | None) -> bool:
+    """Whether a read from ``since`` for at most ``limit`` events can find any (``since`` is checked)."""
+    if not isinstance(since, int) or since < 0:
+        raise ValueError(f"since must be an int >= 0, not {since!r}")
+    return limit is None or limit > 0
+
+
 class LogBase(GroupCommitter[Item]):
     """The backend-independent half of an event log (see the module docstring)."""
 
@@ -256,7 +263,6 @@ class LogBase(GroupCommitter[Item]):
 
     # ------------------------------------------------------------------------------------- reads
 
-    @abc.abstractmethod
     def read(
         self,
         since: int = 0,
@@ -265,7 +271,16 @@ class LogBase(GroupCommitter[Item]):
         agent: str | None = None,
         limit: int | None = None,
     ) -> list[Event]:
-        """Events with ``seq > since``, in order, that pass ``concerns(event, kinds, agent)``."""
+        """Events with ``seq > since``, in order, of one of ``kinds`` (any if ``None``) and for ``agent``
+        or for everyone (any agent if ``None``): those that pass ``concerns(event, kinds, agent)``; at
+        most ``limit`` of them."""
+        if not _wanted(since, limit):
+            return []
+        return self._read(since, kinds, agent, limit)
+
+    @abc.abstractmethod
+    def _read(self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None) -> list[Event]:
+        """``read`` on the committed state, its arguments checked."""
 
     @abc.abstractmethod
     def cursor(self, agent: str) -> int:
@@ -291,12 +306,14 @@ class LogBase(GroupCommitter[Item]):
         limit: int | None = None,
     ) -> list[Event]:
         """``read``, for code on the event loop."""
+        if not _wanted(since, limit):
+            return []
         return await self._read_async(since, kinds, agent, limit)
 
     async def _read_async(
         self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None
     ) -> list[Event]:
-        return self.read(since, kinds=kinds, agent=agent, limit=limit)
+        return self._read(since, kinds, agent, limit)
 
     async def cursor_async(self, agent: str) -> int:
         """``cursor``, for code on the event loop."""

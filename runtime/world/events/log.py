@@ -23,16 +23,12 @@ import time
 from array import array
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lmdb
 import msgspec
 
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
-
-if TYPE_CHECKING:
-    from runtime.world.events import Events
 
 _SEQ = struct.Struct(">Q")
 _enc = msgspec.msgpack.Encoder()
@@ -151,20 +147,7 @@ class EventLog(LogBase):
             cur = txn.cursor(db=self._log)
             return int(_SEQ.unpack(cur.key())[0]) if cur.last() else 0
 
-    def read(
-        self,
-        since: int = 0,
-        *,
-        kinds: Collection[str] | None = None,
-        agent: str | None = None,
-        limit: int | None = None,
-    ) -> list[Event]:
-        """Events with ``seq > since``, in order, of one of ``kinds`` (any if ``None``) and for ``agent``
-        or for everyone (any agent if ``None``); at most ``limit`` of them."""
-        if since < 0:
-            raise ValueError(f"since must be >= 0, not {since}")
-        if limit is not None and limit <= 0:
-            return []
+    def _read(self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None) -> list[Event]:
         kset = None if kinds is None else frozenset(kinds)
         filtered = kset is not None or agent is not None
         out: list[Event] = []
@@ -215,10 +198,3 @@ class EventLog(LogBase):
         """Every persisted cursor."""
         with self.env.begin() as txn:
             return {bytes(k).decode(): int(_SEQ.unpack(v)[0]) for k, v in txn.cursor(db=self._cursors)}
-
-
-if TYPE_CHECKING:
-
-    def _conforms(events: EventLog) -> Events:
-        """The class satisfies the interface (checked by mypy)."""
-        return events

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import psycopg
@@ -59,9 +59,6 @@ from runtime.host.pgasync import AsyncReader
 from runtime.host.postgres import DatabaseUnavailable, connect, migrate, redact
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
-
-if TYPE_CHECKING:
-    from runtime.world.events import Events
 
 #: Schema steps for ``runtime.host.postgres.migrate``: append-only, never edit a step that has shipped.
 STEPS: tuple[str, ...] = (
@@ -293,16 +290,7 @@ class PostgresEventLog(LogBase):
         """The sequence number of the last durable event of any node (0 for an empty log)."""
         return int(self._fetch("SELECT seq FROM events_head", ())[0][0])
 
-    def read(
-        self,
-        since: int = 0,
-        *,
-        kinds: Collection[str] | None = None,
-        agent: str | None = None,
-        limit: int | None = None,
-    ) -> list[Event]:
-        """Events with ``seq > since``, in order, of one of ``kinds`` (any if ``None``) and for ``agent``
-        or for everyone (any agent if ``None``); at most ``limit`` of them."""
+    def _read(self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None) -> list[Event]:
         query = _read_query(since, kinds, agent, limit)
         return [] if query is None else [_event(row) for row in self._fetch(*query)]
 
@@ -370,10 +358,8 @@ class PostgresEventLog(LogBase):
 def _read_query(
     since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None
 ) -> tuple[str, tuple[Any, ...]] | None:
-    """The statement ``read`` runs, or None when it can find nothing."""
-    if since < 0:
-        raise ValueError(f"since must be >= 0, not {since}")
-    if (limit is not None and limit <= 0) or (kinds is not None and not kinds):
+    """The statement ``read`` runs (its arguments checked), or None when it can find nothing."""
+    if kinds is not None and not kinds:
         return None
     query = _COLUMNS
     params: list[Any] = [since]
@@ -398,10 +384,3 @@ def _addressed_query(agent: str, kinds: Collection[str]) -> tuple[str, tuple[Any
         parts = [_NEWEST_OF_KIND] * (2 * len(kinds))
         params = [x for who in (agent, "") for kind in kinds for x in (who, kind)]
     return f"SELECT coalesce(greatest({', '.join(parts)}), 0)", tuple(params)
-
-
-if TYPE_CHECKING:
-
-    def _conforms(events: PostgresEventLog) -> Events:
-        """The class satisfies the interface (checked by mypy)."""
-        return events

@@ -27,7 +27,7 @@ import builtins
 import re
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Required, TypedDict, Unpack
 
 from msgspec import Meta, Struct
 
@@ -62,6 +62,16 @@ class StoreError(AecoError, ValueError):
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message, code=code)
+
+
+class WriteOptions(TypedDict, total=False):
+    """The keywords of a write: what the artifact is, its price and who may read it (defaults: ``data``,
+    0, ``public``), and the writer's disk quota in bytes (required)."""
+
+    kind: Kind
+    price: int
+    readable: Readable
+    quota: Required[int]
 
 
 class ArtifactInfo(Struct, frozen=True, forbid_unknown_fields=True):
@@ -285,36 +295,23 @@ class Store(GroupCommitter[tuple[Any, "Future[Any]"]]):
         return fut
 
     def submit_write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
+        self, agent: str, id: str, content: bytes, **options: Unpack[WriteOptions]
     ) -> Future[WriteReceipt]:
         """Queue a write; the future resolves once it is durable (or with the ``StoreError``)."""
         try:
-            op = write_op(agent, id, content, kind, price, readable, quota)
+            kind, price, readable = (
+                options.get("kind", "data"),
+                options.get("price", 0),
+                options.get("readable", "public"),
+            )
+            op = write_op(agent, id, content, kind, price, readable, options["quota"])
         except StoreError as exc:
             return failed(exc)
         return self._submit(op)
 
-    def write(
-        self,
-        agent: str,
-        id: str,
-        content: bytes,
-        *,
-        kind: Kind = "data",
-        price: int = 0,
-        readable: Readable = "public",
-        quota: int,
-    ) -> WriteReceipt:
+    def write(self, agent: str, id: str, content: bytes, **options: Unpack[WriteOptions]) -> WriteReceipt:
         """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is durable."""
-        return self.submit_write(agent, id, content, kind=kind, price=price, readable=readable, quota=quota).result()
+        return self.submit_write(agent, id, content, **options).result()
 
     def submit_delete(self, agent: str, id: str) -> Future[str]:
         """Queue a delete; the future resolves with the commit once it is durable."""

@@ -47,24 +47,40 @@ def write_pack(pack_dir: Path, records: Iterator[UnpackedObject], count: int, du
     The pack is named by its checksum, as git names packs.
     """
     assert count > 0, "invariant: an empty pack"
-    tmp = pack_dir / f"tmp_pack_{secrets.token_hex(8)}"
-    tmp_idx = pack_dir / f"tmp_idx_{secrets.token_hex(8)}"
-    try:
-        with tmp.open("wb") as f:
+    with _NewPack(pack_dir, durable) as new:
+        with new.pack.open("wb") as f:
             entries, checksum = write_pack_data(
                 f.write, records, DEFAULT_OBJECT_FORMAT, num_records=count, compression_level=ZLEVEL
             )
             flush(f, durable)
-        with tmp_idx.open("wb") as f:
-            write_pack_index(f, sorted((sha, off, crc) for sha, (off, crc) in entries.items()), checksum, version=2)
-            flush(f, durable)
+        return new.finish([(sha, off, crc) for sha, (off, crc) in entries.items()], checksum)
+
+
+class _NewPack:
+    """The temporary files of a pack being written. ``finish`` writes the index and installs both under
+    the checksum's name; on leaving, whatever was not installed is removed."""
+
+    def __init__(self, pack_dir: Path, durable: bool) -> None:
+        self.pack_dir, self.durable = pack_dir, durable
+        self.pack = pack_dir / f"tmp_pack_{secrets.token_hex(8)}"
+        self.idx = pack_dir / f"tmp_idx_{secrets.token_hex(8)}"
+
+    def __enter__(self) -> _NewPack:
+        return self
+
+    def finish(self, entries: list[tuple[bytes, int, int | None]], checksum: bytes) -> str:
+        """Index the written pack (``entries``: object id, offset, CRC) and install it; its base name."""
+        with self.idx.open("wb") as f:
+            write_pack_index(f, sorted(entries), checksum, version=2)
+            flush(f, self.durable)
         base = f"pack-{checksum.hex()}"
-        install(tmp, tmp_idx, pack_dir / base, durable)
-    finally:
-        for p in (tmp, tmp_idx):
+        install(self.pack, self.idx, self.pack_dir / base, self.durable)
+        return base
+
+    def __exit__(self, *exc: object) -> None:
+        for p in (self.pack, self.idx):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-    return base
 
 
 def install(pack: Path, idx: Path, base: Path, durable: bool) -> None:
@@ -123,10 +139,8 @@ def merge_packs(
     count = len({sha for table in tables for _, sha, _ in table})
     entries: list[tuple[bytes, int, int | None]] = []
     seen: set[bytes] = set()
-    tmp = pack_dir / f"tmp_pack_{secrets.token_hex(8)}"
-    tmp_idx = pack_dir / f"tmp_idx_{secrets.token_hex(8)}"
-    try:
-        with tmp.open("wb") as out:
+    with _NewPack(pack_dir, durable) as new:
+        with new.pack.open("wb") as out:
             digest = hashlib.sha1(usedforsecurity=False)
 
             def put(data: bytes | memoryview) -> None:
@@ -167,16 +181,7 @@ def merge_packs(
             out.write(checksum)
             flush(out, durable)
         assert len(entries) == count, f"invariant: merged {len(entries)} objects, expected {count}"
-        with tmp_idx.open("wb") as idx_out:
-            write_pack_index(idx_out, sorted(entries), checksum, version=2)
-            flush(idx_out, durable)
-        base = f"pack-{checksum.hex()}"
-        install(tmp, tmp_idx, pack_dir / base, durable)
-    finally:
-        for p in (tmp, tmp_idx):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-    return base, count
+        return new.finish(entries, checksum), count
 
 
 def remove_pack(pack_dir: Path, base: str) -> None:

@@ -1,0 +1,90 @@
+"""Small pieces the tests share: things opened and closed after a test, threads started together, child
+processes reaped whatever happened."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+
+class Closable(Protocol):
+    def close(self) -> Any: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+@contextlib.contextmanager
+def closing_all(factory: Callable[..., C]) -> Iterator[Callable[..., C]]:
+    """``factory`` wrapped so that everything it opened is closed when the block ends (for fixtures that
+    hand a test an opener: ``with closing_all(open_x) as make: yield make``)."""
+    opened: list[C] = []
+
+    def make(*args: Any, **kwargs: Any) -> C:
+        thing = factory(*args, **kwargs)
+        opened.append(thing)
+        return thing
+
+    try:
+        yield make
+    finally:
+        for thing in opened:
+            thing.close()
+
+
+def together(target: Callable[[], object], n: int, timeout_s: float = 60.0) -> list[BaseException]:
+    """Run ``target`` in ``n`` threads at once and wait for them; return what any of them raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert not any(t.is_alive() for t in threads), f"a thread is still running after {timeout_s} s"
+    return errors
+
+
+def each_in_a_thread(target: Callable[[int], object], n: int, name: str) -> None:
+    """Run ``target(0)`` … ``target(n - 1)`` in threads named ``name-k`` at once, and wait for them all."""
+    threads = [threading.Thread(target=target, args=(k,), name=f"{name}-{k}") for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def acknowledge(lines: list[str], lock: threading.Lock) -> None:
+    """Write ``lines`` to stdout as one flushed block (a crash writer's acknowledgements: once a line is
+    out, what it names is durable)."""
+    if lines:
+        with lock:
+            sys.stdout.write("".join(f"{line}\n" for line in lines))
+            sys.stdout.flush()
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (a crash-test child must not go on writing
+    into a finished test's directory)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def reap(procs: Iterable[subprocess.Popen[Any]]) -> None:
+    """Kill and wait for any of ``procs`` still running (a test's ``finally``: no child outlives it)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
