@@ -25,6 +25,14 @@ from runtime.protocol import InstrumentSpec
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
+# Every number has a range, so that a value the check accepts is one the run can use: an interval that
+# would spin the loop, a quota whose bytes overflow 64 bits, a count no host can start are refused here.
+#: A period of the runtime's own clockwork (heartbeats, refreshes, samples), in seconds.
+Period = Annotated[float, Meta(ge=0.01, le=3600)]
+#: A timeout or window, in seconds (at most a day).
+Timeout = Annotated[float, Meta(ge=0.01, le=86_400)]
+#: A size in MiB, at most 1 TiB.
+MiB = Annotated[int, Meta(gt=0, le=1 << 20)]
 AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 
 
@@ -36,33 +44,33 @@ class PoolConfig(_Section, frozen=True):
     """The worker pool: size, transport, liveness, restarts and recycling."""
 
     #: Number of workers; ``auto`` is the container's CPU capacity (cgroup quota, else CPU count).
-    workers: PositiveInt | Literal["auto"] = "auto"
+    workers: Annotated[int, Meta(gt=0, le=1024)] | Literal["auto"] = "auto"
     transport: Literal["ipc", "tcp"] = "ipc"
     tcp_host: str = "127.0.0.1"
     #: An idle worker reports every ``heartbeat_s``; silent for ``heartbeat_timeout_s`` and it is killed.
-    heartbeat_s: PositiveFloat = 1.0
-    heartbeat_timeout_s: PositiveFloat = 10.0
-    startup_timeout_s: PositiveFloat = 30.0
+    heartbeat_s: Period = 1.0
+    heartbeat_timeout_s: Timeout = 10.0
+    startup_timeout_s: Timeout = 30.0
     #: Default deadline of a task once it runs; a task over its deadline has its worker killed.
-    task_timeout_s: PositiveFloat = 600.0
+    task_timeout_s: Timeout = 600.0
     #: Recycle a worker after this many tasks (0: never) or when it grew this much over its start.
-    max_tasks_per_worker: NonNegInt = 0
-    max_memory_growth_mb: PositiveInt = 1024
+    max_tasks_per_worker: Annotated[int, Meta(ge=0, le=1 << 31)] = 0
+    max_memory_growth_mb: MiB = 1024
     #: A crashed worker is replaced after ``restart_backoff_s`` × 2^(crashes in a row), capped.
-    restart_backoff_s: PositiveFloat = 0.05
-    restart_backoff_max_s: PositiveFloat = 5.0
+    restart_backoff_s: Annotated[float, Meta(ge=0.001, le=60)] = 0.05
+    restart_backoff_max_s: Timeout = 5.0
     #: More than ``max_restarts`` crashes within ``restart_window_s`` and the pool gives up.
-    max_restarts: PositiveInt = 10
-    restart_window_s: PositiveFloat = 60.0
+    max_restarts: Annotated[int, Meta(gt=0, le=100_000)] = 10
+    restart_window_s: Timeout = 60.0
     #: ``auto``: per-worker child cgroups when the hierarchy is writable, else /proc probes.
     cgroups: Literal["auto", "off"] = "auto"
     #: Under a memory limit: what is kept back for the supervisor, and a worker's own footprint (model
     #: included); ``workers: auto`` and the memory quotas are sized from the rest (see ``runtime.host.limits``).
-    supervisor_memory_mb: PositiveInt = 256
-    worker_memory_mb: PositiveInt = 192
+    supervisor_memory_mb: MiB = 256
+    worker_memory_mb: MiB = 192
     #: How often the CPU counter of each running task is written down (``runtime.pool.inflight``): after a
     #: supervisor crash without per-worker cgroups, a task's CPU since its last sample is not charged.
-    sample_s: PositiveFloat = 0.25
+    sample_s: Period = 0.25
 
 
 class AgentConfig(_Section, frozen=True):
@@ -83,18 +91,19 @@ class AgentConfig(_Section, frozen=True):
     #: Tasks for the pool (burn, alloc, sleep, echo) and actions on the world (write_artifact …).
     workload: list[InstrumentSpec | Action] = []
     #: Pause between two tasks of this agent.
-    pause_ms: NonNegInt = 0
+    pause_ms: Annotated[int, Meta(ge=0, le=3_600_000)] = 0
     #: CPU right in millicores (CPU-seconds per second × 1000); ``auto`` shares what is left evenly.
-    cpu_rate: PositiveInt | Literal["auto"] = "auto"
+    cpu_rate: Annotated[int, Meta(gt=0, le=1_000_000)] | Literal["auto"] = "auto"
     #: LLM-token right in tokens per second; ``auto``: the calibration file if there is one, else the
     #: default of the container's hardware class (0 for agents that are not ``llm``).
-    llm_rate: NonNegInt | Literal["auto"] = "auto"
+    llm_rate: Annotated[int, Meta(ge=0, le=1_000_000)] | Literal["auto"] = "auto"
     #: The largest memory a single task of this agent may add (MiB); ``auto``: 1024, or less when the
     #: container's memory limit leaves a worker less room than that.
-    memory_quota_mb: PositiveInt | Literal["auto"] = "auto"
+    memory_quota_mb: MiB | Literal["auto"] = "auto"
     #: Bytes the agent may own in the artifact store (MiB).
-    disk_quota_mb: NonNegInt = 64
-    scrip: NonNegInt = 1000
+    disk_quota_mb: Annotated[int, Meta(ge=0, le=1 << 24)] = 64
+    #: At most the ledger's largest supply (``runtime.economy.ledger.rules.MAX_SUPPLY``); so is the sum.
+    scrip: Annotated[int, Meta(ge=0, le=(1 << 63) - 1)] = 1000
     #: Dollars the agent may spend on a paid model (``llm.endpoint`` with ``llm.prices``); it does not refill.
     llm_budget_usd: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
 
@@ -123,11 +132,11 @@ class EconomyConfig(_Section, frozen=True):
     """Buckets and the capacity they share."""
 
     #: A bucket holds ``rate × burst_seconds``: how long an agent may run above its rate.
-    burst_seconds: PositiveFloat = 10.0
+    burst_seconds: Timeout = 10.0
     #: The sum of all ``cpu_rate`` may not exceed the container's CPU capacity × this.
     target_utilisation: Annotated[float, Meta(gt=0, le=1)] = 0.9
     #: CPU-seconds an agent's first task of a kind is assumed to cost, before any is measured.
-    default_estimate_s: PositiveFloat = 0.05
+    default_estimate_s: Annotated[float, Meta(gt=0, le=3600)] = 0.05
     #: Written by ``python -m runtime.calibrate`` (relative paths are under ``data_dir``); when it exists,
     #: ``llm_rate: auto`` agents take their rate from it. Empty: never use one.
     calibration: str = "calibration.yaml"
@@ -175,7 +184,7 @@ class NodeConfig(_Section, frozen=True):
     #: Redis channel prefix: every node of one deployment uses the same.
     namespace: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "aeco"
     #: How long a node waits for PostgreSQL and Redis to come up before it gives up.
-    connect_timeout_s: PositiveFloat = 30.0
+    connect_timeout_s: Timeout = 30.0
 
 
 class Config(_Section, frozen=True):
@@ -191,7 +200,7 @@ class Config(_Section, frozen=True):
     population: PopulationConfig | None = None
     node: NodeConfig = NodeConfig()
     #: Seconds between two refreshes of the live table.
-    status_interval_s: PositiveFloat = 1.0
+    status_interval_s: Annotated[float, Meta(ge=0.05, le=3600)] = 1.0
     #: Prometheus metrics at ``http://metrics_host:metrics_port/metrics`` (0: none).
     metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9464
     metrics_host: str = "127.0.0.1"
@@ -337,6 +346,17 @@ def parse(text: str | bytes, source: str = "<config>", environ: dict[str, str] |
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"{source}: agent ids must be unique; repeated: {', '.join(dup)}")
     _check_node(cfg, source, env_paths)
+    pool = cfg.pool
+    if pool.heartbeat_timeout_s <= pool.heartbeat_s:
+        raise ConfigError(
+            f"{source}: at `pool.heartbeat_timeout_s`: {pool.heartbeat_timeout_s:g} s is not longer than "
+            f"`pool.heartbeat_s` ({pool.heartbeat_s:g} s): every idle worker would be killed"
+        )
+    if pool.restart_backoff_max_s < pool.restart_backoff_s:
+        raise ConfigError(
+            f"{source}: at `pool.restart_backoff_max_s`: {pool.restart_backoff_max_s:g} s is shorter than "
+            f"`pool.restart_backoff_s` ({pool.restart_backoff_s:g} s)"
+        )
     return cfg
 
 

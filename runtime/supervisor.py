@@ -17,6 +17,7 @@ import resource
 import signal
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -26,7 +27,7 @@ from runtime.host import cgroups as cg
 from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
 from runtime.node import Node
-from runtime.ops import metrics
+from runtime.ops import metrics, preflight
 from runtime.ops.live import LiveView, render
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
@@ -68,8 +69,14 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         loop.call_later(duration_s, stop.set)
     started = time.monotonic()
     try:
+        claim = preflight.claim_data_dir(Path(cfg.data_dir))
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         node = await Node(cfg, say=_say).start()
     except (BackendUnavailable, CapacityError, config_mod.ConfigError) as exc:
+        os.close(claim)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pool, world, events = node.pool, node.world, node.events
@@ -137,18 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration is not None and args.duration <= 0:
         ap.error(f"--duration must be positive, got {args.duration}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    # The check and the start run the same checks, before anything is created: what --check accepts,
+    # the start does not then refuse.
     try:
         cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as exc:
+        limits = limits_mod.detect(cg.discover())
+        sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
+        preflight.check(cfg, sizing.workers)
+    except (CapacityError, config_mod.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        limits = limits_mod.detect(cg.discover())
-        try:
-            sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
-        except (CapacityError, config_mod.ConfigError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
         print(f"{args.config}: ok ({len(cfg.agents)} agents, workers: {cfg.pool.workers})")
         print("\n".join(limits_mod.describe(limits, sizing)))
         return 0

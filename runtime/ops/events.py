@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import lmdb
 import msgspec
+import zmq
 
 from runtime.world.events.log import EventLog
 from runtime.world.events.pub import Observer
@@ -35,7 +38,11 @@ def tail(endpoint: str, kinds: Sequence[str], count: int | None, timeout: float 
         while count is None or printed < count:
             ev = obs.recv(timeout)
             if ev is None:
-                return 1 if printed == 0 else 0
+                if printed:
+                    return 0
+                within = "" if timeout is None else f" within {timeout:g} s"
+                print(f"error: no events from {endpoint}{within} (is a supervisor running there?)", file=sys.stderr)
+                return 1
             if obs.missed > missed:
                 print(f"# missed {obs.missed - missed} events before seq {ev.seq}", file=sys.stderr, flush=True)
                 missed = obs.missed
@@ -55,6 +62,11 @@ def dump(path: str, since: int, kinds: Sequence[str], agent: str | None, limit: 
     return 0
 
 
+def _error(line: str) -> int:
+    print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the subcommand."""
     ap = argparse.ArgumentParser(prog="python -m runtime.events", description="Print events as JSON lines.")
@@ -71,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--agent", default=None, help="only events for this agent and for everyone")
     d.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.cmd == "tail" and not args.endpoint.startswith(("ipc://", "tcp://")):
+        return _error(f"endpoint {args.endpoint!r}: not ipc://PATH or tcp://HOST:PORT (as the supervisor prints it)")
+    if args.cmd == "dump" and not (Path(args.dir) / "data.mdb").is_file():
+        return _error(f"{args.dir}: no event log there (give the `events` directory under the data_dir)")
     try:
         if args.cmd == "tail":
             return tail(args.endpoint, args.kind, args.count, args.timeout)
@@ -80,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (``| head``): not an error of ours
         sys.stderr.close()
         return 0
+    except (zmq.ZMQError, lmdb.Error, OSError) as exc:  # the endpoint or the log cannot be used as given
+        return _error(f"{args.endpoint if args.cmd == 'tail' else args.dir}: {exc}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""Values and hosts the supervisor cannot run with are refused up front, by ``--check`` and by the start
+alike: one line on stderr, exit 2, no traceback, and nothing created."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from runtime import config as config_mod
+from runtime.economy.ledger.rules import MAX_SUPPLY
+from runtime.ops import preflight
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = "{id: a, workload: [{kind: echo}]}"
+
+
+def _run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.supervisor", "--config", str(config), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _refused(config: Path, data: Path, *needles: str) -> None:
+    """Both ``--check`` and a start refuse ``config`` with one line naming ``needles``, creating nothing."""
+    for args in (("--check",), ("--duration", "1", "--no-live")):
+        out = _run(config, *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr)
+        assert "Traceback" not in out.stderr and all(n in lines[0] for n in needles), (args, lines[0])
+        assert not (data / "run").exists() and not (data / "ledger").exists(), (args, sorted(data.rglob("*")))
+
+
+BAD_VALUES = {
+    "disk quota beyond 64-bit bytes": (
+        "agents:\n  - {id: a, disk_quota_mb: 1000000000000000, workload: [{kind: echo}]}\n",
+        "disk_quota_mb",
+    ),
+    "memory quota of a petabyte": (
+        "agents:\n  - {id: a, memory_quota_mb: 1000000000000, workload: [{kind: echo}]}\n",
+        "memory_quota_mb",
+    ),
+    "scrip beyond the supply": (f"agents:\n  - {{id: a, scrip: {2**63}, workload: [{{kind: echo}}]}}\n", "scrip"),
+    "scrip that sums beyond the supply": (
+        f"agents:\n  - {{id: a, scrip: {2**62}, workload: [{{kind: echo}}]}}\n"
+        f"  - {{id: b, scrip: {2**62}, workload: [{{kind: echo}}]}}\n",
+        "largest supply",
+    ),
+    "cpu rights of a million cores": (
+        "agents:\n  - {id: a, cpu_rate: 1000000000, workload: [{kind: echo}]}\n",
+        "cpu_rate",
+    ),
+    "ten thousand workers": (f"pool: {{workers: 10000}}\nagents:\n  - {AGENT}\n", "pool.workers"),
+    "a heartbeat every nanosecond": (f"pool: {{heartbeat_s: 1.0e-9}}\nagents:\n  - {AGENT}\n", "pool.heartbeat_s"),
+    "a heartbeat timeout under the heartbeat": (
+        f"pool: {{heartbeat_s: 5, heartbeat_timeout_s: 2}}\nagents:\n  - {AGENT}\n",
+        "pool.heartbeat_timeout_s",
+    ),
+    "a status refresh every nanosecond": (f"status_interval_s: 1.0e-9\nagents:\n  - {AGENT}\n", "status_interval_s"),
+    "no agents at all": ("", "no agents"),
+    "a model file that does not exist": (
+        "llm: {model: /nonexistent/model.gguf}\nagents:\n  - {id: a, brain: llm}\n",
+        "/nonexistent/model.gguf",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_a_value_the_run_cannot_use_is_refused_before_anything_is_created(case: str, tmp_path: Path) -> None:
+    body, needle = BAD_VALUES[case]
+    data = tmp_path / "data"
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"data_dir: {data}\n{body}")
+    _refused(cfg, data, needle)
+
+
+def _config(tmp_path: Path, data: Path) -> Path:
+    cfg = tmp_path / "host.yaml"
+    cfg.write_text(f"data_dir: {data}\nagents:\n  - {AGENT}\n")
+    return cfg
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_text("not a directory")
+    _refused(_config(tmp_path, data), tmp_path / "elsewhere", "is not a directory")
+
+
+def test_a_data_dir_too_long_for_its_sockets_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / ("d" * (preflight.MAX_SOCKET_PATH - len(str(tmp_path))))
+    _refused(_config(tmp_path, data), data, "too long for its ipc sockets", "pool.transport: tcp")
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, options: str) -> Iterator[Path]:
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_read_only_data_dir_is_refused(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "ro", "ro,size=64m") as ro:
+        _refused(_config(tmp_path, ro / "data"), ro / "data", "cannot be created", "not writable")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_data_dir_on_a_full_volume_is_refused(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "small", "size=8m") as small:
+        _refused(_config(tmp_path, small / "data"), small / "data", "MiB free", "MiB needed")
+
+
+def test_the_config_bound_on_scrip_is_the_ledgers_supply() -> None:
+    info = msgspec.inspect.type_info(config_mod.AgentConfig)
+    assert isinstance(info, msgspec.inspect.StructType)
+    scrip = next(f.type for f in info.fields if f.name == "scrip")
+    assert isinstance(scrip, msgspec.inspect.IntType) and scrip.le == MAX_SUPPLY
+
+
+def test_a_second_supervisor_on_the_same_data_dir_is_refused_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text(
+        f"data_dir: {data}\nmetrics_port: 0\nagents:\n  - {{id: a, pause_ms: 50, workload: [{{kind: echo}}]}}\n"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "runtime.supervisor", "--config", str(cfg), "--no-live"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lock = data / "run" / "supervisor.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text() == str(first.pid)):
+            assert time.monotonic() < deadline and first.poll() is None, "the first supervisor never took the lock"
+            time.sleep(0.05)
+        second = _run(cfg, "--duration", "2", "--no-live")
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"supervisor {first.pid} is running with it" in lines[0], lines[0]
+        assert first.poll() is None  # the first one is untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("dump", "/nonexistent"), 2, "no event log there"),
+        (("tail", "bogus://x", "--timeout", "1"), 2, "not ipc://PATH or tcp://HOST:PORT"),
+        (("tail", "ipc:///nonexistent/dir/events.sock", "--timeout", "1"), 1, "is a supervisor running there?"),
+    ],
+)
+def test_the_events_cli_says_what_is_wrong_in_one_line(args: tuple[str, ...], code: int, needle: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.events", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert needle in lines[0] and "Traceback" not in out.stderr, lines[0]
