@@ -123,6 +123,9 @@ class KernelCpu:
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(InFlight)
+#: The in-flight log's map, reserved on disk when it opens: a record is a few hundred bytes a running task,
+#: so this holds thousands of workers' tasks with room for LMDB's copy-on-write pages.
+MAP_SIZE = 8 << 20
 
 
 class InflightLog:
@@ -153,9 +156,9 @@ class InflightLog:
     def _open(self, readonly: bool) -> lmdb.Environment:
         # sync off and written through the map (no write() per page): a commit is a few microseconds
         # of memory writes into the page cache, which outlives this process.
-        return lmdb.open(
+        env = lmdb.open(
             str(self.path),
-            map_size=1 << 26,
+            map_size=MAP_SIZE,
             max_dbs=0,
             sync=False,
             metasync=False,
@@ -163,6 +166,23 @@ class InflightLog:
             readonly=readonly,
             lock=True,
         )
+        if not readonly:
+            # A page of a shared map that the filesystem cannot back (a hole in the sparse file on a
+            # full disk) faults with SIGBUS when it is first written: allocate the whole map now, so
+            # that a full disk is an error here, at open, and never a signal later.
+            fd = os.open(self.path / "data.mdb", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, 0, MAP_SIZE)
+            except OSError as exc:
+                env.close()
+                raise OSError(
+                    exc.errno,
+                    f"cannot reserve {MAP_SIZE >> 20} MiB for the in-flight log: {exc.strerror}",
+                    str(self.path),
+                ) from None
+            finally:
+                os.close(fd)
+        return env
 
     def begin(self, rec: InFlight) -> None:
         """Record a task about to be sent to its worker (call it before sending), with every change
