@@ -29,6 +29,7 @@ servers and engines    ``unavailable`` (PostgreSQL, Redis, an embedder), ``model
 
 from __future__ import annotations
 
+import errno
 from typing import Literal, get_args
 
 ErrorCode = Literal[
@@ -52,6 +53,7 @@ ErrorCode = Literal[
     "overdraft",
     "insufficient_funds",
     "quota_exceeded",
+    "disk_full",
     "budget_spent",
     "capacity",
     # state
@@ -110,3 +112,23 @@ class Unavailable(AecoError, RuntimeError):
     The message is one line naming what, where (URLs without their passwords) and why."""
 
     default_code: ErrorCode = "unavailable"
+
+
+class StorageFailed(AecoError, OSError):
+    """A durable store could not commit a batch, and nothing of it was written: ``disk_full`` when the
+    volume (or the store's map) is full, else ``unavailable``. Callers handle it as any refusal; the
+    same operation can be retried once space returns."""
+
+
+def storage_failure(exc: BaseException, store: str) -> Exception:
+    """What the callers of a failed commit of ``store`` hear: a project error as it is, and a failure of
+    the storage itself (an ``OSError``, an LMDB error …) as a ``StorageFailed`` that says so."""
+    if isinstance(exc, AecoError):
+        return exc
+    if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: the caller hears what it was
+        return RuntimeError(f"{store}: the commit was interrupted ({exc!r})")
+    text = str(exc)
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "MDB_MAP_FULL" in text
+    if full:
+        return StorageFailed(f"{store}: the disk is full ({text}); nothing of the batch was written", code="disk_full")
+    return StorageFailed(f"{store}: the commit failed ({type(exc).__name__}: {text})", code="unavailable")

@@ -107,6 +107,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         return Status(os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents)
 
     status_file = node.data / "run" / STATUS_NAME
+    lost_summary = False
     try:
         while not stop.is_set() and not pool.failed:
             now = time.monotonic() - started
@@ -123,10 +124,16 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         final = render(pool, node.agents, time.monotonic() - started, world, events, snap)
         await node.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
-        summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
         write_status(status_file, status(final, snap, running=False))
         print(final, flush=True)
-        print(f"usage summary: {summary_path}", flush=True)
+        try:
+            summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
+            print(f"usage summary: {summary_path}", flush=True)
+        except OSError as exc:  # a full disk: the ledger already holds every charge; only this copy is lost
+            print(f"error: usage summary {summary_path}: {exc.strerror} (the ledger has the charges)", file=sys.stderr)
+            lost_summary = True
+    if lost_summary:
+        return 1
     if pool.failed:
         print(f"error: worker pool failed: {pool.failed}", file=sys.stderr)
         return 1

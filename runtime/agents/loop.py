@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from typing import Literal, Protocol
@@ -32,6 +33,10 @@ DEFAULT_PERSONA = (
     "you pay for every CPU-second and token you use. Act to grow your scrip."
 )
 
+log = logging.getLogger("runtime.agents")
+#: The wait after a turn the world could not record, doubled each time up to the cap.
+_RETRY_FIRST_S = 0.5
+_RETRY_MAX_S = 10.0
 AgentStatus = Literal["waiting", "thinking", "acting", "sleeping", "stopped"]
 
 
@@ -152,10 +157,24 @@ class Agent:
         return "blocked" if self.economy.buckets.blocked(self.id) else self.state
 
     async def run(self, max_actions: int | None = None) -> None:
-        """Think and act until cancelled (or ``max_actions`` actions have been decided)."""
+        """Think and act until cancelled (or ``max_actions`` actions have been decided).
+
+        A turn the world cannot even record (the event log or the ledger refuses to commit: a full
+        disk, a server gone) is not the agent's doing: it waits, longer each time, and tries again,
+        so that the agent carries on once the storage does."""
+        pause = _RETRY_FIRST_S
         try:
             while max_actions is None or self.actions + self.rejected < max_actions:
-                await self.step()
+                try:
+                    await self.step()
+                except AecoError as exc:
+                    if pause == _RETRY_FIRST_S:
+                        log.warning("%s: a turn could not be recorded (%s); retrying", self.id, exc)
+                    self.state = "waiting"
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _RETRY_MAX_S)
+                else:
+                    pause = _RETRY_FIRST_S
         finally:
             self.state = "stopped"
 

@@ -8,6 +8,8 @@ status is alive, says it is running and refreshed it within the last ``MAX_AGE_S
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import time
@@ -18,6 +20,8 @@ import msgspec
 from runtime import config as config_mod
 from runtime.host.limits import Limits, Sizing
 from runtime.ops.stats import AgentStats, ContainerStats
+
+log = logging.getLogger("runtime.ops.status")
 
 STATUS_NAME = "status.json"
 
@@ -39,11 +43,27 @@ class Status(msgspec.Struct):
     agents: list[AgentStats] = []
 
 
-def write_status(path: Path, status: Status) -> None:
-    """Replace the status file atomically (a reader never sees half of it)."""
+def write_status(path: Path, status: Status) -> bool:
+    """Replace the status file atomically (a reader never sees half of it). On a full or read-only disk
+    the old file stays and the run goes on: said once in the log, and False."""
+    global _unwritable
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.encode(status))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(msgspec.json.encode(status))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not _unwritable:
+            log.warning("the status file %s cannot be written (%s); the run goes on", path, exc.strerror)
+        _unwritable = True
+        return False
+    _unwritable = False
+    return True
+
+
+#: Whether the last status write failed (its warning is not repeated every refresh).
+_unwritable = False
 
 
 def _alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ from typing import Self
 
 from runtime.economy.ledger import LedgerError, Op, Receipt
 from runtime.economy.ledger.rules import validate
+from runtime.errors import storage_failure
 from runtime.groupcommit import GroupCommitter
 
 Item = tuple[Op, "Future[Receipt]"]
@@ -73,6 +74,6 @@ def resolve(batch: list[Item], outcomes: list[Receipt | LedgerError]) -> None:
 
 def fail(batch: list[Item], exc: BaseException) -> None:
     """The batch's transaction was aborted: nothing of it is written, and every caller learns why."""
-    err = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+    err = storage_failure(exc, "the ledger")
     for _, fut in batch:
         fut.set_exception(err)

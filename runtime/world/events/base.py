@@ -27,7 +27,7 @@ from typing import Any, Self
 
 import msgspec
 
-from runtime.errors import ErrorCode
+from runtime.errors import ErrorCode, storage_failure
 from runtime.groupcommit import GroupCommitter
 from runtime.world.events import MAX_FIELDS_BYTES, Event, EventError, Notifier
 
@@ -205,7 +205,7 @@ class LogBase(GroupCommitter[Item]):
     @staticmethod
     def _fail(batch: list[Item], exc: BaseException) -> None:
         """The transaction was aborted: nothing of the batch is written; every caller hears why."""
-        err = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+        err = storage_failure(exc, "the event log")
         for it in batch:
             it.fut.set_exception(err)
 

@@ -274,6 +274,11 @@ def failed(exc: BaseException) -> Future[Any]:
     return fut
 
 
+#: Agents' writes are refused (``disk_full``, charged nothing) when they would leave less free than this on
+#: the store's volume: the ledger, the event log and the charges of running tasks must still fit.
+DISK_FLOOR = 32 << 20
+
+
 class Store(GroupCommitter[tuple[Any, "Future[Any]"]]):
     """An artifact store: what the runtime needs of one. Every mutation is durable when it returns.
 
@@ -305,9 +310,21 @@ class Store(GroupCommitter[tuple[Any, "Future[Any]"]]):
                 options.get("readable", "public"),
             )
             op = write_op(agent, id, content, kind, price, readable, options["quota"])
+            free = self.free_bytes()
+            if free is not None and free - len(content) < DISK_FLOOR:
+                raise StoreError(
+                    "disk_full",
+                    f"the artifact store's volume has {free >> 20} MiB free, under the floor of "
+                    f"{DISK_FLOOR >> 20} MiB kept for the ledger and the logs: writes wait for space",
+                )
         except StoreError as exc:
             return failed(exc)
         return self._submit(op)
+
+    def free_bytes(self) -> int | None:
+        """Free bytes on the volume this store writes to, or None where that is not this node's disk (a
+        database server's)."""
+        return None
 
     def write(self, agent: str, id: str, content: bytes, **options: Unpack[WriteOptions]) -> WriteReceipt:
         """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is durable."""

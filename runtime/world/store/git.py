@@ -69,6 +69,7 @@ from dulwich.pack import (
 from dulwich.refs import DiskRefsContainer, Ref
 from dulwich.repo import Repo
 
+from runtime.errors import storage_failure
 from runtime.world.store import (
     AgentName,
     Artifact,
@@ -349,7 +350,7 @@ class GitStore(Store):
                 # Nothing is referenced: forget the batch's trees and fail every caller.
                 self._dirs.clear()
                 self._tip_tree = head_tree
-                err = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                err = storage_failure(exc, "the artifact store")
                 for _, fut in batch:
                     fut.set_exception(err)
                 return
@@ -719,6 +720,10 @@ class GitStore(Store):
         m = _read_meta(self._raw, found[1])
         content = self._blob(found[0])
         return _artifact(aid, m, content)
+
+    def free_bytes(self) -> int | None:
+        """Free bytes on the repository's volume (one statvfs: cheap beside a write's fsyncs)."""
+        return shutil.disk_usage(self.path).free
 
     # -------------------------------------------------------------------------------- close
 
