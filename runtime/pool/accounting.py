@@ -17,7 +17,7 @@ from pathlib import Path
 from msgspec import Struct, field
 
 from runtime.errors import AecoError, ErrorCode
-from runtime.protocol import Counters
+from runtime.protocol import Counters, ProtocolError, Think, decode_think
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -195,6 +195,33 @@ def check_amounts(record: object, names: Iterable[str], where: str) -> None:
 def check_usage(usage: object, where: str) -> None:
     """``check_amounts`` for every figure of a task's usage (``USAGE_FIGURES``)."""
     check_amounts(usage, USAGE_FIGURES, where)
+
+
+#: Tokens a chat template may add around a think's system text and prompt (a tokenizer makes at most
+#: one token of each byte of them).
+TEMPLATE_TOKENS = 4096
+#: How far past ``max_tokens`` an honest count may go: llama-cpp-python counts tokens it generates to
+#: finish a character cut in the middle (6 for ``max_tokens`` 2 with the tiny test model). A bound
+#: against claims that would drain a bucket, not an exact one.
+EXTRA_COMPLETION_TOKENS = 16
+
+
+def check_think(spec: Think, output: bytes, where: str) -> None:
+    """Raise ``BadReport`` if a think's ``ThinkReport`` does not decode or claims what cannot be:
+    far more completion tokens than ``max_tokens``, more prompt tokens than the prompt's bytes plus a
+    template, a cost above what its tokens come to at the task's prices."""
+    try:
+        report = decode_think(output)
+    except ProtocolError as exc:
+        raise BadReport(f"{where}: {exc}") from None
+    prompt_bytes = len(spec.system.encode()) + len(spec.prompt.encode())
+    if report.completion_tokens > 2 * spec.max_tokens + EXTRA_COMPLETION_TOKENS:
+        raise BadReport(f"{where}: {report.completion_tokens} completion tokens, max_tokens is {spec.max_tokens}")
+    if report.prompt_tokens > prompt_bytes + TEMPLATE_TOKENS:
+        raise BadReport(f"{where}: {report.prompt_tokens} prompt tokens for {prompt_bytes} bytes of prompt")
+    price = report.prompt_tokens * spec.price_prompt_per_1k + report.completion_tokens * spec.price_completion_per_1k
+    if report.cost_usd > price / 1000 * (1 + 1e-9) + 1e-12:
+        raise BadReport(f"{where}: cost_usd {report.cost_usd!r} is more than its tokens cost at the task's prices")
 
 
 class Accounts:

@@ -49,6 +49,7 @@ from runtime.pool.accounting import (
     Accounts,
     BadReport,
     TaskUsage,
+    check_think,
     check_usage,
     proc_cpu_seconds,
     proc_tree_cpu_seconds,
@@ -624,6 +625,8 @@ class WorkerPool:
             return self._drop(f"result for task {msg.task_id} not running on worker {w.worker_id}")
         try:
             cpu = self._believable_cpu(w, job, msg.usage)
+            if msg.ok and isinstance(job.spec, p.Think):  # its tokens are charged from its output
+                check_think(job.spec, msg.output, f"worker {w.worker_id}'s report of task {job.id}")
         except BadReport as exc:
             return self._refuse_report(w, job, exc)
         w.deadline_at = 0.0

@@ -23,6 +23,7 @@ import msgspec
 import pytest
 import zmq
 
+from native.tiny_model import write_tiny_model
 from runtime import protocol as p
 from runtime.config import PoolConfig
 from runtime.economy.ledger.check import check
@@ -193,6 +194,37 @@ def test_a_forged_report_is_refused_and_the_task_charged_from_the_kernel(field: 
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(main(Path(tmp)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("completion_tokens", "1e12"), ("prompt_tokens", "1e9"), ("cost_usd", "inf"), ("cost_usd", "5")],
+)
+def test_a_think_that_claims_impossible_tokens_or_cost_is_refused(field: str, value: str, tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    spec = p.Think(system="s", prompt="hi", max_tokens=4, model=str(model), price_completion_per_1k=1.0)
+
+    async def main() -> None:
+        async with WorkerPool(PoolConfig(), size=1, worker_command=_forger(field, value)) as pool:
+            with pytest.raises(TaskFailed) as info:
+                await pool.run(spec, agent="victim")
+            assert info.value.code == "bad_report" and field.split("_")[0] in str(info.value), info.value
+            assert pool.refused_reports == 1
+
+    asyncio.run(main())
+
+
+def test_an_honest_think_is_not_refused(tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+
+    async def body(pool: WorkerPool) -> None:
+        for max_tokens in (1, 2, 3, 4, 8, 32):
+            spec = p.Think(system="s", prompt="hi", max_tokens=max_tokens, model=str(model), seed=max_tokens)
+            report = p.decode_think((await pool.run(spec)).output)
+            assert report.completion_tokens >= 1
+        assert pool.refused_reports == 0
+
+    with_pool(body, size=1)
 
 
 @pytest.mark.parametrize("cgroups", ["auto", "off"], ids=["cgroups", "proc"])
