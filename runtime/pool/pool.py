@@ -7,6 +7,11 @@ Invariants (asserted where they can break):
 - Every task that reaches a worker is charged exactly once per attempt: from its ``Result`` when the
   worker answers, from the kernel (``wait4``) when it dies first. Nothing else charges tasks.
 - Every worker process is reaped (through its pidfd) and its child cgroups are removed.
+- Only the workers this pool spawned are heard: each gets a random identity and a secret through an
+  inherited pipe (``hand_keys``), and nothing from a peer is read before its ``Hello`` proves the
+  secret (``_refuse``). What a worker reports is checked before it is charged (``_check_report``):
+  a usage that cannot be true is refused and its task charged from the kernel's count instead, and
+  CPU above the kernel's count of the worker since the task was sent is cut to that count.
 
 Failures become clear errors rather than hangs: a worker that dies fails its task with
 ``worker_crashed`` (retried once if the task is idempotent); a task over its deadline has its worker
@@ -49,6 +54,7 @@ from runtime.pool.accounting import (
     Accounts,
     BadReport,
     TaskUsage,
+    check_amounts,
     check_think,
     check_usage,
     proc_cpu_seconds,
@@ -183,6 +189,7 @@ def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
 #: How far a worker's cgroup CPU counter may lag its own getrusage: both count the scheduler's
 #: nanoseconds; this covers the last update of a running thread's figure.
 _CGROUP_SLACK_S = 0.002
+_HOST_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def hand_keys(worker_id: int) -> tuple[int, p.WorkerKeys]:
@@ -552,7 +559,10 @@ class WorkerPool:
         if isinstance(msg, p.Result):
             self._on_result(w, msg)
         elif isinstance(msg, p.Heartbeat):
-            self._note_counters(w, msg.counters)
+            try:
+                self._note_counters(w, msg.counters)
+            except BadReport as exc:
+                return self._refuse_report(w, exc)
             if w.state == "idle":
                 self._maybe_recycle(w)
         elif isinstance(msg, p.Request):
@@ -587,6 +597,10 @@ class WorkerPool:
             self._send(w, p.Reply(task_id=job.id, seq=msg.seq, answer=answer))
 
     def _note_counters(self, w: _Worker, c: p.Counters) -> None:
+        """Keep a worker's books; ``BadReport`` (and nothing kept) if a figure is not finite and >= 0:
+        status displays read them, and a dying worker's task is charged what the kernel counted
+        beyond them."""
+        check_amounts(c, p.Counters.__struct_fields__, f"worker {w.worker_id}'s counters")
         w.counters = c
         acct = self.accounts.workers.get(w.pid)
         if acct is not None:
@@ -609,7 +623,10 @@ class WorkerPool:
             w.cgroups.remove()
             w.cgroups = None
             self.accounts.workers[w.pid].cpu_probe = "/proc"
-        self._note_counters(w, msg.counters)
+        try:
+            self._note_counters(w, msg.counters)
+        except BadReport as exc:
+            return self._refuse_report(w, exc)
         w.cpu_counter = KernelCpu(w.pid, w.cgroups)
         w.baseline_memory = msg.counters.memory_bytes
         w.memory_probe = msg.memory_probe
@@ -624,13 +641,14 @@ class WorkerPool:
         if w.state != "busy" or job is None or msg.task_id != job.id:
             return self._drop(f"result for task {msg.task_id} not running on worker {w.worker_id}")
         try:
-            cpu = self._believable_cpu(w, job, msg.usage)
+            cpu = self._check_report(w, job, msg.usage)
             if msg.ok and isinstance(job.spec, p.Think):  # its tokens are charged from its output
                 check_think(job.spec, msg.output, f"worker {w.worker_id}'s report of task {job.id}")
+            # Last: the counters of a refused report must not lower what its task is charged.
+            self._note_counters(w, msg.counters)
         except BadReport as exc:
-            return self._refuse_report(w, job, exc)
+            return self._refuse_report(w, exc)
         w.deadline_at = 0.0
-        self._note_counters(w, msg.counters)
         self._crashes_in_a_row = 0
         w.job = None
         if msg.usage is not None:
@@ -675,16 +693,21 @@ class WorkerPool:
         cpu = counter.read(children=True)
         return None if cpu is None else KernelReading(cpu, PROC_SLACK_S)
 
-    def _believable_cpu(self, w: _Worker, job: _Job, usage: p.Usage | None) -> float:
+    def _check_report(self, w: _Worker, job: _Job, usage: p.Usage | None) -> float:
         """The CPU to charge for a report of ``job``: the reported figure, cut to what the kernel saw
         the worker use since the task was sent. ``BadReport`` if the report cannot be true: a
-        measured task without usage, a field not finite or negative, more CPU than the host's
-        processors had in the task's time."""
+        measured task without usage, a figure not finite or negative, more CPU than the host's
+        processors had in the task's time, more memory than the host has."""
         if usage is None:
             if job.measure:
                 raise BadReport(f"worker {w.worker_id} sent no usage for measured task {job.id}")
             return 0.0
         check_usage(usage, f"worker {w.worker_id}'s report of task {job.id}")
+        if max(usage.peak_memory_bytes, usage.baseline_memory_bytes) > _HOST_MEMORY:
+            raise BadReport(
+                f"worker {w.worker_id}'s report of task {job.id}: peak_memory_bytes {usage.peak_memory_bytes} "
+                f"is more than the host's {_HOST_MEMORY} bytes"
+            )
         span = time.monotonic() - w.job_started
         most = span * (os.cpu_count() or 1) + _CGROUP_SLACK_S + PROC_SLACK_S
         if usage.cpu_seconds > most:
@@ -709,9 +732,10 @@ class WorkerPool:
         )
         return seen
 
-    def _refuse_report(self, w: _Worker, job: _Job, exc: BadReport) -> None:
-        """A worker that reports what cannot be true is not trusted again: kill it; its task is then
-        settled as its death settles it, charged from the kernel's count (``_charge_lost``)."""
+    def _refuse_report(self, w: _Worker, exc: BadReport) -> None:
+        """A worker that reports what cannot be true is not trusted again: kill it; its task, if it
+        has one, is then settled as its death settles it, charged from the kernel's count
+        (``_charge_lost``)."""
         self.refused_reports += 1
         log.warning("refused a report: %s; killing worker %d", exc, w.worker_id)
         if w.kill_reason is None:

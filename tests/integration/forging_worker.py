@@ -3,7 +3,8 @@
 ``python -m tests.integration.forging_worker FIELD VALUE``: every ``Result`` it sends carries ``VALUE``
 (``1e12``, ``-1``, ``nan``, ``inf`` …) in its usage's ``FIELD`` (``cpu_seconds``, ``peak_memory_bytes``,
 ``wall_seconds``; ``usage`` with ``none`` sends no usage at all; a ``ThinkReport`` field such as
-``completion_tokens`` or ``cost_usd`` changes a think's output). It lives in the tests only: the pool
+``completion_tokens`` or ``cost_usd`` changes a think's output; a ``Counters`` field such as ``idle``
+its books). It lives in the tests only: the pool
 starts it through ``WorkerPool(worker_command=…)``, as it would start any worker program.
 """
 
@@ -24,6 +25,8 @@ def _forge(field: str, value: str) -> None:
         res = honest(self, msg)
         if field == "usage":
             return msgspec.structs.replace(res, usage=None)
+        if field in p.Counters.__struct_fields__:  # the worker's books, sent with every result
+            return msgspec.structs.replace(res, counters=msgspec.structs.replace(res.counters, **{field: float(value)}))
         if field in p.ThinkReport.__struct_fields__:  # the think's own report, in its output
             report = msgspec.structs.replace(p.decode_think(res.output), **{field: float(value)})
             return msgspec.structs.replace(res, output=msgspec.msgpack.encode(report))
