@@ -29,6 +29,7 @@ from runtime.config import PoolConfig
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.pool import TaskFailed, WorkerPool
+from runtime.pool.accounting import proc_tree_cpu_seconds
 from runtime.pool.inflight import CRASH_CODE, Finished, InFlight, InflightLog, Spoiled
 from runtime.pool.pool import hand_keys
 from tests.integration.conftest import wait_until, with_pool
@@ -325,3 +326,23 @@ def test_a_node_starts_past_forged_in_flight_records_and_charges_the_good_one_on
     assert "set aside" not in out and "recovered task" not in out, out
     with LmdbLedger(data / "ledger") as ledger:
         assert Counter(r.task_id for r in ledger.usage_records())["dead-run-1"] == 1
+
+
+def test_the_process_tree_counts_children_that_are_not_reaped_yet() -> None:
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    before = proc_tree_cpu_seconds(os.getpid())
+    assert before is not None
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        end = time.monotonic() + 20
+        while True:  # until the child has spun its 0.3 s (it then sleeps, not yet reaped)
+            now = proc_tree_cpu_seconds(os.getpid())
+            assert now is not None and now[1] >= before[1] + 1
+            if now[0] - before[0] >= 0.3 or time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        assert now[0] - before[0] >= 0.3
+    finally:
+        child.kill()
+        child.wait()
+    assert proc_tree_cpu_seconds(2**22 + 12345) is None  # no such process
