@@ -261,9 +261,9 @@ class WorkerPool:
         self._sampler: asyncio.TimerHandle | None = None
         self._deadline_when = float("inf")
         self._log_budget = 20  # malformed-frame log lines before going quiet
-        # Peers remembered so that each refused one is logged once; a flood of made-up identities
-        # fills it, and then further ones are refused without a line.
-        self._refused_peers_max = 1000
+        # Refused peers remembered so that each is logged once; past this many (a flood of made-up
+        # identities) further ones are refused without a line: a bounded set, a bounded log.
+        self._refused_peers_max = 100
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -535,7 +535,8 @@ class WorkerPool:
         if ident in self._refused_peers or len(self._refused_peers) >= self._refused_peers_max:
             return
         self._refused_peers.add(ident)
-        log.warning("refused peer %r: %s", ident[:40], why)
+        last = len(self._refused_peers) == self._refused_peers_max
+        log.warning("refused peer %r: %s%s", ident[:40], why, " (further peers not logged)" if last else "")
 
     def _drop(self, why: str) -> None:
         self.malformed_frames += 1
