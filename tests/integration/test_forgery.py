@@ -27,6 +27,9 @@ import zmq
 from native.tiny_model import write_tiny_model
 from runtime import protocol as p
 from runtime.config import PoolConfig
+from runtime.economy.buckets import Buckets, Estimator
+from runtime.economy.charging import Economy
+from runtime.economy.ledger import OpenAccount
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.pool import TaskFailed, WorkerPool
@@ -201,6 +204,39 @@ def test_a_forged_report_is_refused_and_the_task_charged_from_the_kernel(field: 
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(main(Path(tmp)))
+
+
+@pytest.mark.parametrize("value", ["1e12", "-1", "nan", "inf"])
+def test_a_forged_report_reaches_the_ledger_only_as_the_kernels_count(value: str, tmp_path: Path) -> None:
+    """Through the economy: one usage record (``bad_report``) with what the kernel counted, a finite
+    bucket level still high enough to admit the agent's next task at once, books that check."""
+    ledger = LmdbLedger(tmp_path / "ledger")
+    ledger.apply(OpenAccount(id="open:alice", account="alice", grants={"cpu_rate": 1000}))
+    buckets = Buckets()
+    buckets.add("alice", "cpu", 1.0, 2.0)
+
+    async def main() -> None:
+        inflight = InflightLog(tmp_path / "inflight")
+        pool = WorkerPool(
+            PoolConfig(restart_backoff_s=0.05), size=1, inflight=inflight, worker_command=_forger("cpu_seconds", value)
+        )
+        async with pool:
+            eco = Economy(pool, ledger, buckets, Estimator(0.01))
+            for _ in range(2):  # the second on the liar's replacement: the agent was not blocked
+                with pytest.raises(TaskFailed, match="bad_report"):
+                    await asyncio.wait_for(eco.run("alice", p.Burn(ms=30)), 30)
+        inflight.close()
+
+    try:
+        asyncio.run(main())
+        records = list(ledger.usage_records())
+        assert len(records) == 2 and {r.error for r in records} == {"bad_report"}
+        assert all(0.02 <= r.cpu_seconds < 1.0 for r in records), records
+        level = ledger.buckets("alice")["cpu"].level
+        assert math.isfinite(level) and 0.0 < level <= 2.0 - sum(r.cpu_seconds for r in records) + 0.1
+        assert check(ledger).ok
+    finally:
+        ledger.close()
 
 
 @pytest.mark.parametrize(
