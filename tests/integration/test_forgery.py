@@ -241,7 +241,13 @@ def test_a_forged_report_reaches_the_ledger_only_as_the_kernels_count(value: str
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("completion_tokens", "1e12"), ("prompt_tokens", "1e9"), ("cost_usd", "inf"), ("cost_usd", "5")],
+    [
+        ("completion_tokens", "1e12"),
+        ("prompt_tokens", "1e9"),
+        ("cost_usd", "inf"),
+        ("cost_usd", "nan"),
+        ("cost_usd", "5"),
+    ],
 )
 def test_a_think_that_claims_impossible_tokens_or_cost_is_refused(field: str, value: str, tmp_path: Path) -> None:
     model = write_tiny_model(tmp_path / "tiny.gguf")
