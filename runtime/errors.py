@@ -19,7 +19,8 @@ money and quotas       ``overdraft``, ``insufficient_funds``, ``quota_exceeded``
                        ``capacity`` (rights that do not fit the container)
 state                  ``conflict``, ``duplicate_usage``, ``cursor``, ``readonly``, ``closed``, ``busy``
 tasks                  ``task_error``, ``memory_exceeded``, ``worker_crashed``, ``deadline_exceeded``,
-                       ``pool_failed``, ``pool_closed``, ``cancelled``
+                       ``pool_failed``, ``pool_closed``, ``cancelled``, ``bad_report`` (a worker
+                       reported a usage that cannot be true: refused, charged from the kernel)
 confined code          ``code_error`` (the agent's code failed), ``cpu_exceeded``, ``killed``,
                        ``output_too_large``, ``sandbox_error`` (confinement could not be applied)
 servers and engines    ``unavailable`` (PostgreSQL, Redis, an embedder), ``model_not_found``,
@@ -71,6 +72,7 @@ ErrorCode = Literal[
     "pool_failed",
     "pool_closed",
     "cancelled",
+    "bad_report",
     # confined code
     "code_error",
     "cpu_exceeded",

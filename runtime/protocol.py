@@ -19,12 +19,16 @@ from msgspec import Meta, Struct
 from runtime.errors import AecoError, ErrorCode
 
 #: 2: typed inner messages (``ThinkReport``, ``InvokeReport``, ``WorldCall``/``WorldAnswer``).
-PROTOCOL_VERSION = 2
+#: 3: ``Hello`` carries the secret the supervisor handed the worker (``WorkerKeys``).
+PROTOCOL_VERSION = 3
 
 _R = TypeVar("_R")
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
+#: A non-negative amount that must also be finite: ``inf`` passes ``ge=0``, and one infinite charge
+#: would poison every sum it enters.
+FiniteNonNegFloat = Annotated[float, Meta(ge=0, le=1e15)]
 
 
 class _Spec(Struct, tag_field="kind", forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -131,7 +135,7 @@ class ThinkReport(Struct, frozen=True, forbid_unknown_fields=True):
     valid: bool = True
     error: str = ""
     #: What the tokens cost at the task's prices (remote servers; 0 for local inference).
-    cost_usd: NonNegFloat = 0.0
+    cost_usd: FiniteNonNegFloat = 0.0
 
     @property
     def tokens(self) -> int:
@@ -242,12 +246,14 @@ class _Msg(Struct, tag_field="type", forbid_unknown_fields=True, frozen=True, kw
 
 
 class Hello(_Msg, tag="hello", frozen=True):
-    """First frame of a worker: it is ready for a task."""
+    """First frame of a worker: it is ready for a task. ``secret`` proves the supervisor spawned it
+    (``WorkerKeys``); a peer whose hello lacks it is never given a task."""
 
     worker_id: int
     pid: int
     memory_probe: MemoryProbe
     counters: Counters
+    secret: bytes = b""
 
 
 class Task(_Msg, tag="task", frozen=True):
@@ -343,6 +349,21 @@ class WorkerBoot(Struct, frozen=True, forbid_unknown_fields=True):
     cgroup_dirs: dict[str, str] = {}
     #: Paths confined code must not see (the data directory, the pool's socket directory).
     sandbox_hide: list[str] = []
+    #: An inherited pipe holding the worker's ``WorkerKeys`` (-1: none, a worker started by hand).
+    keys_fd: int = -1
+
+
+class WorkerKeys(Struct, frozen=True, forbid_unknown_fields=True):
+    """What makes a worker one of its supervisor's, handed over through an inherited pipe (``WorkerBoot.
+    keys_fd``) that the worker reads and closes before anything else: never in its argv or environment,
+    which its own confined code or any process of the same user could read from ``/proc``.
+
+    ``identity`` is its ZeroMQ routing id (random: a process that guesses the next one cannot take a
+    replacement worker's place), ``secret`` what it proves itself with in its ``Hello``.
+    """
+
+    identity: bytes
+    secret: bytes
 
 
 _think_report = msgspec.msgpack.Decoder(ThinkReport)

@@ -80,11 +80,18 @@ class Worker:
 
         self.sock.send(p.encode(msg))
 
-    def serve(self) -> None:
-        """Answer tasks until told to shut down."""
+    def serve(self, secret: bytes) -> None:
+        """Say hello with ``secret`` (the proof that the supervisor spawned us), then answer tasks
+        until told to shut down."""
 
         self.send(
-            p.Hello(worker_id=self.boot.worker_id, pid=os.getpid(), memory_probe=self.meter.name, counters=self.last)
+            p.Hello(
+                worker_id=self.boot.worker_id,
+                pid=os.getpid(),
+                memory_probe=self.meter.name,
+                counters=self.last,
+                secret=secret,
+            )
         )
         # A receive timeout rather than poll + recv: one call per frame, a heartbeat when it times out.
         self.sock.setsockopt(zmq.RCVTIMEO, int(self.boot.heartbeat_s * 1000))
@@ -251,18 +258,29 @@ class Worker:
         return p.RefusedAnswer(error=f"no answer to `{p.kind_of(call)}` within {_REPLY_TIMEOUT_S:g} s")
 
 
+def _read_keys(boot: p.WorkerBoot) -> p.WorkerKeys:
+    """Read this worker's identity and secret from the pipe the supervisor left open, and close it, so
+    that nothing started later (the sandbox's zygote, confined code) can inherit it. A worker started
+    by hand has none: its identity is its id and pid, and no pool will give it a task."""
+    if boot.keys_fd < 0:
+        return p.WorkerKeys(identity=f"w{boot.worker_id}-{os.getpid()}".encode(), secret=b"")
+    with os.fdopen(boot.keys_fd, "rb") as pipe:
+        return msgspec.msgpack.decode(pipe.read(), type=p.WorkerKeys)
+
+
 def main() -> int:
     """Run the worker loop until the supervisor says shut down (or dies)."""
     boot = msgspec.json.decode(os.environ["AECO_WORKER_BOOT"], type=p.WorkerBoot)
+    keys = _read_keys(boot)
     _die_with_parent(boot.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
     meter = measure.open_meter(boot.memory_cgroup)
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)
-    sock.setsockopt(zmq.IDENTITY, f"w{boot.worker_id}-{os.getpid()}".encode())
+    sock.setsockopt(zmq.IDENTITY, keys.identity)
     sock.connect(boot.endpoint)
-    Worker(boot, sock, meter).serve()
+    Worker(boot, sock, meter).serve(keys.secret)
     if (sandbox := sys.modules.get("workers.sandbox")) is not None:
         # Reap the sandbox's zygote: its CPU (and its outers', already booked as tasks) is then in
         # what the kernel counts for this worker when the pool reaps it.

@@ -1,4 +1,10 @@
-"""Recovery at start: charge the tasks a killed supervisor left in flight (see ``runtime.pool.inflight``)."""
+"""Recovery at start: charge the tasks a killed supervisor left in flight (see ``runtime.pool.inflight``).
+
+A record that cannot be charged (it does not decode, or an amount in it is not finite and >= 0: a
+damaged file, or one written by someone else) must not stop the node from starting, nor be charged:
+it is set aside with what was wrong (``InflightLog.quarantine``) and said, and every other record is
+charged as usual, once.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+import msgspec
+
 from runtime.economy.buckets import Buckets
 from runtime.economy.charging import charge
 from runtime.economy.ledger import Ledger, LedgerError, RecordUsage
-from runtime.pool.inflight import CRASH_CODE, InflightLog, measure
+from runtime.pool.accounting import BadReport, check_usage
+from runtime.pool.inflight import CRASH_CODE, InflightLog, Spoiled, measure
 
 
 class EventSink(Protocol):
@@ -34,17 +43,23 @@ def recover(
     one: charged before the kill, or by a recovery that was killed after its commit), its agent's
     buckets are lowered by the charge from their persisted levels, a ``task_failed`` event is logged
     (at most once: a kill between the charge and the event loses the event, never the charge), and one
-    line is said. Returns the usage records written.
+    line is said. A record that cannot be charged is set aside and said instead. Returns the usage
+    records written.
     """
     done: list[str] = []
     written: list[RecordUsage] = []
-    leftovers = inflight.pending()
+    leftovers, spoiled = inflight.scan()
     for rec in leftovers:
         existing = ledger.usage(rec.task_id)
         if existing is not None:
             done.append(rec.task_id)
             continue
         usage, source = measure(rec)
+        try:  # the kernel's counters are believable; a record's arithmetic on them is checked anyway
+            check_usage(usage, f"in-flight task {rec.task_id}")
+        except BadReport as exc:
+            spoiled.append(Spoiled(rec.task_id.encode(), msgspec.msgpack.encode(rec), str(exc)))
+            continue
         if rec.agent in buckets.agents():
             record = charge(buckets, rec.agent, rec.kind, rec.task_id, usage, False, error=CRASH_CODE)
         else:  # no longer configured: its account pays, it has no bucket to lower
@@ -77,4 +92,6 @@ def recover(
     for cgroups in {r.cgroups.dirs[0]: r.cgroups for r in leftovers if r.cgroups and r.task_id in done}.values():
         cgroups.remove()
     inflight.drop(done)
+    for path, bad in zip(inflight.quarantine(spoiled), spoiled, strict=True):
+        say(f"set aside in-flight record {bad.key[:64]!r}, not charged: {bad.why} (kept in {path})")
     return written

@@ -9,12 +9,15 @@ worker used (its cgroup's CPU counter, else ``/proc/<pid>/stat``), which the wor
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from msgspec import Struct, field
 
-from runtime.protocol import Counters
+from runtime.errors import AecoError, ErrorCode
+from runtime.protocol import Counters, ProtocolError, Think, decode_think
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -113,11 +116,112 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return proc_stat_cpu_seconds(text)
 
 
-def proc_stat_cpu_seconds(text: str) -> float:
+def proc_stat_cpu_seconds(text: str, children: bool = False) -> float:
     """User + system CPU in the text of a ``/proc/<pid>/stat`` file (after the command, which may
-    contain spaces and parentheses)."""
+    contain spaces and parentheses); with ``children``, plus that of its reaped children."""
     fields = text.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    own = int(fields[11]) + int(fields[12])
+    return (own + int(fields[13]) + int(fields[14]) if children else own) / _TICK
+
+
+#: How far one process's ``/proc`` CPU reading may lag the exact figure: user, system and the two
+#: reaped-children counters are each cut down to a whole tick.
+PROC_SLACK_S = 4 / _TICK
+
+
+def proc_tree_cpu_seconds(pid: int) -> tuple[float, int] | None:
+    """CPU of a live process and of all its descendants, their reaped children included, from
+    ``/proc``; and how many processes were read (each may lag by ``PROC_SLACK_S``). None if ``pid``
+    is gone.
+
+    One pass over ``/proc`` (a millisecond or two on a busy host): meant for tasks that start
+    processes of their own, not for every task. A descendant reaped between the reading of its
+    parent and its own is missed; one reaped after both is counted twice: a reading to bound what a
+    worker may claim, not to charge by.
+    """
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, CPU with reaped children)
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                text = Path(entry.path, "stat").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            stats[int(entry.name)] = (int(text.rpartition(")")[2].split()[1]), proc_stat_cpu_seconds(text, True))
+    if pid not in stats:
+        return None
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(child)
+    total, count, todo = 0.0, 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats[p][1]
+        count += 1
+        todo.extend(children.get(p, ()))
+    return total, count
+
+
+class BadReport(AecoError, ValueError):
+    """A usage that cannot be true (not finite, negative, more than the machine has); the message
+    names the field."""
+
+    default_code: ErrorCode = "bad_report"
+
+
+#: Larger than any true amount (30 million CPU-years, a petabyte), small enough that sums of a few
+#: stay exact to far below a microsecond or a byte where it matters.
+MAX_AMOUNT = 1e15
+
+
+#: The figures of every record of a task's usage (``Usage``, ``TaskUsage``, the in-flight log's).
+USAGE_FIGURES = ("cpu_seconds", "peak_memory_bytes", "baseline_memory_bytes", "wall_seconds")
+
+
+def check_amounts(record: object, names: Iterable[str], where: str) -> None:
+    """Raise ``BadReport`` naming the first of the attributes ``names`` of ``record`` (from ``where``)
+    that is not a finite amount >= 0 (and at most ``MAX_AMOUNT``).
+
+    Amounts come from workers and from the in-flight log: neither may put a NaN, an infinity or a
+    negative amount into a charge, a bucket, a live table or a record read at the next start.
+    """
+    for name in names:
+        value = getattr(record, name)
+        if not (math.isfinite(value) and 0 <= value <= MAX_AMOUNT):
+            raise BadReport(f"{where}: {name} must be finite, >= 0 and <= {MAX_AMOUNT:g}, got {value!r}")
+
+
+def check_usage(usage: object, where: str) -> None:
+    """``check_amounts`` for every figure of a task's usage (``USAGE_FIGURES``)."""
+    check_amounts(usage, USAGE_FIGURES, where)
+
+
+#: Tokens a chat template may add around a think's system text and prompt (a tokenizer makes at most
+#: one token of each byte of them).
+TEMPLATE_TOKENS = 4096
+#: How far past ``max_tokens`` an honest count may go: llama-cpp-python counts tokens it generates to
+#: finish a character cut in the middle (6 for ``max_tokens`` 2 with the tiny test model). A bound
+#: against claims that would drain a bucket, not an exact one.
+EXTRA_COMPLETION_TOKENS = 16
+
+
+def check_think(spec: Think, output: bytes, where: str) -> None:
+    """Raise ``BadReport`` if a think's ``ThinkReport`` does not decode or claims what cannot be:
+    far more completion tokens than ``max_tokens``, more prompt tokens than the prompt's bytes plus a
+    template, a cost above what its tokens come to at the task's prices."""
+    try:
+        report = decode_think(output)
+    except ProtocolError as exc:
+        raise BadReport(f"{where}: {exc}") from None
+    prompt_bytes = len(spec.system.encode()) + len(spec.prompt.encode())
+    if report.completion_tokens > 2 * spec.max_tokens + EXTRA_COMPLETION_TOKENS:
+        raise BadReport(f"{where}: {report.completion_tokens} completion tokens, max_tokens is {spec.max_tokens}")
+    if report.prompt_tokens > prompt_bytes + TEMPLATE_TOKENS:
+        raise BadReport(f"{where}: {report.prompt_tokens} prompt tokens for {prompt_bytes} bytes of prompt")
+    price = report.prompt_tokens * spec.price_prompt_per_1k + report.completion_tokens * spec.price_completion_per_1k
+    if report.cost_usd > price / 1000 * (1 + 1e-9) + 1e-12:
+        raise BadReport(f"{where}: cost_usd {report.cost_usd!r} is more than its tokens cost at the task's prices")
 
 
 class Accounts:

@@ -46,7 +46,7 @@ import msgspec
 from msgspec import Struct
 
 from runtime.host import cgroups as cg
-from runtime.pool.accounting import TaskUsage, proc_stat_cpu_seconds
+from runtime.pool.accounting import BadReport, TaskUsage, check_amounts, check_usage, proc_stat_cpu_seconds
 
 log = logging.getLogger("runtime.pool.inflight")
 
@@ -102,8 +102,9 @@ class KernelCpu:
         except OSError:  # the worker is gone already: nothing to read, ever
             self._fd = -1
 
-    def read(self) -> float | None:
-        """CPU seconds so far (None once the process is gone, in ``/proc`` mode)."""
+    def read(self, children: bool = False) -> float | None:
+        """CPU seconds so far (None once the process is gone, in ``/proc`` mode); with ``children``,
+        in ``/proc`` mode, plus its reaped children's (a cgroup counts them always)."""
         if self._fd < 0:
             return None
         try:
@@ -112,7 +113,7 @@ class KernelCpu:
             return None
         if self._cgroup_file is not None:
             return cg.cpu_seconds_in(self._cgroup_file, text)
-        return proc_stat_cpu_seconds(text)
+        return proc_stat_cpu_seconds(text, children)
 
     def close(self) -> None:
         """Close the file."""
@@ -121,11 +122,37 @@ class KernelCpu:
             self._fd = -1
 
 
+class Spoiled(Struct, frozen=True):
+    """A record that is not a believable ``InFlight``: it does not decode, or an amount in it is not
+    finite and >= 0. It cannot be charged; it is set aside (``InflightLog.quarantine``) for an operator."""
+
+    key: bytes
+    raw: bytes
+    why: str
+
+
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(InFlight)
 #: The in-flight log's map, reserved on disk when it opens: a record is a few hundred bytes a running task,
 #: so this holds thousands of workers' tasks with room for LMDB's copy-on-write pages.
 MAP_SIZE = 8 << 20
+
+
+def _decode(key: bytes, raw: bytes) -> InFlight | Spoiled:
+    try:
+        rec = _dec.decode(raw)
+        where = f"in-flight record {rec.task_id!r}"
+        if rec.task_id.encode() != key:
+            raise BadReport(f"{where} is stored under another key")
+        figures = ("started_at", "baseline_cpu", "prior_cpu", "baseline_memory", "sampled_cpu", "sampled_at")
+        check_amounts(rec, figures, where)
+        if rec.finished is not None:
+            check_usage(rec.finished, where)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return Spoiled(key, raw, f"undecodable ({len(raw)} bytes): {exc}")
+    except BadReport as exc:
+        return Spoiled(key, raw, str(exc))
+    return rec
 
 
 class InflightLog:
@@ -235,9 +262,47 @@ class InflightLog:
         self._held.clear()
 
     def pending(self) -> list[InFlight]:
-        """Every task recorded and not cleared, as last written."""
+        """Every task recorded and not cleared, as last written (without the spoiled records)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[InFlight], list[Spoiled]]:
+        """Every record, as last written: the tasks, and the records that are not believable."""
+        good: list[InFlight] = []
+        spoiled: list[Spoiled] = []
         with self.env.begin() as txn:
-            return [_dec.decode(v) for _, v in txn.cursor()]
+            for key, raw in txn.cursor():
+                rec = _decode(bytes(key), bytes(raw))
+                if isinstance(rec, Spoiled):
+                    spoiled.append(rec)
+                else:
+                    good.append(rec)
+        return good, spoiled
+
+    @property
+    def quarantine_path(self) -> Path:
+        """Where spoiled records are set aside: one JSON file each, with its raw bytes and what was wrong."""
+        return self.path.with_name(f"{self.path.name}.quarantine")
+
+    def quarantine(self, records: Iterable[Spoiled]) -> list[Path]:
+        """Set spoiled records aside under ``quarantine_path`` (written durably first) and delete them
+        from the log, so that the next start neither trips on them again nor forgets them."""
+        written: list[Path] = []
+        keys: list[bytes] = []
+        for rec in records:
+            self.quarantine_path.mkdir(parents=True, exist_ok=True)
+            name = f"{time.time_ns()}-{rec.key.hex()[:64]}.json"
+            path = self.quarantine_path / name
+            with open(path, "wb") as f:
+                f.write(msgspec.json.encode(rec))
+                f.flush()
+                os.fsync(f.fileno())
+            written.append(path)
+            keys.append(rec.key)
+        if keys:
+            with self.env.begin(write=True) as txn:
+                for key in keys:
+                    txn.delete(key)
+        return written
 
     def drop(self, task_ids: Iterable[str]) -> None:
         """Delete records by id (after their recovery), in one commit."""

@@ -7,6 +7,11 @@ Invariants (asserted where they can break):
 - Every task that reaches a worker is charged exactly once per attempt: from its ``Result`` when the
   worker answers, from the kernel (``wait4``) when it dies first. Nothing else charges tasks.
 - Every worker process is reaped (through its pidfd) and its child cgroups are removed.
+- Only the workers this pool spawned are heard: each gets a random identity and a secret through an
+  inherited pipe (``hand_keys``), and nothing from a peer is read before its ``Hello`` proves the
+  secret (``_refuse``). What a worker reports is checked before it is charged (``_check_report``):
+  a usage that cannot be true is refused and its task charged from the kernel's count instead, and
+  CPU above the kernel's count of the worker since the task was sent is cut to that count.
 
 Failures become clear errors rather than hangs: a worker that dies fails its task with
 ``worker_crashed`` (retried once if the task is idempotent); a task over its deadline has its worker
@@ -20,10 +25,12 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import contextlib
+import hmac
 import itertools
 import logging
 import os
 import pickle
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,7 +49,17 @@ from runtime import protocol as p
 from runtime.config import PoolConfig
 from runtime.errors import AecoError, ErrorCode
 from runtime.host import cgroups as cg
-from runtime.pool.accounting import Accounts, TaskUsage, proc_cpu_seconds
+from runtime.pool.accounting import (
+    PROC_SLACK_S,
+    Accounts,
+    BadReport,
+    TaskUsage,
+    check_amounts,
+    check_think,
+    check_usage,
+    proc_cpu_seconds,
+    proc_tree_cpu_seconds,
+)
 from runtime.pool.fairqueue import FairQueue
 from runtime.pool.inflight import InFlight, InflightLog, KernelCpu
 
@@ -100,6 +117,15 @@ class _Job:
     prior: TaskUsage | None = None
     #: The ledger's id of the task: recorded in ``WorkerPool.inflight`` while it runs.
     track: str | None = None
+    #: The worker's kernel CPU counter when the task was sent (None: unmeasured, or unreadable).
+    kernel_start: KernelReading | None = None
+
+
+class KernelReading(msgspec.Struct, frozen=True, array_like=True):
+    """A worker's CPU as the kernel counted it, and how far that count may lag the exact figure."""
+
+    cpu: float
+    slack: float
 
 
 WorkerState = Literal["starting", "idle", "busy", "stopping", "dead"]
@@ -109,6 +135,8 @@ WorkerState = Literal["starting", "idle", "busy", "stopping", "dead"]
 class _Worker:
     worker_id: int
     ident: bytes
+    #: What it must say in its ``Hello`` (handed to it through an inherited pipe, see ``WorkerKeys``).
+    secret: bytes
     proc: subprocess.Popen[bytes]
     pidfd: int
     cgroups: cg.WorkerCgroups | None
@@ -123,8 +151,10 @@ class _Worker:
     counters: p.Counters | None = None
     baseline_memory: int = 0
     memory_probe: str = "off"
-    #: The kernel's CPU counter of the worker, opened at its first tracked task.
+    #: The kernel's CPU counter of the worker, opened at its hello.
     cpu_counter: KernelCpu | None = None
+    #: Why its last report was refused (with ``kill_reason`` ``bad_report``).
+    bad_report: str = ""
 
     @property
     def pid(self) -> int:
@@ -156,6 +186,25 @@ def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
     return max(1, int(cg.cpu_capacity(info or cg.discover())))
 
 
+#: How far a worker's cgroup CPU counter may lag its own getrusage: both count the scheduler's
+#: nanoseconds; this covers the last update of a running thread's figure.
+_CGROUP_SLACK_S = 0.002
+_HOST_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def hand_keys(worker_id: int) -> tuple[int, p.WorkerKeys]:
+    """A new worker's identity and secret, and the read end of a pipe that holds them for it to
+    inherit (see ``WorkerKeys``). The identity's random part is what makes it unguessable; its
+    number only makes logs readable."""
+    keys = p.WorkerKeys(identity=f"w{worker_id}-{secrets.token_hex(16)}".encode(), secret=secrets.token_bytes(32))
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, msgspec.msgpack.encode(keys))  # far below a pipe's buffer: never blocks
+    finally:
+        os.close(write_end)
+    return read_end, keys
+
+
 class WorkerPool:
     """An asyncio pool of worker processes with per-task measurement. Use ``async with``."""
 
@@ -167,8 +216,12 @@ class WorkerPool:
         run_dir: str | None = None,
         hide: Iterable[str] = (),
         inflight: InflightLog | None = None,
+        worker_command: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg or PoolConfig()
+        #: The program a worker runs (default ``python -m workers.worker``): any program that reads its
+        #: ``WorkerBoot`` and ``WorkerKeys`` and speaks the protocol, e.g. the same under a profiler.
+        self.worker_command = list(worker_command) or [sys.executable, "-m", "workers.worker"]
         #: Where tracked tasks are recorded while they run, for charging them after a supervisor crash.
         self.inflight = inflight
         #: Paths that confined code run by the workers must not see (the pool adds its socket directory).
@@ -178,6 +231,12 @@ class WorkerPool:
         self.accounts = Accounts()
         self.failed: str | None = None
         self.malformed_frames = 0
+        #: Frames from peers that are not a worker this pool spawned and that proved it (``_refuse``).
+        self.refused_frames = 0
+        #: Reports refused (``bad_report``) and reports whose CPU was cut to the kernel's count.
+        self.refused_reports = 0
+        self.capped_reports = 0
+        self._refused_peers: set[bytes] = set()
         self.started = 0
         self.crashed = 0
         self.cgroup_status = "cgroups off by configuration" if self.cfg.cgroups == "off" else ""
@@ -202,6 +261,9 @@ class WorkerPool:
         self._sampler: asyncio.TimerHandle | None = None
         self._deadline_when = float("inf")
         self._log_budget = 20  # malformed-frame log lines before going quiet
+        # Refused peers remembered so that each is logged once; past this many (a flood of made-up
+        # identities) further ones are refused without a line: a bounded set, a bounded log.
+        self._refused_peers_max = 100
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -382,6 +444,8 @@ class WorkerPool:
             assert w.job is None, "a worker runs one task at a time"
             job.attempts += 1
             w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
+            if job.measure:
+                job.kernel_start = self._kernel_reading(w, job)
             if job.track is not None and self.inflight is not None:
                 self._record(w, job, job.track, self.inflight)  # before sending: a kill may come any time
             if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
@@ -397,8 +461,7 @@ class WorkerPool:
                 self._arm_deadline(w.deadline_at)
 
     def _record(self, w: _Worker, job: _Job, track: str, inflight: InflightLog) -> None:
-        if w.cpu_counter is None:
-            w.cpu_counter = KernelCpu(w.pid, w.cgroups)
+        assert w.cpu_counter is not None, "opened at hello"
         baseline = w.cpu_counter.read()
         now = time.time()
         inflight.begin(
@@ -465,6 +528,16 @@ class WorkerPool:
             except Exception:  # a bug in one message's handling must not stop the pool
                 log.exception("error while handling a frame")
 
+    def _refuse(self, ident: bytes, why: str) -> None:
+        """Ignore a frame from a peer that has not proved it is one of our workers: it gets no task,
+        and nothing it says is charged or counted. Logged once per peer."""
+        self.refused_frames += 1
+        if ident in self._refused_peers or len(self._refused_peers) >= self._refused_peers_max:
+            return
+        self._refused_peers.add(ident)
+        last = len(self._refused_peers) == self._refused_peers_max
+        log.warning("refused peer %r: %s%s", ident[:40], why, " (further peers not logged)" if last else "")
+
     def _drop(self, why: str) -> None:
         self.malformed_frames += 1
         if self._log_budget > 0:
@@ -476,16 +549,21 @@ class WorkerPool:
             return self._drop(f"{len(frames)} parts, expected identity + message")
         w = self._workers.get(frames[0])
         if w is None:
-            return self._drop(f"unknown peer {frames[0][:32]!r}")
+            return self._refuse(frames[0], "not a worker this pool spawned")
         try:
             msg = p.decode(frames[1])
         except p.ProtocolError as exc:
             return self._drop(f"from worker {w.worker_id}: {exc}")
+        if w.state == "starting" and not isinstance(msg, p.Hello):
+            return self._refuse(frames[0], f"{type(msg).__name__} before its hello")
         w.last_seen = time.monotonic()
         if isinstance(msg, p.Result):
             self._on_result(w, msg)
         elif isinstance(msg, p.Heartbeat):
-            self._note_counters(w, msg.counters)
+            try:
+                self._note_counters(w, msg.counters)
+            except BadReport as exc:
+                return self._refuse_report(w, exc)
             if w.state == "idle":
                 self._maybe_recycle(w)
         elif isinstance(msg, p.Request):
@@ -520,12 +598,23 @@ class WorkerPool:
             self._send(w, p.Reply(task_id=job.id, seq=msg.seq, answer=answer))
 
     def _note_counters(self, w: _Worker, c: p.Counters) -> None:
+        """Keep a worker's books; ``BadReport`` (and nothing kept) if a figure is not finite and >= 0:
+        status displays read them, and a dying worker's task is charged what the kernel counted
+        beyond them."""
+        check_amounts(c, p.Counters.__struct_fields__, f"worker {w.worker_id}'s counters")
         w.counters = c
         acct = self.accounts.workers.get(w.pid)
         if acct is not None:
             acct.counters = c
 
     def _on_hello(self, w: _Worker, msg: p.Hello) -> None:
+        if not hmac.compare_digest(msg.secret, w.secret):
+            # The worker we spawned does not have this slot: whoever holds its identity is not it.
+            self._refuse(w.ident, f"hello of worker {w.worker_id} without its secret")
+            if w.state == "starting" and w.kill_reason is None:
+                w.kill_reason = "refused_hello"
+                self._kill(w)
+            return None
         if w.state != "starting" or msg.pid != w.pid or msg.worker_id != w.worker_id:
             return self._drop(f"hello from worker {w.worker_id} in state {w.state}")
         if w.cgroups is not None and not all(
@@ -535,7 +624,11 @@ class WorkerPool:
             w.cgroups.remove()
             w.cgroups = None
             self.accounts.workers[w.pid].cpu_probe = "/proc"
-        self._note_counters(w, msg.counters)
+        try:
+            self._note_counters(w, msg.counters)
+        except BadReport as exc:
+            return self._refuse_report(w, exc)
+        w.cpu_counter = KernelCpu(w.pid, w.cgroups)
         w.baseline_memory = msg.counters.memory_bytes
         w.memory_probe = msg.memory_probe
         w.state = "idle"
@@ -548,20 +641,20 @@ class WorkerPool:
         job = w.job
         if w.state != "busy" or job is None or msg.task_id != job.id:
             return self._drop(f"result for task {msg.task_id} not running on worker {w.worker_id}")
+        try:
+            cpu = self._check_report(w, job, msg.usage)
+            if msg.ok and isinstance(job.spec, p.Think):  # its tokens are charged from its output
+                check_think(job.spec, msg.output, f"worker {w.worker_id}'s report of task {job.id}")
+            # Last: the counters of a refused report must not lower what its task is charged.
+            self._note_counters(w, msg.counters)
+        except BadReport as exc:
+            return self._refuse_report(w, exc)
         w.deadline_at = 0.0
-        self._note_counters(w, msg.counters)
         self._crashes_in_a_row = 0
         w.job = None
         if msg.usage is not None:
             u = msg.usage
-            usage = TaskUsage(
-                u.cpu_seconds,
-                u.peak_memory_bytes,
-                u.baseline_memory_bytes,
-                u.wall_seconds,
-                w.pid,
-                w.memory_probe,
-            )
+            usage = TaskUsage(cpu, u.peak_memory_bytes, u.baseline_memory_bytes, u.wall_seconds, w.pid, w.memory_probe)
         else:  # unmeasured (benchmark) task
             usage = TaskUsage(0.0, 0, 0, time.monotonic() - w.job_started, w.pid, "off")
         self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
@@ -582,11 +675,81 @@ class WorkerPool:
             self._idle.append(w)
         self._dispatch()
 
+    def _kernel_reading(self, w: _Worker, job: _Job) -> KernelReading | None:
+        """The kernel's CPU count of ``w`` (what a report of ``job`` is bounded by), and its slack.
+
+        The worker's cgroup counts it and everything it starts, to the nanosecond. Without one,
+        ``/proc``: the worker with its reaped children, and for confined code (whose processes the
+        sandbox's zygote reaps, not the worker) the worker's whole process tree.
+        """
+        counter = w.cpu_counter
+        if counter is None:
+            return None
+        if counter.probe == "cgroup":
+            cpu = counter.read()
+            return None if cpu is None else KernelReading(cpu, _CGROUP_SLACK_S)
+        if isinstance(job.spec, p.Invoke):
+            tree = proc_tree_cpu_seconds(w.pid)
+            return None if tree is None else KernelReading(tree[0], tree[1] * PROC_SLACK_S)
+        cpu = counter.read(children=True)
+        return None if cpu is None else KernelReading(cpu, PROC_SLACK_S)
+
+    def _check_report(self, w: _Worker, job: _Job, usage: p.Usage | None) -> float:
+        """The CPU to charge for a report of ``job``: the reported figure, cut to what the kernel saw
+        the worker use since the task was sent. ``BadReport`` if the report cannot be true: a
+        measured task without usage, a figure not finite or negative, more CPU than the host's
+        processors had in the task's time, more memory than the host has."""
+        if usage is None:
+            if job.measure:
+                raise BadReport(f"worker {w.worker_id} sent no usage for measured task {job.id}")
+            return 0.0
+        check_usage(usage, f"worker {w.worker_id}'s report of task {job.id}")
+        if max(usage.peak_memory_bytes, usage.baseline_memory_bytes) > _HOST_MEMORY:
+            raise BadReport(
+                f"worker {w.worker_id}'s report of task {job.id}: peak_memory_bytes {usage.peak_memory_bytes} "
+                f"is more than the host's {_HOST_MEMORY} bytes"
+            )
+        span = time.monotonic() - w.job_started
+        most = span * (os.cpu_count() or 1) + _CGROUP_SLACK_S + PROC_SLACK_S
+        if usage.cpu_seconds > most:
+            raise BadReport(
+                f"worker {w.worker_id}'s report of task {job.id}: cpu_seconds {usage.cpu_seconds:g} is more "
+                f"than {os.cpu_count()} processors give in its {span:.3f} s"
+            )
+        start = job.kernel_start
+        end = self._kernel_reading(w, job) if start is not None else None
+        if start is None or end is None:
+            return usage.cpu_seconds
+        seen = max(0.0, end.cpu - start.cpu)
+        if usage.cpu_seconds <= seen + start.slack + end.slack:
+            return usage.cpu_seconds
+        self.capped_reports += 1
+        log.warning(
+            "worker %d reported %.6f CPU-s for task %d, the kernel saw %.6f: charging the kernel's count",
+            w.worker_id,
+            usage.cpu_seconds,
+            job.id,
+            seen,
+        )
+        return seen
+
+    def _refuse_report(self, w: _Worker, exc: BadReport) -> None:
+        """A worker that reports what cannot be true is not trusted again: kill it; its task, if it
+        has one, is then settled as its death settles it, charged from the kernel's count
+        (``_charge_lost``)."""
+        self.refused_reports += 1
+        log.warning("refused a report: %s; killing worker %d", exc, w.worker_id)
+        if w.kill_reason is None:
+            w.kill_reason = "bad_report"
+            w.bad_report = str(exc)
+            self._kill(w)
+
     # ----------------------------------------------------------------------------- worker lives
 
     def _spawn(self) -> None:
         assert self._loop is not None
         wid = next(self._worker_ids)
+        keys_fd, keys = hand_keys(wid)
         cgroups, status = (None, self.cgroup_status)
         if self.info.mode != "none":
             cgroups, status = cg.WorkerCgroups.create(self.info, cg.child_name(os.getpid(), wid, 0))
@@ -601,22 +764,26 @@ class WorkerPool:
             else None,
             cgroup_dirs=dict(cgroups.controllers) if cgroups else {},
             sandbox_hide=[*self.hide, self._run_dir],
+            keys_fd=keys_fd,
         )
         env = dict(os.environ)
         env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()
         # Workers import what the supervisor imports (the executor pickles functions by reference).
         env["PYTHONPATH"] = os.pathsep.join(x for x in sys.path if x)
-        argv = [sys.executable, "-m", "workers.worker"]
+        argv = self.worker_command
         if cgroups is not None:
             # A shell joins the cgroups and then becomes the worker, so the cgroup counts the
             # worker's CPU from its first instruction. A failed join is noticed at hello.
             env["AECO_CGROUP_PROCS"] = "\n".join(cgroups.procs_files())
             argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", *argv]
-        proc = subprocess.Popen(argv, env=env, close_fds=True, stdin=subprocess.DEVNULL)
+        try:
+            proc = subprocess.Popen(argv, env=env, close_fds=True, pass_fds=(keys_fd,), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(keys_fd)
         pidfd = os.pidfd_open(proc.pid)
         now = time.monotonic()
-        ident = f"w{wid}-{proc.pid}".encode()
-        w = _Worker(wid, ident, proc, pidfd, cgroups, now, last_seen=now)
+        w = _Worker(wid, keys.identity, keys.secret, proc, pidfd, cgroups, now, last_seen=now)
+        ident = keys.identity
         self._workers[ident] = w
         self.started += 1
         cpu_probe = "cgroup" if cgroups is not None and cgroups.cpu_file else "/proc"
@@ -745,6 +912,9 @@ class WorkerPool:
         if reason == "memory_exceeded":
             msg = f"task {job.id} went over its {job.memory_limit} byte memory limit; the kernel killed its worker"
             return job.done(None, TaskFailed("memory_exceeded", msg, total))
+        if reason == "bad_report":
+            msg = f"{w.bad_report}; the report was refused and the task charged from the kernel's count"
+            return job.done(None, TaskFailed("bad_report", msg, total))
         what = f"worker {w.worker_id} (pid {w.pid}) died while running task {job.id}"
         code = w.proc.returncode
         what += f" (killed by signal {-code})" if code is not None and code < 0 else f" (exit {code})"

@@ -56,7 +56,8 @@ def test_a_flood_of_malformed_frames_leaves_the_pool_serving() -> None:
         ctx.term()
         outs = await asyncio.gather(*(pool.run(p.Burn(ms=5)) for _ in range(20)))
         assert len(outs) == 20
-        assert pool.malformed_frames >= 2500
+        # Frames of peers that are not its workers are refused whatever they hold; the others dropped.
+        assert pool.refused_frames >= 1500 and pool.malformed_frames + pool.refused_frames >= 2500
         assert pool.status().crashed == 0 and pool.failed is None
 
     with_pool(body, size=2)

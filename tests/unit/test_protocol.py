@@ -74,6 +74,7 @@ MESSAGES: list[Message] = [
     Hello(worker_id=3, pid=1, memory_probe="cgroup-v1", counters=COUNTERS),
     Hello(worker_id=3, pid=1, memory_probe="cgroup-v2", counters=COUNTERS),
     Hello(worker_id=3, pid=1, memory_probe="off", counters=COUNTERS),
+    Hello(worker_id=3, pid=1, memory_probe="off", counters=COUNTERS, secret=bytes(range(32))),
     *[Task(id=i, spec=spec) for i, spec in enumerate(SPECS)],
     Task(id=2**40, spec=Echo(data="x"), measure=False),
     Result(

@@ -1,0 +1,46 @@
+"""What a worker (or the in-flight log) may report: finite amounts >= 0, tokens and costs it could have used."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+
+from runtime.pool.accounting import BadReport, TaskUsage, check_think, check_usage
+from runtime.protocol import Think, ThinkReport, Usage
+
+SPEC = Think(system="sys", prompt="hello", max_tokens=8, price_prompt_per_1k=0.5, price_completion_per_1k=2.0)
+
+
+def _report(**kw: float) -> bytes:
+    honest = ThinkReport("{}", prompt_tokens=20, completion_tokens=8, cost_usd=0.026)
+    return msgspec.msgpack.encode(msgspec.structs.replace(honest, **kw))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1e-9, 1e16])
+@pytest.mark.parametrize("field", ["cpu_seconds", "wall_seconds"])
+def test_a_usage_that_is_not_a_finite_amount_is_refused_naming_the_field(field: str, bad: float) -> None:
+    usage = msgspec.structs.replace(Usage(0.5, 100, 50, 1.0), **{field: bad})
+    with pytest.raises(BadReport, match=f"task 7: {field} must be finite") as info:
+        check_usage(usage, "task 7")
+    assert info.value.code == "bad_report" and isinstance(info.value, ValueError)
+
+
+def test_a_believable_usage_passes() -> None:
+    check_usage(Usage(0.0, 0, 0, 0.0), "zero")
+    check_usage(TaskUsage(3600.0, 1 << 40, 1 << 30, 7200.0, 1, "cgroup-v1"), "large")
+    with pytest.raises(BadReport, match="peak_memory_bytes"):
+        check_usage(Usage(0.1, -1, 0, 0.1), "negative memory")
+
+
+def test_a_think_report_is_held_to_its_tokens_and_prices() -> None:
+    check_think(SPEC, _report(), "honest")  # 20 × 0.5 / 1000 + 8 × 2 / 1000 = 0.026
+    for bad, what in [
+        (_report(completion_tokens=10**9), "completion tokens"),
+        (_report(prompt_tokens=10**9), "prompt tokens"),
+        (_report(cost_usd=0.027), "cost_usd"),
+        (b"\xc1", "not a ThinkReport"),
+    ]:
+        with pytest.raises(BadReport, match=what):
+            check_think(SPEC, bad, "forged")
