@@ -384,6 +384,12 @@ class LlamaBackend:
                 )
             except ValueError as exc:  # "Requested tokens (…) exceed context window of …"
                 raise InferenceError(f"llama.cpp refused the generation: {exc}") from None
+            except BaseException:
+                # Interrupted part-way (a worker's cancel signal raises between two tokens): the
+                # model's token bookkeeping may be a step off its KV cache, so the next generation
+                # starts afresh rather than reusing a prefix.
+                self.llm.reset()  # type: ignore[no-untyped-call]
+                raise
         choice = response["choices"][0]
         usage = response["usage"]
         generation = Generation(

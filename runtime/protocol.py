@@ -258,8 +258,9 @@ class Result(_Msg, tag="result", frozen=True):
     error: str | None
     usage: Usage | None
     counters: Counters
-    #: Why it failed, when the worker can tell more than "the task raised".
-    error_code: Literal["", "memory_exceeded"] = ""
+    #: Why it failed, when the worker can tell more than "the task raised" (``cancelled``: it stopped
+    #: because the supervisor asked it to, with SIGUSR1).
+    error_code: Literal["", "memory_exceeded", "cancelled"] = ""
 
 
 class Heartbeat(_Msg, tag="heartbeat", frozen=True):

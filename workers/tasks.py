@@ -32,6 +32,13 @@ class TaskError(AecoError):
         self.raised = raised
 
 
+class TaskCancelled(AecoError):
+    """The task stopped early because the supervisor asked (SIGUSR1): a generation between two tokens,
+    an invocation whose confined child was killed."""
+
+    default_code: ErrorCode = "cancelled"
+
+
 def _spin(seconds: float) -> None:
     end = time.thread_time() + seconds
     sha = hashlib.sha256
