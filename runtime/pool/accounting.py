@@ -69,9 +69,37 @@ def occupancy(held_seconds: float, share: float, cpu_seconds: float) -> float:
     A worker held is a ``share`` of the container's CPU (its CPUs over the pool's size, at most 1)
     that nobody else can use meanwhile, whether the task computes or sleeps: the task pays
     ``max(cpu, held × share)`` in all, so the surcharge is what that adds to its CPU. A task that
-    computes the whole time it holds its worker pays nothing more.
+    computes the whole time it holds its worker pays nothing more. ``held_seconds`` leaves out the
+    time the worker waited, runnable, for a CPU (``RunDelay``): the host's load, not the task's doing.
     """
     return max(0.0, held_seconds * share - cpu_seconds)
+
+
+class RunDelay:
+    """How long a worker's main thread has waited, runnable, for a CPU, as the kernel counts it (the
+    second field of ``/proc/<pid>/schedstat``, ns); still readable while it is a zombie, not once
+    reaped. 0 where the kernel does not keep it. Opened once, read with one ``pread``."""
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self._fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = -1
+
+    def read(self) -> float:
+        """Seconds waited so far (0.0 when unknown: the task is then charged its whole hold)."""
+        if self._fd < 0:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class AgentTotals(Struct):

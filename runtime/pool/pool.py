@@ -15,7 +15,8 @@ task with ``pool_failed`` instead of restarting forever.
 
 Holding a worker is paid for: each attempt's ``TaskUsage`` carries an occupancy surcharge of
 ``max(0, held × share - cpu)`` (``accounting.occupancy``), ``held`` being the time from dispatch to the
-end as this loop sees it, ``share`` the container's CPUs over the pool's size (at most 1).
+end as this loop sees it less the time the worker waited for a CPU (``RunDelay``), ``share`` the
+container's CPUs over the pool's size (at most 1).
 
 Cancelling stops the task (``RunningTask.stop``, ``run`` when its caller is cancelled): a ``think`` or an
 ``invoke`` is asked to stop (SIGUSR1: the worker ends the generation between tokens, or kills the
@@ -52,7 +53,7 @@ from runtime import protocol as p
 from runtime.config import PoolConfig
 from runtime.errors import AecoError, ErrorCode
 from runtime.host import cgroups as cg
-from runtime.pool.accounting import Accounts, TaskUsage, occupancy, proc_cpu_seconds
+from runtime.pool.accounting import Accounts, RunDelay, TaskUsage, occupancy, proc_cpu_seconds
 from runtime.pool.fairqueue import FairQueue
 from runtime.pool.inflight import InFlight, InflightLog, KernelCpu
 
@@ -186,6 +187,14 @@ class _Worker:
     memory_probe: str = "off"
     #: The kernel's CPU counter of the worker, opened at its first tracked task.
     cpu_counter: KernelCpu | None = None
+    #: How long it waited for a CPU (opened at spawn), and how long by the start of the task in hand.
+    run_delay: RunDelay | None = None
+    delay_at_start: float = 0.0
+
+    def held(self) -> float:
+        """Seconds the task in hand has held this worker, less those it waited for a CPU."""
+        waited = self.run_delay.read() - self.delay_at_start if self.run_delay is not None else 0.0
+        return max(0.0, time.monotonic() - self.job_started - waited)
 
     @property
     def pid(self) -> int:
@@ -472,6 +481,7 @@ class WorkerPool:
             assert w.job is None, "a worker runs one task at a time"
             job.attempts += 1
             w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
+            w.delay_at_start = w.run_delay.read() if w.run_delay is not None else 0.0
             if job.track is not None and self.inflight is not None:
                 self._record(w, job, job.track, self.inflight)  # before sending: a kill may come any time
             if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
@@ -643,7 +653,7 @@ class WorkerPool:
         self._note_counters(w, msg.counters)
         self._crashes_in_a_row = 0
         w.job = None
-        held = time.monotonic() - w.job_started
+        held = w.held()
         if msg.usage is not None:
             u = msg.usage
             usage = TaskUsage(
@@ -656,7 +666,8 @@ class WorkerPool:
                 occupancy_seconds=occupancy(held, self.share, u.cpu_seconds),
             )
         else:  # unmeasured (benchmark) task
-            usage = TaskUsage(0.0, 0, 0, held, w.pid, "off", occupancy_seconds=occupancy(held, self.share, 0.0))
+            wall = time.monotonic() - w.job_started
+            usage = TaskUsage(0.0, 0, 0, wall, w.pid, "off", occupancy_seconds=occupancy(held, self.share, 0.0))
         self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
         if job.prior is not None:
             usage = job.prior.plus(usage)
@@ -709,7 +720,7 @@ class WorkerPool:
         pidfd = os.pidfd_open(proc.pid)
         now = time.monotonic()
         ident = f"w{wid}-{proc.pid}".encode()
-        w = _Worker(wid, ident, proc, pidfd, cgroups, now, last_seen=now)
+        w = _Worker(wid, ident, proc, pidfd, cgroups, now, last_seen=now, run_delay=RunDelay(proc.pid))
         self._workers[ident] = w
         self.started += 1
         cpu_probe = "cgroup" if cgroups is not None and cgroups.cpu_file else "/proc"
@@ -761,6 +772,7 @@ class WorkerPool:
 
     def _on_exit(self, w: _Worker) -> None:
         assert self._loop is not None
+        held = w.held() if w.job is not None else 0.0  # while /proc still has the zombie's schedstat
         try:
             pid, status, ru = os.wait4(w.pid, os.WNOHANG)
         except ChildProcessError:
@@ -779,6 +791,8 @@ class WorkerPool:
             w.cgroups.remove()
         if w.cpu_counter is not None:
             w.cpu_counter.close()
+        if w.run_delay is not None:
+            w.run_delay.close()
         job, was_state = w.job, w.state
         w.state, w.job = "dead", None
         del self._workers[w.ident]
@@ -787,7 +801,7 @@ class WorkerPool:
         if reason is None and oom_killed and job is not None and job.memory_limit:
             reason = "memory_exceeded"  # the kernel killed it at the limit set for this task
         if job is not None:
-            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason)
+            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason, held)
         self.accounts.close_worker(
             w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
         )
@@ -813,17 +827,23 @@ class WorkerPool:
             self._schedule_restart()
 
     def _charge_lost(
-        self, w: _Worker, job: _Job, cpu: float, cgroup_peak: int | None, maxrss: int, reason: str | None
+        self,
+        w: _Worker,
+        job: _Job,
+        cpu: float,
+        cgroup_peak: int | None,
+        maxrss: int,
+        reason: str | None,
+        held: float,
     ) -> None:
         """Charge a task whose worker died under it, from the kernel's account of the worker."""
         baseline = w.counters.memory_bytes if w.counters else 0
         probe = w.memory_probe if cgroup_peak is not None else "rusage"
-        held = time.monotonic() - w.job_started
         usage = TaskUsage(
             cpu,
             cgroup_peak if cgroup_peak is not None else maxrss,
             baseline,
-            held,
+            time.monotonic() - w.job_started,
             w.pid,
             probe,
             occupancy_seconds=occupancy(held, self.share, cpu),

@@ -80,7 +80,7 @@ def test_cpu_is_charged_in_proportion_to_the_rate_rights(tmp_path: Path) -> None
     with LmdbLedger(tmp_path / "ledger") as ledger:
         cpu = {"fast": 0.0, "slow": 0.0}
         for r in ledger.usage_records():
-            cpu[r.agent] += r.cpu_seconds
+            cpu[r.agent] += r.cpu_seconds + r.occupancy_seconds  # what the bucket was charged
         assert check(ledger).ok
     # Each is held to its rate: 30 s × rate + the 1 s burst + one task at most.
     assert cpu["fast"] == pytest.approx(0.5 * 30 + 0.5, abs=0.6)
@@ -104,7 +104,8 @@ def test_every_task_has_one_usage_record_with_its_bucket_levels(tmp_path: Path) 
         assert sum(r.cpu_seconds for r in records) == pytest.approx(0.070 + 0.02, abs=0.05)
         assert max(r.memory_bytes for r in records) == pytest.approx(20 * MB, rel=0.1)
         persisted = ledger.buckets("alice")["cpu"]
-        assert persisted.level == pytest.approx(5.0 - sum(r.cpu_seconds for r in records), abs=0.3)
+        charged = sum(r.cpu_seconds + r.occupancy_seconds for r in records)
+        assert persisted.level == pytest.approx(5.0 - charged, abs=0.3)
         # Replaying a usage operation (a retry after a crash) charges nothing more.
         first = records[0]
         again = RecordUsage(**{f: getattr(first, f) for f in first.__struct_fields__})
