@@ -20,6 +20,7 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.node import Node
 from runtime.pool import TaskFailed, WorkerPool, WorkerPoolExecutor
+from runtime.pool.inflight import InflightLog
 from runtime.protocol import Burn, Echo, Sleep, Think
 from runtime.world.world import InvokeError, World
 from tests.crash import descendants_of_uid
@@ -101,6 +102,11 @@ def test_a_cancelled_burn_stops_at_once_is_recorded_cancelled_once_and_frees_its
         assert rec.error == "cancelled" and not rec.ok and rec.kind == "burn"
         assert rec.cpu_seconds >= 0.3  # what it used before the cancel, from the kernel
         assert check(ledger).ok
+    inflight = InflightLog(tmp_path / "data" / "run" / "inflight", readonly=True)
+    try:
+        assert inflight.pending() == []  # charged durably once: nothing left for a recovery to charge again
+    finally:
+        inflight.close()
 
 
 def test_a_cancelled_think_stops_between_tokens_and_keeps_its_worker_and_model(tmp_path: Path) -> None:
