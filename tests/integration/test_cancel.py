@@ -162,6 +162,30 @@ def test_a_cancelled_invocation_kills_its_confined_child_and_keeps_its_worker(tm
         assert check(ledger).ok
 
 
+def test_cancelling_pool_run_stops_the_task_and_a_queued_one_never_runs() -> None:
+    async def main() -> None:
+        async with WorkerPool(size=1) as pool:
+            running = asyncio.create_task(pool.run(Burn(ms=20_000), agent="a"))
+            await _until(lambda: pool.status().busy == 1, "the burn to start")
+            queued = pool.begin(Burn(ms=20_000), agent="b")
+            assert pool.status().queued == 1
+            await queued.stop()
+            err = queued.ended.exception()
+            assert isinstance(err, TaskFailed) and err.code == "cancelled" and err.usage is None
+            assert pool.status().queued == 0 and "b" not in pool.accounts.agents  # never ran, costs nothing
+            t0 = time.monotonic()
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert time.monotonic() - t0 < 2.0
+            a = pool.accounts.agents["a"]
+            assert a.tasks == 1 and a.failed == 1 and a.cpu_seconds > 0  # charged what it used, once
+            assert (await pool.run(Echo(data="x"))).output == b"x"
+            assert pool.crashed == 0
+
+    asyncio.run(main())
+
+
 def test_cancelling_a_running_executor_future_stops_its_call() -> None:
     with WorkerPoolExecutor(1) as ex:
         fut = ex.submit(time.sleep, 60)
