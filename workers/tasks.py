@@ -34,9 +34,14 @@ class TaskError(AecoError):
 
 class TaskCancelled(AecoError):
     """The task stopped early because the supervisor asked (SIGUSR1): a generation between two tokens,
-    an invocation whose confined child was killed."""
+    an invocation whose confined child was killed. ``payload`` is the task's report of what it spent
+    (a ``ThinkReport`` for a generation), or empty."""
 
     default_code: ErrorCode = "cancelled"
+
+    def __init__(self, message: str, payload: bytes = b"") -> None:
+        super().__init__(message)
+        self.payload = payload
 
 
 def _spin(seconds: float) -> None:

@@ -166,7 +166,7 @@ class Worker:
                 return embed.embed(msg.spec), None, ""
             return tasks.run(msg.spec), None, ""
         except tasks.TaskCancelled as exc:
-            return b"", str(exc), "cancelled"
+            return exc.payload, str(exc), "cancelled"
         except tasks.TaskError as exc:
             over = bool(msg.memory_limit) and exc.raised == "MemoryError"
             return exc.payload, str(exc), "memory_exceeded" if over else ""

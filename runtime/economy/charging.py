@@ -58,13 +58,18 @@ def charge(
     )
 
 
-def _tokens(spec: TaskSpec | None, out: Outcome) -> tuple[int, int]:
+def _tokens(spec: TaskSpec | None, output: bytes) -> tuple[int, int]:
     """Prompt + completion tokens a ``think`` task reported (the model's own counts), and what they
     cost in micro-dollars (paid servers only)."""
-    if not isinstance(spec, Think):
+    if not isinstance(spec, Think) or not output:
         return 0, 0
-    report = decode_think(out.output)
+    report = decode_think(output)
     return report.tokens, round(report.cost_usd * 1e6)
+
+
+def _spent(spec: TaskSpec, exc: TaskFailed) -> tuple[int, int]:
+    """The tokens of a failed task: a generation stopped by a cancel reports what it spent."""
+    return _tokens(spec, exc.payload) if exc.code == "cancelled" else (0, 0)
 
 
 class Economy:
@@ -114,9 +119,9 @@ class Economy:
             await self._settle(agent, spec, task_id, task.ended)
             raise
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
+            await self._charge(agent, kind, task_id, exc.usage, False, *_spent(spec, exc), error=exc.code)
             raise
-        await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
+        await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out.output))
         return out
 
     async def _settle(self, agent: str, spec: TaskSpec, task_id: str, inner: asyncio.Future[Outcome]) -> None:
@@ -124,9 +129,9 @@ class Economy:
         try:
             out = await inner
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
+            await self._charge(agent, kind, task_id, exc.usage, False, *_spent(spec, exc), error=exc.code)
         else:
-            await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
+            await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out.output))
 
     async def _charge(
         self,

@@ -21,7 +21,7 @@ from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.node import Node
 from runtime.pool import TaskFailed, WorkerPool, WorkerPoolExecutor
 from runtime.pool.inflight import InflightLog
-from runtime.protocol import Burn, Echo, Sleep, Think
+from runtime.protocol import Burn, Echo, Sleep, Think, decode_think
 from runtime.world.world import InvokeError, World
 from tests.crash import descendants_of_uid
 
@@ -129,6 +129,11 @@ def test_a_cancelled_think_stops_between_tokens_and_keeps_its_worker_and_model(t
             assert isinstance(err, TaskFailed) and err.code == "cancelled", err
             assert "between two tokens" in str(err)
             assert err.usage is not None and err.usage.cpu_seconds >= 0.3
+            # It reports the tokens it spent (charged to the agent's token bucket): the prompt and
+            # the ~20 ms tokens generated in the 0.3 s before the stop.
+            spent = decode_think(err.payload)
+            assert spent.finish_reason == "cancelled" and not spent.valid
+            assert spent.tokens > decode_think(warm.output).prompt_tokens + 3
             # Stopped by the worker itself (a kill would come after the 30 s grace): same process.
             assert stop_s < 5.0 and pool.pids() == [pid] and pool.started == 1
             after = await pool.run(msgspec.structs.replace(spec, max_tokens=8, seed=3))
