@@ -258,6 +258,10 @@ def test_agents_sleeping_in_confined_code_pay_for_the_workers_they_hold_and_cann
     with LmdbLedger(tmp_path / "data" / "ledger") as ledger:
         naps = [r for r in ledger.usage_records() if r.agent in ("sam", "sue") and r.error != "cancelled"]
         assert naps
+        print(
+            "sleepers charged (CPU + occupancy) per 3 s hold:",
+            [f"{r.cpu_seconds:.2f}+{r.occupancy_seconds:.2f}" for r in naps],
+        )
         for r in naps:
             charged = r.cpu_seconds + r.occupancy_seconds
             # Held about its deadline (the share is 1 on a pool no larger than the container's CPUs),
