@@ -329,6 +329,9 @@ class LlamaBackend:
             raise InferenceError(f"llama.cpp could not load {str(self.path)!r}: {exc}") from None
         self._grammars: dict[bytes, LlamaGrammar] = {}
         self._lock = threading.Lock()
+        #: Tokens in the context when the last generation was interrupted (prompt and completion so
+        #: far): what an interrupted generation spent, for whoever charges it.
+        self.interrupted_tokens = 0
 
     def grammar(self, key: bytes, schema: Mapping[str, Any]) -> LlamaGrammar:
         """The grammar compiled from ``schema``, cached under its bytes ``key``."""
@@ -384,6 +387,13 @@ class LlamaBackend:
                 )
             except ValueError as exc:  # "Requested tokens (…) exceed context window of …"
                 raise InferenceError(f"llama.cpp refused the generation: {exc}") from None
+            except BaseException:
+                # Interrupted part-way (a worker's cancel signal raises between two tokens): the
+                # model's token bookkeeping may be a step off its KV cache, so the next generation
+                # starts afresh rather than reusing a prefix.
+                self.interrupted_tokens = self.llm.n_tokens
+                self.llm.reset()  # type: ignore[no-untyped-call]
+                raise
         choice = response["choices"][0]
         usage = response["usage"]
         generation = Generation(

@@ -71,6 +71,10 @@ class PoolConfig(_Section, frozen=True):
     #: How often the CPU counter of each running task is written down (``runtime.pool.inflight``): after a
     #: supervisor crash without per-worker cgroups, a task's CPU since its last sample is not charged.
     sample_s: Period = 0.25
+    #: A cancelled think or invocation is asked to stop (between tokens; by killing its confined child) and
+    #: keeps its worker (and loaded model); one that has not stopped within this is killed with its worker.
+    #: Longer spares more models on a busy host; shorter frees a stuck worker sooner.
+    cancel_grace_s: Annotated[float, Meta(ge=0.01, le=600)] = 2.0
 
 
 class AgentConfig(_Section, frozen=True):

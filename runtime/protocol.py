@@ -153,6 +153,7 @@ InvokeEnding = Literal[
     "killed",
     "output_too_large",
     "sandbox_error",
+    "cancelled",
 ]
 
 
@@ -276,8 +277,9 @@ class Result(_Msg, tag="result", frozen=True):
     error: str | None
     usage: Usage | None
     counters: Counters
-    #: Why it failed, when the worker can tell more than "the task raised".
-    error_code: Literal["", "memory_exceeded"] = ""
+    #: Why it failed, when the worker can tell more than "the task raised" (``cancelled``: it stopped
+    #: because the supervisor asked it to, with SIGUSR1).
+    error_code: Literal["", "memory_exceeded", "cancelled"] = ""
 
 
 class Heartbeat(_Msg, tag="heartbeat", frozen=True):

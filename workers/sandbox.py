@@ -334,7 +334,7 @@ def shutdown() -> None:
 
 # --- one invocation ----------------------------------------------------------------------------------
 
-_End = Literal["done", "exit", "deadline", "cpu", "memory", "output", "protocol", "internal"]
+_End = Literal["done", "exit", "deadline", "cpu", "memory", "output", "protocol", "internal", "cancelled"]
 
 
 class _Invocation:
@@ -351,6 +351,7 @@ class _Invocation:
         handle: Handler,
         job: bytes,
         started: float,
+        stop_fd: int | None = None,
     ) -> None:
         self.pid, self.pidfd, self.sock, self.cg, self.limits, self.handle = pid, pidfd, sock, cg, limits, handle
         self.out_fd, self.err_fd, self.report_fd = fds
@@ -368,6 +369,7 @@ class _Invocation:
         self.status = 0
         self.rusage_cpu = 0.0
         self.rusage_peak = 0
+        self.stop_fd = stop_fd
 
     def end(self, why: _End, detail: str = "") -> None:
         if self.ended is None:
@@ -386,6 +388,8 @@ class _Invocation:
         poller = select.poll()
         for fd in (self.out_fd, self.err_fd, self.pidfd):
             poller.register(fd, select.POLLIN)
+        if self.stop_fd is not None:
+            poller.register(self.stop_fd, select.POLLIN)
         open_fds = {chan, self.out_fd, self.err_fd}
         cpu_watch = self.cg is not None and self.cg.cpu_seconds() is not None
         oom_watch = self.cg is not None and self.cg.measures_memory()
@@ -411,6 +415,8 @@ class _Invocation:
                         poller.unregister(fd)
                 elif fd == self.pidfd:
                     self.end("exit")
+                elif fd == self.stop_fd:
+                    self.end("cancelled")
                 if not self.running():
                     break
             if cpu_watch and self.running():
@@ -616,6 +622,8 @@ def _signal_name(n: int) -> str:
 def _classify(inv: _Invocation, cpu: float, oom: int) -> tuple[ErrorCode, str]:
     """The error code and message of an invocation that did not end in a successful ``done``."""
     lim = inv.limits
+    if inv.ended == "cancelled":
+        return "cancelled", "the invocation was cancelled by its invoker"
     if inv.ended == "protocol":
         if inv.ready is not None:  # only the code writes on the channel after "ready"
             return "code_error", f"the code broke the channel protocol: {inv.detail}"
@@ -729,6 +737,7 @@ def run_confined(
     hide: Sequence[str] = (),
     cgroup_parents: Mapping[str, str] | None = None,
     skip: Collection[str] = (),
+    stop_fd: int | None = None,
 ) -> Confined:
     """Run agent ``code`` confined and measured; never raises for anything the code does.
 
@@ -738,7 +747,8 @@ def run_confined(
     (or an exception) is raised in the code as ``world.Error``. ``hide`` are paths the code must not
     see; ``cgroup_parents`` maps controller names (``memory``, ``cpuacct``, ``pids``, ...) to the
     directory of the calling worker's own cgroup; ``skip`` names isolation steps (``STEPS``) not to
-    attempt. Must be called from a thread that outlives the call (the child dies with that thread).
+    attempt; ``stop_fd``, once readable, cancels the invocation (its tree is killed; ``cancelled``).
+    Must be called from a thread that outlives the call (the child dies with that thread).
     Raises ``TypeError`` when ``args`` are not JSON-able (a caller's bug).
     """
     started = time.monotonic()
@@ -789,7 +799,8 @@ def run_confined(
             child_sock.close()
             for fd in (report_w, out_w, err_w):
                 os.close(fd)
-        inv = _Invocation(pid, pidfd, parent_sock, (out_r, err_r, report_r), cg, limits, handle, job, started)
+        fds = (out_r, err_r, report_r)
+        inv = _Invocation(pid, pidfd, parent_sock, fds, cg, limits, handle, job, started, stop_fd)
         return _run(inv, cg, limits, started)
 
 

@@ -32,6 +32,18 @@ class TaskError(AecoError):
         self.raised = raised
 
 
+class TaskCancelled(AecoError):
+    """The task stopped early because the supervisor asked (SIGUSR1): a generation between two tokens,
+    an invocation whose confined child was killed. ``payload`` is the task's report of what it spent
+    (a ``ThinkReport`` for a generation), or empty."""
+
+    default_code: ErrorCode = "cancelled"
+
+    def __init__(self, message: str, payload: bytes = b"") -> None:
+        super().__init__(message)
+        self.payload = payload
+
+
 def _spin(seconds: float) -> None:
     end = time.thread_time() + seconds
     sha = hashlib.sha256

@@ -25,6 +25,7 @@ from native.llama import InvalidOutput, LlamaBackend
 from native.models import find_model
 from native.openai import OpenAIBackend, Price
 from runtime.protocol import Think, ThinkReport
+from workers.tasks import TaskCancelled
 
 #: Environment variable naming the worker's default GGUF (workers inherit the supervisor's environment).
 MODEL_ENV = "AECO_LLM_MODEL"
@@ -72,6 +73,11 @@ def think(spec: Think) -> bytes:
     except InvalidOutput as exc:
         g = exc.generation
         out = ThinkReport(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, False, exc.reason, g.cost_usd)
+    except TaskCancelled as exc:
+        if isinstance(llm, LlamaBackend):  # the tokens it spent, prompt and completion so far, in one count
+            spent = ThinkReport("", llm.interrupted_tokens, 0, "cancelled", False, str(exc))
+            raise TaskCancelled(str(exc), _encoder.encode(spent)) from None
+        raise
     else:
         out = ThinkReport(gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, cost_usd=gen.cost_usd)
     return _encoder.encode(out)

@@ -5,10 +5,16 @@ any), then runs one task at a time from its DEALER socket, measuring
 each. Its CPU life is cut into contiguous segments — start-up, idle (waiting, messaging),
 measurement, tasks — so that every CPU-second it uses is reported under exactly one name
 (``runtime.protocol.Counters``).
+
+The supervisor stops a running ``think`` or ``invoke`` with SIGUSR1 (``runtime.pool``): the handler
+raises ``TaskCancelled`` in a generation (Python runs it between bytecodes, so between two calls
+into llama.cpp: between tokens), and wakes the sandbox's watch loop through the signal wakeup pipe,
+which then kills the confined child. Either way the task answers ``cancelled`` with its measured usage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -16,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from types import FrameType
 from typing import Literal
 
 import msgspec
@@ -63,6 +70,13 @@ class Worker:
         self.mark = self.startup
         self.last = self.counters(self.startup)
         self.shutdown_requested = False
+        #: The supervisor asked to stop the task in hand (SIGUSR1 since it began).
+        self.stop_asked = False
+        #: While true, SIGUSR1 raises ``TaskCancelled`` where this thread is (a generation: nothing of
+        #: this worker's own books is being written meanwhile).
+        self.interruptible = False
+        #: Readable once SIGUSR1 arrived (the signal wakeup fd): the sandbox's watch loop polls it.
+        self.stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def cpu(self) -> float:
         """All CPU this worker is responsible for so far."""
@@ -80,9 +94,25 @@ class Worker:
 
         self.sock.send(p.encode(msg))
 
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_asked = True
+        if self.interruptible:
+            self.interruptible = False  # raised once, never again inside the handling of this one
+            raise tasks.TaskCancelled("the generation was stopped between two tokens, as its supervisor asked")
+
+    def _begin_task(self) -> None:
+        """Forget a stop asked for an earlier task: the supervisor sends one only while a task runs,
+        and dispatches the next only after that task's result, so any signal so far was for it."""
+        self.stop_asked = False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.stop_r, 64):
+                pass
+
     def serve(self, secret: bytes) -> None:
         """Say hello with ``secret`` (the proof that the supervisor spawned us), then answer tasks
         until told to shut down."""
+        signal.signal(signal.SIGUSR1, self._on_stop_signal)
+        signal.set_wakeup_fd(self._stop_w, warn_on_full_buffer=False)
 
         self.send(
             p.Hello(
@@ -121,20 +151,29 @@ class Worker:
             self.log.warning("dropped frame: %s", exc)
             return None
 
-    def _execute(self, msg: p.Task) -> tuple[bytes, str | None, Literal["", "memory_exceeded"]]:
+    def _execute(self, msg: p.Task) -> tuple[bytes, str | None, Literal["", "memory_exceeded", "cancelled"]]:
 
+        self._begin_task()
         try:
             if isinstance(msg.spec, p.Invoke):
                 return self._invoke(msg), None, ""
             if isinstance(msg.spec, p.Think):
                 from workers import think  # llama.cpp is loaded only by workers that think
 
-                return think.think(msg.spec), None, ""
+                self.interruptible = True
+                try:
+                    if self.stop_asked:  # asked before it could be interrupted
+                        raise tasks.TaskCancelled("the generation was stopped before it began, as its supervisor asked")
+                    return think.think(msg.spec), None, ""
+                finally:
+                    self.interruptible = False
             if isinstance(msg.spec, p.Embed):
                 from native import embed
 
                 return embed.embed(msg.spec), None, ""
             return tasks.run(msg.spec), None, ""
+        except tasks.TaskCancelled as exc:
+            return exc.payload, str(exc), "cancelled"
         except tasks.TaskError as exc:
             over = bool(msg.memory_limit) and exc.raised == "MemoryError"
             return exc.payload, str(exc), "memory_exceeded" if over else ""
@@ -217,6 +256,7 @@ class Worker:
             handle,
             hide=self.boot.sandbox_hide,
             cgroup_parents=self.boot.cgroup_dirs or None,
+            stop_fd=self.stop_r,
         )
         # The confined tree is the sandbox zygote's child, reaped there: its CPU (the zygote's wait4,
         # the cgroup's count where larger, and the zygote's fork of it) is not in this process's
@@ -224,6 +264,8 @@ class Worker:
         reaped = self._rusage_cpu() - children_before
         self.unreaped += max(0.0, res.cpu_seconds - reaped)
         self.confined_peak = res.peak_memory_bytes
+        if res.error_code == "cancelled":
+            raise tasks.TaskCancelled(res.error)
         report = p.InvokeReport(
             ok=res.ok,
             value=res.value if res.ok else b"",  # strict JSON: checked by run_confined

@@ -38,7 +38,7 @@ def charge(
     The operation carries the bucket levels after the charge and is keyed by the task id: applying
     it again (a retry after a crash) changes nothing, and a restart restores exactly those levels.
     """
-    levels = {"cpu": buckets.charge(agent, "cpu", usage.cpu_seconds)}
+    levels = {"cpu": buckets.charge(agent, "cpu", usage.charged_seconds)}
     if llm_tokens:
         levels["llm_tokens"] = buckets.charge(agent, "llm_tokens", float(llm_tokens))
     return RecordUsage(
@@ -49,6 +49,7 @@ def charge(
         ok=ok,
         error=error,
         cpu_seconds=usage.cpu_seconds,
+        occupancy_seconds=usage.occupancy_seconds,
         memory_bytes=usage.task_memory_bytes,
         llm_tokens=llm_tokens,
         llm_cost_microusd=llm_cost_microusd,
@@ -57,13 +58,18 @@ def charge(
     )
 
 
-def _tokens(spec: TaskSpec | None, out: Outcome) -> tuple[int, int]:
+def _tokens(spec: TaskSpec | None, output: bytes) -> tuple[int, int]:
     """Prompt + completion tokens a ``think`` task reported (the model's own counts), and what they
     cost in micro-dollars (paid servers only)."""
-    if not isinstance(spec, Think):
+    if not isinstance(spec, Think) or not output:
         return 0, 0
-    report = decode_think(out.output)
+    report = decode_think(output)
     return report.tokens, round(report.cost_usd * 1e6)
+
+
+def _spent(spec: TaskSpec, exc: TaskFailed) -> tuple[int, int]:
+    """The tokens of a failed task: a generation stopped by a cancel reports what it spent."""
+    return _tokens(spec, exc.payload) if exc.code == "cancelled" else (0, 0)
 
 
 class Economy:
@@ -93,7 +99,8 @@ class Economy:
         """Run one task for ``agent`` once its CPU bucket admits it, and charge what it used.
 
         Raises ``TaskFailed`` (after charging) when the task failed. If the caller is cancelled while
-        the task runs, the task's cost is still recorded before the cancellation propagates.
+        the task runs, the task is stopped (``RunningTask.stop``) and what it used is recorded (as
+        ``cancelled``, unless it finished first) before the cancellation propagates.
         """
         kind = kind_of(spec)
         await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, kind))
@@ -104,20 +111,17 @@ class Economy:
         # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
         # could make the kernel pick the worker, not the sandbox, when memory runs out.
         quota = 0 if isinstance(spec, Invoke) else await self.ledger.balance_async(agent, "memory_quota")
-        inner = asyncio.ensure_future(
-            self.pool.run(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id)
-        )
+        task = self.pool.begin(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id)
         try:
-            out = await asyncio.shield(inner)
+            out = await asyncio.shield(task.ended)
         except asyncio.CancelledError:
-            # The task goes on in its worker (or is ended by the pool's close); its cost is the
-            # agent's all the same.
-            await self._settle(agent, spec, task_id, inner)
+            await task.stop()  # the worker is free again at once; what the task used is the agent's
+            await self._settle(agent, spec, task_id, task.ended)
             raise
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
+            await self._charge(agent, kind, task_id, exc.usage, False, *_spent(spec, exc), error=exc.code)
             raise
-        await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
+        await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out.output))
         return out
 
     async def _settle(self, agent: str, spec: TaskSpec, task_id: str, inner: asyncio.Future[Outcome]) -> None:
@@ -125,9 +129,9 @@ class Economy:
         try:
             out = await inner
         except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, ok=False, error=exc.code)
+            await self._charge(agent, kind, task_id, exc.usage, False, *_spent(spec, exc), error=exc.code)
         else:
-            await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out))
+            await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out.output))
 
     async def _charge(
         self,
@@ -142,7 +146,7 @@ class Economy:
     ) -> None:
         if usage is None:
             return  # the task never reached a worker: nothing was used
-        self.estimator.observe(agent, kind, usage.cpu_seconds)
+        self.estimator.observe(agent, kind, usage.charged_seconds)
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens

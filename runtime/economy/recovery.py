@@ -71,6 +71,7 @@ def recover(
                 ok=False,
                 error=CRASH_CODE,
                 cpu_seconds=usage.cpu_seconds,
+                occupancy_seconds=usage.occupancy_seconds,
                 memory_bytes=usage.task_memory_bytes,
                 wall_seconds=usage.wall_seconds,
             )

@@ -52,6 +52,9 @@ class RuntimeCollector(Collector):
         blocked = GaugeMetricFamily("aeco_agent_blocked", "1 while a bucket holds the agent back", labels=["agent"])
         tokens = CounterMetricFamily("aeco_agent_llm_tokens", "LLM tokens charged to an agent", labels=["agent"])
         agent_cpu = CounterMetricFamily("aeco_agent_cpu_seconds", "CPU charged to an agent", labels=["agent"])
+        occupancy = CounterMetricFamily(
+            "aeco_agent_occupancy_seconds", "Worker occupancy charged to an agent beyond its CPU", labels=["agent"]
+        )
         for a in self.agents():
             done, rejected = getattr(a, "actions", None), getattr(a, "rejected", None)
             if isinstance(done, int) and isinstance(rejected, int):
@@ -61,7 +64,8 @@ class RuntimeCollector(Collector):
             tokens.add_metric([a.id], self.economy.tokens.get(a.id, 0))
             totals = self.pool.accounts.agents.get(a.id)
             agent_cpu.add_metric([a.id], totals.cpu_seconds if totals else 0.0)
-        yield from (actions, blocked, tokens, agent_cpu)
+            occupancy.add_metric([a.id], totals.occupancy_seconds if totals else 0.0)
+        yield from (actions, blocked, tokens, agent_cpu, occupancy)
 
         st = self.pool.status()
         yield GaugeMetricFamily("aeco_pool_queue_depth", "Tasks waiting for a worker", st.queued)

@@ -2,15 +2,18 @@
 record of tasks in flight (``inflight``) that lets a restart charge what a crash interrupted.
 
 The public surface is re-exported here: ``WorkerPool`` (asyncio), ``WorkerPoolExecutor``
-(``concurrent.futures``), ``TaskFailed``, ``Outcome``.
+(``concurrent.futures``), ``TaskFailed``, ``Outcome``, ``RunningTask`` (a task begun, to stop or await).
 """
 
 from runtime.pool.pool import (
     Done,
+    InvalidTimeout,
     Outcome,
     PoolStatus,
+    RunningTask,
     Serve,
     TaskFailed,
+    TaskOptions,
     UsageFuture,
     WorkerPool,
     WorkerPoolExecutor,
@@ -19,10 +22,13 @@ from runtime.pool.pool import (
 
 __all__ = [
     "Done",
+    "InvalidTimeout",
     "Outcome",
     "PoolStatus",
+    "RunningTask",
     "Serve",
     "TaskFailed",
+    "TaskOptions",
     "UsageFuture",
     "WorkerPool",
     "WorkerPoolExecutor",

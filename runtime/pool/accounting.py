@@ -1,6 +1,7 @@
 """Who used what: per-task usage, per-agent totals, per-worker overhead, and reconciliation.
 
-The pool charges every finished task (successful, failed or killed) to its agent. Every CPU-second a
+The pool charges every finished task (successful, failed, cancelled or killed) to its agent: its CPU,
+and the occupancy of the worker it held (``TaskUsage.occupancy_seconds``, see ``occupancy``). Every CPU-second a
 worker burns that is not a task's is named overhead: ``startup``, ``idle`` (waiting and messaging),
 ``measurement`` (the probes), ``exit`` (after the worker's last report, for workers that stopped
 between tasks). ``reconcile`` compares the sum of charges and overhead with what the kernel says each
@@ -36,6 +37,14 @@ class TaskUsage(Struct, frozen=True):
     #: worker that died, when only its lifetime maximum RSS is known).
     memory_probe: str
     attempts: int = 1
+    #: What holding the worker cost beyond the CPU used (see ``occupancy``): charged from the CPU
+    #: bucket with ``cpu_seconds``, but not a CPU measurement, so the books against the kernel leave it out.
+    occupancy_seconds: float = 0.0
+
+    @property
+    def charged_seconds(self) -> float:
+        """What the agent's CPU bucket pays: the CPU plus the occupancy surcharge."""
+        return self.cpu_seconds + self.occupancy_seconds
 
     @property
     def task_memory_bytes(self) -> int:
@@ -53,7 +62,47 @@ class TaskUsage(Struct, frozen=True):
             later.worker_pid,
             later.memory_probe,
             self.attempts + later.attempts,
+            self.occupancy_seconds + later.occupancy_seconds,
         )
+
+
+def occupancy(held_seconds: float, share: float, cpu_seconds: float) -> float:
+    """The occupancy surcharge of a task that held a worker ``held_seconds`` and used ``cpu_seconds``.
+
+    A worker held is a ``share`` of the container's CPU (its CPUs over the pool's size, at most 1)
+    that nobody else can use meanwhile, whether the task computes or sleeps: the task pays
+    ``max(cpu, held × share)`` in all, so the surcharge is what that adds to its CPU. A task that
+    computes the whole time it holds its worker pays nothing more. ``held_seconds`` leaves out the
+    time the worker waited, runnable, for a CPU (``RunDelay``): the host's load, not the task's doing.
+    """
+    return max(0.0, held_seconds * share - cpu_seconds)
+
+
+class RunDelay:
+    """How long a worker's main thread has waited, runnable, for a CPU, as the kernel counts it (the
+    second field of ``/proc/<pid>/schedstat``, ns); still readable while it is a zombie, not once
+    reaped. 0 where the kernel does not keep it. Opened once, read with one ``pread``."""
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self._fd = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = -1
+
+    def read(self) -> float:
+        """Seconds waited so far (0.0 when unknown: the task is then charged its whole hold)."""
+        if self._fd < 0:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class AgentTotals(Struct):
@@ -63,6 +112,8 @@ class AgentTotals(Struct):
     failed: int = 0
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
+    #: Occupancy surcharges charged on top of ``cpu_seconds`` (see ``occupancy``).
+    occupancy_seconds: float = 0.0
     #: The largest memory a single task of this agent added.
     max_task_memory_bytes: int = 0
 
@@ -233,7 +284,8 @@ class Accounts:
         self.retired: list[WorkerAccount] = []
 
     def charge(self, agent: str, usage: TaskUsage, ok: bool, worker_pid: int, cpu: float) -> None:
-        """Charge one task attempt: ``cpu`` is this attempt's CPU, booked to the worker that ran it."""
+        """Charge one task attempt: ``cpu`` is this attempt's CPU, booked to the worker that ran it (the
+        kernel's books); its occupancy surcharge goes to the agent's totals only."""
         t = self.agents.get(agent)
         if t is None:
             t = self.agents[agent] = AgentTotals()
@@ -241,6 +293,7 @@ class Accounts:
         t.failed += 0 if ok else 1
         t.cpu_seconds += cpu
         t.wall_seconds += usage.wall_seconds
+        t.occupancy_seconds += usage.occupancy_seconds
         t.max_task_memory_bytes = max(t.max_task_memory_bytes, usage.task_memory_bytes)
         w = self.workers.get(worker_pid)
         if w is not None:

@@ -57,6 +57,17 @@ class FairQueue(Generic[T]):
             return key, item
         raise IndexError("pop from an empty FairQueue")
 
+    def remove(self, key: str, item: T) -> bool:
+        """Take ``item`` out of ``key``'s line (the rotation is otherwise unchanged); False if not there."""
+        line = self._lines.get(key)
+        if line is None or item not in line:
+            return False
+        line.remove(item)
+        if not line:
+            del self._lines[key]
+        self._len -= 1
+        return True
+
     def drain(self) -> list[T]:
         """Remove and return every item."""
         items = list(self)

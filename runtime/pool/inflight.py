@@ -46,7 +46,14 @@ import msgspec
 from msgspec import Struct
 
 from runtime.host import cgroups as cg
-from runtime.pool.accounting import BadReport, TaskUsage, check_amounts, check_usage, proc_stat_cpu_seconds
+from runtime.pool.accounting import (
+    BadReport,
+    TaskUsage,
+    check_amounts,
+    check_usage,
+    occupancy,
+    proc_stat_cpu_seconds,
+)
 
 log = logging.getLogger("runtime.pool.inflight")
 
@@ -61,6 +68,7 @@ class Finished(Struct, frozen=True):
     peak_memory_bytes: int
     baseline_memory_bytes: int
     wall_seconds: float
+    occupancy_seconds: float = 0.0
 
 
 class InFlight(Struct, frozen=True, kw_only=True):
@@ -86,6 +94,9 @@ class InFlight(Struct, frozen=True, kw_only=True):
     #: Unix time of ``sampled_cpu``.
     sampled_at: float
     finished: Finished | None = None
+    #: The pool's ``share``: a task cut short by the crash pays the occupancy of its worker up to its
+    #: last sample at that rate (``runtime.pool.accounting.occupancy``).
+    share: float = 0.0
 
 
 class KernelCpu:
@@ -238,7 +249,13 @@ class InflightLog:
         rec = self._live.get(task_id)
         if rec is None:
             return
-        done = Finished(usage.cpu_seconds, usage.peak_memory_bytes, usage.baseline_memory_bytes, usage.wall_seconds)
+        done = Finished(
+            usage.cpu_seconds,
+            usage.peak_memory_bytes,
+            usage.baseline_memory_bytes,
+            usage.wall_seconds,
+            usage.occupancy_seconds,
+        )
         self._live[task_id] = self._held[task_id] = msgspec.structs.replace(rec, finished=done)
 
     def clear(self, task_id: str) -> None:
@@ -338,7 +355,13 @@ def measure(rec: InFlight) -> tuple[TaskUsage, str]:
     if rec.finished is not None:
         f = rec.finished
         usage = TaskUsage(
-            f.cpu_seconds, f.peak_memory_bytes, f.baseline_memory_bytes, f.wall_seconds, rec.worker_pid, "recovered"
+            f.cpu_seconds,
+            f.peak_memory_bytes,
+            f.baseline_memory_bytes,
+            f.wall_seconds,
+            rec.worker_pid,
+            "recovered",
+            occupancy_seconds=f.occupancy_seconds,
         )
         return usage, "measured when it ended"
     wall = max(0.0, rec.sampled_at - rec.started_at)
@@ -348,8 +371,12 @@ def measure(rec: InFlight) -> tuple[TaskUsage, str]:
         if final is not None and final >= rec.baseline_cpu:
             peak = rec.cgroups.memory_peak_bytes()
             cpu = rec.prior_cpu + final - rec.baseline_cpu
-            usage = TaskUsage(cpu, peak or 0, rec.baseline_memory if peak else 0, wall, rec.worker_pid, "recovered")
+            held = occupancy(wall, rec.share, cpu)
+            usage = TaskUsage(
+                cpu, peak or 0, rec.baseline_memory if peak else 0, wall, rec.worker_pid, "recovered", 1, held
+            )
             return usage, "final cgroup counter"
     cpu = rec.prior_cpu + max(0.0, rec.sampled_cpu - rec.baseline_cpu)
     age = time.time() - rec.sampled_at
-    return TaskUsage(cpu, 0, 0, wall, rec.worker_pid, "recovered"), f"last sample, {age:.0f} s old"
+    usage = TaskUsage(cpu, 0, 0, wall, rec.worker_pid, "recovered", 1, occupancy(wall, rec.share, cpu))
+    return usage, f"last sample, {age:.0f} s old"

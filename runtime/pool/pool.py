@@ -17,6 +17,17 @@ Failures become clear errors rather than hangs: a worker that dies fails its tas
 ``worker_crashed`` (retried once if the task is idempotent); a task over its deadline has its worker
 killed and fails with ``deadline_exceeded``; too many crashes in a window and the pool fails every
 task with ``pool_failed`` instead of restarting forever.
+
+Holding a worker is paid for: each attempt's ``TaskUsage`` carries an occupancy surcharge of
+``max(0, held × share - cpu)`` (``accounting.occupancy``), ``held`` being the time from dispatch to the
+end as this loop sees it less the time the worker waited for a CPU (``RunDelay``), ``share`` the
+container's CPUs over the pool's size (at most 1).
+
+Cancelling stops the task (``RunningTask.stop``, ``run`` when its caller is cancelled): a ``think`` or an
+``invoke`` is asked to stop (SIGUSR1: the worker ends the generation between tokens, or kills the
+confined child) and answers ``cancelled`` with its measured usage, keeping its worker; any other task,
+or one that has not answered within ``cancel_grace_s``, has its worker killed and is charged from the
+kernel. Either way the task ends once, with ``cancelled``, and its worker is free (or replaced) at once.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import msgspec
 import zmq
@@ -53,10 +64,12 @@ from runtime.pool.accounting import (
     PROC_SLACK_S,
     Accounts,
     BadReport,
+    RunDelay,
     TaskUsage,
     check_amounts,
     check_think,
     check_usage,
+    occupancy,
     proc_cpu_seconds,
     proc_tree_cpu_seconds,
 )
@@ -71,6 +84,9 @@ for f in $AECO_CGROUP_PROCS; do echo $$ 2>/dev/null > "$f"; done
 unset AECO_CGROUP_PROCS
 exec "$@"
 """
+#: Tasks a worker stops by itself when asked (SIGUSR1), keeping its process: a generation between two
+#: tokens, an invocation by killing its confined child. Any other task is stopped by killing its worker.
+_STOPS_WHEN_ASKED = (p.Think, p.Invoke)
 
 
 class TaskFailed(AecoError):
@@ -85,6 +101,22 @@ class TaskFailed(AecoError):
         self.payload = payload
 
 
+class InvalidTimeout(AecoError, ValueError):
+    """A task deadline that is not a positive finite number of seconds."""
+
+    default_code: ErrorCode = "invalid"
+
+
+def check_timeout(timeout_s: object) -> float | None:
+    """``timeout_s`` as a deadline in seconds (None: the pool's default); ``InvalidTimeout`` unless it
+    is a positive finite number (0 is not "no deadline", a bool is not a number of seconds)."""
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s < float("inf"):
+        raise InvalidTimeout(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
+    return float(timeout_s)
+
+
 class Outcome(msgspec.Struct, frozen=True):
     """A finished task: its output and what it cost."""
 
@@ -97,6 +129,36 @@ class Outcome(msgspec.Struct, frozen=True):
 Done = Callable[[Outcome | None, TaskFailed | None], None]
 #: Serves a confined task's calls to the world, as its invoker.
 Serve = Callable[[p.WorldCall], Awaitable[p.WorldAnswer]]
+
+
+class TaskOptions(TypedDict, total=False):
+    """How ``WorkerPool.run`` and ``WorkerPool.begin`` run a task (the keywords of ``submit``)."""
+
+    agent: str
+    timeout_s: float | None
+    idempotent: bool
+    measure: bool
+    memory_limit: int
+    serve: Serve | None
+    track: str | None
+
+
+@dataclass(slots=True, eq=False)
+class RunningTask:
+    """A task handed to the pool (``WorkerPool.begin``). ``ended`` resolves with its ``Outcome`` or fails
+    with ``TaskFailed`` once, and the pool never cancels it: whoever charges the task reads it there."""
+
+    pool: WorkerPool
+    task_id: int
+    ended: asyncio.Future[Outcome]
+
+    async def stop(self) -> None:
+        """Cancel the task and wait until it has ended (within the pool's ``cancel_grace_s`` and a
+        kill): ``ended`` then says how, ``cancelled`` with what it used unless it finished first."""
+        if not self.ended.done() and self.pool.cancel(self.task_id):
+            await asyncio.wait([self.ended])
+        if not self.ended.cancelled():
+            self.ended.exception()  # looked at: asyncio does not warn of an exception never retrieved
 
 
 @dataclass(slots=True, eq=False)
@@ -119,6 +181,8 @@ class _Job:
     track: str | None = None
     #: The worker's kernel CPU counter when the task was sent (None: unmeasured, or unreadable).
     kernel_start: KernelReading | None = None
+    #: Asked to stop (``WorkerPool.cancel``): it ends as ``cancelled``, whatever stops it.
+    cancelled: bool = False
 
 
 class KernelReading(msgspec.Struct, frozen=True, array_like=True):
@@ -155,6 +219,14 @@ class _Worker:
     cpu_counter: KernelCpu | None = None
     #: Why its last report was refused (with ``kill_reason`` ``bad_report``).
     bad_report: str = ""
+    #: How long it waited for a CPU (opened at spawn), and how long by the start of the task in hand.
+    run_delay: RunDelay | None = None
+    delay_at_start: float = 0.0
+
+    def held(self) -> float:
+        """Seconds the task in hand has held this worker, less those it waited for a CPU."""
+        waited = self.run_delay.read() - self.delay_at_start if self.run_delay is not None else 0.0
+        return max(0.0, time.monotonic() - self.job_started - waited)
 
     @property
     def pid(self) -> int:
@@ -228,6 +300,9 @@ class WorkerPool:
         self.hide = [os.path.abspath(h) for h in hide]
         self.info = cg.discover() if self.cfg.cgroups == "auto" else cg.CgroupInfo("none", {}, {})
         self.size = size or resolve_size(self.cfg, self.info)
+        check_timeout(self.cfg.task_timeout_s)  # a config built in code skips msgspec's validation
+        #: The part of the container's CPU that one worker is: what holding it for a second costs.
+        self.share = min(1.0, cg.cpu_capacity(self.info) / self.size)
         self.accounts = Accounts()
         self.failed: str | None = None
         self.malformed_frames = 0
@@ -365,13 +440,15 @@ class WorkerPool:
 
         ``track``: the ledger's id of the task, to record it in ``inflight`` from dispatch until the
         caller clears it (once its charge is durable). Must be called from the pool's event loop
-        thread. Returns the task id.
+        thread. Returns the task id. ``InvalidTimeout`` (a ``ValueError``) for a ``timeout_s`` that is
+        not a positive finite number.
         """
+        timeout = check_timeout(timeout_s)
         job = _Job(
             next(self._ids),
             agent,
             spec,
-            timeout_s or self.cfg.task_timeout_s,
+            timeout or self.cfg.task_timeout_s,
             idempotent,
             measure,
             memory_limit,
@@ -388,47 +465,71 @@ class WorkerPool:
         self._dispatch()
         return job.id
 
-    async def run(
-        self,
-        spec: p.TaskSpec,
-        *,
-        agent: str = "default",
-        timeout_s: float | None = None,
-        idempotent: bool = False,
-        measure: bool = True,
-        memory_limit: int = 0,
-        serve: Serve | None = None,
-        track: str | None = None,
-    ) -> Outcome:
-        """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed.
-
-        ``memory_limit``: bytes the task may add to its worker's memory (0: unlimited); over it the
-        task fails with ``memory_exceeded`` and is charged what it used. ``track``: see ``submit``.
-        """
+    def begin(self, spec: p.TaskSpec, **options: Unpack[TaskOptions]) -> RunningTask:
+        """Queue one task and return its handle: ``ended`` resolves with its ``Outcome`` or fails with
+        ``TaskFailed``; ``stop()`` cancels it. Options as for ``run``."""
         assert self._loop is not None, "start the pool first"
-        fut: asyncio.Future[Outcome] = self._loop.create_future()
+        ended: asyncio.Future[Outcome] = self._loop.create_future()
 
         def done(out: Outcome | None, err: TaskFailed | None) -> None:
-            if fut.done():
-                return
             if out is not None:
-                fut.set_result(out)
+                ended.set_result(out)
             else:
-                fut.set_exception(err or TaskFailed("cancelled", "no outcome"))
+                ended.set_exception(err or TaskFailed("task_error", "no outcome"))
 
-        self.submit(
-            spec,
-            done,
-            agent=agent,
-            timeout_s=timeout_s,
-            idempotent=idempotent,
-            measure=measure,
-            memory_limit=memory_limit,
-            claim=lambda: not fut.cancelled(),
-            serve=serve,
-            track=track,
-        )
-        return await fut
+        return RunningTask(self, self.submit(spec, done, **options), ended)
+
+    async def run(self, spec: p.TaskSpec, **options: Unpack[TaskOptions]) -> Outcome:
+        """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed.
+
+        Options (``TaskOptions``): ``agent`` it is charged to; ``timeout_s``, its deadline once it runs
+        (a positive finite number; None: ``task_timeout_s``); ``idempotent`` (retried once after a
+        worker crash); ``measure`` (False: no probes, benchmarks only); ``memory_limit``, bytes the
+        task may add to its worker's memory (0: unlimited; over it the task fails with
+        ``memory_exceeded`` and is charged what it used); ``serve``; ``track`` (see ``submit``).
+        Cancelling the caller stops the task (see ``RunningTask.stop``) before the cancellation goes on.
+        """
+        task = self.begin(spec, **options)
+        try:
+            return await asyncio.shield(task.ended)
+        except asyncio.CancelledError:
+            await task.stop()
+            raise
+
+    def cancel(self, task_id: int) -> bool:
+        """Stop task ``task_id``, which then ends ``cancelled``: a queued one at once (charged what
+        earlier attempts used, if any), a running one once its worker stopped it (see the module's
+        docstring). False if no such task is queued or running."""
+        for w in self._workers.values():
+            if w.state == "busy" and w.job is not None and w.job.id == task_id:
+                self._stop(w, w.job)
+                return True
+        for job in self._queue:
+            if job.id == task_id:
+                self._queue.remove(job.agent, job)
+                job.cancelled = True
+                job.done(None, TaskFailed("cancelled", f"task {task_id} was cancelled before it ran", job.prior))
+                return True
+        return False
+
+    def _stop(self, w: _Worker, job: _Job) -> None:
+        if job.cancelled:
+            return
+        job.cancelled = True
+        if w.kill_reason is not None:
+            return  # being killed already: it ends that way
+        if not isinstance(job.spec, _STOPS_WHEN_ASKED):
+            w.kill_reason = "cancelled"
+            self._kill(w)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGUSR1)
+        # Not stopped within the grace period: its deadline check kills it (as cancelled, see there).
+        grace = time.monotonic() + self.cfg.cancel_grace_s
+        if grace < w.deadline_at:
+            w.deadline_at = grace
+            if grace < self._deadline_when:
+                self._arm_deadline(grace)
 
     # ------------------------------------------------------------------------------- scheduling
 
@@ -446,6 +547,7 @@ class WorkerPool:
             w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
             if job.measure:
                 job.kernel_start = self._kernel_reading(w, job)
+            w.delay_at_start = w.run_delay.read() if w.run_delay is not None else 0.0
             if job.track is not None and self.inflight is not None:
                 self._record(w, job, job.track, self.inflight)  # before sending: a kill may come any time
             if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
@@ -479,6 +581,7 @@ class WorkerPool:
                 cgroups=w.cgroups,
                 sampled_cpu=baseline or 0.0,
                 sampled_at=now,
+                share=self.share,
             )
         )
 
@@ -652,11 +755,21 @@ class WorkerPool:
         w.deadline_at = 0.0
         self._crashes_in_a_row = 0
         w.job = None
+        held = w.held()
         if msg.usage is not None:
             u = msg.usage
-            usage = TaskUsage(cpu, u.peak_memory_bytes, u.baseline_memory_bytes, u.wall_seconds, w.pid, w.memory_probe)
+            usage = TaskUsage(
+                cpu,
+                u.peak_memory_bytes,
+                u.baseline_memory_bytes,
+                u.wall_seconds,
+                w.pid,
+                w.memory_probe,
+                occupancy_seconds=occupancy(held, self.share, cpu),
+            )
         else:  # unmeasured (benchmark) task
-            usage = TaskUsage(0.0, 0, 0, time.monotonic() - w.job_started, w.pid, "off")
+            wall = time.monotonic() - w.job_started
+            usage = TaskUsage(0.0, 0, 0, wall, w.pid, "off", occupancy_seconds=occupancy(held, self.share, 0.0))
         self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
         if job.prior is not None:
             usage = job.prior.plus(usage)
@@ -665,7 +778,7 @@ class WorkerPool:
         if msg.ok:
             job.done(Outcome(job.id, job.agent, msg.output, usage), None)
         else:
-            code: ErrorCode = "memory_exceeded" if msg.error_code == "memory_exceeded" else "task_error"
+            code: ErrorCode = msg.error_code or "task_error"
             job.done(None, TaskFailed(code, msg.error or "failed", usage, msg.output))
         if self._closing:
             w.state = "stopping"
@@ -782,7 +895,9 @@ class WorkerPool:
             os.close(keys_fd)
         pidfd = os.pidfd_open(proc.pid)
         now = time.monotonic()
-        w = _Worker(wid, keys.identity, keys.secret, proc, pidfd, cgroups, now, last_seen=now)
+        w = _Worker(
+            wid, keys.identity, keys.secret, proc, pidfd, cgroups, now, last_seen=now, run_delay=RunDelay(proc.pid)
+        )
         ident = keys.identity
         self._workers[ident] = w
         self.started += 1
@@ -810,7 +925,7 @@ class WorkerPool:
             if w.state != "busy" or not w.deadline_at or w.kill_reason is not None:
                 continue
             if w.deadline_at <= now:
-                w.kill_reason = "deadline_exceeded"
+                w.kill_reason = "cancelled" if w.job is not None and w.job.cancelled else "deadline_exceeded"
                 self._kill(w)
             else:
                 upcoming = min(upcoming, w.deadline_at)
@@ -835,6 +950,7 @@ class WorkerPool:
 
     def _on_exit(self, w: _Worker) -> None:
         assert self._loop is not None
+        held = w.held() if w.job is not None else 0.0  # while /proc still has the zombie's schedstat
         try:
             pid, status, ru = os.wait4(w.pid, os.WNOHANG)
         except ChildProcessError:
@@ -853,6 +969,8 @@ class WorkerPool:
             w.cgroups.remove()
         if w.cpu_counter is not None:
             w.cpu_counter.close()
+        if w.run_delay is not None:
+            w.run_delay.close()
         job, was_state = w.job, w.state
         w.state, w.job = "dead", None
         del self._workers[w.ident]
@@ -861,12 +979,12 @@ class WorkerPool:
         if reason is None and oom_killed and job is not None and job.memory_limit:
             reason = "memory_exceeded"  # the kernel killed it at the limit set for this task
         if job is not None:
-            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason)
+            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason, held)
         self.accounts.close_worker(
             w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
         )
         # The task's fault, not the worker's: replaced at once, not counted against restarts.
-        task_fault = reason in ("deadline_exceeded", "memory_exceeded")
+        task_fault = reason in ("deadline_exceeded", "memory_exceeded", "cancelled")
         expected = task_fault or reason in ("recycled", "pool_closed") or self._closing
         if not expected:
             self.crashed += 1
@@ -887,7 +1005,14 @@ class WorkerPool:
             self._schedule_restart()
 
     def _charge_lost(
-        self, w: _Worker, job: _Job, cpu: float, cgroup_peak: int | None, maxrss: int, reason: str | None
+        self,
+        w: _Worker,
+        job: _Job,
+        cpu: float,
+        cgroup_peak: int | None,
+        maxrss: int,
+        reason: str | None,
+        held: float,
     ) -> None:
         """Charge a task whose worker died under it, from the kernel's account of the worker."""
         baseline = w.counters.memory_bytes if w.counters else 0
@@ -899,6 +1024,7 @@ class WorkerPool:
             time.monotonic() - w.job_started,
             w.pid,
             probe,
+            occupancy_seconds=occupancy(held, self.share, cpu),
         )
         self.accounts.charge(job.agent, usage, False, w.pid, cpu)
         total = job.prior.plus(usage) if job.prior is not None else usage
@@ -909,6 +1035,9 @@ class WorkerPool:
             return job.done(None, TaskFailed("deadline_exceeded", msg, total))
         if reason == "pool_closed":
             return job.done(None, TaskFailed("pool_closed", "the pool was closed mid-task", total))
+        if reason == "cancelled":
+            msg = f"task {job.id} was cancelled; its worker was killed to stop it"
+            return job.done(None, TaskFailed("cancelled", msg, total))
         if reason == "memory_exceeded":
             msg = f"task {job.id} went over its {job.memory_limit} byte memory limit; the kernel killed its worker"
             return job.done(None, TaskFailed("memory_exceeded", msg, total))
@@ -1038,6 +1167,19 @@ class UsageFuture(cf.Future[Any]):
     """A ``concurrent.futures.Future`` that also carries what its task cost once it is done."""
 
     usage: TaskUsage | None = None
+    #: Stops the task in its worker (set by the executor that made this future).
+    _stop: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the call. Unlike ``Future.cancel``, a running call is stopped too: its worker stops
+        it (see ``WorkerPool.cancel``), and the future then fails with ``TaskFailed`` (code
+        ``cancelled``, ``usage`` what it used), since it did run. False once the call has ended."""
+        if super().cancel():
+            return True
+        if not self.running() or self._stop is None:
+            return False
+        self._stop()
+        return True
 
 
 class WorkerPoolExecutor(cf.Executor):
@@ -1131,7 +1273,15 @@ class WorkerPoolExecutor(cf.Executor):
             self._settle(fut)
             return False
 
-        self._loop.call_soon_threadsafe(lambda: self._pool.submit(spec, done, agent=self._agent, claim=claim))
+        task_id: list[int] = []  # known on the pool's loop; stopping runs there after submitting (FIFO)
+
+        def stop() -> None:
+            self._loop.call_soon_threadsafe(lambda: self._pool.cancel(task_id[0]))
+
+        fut._stop = stop
+        self._loop.call_soon_threadsafe(
+            lambda: task_id.append(self._pool.submit(spec, done, agent=self._agent, claim=claim))
+        )
         return fut
 
     def _settle(self, fut: UsageFuture) -> None:
@@ -1158,7 +1308,7 @@ class WorkerPoolExecutor(cf.Executor):
             pending = list(self._pending)
         if cancel_futures:
             for fut in pending:
-                if fut.cancel():
+                if cf.Future.cancel(fut):  # only what has not started, as ProcessPoolExecutor does
                     self._settle(fut)
         if not self._thread.is_alive():
             return

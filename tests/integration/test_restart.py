@@ -182,12 +182,12 @@ def test_a_killed_supervisor_restarts_and_charges_the_tasks_in_flight_once(setup
         assert {u.task_id for u in recovered} == set(expected)
         level = dict(persisted)
         for u in recovered:
-            level[u.agent] -= u.cpu_seconds
+            level[u.agent] -= u.cpu_seconds + u.occupancy_seconds  # the bucket pays the occupancy too
             assert u.buckets["cpu"].level == pytest.approx(level[u.agent], abs=0.01)
         # And at the end of the second run: the persisted levels minus everything charged since.
         since = [u for u in journal if u.task_id not in before]
         for agent, old in persisted.items():
-            spent = sum(u.cpu_seconds for u in since if u.agent == agent)
+            spent = sum(u.cpu_seconds + u.occupancy_seconds for u in since if u.agent == agent)
             assert spent > 0.05  # charged again in the second run
             assert ledger.buckets(agent)["cpu"].level == pytest.approx(old - spent, abs=0.02)
     assert _pending(data) == []  # a clean stop leaves nothing in flight

@@ -255,6 +255,7 @@ def test_prometheus_metrics_show_the_agents_and_the_pool(tmp_path: Path) -> None
         proc.communicate(timeout=30)
     assert values['aeco_agent_actions_total{agent="writer",outcome="applied"}'] > 0
     assert values['aeco_agent_cpu_seconds_total{agent="writer"}'] > 0
+    assert values['aeco_agent_occupancy_seconds_total{agent="writer"}'] >= 0
     assert values["aeco_pool_workers"] == 2
     assert 0 <= values["aeco_pool_utilisation"] <= 1
     assert values["aeco_container_cpu_seconds_total"] > 0

@@ -98,6 +98,9 @@ class RecordUsage(_Op, tag="usage", frozen=True):
     kind: Annotated[str, Meta(max_length=32)]
     ok: bool
     cpu_seconds: NonNegFloat
+    #: What holding its worker cost on top of ``cpu_seconds`` (``runtime.pool.accounting.occupancy``):
+    #: the CPU bucket was charged both; only ``cpu_seconds`` is a kernel measurement.
+    occupancy_seconds: NonNegFloat = 0.0
     #: Why a failed task failed (``worker_crashed``, ``supervisor_crashed`` …); empty when it succeeded.
     error: Annotated[str, Meta(max_length=32)] = ""
     memory_bytes: NonNegInt = 0
