@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import lmdb
 import msgspec
 
 from runtime import config as config_mod
@@ -79,6 +80,14 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         os.close(claim)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except lmdb.Error as exc:  # the ledger or the event log: the truth, which nothing can rebuild
+        os.close(claim)
+        print(
+            f"error: {exc} (that file is damaged: restore the data_dir from a backup; derived files — the "
+            "store's index, the in-flight log — are set aside and rebuilt on their own)",
+            file=sys.stderr,
+        )
+        return 1
     pool, world, events = node.pool, node.world, node.events
     _say(
         f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "

@@ -229,20 +229,20 @@ class GitStore(Store):
             #: The durable HEAD commit and its tree, replaced as one tuple so that other threads never
             #: see a commit with another commit's tree.
             self._committed: tuple[ObjectID, ObjectID] = (commit.id, commit.tree)
-            self.index_path.mkdir(exist_ok=True)
-            self.env = lmdb.open(
-                str(self.index_path),
-                map_size=map_size,
-                max_dbs=4,
-                sync=durable,
-                metasync=False,
-                max_readers=512,
-            )
-            self._arts = self.env.open_db(b"artifacts")
-            self._usage = self.env.open_db(b"usage")
-            self._state = self.env.open_db(b"state")
-            with self.env.begin() as txn:
-                indexed_head = txn.get(b"head", db=self._state)
+            try:
+                indexed_head = self._open_index(map_size, durable)
+            except lmdb.Error as exc:
+                # The index is derived from Git: a damaged one is set aside (for a post-mortem) and
+                # rebuilt from HEAD, never trusted and never a reason to refuse to start.
+                aside = self.index_path.with_name(f"{self.index_path.name}.damaged-{int(time.time())}")
+                log.warning(
+                    "the store's index %s is damaged (%s); set aside as %s, rebuilt from HEAD",
+                    self.index_path,
+                    exc,
+                    aside,
+                )
+                os.replace(self.index_path, aside)
+                indexed_head = self._open_index(map_size, durable)
             #: True when the index did not describe the repository's HEAD and was rebuilt on open.
             self.rebuilt_index = indexed_head is None or bytes(indexed_head) != commit.id
             if self.rebuilt_index:
@@ -260,6 +260,23 @@ class GitStore(Store):
         self._start_writer()
 
     # ------------------------------------------------------------------------------- opening
+
+    def _open_index(self, map_size: int, durable: bool) -> bytes | None:
+        """Open (or create) the LMDB index beside the repository; the HEAD it describes, if any."""
+        self.index_path.mkdir(exist_ok=True)
+        self.env = lmdb.open(
+            str(self.index_path), map_size=map_size, max_dbs=4, sync=durable, metasync=False, max_readers=512
+        )
+        try:
+            self._arts = self.env.open_db(b"artifacts")
+            self._usage = self.env.open_db(b"usage")
+            self._state = self.env.open_db(b"state")
+            with self.env.begin() as txn:
+                head = txn.get(b"head", db=self._state)
+        except lmdb.Error:
+            self.env.close()
+            raise
+        return None if head is None else bytes(head)
 
     def _create(self) -> None:
         """Create the repository with its first commit in a temporary directory, then rename it into
