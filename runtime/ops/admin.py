@@ -95,9 +95,9 @@ def _store_command(data: Path, postgres_url: str | None, args: argparse.Namespac
         new = store.rollback(args.to, operator="operator")
         print(f"rolled back to {args.to}: new HEAD {new}; usage now {store.usage()}")
         return 0
-    except StoreError as exc:
+    except StoreError as exc:  # what the operator asked for does not exist or is malformed: bad input
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if exc.code in ("invalid", "invalid_id", "not_found") else 1
     finally:
         store.close()
 

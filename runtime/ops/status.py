@@ -81,7 +81,7 @@ def show(path: Path) -> int:
     try:
         st = msgspec.json.decode(path.read_bytes(), type=Status)
     except FileNotFoundError:
-        print(f"no status at {path}: is a supervisor running with this data directory?", file=sys.stderr)
+        print(f"error: no status at {path} (is a supervisor running with this data directory?)", file=sys.stderr)
         return 1
     except msgspec.DecodeError as exc:
         print(f"unreadable status at {path}: {exc}", file=sys.stderr)

@@ -925,9 +925,10 @@ def test_admin_history_show_and_rollback_work_the_same_on_both_backends(store_ba
     unknown = "999999" if pg else "ffffff"
     for args, code, words in [
         (("show", "doc"), 2, "expected ID@COMMIT"),
-        (("history", "../x"), 1, "invalid_id"),
-        (("show", f"doc@{unknown}"), 1, "not_found: no commit"),
-        (("rollback", "--to", "nonsense!"), 1, "invalid: 'nonsense!' is not a commit id"),
+        # What the operator named does not exist or is malformed: bad input, exit 2 as every command.
+        (("history", "../x"), 2, "invalid_id"),
+        (("show", f"doc@{unknown}"), 2, "not_found: no commit"),
+        (("rollback", "--to", "nonsense!"), 2, "invalid: 'nonsense!' is not a commit id"),
     ]:
         res = _admin(*where, *args)
         assert res.returncode == code and words in res.stderr.decode(), (args, res.stderr)
