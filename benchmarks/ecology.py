@@ -25,6 +25,12 @@ actions per second (applied + rejected, from the agents' counters), turn latency
 (VmRSS of this process, sampled by a thread) and CPU (``time.process_time``, all its threads, with a
 per-thread breakdown), and the workers' utilisation (CPU charged to tasks / workers × seconds).
 
+Each size runs twice, with the supervisor's metering off and then on (``EconomyConfig.metering``,
+``runtime.economy.metering``): the throughput lost to metering is the difference. With it on, the
+supervisor's CPU in the window (``RUSAGE_SELF``) is split into what was charged to agents, each named
+overhead (the event loop's own work, the group-commit writers, ZeroMQ's thread …) and what neither
+covers; the targets are ≥ 95% attributed to an agent or a named overhead, at ≤ 5% of throughput.
+
 Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
 
@@ -62,6 +68,7 @@ from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
 from runtime.agents.loop import Agent
 from runtime.config import AgentConfig, Config, EconomyConfig
 from runtime.economy.ledger.check import check
+from runtime.economy.metering import SupervisorBooks, thread_cpu_ns
 from runtime.economy.rights import capacity_millicores
 from runtime.host import cgroups as cg
 from runtime.node import Node
@@ -79,6 +86,10 @@ BULLETIN = "bulletin"
 SAMPLE_EVERY_S = 0.1
 TARGET_AGENTS = 1000
 TARGET_RATE = 1000.0
+#: Metering targets: the supervisor's CPU attributed to an agent or a named overhead, and the most
+#: throughput metering may cost.
+TARGET_ATTRIBUTED_PCT = 95.0
+TARGET_METERING_COST_PCT = 5.0
 _MB = 1 << 20
 
 
@@ -86,6 +97,8 @@ class SizeResult(msgspec.Struct):
     """One number of agents."""
 
     agents: int
+    #: Whether the supervisor metered its CPU per agent in this run.
+    metering: bool
     workers: int
     cpu_rate_millicores: int
     burst_seconds: float
@@ -113,6 +126,16 @@ class SizeResult(msgspec.Struct):
     supervisor_cpu_ms_per_action: float
     worker_cpu_ms_per_action: float
     cpu_bound_actions_per_s: float
+    #: With metering: the supervisor's CPU per action charged to agents, per named overhead, and what
+    #: neither covers (``RUSAGE_SELF`` minus both); and the share of it that is attributed to an agent
+    #: or a named overhead, and to agents alone.
+    supervisor_agents_ms_per_action: float
+    supervisor_overhead_ms_per_action: dict[str, float]
+    supervisor_unattributed_ms_per_action: float
+    supervisor_attributed_pct: float
+    supervisor_agents_pct: float
+    #: Supervisor CPU charged to agents in the ledger over the whole run (``supervisor_cpu_seconds``).
+    supervisor_charged_s: float
     #: The whole run (warm-up, window, drain): thinks done, and what the stores hold.
     thinks: int
     burn_records: int
@@ -138,6 +161,19 @@ class Skipped(msgspec.Struct):
     reason: str
 
 
+class MeteringCost(msgspec.Struct):
+    """One size with metering off and on."""
+
+    agents: int
+    actions_per_s_off: float
+    actions_per_s_on: float
+    #: Throughput lost to metering, in % of the rate without it (negative: the run with it was faster).
+    cost_pct: float
+    supervisor_cpu_ms_per_action_off: float
+    supervisor_cpu_ms_per_action_on: float
+    attributed_pct: float
+
+
 class Report(msgspec.Struct):
     """The JSON file."""
 
@@ -148,7 +184,9 @@ class Report(msgspec.Struct):
     think_ms: int
     policy: list[str]
     target: str
+    metering_target: str
     results: list[SizeResult]
+    metering: list[MeteringCost]
     skipped: list[Skipped]
 
 
@@ -164,24 +202,11 @@ def _rss_bytes() -> int:
     return 0
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def _thread_cpu() -> dict[str, float]:
-    """CPU seconds of each thread of this process, by thread name (Python's name, else the kernel's)."""
-    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-    names[threading.main_thread().native_id or 0] = "event-loop"
+    """CPU seconds of this process's threads, by kind of thread (``runtime.economy.metering``)."""
     out: dict[str, float] = collections.defaultdict(float)
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        rest = stat[stat.rindex(")") + 2 :].split()
-        name = names.get(int(tid), comm)
-        out[name] += (int(rest[11]) + int(rest[12])) / _TICK
+    for name, ns in thread_cpu_ns().values():
+        out[name] += ns / 1e9
     return dict(out)
 
 
@@ -267,9 +292,10 @@ class Window:
     rejected: int
     charged: float
     kernel: float
+    books: SupervisorBooks
 
 
-def _snapshot(agents: Sequence[Agent], pool: WorkerPool) -> Window:
+def _snapshot(agents: Sequence[Agent], pool: WorkerPool, node: Node) -> Window:
     applied, rejected = _turns(agents)
     return Window(
         time.perf_counter(),
@@ -279,6 +305,7 @@ def _snapshot(agents: Sequence[Agent], pool: WorkerPool) -> Window:
         rejected,
         pool.accounts.charged(),
         sum(pool.kernel_cpu().values()),
+        node.economy.meter.books(),
     )
 
 
@@ -288,10 +315,13 @@ def _burst_seconds(rate_millicores: int, horizon_s: float) -> float:
     return 2.0 * horizon_s * 1000.0 / rate_millicores
 
 
-async def measure(n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None) -> SizeResult:
+async def measure(
+    n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None, metering: bool = True
+) -> SizeResult:
     """Open a runtime for ``n`` agents in ``data``, run them, close everything, verify the stores.
 
     ``profile``: where to write a py-spy flame graph of this process during the measured window.
+    ``metering``: whether the supervisor meters its CPU per agent (``EconomyConfig.metering``).
     """
     rss_before = _rss_bytes()
     horizon = WARMUP_MAX_S + duration + DRAIN_MAX_S
@@ -303,7 +333,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     burst = _burst_seconds(rate, horizon)
     cfg = Config(
         data_dir=str(data),
-        economy=EconomyConfig(burst_seconds=burst),
+        economy=EconomyConfig(burst_seconds=burst, metering=metering),
         agents=[
             AgentConfig(
                 id=agent_id(i),
@@ -341,11 +371,11 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
                     spy = await asyncio.to_thread(PySpy.start, os.getpid(), profile, duration + 30, "supervisor")
                 sampler.samples.clear()
                 sampler.recording = True
-                first = _snapshot(agents, pool)
+                first = _snapshot(agents, pool, node)
                 state.start_ns = time.perf_counter_ns()
                 state.end_ns = state.start_ns + int(duration * 1e9)
                 await asyncio.wait(tasks, timeout=duration)  # returns early only if an agent failed
-                last = _snapshot(agents, pool)
+                last = _snapshot(agents, pool, node)
                 sampler.recording = False
                 if spy is not None:
                     await asyncio.to_thread(spy.stop, "supervisor")
@@ -381,6 +411,8 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
                 f"{e.fields.get('action')}: {str(e.fields.get('reason', ''))[:60]}" for e in acts if not e.fields["ok"]
             )
             blocked = sum(1 for e in all_events if e.kind == "agent_blocked")
+            await node.economy.flush_supervisor()
+            charged_sup = sum(r.supervisor_cpu_seconds for r in ledger.usage_records())
     finally:
         sampler.recording = False
     secs = last.wall - first.wall
@@ -390,8 +422,11 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     sup_ms = 1000 * (last.cpu - first.cpu) / done if done else math.nan
     wrk_ms = 1000 * (last.kernel - first.kernel) / done if done else math.nan
     cpus = len(os.sched_getaffinity(0))
+    books = last.books.minus(first.books)
+    per = 1e6 * done if done else math.nan  # ns -> ms per action
     return SizeResult(
         agents=n,
+        metering=metering,
         workers=workers,
         cpu_rate_millicores=rate,
         burst_seconds=round(burst, 1),
@@ -416,6 +451,14 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
         supervisor_cpu_ms_per_action=round(sup_ms, 3),
         worker_cpu_ms_per_action=round(wrk_ms, 3),
         cpu_bound_actions_per_s=round(1000 * cpus / (sup_ms + wrk_ms), 1) if done else 0.0,
+        supervisor_agents_ms_per_action=round(books.agents_ns / per, 4),
+        supervisor_overhead_ms_per_action={
+            k: round(v / per, 4) for k, v in sorted(books.overhead_ns.items(), key=lambda kv: -kv[1]) if v > 0
+        },
+        supervisor_unattributed_ms_per_action=round(books.unattributed_ns / per, 4),
+        supervisor_attributed_pct=round(100 * (1 - books.relative_error), 2),
+        supervisor_agents_pct=round(100 * books.agents_share, 2),
+        supervisor_charged_s=round(charged_sup, 4),
         thinks=thinks,
         burn_records=burns,
         action_events=len(acts),
@@ -435,7 +478,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
 def print_table(results: list[SizeResult]) -> None:
     """One row per number of agents."""
     head = (
-        f"{'agents':>6} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
+        f"{'agents':>6} {'meter':>5} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
         f"{'RSS MB':>7} {'sup CPU %':>9} {'worker util %':>13} {'verified':>8}"
     )
     print()
@@ -443,8 +486,9 @@ def print_table(results: list[SizeResult]) -> None:
     print("-" * len(head))
     for r in results:
         print(
-            f"{r.agents:>6,} {r.actions_per_s:>10,.0f} {r.applied:>8,} {r.rejected:>8,} {r.p50_ms:>7.1f} "
-            f"{r.p99_ms:>8.1f} {r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} {r.worker_util_pct:>13.0f} "
+            f"{r.agents:>6,} {'on' if r.metering else 'off':>5} {r.actions_per_s:>10,.0f} {r.applied:>8,} "
+            f"{r.rejected:>8,} {r.p50_ms:>7.1f} {r.p99_ms:>8.1f} {r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} "
+            f"{r.worker_util_pct:>13.0f} "
             f"{'yes' if r.verified else 'NO':>8}"
         )
     print()
@@ -455,8 +499,9 @@ def print_table(results: list[SizeResult]) -> None:
     for r in results:
         threads = ", ".join(f"{k} {v:.0f}%" for k, v in list(r.supervisor_threads_cpu_pct.items())[:5])
         print(
-            f"  {r.agents:>5,} agents: CPU per action: supervisor {r.supervisor_cpu_ms_per_action:.2f} ms + workers "
-            f"{r.worker_cpu_ms_per_action:.2f} ms (at most {r.cpu_bound_actions_per_s:,.0f} actions/s on these CPUs); "
+            f"  {r.agents:>5,} agents, metering {'on' if r.metering else 'off'}: CPU per action: supervisor "
+            f"{r.supervisor_cpu_ms_per_action:.2f} ms + workers {r.worker_cpu_ms_per_action:.2f} ms "
+            f"(at most {r.cpu_bound_actions_per_s:,.0f} actions/s on these CPUs); "
             f"workers at {r.worker_kernel_pct:.0f}% (kernel); supervisor threads: {threads}"
         )
         print(
@@ -465,6 +510,14 @@ def print_table(results: list[SizeResult]) -> None:
             f"{'ok' if r.ledger_ok else 'FAILED'} ({r.ledger_journal_entries:,} journal entries), "
             f"{r.blocked_events} agent_blocked"
         )
+        if r.metering:
+            over = ", ".join(f"{k} {v:.3f}" for k, v in list(r.supervisor_overhead_ms_per_action.items())[:5])
+            print(
+                f"         supervisor ms per action: agents {r.supervisor_agents_ms_per_action:.3f} "
+                f"({r.supervisor_agents_pct:.0f}%), named overhead: {over}; unattributed "
+                f"{r.supervisor_unattributed_ms_per_action:+.3f} — {r.supervisor_attributed_pct:.1f}% attributed "
+                f"to an agent or a named overhead; {r.supervisor_charged_s:.2f} CPU-s charged to agents in the ledger"
+            )
         reasons = "; ".join(f"{k} ×{v:,}" for k, v in r.reject_reasons.items())
         if reasons:
             print(f"         rejected: {reasons}")
@@ -473,8 +526,9 @@ def print_table(results: list[SizeResult]) -> None:
 
 
 def target_line(results: list[SizeResult]) -> str:
-    """The target: 1,000 agents at 1,000 actions/s or more, fully accounted, on the durable ledger."""
-    r = next((r for r in results if r.agents == TARGET_AGENTS), None)
+    """The target: 1,000 agents at 1,000 actions/s or more, fully accounted, on the durable ledger (with
+    the supervisor's metering on, as the runtime runs by default)."""
+    r = next((r for r in results if r.agents == TARGET_AGENTS and r.metering), None)
     if r is None:
         return f"{TARGET_AGENTS:,} agents: no result (target ≥ {TARGET_RATE:,.0f} actions/s) — NOT met"
     met = r.actions_per_s >= TARGET_RATE and r.verified
@@ -485,18 +539,70 @@ def target_line(results: list[SizeResult]) -> str:
     )
 
 
+def metering_costs(results: list[SizeResult]) -> list[MeteringCost]:
+    """Each size measured both ways: the throughput metering costs, and how much it attributes."""
+    out = []
+    for n in SIZES:
+        off = next((r for r in results if r.agents == n and not r.metering), None)
+        on = next((r for r in results if r.agents == n and r.metering), None)
+        if off is None or on is None or not off.actions_per_s:
+            continue
+        out.append(
+            MeteringCost(
+                agents=n,
+                actions_per_s_off=off.actions_per_s,
+                actions_per_s_on=on.actions_per_s,
+                cost_pct=round(100 * (off.actions_per_s - on.actions_per_s) / off.actions_per_s, 1),
+                supervisor_cpu_ms_per_action_off=off.supervisor_cpu_ms_per_action,
+                supervisor_cpu_ms_per_action_on=on.supervisor_cpu_ms_per_action,
+                attributed_pct=on.supervisor_attributed_pct,
+            )
+        )
+    return out
+
+
+def metering_line(costs: list[MeteringCost]) -> str:
+    """The metering targets, over every size measured both ways."""
+    if not costs:
+        return "metering: no size measured with it both off and on — targets NOT met"
+    worst_attr = min(c.attributed_pct for c in costs)
+    worst_cost = max(c.cost_pct for c in costs)
+    met = worst_attr >= TARGET_ATTRIBUTED_PCT and worst_cost <= TARGET_METERING_COST_PCT
+    sizes = "; ".join(
+        f"{c.agents:,} agents {c.attributed_pct:.1f}% attributed, {c.actions_per_s_off:,.0f} → "
+        f"{c.actions_per_s_on:,.0f} actions/s ({c.cost_pct:+.1f}%)"
+        for c in costs
+    )
+    return (
+        f"metering: supervisor CPU attributed to an agent or a named overhead ≥ {TARGET_ATTRIBUTED_PCT:.0f}% "
+        f"(worst {worst_attr:.1f}%), throughput cost ≤ {TARGET_METERING_COST_PCT:.0f}% (worst {worst_cost:+.1f}%) — "
+        f"{'met' if met else 'NOT met'} [{sizes}]"
+    )
+
+
 def plot(results: list[SizeResult], path: Path, note: str) -> None:
-    """Actions/s and supervisor RSS against the number of agents (log x)."""
+    """Actions/s (metering off and on), supervisor RSS, and the supervisor's CPU per action split into
+    agents, named overhead and unattributed, against the number of agents (log x)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    xs = [r.agents for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    left.plot(xs, [r.actions_per_s for r in results], marker="o", color="tab:blue", label="actions/s")
+    on = [r for r in results if r.metering]
+    off = [r for r in results if not r.metering]
+    xs = [r.agents for r in on]
+    fig, (left, right, split) = plt.subplots(1, 3, figsize=(18, 5))
+    left.plot(xs, [r.actions_per_s for r in on], marker="o", color="tab:blue", label="actions/s, metering on")
+    left.plot(
+        [r.agents for r in off],
+        [r.actions_per_s for r in off],
+        marker="x",
+        linestyle=":",
+        color="tab:gray",
+        label="actions/s, metering off",
+    )
     left.axhline(TARGET_RATE, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATE:,.0f}/s")
-    for r in results:
+    for r in on:
         left.annotate(
             f"{r.actions_per_s:,.0f}",
             (r.agents, r.actions_per_s),
@@ -507,10 +613,10 @@ def plot(results: list[SizeResult], path: Path, note: str) -> None:
         )
     left.set_ylabel("actions per second (applied + rejected)")
     left.set_ylim(0, 1.2 * max(TARGET_RATE, *(r.actions_per_s for r in results)))
-    right.plot(xs, [r.rss_mb_peak for r in results], marker="o", color="tab:green", label="peak in the window")
+    right.plot(xs, [r.rss_mb_peak for r in on], marker="o", color="tab:green", label="peak in the window")
     right.plot(
         xs,
-        [r.rss_mb_before for r in results],
+        [r.rss_mb_before for r in on],
         marker=".",
         linestyle=":",
         color="tab:gray",
@@ -525,11 +631,49 @@ def plot(results: list[SizeResult], path: Path, note: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
+    _plot_split(split, on)
     fig.suptitle(f"Ecology end to end: scripted agents, think = 1 ms Burn on a worker, durable ledger\n{note}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_split(ax: Any, on: list[SizeResult]) -> None:
+    """Stacked bars: the supervisor's CPU per action charged to agents, per named overhead (the largest
+    four, the rest together) and unattributed."""
+    labels = [f"{r.agents:,}" for r in on]
+    names: list[str] = []
+    for r in on:
+        names += [k for k in list(r.supervisor_overhead_ms_per_action)[:4] if k not in names]
+    names = names[:4]
+    bottom = [0.0] * len(on)
+    layers = [("charged to agents", [r.supervisor_agents_ms_per_action for r in on])]
+    layers += [(n, [r.supervisor_overhead_ms_per_action.get(n, 0.0) for r in on]) for n in names]
+    layers.append(
+        (
+            "other named overhead",
+            [sum(v for k, v in r.supervisor_overhead_ms_per_action.items() if k not in names) for r in on],
+        )
+    )
+    layers.append(("unattributed", [max(0.0, r.supervisor_unattributed_ms_per_action) for r in on]))
+    for name, values in layers:
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for i, r in enumerate(on):
+        ax.annotate(
+            f"{r.supervisor_attributed_pct:.1f}% attributed",
+            (i, bottom[i]),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=9,
+        )
+    ax.set_xlabel("agents")
+    ax.set_ylabel("supervisor CPU per action (ms)")
+    ax.set_title("Supervisor CPU per action, metering on")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="best", fontsize=8)
 
 
 def run(opts: Options) -> int:
@@ -554,16 +698,18 @@ def run(opts: Options) -> int:
     sampler = RssSampler()
     before = {pid for pid, _ in child_pids()}
     try:
-        for n in SIZES:
-            tag = f"[{n:,} agents]"
+        for n, metering in ((n, m) for n in SIZES for m in (False, True)):
+            tag = f"[{n:,} agents, metering {'on' if metering else 'off'}]"
             print(f"{tag} starting", flush=True)
-            data = tmp / f"agents-{n}"
+            data = tmp / f"agents-{n}-{'on' if metering else 'off'}"
             data.mkdir(mode=0o700)
             try:
                 profile = (
-                    opts.json_path.with_name("ecology-supervisor.svg") if opts.profile and n == SIZES[-1] else None
+                    opts.json_path.with_name("ecology-supervisor.svg")
+                    if opts.profile and n == SIZES[-1] and metering
+                    else None
                 )
-                r = asyncio.run(measure(n, data, duration, sampler, profile))
+                r = asyncio.run(measure(n, data, duration, sampler, profile, metering))
             except Exception as exc:  # one size's failure must not cost the others' numbers
                 print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
                 skipped.append(Skipped(n, f"{type(exc).__name__}: {exc}"))
@@ -589,9 +735,12 @@ def run(opts: Options) -> int:
             failed = True
     print_table(results)
     line = target_line(results)
+    costs = metering_costs(results)
+    meter_line = metering_line(costs)
     print()
     print(line)
-    report = Report("ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, results, skipped)
+    print(meter_line)
+    report = Report("ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, meter_line, results, costs, skipped)
     note = f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per size)"
     publish(opts.json_path, report, lambda png: plot(results, png, note) if results else None)
     return 1 if failed else 0
