@@ -25,8 +25,11 @@ actions per second (applied + rejected, from the agents' counters), turn latency
 (VmRSS of this process, sampled by a thread) and CPU (``time.process_time``, all its threads, with a
 per-thread breakdown), and the workers' utilisation (CPU charged to tasks / workers × seconds).
 
-Each size runs twice, with the supervisor's metering off and then on (``EconomyConfig.metering``,
-``runtime.economy.metering``): the throughput lost to metering is the difference. With it on, the
+Each size runs eight times, with the supervisor's metering off and on in the order ``METERING_ORDER``
+(``EconomyConfig.metering``, ``runtime.economy.metering``; the order cancels a linear or quadratic
+drift of the host's load): the throughput lost to metering is the difference between the two modes'
+actions over their windows. On a shared host that difference is noisy; the CPU per action each mode
+costs (supervisor and workers, from the kernel) is the steadier estimate, reported beside it. With it on, the
 supervisor's CPU in the window (``RUSAGE_SELF``) is split into what was charged to agents, each named
 overhead (the event loop's own work, the group-commit writers, ZeroMQ's thread …) and what neither
 covers; the targets are ≥ 95% attributed to an agent or a named overhead, at ≤ 5% of throughput.
@@ -90,6 +93,9 @@ TARGET_RATE = 1000.0
 #: throughput metering may cost.
 TARGET_ATTRIBUTED_PCT = 95.0
 TARGET_METERING_COST_PCT = 5.0
+#: The order of the runs of one size (off, on, on, off, on, off, off, on): each mode's mean time in the
+#: sequence is the same, and so is its mean squared time.
+METERING_ORDER = (False, True, True, False, True, False, False, True)
 _MB = 1 << 20
 
 
@@ -99,6 +105,8 @@ class SizeResult(msgspec.Struct):
     agents: int
     #: Whether the supervisor metered its CPU per agent in this run.
     metering: bool
+    #: The host's 1-minute load average when the run started (other work on the host skews throughput).
+    load_avg_1m: float
     workers: int
     cpu_rate_millicores: int
     burst_seconds: float
@@ -162,15 +170,21 @@ class Skipped(msgspec.Struct):
 
 
 class MeteringCost(msgspec.Struct):
-    """One size with metering off and on."""
+    """One size with metering off and on: each mode's actions over the sum of its windows."""
 
     agents: int
+    runs_per_mode: int
     actions_per_s_off: float
     actions_per_s_on: float
     #: Throughput lost to metering, in % of the rate without it (negative: the run with it was faster).
     cost_pct: float
     supervisor_cpu_ms_per_action_off: float
     supervisor_cpu_ms_per_action_on: float
+    worker_cpu_ms_per_action_off: float
+    worker_cpu_ms_per_action_on: float
+    #: The CPU per action (supervisor + workers) metering adds, in % of it without: the throughput it
+    #: costs when the CPUs are the limit, measured by the kernel whatever else runs on the host.
+    cpu_cost_pct: float
     attributed_pct: float
 
 
@@ -324,6 +338,7 @@ async def measure(
     ``metering``: whether the supervisor meters its CPU per agent (``EconomyConfig.metering``).
     """
     rss_before = _rss_bytes()
+    load = os.getloadavg()[0]
     horizon = WARMUP_MAX_S + duration + DRAIN_MAX_S
     problems: list[str] = []
     capacity = capacity_millicores(Config(data_dir=str(data)), cg.discover())
@@ -427,6 +442,7 @@ async def measure(
     return SizeResult(
         agents=n,
         metering=metering,
+        load_avg_1m=round(load, 2),
         workers=workers,
         cpu_rate_millicores=rate,
         burst_seconds=round(burst, 1),
@@ -543,22 +559,45 @@ def metering_costs(results: list[SizeResult]) -> list[MeteringCost]:
     """Each size measured both ways: the throughput metering costs, and how much it attributes."""
     out = []
     for n in SIZES:
-        off = next((r for r in results if r.agents == n and not r.metering), None)
-        on = next((r for r in results if r.agents == n and r.metering), None)
-        if off is None or on is None or not off.actions_per_s:
+        off = [r for r in results if r.agents == n and not r.metering]
+        on = [r for r in results if r.agents == n and r.metering]
+        if not off or not on or len(off) != len(on):
             continue
+        rate_off, rate_on = _rate(off), _rate(on)
+        if not rate_off:
+            continue
+        sup_off, sup_on = (
+            _per_action(off, "supervisor_cpu_ms_per_action"),
+            _per_action(on, "supervisor_cpu_ms_per_action"),
+        )
+        wrk_off, wrk_on = _per_action(off, "worker_cpu_ms_per_action"), _per_action(on, "worker_cpu_ms_per_action")
         out.append(
             MeteringCost(
                 agents=n,
-                actions_per_s_off=off.actions_per_s,
-                actions_per_s_on=on.actions_per_s,
-                cost_pct=round(100 * (off.actions_per_s - on.actions_per_s) / off.actions_per_s, 1),
-                supervisor_cpu_ms_per_action_off=off.supervisor_cpu_ms_per_action,
-                supervisor_cpu_ms_per_action_on=on.supervisor_cpu_ms_per_action,
-                attributed_pct=on.supervisor_attributed_pct,
+                runs_per_mode=len(on),
+                actions_per_s_off=round(rate_off, 1),
+                actions_per_s_on=round(rate_on, 1),
+                cost_pct=round(100 * (rate_off - rate_on) / rate_off, 1),
+                supervisor_cpu_ms_per_action_off=round(sup_off, 4),
+                supervisor_cpu_ms_per_action_on=round(sup_on, 4),
+                worker_cpu_ms_per_action_off=round(wrk_off, 4),
+                worker_cpu_ms_per_action_on=round(wrk_on, 4),
+                cpu_cost_pct=round(100 * (sup_on + wrk_on - sup_off - wrk_off) / (sup_off + wrk_off), 1),
+                attributed_pct=min(r.supervisor_attributed_pct for r in on),
             )
         )
     return out
+
+
+def _rate(runs: list[SizeResult]) -> float:
+    secs = sum(r.seconds for r in runs)
+    return sum(r.actions for r in runs) / secs if secs else 0.0
+
+
+def _per_action(runs: list[SizeResult], field: str) -> float:
+    """A per-action figure over several runs, weighted by their actions."""
+    done = sum(r.actions for r in runs)
+    return sum(getattr(r, field) * r.actions for r in runs) / done if done else math.nan
 
 
 def metering_line(costs: list[MeteringCost]) -> str:
@@ -567,20 +606,21 @@ def metering_line(costs: list[MeteringCost]) -> str:
         return "metering: no size measured with it both off and on — targets NOT met"
     worst_attr = min(c.attributed_pct for c in costs)
     worst_cost = max(c.cost_pct for c in costs)
+    worst_cpu = max(c.cpu_cost_pct for c in costs)
     met = worst_attr >= TARGET_ATTRIBUTED_PCT and worst_cost <= TARGET_METERING_COST_PCT
     sizes = "; ".join(
         f"{c.agents:,} agents {c.attributed_pct:.1f}% attributed, {c.actions_per_s_off:,.0f} → "
-        f"{c.actions_per_s_on:,.0f} actions/s ({c.cost_pct:+.1f}%)"
+        f"{c.actions_per_s_on:,.0f} actions/s ({c.cost_pct:+.1f}%), CPU per action {c.cpu_cost_pct:+.1f}%"
         for c in costs
     )
     return (
         f"metering: supervisor CPU attributed to an agent or a named overhead ≥ {TARGET_ATTRIBUTED_PCT:.0f}% "
-        f"(worst {worst_attr:.1f}%), throughput cost ≤ {TARGET_METERING_COST_PCT:.0f}% (worst {worst_cost:+.1f}%) — "
-        f"{'met' if met else 'NOT met'} [{sizes}]"
+        f"(worst {worst_attr:.1f}%), throughput cost ≤ {TARGET_METERING_COST_PCT:.0f}% (worst {worst_cost:+.1f}%; "
+        f"CPU per action worst {worst_cpu:+.1f}%) — {'met' if met else 'NOT met'} [{sizes}]"
     )
 
 
-def plot(results: list[SizeResult], path: Path, note: str) -> None:
+def plot(results: list[SizeResult], costs: list[MeteringCost], path: Path, note: str) -> None:
     """Actions/s (metering off and on), supervisor RSS, and the supervisor's CPU per action split into
     agents, named overhead and unattributed, against the number of agents (log x)."""
     import matplotlib
@@ -588,24 +628,33 @@ def plot(results: list[SizeResult], path: Path, note: str) -> None:
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    on = [r for r in results if r.metering]
-    off = [r for r in results if not r.metering]
+    on = [
+        next(r for r in results if r.agents == n and r.metering)
+        for n in SIZES
+        if any(r.agents == n and r.metering for r in results)
+    ]
     xs = [r.agents for r in on]
     fig, (left, right, split) = plt.subplots(1, 3, figsize=(18, 5))
-    left.plot(xs, [r.actions_per_s for r in on], marker="o", color="tab:blue", label="actions/s, metering on")
     left.plot(
-        [r.agents for r in off],
-        [r.actions_per_s for r in off],
+        [c.agents for c in costs],
+        [c.actions_per_s_on for c in costs],
+        marker="o",
+        color="tab:blue",
+        label="actions/s, metering on",
+    )
+    left.plot(
+        [c.agents for c in costs],
+        [c.actions_per_s_off for c in costs],
         marker="x",
         linestyle=":",
         color="tab:gray",
         label="actions/s, metering off",
     )
     left.axhline(TARGET_RATE, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATE:,.0f}/s")
-    for r in on:
+    for c in costs:
         left.annotate(
-            f"{r.actions_per_s:,.0f}",
-            (r.agents, r.actions_per_s),
+            f"{c.actions_per_s_on:,.0f} ({-c.cost_pct:+.1f}%)",
+            (c.agents, c.actions_per_s_on),
             textcoords="offset points",
             xytext=(0, 8),
             ha="center",
@@ -688,7 +737,8 @@ def run(opts: Options) -> int:
     host["tmp_dir"] = str(tmp)
     print(
         f"ecology benchmark ({mode}): {', '.join(f'{n:,}' for n in SIZES)} scripted agents, {duration:g} s each "
-        f"after a warm-up; think = {THINK_MS} ms Burn on a worker; {host['cpus_usable']} usable CPUs, "
+        f"after a warm-up, {len(METERING_ORDER)} runs per size (metering off and on, interleaved); "
+        f"think = {THINK_MS} ms Burn on a worker; {host['cpus_usable']} usable CPUs, "
         f"Python {host['python']}; files in {tmp}",
         flush=True,
     )
@@ -698,15 +748,15 @@ def run(opts: Options) -> int:
     sampler = RssSampler()
     before = {pid for pid, _ in child_pids()}
     try:
-        for n, metering in ((n, m) for n in SIZES for m in (False, True)):
+        for n, (i, metering) in ((n, im) for n in SIZES for im in enumerate(METERING_ORDER)):
             tag = f"[{n:,} agents, metering {'on' if metering else 'off'}]"
             print(f"{tag} starting", flush=True)
-            data = tmp / f"agents-{n}-{'on' if metering else 'off'}"
+            data = tmp / f"agents-{n}-{i}"
             data.mkdir(mode=0o700)
             try:
                 profile = (
                     opts.json_path.with_name("ecology-supervisor.svg")
-                    if opts.profile and n == SIZES[-1] and metering
+                    if opts.profile and n == SIZES[-1] and i == METERING_ORDER.index(True)
                     else None
                 )
                 r = asyncio.run(measure(n, data, duration, sampler, profile, metering))
@@ -741,6 +791,9 @@ def run(opts: Options) -> int:
     print(line)
     print(meter_line)
     report = Report("ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, meter_line, results, costs, skipped)
-    note = f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per size)"
-    publish(opts.json_path, report, lambda png: plot(results, png, note) if results else None)
+    note = (
+        f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per run, metering off and on interleaved, "
+        f"{len(METERING_ORDER)} runs per size)"
+    )
+    publish(opts.json_path, report, lambda png: plot(results, costs, png, note) if results else None)
     return 1 if failed else 0

@@ -6,8 +6,8 @@ Where the time is measured (``time.thread_time_ns``, the CPU clock of the runnin
     event loop thread   an agent's turn (``Agent.step``, ``perform``), the answer to each of its confined
                         code's world calls (``WorkerPool.for_agent``: serving, encoding, sending) and the
                         pool's dispatch of its tasks (``Economy.run``) run as ``Meter.metered``
-                        coroutines: each synchronous step
-                        (``send`` to the next ``await`` that suspends) is timed and added to the agent
+                        coroutines: each synchronous step (``send`` to the next ``await`` that
+                        suspends) is timed, and the sum is the agent's when the call ends
     executor threads    recall/remember (local Qdrant runs in the supervisor) run through
                         ``Meter.to_thread``: the call is timed in the thread that runs it
     everything else     the loop's own work (selector, callbacks, the pool's receive path, status,
@@ -69,29 +69,31 @@ class _Metered(Generic[T]):
         coro, local = self._coro, self._meter._local
         if local.active:  # inside another metered step, which already times this one
             return (yield from coro.__await__())
-        add, agent, clock = self._meter._add, self._agent, time.thread_time_ns
-        tid = threading.get_native_id()
+        clock = time.thread_time_ns
+        spent = 0  # added once, when the coroutine ends: one lock and a few dict updates per call, not per step
         value: Any = None
         error: BaseException | None = None
-        while True:
-            local.active = True
-            t0 = clock()
-            try:
-                out = coro.send(value) if error is None else coro.throw(error)
-            except StopIteration as stop:
-                add(agent, tid, clock() - t0)
-                return cast(T, stop.value)
-            except BaseException:
-                add(agent, tid, clock() - t0)
-                raise
-            finally:
-                local.active = False
-            add(agent, tid, clock() - t0)
-            value, error = None, None
-            try:
-                value = yield out
-            except BaseException as exc:  # cancellation and friends go into the coroutine, as with await
-                error = exc
+        try:
+            while True:
+                local.active = True
+                t0 = clock()
+                try:
+                    out = coro.send(value) if error is None else coro.throw(error)
+                except StopIteration as stop:
+                    return cast(T, stop.value)
+                finally:
+                    spent += clock() - t0
+                    local.active = False
+                value, error = None, None
+                try:
+                    value = yield out
+                except GeneratorExit:  # the awaiting task is being destroyed: close the coroutine too
+                    coro.close()
+                    raise
+                except BaseException as exc:  # cancellation and friends go into the coroutine, as with await
+                    error = exc
+        finally:
+            self._meter._add(self._agent, threading.get_native_id(), spent)
 
 
 class Meter:
