@@ -635,21 +635,9 @@ def plot(results: list[SizeResult], costs: list[MeteringCost], path: Path, note:
     ]
     xs = [r.agents for r in on]
     fig, (left, right, split) = plt.subplots(1, 3, figsize=(18, 5))
-    left.plot(
-        [c.agents for c in costs],
-        [c.actions_per_s_on for c in costs],
-        marker="o",
-        color="tab:blue",
-        label="actions/s, metering on",
-    )
-    left.plot(
-        [c.agents for c in costs],
-        [c.actions_per_s_off for c in costs],
-        marker="x",
-        linestyle=":",
-        color="tab:gray",
-        label="actions/s, metering off",
-    )
+    cx = [c.agents for c in costs]
+    left.plot(cx, [c.actions_per_s_on for c in costs], "o-", color="tab:blue", label="actions/s, metering on")
+    left.plot(cx, [c.actions_per_s_off for c in costs], "x:", color="tab:gray", label="actions/s, metering off")
     left.axhline(TARGET_RATE, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATE:,.0f}/s")
     for c in costs:
         left.annotate(

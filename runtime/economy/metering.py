@@ -50,6 +50,8 @@ T = TypeVar("T")
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 #: Thread names that end in a number (``asyncio_3``, ``ZMQbg/IO/0``) are one named overhead together.
 _NUMBERED = re.compile(r"[_/-]?\d+$")
+#: Python's default thread name, ``Thread-3 (serve_forever)``: the overhead is named after the target.
+_DEFAULT_NAME = re.compile(r"^Thread-\d+ \((.+)\)$")
 
 
 class _Local(threading.local):
@@ -230,11 +232,16 @@ class SupervisorBooks(Struct, frozen=True):
 
 
 def _thread_names() -> dict[int, str]:
-    names = {t.native_id: _NUMBERED.sub("", t.name) for t in threading.enumerate() if t.native_id is not None}
+    names = {t.native_id: _kind(t.name) for t in threading.enumerate() if t.native_id is not None}
     main = threading.main_thread().native_id
     if main is not None:  # the supervisor's event loop runs in its main thread
         names[main] = "event loop"
     return names
+
+
+def _kind(name: str) -> str:
+    default = _DEFAULT_NAME.match(name)
+    return default.group(1) if default else _NUMBERED.sub("", name)
 
 
 def thread_cpu_ns() -> dict[int, tuple[str, int]]:

@@ -292,3 +292,7 @@ def test_prometheus_metrics_show_the_agents_and_the_pool(tmp_path: Path) -> None
     assert values["aeco_container_cpu_seconds_total"] > 0
     assert values['aeco_overhead_cpu_seconds_total{kind="startup"}'] > 0
     assert "aeco_unattributed_cpu_seconds" in values
+    # The supervisor's own CPU: some charged to the agents it worked for, the rest named, per thread.
+    assert values['aeco_supervisor_cpu_seconds{kind="agents"}'] > 0
+    assert values['aeco_supervisor_cpu_seconds{kind="event loop"}'] > 0
+    assert values["aeco_supervisor_kernel_cpu_seconds"] > values['aeco_supervisor_cpu_seconds{kind="agents"}']

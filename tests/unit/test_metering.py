@@ -106,3 +106,17 @@ def test_off_the_meter_returns_the_coroutine_itself() -> None:
     coro = job()
     assert meter.metered("a", coro) is coro
     assert asyncio.run(coro) == 3 and meter.totals == {}
+
+
+def test_what_waits_too_long_for_a_task_is_listed_for_its_own_charge() -> None:
+    now = [100.0]
+    meter = Meter(clock=lambda: now[0])
+
+    async def act() -> None:
+        _spin(1)
+
+    asyncio.run(meter.run("a", act()))
+    assert meter.waiting(5.0) == []
+    now[0] += 5.0
+    assert meter.waiting(5.0) == ["a"]
+    assert meter.take("a") > 0 and meter.waiting(0.0) == [] and meter.pending() == 0.0
