@@ -48,6 +48,7 @@ import collections
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -176,8 +177,10 @@ class MeteringCost(msgspec.Struct):
     runs_per_mode: int
     actions_per_s_off: float
     actions_per_s_on: float
-    #: Throughput lost to metering, in % of the rate without it (negative: the run with it was faster).
+    #: Throughput lost to metering, in % of the rate without it (negative: the run with it was faster),
+    #: and the standard error of that difference from the spread of the runs' rates (the host's noise).
     cost_pct: float
+    cost_stderr_pct: float
     supervisor_cpu_ms_per_action_off: float
     supervisor_cpu_ms_per_action_on: float
     worker_cpu_ms_per_action_off: float
@@ -578,6 +581,7 @@ def metering_costs(results: list[SizeResult]) -> list[MeteringCost]:
                 actions_per_s_off=round(rate_off, 1),
                 actions_per_s_on=round(rate_on, 1),
                 cost_pct=round(100 * (rate_off - rate_on) / rate_off, 1),
+                cost_stderr_pct=round(100 * math.sqrt(_var_of_mean(off) + _var_of_mean(on)) / rate_off, 1),
                 supervisor_cpu_ms_per_action_off=round(sup_off, 4),
                 supervisor_cpu_ms_per_action_on=round(sup_on, 4),
                 worker_cpu_ms_per_action_off=round(wrk_off, 4),
@@ -594,6 +598,11 @@ def _rate(runs: list[SizeResult]) -> float:
     return sum(r.actions for r in runs) / secs if secs else 0.0
 
 
+def _var_of_mean(runs: list[SizeResult]) -> float:
+    """The variance of the mean of the runs' actions/s (0 for a single run)."""
+    return statistics.variance([r.actions_per_s for r in runs]) / len(runs) if len(runs) > 1 else 0.0
+
+
 def _per_action(runs: list[SizeResult], field: str) -> float:
     """A per-action figure over several runs, weighted by their actions."""
     done = sum(r.actions for r in runs)
@@ -607,16 +616,24 @@ def metering_line(costs: list[MeteringCost]) -> str:
     worst_attr = min(c.attributed_pct for c in costs)
     worst_cost = max(c.cost_pct for c in costs)
     worst_cpu = max(c.cpu_cost_pct for c in costs)
-    met = worst_attr >= TARGET_ATTRIBUTED_PCT and worst_cost <= TARGET_METERING_COST_PCT
+    attributed = worst_attr >= TARGET_ATTRIBUTED_PCT
+    # Within two standard errors of the target, the host's noise decides: say so rather than pass or fail.
+    if attributed and worst_cost <= TARGET_METERING_COST_PCT:
+        verdict = "met"
+    elif attributed and all(c.cost_pct - 2 * c.cost_stderr_pct <= TARGET_METERING_COST_PCT for c in costs):
+        verdict = "throughput cost within the host's noise of the target (neither shown met nor missed)"
+    else:
+        verdict = "NOT met"
     sizes = "; ".join(
         f"{c.agents:,} agents {c.attributed_pct:.1f}% attributed, {c.actions_per_s_off:,.0f} → "
-        f"{c.actions_per_s_on:,.0f} actions/s ({c.cost_pct:+.1f}%), CPU per action {c.cpu_cost_pct:+.1f}%"
+        f"{c.actions_per_s_on:,.0f} actions/s ({c.cost_pct:+.1f}% ± {c.cost_stderr_pct:.1f}%), CPU per action "
+        f"{c.cpu_cost_pct:+.1f}%"
         for c in costs
     )
     return (
         f"metering: supervisor CPU attributed to an agent or a named overhead ≥ {TARGET_ATTRIBUTED_PCT:.0f}% "
         f"(worst {worst_attr:.1f}%), throughput cost ≤ {TARGET_METERING_COST_PCT:.0f}% (worst {worst_cost:+.1f}%; "
-        f"CPU per action worst {worst_cpu:+.1f}%) — {'met' if met else 'NOT met'} [{sizes}]"
+        f"CPU per action worst {worst_cpu:+.1f}%) — {verdict} [{sizes}]"
     )
 
 
