@@ -72,7 +72,7 @@ from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
 from runtime.agents.loop import Agent
 from runtime.config import AgentConfig, Config, EconomyConfig
 from runtime.economy.ledger.check import check
-from runtime.economy.metering import SupervisorBooks, thread_cpu_ns
+from runtime.economy.metering import Meter, SupervisorBooks, thread_cpu_ns
 from runtime.economy.rights import capacity_millicores
 from runtime.host import cgroups as cg
 from runtime.node import Node
@@ -145,6 +145,8 @@ class SizeResult(msgspec.Struct):
     supervisor_agents_pct: float
     #: Supervisor CPU charged to agents in the ledger over the whole run (``supervisor_cpu_seconds``).
     supervisor_charged_s: float
+    #: Spans the meter timed per action (each costs it two clock readings and some bookkeeping).
+    metered_spans_per_action: float
     #: The whole run (warm-up, window, drain): thinks done, and what the stores hold.
     thinks: int
     burn_records: int
@@ -188,6 +190,10 @@ class MeteringCost(msgspec.Struct):
     #: The CPU per action (supervisor + workers) metering adds, in % of it without: the throughput it
     #: costs when the CPUs are the limit, measured by the kernel whatever else runs on the host.
     cpu_cost_pct: float
+    #: The meter's own CPU per action: its spans per action × what one span costs (``meter_span_cost_us``),
+    #: in % of the CPU per action without metering — the same cost, counted from its parts.
+    meter_span_us: float
+    meter_cpu_pct: float
     attributed_pct: float
 
 
@@ -310,6 +316,7 @@ class Window:
     charged: float
     kernel: float
     books: SupervisorBooks
+    spans: int
 
 
 def _snapshot(agents: Sequence[Agent], pool: WorkerPool, node: Node) -> Window:
@@ -323,6 +330,7 @@ def _snapshot(agents: Sequence[Agent], pool: WorkerPool, node: Node) -> Window:
         pool.accounts.charged(),
         sum(pool.kernel_cpu().values()),
         node.economy.meter.books(),
+        node.economy.meter.spans,
     )
 
 
@@ -478,6 +486,7 @@ async def measure(
         supervisor_attributed_pct=round(100 * (1 - books.relative_error), 2),
         supervisor_agents_pct=round(100 * books.agents_share, 2),
         supervisor_charged_s=round(charged_sup, 4),
+        metered_spans_per_action=round((last.spans - first.spans) / done, 2) if done else 0.0,
         thinks=thinks,
         burn_records=burns,
         action_events=len(acts),
@@ -558,8 +567,29 @@ def target_line(results: list[SizeResult]) -> str:
     )
 
 
-def metering_costs(results: list[SizeResult]) -> list[MeteringCost]:
-    """Each size measured both ways: the throughput metering costs, and how much it attributes."""
+def meter_span_cost_us(rounds: int = 9, steps: int = 20_000) -> float:
+    """The CPU one metered span adds: a coroutine that does nothing but suspend ``steps`` times, run with
+    and without the meter, interleaved ``rounds`` times; the median of the differences, per step."""
+
+    async def idle() -> None:
+        for _ in range(steps):
+            await asyncio.sleep(0)
+
+    async def once(meter: Meter) -> float:
+        t0 = time.process_time()
+        await meter.metered("calibration", idle())
+        return time.process_time() - t0
+
+    async def both() -> list[float]:
+        on, off = Meter(), Meter(enabled=False)
+        return [await once(on) - await once(off) for _ in range(rounds)]
+
+    return 1e6 * statistics.median(asyncio.run(both())) / steps
+
+
+def metering_costs(results: list[SizeResult], span_us: float) -> list[MeteringCost]:
+    """Each size measured both ways: the throughput metering costs, and how much it attributes.
+    ``span_us``: what one metered span costs (``meter_span_cost_us``)."""
     out = []
     for n in SIZES:
         off = [r for r in results if r.agents == n and not r.metering]
@@ -587,6 +617,10 @@ def metering_costs(results: list[SizeResult]) -> list[MeteringCost]:
                 worker_cpu_ms_per_action_off=round(wrk_off, 4),
                 worker_cpu_ms_per_action_on=round(wrk_on, 4),
                 cpu_cost_pct=round(100 * (sup_on + wrk_on - sup_off - wrk_off) / (sup_off + wrk_off), 1),
+                meter_span_us=round(span_us, 3),
+                meter_cpu_pct=round(
+                    100 * _per_action(on, "metered_spans_per_action") * span_us / 1000 / (sup_off + wrk_off), 2
+                ),
                 attributed_pct=min(r.supervisor_attributed_pct for r in on),
             )
         )
@@ -627,7 +661,7 @@ def metering_line(costs: list[MeteringCost]) -> str:
     sizes = "; ".join(
         f"{c.agents:,} agents {c.attributed_pct:.1f}% attributed, {c.actions_per_s_off:,.0f} → "
         f"{c.actions_per_s_on:,.0f} actions/s ({c.cost_pct:+.1f}% ± {c.cost_stderr_pct:.1f}%), CPU per action "
-        f"{c.cpu_cost_pct:+.1f}%"
+        f"{c.cpu_cost_pct:+.1f}%, the meter's own spans {c.meter_cpu_pct:.2f}%"
         for c in costs
     )
     return (
@@ -790,7 +824,9 @@ def run(opts: Options) -> int:
             failed = True
     print_table(results)
     line = target_line(results)
-    costs = metering_costs(results)
+    span_us = meter_span_cost_us()
+    print(f"one metered span costs {span_us:.2f} µs of CPU (calibrated)", flush=True)
+    costs = metering_costs(results, span_us)
     meter_line = metering_line(costs)
     print()
     print(line)

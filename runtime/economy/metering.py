@@ -72,7 +72,7 @@ class _Metered(Generic[T]):
         if local.active:  # inside another metered step, which already times this one
             return (yield from coro.__await__())
         clock = time.thread_time_ns
-        spent = 0  # added once, when the coroutine ends: one lock and a few dict updates per call, not per step
+        spent = steps = 0  # added once, when the coroutine ends: one lock and a few dict updates per call
         value: Any = None
         error: BaseException | None = None
         try:
@@ -85,6 +85,7 @@ class _Metered(Generic[T]):
                     return cast(T, stop.value)
                 finally:
                     spent += clock() - t0
+                    steps += 1
                     local.active = False
                 value, error = None, None
                 try:
@@ -95,7 +96,7 @@ class _Metered(Generic[T]):
                 except BaseException as exc:  # cancellation and friends go into the coroutine, as with await
                     error = exc
         finally:
-            self._meter._add(self._agent, threading.get_native_id(), spent)
+            self._meter._add(self._agent, threading.get_native_id(), spent, steps)
 
 
 class Meter:
@@ -114,6 +115,9 @@ class Meter:
         self.totals: dict[str, int] = {}
         #: Nanoseconds attributed per native thread id: the part of that thread's CPU that is not overhead.
         self._by_thread: dict[int, int] = {}
+        #: Spans timed so far (a metered step, a call in a thread): what the meter itself costs is about
+        #: this many pairs of clock readings.
+        self.spans = 0
         self._lock = threading.Lock()
 
     def metered(self, agent: str, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
@@ -141,10 +145,11 @@ class Meter:
             return await asyncio.to_thread(timed)
         finally:
             for tid, ns in spans:  # the thread has finished with the call: it appended before returning
-                self._add(agent, tid, ns)
+                self._add(agent, tid, ns, 1)
 
-    def _add(self, agent: str, tid: int, ns: int) -> None:
+    def _add(self, agent: str, tid: int, ns: int, spans: int) -> None:
         with self._lock:
+            self.spans += spans
             pending = self._pending.get(agent)
             if pending is None:
                 self._since[agent] = self._clock()
