@@ -692,7 +692,7 @@ def plot(results: list[SizeResult], costs: list[MeteringCost], path: Path, note:
     left.axhline(TARGET_RATE, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATE:,.0f}/s")
     for c in costs:
         left.annotate(
-            f"{c.actions_per_s_on:,.0f} ({-c.cost_pct:+.1f}%)",
+            f"{c.actions_per_s_on:,.0f} ({-c.cost_pct:+.1f}% vs off)",
             (c.agents, c.actions_per_s_on),
             textcoords="offset points",
             xytext=(0, 8),
@@ -759,9 +759,10 @@ def _plot_split(ax: Any, on: list[SizeResult]) -> None:
         )
     ax.set_xlabel("agents")
     ax.set_ylabel("supervisor CPU per action (ms)")
+    ax.set_ylim(0, 1.45 * max(bottom, default=1.0))  # room for the legend above the bars
     ax.set_title("Supervisor CPU per action, metering on")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper center", fontsize=7, ncol=3)
 
 
 def run(opts: Options) -> int:
