@@ -72,7 +72,7 @@ from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
 from runtime.agents.loop import Agent
 from runtime.config import AgentConfig, Config, EconomyConfig
 from runtime.economy.ledger.check import check
-from runtime.economy.metering import Meter, SupervisorBooks, thread_cpu_ns
+from runtime.economy.metering import AgentMeter, SupervisorBooks, thread_cpu_ns
 from runtime.economy.rights import capacity_millicores
 from runtime.host import cgroups as cg
 from runtime.node import Node
@@ -575,13 +575,13 @@ def meter_span_cost_us(rounds: int = 9, steps: int = 20_000) -> float:
         for _ in range(steps):
             await asyncio.sleep(0)
 
-    async def once(meter: Meter) -> float:
+    async def once(meter: AgentMeter) -> float:
         t0 = time.process_time()
         await meter.metered("calibration", idle())
         return time.process_time() - t0
 
     async def both() -> list[float]:
-        on, off = Meter(), Meter(enabled=False)
+        on, off = AgentMeter(), AgentMeter(enabled=False)
         return [await once(on) - await once(off) for _ in range(rounds)]
 
     return 1e6 * statistics.median(asyncio.run(both())) / steps

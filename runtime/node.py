@@ -39,7 +39,7 @@ from runtime.backends import Backends, EventBackend, open_backends
 from runtime.config import AgentConfig, Config
 from runtime.economy.buckets import Buckets, Estimator
 from runtime.economy.charging import Economy
-from runtime.economy.metering import Meter
+from runtime.economy.metering import AgentMeter
 from runtime.economy.recovery import recover
 from runtime.economy.rights import open_economy
 from runtime.host import cgroups as cg
@@ -185,7 +185,7 @@ class Node:
                 self.buckets,
                 Estimator(cfg.economy.default_estimate_s),
                 node=self.node_id,
-                meter=Meter(enabled=cfg.economy.metering),
+                meter=AgentMeter(enabled=cfg.economy.metering),
             )
             if self._memory if self._memory is not None else any(_remembers(a) for a in cfg.agents):
                 # Imported here: the vector store's client is heavy, and most scripted runs never need it.

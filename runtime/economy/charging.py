@@ -16,7 +16,7 @@ import uuid
 
 from runtime.economy.buckets import Buckets, BucketState, Estimator
 from runtime.economy.ledger import Asset, Ledger, Receipt, RecordUsage, SetBuckets, Transfer
-from runtime.economy.metering import Meter
+from runtime.economy.metering import AgentMeter
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
 from runtime.pool.accounting import TaskUsage
@@ -82,11 +82,11 @@ class Economy:
         buckets: Buckets,
         estimator: Estimator,
         node: str = "",
-        meter: Meter | None = None,
+        meter: AgentMeter | None = None,
     ) -> None:
         self.pool, self.ledger, self.buckets, self.estimator = pool, ledger, buckets, estimator
-        #: The supervisor's CPU per agent, charged with the agent's tasks (off: ``Meter(enabled=False)``).
-        self.meter = meter if meter is not None else Meter()
+        #: The supervisor's CPU per agent, charged with the agent's tasks (off: ``AgentMeter(enabled=False)``).
+        self.meter = meter if meter is not None else AgentMeter()
         if self.meter.enabled:  # answering confined code's world calls (reading, encoding, sending) included
             pool.for_agent = self.meter.run
         #: Tokens an agent's next think is expected to use (prompt + completion).

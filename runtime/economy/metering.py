@@ -5,11 +5,11 @@ Where the time is measured (``time.thread_time_ns``, the CPU clock of the runnin
 
     event loop thread   an agent's turn (``Agent.step``, ``perform``), the answer to each of its confined
                         code's world calls (``WorkerPool.for_agent``: serving, encoding, sending) and the
-                        pool's dispatch of its tasks (``Economy.run``) run as ``Meter.metered``
+                        pool's dispatch of its tasks (``Economy.run``) run as ``AgentMeter.metered``
                         coroutines: each synchronous step (``send`` to the next ``await`` that
                         suspends) is timed, and the sum is the agent's when the call ends
     executor threads    recall/remember (local Qdrant runs in the supervisor) run through
-                        ``Meter.to_thread``: the call is timed in the thread that runs it
+                        ``AgentMeter.to_thread``: the call is timed in the thread that runs it
     everything else     the loop's own work (selector, callbacks, the pool's receive path, status,
                         metrics, imports), the group-commit writers, ZeroMQ's I/O thread: named
                         overhead, one name per thread (``SupervisorBooks.overhead``)
@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from msgspec import Struct
 
-__all__ = ["Meter", "SupervisorBooks", "thread_cpu_ns"]
+__all__ = ["AgentMeter", "SupervisorBooks", "thread_cpu_ns"]
 
 T = TypeVar("T")
 
@@ -64,7 +64,7 @@ class _Metered(Generic[T]):
 
     __slots__ = ("_agent", "_coro", "_meter")
 
-    def __init__(self, meter: Meter, agent: str, coro: Coroutine[Any, Any, T]) -> None:
+    def __init__(self, meter: AgentMeter, agent: str, coro: Coroutine[Any, Any, T]) -> None:
         self._meter, self._agent, self._coro = meter, agent, coro
 
     def __await__(self) -> Generator[Any, None, T]:
@@ -99,7 +99,7 @@ class _Metered(Generic[T]):
             self._meter._add(self._agent, threading.get_native_id(), spent, steps)
 
 
-class Meter:
+class AgentMeter:
     """Measures the supervisor's CPU per agent (see the module docstring); ``enabled=False`` measures
     nothing and adds nothing to any call (``EconomyConfig.metering``)."""
 

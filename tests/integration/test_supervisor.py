@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -272,20 +273,31 @@ def test_prometheus_metrics_show_the_agents_and_the_pool(tmp_path: Path) -> None
         port = s.getsockname()[1]
     cfg = tmp_path / "metrics.yaml"
     cfg.write_text(SCRIPTED.format(data=tmp_path / "data") + f"metrics_port: {port}\n")
+    applied = 'aeco_agent_actions_total{agent="writer",outcome="applied"}'
+
+    def scrape() -> dict[str, float]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        return {
+            name: float(value)
+            for line in body.splitlines()
+            if line and not line.startswith("#")
+            for name, _, value in [line.rpartition(" ")]
+        }
+
     proc = _supervisor("--config", str(cfg), "--no-live")
+    values: dict[str, float] = {}
     try:
         _wait_for_workers(proc.pid, 2)
-        time.sleep(2.0)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        # The server opens once the node has started (memory included); the agents then act.
+        end = time.monotonic() + 30
+        while values.get(applied, 0) <= 0 and time.monotonic() < end:
+            with contextlib.suppress(OSError):  # not listening yet
+                values = scrape()
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
-    values = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    assert values['aeco_agent_actions_total{agent="writer",outcome="applied"}'] > 0
+    assert values[applied] > 0
     assert values['aeco_agent_cpu_seconds_total{agent="writer"}'] > 0
     assert values["aeco_pool_workers"] == 2
     assert 0 <= values["aeco_pool_utilisation"] <= 1

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from runtime.economy.metering import Meter, SupervisorBooks
+from runtime.economy.metering import AgentMeter, SupervisorBooks
 
 
 def _spin(ms: float) -> None:
@@ -16,7 +16,7 @@ def _spin(ms: float) -> None:
 
 
 def test_a_nested_metered_coroutine_is_counted_once() -> None:
-    meter = Meter()
+    meter = AgentMeter()
 
     async def inner() -> int:
         _spin(20)
@@ -41,7 +41,7 @@ def test_a_nested_metered_coroutine_is_counted_once() -> None:
 
 
 def test_what_other_coroutines_do_while_a_metered_one_waits_is_not_billed_to_it() -> None:
-    meter = Meter()
+    meter = AgentMeter()
 
     async def agent() -> None:
         for _ in range(5):
@@ -61,7 +61,7 @@ def test_what_other_coroutines_do_while_a_metered_one_waits_is_not_billed_to_it(
 
 
 def test_cancelling_a_metered_coroutine_reaches_it_and_keeps_what_it_used() -> None:
-    meter = Meter()
+    meter = AgentMeter()
     entered, cleaned = asyncio.Event(), asyncio.Event()
 
     async def agent() -> None:
@@ -86,7 +86,7 @@ def test_cancelling_a_metered_coroutine_reaches_it_and_keeps_what_it_used() -> N
 
 
 def test_a_call_in_a_thread_is_billed_with_the_threads_clock() -> None:
-    meter = Meter()
+    meter = AgentMeter()
 
     async def main() -> None:
         await meter.to_thread("a", _spin, 15)
@@ -98,7 +98,7 @@ def test_a_call_in_a_thread_is_billed_with_the_threads_clock() -> None:
 
 
 def test_off_the_meter_returns_the_coroutine_itself() -> None:
-    meter = Meter(enabled=False)
+    meter = AgentMeter(enabled=False)
 
     async def job() -> int:
         return 3
@@ -110,7 +110,7 @@ def test_off_the_meter_returns_the_coroutine_itself() -> None:
 
 def test_what_waits_too_long_for_a_task_is_listed_for_its_own_charge() -> None:
     now = [100.0]
-    meter = Meter(clock=lambda: now[0])
+    meter = AgentMeter(clock=lambda: now[0])
 
     async def act() -> None:
         _spin(1)
