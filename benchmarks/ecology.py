@@ -28,8 +28,10 @@ per-thread breakdown), and the workers' utilisation (CPU charged to tasks / work
 Each size runs eight times, with the supervisor's metering off and on in the order ``METERING_ORDER``
 (``EconomyConfig.metering``, ``runtime.economy.metering``; the order cancels a linear or quadratic
 drift of the host's load): the throughput lost to metering is the difference between the two modes'
-actions over their windows. On a shared host that difference is noisy; the CPU per action each mode
-costs (supervisor and workers, from the kernel) is the steadier estimate, reported beside it. With it on, the
+actions over their windows, with its standard error from the runs' spread. On a shared host that
+difference is noisy; beside it are the CPU per action each mode costs (supervisor and workers, from
+the kernel) and the meter's own cost counted from its parts (its spans per action × what one span
+costs, ``meter_span_cost_us``). With it on, the
 supervisor's CPU in the window (``RUSAGE_SELF``) is split into what was charged to agents, each named
 overhead (the event loop's own work, the group-commit writers, ZeroMQ's thread …) and what neither
 covers; the targets are ≥ 95% attributed to an agent or a named overhead, at ≤ 5% of throughput.
