@@ -68,6 +68,11 @@ def test_an_agent_whose_code_makes_the_supervisor_work_pays_for_it_with_the_task
         light = await w.invoke_artifact("carol", "reader", 1)
         assert heavy.value == 100 * (700 << 10) and light.value == 700 << 10
         records = {r.agent: r for r in node.backends.ledger.usage_records() if r.kind == "invoke"}
+        print(
+            f"supervisor CPU charged with the invocation: 100 reads of 700 KiB "
+            f"{records['bob'].supervisor_cpu_seconds * 1000:.1f} ms, one read "
+            f"{records['carol'].supervisor_cpu_seconds * 1000:.2f} ms"
+        )
         # Serving 100 reads of 700 KiB is real work, charged in the invocation's own usage record.
         assert records["bob"].supervisor_cpu_seconds > 0.02
         assert records["bob"].supervisor_cpu_seconds > 10 * records["carol"].supervisor_cpu_seconds
