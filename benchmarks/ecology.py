@@ -25,6 +25,17 @@ actions per second (applied + rejected, from the agents' counters), turn latency
 (VmRSS of this process, sampled by a thread) and CPU (``time.process_time``, all its threads, with a
 per-thread breakdown), and the workers' utilisation (CPU charged to tasks / workers × seconds).
 
+Each size runs eight times, with the supervisor's metering off and on in the order ``METERING_ORDER``
+(``EconomyConfig.metering``, ``runtime.economy.metering``; the order cancels a linear or quadratic
+drift of the host's load): the throughput lost to metering is the difference between the two modes'
+actions over their windows, with its standard error from the runs' spread. On a shared host that
+difference is noisy; beside it are the CPU per action each mode costs (supervisor and workers, from
+the kernel) and the meter's own cost counted from its parts (its spans per action × what one span
+costs, ``meter_span_cost_us``). With it on, the
+supervisor's CPU in the window (``RUSAGE_SELF``) is split into what was charged to agents, each named
+overhead (the event loop's own work, the group-commit writers, ZeroMQ's thread …) and what neither
+covers; the targets are ≥ 95% attributed to an agent or a named overhead, at ≤ 5% of throughput.
+
 Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
 
@@ -39,11 +50,13 @@ import collections
 import math
 import os
 import shutil
+import statistics
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -64,6 +77,7 @@ from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
 from runtime.agents.loop import Agent
 from runtime.config import AgentConfig, Config, EconomyConfig
 from runtime.economy.ledger.check import check
+from runtime.economy.metering import AgentMeter, SupervisorBooks, thread_cpu_ns
 from runtime.economy.rights import capacity_millicores
 from runtime.host import cgroups as cg
 from runtime.node import Node
@@ -81,6 +95,13 @@ BULLETIN = "bulletin"
 SAMPLE_EVERY_S = 0.1
 TARGET_AGENTS = 1000
 TARGET_RATE = 1000.0
+#: Metering targets: the supervisor's CPU attributed to an agent or a named overhead, and the most
+#: throughput metering may cost.
+TARGET_ATTRIBUTED_PCT = 95.0
+TARGET_METERING_COST_PCT = 5.0
+#: The order of the runs of one size (off, on, on, off, on, off, off, on): each mode's mean time in the
+#: sequence is the same, and so is its mean squared time.
+METERING_ORDER = (False, True, True, False, True, False, False, True)
 _MB = 1 << 20
 
 
@@ -88,6 +109,10 @@ class SizeResult(msgspec.Struct):
     """One number of agents."""
 
     agents: int
+    #: Whether the supervisor metered its CPU per agent in this run.
+    metering: bool
+    #: The host's 1-minute load average when the run started (other work on the host skews throughput).
+    load_avg_1m: float
     workers: int
     cpu_rate_millicores: int
     burst_seconds: float
@@ -115,6 +140,18 @@ class SizeResult(msgspec.Struct):
     supervisor_cpu_ms_per_action: float
     worker_cpu_ms_per_action: float
     cpu_bound_actions_per_s: float
+    #: With metering: the supervisor's CPU per action charged to agents, per named overhead, and what
+    #: neither covers (``RUSAGE_SELF`` minus both); and the share of it that is attributed to an agent
+    #: or a named overhead, and to agents alone.
+    supervisor_agents_ms_per_action: float
+    supervisor_overhead_ms_per_action: dict[str, float]
+    supervisor_unattributed_ms_per_action: float
+    supervisor_attributed_pct: float
+    supervisor_agents_pct: float
+    #: Supervisor CPU charged to agents in the ledger over the whole run (``supervisor_cpu_seconds``).
+    supervisor_charged_s: float
+    #: Spans the meter timed per action (each costs it two clock readings and some bookkeeping).
+    metered_spans_per_action: float
     #: The whole run (warm-up, window, drain): thinks done, and what the stores hold.
     thinks: int
     burn_records: int
@@ -140,13 +177,40 @@ class Skipped(msgspec.Struct):
     reason: str
 
 
+class MeteringCost(msgspec.Struct):
+    """One size with metering off and on: each mode's actions over the sum of its windows."""
+
+    agents: int
+    runs_per_mode: int
+    actions_per_s_off: float
+    actions_per_s_on: float
+    #: Throughput lost to metering, in % of the rate without it (negative: the run with it was faster),
+    #: and the standard error of that difference from the spread of the runs' rates (the host's noise).
+    cost_pct: float
+    cost_stderr_pct: float
+    supervisor_cpu_ms_per_action_off: float
+    supervisor_cpu_ms_per_action_on: float
+    worker_cpu_ms_per_action_off: float
+    worker_cpu_ms_per_action_on: float
+    #: The CPU per action (supervisor + workers) metering adds, in % of it without: the throughput it
+    #: costs when the CPUs are the limit, measured by the kernel whatever else runs on the host.
+    cpu_cost_pct: float
+    #: The meter's own CPU per action: its spans per action × what one span costs (``meter_span_cost_us``),
+    #: in % of the CPU per action without metering — the same cost, counted from its parts.
+    meter_span_us: float
+    meter_cpu_pct: float
+    attributed_pct: float
+
+
 class Report(ReportHead):
     """The JSON file."""
 
     think_ms: int
     policy: list[str]
     target: str
+    metering_target: str
     results: list[SizeResult]
+    metering: list[MeteringCost]
     skipped: list[Skipped]
 
 
@@ -162,24 +226,11 @@ def _rss_bytes() -> int:
     return 0
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def _thread_cpu() -> dict[str, float]:
-    """CPU seconds of each thread of this process, by thread name (Python's name, else the kernel's)."""
-    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-    names[threading.main_thread().native_id or 0] = "event-loop"
+    """CPU seconds of this process's threads, by kind of thread (``runtime.economy.metering``)."""
     out: dict[str, float] = collections.defaultdict(float)
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        rest = stat[stat.rindex(")") + 2 :].split()
-        name = names.get(int(tid), comm)
-        out[name] += (int(rest[11]) + int(rest[12])) / _TICK
+    for name, ns in thread_cpu_ns().values():
+        out[name] += ns / 1e9
     return dict(out)
 
 
@@ -265,9 +316,11 @@ class Window:
     rejected: int
     charged: float
     kernel: float
+    books: SupervisorBooks
+    spans: int
 
 
-def _snapshot(agents: Sequence[Agent], pool: WorkerPool) -> Window:
+def _snapshot(agents: Sequence[Agent], pool: WorkerPool, node: Node) -> Window:
     applied, rejected = _turns(agents)
     return Window(
         time.perf_counter(),
@@ -277,6 +330,8 @@ def _snapshot(agents: Sequence[Agent], pool: WorkerPool) -> Window:
         rejected,
         pool.accounts.charged(),
         sum(pool.kernel_cpu().values()),
+        node.economy.meter.books(),
+        node.economy.meter.spans,
     )
 
 
@@ -286,12 +341,16 @@ def _burst_seconds(rate_millicores: int, horizon_s: float) -> float:
     return 2.0 * horizon_s * 1000.0 / rate_millicores
 
 
-async def measure(n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None) -> SizeResult:
+async def measure(
+    n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None, metering: bool = True
+) -> SizeResult:
     """Open a runtime for ``n`` agents in ``data``, run them, close everything, verify the stores.
 
     ``profile``: where to write a py-spy flame graph of this process during the measured window.
+    ``metering``: whether the supervisor meters its CPU per agent (``EconomyConfig.metering``).
     """
     rss_before = _rss_bytes()
+    load = os.getloadavg()[0]
     horizon = WARMUP_MAX_S + duration + DRAIN_MAX_S
     problems: list[str] = []
     capacity = capacity_millicores(Config(data_dir=str(data)), cg.discover())
@@ -301,7 +360,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     burst = _burst_seconds(rate, horizon)
     cfg = Config(
         data_dir=str(data),
-        economy=EconomyConfig(burst_seconds=burst),
+        economy=EconomyConfig(burst_seconds=burst, metering=metering),
         agents=[
             AgentConfig(
                 id=agent_id(i),
@@ -339,11 +398,11 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
                     spy = await asyncio.to_thread(PySpy.start, os.getpid(), profile, duration + 30, "supervisor")
                 sampler.samples.clear()
                 sampler.recording = True
-                first = _snapshot(agents, pool)
+                first = _snapshot(agents, pool, node)
                 state.start_ns = time.perf_counter_ns()
                 state.end_ns = state.start_ns + int(duration * 1e9)
                 await asyncio.wait(tasks, timeout=duration)  # returns early only if an agent failed
-                last = _snapshot(agents, pool)
+                last = _snapshot(agents, pool, node)
                 sampler.recording = False
                 if spy is not None:
                     await asyncio.to_thread(spy.stop, "supervisor")
@@ -379,6 +438,8 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
                 f"{e.fields.get('action')}: {str(e.fields.get('reason', ''))[:60]}" for e in acts if not e.fields["ok"]
             )
             blocked = sum(1 for e in all_events if e.kind == "agent_blocked")
+            await node.economy.flush_supervisor()
+            charged_sup = sum(r.supervisor_cpu_seconds for r in ledger.usage_records())
     finally:
         sampler.recording = False
     secs = last.wall - first.wall
@@ -388,8 +449,12 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     sup_ms = 1000 * (last.cpu - first.cpu) / done if done else math.nan
     wrk_ms = 1000 * (last.kernel - first.kernel) / done if done else math.nan
     cpus = len(os.sched_getaffinity(0))
+    books = last.books.minus(first.books)
+    per = 1e6 * done if done else math.nan  # ns -> ms per action
     return SizeResult(
         agents=n,
+        metering=metering,
+        load_avg_1m=round(load, 2),
         workers=workers,
         cpu_rate_millicores=rate,
         burst_seconds=round(burst, 1),
@@ -414,6 +479,15 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
         supervisor_cpu_ms_per_action=round(sup_ms, 3),
         worker_cpu_ms_per_action=round(wrk_ms, 3),
         cpu_bound_actions_per_s=round(1000 * cpus / (sup_ms + wrk_ms), 1) if done else 0.0,
+        supervisor_agents_ms_per_action=round(books.agents_ns / per, 4),
+        supervisor_overhead_ms_per_action={
+            k: round(v / per, 4) for k, v in sorted(books.overhead_ns.items(), key=lambda kv: -kv[1]) if v > 0
+        },
+        supervisor_unattributed_ms_per_action=round(books.unattributed_ns / per, 4),
+        supervisor_attributed_pct=round(100 * (1 - books.relative_error), 2),
+        supervisor_agents_pct=round(100 * books.agents_share, 2),
+        supervisor_charged_s=round(charged_sup, 4),
+        metered_spans_per_action=round((last.spans - first.spans) / done, 2) if done else 0.0,
         thinks=thinks,
         burn_records=burns,
         action_events=len(acts),
@@ -433,14 +507,15 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
 def print_table(results: list[SizeResult]) -> None:
     """One row per number of agents."""
     head = (
-        f"{'agents':>6} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
+        f"{'agents':>6} {'meter':>5} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
         f"{'RSS MB':>7} {'sup CPU %':>9} {'worker util %':>13} {'verified':>8}"
     )
     print_rows(
         head,
         (
-            f"{r.agents:>6,} {r.actions_per_s:>10,.0f} {r.applied:>8,} {r.rejected:>8,} {r.p50_ms:>7.1f} "
-            f"{r.p99_ms:>8.1f} {r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} {r.worker_util_pct:>13.0f} "
+            f"{r.agents:>6,} {'on' if r.metering else 'off':>5} {r.actions_per_s:>10,.0f} {r.applied:>8,} "
+            f"{r.rejected:>8,} {r.p50_ms:>7.1f} {r.p99_ms:>8.1f} {r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} "
+            f"{r.worker_util_pct:>13.0f} "
             f"{'yes' if r.verified else 'NO':>8}"
             for r in results
         ),
@@ -452,8 +527,9 @@ def print_table(results: list[SizeResult]) -> None:
     for r in results:
         threads = ", ".join(f"{k} {v:.0f}%" for k, v in list(r.supervisor_threads_cpu_pct.items())[:5])
         print(
-            f"  {r.agents:>5,} agents: CPU per action: supervisor {r.supervisor_cpu_ms_per_action:.2f} ms + workers "
-            f"{r.worker_cpu_ms_per_action:.2f} ms (at most {r.cpu_bound_actions_per_s:,.0f} actions/s on these CPUs); "
+            f"  {r.agents:>5,} agents, metering {'on' if r.metering else 'off'}: CPU per action: supervisor "
+            f"{r.supervisor_cpu_ms_per_action:.2f} ms + workers {r.worker_cpu_ms_per_action:.2f} ms "
+            f"(at most {r.cpu_bound_actions_per_s:,.0f} actions/s on these CPUs); "
             f"workers at {r.worker_kernel_pct:.0f}% (kernel); supervisor threads: {threads}"
         )
         print(
@@ -462,6 +538,14 @@ def print_table(results: list[SizeResult]) -> None:
             f"{'ok' if r.ledger_ok else 'FAILED'} ({r.ledger_journal_entries:,} journal entries), "
             f"{r.blocked_events} agent_blocked"
         )
+        if r.metering:
+            over = ", ".join(f"{k} {v:.3f}" for k, v in list(r.supervisor_overhead_ms_per_action.items())[:5])
+            print(
+                f"         supervisor ms per action: agents {r.supervisor_agents_ms_per_action:.3f} "
+                f"({r.supervisor_agents_pct:.0f}%), named overhead: {over}; unattributed "
+                f"{r.supervisor_unattributed_ms_per_action:+.3f} — {r.supervisor_attributed_pct:.1f}% attributed "
+                f"to an agent or a named overhead; {r.supervisor_charged_s:.2f} CPU-s charged to agents in the ledger"
+            )
         reasons = "; ".join(f"{k} ×{v:,}" for k, v in r.reject_reasons.items())
         if reasons:
             print(f"         rejected: {reasons}")
@@ -470,8 +554,9 @@ def print_table(results: list[SizeResult]) -> None:
 
 
 def target_line(results: list[SizeResult]) -> str:
-    """The target: 1,000 agents at 1,000 actions/s or more, fully accounted, on the durable ledger."""
-    r = next((r for r in results if r.agents == TARGET_AGENTS), None)
+    """The target: 1,000 agents at 1,000 actions/s or more, fully accounted, on the durable ledger (with
+    the supervisor's metering on, as the runtime runs by default)."""
+    r = next((r for r in results if r.agents == TARGET_AGENTS and r.metering), None)
     if r is None:
         return f"{TARGET_AGENTS:,} agents: no result (target ≥ {TARGET_RATE:,.0f} actions/s) — NOT met"
     met = r.actions_per_s >= TARGET_RATE and r.verified
@@ -482,21 +567,133 @@ def target_line(results: list[SizeResult]) -> str:
     )
 
 
-def plot(results: list[SizeResult], path: Path, note: str) -> None:
-    """Actions/s and supervisor RSS against the number of agents (log x)."""
+def meter_span_cost_us(rounds: int = 9, steps: int = 20_000) -> float:
+    """The CPU one metered span adds: a coroutine that does nothing but suspend ``steps`` times, run with
+    and without the meter, interleaved ``rounds`` times; the median of the differences, per step."""
+
+    async def idle() -> None:
+        for _ in range(steps):
+            await asyncio.sleep(0)
+
+    async def once(meter: AgentMeter) -> float:
+        t0 = time.process_time()
+        await meter.metered("calibration", idle())
+        return time.process_time() - t0
+
+    async def both() -> list[float]:
+        on, off = AgentMeter(), AgentMeter(enabled=False)
+        return [await once(on) - await once(off) for _ in range(rounds)]
+
+    return 1e6 * statistics.median(asyncio.run(both())) / steps
+
+
+def metering_costs(results: list[SizeResult], span_us: float) -> list[MeteringCost]:
+    """Each size measured both ways: the throughput metering costs, and how much it attributes.
+    ``span_us``: what one metered span costs (``meter_span_cost_us``)."""
+    out = []
+    for n in SIZES:
+        off = [r for r in results if r.agents == n and not r.metering]
+        on = [r for r in results if r.agents == n and r.metering]
+        if not off or not on or len(off) != len(on):
+            continue
+        rate_off, rate_on = _rate(off), _rate(on)
+        if not rate_off:
+            continue
+        sup_off, sup_on = (
+            _per_action(off, "supervisor_cpu_ms_per_action"),
+            _per_action(on, "supervisor_cpu_ms_per_action"),
+        )
+        wrk_off, wrk_on = _per_action(off, "worker_cpu_ms_per_action"), _per_action(on, "worker_cpu_ms_per_action")
+        out.append(
+            MeteringCost(
+                agents=n,
+                runs_per_mode=len(on),
+                actions_per_s_off=round(rate_off, 1),
+                actions_per_s_on=round(rate_on, 1),
+                cost_pct=round(100 * (rate_off - rate_on) / rate_off, 1),
+                cost_stderr_pct=round(100 * math.sqrt(_var_of_mean(off) + _var_of_mean(on)) / rate_off, 1),
+                supervisor_cpu_ms_per_action_off=round(sup_off, 4),
+                supervisor_cpu_ms_per_action_on=round(sup_on, 4),
+                worker_cpu_ms_per_action_off=round(wrk_off, 4),
+                worker_cpu_ms_per_action_on=round(wrk_on, 4),
+                cpu_cost_pct=round(100 * (sup_on + wrk_on - sup_off - wrk_off) / (sup_off + wrk_off), 1),
+                meter_span_us=round(span_us, 3),
+                meter_cpu_pct=round(
+                    100 * _per_action(on, "metered_spans_per_action") * span_us / 1000 / (sup_off + wrk_off), 2
+                ),
+                attributed_pct=min(r.supervisor_attributed_pct for r in on),
+            )
+        )
+    return out
+
+
+def _rate(runs: list[SizeResult]) -> float:
+    secs = sum(r.seconds for r in runs)
+    return sum(r.actions for r in runs) / secs if secs else 0.0
+
+
+def _var_of_mean(runs: list[SizeResult]) -> float:
+    """The variance of the mean of the runs' actions/s (0 for a single run)."""
+    return statistics.variance([r.actions_per_s for r in runs]) / len(runs) if len(runs) > 1 else 0.0
+
+
+def _per_action(runs: list[SizeResult], field: str) -> float:
+    """A per-action figure over several runs, weighted by their actions."""
+    done = sum(r.actions for r in runs)
+    return sum(getattr(r, field) * r.actions for r in runs) / done if done else math.nan
+
+
+def metering_line(costs: list[MeteringCost]) -> str:
+    """The metering targets, over every size measured both ways."""
+    if not costs:
+        return "metering: no size measured with it both off and on — targets NOT met"
+    worst_attr = min(c.attributed_pct for c in costs)
+    worst_cost = max(c.cost_pct for c in costs)
+    worst_cpu = max(c.cpu_cost_pct for c in costs)
+    attributed = worst_attr >= TARGET_ATTRIBUTED_PCT
+    # Within two standard errors of the target, the host's noise decides: say so rather than pass or fail.
+    if attributed and worst_cost <= TARGET_METERING_COST_PCT:
+        verdict = "met"
+    elif attributed and all(c.cost_pct - 2 * c.cost_stderr_pct <= TARGET_METERING_COST_PCT for c in costs):
+        verdict = "throughput cost within the host's noise of the target (neither shown met nor missed)"
+    else:
+        verdict = "NOT met"
+    sizes = "; ".join(
+        f"{c.agents:,} agents {c.attributed_pct:.1f}% attributed, {c.actions_per_s_off:,.0f} → "
+        f"{c.actions_per_s_on:,.0f} actions/s ({c.cost_pct:+.1f}% ± {c.cost_stderr_pct:.1f}%), CPU per action "
+        f"{c.cpu_cost_pct:+.1f}%, the meter's own spans {c.meter_cpu_pct:.2f}%"
+        for c in costs
+    )
+    return (
+        f"metering: supervisor CPU attributed to an agent or a named overhead ≥ {TARGET_ATTRIBUTED_PCT:.0f}% "
+        f"(worst {worst_attr:.1f}%), throughput cost ≤ {TARGET_METERING_COST_PCT:.0f}% (worst {worst_cost:+.1f}%; "
+        f"CPU per action worst {worst_cpu:+.1f}%) — {verdict} [{sizes}]"
+    )
+
+
+def plot(results: list[SizeResult], costs: list[MeteringCost], path: Path, note: str) -> None:
+    """Actions/s (metering off and on), supervisor RSS, and the supervisor's CPU per action split into
+    agents, named overhead and unattributed, against the number of agents (log x)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    xs = [r.agents for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    left.plot(xs, [r.actions_per_s for r in results], marker="o", color="tab:blue", label="actions/s")
+    on = [
+        next(r for r in results if r.agents == n and r.metering)
+        for n in SIZES
+        if any(r.agents == n and r.metering for r in results)
+    ]
+    xs = [r.agents for r in on]
+    fig, (left, right, split) = plt.subplots(1, 3, figsize=(18, 5))
+    cx = [c.agents for c in costs]
+    left.plot(cx, [c.actions_per_s_on for c in costs], "o-", color="tab:blue", label="actions/s, metering on")
+    left.plot(cx, [c.actions_per_s_off for c in costs], "x:", color="tab:gray", label="actions/s, metering off")
     left.axhline(TARGET_RATE, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATE:,.0f}/s")
-    for r in results:
+    for c in costs:
         left.annotate(
-            f"{r.actions_per_s:,.0f}",
-            (r.agents, r.actions_per_s),
+            f"{c.actions_per_s_on:,.0f} ({-c.cost_pct:+.1f}% vs off)",
+            (c.agents, c.actions_per_s_on),
             textcoords="offset points",
             xytext=(0, 8),
             ha="center",
@@ -504,10 +701,10 @@ def plot(results: list[SizeResult], path: Path, note: str) -> None:
         )
     left.set_ylabel("actions per second (applied + rejected)")
     left.set_ylim(0, 1.2 * max(TARGET_RATE, *(r.actions_per_s for r in results)))
-    right.plot(xs, [r.rss_mb_peak for r in results], marker="o", color="tab:green", label="peak in the window")
+    right.plot(xs, [r.rss_mb_peak for r in on], marker="o", color="tab:green", label="peak in the window")
     right.plot(
         xs,
-        [r.rss_mb_before for r in results],
+        [r.rss_mb_before for r in on],
         marker=".",
         linestyle=":",
         color="tab:gray",
@@ -522,8 +719,47 @@ def plot(results: list[SizeResult], path: Path, note: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
+    _plot_split(split, on)
     fig.suptitle(f"Ecology end to end: scripted agents, think = 1 ms Burn on a worker, durable ledger\n{note}")
     save_figure(fig, path)
+
+
+def _plot_split(ax: Any, on: list[SizeResult]) -> None:
+    """Stacked bars: the supervisor's CPU per action charged to agents, per named overhead (the largest
+    four, the rest together) and unattributed."""
+    labels = [f"{r.agents:,}" for r in on]
+    names: list[str] = []
+    for r in on:
+        names += [k for k in list(r.supervisor_overhead_ms_per_action)[:4] if k not in names]
+    names = names[:4]
+    bottom = [0.0] * len(on)
+    layers = [("charged to agents", [r.supervisor_agents_ms_per_action for r in on])]
+    layers += [(n, [r.supervisor_overhead_ms_per_action.get(n, 0.0) for r in on]) for n in names]
+    layers.append(
+        (
+            "other named overhead",
+            [sum(v for k, v in r.supervisor_overhead_ms_per_action.items() if k not in names) for r in on],
+        )
+    )
+    layers.append(("unattributed", [max(0.0, r.supervisor_unattributed_ms_per_action) for r in on]))
+    for name, values in layers:
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for i, r in enumerate(on):
+        ax.annotate(
+            f"{r.supervisor_attributed_pct:.1f}% attributed",
+            (i, bottom[i]),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=9,
+        )
+    ax.set_xlabel("agents")
+    ax.set_ylabel("supervisor CPU per action (ms)")
+    ax.set_ylim(0, 1.45 * max(bottom, default=1.0))  # room for the legend above the bars
+    ax.set_title("Supervisor CPU per action, metering on")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper center", fontsize=7, ncol=3)
 
 
 def run(opts: Options) -> int:
@@ -535,7 +771,10 @@ def run(opts: Options) -> int:
     mode = "quick" if opts.quick else "full"
     tmp, host = scratch("ecology", ["lmdb", "msgspec", "pyzmq", "dulwich"])
     sizes = ", ".join(f"{n:,}" for n in SIZES)
-    what = f"{sizes} scripted agents, {duration:g} s each after a warm-up; think = {THINK_MS} ms Burn on a worker"
+    what = (
+        f"{sizes} scripted agents, {duration:g} s each after a warm-up, {len(METERING_ORDER)} runs per size "
+        f"(metering off and on, interleaved); think = {THINK_MS} ms Burn on a worker"
+    )
     announce("ecology", opts, what, host, f"files in {tmp}")
     results: list[SizeResult] = []
     skipped: list[Skipped] = []
@@ -543,16 +782,18 @@ def run(opts: Options) -> int:
     sampler = RssSampler()
     before = {pid for pid, _ in child_pids()}
     try:
-        for n in SIZES:
-            tag = f"[{n:,} agents]"
+        for n, (i, metering) in ((n, im) for n in SIZES for im in enumerate(METERING_ORDER)):
+            tag = f"[{n:,} agents, metering {'on' if metering else 'off'}]"
             print(f"{tag} starting", flush=True)
-            data = tmp / f"agents-{n}"
+            data = tmp / f"agents-{n}-{i}"
             data.mkdir(mode=0o700)
             try:
                 profile = (
-                    opts.json_path.with_name("ecology-supervisor.svg") if opts.profile and n == SIZES[-1] else None
+                    opts.json_path.with_name("ecology-supervisor.svg")
+                    if opts.profile and n == SIZES[-1] and i == METERING_ORDER.index(True)
+                    else None
                 )
-                r = asyncio.run(measure(n, data, duration, sampler, profile))
+                r = asyncio.run(measure(n, data, duration, sampler, profile, metering))
             except Exception as exc:  # one size's failure must not cost the others' numbers
                 print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
                 skipped.append(Skipped(n, f"{type(exc).__name__}: {exc}"))
@@ -578,9 +819,17 @@ def run(opts: Options) -> int:
             failed = True
     print_table(results)
     line = target_line(results)
+    span_us = meter_span_cost_us()
+    print(f"one metered span costs {span_us:.2f} µs of CPU (calibrated)", flush=True)
+    costs = metering_costs(results, span_us)
+    meter_line = metering_line(costs)
     print()
     print(line)
-    report = Report("ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, results, skipped)
-    note = f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per size)"
-    publish(opts.json_path, report, lambda png: plot(results, png, note) if results else None)
+    print(meter_line)
+    report = Report("ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, meter_line, results, costs, skipped)
+    note = (
+        f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per run, metering off and on interleaved, "
+        f"{len(METERING_ORDER)} runs per size)"
+    )
+    publish(opts.json_path, report, lambda png: plot(results, costs, png, note) if results else None)
     return 1 if failed else 0

@@ -111,7 +111,12 @@ async def perform(world: World, agent: str, action: AgentAction) -> Performed:
     """Carry out ``action`` as ``agent``; raise the world's ``AecoError`` when it is refused.
 
     Every agent loop (LLM, scripted, placeholder) comes here: an action means the same whoever decided it.
+    The supervisor's CPU spent on it is the agent's to pay (``runtime.economy.metering``).
     """
+    return await world.economy.meter.metered(agent, _perform(world, agent, action))
+
+
+async def _perform(world: World, agent: str, action: AgentAction) -> Performed:
     match action:
         case WriteArtifact():
             r = await world.write_artifact(

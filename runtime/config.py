@@ -144,6 +144,12 @@ class EconomyConfig(_Section, frozen=True):
     #: Written by ``python -m runtime.calibrate`` (relative paths are under ``data_dir``); when it exists,
     #: ``llm_rate: auto`` agents take their rate from it. Empty: never use one.
     calibration: str = "calibration.yaml"
+    #: Measure the supervisor's CPU per agent and charge it (``runtime.economy.metering``). Off, that
+    #: CPU is one lump of overhead and nobody pays it; the ecology benchmark compares the two.
+    metering: bool = True
+    #: Supervisor CPU measured for an agent rides with its next task's charge; what has waited this
+    #: long is charged on its own (a killed supervisor loses at most this much measurement per agent).
+    supervisor_flush_s: PositiveFloat = 5.0
 
 
 class PopulationConfig(_Section, frozen=True):

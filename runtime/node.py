@@ -39,6 +39,7 @@ from runtime.backends import Backends, open_backends
 from runtime.config import AgentConfig, Config
 from runtime.economy.buckets import Buckets, Estimator
 from runtime.economy.charging import Economy
+from runtime.economy.metering import AgentMeter
 from runtime.economy.recovery import recover
 from runtime.economy.rights import open_economy
 from runtime.host import cgroups as cg
@@ -133,6 +134,7 @@ class Node:
         self.memory: MemoryStore | None = None
         self._stack = contextlib.AsyncExitStack()
         self._stopper: asyncio.Future[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._started = False
 
     # The parts, set by ``start``.
@@ -178,7 +180,12 @@ class Node:
             self._stack.callback(self._close_memory)
             await self.pool.start()
             self.economy = Economy(
-                self.pool, ledger, self.buckets, Estimator(cfg.economy.default_estimate_s), node=self.node_id
+                self.pool,
+                ledger,
+                self.buckets,
+                Estimator(cfg.economy.default_estimate_s),
+                node=self.node_id,
+                meter=AgentMeter(enabled=cfg.economy.metering),
             )
             if self._memory if self._memory is not None else any(_remembers(a) for a in cfg.agents):
                 # Imported here: the vector store's client is heavy, and most scripted runs never need it.
@@ -197,6 +204,9 @@ class Node:
         """Run every agent's loop (and, on a node of a shared deployment, follow the rate rights other
         nodes trade to its agents) as asyncio tasks, until ``close``."""
         self.runners = [asyncio.create_task(a.run(), name=f"agent:{a.id}") for a in self.agents]
+        if self.economy.meter.enabled:
+            period = self.cfg.economy.supervisor_flush_s
+            self._flusher = asyncio.create_task(self.economy.flush_supervisor_every(period), name="supervisor-flush")
         if self.cfg.node.postgres_url:
             self.runners += [
                 asyncio.create_task(self.world.follow_rates(a.id), name=f"rates:{a.id}") for a in self.agents
@@ -207,6 +217,8 @@ class Node:
         open to read (a final status, a summary, checks). Idempotent; ``close`` calls it."""
         for r in self.runners:
             r.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
         if self._stopper is None:
             self._stopper = asyncio.ensure_future(self._stop_running())
         await self._stopper
@@ -218,6 +230,12 @@ class Node:
             _, stuck = await asyncio.wait(self.runners, timeout=AGENT_STOP_S)
             for r in stuck:
                 log.error("%s did not stop within %g s after the pool closed", r.get_name(), AGENT_STOP_S)
+        if hasattr(self, "economy"):
+            # The agents are stopped: what the supervisor did for them since their last task is charged now.
+            try:
+                await self.economy.flush_supervisor()
+            except Exception:  # the close goes on; the ledger's own error says why
+                log.exception("could not charge the supervisor CPU measured for agents")
 
     async def close(self) -> None:
         """Stop everything in reverse order (see the module docstring). Idempotent."""

@@ -179,7 +179,11 @@ class Agent:
             self.state = "stopped"
 
     async def step(self) -> None:
-        """One turn: context, think, check, act, publish."""
+        """One turn: context, think, check, act, publish. The supervisor's CPU spent on the turn is the
+        agent's to pay (``runtime.economy.metering``)."""
+        await self.economy.meter.metered(self.id, self._step())
+
+    async def _step(self) -> None:
         before = await self._fingerprint()
         context = await self.context(before)
         self.state = "thinking"

@@ -2,7 +2,9 @@
 
 ``Economy.run`` is the one path by which an agent's task reaches the pool: wait for the bucket to
 admit the estimate, run, then charge the measured cost — the usage record and the new bucket levels
-in one ledger operation keyed by the task id, so a replay never charges twice.
+in one ledger operation keyed by the task id, so a replay never charges twice. The supervisor's own
+CPU spent for the agent since its last charge (``runtime.economy.metering``) rides in the same
+operation; what waits too long for a task is charged on its own by ``flush_supervisor``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import uuid
 
 from runtime.economy.buckets import Buckets, BucketState, Estimator
 from runtime.economy.ledger import Asset, Ledger, Receipt, RecordUsage, SetBuckets, Transfer
+from runtime.economy.metering import AgentMeter
 from runtime.economy.rights import RATE_RIGHTS
-from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
+from runtime.pool import Outcome, RunningTask, Serve, TaskFailed, WorkerPool
 from runtime.pool.accounting import TaskUsage
 from runtime.protocol import Invoke, TaskSpec, Think, decode_think, kind_of
 
@@ -32,13 +35,15 @@ def charge(
     llm_tokens: int = 0,
     llm_cost_microusd: int = 0,
     error: str = "",
+    supervisor_cpu_seconds: float = 0.0,
 ) -> RecordUsage:
-    """Charge a finished task to its agent's buckets; return the one ledger operation that records it.
+    """Charge a finished task (and the supervisor's CPU spent for the agent since its last charge) to
+    its agent's buckets; return the one ledger operation that records it.
 
     The operation carries the bucket levels after the charge and is keyed by the task id: applying
     it again (a retry after a crash) changes nothing, and a restart restores exactly those levels.
     """
-    levels = {"cpu": buckets.charge(agent, "cpu", usage.charged_seconds)}
+    levels = {"cpu": buckets.charge(agent, "cpu", usage.charged_seconds + supervisor_cpu_seconds)}
     if llm_tokens:
         levels["llm_tokens"] = buckets.charge(agent, "llm_tokens", float(llm_tokens))
     return RecordUsage(
@@ -55,6 +60,7 @@ def charge(
         llm_cost_microusd=llm_cost_microusd,
         wall_seconds=usage.wall_seconds,
         buckets=levels,
+        supervisor_cpu_seconds=supervisor_cpu_seconds,
     )
 
 
@@ -82,8 +88,13 @@ class Economy:
         buckets: Buckets,
         estimator: Estimator,
         node: str = "",
+        meter: AgentMeter | None = None,
     ) -> None:
         self.pool, self.ledger, self.buckets, self.estimator = pool, ledger, buckets, estimator
+        #: The supervisor's CPU per agent, charged with the agent's tasks (off: ``AgentMeter(enabled=False)``).
+        self.meter = meter if meter is not None else AgentMeter()
+        if self.meter.enabled:  # answering confined code's world calls (reading, encoding, sending) included
+            pool.for_agent = self.meter.run
         #: Tokens an agent's next think is expected to use (prompt + completion).
         self.token_estimator = Estimator(default=256.0)
         #: LLM tokens charged per agent in this run (the ledger's usage records hold them durably).
@@ -111,7 +122,14 @@ class Economy:
         # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
         # could make the kernel pick the worker, not the sandbox, when memory runs out.
         quota = 0 if isinstance(spec, Invoke) else await self.ledger.balance_async(agent, "memory_quota")
-        task = self.pool.begin(spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id)
+
+        async def dispatch() -> RunningTask:
+            return self.pool.begin(
+                spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id
+            )
+
+        # Its own task, metered: the pool's encoding and dispatch of this task is work done for the agent.
+        task = await self.meter.metered(agent, dispatch())
         try:
             out = await asyncio.shield(task.ended)
         except asyncio.CancelledError:
@@ -150,9 +168,46 @@ class Economy:
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
-        record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error)
+        record = charge(
+            self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error, self.meter.take(agent)
+        )
+        await self._submit_usage(record)
+
+    async def flush_supervisor(self, older_than_s: float = 0.0) -> int:
+        """Charge, each as its own ``supervisor`` usage record, the supervisor CPU measured for agents that
+        has waited at least ``older_than_s`` for a task to ride with; return how many records were written."""
+        records = []
+        local = set(self.buckets.agents())
+        for agent in self.meter.waiting(older_than_s):
+            seconds = self.meter.take(agent)
+            if agent not in local:  # acted for without a bucket here (a test's or a tool's account)
+                continue
+            task_id = f"{self.run_id}-s{next(self._n)}"
+            records.append(
+                RecordUsage(
+                    id=f"usage:{task_id}",
+                    task_id=task_id,
+                    agent=agent,
+                    kind="supervisor",
+                    ok=True,
+                    cpu_seconds=0.0,
+                    supervisor_cpu_seconds=seconds,
+                    buckets={"cpu": self.buckets.charge(agent, "cpu", seconds)},
+                )
+            )
+        await asyncio.gather(*(self._submit_usage(r) for r in records))
+        return len(records)
+
+    async def flush_supervisor_every(self, period_s: float) -> None:
+        """``flush_supervisor`` what has waited ``period_s`` or more, every ``period_s``, until cancelled."""
+        while True:
+            await asyncio.sleep(period_s)
+            await self.flush_supervisor(period_s)
+
+    async def _submit_usage(self, record: RecordUsage) -> None:
         durable = asyncio.wrap_future(self.ledger.submit(record))
         inflight = self.pool.inflight
+        task_id = record.task_id
         if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
             # cancelled meanwhile (the shield keeps the future going), which is how agents are stopped
             durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else inflight.clear(task_id))

@@ -6,9 +6,11 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol, TextIO
 
+from runtime.economy.metering import SupervisorBooks
 from runtime.host.limits import describe
 from runtime.ops.stats import Snapshot
 from runtime.pool import WorkerPool
+from runtime.pool.accounting import Reconciliation
 from runtime.world.world import World
 
 _MB = 1 << 20
@@ -89,14 +91,30 @@ def render(
         "events: " + (", ".join(f"{k} {v}" for k, v in sorted(events.counts.items())) or "none")
         if events is not None
         else "",
-        f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
+        f"books vs kernel: workers charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
         f"({rec.kernel - rec.accounted:+.2f} s not yet reported by busy workers)"
         if st.busy
-        else f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
+        else f"books vs kernel: workers charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
         f"({rec.relative_error:.2%} apart)",
+        *(_supervisor_lines(rec, economy.meter.books()) if economy is not None and economy.meter.enabled else []),
         f"elapsed {elapsed_s:.0f} s" + (" — Ctrl-C to stop" if st.live else ""),
     ]
     return "\n".join(rows)
+
+
+def _supervisor_lines(workers: Reconciliation, sup: SupervisorBooks) -> list[str]:
+    """The supervisor's books (agents + named overhead) against its ``RUSAGE_SELF``, then both sides
+    of the pool together."""
+    over = sorted(sup.overhead_ns.items(), key=lambda kv: -kv[1])
+    together = workers.accounted + sup.accounted_ns / 1e9
+    kernel = workers.kernel + sup.kernel_ns / 1e9
+    apart = abs(kernel - together) / kernel if kernel else 0.0
+    return [
+        f"supervisor: agents {sup.agents_ns / 1e9:.2f} s + overhead "
+        + ", ".join(f"{k} {v / 1e9:.2f} s" for k, v in over[:6])
+        + f"; kernel {sup.kernel_ns / 1e9:.2f} s ({sup.unattributed_ns / 1e9:+.2f} s unattributed)",
+        f"books vs kernel, supervisor and workers together: {together:.2f} s vs {kernel:.2f} s ({apart:.2%} apart)",
+    ]
 
 
 def _limits_lines(snap: Snapshot) -> list[str]:

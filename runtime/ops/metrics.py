@@ -81,6 +81,20 @@ class RuntimeCollector(Collector):
         yield CounterMetricFamily(
             "aeco_charged_cpu_seconds", "Worker CPU charged to tasks", self.pool.accounts.charged()
         )
+        if self.economy.meter.enabled:
+            sup = self.economy.meter.books()
+            part = GaugeMetricFamily(
+                "aeco_supervisor_cpu_seconds",
+                "The supervisor's CPU: attributed to agents (kind=agents) or a named overhead (one per thread kind)",
+                labels=["kind"],
+            )
+            part.add_metric(["agents"], sup.agents_ns / 1e9)
+            for kind, ns in sup.overhead_ns.items():
+                part.add_metric([kind], ns / 1e9)
+            yield part
+            yield GaugeMetricFamily(
+                "aeco_supervisor_kernel_cpu_seconds", "The supervisor's RUSAGE_SELF (all threads)", sup.kernel_ns / 1e9
+            )
         rec = self.pool.accounts.reconcile(self.pool.kernel_cpu())
         yield GaugeMetricFamily(
             "aeco_unattributed_cpu_seconds",

@@ -49,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, Unpack
 
@@ -129,6 +129,8 @@ class Outcome(msgspec.Struct, frozen=True):
 Done = Callable[[Outcome | None, TaskFailed | None], None]
 #: Serves a confined task's calls to the world, as its invoker.
 Serve = Callable[[p.WorldCall], Awaitable[p.WorldAnswer]]
+#: Runs the coroutine that answers a task's call as work done for the task's agent (the economy's meter).
+ForAgent = Callable[[str, Coroutine[Any, Any, None]], Coroutine[Any, Any, None]]
 
 
 class TaskOptions(TypedDict, total=False):
@@ -312,6 +314,8 @@ class WorkerPool:
         self.refused_reports = 0
         self.capped_reports = 0
         self._refused_peers: set[bytes] = set()
+        #: Set by the economy: answering a task's calls to the world is then charged to its agent.
+        self.for_agent: ForAgent | None = None
         self.started = 0
         self.crashed = 0
         self.cgroup_status = "cgroups off by configuration" if self.cfg.cgroups == "off" else ""
@@ -686,7 +690,8 @@ class WorkerPool:
             )
             return None
         assert self._loop is not None
-        self._loop.create_task(self._answer(w, job, job.serve, msg))
+        answering = self._answer(w, job, job.serve, msg)
+        self._loop.create_task(answering if self.for_agent is None else self.for_agent(job.agent, answering))
         return None
 
     async def _answer(self, w: _Worker, job: _Job, serve: Serve, msg: p.Request) -> None:

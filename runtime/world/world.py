@@ -242,12 +242,13 @@ class World:
         memory = self._memory()
         vector = await self.embed(agent, text)
         quota = await self.economy.ledger.balance_async(agent, "disk_quota")
-        return await asyncio.to_thread(memory.remember, agent, text, vector, quota_bytes=quota)
+        # Local Qdrant works in the supervisor: the thread's CPU is the agent's to pay.
+        return await self.economy.meter.to_thread(agent, memory.remember, agent, text, vector, quota_bytes=quota)
 
     async def recall(self, agent: str, query: str, k: int = 5) -> list[Recall]:
         """The agent's own memories nearest ``query`` (embedded on a worker, charged to ``agent``)."""
         memory = self._memory()
-        return await asyncio.to_thread(memory.recall, agent, await self.embed(agent, query), k)
+        return await self.economy.meter.to_thread(agent, memory.recall, agent, await self.embed(agent, query), k)
 
     async def embed(self, agent: str, text: str) -> list[float]:
         """One text's vector, computed on a worker and charged to ``agent``."""

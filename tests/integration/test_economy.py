@@ -80,7 +80,8 @@ def test_cpu_is_charged_in_proportion_to_the_rate_rights(tmp_path: Path) -> None
     with LmdbLedger(tmp_path / "ledger") as ledger:
         cpu = {"fast": 0.0, "slow": 0.0}
         for r in ledger.usage_records():
-            cpu[r.agent] += r.cpu_seconds + r.occupancy_seconds  # what the bucket was charged
+            # What the bucket was charged: the task's CPU or occupancy, and the supervisor's work for it.
+            cpu[r.agent] += r.cpu_seconds + r.occupancy_seconds + r.supervisor_cpu_seconds
         assert check(ledger).ok
     # Each is held to its rate: 30 s × rate + the 1 s burst + one task at most.
     assert cpu["fast"] == pytest.approx(0.5 * 30 + 0.5, abs=0.6)

@@ -110,6 +110,9 @@ class RecordUsage(_Op, tag="usage", frozen=True):
     llm_cost_microusd: NonNegInt = 0
     wall_seconds: NonNegFloat = 0.0
     buckets: dict[str, BucketState] = {}
+    #: The supervisor's CPU spent for the agent since its last charge (``runtime.economy.metering``),
+    #: charged to its ``cpu`` bucket with the task's; a ``supervisor`` record carries only this.
+    supervisor_cpu_seconds: NonNegFloat = 0.0
 
 
 class SetBuckets(_Op, tag="buckets", frozen=True):
