@@ -27,7 +27,7 @@ from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
 from runtime.node import Node
 from runtime.ops import metrics
-from runtime.ops.live import LiveView, render
+from runtime.ops.live import LiveView, frame, plain
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
 from runtime.pool import WorkerPool
@@ -87,7 +87,6 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         except OSError as exc:  # the port is taken: run on, say so
             log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
     node.start_agents()
-    view = LiveView() if live else None
     meter = Meter(node.info)
 
     def snapshot() -> Snapshot:
@@ -100,26 +99,31 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         return Status(os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents)
 
     status_file = node.data / "run" / STATUS_NAME
-    try:
-        while not stop.is_set() and not pool.failed:
-            now = time.monotonic() - started
+    view = LiveView() if live else None
+    with view or contextlib.nullcontext():
+        try:
+            while not stop.is_set() and not pool.failed:
+                now = time.monotonic() - started
+                snap = snapshot()
+                shown = frame(pool, node.agents, now, world, events, snap)
+                write_status(status_file, status(plain(shown), snap, running=True))
+                if view is not None:
+                    view.show(shown, now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
+        finally:
+            await node.stop()
             snap = snapshot()
-            table = render(pool, node.agents, now, world, events, snap)
-            write_status(status_file, status(table, snap, running=True))
-            if view is not None:
-                view.show(table, now)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
-    finally:
-        await node.stop()
-        snap = snapshot()
-        final = render(pool, node.agents, time.monotonic() - started, world, events, snap)
-        await node.close()
-        summary_path = config_mod.data_path(cfg, cfg.summary)
-        summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
-        write_status(status_file, status(final, snap, running=False))
-        print(final, flush=True)
-        print(f"usage summary: {summary_path}", flush=True)
+            last = frame(pool, node.agents, time.monotonic() - started, world, events, snap)
+            await node.close()
+            summary_path = config_mod.data_path(cfg, cfg.summary)
+            summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
+            write_status(status_file, status(plain(last), snap, running=False))
+            if view is not None and view.tty:
+                view.show(last, time.monotonic() - started)  # the terminal keeps the last frame drawn
+            else:
+                print(plain(last), flush=True)
+    print(f"usage summary: {summary_path}", flush=True)
     if pool.failed:
         print(f"error: worker pool failed: {pool.failed}", file=sys.stderr)
         return 1

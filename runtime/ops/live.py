@@ -1,10 +1,26 @@
-"""The live terminal view of a running supervisor: one row per agent, one footer for the pool."""
+"""The live terminal view of a running supervisor: one row per agent, a footer for the pool and the container.
+
+The view is built once per interval as a ``Frame`` (plain strings: the table's cells and the footer's
+lines), and drawn three ways from it: on a terminal by ``rich``'s ``Live``, which owns the cursor
+(it fits the frame to the terminal's width at every redraw: columns shrink, cells and long lines are
+ellipsised, never wrapped, so its count of lines to redraw is always right); as plain text at a fixed
+width for ``status.json`` and the last frame; and off a terminal as one summary line per interval.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
 import sys
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Protocol, TextIO
+
+from msgspec import Struct
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from runtime.host.limits import describe
 from runtime.ops.stats import Snapshot
@@ -12,6 +28,34 @@ from runtime.pool import WorkerPool
 from runtime.world.world import World
 
 _MB = 1 << 20
+
+#: The width of the plain-text frame in ``status.json`` and the last frame printed off a terminal: a
+#: reader's terminal is unknown there, and 160 columns keep every column of a dozen agents unclipped.
+TEXT_WIDTH = 160
+
+#: The table's columns: (heading, right-aligned, rank). A terminal too narrow for them all drops the
+#: columns of highest rank first; the free-text ``last`` takes whatever width is left, if any.
+COLUMNS: tuple[tuple[str, bool, int], ...] = (
+    ("agent", False, 0),
+    ("state", False, 1),
+    ("tasks", True, 3),
+    ("fail", True, 8),
+    ("cpu s", True, 4),
+    ("cpu %", True, 2),
+    ("tokens", True, 6),
+    ("bucket s", True, 5),
+    ("debt s", True, 9),
+    ("scrip", True, 7),
+    ("disk KB", True, 11),
+    ("mem MB", True, 10),
+    ("last", False, 12),
+)
+
+#: The ``last`` column is shown only with at least this many characters: fewer say nothing.
+_LAST_MIN = 8
+
+#: An agent's id wider than this is ellipsised, so one long name cannot push every number off-screen.
+_AGENT_MAX = 20
 
 
 class EventCounts(Protocol):
@@ -31,27 +75,35 @@ class LiveAgent(Protocol):
     def last(self) -> str: ...
 
 
-def render(
+class Frame(Struct, frozen=True):
+    """One interval's view: the table's rows (cells as text, in ``COLUMNS`` order), the footer's
+    lines, and the one-line summary printed off a terminal."""
+
+    rows: list[list[str]]
+    footer: list[str]
+    line: str
+
+
+def frame(
     pool: WorkerPool,
     agents: Sequence[LiveAgent],
     elapsed_s: float,
     world: World | None = None,
     events: EventCounts | None = None,
     snapshot: Snapshot | None = None,
-) -> str:
-    """The table as text; with a ``snapshot``, CPU % and memory per agent and the container's limits
-    (and where they were found) and usage."""
-    rows = [
-        f"{'agent':<12} {'state':<8} {'tasks':>6} {'fail':>4} {'cpu s':>7} {'cpu %':>5} {'tokens':>7} "
-        f"{'bucket s':>11} {'debt s':>6} {'scrip':>6} {'disk KB':>7} {'mem MB':>11}  last"
-    ]
+) -> Frame:
+    """The view now; with a ``snapshot``, CPU % and memory per agent and the container's limits (and
+    where they were found) and usage."""
+    rows: list[list[str]] = []
     per_agent = {s.id: s for s in snapshot.agents} if snapshot else {}
     economy = world.economy if world else None
     balances = economy.ledger.balances() if economy else {}
     disk = world.store.usage() if world else {}
+    tasks_total = 0
     for a in agents:
         t = pool.accounts.agents.get(a.id)
         tasks, failed = (t.tasks, t.failed) if t else (0, 0)
+        tasks_total += tasks
         cpu = t.cpu_seconds if t else 0.0
         peak = t.max_task_memory_bytes / _MB if t else 0.0
         bucket = debt = "-"
@@ -67,8 +119,21 @@ def render(
         percent = f"{stats.cpu_percent:.0f}" if stats else "-"
         mem = f"{peak:.0f}/{stats.memory_quota_bytes / _MB:.0f}" if stats else f"{peak:.1f}"
         rows.append(
-            f"{a.id:<12} {a.status:<8} {tasks:>6} {failed:>4} {cpu:>7.2f} {percent:>5} {tokens:>7} {bucket:>11} "
-            f"{debt:>6} {scrip:>6} {disk.get(a.id, 0) / 1024:>7.1f} {mem:>11}  {a.last[:60]}"
+            [
+                a.id,
+                a.status,
+                str(tasks),
+                str(failed),
+                f"{cpu:.2f}",
+                percent,
+                str(tokens),
+                bucket,
+                debt,
+                str(scrip),
+                f"{disk.get(a.id, 0) / 1024:.1f}",
+                mem,
+                a.last,
+            ]
         )
     st = pool.status()
     over = pool.accounts.overhead()
@@ -76,8 +141,8 @@ def render(
     limit = f"{st.memory_limit / _MB:.0f} MB" if st.memory_limit else "none"
     probe_note = f"; memory probe {st.memory_probe}" if st.live else ""
     failure_note = f", FAILED: {st.failed}" if st.failed else ""
-    rows += [
-        "",
+    books = f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
+    footer = [
         f"pool: {st.live}/{st.size} workers ({st.busy} busy, {st.idle} idle), {st.queued} queued, "
         f"{st.started} started, {st.crashed} crashed{failure_note}",
         *(
@@ -86,17 +151,28 @@ def render(
             else [f"limits: {st.cpu_capacity:g} CPUs, memory {limit}{probe_note}; {st.cgroups}"]
         ),
         "overhead: " + ", ".join(f"{k} {v:.2f} s" for k, v in over.items()),
-        "events: " + (", ".join(f"{k} {v}" for k, v in sorted(events.counts.items())) or "none")
-        if events is not None
-        else "",
-        f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
-        f"({rec.kernel - rec.accounted:+.2f} s not yet reported by busy workers)"
+        *(
+            ["events: " + (", ".join(f"{k} {v}" for k, v in sorted(events.counts.items())) or "none")]
+            if events is not None
+            else []
+        ),
+        books + f"({rec.kernel - rec.accounted:+.2f} s not yet reported by busy workers)"
         if st.busy
-        else f"books vs kernel: charged + overhead {rec.accounted:.2f} s, kernel {rec.kernel:.2f} s "
-        f"({rec.relative_error:.2%} apart)",
+        else books + f"({rec.relative_error:.2%} apart)",
         f"elapsed {elapsed_s:.0f} s" + (" — Ctrl-C to stop" if st.live else ""),
     ]
-    return "\n".join(rows)
+    busy = sum(1 for a in agents if a.status != "blocked")
+    container = ""
+    if snapshot is not None:
+        c = snapshot.container
+        cpu_now = f"{c.cpu_percent:.0f}%" if c.cpu_percent is not None else "-"
+        used = f"{c.memory_bytes / _MB:.0f} MB" if c.memory_bytes is not None else "-"
+        container = f"; container CPU {cpu_now}, memory {used}"
+    line = (
+        f"[{elapsed_s:.0f} s] {len(agents)} agents ({busy} not blocked), {tasks_total} tasks; "
+        f"pool {st.busy}/{st.live} busy, {st.queued} queued, {st.crashed} crashed{failure_note}{container}"
+    )
+    return Frame(rows=rows, footer=footer, line=line)
 
 
 def _limits_lines(snap: Snapshot) -> list[str]:
@@ -113,23 +189,118 @@ def _limits_lines(snap: Snapshot) -> list[str]:
     ]
 
 
+def renderable(f: Frame) -> FrameView:
+    """The frame for ``rich``, laid out for the width it is drawn at."""
+    return FrameView(f)
+
+
+class FrameView:
+    """A frame laid out for the console's width: columns that do not fit are dropped (highest rank
+    first), cells never wrap, and footer lines are cut at the edge with an ellipsis instead of wrapped,
+    so the frame is exactly as many lines tall as it has rows and footer lines."""
+
+    def __init__(self, f: Frame) -> None:
+        self.frame = f
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        """The table and the footer at ``options.max_width``."""
+        width = options.max_width
+        rows = self.frame.rows
+        natural = [max([len(heading), *(len(r[i]) for r in rows)]) for i, (heading, _, _) in enumerate(COLUMNS[:-1])]
+        natural[0] = min(natural[0], _AGENT_MAX)
+        shown = list(range(len(natural)))
+        # One space between columns: n columns take their widths plus n - 1.
+        while len(shown) > 1 and sum(natural[i] for i in shown) + len(shown) - 1 > width:
+            shown.remove(max(shown, key=lambda i: COLUMNS[i][2]))
+        left = width - sum(natural[i] for i in shown) - len(shown)
+        last = len(COLUMNS) - 1
+        table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, pad_edge=False, header_style="bold")
+        for i in shown:
+            heading, right, _ = COLUMNS[i]
+            w = min(natural[i], width)
+            table.add_column(heading, justify="right" if right else "left", no_wrap=True, overflow="ellipsis", width=w)
+        if left >= _LAST_MIN:
+            table.add_column(COLUMNS[last][0], no_wrap=True, overflow="ellipsis", width=left)
+            shown.append(last)
+        for row in rows:
+            table.add_row(*(row[i] for i in shown))
+        yield table
+        yield Text("")
+        for line in self.frame.footer:
+            yield Text(line, no_wrap=True, overflow="ellipsis")
+
+
+def plain(f: Frame, width: int = TEXT_WIDTH) -> str:
+    """The frame as plain text ``width`` columns wide (for ``status.json`` and the last frame)."""
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, color_system=None, force_terminal=False, legacy_windows=False)
+    console.print(renderable(f), crop=True)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
+
+
 class LiveView:
-    """Redraws the table in place on a terminal; prints it now and then when not on one."""
+    """Redraws the frame in place on a terminal (``rich.live.Live``); off one, prints its summary line
+    at most once every ``every_s`` seconds. A context manager: leaving it leaves the last frame drawn."""
 
     def __init__(self, out: TextIO = sys.stdout, every_s: float = 10.0) -> None:
         self.out = out
         self.tty = out.isatty()
         self.every_s = every_s
         self._last_print = -every_s
-        self._lines = 0
+        self._live: Live | None = None
+        self._handlers: list[tuple[logging.StreamHandler[TextIO], TextIO]] = []
 
-    def show(self, text: str, elapsed_s: float) -> None:
-        """Show one frame (on a non-terminal, at most one every ``every_s`` seconds)."""
+    def __enter__(self) -> LiveView:
         if self.tty:
-            up = f"\x1b[{self._lines}F" if self._lines else ""
-            self.out.write(up + "".join(line + "\x1b[K\n" for line in text.splitlines()) + "\x1b[J")
-            self._lines = text.count("\n") + 1
-        elif elapsed_s - self._last_print >= self.every_s:
-            self.out.write(text + "\n\n")
+            console = Console(file=self.out)
+            self._live = Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+            self._route_logging(console)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for handler, stream in self._handlers:
+            handler.setStream(stream)
+        self._handlers.clear()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def _route_logging(self, console: Console) -> None:
+        """Log records written straight to the terminal would move the cursor under ``Live``'s feet:
+        send them through its console, which prints them above the frame and redraws it below."""
+        terminal = {sys.__stdout__, sys.__stderr__, self.out}
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream in terminal:
+                self._handlers.append((handler, handler.stream))
+                handler.setStream(_ConsoleWriter(console))
+
+    def show(self, f: Frame, elapsed_s: float) -> None:
+        """Show one frame (off a terminal, its summary line at most once every ``every_s`` seconds)."""
+        if self._live is not None:
+            self._live.update(renderable(f), refresh=True)
+            return
+        if elapsed_s - self._last_print >= self.every_s:
+            self.out.write(f.line + "\n")
+            self.out.flush()
             self._last_print = elapsed_s
-        self.out.flush()
+
+
+class _ConsoleWriter(io.TextIOBase):
+    """A text stream whose complete lines are printed through a ``rich`` console (above a live frame)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._partial = ""
+
+    def write(self, s: str) -> int:
+        """Print each complete line; keep an unfinished one for the next write."""
+        *done, self._partial = (self._partial + s).split("\n")
+        for line in done:
+            self._console.print(Text(line), soft_wrap=True, highlight=False, markup=False)
+        return len(s)
+
+
+__all__ = ["COLUMNS", "TEXT_WIDTH", "Frame", "LiveView", "frame", "plain", "renderable"]
