@@ -90,13 +90,10 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     meter = Meter(node.info)
 
     def snapshot() -> Snapshot:
-        container = meter.container()
-        return Snapshot(
-            node.limits, node.sizing, container, meter.agents(pool, node.agents, node.economy, container.interval_s)
-        )
+        return meter.snapshot(node.limits, node.sizing, pool, node.agents, node.economy)
 
     def status(table: str, snap: Snapshot, running: bool) -> Status:
-        return Status(os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents)
+        return Status.of(snap, table, running)
 
     status_file = node.data / "run" / STATUS_NAME
     view = LiveView() if live else None

@@ -82,6 +82,8 @@ class Economy:
         self.token_estimator = Estimator(default=256.0)
         #: LLM tokens charged per agent in this run (the ledger's usage records hold them durably).
         self.tokens: dict[str, int] = {}
+        #: What paid models charged each agent in this run, in micro-dollars (durably: the usage records).
+        self.spent_microusd: dict[str, int] = {}
         #: Task ids are ``<run>-<n>``: unique across restarts without asking the ledger; a node's runs
         #: carry its name (``n1-50.<hex>``), so ids are unique across nodes and tell where a task ran.
         self.run_id = f"{node}.{uuid.uuid4().hex[:12]}" if node else uuid.uuid4().hex[:12]
@@ -146,6 +148,8 @@ class Economy:
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
+        if llm_cost_microusd:
+            self.spent_microusd[agent] = self.spent_microusd.get(agent, 0) + llm_cost_microusd
         record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error)
         durable = asyncio.wrap_future(self.ledger.submit(record))
         inflight = self.pool.inflight

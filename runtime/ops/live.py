@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from runtime.host.limits import describe
-from runtime.ops.stats import Snapshot
+from runtime.ops.stats import MEMORY_HIGH, THROTTLED_HIGH, Snapshot
 from runtime.pool import WorkerPool
 from runtime.world.world import World
 
@@ -38,17 +38,21 @@ TEXT_WIDTH = 160
 COLUMNS: tuple[tuple[str, bool, int], ...] = (
     ("agent", False, 0),
     ("state", False, 1),
-    ("tasks", True, 3),
-    ("fail", True, 8),
-    ("cpu s", True, 4),
+    ("tasks", True, 4),
+    ("fail", True, 10),
+    ("cpu s", True, 5),
     ("cpu %", True, 2),
-    ("tokens", True, 6),
-    ("bucket s", True, 5),
-    ("debt s", True, 9),
-    ("scrip", True, 7),
-    ("disk KB", True, 11),
-    ("mem MB", True, 10),
-    ("last", False, 12),
+    ("act/s", True, 3),
+    ("blk %", True, 6),
+    ("tokens", True, 8),
+    ("$ spent", True, 7),
+    ("$ left", True, 9),
+    ("bucket s", True, 11),
+    ("debt s", True, 13),
+    ("scrip", True, 12),
+    ("disk KB", True, 15),
+    ("mem MB", True, 14),
+    ("last", False, 16),
 )
 
 #: The ``last`` column is shown only with at least this many characters: fewer say nothing.
@@ -126,7 +130,11 @@ def frame(
                 str(failed),
                 f"{cpu:.2f}",
                 percent,
+                f"{stats.actions_per_s:.1f}" if stats else "-",
+                f"{100 * stats.blocked_share:.0f}" if stats else "-",
                 str(tokens),
+                _usd(stats.spent_usd) if stats else "-",
+                _usd(stats.budget_left_usd) if stats else "-",
                 bucket,
                 debt,
                 str(scrip),
@@ -146,7 +154,7 @@ def frame(
         f"pool: {st.live}/{st.size} workers ({st.busy} busy, {st.idle} idle), {st.queued} queued, "
         f"{st.started} started, {st.crashed} crashed{failure_note}",
         *(
-            [*_limits_lines(snapshot), f"measuring: {st.cgroups}{probe_note}"]
+            [*_limits_lines(snapshot), *_container_lines(snapshot), f"measuring: {st.cgroups}{probe_note}"]
             if snapshot
             else [f"limits: {st.cpu_capacity:g} CPUs, memory {limit}{probe_note}; {st.cgroups}"]
         ),
@@ -167,7 +175,10 @@ def frame(
         c = snapshot.container
         cpu_now = f"{c.cpu_percent:.0f}%" if c.cpu_percent is not None else "-"
         used = f"{c.memory_bytes / _MB:.0f} MB" if c.memory_bytes is not None else "-"
-        container = f"; container CPU {cpu_now}, memory {used}"
+        tot = snapshot.totals
+        container = (
+            f"; {tot.actions_per_s:.1f} actions/s, ${tot.spent_usd:.4f} spent; container CPU {cpu_now}, memory {used}"
+        )
     line = (
         f"[{elapsed_s:.0f} s] {len(agents)} agents ({busy} not blocked), {tasks_total} tasks; "
         f"pool {st.busy}/{st.live} busy, {st.queued} queued, {st.crashed} crashed{failure_note}{container}"
@@ -175,18 +186,67 @@ def frame(
     return Frame(rows=rows, footer=footer, line=line)
 
 
+def _usd(dollars: float) -> str:
+    return f"{dollars:.4f}" if dollars < 100 else f"{dollars:.0f}"
+
+
 def _limits_lines(snap: Snapshot) -> list[str]:
-    """The container's limits with their sources, what was sized from them, and its usage now."""
+    """The container's limits with their sources, what was sized from them, and its CPU and memory now
+    (memory as a share of the limit, marked when over ``MEMORY_HIGH``)."""
     c = snap.container
     cpu_now = f"{c.cpu_percent:.0f}%" if c.cpu_percent is not None else "-"
     total = f"{c.cpu_seconds:.1f} CPU-s in all" if c.cpu_seconds is not None else "no counter"
     used = f"{c.memory_bytes / _MB:.0f} MB" if c.memory_bytes is not None else "-"
     limit = f"{c.memory_limit_bytes / _MB:.0f} MB" if c.memory_limit_bytes is not None else "no limit"
+    share = ""
+    if c.memory_share is not None:
+        mark = f" — OVER {MEMORY_HIGH:.0%}" if c.memory_high else f", under {MEMORY_HIGH:.0%}"
+        share = f" ({c.memory_share:.0%}{mark})"
     return [
         *describe(snap.limits, snap.sizing),
-        f"container: CPU {cpu_now} of {c.cpu_capacity:g} CPUs ({total}; {c.cpu_source}), memory {used} / {limit} "
-        f"({c.memory_source})",
+        # The figures first, where a narrow terminal still shows them; the long sources after.
+        f"container: CPU {cpu_now} of {c.cpu_capacity:g} CPUs, memory {used} / {limit}{share}; {total} "
+        f"({c.cpu_source}; {c.memory_source})",
     ]
+
+
+def _container_lines(snap: Snapshot) -> list[str]:
+    """Throttling, pressure, network and the agents' totals."""
+    c, t = snap.container, snap.totals
+    lines = []
+    if (thr := c.throttling) is not None:
+        now = f", {c.throttled_share:.0%} of the last interval's" if c.throttled_share is not None else ""
+        over = (
+            f" — OVER {THROTTLED_HIGH:.0%}"
+            if c.throttled_share is not None and c.throttled_share > THROTTLED_HIGH
+            else ""
+        )
+        lines.append(
+            f"throttling: {thr.throttled}/{thr.periods} periods throttled{now}{over}, "
+            f"{thr.throttled_seconds:.2f} s in all ({thr.source})"
+        )
+    else:
+        lines.append("throttling: no cpu.stat to read")
+    if c.pressure:
+        psi = ", ".join(f"{r} {p.some_avg10:.1f}%/{p.full_avg10:.1f}%" for r, p in c.pressure.items())
+        lines.append(f"pressure (some/full, 10 s): {psi} ({c.pressure_source})")
+    if (net := c.network) is not None:
+        rate = (
+            f" ({net.bytes_in_per_s / 1024:.1f}/{net.bytes_out_per_s / 1024:.1f} KB/s)"
+            if net.bytes_in_per_s is not None and net.bytes_out_per_s is not None
+            else ""
+        )
+        e, lo = net.external, net.loopback
+        lines.append(
+            f"network in/out: {e.bytes_in / _MB:.1f}/{e.bytes_out / _MB:.1f} MB, {e.packets_in}/{e.packets_out} packets"
+            f"{rate}; loopback {lo.bytes_in / _MB:.1f}/{lo.bytes_out / _MB:.1f} MB ({net.source})"
+        )
+    lines.append(
+        f"totals: {t.agents} agents ({t.blocked} blocked), {t.tasks} tasks, {t.actions} actions "
+        f"({t.rejected} refused), {t.actions_per_s:.1f} actions/s, {t.cpu_seconds:.2f} CPU-s, {t.tokens} tokens, "
+        f"${t.spent_usd:.4f} spent, ${t.budget_left_usd:.4f} left"
+    )
+    return lines
 
 
 def renderable(f: Frame) -> FrameView:
