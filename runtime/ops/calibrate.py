@@ -153,6 +153,8 @@ def _context(agent: str, others: list[str]) -> str:
         [
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
             f"You are {agent}. Scrip: 1000. CPU budget: 1.00 s. Tokens: 0.",
+            "Your limits: disk 0/65536 KB, memory 1024 MB per task, paid-model budget $0.00, "
+            "CPU rate 1000 millicores, LLM rate 20 tokens/s. Container: 2 CPUs, no memory limit.",
             "News: none",
             "Other agents: " + (", ".join(o for o in others if o != agent) or "none"),
             "Artifacts you can see: none",
