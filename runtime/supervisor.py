@@ -26,7 +26,8 @@ from runtime.host import cgroups as cg
 from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
 from runtime.node import Node
-from runtime.ops import metrics
+from runtime.ops import dashboard, metrics
+from runtime.ops.dashboard import Dashboard
 from runtime.ops.live import LiveView, frame, plain
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
@@ -80,12 +81,21 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(node.limits, node.sizing))
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
+    dash: Dashboard | None = None
+    web: asyncio.Task[None] | None = None
     if cfg.metrics_port:
         try:
-            metrics.serve(cfg.metrics_port, cfg.metrics_host, pool, node.economy, lambda: node.agents)
-            _say(f"metrics: http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")
+            sock = dashboard.bind(cfg.metrics_host, cfg.metrics_port)
         except OSError as exc:  # the port is taken: run on, say so
-            log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
+            log.warning("no dashboard or metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
+        else:
+            registry = metrics.registry(pool, node.economy, lambda: node.agents)
+            token = dashboard.new_token(node.data / "run")
+            dash = Dashboard(token, registry, node.economy, node.events, world.store, lambda: node.agents)
+            web = asyncio.create_task(dash.serve(sock), name="dashboard")
+            url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
+            # The token is shown here once; it stays readable by this user only in the data directory.
+            _say(f"dashboard: {url}/ (operator token: {token}); metrics: {url}/metrics")
     node.start_agents()
     meter = Meter(node.info)
 
@@ -103,12 +113,18 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
                 now = time.monotonic() - started
                 snap = snapshot()
                 shown = frame(pool, node.agents, now, world, events, snap)
-                write_status(status_file, status(plain(shown), snap, running=True))
+                current = status(plain(shown), snap, running=True)
+                write_status(status_file, current)
+                if dash is not None:
+                    dash.status = msgspec.json.encode(current)
                 if view is not None:
                     view.show(shown, now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
         finally:
+            if dash is not None and web is not None:
+                dash.close()
+                await web
             await node.stop()
             snap = snapshot()
             last = frame(pool, node.agents, time.monotonic() - started, world, events, snap)

@@ -146,6 +146,9 @@ class Agent:
         #: (the only way it changes but a rollback) and now and then, not on every turn.
         self._disk_used: int | None = None
         self._n_constraints = itertools.count(1)
+        #: Set while the agent may take turns; an operator's pause clears it (between two turns).
+        self._go = asyncio.Event()
+        self._go.set()
 
     @property
     def economy(self) -> Economy:
@@ -154,13 +157,29 @@ class Agent:
 
     @property
     def status(self) -> str:
-        """``blocked`` while a bucket holds it back, else its own state."""
-        return "blocked" if self.economy.buckets.blocked(self.id) else self.state
+        """``blocked`` while a bucket holds it back, ``paused`` by the operator, else its own state."""
+        if self.economy.buckets.blocked(self.id):
+            return "blocked"
+        return "paused" if not self._go.is_set() and self.state != "stopped" else self.state
+
+    @property
+    def paused(self) -> bool:
+        """Whether the operator has paused the agent (it finishes the turn it is in, then waits)."""
+        return not self._go.is_set()
+
+    def pause(self) -> None:
+        """Take no further turn until ``resume`` (the caller journals why: an ``agent_paused`` event)."""
+        self._go.clear()
+
+    def resume(self) -> None:
+        """Take turns again."""
+        self._go.set()
 
     async def run(self, max_actions: int | None = None) -> None:
         """Think and act until cancelled (or ``max_actions`` actions have been decided)."""
         try:
             while max_actions is None or self.actions + self.rejected < max_actions:
+                await self._go.wait()
                 await self.step()
         finally:
             self.state = "stopped"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -147,11 +147,8 @@ class RuntimeCollector(Collector):
         yield from (net_bytes, packets)
 
 
-def serve(
-    port: int, host: str, pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]
-) -> CollectorRegistry:
-    """Serve ``/metrics`` on ``host:port`` from a background thread; return the registry."""
-    registry = CollectorRegistry()
-    registry.register(RuntimeCollector(pool, economy, agents))
-    start_http_server(port, addr=host, registry=registry)
-    return registry
+def registry(pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]) -> CollectorRegistry:
+    """A registry whose one collector reads the runtime at each scrape (the dashboard serves it)."""
+    out = CollectorRegistry()
+    out.register(RuntimeCollector(pool, economy, agents))
+    return out

@@ -115,6 +115,11 @@ class AgentStats(Struct, frozen=True):
     #: Dollars paid models charged it in this run, and what is left of its ``llm_budget``.
     spent_usd: float = 0.0
     budget_left_usd: float = 0.0
+    #: Scrip held, the CPU bucket's level (seconds; negative: debt) and capacity, and the last action.
+    scrip: int = 0
+    cpu_bucket_s: float = 0.0
+    cpu_bucket_capacity_s: float = 0.0
+    last: str = ""
 
 
 class Totals(Struct, frozen=True):
@@ -238,6 +243,7 @@ class Meter:
     ) -> list[AgentStats]:
         """Each agent now; its CPU percent, actions per second and blocked share cover the last ``interval_s``."""
         balances = economy.ledger.balances() if economy else {}
+        known = set(economy.buckets.agents()) if economy else set()
         out: list[AgentStats] = []
         for a in agents:
             t = pool.accounts.agents.get(a.id)
@@ -246,7 +252,8 @@ class Meter:
             done, refused = getattr(a, "actions", None), getattr(a, "rejected", None)
             if not (isinstance(done, int) and isinstance(refused, int)):
                 done, refused = tasks, 0  # a placeholder agent: each step is a task
-            blocked_s = economy.buckets.blocked_seconds(a.id) if economy and a.id in economy.buckets.agents() else 0.0
+            has_buckets = economy is not None and a.id in known
+            blocked_s = economy.buckets.blocked_seconds(a.id) if economy is not None and has_buckets else 0.0
             cpu0, decided0, blocked0 = self._last_agents.get(a.id, (cpu, done + refused, blocked_s))
             self._last_agents[a.id] = (cpu, done + refused, blocked_s)
             held = balances.get(a.id, {})
@@ -270,6 +277,12 @@ class Meter:
                     blocked_share=min(1.0, (blocked_s - blocked0) * per_s),
                     spent_usd=economy.spent_microusd.get(a.id, 0) / 1e6 if economy else 0.0,
                     budget_left_usd=held.get("llm_budget", 0) / 1e6,
+                    scrip=held.get("scrip", 0),
+                    cpu_bucket_s=economy.buckets.level(a.id, "cpu") if economy is not None and has_buckets else 0.0,
+                    cpu_bucket_capacity_s=(
+                        economy.buckets.get(a.id, "cpu").capacity if economy is not None and has_buckets else 0.0
+                    ),
+                    last=str(getattr(a, "last", "")),
                 )
             )
         return out

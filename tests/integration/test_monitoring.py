@@ -113,7 +113,9 @@ def test_network_numbers_move_when_the_container_makes_traffic(tmp_path: Path) -
         sent = 16 << 20
         _loopback_traffic(sent)
         done = time.time()
-        later = _status_when(path, proc, lambda s: s.at > done, 30)
+        # A status written after the traffic may rest on a sample taken before it: the next one cannot.
+        written = _status_when(path, proc, lambda s: s.at > done, 30).at
+        later = _status_when(path, proc, lambda s: s.at > written, 30)
         assert later.container is not None and later.container.network is not None
         after = later.container.network.loopback
         assert after.bytes_in - before.bytes_in >= sent

@@ -1,0 +1,278 @@
+"""The web dashboard: served by the supervisor on its metrics port (``127.0.0.1`` by default), next to
+``/metrics``, on one port.
+
+    GET  /                  the page (static HTML and JS, no build step: ``dashboard_static/``)
+    GET  /metrics           Prometheus (``runtime.ops.metrics``)
+    GET  /api/status        the status snapshot the live view shows (``runtime.ops.status.Status``)
+    GET  /api/artifacts     artifacts at HEAD with their owners and sizes
+    GET  /api/bill/{agent}  the agent's bill from the ledger (``runtime.ops.bill``)
+    GET  /api/events        the event stream, live (server-sent events, from ``?since=SEQ``)
+    POST /api/control       an operator control, with ``Authorization: Bearer <token>``
+
+Reading needs nothing; a control needs the token generated at start, printed once and kept (0600) in
+``<data>/run/dashboard.token``. Every control is an ordinary journaled operation: pause and resume are
+``agent_paused``/``agent_resumed`` events (the agent finishes its turn, then waits), grant and burn
+are ledger ``Mint``/``Burn`` ops (a rate right re-rates the agent's bucket, as a trade does), an
+injected note is an ``operator_note`` event, a rollback is a store commit announced by ``system_reset``.
+
+The handlers run on the supervisor's event loop and read what is in memory (the status is encoded once
+per status interval, whatever the number of readers); the page polls the status once a second and keeps
+its own history for the sparklines and plots, so the supervisor holds none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import msgspec
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from runtime.economy.charging import Economy
+from runtime.economy.ledger import Burn, Mint
+from runtime.economy.rights import RATE_RIGHTS
+from runtime.errors import AecoError
+from runtime.ops import bill as bill_mod
+from runtime.world.events import Events
+from runtime.world.store import Store
+
+STATIC = Path(__file__).with_name("dashboard_static")
+TOKEN_NAME = "dashboard.token"
+#: How often an event stream looks for new events: what a browser waits at most, against one read of
+#: the log per stream per period.
+EVENTS_POLL_S = 0.5
+Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+
+
+class Pause(msgspec.Struct, tag="pause", frozen=True):
+    """Pause an agent after its current turn."""
+
+    agent: str
+
+
+class Resume(msgspec.Struct, tag="resume", frozen=True):
+    """Let a paused agent take turns again."""
+
+    agent: str
+
+
+class Grant(msgspec.Struct, tag="grant", frozen=True):
+    """Mint ``amount`` of ``asset`` to ``agent``."""
+
+    agent: str
+    asset: Asset
+    amount: int
+    reason: str = "operator grant"
+
+
+class BurnAsset(msgspec.Struct, tag="burn", frozen=True):
+    """Burn ``amount`` of ``asset`` held by ``agent``."""
+
+    agent: str
+    asset: Asset
+    amount: int
+    reason: str = "operator burn"
+
+
+class Inject(msgspec.Struct, tag="inject", frozen=True):
+    """An ``operator_note`` event, to ``agent`` (None: everyone)."""
+
+    text: str
+    agent: str | None = None
+
+
+class Rollback(msgspec.Struct, tag="rollback", frozen=True):
+    """Reset the artifact store to a commit (as a new commit) and announce it."""
+
+    to: str
+
+
+Control = Pause | Resume | Grant | BurnAsset | Inject | Rollback
+_control = msgspec.json.Decoder(Control)
+
+
+class Pausable(Protocol):
+    """An agent the operator can pause."""
+
+    @property
+    def id(self) -> str: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+
+
+class Dashboard:
+    """The app over a running node's parts; ``status`` is replaced by the supervisor every interval."""
+
+    def __init__(
+        self,
+        token: str,
+        registry: CollectorRegistry,
+        economy: Economy,
+        events: Events,
+        store: Store,
+        agents: Callable[[], Sequence[object]],
+    ) -> None:
+        self._token = token
+        self._registry = registry
+        self.economy, self.events, self.store, self.agents = economy, events, store, agents
+        self.status = b"{}"
+        self._closing = False
+        self.app = Starlette(
+            routes=[
+                Route("/", self._index),
+                Route("/api/status", self._status),
+                Route("/api/artifacts", self._artifacts),
+                Route("/api/bill/{agent}", self._bill),
+                Route("/api/events", self._events),
+                Route("/api/control", self._controlled, methods=["POST"]),
+                Mount("/static", app=StaticFiles(directory=STATIC)),
+                Route("/metrics", self._metrics),
+            ]
+        )
+
+    async def _index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _status(self, request: Request) -> Response:
+        return Response(self.status, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    async def _artifacts(self, request: Request) -> Response:
+        found = await asyncio.to_thread(self.store.indexed)
+        infos = sorted((info for info, _ in found.values()), key=lambda i: i.id)
+        return Response(msgspec.json.encode(infos), media_type="application/json")
+
+    async def _bill(self, request: Request) -> Response:
+        agent = request.path_params["agent"]
+        b = await asyncio.to_thread(bill_mod.bill, agent, self.economy.ledger.journal())
+        return Response(msgspec.json.encode(b), media_type="application/json")
+
+    async def _events(self, request: Request) -> Response:
+        try:
+            since = int(request.query_params.get("since", "-1"))
+        except ValueError:
+            return JSONResponse({"error": "since must be an event sequence number"}, status_code=400)
+        if since < 0:  # from now on (a fresh page): the last few for context
+            since = max(0, await self.events.last_seq_async() - 20)
+        return StreamingResponse(self._stream(request, since), media_type="text/event-stream")
+
+    async def _stream(self, request: Request, since: int) -> AsyncIterator[bytes]:
+        while not self._closing and not await request.is_disconnected():
+            for ev in await self.events.read_async(since, limit=200):
+                since = ev.seq
+                yield b"data: " + msgspec.json.encode(ev) + b"\n\n"
+            await asyncio.sleep(EVENTS_POLL_S)
+
+    async def _controlled(self, request: Request) -> Response:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not given or not hmac.compare_digest(given, self._token):
+            return JSONResponse(
+                {"error": "a control needs the operator's token (Authorization: Bearer ...; see dashboard.token)"},
+                status_code=401,
+            )
+        try:
+            control = _control.decode(await request.body())
+        except msgspec.ValidationError as exc:
+            return JSONResponse({"error": f"bad control: {exc}"}, status_code=400)
+        except msgspec.DecodeError as exc:
+            return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
+        try:
+            done = await self.apply(control)
+        except (AecoError, LookupError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return JSONResponse({"ok": True, "done": done})
+
+    async def apply(self, control: Control) -> str:
+        """Carry out one control as journaled operations; what was done, in words."""
+        match control:
+            case Pause(agent=a) | Resume(agent=a):
+                target = self._agent(a)
+                if isinstance(control, Pause):
+                    ev = await self.events.publish("agent_paused", a, by="operator")
+                    target.pause()
+                else:
+                    ev = await self.events.publish("agent_resumed", a, by="operator")
+                    target.resume()
+                return f"{ev.kind} {a} (event {ev.seq})"
+            case (
+                Grant(agent=a, asset=asset, amount=n, reason=why)
+                | BurnAsset(agent=a, asset=asset, amount=n, reason=why)
+            ):
+                op_id = f"operator:{secrets.token_hex(8)}"
+                op = (Mint if isinstance(control, Grant) else Burn)(
+                    id=op_id, account=a, asset=asset, amount=n, reason=why
+                )
+                receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
+                if asset in RATE_RIGHTS and a in self.economy.buckets.agents():
+                    await self.economy.rerate(a, asset, op_id)
+                return f"{op.__struct_config__.tag} {n} {asset} for {a} (journal {receipt.seq})"
+            case Inject(text=text, agent=a):
+                ev = await self.events.publish("operator_note", a, text=text[:500])
+                return f"operator_note (event {ev.seq})"
+            case Rollback(to=commit):
+                new = await asyncio.to_thread(self.store.rollback, commit, "operator")
+                ev = await self.events.publish("system_reset", None, commit=new, to=commit)
+                return f"rolled back to {commit}: HEAD {new} (event {ev.seq})"
+        raise AssertionError(control)
+
+    def _agent(self, agent: str) -> Pausable:
+        for a in self.agents():
+            if getattr(a, "id", None) == agent and hasattr(a, "pause"):
+                return a  # type: ignore[return-value]
+        raise LookupError(f"no agent {agent!r} here that can be paused")
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` until ``close``."""
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        await self._server.serve(sockets=[sock])
+
+    def close(self) -> None:
+        """Stop serving (event streams end within ``EVENTS_POLL_S``)."""
+        self._closing = True
+        if hasattr(self, "_server"):
+            self._server.should_exit = True
+
+
+def new_token(run_dir: Path) -> str:
+    """A fresh operator token, written (0600) to ``run_dir/dashboard.token``."""
+    token = secrets.token_urlsafe(24)
+    path = run_dir / TOKEN_NAME
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket (``OSError`` when the port is taken: the caller says so and runs on)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+__all__ = ["Control", "Dashboard", "bind", "new_token"]
