@@ -35,6 +35,7 @@ lint: $(STAMP)
 
 test: lint
 	scripts/ensure-services
+	scripts/ensure-browser
 	$(PY) -m pytest
 
 bench: $(STAMP)
