@@ -91,7 +91,9 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         else:
             registry = metrics.registry(pool, node.economy, lambda: node.agents)
             token = dashboard.new_token(node.data / "run")
-            dash = Dashboard(token, registry, node.economy, node.events, world.store, lambda: node.agents)
+            dash = Dashboard(
+                token, registry, node.economy.ledger, node.events, world.store, lambda: node.agents, node.economy
+            )
             web = asyncio.create_task(dash.serve(sock), name="dashboard")
             url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
             # The token is shown here once; it stays readable by this user only in the data directory.

@@ -22,12 +22,14 @@ its own history for the sparklines and plots, so the supervisor holds none.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hmac
 import os
 import secrets
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
@@ -42,12 +44,16 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from runtime.economy.charging import Economy
-from runtime.economy.ledger import Burn, Mint
+from runtime.economy.ledger import Burn, Ledger, Mint
+from runtime.economy.ledger.open import NoLedger, open_ledger
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.errors import AecoError
 from runtime.ops import bill as bill_mod
+from runtime.ops.status import STATUS_NAME
 from runtime.world.events import Events
-from runtime.world.store import Store
+from runtime.world.events.log import EventLog
+from runtime.world.store import Store, StoreError
+from runtime.world.store.open import open_store
 
 STATIC = Path(__file__).with_name("dashboard_static")
 TOKEN_NAME = "dashboard.token"
@@ -114,40 +120,43 @@ class Pausable(Protocol):
 
 
 class Dashboard:
-    """The app over a running node's parts; ``status`` is replaced by the supervisor every interval."""
+    """The app over a node's parts; ``status`` (the encoded ``Status``) is replaced by the supervisor
+    every interval. Replaying a stopped run (``replay``): no token, no economy, no metrics; read-only."""
 
     def __init__(
         self,
-        token: str,
-        registry: CollectorRegistry,
-        economy: Economy,
+        token: str | None,
+        registry: CollectorRegistry | None,
+        ledger: Ledger,
         events: Events,
         store: Store,
         agents: Callable[[], Sequence[object]],
+        economy: Economy | None = None,
     ) -> None:
         self._token = token
         self._registry = registry
-        self.economy, self.events, self.store, self.agents = economy, events, store, agents
+        self.ledger, self.events, self.store, self.agents, self.economy = ledger, events, store, agents, economy
         self.status = b"{}"
         self._closing = False
-        self.app = Starlette(
-            routes=[
-                Route("/", self._index),
-                Route("/api/status", self._status),
-                Route("/api/artifacts", self._artifacts),
-                Route("/api/bill/{agent}", self._bill),
-                Route("/api/events", self._events),
-                Route("/api/control", self._controlled, methods=["POST"]),
-                Mount("/static", app=StaticFiles(directory=STATIC)),
-                Route("/metrics", self._metrics),
-            ]
-        )
+        routes = [
+            Route("/", self._index),
+            Route("/api/status", self._status),
+            Route("/api/artifacts", self._artifacts),
+            Route("/api/bill/{agent}", self._bill),
+            Route("/api/events", self._events),
+            Route("/api/control", self._controlled, methods=["POST"]),
+            Mount("/static", app=StaticFiles(directory=STATIC)),
+        ]
+        if registry is not None:
+            routes.append(Route("/metrics", self._metrics))
+        self.app = Starlette(routes=routes)
+
+    async def _metrics(self, request: Request) -> Response:
+        assert self._registry is not None
+        return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
-
-    async def _metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _status(self, request: Request) -> Response:
         return Response(self.status, media_type="application/json", headers={"Cache-Control": "no-store"})
@@ -159,7 +168,7 @@ class Dashboard:
 
     async def _bill(self, request: Request) -> Response:
         agent = request.path_params["agent"]
-        b = await asyncio.to_thread(bill_mod.bill, agent, self.economy.ledger.journal())
+        b = await asyncio.to_thread(bill_mod.bill, agent, self.ledger.journal())
         return Response(msgspec.json.encode(b), media_type="application/json")
 
     async def _events(self, request: Request) -> Response:
@@ -179,6 +188,8 @@ class Dashboard:
             await asyncio.sleep(EVENTS_POLL_S)
 
     async def _controlled(self, request: Request) -> Response:
+        if self._token is None:
+            return JSONResponse({"error": "a replay of a stopped run is read-only"}, status_code=403)
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not given or not hmac.compare_digest(given, self._token):
             return JSONResponse(
@@ -217,8 +228,8 @@ class Dashboard:
                 op = (Mint if isinstance(control, Grant) else Burn)(
                     id=op_id, account=a, asset=asset, amount=n, reason=why
                 )
-                receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
-                if asset in RATE_RIGHTS and a in self.economy.buckets.agents():
+                receipt = await asyncio.wrap_future(self.ledger.submit(op))
+                if self.economy is not None and asset in RATE_RIGHTS and a in self.economy.buckets.agents():
                     await self.economy.rerate(a, asset, op_id)
                 return f"{op.__struct_config__.tag} {n} {asset} for {a} (journal {receipt.seq})"
             case Inject(text=text, agent=a):
@@ -275,4 +286,48 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["Control", "Dashboard", "bind", "new_token"]
+async def replay(data: Path, host: str, port: int, say: Callable[[str], None] = print) -> None:
+    """Serve a stopped run's data directory read-only: its last status, its event log, its ledger's
+    bills and its store's artifacts, until cancelled."""
+    status = (data / "run" / STATUS_NAME).read_bytes()
+    ledger = open_ledger(data, None, create=False)
+    store = open_store(data, None, create=False)
+    events = EventLog(str(data / "events"), readonly=True)
+    try:
+        dash = Dashboard(None, None, ledger, events, store, list)
+        dash.status = status
+        sock = bind(host, port)
+        say(f"replaying {data}: http://{host}:{sock.getsockname()[1]}/ (read-only)")
+        await dash.serve(sock)
+    finally:
+        events.close()
+        store.close()
+        ledger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime.ops.dashboard --data-dir DIR [--host H] [--port P]``: replay a stopped run."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.ops.dashboard", description=main.__doc__)
+    ap.add_argument("--data-dir", required=True, help="the stopped run's data directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=9465, help="0: any free port")
+    args = ap.parse_args(argv)
+    data = Path(args.data_dir)
+    if not (data / "run" / STATUS_NAME).exists():
+        print(f"error: no {STATUS_NAME} under {data / 'run'}: not a run's data directory", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(replay(data, args.host, args.port, lambda line: print(line, flush=True)))
+    except (NoLedger, StoreError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Control", "Dashboard", "bind", "new_token", "replay"]

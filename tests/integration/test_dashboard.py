@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -150,3 +151,36 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
     assert [(m["account"], m["asset"], m["amount"], m["reason"]) for m in mints] == [
         ("writer", "scrip", 100, "operator grant")
     ]
+    _replay_serves_the_stopped_run(data)
+
+
+def _replay_serves_the_stopped_run(data: Path) -> None:
+    """``python -m runtime.ops.dashboard --data-dir``: the last status, the log's events, bills and
+    artifacts of the stopped run; controls are refused."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.ops.dashboard", "--data-dir", str(data), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and "read-only" in proc.stdout.readline()
+        st = json.loads(urllib.request.urlopen(f"{url}/api/status", timeout=10).read())
+        assert st["running"] is False and {a["id"] for a in st["agents"]} == {"writer", "reader"}
+        with urllib.request.urlopen(f"{url}/api/events?since=0", timeout=10) as stream:
+            first = json.loads(stream.readline().removeprefix(b"data: "))
+        assert first["seq"] == 1
+        b = json.loads(urllib.request.urlopen(f"{url}/api/bill/writer", timeout=10).read())
+        assert b["total"]["tasks"] > 0
+        arts = json.loads(urllib.request.urlopen(f"{url}/api/artifacts", timeout=10).read())
+        assert [(a["id"], a["owner"]) for a in arts] == [("diary", "writer")]
+        req = urllib.request.Request(f"{url}/api/control", data=b'{"type": "resume", "agent": "writer"}')
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
