@@ -90,12 +90,12 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             log.warning("no dashboard or metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
         else:
             registry = metrics.registry(pool, node.economy, lambda: node.agents)
-            token = dashboard.new_token(node.data / "run")
+            url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
+            token = dashboard.new_token(node.data / "run", url)
             dash = Dashboard(
                 token, registry, node.economy.ledger, node.events, world.store, lambda: node.agents, node.economy
             )
             web = asyncio.create_task(dash.serve(sock), name="dashboard")
-            url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
             # The token is shown here once; it stays readable by this user only in the data directory.
             _say(f"dashboard: {url}/ (operator token: {token}); metrics: {url}/metrics")
     node.start_agents()

@@ -26,10 +26,13 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import json
 import os
 import secrets
 import socket
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
@@ -47,7 +50,7 @@ from runtime.economy.charging import Economy
 from runtime.economy.ledger import Burn, Ledger, Mint
 from runtime.economy.ledger.open import NoLedger, open_ledger
 from runtime.economy.rights import RATE_RIGHTS
-from runtime.errors import AecoError
+from runtime.errors import AecoError, ErrorCode
 from runtime.ops import bill as bill_mod
 from runtime.ops.status import STATUS_NAME
 from runtime.world.events import Events
@@ -57,6 +60,8 @@ from runtime.world.store.open import open_store
 
 STATIC = Path(__file__).with_name("dashboard_static")
 TOKEN_NAME = "dashboard.token"
+#: Where a running supervisor's dashboard is, for ``python -m runtime.admin control``.
+URL_NAME = "dashboard.url"
 #: How often an event stream looks for new events: what a browser waits at most, against one read of
 #: the log per stream per period.
 EVENTS_POLL_S = 0.5
@@ -260,8 +265,8 @@ class Dashboard:
             self._server.should_exit = True
 
 
-def new_token(run_dir: Path) -> str:
-    """A fresh operator token, written (0600) to ``run_dir/dashboard.token``."""
+def new_token(run_dir: Path, url: str) -> str:
+    """A fresh operator token, written (0600) to ``run_dir/dashboard.token``; ``url`` to ``dashboard.url``."""
     token = secrets.token_urlsafe(24)
     path = run_dir / TOKEN_NAME
     with contextlib.suppress(FileNotFoundError):
@@ -269,7 +274,36 @@ def new_token(run_dir: Path) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
+    (run_dir / URL_NAME).write_text(url + "\n")
     return token
+
+
+def send(run_dir: Path, control: Control) -> str:
+    """Send ``control`` to the running supervisor whose run directory is ``run_dir``, with its token;
+    what it did. ``ControlRefused`` with the supervisor's reason otherwise."""
+    try:
+        token = (run_dir / TOKEN_NAME).read_text().strip()
+        url = (run_dir / URL_NAME).read_text().strip()
+    except OSError as exc:
+        raise ControlRefused(f"no running dashboard in {run_dir} ({exc.strerror}): is the supervisor running?") from exc
+    req = urllib.request.Request(
+        f"{url}/api/control",
+        data=msgspec.json.encode(control),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return str(json.loads(resp.read())["done"])
+    except urllib.error.HTTPError as exc:
+        raise ControlRefused(f"refused ({exc.code}): {json.loads(exc.read()).get('error', '')}") from exc
+    except OSError as exc:
+        raise ControlRefused(f"the supervisor at {url} does not answer: {exc}") from exc
+
+
+class ControlRefused(AecoError):
+    """An operator control that could not be carried out; the message says why."""
+
+    default_code: ErrorCode = "invalid"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -330,4 +364,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Control", "Dashboard", "bind", "new_token", "replay"]
+__all__ = ["Control", "ControlRefused", "Dashboard", "bind", "new_token", "replay", "send"]

@@ -56,6 +56,18 @@ def _actions(url: str, agent: str) -> int:
     return int(a["actions"] + a["rejected"])
 
 
+def _admin(data: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert not check or out.returncode == 0, out.stderr
+    return out
+
+
 def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -126,6 +138,16 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
             expect(page.locator("#bill tbody tr").last).to_contain_text("total", timeout=10_000)
             page.screenshot(path=str(SHOTS / "dashboard-paused.png"), full_page=True)
             browser.close()
+        # The same controls from the command line (the token from the data directory).
+        assert "agent_resumed writer" in _admin(data, "control", "resume", "writer").stdout
+        writer_now = _actions(url, "writer")
+        deadline = time.monotonic() + 60
+        while _actions(url, "writer") <= writer_now + 2:
+            assert time.monotonic() < deadline, "the resumed writer does not act"
+            time.sleep(0.2)
+        assert "burn 50 scrip for writer" in _admin(data, "control", "burn", "writer", "scrip", "50").stdout
+        unknown = _admin(data, "control", "pause", "nobody", check=False)
+        assert unknown.returncode == 1 and "no agent 'nobody'" in unknown.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -138,18 +160,16 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
         text=True,
         timeout=60,
     )
-    paused = [e for e in map(json.loads, dump.stdout.splitlines()) if e["kind"] == "agent_paused"]
-    assert [(e["agent"], e["fields"]["by"]) for e in paused] == [("writer", "operator")]
-    journal = subprocess.run(
-        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), "journal"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    mints = [e["op"] for e in map(json.loads, journal.stdout.splitlines()) if e["op"]["op"] == "mint"]
-    assert [(m["account"], m["asset"], m["amount"], m["reason"]) for m in mints] == [
-        ("writer", "scrip", 100, "operator grant")
+    controls = [e for e in map(json.loads, dump.stdout.splitlines()) if e["kind"] in ("agent_paused", "agent_resumed")]
+    assert [(e["kind"], e["agent"], e["fields"]["by"]) for e in controls] == [
+        ("agent_paused", "writer", "operator"),
+        ("agent_resumed", "writer", "operator"),
+    ]
+    journal = _admin(data, "journal")
+    ops = [e["op"] for e in map(json.loads, journal.stdout.splitlines()) if e["op"]["op"] in ("mint", "burn")]
+    assert [(m["op"], m["account"], m["asset"], m["amount"], m["reason"]) for m in ops] == [
+        ("mint", "writer", "scrip", 100, "operator grant"),
+        ("burn", "writer", "scrip", 50, "operator burn"),
     ]
     _replay_serves_the_stopped_run(data)
 
