@@ -17,30 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_native import _free_port
+from tests.integration.test_supervisor import SCRIPTED
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "benchmarks" / "results"
-
-CONFIG = """
-data_dir: {data}
-pool: {{workers: 2, heartbeat_s: 0.5}}
-agents:
-  - id: writer
-    brain: scripted
-    think_ms: 5
-    policy:
-      - {{kind: write_artifact, id: diary, content: "day one"}}
-      - {{kind: transfer, to: reader, amount: 1}}
-      - {{kind: sleep, seconds: 0.1}}
-  - id: reader
-    brain: scripted
-    think_ms: 5
-    policy:
-      - {{kind: read_artifact, id: diary}}
-      - {{kind: sleep, seconds: 0.1}}
-status_interval_s: 0.3
-metrics_port: {port}
-"""
 
 
 def _chromium() -> str:
@@ -75,7 +55,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
     port = _free_port()
     data = tmp_path / "data"
     config = tmp_path / "dash.yaml"
-    config.write_text(CONFIG.format(data=data, port=port))
+    config.write_text(SCRIPTED.format(data=data) + f"metrics_port: {port}\n")
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.supervisor", "--config", str(config), "--no-live"],
