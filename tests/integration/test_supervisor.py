@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -276,14 +275,8 @@ def test_prometheus_metrics_show_the_agents_and_the_pool(tmp_path: Path) -> None
     proc = _supervisor("--config", str(cfg), "--no-live")
     try:
         _wait_for_workers(proc.pid, 2)
-        # Until the writer has acted (the port opens once the node has started; a loaded host is slow).
-        deadline = time.monotonic() + 60
-        body = ""
-        while 'aeco_agent_actions_total{agent="writer",outcome="applied"} 0.0' in body or "writer" not in body:
-            assert time.monotonic() < deadline, body
-            time.sleep(0.2)
-            with contextlib.suppress(OSError):
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        time.sleep(2.0)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
