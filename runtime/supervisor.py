@@ -82,7 +82,6 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
     dash: Dashboard | None = None
-    web: asyncio.Task[None] | None = None
     if cfg.metrics_port:
         try:
             sock = dashboard.bind(cfg.metrics_host, cfg.metrics_port)
@@ -95,7 +94,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             dash = Dashboard(
                 token, registry, node.economy.ledger, node.events, world.store, lambda: node.agents, node.economy
             )
-            web = asyncio.create_task(dash.serve(sock), name="dashboard")
+            dash.start(sock, loop)
             # The token is shown here once; it stays readable by this user only in the data directory.
             _say(f"dashboard: {url}/ (operator token: {token}); metrics: {url}/metrics")
     node.start_agents()
@@ -124,9 +123,8 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
         finally:
-            if dash is not None and web is not None:
-                dash.close()
-                await web
+            if dash is not None:
+                await asyncio.to_thread(dash.close)
             await node.stop()
             snap = snapshot()
             last = frame(pool, node.agents, time.monotonic() - started, world, events, snap)

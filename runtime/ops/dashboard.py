@@ -15,9 +15,12 @@ Reading needs nothing; a control needs the token generated at start, printed onc
 are ledger ``Mint``/``Burn`` ops (a rate right re-rates the agent's bucket, as a trade does), an
 injected note is an ``operator_note`` event, a rollback is a store commit announced by ``system_reset``.
 
-The handlers run on the supervisor's event loop and read what is in memory (the status is encoded once
-per status interval, whatever the number of readers); the page polls the status once a second and keeps
-its own history for the sparklines and plots, so the supervisor holds none.
+The server runs in its own thread ("dashboard") with its own event loop, so a slow page never holds the
+agents' loop back and what it costs is that thread's CPU (``benchmarks/dashboard.py`` measures it). Its
+reads are the stores' thread-safe synchronous reads and the status the supervisor encodes once per
+interval, whatever the number of readers; a control is run on the supervisor's loop, where the agents and
+the economy live. The page polls the status once a second and keeps its own history for the sparklines
+and plots, so the supervisor holds none.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -143,6 +147,8 @@ class Dashboard:
         self.ledger, self.events, self.store, self.agents, self.economy = ledger, events, store, agents, economy
         self.status = b"{}"
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         routes = [
             Route("/", self._index),
             Route("/api/status", self._status),
@@ -167,13 +173,13 @@ class Dashboard:
         return Response(self.status, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def _artifacts(self, request: Request) -> Response:
-        found = await asyncio.to_thread(self.store.indexed)
+        found = self.store.indexed()
         infos = sorted((info for info, _ in found.values()), key=lambda i: i.id)
         return Response(msgspec.json.encode(infos), media_type="application/json")
 
     async def _bill(self, request: Request) -> Response:
         agent = request.path_params["agent"]
-        b = await asyncio.to_thread(bill_mod.bill, agent, self.ledger.journal())
+        b = bill_mod.bill(agent, self.ledger.journal())
         return Response(msgspec.json.encode(b), media_type="application/json")
 
     async def _events(self, request: Request) -> Response:
@@ -182,12 +188,12 @@ class Dashboard:
         except ValueError:
             return JSONResponse({"error": "since must be an event sequence number"}, status_code=400)
         if since < 0:  # from now on (a fresh page): the last few for context
-            since = max(0, await self.events.last_seq_async() - 20)
+            since = max(0, self.events.last_seq() - 20)
         return StreamingResponse(self._stream(request, since), media_type="text/event-stream")
 
     async def _stream(self, request: Request, since: int) -> AsyncIterator[bytes]:
         while not self._closing and not await request.is_disconnected():
-            for ev in await self.events.read_async(since, limit=200):
+            for ev in self.events.read(since, limit=200):
                 since = ev.seq
                 yield b"data: " + msgspec.json.encode(ev) + b"\n\n"
             await asyncio.sleep(EVENTS_POLL_S)
@@ -207,14 +213,16 @@ class Dashboard:
             return JSONResponse({"error": f"bad control: {exc}"}, status_code=400)
         except msgspec.DecodeError as exc:
             return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
+        if self._loop is None:
+            return JSONResponse({"error": "no supervisor loop to carry out controls on"}, status_code=503)
         try:
-            done = await self.apply(control)
+            done = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.apply(control), self._loop))
         except (AecoError, LookupError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         return JSONResponse({"ok": True, "done": done})
 
     async def apply(self, control: Control) -> str:
-        """Carry out one control as journaled operations; what was done, in words."""
+        """Carry out one control as journaled operations, on the supervisor's loop; what was done, in words."""
         match control:
             case Pause(agent=a) | Resume(agent=a):
                 target = self._agent(a)
@@ -253,16 +261,24 @@ class Dashboard:
         raise LookupError(f"no agent {agent!r} here that can be paused")
 
     async def serve(self, sock: socket.socket) -> None:
-        """Serve on ``sock`` until ``close``."""
+        """Serve on ``sock`` until ``close`` (on the calling loop: the replay's, which has no controls)."""
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         await self._server.serve(sockets=[sock])
 
+    def start(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve on ``sock`` from the "dashboard" thread; controls are carried out on ``loop``."""
+        self._loop = loop
+        self._thread = threading.Thread(target=asyncio.run, args=(self.serve(sock),), name="dashboard", daemon=True)
+        self._thread.start()
+
     def close(self) -> None:
-        """Stop serving (event streams end within ``EVENTS_POLL_S``)."""
+        """Stop serving (event streams end within ``EVENTS_POLL_S``) and wait for the thread, if any."""
         self._closing = True
         if hasattr(self, "_server"):
             self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 def new_token(run_dir: Path, url: str) -> str:
