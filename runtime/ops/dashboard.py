@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 import uvicorn
@@ -89,8 +89,8 @@ class Grant(msgspec.Struct, tag="grant", frozen=True):
 
     agent: str
     asset: Asset
-    amount: int
-    reason: str = "operator grant"
+    amount: Annotated[int, msgspec.Meta(gt=0)]
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "operator grant"
 
 
 class BurnAsset(msgspec.Struct, tag="burn", frozen=True):
@@ -98,14 +98,14 @@ class BurnAsset(msgspec.Struct, tag="burn", frozen=True):
 
     agent: str
     asset: Asset
-    amount: int
-    reason: str = "operator burn"
+    amount: Annotated[int, msgspec.Meta(gt=0)]
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "operator burn"
 
 
 class Inject(msgspec.Struct, tag="inject", frozen=True):
     """An ``operator_note`` event, to ``agent`` (None: everyone)."""
 
-    text: str
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
     agent: str | None = None
 
 
@@ -246,7 +246,7 @@ class Dashboard:
                     await self.economy.rerate(a, asset, op_id)
                 return f"{op.__struct_config__.tag} {n} {asset} for {a} (journal {receipt.seq})"
             case Inject(text=text, agent=a):
-                ev = await self.events.publish("operator_note", a, text=text[:500])
+                ev = await self.events.publish("operator_note", a, text=text)
                 return f"operator_note (event {ev.seq})"
             case Rollback(to=commit):
                 new = await asyncio.to_thread(self.store.rollback, commit, "operator")
