@@ -90,7 +90,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
             seen = page.locator("#events li").count()
             page.wait_for_function(f"document.querySelectorAll('#events li').length > {seen}", timeout=30_000)
             expect(page.locator("#artifacts tbody tr")).to_have_count(1, timeout=30_000)
-            page.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
+            page.screenshot(path=str(SHOTS / "dashboard-live.png"), full_page=True)
 
             # Without the token a control is refused, and nothing happens.
             writer.locator("button.pause").click()
