@@ -37,9 +37,10 @@ status_interval_s: 0.1
 FRAMES = 15
 
 
-def _run_on_terminal(config: Path, width: int) -> tuple[bytes, int]:
+def _run_on_terminal(config: Path, width: int) -> tuple[bytes, int, bytes]:
     """Run the supervisor on a pseudo-terminal ``width`` × ``ROWS`` until it has drawn ``FRAMES`` frames,
-    stop it with SIGTERM, and return everything it wrote and the frames counted."""
+    stop it with SIGTERM; return everything it wrote, the frames counted, and what it had written when
+    it was stopped (taken between two frames: when the terminal had been quiet for 30 ms)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, width, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR"}}
@@ -57,14 +58,17 @@ def _run_on_terminal(config: Path, width: int) -> tuple[bytes, int]:
     out = bytearray()
     deadline = time.monotonic() + 60
     stopped = False
+    running = b""
     try:
         while True:
-            if not stopped and out.count(b"elapsed") >= FRAMES:
-                proc.send_signal(signal.SIGTERM)
-                stopped = True
+            enough = not stopped and out.count(b"elapsed") >= FRAMES
             assert time.monotonic() < deadline, f"no {FRAMES} frames within 60 s: {bytes(out[-2000:])!r}"
-            ready, _, _ = select.select([master], [], [], 1.0)
+            ready, _, _ = select.select([master], [], [], 0.03 if enough else 1.0)
             if not ready:
+                if enough:
+                    running = bytes(out)
+                    proc.send_signal(signal.SIGTERM)
+                    stopped = True
                 continue
             try:
                 chunk = os.read(master, 65536)
@@ -79,14 +83,14 @@ def _run_on_terminal(config: Path, width: int) -> tuple[bytes, int]:
         proc.wait(timeout=30)
         os.close(master)
     assert proc.returncode == 0, bytes(out[-3000:]).decode(errors="replace")
-    return bytes(out), out.count(b"elapsed")
+    return bytes(out), out.count(b"elapsed"), running
 
 
 @pytest.mark.parametrize("width", [60, 120, 200])
 def test_the_live_view_redraws_in_place_at_any_width(tmp_path: Path, width: int) -> None:
     config = tmp_path / "live.yaml"
     config.write_text(CONFIG.format(data=tmp_path / "long-data-dir"))
-    out, frames = _run_on_terminal(config, width)
+    out, frames, _ = _run_on_terminal(config, width)
     assert frames >= FRAMES
     screen = pyte.Screen(width, ROWS)
     pyte.ByteStream(screen).feed(out)
@@ -108,6 +112,25 @@ def test_the_live_view_redraws_in_place_at_any_width(tmp_path: Path, width: int)
     # The final frame is the one left on screen, with the summary's path under it.
     assert starting("elapsed ")[0].endswith(" s"), shown
     assert "usage summary:" in shown
+
+
+def test_more_agents_than_the_terminal_has_rows_are_summed_up_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "crowd.yaml"
+    nappers = "".join(f"  - id: napper-{i:02d}\n    workload: [{{kind: sleep, ms: 50}}]\n" for i in range(70))
+    config.write_text(CONFIG.format(data=tmp_path / "data").replace("status_interval_s", nappers + "status_interval_s"))
+    _, _, running = _run_on_terminal(config, 120)
+    screen = pyte.Screen(120, ROWS)
+    pyte.ByteStream(screen).feed(running)
+    lines = [line.rstrip() for line in screen.display]
+    shown = "\n".join(lines)
+    assert sum(1 for line in lines if line.startswith("agent ")) == 1, shown
+    (more,) = [line for line in lines if line.startswith("… and ")]
+    listed = [line for line in lines if line.startswith("napper-")]
+    assert len(set(listed)) == len(listed)  # no row twice
+    # The rows shown and the ones summed up are every agent.
+    assert int(more.split()[2]) + len(listed) + len([x for x in lines if x.startswith(("cruncher-", "napper "))]) == 72
+    assert sum(1 for line in lines if line.startswith("elapsed ")) == 1, shown
+    assert lines[-1].startswith("elapsed ") or not lines[-1], shown  # the frame fits the screen
 
 
 def test_off_a_terminal_the_view_is_one_line_per_interval(tmp_path: Path) -> None:
