@@ -135,7 +135,7 @@ async def measure(data: Path, window_s: float, rounds: int) -> list[Phase]:
                 st = Status.of(snap, plain(frame(node.pool, node.agents, 0.0, node.world, node.events, snap)), True)
                 path.write_bytes(msgspec.json.encode(st))
                 if dash is not None:
-                    dash.status = msgspec.json.encode(st)
+                    dash.status = st
                 await asyncio.sleep(1.0)
 
         status_task = asyncio.create_task(refresh())

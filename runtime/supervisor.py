@@ -117,7 +117,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
                 current = status(plain(shown), snap, running=True)
                 write_status(status_file, current)
                 if dash is not None:
-                    dash.status = msgspec.json.encode(current)
+                    dash.status = current
                 if view is not None:
                     view.show(shown, now)
                 with contextlib.suppress(TimeoutError):

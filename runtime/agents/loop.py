@@ -146,6 +146,7 @@ class Agent:
         #: (the only way it changes but a rollback) and now and then, not on every turn.
         self._disk_used: int | None = None
         self._n_constraints = itertools.count(1)
+        self._container: str | None = None
         #: Set while the agent may take turns; an operator's pause clears it (between two turns).
         self._go = asyncio.Event()
         self._go.set()
@@ -274,14 +275,16 @@ class Agent:
         held = await self.economy.ledger.holdings_async(self.id)
         if self._disk_used is None or next(self._n_constraints) % 100 == 0:
             self._disk_used = await asyncio.to_thread(self.world.store.owned_bytes, self.id)
-        pool = self.economy.pool.status()
-        memory = f"{pool.memory_limit / _MB:.0f} MB" if pool.memory_limit else "no memory limit"
+        if self._container is None:  # the container's limits do not change while it runs: read them once
+            pool = self.economy.pool.status()
+            memory = f"{pool.memory_limit / _MB:.0f} MB" if pool.memory_limit else "no memory limit"
+            self._container = f"Container: {pool.cpu_capacity:g} CPUs, {memory}."
         return (
             f"Your limits: disk {self._disk_used / 1024:.0f}/{held.get('disk_quota', 0) / 1024:.0f} KB, "
             f"memory {held.get('memory_quota', 0) / _MB:.0f} MB per task, "
             f"paid-model budget ${held.get('llm_budget', 0) / 1e6:.2f}, "
             f"CPU rate {held.get('cpu_rate', 0)} millicores, LLM rate {held.get('llm_rate', 0)} tokens/s. "
-            f"Container: {pool.cpu_capacity:g} CPUs, {memory}."
+            + self._container
         )
 
     async def act(self, action: AgentAction) -> str:

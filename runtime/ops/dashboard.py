@@ -19,7 +19,7 @@ The server runs in its own thread ("dashboard") with its own event loop, so a sl
 agents' loop back and what it costs is that thread's CPU (``benchmarks/dashboard.py`` measures it). Its
 reads are the stores' thread-safe synchronous reads and the status the supervisor encodes once per
 interval, whatever the number of readers; a control is run on the supervisor's loop, where the agents and
-the economy live. The page polls the status once a second and keeps its own history for the sparklines
+the economy live. The page polls the status every 2 s and keeps its own history for the sparklines
 and plots, so the supervisor holds none.
 """
 
@@ -56,7 +56,7 @@ from runtime.economy.ledger.open import NoLedger, open_ledger
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.errors import AecoError, ErrorCode
 from runtime.ops import bill as bill_mod
-from runtime.ops.status import STATUS_NAME
+from runtime.ops.status import STATUS_NAME, Status
 from runtime.world.events import Events
 from runtime.world.events.log import EventLog
 from runtime.world.store import Store, StoreError
@@ -67,8 +67,9 @@ TOKEN_NAME = "dashboard.token"
 #: Where a running supervisor's dashboard is, for ``python -m runtime.admin control``.
 URL_NAME = "dashboard.url"
 #: How often an event stream looks for new events: what a browser waits at most, against one read of
-#: the log per stream per period.
-EVENTS_POLL_S = 0.5
+#: the log per stream per period (at 1,000 agents a read of up to ``EVENTS_BATCH`` events).
+EVENTS_POLL_S = 1.0
+EVENTS_BATCH = 500
 Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
 
 
@@ -145,7 +146,10 @@ class Dashboard:
         self._token = token
         self._registry = registry
         self.ledger, self.events, self.store, self.agents, self.economy = ledger, events, store, agents, economy
-        self.status = b"{}"
+        #: The latest status, set by the supervisor each interval; encoded here, in the dashboard's thread,
+        #: once per status whatever the number of readers, without the text table (the page lays out its own).
+        self.status: Status | None = None
+        self._encoded: tuple[Status | None, bytes] = (None, b"{}")
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -170,7 +174,10 @@ class Dashboard:
         return FileResponse(STATIC / "index.html")
 
     async def _status(self, request: Request) -> Response:
-        return Response(self.status, media_type="application/json", headers={"Cache-Control": "no-store"})
+        current = self.status
+        if current is not None and current is not self._encoded[0]:
+            self._encoded = (current, msgspec.json.encode(msgspec.structs.replace(current, table="")))
+        return Response(self._encoded[1], media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def _artifacts(self, request: Request) -> Response:
         found = self.store.indexed()
@@ -193,7 +200,7 @@ class Dashboard:
 
     async def _stream(self, request: Request, since: int) -> AsyncIterator[bytes]:
         while not self._closing and not await request.is_disconnected():
-            for ev in self.events.read(since, limit=200):
+            for ev in self.events.read(since, limit=EVENTS_BATCH):
                 since = ev.seq
                 yield b"data: " + msgspec.json.encode(ev) + b"\n\n"
             await asyncio.sleep(EVENTS_POLL_S)
@@ -339,7 +346,7 @@ def bind(host: str, port: int) -> socket.socket:
 async def replay(data: Path, host: str, port: int, say: Callable[[str], None] = print) -> None:
     """Serve a stopped run's data directory read-only: its last status, its event log, its ledger's
     bills and its store's artifacts, until cancelled."""
-    status = (data / "run" / STATUS_NAME).read_bytes()
+    status = msgspec.json.decode((data / "run" / STATUS_NAME).read_bytes(), type=Status)
     ledger = open_ledger(data, None, create=False)
     store = open_store(data, None, create=False)
     events = EventLog(str(data / "events"), readonly=True)
