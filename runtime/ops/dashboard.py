@@ -3,7 +3,8 @@
 
     GET  /                  the page (static HTML and JS, no build step: ``dashboard_static/``)
     GET  /metrics           Prometheus (``runtime.ops.metrics``)
-    GET  /api/status        the status snapshot the live view shows (``runtime.ops.status.Status``)
+    GET  /api/status        the status snapshot the live view shows (``runtime.ops.status.Status``; the
+                            first ``?agents=N`` agents' rows, 100 by default, and the totals of all)
     GET  /api/artifacts     artifacts at HEAD with their owners and sizes
     GET  /api/bill/{agent}  the agent's bill from the ledger (``runtime.ops.bill``)
     GET  /api/events        the event stream, live (server-sent events, from ``?since=SEQ``)
@@ -67,9 +68,13 @@ TOKEN_NAME = "dashboard.token"
 #: Where a running supervisor's dashboard is, for ``python -m runtime.admin control``.
 URL_NAME = "dashboard.url"
 #: How often an event stream looks for new events: what a browser waits at most, against one read of
-#: the log per stream per period (at 1,000 agents a read of up to ``EVENTS_BATCH`` events).
+#: the log per stream per period.
 EVENTS_POLL_S = 1.0
-EVENTS_BATCH = 500
+#: The most events a stream sends per period: at 1,000 agents the world makes more than a page can show,
+#: so a stream that falls behind jumps to the newest and says how many it skipped.
+EVENTS_BATCH = 100
+#: Agents' rows in a status unless ``?agents=N`` asks for another number (the totals cover every agent).
+STATUS_AGENTS = 100
 Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
 
 
@@ -149,7 +154,7 @@ class Dashboard:
         #: The latest status, set by the supervisor each interval; encoded here, in the dashboard's thread,
         #: once per status whatever the number of readers, without the text table (the page lays out its own).
         self.status: Status | None = None
-        self._encoded: tuple[Status | None, bytes] = (None, b"{}")
+        self._encoded: tuple[tuple[Status, int] | None, bytes] = (None, b"{}")
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -174,9 +179,14 @@ class Dashboard:
         return FileResponse(STATIC / "index.html")
 
     async def _status(self, request: Request) -> Response:
+        try:
+            n = int(request.query_params.get("agents", STATUS_AGENTS))
+        except ValueError:
+            return JSONResponse({"error": "agents must be a number of agents"}, status_code=400)
         current = self.status
-        if current is not None and current is not self._encoded[0]:
-            self._encoded = (current, msgspec.json.encode(msgspec.structs.replace(current, table="")))
+        if current is not None and (current, n) != self._encoded[0]:
+            short = msgspec.structs.replace(current, table="", agents=current.agents[:n])
+            self._encoded = ((current, n), msgspec.json.encode(short))
         return Response(self._encoded[1], media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def _artifacts(self, request: Request) -> Response:
@@ -200,6 +210,10 @@ class Dashboard:
 
     async def _stream(self, request: Request, since: int) -> AsyncIterator[bytes]:
         while not self._closing and not await request.is_disconnected():
+            last = self.events.last_seq()
+            if last - since > EVENTS_BATCH:
+                yield f"event: skipped\ndata: {last - since - EVENTS_BATCH}\n\n".encode()
+                since = last - EVENTS_BATCH
             for ev in self.events.read(since, limit=EVENTS_BATCH):
                 since = ev.seq
                 yield b"data: " + msgspec.json.encode(ev) + b"\n\n"

@@ -253,11 +253,11 @@ def renderable(f: Frame) -> FrameView:
     return FrameView(f)
 
 
-def lines(f: Frame, width: int, max_rows: int | None = None) -> list[str]:
-    """The frame as lines at most ``width`` wide: the columns that fit (dropped by rank), each cell cut
-    with an ellipsis to its column, the footer's lines cut at the edge; at most ``max_rows`` agents'
-    rows (then one line saying how many more). Plain string work: a frame of 1,000 agents is a few
-    milliseconds, where a ``rich`` table of them takes more than a second."""
+def lines(f: Frame, width: int, max_rows: int | None = None, cut: bool = True) -> list[str]:
+    """The frame as lines: the table at most ``width`` wide (the columns that fit, dropped by rank, each
+    cell cut with an ellipsis to its column), the footer's lines cut at the edge too unless not ``cut``;
+    at most ``max_rows`` agents' rows (then one line saying how many more). Plain string work: a frame
+    of 1,000 agents is a few milliseconds, where a ``rich`` table of them takes more than a second."""
     rows = f.rows
     natural = [max([len(heading), *(len(r[i]) for r in rows)]) for i, (heading, _, _) in enumerate(COLUMNS[:-1])]
     natural[0] = min(natural[0], _AGENT_MAX)
@@ -284,7 +284,7 @@ def lines(f: Frame, width: int, max_rows: int | None = None) -> list[str]:
     if len(body) < len(rows):
         out.append(f"… and {len(rows) - len(body)} more agents (python -m runtime.status shows all)")
     out.append("")
-    out += [text if len(text) <= width else text[: width - 1] + "…" for text in f.footer]
+    out += [text if len(text) <= width or not cut else text[: width - 1] + "…" for text in f.footer]
     return out
 
 
@@ -304,9 +304,9 @@ class FrameView:
 
 
 def plain(f: Frame, width: int = TEXT_WIDTH) -> str:
-    """The frame as plain text ``width`` columns wide, every agent in it (for ``status.json`` and the
-    last frame)."""
-    return "\n".join(lines(f, width))
+    """The frame as plain text: the table ``width`` columns wide with every agent in it, the footer's
+    lines whole (for ``status.json`` and the last frame, where a reader wants every source named)."""
+    return "\n".join(lines(f, width, cut=False))
 
 
 class LiveView:

@@ -111,7 +111,7 @@ async function artifacts() {
   for (const a of list) { const tr = document.createElement("tr"); tr.append(cell(a.id), cell(a.owner, "text"), cell(a.kind, "text"), cell(a.size)); body.append(tr); }
 }
 
-let seen = 0;
+let seen = 0, skipped = 0;
 const events = new EventSource("/api/events");
 events.onmessage = (m) => {
   const ev = JSON.parse(m.data), li = document.createElement("li");
@@ -119,8 +119,10 @@ events.onmessage = (m) => {
   li.textContent = `${ev.kind} ${ev.agent || "*"} ${JSON.stringify(ev.fields)}`;
   const list = document.getElementById("events"); list.prepend(li);
   while (list.children.length > 200) list.lastChild.remove();
-  document.getElementById("event-count").textContent = `(${++seen} seen)`;
+  document.getElementById("event-count").textContent = `(${++seen} seen, ${skipped} skipped)`;
 };
+// At a thousand agents the world makes more events than a page can show: the stream skips to the newest.
+events.addEventListener("skipped", (m) => { skipped += parseInt(m.data); });
 document.getElementById("inject").onsubmit = (e) => {
   e.preventDefault(); control({ type: "inject", text: e.target.text.value });
 };
