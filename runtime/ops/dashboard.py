@@ -71,7 +71,7 @@ URL_NAME = "dashboard.url"
 #: the log per stream per period.
 EVENTS_POLL_S = 1.0
 #: The most events a stream sends per period: at 1,000 agents the world makes more than a page can show,
-#: so a stream that falls behind jumps to the newest and says how many it skipped.
+#: so a live stream that falls behind jumps to the newest and says how many it skipped (a replay's does not).
 EVENTS_BATCH = 100
 #: Agents' rows in a status unless ``?agents=N`` asks for another number (the totals cover every agent).
 STATUS_AGENTS = 100
@@ -211,7 +211,7 @@ class Dashboard:
     async def _stream(self, request: Request, since: int) -> AsyncIterator[bytes]:
         while not self._closing and not await request.is_disconnected():
             last = self.events.last_seq()
-            if last - since > EVENTS_BATCH:
+            if self._token is not None and last - since > EVENTS_BATCH:  # live; a replay sends all, in turn
                 yield f"event: skipped\ndata: {last - since - EVENTS_BATCH}\n\n".encode()
                 since = last - EVENTS_BATCH
             for ev in self.events.read(since, limit=EVENTS_BATCH):
