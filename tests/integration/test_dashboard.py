@@ -126,6 +126,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
             assert time.monotonic() < deadline, "the resumed writer does not act"
             time.sleep(0.2)
         assert "burn 50 scrip for writer" in _admin(data, "control", "burn", "writer", "scrip", "50").stdout
+        assert "operator_note (event" in _admin(data, "control", "note", "the market closes at five").stdout
         unknown = _admin(data, "control", "pause", "nobody", check=False)
         assert unknown.returncode == 1 and "no agent 'nobody'" in unknown.stderr
     finally:
@@ -140,11 +141,14 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
         text=True,
         timeout=60,
     )
-    controls = [e for e in map(json.loads, dump.stdout.splitlines()) if e["kind"] in ("agent_paused", "agent_resumed")]
+    logged = list(map(json.loads, dump.stdout.splitlines()))
+    controls = [e for e in logged if e["kind"] in ("agent_paused", "agent_resumed")]
     assert [(e["kind"], e["agent"], e["fields"]["by"]) for e in controls] == [
         ("agent_paused", "writer", "operator"),
         ("agent_resumed", "writer", "operator"),
     ]
+    notes = [(e["agent"], e["fields"]["text"]) for e in logged if e["kind"] == "operator_note"]
+    assert notes == [(None, "the market closes at five")]
     journal = _admin(data, "journal")
     ops = [e["op"] for e in map(json.loads, journal.stdout.splitlines()) if e["op"]["op"] in ("mint", "burn")]
     assert [(m["op"], m["account"], m["asset"], m["amount"], m["reason"]) for m in ops] == [
