@@ -35,6 +35,7 @@ lint: $(STAMP)
 
 test: lint
 	scripts/ensure-services
+	scripts/ensure-browser
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -45,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks sandbox  # installs Debian's bubblewrap (its peer) when missing and run as root
 	$(PY) -m benchmarks llm
 	$(PY) -m benchmarks ecology
+	$(PY) -m benchmarks dashboard  # Debian's chromium (scripts/ensure-browser) as the attached browser
 	$(PY) -m benchmarks container
 	$(PY) -m benchmarks scale
 

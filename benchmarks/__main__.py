@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "the same workload on the host and in the image, 2 CPUs/4g: throughput, books vs cgroup",
     ),
     "ecology": ("benchmarks.ecology", "end-to-end actions/s and supervisor RSS with 10, 100 and 1,000 scripted agents"),
+    "dashboard": (
+        "benchmarks.dashboard",
+        "the web dashboard's cost: supervisor CPU per action at 1,000 agents, off vs one browser attached",
+    ),
     "dispatch": ("benchmarks.dispatch", "no-op round trips/s and latency: this pool vs its peers"),
     "ledger": ("benchmarks.ledger", "durable transfers/s: LMDB group commit vs per-op and SQLite WAL"),
     "llm": ("benchmarks.llm", "local inference tokens/s: Think tasks through the pool vs LlamaBackend directly"),

@@ -28,8 +28,9 @@ from runtime.host import cgroups as cg
 from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
 from runtime.node import Node
-from runtime.ops import metrics, preflight
-from runtime.ops.live import LiveView, render
+from runtime.ops import dashboard, metrics, preflight
+from runtime.ops.dashboard import Dashboard
+from runtime.ops.live import LiveView, frame, plain
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
 from runtime.pool import WorkerPool
@@ -96,53 +97,71 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(node.limits, node.sizing))
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
+    dash: Dashboard | None = None
     if cfg.metrics_port:
         try:
-            metrics.serve(cfg.metrics_port, cfg.metrics_host, pool, node.economy, lambda: node.agents)
-            _say(f"metrics: http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")
+            sock = dashboard.bind(cfg.metrics_host, cfg.metrics_port)
         except OSError as exc:  # the port is taken: run on, say so
-            log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
+            log.warning("no dashboard or metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
+        else:
+            registry = metrics.registry(pool, node.economy, lambda: node.agents)
+            url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
+            token = dashboard.new_token(node.data / "run", url)
+            dash = Dashboard(
+                token, registry, node.economy.ledger, node.events, world.store, lambda: node.agents, node.economy
+            )
+            dash.start(sock, loop)
+            # The token is shown here once; it stays readable by this user only in the data directory.
+            _say(f"dashboard: {url}/ (operator token: {token}); metrics: {url}/metrics")
     node.start_agents()
-    view = LiveView() if live else None
     meter = Meter(node.info)
 
     def snapshot() -> Snapshot:
-        container = meter.container()
-        return Snapshot(
-            node.limits, node.sizing, container, meter.agents(pool, node.agents, node.economy, container.interval_s)
-        )
+        return meter.snapshot(node.limits, node.sizing, pool, node.agents, node.economy)
 
     def status(table: str, snap: Snapshot, running: bool) -> Status:
-        return Status(os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents)
+        return Status.of(snap, table, running)
 
     status_file = node.data / "run" / STATUS_NAME
     lost_summary = False
-    try:
-        while not stop.is_set() and not pool.failed:
-            now = time.monotonic() - started
-            snap = snapshot()
-            table = render(pool, node.agents, now, world, events, snap)
-            write_status(status_file, status(table, snap, running=True))
-            if view is not None:
-                view.show(table, now)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
-    finally:
-        await node.stop()
-        snap = snapshot()
-        final = render(pool, node.agents, time.monotonic() - started, world, events, snap)
-        await node.close()
-        summary_path = config_mod.data_path(cfg, cfg.summary)
-        write_status(status_file, status(final, snap, running=False))
-        print(final, flush=True)
+    view = LiveView() if live else None
+    with view or contextlib.nullcontext():
         try:
-            summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
-            print(f"usage summary: {summary_path}", flush=True)
-        except OSError as exc:  # a full disk: the ledger already holds every charge; only this copy is lost
-            print(f"error: usage summary {summary_path}: {exc.strerror} (the ledger has the charges)", file=sys.stderr)
-            lost_summary = True
+            while not stop.is_set() and not pool.failed:
+                now = time.monotonic() - started
+                snap = snapshot()
+                shown = frame(pool, node.agents, now, world, events, snap)
+                current = status(plain(shown), snap, running=True)
+                write_status(status_file, current)
+                if dash is not None:
+                    dash.status = current
+                if view is not None:
+                    view.show(shown, now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
+        finally:
+            if dash is not None:
+                await asyncio.to_thread(dash.close)
+            await node.stop()
+            snap = snapshot()
+            last = frame(pool, node.agents, time.monotonic() - started, world, events, snap)
+            await node.close()
+            summary_path = config_mod.data_path(cfg, cfg.summary)
+            write_status(status_file, status(plain(last), snap, running=False))
+            if view is not None and view.tty:
+                view.show(last, time.monotonic() - started)  # the terminal keeps the last frame drawn
+            else:
+                print(plain(last), flush=True)
+            try:
+                summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
+            except OSError as exc:  # a full disk: the ledger already holds every charge; only this copy is lost
+                print(
+                    f"error: usage summary {summary_path}: {exc.strerror} (the ledger has the charges)", file=sys.stderr
+                )
+                lost_summary = True
     if lost_summary:
         return 1
+    print(f"usage summary: {summary_path}", flush=True)
     if pool.failed:
         print(f"error: worker pool failed: {pool.failed}", file=sys.stderr)
         return 1

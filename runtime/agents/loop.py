@@ -20,13 +20,15 @@ from typing import Literal, Protocol
 
 from msgspec import Struct
 
-from runtime.actions import AgentAction, SleepFor, perform
+from runtime.actions import AgentAction, DeleteArtifact, SleepFor, WriteArtifact, perform
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
 from runtime.economy.charging import Economy
 from runtime.errors import AecoError, ErrorCode
 from runtime.protocol import Burn, Think, decode_think
 from runtime.world.events import Event, Events
 from runtime.world.world import World
+
+_MB = 1 << 20
 
 DEFAULT_PERSONA = (
     "You are an agent in a small economy. You earn scrip when others invoke your code artifacts, and "
@@ -145,6 +147,14 @@ class Agent:
         self._others: list[str] = []
         self._first_turn = True
         self._n_context = itertools.count(1)
+        #: Bytes the agent owns in the store, as last read: re-read after its own writes and deletes
+        #: (the only way it changes but a rollback) and now and then, not on every turn.
+        self._disk_used: int | None = None
+        self._n_constraints = itertools.count(1)
+        self._container: str | None = None
+        #: Set while the agent may take turns; an operator's pause clears it (between two turns).
+        self._go = asyncio.Event()
+        self._go.set()
 
     @property
     def economy(self) -> Economy:
@@ -153,8 +163,23 @@ class Agent:
 
     @property
     def status(self) -> str:
-        """``blocked`` while a bucket holds it back, else its own state."""
-        return "blocked" if self.economy.buckets.blocked(self.id) else self.state
+        """``blocked`` while a bucket holds it back, ``paused`` by the operator, else its own state."""
+        if self.economy.buckets.blocked(self.id):
+            return "blocked"
+        return "paused" if not self._go.is_set() and self.state != "stopped" else self.state
+
+    @property
+    def paused(self) -> bool:
+        """Whether the operator has paused the agent (it finishes the turn it is in, then waits)."""
+        return not self._go.is_set()
+
+    def pause(self) -> None:
+        """Take no further turn until ``resume`` (the caller journals why: an ``agent_paused`` event)."""
+        self._go.clear()
+
+    def resume(self) -> None:
+        """Take turns again."""
+        self._go.set()
 
     async def run(self, max_actions: int | None = None) -> None:
         """Think and act until cancelled (or ``max_actions`` actions have been decided).
@@ -165,6 +190,7 @@ class Agent:
         pause = _RETRY_FIRST_S
         try:
             while max_actions is None or self.actions + self.rejected < max_actions:
+                await self._go.wait()
                 try:
                     await self.step()
                 except AecoError as exc:
@@ -254,6 +280,7 @@ class Agent:
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
             f"You are {self.id}. Scrip: {scrip}. "
             f"CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
+            await self.constraints(),
             "News: " + ("; ".join(_describe(e) for e in news) or "none"),
             "Other agents: " + (", ".join(others) or "none"),
             "Artifacts you can see: " + (", ".join(visible) or "none"),
@@ -265,11 +292,31 @@ class Agent:
         lines.append("Reply with one action as JSON.")
         return "\n".join(lines)
 
+    async def constraints(self) -> str:
+        """The agent's own limits in one line: disk used of its quota, the memory one task may add, its
+        paid-model budget left, its rates, and the container's CPUs and memory."""
+        held = await self.economy.ledger.holdings_async(self.id)
+        if self._disk_used is None or next(self._n_constraints) % 100 == 0:
+            self._disk_used = await asyncio.to_thread(self.world.store.owned_bytes, self.id)
+        if self._container is None:  # the container's limits do not change while it runs: read them once
+            pool = self.economy.pool.status()
+            memory = f"{pool.memory_limit / _MB:.0f} MB" if pool.memory_limit else "no memory limit"
+            self._container = f"Container: {pool.cpu_capacity:g} CPUs, {memory}."
+        return (
+            f"Your limits: disk {self._disk_used / 1024:.0f}/{held.get('disk_quota', 0) / 1024:.0f} KB, "
+            f"memory {held.get('memory_quota', 0) / _MB:.0f} MB per task, "
+            f"paid-model budget ${held.get('llm_budget', 0) / 1e6:.2f}, "
+            f"CPU rate {held.get('cpu_rate', 0)} millicores, LLM rate {held.get('llm_rate', 0)} tokens/s. "
+            + self._container
+        )
+
     async def act(self, action: AgentAction) -> str:
         """Carry out an action as this agent; raise the world's ``AecoError`` when it is refused."""
         if isinstance(action, SleepFor):
             self.state = "sleeping"
         done = await perform(self.world, self.id, action)
+        if isinstance(action, (WriteArtifact, DeleteArtifact)):
+            self._disk_used = None
         if done.recalled is not None:
             self._recalled = list(done.recalled)
         return done.text

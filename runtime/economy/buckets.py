@@ -204,6 +204,10 @@ class Buckets:
         #: Per agent, the event its waiters sleep on; ``set_rate`` sets and discards it. Created by the
         #: first waiter so that it belongs to the running event loop.
         self._wake: dict[str, asyncio.Event] = {}
+        #: Per agent, when it started waiting (while it does) and the seconds it waited before that:
+        #: the blocked share a status display shows is the change of ``blocked_seconds`` over an interval.
+        self._blocked_since: dict[str, float] = {}
+        self._blocked_total: dict[str, float] = {}
 
     def add(
         self,
@@ -244,6 +248,12 @@ class Buckets:
         """Whether ``agent`` is waiting in ``acquire`` right now."""
         return agent in self._waiting
 
+    def blocked_seconds(self, agent: str) -> float:
+        """Seconds ``agent`` has spent blocked (waiting in ``acquire``) since its buckets were made, now
+        included."""
+        since = self._blocked_since.get(agent)
+        return self._blocked_total.get(agent, 0.0) + (self._clock() - since if since is not None else 0.0)
+
     async def acquire(self, agent: str, resource: str, estimate: float) -> float:
         """Wait until ``agent``'s ``resource`` bucket admits ``estimate``; return the seconds waited.
 
@@ -260,6 +270,7 @@ class Buckets:
             return 0.0
         start = now
         self._waiting[agent] = self._waiting.get(agent, 0) + 1
+        self._blocked_since.setdefault(agent, now)
         try:
             self._emit("agent_blocked", agent, resource, bucket.level(now))
             while True:
@@ -283,6 +294,8 @@ class Buckets:
                 self._waiting[agent] = count
             else:
                 del self._waiting[agent]
+                since = self._blocked_since.pop(agent)
+                self._blocked_total[agent] = self._blocked_total.get(agent, 0.0) + self._clock() - since
                 # The event is bound to this event loop: a later waiter (maybe in another loop) makes its own.
                 self._wake.pop(agent, None)
         self._emit("agent_unblocked", agent, resource, bucket.level(now))

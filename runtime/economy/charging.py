@@ -99,6 +99,9 @@ class Economy:
         self.token_estimator = Estimator(default=256.0)
         #: LLM tokens charged per agent in this run (the ledger's usage records hold them durably).
         self.tokens: dict[str, int] = {}
+        #: What paid models charged each agent in this run, in micro-dollars, counted when the charge is
+        #: durable (the usage records hold it; the ledger burns it from ``llm_budget`` up to what is left).
+        self.spent_microusd: dict[str, int] = {}
         #: Task ids are ``<run>-<n>``: unique across restarts without asking the ledger; a node's runs
         #: carry its name (``n1-50.<hex>``), so ids are unique across nodes and tell where a task ran.
         self.run_id = f"{node}.{uuid.uuid4().hex[:12]}" if node else uuid.uuid4().hex[:12]
@@ -211,7 +214,12 @@ class Economy:
         if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
             # cancelled meanwhile (the shield keeps the future going), which is how agents are stopped
             durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else inflight.clear(task_id))
+        if record.llm_cost_microusd:  # counted once the ledger has burnt it from the budget, as displays read both
+            durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._spent(record))
         await asyncio.shield(durable)
+
+    def _spent(self, record: RecordUsage) -> None:
+        self.spent_microusd[record.agent] = self.spent_microusd.get(record.agent, 0) + record.llm_cost_microusd
 
     async def transfer_right(self, op: Transfer) -> Receipt:
         """Transfer an asset; a rate right moves both agents' bucket rates with it, at once (for the

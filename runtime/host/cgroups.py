@@ -236,6 +236,101 @@ def _first_counter(
     return None
 
 
+class Throttling(Struct, frozen=True):
+    """CFS bandwidth control of the cgroup that holds the CPU quota: enforcement periods that passed,
+    periods in which the cgroup was throttled (it had used its quota and waited for the next period),
+    and the time its tasks spent throttled in all. Counters since the cgroup was made."""
+
+    periods: int
+    throttled: int
+    throttled_seconds: float
+    source: str
+
+    def share_since(self, before: Throttling | None) -> float | None:
+        """Throttled periods over periods since ``before`` (None when no period passed or no ``before``)."""
+        if before is None or self.periods <= before.periods:
+            return None
+        return (self.throttled - before.throttled) / (self.periods - before.periods)
+
+
+def throttling(info: CgroupInfo) -> Throttling | None:
+    """The throttling counters (``cpu.stat``) of this process's cgroup or of the nearest ancestor with a
+    CPU quota (the one the kernel throttles at): v1 ``throttled_time`` (ns), v2 ``throttled_usec``.
+    None without a ``cpu.stat`` to read (no v1 cpu controller and no v2 tree)."""
+    for controller, v1 in (("cpu", True), ("unified", False)):
+        dirs = info.ancestors(controller)
+        if not dirs:
+            continue
+        at = next((d for d in dirs if _has_quota(d, v1)), dirs[0])
+        try:
+            text = (at / "cpu.stat").read_text()
+        except OSError:
+            continue
+        if "nr_periods" not in text:
+            continue
+        spent = flat_field(text, "throttled_time") / 1e9 if v1 else flat_field(text, "throttled_usec") / 1e6
+        return Throttling(
+            flat_field(text, "nr_periods"),
+            flat_field(text, "nr_throttled"),
+            spent,
+            f"cgroup v{1 if v1 else 2} cpu.stat at {at}",
+        )
+    return None
+
+
+def _has_quota(d: Path, v1: bool) -> bool:
+    if v1:
+        quota = _read_int(d / "cpu.cfs_quota_us")
+        return quota is not None and quota > 0
+    try:
+        return (d / "cpu.max").read_text().split()[0] != "max"
+    except (OSError, IndexError):
+        return False
+
+
+class Pressure(Struct, frozen=True):
+    """Pressure stall information for one resource: the share of the last 10 s in which some (``some``)
+    or all (``full``) runnable tasks were stalled waiting for it, in percent, and the stalled time in all."""
+
+    some_avg10: float
+    full_avg10: float
+    some_total_seconds: float
+
+
+def pressure(info: CgroupInfo, resources: tuple[str, ...] = ("cpu", "memory", "io")) -> tuple[dict[str, Pressure], str]:
+    """PSI for ``resources`` where the kernel has it: the v2 cgroup's ``<resource>.pressure`` (the
+    container's own), else ``/proc/pressure/<resource>`` (the whole host's); and which it was ("" if none)."""
+    places: list[tuple[Path, str]] = []
+    if (d := info.dir("unified")) is not None:
+        places.append((d, "{}.pressure"))
+    places.append((Path("/proc/pressure"), "{}"))
+    for base, pattern in places:
+        found: dict[str, Pressure] = {}
+        for r in resources:
+            try:
+                text = (base / pattern.format(r)).read_text()
+            except OSError:
+                continue
+            if (p := _parse_pressure(text)) is not None:
+                found[r] = p
+        if found:
+            where = f"cgroup v2 *.pressure at {base}" if pattern != "{}" else "/proc/pressure (the whole host)"
+            return found, where
+    return {}, ""
+
+
+def _parse_pressure(text: str) -> Pressure | None:
+    """``some avg10=1.00 avg60=… total=N`` and (not for host-wide cpu on old kernels) a ``full`` line."""
+    rows: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        rows[kind] = dict(f.split("=", 1) for f in fields if "=" in f)
+    some, full = rows.get("some"), rows.get("full", {})
+    if some is None or "avg10" not in some:
+        return None
+    return Pressure(float(some["avg10"]), float(full.get("avg10", 0.0)), int(some.get("total", 0)) / 1e6)
+
+
 def read_cpu_seconds(path: Path) -> float | None:
     """CPU-seconds from a v1 ``cpuacct.usage`` (ns) or a v2 ``cpu.stat`` (``usage_usec``) file."""
     try:
@@ -556,6 +651,8 @@ __all__ = [
     "CgroupInfo",
     "CgroupSet",
     "Found",
+    "Pressure",
+    "Throttling",
     "WorkerCgroups",
     "child_name",
     "cpu_capacity",
@@ -571,8 +668,10 @@ __all__ = [
     "memory_usage",
     "parse_mountinfo",
     "parse_proc_cgroup",
+    "pressure",
     "processes_in",
     "read_cpu_seconds",
     "sweep_stale",
+    "throttling",
     "write_setting",
 ]

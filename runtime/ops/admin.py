@@ -5,7 +5,17 @@ ledger in the data directory):
 
 - ``balances``: every account's holdings, and each asset's supply (minted − burned);
 - ``journal [--since SEQ] [--limit N]``: the append-only journal, one operation per line (JSON);
-- ``check``: the ledger's invariants; exit status 1 when one is violated.
+- ``check``: the ledger's invariants; exit status 1 when one is violated;
+- ``bill AGENT [--since WHEN] [--json]``: what the agent's tasks used, by resource and task kind, from the
+  usage records in the journal (``WHEN``: ``90s``, ``15m``, ``2h``, ``1d`` back, or a UTC time).
+
+Operator controls on a running supervisor, sent to its dashboard with the token it wrote at start
+(``<data>/run/dashboard.token``), each an ordinary journaled event or ledger op:
+
+- ``control pause AGENT`` / ``control resume AGENT``;
+- ``control grant AGENT ASSET AMOUNT`` / ``control burn AGENT ASSET AMOUNT [--reason TEXT]``;
+- ``control note TEXT [--agent AGENT]``: an ``operator_note`` event;
+- ``control rollback COMMIT``: roll the store back while the supervisor runs (announced at once).
 
 The artifact store's history, which no agent can reach (with ``--postgres URL``, default
 ``$POSTGRES_URL``, the PostgreSQL store; else the Git store of the data directory, which has one
@@ -32,6 +42,8 @@ from runtime.economy.ledger import ASSETS, Ledger
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.open import NoLedger, open_ledger
 from runtime.host.postgres import DatabaseUnavailable
+from runtime.ops import bill as bill_mod
+from runtime.ops import dashboard
 from runtime.world.store import StoreError, check_id
 from runtime.world.store.open import open_store
 
@@ -65,6 +77,46 @@ def _check(ledger: Ledger) -> int:
         print(f"VIOLATION: {problem}")
     print("all invariants hold" if report.ok else f"{len(report.problems)} violation(s)")
     return 0 if report.ok else 1
+
+
+def _bill(ledger: Ledger, agent: str, since: str | None, as_json: bool) -> int:
+    if agent not in ledger.accounts():
+        print(f"error: no account {agent!r} in the ledger", file=sys.stderr)
+        return 2
+    try:
+        start = bill_mod.parse_since(since, time.time()) if since is not None else 0.0
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    b = bill_mod.bill(agent, ledger.journal(), start)
+    if as_json:
+        sys.stdout.buffer.write(msgspec.json.encode(b) + b"\n")
+    else:
+        print(bill_mod.render(b))
+    return 0
+
+
+def _control(data: Path, args: argparse.Namespace) -> int:
+    ctl: dashboard.Control
+    match args.action:
+        case "pause":
+            ctl = dashboard.Pause(args.agent)
+        case "resume":
+            ctl = dashboard.Resume(args.agent)
+        case "grant":
+            ctl = dashboard.Grant(args.agent, args.asset, args.amount, args.reason or "operator grant")
+        case "burn":
+            ctl = dashboard.BurnAsset(args.agent, args.asset, args.amount, args.reason or "operator burn")
+        case "note":
+            ctl = dashboard.Inject(args.text, args.agent)
+        case _:
+            ctl = dashboard.Rollback(args.commit)
+    try:
+        print(dashboard.send(data / "run", ctl))
+    except dashboard.ControlRefused as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _store_command(data: Path, postgres_url: str | None, args: argparse.Namespace) -> int:
@@ -121,6 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--since", type=int, default=0, metavar="SEQ", help="entries after this sequence number")
     j.add_argument("--limit", type=int, metavar="N", help="at most N entries")
     sub.add_parser("check", help="check every invariant (exit 1 on a violation)")
+    b = sub.add_parser("bill", help="one agent's usage by resource and task kind")
+    b.add_argument("agent")
+    b.add_argument("--since", metavar="WHEN", help="only usage from then on: 90s, 15m, 2h, 1d back, or a UTC time")
+    b.add_argument("--json", action="store_true", help="the bill as JSON")
+    c = sub.add_parser("control", help="an operator control on the running supervisor").add_subparsers(
+        dest="action", required=True
+    )
+    for action in ("pause", "resume"):
+        c.add_parser(action, help=f"{action} an agent").add_argument("agent")
+    for action in ("grant", "burn"):
+        g = c.add_parser(action, help=f"{'mint' if action == 'grant' else 'burn'} an asset of an agent's")
+        g.add_argument("agent")
+        g.add_argument("asset", choices=ASSETS)
+        g.add_argument("amount", type=int)
+        g.add_argument("--reason", help="journaled with the op")
+    n = c.add_parser("note", help="an operator_note event")
+    n.add_argument("text")
+    n.add_argument("--agent", help="to this agent (default: everyone)")
+    c.add_parser("rollback", help="roll the store back while the supervisor runs").add_argument("commit")
     h = sub.add_parser("history", help="the commits that changed an artifact")
     h.add_argument("id")
     s = sub.add_parser("show", help="an artifact as it was at a commit")
@@ -133,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "control":
+        return _control(data, args)
     if args.command in ("history", "show", "rollback"):
         return _store_command(data, args.postgres, args)
     try:
@@ -145,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             return _balances(ledger)
         if args.command == "journal":
             return _journal(ledger, args.since, args.limit)
+        if args.command == "bill":
+            return _bill(ledger, args.agent, args.since, args.json)
         return _check(ledger)
     finally:
         ledger.close()

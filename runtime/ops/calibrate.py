@@ -20,7 +20,12 @@ and changes every agent's rate in place for the next window (``decide``):
 - 50–70% and 80–85%: half the proportional step toward 75% (rate × (1 + (0.75/u − 1) / 2)), which is
   always gentler than the big steps.
 
-It has converged when two windows in a row are in band. It then writes the rate (rounded, tokens/s
+Each window also reads the container's memory against its limit and its CPU throttling (``cpu.stat``):
+a window with memory over 90% of the limit or more than a quarter of its CFS periods throttled is
+``over`` and does not count as in band, whatever its CPU says (``runtime.ops.stats.MEMORY_HIGH``,
+``THROTTLED_HIGH``) — a rate that only holds while the kernel squeezes the container is not calibrated.
+
+It has converged when two windows in a row are in band (and not over). It then writes the rate (rounded, tokens/s
 per agent) with what it was measured on to a YAML file (default ``<data_dir>/calibration.yaml``,
 ``runtime.config.Calibration``), atomically; the supervisor gives that rate to ``llm_rate: auto``
 agents (see ``runtime.host.limits``). Exit 0 when converged; 1 when it did not converge within
@@ -52,6 +57,7 @@ from runtime.errors import AecoError, ErrorCode
 from runtime.host import cgroups as cg
 from runtime.host.limits import CapacityError, Limits, detect
 from runtime.node import Node
+from runtime.ops.stats import MEMORY_HIGH, THROTTLED_HIGH
 from runtime.pool import TaskFailed
 
 #: The rule's thresholds (fractions of the container's CPU capacity).
@@ -76,6 +82,12 @@ class Window(msgspec.Struct, frozen=True):
     decision: Decision
     next_rate: float
     measured: float = 0.0
+    #: The container's memory over its limit at the window's end, and the share of its CFS periods
+    #: throttled during it (None: no limit, no quota periods).
+    memory_share: float | None = None
+    throttled_share: float | None = None
+    #: Why the window is over (memory or throttling), empty when it is not.
+    over: str = ""
 
 
 def at_rate(cpu_s: float, tokens: int, rate: float, agents: int, capacity: float) -> float:
@@ -108,8 +120,25 @@ def decide(rate: float, utilisation: float) -> tuple[Decision, float]:
 
 
 def converged(windows: list[Window]) -> bool:
-    """Whether the last ``HOLD`` windows were all in band."""
-    return len(windows) >= HOLD and all(w.decision == "in band" for w in windows[-HOLD:])
+    """Whether the last ``HOLD`` windows were all in band and none was over."""
+    return len(windows) >= HOLD and all(w.decision == "in band" and not w.over for w in windows[-HOLD:])
+
+
+def over(memory_share: float | None, throttled_share: float | None) -> str:
+    """Why a window's container was squeezed: memory above ``MEMORY_HIGH`` of its limit, or more than
+    ``THROTTLED_HIGH`` of its CFS periods throttled; empty when neither."""
+    why = []
+    if memory_share is not None and memory_share >= MEMORY_HIGH:
+        why.append(f"memory at {memory_share:.0%} of the limit (over {MEMORY_HIGH:.0%})")
+    if throttled_share is not None and throttled_share > THROTTLED_HIGH:
+        why.append(f"{throttled_share:.0%} of CPU periods throttled (over {THROTTLED_HIGH:.0%})")
+    return "; ".join(why)
+
+
+def _squeeze(info: cg.CgroupInfo, before: cg.Throttling | None) -> tuple[float | None, float | None]:
+    """(memory share of the limit now, throttled share of the CFS periods since ``before``)."""
+    limit, mem, thr = cg.memory_limit_bytes(info), cg.memory_usage(info), cg.throttling(info)
+    return (mem.value / limit if mem is not None and limit else None), (thr.share_since(before) if thr else None)
 
 
 class CalibrationFailed(AecoError):
@@ -124,6 +153,8 @@ def _context(agent: str, others: list[str]) -> str:
         [
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
             f"You are {agent}. Scrip: 1000. CPU budget: 1.00 s. Tokens: 0.",
+            "Your limits: disk 0/65536 KB, memory 1024 MB per task, paid-model budget $0.00, "
+            "CPU rate 1000 millicores, LLM rate 20 tokens/s. Container: 2 CPUs, no memory limit.",
             "News: none",
             "Other agents: " + (", ".join(o for o in others if o != agent) or "none"),
             "Artifacts you can see: none",
@@ -225,6 +256,7 @@ async def _windows(
         await asyncio.sleep(spread_s)
         for n in range(1, max_windows + 1):
             cpu0, t0, tokens0, failed0 = _cpu(info), time.monotonic(), sum(economy.tokens.values()), len(failures)
+            thr0 = cg.throttling(info)
             await asyncio.sleep(window_s)
             cpu1, t1, tokens1 = _cpu(info), time.monotonic(), sum(economy.tokens.values())
             if len(failures) > failed0 and tokens1 == tokens0:
@@ -233,14 +265,27 @@ async def _windows(
             spent_cpu, made_tokens = spent_cpu + cpu1 - cpu0, made_tokens + tokens1 - tokens0
             utilisation = at_rate(spent_cpu, made_tokens, rate, len(ids), limits.cpu_cores) if made_tokens else measured
             decision, next_rate = decide(rate, utilisation)
-            w = Window(n, rate, (tokens1 - tokens0) / (t1 - t0), utilisation, decision, next_rate, measured)
+            memory_share, throttled_share = _squeeze(info, thr0)
+            why = over(memory_share, throttled_share)
+            w = Window(
+                n,
+                rate,
+                (tokens1 - tokens0) / (t1 - t0),
+                utilisation,
+                decision,
+                next_rate,
+                measured,
+                memory_share,
+                throttled_share,
+                why,
+            )
             windows.append(w)
             change = "" if decision == "in band" else f" → {next_rate:.1f}"
             per_token = f"{spent_cpu / made_tokens * 1000:.1f} ms" if made_tokens else "-"
             show(
                 f"window {n:>3}/{max_windows}: rate {rate:6.1f} tokens/s per agent, achieved {w.tokens_per_s:7.1f} "
                 f"tokens/s, CPU {measured:6.1%} of {limits.cpu_cores:g} this window, {per_token} per token so far "
-                f"→ {utilisation:6.1%} at this rate → {decision}{change}"
+                f"→ {utilisation:6.1%} at this rate → {decision}{change}" + (f"; OVER: {why}" if why else "")
             )
             if converged(windows):
                 break

@@ -1,7 +1,10 @@
 """Prometheus metrics at ``/metrics``: read from the live state when scraped, so the hot paths pay nothing.
 
-Exported: the container's CPU and memory (from this process's cgroup), per agent the actions taken and
-rejected, whether it is blocked, the LLM tokens and the CPU charged to it; the pool's queue depth,
+Exported: the container's CPU, memory and memory limit (from this process's cgroup), its CPU throttling
+(``cpu.stat`` of the cgroup with the quota), pressure (PSI) where the kernel has it, and its network
+(``/proc/net/dev`` of this process's net namespace, loopback apart); per agent the actions taken and
+rejected, whether it is blocked and for how long in all, the LLM tokens, CPU and dollars charged to it
+and the dollars left of its budget; the pool's queue depth,
 worker utilisation (busy / live), named overhead, and the unattributed CPU — what the kernel counted
 for the live workers that neither a charge nor a named overhead explains yet.
 """
@@ -11,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from runtime.economy.charging import Economy
 from runtime.host import cgroups as cg
+from runtime.ops.stats import read_network
 from runtime.pool import WorkerPool
 
 
@@ -47,6 +51,7 @@ class RuntimeCollector(Collector):
             mem.add_metric([], m.value)
         yield mem
         yield GaugeMetricFamily("aeco_container_cpu_capacity", "CPUs the container may use", cg.cpu_capacity(info))
+        yield from self._container(info)
 
         actions = CounterMetricFamily("aeco_agent_actions", "Actions decided by an agent", labels=["agent", "outcome"])
         blocked = GaugeMetricFamily("aeco_agent_blocked", "1 while a bucket holds the agent back", labels=["agent"])
@@ -55,6 +60,17 @@ class RuntimeCollector(Collector):
         occupancy = CounterMetricFamily(
             "aeco_agent_occupancy_seconds", "Worker occupancy charged to an agent beyond its CPU", labels=["agent"]
         )
+        blocked_s = CounterMetricFamily(
+            "aeco_agent_blocked_seconds", "Time an agent spent blocked by a bucket", labels=["agent"]
+        )
+        spent = CounterMetricFamily(
+            "aeco_agent_llm_spent_usd", "Dollars paid models charged an agent in this run", labels=["agent"]
+        )
+        left = GaugeMetricFamily(
+            "aeco_agent_llm_budget_left_usd", "Dollars left of an agent's llm_budget", labels=["agent"]
+        )
+        balances = self.economy.ledger.balances()
+        buckets = set(self.economy.buckets.agents())
         for a in self.agents():
             done, rejected = getattr(a, "actions", None), getattr(a, "rejected", None)
             if isinstance(done, int) and isinstance(rejected, int):
@@ -65,7 +81,10 @@ class RuntimeCollector(Collector):
             totals = self.pool.accounts.agents.get(a.id)
             agent_cpu.add_metric([a.id], totals.cpu_seconds if totals else 0.0)
             occupancy.add_metric([a.id], totals.occupancy_seconds if totals else 0.0)
-        yield from (actions, blocked, tokens, agent_cpu, occupancy)
+            blocked_s.add_metric([a.id], self.economy.buckets.blocked_seconds(a.id) if a.id in buckets else 0.0)
+            spent.add_metric([a.id], self.economy.spent_microusd.get(a.id, 0) / 1e6)
+            left.add_metric([a.id], balances.get(a.id, {}).get("llm_budget", 0) / 1e6)
+        yield from (actions, blocked, tokens, agent_cpu, occupancy, blocked_s, spent, left)
 
         st = self.pool.status()
         yield GaugeMetricFamily("aeco_pool_queue_depth", "Tasks waiting for a worker", st.queued)
@@ -102,12 +121,52 @@ class RuntimeCollector(Collector):
             max(0.0, rec.kernel - rec.accounted),
         )
 
+    def _container(self, info: cg.CgroupInfo) -> Iterator[Metric]:
+        """Memory limit, throttling, pressure and network of the container."""
+        if (limit := cg.memory_limit_bytes(info)) is not None:
+            yield GaugeMetricFamily("aeco_container_memory_limit_bytes", "The container's memory limit", limit)
+        if (thr := cg.throttling(info)) is not None:
+            yield CounterMetricFamily("aeco_container_cpu_periods", "CFS enforcement periods (cpu.stat)", thr.periods)
+            yield CounterMetricFamily(
+                "aeco_container_cpu_throttled_periods", "Periods the container was throttled in", thr.throttled
+            )
+            yield CounterMetricFamily(
+                "aeco_container_cpu_throttled_seconds",
+                "Time the container's tasks were throttled",
+                thr.throttled_seconds,
+            )
+        psi, _ = cg.pressure(info)
+        some = GaugeMetricFamily(
+            "aeco_container_pressure_some", "PSI some avg10: % of time some tasks stalled", labels=["resource"]
+        )
+        full = GaugeMetricFamily(
+            "aeco_container_pressure_full", "PSI full avg10: % of time all tasks stalled", labels=["resource"]
+        )
+        for resource, p in psi.items():
+            some.add_metric([resource], p.some_avg10)
+            full.add_metric([resource], p.full_avg10)
+        yield from (some, full)
+        outside, loop = read_network()
+        net_bytes = CounterMetricFamily(
+            "aeco_container_network_bytes",
+            "Bytes through the container's interfaces",
+            labels=["interfaces", "direction"],
+        )
+        packets = CounterMetricFamily(
+            "aeco_container_network_packets",
+            "Packets through the container's interfaces",
+            labels=["interfaces", "direction"],
+        )
+        for where, c in (("external", outside), ("loopback", loop)):
+            net_bytes.add_metric([where, "in"], c.bytes_in)
+            net_bytes.add_metric([where, "out"], c.bytes_out)
+            packets.add_metric([where, "in"], c.packets_in)
+            packets.add_metric([where, "out"], c.packets_out)
+        yield from (net_bytes, packets)
 
-def serve(
-    port: int, host: str, pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]
-) -> CollectorRegistry:
-    """Serve ``/metrics`` on ``host:port`` from a background thread; return the registry."""
-    registry = CollectorRegistry()
-    registry.register(RuntimeCollector(pool, economy, agents))
-    start_http_server(port, addr=host, registry=registry)
-    return registry
+
+def registry(pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]) -> CollectorRegistry:
+    """A registry whose one collector reads the runtime at each scrape (the dashboard serves it)."""
+    out = CollectorRegistry()
+    out.register(RuntimeCollector(pool, economy, agents))
+    return out

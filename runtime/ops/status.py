@@ -19,7 +19,7 @@ import msgspec
 
 from runtime import config as config_mod
 from runtime.host.limits import Limits, Sizing
-from runtime.ops.stats import AgentStats, ContainerStats
+from runtime.ops.stats import AgentStats, ContainerStats, Snapshot, Totals
 
 log = logging.getLogger("runtime.ops.status")
 
@@ -41,6 +41,14 @@ class Status(msgspec.Struct):
     sizing: Sizing | None = None
     container: ContainerStats | None = None
     agents: list[AgentStats] = []
+    totals: Totals | None = None
+
+    @classmethod
+    def of(cls, snap: Snapshot, table: str, running: bool) -> Status:
+        """This process's status now: ``snap`` and ``table`` (the live view's frame as text)."""
+        return cls(
+            os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents, snap.totals
+        )
 
 
 def write_status(path: Path, status: Status) -> bool:

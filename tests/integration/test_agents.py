@@ -302,3 +302,28 @@ def test_news_reaches_the_agent_it_concerns(tmp_path: Path) -> None:
     ann_context, ben_context = with_runtime(tmp_path, body)
     assert "transfer(from=ben, asset=scrip, amount=3)" in ann_context
     assert "artifact_invoked(by=ann, id=ben-tool" in ben_context
+
+
+def test_the_context_shows_the_agents_own_limits_compactly(tmp_path: Path) -> None:
+    """Disk used of the quota (moving with the agent's own writes), the memory a task may add, the
+    paid-model budget, the rates, and the container's CPUs and memory: one line."""
+
+    async def body(rt: Runtime) -> tuple[str, str, str]:
+        ann = Agent("ann", ScriptedBrain(rt.world.economy, [Noop()]), rt.world)
+        before = await ann.context()
+        await ann.act(WriteArtifact(id="ann-notes", content="x" * 3000))
+        after = await ann.context()
+        st = rt.world.economy.pool.status()
+        container = f"Container: {st.cpu_capacity:g} CPUs, " + (
+            f"{st.memory_limit >> 20} MB." if st.memory_limit else "no memory limit."
+        )
+        return before, after, container
+
+    before, after, container = with_runtime(tmp_path, body, llm_budget_usd=2.5, memory_quota_mb=256)
+    (line,) = [x for x in before.splitlines() if x.startswith("Your limits:")]
+    assert line == (
+        "Your limits: disk 0/65536 KB, memory 256 MB per task, paid-model budget $2.50, "
+        f"CPU rate 500 millicores, LLM rate 1000 tokens/s. {container}"
+    )
+    assert len(line) < 200  # compact
+    assert "Your limits: disk 3/65536 KB," in after  # its own write counts at once

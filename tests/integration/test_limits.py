@@ -123,7 +123,10 @@ def test_status_shows_the_limits_the_container_and_each_agent(tmp_path: Path) ->
     assert shown.returncode == 0
     assert "limits: 0.5 CPUs (cgroup v1 cpu.cfs_quota_us=50000" in shown.stdout
     assert "memory 1024 MiB (cgroup v1 memory.limit_in_bytes" in shown.stdout
-    assert re.search(r"container: CPU \d+% of 0\.5 CPUs \([\d.]+ CPU-s in all", shown.stdout), shown.stdout
+    assert re.search(
+        r"container: CPU \d+% of 0\.5 CPUs, memory \d+ MB / 1024 MB \(\d+%, under 90%\); [\d.]+ CPU-s in all",
+        shown.stdout,
+    ), shown.stdout
 
 
 def test_a_quota_the_memory_limit_cannot_hold_is_refused_at_start(tmp_path: Path) -> None:

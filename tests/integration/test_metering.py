@@ -18,7 +18,7 @@ from runtime.economy.ledger.check import check
 from runtime.economy.metering import SupervisorBooks
 from runtime.errors import AecoError
 from runtime.node import Node
-from runtime.ops.live import render
+from runtime.ops.live import frame, plain
 
 T = TypeVar("T")
 
@@ -78,7 +78,7 @@ def test_an_agent_whose_code_makes_the_supervisor_work_pays_for_it_with_the_task
         assert records["bob"].supervisor_cpu_seconds > 10 * records["carol"].supervisor_cpu_seconds
         assert records["bob"].supervisor_cpu_seconds == _supervisor_charged(node, "bob")
         assert meter.pending() == 0.0  # nothing measured waits: it rode with the tasks
-        view = render(node.pool, [], 1.0, w)
+        view = plain(frame(node.pool, [], 1.0, w))
         assert "supervisor: agents" in view and "books vs kernel, supervisor and workers together" in view
         # The bucket paid the worker's CPU (or its occupancy) and the supervisor's, in that one operation.
         bob = records["bob"]

@@ -436,6 +436,26 @@ def test_blocked_until_every_wait_of_the_agent_ends() -> None:
     assert asyncio.run(scenario()) == [True, False]
 
 
+def test_blocked_seconds_count_the_time_any_wait_of_the_agent_lasted() -> None:
+    buckets = Buckets()
+    buckets.add("a", "cpu", 10.0, 1.0, state=BucketState(0.0, 0.0))
+    buckets.add("a", "llm_tokens", 100.0, 1.0, state=BucketState(0.0, 0.0))
+    buckets.add("b", "cpu", 10.0, 1.0)
+
+    async def scenario() -> tuple[float, float, float]:
+        short = asyncio.create_task(buckets.acquire("a", "llm_tokens", 5.0))  # 0.05 s
+        long = asyncio.create_task(buckets.acquire("a", "cpu", 2.0))  # 0.2 s, overlapping: counted once
+        await short
+        during = buckets.blocked_seconds("a")
+        await long
+        return during, buckets.blocked_seconds("a"), buckets.blocked_seconds("b")
+
+    during, after, never = asyncio.run(scenario())
+    assert 0.04 <= during < after
+    assert 0.19 <= after < 0.4
+    assert never == 0.0
+
+
 def test_cancelled_wait_clears_blocked() -> None:
     recorder = Recorder()
     buckets = Buckets(on_event=recorder)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.config import Calibration, load_calibration
-from runtime.ops.calibrate import Window, converged, decide, main, write_calibration
+from runtime.ops.calibrate import Window, converged, decide, main, over, write_calibration
 
 
 @pytest.mark.parametrize(
@@ -64,6 +64,17 @@ def test_converged_is_two_windows_in_band_in_a_row() -> None:
     assert not converged([w(1, "in band"), w(2, "raise")])
     assert not converged([w(1, "in band"), w(2, "step up"), w(3, "in band")])
     assert converged([w(1, "raise"), w(2, "in band"), w(3, "in band")])
+
+
+def test_a_squeezed_window_is_never_in_band_for_convergence() -> None:
+    assert over(None, None) == "" and over(0.89, 0.25) == ""
+    assert "memory at 90%" in over(0.9, None)
+    assert "30% of CPU periods throttled" in over(0.5, 0.3)
+    assert "memory" in over(0.95, 0.5) and "throttled" in over(0.95, 0.5)
+    squeezed = Window(2, 10.0, 50.0, 0.75, "in band", 10.0, over=over(0.95, None))
+    assert not converged([w(1, "in band"), squeezed])
+    assert not converged([squeezed, w(3, "in band")])
+    assert converged([squeezed, w(3, "in band"), w(4, "in band")])
 
 
 def test_the_file_reads_back_and_replaces_the_old_one_whole(tmp_path: Path) -> None:

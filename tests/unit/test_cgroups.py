@@ -16,6 +16,8 @@ from runtime.host.cgroups import (
     memory_limit_bytes,
     parse_mountinfo,
     parse_proc_cgroup,
+    pressure,
+    throttling,
 )
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -405,6 +407,45 @@ def test_discover_hybrid(tmp_path: Path) -> None:
 
 
 # --- the real host -------------------------------------------------------------------------------
+
+
+def test_throttling_v1_is_read_where_the_quota_is(tmp_path: Path) -> None:
+    info, cpu, _ = make_v1(tmp_path)
+    write(cpu / "a/b/cpu.stat", "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n")
+    write(cpu / "a/b/cpu.cfs_quota_us", "-1\n")
+    write(cpu / "a/cpu.cfs_quota_us", "50000\n")
+    write(cpu / "a/cpu.stat", "nr_periods 120\nnr_throttled 30\nthrottled_time 2500000000\n")
+    thr = throttling(info)
+    assert thr is not None
+    assert (thr.periods, thr.throttled) == (120, 30) and thr.throttled_seconds == pytest.approx(2.5)
+    assert thr.source == f"cgroup v1 cpu.stat at {cpu / 'a'}"
+    later = thr.__class__(220, 80, 4.0, thr.source)
+    assert later.share_since(thr) == pytest.approx(0.5)
+    assert thr.share_since(later) is None and later.share_since(None) is None
+    # No quota anywhere: the process's own cgroup.
+    write(cpu / "a/cpu.cfs_quota_us", "-1\n")
+    own = throttling(info)
+    assert own is not None and own.periods == 0 and own.source.endswith("a/b")
+
+
+def test_throttling_v2_and_pressure_of_the_cgroup(tmp_path: Path) -> None:
+    info, root = make_v2(tmp_path)
+    scope = root / "user.slice/session-1.scope"
+    write(scope / "cpu.max", "50000 100000\n")
+    write(scope / "cpu.stat", "usage_usec 9\nnr_periods 10\nnr_throttled 4\nthrottled_usec 1500000\n")
+    thr = throttling(info)
+    assert thr is not None and (thr.periods, thr.throttled, thr.throttled_seconds) == (10, 4, 1.5)
+    write(
+        scope / "memory.pressure",
+        "some avg10=12.50 avg60=1.00 avg300=0.10 total=2000000\nfull avg10=3.25 avg60=0 avg300=0 total=9\n",
+    )
+    write(scope / "cpu.pressure", "some avg10=0.75 avg60=0.00 avg300=0.00 total=10\n")
+    found, source = pressure(info)
+    assert source == f"cgroup v2 *.pressure at {scope}"
+    assert found["memory"].some_avg10 == 12.5 and found["memory"].full_avg10 == 3.25
+    assert found["memory"].some_total_seconds == 2.0
+    assert found["cpu"].full_avg10 == 0.0  # no full line (host-wide cpu on older kernels)
+    assert "io" not in found or source.startswith("/proc")
 
 
 def test_real_host() -> None:

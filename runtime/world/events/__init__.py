@@ -43,7 +43,8 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 #: ``action`` (an agent's turn: ok or rejected, and why), ``transfer`` and ``rate_changed`` (``World``),
 #: ``artifact_written``/``_deleted``/``_invoked`` (``World``), ``agent_blocked``/``_unblocked`` (the
 #: buckets), ``system_reset`` (an operator's rollback, announced at start), ``task_failed`` (a task a
-#: crash interrupted, charged by the recovery). ``tests/unit/test_event_kinds.py`` keeps this list true.
+#: crash interrupted, charged by the recovery), ``agent_paused``/``_resumed`` and ``operator_note`` (the
+#: operator's controls, ``runtime.ops.dashboard``). ``tests/unit/test_event_kinds.py`` keeps this list true.
 KINDS: tuple[str, ...] = (
     "action",
     "transfer",
@@ -55,6 +56,9 @@ KINDS: tuple[str, ...] = (
     "agent_unblocked",
     "system_reset",
     "task_failed",
+    "agent_paused",
+    "agent_resumed",
+    "operator_note",
 )
 
 #: An event's encoded ``fields`` may not exceed this: events announce, they do not carry payloads

@@ -49,6 +49,10 @@ class EventPublisher:
             # Observers on this machine may read the world's events; nobody else may connect.
             os.chmod(run_dir, 0o700)
             endpoint = f"ipc://{Path(run_dir) / 'events.sock'}"
+        # A socket must not be used by two threads at once: the writer thread announces, the owner
+        # closes. The lock is never contended in between.
+        self._lock = threading.Lock()
+        self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
@@ -63,10 +67,6 @@ class EventPublisher:
         self.sent = 0
         #: Events ZeroMQ refused outright (none are expected from a PUB socket; see the module doc).
         self.dropped = 0
-        # A socket must not be used by two threads at once: the writer thread announces, the owner
-        # closes. The lock is never contended in between.
-        self._lock = threading.Lock()
-        self._closed = False
 
     def announce(self, events: Sequence[Event]) -> None:
         """Send each event without blocking; called by the log's writer thread after each commit."""
@@ -108,6 +108,10 @@ class Observer:
     """
 
     def __init__(self, endpoint: str, prefixes: Sequence[str] = ("",), *, hwm: int = 1000) -> None:
+        # A socket must not be used by two threads at once: the writer thread announces, the owner
+        # closes. The lock is never contended in between.
+        self._lock = threading.Lock()
+        self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, hwm)

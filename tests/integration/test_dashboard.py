@@ -1,0 +1,190 @@
+"""The web dashboard in a real browser: headless Chromium from Debian (installed by
+``scripts/ensure-browser``, which ``make test`` runs), driven by Playwright for Python, against a
+running supervisor. Screenshots are saved under ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_native import _free_port
+from tests.integration.test_supervisor import SCRIPTED
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "benchmarks" / "results"
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("no chromium (scripts/ensure-browser installs Debian's as root)")
+    return path
+
+
+def _actions(url: str, agent: str) -> int:
+    st = json.loads(urllib.request.urlopen(f"{url}/api/status", timeout=10).read())
+    (a,) = [a for a in st["agents"] if a["id"] == agent]
+    return int(a["actions"] + a["rejected"])
+
+
+def _admin(data: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert not check or out.returncode == 0, out.stderr
+    return out
+
+
+def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = _chromium()
+    port = _free_port()
+    data = tmp_path / "data"
+    config = tmp_path / "dash.yaml"
+    config.write_text(SCRIPTED.format(data=data) + f"metrics_port: {port}\n")
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.supervisor", "--config", str(config), "--no-live"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        token_file = data / "run" / "dashboard.token"
+        deadline = time.monotonic() + 60
+        while not token_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no dashboard token"
+            time.sleep(0.1)
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url + "/")
+            writer = page.locator("#agent-writer")
+            expect(writer).to_be_visible(timeout=30_000)
+            # The agents update: the writer's action count grows on the page.
+            first = int(writer.locator("td").nth(2).inner_text().split()[0])
+            page.wait_for_function(
+                "n => parseInt(document.querySelector('#agent-writer td:nth-child(3)').textContent) > n",
+                arg=first,
+                timeout=30_000,
+            )
+            # The events arrive live: more of them than when we looked.
+            expect(page.locator("#events li").first).to_be_visible(timeout=30_000)
+            seen = page.locator("#events li").count()
+            page.wait_for_function(f"document.querySelectorAll('#events li').length > {seen}", timeout=30_000)
+            expect(page.locator("#artifacts tbody tr")).to_have_count(1, timeout=30_000)
+            page.screenshot(path=str(SHOTS / "dashboard-live.png"), full_page=True)
+
+            # Without the token a control is refused, and nothing happens.
+            writer.locator("button.pause").click()
+            expect(page.locator("#control-result")).to_contain_text("refused", timeout=10_000)
+            assert page.locator("#control-result").get_attribute("data-status") == "401"
+            assert "paused" not in (writer.get_attribute("class") or "")
+
+            # With it, the writer is paused: the page shows it, and it stops acting while the reader goes on.
+            page.fill("#token", token)
+            page.dispatch_event("#token", "change")
+            writer.locator("button.pause").click()
+            expect(page.locator("#control-result")).to_contain_text("done: agent_paused writer", timeout=10_000)
+            expect(writer).to_have_class("paused", timeout=10_000)
+            at_pause = _actions(url, "writer")
+            reader_at_pause = _actions(url, "reader")
+            page.wait_for_function(
+                "n => parseInt(document.querySelector('#agent-reader td:nth-child(3)').textContent) > n + 10",
+                arg=reader_at_pause,
+                timeout=60_000,
+            )
+            assert _actions(url, "writer") <= at_pause + 1  # at most the turn it was in
+            writer.locator("button.grant").click()
+            expect(page.locator("#control-result")).to_contain_text("done: mint 100 scrip for writer", timeout=10_000)
+            page.locator("#agent-writer td").first.click()
+            expect(page.locator("#bill tbody tr").last).to_contain_text("total", timeout=10_000)
+            page.screenshot(path=str(SHOTS / "dashboard-paused.png"), full_page=True)
+            browser.close()
+        # The same controls from the command line (the token from the data directory).
+        assert "agent_resumed writer" in _admin(data, "control", "resume", "writer").stdout
+        writer_now = _actions(url, "writer")
+        deadline = time.monotonic() + 60
+        while _actions(url, "writer") <= writer_now + 2:
+            assert time.monotonic() < deadline, "the resumed writer does not act"
+            time.sleep(0.2)
+        assert "burn 50 scrip for writer" in _admin(data, "control", "burn", "writer", "scrip", "50").stdout
+        assert "operator_note (event" in _admin(data, "control", "note", "the market closes at five").stdout
+        unknown = _admin(data, "control", "pause", "nobody", check=False)
+        assert unknown.returncode == 1 and "no agent 'nobody'" in unknown.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    # Both controls are journaled: the pause in the event log, the grant in the ledger.
+    dump = subprocess.run(
+        [sys.executable, "-m", "runtime.events", "dump", str(data / "events")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    logged = list(map(json.loads, dump.stdout.splitlines()))
+    controls = [e for e in logged if e["kind"] in ("agent_paused", "agent_resumed")]
+    assert [(e["kind"], e["agent"], e["fields"]["by"]) for e in controls] == [
+        ("agent_paused", "writer", "operator"),
+        ("agent_resumed", "writer", "operator"),
+    ]
+    notes = [(e["agent"], e["fields"]["text"]) for e in logged if e["kind"] == "operator_note"]
+    assert notes == [(None, "the market closes at five")]
+    journal = _admin(data, "journal")
+    ops = [e["op"] for e in map(json.loads, journal.stdout.splitlines()) if e["op"]["op"] in ("mint", "burn")]
+    assert [(m["op"], m["account"], m["asset"], m["amount"], m["reason"]) for m in ops] == [
+        ("mint", "writer", "scrip", 100, "operator grant"),
+        ("burn", "writer", "scrip", 50, "operator burn"),
+    ]
+    _replay_serves_the_stopped_run(data)
+
+
+def _replay_serves_the_stopped_run(data: Path) -> None:
+    """``python -m runtime.ops.dashboard --data-dir``: the last status, the log's events, bills and
+    artifacts of the stopped run; controls are refused."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.ops.dashboard", "--data-dir", str(data), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and "read-only" in proc.stdout.readline()
+        st = json.loads(urllib.request.urlopen(f"{url}/api/status", timeout=10).read())
+        assert st["running"] is False and {a["id"] for a in st["agents"]} == {"writer", "reader"}
+        with urllib.request.urlopen(f"{url}/api/events?since=0", timeout=10) as stream:
+            first = json.loads(stream.readline().removeprefix(b"data: "))
+        assert first["seq"] == 1
+        b = json.loads(urllib.request.urlopen(f"{url}/api/bill/writer", timeout=10).read())
+        assert b["total"]["tasks"] > 0
+        arts = json.loads(urllib.request.urlopen(f"{url}/api/artifacts", timeout=10).read())
+        assert [(a["id"], a["owner"]) for a in arts] == [("diary", "writer")]
+        req = urllib.request.Request(f"{url}/api/control", data=b'{"type": "resume", "agent": "writer"}')
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
