@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from runtime.world.world import World
 
 ArtifactIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
+AgentIdText = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+#: The ledger's assets (``runtime.economy.ledger.ASSETS``; a unit test keeps the two lists equal).
+TradeAsset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+#: What can be sold for scrip: every asset but scrip.
+RightAsset = Literal["cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+OfferIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 
 
 class _Action(Struct, tag_field="kind", forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -54,10 +60,31 @@ class InvokeArtifact(_Action, tag="invoke_artifact", frozen=True):
 
 
 class TransferScrip(_Action, tag="transfer", frozen=True):
-    """Give scrip to another agent."""
+    """Give scrip (or any other asset: a rate right, a quota) to another agent."""
 
-    to: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    to: AgentIdText
     amount: Annotated[int, Meta(gt=0)]
+    asset: TradeAsset = "scrip"
+
+
+class MakeOffer(_Action, tag="offer", frozen=True):
+    """Offer ``amount`` of a right or quota for ``price`` scrip, to whoever accepts it first."""
+
+    asset: RightAsset
+    amount: Annotated[int, Meta(gt=0)]
+    price: Annotated[int, Meta(ge=0)]
+
+
+class AcceptOffer(_Action, tag="accept_offer", frozen=True):
+    """Buy the whole of an open offer: its asset for its price, atomically."""
+
+    offer: OfferIdText
+
+
+class CancelOffer(_Action, tag="cancel_offer", frozen=True):
+    """Withdraw one of the agent's own open offers."""
+
+    offer: OfferIdText
 
 
 class Remember(_Action, tag="remember", frozen=True):
@@ -91,6 +118,9 @@ AgentAction = (
     | DeleteArtifact
     | InvokeArtifact
     | TransferScrip
+    | MakeOffer
+    | AcceptOffer
+    | CancelOffer
     | Remember
     | RecallMemories
     | SleepFor
@@ -133,8 +163,17 @@ async def perform(world: World, agent: str, action: AgentAction) -> Performed:
             inv = await world.invoke_artifact(agent, action.id, action.args, max_transfer=action.max_transfer)
             return Performed(f"{action.id} returned {json.dumps(inv.value)[:80]} (paid {inv.paid})")
         case TransferScrip():
-            await world.transfer_scrip(agent, action.to, action.amount)
-            return Performed(f"gave {action.amount} scrip to {action.to}")
+            await world.give(agent, action.to, action.asset, action.amount)
+            return Performed(f"gave {action.amount} {action.asset} to {action.to}")
+        case MakeOffer():
+            offer = await world.post_offer(agent, action.asset, action.amount, action.price)
+            return Performed(f"offered {action.amount} {action.asset} for {action.price} scrip as {offer.offer}")
+        case AcceptOffer():
+            bought = await world.accept_offer(agent, action.offer)
+            return Performed(f"bought {bought.amount} {bought.asset} from {bought.seller} for {bought.price} scrip")
+        case CancelOffer():
+            await world.cancel_offer(agent, action.offer)
+            return Performed(f"withdrew offer {action.offer}")
         case Remember():
             item = await world.remember(agent, action.text)
             return Performed(f"remembered ({item.size_bytes} bytes)")

@@ -158,11 +158,18 @@ class Economy:
         """Transfer an asset; a rate right moves both agents' bucket rates with it, at once (for the
         agents whose buckets are here: another node re-rates its own, see ``World.follow_rates``)."""
         receipt = await asyncio.wrap_future(self.ledger.submit(op))
-        if op.asset in RATE_RIGHTS and receipt.fresh:
-            for agent in (op.src, op.dst):
-                if agent in self.buckets.agents():
-                    await self.rerate(agent, op.asset, op.id)
+        if receipt.fresh:
+            await self.rerate_parties(op.asset, (op.src, op.dst), op.id)
         return receipt
+
+    async def rerate_parties(self, asset: Asset, agents: tuple[str, ...], op_id: str) -> None:
+        """After the trade ``op_id`` moved ``asset`` between ``agents``: re-rate those whose buckets are
+        here, when ``asset`` is a rate right (anything else changes no bucket)."""
+        if asset not in RATE_RIGHTS:
+            return
+        for agent in agents:
+            if agent in self.buckets.agents():
+                await self.rerate(agent, asset, op_id)
 
     async def rerate(self, agent: str, asset: Asset, op_id: str) -> None:
         """Set ``agent``'s bucket rate to its holding of the rate right ``asset`` in the ledger, and

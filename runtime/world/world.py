@@ -22,7 +22,16 @@ from msgspec import Struct
 
 from runtime import protocol as p
 from runtime.economy.charging import Economy
-from runtime.economy.ledger import Receipt, Transfer
+from runtime.economy.ledger import (
+    ASSETS,
+    AcceptOffer,
+    Asset,
+    CancelOffer,
+    LedgerError,
+    PostOffer,
+    Receipt,
+    Transfer,
+)
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.errors import AecoError, ErrorCode
 from runtime.pool import Outcome, TaskFailed
@@ -49,7 +58,9 @@ class Invocation(Struct, frozen=True):
     cpu_seconds: float
     peak_memory_bytes: int
     paid: int
+    #: Scrip the code moved from the invoker, and any other asset it moved (by asset).
     transferred: int
+    rights_transferred: dict[str, int] = {}
 
 
 class World:
@@ -65,6 +76,13 @@ class World:
         self.memory = memory
         self.emit: Emit = emitter(events) if events is not None else (lambda kind, fields: None)
         self._n = itertools.count(1)
+        #: Per agent: held while its disk use grows (a write) or its disk quota shrinks (a trade), so a
+        #: trade cannot give away bytes a concurrent write is about to use. (One node: each agent's
+        #: writes and trades are its own node's.)
+        self._disk_locks: dict[str, asyncio.Lock] = {}
+
+    def _disk_lock(self, agent: str) -> asyncio.Lock:
+        return self._disk_locks.setdefault(agent, asyncio.Lock())
 
     async def write_artifact(
         self,
@@ -78,11 +96,12 @@ class World:
     ) -> WriteReceipt:
         """Create or overwrite an artifact the agent owns, within its disk quota."""
         aid = check_id(artifact_id)
-        quota = await self.economy.ledger.balance_async(agent, "disk_quota")
-        # Through the store's queue: the loop is not blocked on the sync, and agents' writes share commits.
-        receipt = await asyncio.wrap_future(
-            self.store.submit_write(agent, aid, content, kind=kind, price=price, readable=readable, quota=quota)
-        )
+        async with self._disk_lock(agent):
+            quota = await self.economy.ledger.balance_async(agent, "disk_quota")
+            # Through the store's queue: the loop is not blocked on the sync, and agents' writes share commits.
+            receipt = await asyncio.wrap_future(
+                self.store.submit_write(agent, aid, content, kind=kind, price=price, readable=readable, quota=quota)
+            )
         self.emit("artifact_written", {"agent": agent, "id": aid, "size": receipt.size, "created": receipt.created})
         return receipt
 
@@ -100,10 +119,34 @@ class World:
         """The artifacts the agent can see, by id (the first ``limit`` of them)."""
         return await self.store.list_async(agent, limit)
 
+    async def disk_in_use(self, agent: str) -> int:
+        """The bytes of ``agent``'s disk quota in use: its artifacts at HEAD and its memories are each
+        held to the quota, so the larger of the two."""
+        owned = await asyncio.to_thread(self.store.owned_bytes, agent)
+        remembered = await asyncio.to_thread(self.memory.used_bytes, agent) if self.memory is not None else 0
+        return max(owned, remembered)
+
+    async def _check_disk_kept(self, agent: str, giving: int) -> None:
+        """Refuse to move ``giving`` bytes of ``agent``'s disk quota away when it uses them."""
+        quota = await self.economy.ledger.balance_async(agent, "disk_quota", fresh=True)
+        used = await self.disk_in_use(agent)
+        if quota - giving < used:
+            raise LedgerError(
+                "quota_exceeded",
+                f"`{agent}` uses {used} of its {quota} bytes of disk_quota; it can give away at most "
+                f"{max(quota - used, 0)}, not {giving} (delete artifacts first)",
+            )
+
     async def transfer(self, op: Transfer) -> Receipt:
-        """Move an asset between accounts (a rate right re-rates both buckets); the recipient gets a
-        ``transfer`` event addressed to it — news that may change what it decides."""
-        receipt = await self.economy.transfer_right(op)
+        """Move an asset between accounts (a rate right re-rates both buckets; disk quota in use stays);
+        the recipient gets a ``transfer`` event addressed to it — news that may change what it decides."""
+        if op.asset == "disk_quota":
+            async with self._disk_lock(op.src):
+                await self._check_disk_kept(op.src, op.amount)
+                return await self._transferred(op, await self.economy.transfer_right(op))
+        return await self._transferred(op, await self.economy.transfer_right(op))
+
+    async def _transferred(self, op: Transfer, receipt: Receipt) -> Receipt:
         if receipt.fresh:
             # ``ledger_seq`` lets another node add this credit to its cached holdings exactly once.
             fields = {
@@ -114,17 +157,85 @@ class World:
                 "ledger_seq": receipt.seq,
             }
             self.emit("transfer", fields)
-            if op.asset in RATE_RIGHTS and op.dst not in self.economy.buckets.agents():
-                # The recipient runs on another node: that node re-rates its buckets on this event.
-                self.emit("rate_changed", {"agent": op.dst, "asset": op.asset, "op": op.id})
+            self._announce_rate(op.dst, op.asset, op.id)
         return receipt
+
+    def _announce_rate(self, agent: str, asset: Asset, op_id: str) -> None:
+        if asset in RATE_RIGHTS and agent not in self.economy.buckets.agents():
+            # The agent runs on another node: that node re-rates its buckets on this event.
+            self.emit("rate_changed", {"agent": agent, "asset": asset, "op": op_id})
 
     async def transfer_scrip(self, agent: str, to: str, amount: int) -> Receipt:
         """``agent`` gives ``amount`` scrip to ``to`` (an operation id unique to this run)."""
-        op = Transfer(
-            id=f"{self.economy.run_id}:{agent}:t{next(self._n)}", src=agent, dst=to, asset="scrip", amount=amount
-        )
+        return await self.give(agent, to, "scrip", amount)
+
+    async def give(self, agent: str, to: str, asset: Asset, amount: int) -> Receipt:
+        """``agent`` gives ``amount`` of any asset to ``to`` (an operation id unique to this run)."""
+        op = Transfer(id=self._op_id(agent, "t"), src=agent, dst=to, asset=asset, amount=amount)
         return await self.transfer(op)
+
+    def _op_id(self, agent: str, what: str) -> str:
+        return f"{self.economy.run_id}:{agent}:{what}{next(self._n)}"
+
+    # ------------------------------------------------------------------------------------ offers
+
+    async def post_offer(self, agent: str, asset: Asset, amount: int, price: int) -> PostOffer:
+        """``agent`` offers ``amount`` of ``asset`` for ``price`` scrip; nothing moves until someone
+        accepts. Everyone hears of it (an ``offer_posted`` broadcast)."""
+        offer = PostOffer(
+            id=self._op_id(agent, "p"),
+            offer=f"{agent}.{self.economy.run_id}.{next(self._n)}",
+            seller=agent,
+            asset=asset,
+            amount=amount,
+            price=price,
+        )
+        receipt = await asyncio.wrap_future(self.economy.ledger.submit(offer))
+        if receipt.fresh:
+            fields = {"offer": offer.offer, "seller": agent, "asset": asset, "amount": amount, "price": price}
+            self.emit("offer_posted", fields)
+        return offer
+
+    async def offers(self) -> list[PostOffer]:
+        """Every open offer."""
+        return await self.economy.ledger.offers_async()
+
+    async def accept_offer(self, agent: str, offer_id: str) -> PostOffer:
+        """``agent`` buys the whole of an open offer, atomically (one ledger operation: the asset to
+        ``agent``, the scrip to the seller, the offer closed); a rate right re-rates both buckets, and
+        disk quota the seller uses cannot be sold."""
+        offer = next((o for o in await self.offers() if o.offer == offer_id), None)
+        if offer is None:
+            raise LedgerError("not_found", f"no open offer `{offer_id}`")
+        op = AcceptOffer(
+            id=self._op_id(agent, "a"),
+            offer=offer_id,
+            buyer=agent,
+            asset=offer.asset,
+            amount=offer.amount,
+            price=offer.price,
+        )
+        if offer.asset == "disk_quota":
+            async with self._disk_lock(offer.seller):
+                await self._check_disk_kept(offer.seller, offer.amount)
+                receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
+        else:
+            receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
+        if receipt.fresh:
+            await self.economy.rerate_parties(offer.asset, (offer.seller, agent), op.id)
+            # To the seller, without a ledger seq: the acceptance also debited it, which another node's
+            # cache of its holdings cannot apply as a credit, so that node forgets them instead.
+            fields = {"from": agent, "asset": "scrip", "amount": offer.price, "offer": offer_id, "sold": offer.asset}
+            self.emit("transfer", {"agent": offer.seller, **fields})
+            self.emit("offer_closed", {"offer": offer_id, "seller": offer.seller, "buyer": agent})
+            self._announce_rate(offer.seller, offer.asset, op.id)
+        return offer
+
+    async def cancel_offer(self, agent: str, offer_id: str) -> None:
+        """``agent`` withdraws its own open offer."""
+        op = CancelOffer(id=self._op_id(agent, "c"), offer=offer_id, seller=agent)
+        if (await asyncio.wrap_future(self.economy.ledger.submit(op))).fresh:
+            self.emit("offer_closed", {"offer": offer_id, "seller": agent, "buyer": None})
 
     async def invoke_artifact(
         self,
@@ -133,10 +244,14 @@ class World:
         args: Any = None,
         *,
         max_transfer: int = 0,
+        max_rights: dict[str, int] | None = None,
         cpu_seconds: float = 5.0,
         wall_seconds: float = 10.0,
     ) -> Invocation:
-        """Run a code artifact confined, as ``agent``; raise ``InvokeError`` (after charging) on failure."""
+        """Run a code artifact confined, as ``agent``; raise ``InvokeError`` (after charging) on failure.
+
+        The code may move up to ``max_transfer`` scrip of the invoker's, and up to ``max_rights[asset]`` of
+        any other asset (nothing else)."""
         aid = check_id(artifact_id)
         art = await self.store.read_async(agent, aid)
         if art.kind != "code":
@@ -162,10 +277,10 @@ class World:
             memory_bytes=memory,
         )
         key = f"{self.economy.run_id}-i{next(self._n)}"
-        transferred = 0
+        allowed: dict[str, int] = {**(max_rights or {}), "scrip": max_transfer}
+        moved: dict[str, int] = {}
 
         async def serve(call: p.WorldCall) -> p.WorldAnswer:
-            nonlocal transferred
             match call:
                 case p.ReadArtifactCall(id=wanted):
                     try:
@@ -173,26 +288,29 @@ class World:
                     except AecoError as exc:
                         return p.RefusedAnswer(error=str(exc))
                     return p.ArtifactAnswer(content=other.content)
-                case p.TransferCall(to=to, amount=amount):
-                    if transferred + amount > max_transfer:
+                case p.TransferCall(to=to, amount=amount, asset=asset):
+                    done, limit = moved.get(asset, 0), allowed.get(asset, 0)
+                    if asset not in ASSETS:
+                        return p.RefusedAnswer(error=f"unknown asset `{asset}`; assets are {', '.join(ASSETS)}")
+                    if done + amount > limit:
                         return p.RefusedAnswer(
-                            error=f"transfer of {amount} would exceed the {max_transfer} scrip `{agent}` authorised "
-                            f"({transferred} already transferred)"
+                            error=f"transfer of {amount} {asset} would exceed the {limit} `{agent}` authorised "
+                            f"({done} already transferred)"
                         )
                     try:
                         await self.transfer(
                             Transfer(
-                                id=f"invoke:{key}:{transferred}:{to}:{amount}",
+                                id=f"invoke:{key}:{asset}:{done}:{to}:{amount}",
                                 src=agent,
                                 dst=to,
-                                asset="scrip",
+                                asset=asset,
                                 amount=amount,
                                 memo=f"from code {aid}",
                             )
                         )
                     except AecoError as exc:
                         return p.RefusedAnswer(error=str(exc))
-                    transferred += amount
+                    moved[asset] = done + amount
                     return p.DoneAnswer()
 
         try:
@@ -232,7 +350,8 @@ class World:
             cpu_seconds=out.usage.cpu_seconds,
             peak_memory_bytes=out.usage.peak_memory_bytes,
             paid=paid,
-            transferred=transferred,
+            transferred=moved.get("scrip", 0),
+            rights_transferred={a: n for a, n in moved.items() if a != "scrip"},
         )
 
     # ------------------------------------------------------------------------------------ memory

@@ -10,7 +10,7 @@ Invariants (checked by ``python -m runtime.admin check``):
 - no balance is negative;
 - for each asset, the sum of balances equals what was minted minus what was burned;
 - each task has exactly one usage record, and each usage record was written by exactly one journal entry;
-- replaying the journal from empty gives the balances.
+- replaying the journal from empty gives the balances and the open offers.
 """
 
 from __future__ import annotations
@@ -109,6 +109,44 @@ class RecordUsage(_Op, tag="usage", frozen=True):
     buckets: dict[str, BucketState] = {}
 
 
+OfferId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+
+
+class PostOffer(_Op, tag="post_offer", frozen=True):
+    """``seller`` offers ``amount`` of ``asset`` for ``price`` scrip to whoever accepts first.
+
+    Nothing is held in escrow: the offer is a standing promise, checked again when it is accepted (a
+    seller who no longer holds the asset makes the acceptance fail whole). So no asset is ever parked
+    in a third account, and an offer that is never accepted costs nothing. This op is also the offer's
+    stored record, while it is open.
+    """
+
+    offer: OfferId
+    seller: AccountId
+    asset: Asset
+    amount: Amount
+    price: NonNegInt
+
+
+class AcceptOffer(_Op, tag="accept_offer", frozen=True):
+    """``buyer`` takes the whole of an open offer on the terms it saw: the asset to the buyer and the
+    scrip to the seller in one transaction, and the offer closes. Terms that differ from the open
+    offer's (it was cancelled and posted again) refuse the acceptance: there are no partial fills."""
+
+    offer: OfferId
+    buyer: AccountId
+    asset: Asset
+    amount: Amount
+    price: NonNegInt
+
+
+class CancelOffer(_Op, tag="cancel_offer", frozen=True):
+    """The seller withdraws an open offer."""
+
+    offer: OfferId
+    seller: AccountId
+
+
 class SetBuckets(_Op, tag="buckets", frozen=True):
     """Persist an agent's bucket levels (for example after a trade changed its rates)."""
 
@@ -116,7 +154,7 @@ class SetBuckets(_Op, tag="buckets", frozen=True):
     buckets: dict[str, BucketState]
 
 
-Op = OpenAccount | Transfer | Mint | Burn | SetQuota | RecordUsage | SetBuckets
+Op = OpenAccount | Transfer | Mint | Burn | SetQuota | RecordUsage | SetBuckets | PostOffer | AcceptOffer | CancelOffer
 
 
 class Receipt(Struct, frozen=True):
@@ -139,7 +177,7 @@ class JournalEntry(Struct, frozen=True):
 
 class LedgerError(AecoError, ValueError):
     """An operation that was refused; nothing of it was written (``invalid``, ``unknown_account``,
-    ``overdraft``, ``conflict``, ``duplicate_usage``, ``closed``)."""
+    ``overdraft``, ``conflict``, ``duplicate_usage``, ``not_found``, ``forbidden``, ``closed``)."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message, code=code)
@@ -203,6 +241,14 @@ class Ledger(Protocol):
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries with ``seq > since``, in order."""
+        ...
+
+    def offers(self) -> list[PostOffer]:
+        """Every open offer, by offer id."""
+        ...
+
+    async def offers_async(self) -> list[PostOffer]:
+        """Every open offer, for code on the event loop."""
         ...
 
     def close(self) -> None:

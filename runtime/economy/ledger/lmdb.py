@@ -8,7 +8,8 @@ wait for the writer.
 
 Databases in the environment: ``accounts`` (account -> kind), ``balances`` (account NUL asset ->
 int64), ``supply`` (asset -> minted, burned), ``journal`` (seq -> entry), ``ops`` (op id -> seq),
-``usage`` (task id -> record), ``buckets`` (agent -> levels).
+``usage`` (task id -> record), ``buckets`` (agent -> levels), ``offers`` (offer id -> the open offer's
+``PostOffer``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from runtime.economy.ledger import (
     LedgerError,
     Op,
     OpenAccount,
+    PostOffer,
     Receipt,
     RecordUsage,
     rules,
@@ -45,6 +47,7 @@ _enc = msgspec.msgpack.Encoder()
 _entry_dec = msgspec.msgpack.Decoder(JournalEntry)
 _usage_dec = msgspec.msgpack.Decoder(RecordUsage)
 _buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
+_offer_dec = msgspec.msgpack.Decoder(PostOffer)
 
 
 def _bkey(account: str, asset: str) -> bytes:
@@ -94,6 +97,16 @@ class _TxnView:
         merged = {**(_buckets_dec.decode(old) if old else {}), **buckets}
         self.txn.put(key, _enc.encode(merged), db=self.dbs["buckets"])
 
+    def offer(self, offer_id: str) -> PostOffer | None:
+        v = self.txn.get(offer_id.encode(), db=self.dbs["offers"])
+        return _offer_dec.decode(v) if v is not None else None
+
+    def put_offer(self, offer: PostOffer) -> None:
+        self.txn.put(offer.offer.encode(), _enc.encode(offer), db=self.dbs["offers"])
+
+    def drop_offer(self, offer_id: str) -> None:
+        self.txn.delete(offer_id.encode(), db=self.dbs["offers"])
+
 
 class LmdbLedger(GroupCommitted):
     """The LMDB ledger. ``durable=False`` skips the sync (for tests of logic, never for real runs);
@@ -110,8 +123,8 @@ class LmdbLedger(GroupCommitted):
     ) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, sync=durable, metasync=durable, max_readers=512)
-        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets")
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=durable, metasync=durable, max_readers=512)
+        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets", "offers")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
         self._start_ledger_writer(max_batch if group else 1)
         present = self.accounts()
@@ -236,6 +249,15 @@ class LmdbLedger(GroupCommitted):
         with self.env.begin() as txn:
             v = txn.get(agent.encode(), db=self.dbs["buckets"])
             return _buckets_dec.decode(v) if v is not None else {}
+
+    def offers(self) -> list[PostOffer]:
+        """Every open offer, by offer id (from one snapshot)."""
+        with self.env.begin() as txn:
+            return [_offer_dec.decode(v) for _, v in txn.cursor(db=self.dbs["offers"])]
+
+    async def offers_async(self) -> list[PostOffer]:
+        """Every open offer (an LMDB read does not block the loop for long)."""
+        return self.offers()
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""

@@ -1,0 +1,13 @@
+"""The action language agrees with the ledger it acts on."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from runtime.actions import RightAsset, TradeAsset
+from runtime.economy.ledger import ASSETS
+
+
+def test_the_actions_name_exactly_the_ledger_assets() -> None:
+    assert get_args(TradeAsset) == ASSETS
+    assert get_args(RightAsset) == tuple(a for a in ASSETS if a != "scrip")
