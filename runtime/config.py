@@ -133,6 +133,15 @@ class EconomyConfig(_Section, frozen=True):
     calibration: str = "calibration.yaml"
 
 
+class BudgetConfig(_Section, frozen=True):
+    """The run's money (``runtime.economy.dollars``)."""
+
+    #: The most paid (remote) models may cost in all, in US dollars; each paid think reserves its worst
+    #: case first and does not start when that could pass the cap. None: no cap (each agent's
+    #: ``llm_budget_usd`` still holds).
+    max_usd: Annotated[float, Meta(gt=0, le=1e6)] | None = None
+
+
 class PopulationConfig(_Section, frozen=True):
     """Many agents from one template, appended to ``agents``: ids are the template's id followed by the
     agent's number, zero-padded to ``digits`` (``a`` -> ``a001``, ``a002``, …).
@@ -185,6 +194,7 @@ class Config(_Section, frozen=True):
     pool: PoolConfig = PoolConfig()
     economy: EconomyConfig = EconomyConfig()
     llm: LlmConfig = LlmConfig()
+    budget: BudgetConfig = BudgetConfig()
     #: A Qdrant server for agents' memories (shared by nodes); empty: local mode under the data directory.
     memory_url: str = ""
     agents: list[AgentConfig] = []

@@ -39,6 +39,7 @@ from runtime.backends import Backends, EventBackend, open_backends
 from runtime.config import AgentConfig, Config
 from runtime.economy.buckets import Buckets, Estimator
 from runtime.economy.charging import Economy
+from runtime.economy.dollars import DollarCap
 from runtime.economy.recovery import recover
 from runtime.economy.rights import open_economy
 from runtime.host import cgroups as cg
@@ -180,6 +181,9 @@ class Node:
             self.economy = Economy(
                 self.pool, ledger, self.buckets, Estimator(cfg.economy.default_estimate_s), node=self.node_id
             )
+            if cfg.budget.max_usd is not None:
+                spent = await asyncio.to_thread(lambda: sum(r.llm_cost_microusd for r in ledger.usage_records()))
+                self.economy.dollars = DollarCap(cfg.budget.max_usd, emit, spent)
             if self._memory if self._memory is not None else any(_remembers(a) for a in cfg.agents):
                 # Imported here: the vector store's client is heavy, and most scripted runs never need it.
                 from runtime.world.memory.qdrant import QdrantMemory

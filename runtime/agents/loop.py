@@ -22,6 +22,7 @@ from msgspec import Struct
 from runtime.actions import AgentAction, SleepFor, perform
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
 from runtime.economy.charging import Economy
+from runtime.economy.dollars import RunBudgetSpent
 from runtime.errors import AecoError, ErrorCode
 from runtime.protocol import Burn, Think, decode_think
 from runtime.world.events import Event, Events
@@ -166,7 +167,7 @@ class Agent:
         self.state = "thinking"
         try:
             thought = await self.brain.think(self.id, context)
-        except BudgetSpent as exc:
+        except (BudgetSpent, RunBudgetSpent) as exc:
             # Nothing to think with until someone gives it budget: sleep on it, not in a loop.
             await self._reject("think", str(exc))
             self.state = "sleeping"

@@ -8,11 +8,13 @@ in one ledger operation keyed by the task id, so a replay never charges twice.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import uuid
 
 from runtime.economy.buckets import Buckets, BucketState, Estimator
+from runtime.economy.dollars import DollarCap, worst_case_microusd
 from runtime.economy.ledger import Asset, Ledger, Receipt, RecordUsage, SetBuckets, Transfer
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
@@ -66,6 +68,12 @@ def _tokens(spec: TaskSpec | None, out: Outcome) -> tuple[int, int]:
     return report.tokens, round(report.cost_usd * 1e6)
 
 
+#: What the charges of the current paid think cost (micro-dollars), for ``Economy.run`` to settle its
+#: reservation with: set by ``run`` in its own task, where every charge of the think is made (also on
+#: cancellation), so no other task's charge lands in it.
+_paid: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("paid", default=None)
+
+
 class Economy:
     """Charges every task of every agent: admission on an estimate, charge on the measurement."""
 
@@ -86,6 +94,8 @@ class Economy:
         #: carry its name (``n1-50.<hex>``), so ids are unique across nodes and tell where a task ran.
         self.run_id = f"{node}.{uuid.uuid4().hex[:12]}" if node else uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
+        #: The run's dollar cap on paid models (``budget.max_usd``), when there is one.
+        self.dollars: DollarCap | None = None
 
     async def run(
         self, agent: str, spec: TaskSpec, *, timeout_s: float | None = None, serve: Serve | None = None
@@ -93,8 +103,24 @@ class Economy:
         """Run one task for ``agent`` once its CPU bucket admits it, and charge what it used.
 
         Raises ``TaskFailed`` (after charging) when the task failed. If the caller is cancelled while
-        the task runs, the task's cost is still recorded before the cancellation propagates.
+        the task runs, the task's cost is still recorded before the cancellation propagates. A think on
+        a paid model first reserves its worst case under the run's dollar cap (``RunBudgetSpent`` when
+        it does not fit), and settles it with what the charge recorded.
         """
+        cap = self.dollars
+        if cap is None or not isinstance(spec, Think) or not (spec.price_prompt_per_1k or spec.price_completion_per_1k):
+            return await self._run(agent, spec, timeout_s, serve)
+        hold = worst_case_microusd(spec)
+        await cap.reserve(agent, hold)
+        paid: list[int] = []
+        token = _paid.set(paid)
+        try:
+            return await self._run(agent, spec, timeout_s, serve)
+        finally:
+            _paid.reset(token)
+            await asyncio.shield(cap.settle(hold, sum(paid)))
+
+    async def _run(self, agent: str, spec: TaskSpec, timeout_s: float | None, serve: Serve | None) -> Outcome:
         kind = kind_of(spec)
         await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, kind))
         if isinstance(spec, Think):
@@ -147,6 +173,9 @@ class Economy:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
         record = charge(self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error)
+        paid = _paid.get()
+        if paid is not None:
+            paid.append(llm_cost_microusd)
         durable = asyncio.wrap_future(self.ledger.submit(record))
         inflight = self.pool.inflight
         if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
