@@ -22,6 +22,14 @@ AgentIdText = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 TradeAsset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
 #: What can be sold for scrip: every asset but scrip.
 RightAsset = Literal["cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+#: ``runtime.world.store.READABLE_PATTERN`` (a unit test keeps the two equal).
+ReadableText = Annotated[
+    str,
+    Meta(
+        pattern=r"^(public|owner|allow:[a-z][a-z0-9_-]{0,31}(\+[a-z][a-z0-9_-]{0,31}){0,15}|price:[0-9]{1,15}"
+        r"|contract:[A-Za-z0-9][A-Za-z0-9_-]{0,127})$"
+    ),
+]
 OfferIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 
 
@@ -36,7 +44,8 @@ class WriteArtifact(_Action, tag="write_artifact", frozen=True):
     content: str
     artifact_kind: Literal["data", "code"] = "data"
     price: Annotated[int, Meta(ge=0)] = 0
-    readable: Literal["public", "owner"] = "public"
+    #: Its access policy: public, owner, allow:<agent>+<agent>, price:<scrip>, contract:<artifact id>.
+    readable: ReadableText = "public"
 
 
 class ReadArtifact(_Action, tag="read_artifact", frozen=True):

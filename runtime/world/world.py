@@ -35,6 +35,7 @@ from runtime.economy.ledger import (
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.errors import AecoError, ErrorCode
 from runtime.pool import Outcome, TaskFailed
+from runtime.world.access import Access
 from runtime.world.events import Emit, Event, Events, emitter
 from runtime.world.memory import MemoryItem, MemoryStore, MemoryStoreError, Recall
 from runtime.world.store import Artifact, ArtifactInfo, Kind, Readable, Store, WriteReceipt, check_id
@@ -80,6 +81,7 @@ class World:
         #: trade cannot give away bytes a concurrent write is about to use. (One node: each agent's
         #: writes and trades are its own node's.)
         self._disk_locks: dict[str, asyncio.Lock] = {}
+        self.access = Access(self)
 
     def _disk_lock(self, agent: str) -> asyncio.Lock:
         return self._disk_locks.setdefault(agent, asyncio.Lock())
@@ -106,8 +108,11 @@ class World:
         return receipt
 
     async def read_artifact(self, agent: str, artifact_id: str | bytes) -> Artifact:
-        """The artifact at HEAD, if the agent may read it."""
-        return await self.store.read_async(agent, check_id(artifact_id))
+        """The artifact at HEAD, if its access policy lets the agent read it (``runtime.world.access``:
+        a read price is paid, a contract asked, at the agent's expense)."""
+        art = await self.store.read_async(agent, check_id(artifact_id))
+        await self.access.admit(agent, art, "read", self._op_id(agent, "r"))
+        return art
 
     async def delete_artifact(self, agent: str, artifact_id: str | bytes) -> None:
         """Delete an artifact the agent owns; its bytes go back to the agent's quota."""
@@ -168,6 +173,10 @@ class World:
     async def transfer_scrip(self, agent: str, to: str, amount: int) -> Receipt:
         """``agent`` gives ``amount`` scrip to ``to`` (an operation id unique to this run)."""
         return await self.give(agent, to, "scrip", amount)
+
+    async def pay(self, agent: str, to: str, amount: int, op_id: str, memo: str) -> Receipt:
+        """``agent`` pays ``to`` ``amount`` scrip under the operation id ``op_id`` (a price, a fee)."""
+        return await self.transfer(Transfer(id=op_id, src=agent, dst=to, asset="scrip", amount=amount, memo=memo))
 
     async def give(self, agent: str, to: str, asset: Asset, amount: int) -> Receipt:
         """``agent`` gives ``amount`` of any asset to ``to`` (an operation id unique to this run)."""
@@ -254,6 +263,7 @@ class World:
         any other asset (nothing else)."""
         aid = check_id(artifact_id)
         art = await self.store.read_async(agent, aid)
+        await self.access.admit(agent, art, "invoke", self._op_id(agent, "i"))
         if art.kind != "code":
             raise InvokeError("not_code", f"artifact `{aid}` is {art.kind}, not code")
         if max_transfer < 0:
@@ -284,7 +294,7 @@ class World:
             match call:
                 case p.ReadArtifactCall(id=wanted):
                     try:
-                        other = await self.store.read_async(agent, check_id(wanted))
+                        other = await self.read_artifact(agent, wanted)
                     except AecoError as exc:
                         return p.RefusedAnswer(error=str(exc))
                     return p.ArtifactAnswer(content=other.content)
@@ -329,16 +339,7 @@ class World:
         paid = 0
         if art.price and art.owner != agent:
             try:
-                await self.transfer(
-                    Transfer(
-                        id=f"price:{key}",
-                        src=agent,
-                        dst=art.owner,
-                        asset="scrip",
-                        amount=art.price,
-                        memo=f"invoked {aid}",
-                    )
-                )
+                await self.pay(agent, art.owner, art.price, f"price:{key}", f"invoked {aid}")
                 paid = art.price
             except AecoError as exc:
                 raise InvokeError("insufficient_funds", f"could not pay the price of `{aid}`: {exc}", out) from None

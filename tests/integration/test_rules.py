@@ -1,17 +1,20 @@
 """The ecology's own rules through the real path (actions, world, ledger, store, pool, confined code):
-rights and quotas traded with ``transfer``, standing offers accepted atomically."""
+rights and quotas traded with ``transfer``, standing offers accepted atomically, access policies."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
-from runtime.actions import AcceptOffer, CancelOffer, MakeOffer, TransferScrip, perform
+from runtime.actions import AcceptOffer, CancelOffer, MakeOffer, ReadArtifact, TransferScrip, WriteArtifact, perform
 from runtime.economy.ledger import LedgerError
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.world.access import CONTRACT_CPU_S, CONTRACT_WALL_S
+from runtime.world.store import StoreError
 from runtime.world.world import InvokeError, World
 from tests.integration.test_world import with_world
 
@@ -119,6 +122,85 @@ except Exception as exc:
         with pytest.raises(InvokeError, match="exceed the 0"):
             await w.invoke_artifact("bob", "rights-mover", max_transfer=100)
         assert w.economy.ledger.balance("carol", "cpu_rate") == 460
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ access policies
+
+
+def _cpu_charged(w: World, agent: str) -> float:
+    return w.economy.pool.accounts.agents[agent].cpu_seconds if agent in w.economy.pool.accounts.agents else 0.0
+
+
+def test_an_allow_list_and_a_read_price_are_kept(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        await perform(w, "alice", WriteArtifact(id="club", content="members only", readable="allow:bob"))
+        await perform(w, "alice", WriteArtifact(id="paper", content="news", readable="price:5"))
+        assert (await perform(w, "bob", ReadArtifact(id="club"))).text.endswith("members only")
+        with pytest.raises(StoreError) as err:
+            await perform(w, "carol", ReadArtifact(id="club"))
+        assert err.value.code == "forbidden" and "bob" in str(err.value)
+        # Listed for everyone (it is not owner-only), readable by the list alone.
+        assert "club" in [a.id for a in await w.list_artifacts("carol")]
+        before = {a: led.balance(a, "scrip") for a in ("alice", "bob")}
+        await perform(w, "bob", ReadArtifact(id="paper"))
+        await perform(w, "bob", ReadArtifact(id="paper"))
+        await perform(w, "alice", ReadArtifact(id="paper"))  # the owner reads free
+        assert led.balance("bob", "scrip") == before["bob"] - 10
+        assert led.balance("alice", "scrip") == before["alice"] + 10
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_a_contract_that_denies_blocks_the_read_and_the_caller_pays_for_the_check(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.write_artifact("alice", "gate", b"world.result(world.args['caller'] == 'bob')", kind="code")
+        await w.write_artifact("alice", "vault", b"the combination", readable="contract:gate")
+        carol_before = _cpu_charged(w, "carol")
+        with pytest.raises(StoreError) as err:
+            await perform(w, "carol", ReadArtifact(id="vault"))
+        assert err.value.code == "forbidden" and "gate" in str(err.value)
+        assert _cpu_charged(w, "carol") > carol_before  # the check ran confined, as carol
+        assert _cpu_charged(w, "alice") == 0.0  # the owner paid nothing for it
+        assert (await perform(w, "bob", ReadArtifact(id="vault"))).text.endswith("the combination")
+        assert w.access.contract_runs == 2
+        # Asked again: the cached answer, at no cost.
+        carol_after = _cpu_charged(w, "carol")
+        with pytest.raises(StoreError):
+            await perform(w, "carol", ReadArtifact(id="vault"))
+        assert w.access.contract_runs == 2 and w.access.cache_hits == 1
+        assert _cpu_charged(w, "carol") == carol_after
+        # A new version of the contract is asked afresh.
+        await w.write_artifact("alice", "gate", b"world.result(True)", kind="code")
+        await perform(w, "carol", ReadArtifact(id="vault"))
+        assert w.access.contract_runs == 3
+        # Invocation is an action the contract rules too.
+        await w.write_artifact("alice", "strict", b"world.result(world.args['action'] == 'read')", kind="code")
+        await w.write_artifact("alice", "tool", b"world.result(1)", kind="code", readable="contract:strict")
+        await perform(w, "bob", ReadArtifact(id="tool"))
+        with pytest.raises(StoreError, match="denies bob to invoke"):
+            await w.invoke_artifact("bob", "tool")
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_a_contract_that_loops_is_cut_at_its_deadline_and_denies(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.write_artifact("alice", "spin", b"while True:\n    pass", kind="code")
+        await w.write_artifact("alice", "locked", b"x", readable="contract:spin")
+        t0 = time.monotonic()
+        with pytest.raises(StoreError) as err:
+            await perform(w, "bob", ReadArtifact(id="locked"))
+        elapsed = time.monotonic() - t0
+        assert err.value.code == "forbidden"
+        assert elapsed < CONTRACT_WALL_S + 3.0, elapsed
+        # The loop's CPU, cut at the contract's limit, is bob's.
+        assert CONTRACT_CPU_S * 0.5 < _cpu_charged(w, "bob") < CONTRACT_CPU_S + 2.0
 
     with_world(tmp_path, body)
     _ledger_ok(tmp_path)
