@@ -96,6 +96,13 @@ class CancelOffer(_Action, tag="cancel_offer", frozen=True):
     offer: OfferIdText
 
 
+class SubmitTask(_Action, tag="submit", frozen=True):
+    """Submit one of the agent's code artifacts for an operator's task: passing its tests earns the reward."""
+
+    task: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+    id: ArtifactIdText
+
+
 class Remember(_Action, tag="remember", frozen=True):
     """Store a memory (embedded on a worker, charged, counted against the agent's memory quota)."""
 
@@ -130,6 +137,7 @@ AgentAction = (
     | MakeOffer
     | AcceptOffer
     | CancelOffer
+    | SubmitTask
     | Remember
     | RecallMemories
     | SleepFor
@@ -183,6 +191,9 @@ async def perform(world: World, agent: str, action: AgentAction) -> Performed:
         case CancelOffer():
             await world.cancel_offer(agent, action.offer)
             return Performed(f"withdrew offer {action.offer}")
+        case SubmitTask():
+            award = await world.submit_task(agent, action.task, action.id)
+            return Performed(f"{action.id} solved task {award.task}: earned {award.reward} scrip")
         case Remember():
             item = await world.remember(agent, action.text)
             return Performed(f"remembered ({item.size_bytes} bytes)")

@@ -50,6 +50,7 @@ from runtime.pool.inflight import InflightLog
 from runtime.world.events import Emit, emitter
 from runtime.world.memory import MemoryStore
 from runtime.world.store import Store
+from runtime.world.tasks import TaskMint, post_tasks
 from runtime.world.world import World
 
 log = logging.getLogger("runtime.node")
@@ -190,6 +191,9 @@ class Node:
 
                 self.memory = QdrantMemory(url=cfg.memory_url) if cfg.memory_url else QdrantMemory(path=data / "memory")
             self.world = World(self.backends.store, self.economy, self.backends.events, self.memory)
+            if cfg.tasks:
+                post_tasks(ledger, cfg.tasks)
+                self.world.mint = TaskMint(self.world, cfg.tasks, cfg.budget.scrip_supply_cap, emit)
             announce_reset(self.backends.store, emit)
             self.agents = [make_agent(a, cfg, self.world) for a in cfg.agents]
         except BaseException:

@@ -39,6 +39,7 @@ from runtime.world.access import Access
 from runtime.world.events import Emit, Event, Events, emitter
 from runtime.world.memory import MemoryItem, MemoryStore, MemoryStoreError, Recall
 from runtime.world.store import Artifact, ArtifactInfo, Kind, Readable, Store, WriteReceipt, check_id
+from runtime.world.tasks import Award, TaskError, TaskMint
 
 log = logging.getLogger("runtime.world")
 
@@ -82,6 +83,8 @@ class World:
         #: writes and trades are its own node's.)
         self._disk_locks: dict[str, asyncio.Lock] = {}
         self.access = Access(self)
+        #: The operator's tasks (``runtime.world.tasks``), when the runtime posts any.
+        self.mint: TaskMint | None = None
 
     def _disk_lock(self, agent: str) -> asyncio.Lock:
         return self._disk_locks.setdefault(agent, asyncio.Lock())
@@ -354,6 +357,12 @@ class World:
             transferred=moved.get("scrip", 0),
             rights_transferred={a: n for a, n in moved.items() if a != "scrip"},
         )
+
+    async def submit_task(self, agent: str, task_id: str, artifact_id: str) -> Award:
+        """Submit ``agent``'s code artifact for an operator's task (``runtime.world.tasks``)."""
+        if self.mint is None:
+            raise TaskError("not_found", "this runtime posts no tasks")
+        return await self.mint.submit(agent, task_id, artifact_id)
 
     # ------------------------------------------------------------------------------------ memory
 

@@ -25,6 +25,7 @@ import pytest
 from runtime.economy.buckets import BucketState
 from runtime.economy.ledger import (
     AcceptOffer,
+    AwardTask,
     Burn,
     CancelOffer,
     Ledger,
@@ -33,6 +34,7 @@ from runtime.economy.ledger import (
     Op,
     OpenAccount,
     PostOffer,
+    PostTask,
     Receipt,
     RecordUsage,
     SetBuckets,
@@ -794,6 +796,36 @@ def test_concurrent_acceptances_fill_an_offer_exactly_once(ledger: Ledger) -> No
     assert len(won) == 1
     assert ledger.balance(won[0], "cpu_rate") == 100 and ledger.balance(won[0], "scrip") == 20
     assert sum(ledger.balance(b, "scrip") for b in buyers) == 50 * len(buyers) - 30
+    report = check(ledger)
+    assert report.ok, report.problems
+
+
+def test_a_task_mints_its_reward_for_at_most_max_awards_agents_each_once(ledger: Ledger) -> None:
+    open_and_fund(ledger, {"alice": 10, "bob": 10, "carol": 10})
+    ledger.apply(PostTask(id="task:t1", task="t1", reward=50, max_awards=2))
+
+    def award(op_id: str, agent: str, cap: int | None = None) -> AwardTask:
+        return AwardTask(id=op_id, task="t1", agent=agent, artifact="code", blob="ab" * 20, supply_cap=cap)
+
+    ledger.apply(award("a1", "alice"))
+    for op, code in [
+        (award("a2", "alice"), "conflict"),  # paid once per agent
+        (AwardTask(id="a3", task="nope", agent="bob", artifact="code", blob="ab" * 20), "not_found"),
+        (award("a4", "bob", cap=30 + 50 + 49), "capacity"),  # the supply cap binds
+    ]:
+        with pytest.raises(LedgerError) as err:
+            ledger.apply(op)
+        assert err.value.code == code
+    ledger.apply(award("a5", "bob", cap=30 + 100))
+    with pytest.raises(LedgerError) as err:
+        ledger.apply(award("a6", "carol"))
+    assert err.value.code == "conflict" and "all its 2" in str(err.value)
+    assert ledger.balance("alice", "scrip") == ledger.balance("bob", "scrip") == 60
+    assert ledger.supply()["scrip"] == (130, 0)
+    # Re-posting changes the terms and keeps who was paid.
+    ledger.apply(PostTask(id="task:t1:again", task="t1", reward=5, max_awards=3))
+    [state] = ledger.tasks()
+    assert state.awarded == ["alice", "bob"] and state.post.reward == 5
     report = check(ledger)
     assert report.ok, report.problems
 

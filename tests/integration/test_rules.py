@@ -1,5 +1,6 @@
 """The ecology's own rules through the real path (actions, world, ledger, store, pool, confined code):
-rights and quotas traded with ``transfer``, standing offers accepted atomically, access policies."""
+rights and quotas traded with ``transfer``, standing offers accepted atomically, access policies, the
+task mint."""
 
 from __future__ import annotations
 
@@ -7,14 +8,26 @@ import asyncio
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from runtime.actions import AcceptOffer, CancelOffer, MakeOffer, ReadArtifact, TransferScrip, WriteArtifact, perform
-from runtime.economy.ledger import LedgerError
+from runtime.actions import (
+    AcceptOffer,
+    CancelOffer,
+    MakeOffer,
+    ReadArtifact,
+    SubmitTask,
+    TransferScrip,
+    WriteArtifact,
+    perform,
+)
+from runtime.config import BudgetConfig, Config, TaskConfig
+from runtime.economy.ledger import AwardTask, LedgerError
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.world.access import CONTRACT_CPU_S, CONTRACT_WALL_S
 from runtime.world.store import StoreError
+from runtime.world.tasks import TaskError, blob_id
 from runtime.world.world import InvokeError, World
 from tests.integration.test_world import with_world
 
@@ -203,4 +216,61 @@ def test_a_contract_that_loops_is_cut_at_its_deadline_and_denies(tmp_path: Path)
         assert CONTRACT_CPU_S * 0.5 < _cpu_charged(w, "bob") < CONTRACT_CPU_S + 2.0
 
     with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ task mint
+
+DOUBLE = TaskConfig(
+    id="double", description="define double(x)", reward=50, tests="assert double(2) == 4\nassert double(-3) == -6"
+)
+#: Rewards more than the supply cap leaves room for.
+BIG = TaskConfig(id="big", description="define one()", reward=100, tests="assert one() == 1")
+
+
+def _with_tasks(cfg: Config) -> Config:
+    # 2,100 scrip at the start (alice 1,000, bob 100, carol 1,000): room for DOUBLE's reward, not BIG's too.
+    return msgspec.structs.replace(cfg, tasks=[DOUBLE, BIG], budget=BudgetConfig(scrip_supply_cap=2_200))
+
+
+def test_a_task_pays_exactly_once_under_concurrent_submissions_and_never_for_a_failing_artifact(
+    tmp_path: Path,
+) -> None:
+    events: list[str] = []
+    good = b"def double(x):\n    return 2 * x\n"
+
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        supply = led.supply()["scrip"]
+        await w.write_artifact("alice", "almost", b"def double(x):\n    return x + 2\n", kind="code")
+        before = _cpu_charged(w, "alice")
+        with pytest.raises(TaskError) as err:
+            await perform(w, "alice", SubmitTask(task="double", id="almost"))
+        assert err.value.code == "code_error" and str(err.value).endswith("tests: AssertionError")
+        assert _cpu_charged(w, "alice") > before  # the tests ran confined, charged to the submitter
+        assert led.supply()["scrip"] == supply
+        for agent in ("alice", "bob", "carol"):
+            await w.write_artifact(agent, f"{agent}-double", good, kind="code")
+        scrip = {a: led.balance(a, "scrip") for a in ("alice", "bob", "carol")}
+        outcomes = await asyncio.gather(
+            *(perform(w, a, SubmitTask(task="double", id=f"{a}-double")) for a in ("alice", "bob", "carol")),
+            return_exceptions=True,
+        )
+        paid = [a for a, o in zip(("alice", "bob", "carol"), outcomes, strict=True) if not isinstance(o, BaseException)]
+        refused = [o for o in outcomes if isinstance(o, TaskError)]
+        assert len(paid) == 1 and len(refused) == 2 and {e.code for e in refused} == {"conflict"}
+        assert led.balance(paid[0], "scrip") == scrip[paid[0]] + 50
+        assert led.supply()["scrip"] == (supply[0] + 50, supply[1])
+        [award] = [e.op for e in led.journal() if isinstance(e.op, AwardTask)]
+        assert (award.task, award.agent, award.blob) == ("double", paid[0], blob_id(good))
+        # Someone else's code cannot be submitted, and the supply cap bounds what tasks mint.
+        with pytest.raises(TaskError, match="of your own"):
+            await w.submit_task("bob", "double", "alice-double")
+        await w.write_artifact("bob", "one", b"def one():\n    return 1\n", kind="code")
+        with pytest.raises(TaskError, match="over its cap of 2200"):
+            await w.submit_task("bob", "big", "one")
+        assert w.mint is not None and [t.id for t in w.mint.open_tasks()] == ["big"]
+
+    with_world(tmp_path, body, events, tweak=_with_tasks)
+    assert events.count("task_solved") == 1
     _ledger_ok(tmp_path)

@@ -10,7 +10,7 @@ Invariants (checked by ``python -m runtime.admin check``):
 - no balance is negative;
 - for each asset, the sum of balances equals what was minted minus what was burned;
 - each task has exactly one usage record, and each usage record was written by exactly one journal entry;
-- replaying the journal from empty gives the balances and the open offers.
+- replaying the journal from empty gives the balances, the open offers and the tasks' awards.
 """
 
 from __future__ import annotations
@@ -147,6 +147,38 @@ class CancelOffer(_Op, tag="cancel_offer", frozen=True):
     seller: AccountId
 
 
+TaskId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+
+
+class PostTask(_Op, tag="post_task", frozen=True):
+    """The operator posts (or re-states) a task: solving it earns ``reward`` scrip, minted, for at most
+    ``max_awards`` different agents. Posting again changes the terms and keeps who was paid."""
+
+    task: TaskId
+    reward: Amount
+    max_awards: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+
+
+class AwardTask(_Op, tag="award_task", frozen=True):
+    """Mint a task's reward to ``agent``, whose code artifact ``artifact`` (content blob ``blob``, the Git
+    object id of the version tested) passed the task's hidden tests. Refused once the task has paid
+    ``max_awards`` agents, when this agent was paid for it already, or when the reward would take the
+    scrip supply above ``supply_cap`` (the monetary policy in force when it was submitted)."""
+
+    task: TaskId
+    agent: AccountId
+    artifact: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
+    blob: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")]
+    supply_cap: Amount | None = None
+
+
+class TaskState(Struct, frozen=True):
+    """A posted task as the ledger keeps it: its terms and who was paid for it, in order."""
+
+    post: PostTask
+    awarded: list[str] = []
+
+
 class SetBuckets(_Op, tag="buckets", frozen=True):
     """Persist an agent's bucket levels (for example after a trade changed its rates)."""
 
@@ -154,7 +186,20 @@ class SetBuckets(_Op, tag="buckets", frozen=True):
     buckets: dict[str, BucketState]
 
 
-Op = OpenAccount | Transfer | Mint | Burn | SetQuota | RecordUsage | SetBuckets | PostOffer | AcceptOffer | CancelOffer
+Op = (
+    OpenAccount
+    | Transfer
+    | Mint
+    | Burn
+    | SetQuota
+    | RecordUsage
+    | SetBuckets
+    | PostOffer
+    | AcceptOffer
+    | CancelOffer
+    | PostTask
+    | AwardTask
+)
 
 
 class Receipt(Struct, frozen=True):
@@ -249,6 +294,10 @@ class Ledger(Protocol):
 
     async def offers_async(self) -> list[PostOffer]:
         """Every open offer, for code on the event loop."""
+        ...
+
+    def tasks(self) -> list[TaskState]:
+        """Every posted task and who was paid for it, by task id."""
         ...
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ wait for the writer.
 Databases in the environment: ``accounts`` (account -> kind), ``balances`` (account NUL asset ->
 int64), ``supply`` (asset -> minted, burned), ``journal`` (seq -> entry), ``ops`` (op id -> seq),
 ``usage`` (task id -> record), ``buckets`` (agent -> levels), ``offers`` (offer id -> the open offer's
-``PostOffer``).
+``PostOffer``), ``tasks`` (task id -> ``TaskState``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from runtime.economy.ledger import (
     PostOffer,
     Receipt,
     RecordUsage,
+    TaskState,
     rules,
 )
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
@@ -48,6 +49,7 @@ _entry_dec = msgspec.msgpack.Decoder(JournalEntry)
 _usage_dec = msgspec.msgpack.Decoder(RecordUsage)
 _buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
 _offer_dec = msgspec.msgpack.Decoder(PostOffer)
+_task_dec = msgspec.msgpack.Decoder(TaskState)
 
 
 def _bkey(account: str, asset: str) -> bytes:
@@ -107,6 +109,13 @@ class _TxnView:
     def drop_offer(self, offer_id: str) -> None:
         self.txn.delete(offer_id.encode(), db=self.dbs["offers"])
 
+    def task(self, task_id: str) -> TaskState | None:
+        v = self.txn.get(task_id.encode(), db=self.dbs["tasks"])
+        return _task_dec.decode(v) if v is not None else None
+
+    def put_task(self, state: TaskState) -> None:
+        self.txn.put(state.post.task.encode(), _enc.encode(state), db=self.dbs["tasks"])
+
 
 class LmdbLedger(GroupCommitted):
     """The LMDB ledger. ``durable=False`` skips the sync (for tests of logic, never for real runs);
@@ -124,7 +133,7 @@ class LmdbLedger(GroupCommitted):
         Path(path).mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=durable, metasync=durable, max_readers=512)
-        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets", "offers")
+        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets", "offers", "tasks")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
         self._start_ledger_writer(max_batch if group else 1)
         present = self.accounts()
@@ -258,6 +267,11 @@ class LmdbLedger(GroupCommitted):
     async def offers_async(self) -> list[PostOffer]:
         """Every open offer (an LMDB read does not block the loop for long)."""
         return self.offers()
+
+    def tasks(self) -> list[TaskState]:
+        """Every posted task and who was paid for it, by task id (from one snapshot)."""
+        with self.env.begin() as txn:
+            return [_task_dec.decode(v) for _, v in txn.cursor(db=self.dbs["tasks"])]
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""

@@ -17,6 +17,7 @@ from runtime.economy.ledger import (
     AcceptOffer,
     AccountKind,
     Asset,
+    AwardTask,
     Burn,
     CancelOffer,
     LedgerError,
@@ -24,9 +25,11 @@ from runtime.economy.ledger import (
     Op,
     OpenAccount,
     PostOffer,
+    PostTask,
     RecordUsage,
     SetBuckets,
     SetQuota,
+    TaskState,
     Transfer,
 )
 
@@ -46,6 +49,8 @@ class View(Protocol):
     def offer(self, offer_id: str) -> PostOffer | None: ...
     def put_offer(self, offer: PostOffer) -> None: ...
     def drop_offer(self, offer_id: str) -> None: ...
+    def task(self, task_id: str) -> TaskState | None: ...
+    def put_task(self, state: TaskState) -> None: ...
 
 
 _op_encoder = msgspec.msgpack.Encoder()
@@ -132,6 +137,28 @@ def _accept(view: View, op: AcceptOffer) -> None:
     view.drop_offer(op.offer)
 
 
+def _award(view: View, op: AwardTask) -> None:
+    state = view.task(op.task)
+    if state is None:
+        raise LedgerError("not_found", f"no task `{op.task}`")
+    _agent(view, op.agent)
+    if op.agent in state.awarded:
+        raise LedgerError("conflict", f"`{op.agent}` was paid for task `{op.task}` already")
+    if len(state.awarded) >= state.post.max_awards:
+        raise LedgerError("conflict", f"task `{op.task}` has paid all its {state.post.max_awards} reward(s)")
+    reward = state.post.reward
+    minted, burned = _issue(view, "scrip", reward)
+    if op.supply_cap is not None and minted - burned > op.supply_cap:
+        raise LedgerError(
+            "capacity",
+            f"minting {reward} scrip for task `{op.task}` would take the supply to {minted - burned}, "
+            f"over its cap of {op.supply_cap}",
+        )
+    view.set_balance(op.agent, "scrip", view.balance(op.agent, "scrip") + reward)
+    view.set_supply("scrip", minted, burned)
+    view.put_task(TaskState(state.post, [*state.awarded, op.agent]))
+
+
 def apply(view: View, op: Op) -> None:
     """Apply ``op`` to ``view``, or raise ``LedgerError`` having written nothing."""
     if isinstance(op, Transfer):
@@ -150,6 +177,11 @@ def apply(view: View, op: Op) -> None:
         view.put_offer(op)
     elif isinstance(op, AcceptOffer):
         _accept(view, op)
+    elif isinstance(op, PostTask):
+        state = view.task(op.task)
+        view.put_task(TaskState(op, state.awarded if state is not None else []))
+    elif isinstance(op, AwardTask):
+        _award(view, op)
     elif isinstance(op, CancelOffer):
         if _open_offer(view, op.offer).seller != op.seller:
             raise LedgerError("forbidden", f"offer `{op.offer}` is not `{op.seller}`'s to cancel")
@@ -219,6 +251,7 @@ class MemoryView:
         self.usage: dict[str, RecordUsage] = {}
         self.bucket_levels: dict[str, dict[str, BucketState]] = {}
         self.offers: dict[str, PostOffer] = {}
+        self.tasks: dict[str, TaskState] = {}
 
     def account_kind(self, account: str) -> AccountKind | None:
         return self.kinds.get(account)
@@ -255,6 +288,12 @@ class MemoryView:
 
     def drop_offer(self, offer_id: str) -> None:
         del self.offers[offer_id]
+
+    def task(self, task_id: str) -> TaskState | None:
+        return self.tasks.get(task_id)
+
+    def put_task(self, state: TaskState) -> None:
+        self.tasks[state.post.task] = state
 
     def nonzero(self) -> dict[str, dict[str, int]]:
         """Balances in the shape ``Ledger.balances()`` returns."""
