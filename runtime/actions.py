@@ -103,6 +103,16 @@ class SubmitTask(_Action, tag="submit", frozen=True):
     id: ArtifactIdText
 
 
+class Subscribe(_Action, tag="subscribe", frozen=True):
+    """Run a code artifact on every event of kind ``on`` (by or about ``actor``, about artifact ``about``),
+    charged to the agent; it stops if the agent cannot pay."""
+
+    id: ArtifactIdText
+    on: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    actor: AgentIdText | None = None
+    about: ArtifactIdText | None = None
+
+
 class Remember(_Action, tag="remember", frozen=True):
     """Store a memory (embedded on a worker, charged, counted against the agent's memory quota)."""
 
@@ -138,6 +148,7 @@ AgentAction = (
     | AcceptOffer
     | CancelOffer
     | SubmitTask
+    | Subscribe
     | Remember
     | RecallMemories
     | SleepFor
@@ -194,6 +205,9 @@ async def perform(world: World, agent: str, action: AgentAction) -> Performed:
         case SubmitTask():
             award = await world.submit_task(agent, action.task, action.id)
             return Performed(f"{action.id} solved task {award.task}: earned {award.reward} scrip")
+        case Subscribe():
+            trigger = await world.subscribe(agent, action.id, action.on, action.actor, action.about)
+            return Performed(f"subscribed {action.id} to {action.on} as {trigger.id}")
         case Remember():
             item = await world.remember(agent, action.text)
             return Performed(f"remembered ({item.size_bytes} bytes)")

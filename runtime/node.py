@@ -213,6 +213,8 @@ class Node:
     async def stop(self) -> None:
         """Stop what runs — the agents and the pool, every task ended and charged — and leave the state
         open to read (a final status, a summary, checks). Idempotent; ``close`` calls it."""
+        if hasattr(self, "world"):  # triggers end as agents do: cancelled, charged once the pool closed
+            self.runners += [t for t in self.world.triggers.tasks if t not in self.runners]
         for r in self.runners:
             r.cancel()
         if self._stopper is None:

@@ -40,6 +40,7 @@ from runtime.world.events import Emit, Event, Events, emitter
 from runtime.world.memory import MemoryItem, MemoryStore, MemoryStoreError, Recall
 from runtime.world.store import Artifact, ArtifactInfo, Kind, Readable, Store, WriteReceipt, check_id
 from runtime.world.tasks import Award, TaskError, TaskMint
+from runtime.world.triggers import Trigger, Triggers
 
 log = logging.getLogger("runtime.world")
 
@@ -85,6 +86,7 @@ class World:
         self.access = Access(self)
         #: The operator's tasks (``runtime.world.tasks``), when the runtime posts any.
         self.mint: TaskMint | None = None
+        self.triggers = Triggers(self)
 
     def _disk_lock(self, agent: str) -> asyncio.Lock:
         return self._disk_locks.setdefault(agent, asyncio.Lock())
@@ -363,6 +365,16 @@ class World:
         if self.mint is None:
             raise TaskError("not_found", "this runtime posts no tasks")
         return await self.mint.submit(agent, task_id, artifact_id)
+
+    async def subscribe(
+        self, agent: str, artifact_id: str, kind: str, actor: str | None = None, about: str | None = None
+    ) -> Trigger:
+        """Invoke ``agent``'s pick of code artifact on every event matching the filter, charged to ``agent``
+        (``runtime.world.triggers``). The artifact must be code the agent may see now."""
+        art = await self.store.read_async(agent, check_id(artifact_id))
+        if art.kind != "code":
+            raise InvokeError("not_code", f"artifact `{art.id}` is {art.kind}, not code")
+        return self.triggers.subscribe(agent, art.id, kind, actor, about)
 
     # ------------------------------------------------------------------------------------ memory
 

@@ -1,6 +1,6 @@
 """The ecology's own rules through the real path (actions, world, ledger, store, pool, confined code):
 rights and quotas traded with ``transfer``, standing offers accepted atomically, access policies, the
-task mint."""
+task mint, triggers."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from runtime.actions import (
     MakeOffer,
     ReadArtifact,
     SubmitTask,
+    Subscribe,
     TransferScrip,
     WriteArtifact,
     perform,
@@ -273,4 +274,41 @@ def test_a_task_pays_exactly_once_under_concurrent_submissions_and_never_for_a_f
 
     with_world(tmp_path, body, events, tweak=_with_tasks)
     assert events.count("task_solved") == 1
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- triggers
+
+
+def test_a_trigger_fires_once_per_matching_event_and_stops_when_its_subscriber_is_broke(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    async def body(w: World) -> None:
+        assert w.events is not None
+        led = w.economy.ledger
+        # bob (100 scrip) pays 40 a firing for carol's tool: two firings, then it cannot pay.
+        await w.write_artifact("carol", "watcher", b"world.result(world.args['fields']['id'])", kind="code", price=40)
+        done = await perform(w, "bob", Subscribe(id="watcher", on="artifact_written", actor="alice"))
+        [trigger] = w.triggers.triggers.values()
+        assert trigger.id in done.text
+        since = await w.events.last_seq_async()
+        carol = led.balance("carol", "scrip")
+        await w.write_artifact("carol", "not-alice", b"x")  # another actor: no firing
+        for i in range(3):
+            await w.write_artifact("alice", f"note{i}", b"x")
+        suspended = await w.events.wait("bob", kinds={"trigger_suspended"}, since=since, timeout=60)
+        assert suspended and "insufficient_funds" in suspended[0].fields["reason"]
+        assert (trigger.fired, trigger.state) == (2, "suspended")
+        invoked = await w.events.read_async(since, kinds={"artifact_invoked"}, agent="carol")
+        assert [e.fields["by"] for e in invoked if e.fields["ok"]] == ["bob", "bob"]
+        assert led.balance("carol", "scrip") == carol + 80 and led.balance("bob", "scrip") == 20
+        # Suspended: its task has ended, and a new matching event does not match it any more.
+        assert w.triggers.tasks[0].done()
+        await w.write_artifact("alice", "note3", b"x")
+        await w.events.publish("marker")  # committed in order: the write's event is durable before it
+        [note3] = (await w.events.read_async(since, kinds={"artifact_written"}, agent="alice"))[-1:]
+        assert note3.fields["id"] == "note3" and not trigger.matches(note3)
+
+    with_world(tmp_path, body, events)
+    assert events.count("trigger_suspended") == 1
     _ledger_ok(tmp_path)

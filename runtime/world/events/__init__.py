@@ -44,7 +44,8 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 #: ``action`` (an agent's turn: ok or rejected, and why), ``transfer`` and ``rate_changed`` (``World``),
 #: ``offer_posted`` and ``offer_closed`` (``World``: broadcasts, so every agent sees the market),
 #: ``budget_alert`` and ``budget_paused`` (the run's dollar cap, ``runtime.economy.dollars``),
-#: ``task_solved`` (the task mint, ``runtime.world.tasks``: to the agent it paid),
+#: ``task_solved`` (the task mint, ``runtime.world.tasks``: to the agent it paid), ``trigger_suspended``
+#: (``runtime.world.triggers``: to the subscriber that could not pay),
 #: ``artifact_written``/``_deleted``/``_invoked`` (``World``), ``agent_blocked``/``_unblocked`` (the
 #: buckets), ``system_reset`` (an operator's rollback, announced at start), ``task_failed`` (a task a
 #: crash interrupted, charged by the recovery). ``tests/unit/test_event_kinds.py`` keeps this list true.
@@ -57,6 +58,7 @@ KINDS: tuple[str, ...] = (
     "budget_alert",
     "budget_paused",
     "task_solved",
+    "trigger_suspended",
     "artifact_written",
     "artifact_deleted",
     "artifact_invoked",
