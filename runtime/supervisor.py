@@ -27,6 +27,7 @@ from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
 from runtime.node import Node
 from runtime.ops import metrics
+from runtime.ops.ecology import EcologyFigures, EcologyMeter
 from runtime.ops.live import LiveView, render
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
@@ -80,9 +81,10 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(node.limits, node.sizing))
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
+    ecology = EcologyMeter(node.backends.ledger)
     if cfg.metrics_port:
         try:
-            metrics.serve(cfg.metrics_port, cfg.metrics_host, pool, node.economy, lambda: node.agents)
+            metrics.serve(cfg.metrics_port, cfg.metrics_host, pool, node.economy, lambda: node.agents, ecology)
             _say(f"metrics: http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")
         except OSError as exc:  # the port is taken: run on, say so
             log.warning("no metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
@@ -96,8 +98,11 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             node.limits, node.sizing, container, meter.agents(pool, node.agents, node.economy, container.interval_s)
         )
 
-    def status(table: str, snap: Snapshot, running: bool) -> Status:
-        return Status(os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents)
+    def status(table: str, snap: Snapshot, running: bool, figures: EcologyFigures) -> Status:
+        table = f"{table}\n{figures.line()}"
+        return Status(
+            os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents, figures
+        )
 
     status_file = node.data / "run" / STATUS_NAME
     try:
@@ -105,20 +110,23 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             now = time.monotonic() - started
             snap = snapshot()
             table = render(pool, node.agents, now, world, events, snap)
-            write_status(status_file, status(table, snap, running=True))
+            current = status(table, snap, running=True, figures=ecology.figures())
+            write_status(status_file, current)
             if view is not None:
-                view.show(table, now)
+                view.show(current.table, now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
     finally:
         await node.stop()
         snap = snapshot()
         final = render(pool, node.agents, time.monotonic() - started, world, events, snap)
+        figures = ecology.figures()  # while the ledger is open
         await node.close()
         summary_path = config_mod.data_path(cfg, cfg.summary)
         summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
-        write_status(status_file, status(final, snap, running=False))
-        print(final, flush=True)
+        last = status(final, snap, running=False, figures=figures)
+        write_status(status_file, last)
+        print(last.table, flush=True)
         print(f"usage summary: {summary_path}", flush=True)
     if pool.failed:
         print(f"error: worker pool failed: {pool.failed}", file=sys.stderr)

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from runtime.economy.charging import Economy
 from runtime.host import cgroups as cg
+from runtime.ops.ecology import EcologyMeter
 from runtime.pool import WorkerPool
 
 
@@ -32,8 +33,14 @@ class MetricAgent(Protocol):
 class RuntimeCollector(Collector):
     """Collects every metric from the pool, the economy and the agents at scrape time."""
 
-    def __init__(self, pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]) -> None:
-        self.pool, self.economy, self.agents = pool, economy, agents
+    def __init__(
+        self,
+        pool: WorkerPool,
+        economy: Economy,
+        agents: Callable[[], Sequence[MetricAgent]],
+        ecology: EcologyMeter | None = None,
+    ) -> None:
+        self.pool, self.economy, self.agents, self.ecology = pool, economy, agents, ecology
 
     def collect(self) -> Iterator[Metric]:
         """One scrape."""
@@ -83,13 +90,20 @@ class RuntimeCollector(Collector):
             "Kernel CPU of live workers not yet explained by charges or named overhead (tasks in flight)",
             max(0.0, rec.kernel - rec.accounted),
         )
+        if self.ecology is not None:
+            yield from self.ecology.metrics()
 
 
 def serve(
-    port: int, host: str, pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]
+    port: int,
+    host: str,
+    pool: WorkerPool,
+    economy: Economy,
+    agents: Callable[[], Sequence[MetricAgent]],
+    ecology: EcologyMeter | None = None,
 ) -> CollectorRegistry:
     """Serve ``/metrics`` on ``host:port`` from a background thread; return the registry."""
     registry = CollectorRegistry()
-    registry.register(RuntimeCollector(pool, economy, agents))
+    registry.register(RuntimeCollector(pool, economy, agents, ecology))
     start_http_server(port, addr=host, registry=registry)
     return registry

@@ -17,6 +17,7 @@ import msgspec
 
 from runtime import config as config_mod
 from runtime.host.limits import Limits, Sizing
+from runtime.ops.ecology import EcologyFigures
 from runtime.ops.stats import AgentStats, ContainerStats
 
 STATUS_NAME = "status.json"
@@ -37,6 +38,7 @@ class Status(msgspec.Struct):
     sizing: Sizing | None = None
     container: ContainerStats | None = None
     agents: list[AgentStats] = []
+    ecology: EcologyFigures | None = None
 
 
 def write_status(path: Path, status: Status) -> None:
