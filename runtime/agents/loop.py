@@ -32,6 +32,14 @@ DEFAULT_PERSONA = (
     "You are an agent in a small economy. You earn scrip when others invoke your code artifacts, and "
     "you pay for every CPU-second and token you use. Act to grow your scrip."
 )
+#: What every LLM agent is told of the economy's rules, after its persona: one line per way to earn or trade.
+RULES = (
+    "Earn scrip by solving tasks: write a code artifact, then submit it (kind submit, task, id). "
+    "Trade rights (cpu_rate, llm_rate, disk_quota, memory_quota, llm_budget): transfer with an asset, "
+    "offer some for a price, or accept_offer an open offer by its id. "
+    "write_artifact may set readable: public, owner, price:N, allow:agent or contract:artifact. "
+    "subscribe runs your code on every event of a kind, at your cost."
+)
 
 AgentStatus = Literal["waiting", "thinking", "acting", "sleeping", "stopped"]
 
@@ -102,7 +110,7 @@ class LlmBrain:
         if any(self.prices) and await self.economy.ledger.balance_async(agent, "llm_budget") <= 0:
             raise BudgetSpent(f"{agent} has no llm_budget left for {self.model or 'the paid model'}")
         spec = Think(
-            system=self.persona,
+            system=f"{self.persona}\n{RULES}",
             prompt=context,
             schema=ACTION_SCHEMA_BYTES,
             max_tokens=self.max_tokens,
@@ -235,6 +243,7 @@ class Agent:
             "News: " + ("; ".join(_describe(e) for e in news) or "none"),
             "Other agents: " + (", ".join(others) or "none"),
             "Artifacts you can see: " + (", ".join(visible) or "none"),
+            *await self._market(),
         ]
         if self._recalled:
             lines.append("You remember: " + " | ".join(self._recalled))
@@ -242,6 +251,17 @@ class Agent:
             lines.append(f"Your last action: {self.last}")
         lines.append("Reply with one action as JSON.")
         return "\n".join(lines)
+
+    async def _market(self) -> list[str]:
+        """The open offers and tasks, a line each (none when there are none): what there is to trade or earn."""
+        lines = []
+        offers = [o for o in await self.economy.ledger.offers_async() if o.seller != self.id][:5]
+        if offers:
+            lines.append("Offers: " + "; ".join(f"{o.offer}: {o.amount} {o.asset} for {o.price}" for o in offers))
+        mint = self.world.mint
+        if mint is not None and (tasks := mint.open_tasks()[:3]):
+            lines.append("Tasks: " + "; ".join(f"{t.id} (+{t.reward}): {t.description}" for t in tasks))
+        return lines
 
     async def act(self, action: AgentAction) -> str:
         """Carry out an action as this agent; raise the world's ``AecoError`` when it is refused."""

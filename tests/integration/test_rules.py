@@ -5,6 +5,7 @@ task mint, triggers."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from runtime.actions import (
     WriteArtifact,
     perform,
 )
-from runtime.config import BudgetConfig, Config, TaskConfig
+from runtime.agents.schema import ACTION_SCHEMA
+from runtime.config import BudgetConfig, Config, TaskConfig, load
 from runtime.economy.ledger import AwardTask, LedgerError
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
@@ -311,4 +313,28 @@ def test_a_trigger_fires_once_per_matching_event_and_stops_when_its_subscriber_i
 
     with_world(tmp_path, body, events)
     assert events.count("trigger_suspended") == 1
+    _ledger_ok(tmp_path)
+
+
+def test_the_default_config_s_tasks_are_earned_with_one_line_solutions_the_grammar_allows(tmp_path: Path) -> None:
+    shipped = load(Path(__file__).resolve().parents[2] / "config" / "default.yaml")
+    assert [t.id for t in shipped.tasks] == ["double", "add"]
+    solutions = {"double": "def double(x): return 2 * x", "add": "def add(a, b): return a + b"}
+
+    def tweak(cfg: Config) -> Config:
+        return msgspec.structs.replace(cfg, tasks=shipped.tasks, budget=shipped.budget)
+
+    async def body(w: World) -> None:
+        earned = 0
+        for task in shipped.tasks:
+            code = solutions[task.id]
+            assert re.match(ACTION_SCHEMA["anyOf"][1]["properties"]["content"]["pattern"], code)
+            await perform(w, "carol", WriteArtifact(id=f"sol-{task.id}", content=code, artifact_kind="code"))
+            done = await perform(w, "carol", SubmitTask(task=task.id, id=f"sol-{task.id}"))
+            assert done.text.endswith(f"earned {task.reward} scrip")
+            earned += task.reward
+        assert w.mint is not None and w.mint.open_tasks() == []
+        assert w.economy.ledger.balance("carol", "scrip") == 1000 + earned
+
+    with_world(tmp_path, body, tweak=tweak)
     _ledger_ok(tmp_path)
