@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 
 from runtime.agents.schema import ACTION_SCHEMA, parse_action
 
 #: One instance of each variant the schema lists (in its order), as a model constrained by it could write.
-EXAMPLES = [
+EXAMPLES: list[dict[str, Any]] = [
     {"kind": "write_artifact", "id": "note", "content": "hello, world"},
     {
         "kind": "write_artifact",
