@@ -28,6 +28,17 @@ per-thread breakdown), and the workers' utilisation (CPU charged to tasks / work
 Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
 
+The ecology's own rules (``--rules``, the default): each size runs twice in the same process, with the
+rules off (the policy above) and on — the same four turns, two of them through the rules:
+
+    offer 1 millicore of cpu_rate for 1 scrip as ``<me>.o``, transfer 1 scrip to the next agent,
+    read the bulletin (guarded by a contract, run confined once per reader, then cached),
+    accept the previous agent's offer ``<prev>.o`` (both sides atomically; both buckets re-rated)
+
+and one trigger per 10 agents (agent 0, 10, 20 … subscribes a tool to ``offer_closed`` events of its
+own offers: each acceptance of its offer invokes the tool confined, charged to it). The target is
+throughput with the rules on ≥ 90% of throughput with them off, at every size.
+
 ``--profile`` also records a py-spy flame graph of this process during the 1,000-agent window, written
 beside the JSON as ``ecology-supervisor.svg``.
 """
@@ -58,9 +69,10 @@ from benchmarks.common import (
     publish,
     stop_resource_trackers,
 )
-from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
+from runtime.actions import AcceptOffer, AgentAction, MakeOffer, Noop, ReadArtifact, TransferScrip
 from runtime.agents.loop import Agent
 from runtime.config import AgentConfig, Config, EconomyConfig
+from runtime.economy.ledger import AcceptOffer as Accepted
 from runtime.economy.ledger.check import check
 from runtime.economy.rights import capacity_millicores
 from runtime.host import cgroups as cg
@@ -76,6 +88,11 @@ DRAIN_MAX_S = 60.0
 THINK_MS = 1
 SCRIP = 1000
 BULLETIN = "bulletin"
+GATE, WATCH = "gate", "watch"
+#: One trigger per this many agents (with the rules on).
+TRIGGER_EVERY = 10
+#: The rules may cost at most this share of the throughput.
+RULES_TARGET = 0.9
 SAMPLE_EVERY_S = 0.1
 TARGET_AGENTS = 1000
 TARGET_RATE = 1000.0
@@ -83,9 +100,10 @@ _MB = 1 << 20
 
 
 class SizeResult(msgspec.Struct):
-    """One number of agents."""
+    """One number of agents, with the rules off or on."""
 
     agents: int
+    rules: bool
     workers: int
     cpu_rate_millicores: int
     burst_seconds: float
@@ -120,6 +138,10 @@ class SizeResult(msgspec.Struct):
     events: int
     blocked_events: int
     ledger_journal_entries: int
+    #: With the rules on: offers accepted, trigger firings, contract runs (the rest were cached answers).
+    offers_accepted: int
+    trigger_firings: int
+    contract_runs: int
     ledger_ok: bool
     events_gapless: bool
     reject_reasons: dict[str, int]
@@ -150,6 +172,9 @@ class Report(msgspec.Struct):
     target: str
     results: list[SizeResult]
     skipped: list[Skipped]
+    rules_policy: list[str]
+    #: Throughput with the ecology's rules on, against off, per size (target ≥ ``RULES_TARGET``).
+    rules_target: str
 
 
 # ------------------------------------------------------------------------------ process sampling
@@ -209,19 +234,27 @@ class RssSampler:
 # ----------------------------------------------------------------------------------- the runtime
 
 
-def policy_for(i: int, n: int) -> list[AgentAction]:
-    """Agent ``i``'s policy: noop, give 1 scrip to the next agent, read the bulletin, noop — rotated by ``i``."""
+def policy_for(i: int, n: int, rules: bool = False) -> list[AgentAction]:
+    """Agent ``i``'s policy: noop, give 1 scrip to the next agent, read the bulletin, noop — rotated by ``i``.
+    With the rules, the noops are an offer of its own and the acceptance of the previous agent's."""
     base: list[AgentAction] = [
-        Noop(),
+        MakeOffer(asset="cpu_rate", amount=1, price=1, name="o") if rules else Noop(),
         TransferScrip(to=agent_id((i + 1) % n), amount=1),
         ReadArtifact(id=BULLETIN),
-        Noop(),
+        AcceptOffer(offer=f"{agent_id((i - 1) % n)}.o") if rules else Noop(),
     ]
     k = i % len(base)
     return base[k:] + base[:k]
 
 
 POLICY_TEXT = ["noop", "transfer 1 scrip to the next agent", f"read_artifact {BULLETIN} (public)", "noop"]
+RULES_TEXT = [
+    "offer 1 cpu_rate for 1 scrip as <me>.o",
+    "transfer 1 scrip to the next agent",
+    f"read_artifact {BULLETIN} (contract:{GATE})",
+    "accept_offer <previous agent>.o",
+    "one trigger per 10 agents on offer_closed of its own offers",
+]
 
 
 def agent_id(i: int) -> str:
@@ -288,7 +321,9 @@ def _burst_seconds(rate_millicores: int, horizon_s: float) -> float:
     return 2.0 * horizon_s * 1000.0 / rate_millicores
 
 
-async def measure(n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None) -> SizeResult:
+async def measure(
+    n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None, rules: bool = False
+) -> SizeResult:
     """Open a runtime for ``n`` agents in ``data``, run them, close everything, verify the stores.
 
     ``profile``: where to write a py-spy flame graph of this process during the measured window.
@@ -308,7 +343,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
             AgentConfig(
                 id=agent_id(i),
                 brain="scripted",
-                policy=policy_for(i, n),
+                policy=policy_for(i, n, rules),
                 think_ms=THINK_MS,
                 cpu_rate=rate,
                 llm_rate=0,
@@ -321,7 +356,14 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     try:
         async with Node(cfg) as node:
             pool, ledger, events = node.pool, node.backends.ledger, node.events
-            await node.world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable="public")
+            world = node.world
+            readable = f"contract:{GATE}" if rules else "public"
+            if rules:
+                await world.write_artifact(agent_id(0), GATE, b"world.result(True)", kind="code")
+                await world.write_artifact(agent_id(0), WATCH, b"world.result(world.args['seq'])", kind="code")
+                for i in range(0, n, TRIGGER_EVERY):
+                    await world.subscribe(agent_id(i), WATCH, "offer_closed", actor=agent_id(i))
+            await world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable=readable)
             agents = [a for a in node.agents if isinstance(a, Agent)]
             tasks = [asyncio.create_task(drive(a, state), name=f"agent:{a.id}") for a in agents]
             try:
@@ -381,6 +423,8 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
                 f"{e.fields.get('action')}: {str(e.fields.get('reason', ''))[:60]}" for e in acts if not e.fields["ok"]
             )
             blocked = sum(1 for e in all_events if e.kind == "agent_blocked")
+            accepted = sum(1 for e in ledger.journal() if isinstance(e.op, Accepted))
+            firings = sum(t.fired for t in world.triggers.triggers.values())
     finally:
         sampler.recording = False
     secs = last.wall - first.wall
@@ -392,6 +436,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
     cpus = len(os.sched_getaffinity(0))
     return SizeResult(
         agents=n,
+        rules=rules,
         workers=workers,
         cpu_rate_millicores=rate,
         burst_seconds=round(burst, 1),
@@ -422,6 +467,9 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
         events=len(all_events),
         blocked_events=blocked,
         ledger_journal_entries=report.journal_entries,
+        offers_accepted=accepted,
+        trigger_firings=firings,
+        contract_runs=world.access.contract_runs,
         ledger_ok=report.ok,
         events_gapless=gapless,
         reject_reasons=dict(reasons.most_common(5)),
@@ -435,7 +483,7 @@ async def measure(n: int, data: Path, duration: float, sampler: RssSampler, prof
 def print_table(results: list[SizeResult]) -> None:
     """One row per number of agents."""
     head = (
-        f"{'agents':>6} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
+        f"{'agents':>6} {'rules':>5} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
         f"{'RSS MB':>7} {'sup CPU %':>9} {'worker util %':>13} {'verified':>8}"
     )
     print()
@@ -443,7 +491,8 @@ def print_table(results: list[SizeResult]) -> None:
     print("-" * len(head))
     for r in results:
         print(
-            f"{r.agents:>6,} {r.actions_per_s:>10,.0f} {r.applied:>8,} {r.rejected:>8,} {r.p50_ms:>7.1f} "
+            f"{r.agents:>6,} {'on' if r.rules else 'off':>5} {r.actions_per_s:>10,.0f} {r.applied:>8,} "
+            f"{r.rejected:>8,} {r.p50_ms:>7.1f} "
             f"{r.p99_ms:>8.1f} {r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} {r.worker_util_pct:>13.0f} "
             f"{'yes' if r.verified else 'NO':>8}"
         )
@@ -464,12 +513,35 @@ def print_table(results: list[SizeResult]) -> None:
             f"events of {r.events:,} (seqs gapless: {'yes' if r.events_gapless else 'NO'}), ledger check "
             f"{'ok' if r.ledger_ok else 'FAILED'} ({r.ledger_journal_entries:,} journal entries), "
             f"{r.blocked_events} agent_blocked"
+            + (
+                f"; rules: {r.offers_accepted:,} offers accepted, {r.trigger_firings:,} trigger firings, "
+                f"{r.contract_runs:,} contract runs"
+                if r.rules
+                else ""
+            )
         )
         reasons = "; ".join(f"{k} ×{v:,}" for k, v in r.reject_reasons.items())
         if reasons:
             print(f"         rejected: {reasons}")
         for p in r.problems:
             print(f"    PROBLEM: {p}")
+
+
+def rules_target_line(results: list[SizeResult]) -> str:
+    """The rules' cost: throughput with them on ≥ 90% of throughput with them off, at every size."""
+    parts, met = [], True
+    for n in SIZES:
+        off = next((r for r in results if r.agents == n and not r.rules), None)
+        on = next((r for r in results if r.agents == n and r.rules), None)
+        if off is None or on is None or not off.actions_per_s:
+            parts.append(f"{n:,}: no pair")
+            met = False
+            continue
+        ratio = on.actions_per_s / off.actions_per_s
+        met = met and ratio >= RULES_TARGET and on.verified
+        parts.append(f"{n:,}: {on.actions_per_s:,.0f} / {off.actions_per_s:,.0f} = {100 * ratio:.0f}%")
+    verdict = "met" if met else "NOT met"
+    return f"rules on / off (target ≥ {100 * RULES_TARGET:.0f}% at every size): {'; '.join(parts)} — {verdict}"
 
 
 def target_line(results: list[SizeResult]) -> str:
@@ -554,16 +626,15 @@ def run(opts: Options) -> int:
     sampler = RssSampler()
     before = {pid for pid, _ in child_pids()}
     try:
-        for n in SIZES:
-            tag = f"[{n:,} agents]"
+        for n, rules in ((n, rules) for n in SIZES for rules in (False, True)):
+            tag = f"[{n:,} agents, rules {'on' if rules else 'off'}]"
             print(f"{tag} starting", flush=True)
-            data = tmp / f"agents-{n}"
+            data = tmp / f"agents-{n}-{'on' if rules else 'off'}"
             data.mkdir(mode=0o700)
             try:
-                profile = (
-                    opts.json_path.with_name("ecology-supervisor.svg") if opts.profile and n == SIZES[-1] else None
-                )
-                r = asyncio.run(measure(n, data, duration, sampler, profile))
+                last = n == SIZES[-1] and not rules
+                profile = opts.json_path.with_name("ecology-supervisor.svg") if opts.profile and last else None
+                r = asyncio.run(measure(n, data, duration, sampler, profile, rules))
             except Exception as exc:  # one size's failure must not cost the others' numbers
                 print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
                 skipped.append(Skipped(n, f"{type(exc).__name__}: {exc}"))
@@ -588,10 +659,15 @@ def run(opts: Options) -> int:
             print(f"warning: processes left behind: {', '.join(f'{p} ({n})' for p, n in left)}")
             failed = True
     print_table(results)
-    line = target_line(results)
+    line = target_line([r for r in results if not r.rules])
+    rules_line = rules_target_line(results)
     print()
     print(line)
-    report = Report("ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, results, skipped)
+    print(rules_line)
+    report = Report(
+        "ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, results, skipped, RULES_TEXT, rules_line
+    )
     note = f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per size)"
-    publish(opts.json_path, report, lambda png: plot(results, png, note) if results else None)
+    off = [r for r in results if not r.rules]  # the plot shows the pipeline alone; the table has both
+    publish(opts.json_path, report, lambda png: plot(off, png, note) if off else None)
     return 1 if failed else 0

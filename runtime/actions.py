@@ -66,6 +66,15 @@ class InvokeArtifact(_Action, tag="invoke_artifact", frozen=True):
     id: ArtifactIdText
     args: Any = None
     max_transfer: Annotated[int, Meta(ge=0)] = 0
+    #: Who is charged the run's CPU and memory: the invoker, or the owner within what it sponsors.
+    charge_to: Literal["invoker", "owner"] = "invoker"
+
+
+class Sponsor(_Action, tag="sponsor", frozen=True):
+    """Pay up to ``cpu_seconds`` in all for others' runs of one of the agent's artifacts (``charge_to`` owner)."""
+
+    id: ArtifactIdText
+    cpu_seconds: Annotated[float, Meta(ge=0, le=3600)]
 
 
 class TransferScrip(_Action, tag="transfer", frozen=True):
@@ -82,6 +91,8 @@ class MakeOffer(_Action, tag="offer", frozen=True):
     asset: RightAsset
     amount: Annotated[int, Meta(gt=0)]
     price: Annotated[int, Meta(ge=0)]
+    #: Names the offer ``<agent>.<name>`` (so a partner can know its id in advance); else one is made up.
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,24}$")] | None = None
 
 
 class AcceptOffer(_Action, tag="accept_offer", frozen=True):
@@ -143,6 +154,7 @@ AgentAction = (
     | ReadArtifact
     | DeleteArtifact
     | InvokeArtifact
+    | Sponsor
     | TransferScrip
     | MakeOffer
     | AcceptOffer
@@ -188,13 +200,18 @@ async def perform(world: World, agent: str, action: AgentAction) -> Performed:
             await world.delete_artifact(agent, action.id)
             return Performed(f"deleted {action.id}")
         case InvokeArtifact():
-            inv = await world.invoke_artifact(agent, action.id, action.args, max_transfer=action.max_transfer)
+            inv = await world.invoke_artifact(
+                agent, action.id, action.args, max_transfer=action.max_transfer, charge_to=action.charge_to
+            )
             return Performed(f"{action.id} returned {json.dumps(inv.value)[:80]} (paid {inv.paid})")
+        case Sponsor():
+            await world.sponsor(agent, action.id, action.cpu_seconds)
+            return Performed(f"pays up to {action.cpu_seconds:g} CPU-s for others' runs of {action.id}")
         case TransferScrip():
             await world.give(agent, action.to, action.asset, action.amount)
             return Performed(f"gave {action.amount} {action.asset} to {action.to}")
         case MakeOffer():
-            offer = await world.post_offer(agent, action.asset, action.amount, action.price)
+            offer = await world.post_offer(agent, action.asset, action.amount, action.price, action.name)
             return Performed(f"offered {action.amount} {action.asset} for {action.price} scrip as {offer.offer}")
         case AcceptOffer():
             bought = await world.accept_offer(agent, action.offer)

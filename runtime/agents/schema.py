@@ -51,6 +51,8 @@ ACTION_SCHEMA: dict[str, Any] = {
         _action("read_artifact", id=_ID),
         _action("delete_artifact", id=_ID),
         _action("invoke_artifact", id=_ID),
+        _action("invoke_artifact", id=_ID, charge_to={"const": "owner"}),
+        _action("sponsor", id=_ID, cpu_seconds={"enum": [1, 5, 10, 60]}),
         _action("transfer", to=_AGENT, amount={"enum": [1, 2, 5, 10, 20, 50]}),
         _action("transfer", to=_AGENT, amount=_UNITS, asset=_RIGHT),
         _action("offer", asset=_RIGHT, amount=_UNITS, price=_PRICE),

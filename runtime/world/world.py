@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 from msgspec import Struct
@@ -87,6 +87,8 @@ class World:
         #: The operator's tasks (``runtime.world.tasks``), when the runtime posts any.
         self.mint: TaskMint | None = None
         self.triggers = Triggers(self)
+        #: (owner, artifact) -> CPU-seconds the owner still pays for others' invocations (``charge_to``).
+        self.sponsored: dict[tuple[str, str], float] = {}
 
     def _disk_lock(self, agent: str) -> asyncio.Lock:
         return self._disk_locks.setdefault(agent, asyncio.Lock())
@@ -193,12 +195,13 @@ class World:
 
     # ------------------------------------------------------------------------------------ offers
 
-    async def post_offer(self, agent: str, asset: Asset, amount: int, price: int) -> PostOffer:
+    async def post_offer(self, agent: str, asset: Asset, amount: int, price: int, name: str | None = None) -> PostOffer:
         """``agent`` offers ``amount`` of ``asset`` for ``price`` scrip; nothing moves until someone
-        accepts. Everyone hears of it (an ``offer_posted`` broadcast)."""
+        accepts. Everyone hears of it (an ``offer_posted`` broadcast). The offer's id is ``<agent>.<name>``
+        (refused while another open offer has it), or one made up."""
         offer = PostOffer(
             id=self._op_id(agent, "p"),
-            offer=f"{agent}.{self.economy.run_id}.{next(self._n)}",
+            offer=f"{agent}.{name}" if name else f"{agent}.{self.economy.run_id}.{next(self._n)}",
             seller=agent,
             asset=asset,
             amount=amount,
@@ -261,11 +264,14 @@ class World:
         max_rights: dict[str, int] | None = None,
         cpu_seconds: float = 5.0,
         wall_seconds: float = 10.0,
+        charge_to: Literal["invoker", "owner"] = "invoker",
     ) -> Invocation:
         """Run a code artifact confined, as ``agent``; raise ``InvokeError`` (after charging) on failure.
 
         The code may move up to ``max_transfer`` scrip of the invoker's, and up to ``max_rights[asset]`` of
-        any other asset (nothing else)."""
+        any other asset (nothing else). Its CPU and memory are charged to the invoker, or with
+        ``charge_to="owner"`` to the artifact's owner, within what the owner still sponsors (``sponsor``):
+        the run's CPU limit is cut to that, so the owner never pays more than it set."""
         aid = check_id(artifact_id)
         art = await self.store.read_async(agent, aid)
         await self.access.admit(agent, art, "invoke", self._op_id(agent, "i"))
@@ -283,7 +289,11 @@ class World:
             encoded_args = json.dumps(args, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise InvokeError("invalid", f"args are not JSON: {exc}") from None
-        memory = min(await self.economy.ledger.balance_async(agent, "memory_quota"), 1 << 30) or (256 << 20)
+        payer, held = agent, 0.0
+        if charge_to == "owner" and art.owner != agent:
+            payer, held = art.owner, self._hold_sponsored(art.owner, aid, cpu_seconds)
+            cpu_seconds = held
+        memory = min(await self.economy.ledger.balance_async(payer, "memory_quota"), 1 << 30) or (256 << 20)
         spec = p.Invoke(
             code=art.content.decode("utf-8", "replace"),
             args=encoded_args,
@@ -329,10 +339,12 @@ class World:
                     return p.DoneAnswer()
 
         try:
-            out = await self.economy.run(agent, spec, serve=serve)
+            out = await self.economy.run(payer, spec, serve=serve)
         except TaskFailed as exc:
+            self._settle_sponsored(art.owner, aid, held, exc.usage.cpu_seconds if exc.usage else held)
             self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": exc.code})
             raise InvokeError(exc.code, exc.message) from None
+        self._settle_sponsored(art.owner, aid, held, out.usage.cpu_seconds)
         report = p.decode_invoke(out.output)
         if not report.ok:
             self.emit(
@@ -375,6 +387,30 @@ class World:
         if art.kind != "code":
             raise InvokeError("not_code", f"artifact `{art.id}` is {art.kind}, not code")
         return self.triggers.subscribe(agent, art.id, kind, actor, about)
+
+    async def sponsor(self, agent: str, artifact_id: str, cpu_seconds: float) -> None:
+        """``agent`` pays, from now on, up to ``cpu_seconds`` of CPU in all for others' invocations of its
+        artifact that ask to be charged to the owner (replacing what was left; 0 stops). Kept for the
+        supervisor's life."""
+        art = await self.store.read_async(agent, check_id(artifact_id))
+        if art.owner != agent:
+            raise InvokeError("forbidden", f"`{art.id}` is {art.owner}'s: only its owner pays for it")
+        self.sponsored[(agent, art.id)] = max(cpu_seconds, 0.0)
+
+    def _hold_sponsored(self, owner: str, aid: str, want: float) -> float:
+        """Take up to ``want`` CPU-seconds of what ``owner`` sponsors for ``aid``, before the run (so
+        concurrent runs cannot overspend it); ``insufficient_funds`` when nothing is left."""
+        left = self.sponsored.get((owner, aid), 0.0)
+        if left < _MIN_SPONSORED_S:
+            raise InvokeError("insufficient_funds", f"{owner} does not pay for invocations of `{aid}` (any more)")
+        held = min(want, left)
+        self.sponsored[(owner, aid)] = left - held
+        return held
+
+    def _settle_sponsored(self, owner: str, aid: str, held: float, used: float) -> None:
+        if held:
+            key = (owner, aid)
+            self.sponsored[key] = self.sponsored.get(key, 0.0) + max(held - used, 0.0)
 
     # ------------------------------------------------------------------------------------ memory
 
@@ -430,6 +466,9 @@ class World:
                 if asset in RATE_RIGHTS and isinstance(op_id, str):
                     await self.economy.rerate(agent, asset, op_id)
 
+
+#: The least sponsored CPU an invocation may run on: less would not start the interpreter.
+_MIN_SPONSORED_S = 0.05
 
 #: What an invocation's report may say its code ended with (anything else is the code's own error).
 _CODE_ENDINGS: frozenset[str] = frozenset(

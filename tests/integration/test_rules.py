@@ -15,8 +15,10 @@ import pytest
 from runtime.actions import (
     AcceptOffer,
     CancelOffer,
+    InvokeArtifact,
     MakeOffer,
     ReadArtifact,
+    Sponsor,
     SubmitTask,
     Subscribe,
     TransferScrip,
@@ -337,4 +339,38 @@ def test_the_default_config_s_tasks_are_earned_with_one_line_solutions_the_gramm
         assert w.economy.ledger.balance("carol", "scrip") == 1000 + earned
 
     with_world(tmp_path, body, tweak=tweak)
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ charge_to
+
+
+def test_an_owner_pays_for_others_runs_only_up_to_what_it_sponsors(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.write_artifact("alice", "spin", b"while True:\n    pass", kind="code")
+        await w.write_artifact("alice", "hello", b"world.result('hi')", kind="code")
+        # Not sponsored: asking the owner to pay is refused, and nothing runs.
+        with pytest.raises(InvokeError) as err:
+            await perform(w, "bob", InvokeArtifact(id="hello", charge_to="owner"))
+        assert err.value.code == "insufficient_funds"
+        await perform(w, "alice", Sponsor(id="hello", cpu_seconds=5.0))
+        bob, alice = _cpu_charged(w, "bob"), _cpu_charged(w, "alice")
+        done = await perform(w, "bob", InvokeArtifact(id="hello", charge_to="owner"))
+        assert '"hi"' in done.text
+        assert _cpu_charged(w, "bob") == bob and _cpu_charged(w, "alice") > alice  # the owner paid
+        assert w.sponsored[("alice", "hello")] < 5.0
+        # A loop on the owner's account is cut at what is left of its sponsorship.
+        await perform(w, "alice", Sponsor(id="spin", cpu_seconds=0.3))
+        alice = _cpu_charged(w, "alice")
+        with pytest.raises(InvokeError):
+            await perform(w, "bob", InvokeArtifact(id="spin", charge_to="owner"))
+        assert 0.1 < _cpu_charged(w, "alice") - alice < 0.3 + 0.2
+        assert _cpu_charged(w, "bob") == bob
+        with pytest.raises(InvokeError, match="does not pay"):
+            await perform(w, "bob", InvokeArtifact(id="spin", charge_to="owner"))
+        # Only the owner can sponsor.
+        with pytest.raises(InvokeError):
+            await perform(w, "bob", Sponsor(id="hello", cpu_seconds=1.0))
+
+    with_world(tmp_path, body)
     _ledger_ok(tmp_path)

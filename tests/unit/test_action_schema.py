@@ -24,6 +24,8 @@ EXAMPLES: list[dict[str, Any]] = [
     {"kind": "read_artifact", "id": "tool"},
     {"kind": "delete_artifact", "id": "tool"},
     {"kind": "invoke_artifact", "id": "tool"},
+    {"kind": "invoke_artifact", "id": "tool", "charge_to": "owner"},
+    {"kind": "sponsor", "id": "tool", "cpu_seconds": 5},
     {"kind": "transfer", "to": "bob", "amount": 5},
     {"kind": "transfer", "to": "bob", "amount": 100, "asset": "cpu_rate"},
     {"kind": "offer", "asset": "disk_quota", "amount": 100000, "price": 10},
@@ -59,5 +61,5 @@ def test_every_variant_of_the_schema_decodes_to_its_action() -> None:
 def test_the_schema_compiles_to_a_grammar() -> None:
     gbnf = pytest.importorskip("llama_cpp.llama_grammar")
     grammar = gbnf.json_schema_to_gbnf(json.dumps(ACTION_SCHEMA))
-    for kind in ("accept_offer", "submit", "subscribe", "offer"):
+    for kind in ("accept_offer", "submit", "subscribe", "offer", "sponsor"):
         assert kind in grammar
