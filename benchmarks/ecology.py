@@ -32,7 +32,8 @@ The ecology's own rules (``--rules``, the default): each size runs twice in the 
 rules off (the policy above) and on — the same four turns, two of them through the rules:
 
     offer 1 millicore of cpu_rate for 1 scrip as ``<me>.o``, transfer 1 scrip to the next agent,
-    read the bulletin (guarded by a contract, run confined once per reader, then cached),
+    read the bulletin (guarded by a contract that allows any reader: run confined once, its answer
+    then cached for every caller until the contract changes),
     accept the previous agent's offer ``<prev>.o`` (both sides atomically; both buckets re-rated)
 
 and one trigger per 10 agents (agent 0, 10, 20 … subscribes a tool to ``offer_closed`` events of its
@@ -359,7 +360,8 @@ async def measure(
             world = node.world
             readable = f"contract:{GATE}" if rules else "public"
             if rules:
-                await world.write_artifact(agent_id(0), GATE, b"world.result(True)", kind="code")
+                gate = b"world.result({'allow': world.args['action'] == 'read', 'any_caller': True})"
+                await world.write_artifact(agent_id(0), GATE, gate, kind="code")
                 await world.write_artifact(agent_id(0), WATCH, b"world.result(world.args['seq'])", kind="code")
                 for i in range(0, n, TRIGGER_EVERY):
                     await world.subscribe(agent_id(i), WATCH, "offer_closed", actor=agent_id(i))

@@ -12,8 +12,10 @@ owner may always read and invoke it. For anyone else:
   and denies with anything else, with an error, or by not answering within ``CONTRACT_WALL_S``. The
   check runs as the caller — charged to the caller like any task — and its answer is cached under the
   contract's version (a digest of its code), the caller, the action and the artifact: rewriting the
-  contract asks it again. The contract is read as the artifact's owner sees it (so it may be the
-  owner's private code), and while it runs it may read public artifacts only, and move nothing.
+  contract asks it again. A contract whose answer does not depend on the caller says so with
+  ``world.result({"allow": <bool>, "any_caller": True})``: that answer is cached for every caller.
+  The contract is read as the artifact's owner sees it (so it may be the owner's private code), and
+  while it runs it may read public artifacts only, and move nothing.
 """
 
 from __future__ import annotations
@@ -83,19 +85,21 @@ class Access:
         if contract.kind != "code":
             return False
         version = hashlib.sha256(contract.content).hexdigest()
-        key = (contract_id, version, agent, action, art.id)
-        cached = self._answers.get(key)
-        if cached is not None:
-            self._answers.move_to_end(key)
-            self.cache_hits += 1
-            return cached
-        allowed = await self._run(contract, agent, action, art)
-        self._answers[key] = allowed
+        mine, anyone = (contract_id, version, agent, action, art.id), (contract_id, version, "", action, art.id)
+        for key in (mine, anyone):
+            cached = self._answers.get(key)
+            if cached is not None:
+                self._answers.move_to_end(key)
+                self.cache_hits += 1
+                return cached
+        allowed, any_caller = await self._run(contract, agent, action, art)
+        self._answers[anyone if any_caller else mine] = allowed
         if len(self._answers) > CONTRACT_CACHE_SIZE:
             self._answers.popitem(last=False)
         return allowed
 
-    async def _run(self, contract: Artifact, agent: str, action: Action, art: Artifact) -> bool:
+    async def _run(self, contract: Artifact, agent: str, action: Action, art: Artifact) -> tuple[bool, bool]:
+        """Run the contract; its answer, and whether it holds for any caller."""
         self.contract_runs += 1
         args = {"caller": agent, "action": action, "artifact": art.id, "owner": art.owner}
         spec = p.Invoke(
@@ -120,6 +124,11 @@ class Access:
         try:
             out = await self.world.economy.run(agent, spec, serve=serve)
         except TaskFailed:
-            return False
+            return False, False
         report = p.decode_invoke(out.output)
-        return report.ok and bool(report.value) and msgspec.json.decode(report.value) is True
+        if not report.ok or not report.value:
+            return False, False
+        answer = msgspec.json.decode(report.value)
+        if isinstance(answer, dict):
+            return answer.get("allow") is True, answer.get("any_caller") is True
+        return answer is True, False
