@@ -36,9 +36,14 @@ rules off (the policy above) and on — the same four turns, two of them through
     then cached for every caller until the contract changes),
     accept the previous agent's offer ``<prev>.o`` (both sides atomically; both buckets re-rated)
 
-and one trigger per 10 agents (agent 0, 10, 20 … subscribes a tool to ``offer_closed`` events of its
-own offers: each acceptance of its offer invokes the tool confined, charged to it). The target is
-throughput with the rules on ≥ 90% of throughput with them off, at every size.
+and one trigger per 10 agents (agent 0, 10, 20 … subscribes a tool to ``artifact_written`` events about
+its own ``<me>-inbox``, which nobody writes during the window). What is measured of the triggers is their
+standing cost — every committed event is routed past every trigger's filter on the event loop — not
+their firings: a firing is one confined invocation charged to its subscriber, and a trigger on an event
+as frequent as the turns (say, its own offers' acceptances) would add one per 40 turns, each costing
+tens of times a 1 ms think. ``tests/integration/test_rules.py`` shows that firings happen once per
+matching event. The target is throughput with the rules on ≥ 90% of throughput with them off, at every
+size.
 
 ``--profile`` also records a py-spy flame graph of this process during the 1,000-agent window, written
 beside the JSON as ``ecology-supervisor.svg``.
@@ -254,7 +259,7 @@ RULES_TEXT = [
     "transfer 1 scrip to the next agent",
     f"read_artifact {BULLETIN} (contract:{GATE})",
     "accept_offer <previous agent>.o",
-    "one trigger per 10 agents on offer_closed of its own offers",
+    "one trigger per 10 agents on artifact_written about its own inbox (not written in the window)",
 ]
 
 
@@ -364,7 +369,7 @@ async def measure(
                 await world.write_artifact(agent_id(0), GATE, gate, kind="code")
                 await world.write_artifact(agent_id(0), WATCH, b"world.result(world.args['seq'])", kind="code")
                 for i in range(0, n, TRIGGER_EVERY):
-                    await world.subscribe(agent_id(i), WATCH, "offer_closed", actor=agent_id(i))
+                    await world.subscribe(agent_id(i), WATCH, "artifact_written", about=f"{agent_id(i)}-inbox")
             await world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable=readable)
             agents = [a for a in node.agents if isinstance(a, Agent)]
             tasks = [asyncio.create_task(drive(a, state), name=f"agent:{a.id}") for a in agents]

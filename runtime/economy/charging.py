@@ -196,9 +196,8 @@ class Economy:
         here, when ``asset`` is a rate right (anything else changes no bucket)."""
         if asset not in RATE_RIGHTS:
             return
-        for agent in agents:
-            if agent in self.buckets.agents():
-                await self.rerate(agent, asset, op_id)
+        here = self.buckets.agents()
+        await asyncio.gather(*(self.rerate(agent, asset, op_id) for agent in agents if agent in here))
 
     async def rerate(self, agent: str, asset: Asset, op_id: str) -> None:
         """Set ``agent``'s bucket rate to its holding of the rate right ``asset`` in the ledger, and

@@ -221,7 +221,7 @@ class World:
         """``agent`` buys the whole of an open offer, atomically (one ledger operation: the asset to
         ``agent``, the scrip to the seller, the offer closed); a rate right re-rates both buckets, and
         disk quota the seller uses cannot be sold."""
-        offer = next((o for o in await self.offers() if o.offer == offer_id), None)
+        offer = await self.economy.ledger.offer_async(offer_id)
         if offer is None:
             raise LedgerError("not_found", f"no open offer `{offer_id}`")
         op = AcceptOffer(

@@ -296,6 +296,10 @@ class Ledger(Protocol):
         """Every open offer, for code on the event loop."""
         ...
 
+    async def offer_async(self, offer_id: str) -> PostOffer | None:
+        """One open offer (None when there is none of that id), for code on the event loop."""
+        ...
+
     def tasks(self) -> list[TaskState]:
         """Every posted task and who was paid for it, by task id."""
         ...

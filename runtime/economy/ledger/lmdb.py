@@ -268,6 +268,11 @@ class LmdbLedger(GroupCommitted):
         """Every open offer (an LMDB read does not block the loop for long)."""
         return self.offers()
 
+    async def offer_async(self, offer_id: str) -> PostOffer | None:
+        """One open offer, or None."""
+        with self.env.begin() as txn:
+            return _TxnView(txn, self.dbs).offer(offer_id)
+
     def tasks(self) -> list[TaskState]:
         """Every posted task and who was paid for it, by task id (from one snapshot)."""
         with self.env.begin() as txn:

@@ -579,6 +579,11 @@ class PostgresLedger(GroupCommitted):
         rows = await self.reader.fetch("SELECT post FROM ledger_offers ORDER BY offer")
         return [_offer_dec.decode(blob) for (blob,) in rows]
 
+    async def offer_async(self, offer_id: str) -> PostOffer | None:
+        """One open offer, or None, read without blocking the loop."""
+        rows = await self.reader.fetch("SELECT post FROM ledger_offers WHERE offer = %s", (offer_id,))
+        return _offer_dec.decode(rows[0][0]) if rows else None
+
     def tasks(self) -> list[TaskState]:
         """Every posted task and who was paid for it, by task id (from one snapshot)."""
         return [_task_dec.decode(blob) for (blob,) in self._read("SELECT state FROM ledger_tasks ORDER BY task")]
