@@ -20,6 +20,7 @@ owner may always read and invoke it. For anyone else:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import json
@@ -59,6 +60,7 @@ class Access:
     def __init__(self, world: World) -> None:
         self.world = world
         self._answers: collections.OrderedDict[tuple[str, ...], bool] = collections.OrderedDict()
+        self._running: dict[tuple[str, ...], asyncio.Future[None]] = {}
         #: Contract runs, and answers served from the cache (for status and tests).
         self.contract_runs = 0
         self.cache_hits = 0
@@ -86,16 +88,26 @@ class Access:
             return False
         version = hashlib.sha256(contract.content).hexdigest()
         mine, anyone = (contract_id, version, agent, action, art.id), (contract_id, version, "", action, art.id)
+        # One run at a time per contract version and question: callers that arrive while it runs wait
+        # for it, and use its answer when it holds for any caller (else they ask for themselves).
+        while (running := self._running.get(anyone)) is not None:
+            await asyncio.shield(running)
         for key in (mine, anyone):
             cached = self._answers.get(key)
             if cached is not None:
                 self._answers.move_to_end(key)
                 self.cache_hits += 1
                 return cached
-        allowed, any_caller = await self._run(contract, agent, action, art)
-        self._answers[anyone if any_caller else mine] = allowed
-        if len(self._answers) > CONTRACT_CACHE_SIZE:
-            self._answers.popitem(last=False)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._running[anyone] = done
+        try:
+            allowed, any_caller = await self._run(contract, agent, action, art)
+            self._answers[anyone if any_caller else mine] = allowed
+            if len(self._answers) > CONTRACT_CACHE_SIZE:
+                self._answers.popitem(last=False)
+        finally:
+            del self._running[anyone]
+            done.set_result(None)
         return allowed
 
     async def _run(self, contract: Artifact, agent: str, action: Action, art: Artifact) -> tuple[bool, bool]:

@@ -74,6 +74,7 @@ class Triggers:
         self.triggers: dict[str, Trigger] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self._task_of: dict[str, asyncio.Task[None]] = {}
+        self._by_kind: dict[str, list[Trigger]] = {}
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._n = itertools.count(1)
@@ -97,6 +98,7 @@ class Triggers:
             about=about,
         )
         self.triggers[trigger.id] = trigger
+        self._by_kind.setdefault(kind, []).append(trigger)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[trigger.id] = queue
         task = asyncio.create_task(self._run(trigger, queue), name=f"trigger:{trigger.id}")
@@ -111,6 +113,7 @@ class Triggers:
             raise AecoError(f"`{subscriber}` has no trigger `{trigger_id}`", code="not_found")
         trigger.state = "cancelled"
         self._task_of[trigger_id].cancel()
+        self._forget(trigger)
 
     def announce(self, events: Sequence[Event]) -> None:
         """The event log's writer thread hands over committed events: route them on the loop."""
@@ -118,10 +121,11 @@ class Triggers:
             self._loop.call_soon_threadsafe(self._route, list(events))
 
     def _route(self, events: list[Event]) -> None:
-        for trigger in self.triggers.values():
-            queue = self._queues[trigger.id]
-            for e in events:
+        # By kind first: the event loop pays for the triggers an event could fire, not for all of them.
+        for e in events:
+            for trigger in self._by_kind.get(e.kind, ()):
                 if trigger.matches(e):
+                    queue = self._queues[trigger.id]
                     if queue.qsize() >= QUEUE_LIMIT:
                         queue.get_nowait()
                         trigger.dropped += 1
@@ -151,4 +155,10 @@ class Triggers:
                     trigger.failed += 1
             if trigger.state != "active":
                 break
+        self._forget(trigger)
+
+    def _forget(self, trigger: Trigger) -> None:
         self._queues.pop(trigger.id, None)
+        same = self._by_kind.get(trigger.kind, [])
+        if trigger in same:
+            same.remove(trigger)

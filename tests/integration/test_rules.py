@@ -376,13 +376,14 @@ def test_an_owner_pays_for_others_runs_only_up_to_what_it_sponsors(tmp_path: Pat
     _ledger_ok(tmp_path)
 
 
-def test_a_contract_answer_for_any_caller_is_asked_once(tmp_path: Path) -> None:
+def test_a_contract_answer_for_any_caller_is_asked_once_even_by_concurrent_callers(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         gate = b"world.result({'allow': world.args['action'] == 'read', 'any_caller': True})"
         await w.write_artifact("alice", "gate", gate, kind="code")
         await w.write_artifact("alice", "board", b"open to all readers", readable="contract:gate")
-        for agent in ("bob", "carol", "bob"):
-            await perform(w, agent, ReadArtifact(id="board"))
-        assert (w.access.contract_runs, w.access.cache_hits) == (1, 2)
+        # Asked at once by many: one run, whose answer every caller then uses.
+        await asyncio.gather(*(perform(w, agent, ReadArtifact(id="board")) for agent in ("bob", "carol") * 3))
+        await perform(w, "alice", ReadArtifact(id="board"))  # the owner is not asked at all
+        assert (w.access.contract_runs, w.access.cache_hits) == (1, 5)
 
     with_world(tmp_path, body)
