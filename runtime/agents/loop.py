@@ -256,7 +256,8 @@ class Agent:
     async def _market(self) -> list[str]:
         """The open offers and tasks, a line each (none when there are none): what there is to trade or earn."""
         lines = []
-        offers = [o for o in await self.economy.ledger.offers_async() if o.seller != self.id][:5]
+        # A few offers, whoever's: reading them all would make every turn cost as much as the market is big.
+        offers = [o for o in await self.economy.ledger.offers_async(limit=6) if o.seller != self.id][:5]
         if offers:
             lines.append("Offers: " + "; ".join(f"{o.offer}: {o.amount} {o.asset} for {o.price}" for o in offers))
         mint = self.world.mint

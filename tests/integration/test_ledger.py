@@ -711,6 +711,7 @@ def test_an_accepted_offer_moves_both_sides_in_one_operation(ledger: Ledger) -> 
     assert ledger.offers() == [post]
     assert asyncio.run(ledger.offers_async()) == [post]
     assert asyncio.run(ledger.offer_async("sale-1")) == post and asyncio.run(ledger.offer_async("x")) is None
+    assert asyncio.run(ledger.offers_async(limit=0)) == [] and asyncio.run(ledger.offers_async(limit=1)) == [post]
     # Posting holds nothing back: the seller still has all of it until someone accepts.
     assert ledger.balance("alice", "cpu_rate") == 500
     before = journal_len(ledger)

@@ -292,8 +292,8 @@ class Ledger(Protocol):
         """Every open offer, by offer id."""
         ...
 
-    async def offers_async(self) -> list[PostOffer]:
-        """Every open offer, for code on the event loop."""
+    async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
+        """Every open offer (the first ``limit`` by id), for code on the event loop."""
         ...
 
     async def offer_async(self, offer_id: str) -> PostOffer | None:

@@ -264,9 +264,11 @@ class LmdbLedger(GroupCommitted):
         with self.env.begin() as txn:
             return [_offer_dec.decode(v) for _, v in txn.cursor(db=self.dbs["offers"])]
 
-    async def offers_async(self) -> list[PostOffer]:
-        """Every open offer (an LMDB read does not block the loop for long)."""
-        return self.offers()
+    async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
+        """Every open offer, the first ``limit`` by id (an LMDB read does not block the loop for long)."""
+        with self.env.begin() as txn:
+            found = zip(range(limit if limit is not None else 1 << 62), txn.cursor(db=self.dbs["offers"]), strict=False)
+            return [_offer_dec.decode(v) for _, (_, v) in found]
 
     async def offer_async(self, offer_id: str) -> PostOffer | None:
         """One open offer, or None."""

@@ -574,9 +574,9 @@ class PostgresLedger(GroupCommitted):
         """Every open offer, by offer id (from one snapshot)."""
         return [_offer_dec.decode(blob) for (blob,) in self._read("SELECT post FROM ledger_offers ORDER BY offer")]
 
-    async def offers_async(self) -> list[PostOffer]:
-        """Every open offer, read without blocking the loop."""
-        rows = await self.reader.fetch("SELECT post FROM ledger_offers ORDER BY offer")
+    async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
+        """Every open offer (the first ``limit`` by id), read without blocking the loop."""
+        rows = await self.reader.fetch("SELECT post FROM ledger_offers ORDER BY offer LIMIT %s", (limit,))
         return [_offer_dec.decode(blob) for (blob,) in rows]
 
     async def offer_async(self, offer_id: str) -> PostOffer | None:
