@@ -31,10 +31,15 @@ usage record per think; the event log's seqs are 1..n with no gap, with one ``ac
 The ecology's own rules (``--rules``, the default): each size runs twice in the same process, with the
 rules off (the policy above) and on — the same four turns, two of them through the rules:
 
-    offer 1 millicore of cpu_rate for 1 scrip as ``<me>.o``, transfer 1 scrip to the next agent,
+    offer 1 byte of memory_quota for 1 scrip as ``<me>.o``, transfer 1 scrip to the next agent,
     read the bulletin (guarded by a contract that allows any reader: run confined once, its answer
     then cached for every caller until the contract changes),
-    accept the previous agent's offer ``<prev>.o`` (both sides atomically; both buckets re-rated)
+    accept the previous agent's offer ``<prev>.o`` (both sides atomically, in one ledger operation)
+
+A quota, not a rate right, changes hands: with 1,000 agents each holds about one millicore of
+``cpu_rate``, and a seller whose offers happened to be accepted more often than it bought would be left
+with no rate at all, its bucket empty for good — the benchmark would measure stranded agents, not the
+rules (re-rating on a trade is tested in ``tests/integration/test_rules.py``).
 
 and one trigger per 10 agents (agent 0, 10, 20 … subscribes a tool to ``artifact_written`` events about
 its own ``<me>-inbox``, which nobody writes during the window). What is measured of the triggers is their
@@ -244,7 +249,7 @@ def policy_for(i: int, n: int, rules: bool = False) -> list[AgentAction]:
     """Agent ``i``'s policy: noop, give 1 scrip to the next agent, read the bulletin, noop — rotated by ``i``.
     With the rules, the noops are an offer of its own and the acceptance of the previous agent's."""
     base: list[AgentAction] = [
-        MakeOffer(asset="cpu_rate", amount=1, price=1, name="o") if rules else Noop(),
+        MakeOffer(asset="memory_quota", amount=1, price=1, name="o") if rules else Noop(),
         TransferScrip(to=agent_id((i + 1) % n), amount=1),
         ReadArtifact(id=BULLETIN),
         AcceptOffer(offer=f"{agent_id((i - 1) % n)}.o") if rules else Noop(),
@@ -255,7 +260,7 @@ def policy_for(i: int, n: int, rules: bool = False) -> list[AgentAction]:
 
 POLICY_TEXT = ["noop", "transfer 1 scrip to the next agent", f"read_artifact {BULLETIN} (public)", "noop"]
 RULES_TEXT = [
-    "offer 1 cpu_rate for 1 scrip as <me>.o",
+    "offer 1 memory_quota for 1 scrip as <me>.o",
     "transfer 1 scrip to the next agent",
     f"read_artifact {BULLETIN} (contract:{GATE})",
     "accept_offer <previous agent>.o",
