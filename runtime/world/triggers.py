@@ -61,7 +61,7 @@ class Trigger(Struct, kw_only=True):
             return False
         if event.kind == "artifact_invoked" and f.get("id") == self.artifact and f.get("by") == self.subscriber:
             return False  # its own invocation
-        if self.actor is not None and self.actor not in (event.agent, f.get("by"), f.get("from"), f.get("seller")):
+        if self.actor is not None and self.actor not in (event.agent, f.get("by"), f.get("from"), f.get("buyer")):
             return False
         return self.about is None or self.about in (f.get("id"), f.get("artifact"), f.get("offer"))
 

@@ -197,8 +197,8 @@ class World:
 
     async def post_offer(self, agent: str, asset: Asset, amount: int, price: int, name: str | None = None) -> PostOffer:
         """``agent`` offers ``amount`` of ``asset`` for ``price`` scrip; nothing moves until someone
-        accepts. Everyone hears of it (an ``offer_posted`` broadcast). The offer's id is ``<agent>.<name>``
-        (refused while another open offer has it), or one made up."""
+        accepts (an ``offer_posted`` event to the seller; others see it in their context). The offer's id
+        is ``<agent>.<name>`` (refused while another open offer has it), or one made up."""
         offer = PostOffer(
             id=self._op_id(agent, "p"),
             offer=f"{agent}.{name}" if name else f"{agent}.{self.economy.run_id}.{next(self._n)}",
@@ -209,7 +209,9 @@ class World:
         )
         receipt = await asyncio.wrap_future(self.economy.ledger.submit(offer))
         if receipt.fresh:
-            fields = {"offer": offer.offer, "seller": agent, "asset": asset, "amount": amount, "price": price}
+            # Addressed to the seller, not broadcast: agents see the open offers in their context, and a
+            # broadcast would be in every agent's news scan. Observers get every event either way.
+            fields = {"agent": agent, "offer": offer.offer, "asset": asset, "amount": amount, "price": price}
             self.emit("offer_posted", fields)
         return offer
 
@@ -244,7 +246,7 @@ class World:
             # cache of its holdings cannot apply as a credit, so that node forgets them instead.
             fields = {"from": agent, "asset": "scrip", "amount": offer.price, "offer": offer_id, "sold": offer.asset}
             self.emit("transfer", {"agent": offer.seller, **fields})
-            self.emit("offer_closed", {"offer": offer_id, "seller": offer.seller, "buyer": agent})
+            self.emit("offer_closed", {"agent": offer.seller, "offer": offer_id, "buyer": agent})
             self._announce_rate(offer.seller, offer.asset, op.id)
         return offer
 
@@ -252,7 +254,7 @@ class World:
         """``agent`` withdraws its own open offer."""
         op = CancelOffer(id=self._op_id(agent, "c"), offer=offer_id, seller=agent)
         if (await asyncio.wrap_future(self.economy.ledger.submit(op))).fresh:
-            self.emit("offer_closed", {"offer": offer_id, "seller": agent, "buyer": None})
+            self.emit("offer_closed", {"agent": agent, "offer": offer_id, "buyer": None})
 
     async def invoke_artifact(
         self,

@@ -42,7 +42,7 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 
 #: The kinds the runtime itself emits (others are allowed: any ``Kind``), with who emits them:
 #: ``action`` (an agent's turn: ok or rejected, and why), ``transfer`` and ``rate_changed`` (``World``),
-#: ``offer_posted`` and ``offer_closed`` (``World``: broadcasts, so every agent sees the market),
+#: ``offer_posted`` and ``offer_closed`` (``World``: to the seller; the open offers are in every context),
 #: ``budget_alert`` and ``budget_paused`` (the run's dollar cap, ``runtime.economy.dollars``),
 #: ``task_solved`` (the task mint, ``runtime.world.tasks``: to the agent it paid), ``trigger_suspended``
 #: (``runtime.world.triggers``: to the subscriber that could not pay),
