@@ -249,7 +249,7 @@ def policy_for(i: int, n: int, rules: bool = False) -> list[AgentAction]:
     """Agent ``i``'s policy: noop, give 1 scrip to the next agent, read the bulletin, noop — rotated by ``i``.
     With the rules, the noops are an offer of its own and the acceptance of the previous agent's."""
     base: list[AgentAction] = [
-        MakeOffer(asset="disk_quota", amount=1, price=1, name="o") if rules else Noop(),
+        MakeOffer(asset="memory_quota", amount=1, price=1, name="o") if rules else Noop(),
         TransferScrip(to=agent_id((i + 1) % n), amount=1),
         ReadArtifact(id=BULLETIN),
         AcceptOffer(offer=f"{agent_id((i - 1) % n)}.o") if rules else Noop(),
