@@ -39,6 +39,28 @@ covers; the targets are ≥ 95% attributed to an agent or a named overhead, at �
 Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
 
+The ecology's own rules (``--rules``, the default): each size runs twice in the same process, with the
+rules off (the policy above) and on — the same four turns, two of them through the rules:
+
+    offer 1 byte of memory_quota for 1 scrip as ``<me>.o``, transfer 1 scrip to the next agent,
+    read the bulletin (guarded by a contract that allows any reader: run confined once, its answer
+    then cached for every caller until the contract changes),
+    accept the previous agent's offer ``<prev>.o`` (both sides atomically, in one ledger operation)
+
+A quota, not a rate right, changes hands: with 1,000 agents each holds about one millicore of
+``cpu_rate``, and a seller whose offers happened to be accepted more often than it bought would be left
+with no rate at all, its bucket empty for good — the benchmark would measure stranded agents, not the
+rules (re-rating on a trade is tested in ``tests/integration/test_rules.py``).
+
+and one trigger per 10 agents (agent 0, 10, 20 … subscribes a tool to ``artifact_written`` events about
+its own ``<me>-inbox``, which nobody writes during the window). What is measured of the triggers is their
+standing cost — every committed event is routed past every trigger's filter on the event loop — not
+their firings: a firing is one confined invocation charged to its subscriber, and a trigger on an event
+as frequent as the turns (say, its own offers' acceptances) would add one per 40 turns, each costing
+tens of times a 1 ms think. ``tests/integration/test_rules.py`` shows that firings happen once per
+matching event. The target is throughput with the rules on ≥ 90% of throughput with them off, at every
+size.
+
 ``--profile`` also records a py-spy flame graph of this process during the 1,000-agent window, written
 beside the JSON as ``ecology-supervisor.svg``.
 """
@@ -73,9 +95,10 @@ from benchmarks.common import (
     scratch,
     stop_resource_trackers,
 )
-from runtime.actions import AgentAction, Noop, ReadArtifact, TransferScrip
+from runtime.actions import AcceptOffer, AgentAction, MakeOffer, Noop, ReadArtifact, TransferScrip
 from runtime.agents.loop import Agent
 from runtime.config import AgentConfig, Config, EconomyConfig
+from runtime.economy.ledger import AcceptOffer as Accepted
 from runtime.economy.ledger.check import check
 from runtime.economy.metering import AgentMeter, SupervisorBooks, thread_cpu_ns
 from runtime.economy.rights import capacity_millicores
@@ -92,6 +115,11 @@ DRAIN_MAX_S = 60.0
 THINK_MS = 1
 SCRIP = 1000
 BULLETIN = "bulletin"
+GATE, WATCH = "gate", "watch"
+#: One trigger per this many agents (with the rules on).
+TRIGGER_EVERY = 10
+#: The rules may cost at most this share of the throughput.
+RULES_TARGET = 0.9
 SAMPLE_EVERY_S = 0.1
 TARGET_AGENTS = 1000
 TARGET_RATE = 1000.0
@@ -106,13 +134,15 @@ _MB = 1 << 20
 
 
 class SizeResult(msgspec.Struct):
-    """One number of agents."""
+    """One number of agents, with the rules off or on."""
 
     agents: int
     #: Whether the supervisor metered its CPU per agent in this run.
     metering: bool
     #: The host's 1-minute load average when the run started (other work on the host skews throughput).
     load_avg_1m: float
+    #: Whether the ecology's rules (offers, contracts, triggers) were on.
+    rules: bool
     workers: int
     cpu_rate_millicores: int
     burst_seconds: float
@@ -159,6 +189,10 @@ class SizeResult(msgspec.Struct):
     events: int
     blocked_events: int
     ledger_journal_entries: int
+    #: With the rules on: offers accepted, trigger firings, contract runs (the rest were cached answers).
+    offers_accepted: int
+    trigger_firings: int
+    contract_runs: int
     ledger_ok: bool
     events_gapless: bool
     reject_reasons: dict[str, int]
@@ -212,6 +246,9 @@ class Report(ReportHead):
     results: list[SizeResult]
     metering: list[MeteringCost]
     skipped: list[Skipped]
+    rules_policy: list[str]
+    #: Throughput with the ecology's rules on, against off, per size (target ≥ ``RULES_TARGET``).
+    rules_target: str
 
 
 # ------------------------------------------------------------------------------ process sampling
@@ -258,19 +295,27 @@ class RssSampler:
 # ----------------------------------------------------------------------------------- the runtime
 
 
-def policy_for(i: int, n: int) -> list[AgentAction]:
-    """Agent ``i``'s policy: noop, give 1 scrip to the next agent, read the bulletin, noop — rotated by ``i``."""
+def policy_for(i: int, n: int, rules: bool = False) -> list[AgentAction]:
+    """Agent ``i``'s policy: noop, give 1 scrip to the next agent, read the bulletin, noop — rotated by ``i``.
+    With the rules, the noops are an offer of its own and the acceptance of the previous agent's."""
     base: list[AgentAction] = [
-        Noop(),
+        MakeOffer(asset="memory_quota", amount=1, price=1, name="o") if rules else Noop(),
         TransferScrip(to=agent_id((i + 1) % n), amount=1),
         ReadArtifact(id=BULLETIN),
-        Noop(),
+        AcceptOffer(offer=f"{agent_id((i - 1) % n)}.o") if rules else Noop(),
     ]
     k = i % len(base)
     return base[k:] + base[:k]
 
 
 POLICY_TEXT = ["noop", "transfer 1 scrip to the next agent", f"read_artifact {BULLETIN} (public)", "noop"]
+RULES_TEXT = [
+    "offer 1 memory_quota for 1 scrip as <me>.o",
+    "transfer 1 scrip to the next agent",
+    f"read_artifact {BULLETIN} (contract:{GATE})",
+    "accept_offer <previous agent>.o",
+    "one trigger per 10 agents on artifact_written about its own inbox (not written in the window)",
+]
 
 
 def agent_id(i: int) -> str:
@@ -342,7 +387,13 @@ def _burst_seconds(rate_millicores: int, horizon_s: float) -> float:
 
 
 async def measure(
-    n: int, data: Path, duration: float, sampler: RssSampler, profile: Path | None, metering: bool = True
+    n: int,
+    data: Path,
+    duration: float,
+    sampler: RssSampler,
+    profile: Path | None,
+    metering: bool = True,
+    rules: bool = False,
 ) -> SizeResult:
     """Open a runtime for ``n`` agents in ``data``, run them, close everything, verify the stores.
 
@@ -365,7 +416,7 @@ async def measure(
             AgentConfig(
                 id=agent_id(i),
                 brain="scripted",
-                policy=policy_for(i, n),
+                policy=policy_for(i, n, rules),
                 think_ms=THINK_MS,
                 cpu_rate=rate,
                 llm_rate=0,
@@ -378,7 +429,15 @@ async def measure(
     try:
         async with Node(cfg) as node:
             pool, ledger, events = node.pool, node.backends.ledger, node.events
-            await node.world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable="public")
+            world = node.world
+            readable = f"contract:{GATE}" if rules else "public"
+            if rules:
+                gate = b"world.result({'allow': world.args['action'] == 'read', 'any_caller': True})"
+                await world.write_artifact(agent_id(0), GATE, gate, kind="code")
+                await world.write_artifact(agent_id(0), WATCH, b"world.result(world.args['seq'])", kind="code")
+                for i in range(0, n, TRIGGER_EVERY):
+                    await world.subscribe(agent_id(i), WATCH, "artifact_written", about=f"{agent_id(i)}-inbox")
+            await world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable=readable)
             agents = [a for a in node.agents if isinstance(a, Agent)]
             tasks = [asyncio.create_task(drive(a, state), name=f"agent:{a.id}") for a in agents]
             try:
@@ -440,6 +499,8 @@ async def measure(
             blocked = sum(1 for e in all_events if e.kind == "agent_blocked")
             await node.economy.flush_supervisor()
             charged_sup = sum(r.supervisor_cpu_seconds for r in ledger.usage_records())
+            accepted = sum(1 for e in ledger.journal() if isinstance(e.op, Accepted))
+            firings = sum(t.fired for t in world.triggers.triggers.values())
     finally:
         sampler.recording = False
     secs = last.wall - first.wall
@@ -455,6 +516,7 @@ async def measure(
         agents=n,
         metering=metering,
         load_avg_1m=round(load, 2),
+        rules=rules,
         workers=workers,
         cpu_rate_millicores=rate,
         burst_seconds=round(burst, 1),
@@ -494,6 +556,9 @@ async def measure(
         events=len(all_events),
         blocked_events=blocked,
         ledger_journal_entries=report.journal_entries,
+        offers_accepted=accepted,
+        trigger_firings=firings,
+        contract_runs=world.access.contract_runs,
         ledger_ok=report.ok,
         events_gapless=gapless,
         reject_reasons=dict(reasons.most_common(5)),
@@ -507,15 +572,15 @@ async def measure(
 def print_table(results: list[SizeResult]) -> None:
     """One row per number of agents."""
     head = (
-        f"{'agents':>6} {'meter':>5} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} {'p99 ms':>8} "
-        f"{'RSS MB':>7} {'sup CPU %':>9} {'worker util %':>13} {'verified':>8}"
+        f"{'agents':>6} {'meter':>5} {'rules':>5} {'actions/s':>10} {'applied':>8} {'rejected':>8} {'p50 ms':>7} "
+        f"{'p99 ms':>8} {'RSS MB':>7} {'sup CPU %':>9} {'worker util %':>13} {'verified':>8}"
     )
     print_rows(
         head,
         (
-            f"{r.agents:>6,} {'on' if r.metering else 'off':>5} {r.actions_per_s:>10,.0f} {r.applied:>8,} "
-            f"{r.rejected:>8,} {r.p50_ms:>7.1f} {r.p99_ms:>8.1f} {r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} "
-            f"{r.worker_util_pct:>13.0f} "
+            f"{r.agents:>6,} {'on' if r.metering else 'off':>5} {'on' if r.rules else 'off':>5} "
+            f"{r.actions_per_s:>10,.0f} {r.applied:>8,} {r.rejected:>8,} {r.p50_ms:>7.1f} {r.p99_ms:>8.1f} "
+            f"{r.rss_mb_peak:>7.1f} {r.supervisor_cpu_pct:>9.0f} {r.worker_util_pct:>13.0f} "
             f"{'yes' if r.verified else 'NO':>8}"
             for r in results
         ),
@@ -537,6 +602,12 @@ def print_table(results: list[SizeResult]) -> None:
             f"events of {r.events:,} (seqs gapless: {'yes' if r.events_gapless else 'NO'}), ledger check "
             f"{'ok' if r.ledger_ok else 'FAILED'} ({r.ledger_journal_entries:,} journal entries), "
             f"{r.blocked_events} agent_blocked"
+            + (
+                f"; rules: {r.offers_accepted:,} offers accepted, {r.trigger_firings:,} trigger firings, "
+                f"{r.contract_runs:,} contract runs"
+                if r.rules
+                else ""
+            )
         )
         if r.metering:
             over = ", ".join(f"{k} {v:.3f}" for k, v in list(r.supervisor_overhead_ms_per_action.items())[:5])
@@ -551,6 +622,25 @@ def print_table(results: list[SizeResult]) -> None:
             print(f"         rejected: {reasons}")
         for p in r.problems:
             print(f"    PROBLEM: {p}")
+
+
+def rules_target_line(results: list[SizeResult]) -> str:
+    """The rules' cost: throughput with them on ≥ 90% of throughput with them off, at every size."""
+    parts, met = [], True
+    for n in SIZES:
+        # Against the runs with the same metering (on) and the rules off: their mean rate.
+        offs = [r.actions_per_s for r in results if r.agents == n and r.metering and not r.rules]
+        on = next((r for r in results if r.agents == n and r.rules), None)
+        off = sum(offs) / len(offs) if offs else 0.0
+        if on is None or not off:
+            parts.append(f"{n:,}: no pair")
+            met = False
+            continue
+        ratio = on.actions_per_s / off
+        met = met and ratio >= RULES_TARGET and on.verified
+        parts.append(f"{n:,}: {on.actions_per_s:,.0f} / {off:,.0f} = {100 * ratio:.0f}%")
+    verdict = "met" if met else "NOT met"
+    return f"rules on / off (target ≥ {100 * RULES_TARGET:.0f}% at every size): {'; '.join(parts)} — {verdict}"
 
 
 def target_line(results: list[SizeResult]) -> str:
@@ -782,8 +872,10 @@ def run(opts: Options) -> int:
     sampler = RssSampler()
     before = {pid for pid, _ in child_pids()}
     try:
-        for n, (i, metering) in ((n, im) for n in SIZES for im in enumerate(METERING_ORDER)):
-            tag = f"[{n:,} agents, metering {'on' if metering else 'off'}]"
+        # Per size: metering off and on interleaved (the rules off), then the rules on (metering on).
+        runs = [(i, metering, False) for i, metering in enumerate(METERING_ORDER)] + [(len(METERING_ORDER), True, True)]
+        for n, (i, metering, rules) in ((n, run) for n in SIZES for run in runs):
+            tag = f"[{n:,} agents, metering {'on' if metering else 'off'}, rules {'on' if rules else 'off'}]"
             print(f"{tag} starting", flush=True)
             data = tmp / f"agents-{n}-{i}"
             data.mkdir(mode=0o700)
@@ -793,7 +885,7 @@ def run(opts: Options) -> int:
                     if opts.profile and n == SIZES[-1] and i == METERING_ORDER.index(True)
                     else None
                 )
-                r = asyncio.run(measure(n, data, duration, sampler, profile, metering))
+                r = asyncio.run(measure(n, data, duration, sampler, profile, metering, rules))
             except Exception as exc:  # one size's failure must not cost the others' numbers
                 print(f"{tag} FAILED: {type(exc).__name__}: {exc}", flush=True)
                 skipped.append(Skipped(n, f"{type(exc).__name__}: {exc}"))
@@ -818,18 +910,35 @@ def run(opts: Options) -> int:
             print(f"warning: processes left behind: {', '.join(f'{p} ({n})' for p, n in left)}")
             failed = True
     print_table(results)
-    line = target_line(results)
+    pipeline = [r for r in results if not r.rules]
+    line = target_line(pipeline)
     span_us = meter_span_cost_us()
     print(f"one metered span costs {span_us:.2f} µs of CPU (calibrated)", flush=True)
-    costs = metering_costs(results, span_us)
+    costs = metering_costs(pipeline, span_us)
     meter_line = metering_line(costs)
+    rules_line = rules_target_line(results)
     print()
     print(line)
     print(meter_line)
-    report = Report("ecology", mode, host, duration, THINK_MS, POLICY_TEXT, line, meter_line, results, costs, skipped)
+    print(rules_line)
+    report = Report(
+        "ecology",
+        mode,
+        host,
+        duration,
+        THINK_MS,
+        POLICY_TEXT,
+        line,
+        meter_line,
+        results,
+        costs,
+        skipped,
+        RULES_TEXT,
+        rules_line,
+    )
     note = (
         f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per run, metering off and on interleaved, "
-        f"{len(METERING_ORDER)} runs per size)"
+        f"{len(METERING_ORDER)} runs per size, then one with the rules on)"
     )
-    publish(opts.json_path, report, lambda png: plot(results, costs, png, note) if results else None)
+    publish(opts.json_path, report, lambda png: plot(pipeline, costs, png, note) if pipeline else None)
     return 1 if failed else 0

@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from runtime.world.world import World
 
 ArtifactIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
+AgentIdText = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+#: The ledger's assets (``runtime.economy.ledger.ASSETS``; a unit test keeps the two lists equal).
+TradeAsset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+#: What can be sold for scrip: every asset but scrip.
+RightAsset = Literal["cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
+#: ``runtime.world.store.READABLE_PATTERN`` (a unit test keeps the two equal).
+ReadableText = Annotated[
+    str,
+    Meta(
+        pattern=r"^(public|owner|allow:[a-z][a-z0-9_-]{0,31}(\+[a-z][a-z0-9_-]{0,31}){0,15}|price:[0-9]{1,15}"
+        r"|contract:[A-Za-z0-9][A-Za-z0-9_-]{0,127})$"
+    ),
+]
+OfferIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 
 
 class _Action(Struct, tag_field="kind", forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -30,7 +44,8 @@ class WriteArtifact(_Action, tag="write_artifact", frozen=True):
     content: str
     artifact_kind: Literal["data", "code"] = "data"
     price: Annotated[int, Meta(ge=0)] = 0
-    readable: Literal["public", "owner"] = "public"
+    #: Its access policy: public, owner, allow:<agent>+<agent>, price:<scrip>, contract:<artifact id>.
+    readable: ReadableText = "public"
 
 
 class ReadArtifact(_Action, tag="read_artifact", frozen=True):
@@ -51,13 +66,62 @@ class InvokeArtifact(_Action, tag="invoke_artifact", frozen=True):
     id: ArtifactIdText
     args: Any = None
     max_transfer: Annotated[int, Meta(ge=0)] = 0
+    #: Who is charged the run's CPU and memory: the invoker, or the owner within what it sponsors.
+    charge_to: Literal["invoker", "owner"] = "invoker"
+
+
+class Sponsor(_Action, tag="sponsor", frozen=True):
+    """Pay up to ``cpu_seconds`` in all for others' runs of one of the agent's artifacts (``charge_to`` owner)."""
+
+    id: ArtifactIdText
+    cpu_seconds: Annotated[float, Meta(ge=0, le=3600)]
 
 
 class TransferScrip(_Action, tag="transfer", frozen=True):
-    """Give scrip to another agent."""
+    """Give scrip (or any other asset: a rate right, a quota) to another agent."""
 
-    to: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    to: AgentIdText
     amount: Annotated[int, Meta(gt=0)]
+    asset: TradeAsset = "scrip"
+
+
+class MakeOffer(_Action, tag="offer", frozen=True):
+    """Offer ``amount`` of a right or quota for ``price`` scrip, to whoever accepts it first."""
+
+    asset: RightAsset
+    amount: Annotated[int, Meta(gt=0)]
+    price: Annotated[int, Meta(ge=0)]
+    #: Names the offer ``<agent>.<name>`` (so a partner can know its id in advance); else one is made up.
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,24}$")] | None = None
+
+
+class AcceptOffer(_Action, tag="accept_offer", frozen=True):
+    """Buy the whole of an open offer: its asset for its price, atomically."""
+
+    offer: OfferIdText
+
+
+class CancelOffer(_Action, tag="cancel_offer", frozen=True):
+    """Withdraw one of the agent's own open offers."""
+
+    offer: OfferIdText
+
+
+class SubmitTask(_Action, tag="submit", frozen=True):
+    """Submit one of the agent's code artifacts for an operator's task: passing its tests earns the reward."""
+
+    task: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+    id: ArtifactIdText
+
+
+class Subscribe(_Action, tag="subscribe", frozen=True):
+    """Run a code artifact on every event of kind ``on`` (by or about ``actor``, about artifact ``about``),
+    charged to the agent; it stops if the agent cannot pay."""
+
+    id: ArtifactIdText
+    on: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    actor: AgentIdText | None = None
+    about: ArtifactIdText | None = None
 
 
 class Remember(_Action, tag="remember", frozen=True):
@@ -90,7 +154,13 @@ AgentAction = (
     | ReadArtifact
     | DeleteArtifact
     | InvokeArtifact
+    | Sponsor
     | TransferScrip
+    | MakeOffer
+    | AcceptOffer
+    | CancelOffer
+    | SubmitTask
+    | Subscribe
     | Remember
     | RecallMemories
     | SleepFor
@@ -135,11 +205,31 @@ async def _perform(world: World, agent: str, action: AgentAction) -> Performed:
             await world.delete_artifact(agent, action.id)
             return Performed(f"deleted {action.id}")
         case InvokeArtifact():
-            inv = await world.invoke_artifact(agent, action.id, action.args, max_transfer=action.max_transfer)
+            inv = await world.invoke_artifact(
+                agent, action.id, action.args, max_transfer=action.max_transfer, charge_to=action.charge_to
+            )
             return Performed(f"{action.id} returned {json.dumps(inv.value)[:80]} (paid {inv.paid})")
+        case Sponsor():
+            await world.sponsor(agent, action.id, action.cpu_seconds)
+            return Performed(f"pays up to {action.cpu_seconds:g} CPU-s for others' runs of {action.id}")
         case TransferScrip():
-            await world.transfer_scrip(agent, action.to, action.amount)
-            return Performed(f"gave {action.amount} scrip to {action.to}")
+            await world.give(agent, action.to, action.asset, action.amount)
+            return Performed(f"gave {action.amount} {action.asset} to {action.to}")
+        case MakeOffer():
+            offer = await world.post_offer(agent, action.asset, action.amount, action.price, action.name)
+            return Performed(f"offered {action.amount} {action.asset} for {action.price} scrip as {offer.offer}")
+        case AcceptOffer():
+            bought = await world.accept_offer(agent, action.offer)
+            return Performed(f"bought {bought.amount} {bought.asset} from {bought.seller} for {bought.price} scrip")
+        case CancelOffer():
+            await world.cancel_offer(agent, action.offer)
+            return Performed(f"withdrew offer {action.offer}")
+        case SubmitTask():
+            award = await world.submit_task(agent, action.task, action.id)
+            return Performed(f"{action.id} solved task {award.task}: earned {award.reward} scrip")
+        case Subscribe():
+            trigger = await world.subscribe(agent, action.id, action.on, action.actor, action.about)
+            return Performed(f"subscribed {action.id} to {action.on} as {trigger.id}")
         case Remember():
             item = await world.remember(agent, action.text)
             return Performed(f"remembered ({item.size_bytes} bytes)")

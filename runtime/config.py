@@ -152,6 +152,31 @@ class EconomyConfig(_Section, frozen=True):
     supervisor_flush_s: PositiveFloat = 5.0
 
 
+class TaskConfig(_Section, frozen=True):
+    """A task the operator posts (``runtime.world.tasks``): an agent that submits a code artifact passing
+    ``tests`` earns ``reward`` scrip, minted, once; at most ``max_awards`` agents are paid."""
+
+    id: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+    #: What agents are told the task is (keep it short: it is in every prompt).
+    description: Annotated[str, Meta(min_length=1, max_length=200)]
+    reward: PositiveInt
+    #: Python run in the submission's namespace after its code (confined, charged to the submitter);
+    #: it fails the submission by raising (``assert``). Agents never see it.
+    tests: Annotated[str, Meta(min_length=1)]
+    max_awards: PositiveInt = 1
+
+
+class BudgetConfig(_Section, frozen=True):
+    """The run's money (``runtime.economy.dollars``)."""
+
+    #: Monetary policy: the most scrip there may ever be (task rewards are not minted past it). None: no cap.
+    scrip_supply_cap: PositiveInt | None = None
+    #: The most paid (remote) models may cost in all, in US dollars; each paid think reserves its worst
+    #: case first and does not start when that could pass the cap. None: no cap (each agent's
+    #: ``llm_budget_usd`` still holds).
+    max_usd: Annotated[float, Meta(gt=0, le=1e6)] | None = None
+
+
 class PopulationConfig(_Section, frozen=True):
     """Many agents from one template, appended to ``agents``: ids are the template's id followed by the
     agent's number, zero-padded to ``digits`` (``a`` -> ``a001``, ``a002``, …).
@@ -204,6 +229,9 @@ class Config(_Section, frozen=True):
     pool: PoolConfig = PoolConfig()
     economy: EconomyConfig = EconomyConfig()
     llm: LlmConfig = LlmConfig()
+    budget: BudgetConfig = BudgetConfig()
+    #: Tasks agents can earn scrip by solving (``runtime.world.tasks``).
+    tasks: list[TaskConfig] = []
     #: A Qdrant server for agents' memories (shared by nodes); empty: local mode under the data directory.
     memory_url: str = ""
     agents: list[AgentConfig] = []
@@ -355,6 +383,9 @@ def parse(text: str | bytes, source: str = "<config>", environ: dict[str, str] |
     ids = [a.id for a in cfg.agents]
     if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"{source}: agent ids must be unique; repeated: {', '.join(dup)}")
+    tasks = [t.id for t in cfg.tasks]
+    if dup := sorted({i for i in tasks if tasks.count(i) > 1}):
+        raise ConfigError(f"{source}: task ids must be unique; repeated: {', '.join(dup)}")
     _check_node(cfg, source, env_paths)
     pool = cfg.pool
     if pool.heartbeat_timeout_s <= pool.heartbeat_s:

@@ -39,6 +39,7 @@ from runtime.backends import Backends, open_backends
 from runtime.config import AgentConfig, Config
 from runtime.economy.buckets import Buckets, Estimator
 from runtime.economy.charging import Economy
+from runtime.economy.dollars import DollarCap
 from runtime.economy.metering import AgentMeter
 from runtime.economy.recovery import recover
 from runtime.economy.rights import open_economy
@@ -50,6 +51,7 @@ from runtime.pool.inflight import InflightLog
 from runtime.world.events import Emit, Events, emitter
 from runtime.world.memory import MemoryStore
 from runtime.world.store import Store
+from runtime.world.tasks import TaskMint, post_tasks
 from runtime.world.world import World
 
 log = logging.getLogger("runtime.node")
@@ -187,12 +189,18 @@ class Node:
                 node=self.node_id,
                 meter=AgentMeter(enabled=cfg.economy.metering),
             )
+            if cfg.budget.max_usd is not None:
+                spent = await asyncio.to_thread(lambda: sum(r.llm_cost_microusd for r in ledger.usage_records()))
+                self.economy.dollars = DollarCap(cfg.budget.max_usd, emit, spent)
             if self._memory if self._memory is not None else any(_remembers(a) for a in cfg.agents):
                 # Imported here: the vector store's client is heavy, and most scripted runs never need it.
                 from runtime.world.memory.qdrant import QdrantMemory
 
                 self.memory = QdrantMemory(url=cfg.memory_url) if cfg.memory_url else QdrantMemory(path=data / "memory")
             self.world = World(self.backends.store, self.economy, self.backends.events, self.memory)
+            if cfg.tasks:
+                post_tasks(ledger, cfg.tasks)
+                self.world.mint = TaskMint(self.world, cfg.tasks, cfg.budget.scrip_supply_cap, emit)
             announce_reset(self.backends.store, emit)
             self.agents = [make_agent(a, cfg, self.world) for a in cfg.agents]
         except BaseException:
@@ -215,6 +223,8 @@ class Node:
     async def stop(self) -> None:
         """Stop what runs — the agents and the pool, every task ended and charged — and leave the state
         open to read (a final status, a summary, checks). Idempotent; ``close`` calls it."""
+        if hasattr(self, "world"):  # triggers end as agents do: cancelled, charged once the pool closed
+            self.runners += [t for t in self.world.triggers.tasks if t not in self.runners]
         for r in self.runners:
             r.cancel()
         if self._flusher is not None:

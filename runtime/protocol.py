@@ -182,10 +182,12 @@ class ReadArtifactCall(Struct, tag="read_artifact", tag_field="call", frozen=Tru
 
 
 class TransferCall(Struct, tag="transfer", tag_field="call", frozen=True, forbid_unknown_fields=True):
-    """Confined code moves scrip from its invoker, within what the invoker authorised."""
+    """Confined code moves an asset (scrip unless it says) from its invoker, within what the invoker
+    authorised for that asset."""
 
     to: Annotated[str, Meta(max_length=64)]
     amount: Annotated[int, Meta(gt=0, le=1 << 62)]
+    asset: Annotated[str, Meta(max_length=32)] = "scrip"
 
 
 #: What confined code may ask of the world (``world.read_artifact``, ``world.transfer``).

@@ -30,6 +30,7 @@ from runtime.host.limits import CapacityError
 from runtime.node import Node
 from runtime.ops import dashboard, metrics, preflight
 from runtime.ops.dashboard import Dashboard
+from runtime.ops.ecology import EcologyFigures, EcologyMeter
 from runtime.ops.live import LiveView, frame, plain
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
@@ -97,6 +98,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(node.limits, node.sizing))
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
+    ecology = EcologyMeter(node.backends.ledger)
     dash: Dashboard | None = None
     if cfg.metrics_port:
         try:
@@ -104,7 +106,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         except OSError as exc:  # the port is taken: run on, say so
             log.warning("no dashboard or metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
         else:
-            registry = metrics.registry(pool, node.economy, lambda: node.agents)
+            registry = metrics.registry(pool, node.economy, lambda: node.agents, ecology)
             url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
             token = dashboard.new_token(node.data / "run", url)
             dash = Dashboard(
@@ -119,8 +121,8 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     def snapshot() -> Snapshot:
         return meter.snapshot(node.limits, node.sizing, pool, node.agents, node.economy)
 
-    def status(table: str, snap: Snapshot, running: bool) -> Status:
-        return Status.of(snap, table, running)
+    def status(table: str, snap: Snapshot, running: bool, figures: EcologyFigures) -> Status:
+        return Status.of(snap, f"{table}\n{figures.line()}", running, figures)
 
     status_file = node.data / "run" / STATUS_NAME
     lost_summary = False
@@ -131,7 +133,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
                 now = time.monotonic() - started
                 snap = snapshot()
                 shown = frame(pool, node.agents, now, world, events, snap)
-                current = status(plain(shown), snap, running=True)
+                current = status(plain(shown), snap, running=True, figures=ecology.figures())
                 write_status(status_file, current)
                 if dash is not None:
                     dash.status = current
@@ -145,13 +147,15 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             await node.stop()
             snap = snapshot()
             last = frame(pool, node.agents, time.monotonic() - started, world, events, snap)
+            figures = ecology.figures()  # while the ledger is open
             await node.close()
             summary_path = config_mod.data_path(cfg, cfg.summary)
-            write_status(status_file, status(plain(last), snap, running=False))
+            final = status(plain(last), snap, running=False, figures=figures)
+            write_status(status_file, final)
             if view is not None and view.tty:
                 view.show(last, time.monotonic() - started)  # the terminal keeps the last frame drawn
             else:
-                print(plain(last), flush=True)
+                print(final.table, flush=True)
             try:
                 summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
             except OSError as exc:  # a full disk: the ledger already holds every charge; only this copy is lost

@@ -170,6 +170,7 @@ class _ReadArtifactParams(msgspec.Struct, forbid_unknown_fields=True):
 class _TransferParams(msgspec.Struct, forbid_unknown_fields=True):
     to: str
     amount: int
+    asset: str = "scrip"
 
 
 class _Ready(msgspec.Struct, tag="ready", tag_field="op", forbid_unknown_fields=True):
@@ -743,7 +744,7 @@ def run_confined(
 
     ``args`` (JSON-able) is ``world.args``; ``handle(op, params)`` serves the code's requests:
     ``("read_artifact", {"id": str})`` must answer ``{"ok": True, "value": bytes}``,
-    ``("transfer", {"to": str, "amount": int})`` ``{"ok": True}``; ``{"ok": False, "error": str}``
+    ``("transfer", {"to": str, "amount": int, "asset": str})`` ``{"ok": True}``; ``{"ok": False, "error": str}``
     (or an exception) is raised in the code as ``world.Error``. ``hide`` are paths the code must not
     see; ``cgroup_parents`` maps controller names (``memory``, ``cpuacct``, ``pids``, ...) to the
     directory of the calling worker's own cgroup; ``skip`` names isolation steps (``STEPS``) not to

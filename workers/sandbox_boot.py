@@ -326,13 +326,15 @@ class World:
             raise WorldError("malformed reply")
         return value
 
-    def transfer(self, to: str, amount: int) -> None:
-        """Pay ``amount`` scrip from the invoker to ``to``."""
+    def transfer(self, to: str, amount: int, asset: str = "scrip") -> None:
+        """Move ``amount`` of ``asset`` (scrip by default) from the invoker to ``to``."""
         if not isinstance(to, str):
             raise TypeError(f"recipient must be a str, not {type(to).__name__}")
         if not isinstance(amount, int) or isinstance(amount, bool):
             raise TypeError(f"amount must be an int, not {type(amount).__name__}")
-        self._call("transfer", {"to": to, "amount": amount})
+        if not isinstance(asset, str):
+            raise TypeError(f"asset must be a str, not {type(asset).__name__}")
+        self._call("transfer", {"to": to, "amount": amount, "asset": asset})
 
     def result(self, value: Any) -> None:
         """Set the code's result (JSON-able, finite numbers only); takes precedence over a global ``result``."""

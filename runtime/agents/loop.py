@@ -23,6 +23,7 @@ from msgspec import Struct
 from runtime.actions import AgentAction, DeleteArtifact, SleepFor, WriteArtifact, perform
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
 from runtime.economy.charging import Economy
+from runtime.economy.dollars import RunBudgetSpent
 from runtime.errors import AecoError, ErrorCode
 from runtime.protocol import Burn, Think, decode_think
 from runtime.world.events import Event, Events
@@ -33,6 +34,15 @@ _MB = 1 << 20
 DEFAULT_PERSONA = (
     "You are an agent in a small economy. You earn scrip when others invoke your code artifacts, and "
     "you pay for every CPU-second and token you use. Act to grow your scrip."
+)
+#: What every LLM agent is told of the economy's rules, after its persona: one line per way to earn or trade.
+RULES = (
+    "Earn scrip by solving tasks: write a code artifact, then submit it (kind submit, task, id). "
+    "Trade rights (cpu_rate, llm_rate, disk_quota, memory_quota, llm_budget): transfer with an asset, "
+    "offer some for a price, or accept_offer an open offer by its id. "
+    "write_artifact may set readable: public, owner, price:N, allow:agent or contract:artifact. "
+    "subscribe runs your code on every event of a kind, at your cost. "
+    "sponsor pays CPU for others' runs of your code; invoke_artifact with charge_to owner uses that."
 )
 
 log = logging.getLogger("runtime.agents")
@@ -108,7 +118,7 @@ class LlmBrain:
         if any(self.prices) and await self.economy.ledger.balance_async(agent, "llm_budget") <= 0:
             raise BudgetSpent(f"{agent} has no llm_budget left for {self.model or 'the paid model'}")
         spec = Think(
-            system=self.persona,
+            system=f"{self.persona}\n{RULES}",
             prompt=context,
             schema=ACTION_SCHEMA_BYTES,
             max_tokens=self.max_tokens,
@@ -215,7 +225,7 @@ class Agent:
         self.state = "thinking"
         try:
             thought = await self.brain.think(self.id, context)
-        except BudgetSpent as exc:
+        except (BudgetSpent, RunBudgetSpent) as exc:
             # Nothing to think with until someone gives it budget: sleep on it, not in a loop.
             await self._reject("think", str(exc))
             self.state = "sleeping"
@@ -284,6 +294,7 @@ class Agent:
             "News: " + ("; ".join(_describe(e) for e in news) or "none"),
             "Other agents: " + (", ".join(others) or "none"),
             "Artifacts you can see: " + (", ".join(visible) or "none"),
+            *await self._market(),
         ]
         if self._recalled:
             lines.append("You remember: " + " | ".join(self._recalled))
@@ -309,6 +320,18 @@ class Agent:
             f"CPU rate {held.get('cpu_rate', 0)} millicores, LLM rate {held.get('llm_rate', 0)} tokens/s. "
             + self._container
         )
+
+    async def _market(self) -> list[str]:
+        """The open offers and tasks, a line each (none when there are none): what there is to trade or earn."""
+        lines = []
+        # A few offers, whoever's: reading them all would make every turn cost as much as the market is big.
+        offers = [o for o in await self.economy.ledger.offers_async(limit=6) if o.seller != self.id][:5]
+        if offers:
+            lines.append("Offers: " + "; ".join(f"{o.offer}: {o.amount} {o.asset} for {o.price}" for o in offers))
+        mint = self.world.mint
+        if mint is not None and (tasks := mint.open_tasks()[:3]):
+            lines.append("Tasks: " + "; ".join(f"{t.id} (+{t.reward}): {t.description}" for t in tasks))
+        return lines
 
     async def act(self, action: AgentAction) -> str:
         """Carry out an action as this agent; raise the world's ``AecoError`` when it is refused."""

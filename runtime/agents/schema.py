@@ -18,6 +18,9 @@ from runtime.errors import AecoError, ErrorCode
 _ID = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}$"}
 _AGENT = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}$"}
 _TEXT = {"type": "string", "pattern": "^[A-Za-z0-9 ,.!?'-]{1,60}$"}
+#: One line of Python (``def double(x): return 2 * x``; ``world.result(world.args)``): enough for a
+#: task's solution or a small tool, with no newline or quote for the grammar to escape.
+_CODE = {"type": "string", "pattern": "^[A-Za-z0-9 ,.!?()\\[\\]:=+*/<>_%-]{1,160}$"}
 
 
 def _action(kind: str, **props: Any) -> dict[str, Any]:
@@ -29,13 +32,34 @@ def _action(kind: str, **props: Any) -> dict[str, Any]:
     }
 
 
+_OFFER = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}[.][A-Za-z0-9_.-]{1,40}$"}
+_RIGHT = {"enum": ["cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]}
+_PRICE = {"enum": [0, 1, 2, 5, 10, 20, 50]}
+#: Rights come in very different units (millicores, tokens/s, bytes, micro-dollars).
+_UNITS = {"enum": [10, 50, 100, 500, 1000, 100000, 1000000]}
+_POLICY = {
+    "type": "string",
+    "pattern": "^(public|owner|price:[0-9]{1,3}|allow:[a-z][a-z0-9_-]{0,23}|contract:[a-z][a-z0-9_-]{0,23})$",
+}
+
 ACTION_SCHEMA: dict[str, Any] = {
     "anyOf": [
         _action("write_artifact", id=_ID, content=_TEXT),
+        _action(
+            "write_artifact", id=_ID, content=_CODE, artifact_kind={"const": "code"}, readable=_POLICY, price=_PRICE
+        ),
         _action("read_artifact", id=_ID),
         _action("delete_artifact", id=_ID),
         _action("invoke_artifact", id=_ID),
+        _action("invoke_artifact", id=_ID, charge_to={"const": "owner"}),
+        _action("sponsor", id=_ID, cpu_seconds={"enum": [1, 5, 10, 60]}),
         _action("transfer", to=_AGENT, amount={"enum": [1, 2, 5, 10, 20, 50]}),
+        _action("transfer", to=_AGENT, amount=_UNITS, asset=_RIGHT),
+        _action("offer", asset=_RIGHT, amount=_UNITS, price=_PRICE),
+        _action("accept_offer", offer=_OFFER),
+        _action("cancel_offer", offer=_OFFER),
+        _action("submit", task=_ID, id=_ID),
+        _action("subscribe", id=_ID, on={"type": "string", "pattern": "^[a-z_]{1,32}$"}),
         _action("remember", text=_TEXT),
         _action("recall", query=_TEXT),
         _action("sleep", seconds={"enum": [1, 2, 5, 10, 30]}),

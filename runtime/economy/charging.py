@@ -10,11 +10,13 @@ operation; what waits too long for a task is charged on its own by ``flush_super
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import uuid
 
 from runtime.economy.buckets import Buckets, BucketState, Estimator
+from runtime.economy.dollars import DollarCap, worst_case_microusd
 from runtime.economy.ledger import Asset, Ledger, Receipt, RecordUsage, SetBuckets, Transfer
 from runtime.economy.metering import AgentMeter
 from runtime.economy.rights import RATE_RIGHTS
@@ -78,6 +80,12 @@ def _spent(spec: TaskSpec, exc: TaskFailed) -> tuple[int, int]:
     return _tokens(spec, exc.payload) if exc.code == "cancelled" else (0, 0)
 
 
+#: What the charges of the current paid think cost (micro-dollars), for ``Economy.run`` to settle its
+#: reservation with: set by ``run`` in its own task, where every charge of the think is made (also on
+#: cancellation), so no other task's charge lands in it.
+_paid: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("paid", default=None)
+
+
 class Economy:
     """Charges every task of every agent: admission on an estimate, charge on the measurement."""
 
@@ -106,6 +114,8 @@ class Economy:
         #: carry its name (``n1-50.<hex>``), so ids are unique across nodes and tell where a task ran.
         self.run_id = f"{node}.{uuid.uuid4().hex[:12]}" if node else uuid.uuid4().hex[:12]
         self._n = itertools.count(1)
+        #: The run's dollar cap on paid models (``budget.max_usd``), when there is one.
+        self.dollars: DollarCap | None = None
 
     async def run(
         self, agent: str, spec: TaskSpec, *, timeout_s: float | None = None, serve: Serve | None = None
@@ -114,8 +124,24 @@ class Economy:
 
         Raises ``TaskFailed`` (after charging) when the task failed. If the caller is cancelled while
         the task runs, the task is stopped (``RunningTask.stop``) and what it used is recorded (as
-        ``cancelled``, unless it finished first) before the cancellation propagates.
+        ``cancelled``, unless it finished first) before the cancellation propagates. A think on a paid
+        model first reserves its worst case under the run's dollar cap (``RunBudgetSpent`` when it does
+        not fit), and settles it with what the charge recorded.
         """
+        cap = self.dollars
+        if cap is None or not isinstance(spec, Think) or not (spec.price_prompt_per_1k or spec.price_completion_per_1k):
+            return await self._run(agent, spec, timeout_s, serve)
+        hold = worst_case_microusd(spec)
+        await cap.reserve(agent, hold)
+        paid: list[int] = []
+        token = _paid.set(paid)
+        try:
+            return await self._run(agent, spec, timeout_s, serve)
+        finally:
+            _paid.reset(token)
+            await asyncio.shield(cap.settle(hold, sum(paid)))
+
+    async def _run(self, agent: str, spec: TaskSpec, timeout_s: float | None, serve: Serve | None) -> Outcome:
         kind = kind_of(spec)
         await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, kind))
         if isinstance(spec, Think):
@@ -174,6 +200,9 @@ class Economy:
         record = charge(
             self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error, self.meter.take(agent)
         )
+        paid = _paid.get()
+        if paid is not None:
+            paid.append(llm_cost_microusd)
         await self._submit_usage(record)
 
     async def flush_supervisor(self, older_than_s: float = 0.0) -> int:
@@ -225,11 +254,17 @@ class Economy:
         """Transfer an asset; a rate right moves both agents' bucket rates with it, at once (for the
         agents whose buckets are here: another node re-rates its own, see ``World.follow_rates``)."""
         receipt = await asyncio.wrap_future(self.ledger.submit(op))
-        if op.asset in RATE_RIGHTS and receipt.fresh:
-            for agent in (op.src, op.dst):
-                if agent in self.buckets.agents():
-                    await self.rerate(agent, op.asset, op.id)
+        if receipt.fresh:
+            await self.rerate_parties(op.asset, (op.src, op.dst), op.id)
         return receipt
+
+    async def rerate_parties(self, asset: Asset, agents: tuple[str, ...], op_id: str) -> None:
+        """After the trade ``op_id`` moved ``asset`` between ``agents``: re-rate those whose buckets are
+        here, when ``asset`` is a rate right (anything else changes no bucket)."""
+        if asset not in RATE_RIGHTS:
+            return
+        here = self.buckets.agents()
+        await asyncio.gather(*(self.rerate(agent, asset, op_id) for agent in agents if agent in here))
 
     async def rerate(self, agent: str, asset: Asset, op_id: str) -> None:
         """Set ``agent``'s bucket rate to its holding of the rate right ``asset`` in the ledger, and

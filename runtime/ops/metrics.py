@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from runtime.economy.charging import Economy
 from runtime.host import cgroups as cg
+from runtime.ops.ecology import EcologyMeter
 from runtime.ops.stats import read_network
 from runtime.pool import WorkerPool
 
@@ -36,8 +37,14 @@ class MetricAgent(Protocol):
 class RuntimeCollector(Collector):
     """Collects every metric from the pool, the economy and the agents at scrape time."""
 
-    def __init__(self, pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]) -> None:
-        self.pool, self.economy, self.agents = pool, economy, agents
+    def __init__(
+        self,
+        pool: WorkerPool,
+        economy: Economy,
+        agents: Callable[[], Sequence[MetricAgent]],
+        ecology: EcologyMeter | None = None,
+    ) -> None:
+        self.pool, self.economy, self.agents, self.ecology = pool, economy, agents, ecology
 
     def collect(self) -> Iterator[Metric]:
         """One scrape."""
@@ -120,6 +127,8 @@ class RuntimeCollector(Collector):
             "Kernel CPU of live workers not yet explained by charges or named overhead (tasks in flight)",
             max(0.0, rec.kernel - rec.accounted),
         )
+        if self.ecology is not None:
+            yield from self.ecology.metrics()
 
     def _container(self, info: cg.CgroupInfo) -> Iterator[Metric]:
         """Memory limit, throttling, pressure and network of the container."""
@@ -165,8 +174,13 @@ class RuntimeCollector(Collector):
         yield from (net_bytes, packets)
 
 
-def registry(pool: WorkerPool, economy: Economy, agents: Callable[[], Sequence[MetricAgent]]) -> CollectorRegistry:
+def registry(
+    pool: WorkerPool,
+    economy: Economy,
+    agents: Callable[[], Sequence[MetricAgent]],
+    ecology: EcologyMeter | None = None,
+) -> CollectorRegistry:
     """A registry whose one collector reads the runtime at each scrape (the dashboard serves it)."""
     out = CollectorRegistry()
-    out.register(RuntimeCollector(pool, economy, agents))
+    out.register(RuntimeCollector(pool, economy, agents, ecology))
     return out

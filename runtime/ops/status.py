@@ -19,6 +19,7 @@ import msgspec
 
 from runtime import config as config_mod
 from runtime.host.limits import Limits, Sizing
+from runtime.ops.ecology import EcologyFigures
 from runtime.ops.stats import AgentStats, ContainerStats, Snapshot, Totals
 
 log = logging.getLogger("runtime.ops.status")
@@ -42,12 +43,23 @@ class Status(msgspec.Struct):
     container: ContainerStats | None = None
     agents: list[AgentStats] = []
     totals: Totals | None = None
+    ecology: EcologyFigures | None = None
 
     @classmethod
-    def of(cls, snap: Snapshot, table: str, running: bool) -> Status:
-        """This process's status now: ``snap`` and ``table`` (the live view's frame as text)."""
+    def of(cls, snap: Snapshot, table: str, running: bool, ecology: EcologyFigures | None = None) -> Status:
+        """This process's status now: ``snap`` and ``table`` (the live view's frame as text), with the
+        economy's figures when there are some."""
         return cls(
-            os.getpid(), time.time(), running, table, snap.limits, snap.sizing, snap.container, snap.agents, snap.totals
+            os.getpid(),
+            time.time(),
+            running,
+            table,
+            snap.limits,
+            snap.sizing,
+            snap.container,
+            snap.agents,
+            snap.totals,
+            ecology,
         )
 
 

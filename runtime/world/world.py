@@ -15,20 +15,32 @@ import asyncio
 import itertools
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct
 
 from runtime import protocol as p
 from runtime.economy.charging import Economy
-from runtime.economy.ledger import Receipt, Transfer
+from runtime.economy.ledger import (
+    ASSETS,
+    AcceptOffer,
+    Asset,
+    CancelOffer,
+    LedgerError,
+    PostOffer,
+    Receipt,
+    Transfer,
+)
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.errors import AecoError, ErrorCode
 from runtime.pool import Outcome, TaskFailed
+from runtime.world.access import Access
 from runtime.world.events import Emit, Event, Events, emitter
 from runtime.world.memory import MemoryItem, MemoryStore, MemoryStoreError, Recall
 from runtime.world.store import Artifact, ArtifactInfo, Kind, Readable, Store, WriteReceipt, check_id
+from runtime.world.tasks import Award, TaskError, TaskMint
+from runtime.world.triggers import Trigger, Triggers
 
 log = logging.getLogger("runtime.world")
 
@@ -49,7 +61,9 @@ class Invocation(Struct, frozen=True):
     cpu_seconds: float
     peak_memory_bytes: int
     paid: int
+    #: Scrip the code moved from the invoker, and any other asset it moved (by asset).
     transferred: int
+    rights_transferred: dict[str, int] = {}
 
 
 class World:
@@ -65,6 +79,19 @@ class World:
         self.memory = memory
         self.emit: Emit = emitter(events) if events is not None else (lambda kind, fields: None)
         self._n = itertools.count(1)
+        #: Per agent: held while its disk use grows (a write) or its disk quota shrinks (a trade), so a
+        #: trade cannot give away bytes a concurrent write is about to use. (One node: each agent's
+        #: writes and trades are its own node's.)
+        self._disk_locks: dict[str, asyncio.Lock] = {}
+        self.access = Access(self)
+        #: The operator's tasks (``runtime.world.tasks``), when the runtime posts any.
+        self.mint: TaskMint | None = None
+        self.triggers = Triggers(self)
+        #: (owner, artifact) -> CPU-seconds the owner still pays for others' invocations (``charge_to``).
+        self.sponsored: dict[tuple[str, str], float] = {}
+
+    def _disk_lock(self, agent: str) -> asyncio.Lock:
+        return self._disk_locks.setdefault(agent, asyncio.Lock())
 
     async def write_artifact(
         self,
@@ -78,17 +105,21 @@ class World:
     ) -> WriteReceipt:
         """Create or overwrite an artifact the agent owns, within its disk quota."""
         aid = check_id(artifact_id)
-        quota = await self.economy.ledger.balance_async(agent, "disk_quota")
-        # Through the store's queue: the loop is not blocked on the sync, and agents' writes share commits.
-        receipt = await asyncio.wrap_future(
-            self.store.submit_write(agent, aid, content, kind=kind, price=price, readable=readable, quota=quota)
-        )
+        async with self._disk_lock(agent):
+            quota = await self.economy.ledger.balance_async(agent, "disk_quota")
+            # Through the store's queue: the loop is not blocked on the sync, and agents' writes share commits.
+            receipt = await asyncio.wrap_future(
+                self.store.submit_write(agent, aid, content, kind=kind, price=price, readable=readable, quota=quota)
+            )
         self.emit("artifact_written", {"agent": agent, "id": aid, "size": receipt.size, "created": receipt.created})
         return receipt
 
     async def read_artifact(self, agent: str, artifact_id: str | bytes) -> Artifact:
-        """The artifact at HEAD, if the agent may read it."""
-        return await self.store.read_async(agent, check_id(artifact_id))
+        """The artifact at HEAD, if its access policy lets the agent read it (``runtime.world.access``:
+        a read price is paid, a contract asked, at the agent's expense)."""
+        art = await self.store.read_async(agent, check_id(artifact_id))
+        await self.access.admit(agent, art, "read", self._op_id(agent, "r"))
+        return art
 
     async def delete_artifact(self, agent: str, artifact_id: str | bytes) -> None:
         """Delete an artifact the agent owns; its bytes go back to the agent's quota."""
@@ -100,10 +131,34 @@ class World:
         """The artifacts the agent can see, by id (the first ``limit`` of them)."""
         return await self.store.list_async(agent, limit)
 
+    async def disk_in_use(self, agent: str) -> int:
+        """The bytes of ``agent``'s disk quota in use: its artifacts at HEAD and its memories are each
+        held to the quota, so the larger of the two."""
+        owned = await asyncio.to_thread(self.store.owned_bytes, agent)
+        remembered = await asyncio.to_thread(self.memory.used_bytes, agent) if self.memory is not None else 0
+        return max(owned, remembered)
+
+    async def _check_disk_kept(self, agent: str, giving: int) -> None:
+        """Refuse to move ``giving`` bytes of ``agent``'s disk quota away when it uses them."""
+        quota = await self.economy.ledger.balance_async(agent, "disk_quota", fresh=True)
+        used = await self.disk_in_use(agent)
+        if quota - giving < used:
+            raise LedgerError(
+                "quota_exceeded",
+                f"`{agent}` uses {used} of its {quota} bytes of disk_quota; it can give away at most "
+                f"{max(quota - used, 0)}, not {giving} (delete artifacts first)",
+            )
+
     async def transfer(self, op: Transfer) -> Receipt:
-        """Move an asset between accounts (a rate right re-rates both buckets); the recipient gets a
-        ``transfer`` event addressed to it — news that may change what it decides."""
-        receipt = await self.economy.transfer_right(op)
+        """Move an asset between accounts (a rate right re-rates both buckets; disk quota in use stays);
+        the recipient gets a ``transfer`` event addressed to it — news that may change what it decides."""
+        if op.asset == "disk_quota":
+            async with self._disk_lock(op.src):
+                await self._check_disk_kept(op.src, op.amount)
+                return await self._transferred(op, await self.economy.transfer_right(op))
+        return await self._transferred(op, await self.economy.transfer_right(op))
+
+    async def _transferred(self, op: Transfer, receipt: Receipt) -> Receipt:
         if receipt.fresh:
             # ``ledger_seq`` lets another node add this credit to its cached holdings exactly once.
             fields = {
@@ -114,17 +169,92 @@ class World:
                 "ledger_seq": receipt.seq,
             }
             self.emit("transfer", fields)
-            if op.asset in RATE_RIGHTS and op.dst not in self.economy.buckets.agents():
-                # The recipient runs on another node: that node re-rates its buckets on this event.
-                self.emit("rate_changed", {"agent": op.dst, "asset": op.asset, "op": op.id})
+            self._announce_rate(op.dst, op.asset, op.id)
         return receipt
+
+    def _announce_rate(self, agent: str, asset: Asset, op_id: str) -> None:
+        if asset in RATE_RIGHTS and agent not in self.economy.buckets.agents():
+            # The agent runs on another node: that node re-rates its buckets on this event.
+            self.emit("rate_changed", {"agent": agent, "asset": asset, "op": op_id})
 
     async def transfer_scrip(self, agent: str, to: str, amount: int) -> Receipt:
         """``agent`` gives ``amount`` scrip to ``to`` (an operation id unique to this run)."""
-        op = Transfer(
-            id=f"{self.economy.run_id}:{agent}:t{next(self._n)}", src=agent, dst=to, asset="scrip", amount=amount
-        )
+        return await self.give(agent, to, "scrip", amount)
+
+    async def pay(self, agent: str, to: str, amount: int, op_id: str, memo: str) -> Receipt:
+        """``agent`` pays ``to`` ``amount`` scrip under the operation id ``op_id`` (a price, a fee)."""
+        return await self.transfer(Transfer(id=op_id, src=agent, dst=to, asset="scrip", amount=amount, memo=memo))
+
+    async def give(self, agent: str, to: str, asset: Asset, amount: int) -> Receipt:
+        """``agent`` gives ``amount`` of any asset to ``to`` (an operation id unique to this run)."""
+        op = Transfer(id=self._op_id(agent, "t"), src=agent, dst=to, asset=asset, amount=amount)
         return await self.transfer(op)
+
+    def _op_id(self, agent: str, what: str) -> str:
+        return f"{self.economy.run_id}:{agent}:{what}{next(self._n)}"
+
+    # ------------------------------------------------------------------------------------ offers
+
+    async def post_offer(self, agent: str, asset: Asset, amount: int, price: int, name: str | None = None) -> PostOffer:
+        """``agent`` offers ``amount`` of ``asset`` for ``price`` scrip; nothing moves until someone
+        accepts (an ``offer_posted`` event to the seller; others see it in their context). The offer's id
+        is ``<agent>.<name>`` (refused while another open offer has it), or one made up."""
+        offer = PostOffer(
+            id=self._op_id(agent, "p"),
+            offer=f"{agent}.{name}" if name else f"{agent}.{self.economy.run_id}.{next(self._n)}",
+            seller=agent,
+            asset=asset,
+            amount=amount,
+            price=price,
+        )
+        receipt = await asyncio.wrap_future(self.economy.ledger.submit(offer))
+        if receipt.fresh:
+            # Addressed to the seller, not broadcast: agents see the open offers in their context, and a
+            # broadcast would be in every agent's news scan. Observers get every event either way.
+            fields = {"agent": agent, "offer": offer.offer, "asset": asset, "amount": amount, "price": price}
+            self.emit("offer_posted", fields)
+        return offer
+
+    async def offers(self) -> list[PostOffer]:
+        """Every open offer."""
+        return await self.economy.ledger.offers_async()
+
+    async def accept_offer(self, agent: str, offer_id: str) -> PostOffer:
+        """``agent`` buys the whole of an open offer, atomically (one ledger operation: the asset to
+        ``agent``, the scrip to the seller, the offer closed); a rate right re-rates both buckets, and
+        disk quota the seller uses cannot be sold."""
+        offer = await self.economy.ledger.offer_async(offer_id)
+        if offer is None:
+            raise LedgerError("not_found", f"no open offer `{offer_id}`")
+        op = AcceptOffer(
+            id=self._op_id(agent, "a"),
+            offer=offer_id,
+            buyer=agent,
+            asset=offer.asset,
+            amount=offer.amount,
+            price=offer.price,
+        )
+        if offer.asset == "disk_quota":
+            async with self._disk_lock(offer.seller):
+                await self._check_disk_kept(offer.seller, offer.amount)
+                receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
+        else:
+            receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
+        if receipt.fresh:
+            await self.economy.rerate_parties(offer.asset, (offer.seller, agent), op.id)
+            # To the seller, without a ledger seq: the acceptance also debited it, which another node's
+            # cache of its holdings cannot apply as a credit, so that node forgets them instead.
+            fields = {"from": agent, "asset": "scrip", "amount": offer.price, "offer": offer_id, "sold": offer.asset}
+            self.emit("transfer", {"agent": offer.seller, **fields})
+            self.emit("offer_closed", {"agent": offer.seller, "offer": offer_id, "buyer": agent})
+            self._announce_rate(offer.seller, offer.asset, op.id)
+        return offer
+
+    async def cancel_offer(self, agent: str, offer_id: str) -> None:
+        """``agent`` withdraws its own open offer."""
+        op = CancelOffer(id=self._op_id(agent, "c"), offer=offer_id, seller=agent)
+        if (await asyncio.wrap_future(self.economy.ledger.submit(op))).fresh:
+            self.emit("offer_closed", {"agent": agent, "offer": offer_id, "buyer": None})
 
     async def invoke_artifact(
         self,
@@ -133,12 +263,20 @@ class World:
         args: Any = None,
         *,
         max_transfer: int = 0,
+        max_rights: dict[str, int] | None = None,
         cpu_seconds: float = 5.0,
         wall_seconds: float = 10.0,
+        charge_to: Literal["invoker", "owner"] = "invoker",
     ) -> Invocation:
-        """Run a code artifact confined, as ``agent``; raise ``InvokeError`` (after charging) on failure."""
+        """Run a code artifact confined, as ``agent``; raise ``InvokeError`` (after charging) on failure.
+
+        The code may move up to ``max_transfer`` scrip of the invoker's, and up to ``max_rights[asset]`` of
+        any other asset (nothing else). Its CPU and memory are charged to the invoker, or with
+        ``charge_to="owner"`` to the artifact's owner, within what the owner still sponsors (``sponsor``):
+        the run's CPU limit is cut to that, so the owner never pays more than it set."""
         aid = check_id(artifact_id)
         art = await self.store.read_async(agent, aid)
+        await self.access.admit(agent, art, "invoke", self._op_id(agent, "i"))
         if art.kind != "code":
             raise InvokeError("not_code", f"artifact `{aid}` is {art.kind}, not code")
         if max_transfer < 0:
@@ -153,7 +291,11 @@ class World:
             encoded_args = json.dumps(args, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise InvokeError("invalid", f"args are not JSON: {exc}") from None
-        memory = min(await self.economy.ledger.balance_async(agent, "memory_quota"), 1 << 30) or (256 << 20)
+        payer, held = agent, 0.0
+        if charge_to == "owner" and art.owner != agent:
+            payer, held = art.owner, self._hold_sponsored(art.owner, aid, cpu_seconds)
+            cpu_seconds = held
+        memory = min(await self.economy.ledger.balance_async(payer, "memory_quota"), 1 << 30) or (256 << 20)
         spec = p.Invoke(
             code=art.content.decode("utf-8", "replace"),
             args=encoded_args,
@@ -162,44 +304,49 @@ class World:
             memory_bytes=memory,
         )
         key = f"{self.economy.run_id}-i{next(self._n)}"
-        transferred = 0
+        allowed: dict[str, int] = {**(max_rights or {}), "scrip": max_transfer}
+        moved: dict[str, int] = {}
 
         async def serve(call: p.WorldCall) -> p.WorldAnswer:
-            nonlocal transferred
             match call:
                 case p.ReadArtifactCall(id=wanted):
                     try:
-                        other = await self.store.read_async(agent, check_id(wanted))
+                        other = await self.read_artifact(agent, wanted)
                     except AecoError as exc:
                         return p.RefusedAnswer(error=str(exc))
                     return p.ArtifactAnswer(content=other.content)
-                case p.TransferCall(to=to, amount=amount):
-                    if transferred + amount > max_transfer:
+                case p.TransferCall(to=to, amount=amount, asset=asset):
+                    done, limit = moved.get(asset, 0), allowed.get(asset, 0)
+                    if asset not in ASSETS:
+                        return p.RefusedAnswer(error=f"unknown asset `{asset}`; assets are {', '.join(ASSETS)}")
+                    if done + amount > limit:
                         return p.RefusedAnswer(
-                            error=f"transfer of {amount} would exceed the {max_transfer} scrip `{agent}` authorised "
-                            f"({transferred} already transferred)"
+                            error=f"transfer of {amount} {asset} would exceed the {limit} `{agent}` authorised "
+                            f"({done} already transferred)"
                         )
                     try:
                         await self.transfer(
                             Transfer(
-                                id=f"invoke:{key}:{transferred}:{to}:{amount}",
+                                id=f"invoke:{key}:{asset}:{done}:{to}:{amount}",
                                 src=agent,
                                 dst=to,
-                                asset="scrip",
+                                asset=asset,
                                 amount=amount,
                                 memo=f"from code {aid}",
                             )
                         )
                     except AecoError as exc:
                         return p.RefusedAnswer(error=str(exc))
-                    transferred += amount
+                    moved[asset] = done + amount
                     return p.DoneAnswer()
 
         try:
-            out = await self.economy.run(agent, spec, serve=serve)
+            out = await self.economy.run(payer, spec, serve=serve)
         except TaskFailed as exc:
+            self._settle_sponsored(art.owner, aid, held, exc.usage.cpu_seconds if exc.usage else held)
             self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": exc.code})
             raise InvokeError(exc.code, exc.message) from None
+        self._settle_sponsored(art.owner, aid, held, out.usage.cpu_seconds)
         report = p.decode_invoke(out.output)
         if not report.ok:
             self.emit(
@@ -210,16 +357,7 @@ class World:
         paid = 0
         if art.price and art.owner != agent:
             try:
-                await self.transfer(
-                    Transfer(
-                        id=f"price:{key}",
-                        src=agent,
-                        dst=art.owner,
-                        asset="scrip",
-                        amount=art.price,
-                        memo=f"invoked {aid}",
-                    )
-                )
+                await self.pay(agent, art.owner, art.price, f"price:{key}", f"invoked {aid}")
                 paid = art.price
             except AecoError as exc:
                 raise InvokeError("insufficient_funds", f"could not pay the price of `{aid}`: {exc}", out) from None
@@ -231,8 +369,49 @@ class World:
             cpu_seconds=out.usage.cpu_seconds,
             peak_memory_bytes=out.usage.peak_memory_bytes,
             paid=paid,
-            transferred=transferred,
+            transferred=moved.get("scrip", 0),
+            rights_transferred={a: n for a, n in moved.items() if a != "scrip"},
         )
+
+    async def submit_task(self, agent: str, task_id: str, artifact_id: str) -> Award:
+        """Submit ``agent``'s code artifact for an operator's task (``runtime.world.tasks``)."""
+        if self.mint is None:
+            raise TaskError("not_found", "this runtime posts no tasks")
+        return await self.mint.submit(agent, task_id, artifact_id)
+
+    async def subscribe(
+        self, agent: str, artifact_id: str, kind: str, actor: str | None = None, about: str | None = None
+    ) -> Trigger:
+        """Invoke ``agent``'s pick of code artifact on every event matching the filter, charged to ``agent``
+        (``runtime.world.triggers``). The artifact must be code the agent may see now."""
+        art = await self.store.read_async(agent, check_id(artifact_id))
+        if art.kind != "code":
+            raise InvokeError("not_code", f"artifact `{art.id}` is {art.kind}, not code")
+        return self.triggers.subscribe(agent, art.id, kind, actor, about)
+
+    async def sponsor(self, agent: str, artifact_id: str, cpu_seconds: float) -> None:
+        """``agent`` pays, from now on, up to ``cpu_seconds`` of CPU in all for others' invocations of its
+        artifact that ask to be charged to the owner (replacing what was left; 0 stops). Kept for the
+        supervisor's life."""
+        art = await self.store.read_async(agent, check_id(artifact_id))
+        if art.owner != agent:
+            raise InvokeError("forbidden", f"`{art.id}` is {art.owner}'s: only its owner pays for it")
+        self.sponsored[(agent, art.id)] = max(cpu_seconds, 0.0)
+
+    def _hold_sponsored(self, owner: str, aid: str, want: float) -> float:
+        """Take up to ``want`` CPU-seconds of what ``owner`` sponsors for ``aid``, before the run (so
+        concurrent runs cannot overspend it); ``insufficient_funds`` when nothing is left."""
+        left = self.sponsored.get((owner, aid), 0.0)
+        if left < _MIN_SPONSORED_S:
+            raise InvokeError("insufficient_funds", f"{owner} does not pay for invocations of `{aid}` (any more)")
+        held = min(want, left)
+        self.sponsored[(owner, aid)] = left - held
+        return held
+
+    def _settle_sponsored(self, owner: str, aid: str, held: float, used: float) -> None:
+        if held:
+            key = (owner, aid)
+            self.sponsored[key] = self.sponsored.get(key, 0.0) + max(held - used, 0.0)
 
     # ------------------------------------------------------------------------------------ memory
 
@@ -288,3 +467,7 @@ class World:
                 asset, op_id = e.fields.get("asset"), e.fields.get("op")
                 if asset in RATE_RIGHTS and isinstance(op_id, str):
                     await self.economy.rerate(agent, asset, op_id)
+
+
+#: The least sponsored CPU an invocation may run on: less would not start the interpreter.
+_MIN_SPONSORED_S = 0.05

@@ -8,6 +8,10 @@ several threads, each keeping a window of operations in flight so that the group
 Every operation whose future resolved with a receipt is printed (op id, newline, flushed) *after* it
 resolved: a printed id is a promise that the operation is durable, which the test checks after killing
 this process with SIGKILL.
+
+With ``--offers`` it streams offers instead: each step posts an offer of ``cpu_rate`` (``p{N}-{i}``, offer
+``o{N}-{i}``) and, in the same window, another account accepts it (``c{N}-{i}``): the printed ids are
+acknowledged acceptances, each of which moved both sides in one operation.
 """
 
 from __future__ import annotations
@@ -24,15 +28,26 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
-from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
+from runtime.economy.ledger import (
+    AcceptOffer,
+    Ledger,
+    LedgerError,
+    Mint,
+    Op,
+    OpenAccount,
+    PostOffer,
+    Receipt,
+    Transfer,
+)
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.postgres import PostgresLedger
 from tests import services
 from tests.harness import acknowledge, die_with_parent, each_in_a_thread
 
-#: The bank: this many accounts, each funded once with ``FUNDS`` scrip.
+#: The bank: this many accounts, each funded once with ``FUNDS`` scrip and ``RIGHTS`` of ``cpu_rate``.
 ACCOUNTS = tuple(f"acct{i}" for i in range(10))
 FUNDS = 1_000
+RIGHTS = 100
 
 LedgerFactory = Callable[..., Ledger]
 
@@ -86,10 +101,43 @@ def fund_bank(ledger: Ledger) -> None:
                 reason="bank test funds",
             )
         )
+        ledger.apply(
+            Mint(id=f"setup-rights-{account}", account=account, asset="cpu_rate", amount=RIGHTS, reason="bank rights")
+        )
 
 
-def stream(ledger: Ledger, start: int, threads: int, window: int, max_seconds: float) -> None:
-    """Submit transfers from ``threads`` threads, ``window`` in flight each; print every acknowledged id."""
+def transfers(start: int, i: int, rng: random.Random) -> list[Op]:
+    """One step of the transfer stream: a transfer ``c{start}-{i}``."""
+    src, dst = rng.sample(ACCOUNTS, 2)
+    return [Transfer(id=f"c{start}-{i}", src=src, dst=dst, asset="scrip", amount=rng.randint(1, 30))]
+
+
+def offers(start: int, i: int, rng: random.Random) -> list[Op]:
+    """One step of the offer stream: an offer of cpu_rate, then its acceptance ``c{start}-{i}``."""
+    seller, buyer = rng.sample(ACCOUNTS, 2)
+    amount, price = rng.randint(1, 20), rng.randint(0, 40)
+    offer = f"o{start}-{i}"
+    return [
+        PostOffer(id=f"p{start}-{i}", offer=offer, seller=seller, asset="cpu_rate", amount=amount, price=price),
+        AcceptOffer(id=f"c{start}-{i}", offer=offer, buyer=buyer, asset="cpu_rate", amount=amount, price=price),
+    ]
+
+
+#: What a stream step may be refused with: a side that cannot pay (or, for an acceptance, an offer that
+#: was refused itself). Anything else is a failure.
+_EXPECTED = frozenset({"overdraft", "not_found"})
+
+
+def stream(
+    ledger: Ledger,
+    start: int,
+    threads: int,
+    window: int,
+    max_seconds: float,
+    step: Callable[[int, int, random.Random], list[Op]] = transfers,
+) -> None:
+    """Submit ``step``'s operations from ``threads`` threads, ``window`` in flight each; print every
+    acknowledged id whose op id starts with ``c``."""
     counter = itertools.count()
     counter_lock = threading.Lock()
     out_lock = threading.Lock()
@@ -102,9 +150,8 @@ def stream(ledger: Ledger, start: int, threads: int, window: int, max_seconds: f
             while len(inflight) < window and time.monotonic() < deadline:
                 with counter_lock:
                     i = next(counter)
-                src, dst = rng.sample(ACCOUNTS, 2)
-                op = Transfer(id=f"c{start}-{i}", src=src, dst=dst, asset="scrip", amount=rng.randint(1, 30))
-                inflight.append((op.id, ledger.submit(op)))
+                # One thread's submissions keep their order in the writer's queue: a post before its acceptance.
+                inflight.extend((op.id, ledger.submit(op)) for op in step(start, i, rng))
             acked: list[str] = []
             # Wait for the oldest, then take every other one that is already done, so one flush
             # covers a whole committed group rather than one line per syscall.
@@ -113,10 +160,11 @@ def stream(ledger: Ledger, start: int, threads: int, window: int, max_seconds: f
                 try:
                     fut.result()
                 except LedgerError as exc:
-                    if exc.code != "overdraft":  # refused transfers are expected; anything else is not
+                    if exc.code not in _EXPECTED:  # refused transfers are expected; anything else is not
                         raise
                     continue
-                acked.append(op_id)
+                if op_id.startswith("c"):
+                    acked.append(op_id)
             acknowledge(acked, out_lock)
 
     each_in_a_thread(submitter, threads, "submitter")
@@ -131,12 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--window", type=int, default=8, help="operations in flight per thread")
     ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
+    ap.add_argument("--offers", action="store_true", help="stream offers and acceptances, not transfers")
     args = ap.parse_args(argv)
     die_with_parent()
     ledger = open_ledger(args.backend, args.dir)
     try:
         fund_bank(ledger)
-        stream(ledger, args.start, args.threads, args.window, args.max_seconds)
+        stream(ledger, args.start, args.threads, args.window, args.max_seconds, offers if args.offers else transfers)
     finally:
         ledger.close()
     return 0

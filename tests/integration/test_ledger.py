@@ -24,12 +24,17 @@ import pytest
 
 from runtime.economy.buckets import BucketState
 from runtime.economy.ledger import (
+    AcceptOffer,
+    AwardTask,
     Burn,
+    CancelOffer,
     Ledger,
     LedgerError,
     Mint,
     Op,
     OpenAccount,
+    PostOffer,
+    PostTask,
     Receipt,
     RecordUsage,
     SetBuckets,
@@ -45,6 +50,7 @@ from tests.integration.ledger_crash_writer import (
     ACCOUNTS,
     BACKENDS,
     FUNDS,
+    RIGHTS,
     drop_postgres_databases,
     fund_bank,
     open_ledger,
@@ -678,6 +684,151 @@ def test_bank_workload_conserves_money_under_concurrency(ledger: Ledger) -> None
     assert ledger.supply()["scrip"] == (total, 0)
 
 
+# ------------------------------------------------------------------------------------------- offers
+
+
+def _offer(op_id: str, offer: str, seller: str, amount: int = 100, price: int = 30) -> PostOffer:
+    return PostOffer(id=op_id, offer=offer, seller=seller, asset="cpu_rate", amount=amount, price=price)
+
+
+def _accept(op_id: str, post: PostOffer, buyer: str) -> AcceptOffer:
+    return AcceptOffer(id=op_id, offer=post.offer, buyer=buyer, asset=post.asset, amount=post.amount, price=post.price)
+
+
+def _trading_floor(ledger: Ledger) -> None:
+    ledger.apply(OpenAccount(id="o-alice", account="alice", grants={"scrip": 10, "cpu_rate": 500}))
+    ledger.apply(OpenAccount(id="o-bob", account="bob", grants={"scrip": 100}))
+    ledger.apply(OpenAccount(id="o-carol", account="carol", grants={"scrip": 100}))
+
+
+def test_an_accepted_offer_moves_both_sides_in_one_operation(ledger: Ledger) -> None:
+    _trading_floor(ledger)
+    post = _offer("p1", "sale-1", "alice")
+    ledger.apply(post)
+    assert ledger.offers() == [post]
+    assert asyncio.run(ledger.offers_async()) == [post]
+    assert asyncio.run(ledger.offer_async("sale-1")) == post and asyncio.run(ledger.offer_async("x")) is None
+    assert asyncio.run(ledger.offers_async(limit=0)) == [] and asyncio.run(ledger.offers_async(limit=1)) == [post]
+    # Posting holds nothing back: the seller still has all of it until someone accepts.
+    assert ledger.balance("alice", "cpu_rate") == 500
+    before = journal_len(ledger)
+    receipt = ledger.apply(_accept("a1", post, "bob"))
+    assert journal_len(ledger) == before + 1 and receipt.fresh  # one operation, one journal entry
+    assert ledger.balances()["alice"] == {"scrip": 40, "cpu_rate": 400}
+    assert ledger.balances()["bob"] == {"scrip": 70, "cpu_rate": 100}
+    assert ledger.offers() == []
+    # The second buyer finds no offer and pays nothing; a replay of the first changes nothing.
+    state = snapshot(ledger)
+    with pytest.raises(LedgerError) as err:
+        ledger.apply(_accept("a2", post, "carol"))
+    assert err.value.code == "not_found" and "sale-1" in str(err.value)
+    assert not ledger.apply(_accept("a1", post, "bob")).fresh
+    assert snapshot(ledger) == state
+    report = check(ledger)
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("buyer_broke", "overdraft"),
+        ("seller_sold_out", "overdraft"),
+        ("other_terms", "conflict"),
+        ("own_offer", "invalid"),
+    ],
+)
+def test_a_refused_acceptance_moves_nothing_and_leaves_the_offer_open(ledger: Ledger, case: str, code: str) -> None:
+    _trading_floor(ledger)
+    post = _offer("p1", "sale-1", "alice", price=30 if case != "buyer_broke" else 101)
+    ledger.apply(post)
+    if case == "seller_sold_out":
+        ledger.apply(xfer("t1", "alice", "carol", 450, "cpu_rate"))
+    accept = _accept("a1", post, "alice" if case == "own_offer" else "bob")
+    if case == "other_terms":
+        accept = AcceptOffer(id="a1", offer="sale-1", buyer="bob", asset="cpu_rate", amount=100, price=1)
+    state = snapshot(ledger)
+    with pytest.raises(LedgerError) as err:
+        ledger.apply(accept)
+    assert err.value.code == code
+    assert snapshot(ledger) == state and ledger.offers() == [post]  # no partial fill, nothing held
+
+
+def test_offers_are_posted_only_by_holders_and_cancelled_only_by_their_seller(ledger: Ledger) -> None:
+    _trading_floor(ledger)
+    for op, code in [
+        (_offer("p0", "x", "bob"), "overdraft"),  # bob holds no cpu_rate
+        (PostOffer(id="p0", offer="x", seller="alice", asset="scrip", amount=5, price=5), "invalid"),
+    ]:
+        with pytest.raises(LedgerError) as err:
+            ledger.apply(op)
+        assert err.value.code == code
+    post = _offer("p1", "sale-1", "alice")
+    ledger.apply(post)
+    with pytest.raises(LedgerError) as err:
+        ledger.apply(_offer("p2", "sale-1", "alice"))
+    assert err.value.code == "conflict"
+    with pytest.raises(LedgerError) as err:
+        ledger.apply(CancelOffer(id="c1", offer="sale-1", seller="bob"))
+    assert err.value.code == "forbidden" and ledger.offers() == [post]
+    ledger.apply(CancelOffer(id="c2", offer="sale-1", seller="alice"))
+    assert ledger.offers() == [] and ledger.balance("alice", "cpu_rate") == 500
+    report = check(ledger)
+    assert report.ok, report.problems
+
+
+def test_concurrent_acceptances_fill_an_offer_exactly_once(ledger: Ledger) -> None:
+    _trading_floor(ledger)
+    buyers = [f"b{i}" for i in range(8)]
+    for b in buyers:
+        ledger.apply(OpenAccount(id=f"o-{b}", account=b, grants={"scrip": 50}))
+    post = _offer("p1", "sale-1", "alice")
+    ledger.apply(post)
+    # Submitted together: the group commit puts them in one batch, where only the first may win.
+    futures = [ledger.submit(_accept(f"a-{b}", post, b)) for b in buyers]
+    won = []
+    for b, f in zip(buyers, futures, strict=True):
+        try:
+            f.result()
+            won.append(b)
+        except LedgerError as exc:
+            assert exc.code == "not_found"
+    assert len(won) == 1
+    assert ledger.balance(won[0], "cpu_rate") == 100 and ledger.balance(won[0], "scrip") == 20
+    assert sum(ledger.balance(b, "scrip") for b in buyers) == 50 * len(buyers) - 30
+    report = check(ledger)
+    assert report.ok, report.problems
+
+
+def test_a_task_mints_its_reward_for_at_most_max_awards_agents_each_once(ledger: Ledger) -> None:
+    open_and_fund(ledger, {"alice": 10, "bob": 10, "carol": 10})
+    ledger.apply(PostTask(id="task:t1", task="t1", reward=50, max_awards=2))
+
+    def award(op_id: str, agent: str, cap: int | None = None) -> AwardTask:
+        return AwardTask(id=op_id, task="t1", agent=agent, artifact="code", blob="ab" * 20, supply_cap=cap)
+
+    ledger.apply(award("a1", "alice"))
+    for op, code in [
+        (award("a2", "alice"), "conflict"),  # paid once per agent
+        (AwardTask(id="a3", task="nope", agent="bob", artifact="code", blob="ab" * 20), "not_found"),
+        (award("a4", "bob", cap=30 + 50 + 49), "capacity"),  # the supply cap binds
+    ]:
+        with pytest.raises(LedgerError) as err:
+            ledger.apply(op)
+        assert err.value.code == code
+    ledger.apply(award("a5", "bob", cap=30 + 100))
+    with pytest.raises(LedgerError) as err:
+        ledger.apply(award("a6", "carol"))
+    assert err.value.code == "conflict" and "all its 2" in str(err.value)
+    assert ledger.balance("alice", "scrip") == ledger.balance("bob", "scrip") == 60
+    assert ledger.supply()["scrip"] == (130, 0)
+    # Re-posting changes the terms and keeps who was paid.
+    ledger.apply(PostTask(id="task:t1:again", task="t1", reward=5, max_awards=3))
+    [state] = ledger.tasks()
+    assert state.awarded == ["alice", "bob"] and state.post.reward == 5
+    report = check(ledger)
+    assert report.ok, report.problems
+
+
 # ------------------------------------------------------------------------------------ crash safety
 
 
@@ -709,6 +860,36 @@ def test_acknowledged_transfers_survive_sigkill(backend: str, tmp_path: Path) ->
             led.close()
     assert live_children("ledger_crash_writer") == []
     assert len(acked_all) > 20 * 100  # every round really streamed, not just trickled
+
+
+@pytest.mark.slow
+def test_acknowledged_acceptances_survive_sigkill_whole(backend: str, tmp_path: Path) -> None:
+    rng = random.Random(20261206)
+    data = tmp_path / "ledger"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    acked_all: set[str] = set()
+    for rnd in range(8):
+        cmd = [sys.executable, "-m", "tests.integration.ledger_crash_writer", str(data), "--start", str(rnd)]
+        cmd += ["--backend", backend, "--offers"]
+        acked = set(kill_mid_write(cmd, env=env, errlog=tmp_path / f"offers-{rnd}.err", delay_s=rng.uniform(0.05, 0.5)))
+        assert acked and all(a.startswith(f"c{rnd}-") for a in acked)
+        acked_all |= acked
+        led = open_ledger(backend, data)
+        try:
+            report = check(led)  # balances, supply, and open offers all equal the journal's replay
+            assert report.ok, f"round {rnd}: {report.problems}"
+            accepted = {e.op.id: e.op for e in led.journal() if isinstance(e.op, AcceptOffer)}
+            assert not acked_all - accepted.keys(), "an acknowledged acceptance was lost"
+            still_open = {o.offer for o in led.offers()}
+            assert not still_open & {op.offer for op in accepted.values()}, "an accepted offer is still open"
+            for asset, each in (("scrip", FUNDS), ("cpu_rate", RIGHTS)):
+                total = each * len(ACCOUNTS)
+                assert led.supply()[asset] == (total, 0)
+                assert sum(v.get(asset, 0) for v in led.balances().values()) == total
+        finally:
+            led.close()
+    assert live_children("ledger_crash_writer") == []
+    assert len(acked_all) > 8 * 20  # every round really traded
 
 
 # -------------------------------------------------------------------------------------- group commit

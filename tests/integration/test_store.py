@@ -191,7 +191,7 @@ def test_msgspec_refuses_bad_kind_price_and_id() -> None:
         ({"price": 1.5}, "price must be an integer"),
         ({"price": True}, "price must be an integer"),
         ({"price": 1 << 63}, "at most"),
-        ({"readable": "everyone"}, "readable must be one of public, owner"),
+        ({"readable": "everyone"}, "readable must be public, owner, allow:<agent>+<agent>"),
         ({"quota": -5}, "quota must be an integer >= 0"),
         ({"agent": "Alice B"}, "agent 'Alice B' is not a valid name"),
         ({"content": "text, not bytes"}, "content must be bytes, not str"),
@@ -438,6 +438,19 @@ def test_first_writer_wins_and_others_change_nothing(store: Any, store_backend: 
     store.write("alice", "hidden", b"now public", readable="public", kind="code", price=4, quota=BIG)
     art = store.read("bob", "hidden")
     assert (art.readable, art.kind, art.price, art.creator) == ("public", "code", 4, "alice")
+    assert verify(store) == []
+
+
+def test_policies_other_than_owner_only_are_visible_and_kept_as_written(store: Any, store_backend: Backend) -> None:
+    """The store hides owner-only artifacts alone; the other policies are enforced by the world
+    (``runtime.world.access``), so the store shows them to everyone and returns them as written."""
+    policies = ["allow:bob+carol", "price:5", "contract:gate"]
+    for i, policy in enumerate(policies):
+        store.write("alice", f"p{i}", b"x", readable=policy, quota=BIG)
+    store.write("alice", "hidden", b"secret", readable="owner", quota=BIG)
+    assert [a.readable for a in store.list("dave")] == policies
+    assert [store.read("dave", f"p{i}").readable for i in range(3)] == policies
+    assert code_of(lambda: store.read("dave", "hidden"))[0] == "not_found"
     assert verify(store) == []
 
 

@@ -86,7 +86,9 @@ def test_runs_agents_and_writes_a_usage_summary(config: Path, tmp_path: Path) ->
     proc = _supervisor("--config", str(config), "--duration", "3", "--no-live")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "cruncher" in out and "usage summary" in out
+    assert "cruncher" in out and "usage summary" in out and "ecology: gini" in out
+    status = json.loads((tmp_path / "data" / "run" / "status.json").read_text())
+    assert status["ecology"]["scrip_supply"] > 0 and 0 <= status["ecology"]["gini"] <= 1
     summary = json.loads((tmp_path / "data" / "usage-summary.json").read_text())
     agents = summary["agents"]
     assert set(agents) == {"cruncher", "hoarder", "napper"}
@@ -270,3 +272,4 @@ def test_prometheus_metrics_show_the_agents_and_the_pool(tmp_path: Path) -> None
     assert values['aeco_supervisor_cpu_seconds{kind="agents"}'] > 0
     assert values['aeco_supervisor_cpu_seconds{kind="event loop"}'] > 0
     assert values["aeco_supervisor_kernel_cpu_seconds"] > values['aeco_supervisor_cpu_seconds{kind="agents"}']
+    assert 0 <= values["aeco_ecology_gini"] <= 1 and values["aeco_ecology_scrip_supply"] > 0

@@ -27,8 +27,14 @@ def _agent(name: str, **kw: object) -> AgentConfig:
     return msgspec.convert({"id": name, "workload": [{"kind": "echo"}], "cpu_rate": 400, **kw}, AgentConfig)
 
 
-def with_world(tmp: Path, body: Callable[[World], Awaitable[T]], events: list[str] | None = None) -> T:
-    """A supervisor's world in miniature: real ledger, store and pool, the data directory hidden."""
+def with_world(
+    tmp: Path,
+    body: Callable[[World], Awaitable[T]],
+    events: list[str] | None = None,
+    tweak: Callable[[Config], Config] | None = None,
+) -> T:
+    """A supervisor's world in miniature: real ledger, store and pool, the data directory hidden.
+    ``tweak`` changes the configuration (adds tasks, a budget …) before the node starts."""
     data = tmp / "data"
     data.mkdir(exist_ok=True, mode=0o700)
     cfg = Config(
@@ -37,6 +43,8 @@ def with_world(tmp: Path, body: Callable[[World], Awaitable[T]], events: list[st
         economy=EconomyConfig(burst_seconds=20),
         agents=[_agent("alice", disk_quota_mb=1), _agent("bob", scrip=100, memory_quota_mb=256), _agent("carol")],
     )
+    if tweak is not None:
+        cfg = tweak(cfg)
 
     async def main() -> T:
         async with Node(cfg) as node:

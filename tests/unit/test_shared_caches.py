@@ -18,7 +18,7 @@ class Clock:
 
 
 def info(aid: str, owner: str = "alice", readable: str = "public", size: int = 1) -> ArtifactInfo:
-    return ArtifactInfo(aid, "data", owner, owner, 0, readable, 1.0, 1.0, size)  # type: ignore[arg-type]
+    return ArtifactInfo(aid, "data", owner, owner, 0, readable, 1.0, 1.0, size)
 
 
 # ------------------------------------------------------------------------------------------ holdings

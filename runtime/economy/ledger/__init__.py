@@ -10,7 +10,7 @@ Invariants (checked by ``python -m runtime.admin check``):
 - no balance is negative;
 - for each asset, the sum of balances equals what was minted minus what was burned;
 - each task has exactly one usage record, and each usage record was written by exactly one journal entry;
-- replaying the journal from empty gives the balances.
+- replaying the journal from empty gives the balances, the open offers and the tasks' awards.
 """
 
 from __future__ import annotations
@@ -115,6 +115,76 @@ class RecordUsage(_Op, tag="usage", frozen=True):
     supervisor_cpu_seconds: NonNegFloat = 0.0
 
 
+OfferId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+
+
+class PostOffer(_Op, tag="post_offer", frozen=True):
+    """``seller`` offers ``amount`` of ``asset`` for ``price`` scrip to whoever accepts first.
+
+    Nothing is held in escrow: the offer is a standing promise, checked again when it is accepted (a
+    seller who no longer holds the asset makes the acceptance fail whole). So no asset is ever parked
+    in a third account, and an offer that is never accepted costs nothing. This op is also the offer's
+    stored record, while it is open.
+    """
+
+    offer: OfferId
+    seller: AccountId
+    asset: Asset
+    amount: Amount
+    price: NonNegInt
+
+
+class AcceptOffer(_Op, tag="accept_offer", frozen=True):
+    """``buyer`` takes the whole of an open offer on the terms it saw: the asset to the buyer and the
+    scrip to the seller in one transaction, and the offer closes. Terms that differ from the open
+    offer's (it was cancelled and posted again) refuse the acceptance: there are no partial fills."""
+
+    offer: OfferId
+    buyer: AccountId
+    asset: Asset
+    amount: Amount
+    price: NonNegInt
+
+
+class CancelOffer(_Op, tag="cancel_offer", frozen=True):
+    """The seller withdraws an open offer."""
+
+    offer: OfferId
+    seller: AccountId
+
+
+TaskId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+
+
+class PostTask(_Op, tag="post_task", frozen=True):
+    """The operator posts (or re-states) a task: solving it earns ``reward`` scrip, minted, for at most
+    ``max_awards`` different agents. Posting again changes the terms and keeps who was paid."""
+
+    task: TaskId
+    reward: Amount
+    max_awards: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+
+
+class AwardTask(_Op, tag="award_task", frozen=True):
+    """Mint a task's reward to ``agent``, whose code artifact ``artifact`` (content blob ``blob``, the Git
+    object id of the version tested) passed the task's hidden tests. Refused once the task has paid
+    ``max_awards`` agents, when this agent was paid for it already, or when the reward would take the
+    scrip supply above ``supply_cap`` (the monetary policy in force when it was submitted)."""
+
+    task: TaskId
+    agent: AccountId
+    artifact: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
+    blob: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")]
+    supply_cap: Amount | None = None
+
+
+class TaskState(Struct, frozen=True):
+    """A posted task as the ledger keeps it: its terms and who was paid for it, in order."""
+
+    post: PostTask
+    awarded: list[str] = []
+
+
 class SetBuckets(_Op, tag="buckets", frozen=True):
     """Persist an agent's bucket levels (for example after a trade changed its rates)."""
 
@@ -122,7 +192,20 @@ class SetBuckets(_Op, tag="buckets", frozen=True):
     buckets: dict[str, BucketState]
 
 
-Op = OpenAccount | Transfer | Mint | Burn | SetQuota | RecordUsage | SetBuckets
+Op = (
+    OpenAccount
+    | Transfer
+    | Mint
+    | Burn
+    | SetQuota
+    | RecordUsage
+    | SetBuckets
+    | PostOffer
+    | AcceptOffer
+    | CancelOffer
+    | PostTask
+    | AwardTask
+)
 
 
 class Receipt(Struct, frozen=True):
@@ -145,7 +228,7 @@ class JournalEntry(Struct, frozen=True):
 
 class LedgerError(AecoError, ValueError):
     """An operation that was refused; nothing of it was written (``invalid``, ``unknown_account``,
-    ``overdraft``, ``conflict``, ``duplicate_usage``, ``closed``)."""
+    ``overdraft``, ``conflict``, ``duplicate_usage``, ``not_found``, ``forbidden``, ``closed``)."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message, code=code)
@@ -209,6 +292,22 @@ class Ledger(Protocol):
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries with ``seq > since``, in order."""
+        ...
+
+    def offers(self) -> list[PostOffer]:
+        """Every open offer, by offer id."""
+        ...
+
+    async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
+        """Every open offer (the first ``limit`` by id), for code on the event loop."""
+        ...
+
+    async def offer_async(self, offer_id: str) -> PostOffer | None:
+        """One open offer (None when there is none of that id), for code on the event loop."""
+        ...
+
+    def tasks(self) -> list[TaskState]:
+        """Every posted task and who was paid for it, by task id."""
         ...
 
     def close(self) -> None:

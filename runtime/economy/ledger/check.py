@@ -70,6 +70,10 @@ def check(ledger: Ledger) -> CheckReport:
         problems.append("replaying the journal does not give the balances: " + "; ".join(diff[:10]))
     if set(replay.kinds.items()) != set(ledger.accounts().items()):
         problems.append("replaying the journal does not give the accounts")
+    if replay.offers != {o.offer: o for o in ledger.offers()}:
+        problems.append("replaying the journal does not give the open offers")
+    if replay.tasks != {t.post.task: t for t in ledger.tasks()}:
+        problems.append("replaying the journal does not give the tasks and their awards")
 
     records = Counter(r.task_id for r in ledger.usage_records())
     for task_id, n in records.items():

@@ -8,7 +8,8 @@ wait for the writer.
 
 Databases in the environment: ``accounts`` (account -> kind), ``balances`` (account NUL asset ->
 int64), ``supply`` (asset -> minted, burned), ``journal`` (seq -> entry), ``ops`` (op id -> seq),
-``usage`` (task id -> record), ``buckets`` (agent -> levels).
+``usage`` (task id -> record), ``buckets`` (agent -> levels), ``offers`` (offer id -> the open offer's
+``PostOffer``), ``tasks`` (task id -> ``TaskState``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from runtime.economy.ledger import (
     LedgerError,
     Op,
     OpenAccount,
+    PostOffer,
     Receipt,
     RecordUsage,
+    TaskState,
     rules,
 )
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
@@ -45,6 +48,8 @@ _enc = msgspec.msgpack.Encoder()
 _entry_dec = msgspec.msgpack.Decoder(JournalEntry)
 _usage_dec = msgspec.msgpack.Decoder(RecordUsage)
 _buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
+_offer_dec = msgspec.msgpack.Decoder(PostOffer)
+_task_dec = msgspec.msgpack.Decoder(TaskState)
 
 
 def _bkey(account: str, asset: str) -> bytes:
@@ -94,6 +99,23 @@ class _TxnView:
         merged = {**(_buckets_dec.decode(old) if old else {}), **buckets}
         self.txn.put(key, _enc.encode(merged), db=self.dbs["buckets"])
 
+    def offer(self, offer_id: str) -> PostOffer | None:
+        v = self.txn.get(offer_id.encode(), db=self.dbs["offers"])
+        return _offer_dec.decode(v) if v is not None else None
+
+    def put_offer(self, offer: PostOffer) -> None:
+        self.txn.put(offer.offer.encode(), _enc.encode(offer), db=self.dbs["offers"])
+
+    def drop_offer(self, offer_id: str) -> None:
+        self.txn.delete(offer_id.encode(), db=self.dbs["offers"])
+
+    def task(self, task_id: str) -> TaskState | None:
+        v = self.txn.get(task_id.encode(), db=self.dbs["tasks"])
+        return _task_dec.decode(v) if v is not None else None
+
+    def put_task(self, state: TaskState) -> None:
+        self.txn.put(state.post.task.encode(), _enc.encode(state), db=self.dbs["tasks"])
+
 
 class LmdbLedger(GroupCommitted):
     """The LMDB ledger. ``durable=False`` skips the sync (for tests of logic, never for real runs);
@@ -110,8 +132,8 @@ class LmdbLedger(GroupCommitted):
     ) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, sync=durable, metasync=durable, max_readers=512)
-        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets")
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=durable, metasync=durable, max_readers=512)
+        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets", "offers", "tasks")
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
         self._start_ledger_writer(max_batch if group else 1)
         present = self.accounts()
@@ -236,6 +258,27 @@ class LmdbLedger(GroupCommitted):
         with self.env.begin() as txn:
             v = txn.get(agent.encode(), db=self.dbs["buckets"])
             return _buckets_dec.decode(v) if v is not None else {}
+
+    def offers(self) -> list[PostOffer]:
+        """Every open offer, by offer id (from one snapshot)."""
+        with self.env.begin() as txn:
+            return [_offer_dec.decode(v) for _, v in txn.cursor(db=self.dbs["offers"])]
+
+    async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
+        """Every open offer, the first ``limit`` by id (an LMDB read does not block the loop for long)."""
+        with self.env.begin() as txn:
+            found = zip(range(limit if limit is not None else 1 << 62), txn.cursor(db=self.dbs["offers"]), strict=False)
+            return [_offer_dec.decode(v) for _, (_, v) in found]
+
+    async def offer_async(self, offer_id: str) -> PostOffer | None:
+        """One open offer, or None."""
+        with self.env.begin() as txn:
+            return _TxnView(txn, self.dbs).offer(offer_id)
+
+    def tasks(self) -> list[TaskState]:
+        """Every posted task and who was paid for it, by task id (from one snapshot)."""
+        with self.env.begin() as txn:
+            return [_task_dec.decode(v) for _, v in txn.cursor(db=self.dbs["tasks"])]
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""

@@ -36,7 +36,8 @@ node's event stream forgets an account that another node credited.
 Tables (schema ``ledger`` in ``aeco_migrations``): ``ledger_accounts``, ``ledger_balances`` (only
 non-zero amounts), ``ledger_supply``, ``ledger_journal`` (seq, at, op id, the operation in msgpack; the
 unique op id is the idempotency index), ``ledger_usage`` (task id -> record), ``ledger_buckets``
-(agent -> levels).
+(agent -> levels), ``ledger_offers`` (offer id -> the open offer's ``PostOffer``), ``ledger_tasks``
+(task id -> ``TaskState``).
 """
 
 from __future__ import annotations
@@ -52,15 +53,21 @@ from psycopg_pool import ConnectionPool
 from runtime.economy.buckets import BucketState
 from runtime.economy.ledger import (
     SYSTEM_ACCOUNTS,
+    AcceptOffer,
     AccountKind,
     Asset,
+    AwardTask,
+    CancelOffer,
     JournalEntry,
     LedgerError,
     Op,
     OpenAccount,
+    PostOffer,
+    PostTask,
     Receipt,
     RecordUsage,
     SetBuckets,
+    TaskState,
     Transfer,
     rules,
 )
@@ -99,6 +106,8 @@ STEPS: tuple[str, ...] = (
         levels bytea NOT NULL
     );
     """,
+    "CREATE TABLE ledger_offers (offer text PRIMARY KEY, post bytea NOT NULL);",
+    "CREATE TABLE ledger_tasks (task text PRIMARY KEY, state bytea NOT NULL);",
 )
 
 #: What ``pg_stat_activity.application_name`` shows for this backend's connections.
@@ -116,6 +125,8 @@ _enc = msgspec.msgpack.Encoder()
 _op_dec = msgspec.msgpack.Decoder(Op)
 _usage_dec = msgspec.msgpack.Decoder(RecordUsage)
 _buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
+_offer_dec = msgspec.msgpack.Decoder(PostOffer)
+_task_dec = msgspec.msgpack.Decoder(TaskState)
 
 _Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -128,6 +139,15 @@ def _touched(op: Op) -> tuple[set[str], set[str], set[str]]:
         return {op.agent}, {op.task_id}, {op.agent} if op.buckets else set()
     if isinstance(op, SetBuckets):
         return {op.agent}, set(), {op.agent}
+    if isinstance(op, PostOffer | CancelOffer):
+        return {op.seller}, set(), set()
+    if isinstance(op, AcceptOffer):
+        # The seller is known only once the offer is read: ``balance`` loads its row on demand.
+        return {op.buyer}, set(), set()
+    if isinstance(op, AwardTask):
+        return {op.agent}, set(), set()
+    if isinstance(op, PostTask):
+        return set(), set(), set()
     return {op.account}, set(), set()
 
 
@@ -153,6 +173,10 @@ class _BatchView:
         self._dirty_supply: set[str] = set()
         self._new_usage: list[RecordUsage] = []
         self._dirty_levels: set[str] = set()
+        self._offers: dict[str, PostOffer | None] = {}
+        self._dirty_offers: set[str] = set()
+        self._tasks: dict[str, TaskState | None] = {}
+        self._dirty_tasks: set[str] = set()
 
     def load(self, accounts: Collection[str], task_ids: Collection[str], agents: Collection[str]) -> None:
         """Read the rows of these keys (and the whole supply, a few rows) that are not loaded yet.
@@ -221,6 +245,30 @@ class _BatchView:
         self._levels[agent] = {**self._levels[agent], **buckets}
         self._dirty_levels.add(agent)
 
+    def offer(self, offer_id: str) -> PostOffer | None:
+        if offer_id not in self._offers:
+            row = self._conn.execute("SELECT post FROM ledger_offers WHERE offer = %s", (offer_id,)).fetchone()
+            self._offers[offer_id] = _offer_dec.decode(row[0]) if row else None
+        return self._offers[offer_id]
+
+    def put_offer(self, offer: PostOffer) -> None:
+        self._offers[offer.offer] = offer
+        self._dirty_offers.add(offer.offer)
+
+    def drop_offer(self, offer_id: str) -> None:
+        self._offers[offer_id] = None
+        self._dirty_offers.add(offer_id)
+
+    def task(self, task_id: str) -> TaskState | None:
+        if task_id not in self._tasks:
+            row = self._conn.execute("SELECT state FROM ledger_tasks WHERE task = %s", (task_id,)).fetchone()
+            self._tasks[task_id] = _task_dec.decode(row[0]) if row else None
+        return self._tasks[task_id]
+
+    def put_task(self, state: TaskState) -> None:
+        self._tasks[state.post.task] = state
+        self._dirty_tasks.add(state.post.task)
+
     def held(self) -> dict[str, dict[str, int]]:
         """Every non-zero balance of every existing account the batch loaded (all its assets were)."""
         out: dict[str, dict[str, int]] = {a: {} for a, kind in self._kinds.items() if kind is not None}
@@ -271,6 +319,23 @@ class _BatchView:
                 "INSERT INTO ledger_buckets (agent, levels) SELECT * FROM unnest(%s::text[], %s::bytea[])"
                 " ON CONFLICT (agent) DO UPDATE SET levels = excluded.levels",
                 (owners, [_enc.encode(self._levels[a]) for a in owners]),
+            )
+        if self._dirty_tasks:
+            tasks = list(self._dirty_tasks)
+            ex(
+                "INSERT INTO ledger_tasks (task, state) SELECT * FROM unnest(%s::text[], %s::bytea[])"
+                " ON CONFLICT (task) DO UPDATE SET state = excluded.state",
+                (tasks, [_enc.encode(self._tasks[t]) for t in tasks]),
+            )
+        posted = [o for o in self._dirty_offers if self._offers[o] is not None]
+        closed = [o for o in self._dirty_offers if self._offers[o] is None]
+        if closed:
+            ex("DELETE FROM ledger_offers WHERE offer = ANY(%s)", (closed,))
+        if posted:
+            ex(
+                "INSERT INTO ledger_offers (offer, post) SELECT * FROM unnest(%s::text[], %s::bytea[])"
+                " ON CONFLICT (offer) DO UPDATE SET post = excluded.post",
+                (posted, [_enc.encode(self._offers[o]) for o in posted]),
             )
 
 
@@ -504,6 +569,24 @@ class PostgresLedger(GroupCommitted):
         """The persisted bucket levels of an agent."""
         rows = self._read("SELECT levels FROM ledger_buckets WHERE agent = %s", (agent,))
         return _buckets_dec.decode(rows[0][0]) if rows else {}
+
+    def offers(self) -> list[PostOffer]:
+        """Every open offer, by offer id (from one snapshot)."""
+        return [_offer_dec.decode(blob) for (blob,) in self._read("SELECT post FROM ledger_offers ORDER BY offer")]
+
+    async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
+        """Every open offer (the first ``limit`` by id), read without blocking the loop."""
+        rows = await self.reader.fetch("SELECT post FROM ledger_offers ORDER BY offer LIMIT %s", (limit,))
+        return [_offer_dec.decode(blob) for (blob,) in rows]
+
+    async def offer_async(self, offer_id: str) -> PostOffer | None:
+        """One open offer, or None, read without blocking the loop."""
+        rows = await self.reader.fetch("SELECT post FROM ledger_offers WHERE offer = %s", (offer_id,))
+        return _offer_dec.decode(rows[0][0]) if rows else None
+
+    def tasks(self) -> list[TaskState]:
+        """Every posted task and who was paid for it, by task id (from one snapshot)."""
+        return [_task_dec.decode(blob) for (blob,) in self._read("SELECT state FROM ledger_tasks ORDER BY task")]
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""

@@ -14,16 +14,22 @@ import msgspec
 from runtime.economy.buckets import BucketState
 from runtime.economy.ledger import (
     SYSTEM_ACCOUNTS,
+    AcceptOffer,
     AccountKind,
     Asset,
+    AwardTask,
     Burn,
+    CancelOffer,
     LedgerError,
     Mint,
     Op,
     OpenAccount,
+    PostOffer,
+    PostTask,
     RecordUsage,
     SetBuckets,
     SetQuota,
+    TaskState,
     Transfer,
 )
 
@@ -40,6 +46,11 @@ class View(Protocol):
     def has_usage(self, task_id: str) -> bool: ...
     def put_usage(self, record: RecordUsage) -> None: ...
     def put_buckets(self, agent: str, buckets: dict[str, BucketState]) -> None: ...
+    def offer(self, offer_id: str) -> PostOffer | None: ...
+    def put_offer(self, offer: PostOffer) -> None: ...
+    def drop_offer(self, offer_id: str) -> None: ...
+    def task(self, task_id: str) -> TaskState | None: ...
+    def put_task(self, state: TaskState) -> None: ...
 
 
 _op_encoder = msgspec.msgpack.Encoder()
@@ -84,6 +95,70 @@ def _agent(view: View, account: str) -> None:
         raise LedgerError("invalid", f"`{account}` is a {kind} account, not an agent")
 
 
+def _holds(view: View, account: str, asset: Asset, amount: int, what: str) -> int:
+    have = view.balance(account, asset)
+    if have < amount:
+        raise LedgerError("overdraft", f"`{account}` has {have} {asset}, cannot {what} {amount}")
+    return have
+
+
+def _move(view: View, src: str, dst: str, asset: Asset, amount: int, have: int) -> None:
+    """Move ``amount`` (already checked against ``have``, ``src``'s balance) from ``src`` to ``dst``."""
+    dst_before = view.balance(dst, asset)
+    view.set_balance(src, asset, have - amount)
+    view.set_balance(dst, asset, dst_before + amount)
+
+
+def _open_offer(view: View, offer_id: str) -> PostOffer:
+    offer = view.offer(offer_id)
+    if offer is None:
+        raise LedgerError("not_found", f"no open offer `{offer_id}`")
+    return offer
+
+
+def _accept(view: View, op: AcceptOffer) -> None:
+    offer = _open_offer(view, op.offer)
+    terms = (op.asset, op.amount, op.price)
+    if terms != (offer.asset, offer.amount, offer.price):
+        raise LedgerError(
+            "conflict",
+            f"offer `{op.offer}` is {offer.amount} {offer.asset} for {offer.price} scrip, "
+            f"not {op.amount} {op.asset} for {op.price}",
+        )
+    _agent(view, op.buyer)
+    if op.buyer == offer.seller:
+        raise LedgerError("invalid", f"`{op.buyer}` cannot accept its own offer `{op.offer}`")
+    # Both sides are checked before either moves: the acceptance is whole or nothing.
+    sold = _holds(view, offer.seller, offer.asset, offer.amount, "sell")
+    paid = _holds(view, op.buyer, "scrip", offer.price, "pay")
+    _move(view, offer.seller, op.buyer, offer.asset, offer.amount, sold)
+    if offer.price:
+        _move(view, op.buyer, offer.seller, "scrip", offer.price, paid)
+    view.drop_offer(op.offer)
+
+
+def _award(view: View, op: AwardTask) -> None:
+    state = view.task(op.task)
+    if state is None:
+        raise LedgerError("not_found", f"no task `{op.task}`")
+    _agent(view, op.agent)
+    if op.agent in state.awarded:
+        raise LedgerError("conflict", f"`{op.agent}` was paid for task `{op.task}` already")
+    if len(state.awarded) >= state.post.max_awards:
+        raise LedgerError("conflict", f"task `{op.task}` has paid all its {state.post.max_awards} reward(s)")
+    reward = state.post.reward
+    minted, burned = _issue(view, "scrip", reward)
+    if op.supply_cap is not None and minted - burned > op.supply_cap:
+        raise LedgerError(
+            "capacity",
+            f"minting {reward} scrip for task `{op.task}` would take the supply to {minted - burned}, "
+            f"over its cap of {op.supply_cap}",
+        )
+    view.set_balance(op.agent, "scrip", view.balance(op.agent, "scrip") + reward)
+    view.set_supply("scrip", minted, burned)
+    view.put_task(TaskState(state.post, [*state.awarded, op.agent]))
+
+
 def apply(view: View, op: Op) -> None:
     """Apply ``op`` to ``view``, or raise ``LedgerError`` having written nothing."""
     if isinstance(op, Transfer):
@@ -91,12 +166,26 @@ def apply(view: View, op: Op) -> None:
             raise LedgerError("invalid", f"transfer from `{op.src}` to itself")
         _known(view, op.src)
         _known(view, op.dst)
-        have = view.balance(op.src, op.asset)
-        if have < op.amount:
-            raise LedgerError("overdraft", f"`{op.src}` has {have} {op.asset}, cannot transfer {op.amount}")
-        dst_before = view.balance(op.dst, op.asset)
-        view.set_balance(op.src, op.asset, have - op.amount)
-        view.set_balance(op.dst, op.asset, dst_before + op.amount)
+        _move(view, op.src, op.dst, op.asset, op.amount, _holds(view, op.src, op.asset, op.amount, "transfer"))
+    elif isinstance(op, PostOffer):
+        _agent(view, op.seller)
+        if op.asset == "scrip":
+            raise LedgerError("invalid", f"offer `{op.offer}` sells scrip for scrip; transfer it instead")
+        if view.offer(op.offer) is not None:
+            raise LedgerError("conflict", f"offer `{op.offer}` is open already")
+        _holds(view, op.seller, op.asset, op.amount, "offer")
+        view.put_offer(op)
+    elif isinstance(op, AcceptOffer):
+        _accept(view, op)
+    elif isinstance(op, PostTask):
+        state = view.task(op.task)
+        view.put_task(TaskState(op, state.awarded if state is not None else []))
+    elif isinstance(op, AwardTask):
+        _award(view, op)
+    elif isinstance(op, CancelOffer):
+        if _open_offer(view, op.offer).seller != op.seller:
+            raise LedgerError("forbidden", f"offer `{op.offer}` is not `{op.seller}`'s to cancel")
+        view.drop_offer(op.offer)
     elif isinstance(op, Mint):
         _known(view, op.account)
         minted, burned = _issue(view, op.asset, op.amount)
@@ -161,6 +250,8 @@ class MemoryView:
         self.supplies: dict[str, tuple[int, int]] = {}
         self.usage: dict[str, RecordUsage] = {}
         self.bucket_levels: dict[str, dict[str, BucketState]] = {}
+        self.offers: dict[str, PostOffer] = {}
+        self.tasks: dict[str, TaskState] = {}
 
     def account_kind(self, account: str) -> AccountKind | None:
         return self.kinds.get(account)
@@ -188,6 +279,21 @@ class MemoryView:
 
     def put_buckets(self, agent: str, buckets: dict[str, BucketState]) -> None:
         self.bucket_levels.setdefault(agent, {}).update(buckets)
+
+    def offer(self, offer_id: str) -> PostOffer | None:
+        return self.offers.get(offer_id)
+
+    def put_offer(self, offer: PostOffer) -> None:
+        self.offers[offer.offer] = offer
+
+    def drop_offer(self, offer_id: str) -> None:
+        del self.offers[offer_id]
+
+    def task(self, task_id: str) -> TaskState | None:
+        return self.tasks.get(task_id)
+
+    def put_task(self, state: TaskState) -> None:
+        self.tasks[state.post.task] = state
 
     def nonzero(self) -> dict[str, dict[str, int]]:
         """Balances in the shape ``Ledger.balances()`` returns."""

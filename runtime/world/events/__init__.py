@@ -41,6 +41,10 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 
 #: The kinds the runtime itself emits (others are allowed: any ``Kind``), with who emits them:
 #: ``action`` (an agent's turn: ok or rejected, and why), ``transfer`` and ``rate_changed`` (``World``),
+#: ``offer_posted`` and ``offer_closed`` (``World``: to the seller; the open offers are in every context),
+#: ``budget_alert`` and ``budget_paused`` (the run's dollar cap, ``runtime.economy.dollars``),
+#: ``task_solved`` (the task mint, ``runtime.world.tasks``: to the agent it paid), ``trigger_suspended``
+#: (``runtime.world.triggers``: to the subscriber that could not pay),
 #: ``artifact_written``/``_deleted``/``_invoked`` (``World``), ``agent_blocked``/``_unblocked`` (the
 #: buckets), ``system_reset`` (an operator's rollback, announced at start), ``task_failed`` (a task a
 #: crash interrupted, charged by the recovery), ``agent_paused``/``_resumed`` and ``operator_note`` (the
@@ -49,6 +53,12 @@ KINDS: tuple[str, ...] = (
     "action",
     "transfer",
     "rate_changed",
+    "offer_posted",
+    "offer_closed",
+    "budget_alert",
+    "budget_paused",
+    "task_solved",
+    "trigger_suspended",
     "artifact_written",
     "artifact_deleted",
     "artifact_invoked",

@@ -9,7 +9,8 @@ Rules every backend keeps (and ``verify`` checks):
 
 - the first writer of an id owns it; only the owner rewrites or deletes it;
 - ``readable="owner"`` artifacts do not exist for anyone else: reading them is ``not_found``, and
-  ``list`` leaves them out;
+  ``list`` leaves them out; every other access policy (``public``, ``allow:``, ``price:``, ``contract:``)
+  is visible to all here, and enforced above the store (``runtime.world.access``);
 - an agent's disk usage is the sum of the content sizes it owns at HEAD; a write that would take it
   above its quota (the ``disk_quota`` the caller read from the ledger) is refused and writes nothing;
 - a refused operation writes nothing: HEAD, the index and usage are unchanged.
@@ -44,14 +45,20 @@ AGENT_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 ArtifactId = Annotated[str, Meta(pattern=ID_PATTERN)]
 AgentName = Annotated[str, Meta(pattern=AGENT_PATTERN)]
 Kind = Literal["data", "code"]
-Readable = Literal["public", "owner"]
+#: An artifact's access policy (``runtime.world.access`` says what each means): ``public``, ``owner``,
+#: ``allow:<agent>+<agent>…`` (up to 16), ``price:<scrip>``, or ``contract:<artifact id>``.
+READABLE_PATTERN = (
+    r"^(public|owner|allow:[a-z][a-z0-9_-]{0,31}(\+[a-z][a-z0-9_-]{0,31}){0,15}|price:[0-9]{1,15}"
+    r"|contract:[A-Za-z0-9][A-Za-z0-9_-]{0,127})$"
+)
+Readable = Annotated[str, Meta(pattern=READABLE_PATTERN)]
 KINDS: tuple[Kind, ...] = ("data", "code")
-READABLE: tuple[Readable, ...] = ("public", "owner")
 #: Scrip per invocation; bounded like the ledger's amounts so that it always fits an int64.
 Price = Annotated[int, Meta(ge=0, le=1 << 62)]
 Size = Annotated[int, Meta(ge=0)]
 
 _AGENT_RE = re.compile(AGENT_PATTERN)
+_READABLE_RE = re.compile(READABLE_PATTERN)
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _ID_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -209,6 +216,21 @@ def _check_choice(value: object, allowed: tuple[str, ...], what: str) -> Any:
     return value
 
 
+def _check_readable(value: object) -> str:
+    if not isinstance(value, str) or not _READABLE_RE.match(value):
+        raise StoreError(
+            "invalid",
+            f"readable must be public, owner, allow:<agent>+<agent>, price:<scrip> or contract:<artifact id>, "
+            f"not {value!r}",
+        )
+    return value
+
+
+def visible_to(readable: str, owner: str, agent: str) -> bool:
+    """Whether the store shows an artifact to ``agent``: an owner-only artifact exists for its owner alone."""
+    return readable != "owner" or owner == agent
+
+
 def _check_int(value: object, what: str, limit: int | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit is not None and value > limit):
         bound = f" and at most {limit}" if limit is not None else ""
@@ -229,7 +251,7 @@ def write_op(
         bytes(content),
         _check_choice(kind, KINDS, "kind"),
         _check_int(price, "price", 1 << 62),
-        _check_choice(readable, READABLE, "readable"),
+        _check_readable(readable),
         _check_int(quota, "quota", None),
     )
 

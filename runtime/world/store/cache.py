@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 
-from runtime.world.store import ArtifactInfo
+from runtime.world.store import ArtifactInfo, visible_to
 
 #: (commit that last wrote the artifact, its metadata).
 Versioned = tuple[int, ArtifactInfo]
@@ -150,7 +150,7 @@ class HeadCache:
             self.hits += 1
             for aid in self._ids:
                 info = self._infos[aid][1]
-                if info.readable == "public" or info.owner == agent:
+                if visible_to(info.readable, info.owner, agent):
                     out.append(info)
                     if limit is not None and len(out) >= limit:
                         break

@@ -90,6 +90,7 @@ from runtime.world.store import (
     check_id,
     check_write,
     git_packs,
+    visible_to,
 )
 
 BRANCH = Ref(b"refs/heads/main")
@@ -585,7 +586,7 @@ class GitStore(Store):
         self._check_open()
         aid = check_id(id)
         entry = self._entry(aid)
-        if entry is None or (entry.meta.readable == "owner" and entry.meta.owner != agent):
+        if entry is None or not visible_to(entry.meta.readable, entry.meta.owner, agent):
             raise StoreError("not_found", f"no artifact `{aid}`")
         m = entry.meta
         content = self._blob(entry.blob)
@@ -599,7 +600,7 @@ class GitStore(Store):
         with self.env.begin() as txn:
             for k, v in txn.cursor(db=self._arts):
                 e = _entry_dec.decode(v)
-                if e.meta.readable == "public" or e.meta.owner == agent:
+                if visible_to(e.meta.readable, e.meta.owner, agent):
                     out.append(e.info(bytes(k).decode()))
         return out
 

@@ -80,9 +80,9 @@ _COMMIT_RE = re.compile(r"^[0-9]+$")
 _MAX_BIGINT = (1 << 63) - 1
 _COLUMNS = "kind, creator, owner, price, readable, created, updated"
 _READ = (
-    "SELECT " + _COLUMNS + ", size, content FROM store_artifacts WHERE id = %s AND (readable = 'public' OR owner = %s)"
+    "SELECT " + _COLUMNS + ", size, content FROM store_artifacts WHERE id = %s AND (readable <> 'owner' OR owner = %s)"
 )
-_LIST = "SELECT id, " + _COLUMNS + ", size FROM store_artifacts WHERE readable = 'public' OR owner = %s ORDER BY id"
+_LIST = "SELECT id, " + _COLUMNS + ", size FROM store_artifacts WHERE readable <> 'owner' OR owner = %s ORDER BY id"
 #: HEAD's metadata with the commit that last wrote each artifact (for the node's ``HeadCache``).
 _HEAD = "SELECT commit_id, id, " + _COLUMNS + ", size FROM store_artifacts"
 #: What a write returns: its commit, and what the history trigger filled in.
@@ -240,6 +240,15 @@ GRANT EXECUTE ON FUNCTION store_head() TO aeco_agent;
 -- Whatever the operator creates later (the ledger's tables and functions) is closed to other roles
 -- unless granted: tables are by default, functions are not.
 ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
+""",
+    # Access policies beyond public/owner (runtime.world.store.READABLE_PATTERN); the store keeps only
+    # owner-only artifacts from others, so the rest need no rule here beyond their shape.
+    r"""
+ALTER TABLE store_artifacts DROP CONSTRAINT store_artifacts_readable_check;
+ALTER TABLE store_artifacts ADD CONSTRAINT store_artifacts_readable_check CHECK (
+    readable ~ ('^(public|owner|allow:[a-z][a-z0-9_-]{0,31}(\+[a-z][a-z0-9_-]{0,31}){0,15}|price:[0-9]{1,15}'
+        || '|contract:[A-Za-z0-9][A-Za-z0-9_-]{0,127})$')
+);
 """,
 )
 

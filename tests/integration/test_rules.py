@@ -1,0 +1,389 @@
+"""The ecology's own rules through the real path (actions, world, ledger, store, pool, confined code):
+rights and quotas traded with ``transfer``, standing offers accepted atomically, access policies, the
+task mint, triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from runtime.actions import (
+    AcceptOffer,
+    CancelOffer,
+    InvokeArtifact,
+    MakeOffer,
+    ReadArtifact,
+    Sponsor,
+    SubmitTask,
+    Subscribe,
+    TransferScrip,
+    WriteArtifact,
+    perform,
+)
+from runtime.agents.schema import ACTION_SCHEMA
+from runtime.config import BudgetConfig, Config, TaskConfig, load
+from runtime.economy.ledger import AwardTask, LedgerError
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.world.access import CONTRACT_CPU_S, CONTRACT_WALL_S
+from runtime.world.store import StoreError
+from runtime.world.tasks import TaskError, blob_id
+from runtime.world.world import InvokeError, World
+from tests.integration.test_world import with_world
+
+
+def _cpu_rate(w: World, agent: str) -> float:
+    return w.economy.buckets.get(agent, "cpu").rate
+
+
+def _ledger_ok(tmp: Path) -> None:
+    with LmdbLedger(tmp / "data" / "ledger") as ledger:
+        report = check(ledger)
+        assert report.ok, report.problems
+
+
+def test_the_transfer_action_moves_a_rate_right_and_re_rates_both_buckets(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        assert _cpu_rate(w, "alice") == _cpu_rate(w, "bob") == pytest.approx(0.4)
+        done = await perform(w, "alice", TransferScrip(to="bob", amount=150, asset="cpu_rate"))
+        assert done.text == "gave 150 cpu_rate to bob"
+        assert w.economy.ledger.balance("alice", "cpu_rate") == 250
+        assert _cpu_rate(w, "alice") == pytest.approx(0.25) and _cpu_rate(w, "bob") == pytest.approx(0.55)
+        # The levels settled at the old rates are persisted with the trade (a restart keeps both).
+        assert "cpu" in w.economy.ledger.buckets("bob") and "cpu" in w.economy.ledger.buckets("alice")
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_disk_quota_in_use_cannot_be_given_away(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        quota = w.economy.ledger.balance("alice", "disk_quota")
+        assert quota == 1 << 20
+        await w.write_artifact("alice", "big", b"x" * 700_000)
+        with pytest.raises(LedgerError) as err:
+            await perform(w, "alice", TransferScrip(to="bob", amount=400_000, asset="disk_quota"))
+        assert err.value.code == "quota_exceeded" and "700000" in str(err.value)
+        assert w.economy.ledger.balance("alice", "disk_quota") == quota
+        await perform(w, "alice", TransferScrip(to="bob", amount=300_000, asset="disk_quota"))
+        assert w.economy.ledger.balance("alice", "disk_quota") == quota - 300_000
+        # The same rule holds when the quota is sold: an offer of bytes in use cannot be accepted.
+        await perform(w, "alice", MakeOffer(asset="disk_quota", amount=48_000, price=1))
+        await w.write_artifact("alice", "more", b"y" * 30_000)
+        [offer] = await w.offers()
+        with pytest.raises(LedgerError) as err:
+            await perform(w, "bob", AcceptOffer(offer=offer.offer))
+        assert err.value.code == "quota_exceeded"
+        assert await w.offers() == [offer]
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_an_offer_is_filled_once_by_concurrent_buyers_and_both_sides_move(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        before = {a: led.balance(a, "scrip") for a in ("alice", "bob", "carol")}
+        done = await perform(w, "alice", MakeOffer(asset="cpu_rate", amount=100, price=20))
+        [offer] = await w.offers()
+        assert offer.offer in done.text and offer.seller == "alice"
+        outcomes = await asyncio.gather(
+            *(perform(w, buyer, AcceptOffer(offer=offer.offer)) for buyer in ("bob", "carol")),
+            return_exceptions=True,
+        )
+        won = [b for b, o in zip(("bob", "carol"), outcomes, strict=True) if not isinstance(o, BaseException)]
+        lost = [o for o in outcomes if isinstance(o, LedgerError)]
+        assert len(won) == 1 and len(lost) == 1 and lost[0].code == "not_found"
+        buyer = won[0]
+        assert led.balance("alice", "scrip") == before["alice"] + 20
+        assert led.balance(buyer, "scrip") == before[buyer] - 20
+        assert led.balance(buyer, "cpu_rate") == 500 and led.balance("alice", "cpu_rate") == 300
+        assert _cpu_rate(w, buyer) == pytest.approx(0.5) and _cpu_rate(w, "alice") == pytest.approx(0.3)
+        assert await w.offers() == []
+        # A second offer, withdrawn, moves nothing.
+        await perform(w, "alice", MakeOffer(asset="memory_quota", amount=1 << 20, price=5))
+        [second] = await w.offers()
+        with pytest.raises(LedgerError):
+            await perform(w, "bob", CancelOffer(offer=second.offer))
+        await perform(w, "alice", CancelOffer(offer=second.offer))
+        assert await w.offers() == []
+
+    with_world(tmp_path, body, events)
+    assert events.count("offer_posted") == 2 and events.count("offer_closed") == 2
+    _ledger_ok(tmp_path)
+
+
+def test_confined_code_moves_a_right_only_within_what_the_invoker_authorised(tmp_path: Path) -> None:
+    code = b"""
+world.transfer("carol", 60, "cpu_rate")
+try:
+    world.transfer("carol", 60, "cpu_rate")
+    world.result("second went through")
+except Exception as exc:
+    world.result(str(exc))
+"""
+
+    async def body(w: World) -> None:
+        await w.write_artifact("alice", "rights-mover", code, kind="code")
+        inv = await w.invoke_artifact("bob", "rights-mover", max_rights={"cpu_rate": 100})
+        assert "exceed" in inv.value and inv.rights_transferred == {"cpu_rate": 60} and inv.transferred == 0
+        assert w.economy.ledger.balance("carol", "cpu_rate") == 460
+        assert _cpu_rate(w, "carol") == pytest.approx(0.46) and _cpu_rate(w, "bob") == pytest.approx(0.34)
+        # Authorising scrip authorises no right: the code's first transfer is refused, and raises in it.
+        with pytest.raises(InvokeError, match="exceed the 0"):
+            await w.invoke_artifact("bob", "rights-mover", max_transfer=100)
+        assert w.economy.ledger.balance("carol", "cpu_rate") == 460
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ access policies
+
+
+def _cpu_charged(w: World, agent: str) -> float:
+    return w.economy.pool.accounts.agents[agent].cpu_seconds if agent in w.economy.pool.accounts.agents else 0.0
+
+
+def test_an_allow_list_and_a_read_price_are_kept(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        await perform(w, "alice", WriteArtifact(id="club", content="members only", readable="allow:bob"))
+        await perform(w, "alice", WriteArtifact(id="paper", content="news", readable="price:5"))
+        assert (await perform(w, "bob", ReadArtifact(id="club"))).text.endswith("members only")
+        with pytest.raises(StoreError) as err:
+            await perform(w, "carol", ReadArtifact(id="club"))
+        assert err.value.code == "forbidden" and "bob" in str(err.value)
+        # Listed for everyone (it is not owner-only), readable by the list alone.
+        assert "club" in [a.id for a in await w.list_artifacts("carol")]
+        before = {a: led.balance(a, "scrip") for a in ("alice", "bob")}
+        await perform(w, "bob", ReadArtifact(id="paper"))
+        await perform(w, "bob", ReadArtifact(id="paper"))
+        await perform(w, "alice", ReadArtifact(id="paper"))  # the owner reads free
+        assert led.balance("bob", "scrip") == before["bob"] - 10
+        assert led.balance("alice", "scrip") == before["alice"] + 10
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_a_contract_that_denies_blocks_the_read_and_the_caller_pays_for_the_check(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.write_artifact("alice", "gate", b"world.result(world.args['caller'] == 'bob')", kind="code")
+        await w.write_artifact("alice", "vault", b"the combination", readable="contract:gate")
+        carol_before = _cpu_charged(w, "carol")
+        with pytest.raises(StoreError) as err:
+            await perform(w, "carol", ReadArtifact(id="vault"))
+        assert err.value.code == "forbidden" and "gate" in str(err.value)
+        assert _cpu_charged(w, "carol") > carol_before  # the check ran confined, as carol
+        assert _cpu_charged(w, "alice") == 0.0  # the owner paid nothing for it
+        assert (await perform(w, "bob", ReadArtifact(id="vault"))).text.endswith("the combination")
+        assert w.access.contract_runs == 2
+        # Asked again: the cached answer, at no cost.
+        carol_after = _cpu_charged(w, "carol")
+        with pytest.raises(StoreError):
+            await perform(w, "carol", ReadArtifact(id="vault"))
+        assert w.access.contract_runs == 2 and w.access.cache_hits == 1
+        assert _cpu_charged(w, "carol") == carol_after
+        # A new version of the contract is asked afresh.
+        await w.write_artifact("alice", "gate", b"world.result(True)", kind="code")
+        await perform(w, "carol", ReadArtifact(id="vault"))
+        assert w.access.contract_runs == 3
+        # Invocation is an action the contract rules too.
+        await w.write_artifact("alice", "strict", b"world.result(world.args['action'] == 'read')", kind="code")
+        await w.write_artifact("alice", "tool", b"world.result(1)", kind="code", readable="contract:strict")
+        await perform(w, "bob", ReadArtifact(id="tool"))
+        with pytest.raises(StoreError, match="denies bob to invoke"):
+            await w.invoke_artifact("bob", "tool")
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_a_contract_that_loops_is_cut_at_its_deadline_and_denies(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.write_artifact("alice", "spin", b"while True:\n    pass", kind="code")
+        await w.write_artifact("alice", "locked", b"x", readable="contract:spin")
+        t0 = time.monotonic()
+        with pytest.raises(StoreError) as err:
+            await perform(w, "bob", ReadArtifact(id="locked"))
+        elapsed = time.monotonic() - t0
+        assert err.value.code == "forbidden"
+        assert elapsed < CONTRACT_WALL_S + 3.0, elapsed
+        # The loop's CPU, cut at the contract's limit, is bob's.
+        assert CONTRACT_CPU_S * 0.5 < _cpu_charged(w, "bob") < CONTRACT_CPU_S + 2.0
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ task mint
+
+DOUBLE = TaskConfig(
+    id="double", description="define double(x)", reward=50, tests="assert double(2) == 4\nassert double(-3) == -6"
+)
+#: Rewards more than the supply cap leaves room for.
+BIG = TaskConfig(id="big", description="define one()", reward=100, tests="assert one() == 1")
+
+
+def _with_tasks(cfg: Config) -> Config:
+    # 2,100 scrip at the start (alice 1,000, bob 100, carol 1,000): room for DOUBLE's reward, not BIG's too.
+    return msgspec.structs.replace(cfg, tasks=[DOUBLE, BIG], budget=BudgetConfig(scrip_supply_cap=2_200))
+
+
+def test_a_task_pays_exactly_once_under_concurrent_submissions_and_never_for_a_failing_artifact(
+    tmp_path: Path,
+) -> None:
+    events: list[str] = []
+    good = b"def double(x):\n    return 2 * x\n"
+
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        supply = led.supply()["scrip"]
+        await w.write_artifact("alice", "almost", b"def double(x):\n    return x + 2\n", kind="code")
+        before = _cpu_charged(w, "alice")
+        with pytest.raises(TaskError) as err:
+            await perform(w, "alice", SubmitTask(task="double", id="almost"))
+        assert err.value.code == "code_error" and str(err.value).endswith("tests: AssertionError")
+        assert _cpu_charged(w, "alice") > before  # the tests ran confined, charged to the submitter
+        assert led.supply()["scrip"] == supply
+        for agent in ("alice", "bob", "carol"):
+            await w.write_artifact(agent, f"{agent}-double", good, kind="code")
+        scrip = {a: led.balance(a, "scrip") for a in ("alice", "bob", "carol")}
+        outcomes = await asyncio.gather(
+            *(perform(w, a, SubmitTask(task="double", id=f"{a}-double")) for a in ("alice", "bob", "carol")),
+            return_exceptions=True,
+        )
+        paid = [a for a, o in zip(("alice", "bob", "carol"), outcomes, strict=True) if not isinstance(o, BaseException)]
+        refused = [o for o in outcomes if isinstance(o, TaskError)]
+        assert len(paid) == 1 and len(refused) == 2 and {e.code for e in refused} == {"conflict"}
+        assert led.balance(paid[0], "scrip") == scrip[paid[0]] + 50
+        assert led.supply()["scrip"] == (supply[0] + 50, supply[1])
+        [award] = [e.op for e in led.journal() if isinstance(e.op, AwardTask)]
+        assert (award.task, award.agent, award.blob) == ("double", paid[0], blob_id(good))
+        # Someone else's code cannot be submitted, and the supply cap bounds what tasks mint.
+        with pytest.raises(TaskError, match="of your own"):
+            await w.submit_task("bob", "double", "alice-double")
+        await w.write_artifact("bob", "one", b"def one():\n    return 1\n", kind="code")
+        with pytest.raises(TaskError, match="over its cap of 2200"):
+            await w.submit_task("bob", "big", "one")
+        assert w.mint is not None and [t.id for t in w.mint.open_tasks()] == ["big"]
+
+    with_world(tmp_path, body, events, tweak=_with_tasks)
+    assert events.count("task_solved") == 1
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- triggers
+
+
+def test_a_trigger_fires_once_per_matching_event_and_stops_when_its_subscriber_is_broke(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    async def body(w: World) -> None:
+        assert w.events is not None
+        led = w.economy.ledger
+        # bob (100 scrip) pays 40 a firing for carol's tool: two firings, then it cannot pay.
+        await w.write_artifact("carol", "watcher", b"world.result(world.args['fields']['id'])", kind="code", price=40)
+        done = await perform(w, "bob", Subscribe(id="watcher", on="artifact_written", actor="alice"))
+        [trigger] = w.triggers.triggers.values()
+        assert trigger.id in done.text
+        since = await w.events.last_seq_async()
+        carol = led.balance("carol", "scrip")
+        await w.write_artifact("carol", "not-alice", b"x")  # another actor: no firing
+        for i in range(3):
+            await w.write_artifact("alice", f"note{i}", b"x")
+        suspended = await w.events.wait("bob", kinds={"trigger_suspended"}, since=since, timeout=60)
+        assert suspended and "insufficient_funds" in suspended[0].fields["reason"]
+        assert (trigger.fired, trigger.state) == (2, "suspended")
+        invoked = await w.events.read_async(since, kinds={"artifact_invoked"}, agent="carol")
+        assert [e.fields["by"] for e in invoked if e.fields["ok"]] == ["bob", "bob"]
+        assert led.balance("carol", "scrip") == carol + 80 and led.balance("bob", "scrip") == 20
+        # Suspended: its task has ended, and a new matching event does not match it any more.
+        assert w.triggers.tasks[0].done()
+        await w.write_artifact("alice", "note3", b"x")
+        await w.events.publish("marker")  # committed in order: the write's event is durable before it
+        [note3] = (await w.events.read_async(since, kinds={"artifact_written"}, agent="alice"))[-1:]
+        assert note3.fields["id"] == "note3" and not trigger.matches(note3)
+
+    with_world(tmp_path, body, events)
+    assert events.count("trigger_suspended") == 1
+    _ledger_ok(tmp_path)
+
+
+def test_the_default_config_s_tasks_are_earned_with_one_line_solutions_the_grammar_allows(tmp_path: Path) -> None:
+    shipped = load(Path(__file__).resolve().parents[2] / "config" / "default.yaml")
+    assert [t.id for t in shipped.tasks] == ["double", "add"]
+    solutions = {"double": "def double(x): return 2 * x", "add": "def add(a, b): return a + b"}
+
+    def tweak(cfg: Config) -> Config:
+        return msgspec.structs.replace(cfg, tasks=shipped.tasks, budget=shipped.budget)
+
+    async def body(w: World) -> None:
+        earned = 0
+        for task in shipped.tasks:
+            code = solutions[task.id]
+            assert re.match(ACTION_SCHEMA["anyOf"][1]["properties"]["content"]["pattern"], code)
+            await perform(w, "carol", WriteArtifact(id=f"sol-{task.id}", content=code, artifact_kind="code"))
+            done = await perform(w, "carol", SubmitTask(task=task.id, id=f"sol-{task.id}"))
+            assert done.text.endswith(f"earned {task.reward} scrip")
+            earned += task.reward
+        assert w.mint is not None and w.mint.open_tasks() == []
+        assert w.economy.ledger.balance("carol", "scrip") == 1000 + earned
+
+    with_world(tmp_path, body, tweak=tweak)
+    _ledger_ok(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ charge_to
+
+
+def test_an_owner_pays_for_others_runs_only_up_to_what_it_sponsors(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.write_artifact("alice", "spin", b"while True:\n    pass", kind="code")
+        await w.write_artifact("alice", "hello", b"world.result('hi')", kind="code")
+        # Not sponsored: asking the owner to pay is refused, and nothing runs.
+        with pytest.raises(InvokeError) as err:
+            await perform(w, "bob", InvokeArtifact(id="hello", charge_to="owner"))
+        assert err.value.code == "insufficient_funds"
+        await perform(w, "alice", Sponsor(id="hello", cpu_seconds=5.0))
+        bob, alice = _cpu_charged(w, "bob"), _cpu_charged(w, "alice")
+        done = await perform(w, "bob", InvokeArtifact(id="hello", charge_to="owner"))
+        assert '"hi"' in done.text
+        assert _cpu_charged(w, "bob") == bob and _cpu_charged(w, "alice") > alice  # the owner paid
+        assert w.sponsored[("alice", "hello")] < 5.0
+        # A loop on the owner's account is cut at what is left of its sponsorship.
+        await perform(w, "alice", Sponsor(id="spin", cpu_seconds=0.3))
+        alice = _cpu_charged(w, "alice")
+        with pytest.raises(InvokeError):
+            await perform(w, "bob", InvokeArtifact(id="spin", charge_to="owner"))
+        assert 0.1 < _cpu_charged(w, "alice") - alice < 0.3 + 0.2
+        assert _cpu_charged(w, "bob") == bob
+        with pytest.raises(InvokeError, match="does not pay"):
+            await perform(w, "bob", InvokeArtifact(id="spin", charge_to="owner"))
+        # Only the owner can sponsor.
+        with pytest.raises(InvokeError):
+            await perform(w, "bob", Sponsor(id="hello", cpu_seconds=1.0))
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_a_contract_answer_for_any_caller_is_asked_once_even_by_concurrent_callers(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        gate = b"world.result({'allow': world.args['action'] == 'read', 'any_caller': True})"
+        await w.write_artifact("alice", "gate", gate, kind="code")
+        await w.write_artifact("alice", "board", b"open to all readers", readable="contract:gate")
+        # Asked at once by many: one run, whose answer every caller then uses.
+        await asyncio.gather(*(perform(w, agent, ReadArtifact(id="board")) for agent in ("bob", "carol") * 3))
+        await perform(w, "alice", ReadArtifact(id="board"))  # the owner is not asked at all
+        assert (w.access.contract_runs, w.access.cache_hits) == (1, 5)
+
+    with_world(tmp_path, body)

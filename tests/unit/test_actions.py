@@ -1,0 +1,18 @@
+"""The action language agrees with the ledger it acts on."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from runtime.actions import ReadableText, RightAsset, TradeAsset
+from runtime.economy.ledger import ASSETS
+from runtime.world.store import READABLE_PATTERN
+
+
+def test_the_actions_name_exactly_the_ledger_assets() -> None:
+    assert get_args(TradeAsset) == ASSETS
+    assert get_args(RightAsset) == tuple(a for a in ASSETS if a != "scrip")
+
+
+def test_the_write_action_takes_exactly_the_store_s_access_policies() -> None:
+    assert get_args(ReadableText)[1].pattern == READABLE_PATTERN
