@@ -32,7 +32,8 @@ def _action(kind: str, **props: Any) -> dict[str, Any]:
     }
 
 
-_OFFER = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}[.][A-Za-z0-9_.-]{1,40}$"}
+#: An offer id `<agent>.<name>`: at most 64 characters in all, as the action's own type allows.
+_OFFER = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}[.][A-Za-z0-9_.-]{1,39}$"}
 _RIGHT = {"enum": ["cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]}
 _PRICE = {"enum": [0, 1, 2, 5, 10, 20, 50]}
 #: Rights come in very different units (millicores, tokens/s, bytes, micro-dollars).

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from runtime.actions import AcceptOffer
+from runtime.agents import schema
 from runtime.agents.schema import ACTION_SCHEMA, parse_action
 
 #: One instance of each variant the schema lists (in its order), as a model constrained by it could write.
@@ -63,3 +65,11 @@ def test_the_schema_compiles_to_a_grammar() -> None:
     grammar = gbnf.json_schema_to_gbnf(json.dumps(ACTION_SCHEMA))
     for kind in ("accept_offer", "submit", "subscribe", "offer", "sponsor"):
         assert kind in grammar
+
+
+def test_the_longest_offer_id_the_grammar_admits_is_one_the_action_accepts() -> None:
+    pattern = re.compile(schema._OFFER["pattern"])
+    longest = "a" * 24 + "." + "b" * 39
+    assert pattern.fullmatch(longest) and not pattern.fullmatch(longest + "b")
+    action = parse_action(json.dumps({"kind": "accept_offer", "offer": longest}))
+    assert isinstance(action, AcceptOffer) and action.offer == longest
