@@ -25,8 +25,6 @@ from runtime.host.retry import GaveUp, reason, retry_transient
 #: Connection failures that mean "not yet": the server is down, starting, or its name not resolvable yet.
 _TRANSIENT = (
     "connection refused",
-    "the database system is starting up",
-    "the database system is shutting down",
     "could not translate host name",
     "timeout expired",
     "no route to host",
@@ -59,8 +57,20 @@ def check_url(url: str, *, what: str = "POSTGRES_URL") -> None:
         )
 
 
+#: FATAL refusals that still mean "not yet" (SQLSTATE 57P03, cannot_connect_now): every other FATAL
+#: (a wrong password, an unknown role or database) is the URL's fault and is not retried.
+_NOT_YET = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+)
+
+
 def _transient(exc: psycopg.OperationalError) -> bool:
     text = str(exc).lower()
+    if any(words in text for words in _NOT_YET):
+        return True
     return "fatal" not in text and any(word in text for word in _TRANSIENT)
 
 
