@@ -10,7 +10,27 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+import pytest
+
+#: The checkout: where ``python -m`` finds the project.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_m(module: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m module args…`` run from the checkout to its end, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def start_supervisor(config: Path, *args: str) -> subprocess.Popen[str]:
+    """A supervisor on ``config`` without its live view, started from the checkout, its output piped
+    as text (the test reads it with ``communicate`` once it has stopped it)."""
+    argv = [sys.executable, "-m", "runtime.supervisor", "--config", str(config), "--no-live", *args]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 class Closable(Protocol):
@@ -80,6 +100,22 @@ def die_with_parent() -> None:
     into a finished test's directory)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``where`` (made here) with mount ``options`` (``size=8m``, ``ro`` …) for the
+    block; the test is skipped where mounting is not allowed."""
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 def reap(procs: Iterable[subprocess.Popen[Any]]) -> None:

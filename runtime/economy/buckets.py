@@ -240,6 +240,10 @@ class Buckets:
         """Agents that have buckets, in the order they were added."""
         return list(self._buckets)
 
+    def __contains__(self, agent: object) -> bool:
+        """Whether ``agent`` has buckets here."""
+        return agent in self._buckets
+
     def level(self, agent: str, resource: str) -> float:
         """The level of ``agent``'s ``resource`` bucket now (for status displays and agent contexts)."""
         return self.get(agent, resource).level(self._clock())

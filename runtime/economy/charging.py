@@ -45,9 +45,11 @@ def charge(
     The operation carries the bucket levels after the charge and is keyed by the task id: applying
     it again (a retry after a crash) changes nothing, and a restart restores exactly those levels.
     """
-    levels = {"cpu": buckets.charge(agent, "cpu", usage.charged_seconds + supervisor_cpu_seconds)}
-    if llm_tokens:
-        levels["llm_tokens"] = buckets.charge(agent, "llm_tokens", float(llm_tokens))
+    levels: dict[str, BucketState] = {}
+    if agent in buckets:  # else an agent no longer configured (a recovery): its account pays, no bucket
+        levels["cpu"] = buckets.charge(agent, "cpu", usage.charged_seconds + supervisor_cpu_seconds)
+        if llm_tokens:
+            levels["llm_tokens"] = buckets.charge(agent, "llm_tokens", float(llm_tokens))
     return RecordUsage(
         id=f"usage:{task_id}",
         task_id=task_id,

@@ -60,21 +60,7 @@ def recover(
         except BadReport as exc:
             spoiled.append(Spoiled(rec.task_id.encode(), msgspec.msgpack.encode(rec), str(exc)))
             continue
-        if rec.agent in buckets.agents():
-            record = charge(buckets, rec.agent, rec.kind, rec.task_id, usage, False, error=CRASH_CODE)
-        else:  # no longer configured: its account pays, it has no bucket to lower
-            record = RecordUsage(
-                id=f"usage:{rec.task_id}",
-                task_id=rec.task_id,
-                agent=rec.agent,
-                kind=rec.kind,
-                ok=False,
-                error=CRASH_CODE,
-                cpu_seconds=usage.cpu_seconds,
-                occupancy_seconds=usage.occupancy_seconds,
-                memory_bytes=usage.task_memory_bytes,
-                wall_seconds=usage.wall_seconds,
-            )
+        record = charge(buckets, rec.agent, rec.kind, rec.task_id, usage, False, error=CRASH_CODE)
         try:
             ledger.apply(record)
         except LedgerError as exc:  # kept for the next start; the operator sees this line each time

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.harness import python_m
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """
@@ -26,23 +27,11 @@ agents:
 
 
 def _supervise(cfg: Path, seconds: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime.supervisor", "--config", str(cfg), "--no-live", "--duration", seconds],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return python_m("runtime.supervisor", "--config", str(cfg), "--no-live", "--duration", seconds)
 
 
 def _admin(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return python_m("runtime.admin", "--data-dir", str(data), *args, timeout_s=60)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import python_m, start_supervisor
 from tests.integration.test_native import _free_port
 from tests.integration.test_supervisor import SCRIPTED
 
@@ -37,13 +38,7 @@ def _actions(url: str, agent: str) -> int:
 
 
 def _admin(data: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = python_m("runtime.admin", "--data-dir", str(data), *args, timeout_s=60)
     assert not check or out.returncode == 0, out.stderr
     return out
 
@@ -57,13 +52,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
     config = tmp_path / "dash.yaml"
     config.write_text(SCRIPTED.format(data=data) + f"metrics_port: {port}\n")
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.supervisor", "--config", str(config), "--no-live"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_supervisor(config)
     try:
         token_file = data / "run" / "dashboard.token"
         deadline = time.monotonic() + 60
@@ -134,13 +123,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     # Both controls are journaled: the pause in the event log, the grant in the ledger.
-    dump = subprocess.run(
-        [sys.executable, "-m", "runtime.events", "dump", str(data / "events")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    dump = python_m("runtime.events", "dump", str(data / "events"), timeout_s=60)
     logged = list(map(json.loads, dump.stdout.splitlines()))
     controls = [e for e in logged if e["kind"] in ("agent_paused", "agent_resumed")]
     assert [(e["kind"], e["agent"], e["fields"]["by"]) for e in controls] == [

@@ -4,13 +4,11 @@ resume when space returns."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from runtime.pool.inflight import MAP_SIZE, InflightLog
 from runtime.world.store import DISK_FLOOR, StoreError
 from runtime.world.store.git import GitStore
+from tests.harness import python_m, start_supervisor, tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
@@ -48,20 +47,8 @@ print("ok")
 """
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
 def test_writes_on_a_full_volume_never_raise_sigbus(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "vol", f"{(MAP_SIZE >> 20) + 4}m") as vol:
+    with tmpfs(tmp_path / "vol", f"size={(MAP_SIZE >> 20) + 4}m") as vol:
         out = subprocess.run(
             [sys.executable, "-c", CHILD, str(vol / "inflight")], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
@@ -70,7 +57,7 @@ def test_writes_on_a_full_volume_never_raise_sigbus(tmp_path: Path) -> None:
 
 def test_a_volume_without_room_for_the_log_is_a_clear_error(tmp_path: Path) -> None:
     with (
-        _tmpfs(tmp_path / "vol", f"{(MAP_SIZE >> 20) // 2}m") as vol,
+        tmpfs(tmp_path / "vol", f"size={(MAP_SIZE >> 20) // 2}m") as vol,
         pytest.raises(OSError, match=r"cannot reserve \d+ MiB for the in-flight log"),
     ):
         InflightLog(vol / "inflight")
@@ -87,7 +74,7 @@ def _fill(vol: Path, leave: int) -> Path:
 
 
 def test_agents_writes_are_refused_on_a_nearly_full_volume_and_resume_when_space_returns(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "vol", f"{(DISK_FLOOR >> 20) + 24}m") as vol:
+    with tmpfs(tmp_path / "vol", f"size={(DISK_FLOOR >> 20) + 24}m") as vol:
         store = GitStore(vol / "artifacts.git")
         try:
             first = store.write("alice", "notes", b"x" * 1000, quota=1 << 30)
@@ -126,30 +113,18 @@ agents:
 
 
 def _journal_transfers(data: Path) -> int:
-    out = subprocess.run(
-        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), "journal"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = python_m("runtime.admin", "--data-dir", str(data), "journal", timeout_s=60)
     return out.stdout.count('"op":"transfer"')
 
 
 def test_a_supervisor_on_a_volume_that_fills_up_keeps_running_and_carries_on_when_space_returns(
     tmp_path: Path,
 ) -> None:
-    with _tmpfs(tmp_path / "vol", "200m") as vol:
+    with tmpfs(tmp_path / "vol", "size=200m") as vol:
         data = vol / "data"
         cfg = tmp_path / "full.yaml"
         cfg.write_text(FULL_RUN.format(data=data))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.supervisor", "--config", str(cfg), "--no-live"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_supervisor(cfg)
         try:
             deadline = time.monotonic() + 60
             while not (data / "run" / "status.json").exists():
@@ -168,21 +143,9 @@ def test_a_supervisor_on_a_volume_that_fills_up_keeps_running_and_carries_on_whe
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
-        events = subprocess.run(
-            [sys.executable, "-m", "runtime.events", "dump", str(data / "events"), "--kind", "action"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
+        events = python_m("runtime.events", "dump", str(data / "events"), "--kind", "action", timeout_s=60).stdout
         assert "disk_full" in events  # the writes the full volume refused, said to the agent
-        check = subprocess.run(
-            [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), "check"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        check = python_m("runtime.admin", "--data-dir", str(data), "check", timeout_s=60)
         assert check.returncode == 0 and "all invariants hold" in check.stdout, check.stdout + check.stderr
         fsck = subprocess.run(["git", "-C", str(data / "artifacts.git"), "fsck", "--strict"], capture_output=True)
         assert fsck.returncode == 0, fsck.stderr

@@ -21,6 +21,7 @@ from native.tiny_model import write_tiny_model
 from runtime.ops.bill import Bill
 from runtime.ops.status import Status
 from tests.cgroup_box import cgroup_box
+from tests.harness import python_m
 from tests.integration.test_native import _free_port, _llama_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,13 +189,7 @@ def test_dollars_spent_and_left_reach_every_surface(tmp_path: Path) -> None:
         with _supervisor(config) as proc:
             st = _status_when(path, proc, lambda s: s.totals is not None and s.totals.spent_usd > 0, 120)
             values = _metrics(port)
-            shown = subprocess.run(
-                [sys.executable, "-m", "runtime.status", "--data-dir", str(tmp_path / "data")],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            shown = python_m("runtime.status", "--data-dir", str(tmp_path / "data"), timeout_s=60)
     assert st.totals is not None
     by_id = {a.id: a for a in st.agents}
     spent = sum(a.spent_usd for a in by_id.values())

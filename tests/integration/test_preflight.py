@@ -3,13 +3,10 @@ alike: one line on stderr, exit 2, no traceback, and nothing created."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -18,19 +15,14 @@ import pytest
 from runtime import config as config_mod
 from runtime.economy.ledger.rules import MAX_SUPPLY
 from runtime.ops import preflight
+from tests.harness import python_m, start_supervisor, tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = "{id: a, workload: [{kind: echo}]}"
 
 
 def _run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime.supervisor", "--config", str(config), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return python_m("runtime.supervisor", "--config", str(config), *args)
 
 
 def _refused(config: Path, data: Path, *needles: str) -> None:
@@ -104,29 +96,15 @@ def test_a_data_dir_too_long_for_its_sockets_is_refused(tmp_path: Path) -> None:
     _refused(_config(tmp_path, data), data, "too long for its ipc sockets", "pool.transport: tcp")
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, options: str) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_read_only_data_dir_is_refused(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "ro", "ro,size=64m") as ro:
+    with tmpfs(tmp_path / "ro", "ro,size=64m") as ro:
         _refused(_config(tmp_path, ro / "data"), ro / "data", "cannot be created", "not writable")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_data_dir_on_a_full_volume_is_refused(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "small", "size=8m") as small:
+    with tmpfs(tmp_path / "small", "size=8m") as small:
         _refused(_config(tmp_path, small / "data"), small / "data", "MiB free", "MiB needed")
 
 
@@ -143,13 +121,7 @@ def test_a_second_supervisor_on_the_same_data_dir_is_refused_in_one_line(tmp_pat
     cfg.write_text(
         f"data_dir: {data}\nmetrics_port: 0\nagents:\n  - {{id: a, pause_ms: 50, workload: [{{kind: echo}}]}}\n"
     )
-    first = subprocess.Popen(
-        [sys.executable, "-m", "runtime.supervisor", "--config", str(cfg), "--no-live"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start_supervisor(cfg)
     try:
         lock = data / "run" / "supervisor.lock"
         deadline = time.monotonic() + 60
@@ -176,9 +148,7 @@ def test_a_second_supervisor_on_the_same_data_dir_is_refused_in_one_line(tmp_pat
     ],
 )
 def test_the_events_cli_says_what_is_wrong_in_one_line(args: tuple[str, ...], code: int, needle: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "runtime.events", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    out = python_m("runtime.events", *args, timeout_s=60)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert needle in lines[0] and "Traceback" not in out.stderr, lines[0]
