@@ -1,204 +1,29 @@
-"""The supervisor: ``python -m runtime.supervisor [--config FILE] [--check] [--duration S]``.
+"""``python -m runtime.supervisor``: the documented command line; the code is ``runtime.ops.supervisor``.
 
-It opens a ``runtime.node.Node`` (the pool sized from the container's limits, the economy, the world
-and the configured agents), runs the agents, shows a live table and refreshes the status file, and on
-exit (SIGINT/SIGTERM, or after ``--duration``) stops every worker and writes a JSON usage summary
-under the data directory.
+Importing the runtime takes a moment (llama.cpp, ZeroMQ, LMDB, Qdrant's client …). A SIGINT or SIGTERM
+in that moment stops the process quietly with one line, before anything was opened or created; once
+the supervisor's loop runs it handles both itself (and stops cleanly, writing its summary).
 """
 
-from __future__ import annotations
-
-import argparse
-import asyncio
-import contextlib
-import logging
-import os
-import resource
 import signal
 import sys
-import time
-from pathlib import Path
-
-import lmdb
-import msgspec
-
-from runtime import config as config_mod
-from runtime.backends import BackendUnavailable
-from runtime.host import cgroups as cg
-from runtime.host import limits as limits_mod
-from runtime.host.limits import CapacityError
-from runtime.node import Node
-from runtime.ops import dashboard, metrics, preflight
-from runtime.ops.dashboard import Dashboard
-from runtime.ops.ecology import EcologyFigures, EcologyMeter
-from runtime.ops.live import LiveView, frame, plain
-from runtime.ops.stats import Meter, Snapshot
-from runtime.ops.status import STATUS_NAME, Status, write_status
-from runtime.pool import WorkerPool
-from runtime.pool.accounting import UsageSummary
-
-log = logging.getLogger("runtime.supervisor")
+from types import FrameType
 
 
-def summarize(pool: WorkerPool) -> UsageSummary:
-    """What everyone used, for the JSON summary."""
-    st = pool.status()
-    own = resource.getrusage(resource.RUSAGE_SELF)  # SELF: reaped workers are in RUSAGE_CHILDREN
-    return UsageSummary(
-        agents=dict(pool.accounts.agents),
-        charged_cpu_seconds=pool.accounts.charged(),
-        overhead_cpu_seconds=pool.accounts.overhead(),
-        supervisor_cpu_seconds=own.ru_utime + own.ru_stime,
-        workers_started=st.started,
-        workers_crashed=st.crashed,
-        memory_probe=st.memory_probe,
-        cgroups=st.cgroups,
-        reconciliation=pool.accounts.reconcile(pool.kernel_cpu(), retired=True),
-        container={"cpu_capacity": st.cpu_capacity, "memory_limit_bytes": st.memory_limit},
-    )
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
-async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) -> int:
-    """Run the node until a signal or the end of ``duration_s``."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if duration_s is not None:
-        loop.call_later(duration_s, stop.set)
-    started = time.monotonic()
-    try:
-        claim = preflight.claim_data_dir(Path(cfg.data_dir))
-    except config_mod.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        node = await Node(cfg, say=_say).start()
-    except (BackendUnavailable, CapacityError, config_mod.ConfigError) as exc:
-        os.close(claim)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except lmdb.Error as exc:  # the ledger or the event log: the truth, which nothing can rebuild
-        os.close(claim)
-        print(
-            f"error: {exc} (that file is damaged: restore the data_dir from a backup; derived files — the "
-            "store's index, the in-flight log — are set aside and rebuilt on their own)",
-            file=sys.stderr,
-        )
-        return 1
-    pool, world, events = node.pool, node.world, node.events
-    _say(
-        f"supervisor {os.getpid()}: {pool.size} workers ({pool.status().cgroups}); "
-        f"{len(node.cfg.agents)} agents sharing {node.capacity} millicores; data in {node.data}; "
-        f"events: python -m runtime.events tail {node.backends.publisher.endpoint}\n"
-        + "\n".join(limits_mod.describe(node.limits, node.sizing))
-    )
-    _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
-    ecology = EcologyMeter(node.backends.ledger)
-    dash: Dashboard | None = None
-    if cfg.metrics_port:
-        try:
-            sock = dashboard.bind(cfg.metrics_host, cfg.metrics_port)
-        except OSError as exc:  # the port is taken: run on, say so
-            log.warning("no dashboard or metrics on %s:%d: %s", cfg.metrics_host, cfg.metrics_port, exc)
-        else:
-            registry = metrics.registry(pool, node.economy, lambda: node.agents, ecology)
-            url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
-            token = dashboard.new_token(node.data / "run", url)
-            dash = Dashboard(
-                token, registry, node.economy.ledger, node.events, world.store, lambda: node.agents, node.economy
-            )
-            dash.start(sock, loop)
-            # The token is shown here once; it stays readable by this user only in the data directory.
-            _say(f"dashboard: {url}/ (operator token: {token}); metrics: {url}/metrics")
-    node.start_agents()
-    meter = Meter(node.info)
-
-    def snapshot() -> Snapshot:
-        return meter.snapshot(node.limits, node.sizing, pool, node.agents, node.economy)
-
-    def status(table: str, snap: Snapshot, running: bool, figures: EcologyFigures) -> Status:
-        return Status.of(snap, f"{table}\n{figures.line()}", running, figures)
-
-    status_file = node.data / "run" / STATUS_NAME
-    lost_summary = False
-    view = LiveView() if live else None
-    with view or contextlib.nullcontext():
-        try:
-            while not stop.is_set() and not pool.failed:
-                now = time.monotonic() - started
-                snap = snapshot()
-                shown = frame(pool, node.agents, now, world, events, snap)
-                current = status(plain(shown), snap, running=True, figures=ecology.figures())
-                write_status(status_file, current)
-                if dash is not None:
-                    dash.status = current
-                if view is not None:
-                    view.show(shown, now)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
-        finally:
-            if dash is not None:
-                await asyncio.to_thread(dash.close)
-            await node.stop()
-            snap = snapshot()
-            last = frame(pool, node.agents, time.monotonic() - started, world, events, snap)
-            figures = ecology.figures()  # while the ledger is open
-            await node.close()
-            summary_path = config_mod.data_path(cfg, cfg.summary)
-            final = status(plain(last), snap, running=False, figures=figures)
-            write_status(status_file, final)
-            if view is not None and view.tty:
-                view.show(last, time.monotonic() - started)  # the terminal keeps the last frame drawn
-            else:
-                print(final.table, flush=True)
-            try:
-                summary_path.write_bytes(msgspec.json.format(msgspec.json.encode(summarize(pool))))
-            except OSError as exc:  # a full disk: the ledger already holds every charge; only this copy is lost
-                print(
-                    f"error: usage summary {summary_path}: {exc.strerror} (the ledger has the charges)", file=sys.stderr
-                )
-                lost_summary = True
-    if lost_summary:
-        return 1
-    print(f"usage summary: {summary_path}", flush=True)
-    if pool.failed:
-        print(f"error: worker pool failed: {pool.failed}", file=sys.stderr)
-        return 1
-    return 0
+def _stop_starting(signum: int, frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    print(f"error: stopped by {name} while starting (nothing was opened)", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.supervisor", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="config/default.yaml", help="YAML configuration file")
-    ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    ap.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
-    ap.add_argument("--no-live", action="store_true", help="no live table (log lines only)")
-    args = ap.parse_args(argv)
-    if args.duration is not None and args.duration <= 0:
-        ap.error(f"--duration must be positive, got {args.duration}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
-    # The check and the start run the same checks, before anything is created: what --check accepts,
-    # the start does not then refuse.
-    try:
-        cfg = config_mod.load(args.config)
-        limits = limits_mod.detect(cg.discover())
-        sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
-        preflight.check(cfg, sizing.workers)
-    except (CapacityError, config_mod.ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.check:
-        print(f"{args.config}: ok ({len(cfg.agents)} agents, workers: {cfg.pool.workers})")
-        print("\n".join(limits_mod.describe(limits, sizing)))
-        return 0
-    return asyncio.run(serve(cfg, args.duration, live=not args.no_live))
+    """Run the supervisor (``runtime.ops.supervisor.main``), quiet about a signal while it loads."""
+    from runtime.ops.supervisor import main as run
+
+    return run(argv)
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop_starting)
     sys.exit(main())

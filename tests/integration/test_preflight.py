@@ -152,3 +152,27 @@ def test_the_events_cli_says_what_is_wrong_in_one_line(args: tuple[str, ...], co
     lines = out.stderr.strip().splitlines()
     assert out.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert needle in lines[0] and "Traceback" not in out.stderr, lines[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_at_any_moment_of_the_start_stops_it_without_a_traceback(sig: signal.Signals, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    cfg = tmp_path / "start.yaml"
+    cfg.write_text(
+        f"data_dir: {data}\nmetrics_port: 0\nagents:\n  - {{id: a, pause_ms: 50, workload: [{{kind: echo}}]}}\n"
+    )
+    codes = []
+    for delay in (0.05, 0.3, 0.8, 1.5, 3.0):
+        proc = start_supervisor(cfg)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, (delay, err[-3000:])
+        # Stopped while loading (one line, 128 + the signal) or by the running loop (cleanly, 0).
+        assert proc.returncode in (0, 128 + sig), (delay, proc.returncode, err[-2000:])
+        if proc.returncode:
+            assert err.strip().splitlines()[-1] == f"error: stopped by {sig.name} while starting (nothing was opened)"
+        codes.append(proc.returncode)
+    check = python_m("runtime.admin", "--data-dir", str(data), "check")
+    assert not (data / "ledger").exists() or "all invariants hold" in check.stdout, check.stdout + check.stderr
+    print(f"{sig.name}: exit codes by delay {codes}")
