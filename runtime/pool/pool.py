@@ -1347,7 +1347,13 @@ class WorkerPoolExecutor(cf.Executor):
         self._pending: set[UsageFuture] = set()
         self._idle = threading.Condition(self._lock)
         self._pool = WorkerPool(cfg, size=max_workers, initializer=boot)
-        self._pool.on_broken = self._break
+        brk = weakref.WeakMethod(self._break)  # the pool (held by its thread) must not hold the executor
+
+        def on_broken(reason: str) -> None:
+            if (executor_break := brk()) is not None:
+                executor_break(reason)
+
+        self._pool.on_broken = on_broken
         self._max_workers = self._pool.size
         self._runner = _LoopThread(self._pool)
         self._runner.thread.start()
@@ -1437,13 +1443,13 @@ class WorkerPoolExecutor(cf.Executor):
             return False
 
         task_id: list[int] = []  # known on the pool's loop; stopping runs there after submitting (FIFO)
-        pool, runner = self._pool, self._runner
+        pool, runner, agent = self._pool, self._runner, self._agent
 
         def stop() -> None:
             runner.call(lambda: pool.cancel(task_id[0]))
 
         fut._stop = stop
-        runner.call(lambda: task_id.append(pool.submit(spec, done, agent=self._agent, claim=claim)))
+        runner.call(lambda: task_id.append(pool.submit(spec, done, agent=agent, claim=claim)))
         return fut
 
     def _settle(self, fut: UsageFuture) -> None:
