@@ -41,6 +41,7 @@ import itertools
 import logging
 import os
 import pickle
+import queue
 import secrets
 import shutil
 import signal
@@ -276,6 +277,40 @@ def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
 #: nanoseconds; this covers the last update of a running thread's figure.
 _CGROUP_SLACK_S = 0.002
 _HOST_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Spawner:
+    """Starts worker processes from one thread that lives as long as the supervisor's process. A
+    worker's parent-death signal (``PR_SET_PDEATHSIG``) fires when the *thread* that forked it ends:
+    forked from a pool's event-loop thread, workers would die with that thread (an executor's), not
+    with the process."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[cf.Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]]
+        self._requests = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen(argv, **kwargs)``, forked from the spawner's thread."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="aeco-spawner", daemon=True)
+                self._thread.start()
+        done: cf.Future[subprocess.Popen[bytes]] = cf.Future()
+        self._requests.put((done, argv, kwargs))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            done, argv, kwargs = self._requests.get()
+            try:
+                done.set_result(subprocess.Popen(argv, **kwargs))
+            except BaseException as exc:  # the caller raises it
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
 
 
 def hand_keys(worker_id: int) -> tuple[int, p.WorkerKeys]:
@@ -925,7 +960,7 @@ class WorkerPool:
             env["AECO_CGROUP_PROCS"] = "\n".join(cgroups.procs_files())
             argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", *argv]
         try:
-            proc = subprocess.Popen(argv, env=env, close_fds=True, pass_fds=(keys_fd,), stdin=subprocess.DEVNULL)
+            proc = _spawner.popen(argv, env=env, close_fds=True, pass_fds=(keys_fd,), stdin=subprocess.DEVNULL)
         finally:
             os.close(keys_fd)
         pidfd = os.pidfd_open(proc.pid)

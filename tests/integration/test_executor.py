@@ -8,7 +8,9 @@ import gc
 import logging
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -17,6 +19,7 @@ import pytest
 
 from runtime.errors import AecoError
 from runtime.pool import TaskFailed, UsageFuture, WorkerPool, WorkerPoolExecutor
+from runtime.pool import pool as pool_module
 from runtime.protocol import Echo
 
 
@@ -249,3 +252,34 @@ def test_the_asyncio_pool_says_clearly_when_it_is_used_out_of_order() -> None:
         assert after.value.code == "pool_closed"
 
     asyncio.run(main())
+
+
+_ARMED = (
+    "import ctypes, signal, time; ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0); "  # as workers.worker does
+    "print('armed', flush=True); time.sleep(60)"
+)
+
+
+def test_workers_parent_death_signal_is_tied_to_the_process_not_to_the_thread_that_started_them() -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_both() -> None:  # a thread that ends at once, as an executor's loop thread does at shutdown
+        argv = [sys.executable, "-c", _ARMED]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE))  # control: forked by this thread
+        procs.append(pool_module._spawner.popen(argv, stdout=subprocess.PIPE))  # as the pool forks workers
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == b"armed\n"
+
+    thread = threading.Thread(target=start_both)
+    thread.start()
+    thread.join()
+    control, worker = procs
+    try:
+        assert control.wait(timeout=30) == -signal.SIGKILL  # its forking thread ended: the kernel killed it
+        assert worker.poll() is None  # signalled at the same moment, had it been tied to that thread
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()
