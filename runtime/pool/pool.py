@@ -14,9 +14,10 @@ Invariants (asserted where they can break):
   CPU above the kernel's count of the worker since the task was sent is cut to that count.
 
 Failures become clear errors rather than hangs: a worker that dies fails its task with
-``worker_crashed`` (retried once if the task is idempotent); a task over its deadline has its worker
-killed and fails with ``deadline_exceeded``; too many crashes in a window and the pool fails every
-task with ``pool_failed`` instead of restarting forever.
+``worker_crashed`` (``WorkerCrashed``, also a ``BrokenProcessPool``; retried once if the task is
+idempotent); a task over its deadline has its worker killed and fails with ``deadline_exceeded``; too
+many crashes in a window and the pool fails every task with ``pool_failed`` instead of restarting
+forever.
 
 Holding a worker is paid for: each attempt's ``TaskUsage`` carries an occupancy surcharge of
 ``max(0, held × share - cpu)`` (``accounting.occupancy``), ``held`` being the time from dispatch to the

@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from runtime.errors import AecoError
-from runtime.pool import TaskFailed, UsageFuture, WorkerPool, WorkerPoolExecutor
+from runtime.pool import UsageFuture, WorkerCrashed, WorkerPool, WorkerPoolExecutor
 from runtime.pool import pool as pool_module
 from runtime.protocol import Echo
 
@@ -193,7 +193,7 @@ def test_a_dead_worker_breaks_the_executor_with_a_broken_process_pool_that_has_c
         os.kill(busy[0].pid, signal.SIGKILL)
         with pytest.raises(BrokenProcessPool) as err:
             running.result(timeout=30)
-        assert isinstance(err.value, TaskFailed) and err.value.code == "worker_crashed"
+        assert isinstance(err.value, WorkerCrashed) and err.value.code == "worker_crashed"
         assert err.value.usage is not None and err.value.usage.worker_pid == busy[0].pid
         for fut in queued:  # every other pending future fails too, as with ProcessPoolExecutor
             assert isinstance(fut.exception(timeout=30), BrokenProcessPool)
