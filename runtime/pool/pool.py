@@ -1472,9 +1472,12 @@ class WorkerPoolExecutor(cf.Executor):
                 settle(fut)
 
         def claim() -> bool:
-            with contextlib.suppress(RuntimeError):  # already failed: the executor broke meanwhile
-                if fut.set_running_or_notify_cancel():
-                    return True
+            # A future failed already (the executor broke) is not started; the check and the set race
+            # only with a break, whose RuntimeError is then expected.
+            if fut.cancelled() or not fut.done():
+                with contextlib.suppress(RuntimeError):
+                    if fut.set_running_or_notify_cancel():
+                        return True
             settle(fut)
             return False
 
