@@ -257,6 +257,8 @@ class Hello(_Msg, tag="hello", frozen=True):
     memory_probe: MemoryProbe
     counters: Counters
     secret: bytes = b""
+    #: The executor's initializer raised (its traceback): the worker exits after this hello.
+    init_error: str = ""
 
 
 class Task(_Msg, tag="task", frozen=True):
@@ -355,6 +357,8 @@ class WorkerBoot(Struct, frozen=True, forbid_unknown_fields=True):
     sandbox_hide: list[str] = []
     #: An inherited pipe holding the worker's ``WorkerKeys`` (-1: none, a worker started by hand).
     keys_fd: int = -1
+    #: A pickled ``(fn, args)`` to call before saying hello (``WorkerPoolExecutor``'s initializer).
+    initializer: bytes = b""
 
 
 class WorkerKeys(Struct, frozen=True, forbid_unknown_fields=True):

@@ -12,6 +12,7 @@ import pickle
 import threading
 import time
 import traceback
+from concurrent.futures.process import BrokenProcessPool
 
 from runtime.errors import AecoError, ErrorCode
 from runtime.protocol import Alloc, Burn, Call, Echo, Sleep, TaskSpec
@@ -80,6 +81,11 @@ def call(spec: Call) -> bytes:
     """Unpickle ``(fn, args, kwargs)``, call it, and pickle what it returns."""
     try:
         fn, args, kwargs = pickle.loads(spec.payload)
+    except BaseException as exc:  # as ProcessPoolExecutor: a call its worker cannot read breaks the pool
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        broken = BrokenProcessPool(f"the call could not be unpickled in the worker: {_describe(exc)}")
+        raise TaskError(text, pickle.dumps(broken), type(exc).__name__) from None
+    try:
         value = fn(*args, **kwargs)
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:  # the caller gets every failure, with its type
@@ -90,6 +96,16 @@ def call(spec: Call) -> bytes:
         except Exception:
             payload = pickle.dumps(RuntimeError(f"unpicklable {type(exc).__name__}: {_describe(exc)}"))
         raise TaskError(text, payload, type(exc).__name__) from None
+
+
+def initialize(payload: bytes) -> str:
+    """Call a pickled ``(fn, args)`` (an executor's initializer); return its traceback if it raised."""
+    try:
+        fn, args = pickle.loads(payload)
+        fn(*args)
+    except BaseException as exc:  # the pool is told whatever stopped it, SystemExit included
+        return "".join(traceback.format_exception(exc)).rstrip()
+    return ""
 
 
 def _describe(exc: BaseException) -> str:

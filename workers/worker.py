@@ -113,7 +113,7 @@ class Worker:
         until told to shut down."""
         signal.signal(signal.SIGUSR1, self._on_stop_signal)
         signal.set_wakeup_fd(self._stop_w, warn_on_full_buffer=False)
-
+        init_error = tasks.initialize(self.boot.initializer) if self.boot.initializer else ""
         self.send(
             p.Hello(
                 worker_id=self.boot.worker_id,
@@ -121,8 +121,11 @@ class Worker:
                 memory_probe=self.meter.name,
                 counters=self.last,
                 secret=secret,
+                init_error=init_error,
             )
         )
+        if init_error:  # the pool fails, as ProcessPoolExecutor's does: no task may run uninitialized
+            return
         # A receive timeout rather than poll + recv: one call per frame, a heartbeat when it times out.
         self.sock.setsockopt(zmq.RCVTIMEO, int(self.boot.heartbeat_s * 1000))
         while not self.shutdown_requested:

@@ -2,7 +2,8 @@
 record of tasks in flight (``inflight``) that lets a restart charge what a crash interrupted.
 
 The public surface is re-exported here: ``WorkerPool`` (asyncio), ``WorkerPoolExecutor``
-(``concurrent.futures``), ``TaskFailed``, ``Outcome``, ``RunningTask`` (a task begun, to stop or await).
+(``concurrent.futures``), ``TaskFailed`` (``WorkerCrashed`` when a worker died under the task),
+``Outcome``, ``RunningTask`` (a task begun, to stop or await).
 """
 
 from runtime.pool.pool import (
@@ -15,6 +16,7 @@ from runtime.pool.pool import (
     TaskFailed,
     TaskOptions,
     UsageFuture,
+    WorkerCrashed,
     WorkerPool,
     WorkerPoolExecutor,
     resolve_size,
@@ -30,6 +32,7 @@ __all__ = [
     "TaskFailed",
     "TaskOptions",
     "UsageFuture",
+    "WorkerCrashed",
     "WorkerPool",
     "WorkerPoolExecutor",
     "resolve_size",

@@ -14,9 +14,10 @@ Invariants (asserted where they can break):
   CPU above the kernel's count of the worker since the task was sent is cut to that count.
 
 Failures become clear errors rather than hangs: a worker that dies fails its task with
-``worker_crashed`` (retried once if the task is idempotent); a task over its deadline has its worker
-killed and fails with ``deadline_exceeded``; too many crashes in a window and the pool fails every
-task with ``pool_failed`` instead of restarting forever.
+``worker_crashed`` (``WorkerCrashed``, also a ``BrokenProcessPool``; retried once if the task is
+idempotent); a task over its deadline has its worker killed and fails with ``deadline_exceeded``; too
+many crashes in a window and the pool fails every task with ``pool_failed`` instead of restarting
+forever.
 
 Holding a worker is paid for: each attempt's ``TaskUsage`` carries an occupancy surcharge of
 ``max(0, held × share - cpu)`` (``accounting.occupancy``), ``held`` being the time from dispatch to the
@@ -41,6 +42,7 @@ import itertools
 import logging
 import os
 import pickle
+import queue
 import secrets
 import shutil
 import signal
@@ -49,8 +51,17 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from concurrent.futures.process import (
+    BrokenProcessPool,
+    _chain_from_iterable_of_lists,
+    _get_chunks,
+    _process_chunk,
+    _RemoteTraceback,
+)
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, TypedDict, Unpack
 
 import msgspec
@@ -99,6 +110,11 @@ class TaskFailed(AecoError):
         self.usage = usage
         #: For ``task_error`` on a ``call`` task: the pickled exception raised by the callable.
         self.payload = payload
+
+
+class WorkerCrashed(TaskFailed, BrokenProcessPool):
+    """A worker died while running the task (``worker_crashed``): also a ``BrokenProcessPool``, so code
+    written for ``ProcessPoolExecutor`` catches it. ``code`` and ``usage`` as for ``TaskFailed``."""
 
 
 class InvalidTimeout(AecoError, ValueError):
@@ -266,6 +282,40 @@ _CGROUP_SLACK_S = 0.002
 _HOST_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+class _Spawner:
+    """Starts worker processes from one thread that lives as long as the supervisor's process. A
+    worker's parent-death signal (``PR_SET_PDEATHSIG``) fires when the *thread* that forked it ends:
+    forked from a pool's event-loop thread, workers would die with that thread (an executor's), not
+    with the process."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[cf.Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]]
+        self._requests = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen(argv, **kwargs)``, forked from the spawner's thread."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="aeco-spawner", daemon=True)
+                self._thread.start()
+        done: cf.Future[subprocess.Popen[bytes]] = cf.Future()
+        self._requests.put((done, argv, kwargs))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            done, argv, kwargs = self._requests.get()
+            try:
+                done.set_result(subprocess.Popen(argv, **kwargs))
+            except BaseException as exc:  # the caller raises it
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
+
+
 def hand_keys(worker_id: int) -> tuple[int, p.WorkerKeys]:
     """A new worker's identity and secret, and the read end of a pipe that holds them for it to
     inherit (see ``WorkerKeys``). The identity's random part is what makes it unguessable; its
@@ -291,8 +341,16 @@ class WorkerPool:
         hide: Iterable[str] = (),
         inflight: InflightLog | None = None,
         worker_command: Sequence[str] = (),
+        initializer: bytes = b"",
     ) -> None:
         self.cfg = cfg or PoolConfig()
+        #: A pickled ``(fn, args)`` each worker calls before saying hello; if it raises, the pool fails
+        #: (``initializer_error`` holds the worker's traceback), as ProcessPoolExecutor breaks.
+        self.initializer = initializer
+        self.initializer_error = ""
+        #: Called with the reason when a worker dies unexpectedly or the pool fails (the executor
+        #: breaks then, as ProcessPoolExecutor does; this pool itself restarts the worker).
+        self.on_broken: Callable[[str], None] | None = None
         #: The program a worker runs (default ``python -m workers.worker``): any program that reads its
         #: ``WorkerBoot`` and ``WorkerKeys`` and speaks the protocol, e.g. the same under a profiler.
         self.worker_command = list(worker_command) or [sys.executable, "-m", "workers.worker"]
@@ -347,7 +405,12 @@ class WorkerPool:
     # ----------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> WorkerPool:
-        """Bind the socket and start the workers; returns once all of them said hello."""
+        """Bind the socket and start the workers; returns once all of them said hello. A pool starts
+        once: ``AecoError`` (``pool_closed``) after ``close``, (``busy``) if it is already started."""
+        if self._closing:
+            raise AecoError("this pool was closed; a closed pool cannot be started again", code="pool_closed")
+        if self._loop is not None:
+            raise AecoError("this pool is already started", code="busy")
         self._loop = asyncio.get_running_loop()
         self._all_exited = asyncio.Event()
         self._ready = asyncio.Event()
@@ -471,8 +534,10 @@ class WorkerPool:
 
     def begin(self, spec: p.TaskSpec, **options: Unpack[TaskOptions]) -> RunningTask:
         """Queue one task and return its handle: ``ended`` resolves with its ``Outcome`` or fails with
-        ``TaskFailed``; ``stop()`` cancels it. Options as for ``run``."""
-        assert self._loop is not None, "start the pool first"
+        ``TaskFailed``; ``stop()`` cancels it. Options as for ``run``. ``AecoError`` (``closed``) before
+        ``start``."""
+        if self._loop is None:
+            raise AecoError("the pool is not started: await pool.start() (or use async with) first", code="closed")
         ended: asyncio.Future[Outcome] = self._loop.create_future()
 
         def done(out: Outcome | None, err: TaskFailed | None) -> None:
@@ -725,6 +790,11 @@ class WorkerPool:
             return None
         if w.state != "starting" or msg.pid != w.pid or msg.worker_id != w.worker_id:
             return self._drop(f"hello from worker {w.worker_id} in state {w.state}")
+        if msg.init_error:
+            if not self.failed:
+                self.initializer_error = msg.init_error
+                self._fail_pool(f"the initializer failed in worker {w.worker_id}")
+            return None
         if w.cgroups is not None and not all(
             w.pid in cg.processes_in(os.path.dirname(f)) for f in w.cgroups.procs_files()
         ):
@@ -741,7 +811,7 @@ class WorkerPool:
         w.memory_probe = msg.memory_probe
         w.state = "idle"
         self._idle.append(w)
-        if self._ready is not None and sum(x.state == "idle" for x in self._workers.values()) >= self.size:
+        if self._ready is not None and sum(x.state in ("idle", "busy") for x in self._workers.values()) >= self.size:
             self._ready.set()
         self._dispatch()
 
@@ -883,6 +953,7 @@ class WorkerPool:
             cgroup_dirs=dict(cgroups.controllers) if cgroups else {},
             sandbox_hide=[*self.hide, self._run_dir],
             keys_fd=keys_fd,
+            initializer=self.initializer,
         )
         env = dict(os.environ)
         env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()
@@ -895,7 +966,7 @@ class WorkerPool:
             env["AECO_CGROUP_PROCS"] = "\n".join(cgroups.procs_files())
             argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", *argv]
         try:
-            proc = subprocess.Popen(argv, env=env, close_fds=True, pass_fds=(keys_fd,), stdin=subprocess.DEVNULL)
+            proc = _spawner.popen(argv, env=env, close_fds=True, pass_fds=(keys_fd,), stdin=subprocess.DEVNULL)
         finally:
             os.close(keys_fd)
         pidfd = os.pidfd_open(proc.pid)
@@ -993,13 +1064,10 @@ class WorkerPool:
         expected = task_fault or reason in ("recycled", "pool_closed") or self._closing
         if not expected:
             self.crashed += 1
-            log.warning(
-                "worker %d (pid %d) died in state %s: %s",
-                w.worker_id,
-                w.pid,
-                was_state,
-                reason or f"exit status {w.proc.returncode}",
-            )
+            why = reason or f"exit status {w.proc.returncode}"
+            log.warning("worker %d (pid %d) died in state %s: %s", w.worker_id, w.pid, was_state, why)
+            if self.on_broken is not None:
+                self.on_broken(f"worker {w.worker_id} (pid {w.pid}) died: {why}")
         if not self._workers and self._closing and self._all_exited is not None:
             self._all_exited.set()
         if self._closing or self.failed:
@@ -1057,7 +1125,7 @@ class WorkerPool:
             job.prior = total
             self._queue.push_front(job.agent, job)
             return
-        job.done(None, TaskFailed("worker_crashed", what, total))
+        job.done(None, WorkerCrashed("worker_crashed", what, total))
 
     def _schedule_restart(self) -> None:
         assert self._loop is not None
@@ -1081,6 +1149,8 @@ class WorkerPool:
     def _fail_pool(self, reason: str) -> None:
         log.error("worker pool failed: %s", reason)
         self.failed = reason
+        if self.on_broken is not None:
+            self.on_broken(reason)
         for job in self._queue.drain():
             self._fail(job, "pool_failed", reason)
         for w in list(self._workers.values()):
@@ -1167,6 +1237,23 @@ class WorkerPool:
 
 # ------------------------------------------------------------------------------------ the executor
 
+#: Executors alive in this process, shut down (their pending work finished) when the interpreter exits.
+_live_executors: weakref.WeakSet[WorkerPoolExecutor] = weakref.WeakSet()
+_exiting = False
+_LOGGER = logging.getLogger("concurrent.futures")  # where ProcessPoolExecutor reports an initializer's failure
+
+
+def _python_exit() -> None:
+    """At interpreter exit, before threads are joined (as the stdlib's executors do): refuse new work,
+    then finish what every live executor has pending, rather than dropping it with its daemon thread."""
+    global _exiting
+    _exiting = True
+    for ex in list(_live_executors):
+        ex.shutdown(wait=True)
+
+
+getattr(threading, "_register_atexit")(_python_exit)  # noqa: B009 (private: typeshed does not list it)
+
 
 class UsageFuture(cf.Future[Any]):
     """A ``concurrent.futures.Future`` that also carries what its task cost once it is done."""
@@ -1187,68 +1274,178 @@ class UsageFuture(cf.Future[Any]):
         return True
 
 
+def _settle_future(fut: cf.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    """Resolve ``fut`` unless something else (the executor breaking, a cancel) already did."""
+    with contextlib.suppress(cf.InvalidStateError):
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
+def _remote(exc: BaseException, tb: str) -> BaseException:
+    """``exc`` with the worker's traceback as its cause, as ProcessPoolExecutor shows it."""
+    exc.__cause__ = _RemoteTraceback(f'\n"""\n{tb}"""')  # type: ignore[arg-type]  # typeshed is wrong: a str
+    return exc
+
+
+class _LoopThread:
+    """The pool's event loop, in a thread that holds no reference to the executor: dropping the
+    executor's last reference then lets its finalizer stop the pool."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.start_error: BaseException | None = None
+        self.grace_s = 2.0
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._serve, name="aeco-pool", daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        main = self.loop.create_task(self._main())
+        while not main.done():
+            try:
+                self.loop.run_until_complete(main)
+            except BaseException:  # e.g. SystemExit from a user's done-callback: the pool must live on
+                log.exception("the executor's event loop was interrupted; carrying on")
+        self.loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            await self.pool.start()
+        except BaseException as exc:
+            # An initializer that raised broke the executor (``on_broken``), which is then returned
+            # broken, as ProcessPoolExecutor's is; anything else is the constructor's error.
+            if not self.pool.initializer_error:
+                self.start_error = exc
+            return
+        finally:
+            self.started.set()
+        await self._stop.wait()
+        await self.pool.close(self.grace_s)
+
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the loop; nothing if the loop already ended."""
+        with contextlib.suppress(RuntimeError):  # closed: the pool is gone and so is what fn would touch
+            self.loop.call_soon_threadsafe(fn)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Close the pool (running tasks get ``grace_s`` to finish) and end the thread."""
+        self.grace_s = min(self.grace_s, grace_s)
+        if self._stop is not None:
+            self.call(self._stop.set)
+
+
 class WorkerPoolExecutor(cf.Executor):
-    """A ``concurrent.futures.Executor`` over a ``WorkerPool``, usable wherever ProcessPoolExecutor is.
+    """A ``concurrent.futures.Executor`` over a ``WorkerPool``, usable wherever ProcessPoolExecutor is
+    (CPython's own ``test_concurrent_futures`` runs against it: tests/integration/test_stdlib_futures.py).
 
     ``submit(fn, *args, **kwargs)`` takes an importable callable (pickled by reference, as with
-    ProcessPoolExecutor); the returned future has ``.usage`` (a ``TaskUsage``) once done. The pool's
-    event loop runs in a background thread.
+    ProcessPoolExecutor); the returned future has ``.usage`` (a ``TaskUsage``) once done. A call that
+    raises in its worker re-raises here with its type, the worker's traceback as ``__cause__``. The
+    pool's event loop runs in a background thread; the workers start with the executor.
+
+    As ProcessPoolExecutor: ``initializer(*initargs)`` runs in each worker before any task (if it
+    raises, the executor is broken); ``max_tasks_per_child`` recycles a worker after that many tasks;
+    ``mp_context`` is accepted and ignored (workers are always fresh interpreters, like ``spawn``).
+    A worker that dies unexpectedly breaks the executor: its task fails with ``WorkerCrashed`` (a
+    ``BrokenProcessPool`` with ``code`` and ``usage``), every other pending future with
+    ``BrokenProcessPool``, and ``submit`` raises ``BrokenProcessPool`` from then on; the workers are
+    stopped. (The asyncio ``WorkerPool`` replaces dead workers instead.) Tasks stopped on purpose
+    (``cancel``, a deadline, a memory limit) do not break it. Pending work is finished at interpreter
+    exit, and dropping the last reference to the executor shuts it down.
     """
 
     def __init__(
-        self, max_workers: int | None = None, *, config: PoolConfig | None = None, agent: str = "executor"
+        self,
+        max_workers: int | None = None,
+        mp_context: object = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        config: PoolConfig | None = None,
+        agent: str = "executor",
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        cfg = config or PoolConfig()
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1:
+                raise ValueError("max_tasks_per_child must be >= 1")
+            cfg = msgspec.structs.replace(cfg, max_tasks_per_worker=max_tasks_per_child)
+        boot = pickle.dumps((initializer, initargs), protocol=pickle.HIGHEST_PROTOCOL) if initializer else b""
         self._agent = agent
         self._lock = threading.Lock()
         self._shutdown = False
+        #: False, or why the executor is broken (the name and meaning ProcessPoolExecutor gives it).
+        self._broken: str | Literal[False] = False
         self._pending: set[UsageFuture] = set()
         self._idle = threading.Condition(self._lock)
-        self._started = threading.Event()
-        self._start_error: BaseException | None = None
-        self._pool = WorkerPool(config, size=max_workers)
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._serve, name="aeco-pool", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._start_error is not None:
-            raise self._start_error
+        self._pool = WorkerPool(cfg, size=max_workers, initializer=boot)
+        brk = weakref.WeakMethod(self._break)  # the pool (held by its thread) must not hold the executor
+
+        def on_broken(reason: str) -> None:
+            if (executor_break := brk()) is not None:
+                executor_break(reason)
+
+        self._pool.on_broken = on_broken
+        self._max_workers = self._pool.size
+        self._runner = _LoopThread(self._pool)
+        self._runner.thread.start()
+        self._runner.started.wait()
+        if self._runner.start_error is not None:
+            self._runner.thread.join()
+            raise self._runner.start_error
+        # Bound to the runner, not to self: the finalizer must not keep the executor alive.
+        self._finalizer = weakref.finalize(self, self._runner.stop)
+        _live_executors.add(self)
 
     @property
     def pool(self) -> WorkerPool:
         """The underlying pool (read its ``accounts`` and ``status()`` from any thread, racily)."""
         return self._pool
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    @property
+    def _processes(self) -> dict[int, subprocess.Popen[bytes]]:
+        """ProcessPoolExecutor's name for its live worker processes by pid (read racily)."""
+        return {w.pid: w.proc for w in list(self._pool._workers.values()) if w.state in ("starting", "idle", "busy")}
 
-        async def main() -> None:
-            self._stop = asyncio.Event()
-            try:
-                await self._pool.start()
-            except BaseException as exc:
-                self._start_error = exc
-                self._started.set()
+    @property
+    def _executor_manager_thread(self) -> threading.Thread:
+        """ProcessPoolExecutor's name for the thread that runs the pool (ends after ``shutdown``)."""
+        return self._runner.thread
+
+    def _break(self, reason: str) -> None:
+        """The pool lost a worker or failed: fail every pending future, refuse new work, stop the workers."""
+        with self._lock:
+            if self._broken:
                 return
-            self._started.set()
-            await self._stop.wait()
-            await self._pool.close()
-
-        try:
-            self._loop.run_until_complete(main())
-        finally:
-            self._loop.close()
+            self._broken = reason
+            pending = list(self._pending)
+            self._pending.clear()
+            self._idle.notify_all()
+        if self._pool.initializer_error:
+            _LOGGER.critical("Exception in initializer:\n%s", self._pool.initializer_error)
+        for fut in pending:
+            _settle_future(fut, exc=BrokenProcessPool(f"the worker pool is broken: {reason}"))
+        self._runner.stop(grace_s=0.0)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> UsageFuture:
         """Schedule ``fn(*args, **kwargs)`` on a worker; return a future with ``.usage``."""
         fut = UsageFuture()
         with self._lock:
+            if self._broken:
+                raise BrokenProcessPool(f"the worker pool is broken: {self._broken}")
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if self._pool.failed:
-                raise cf.BrokenExecutor(f"the worker pool failed: {self._pool.failed}")
+            if _exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             self._pending.add(fut)
         try:
             payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
@@ -1257,36 +1454,46 @@ class WorkerPoolExecutor(cf.Executor):
             fut.set_exception(exc)
             return fut
         spec = p.Call(payload=payload)
+        settle = self._settle  # the closures below must not keep the executor alive once they ran
 
         def done(out: Outcome | None, err: TaskFailed | None) -> None:
             try:
                 if out is not None:
                     fut.usage = out.usage
-                    fut.set_result(pickle.loads(out.output))
+                    _settle_future(fut, pickle.loads(out.output))
                 elif err is not None:
                     fut.usage = err.usage
-                    fut.set_exception(pickle.loads(err.payload) if err.payload else err)
-            except Exception as exc:  # e.g. a result that cannot be unpickled here
-                if not fut.done():
-                    fut.set_exception(exc)
+                    if err.payload:
+                        _settle_future(fut, exc=_remote(pickle.loads(err.payload), err.message))
+                    elif err.code == "pool_failed":
+                        _settle_future(fut, exc=BrokenProcessPool(err.message))
+                    else:
+                        _settle_future(fut, exc=err)
+            except BaseException as exc:  # a result that cannot be unpickled here, even by SystemExit
+                broken = BrokenProcessPool(f"the call's result could not be unpickled: {type(exc).__name__}: {exc}")
+                broken.__cause__ = exc
+                _settle_future(fut, exc=broken)
             finally:
-                self._settle(fut)
+                settle(fut)
 
         def claim() -> bool:
-            if fut.set_running_or_notify_cancel():
-                return True
-            self._settle(fut)
+            # A future failed already (the executor broke) is not started; the check and the set race
+            # only with a break, whose RuntimeError is then expected.
+            if fut.cancelled() or not fut.done():
+                with contextlib.suppress(RuntimeError):
+                    if fut.set_running_or_notify_cancel():
+                        return True
+            settle(fut)
             return False
 
         task_id: list[int] = []  # known on the pool's loop; stopping runs there after submitting (FIFO)
+        pool, runner, agent = self._pool, self._runner, self._agent
 
         def stop() -> None:
-            self._loop.call_soon_threadsafe(lambda: self._pool.cancel(task_id[0]))
+            runner.call(lambda: pool.cancel(task_id[0]))
 
         fut._stop = stop
-        self._loop.call_soon_threadsafe(
-            lambda: task_id.append(self._pool.submit(spec, done, agent=self._agent, claim=claim))
-        )
+        runner.call(lambda: task_id.append(pool.submit(spec, done, agent=agent, claim=claim)))
         return fut
 
     def _settle(self, fut: UsageFuture) -> None:
@@ -1303,30 +1510,48 @@ class WorkerPoolExecutor(cf.Executor):
         chunksize: int = 1,
         buffersize: int | None = None,
     ) -> Any:
-        """Like ``Executor.map``: results in the order of the inputs (``chunksize`` is ignored)."""
-        return super().map(fn, *iterables, timeout=timeout)
+        """Like ``ProcessPoolExecutor.map``: results in the order of the inputs; ``chunksize`` inputs
+        are sent to a worker as one task (``ValueError`` if it is below 1)."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = super().map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize), timeout=timeout)
+        return _chain_from_iterable_of_lists(chunks)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally cancel what has not started; stop the workers."""
         with self._lock:
             self._shutdown = True
             pending = list(self._pending)
+        lock, idle, runner = self._lock, self._idle, self._runner
         if cancel_futures:
-            for fut in pending:
-                if cf.Future.cancel(fut):  # only what has not started, as ProcessPoolExecutor does
-                    self._settle(fut)
-        if not self._thread.is_alive():
+            cancelled = threading.Event()
+
+            def cancel_queued() -> None:
+                for fut in pending:
+                    if cf.Future.cancel(fut):  # only what has not started, as ProcessPoolExecutor does
+                        self._settle(fut)
+                cancelled.set()
+
+            # On the pool's loop, after the submits before it (FIFO): what a free worker could take has
+            # started, as in ProcessPoolExecutor, whose queue feeds its workers ahead of a shutdown.
+            if runner.thread.is_alive() and threading.current_thread() is not runner.thread:
+                runner.call(cancel_queued)
+                cancelled.wait(5.0)  # the loop may be gone meanwhile: then cancel from here
+            if not cancelled.is_set():
+                cancel_queued()
+        if not runner.thread.is_alive():
             return
 
         def stop_when_idle() -> None:
-            with self._lock:
+            with lock:
                 while self._pending:
-                    self._idle.wait()
-            if self._stop is not None:
-                self._loop.call_soon_threadsafe(self._stop.set)
+                    idle.wait()
+            runner.stop()
 
         if wait:
             stop_when_idle()
-            self._thread.join()
+            runner.thread.join()
         else:
             threading.Thread(target=stop_when_idle, daemon=True).start()

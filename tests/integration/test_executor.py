@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
-from runtime.pool import UsageFuture, WorkerPoolExecutor
+from runtime.errors import AecoError
+from runtime.pool import UsageFuture, WorkerCrashed, WorkerPool, WorkerPoolExecutor
+from runtime.pool import pool as pool_module
+from runtime.protocol import Echo
 
 
 class CustomError(Exception):
@@ -26,6 +38,25 @@ def slow_square(x: int, delay: float = 0.05) -> int:
 
 def fail(message: str) -> None:
     raise CustomError(message)
+
+
+def _exit_here() -> None:
+    sys.exit(3)
+
+
+class ExitWhenUnpickled:
+    """A result whose unpickling raises SystemExit (in the supervisor, not in the worker)."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return _exit_here, ()
+
+
+def exit_when_unpickled() -> ExitWhenUnpickled:
+    return ExitWhenUnpickled()
+
+
+def failing_init(message: str) -> None:
+    raise ValueError(message)
 
 
 def kwargs_echo(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
@@ -137,3 +168,118 @@ def test_an_unpicklable_argument_fails_its_future() -> None:
 def test_max_workers_must_be_positive() -> None:
     with pytest.raises(ValueError):
         WorkerPoolExecutor(0)
+
+
+# ------------------------------------------------------------------------- ProcessPoolExecutor's ways
+
+
+def test_a_result_that_exits_when_unpickled_fails_its_future_and_the_executor_lives_on() -> None:
+    with WorkerPoolExecutor(1) as ex:
+        err = ex.submit(exit_when_unpickled).exception(timeout=30)
+        assert isinstance(err, BrokenProcessPool) and isinstance(err.__cause__, SystemExit)
+        assert ex.submit(pow, 2, 5).result(timeout=30) == 32  # its loop still runs
+        assert not ex._broken
+
+
+def test_a_dead_worker_breaks_the_executor_with_a_broken_process_pool_that_has_code_and_usage() -> None:
+    ex = WorkerPoolExecutor(2)
+    try:
+        running = ex.submit(time.sleep, 30)
+        end = time.monotonic() + 30
+        while not running.running() and time.monotonic() < end:
+            time.sleep(0.005)
+        queued = [ex.submit(time.sleep, 30) for _ in range(3)]
+        busy = [w for w in ex.pool._workers.values() if w.state == "busy"]
+        os.kill(busy[0].pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool) as err:
+            running.result(timeout=30)
+        assert isinstance(err.value, WorkerCrashed) and err.value.code == "worker_crashed"
+        assert err.value.usage is not None and err.value.usage.worker_pid == busy[0].pid
+        for fut in queued:  # every other pending future fails too, as with ProcessPoolExecutor
+            assert isinstance(fut.exception(timeout=30), BrokenProcessPool)
+        with pytest.raises(BrokenProcessPool, match="died"):
+            ex.submit(pow, 2, 3)
+    finally:
+        ex.shutdown(wait=True)
+    assert not ex._executor_manager_thread.is_alive()
+
+
+def test_a_failing_initializer_breaks_the_executor(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.CRITICAL, logger="concurrent.futures"):
+        ex = WorkerPoolExecutor(2, initializer=failing_init, initargs=("no setup today",))
+    try:
+        assert ex._broken and "initializer" in ex._broken
+        assert any("ValueError: no setup today" in r.getMessage() for r in caplog.records)
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(pow, 2, 3)
+    finally:
+        ex.shutdown(wait=True)
+
+
+def test_map_sends_chunksize_inputs_per_task_and_refuses_a_chunksize_below_one() -> None:
+    with WorkerPoolExecutor(2) as ex:
+        assert list(ex.map(pow, range(25), [2] * 25, chunksize=10)) == [i * i for i in range(25)]
+        assert ex.pool.accounts.agents["executor"].tasks == 3  # 10 + 10 + 5
+        with pytest.raises(ValueError, match="chunksize"):
+            ex.map(pow, [1], [1], chunksize=0)
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        WorkerPoolExecutor(1, max_tasks_per_child=0)
+
+
+def test_dropping_the_last_reference_shuts_the_executor_down() -> None:
+    ex = WorkerPoolExecutor(1)
+    assert ex.submit(pow, 3, 2).result(timeout=30) == 9
+    thread, pids = ex._executor_manager_thread, ex.pool.pids()
+    del ex
+    gc.collect()
+    thread.join(timeout=15)
+    assert not thread.is_alive()
+    for pid in pids:  # reaped by the pool, not left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_the_asyncio_pool_says_clearly_when_it_is_used_out_of_order() -> None:
+    async def main() -> None:
+        pool = WorkerPool(size=1)
+        with pytest.raises(AecoError, match="not started") as before:
+            await pool.run(Echo(data="x"))
+        assert before.value.code == "closed"
+        await pool.start()
+        await pool.close()
+        with pytest.raises(AecoError, match="cannot be started again") as after:
+            await pool.start()
+        assert after.value.code == "pool_closed"
+
+    asyncio.run(main())
+
+
+_ARMED = (
+    "import ctypes, signal, time; ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0); "  # as workers.worker does
+    "print('armed', flush=True); time.sleep(60)"
+)
+
+
+def test_workers_parent_death_signal_is_tied_to_the_process_not_to_the_thread_that_started_them() -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_both() -> None:  # a thread that ends at once, as an executor's loop thread does at shutdown
+        argv = [sys.executable, "-c", _ARMED]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE))  # control: forked by this thread
+        procs.append(pool_module._spawner.popen(argv, stdout=subprocess.PIPE))  # as the pool forks workers
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == b"armed\n"
+
+    thread = threading.Thread(target=start_both)
+    thread.start()
+    thread.join()
+    control, worker = procs
+    try:
+        assert control.wait(timeout=30) == -signal.SIGKILL  # its forking thread ended: the kernel killed it
+        assert worker.poll() is None  # signalled at the same moment, had it been tied to that thread
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import operator
 import pickle
+from concurrent.futures.process import BrokenProcessPool
 import resource
 import threading
 import time
@@ -222,13 +223,18 @@ def test_call_unpicklable_result_is_a_task_error() -> None:
 
 
 def test_call_bad_payload_is_a_task_error() -> None:
-    exc = pickle.loads(failing_task(Call(payload=b"not a pickle")).payload)
-    assert isinstance(exc, pickle.UnpicklingError)
+    # As ProcessPoolExecutor: a call its worker cannot read breaks the pool, saying why.
+    err = failing_task(Call(payload=b"not a pickle"))
+    exc = pickle.loads(err.payload)
+    assert isinstance(exc, BrokenProcessPool) and "could not be unpickled" in str(exc)
+    assert err.raised == "UnpicklingError"
 
 
 def test_call_payload_of_wrong_shape_is_a_task_error() -> None:
-    exc = pickle.loads(failing_task(Call(payload=pickle.dumps((len,)))).payload)
-    assert isinstance(exc, ValueError)  # not enough values to unpack
+    err = failing_task(Call(payload=pickle.dumps((len,))))
+    exc = pickle.loads(err.payload)
+    assert isinstance(exc, BrokenProcessPool) and "not enough values to unpack" in str(exc)
+    assert err.raised == "ValueError"
 
 
 def test_call_unpicklable_exception_with_failing_str_is_still_a_task_error() -> None:
