@@ -5,10 +5,10 @@ from __future__ import annotations
 import gc
 import operator
 import pickle
-from concurrent.futures.process import BrokenProcessPool
 import resource
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, cast
 
