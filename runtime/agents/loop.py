@@ -20,7 +20,18 @@ from typing import Literal, Protocol
 
 from msgspec import Struct
 
-from runtime.actions import AgentAction, DeleteArtifact, SleepFor, WriteArtifact, perform
+from runtime.actions import (
+    AcceptOffer,
+    AgentAction,
+    CancelOffer,
+    DeleteArtifact,
+    MakeOffer,
+    SleepFor,
+    SubmitTask,
+    TransferScrip,
+    WriteArtifact,
+    perform,
+)
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
 from runtime.economy.charging import Economy
 from runtime.economy.dollars import RunBudgetSpent
@@ -49,6 +60,8 @@ log = logging.getLogger("runtime.agents")
 #: The wait after a turn the world could not record, doubled each time up to the cap.
 _RETRY_FIRST_S = 0.5
 _RETRY_MAX_S = 10.0
+#: The turns between two looks at what changes slowly in an agent's prompt (its limits, the market).
+_SLOW_EVERY = 10
 AgentStatus = Literal["waiting", "thinking", "acting", "sleeping", "stopped"]
 
 
@@ -161,6 +174,10 @@ class Agent:
         #: (the only way it changes but a rollback) and now and then, not on every turn.
         self._disk_used: int | None = None
         self._n_constraints = itertools.count(1)
+        #: Its holdings of rights and the market's lines as last looked at (None: look at the next turn).
+        self._held: dict[str, int] | None = None
+        self._market_lines: list[str] | None = None
+        self._n_slow = itertools.count(1)
         self._container: str | None = None
         #: Set while the agent may take turns; an operator's pause clears it (between two turns).
         self._go = asyncio.Event()
@@ -286,15 +303,22 @@ class Agent:
             accounts = await ledger.accounts_async()
             self._others = sorted(a for a, kind in accounts.items() if kind == "agent" and a != self.id)[:10]
         others = self._others
+        if next(self._n_slow) % _SLOW_EVERY == 0:
+            # Its holdings of rights and the market change slowly, and each look is a read of the (maybe
+            # shared) ledger: looked at every few turns, and after its own actions that change them.
+            self._held = self._market_lines = None
+        if self._market_lines is None:
+            self._market_lines = await self._market()
+        limits_line, market = await self.constraints(), self._market_lines
         lines = [
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
             f"You are {self.id}. Scrip: {scrip}. "
             f"CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
-            await self.constraints(),
+            limits_line,
             "News: " + ("; ".join(_describe(e) for e in news) or "none"),
             "Other agents: " + (", ".join(others) or "none"),
             "Artifacts you can see: " + (", ".join(visible) or "none"),
-            *await self._market(),
+            *market,
         ]
         if self._recalled:
             lines.append("You remember: " + " | ".join(self._recalled))
@@ -306,7 +330,9 @@ class Agent:
     async def constraints(self) -> str:
         """The agent's own limits in one line: disk used of its quota, the memory one task may add, its
         paid-model budget left, its rates, and the container's CPUs and memory."""
-        held = await self.economy.ledger.holdings_async(self.id)
+        if self._held is None:
+            self._held = await self.economy.ledger.holdings_async(self.id)
+        held = self._held
         if self._disk_used is None or next(self._n_constraints) % 100 == 0:
             self._disk_used = await asyncio.to_thread(self.world.store.owned_bytes, self.id)
         if self._container is None:  # the container's limits do not change while it runs: read them once
@@ -340,6 +366,10 @@ class Agent:
         done = await perform(self.world, self.id, action)
         if isinstance(action, (WriteArtifact, DeleteArtifact)):
             self._disk_used = None
+        if isinstance(action, (MakeOffer, AcceptOffer, CancelOffer, SubmitTask)):  # the market changed
+            self._held = self._market_lines = None
+        elif isinstance(action, TransferScrip) and action.asset != "scrip":  # it gave a right away
+            self._held = None
         if done.recalled is not None:
             self._recalled = list(done.recalled)
         return done.text

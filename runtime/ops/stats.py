@@ -27,9 +27,11 @@ from runtime.pool import WorkerPool
 
 #: The share of the memory limit above which the container counts as short of memory (the seed's 90%).
 MEMORY_HIGH = 0.9
-#: The share of CFS periods throttled above which the CPU quota counts as binding: a rate that makes the
-#: kernel hold the container back in one period of four is beyond what it can sustain.
-THROTTLED_HIGH = 0.25
+#: The share of CFS periods throttled above which the CPU quota counts as overrun: demand above the quota
+#: in nearly every period. A run held at its target under a quota throttles many periods on its own —
+#: bursty thinks under 0.5 CPU throttled 47–65% of them at 70–80% of the quota (measured by
+#: ``tests/integration/test_limits.py``) — and that is the quota doing its job, not a rate too high.
+THROTTLED_HIGH = 0.9
 
 
 class NetCounters(Struct, frozen=True):

@@ -93,7 +93,7 @@ def test_detects_its_limits_and_charges_a_short_run(
     for u in thinks:
         assert u["cpu_seconds"] <= THINK_MS / 1000 + 0.2, u
         if u["ok"]:
-            assert THINK_MS / 1000 * 0.9 <= u["cpu_seconds"], u
+            assert u["cpu_seconds"] >= THINK_MS / 1000 * 0.9, u
         else:
             assert u["error"] == "cancelled", u
     assert sum(u["ok"] for u in thinks) >= 10

@@ -187,7 +187,7 @@ def test_world_requests_reach_handle_and_get_its_answer() -> None:
     world = World()
     r = run("data = world.read_artifact('a1')\nworld.transfer('bob', 7)\nresult = list(data)", world=world)
     assert bytes(value(r)) == world.artifacts["a1"]
-    assert world.calls == [("read_artifact", {"id": "a1"}), ("transfer", {"to": "bob", "amount": 7})]
+    assert world.calls == [("read_artifact", {"id": "a1"}), ("transfer", {"to": "bob", "amount": 7, "asset": "scrip"})]
     # Requests written back to back (not through world) are still answered one by one, in order
     # (answers are marshal: see sandbox_boot).
     pipelined = """
