@@ -182,7 +182,7 @@ def test_a_result_that_exits_when_unpickled_fails_its_future_and_the_executor_li
 
 
 def test_a_dead_worker_breaks_the_executor_with_a_broken_process_pool_that_has_code_and_usage() -> None:
-    ex = WorkerPoolExecutor(2)
+    ex = WorkerPoolExecutor(1)  # one worker: the one busy is the one running `running`, the rest wait
     try:
         running = ex.submit(time.sleep, 30)
         end = time.monotonic() + 30
