@@ -34,11 +34,11 @@ from types import ModuleType
 from typing import Any
 
 from runtime.pool import WorkerPoolExecutor
+from tests.harness import ROOT
 
 CACHE = Path.home() / ".cache" / "agent-ecology" / "cpython-tests" / "3.11"
 PACKAGE = "libpython3.11-testsuite"
 SUITE_FILE = "test_concurrent_futures.py"
-REPO = Path(__file__).resolve().parents[2]
 
 #: The suite's mixins that exercise an executor (FutureTests, the Future's own tests, need none).
 MIXINS = (
@@ -126,7 +126,7 @@ def build(mod: ModuleType) -> list[type[unittest.TestCase]]:
 
     def assert_python_ok(*args: str, **env: str) -> Any:
         assert args[0] == "-c", args
-        path = os.pathsep.join([str(CACHE), str(REPO)])
+        path = os.pathsep.join([str(CACHE), str(ROOT)])
         return original("-c", prelude + args[1], *args[2:], __isolated=False, PYTHONPATH=path, **env)
 
     setattr(mod, "assert_python_ok", assert_python_ok)  # noqa: B010 (mypy cannot see the module's names)

@@ -29,7 +29,6 @@ import secrets
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,10 +37,10 @@ import yaml
 from benchmarks.engine import Engine
 from runtime import config as config_mod
 from tests.container.compose import FILES, Deployment, infra_images, stamp, until
+from tests.harness import ROOT
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parents[2]
 NODES = ("node1", "node2", "node3")
 KILLED = "node2"
 

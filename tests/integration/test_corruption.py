@@ -11,7 +11,6 @@ import pytest
 
 from tests.harness import python_m
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """
 data_dir: {data}
 metrics_port: 0

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import python_m, start_supervisor
+from tests.harness import ROOT, python_m, start_supervisor
 from tests.integration.test_native import _free_port
 from tests.integration.test_supervisor import SCRIPTED
 
-ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "benchmarks" / "results"
 
 

@@ -16,9 +16,8 @@ import pytest
 from runtime.pool.inflight import MAP_SIZE, InflightLog
 from runtime.world.store import DISK_FLOOR, StoreError
 from runtime.world.store.git import GitStore
-from tests.harness import python_m, start_supervisor, tmpfs
+from tests.harness import ROOT, python_m, start_supervisor, tmpfs
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 
 #: Opens the log in the given directory, fills the volume, then writes a few thousand records.

@@ -36,9 +36,8 @@ from runtime.world.events.log import EventLog
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.events.pub import EventPublisher, Observer
 from tests.crash import kill_mid_write, live_children
-from tests.harness import closing_all, die_with_parent
+from tests.harness import ROOT, closing_all, die_with_parent
 
-REPO = Path(__file__).resolve().parents[2]
 Log = EventLog | PostgresEventLog
 Make = Callable[..., Log]
 MakeLmdb = Callable[..., EventLog]
@@ -154,7 +153,7 @@ def test_events_and_cursors_survive_close_and_reopen(make_log: Make) -> None:
 def test_acknowledged_events_survive_sigkill(tmp_path: Path) -> None:
     rng = random.Random(20261201)
     data = tmp_path / "events"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     acked: dict[int, tuple[int, int, int]] = {}  # seq -> (round, thread, i)
     cursor_acked = 0
     for rnd in range(5):
@@ -648,12 +647,12 @@ def _lines(proc: subprocess.Popen[bytes], out: list[bytes]) -> threading.Thread:
 
 def test_the_observer_cli_prints_json_lines(make_lmdb_log: MakeLmdb, tmp_path: Path) -> None:
     log = make_lmdb_log(durable=False)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     with EventPublisher() as pub:
         log.attach(pub)
         proc = subprocess.Popen(
             [sys.executable, "-m", "runtime.events", "tail", pub.endpoint, "--kind", "task_", "--timeout", "20"],
-            cwd=REPO,
+            cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -686,7 +685,7 @@ def test_the_observer_cli_prints_json_lines(make_lmdb_log: MakeLmdb, tmp_path: P
 
     dump = subprocess.run(
         [sys.executable, "-m", "runtime.events", "dump", str(tmp_path / "events"), "--agent", "bob", "--since", "1"],
-        cwd=REPO,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         check=True,

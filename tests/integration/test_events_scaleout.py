@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -33,10 +32,9 @@ import redis
 from runtime.world.events import Event
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.events.redis import RedisRelay, RedisUnavailable
-from tests.harness import reap
+from tests.harness import ROOT, reap
 from tests.services import ADMIN_URL
 
-REPO = Path(__file__).resolve().parents[2]
 #: A safety poll so slow that a test finishing well within it proves the wake-up came another way.
 NEVER = 600.0
 
@@ -146,13 +144,13 @@ def node_main(argv: Sequence[str] | None = None) -> int:
 
 def test_two_node_processes_append_concurrently_into_one_gapless_sequence(nodes: Nodes) -> None:
     threads, count = 2, 300
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "tests.integration.test_events_scaleout", nodes.pg_url, "--redis", nodes.redis_url]
     cmd += ["--namespace", nodes.namespace, "--threads", str(threads), "--count", str(count)]
     procs = [
         subprocess.Popen(
             [*cmd, "--tag", tag],
-            cwd=REPO,
+            cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

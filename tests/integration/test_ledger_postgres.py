@@ -29,11 +29,9 @@ from runtime.economy.ledger.postgres import WRITER_NAME, PostgresLedger, _BatchV
 from runtime.economy.ledger.rules import MemoryView
 from runtime.economy.ledger.rules import apply as apply_rule
 from runtime.host.postgres import DatabaseUnavailable
-from tests.harness import reap, together
+from tests.harness import ROOT, reap, together
 from tests.integration.ledger_bank_client import Summary
 from tests.integration.ledger_crash_writer import ACCOUNTS, FUNDS, fund_bank
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -46,11 +44,11 @@ def test_bank_workload_in_two_processes_on_one_database(pg_url: str) -> None:
         fund_bank(led)
         base = sum(1 for _ in led.journal())
     cmd = [sys.executable, "-m", "tests.integration.ledger_bank_client", pg_url, "--seconds", "4"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [
         subprocess.Popen(
             [*cmd, "--client", str(k)],
-            cwd=REPO,
+            cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -203,7 +201,7 @@ def _admin(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     base = {k: v for k, v in os.environ.items() if k != "POSTGRES_URL"}
     return subprocess.run(
         [sys.executable, "-m", "runtime.admin", *args],
-        cwd=REPO,
+        cwd=ROOT,
         env={**base, **(env or {})},
         capture_output=True,
         text=True,

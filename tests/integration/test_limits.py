@@ -16,8 +16,8 @@ from runtime.config import load_calibration
 from runtime.host import cgroups as cg
 from runtime.ops.status import Status
 from tests.cgroup_box import cgroup_box
+from tests.harness import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 MB = 1 << 20
 
 LLM_CONFIG = """

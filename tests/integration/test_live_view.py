@@ -17,7 +17,8 @@ from pathlib import Path
 import pyte
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.harness import ROOT
+
 ROWS = 50
 
 # A long agent id and a deep data directory: the cells and the footer's lines (which name the data

@@ -21,10 +21,8 @@ from native.tiny_model import write_tiny_model
 from runtime.ops.bill import Bill
 from runtime.ops.status import Status
 from tests.cgroup_box import cgroup_box
-from tests.harness import python_m
+from tests.harness import ROOT, python_m
 from tests.integration.test_native import _free_port, _llama_server
-
-ROOT = Path(__file__).resolve().parents[2]
 
 BURNERS = """
 data_dir: {data}

@@ -17,7 +17,6 @@ from runtime.economy.ledger.rules import MAX_SUPPLY
 from runtime.ops import preflight
 from tests.harness import python_m, start_supervisor, tmpfs
 
-ROOT = Path(__file__).resolve().parents[2]
 AGENT = "{id: a, workload: [{kind: echo}]}"
 
 

@@ -26,7 +26,8 @@ from runtime.pool.inflight import CRASH_CODE, InFlight, InflightLog
 from runtime.world.events.log import EventLog
 from runtime.world.store import verify
 from runtime.world.store.git import GitStore
-from tests.integration.test_supervisor import ROOT, _alive, _wait_for_workers
+from tests.harness import ROOT
+from tests.integration.test_supervisor import _alive, _wait_for_workers
 
 THINK_MS = 400
 #: A tiny rate with a large burst: the buckets stay well below their capacity of 10 CPU-s during the

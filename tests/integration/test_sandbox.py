@@ -27,13 +27,13 @@ import pytest
 from runtime.host import cgroups
 from tests import sandbox_attacks
 from tests.crash import descendants_of_uid
+from tests.harness import ROOT
 from workers.sandbox import STEPS, Confined, Limits, isolation_available, run_confined
 
 NOBODY = 65534
 #: The unprivileged user of the "unprivileged" runs (not the image's 10001: containers that other tests
 #: start on this host run as that uid, and their processes would count as leftovers).
 UNPRIVILEGED = 10077
-REPO = Path(__file__).resolve().parents[2]
 FAST = Limits(cpu_seconds=2.0, memory_bytes=128 << 20, wall_seconds=10.0)
 
 
@@ -147,7 +147,7 @@ def confine(request: pytest.FixtureRequest) -> Confine:
     if prefix is None:
         return run
     python = _python_for_others()
-    path = [str(REPO), str(Path(msgspec.__file__).parents[1])]
+    path = [str(ROOT), str(Path(msgspec.__file__).parents[1])]
 
     def as_user(code: str, args: object = None, limits: Limits = FAST, hide: Any = (), skip: Any = ()) -> Confined:
         job = msgspec.json.encode({"code": code, "args": args, "limits": limits, "hide": hide, "skip": skip})
@@ -475,7 +475,7 @@ result = out
 
 def test_writes_outside_its_directory_do_not_reach_the_host(confine: Confine) -> None:
     tag = uuid.uuid4().hex
-    targets = [f"/tmp/escape-{tag}", f"/var/tmp/escape-{tag}", f"/dev/shm/escape-{tag}", f"{REPO}/escape-{tag}"]
+    targets = [f"/tmp/escape-{tag}", f"/var/tmp/escape-{tag}", f"/dev/shm/escape-{tag}", f"{ROOT}/escape-{tag}"]
     targets += [f"/root/escape-{tag}", f"/etc/escape-{tag}"]
     code = """
 out = {}
@@ -647,7 +647,7 @@ def test_unhideable_paths_refuse_to_run_rather_than_expose_them(secret_dir: Path
     assert as_user is not None
     job: dict[str, Any] = {"code": "result = open(world.args).read()", "args": str(secret_dir / "secret.txt")}
     job.update(limits=FAST, hide=[str(secret_dir)], skip=["mountns"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(Path(msgspec.__file__).parents[1])]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(Path(msgspec.__file__).parents[1])]))
     p = subprocess.run(
         [*as_user, _python_for_others(), "-c", _AS_USER],
         input=msgspec.json.encode(job),
@@ -778,8 +778,8 @@ def test_attacks_through_the_world_as_a_non_root_worker_without_cgroups(attack_p
     try:
         (home / "params.json").write_text(json.dumps(attack_params))
         os.chown(home, UNPRIVILEGED, UNPRIVILEGED)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(Path(msgspec.__file__).parents[1])]))
-        driver = REPO / "tests" / "sandbox_attacks.py"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(Path(msgspec.__file__).parents[1])]))
+        driver = ROOT / "tests" / "sandbox_attacks.py"
         cmd = [*as_user, _python_for_others(), str(driver), str(home / "data"), str(home / "params.json")]
         p = subprocess.run(cmd, capture_output=True, cwd="/", env=env, timeout=600)
         assert p.returncode == 0, p.stderr.decode(errors="replace")[-4000:]

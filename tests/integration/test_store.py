@@ -38,6 +38,7 @@ from runtime.world.store import (
 )
 from runtime.world.store.git import GitStore
 from tests.crash import kill_mid_write, live_children
+from tests.harness import ROOT
 from tests.integration.store_backends import (
     BACKENDS,
     Backend,
@@ -51,7 +52,6 @@ from tests.integration.store_backends import (
 from tests.integration.store_crash_writer import agent_for, content_for, version_of
 from tests.services import ADMIN_URL
 
-REPO = Path(__file__).resolve().parents[2]
 Make = Callable[..., GitStore]
 BIG = 1 << 40  # a quota that never binds
 
@@ -679,7 +679,7 @@ def test_readers_see_whole_versions_while_writes_and_rollups_go_on(store_backend
 def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     rng = random.Random(20261202)
     repo = tmp_path / "crash.git"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     latest: dict[str, int] = {}  # id -> last acknowledged version
     deleted: set[str] = set()
     for rnd in range(6):
@@ -764,8 +764,8 @@ def test_a_git_store_is_opened_by_one_process(make_store: Make) -> None:
     res = subprocess.run(
         [sys.executable, "-c", probe, str(store.path)],
         capture_output=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
         timeout=60,
     )
     assert b"open in another process" in res.stdout, res.stdout + res.stderr
@@ -896,8 +896,8 @@ def _admin(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-m", "runtime.admin", *args],
         capture_output=True,
-        cwd=REPO,
-        env=dict(clean, PYTHONPATH=str(REPO), **(env or {})),
+        cwd=ROOT,
+        env=dict(clean, PYTHONPATH=str(ROOT), **(env or {})),
         timeout=120,
     )
 

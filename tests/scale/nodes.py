@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.harness import ROOT
+
 _RUN_LINE = re.compile(r"^node (\S+), run (\S+): ", re.MULTILINE)
 
 

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from runtime import config as config_mod
+from tests.harness import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s" / "agent-nodes.yaml"
 IMAGE = "agent-ecology-local"

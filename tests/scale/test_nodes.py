@@ -29,7 +29,8 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.postgres import PostgresLedger
 from runtime.world.events import Event
 from runtime.world.events.postgres import PostgresEventLog
-from tests.scale.nodes import ROOT, Node, node_of
+from tests.harness import ROOT
+from tests.scale.nodes import Node, node_of
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.scale.nodes import ROOT, Node
+from tests.harness import ROOT
+from tests.scale.nodes import Node
 from tests.services import Forwarder, free_port, via
 
 SECRET = "s3cret-pw"

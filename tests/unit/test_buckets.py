@@ -354,6 +354,23 @@ class Recorder:
         self.events.append((kind, agent, resource, level))
 
 
+def empty_cpu_bucket() -> tuple[Recorder, Buckets]:
+    """Agent ``a`` with an empty ``cpu`` bucket refilling at 1/s, its events recorded."""
+    recorder = Recorder()
+    buckets = Buckets(on_event=recorder)
+    buckets.add("a", "cpu", 0.0, 1.0)
+    return recorder, buckets
+
+
+async def blocked_on(buckets: Buckets, amount: float) -> asyncio.Task[float]:
+    """``a`` acquiring ``amount`` of cpu, returned once the bucket says it is blocked (no fixed sleep)."""
+    waiter = asyncio.create_task(buckets.acquire("a", "cpu", amount))
+    while not buckets.blocked("a"):
+        await asyncio.sleep(0.001)
+    assert not waiter.done()
+    return waiter
+
+
 def test_acquire_returns_at_once_when_admitted() -> None:
     recorder = Recorder()
     buckets = Buckets(on_event=recorder)
@@ -382,21 +399,16 @@ def test_acquire_waits_for_the_refill() -> None:
 
 
 def test_set_rate_wakes_a_waiter_early() -> None:
-    recorder = Recorder()
-    buckets = Buckets(on_event=recorder)
-    buckets.add("a", "cpu", 0.0, 1.0)
+    recorder, buckets = empty_cpu_bucket()
 
     async def scenario() -> float:
-        waiter = asyncio.create_task(buckets.acquire("a", "cpu", 1.0))
-        await asyncio.sleep(0.05)
-        assert buckets.blocked("a")
-        assert not waiter.done()
+        waiter = await blocked_on(buckets, 1.0)
         traded = time.perf_counter()
         buckets.set_rate("a", "cpu", 100.0)
         await waiter
         return time.perf_counter() - traded
 
-    assert asyncio.run(scenario()) < 0.1
+    assert asyncio.run(scenario()) < 0.5  # the refill alone would take 1 s
     assert [e[0] for e in recorder.events] == ["agent_blocked", "agent_unblocked"]
     assert not buckets.blocked("a")
 
@@ -457,14 +469,10 @@ def test_blocked_seconds_count_the_time_any_wait_of_the_agent_lasted() -> None:
 
 
 def test_cancelled_wait_clears_blocked() -> None:
-    recorder = Recorder()
-    buckets = Buckets(on_event=recorder)
-    buckets.add("a", "cpu", 0.0, 1.0)
+    recorder, buckets = empty_cpu_bucket()
 
     async def scenario() -> None:
-        waiter = asyncio.create_task(buckets.acquire("a", "cpu", 1.0))
-        await asyncio.sleep(0.02)
-        assert buckets.blocked("a")
+        waiter = await blocked_on(buckets, 1.0)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter

@@ -9,10 +9,10 @@ import pytest
 from runtime.actions import InvokeArtifact, ReadArtifact, WriteArtifact
 from runtime.config import ENV_OVERRIDES, Config, ConfigError, data_path, load, parse
 from runtime.protocol import Alloc, Burn, Echo, Sleep
+from tests.harness import ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT = REPO / "config" / "default.yaml"
-PLACEHOLDERS = REPO / "config" / "placeholders.yaml"
+DEFAULT = ROOT / "config" / "default.yaml"
+PLACEHOLDERS = ROOT / "config" / "placeholders.yaml"
 
 NO_ENV: dict[str, str] = {}
 
@@ -128,7 +128,56 @@ def test_load_non_utf8_bytes_is_a_config_error(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-# --- unknown keys ------------------------------------------------------------------------------
+# --- refused values ----------------------------------------------------------------------------
+
+
+#: A config the loader refuses -> what its one-line message must say (the path of the bad value in
+#: backticks, the suggestion for a typo, the expected type or bound).
+REFUSED: dict[str, tuple[str, ...]] = {
+    # unknown keys
+    "statu_interval_s: 2\n": ("`statu_interval_s`", "did you mean `status_interval_s`?", "data_dir", "agents"),
+    "agents:\n  - id: a\n    wrkload: [{kind: echo}]\n": (
+        "test.yaml",
+        "`agents[0].wrkload`",
+        "did you mean `workload`?",
+    ),
+    "agents:\n  - {id: a, workload: [{kind: echo}]}\n  - {id: b, workload: [{kind: echo}], pause_m: 3}\n": (
+        "`agents[1].pause_m`",
+        "did you mean `pause_ms`?",
+    ),
+    "agents: [{id: a, workload: [{kind: echo, dta: x}]}]\n": ("`agents[0].workload[0].dta`", "did you mean `data`?"),
+    # wrong types and values
+    "pool: {max_tasks_per_worker: lots}\n": ("`pool.max_tasks_per_worker`", "int"),
+    "pool: {heartbeat_s: soon}\n": ("`pool.heartbeat_s`", "float"),
+    "pool: {workers: 0}\n": ("`pool.workers`",),
+    "pool: {workers: two}\n": ("`pool.workers`",),
+    "pool: {workers: true}\n": ("`pool.workers`",),
+    "agents:\n  - id: a\n    workload:\n      - {kind: echo}\n      - {kind: burn, ms: -5}\n": (
+        "`agents[0].workload[1].ms`",
+        ">= 1",
+    ),
+    "agents: [{id: a, workload: [{kind: burn, ms: '5'}]}]\n": ("`agents[0].workload[0].ms`", "got `str`"),
+    "agents: [{id: a, workload: [{kind: burn, ms: 5, threads: 65}]}]\n": ("`agents[0].workload[0].threads`",),
+    "agents: [{id: a, workload: [{kind: fly, ms: 3}]}]\n": ("`agents[0].workload[0].kind`", "fly"),
+    "agents: [{id: a, workload: []}]\n": ("`agents[0]`", "needs a `workload`"),
+    "agents: [{id: a, brain: scripted}]\n": ("`agents[0]`", "needs a `policy`"),
+    "agents: [{workload: [{kind: echo}]}]\n": ("`agents[0]`", "id"),
+    **{
+        f"agents: [{{id: '{bad}', workload: [{{kind: echo}}]}}]\n": ("`agents[0].id`",)
+        for bad in ("Upper", "1abc", "has space", "x" * 33)
+    },
+    "pool: {transport: udp}\n": ("`pool.transport`",),
+    "pool: null\n": ("`pool`",),
+    "pool: [1, 2]\n": ("`pool`",),
+}
+
+
+@pytest.mark.parametrize("text", list(REFUSED))
+def test_a_refused_config_says_where_and_why(text: str) -> None:
+    msg = error_of(text)
+    for part in REFUSED[text]:
+        assert part in msg
+    assert "expected one of: )" not in msg
 
 
 def test_typo_in_pool_key_names_file_path_and_suggestion() -> None:
@@ -138,115 +187,9 @@ def test_typo_in_pool_key_names_file_path_and_suggestion() -> None:
     assert "did you mean `workers`?" in msg
 
 
-def test_typo_at_top_level() -> None:
-    msg = error_of("statu_interval_s: 2\n")
-    assert "`statu_interval_s`" in msg
-    assert "did you mean `status_interval_s`?" in msg
-    # the list of what is allowed is the top-level fields
-    assert "data_dir" in msg and "agents" in msg
-
-
-def test_typo_inside_an_agent() -> None:
-    msg = error_of("agents:\n  - id: a\n    wrkload: [{kind: echo}]\n")
-    assert "test.yaml" in msg
-    assert "`agents[0].wrkload`" in msg
-    assert "did you mean `workload`?" in msg
-
-
-def test_typo_inside_second_agent_has_right_index() -> None:
-    msg = error_of(
-        "agents:\n  - {id: a, workload: [{kind: echo}]}\n  - {id: b, workload: [{kind: echo}], pause_m: 3}\n"
-    )
-    assert "`agents[1].pause_m`" in msg
-    assert "did you mean `pause_ms`?" in msg
-
-
-def test_typo_inside_a_task_spec_names_the_path() -> None:
-    msg = error_of("agents: [{id: a, workload: [{kind: echo, dta: x}]}]\n")
-    assert "`agents[0].workload[0].dta`" in msg
-
-
-def test_typo_inside_a_task_spec_suggests_the_field() -> None:
-    msg = error_of("agents: [{id: a, workload: [{kind: echo, dta: x}]}]\n")
-    assert "expected one of: )" not in msg
-    assert "did you mean `data`?" in msg
-
-
-# --- wrong types and values ----------------------------------------------------------------------
-
-
-def test_string_for_int_names_the_path() -> None:
-    msg = error_of("pool: {max_tasks_per_worker: lots}\n")
-    assert "`pool.max_tasks_per_worker`" in msg
-    assert "int" in msg
-
-
-def test_string_for_float_names_the_path() -> None:
-    msg = error_of("pool: {heartbeat_s: soon}\n")
-    assert "`pool.heartbeat_s`" in msg
-    assert "float" in msg
-
-
-def test_workers_must_be_positive_or_auto() -> None:
-    assert "`pool.workers`" in error_of("pool: {workers: 0}\n")
-    assert "`pool.workers`" in error_of("pool: {workers: two}\n")
-    assert "`pool.workers`" in error_of("pool: {workers: true}\n")
-
-
-def test_negative_ms_in_a_burn_names_the_path() -> None:
-    msg = error_of("agents:\n  - id: a\n    workload:\n      - {kind: echo}\n      - {kind: burn, ms: -5}\n")
-    assert "`agents[0].workload[1].ms`" in msg
-    assert ">= 1" in msg
-
-
-def test_string_ms_in_a_burn_names_the_path() -> None:
-    msg = error_of("agents: [{id: a, workload: [{kind: burn, ms: '5'}]}]\n")
-    assert "`agents[0].workload[0].ms`" in msg
-    assert "got `str`" in msg
-
-
-def test_too_many_threads_names_the_path() -> None:
-    msg = error_of("agents: [{id: a, workload: [{kind: burn, ms: 5, threads: 65}]}]\n")
-    assert "`agents[0].workload[0].threads`" in msg
-
-
-def test_unknown_task_kind() -> None:
-    msg = error_of("agents: [{id: a, workload: [{kind: fly, ms: 3}]}]\n")
-    assert "`agents[0].workload[0].kind`" in msg
-    assert "fly" in msg
-
-
-def test_empty_workload_rejected() -> None:
-    msg = error_of("agents: [{id: a, workload: []}]\n")
-    assert "`agents[0]`" in msg and "needs a `workload`" in msg
-
-
-def test_a_scripted_agent_needs_a_policy_and_an_llm_agent_needs_neither() -> None:
-    msg = error_of("agents: [{id: a, brain: scripted}]\n")
-    assert "`agents[0]`" in msg and "needs a `policy`" in msg
+def test_an_llm_agent_needs_no_policy() -> None:
     cfg = parse("agents: [{id: a, brain: llm, persona: a trader}]\n", environ=NO_ENV)
     assert cfg.agents[0].brain == "llm" and cfg.agents[0].persona == "a trader"
-
-
-def test_missing_agent_id() -> None:
-    msg = error_of("agents: [{workload: [{kind: echo}]}]\n")
-    assert "`agents[0]`" in msg
-    assert "id" in msg
-
-
-@pytest.mark.parametrize("bad_id", ["Upper", "1abc", "has space", "x" * 33])
-def test_agent_id_pattern(bad_id: str) -> None:
-    msg = error_of(f"agents: [{{id: '{bad_id}', workload: [{{kind: echo}}]}}]\n")
-    assert "`agents[0].id`" in msg
-
-
-def test_unknown_transport() -> None:
-    assert "`pool.transport`" in error_of("pool: {transport: udp}\n")
-
-
-def test_pool_must_be_a_mapping() -> None:
-    assert "`pool`" in error_of("pool: null\n")
-    assert "`pool`" in error_of("pool: [1, 2]\n")
 
 
 # --- document shape ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.harness import ROOT
 
 #: The supervisor's layers, lowest first: the languages and the machine, dispatch, charging and recording,
 #: the world, the agents, composition, then what operators run.

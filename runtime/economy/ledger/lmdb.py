@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-import msgspec
 
 from runtime.economy.buckets import BucketState
 from runtime.economy.ledger import (
@@ -36,6 +35,7 @@ from runtime.economy.ledger import (
     Receipt,
     RecordUsage,
     TaskState,
+    codec,
     rules,
 )
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
@@ -44,12 +44,6 @@ _I64 = struct.Struct(">q")
 _SEQ = struct.Struct(">Q")
 _SUPPLY = struct.Struct(">qq")
 _OPREF = struct.Struct(">Qd")  # seq, applied at
-_enc = msgspec.msgpack.Encoder()
-_entry_dec = msgspec.msgpack.Decoder(JournalEntry)
-_usage_dec = msgspec.msgpack.Decoder(RecordUsage)
-_buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
-_offer_dec = msgspec.msgpack.Decoder(PostOffer)
-_task_dec = msgspec.msgpack.Decoder(TaskState)
 
 
 def _bkey(account: str, asset: str) -> bytes:
@@ -91,30 +85,30 @@ class _TxnView:
         return self.txn.get(task_id.encode(), db=self.dbs["usage"]) is not None
 
     def put_usage(self, record: RecordUsage) -> None:
-        self.txn.put(record.task_id.encode(), _enc.encode(record), db=self.dbs["usage"])
+        self.txn.put(record.task_id.encode(), codec.encode(record), db=self.dbs["usage"])
 
     def put_buckets(self, agent: str, buckets: dict[str, BucketState]) -> None:
         key = agent.encode()
         old = self.txn.get(key, db=self.dbs["buckets"])
-        merged = {**(_buckets_dec.decode(old) if old else {}), **buckets}
-        self.txn.put(key, _enc.encode(merged), db=self.dbs["buckets"])
+        merged = {**(codec.buckets.decode(old) if old else {}), **buckets}
+        self.txn.put(key, codec.encode(merged), db=self.dbs["buckets"])
 
     def offer(self, offer_id: str) -> PostOffer | None:
         v = self.txn.get(offer_id.encode(), db=self.dbs["offers"])
-        return _offer_dec.decode(v) if v is not None else None
+        return codec.offer.decode(v) if v is not None else None
 
     def put_offer(self, offer: PostOffer) -> None:
-        self.txn.put(offer.offer.encode(), _enc.encode(offer), db=self.dbs["offers"])
+        self.txn.put(offer.offer.encode(), codec.encode(offer), db=self.dbs["offers"])
 
     def drop_offer(self, offer_id: str) -> None:
         self.txn.delete(offer_id.encode(), db=self.dbs["offers"])
 
     def task(self, task_id: str) -> TaskState | None:
         v = self.txn.get(task_id.encode(), db=self.dbs["tasks"])
-        return _task_dec.decode(v) if v is not None else None
+        return codec.task.decode(v) if v is not None else None
 
     def put_task(self, state: TaskState) -> None:
-        self.txn.put(state.post.task.encode(), _enc.encode(state), db=self.dbs["tasks"])
+        self.txn.put(state.post.task.encode(), codec.encode(state), db=self.dbs["tasks"])
 
 
 class LmdbLedger(GroupCommitted):
@@ -168,7 +162,7 @@ class LmdbLedger(GroupCommitted):
             pseq, pat = _OPREF.unpack(prev)
             stored = txn.get(_SEQ.pack(pseq), db=self.dbs["journal"])
             assert stored is not None, f"invariant: op {op.id} indexed at seq {pseq} with no journal entry"
-            first = _entry_dec.decode(stored)
+            first = codec.entry.decode(stored)
             if first.op != op:
                 return LedgerError("conflict", f"op id `{op.id}` was already used for another operation")
             return Receipt(op.id, pseq, pat, fresh=False)
@@ -176,7 +170,7 @@ class LmdbLedger(GroupCommitted):
             rules.apply(view, op)
         except LedgerError as exc:
             return exc
-        txn.put(_SEQ.pack(seq), _enc.encode(JournalEntry(seq, now, op)), db=self.dbs["journal"], append=True)
+        txn.put(_SEQ.pack(seq), codec.encode(JournalEntry(seq, now, op)), db=self.dbs["journal"], append=True)
         txn.put(key, _OPREF.pack(seq, now), db=self.dbs["ops"])
         return Receipt(op.id, seq, now)
 
@@ -245,30 +239,30 @@ class LmdbLedger(GroupCommitted):
         """The usage record of one task."""
         with self.env.begin() as txn:
             v = txn.get(task_id.encode(), db=self.dbs["usage"])
-            return _usage_dec.decode(v) if v is not None else None
+            return codec.usage.decode(v) if v is not None else None
 
     def usage_records(self) -> Iterator[RecordUsage]:
         """Every usage record (from one snapshot)."""
         with self.env.begin() as txn:
-            records = [_usage_dec.decode(v) for _, v in txn.cursor(db=self.dbs["usage"])]
+            records = [codec.usage.decode(v) for _, v in txn.cursor(db=self.dbs["usage"])]
         yield from records
 
     def buckets(self, agent: str) -> dict[str, BucketState]:
         """The persisted bucket levels of an agent."""
         with self.env.begin() as txn:
             v = txn.get(agent.encode(), db=self.dbs["buckets"])
-            return _buckets_dec.decode(v) if v is not None else {}
+            return codec.buckets.decode(v) if v is not None else {}
 
     def offers(self) -> list[PostOffer]:
         """Every open offer, by offer id (from one snapshot)."""
         with self.env.begin() as txn:
-            return [_offer_dec.decode(v) for _, v in txn.cursor(db=self.dbs["offers"])]
+            return [codec.offer.decode(v) for _, v in txn.cursor(db=self.dbs["offers"])]
 
     async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
         """Every open offer, the first ``limit`` by id (an LMDB read does not block the loop for long)."""
         with self.env.begin() as txn:
             found = zip(range(limit if limit is not None else 1 << 62), txn.cursor(db=self.dbs["offers"]), strict=False)
-            return [_offer_dec.decode(v) for _, (_, v) in found]
+            return [codec.offer.decode(v) for _, (_, v) in found]
 
     async def offer_async(self, offer_id: str) -> PostOffer | None:
         """One open offer, or None."""
@@ -278,7 +272,7 @@ class LmdbLedger(GroupCommitted):
     def tasks(self) -> list[TaskState]:
         """Every posted task and who was paid for it, by task id (from one snapshot)."""
         with self.env.begin() as txn:
-            return [_task_dec.decode(v) for _, v in txn.cursor(db=self.dbs["tasks"])]
+            return [codec.task.decode(v) for _, v in txn.cursor(db=self.dbs["tasks"])]
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""
@@ -289,7 +283,7 @@ class LmdbLedger(GroupCommitted):
                 if not cur.set_range(_SEQ.pack(since + 1)):
                     return
                 for _, v in cur:
-                    page.append(_entry_dec.decode(v))
+                    page.append(codec.entry.decode(v))
                     if len(page) == 1000:
                         break
             if not page:

@@ -46,7 +46,6 @@ import time
 from collections.abc import Collection, Iterator
 from typing import Any
 
-import msgspec
 import psycopg
 from psycopg_pool import ConnectionPool
 
@@ -69,6 +68,7 @@ from runtime.economy.ledger import (
     SetBuckets,
     TaskState,
     Transfer,
+    codec,
     rules,
 )
 from runtime.economy.ledger.cache import HoldingsCache
@@ -121,12 +121,6 @@ _HOLDINGS = (
 _LOCK = lock_key("ledger")
 _JOURNAL_PAGE = 1000
 
-_enc = msgspec.msgpack.Encoder()
-_op_dec = msgspec.msgpack.Decoder(Op)
-_usage_dec = msgspec.msgpack.Decoder(RecordUsage)
-_buckets_dec = msgspec.msgpack.Decoder(dict[str, BucketState])
-_offer_dec = msgspec.msgpack.Decoder(PostOffer)
-_task_dec = msgspec.msgpack.Decoder(TaskState)
 
 _Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -198,7 +192,7 @@ class _BatchView:
         self._usage.update(dict.fromkeys(tasks, False))
         self._usage.update((task_id, True) for (task_id,) in used.fetchall())
         self._levels.update({a: {} for a in owners})
-        self._levels.update((agent, _buckets_dec.decode(blob)) for agent, blob in levels.fetchall())
+        self._levels.update((agent, codec.buckets.decode(blob)) for agent, blob in levels.fetchall())
         if supply is not None:
             self._supply.update((asset, (minted, burned)) for asset, minted, burned in supply.fetchall())
             self._supply_loaded = True
@@ -248,7 +242,7 @@ class _BatchView:
     def offer(self, offer_id: str) -> PostOffer | None:
         if offer_id not in self._offers:
             row = self._conn.execute("SELECT post FROM ledger_offers WHERE offer = %s", (offer_id,)).fetchone()
-            self._offers[offer_id] = _offer_dec.decode(row[0]) if row else None
+            self._offers[offer_id] = codec.offer.decode(row[0]) if row else None
         return self._offers[offer_id]
 
     def put_offer(self, offer: PostOffer) -> None:
@@ -262,7 +256,7 @@ class _BatchView:
     def task(self, task_id: str) -> TaskState | None:
         if task_id not in self._tasks:
             row = self._conn.execute("SELECT state FROM ledger_tasks WHERE task = %s", (task_id,)).fetchone()
-            self._tasks[task_id] = _task_dec.decode(row[0]) if row else None
+            self._tasks[task_id] = codec.task.decode(row[0]) if row else None
         return self._tasks[task_id]
 
     def put_task(self, state: TaskState) -> None:
@@ -311,21 +305,21 @@ class _BatchView:
         if self._new_usage:
             ex(
                 "INSERT INTO ledger_usage (task_id, record) SELECT * FROM unnest(%s::text[], %s::bytea[])",
-                ([r.task_id for r in self._new_usage], [_enc.encode(r) for r in self._new_usage]),
+                ([r.task_id for r in self._new_usage], [codec.encode(r) for r in self._new_usage]),
             )
         if self._dirty_levels:
             owners = list(self._dirty_levels)
             ex(
                 "INSERT INTO ledger_buckets (agent, levels) SELECT * FROM unnest(%s::text[], %s::bytea[])"
                 " ON CONFLICT (agent) DO UPDATE SET levels = excluded.levels",
-                (owners, [_enc.encode(self._levels[a]) for a in owners]),
+                (owners, [codec.encode(self._levels[a]) for a in owners]),
             )
         if self._dirty_tasks:
             tasks = list(self._dirty_tasks)
             ex(
                 "INSERT INTO ledger_tasks (task, state) SELECT * FROM unnest(%s::text[], %s::bytea[])"
                 " ON CONFLICT (task) DO UPDATE SET state = excluded.state",
-                (tasks, [_enc.encode(self._tasks[t]) for t in tasks]),
+                (tasks, [codec.encode(self._tasks[t]) for t in tasks]),
             )
         posted = [o for o in self._dirty_offers if self._offers[o] is not None]
         closed = [o for o in self._dirty_offers if self._offers[o] is None]
@@ -335,7 +329,7 @@ class _BatchView:
             ex(
                 "INSERT INTO ledger_offers (offer, post) SELECT * FROM unnest(%s::text[], %s::bytea[])"
                 " ON CONFLICT (offer) DO UPDATE SET post = excluded.post",
-                (posted, [_enc.encode(self._offers[o]) for o in posted]),
+                (posted, [codec.encode(self._offers[o]) for o in posted]),
             )
 
 
@@ -452,7 +446,7 @@ class PostgresLedger(GroupCommitted):
                 view.load(accounts, task_ids, agents)
                 head = last.fetchone()
                 applied: dict[str, tuple[int, float, Op]] = {
-                    op_id: (seq, at, _op_dec.decode(blob)) for op_id, seq, at, blob in known.fetchall()
+                    op_id: (seq, at, codec.op.decode(blob)) for op_id, seq, at, blob in known.fetchall()
                 }
             seq, last_at = head if head is not None else (0, 0.0)
             # Nodes' clocks differ: never let the journal's time go backwards.
@@ -476,7 +470,7 @@ class PostgresLedger(GroupCommitted):
                     continue
                 seq += 1
                 applied[op.id] = (seq, now, op)
-                rows.append((seq, op.id, _enc.encode(op)))
+                rows.append((seq, op.id, codec.encode(op)))
                 outcomes.append(Receipt(op.id, seq, now))
             if rows:
                 with conn.pipeline():
@@ -558,35 +552,35 @@ class PostgresLedger(GroupCommitted):
     def usage(self, task_id: str) -> RecordUsage | None:
         """The usage record of one task."""
         rows = self._read("SELECT record FROM ledger_usage WHERE task_id = %s", (task_id,))
-        return _usage_dec.decode(rows[0][0]) if rows else None
+        return codec.usage.decode(rows[0][0]) if rows else None
 
     def usage_records(self) -> Iterator[RecordUsage]:
         """Every usage record (from one snapshot)."""
         for (blob,) in self._read("SELECT record FROM ledger_usage"):
-            yield _usage_dec.decode(blob)
+            yield codec.usage.decode(blob)
 
     def buckets(self, agent: str) -> dict[str, BucketState]:
         """The persisted bucket levels of an agent."""
         rows = self._read("SELECT levels FROM ledger_buckets WHERE agent = %s", (agent,))
-        return _buckets_dec.decode(rows[0][0]) if rows else {}
+        return codec.buckets.decode(rows[0][0]) if rows else {}
 
     def offers(self) -> list[PostOffer]:
         """Every open offer, by offer id (from one snapshot)."""
-        return [_offer_dec.decode(blob) for (blob,) in self._read("SELECT post FROM ledger_offers ORDER BY offer")]
+        return [codec.offer.decode(blob) for (blob,) in self._read("SELECT post FROM ledger_offers ORDER BY offer")]
 
     async def offers_async(self, limit: int | None = None) -> list[PostOffer]:
         """Every open offer (the first ``limit`` by id), read without blocking the loop."""
         rows = await self.reader.fetch("SELECT post FROM ledger_offers ORDER BY offer LIMIT %s", (limit,))
-        return [_offer_dec.decode(blob) for (blob,) in rows]
+        return [codec.offer.decode(blob) for (blob,) in rows]
 
     async def offer_async(self, offer_id: str) -> PostOffer | None:
         """One open offer, or None, read without blocking the loop."""
         rows = await self.reader.fetch("SELECT post FROM ledger_offers WHERE offer = %s", (offer_id,))
-        return _offer_dec.decode(rows[0][0]) if rows else None
+        return codec.offer.decode(rows[0][0]) if rows else None
 
     def tasks(self) -> list[TaskState]:
         """Every posted task and who was paid for it, by task id (from one snapshot)."""
-        return [_task_dec.decode(blob) for (blob,) in self._read("SELECT state FROM ledger_tasks ORDER BY task")]
+        return [codec.task.decode(blob) for (blob,) in self._read("SELECT state FROM ledger_tasks ORDER BY task")]
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""
@@ -595,7 +589,7 @@ class PostgresLedger(GroupCommitted):
                 "SELECT seq, at, op FROM ledger_journal WHERE seq > %s ORDER BY seq LIMIT %s", (since, _JOURNAL_PAGE)
             )
             for seq, at, blob in page:
-                yield JournalEntry(seq, at, _op_dec.decode(blob))
+                yield JournalEntry(seq, at, codec.op.decode(blob))
             if len(page) < _JOURNAL_PAGE:
                 return
             since = page[-1][0]
