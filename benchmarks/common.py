@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import psutil
@@ -295,23 +295,25 @@ class Skipped(msgspec.Struct):
     reason: str
 
 
-class Runnable(Protocol):
+M = TypeVar("M")
+
+
+@dataclass(frozen=True, slots=True)
+class System(Generic[M]):
     """A system under test: ``runner(fresh_dir, seconds)`` sets up, measures, verifies and cleans up."""
 
-    @property
-    def name(self) -> str: ...
-    @property
-    def describe(self) -> str: ...
-    @property
-    def runner(self) -> Callable[[Path, float], object]: ...
-
-
-S = TypeVar("S", bound=Runnable)
+    name: str
+    describe: str
+    #: Whether what it measured survives a power cut (a row's "durable" column).
+    durable: bool
+    runner: Callable[[Path, float], M]
+    #: What it does, where a benchmark measures more than one kind of operation ("write", "read").
+    kind: str = ""
 
 
 def measure_each(
-    systems: Sequence[S], tmp: Path, duration: float, skipped: list[Skipped]
-) -> Iterator[tuple[S, object]]:
+    systems: Sequence[System[M]], tmp: Path, duration: float, skipped: list[Skipped]
+) -> Iterator[tuple[System[M], M]]:
     """Run each system in a fresh directory under ``tmp`` and yield what it measured. A system that
     fails is printed and recorded in ``skipped``; the others go on (one failure must not cost the
     others' numbers)."""

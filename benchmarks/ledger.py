@@ -37,7 +37,7 @@ from pathlib import Path
 import msgspec
 
 from benchmarks import common
-from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, measure_each, publish
+from benchmarks.common import Budget, Options, Skipped, System, closed_loop_threads, measure_each, publish
 from runtime.economy.ledger import Ledger, LedgerError, Mint, OpenAccount, Receipt, Transfer
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
@@ -319,16 +319,6 @@ def _sqlite(synchronous: str) -> Callable[[Path, float], Measured]:
 # ------------------------------------------------------------------------------------------- main
 
 
-@dataclass(frozen=True, slots=True)
-class System:
-    """A system under test: ``runner(fresh_dir, seconds)`` sets up, measures, verifies and closes."""
-
-    name: str
-    describe: str
-    durable: bool
-    runner: Callable[[Path, float], Measured]
-
-
 SYSTEMS = [
     System(
         "lmdb-group-threads",
@@ -522,7 +512,6 @@ def run(opts: Options) -> int:
     unavailable = len(skipped)
     try:
         for system, m in measure_each(systems, tmp, duration, skipped):
-            assert isinstance(m, Measured)
             tag = f"[{system.name}]"
             e = Entry(
                 name=system.name,

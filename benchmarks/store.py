@@ -42,7 +42,7 @@ from typing import Literal
 import msgspec
 
 from benchmarks import common
-from benchmarks.common import Budget, Options, Skipped, closed_loop_threads, measure_each, publish
+from benchmarks.common import Budget, Options, Skipped, System, closed_loop_threads, measure_each, publish
 from runtime.world.store import WriteReceipt, verify
 from runtime.world.store.git import GitStore, fanout
 
@@ -305,62 +305,63 @@ def _git_cli(config: list[str]) -> Callable[[Path, float], Measured]:
 # ------------------------------------------------------------------------------------------- main
 
 
-@dataclass(frozen=True, slots=True)
-class System:
-    """A system under test: ``runner(fresh_dir, seconds)`` sets up, measures, verifies and cleans up."""
-
-    name: str
-    kind: Kind
-    describe: str
-    durable: bool
-    runner: Callable[[Path, float], Measured]
-
-
-SYSTEMS: list[System] = [
+SYSTEMS: list[System[Measured]] = [
     System(
         "store-pipelined-new",
-        "write",
         f"GitStore.submit_write, new ids, two windows of {WINDOW} futures in flight (group commit)",
         True,
         _store_pipelined(rewrite=False),
+        "write",
     ),
     System(
         "store-pipelined-rewrite",
-        "write",
         f"GitStore.submit_write, rewrites of {REWRITE_IDS:,} ids, two windows of {WINDOW} futures in flight",
         True,
         _store_pipelined(rewrite=True),
+        "write",
     ),
-    System("store-sync-new", "write", "GitStore.write, new ids, one durable write at a time", True, _store_sync(False)),
+    System(
+        "store-sync-new",
+        "GitStore.write, new ids, one durable write at a time",
+        True,
+        _store_sync(False),
+        "write",
+    ),
     System(
         "store-sync-rewrite",
-        "write",
         f"GitStore.write, rewrites of {REWRITE_IDS:,} ids, one durable write at a time",
         True,
         _store_sync(True),
+        "write",
     ),
     System(
         f"store-sync-{THREADS}-threads",
-        "write",
         f"GitStore.write from {THREADS} threads, each waiting for its own write (callers share group commits)",
         True,
         _store_sync_threads,
+        "write",
     ),
     System(
         "git-cli",
-        "write",
         "git CLI per write: hash-object -w ×2, mktree ×3, commit-tree, update-ref (default fsync: not durable)",
         False,
         _git_cli([]),
+        "write",
     ),
     System(
         "git-cli-fsync",
-        "write",
         "the same git CLI commands with core.fsync=all (durable)",
         True,
         _git_cli(["-c", "core.fsync=all", "-c", "core.fsyncMethod=fsync"]),
+        "write",
     ),
-    System("store-read", "read", f"GitStore.read of random ids among {REWRITE_IDS:,}, one thread", True, _store_read),
+    System(
+        "store-read",
+        f"GitStore.read of random ids among {REWRITE_IDS:,}, one thread",
+        True,
+        _store_read,
+        "read",
+    ),
 ]
 
 
@@ -476,12 +477,11 @@ def run(opts: Options) -> int:
     skipped: list[Skipped] = []
     try:
         for system, m in measure_each(SYSTEMS, tmp, duration, skipped):
-            assert isinstance(m, Measured)
             tag = f"[{system.name}]"
             e = Entry(
                 name=system.name,
                 ops_per_s=round(m.ops / m.seconds, 1),
-                kind=system.kind,
+                kind="read" if system.kind == "read" else "write",
                 ops=m.ops,
                 seconds=round(m.seconds, 3),
                 durable=system.durable,

@@ -22,25 +22,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from runtime.economy import ledger as ops
 from runtime.economy.buckets import BucketState
-from runtime.economy.ledger import (
-    AcceptOffer,
-    AwardTask,
-    Burn,
-    CancelOffer,
-    Ledger,
-    LedgerError,
-    Mint,
-    Op,
-    OpenAccount,
-    PostOffer,
-    PostTask,
-    Receipt,
-    RecordUsage,
-    SetBuckets,
-    SetQuota,
-    Transfer,
-)
+from runtime.economy.ledger import Ledger, LedgerError, Op, Receipt
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.rules import MemoryView
 from runtime.economy.ledger.rules import apply as apply_rule
@@ -114,14 +98,14 @@ def replay(led: Ledger) -> MemoryView:
 def open_and_fund(led: Ledger, funds: dict[str, int]) -> None:
     """Open agent accounts and mint their scrip (op ids derived from the names)."""
     for account, amount in funds.items():
-        led.apply(OpenAccount(id=f"open-{account}", account=account))
+        led.apply(ops.OpenAccount(id=f"open-{account}", account=account))
         if amount:
-            led.apply(Mint(id=f"fund-{account}", account=account, asset="scrip", amount=amount, reason="test"))
+            led.apply(ops.Mint(id=f"fund-{account}", account=account, asset="scrip", amount=amount, reason="test"))
 
 
-def xfer(op_id: str, src: str, dst: str, amount: Any, asset: Any = "scrip") -> Transfer:
+def xfer(op_id: str, src: str, dst: str, amount: Any, asset: Any = "scrip") -> ops.Transfer:
     """A transfer, built directly in Python (no validation by msgspec at construction)."""
-    return Transfer(id=op_id, src=src, dst=dst, asset=asset, amount=amount)
+    return ops.Transfer(id=op_id, src=src, dst=dst, asset=asset, amount=amount)
 
 
 # ------------------------------------------------------------------------------------------- basics
@@ -138,7 +122,7 @@ def test_open_mint_transfer_burn(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 100, "bob": 0})
     assert ledger.accounts() == {"mint": "system", "treasury": "system", "alice": "agent", "bob": "agent"}
     ledger.apply(xfer("t1", "alice", "bob", 30))
-    ledger.apply(Burn(id="b1", account="bob", asset="scrip", amount=10, reason="fee"))
+    ledger.apply(ops.Burn(id="b1", account="bob", asset="scrip", amount=10, reason="fee"))
     assert ledger.balances() == {"alice": {"scrip": 70}, "bob": {"scrip": 20}}
     assert ledger.balance("alice", "scrip") == 70
     assert ledger.balance("bob", "cpu_rate") == 0
@@ -156,9 +140,9 @@ def test_open_mint_transfer_burn(ledger: Ledger) -> None:
 
 
 def test_the_reads_for_the_event_loop_agree_with_the_synchronous_ones(ledger: Ledger) -> None:
-    ledger.apply(OpenAccount(id="o1", account="alice", grants={"scrip": 100, "disk_quota": 1000}))
-    ledger.apply(OpenAccount(id="o2", account="bob"))
-    ledger.apply(Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=30))
+    ledger.apply(ops.OpenAccount(id="o1", account="alice", grants={"scrip": 100, "disk_quota": 1000}))
+    ledger.apply(ops.OpenAccount(id="o2", account="bob"))
+    ledger.apply(ops.Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=30))
 
     async def body() -> None:
         for fresh in (False, True):
@@ -171,7 +155,7 @@ def test_the_reads_for_the_event_loop_agree_with_the_synchronous_ones(ledger: Le
             assert err.value.code == "unknown_account"
         assert await ledger.accounts_async() == ledger.accounts()
         # An operation of this ledger is seen by the next read, cached or not.
-        await asyncio.wrap_future(ledger.submit(Transfer(id="t2", src="bob", dst="alice", asset="scrip", amount=5)))
+        await asyncio.wrap_future(ledger.submit(ops.Transfer(id="t2", src="bob", dst="alice", asset="scrip", amount=5)))
         assert await ledger.balance_async("alice", "scrip") == 75
         assert await ledger.balance_async("bob", "scrip") == 25
 
@@ -182,10 +166,10 @@ def test_opening_an_existing_account_again_is_refused(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 5})
     before = snapshot(ledger)
     for op in (
-        OpenAccount(id="again", account="alice"),
-        OpenAccount(id="as-system", account="alice", kind="system"),
-        OpenAccount(id="mint-as-agent", account="mint"),
-        OpenAccount(id="regrant", account="alice", grants={"scrip": 10}),
+        ops.OpenAccount(id="again", account="alice"),
+        ops.OpenAccount(id="as-system", account="alice", kind="system"),
+        ops.OpenAccount(id="mint-as-agent", account="mint"),
+        ops.OpenAccount(id="regrant", account="alice", grants={"scrip": 10}),
     ):
         with pytest.raises(LedgerError) as err:
             ledger.apply(op)
@@ -195,7 +179,7 @@ def test_opening_an_existing_account_again_is_refused(ledger: Ledger) -> None:
 
 def test_an_account_is_opened_with_its_grants_in_one_operation(ledger: Ledger) -> None:
     base = journal_len(ledger)
-    ledger.apply(OpenAccount(id="o-a", account="alice", grants={"scrip": 100, "cpu_rate": 5, "llm_rate": 0}))
+    ledger.apply(ops.OpenAccount(id="o-a", account="alice", grants={"scrip": 100, "cpu_rate": 5, "llm_rate": 0}))
     assert ledger.balances() == {"alice": {"scrip": 100, "cpu_rate": 5}}
     assert ledger.supply()["scrip"] == (100, 0) and ledger.supply()["cpu_rate"] == (5, 0)
     assert journal_len(ledger) == base + 1
@@ -204,20 +188,20 @@ def test_an_account_is_opened_with_its_grants_in_one_operation(ledger: Ledger) -
 
 def test_set_quota_up_and_down_mints_and_burns_the_difference(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 0, "bob": 0})
-    ledger.apply(SetQuota(id="q1", account="alice", asset="disk_quota", amount=1000))
+    ledger.apply(ops.SetQuota(id="q1", account="alice", asset="disk_quota", amount=1000))
     assert ledger.balance("alice", "disk_quota") == 1000
     assert ledger.supply()["disk_quota"] == (1000, 0)
-    ledger.apply(SetQuota(id="q2", account="alice", asset="disk_quota", amount=400))
+    ledger.apply(ops.SetQuota(id="q2", account="alice", asset="disk_quota", amount=400))
     assert ledger.balance("alice", "disk_quota") == 400
     assert ledger.supply()["disk_quota"] == (1000, 600)
-    ledger.apply(SetQuota(id="q3", account="bob", asset="disk_quota", amount=250))
-    ledger.apply(SetQuota(id="q4", account="alice", asset="disk_quota", amount=1500))
+    ledger.apply(ops.SetQuota(id="q3", account="bob", asset="disk_quota", amount=250))
+    ledger.apply(ops.SetQuota(id="q4", account="alice", asset="disk_quota", amount=1500))
     assert ledger.supply()["disk_quota"] == (1000 + 250 + 1100, 600)
-    ledger.apply(SetQuota(id="q5", account="alice", asset="disk_quota", amount=0))
+    ledger.apply(ops.SetQuota(id="q5", account="alice", asset="disk_quota", amount=0))
     assert ledger.balance("alice", "disk_quota") == 0
     assert ledger.supply()["disk_quota"] == (2350, 2100)
     # Quotas are per asset: memory is untouched by disk, and vice versa.
-    ledger.apply(SetQuota(id="q6", account="bob", asset="memory_quota", amount=1 << 30))
+    ledger.apply(ops.SetQuota(id="q6", account="bob", asset="memory_quota", amount=1 << 30))
     assert ledger.balances() == {"bob": {"disk_quota": 250, "memory_quota": 1 << 30}}
     assert ledger.supply()["memory_quota"] == (1 << 30, 0)
     assert check(ledger).ok
@@ -226,7 +210,7 @@ def test_set_quota_up_and_down_mints_and_burns_the_difference(ledger: Ledger) ->
 def test_usage_records_and_bucket_levels_are_persisted(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 0, "bob": 0})
     levels = {"cpu": BucketState(level=-0.25, updated=12.5), "llm_tokens": BucketState(400.0, 12.5)}
-    rec = RecordUsage(
+    rec = ops.RecordUsage(
         id="u1",
         task_id="task-1",
         agent="alice",
@@ -239,14 +223,14 @@ def test_usage_records_and_bucket_levels_are_persisted(ledger: Ledger) -> None:
         buckets=levels,
     )
     ledger.apply(rec)
-    ledger.apply(RecordUsage(id="u2", task_id="task-2", agent="bob", kind="exec", ok=False, cpu_seconds=0.0))
+    ledger.apply(ops.RecordUsage(id="u2", task_id="task-2", agent="bob", kind="exec", ok=False, cpu_seconds=0.0))
     assert ledger.usage("task-1") == rec
     assert ledger.usage("task-3") is None
     assert sorted(r.task_id for r in ledger.usage_records()) == ["task-1", "task-2"]
     assert ledger.buckets("alice") == levels
     assert ledger.buckets("bob") == {}  # a record without levels does not invent any
-    # SetBuckets replaces the levels it names and keeps the others.
-    ledger.apply(SetBuckets(id="s1", agent="alice", buckets={"cpu": BucketState(3.0, 20.0)}))
+    # ops.SetBuckets replaces the levels it names and keeps the others.
+    ledger.apply(ops.SetBuckets(id="s1", agent="alice", buckets={"cpu": BucketState(3.0, 20.0)}))
     assert ledger.buckets("alice") == {"cpu": BucketState(3.0, 20.0), "llm_tokens": BucketState(400.0, 12.5)}
     assert ledger.balances() == {}  # usage is recorded, not charged to balances, by the ledger itself
     report = check(ledger)
@@ -256,20 +240,20 @@ def test_usage_records_and_bucket_levels_are_persisted(ledger: Ledger) -> None:
 
 def test_the_journal_keeps_every_applied_op_in_order(ledger: Ledger) -> None:
     base = journal_len(ledger)
-    ops: list[Op] = [
-        OpenAccount(id="o-a", account="alice"),
-        OpenAccount(id="o-b", account="bob"),
-        Mint(id="m", account="alice", asset="scrip", amount=50, reason="grant"),
-        Transfer(id="t", src="alice", dst="bob", asset="scrip", amount=20, memo="rent"),
-        Burn(id="b", account="bob", asset="scrip", amount=5, reason="tax"),
-        SetQuota(id="q", account="bob", asset="memory_quota", amount=64),
-        RecordUsage(id="u", task_id="task-9", agent="bob", kind="think", ok=True, cpu_seconds=0.5),
-        SetBuckets(id="s", agent="bob", buckets={"cpu": BucketState(1.0, 2.0)}),
+    batch: list[Op] = [
+        ops.OpenAccount(id="o-a", account="alice"),
+        ops.OpenAccount(id="o-b", account="bob"),
+        ops.Mint(id="m", account="alice", asset="scrip", amount=50, reason="grant"),
+        ops.Transfer(id="t", src="alice", dst="bob", asset="scrip", amount=20, memo="rent"),
+        ops.Burn(id="b", account="bob", asset="scrip", amount=5, reason="tax"),
+        ops.SetQuota(id="q", account="bob", asset="memory_quota", amount=64),
+        ops.RecordUsage(id="u", task_id="task-9", agent="bob", kind="think", ok=True, cpu_seconds=0.5),
+        ops.SetBuckets(id="s", agent="bob", buckets={"cpu": BucketState(1.0, 2.0)}),
     ]
-    receipts = [ledger.apply(op) for op in ops]
+    receipts = [ledger.apply(op) for op in batch]
     entries = list(ledger.journal())
     assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
-    assert [e.op for e in entries[base:]] == ops
+    assert [e.op for e in entries[base:]] == batch
     assert [(r.op_id, r.seq, r.at) for r in receipts] == [(e.op.id, e.seq, e.at) for e in entries[base:]]
     assert all(r.fresh for r in receipts)
     assert [e.at for e in entries] == sorted(e.at for e in entries)
@@ -279,26 +263,26 @@ def test_the_journal_keeps_every_applied_op_in_order(ledger: Ledger) -> None:
 
 def test_replaying_an_op_id_returns_the_first_receipt_and_changes_nothing(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 100, "bob": 0})
-    ops: list[Op] = [
+    batch: list[Op] = [
         xfer("t1", "alice", "bob", 10),
-        Mint(id="m1", account="bob", asset="cpu_rate", amount=3, reason="grant"),
-        Burn(id="b1", account="alice", asset="scrip", amount=1, reason="fee"),
-        SetQuota(id="q1", account="alice", asset="disk_quota", amount=10),
-        RecordUsage(id="u1", task_id="task-1", agent="bob", kind="think", ok=True, cpu_seconds=0.5),
-        SetBuckets(id="s1", agent="bob", buckets={"cpu": BucketState(1.0, 2.0)}),
-        OpenAccount(id="o1", account="carol"),
+        ops.Mint(id="m1", account="bob", asset="cpu_rate", amount=3, reason="grant"),
+        ops.Burn(id="b1", account="alice", asset="scrip", amount=1, reason="fee"),
+        ops.SetQuota(id="q1", account="alice", asset="disk_quota", amount=10),
+        ops.RecordUsage(id="u1", task_id="task-1", agent="bob", kind="think", ok=True, cpu_seconds=0.5),
+        ops.SetBuckets(id="s1", agent="bob", buckets={"cpu": BucketState(1.0, 2.0)}),
+        ops.OpenAccount(id="o1", account="carol"),
     ]
-    for op in ops:
+    for op in batch:
         first = ledger.apply(op)
         assert first.fresh and first.op_id == op.id
         later = [ledger.apply(op) for _ in range(3)]  # first after other ops too, below
         assert all(r == Receipt(op.id, first.seq, first.at, fresh=False) for r in later)
     before = snapshot(ledger)
-    for op in ops:
+    for op in batch:
         again = ledger.apply(op)
         assert not again.fresh
     # Replays from many threads at once, in one group, are still replays.
-    futures = [ledger.submit(op) for op in ops * 20]
+    futures = [ledger.submit(op) for op in batch * 20]
     assert not any(f.result().fresh for f in futures)
     assert snapshot(ledger) == before
 
@@ -319,8 +303,8 @@ def test_the_same_op_id_with_other_content_is_a_conflict(ledger: Ledger) -> None
     for other in (
         xfer("t1", "alice", "bob", 11),
         xfer("t1", "bob", "alice", 10),
-        Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=10, memo="changed"),
-        Mint(id="t1", account="alice", asset="scrip", amount=10, reason="same id, other op"),
+        ops.Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=10, memo="changed"),
+        ops.Mint(id="t1", account="alice", asset="scrip", amount=10, reason="same id, other op"),
     ):
         with pytest.raises(LedgerError) as err:
             ledger.apply(other)
@@ -334,17 +318,17 @@ def test_a_refused_op_leaves_its_id_free(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 5, "bob": 0})
     with pytest.raises(LedgerError):
         ledger.apply(xfer("t1", "alice", "bob", 10))
-    ledger.apply(Mint(id="m", account="alice", asset="scrip", amount=5, reason="top up"))
+    ledger.apply(ops.Mint(id="m", account="alice", asset="scrip", amount=5, reason="top up"))
     assert ledger.apply(xfer("t1", "alice", "bob", 10)).fresh
     assert ledger.balances() == {"bob": {"scrip": 10}}
 
 
 def test_a_closed_ledger_refuses_writes(make_ledger: Make) -> None:
     led = make_ledger("closing")
-    led.apply(OpenAccount(id="o", account="alice"))
+    led.apply(ops.OpenAccount(id="o", account="alice"))
     led.close()
     with pytest.raises(LedgerError) as err:
-        led.submit(OpenAccount(id="o2", account="bob")).result(timeout=5)
+        led.submit(ops.OpenAccount(id="o2", account="bob")).result(timeout=5)
     assert err.value.code == "closed"
 
 
@@ -352,7 +336,7 @@ def test_a_closed_ledger_refuses_writes(make_ledger: Make) -> None:
 
 
 @pytest.mark.parametrize("amount", [0, -5, 1.5, "10", 1 << 63])
-@pytest.mark.parametrize("target", [Transfer, Op])
+@pytest.mark.parametrize("target", [ops.Transfer, Op])
 def test_decoding_refuses_a_bad_amount(amount: object, target: Any) -> None:
     raw = {"op": "transfer", "id": "t1", "src": "alice", "dst": "bob", "asset": "scrip", "amount": amount}
     with pytest.raises(msgspec.ValidationError) as err:
@@ -393,19 +377,19 @@ BAD_OPS: list[Any] = [
     pytest.param(xfer("t-huge", "alice", "bob", 1 << 63), "invalid", ["amount"], id="transfer-huge"),
     pytest.param(xfer("t-bool", "alice", "bob", True), "invalid", ["amount"], id="transfer-bool"),
     pytest.param(
-        Mint(id="m-zero", account="alice", asset="scrip", amount=0, reason="x"),
+        ops.Mint(id="m-zero", account="alice", asset="scrip", amount=0, reason="x"),
         "invalid",
         ["amount"],
         id="mint-zero",
     ),
     pytest.param(
-        Burn(id="b-neg", account="alice", asset="scrip", amount=-1, reason="x"),
+        ops.Burn(id="b-neg", account="alice", asset="scrip", amount=-1, reason="x"),
         "invalid",
         ["amount"],
         id="burn-negative",
     ),
     pytest.param(
-        Mint(id="m-noreason", account="alice", asset="scrip", amount=1, reason=""),
+        ops.Mint(id="m-noreason", account="alice", asset="scrip", amount=1, reason=""),
         "invalid",
         ["reason"],
         id="mint-without-reason",
@@ -413,7 +397,7 @@ BAD_OPS: list[Any] = [
     pytest.param(xfer("t-src", "ghost", "bob", 1), "unknown_account", ["ghost"], id="unknown-src"),
     pytest.param(xfer("t-dst", "alice", "ghost", 1), "unknown_account", ["ghost"], id="unknown-dst"),
     pytest.param(
-        Mint(id="m-ghost", account="ghost", asset="scrip", amount=1, reason="x"),
+        ops.Mint(id="m-ghost", account="ghost", asset="scrip", amount=1, reason="x"),
         "unknown_account",
         ["ghost"],
         id="mint-unknown-account",
@@ -428,100 +412,102 @@ BAD_OPS: list[Any] = [
     ),
     pytest.param(xfer("t-self", "alice", "alice", 1), "invalid", ["alice", "itself"], id="transfer-to-self"),
     pytest.param(
-        Burn(id="b-over", account="alice", asset="scrip", amount=101, reason="x"),
+        ops.Burn(id="b-over", account="alice", asset="scrip", amount=101, reason="x"),
         "overdraft",
         ["alice", "burn", "101"],
         id="burn-more-than-held",
     ),
     pytest.param(
-        RecordUsage(id="u-sys", task_id="task-sys", agent="mint", kind="x", ok=True, cpu_seconds=1.0),
+        ops.RecordUsage(id="u-sys", task_id="task-sys", agent="mint", kind="x", ok=True, cpu_seconds=1.0),
         "invalid",
         ["mint", "not an agent"],
         id="usage-for-system-account",
     ),
     pytest.param(
-        RecordUsage(id="u-ghost", task_id="task-g", agent="ghost", kind="x", ok=True, cpu_seconds=1.0),
+        ops.RecordUsage(id="u-ghost", task_id="task-g", agent="ghost", kind="x", ok=True, cpu_seconds=1.0),
         "unknown_account",
         ["ghost"],
         id="usage-for-unknown-agent",
     ),
     pytest.param(
-        RecordUsage(id="u-again", task_id="task-1", agent="alice", kind="x", ok=True, cpu_seconds=1.0),
+        ops.RecordUsage(id="u-again", task_id="task-1", agent="alice", kind="x", ok=True, cpu_seconds=1.0),
         "duplicate_usage",
         ["task-1"],
         id="duplicate-usage",
     ),
     pytest.param(
-        RecordUsage(id="u-neg", task_id="task-n", agent="alice", kind="x", ok=True, cpu_seconds=-1.0),
+        ops.RecordUsage(id="u-neg", task_id="task-n", agent="alice", kind="x", ok=True, cpu_seconds=-1.0),
         "invalid",
         ["cpu_seconds"],
         id="usage-negative-cpu",
     ),
     pytest.param(
-        RecordUsage(id="u-nan", task_id="task-n", agent="alice", kind="x", ok=True, cpu_seconds=math.nan),
+        ops.RecordUsage(id="u-nan", task_id="task-n", agent="alice", kind="x", ok=True, cpu_seconds=math.nan),
         "invalid",
         ["cpu_seconds"],
         id="usage-nan-cpu",
     ),
     pytest.param(
-        RecordUsage(id="u-inf", task_id="task-i", agent="alice", kind="x", ok=True, cpu_seconds=math.inf),
+        ops.RecordUsage(id="u-inf", task_id="task-i", agent="alice", kind="x", ok=True, cpu_seconds=math.inf),
         "invalid",
         ["cpu_seconds"],
         id="usage-infinite-cpu",
     ),
     pytest.param(
-        SetBuckets(id="s-nan", agent="alice", buckets={"cpu": BucketState(math.nan, 1.0)}),
+        ops.SetBuckets(id="s-nan", agent="alice", buckets={"cpu": BucketState(math.nan, 1.0)}),
         "invalid",
         ["level"],
         id="buckets-nan-level",
     ),
     pytest.param(
-        SetBuckets(id="s-sys", agent="treasury", buckets={"cpu": BucketState(1.0, 1.0)}),
+        ops.SetBuckets(id="s-sys", agent="treasury", buckets={"cpu": BucketState(1.0, 1.0)}),
         "invalid",
         ["treasury", "not an agent"],
         id="buckets-for-system-account",
     ),
     pytest.param(
-        SetQuota(id="q-sys", account="treasury", asset="disk_quota", amount=5),
+        ops.SetQuota(id="q-sys", account="treasury", asset="disk_quota", amount=5),
         "invalid",
         ["treasury", "not an agent"],
         id="quota-for-system-account",
     ),
     pytest.param(
-        SetQuota(id="q-neg", account="alice", asset="disk_quota", amount=-5),
+        ops.SetQuota(id="q-neg", account="alice", asset="disk_quota", amount=-5),
         "invalid",
         ["amount"],
         id="quota-negative",
     ),
     pytest.param(
-        SetQuota(id="q-scrip", account="alice", asset="scrip", amount=5),  # type: ignore[arg-type]
+        ops.SetQuota(id="q-scrip", account="alice", asset="scrip", amount=5),  # type: ignore[arg-type]
         "invalid",
         ["asset"],
         id="quota-of-scrip",
     ),
     pytest.param(xfer("has space", "alice", "bob", 1), "invalid", ["id"], id="bad-op-id"),
-    pytest.param(OpenAccount(id="o-bad", account="Alice B"), "invalid", ["account"], id="bad-account-name"),
+    pytest.param(ops.OpenAccount(id="o-bad", account="Alice B"), "invalid", ["account"], id="bad-account-name"),
     pytest.param(
-        OpenAccount(id="o-sys", account="bank", kind="system"),
+        ops.OpenAccount(id="o-sys", account="bank", kind="system"),
         "invalid",
         ["bank", "system"],
         id="unknown-system-principal",
     ),
-    pytest.param(OpenAccount(id="o-conf", account="bob", kind="system"), "conflict", ["bob"], id="reopen-other-kind"),
     pytest.param(
-        OpenAccount(id="o-neg", account="carol", grants={"scrip": -1}),
+        ops.OpenAccount(id="o-conf", account="bob", kind="system"), "conflict", ["bob"], id="reopen-other-kind"
+    ),
+    pytest.param(
+        ops.OpenAccount(id="o-neg", account="carol", grants={"scrip": -1}),
         "invalid",
         ["grants"],
         id="grant-negative",
     ),
     pytest.param(
-        OpenAccount(id="o-gold", account="carol", grants={"gold": 1}),  # type: ignore[dict-item]
+        ops.OpenAccount(id="o-gold", account="carol", grants={"gold": 1}),  # type: ignore[dict-item]
         "invalid",
         ["grants"],
         id="grant-unknown-asset",
     ),
     pytest.param(
-        Transfer(id="t-memo", src="alice", dst="bob", asset="scrip", amount=1, memo="m" * 201),
+        ops.Transfer(id="t-memo", src="alice", dst="bob", asset="scrip", amount=1, memo="m" * 201),
         "invalid",
         ["memo"],
         id="memo-too-long",
@@ -532,7 +518,7 @@ BAD_OPS: list[Any] = [
 @pytest.mark.parametrize(("op", "code", "words"), BAD_OPS)
 def test_the_ledger_refuses_bad_ops_and_writes_nothing(ledger: Ledger, op: Op, code: str, words: list[str]) -> None:
     open_and_fund(ledger, {"alice": 100, "bob": 0})
-    ledger.apply(RecordUsage(id="u-first", task_id="task-1", agent="alice", kind="x", ok=True, cpu_seconds=1))
+    ledger.apply(ops.RecordUsage(id="u-first", task_id="task-1", agent="alice", kind="x", ok=True, cpu_seconds=1))
     before = snapshot(ledger)
     for attempt in (ledger.apply, lambda o: ledger.submit(o).result(timeout=10)):
         with pytest.raises(LedgerError) as err:
@@ -546,10 +532,10 @@ def test_the_ledger_refuses_bad_ops_and_writes_nothing(ledger: Ledger, op: Op, c
 
 def test_a_refused_op_does_not_disturb_the_others_in_its_group(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 100, "bob": 0})
-    ops = [xfer(f"ok{i}", "alice", "bob", 1) for i in range(50)]
-    ops[10:10] = [xfer("bad-amount", "alice", "bob", 0), xfer("bad-over", "alice", "bob", 1000)]
-    ops[30:30] = [xfer("bad-self", "bob", "bob", 1), xfer("bad-ghost", "ghost", "bob", 1)]
-    futures = {op.id: ledger.submit(op) for op in ops}
+    batch = [xfer(f"ok{i}", "alice", "bob", 1) for i in range(50)]
+    batch[10:10] = [xfer("bad-amount", "alice", "bob", 0), xfer("bad-over", "alice", "bob", 1000)]
+    batch[30:30] = [xfer("bad-self", "bob", "bob", 1), xfer("bad-ghost", "ghost", "bob", 1)]
+    futures = {op.id: ledger.submit(op) for op in batch}
     for op_id, fut in futures.items():
         if op_id.startswith("bad"):
             assert isinstance(fut.exception(timeout=10), LedgerError)
@@ -561,15 +547,15 @@ def test_a_refused_op_does_not_disturb_the_others_in_its_group(ledger: Ledger) -
 
 def test_a_mint_past_the_largest_balance_is_refused_cleanly(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 0, "bob": 0})
-    ledger.apply(Mint(id="m1", account="alice", asset="scrip", amount=1 << 62, reason="a lot"))
+    ledger.apply(ops.Mint(id="m1", account="alice", asset="scrip", amount=1 << 62, reason="a lot"))
     before = snapshot(ledger)
     with pytest.raises(LedgerError) as err:
-        ledger.apply(Mint(id="m2", account="alice", asset="scrip", amount=1 << 62, reason="too much"))
+        ledger.apply(ops.Mint(id="m2", account="alice", asset="scrip", amount=1 << 62, reason="too much"))
     assert "scrip" in str(err.value)
     assert snapshot(ledger) == before
     # An innocent op queued right behind the refused one (likely the same group) must still commit.
-    bad = ledger.submit(Mint(id="m3", account="alice", asset="scrip", amount=1 << 62, reason="too much"))
-    good = ledger.submit(Mint(id="m4", account="bob", asset="cpu_rate", amount=5, reason="fine"))
+    bad = ledger.submit(ops.Mint(id="m3", account="alice", asset="scrip", amount=1 << 62, reason="too much"))
+    good = ledger.submit(ops.Mint(id="m4", account="bob", asset="cpu_rate", amount=5, reason="fine"))
     assert isinstance(bad.exception(timeout=10), LedgerError)
     assert good.result(timeout=10).fresh
 
@@ -578,21 +564,21 @@ def test_a_cancelled_future_does_not_stop_the_writer(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 0})
     # A caller may give up on a pending op, as an asyncio caller's wait_for timeout on
     # asyncio.wrap_future(submit(op)) does: whatever becomes of that op, the others must go on.
-    before = [ledger.submit(OpenAccount(id=f"b{i}", account=f"b{i}")) for i in range(100)]
-    queued = ledger.submit(OpenAccount(id="queued", account="queued"))
+    before = [ledger.submit(ops.OpenAccount(id=f"b{i}", account=f"b{i}")) for i in range(100)]
+    queued = ledger.submit(ops.OpenAccount(id="queued", account="queued"))
     # A queued op cannot be withdrawn: cancelling only stops the waiting, the op is still applied.
     assert not queued.cancel()
-    after = [ledger.submit(OpenAccount(id=f"a{i}", account=f"a{i}")) for i in range(100)]
+    after = [ledger.submit(ops.OpenAccount(id=f"a{i}", account=f"a{i}")) for i in range(100)]
     for fut in [*before, queued, *after]:
         assert fut.result(timeout=3).fresh
     assert "queued" in ledger.accounts()
 
     async def give_up() -> None:
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(asyncio.wrap_future(ledger.submit(OpenAccount(id="w", account="w"))), 0)
+            await asyncio.wait_for(asyncio.wrap_future(ledger.submit(ops.OpenAccount(id="w", account="w"))), 0)
 
     asyncio.run(give_up())
-    assert ledger.apply(OpenAccount(id="last", account="last")).fresh
+    assert ledger.apply(ops.OpenAccount(id="last", account="last")).fresh
     assert "w" in ledger.accounts()
     assert check(ledger).ok
 
@@ -621,7 +607,7 @@ def test_bank_workload_conserves_money_under_concurrency(ledger: Ledger) -> None
 
     def client(k: int) -> None:
         rng = random.Random(1000 + k)
-        applied: list[tuple[Transfer, Receipt]] = []
+        applied: list[tuple[ops.Transfer, Receipt]] = []
         i = 0
         try:
             while not stop.is_set():
@@ -677,7 +663,7 @@ def test_bank_workload_conserves_money_under_concurrency(ledger: Ledger) -> None
     report = check(ledger)
     assert report.ok, report.problems
     entries = list(ledger.journal(since=base))
-    assert all(isinstance(e.op, Transfer) for e in entries)
+    assert all(isinstance(e.op, ops.Transfer) for e in entries)
     assert len(entries) == stats["fresh"]
     assert replay(ledger).nonzero() == ledger.balances()
     assert sum(v["scrip"] for v in ledger.balances().values()) == total
@@ -687,18 +673,20 @@ def test_bank_workload_conserves_money_under_concurrency(ledger: Ledger) -> None
 # ------------------------------------------------------------------------------------------- offers
 
 
-def _offer(op_id: str, offer: str, seller: str, amount: int = 100, price: int = 30) -> PostOffer:
-    return PostOffer(id=op_id, offer=offer, seller=seller, asset="cpu_rate", amount=amount, price=price)
+def _offer(op_id: str, offer: str, seller: str, amount: int = 100, price: int = 30) -> ops.PostOffer:
+    return ops.PostOffer(id=op_id, offer=offer, seller=seller, asset="cpu_rate", amount=amount, price=price)
 
 
-def _accept(op_id: str, post: PostOffer, buyer: str) -> AcceptOffer:
-    return AcceptOffer(id=op_id, offer=post.offer, buyer=buyer, asset=post.asset, amount=post.amount, price=post.price)
+def _accept(op_id: str, post: ops.PostOffer, buyer: str) -> ops.AcceptOffer:
+    return ops.AcceptOffer(
+        id=op_id, offer=post.offer, buyer=buyer, asset=post.asset, amount=post.amount, price=post.price
+    )
 
 
 def _trading_floor(ledger: Ledger) -> None:
-    ledger.apply(OpenAccount(id="o-alice", account="alice", grants={"scrip": 10, "cpu_rate": 500}))
-    ledger.apply(OpenAccount(id="o-bob", account="bob", grants={"scrip": 100}))
-    ledger.apply(OpenAccount(id="o-carol", account="carol", grants={"scrip": 100}))
+    ledger.apply(ops.OpenAccount(id="o-alice", account="alice", grants={"scrip": 10, "cpu_rate": 500}))
+    ledger.apply(ops.OpenAccount(id="o-bob", account="bob", grants={"scrip": 100}))
+    ledger.apply(ops.OpenAccount(id="o-carol", account="carol", grants={"scrip": 100}))
 
 
 def test_an_accepted_offer_moves_both_sides_in_one_operation(ledger: Ledger) -> None:
@@ -745,7 +733,7 @@ def test_a_refused_acceptance_moves_nothing_and_leaves_the_offer_open(ledger: Le
         ledger.apply(xfer("t1", "alice", "carol", 450, "cpu_rate"))
     accept = _accept("a1", post, "alice" if case == "own_offer" else "bob")
     if case == "other_terms":
-        accept = AcceptOffer(id="a1", offer="sale-1", buyer="bob", asset="cpu_rate", amount=100, price=1)
+        accept = ops.AcceptOffer(id="a1", offer="sale-1", buyer="bob", asset="cpu_rate", amount=100, price=1)
     state = snapshot(ledger)
     with pytest.raises(LedgerError) as err:
         ledger.apply(accept)
@@ -757,7 +745,7 @@ def test_offers_are_posted_only_by_holders_and_cancelled_only_by_their_seller(le
     _trading_floor(ledger)
     for op, code in [
         (_offer("p0", "x", "bob"), "overdraft"),  # bob holds no cpu_rate
-        (PostOffer(id="p0", offer="x", seller="alice", asset="scrip", amount=5, price=5), "invalid"),
+        (ops.PostOffer(id="p0", offer="x", seller="alice", asset="scrip", amount=5, price=5), "invalid"),
     ]:
         with pytest.raises(LedgerError) as err:
             ledger.apply(op)
@@ -768,9 +756,9 @@ def test_offers_are_posted_only_by_holders_and_cancelled_only_by_their_seller(le
         ledger.apply(_offer("p2", "sale-1", "alice"))
     assert err.value.code == "conflict"
     with pytest.raises(LedgerError) as err:
-        ledger.apply(CancelOffer(id="c1", offer="sale-1", seller="bob"))
+        ledger.apply(ops.CancelOffer(id="c1", offer="sale-1", seller="bob"))
     assert err.value.code == "forbidden" and ledger.offers() == [post]
-    ledger.apply(CancelOffer(id="c2", offer="sale-1", seller="alice"))
+    ledger.apply(ops.CancelOffer(id="c2", offer="sale-1", seller="alice"))
     assert ledger.offers() == [] and ledger.balance("alice", "cpu_rate") == 500
     report = check(ledger)
     assert report.ok, report.problems
@@ -780,7 +768,7 @@ def test_concurrent_acceptances_fill_an_offer_exactly_once(ledger: Ledger) -> No
     _trading_floor(ledger)
     buyers = [f"b{i}" for i in range(8)]
     for b in buyers:
-        ledger.apply(OpenAccount(id=f"o-{b}", account=b, grants={"scrip": 50}))
+        ledger.apply(ops.OpenAccount(id=f"o-{b}", account=b, grants={"scrip": 50}))
     post = _offer("p1", "sale-1", "alice")
     ledger.apply(post)
     # Submitted together: the group commit puts them in one batch, where only the first may win.
@@ -801,15 +789,15 @@ def test_concurrent_acceptances_fill_an_offer_exactly_once(ledger: Ledger) -> No
 
 def test_a_task_mints_its_reward_for_at_most_max_awards_agents_each_once(ledger: Ledger) -> None:
     open_and_fund(ledger, {"alice": 10, "bob": 10, "carol": 10})
-    ledger.apply(PostTask(id="task:t1", task="t1", reward=50, max_awards=2))
+    ledger.apply(ops.PostTask(id="task:t1", task="t1", reward=50, max_awards=2))
 
-    def award(op_id: str, agent: str, cap: int | None = None) -> AwardTask:
-        return AwardTask(id=op_id, task="t1", agent=agent, artifact="code", blob="ab" * 20, supply_cap=cap)
+    def award(op_id: str, agent: str, cap: int | None = None) -> ops.AwardTask:
+        return ops.AwardTask(id=op_id, task="t1", agent=agent, artifact="code", blob="ab" * 20, supply_cap=cap)
 
     ledger.apply(award("a1", "alice"))
     for op, code in [
         (award("a2", "alice"), "conflict"),  # paid once per agent
-        (AwardTask(id="a3", task="nope", agent="bob", artifact="code", blob="ab" * 20), "not_found"),
+        (ops.AwardTask(id="a3", task="nope", agent="bob", artifact="code", blob="ab" * 20), "not_found"),
         (award("a4", "bob", cap=30 + 50 + 49), "capacity"),  # the supply cap binds
     ]:
         with pytest.raises(LedgerError) as err:
@@ -822,7 +810,7 @@ def test_a_task_mints_its_reward_for_at_most_max_awards_agents_each_once(ledger:
     assert ledger.balance("alice", "scrip") == ledger.balance("bob", "scrip") == 60
     assert ledger.supply()["scrip"] == (130, 0)
     # Re-posting changes the terms and keeps who was paid.
-    ledger.apply(PostTask(id="task:t1:again", task="t1", reward=5, max_awards=3))
+    ledger.apply(ops.PostTask(id="task:t1:again", task="t1", reward=5, max_awards=3))
     [state] = ledger.tasks()
     assert state.awarded == ["alice", "bob"] and state.post.reward == 5
     report = check(ledger)
@@ -878,7 +866,7 @@ def test_acknowledged_acceptances_survive_sigkill_whole(backend: str, tmp_path: 
         try:
             report = check(led)  # balances, supply, and open offers all equal the journal's replay
             assert report.ok, f"round {rnd}: {report.problems}"
-            accepted = {e.op.id: e.op for e in led.journal() if isinstance(e.op, AcceptOffer)}
+            accepted = {e.op.id: e.op for e in led.journal() if isinstance(e.op, ops.AcceptOffer)}
             assert not acked_all - accepted.keys(), "an acknowledged acceptance was lost"
             still_open = {o.offer for o in led.offers()}
             assert not still_open & {op.offer for op in accepted.values()}, "an accepted offer is still open"
@@ -905,19 +893,19 @@ def test_group_commit_is_at_least_3x_faster_than_a_transaction_per_transfer(make
         fund_bank(led)
         led.apply(xfer("warm-up", "acct0", "acct1", 1))
 
-    def ring(prefix: str, n: int) -> list[Transfer]:
+    def ring(prefix: str, n: int) -> list[ops.Transfer]:
         # Amount 1 around a ring: never an overdraft, so every op costs a real write.
         return [xfer(f"{prefix}{i}", ACCOUNTS[i % 10], ACCOUNTS[(i + 1) % 10], 1) for i in range(n)]
 
-    ops = ring("g", 5000)
+    batch = ring("g", 5000)
     t0 = time.perf_counter()
-    futures = [grouped.submit(op) for op in ops]
+    futures = [grouped.submit(op) for op in batch]
     receipts = [f.result(timeout=60) for f in futures]
     grouped_s = time.perf_counter() - t0
 
-    ops = ring("s", 500)
+    batch = ring("s", 500)
     t0 = time.perf_counter()
-    for op in ops:
+    for op in batch:
         single.apply(op)
     single_s = time.perf_counter() - t0
 
