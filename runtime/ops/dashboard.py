@@ -6,13 +6,15 @@
     GET  /api/status        the status snapshot the live view shows (``runtime.ops.status.Status``; the
                             first ``?agents=N`` agents' rows, 100 by default, and the totals of all)
     GET  /api/artifacts     artifacts at HEAD with their owners and sizes
+    GET  /api/history/{id}  the newest commits that changed an artifact (what a rollback goes to)
     GET  /api/bill/{agent}  the agent's bill from the ledger (``runtime.ops.bill``)
     GET  /api/events        the event stream, live (server-sent events, from ``?since=SEQ``)
     POST /api/control       an operator control, with ``Authorization: Bearer <token>``
 
 Reading needs nothing; a control needs the token generated at start, printed once and kept (0600) in
 ``<data>/run/dashboard.token``. Every control is an ordinary journaled operation: pause and resume are
-``agent_paused``/``agent_resumed`` events (the agent finishes its turn, then waits), grant and burn
+``agent_paused``/``agent_resumed`` events (the agent finishes its turn, then waits; a restarted supervisor
+replays them, ``runtime.node.replay_operator``), grant and burn
 are ledger ``Mint``/``Burn`` ops (a rate right re-rates the agent's bucket, as a trade does), an
 injected note is an ``operator_note`` event, a rollback is a store commit announced by ``system_reset``.
 
@@ -75,6 +77,8 @@ EVENTS_POLL_S = 1.0
 EVENTS_BATCH = 100
 #: Agents' rows in a status unless ``?agents=N`` asks for another number (the totals cover every agent).
 STATUS_AGENTS = 100
+#: Commits of an artifact's history the page lists, newest first (a long run has thousands).
+HISTORY_ROWS = 50
 Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
 
 
@@ -162,6 +166,7 @@ class Dashboard:
             Route("/", self._index),
             Route("/api/status", self._status),
             Route("/api/artifacts", self._artifacts),
+            Route("/api/history/{id}", self._history),
             Route("/api/bill/{agent}", self._bill),
             Route("/api/events", self._events),
             Route("/api/control", self._controlled, methods=["POST"]),
@@ -193,6 +198,13 @@ class Dashboard:
         found = self.store.indexed()
         infos = sorted((info for info, _ in found.values()), key=lambda i: i.id)
         return Response(msgspec.json.encode(infos), media_type="application/json")
+
+    async def _history(self, request: Request) -> Response:
+        try:
+            found = self.store.history(request.path_params["id"])[:HISTORY_ROWS]
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return Response(msgspec.json.encode(found), media_type="application/json")
 
     async def _bill(self, request: Request) -> Response:
         agent = request.path_params["agent"]
