@@ -1,6 +1,9 @@
 """The operator's grant, burn and note controls carried out on a node's real parts (LMDB ledger, event log,
 worker pool), as the dashboard carries them out for the page and ``python -m runtime.admin control``: each
-an ordinary journaled operation under the ledger's rules, a rate right re-rating the agent's bucket."""
+an ordinary journaled operation under the ledger's rules, a rate right re-rating the agent's bucket; and a
+rollback made while the supervisor was stopped, announced by the next start.
+
+A pause replayed by a restarted supervisor, and a rollback while it runs, are in ``test_dashboard.py``."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from runtime.config import AgentConfig, Config, PoolConfig
 from runtime.economy.ledger import Burn, LedgerError, Mint
 from runtime.node import Node
 from runtime.ops.dashboard import BurnAsset, ControlRefused, Dashboard, Grant, Inject
+from runtime.world.events.log import EventLog
+from tests.harness import python_m
+from tests.integration.store_backends import git, git_head
 
 
 def test_grants_and_burns_follow_the_rules_and_rerate_the_bucket(tmp_path: Path) -> None:
@@ -67,3 +73,30 @@ def test_grants_and_burns_follow_the_rules_and_rerate_the_bucket(tmp_path: Path)
             ]
 
     asyncio.run(main())
+
+
+def test_a_rollback_made_while_stopped_is_announced_once(tmp_path: Path) -> None:
+    """``python -m runtime.admin rollback`` needs the store to itself: the next start announces the reset
+    to the agents, and the start after that does not announce it again."""
+    data = tmp_path / "data"
+    cfg = Config(
+        data_dir=str(data),
+        pool=PoolConfig(workers=1),
+        agents=[AgentConfig(id="ann", brain="scripted", policy=[Noop()])],
+    )
+
+    async def resets(write: bool = False) -> list[dict[str, object]]:
+        async with Node(cfg) as node:
+            if write:
+                await node.world.write_artifact("ann", "diary", b"day one")
+        # What the start queued (the announcement) is committed by the close.
+        with EventLog(str(data / "events"), readonly=True) as log:
+            return [e.fields for e in log.read(kinds=["system_reset"])]
+
+    assert asyncio.run(resets(write=True)) == []
+    root = git(data / "artifacts.git", "rev-list", "--max-parents=0", "HEAD").stdout.decode().strip()
+    out = python_m("runtime.admin", "--data-dir", str(data), "rollback", "--to", root, timeout_s=60)
+    assert out.returncode == 0, out.stderr
+    head = git_head(data / "artifacts.git")
+    assert asyncio.run(resets()) == [{"commit": head, "by": "operator"}]
+    assert asyncio.run(resets()) == [{"commit": head, "by": "operator"}]
