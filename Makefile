@@ -45,8 +45,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks store
 	$(PY) -m benchmarks sandbox  # installs Debian's bubblewrap (its peer) when missing and run as root
 	$(PY) -m benchmarks llm
-	$(PY) -m benchmarks ecology
-	$(PY) -m benchmarks dashboard  # Debian's chromium (scripts/ensure-browser) as the attached browser
+	$(PY) -m benchmarks ecology  # its last phase is the dashboard's cost (Debian's chromium attached)
 	$(PY) -m benchmarks container
 	$(PY) -m benchmarks scale
 

@@ -1,7 +1,9 @@
 """What the web dashboard costs the supervisor: 1,000 scripted agents (the ecology benchmark's agents and
 policy), the supervisor's status refresh every second either way, and measured windows alternating
 without the dashboard and with it served and one headless Chromium (Debian's) showing the page — its
-status poll every second, its event stream, its artifact list every 5 s.
+status poll every 2 s, its event stream, its artifact list every 5 s. The browser stands in for the
+operator's, which runs elsewhere: it runs at the lowest priority (``nice -n19``), so that on a small host
+its rendering does not starve the supervisor whose cost is measured.
 
 Measured per window: this process's CPU (``time.process_time``: the supervisor's, all its threads) and
 actions per second, and in the "on" windows the CPU of the dashboard's own thread (it serves from a
@@ -157,6 +159,8 @@ async def measure(data: Path, window_s: float, rounds: int) -> list[Phase]:
                         url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
                         browser = subprocess.Popen(
                             [
+                                "nice",  # the operator's browser, not the supervisor's work: it yields the CPUs
+                                "-n19",
                                 _chromium(),
                                 "--headless=new",
                                 "--no-sandbox",
@@ -208,13 +212,26 @@ async def measure(data: Path, window_s: float, rounds: int) -> list[Phase]:
     return phases
 
 
-def run(opts: Options) -> int:
-    """Measure; print and write the JSON. 1 when the cost is over the target."""
-    window = QUICK_S if opts.quick else FULL_S
-    rounds = ROUNDS_QUICK if opts.quick else ROUNDS_FULL
-    mode = "quick" if opts.quick else "full"
-    host = host_info(["uvicorn", "starlette"])
-    print(f"dashboard benchmark ({mode}): {AGENTS:,} scripted agents, {rounds} × (off, on) windows of {window:g} s")
+class Cost(msgspec.Struct):
+    """What the dashboard costs, over every window of one run (the ecology benchmark keeps it too)."""
+
+    agents: int
+    window_s: float
+    phases: list[Phase]
+    #: The supervisor's CPU (% of a core) without and with the dashboard, and the dashboard thread's.
+    off_cpu_pct: float
+    on_cpu_pct: float
+    dashboard_cpu_pct: float
+    #: The dashboard thread's CPU in % of the supervisor's, in the "on" windows; target ≤ ``TARGET_PCT``.
+    cost_pct: float
+    met: bool
+    target: str
+
+
+def cost(quick: bool) -> Cost:
+    """Run the agents in a scratch directory, measure the windows off and on; the cost over all of them."""
+    window = QUICK_S if quick else FULL_S
+    rounds = ROUNDS_QUICK if quick else ROUNDS_FULL
     tmp = Path(tempfile.mkdtemp(prefix="aeco-dashboard-bench-"))
     try:
         data = tmp / "data"
@@ -222,7 +239,6 @@ def run(opts: Options) -> int:
         phases = asyncio.run(measure(data, window, rounds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        stop_resource_trackers()
 
     def total(on: bool) -> tuple[float, float]:
         picked = [p for p in phases if p.dashboard == on]
@@ -232,16 +248,34 @@ def run(opts: Options) -> int:
 
     off, _ = total(False)
     on, dash_pct = total(True)
-    cost = 100 * dash_pct / on
+    pct = 100 * dash_pct / on
     line = (
-        f"dashboard cost: {cost:.2f}% of the supervisor's CPU with one browser attached at {AGENTS:,} agents "
+        f"dashboard cost: {pct:.2f}% of the supervisor's CPU with one browser attached at {AGENTS:,} agents "
         f"(its thread {dash_pct:.2f}% of a core, the supervisor {on:.1f}% with it, {off:.1f}% without; "
-        f"target ≤ {TARGET_PCT:g}%: {'met' if cost <= TARGET_PCT else 'NOT met'})"
+        f"target ≤ {TARGET_PCT:g}%: {'met' if pct <= TARGET_PCT else 'NOT met'})"
     )
-    print(line)
-    report = Report("dashboard", mode, host, AGENTS, window, phases, round(off, 2), round(on, 2), round(cost, 2), line)
+    return Cost(
+        AGENTS, window, phases, round(off, 2), round(on, 2), round(dash_pct, 2), round(pct, 2), pct <= TARGET_PCT, line
+    )
+
+
+def run(opts: Options) -> int:
+    """Measure; print and write the JSON. 1 when the cost is over the target."""
+    mode = "quick" if opts.quick else "full"
+    host = host_info(["uvicorn", "starlette"])
+    rounds = ROUNDS_QUICK if opts.quick else ROUNDS_FULL
+    window = QUICK_S if opts.quick else FULL_S
+    print(f"dashboard benchmark ({mode}): {AGENTS:,} scripted agents, {rounds} × (off, on) windows of {window:g} s")
+    try:
+        c = cost(opts.quick)
+    finally:
+        stop_resource_trackers()
+    print(c.target)
+    report = Report(
+        "dashboard", mode, host, c.agents, c.window_s, c.phases, c.off_cpu_pct, c.on_cpu_pct, c.cost_pct, c.target
+    )
     publish(opts.json_path, report, lambda png: None)
-    return 0 if cost <= TARGET_PCT else 1
+    return 0 if c.met else 1
 
 
-__all__ = ["run"]
+__all__ = ["Cost", "cost", "run"]

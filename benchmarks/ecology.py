@@ -61,6 +61,11 @@ tens of times a 1 ms think. ``tests/integration/test_rules.py`` shows that firin
 matching event. The target is throughput with the rules on ≥ 90% of throughput with them off, at every
 size.
 
+Last, the web dashboard's cost (``benchmarks/dashboard.py``, also ``python -m benchmarks dashboard`` on
+its own): 1,000 agents, windows alternating without the dashboard and with it served and one headless
+Chromium showing the page; its thread's CPU in % of the supervisor's (target ≤ 2%), kept in the JSON as
+``dashboard``.
+
 ``--profile`` also records a py-spy flame graph of this process during the 1,000-agent window, written
 beside the JSON as ``ecology-supervisor.svg``.
 """
@@ -249,6 +254,9 @@ class Report(ReportHead):
     rules_policy: list[str]
     #: Throughput with the ecology's rules on, against off, per size (target ≥ ``RULES_TARGET``).
     rules_target: str
+    #: The web dashboard's cost at 1,000 agents, off and on in one run: a ``benchmarks.dashboard.Cost``
+    #: as JSON (that module builds on this one), None when the phase failed.
+    dashboard: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------ process sampling
@@ -852,10 +860,26 @@ def _plot_split(ax: Any, on: list[SizeResult]) -> None:
     ax.legend(loc="upper center", fontsize=7, ncol=3)
 
 
+def dashboard_cost(quick: bool) -> tuple[str, dict[str, Any]] | None:
+    """The web dashboard's cost with one browser attached at 1,000 agents, its windows off and on in one
+    run (``benchmarks/dashboard.py``): its target line and the figures as JSON; None, having said why,
+    when that phase failed."""
+    from benchmarks import dashboard  # imported here: it builds on this module
+
+    print(f"[dashboard at {dashboard.AGENTS:,} agents, off and on] starting", flush=True)
+    try:
+        cost = dashboard.cost(quick)
+    except Exception as exc:  # the sizes' numbers are kept
+        print(f"[dashboard] FAILED: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    return cost.target, msgspec.to_builtins(cost)
+
+
 def run(opts: Options) -> int:
     """Measure every size; print the table and the target; write the JSON and the plot.
 
-    Returns 1 if a size failed or its stores did not hold what was counted, else 0.
+    Returns 1 if a size or the dashboard's phase failed or a size's stores did not hold what was counted,
+    else 0.
     """
     duration = QUICK_S if opts.quick else FULL_S
     mode = "quick" if opts.quick else "full"
@@ -901,6 +925,8 @@ def run(opts: Options) -> int:
                 f"{r.rss_mb_peak:.0f} MB, {'verified' if r.verified else 'CHECKS FAILED'}",
                 flush=True,
             )
+        dash = dashboard_cost(opts.quick)
+        failed = failed or dash is None
     finally:
         sampler.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -921,6 +947,8 @@ def run(opts: Options) -> int:
     print(line)
     print(meter_line)
     print(rules_line)
+    if dash is not None:
+        print(dash[0])
     report = Report(
         "ecology",
         mode,
@@ -935,6 +963,7 @@ def run(opts: Options) -> int:
         skipped,
         RULES_TEXT,
         rules_line,
+        dash[1] if dash is not None else None,
     )
     note = (
         f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per run, metering off and on interleaved, "

@@ -13,7 +13,9 @@ Start (each step needs the ones before it)::
                      their final CPU
     pool             workers spawned and connected
     economy, world   charging every task; the agent-facing surface
-    memory, agents   built, not yet running (``start_agents``)
+    memory, agents   built, not yet running (``start_agents``); those the operator left paused are
+                     paused again, a rollback made while stopped announced
+                     (``replay_operator``)
 
 Stop, in reverse: the agents are cancelled; the pool closes first, ending the tasks in flight (finished
 or killed, and charged), which lets each cancelled agent record its last task's usage; then memory,
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -62,15 +64,31 @@ AnyAgent = PlaceholderAgent | Agent
 AGENT_STOP_S = 5.0
 
 
-def announce_reset(store: Store, emit: Emit) -> None:
-    """Tell agents about an operator's rollback made while the supervisor was stopped.
+async def replay_operator(store: Store, events: Events, emit: Emit, agents: Sequence[AnyAgent]) -> list[str]:
+    """Carry the operator's controls over a restart; the ids of the agents paused again.
 
-    ``python -m runtime.admin rollback`` needs the store to itself, so the supervisor learns of a
-    reset when it starts: the HEAD commit is then the operator's reset commit.
+    - A rollback: ``python -m runtime.admin rollback`` needs the store to itself, so the supervisor learns
+      of it when it starts (HEAD is then the operator's reset commit) and announces it as a
+      ``system_reset``, unless one was announced for that commit already (a rollback made while running).
+    - Pause and resume are ``agent_paused``/``agent_resumed`` events (``runtime.ops.dashboard``): each
+      agent's latest one decides, as if the controls were sent again.
     """
-    history = store.last_commit()
-    if history.action == "reset":
-        emit("system_reset", {"commit": history.commit, "by": history.author})
+    latest: dict[str, str] = {}
+    announced: set[object] = set()
+    for ev in await events.read_async(0, kinds=("agent_paused", "agent_resumed", "system_reset")):
+        if ev.kind == "system_reset":
+            announced.add(ev.fields.get("commit"))
+        elif ev.agent is not None:
+            latest[ev.agent] = ev.kind
+    head = store.last_commit()
+    if head.action == "reset" and head.commit not in announced:
+        emit("system_reset", {"commit": head.commit, "by": head.author})
+    paused = []
+    for a in agents:
+        if isinstance(a, Agent) and latest.get(a.id) == "agent_paused":
+            a.pause()
+            paused.append(a.id)
+    return paused
 
 
 def make_agent(a: AgentConfig, cfg: Config, world: World) -> AnyAgent:
@@ -201,8 +219,9 @@ class Node:
             if cfg.tasks:
                 post_tasks(ledger, cfg.tasks)
                 self.world.mint = TaskMint(self.world, cfg.tasks, cfg.budget.scrip_supply_cap, emit)
-            announce_reset(self.backends.store, emit)
             self.agents = [make_agent(a, cfg, self.world) for a in cfg.agents]
+            if paused := await replay_operator(self.backends.store, self.backends.events, emit, self.agents):
+                self.say(f"paused by the operator: {', '.join(paused)} (python -m runtime.admin control resume AGENT)")
         except BaseException:
             await self.close()
             raise

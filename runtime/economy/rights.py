@@ -9,6 +9,7 @@ the truth, so a restart neither refills nor empties a bucket and keeps every tra
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Literal
 
 from runtime.config import AgentConfig, Config
@@ -49,6 +50,14 @@ def initial_cpu_rates(agents: list[AgentConfig], available: int) -> dict[str, in
     return {**{k: int(v) for k, v in explicit.items()}, **dict.fromkeys(auto, share)}
 
 
+def cpu_rate_held(ledger: Ledger, agents: Collection[str] | None = None) -> int:
+    """Millicores of ``cpu_rate`` that ``agents`` hold (None: every agent account of the ledger, which
+    all share one container's CPU)."""
+    held = ledger.balances()
+    mine = agents if agents is not None else [a for a, kind in ledger.accounts().items() if kind == "agent"]
+    return sum(held.get(a, {}).get("cpu_rate", 0) for a in mine)
+
+
 def open_economy(
     cfg: Config,
     ledger: Ledger,
@@ -74,11 +83,7 @@ def open_economy(
     capacity = sizing.cpu_millicores
 
     def held_here() -> int:
-        """Millicores held by the agents whose rights this container carries."""
-        held = ledger.balances()
-        accounts = ledger.accounts()
-        mine = [a.id for a in cfg.agents] if node else [a for a, kind in accounts.items() if kind == "agent"]
-        return sum(held.get(a, {}).get("cpu_rate", 0) for a in mine)
+        return cpu_rate_held(ledger, [a.id for a in cfg.agents] if node else None)
 
     existing = ledger.accounts()
     taken = held_here()

@@ -12,7 +12,8 @@ ledger in the data directory):
 Operator controls on a running supervisor, sent to its dashboard with the token it wrote at start
 (``<data>/run/dashboard.token``), each an ordinary journaled event or ledger op:
 
-- ``control pause AGENT`` / ``control resume AGENT``;
+- ``control pause AGENT`` / ``control resume AGENT`` (a pause outlasts a restart: the next supervisor
+  replays the latest of them per agent from the event log);
 - ``control grant AGENT ASSET AMOUNT`` / ``control burn AGENT ASSET AMOUNT [--reason TEXT]``;
 - ``control note TEXT [--agent AGENT]``: an ``operator_note`` event;
 - ``control rollback COMMIT``: roll the store back while the supervisor runs (announced at once).

@@ -6,14 +6,17 @@
     GET  /api/status        the status snapshot the live view shows (``runtime.ops.status.Status``; the
                             first ``?agents=N`` agents' rows, 100 by default, and the totals of all)
     GET  /api/artifacts     artifacts at HEAD with their owners and sizes
+    GET  /api/history/{id}  the newest commits that changed an artifact (what a rollback goes to)
     GET  /api/bill/{agent}  the agent's bill from the ledger (``runtime.ops.bill``)
     GET  /api/events        the event stream, live (server-sent events, from ``?since=SEQ``)
     POST /api/control       an operator control, with ``Authorization: Bearer <token>``
 
 Reading needs nothing; a control needs the token generated at start, printed once and kept (0600) in
 ``<data>/run/dashboard.token``. Every control is an ordinary journaled operation: pause and resume are
-``agent_paused``/``agent_resumed`` events (the agent finishes its turn, then waits), grant and burn
-are ledger ``Mint``/``Burn`` ops (a rate right re-rates the agent's bucket, as a trade does), an
+``agent_paused``/``agent_resumed`` events (the agent finishes its turn, then waits; a restarted supervisor
+replays them, ``runtime.node.replay_operator``), grant and burn
+are ledger ``Mint``/``Burn`` ops under the ledger's rules (a rate right re-rates the agent's bucket, as a
+trade does; a ``cpu_rate`` grant must fit the container's CPU, as at a start), an
 injected note is an ``operator_note`` event, a rollback is a store commit announced by ``system_reset``.
 
 The server runs in its own thread ("dashboard") with its own event loop, so a slow page never holds the
@@ -54,7 +57,7 @@ from starlette.staticfiles import StaticFiles
 from runtime.economy.charging import Economy
 from runtime.economy.ledger import Burn, Ledger, Mint
 from runtime.economy.ledger.open import NoLedger, open_ledger
-from runtime.economy.rights import RATE_RIGHTS
+from runtime.economy.rights import RATE_RIGHTS, cpu_rate_held
 from runtime.errors import AecoError, ErrorCode
 from runtime.ops import bill as bill_mod
 from runtime.ops.status import STATUS_NAME, Status
@@ -75,6 +78,8 @@ EVENTS_POLL_S = 1.0
 EVENTS_BATCH = 100
 #: Agents' rows in a status unless ``?agents=N`` asks for another number (the totals cover every agent).
 STATUS_AGENTS = 100
+#: Commits of an artifact's history the page lists, newest first (a long run has thousands).
+HISTORY_ROWS = 50
 Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
 
 
@@ -147,10 +152,16 @@ class Dashboard:
         store: Store,
         agents: Callable[[], Sequence[object]],
         economy: Economy | None = None,
+        cpu_capacity: int | None = None,
     ) -> None:
         self._token = token
         self._registry = registry
         self.ledger, self.events, self.store, self.agents, self.economy = ledger, events, store, agents, economy
+        #: The millicores of ``cpu_rate`` the agents may hold in all (None: no such bound here, as on a node
+        #: of a shared deployment): a grant past it would leave the books over the container's CPU.
+        self.cpu_capacity = cpu_capacity
+        #: Grants and burns one at a time: a grant's room is checked and used in one step.
+        self._rights = asyncio.Lock()
         #: The latest status, set by the supervisor each interval; encoded here, in the dashboard's thread,
         #: once per status whatever the number of readers, without the text table (the page lays out its own).
         self.status: Status | None = None
@@ -162,6 +173,7 @@ class Dashboard:
             Route("/", self._index),
             Route("/api/status", self._status),
             Route("/api/artifacts", self._artifacts),
+            Route("/api/history/{id}", self._history),
             Route("/api/bill/{agent}", self._bill),
             Route("/api/events", self._events),
             Route("/api/control", self._controlled, methods=["POST"]),
@@ -194,6 +206,13 @@ class Dashboard:
         infos = sorted((info for info, _ in found.values()), key=lambda i: i.id)
         return Response(msgspec.json.encode(infos), media_type="application/json")
 
+    async def _history(self, request: Request) -> Response:
+        try:
+            found = self.store.history(request.path_params["id"])[:HISTORY_ROWS]
+        except StoreError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return Response(msgspec.json.encode(found), media_type="application/json")
+
     async def _bill(self, request: Request) -> Response:
         agent = request.path_params["agent"]
         b = bill_mod.bill(agent, self.ledger.journal())
@@ -211,12 +230,15 @@ class Dashboard:
     async def _stream(self, request: Request, since: int) -> AsyncIterator[bytes]:
         while not self._closing and not await request.is_disconnected():
             last = self.events.last_seq()
+            chunk = []
             if self._token is not None and last - since > EVENTS_BATCH:  # live; a replay sends all, in turn
-                yield f"event: skipped\ndata: {last - since - EVENTS_BATCH}\n\n".encode()
+                chunk.append(f"event: skipped\ndata: {last - since - EVENTS_BATCH}\n\n".encode())
                 since = last - EVENTS_BATCH
             for ev in self.events.read(since, limit=EVENTS_BATCH):
                 since = ev.seq
-                yield b"data: " + msgspec.json.encode(ev) + b"\n\n"
+                chunk += (b"data: ", msgspec.json.encode(ev), b"\n\n")
+            if chunk:  # one write per period, not one per event: each costs the server a trip through HTTP
+                yield b"".join(chunk)
             await asyncio.sleep(EVENTS_POLL_S)
 
     async def _controlled(self, request: Request) -> Response:
@@ -262,9 +284,17 @@ class Dashboard:
                 op = (Mint if isinstance(control, Grant) else Burn)(
                     id=op_id, account=a, asset=asset, amount=n, reason=why
                 )
-                receipt = await asyncio.wrap_future(self.ledger.submit(op))
-                if self.economy is not None and asset in RATE_RIGHTS and a in self.economy.buckets.agents():
-                    await self.economy.rerate(a, asset, op_id)
+                async with self._rights:
+                    if isinstance(op, Mint) and asset == "cpu_rate" and self.cpu_capacity is not None:
+                        held = await asyncio.to_thread(cpu_rate_held, self.ledger)
+                        if held + n > self.cpu_capacity:
+                            raise ControlRefused(
+                                f"agents hold {held} millicores of cpu_rate of the {self.cpu_capacity} the container "
+                                f"offers: {n} more would not fit (burn some first)"
+                            )
+                    receipt = await asyncio.wrap_future(self.ledger.submit(op))
+                    if self.economy is not None and asset in RATE_RIGHTS and a in self.economy.buckets.agents():
+                        await self.economy.rerate(a, asset, op_id)
                 return f"{op.__struct_config__.tag} {n} {asset} for {a} (journal {receipt.seq})"
             case Inject(text=text, agent=a):
                 ev = await self.events.publish("operator_note", a, text=text)

@@ -110,7 +110,15 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             url = f"http://{cfg.metrics_host}:{cfg.metrics_port}"
             token = dashboard.new_token(node.data / "run", url)
             dash = Dashboard(
-                token, registry, node.economy.ledger, node.events, world.store, lambda: node.agents, node.economy
+                token,
+                registry,
+                node.economy.ledger,
+                node.events,
+                world.store,
+                lambda: node.agents,
+                node.economy,
+                # One container: its CPU bounds every agent's rights (a node of a shared deployment warns instead).
+                None if cfg.node.agent_range else node.capacity,
             )
             dash.start(sock, loop)
             # The token is shown here once; it stays readable by this user only in the data directory.

@@ -69,6 +69,8 @@ function renderAgents(agents) {
     }
     const grant = document.createElement("button"); grant.textContent = "+100 scrip"; grant.className = "grant";
     grant.onclick = () => control({ type: "grant", agent: a.id, asset: "scrip", amount: 100 }); ctl.append(grant);
+    const burn = document.createElement("button"); burn.textContent = "-100 scrip"; burn.className = "burn";
+    burn.onclick = () => control({ type: "burn", agent: a.id, asset: "scrip", amount: 100 }); ctl.append(burn);
     tr.append(name, cell(a.state, "state text"), acts, cell(fmt(a.actions_per_s, 1)), cell(fmt(100 * a.blocked_share, 0) + "%"),
       cell(`${fmt(a.cpu_bucket_s, 2)}/${fmt(a.cpu_bucket_capacity_s, 1)}`), cell(a.scrip), cell(a.tokens),
       cell(fmt(a.spent_usd, 4)), cell(fmt(a.budget_left_usd, 4)), cell(fmt(a.memory_quota_bytes / 1048576, 0)),
@@ -108,7 +110,26 @@ async function poll() {
 async function artifacts() {
   const list = await (await fetch("/api/artifacts")).json();
   const body = document.querySelector("#artifacts tbody"); body.replaceChildren();
-  for (const a of list) { const tr = document.createElement("tr"); tr.append(cell(a.id), cell(a.owner, "text"), cell(a.kind, "text"), cell(a.size)); body.append(tr); }
+  for (const a of list) {
+    const tr = document.createElement("tr"); tr.id = "artifact-" + a.id;
+    const name = cell(a.id); name.style.cursor = "pointer"; name.onclick = () => showHistory(a.id);
+    tr.append(name, cell(a.owner, "text"), cell(a.kind, "text"), cell(a.size)); body.append(tr);
+  }
+}
+
+// An artifact's commits, each with a button that rolls the whole store back to it (as a new commit).
+async function showHistory(id) {
+  document.getElementById("history-artifact").textContent = id;
+  const list = await (await fetch("/api/history/" + encodeURIComponent(id))).json();
+  const body = document.querySelector("#history tbody"); body.replaceChildren();
+  for (const h of list) {
+    const tr = document.createElement("tr"); tr.dataset.commit = h.commit;
+    const back = document.createElement("button"); back.textContent = "roll back here"; back.className = "rollback";
+    back.onclick = async () => { await control({ type: "rollback", to: h.commit }); artifacts(); showHistory(id); };
+    const go = document.createElement("td"); go.append(back);
+    tr.append(cell(h.commit.slice(0, 12), "text"), cell(h.author, "text"), cell(h.action, "text"), cell(h.size), go);
+    body.append(tr);
+  }
 }
 
 let seen = 0, skipped = 0;

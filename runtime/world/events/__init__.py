@@ -46,7 +46,8 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 #: ``task_solved`` (the task mint, ``runtime.world.tasks``: to the agent it paid), ``trigger_suspended``
 #: (``runtime.world.triggers``: to the subscriber that could not pay),
 #: ``artifact_written``/``_deleted``/``_invoked`` (``World``), ``agent_blocked``/``_unblocked`` (the
-#: buckets), ``system_reset`` (an operator's rollback, announced at start), ``task_failed`` (a task a
+#: buckets), ``system_reset`` (an operator's rollback: by the control, or at start for one made while
+#: stopped), ``task_failed`` (a task a
 #: crash interrupted, charged by the recovery), ``agent_paused``/``_resumed`` and ``operator_note`` (the
 #: operator's controls, ``runtime.ops.dashboard``). ``tests/unit/test_event_kinds.py`` keeps this list true.
 KINDS: tuple[str, ...] = (
