@@ -73,12 +73,12 @@ class CompactReport(Struct, frozen=True):
     def line(self) -> str:
         """One line for the operator."""
         parts = []
-        if (h := self.history) is not None:
+        if (h := self.history) is not None and h.squashed:
             parts.append(
                 f"store: {h.squashed} commits squashed into {h.artifacts} + 1, {h.kept} kept, packs "
                 f"{h.pack_bytes_before / 1024:.0f} -> {h.pack_bytes_after / 1024:.0f} KB"
             )
-        if (g := self.ledger) is not None:
+        if (g := self.ledger) is not None and g.folded:
             parts.append(f"ledger: {g.folded} journal entries folded (checkpoint at seq {g.through})")
         if (e := self.events) is not None:
             parts.append(f"events: {e.first}..{e.last} archived to {e.file}")
