@@ -99,6 +99,15 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(node.limits, node.sizing))
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
+    vol = measure(node.data)
+    _say(
+        f"data volume: {vol.free_bytes >> 20:,} MiB free of {vol.total_bytes >> 20:,} MiB ({vol.source}); "
+        + (
+            f"retention every {cfg.retention.interval_s:g} s, horizon {cfg.retention.horizon_s:g} s"
+            if cfg.retention.enabled
+            else "retention off (python -m runtime.admin compact, or retention: in the configuration)"
+        )
+    )
     ecology = EcologyMeter(node.backends.ledger)
     dash: Dashboard | None = None
     if cfg.metrics_port:
