@@ -101,7 +101,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
     vol = measure(node.data)
     _say(
-        f"data volume: {vol.free_bytes >> 20:,} MiB free of {vol.total_bytes >> 20:,} MiB ({vol.source}); "
+        f"data volume at start: {vol.free_bytes >> 20:,} MB free of {vol.total_bytes >> 20:,} MB ({vol.source}); "
         + (
             f"retention every {cfg.retention.interval_s:g} s, horizon {cfg.retention.horizon_s:g} s"
             if cfg.retention.enabled

@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,6 +174,13 @@ class _Batch:
     objects: dict[ObjectID, ShaFile]
     #: Artifacts a squash recreated (``_squash``).
     artifacts: int = 0
+    #: Content bytes each author's commits of the batch carry (added to ``history_usage`` once durable).
+    written: dict[str, int] = field(default_factory=dict)
+
+    def count_into(self, history: dict[str, int]) -> None:
+        """Add the batch's written bytes to ``history`` (its commits are durable)."""
+        for agent, n in self.written.items():
+            history[agent] = history.get(agent, 0) + n
 
     def add(self, obj: ShaFile) -> ObjectID:
         sha = obj.id
@@ -426,6 +433,7 @@ class GitStore(Store):
                 return
             # The commits are durable in Git but the index did not follow: rebuild it from HEAD.
             self._committed = (b.head, b.tree)
+            b.count_into(self._history)
             try:
                 with self.env.begin(write=True) as txn2:
                     self._reindex(txn2, b.tree)
@@ -434,6 +442,7 @@ class GitStore(Store):
                 self._broken = f"the index could not follow HEAD ({exc2!r}); reopen the store to rebuild it"
         else:
             self._committed = (b.head, b.tree)
+            b.count_into(self._history)
             # Before acknowledging: once every caller has its answer no pack is being removed, so that
             # a `git fsck` run after the last write does not race a roll-up.
             if len(self._packs) > self._max_packs:
@@ -480,7 +489,7 @@ class GitStore(Store):
         commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"write {op.id} ({size} bytes)", now)
         txn.put(key, _enc.encode(_Entry(meta, blob, meta_blob)), db=self._arts)
         self._set_owned(txn, op.agent, after)
-        self._history[op.agent] = self._history.get(op.agent, 0) + size
+        b.written[op.agent] = b.written.get(op.agent, 0) + size
         return WriteReceipt(op.id, commit.decode(), old is None, size, after)
 
     def _apply_delete(self, txn: lmdb.Transaction, b: _Batch, op: DeleteOp) -> str:
