@@ -30,6 +30,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "dispatch": ("benchmarks.dispatch", "no-op round trips/s and latency: this pool vs its peers"),
     "ledger": ("benchmarks.ledger", "durable transfers/s: LMDB group commit vs per-op and SQLite WAL"),
     "llm": ("benchmarks.llm", "local inference tokens/s: Think tasks through the pool vs LlamaBackend directly"),
+    "soak": (
+        "benchmarks.soak",
+        "1,000 scripted agents with retention on: supervisor RSS, data-dir bytes and actions/s over time",
+    ),
     "sandbox": ("benchmarks.sandbox", "a confined invocation's round trip vs a bare fork+exec of Python and bwrap"),
     "store": ("benchmarks.store", "artifact writes/s and reads/s vs the git CLI"),
     "scale": (
@@ -56,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the results (default: benchmarks/results/NAME.json); "
         "a plot, if the benchmark makes one, goes next to it with the .png suffix",
     )
+    ap.add_argument("--minutes", type=float, metavar="N", help="how long a timed benchmark (soak) runs")
     ap.add_argument("--profile", action="store_true", help="also record py-spy flame graphs into benchmarks/results/")
     return ap
 
@@ -70,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(BENCHMARKS[name][0])
     run = cast(Callable[[Options], int], module.run)
     json_path: Path = args.json if args.json is not None else RESULTS_DIR / f"{name}.json"
-    return run(Options(quick=args.quick, json_path=json_path, profile=args.profile))
+    if args.minutes is not None and not 0 < args.minutes <= 24 * 60:
+        ap.error(f"--minutes must be in (0, 1440], got {args.minutes}")
+    return run(Options(quick=args.quick, json_path=json_path, profile=args.profile, minutes=args.minutes))
 
 
 if __name__ == "__main__":

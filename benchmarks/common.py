@@ -40,6 +40,8 @@ class Options:
     quick: bool
     json_path: Path
     profile: bool
+    #: How long a benchmark that runs for a time (``soak``) runs; None: its own default.
+    minutes: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

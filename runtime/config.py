@@ -222,6 +222,22 @@ class NodeConfig(_Section, frozen=True):
     connect_timeout_s: Timeout = 30.0
 
 
+class RetentionConfig(_Section, frozen=True):
+    """Bounded growth: the supervisor compacts its data directory every ``interval_s``, as
+    ``python -m runtime.admin compact --horizon`` does (``runtime.ops.compact``). The embedded stores only
+    (LMDB ledger and events, Git store); a PostgreSQL deployment keeps its history."""
+
+    #: Off: history, journal and events are kept whole until an operator compacts them.
+    enabled: bool = False
+    #: What is older than this is squashed (store history), folded (journal) or archived (events). At
+    #: least a minute: a task's charge is retried within seconds, and a folded op id is not recognised.
+    horizon_s: Annotated[float, Meta(ge=60, le=3_650 * 86_400)] = 86_400.0
+    #: Seconds between two passes (the first one interval after the start).
+    interval_s: Annotated[float, Meta(ge=5, le=86_400)] = 3_600.0
+    #: Archived event files kept, newest first, up to this many MiB in all (0: none kept).
+    archive_max_mb: Annotated[int, Meta(ge=0, le=1 << 20)] = 1024
+
+
 class Config(_Section, frozen=True):
     """The whole configuration of one supervisor."""
 
@@ -237,6 +253,7 @@ class Config(_Section, frozen=True):
     agents: list[AgentConfig] = []
     population: PopulationConfig | None = None
     node: NodeConfig = NodeConfig()
+    retention: RetentionConfig = RetentionConfig()
     #: Seconds between two refreshes of the live table.
     status_interval_s: Annotated[float, Meta(ge=0.05, le=3600)] = 1.0
     #: Prometheus metrics at ``http://metrics_host:metrics_port/metrics`` (0: none).

@@ -26,6 +26,13 @@ writer: stop the supervisor first):
 - ``show ID@COMMIT``: an artifact as it was at a commit (its bytes to stdout);
 - ``rollback --to COMMIT``: a new commit whose tree is that commit's; agents see a ``system_reset``
   event when the supervisor next starts, and disk usage is recomputed from the new HEAD.
+
+Retention, on a stopped data directory (``runtime.ops.compact``; the ``retention:`` section runs it inside
+a running supervisor):
+
+- ``compact [--horizon WHEN] [--archive-max-mb N]``: the store's history older than ``WHEN`` (default
+  ``1d`` back) squashed into one commit per artifact, the journal's older entries folded into the
+  ledger's checkpoint, older events archived under ``<data>/archive``.
 """
 
 from __future__ import annotations
@@ -41,10 +48,11 @@ import msgspec
 from runtime import config as config_mod
 from runtime.economy.ledger import ASSETS, Ledger
 from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.open import NoLedger, open_ledger
 from runtime.host.postgres import DatabaseUnavailable
 from runtime.ops import bill as bill_mod
-from runtime.ops import dashboard
+from runtime.ops import compact, dashboard
 from runtime.world.store import StoreError, check_id
 from runtime.world.store.open import open_store
 
@@ -72,7 +80,7 @@ def _journal(ledger: Ledger, since: int, limit: int | None) -> int:
 
 
 def _check(ledger: Ledger) -> int:
-    report = check(ledger)
+    report = check(ledger, ledger.checkpoint() if isinstance(ledger, LmdbLedger) else None)
     print(f"{report.accounts} accounts, {report.journal_entries} journal entries, {report.usage_records} usage records")
     for problem in report.problems:
         print(f"VIOLATION: {problem}")
@@ -199,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("target", metavar="ID@COMMIT")
     r = sub.add_parser("rollback", help="reset the store to a commit (as a new commit)")
     r.add_argument("--to", required=True, metavar="COMMIT")
+    k = sub.add_parser("compact", help="squash old store history, fold the old journal, archive old events")
+    k.add_argument(
+        "--horizon", default="1d", metavar="WHEN", help="what is older goes: 90s, 15m, 2h, 1d back, or a UTC time"
+    )
+    k.add_argument("--archive-max-mb", type=int, default=1024, metavar="N", help="archived events kept, newest first")
     args = ap.parse_args(argv)
     try:
         data = config_mod.data_dir_of(args.data_dir, args.config)
@@ -207,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "control":
         return _control(data, args)
+    if args.command == "compact":
+        return compact.command(data, args.horizon, args.archive_max_mb, args.postgres)
     if args.command in ("history", "show", "rollback"):
         return _store_command(data, args.postgres, args)
     try:

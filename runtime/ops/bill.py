@@ -67,7 +67,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_since(text: str, now: float) -> float:
+def parse_since(text: str, now: float, flag: str = "--since") -> float:
     """``--since``: a duration back from ``now`` (``90s``, ``15m``, ``2h``, ``1d``) or a UTC time
     (``2026-12-06T06:00`` or ``2026-12-06T06:00:30``, optionally with a ``Z``); a Unix time.
     ``ValueError`` naming the forms it accepts otherwise."""
@@ -80,7 +80,7 @@ def parse_since(text: str, now: float) -> float:
         except ValueError:
             continue
     raise ValueError(
-        f"--since {text!r}: expected a duration such as 90s, 15m, 2h or 1d, or a UTC time such as 2026-12-06T06:00"
+        f"{flag} {text!r}: expected a duration such as 90s, 15m, 2h or 1d, or a UTC time such as 2026-12-06T06:00"
     )
 
 

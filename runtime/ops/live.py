@@ -227,10 +227,22 @@ def _limits_lines(snap: Snapshot) -> list[str]:
     ]
 
 
+def _volume_line(snap: Snapshot) -> list[str]:
+    """The data volume: free of its size, what the data directory holds, the store's history bytes."""
+    v = snap.volume
+    if v is None:
+        return []
+    history = sum(a.history_bytes for a in snap.agents)
+    return [
+        f"data volume: {v.free_bytes / _MB:,.0f} MB free of {v.total_bytes / _MB:,.0f} MB; data dir "
+        f"{v.data_bytes / _MB:,.1f} MB, of it store history {history / _MB:,.1f} MB ({v.source})"
+    ]
+
+
 def _container_lines(snap: Snapshot) -> list[str]:
-    """Throttling, pressure, network and the agents' totals."""
+    """Throttling, pressure, network, the data volume and the agents' totals."""
     c, t = snap.container, snap.totals
-    lines = []
+    lines = _volume_line(snap)
     if (thr := c.throttling) is not None:
         now = f", {c.throttled_share:.0%} of the last interval's" if c.throttled_share is not None else ""
         over = (

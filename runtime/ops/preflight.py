@@ -19,6 +19,7 @@ from pathlib import Path
 from runtime.config import Config, ConfigError
 from runtime.economy.ledger.rules import MAX_SUPPLY
 from runtime.host import cgroups as cg
+from runtime.host.volume import nearest_existing
 
 #: Under this much free space on the data volume a start is refused: the ledger, the event log and the
 #: store need room to open, and a run that starts on a nearly full disk only dies later.
@@ -41,19 +42,12 @@ def check(cfg: Config, workers: int) -> None:
     check_processes(workers)
 
 
-def _nearest_existing(path: Path) -> Path:
-    for p in (path, *path.parents):
-        if p.exists():
-            return p
-    return Path("/")
-
-
 def check_data_dir(data: Path, *, ipc: bool) -> None:
     """The data directory is (or can be made) a writable directory with room, and its sockets fit."""
     data = data.absolute()
     if data.exists() and not data.is_dir():
         raise ConfigError(f"data_dir {data}: is not a directory (point data_dir at a directory)")
-    base = _nearest_existing(data)
+    base = nearest_existing(data)
     if not base.is_dir():
         raise ConfigError(f"data_dir {data}: {base} is not a directory (point data_dir elsewhere)")
     if not os.access(base, os.W_OK | os.X_OK):

@@ -14,15 +14,17 @@ a long think shows up in the interval it ended in.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import msgspec
 import psutil
 from msgspec import Struct
 
 from runtime.economy.charging import Economy
 from runtime.host import cgroups as cg
 from runtime.host.limits import Limits, Sizing
+from runtime.host.volume import Volume
 from runtime.pool import WorkerPool
 
 #: The share of the memory limit above which the container counts as short of memory (the seed's 90%).
@@ -122,6 +124,9 @@ class AgentStats(Struct, frozen=True):
     cpu_bucket_s: float = 0.0
     cpu_bucket_capacity_s: float = 0.0
     last: str = ""
+    #: Bytes its commits wrote into the artifact store's retained history (operator-only; bounded by
+    #: ``retention``), as the store counts them (``Store.history_usage``).
+    history_bytes: int = 0
 
 
 class Totals(Struct, frozen=True):
@@ -163,6 +168,8 @@ class Snapshot(Struct, frozen=True):
     container: ContainerStats
     agents: list[AgentStats]
     totals: Totals = Totals()
+    #: The data volume's size, free space and the data directory's bytes (None: not measured).
+    volume: Volume | None = None
 
 
 class MeteredAgent(Protocol):
@@ -195,11 +202,16 @@ class Meter:
         pool: WorkerPool,
         agents: Sequence[MeteredAgent],
         economy: Economy | None,
+        volume: Volume | None = None,
+        history: Mapping[str, int] | None = None,
     ) -> Snapshot:
-        """The status now: the container, each agent and the totals, rates over the time since the last."""
+        """The status now: the container, each agent and the totals, rates over the time since the last;
+        with the data ``volume`` and the store's ``history`` bytes per agent when given."""
         container = self.container()
         per_agent = self.agents(pool, agents, economy, container.interval_s)
-        return Snapshot(limits, sizing, container, per_agent, totals(per_agent))
+        if history:
+            per_agent = [msgspec.structs.replace(a, history_bytes=history.get(a.id, 0)) for a in per_agent]
+        return Snapshot(limits, sizing, container, per_agent, totals(per_agent), volume)
 
     def container(self) -> ContainerStats:
         """The container now, with its CPU percent, throttled share and network rate since the previous call."""

@@ -19,6 +19,7 @@ import msgspec
 
 from runtime import config as config_mod
 from runtime.host.limits import Limits, Sizing
+from runtime.host.volume import Volume
 from runtime.ops.ecology import EcologyFigures
 from runtime.ops.stats import AgentStats, ContainerStats, Snapshot, Totals
 
@@ -44,6 +45,7 @@ class Status(msgspec.Struct):
     agents: list[AgentStats] = []
     totals: Totals | None = None
     ecology: EcologyFigures | None = None
+    volume: Volume | None = None
 
     @classmethod
     def of(cls, snap: Snapshot, table: str, running: bool, ecology: EcologyFigures | None = None) -> Status:
@@ -60,6 +62,7 @@ class Status(msgspec.Struct):
             snap.agents,
             snap.totals,
             ecology,
+            snap.volume,
         )
 
 

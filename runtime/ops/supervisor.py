@@ -27,8 +27,9 @@ from runtime.backends import BackendUnavailable
 from runtime.host import cgroups as cg
 from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
+from runtime.host.volume import measure
 from runtime.node import Node
-from runtime.ops import dashboard, metrics, preflight
+from runtime.ops import compact, dashboard, metrics, preflight
 from runtime.ops.dashboard import Dashboard
 from runtime.ops.ecology import EcologyFigures, EcologyMeter
 from runtime.ops.live import LiveView, frame, plain
@@ -98,6 +99,15 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         + "\n".join(limits_mod.describe(node.limits, node.sizing))
     )
     _say(f"node {node.node_id or '-'}, run {node.economy.run_id}: {node.backends.where}")
+    vol = measure(node.data)
+    _say(
+        f"data volume at start: {vol.free_bytes >> 20:,} MB free of {vol.total_bytes >> 20:,} MB ({vol.source}); "
+        + (
+            f"retention every {cfg.retention.interval_s:g} s, horizon {cfg.retention.horizon_s:g} s"
+            if cfg.retention.enabled
+            else "retention off (python -m runtime.admin compact, or retention: in the configuration)"
+        )
+    )
     ecology = EcologyMeter(node.backends.ledger)
     dash: Dashboard | None = None
     if cfg.metrics_port:
@@ -127,7 +137,18 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     meter = Meter(node.info)
 
     def snapshot() -> Snapshot:
-        return meter.snapshot(node.limits, node.sizing, pool, node.agents, node.economy)
+        volume = measure(node.data)
+        history = world.store.history_usage()
+        return meter.snapshot(node.limits, node.sizing, pool, node.agents, node.economy, volume, history)
+
+    # Retention runs beside the loop; on the way out its pass in progress finishes before the stores close.
+    retention_stop = asyncio.Event()
+    retention: asyncio.Task[None] | None = None
+    if cfg.retention.enabled:
+        b = node.backends
+        retention = asyncio.create_task(
+            compact.retain(cfg.retention, b.store, b.ledger, b.events, node.data, retention_stop, _say)
+        )
 
     def status(table: str, snap: Snapshot, running: bool, figures: EcologyFigures) -> Status:
         return Status.of(snap, f"{table}\n{figures.line()}", running, figures)
@@ -150,6 +171,9 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), cfg.status_interval_s)
         finally:
+            if retention is not None:
+                retention_stop.set()
+                await retention
             if dash is not None:
                 await asyncio.to_thread(dash.close)
             await node.stop()

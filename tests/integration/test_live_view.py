@@ -105,7 +105,15 @@ def test_the_live_view_redraws_in_place_at_any_width(tmp_path: Path, width: int)
     assert len(starting("agent ")) == 1, shown
     assert len(starting("cruncher-")) == 1, shown
     assert len(starting("napper ")) == 1, shown
-    for footer in ("pool: ", "container: ", "measuring: ", "overhead: ", "books vs kernel: ", "elapsed "):
+    for footer in (
+        "pool: ",
+        "container: ",
+        "data volume: ",
+        "measuring: ",
+        "overhead: ",
+        "books vs kernel: ",
+        "elapsed ",
+    ):
         assert len(starting(footer)) == 1, f"{footer!r} not once:\n{shown}"
     # Nothing was wrapped: the over-long lines were cut at the edge.
     assert starting("container: ")[0].endswith("…") or len(starting("container: ")[0]) < width, shown

@@ -7,6 +7,7 @@ from collections import Counter
 from msgspec import Struct
 
 from runtime.economy.ledger import ASSETS, Ledger, LedgerError, RecordUsage
+from runtime.economy.ledger.checkpoint import Checkpoint
 from runtime.economy.ledger.rules import MemoryView, apply
 
 
@@ -24,8 +25,9 @@ class CheckReport(Struct):
         return not self.problems
 
 
-def check(ledger: Ledger) -> CheckReport:
-    """Check every invariant of the ledger.
+def check(ledger: Ledger, start: Checkpoint | None = None) -> CheckReport:
+    """Check every invariant of the ledger; the journal is replayed from ``start``, the checkpoint its
+    folded entries left (``LmdbLedger.checkpoint()``), when there is one.
 
     Reads happen in several snapshots; run it on a quiet ledger (or accept that a concurrent
     write may show up as a difference between the journal replay and the balances).
@@ -45,10 +47,10 @@ def check(ledger: Ledger) -> CheckReport:
                 f"{asset}: balances sum to {total}, but minted {minted} - burned {burned} = {minted - burned}"
             )
 
-    replay = MemoryView()
+    replay = start.view() if start is not None else MemoryView()
     entries = 0
     usage_ops: Counter[str] = Counter()
-    last_seq = 0
+    last_seq = start.through if start is not None else 0
     for entry in ledger.journal():
         entries += 1
         if entry.seq != last_seq + 1:

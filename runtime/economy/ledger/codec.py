@@ -10,6 +10,7 @@ import msgspec
 
 from runtime.economy.buckets import BucketState
 from runtime.economy.ledger import JournalEntry, Op, PostOffer, RecordUsage, TaskState
+from runtime.economy.ledger.checkpoint import Checkpoint
 
 encode = msgspec.msgpack.Encoder().encode
 entry = msgspec.msgpack.Decoder(JournalEntry)
@@ -18,3 +19,4 @@ usage = msgspec.msgpack.Decoder(RecordUsage)
 buckets = msgspec.msgpack.Decoder(dict[str, BucketState])
 offer = msgspec.msgpack.Decoder(PostOffer)
 task = msgspec.msgpack.Decoder(TaskState)
+checkpoint = msgspec.msgpack.Decoder(Checkpoint)

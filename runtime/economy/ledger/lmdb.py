@@ -9,7 +9,8 @@ wait for the writer.
 Databases in the environment: ``accounts`` (account -> kind), ``balances`` (account NUL asset ->
 int64), ``supply`` (asset -> minted, burned), ``journal`` (seq -> entry), ``ops`` (op id -> seq),
 ``usage`` (task id -> record), ``buckets`` (agent -> levels), ``offers`` (offer id -> the open offer's
-``PostOffer``), ``tasks`` (task id -> ``TaskState``).
+``PostOffer``), ``tasks`` (task id -> ``TaskState``), ``checkpoint`` (the journal's folded entries as one
+``Checkpoint``, once retention has folded some).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from runtime.economy.ledger import (
     codec,
     rules,
 )
+from runtime.economy.ledger.checkpoint import Checkpoint, LedgerCompaction
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
 
 _I64 = struct.Struct(">q")
 _SEQ = struct.Struct(">Q")
 _SUPPLY = struct.Struct(">qq")
 _OPREF = struct.Struct(">Qd")  # seq, applied at
+_CHECKPOINT = b"state"
 
 
 def _bkey(account: str, asset: str) -> bytes:
@@ -127,7 +130,18 @@ class LmdbLedger(GroupCommitted):
         Path(path).mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=durable, metasync=durable, max_readers=512)
-        names = ("accounts", "balances", "supply", "journal", "ops", "usage", "buckets", "offers", "tasks")
+        names = (
+            "accounts",
+            "balances",
+            "supply",
+            "journal",
+            "ops",
+            "usage",
+            "buckets",
+            "offers",
+            "tasks",
+            "checkpoint",
+        )
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
         self._start_ledger_writer(max_batch if group else 1)
         present = self.accounts()
@@ -176,6 +190,58 @@ class LmdbLedger(GroupCommitted):
 
     def _close_store(self) -> None:
         self.env.close()
+
+    def compact(self, horizon: float, chunk: int = 10_000) -> LedgerCompaction:
+        """Fold the journal's entries applied before ``horizon`` (a UNIX time) into the checkpoint,
+        deleting them with their op ids and usage records; the last entry always stays, so that seqs
+        keep counting from it. Each ``chunk`` of entries is one write transaction, which LMDB serialises
+        with the group commits: a crash leaves the last chunk folded or not, never half. A journal that
+        does not replay onto the checkpoint is not folded (``LedgerError``: run ``admin check``)."""
+        folded = usage = 0
+        while True:
+            with self.env.begin(write=True) as txn:
+                raw = txn.get(_CHECKPOINT, db=self.dbs["checkpoint"])
+                cp = codec.checkpoint.decode(raw) if raw is not None else None
+                view = cp.view() if cp is not None else rules.MemoryView()
+                cur = txn.cursor(db=self.dbs["journal"])
+                last = _SEQ.unpack(cur.key())[0] if cur.last() else 0
+                taken: list[JournalEntry] = []
+                if cur.first():
+                    for v in cur.iternext(keys=False, values=True):
+                        entry = codec.entry.decode(v)
+                        if entry.seq >= last or entry.at >= horizon or len(taken) == chunk:
+                            break
+                        try:
+                            rules.apply(view, entry.op)
+                        except LedgerError as exc:
+                            raise LedgerError(
+                                "invalid", f"journal entry {entry.seq} does not replay onto the checkpoint: {exc}"
+                            ) from None
+                        taken.append(entry)
+                if not taken:
+                    break
+                for entry in taken:
+                    txn.delete(_SEQ.pack(entry.seq), db=self.dbs["journal"])
+                    txn.delete(entry.op.id.encode(), db=self.dbs["ops"])
+                    if isinstance(entry.op, RecordUsage):
+                        usage += txn.delete(entry.op.task_id.encode(), db=self.dbs["usage"])
+                folded += len(taken)
+                new = Checkpoint.of(
+                    view,
+                    taken[-1].seq,
+                    taken[-1].at,
+                    (cp.folded if cp else 0) + len(taken),
+                    (cp.usage_records if cp else 0) + sum(isinstance(e.op, RecordUsage) for e in taken),
+                )
+                txn.put(_CHECKPOINT, codec.encode(new), db=self.dbs["checkpoint"])
+        through = cp.through if cp is not None else 0
+        return LedgerCompaction(folded, usage, through)
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The checkpoint the journal's folded entries left, or None if none were folded."""
+        with self.env.begin() as txn:
+            raw = txn.get(_CHECKPOINT, db=self.dbs["checkpoint"])
+        return codec.checkpoint.decode(raw) if raw is not None else None
 
     # ------------------------------------------------------------------------------------- reads
 

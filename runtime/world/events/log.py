@@ -11,22 +11,32 @@ learns of an event before it is on disk.
 Checking and queueing writes, acknowledging a batch and waking waiters are shared with the PostgreSQL
 backend (``runtime.world.events.base``).
 
-Databases in the environment: ``log`` (seq as big-endian u64 -> msgpack ``Event``) and ``cursors``
-(agent -> seq as big-endian u64).
+Databases in the environment: ``log`` (seq as big-endian u64 -> msgpack ``Event``), ``cursors``
+(agent -> seq as big-endian u64) and ``state`` (``archived``: the last seq moved out by ``archive``).
+
+Retention moves old events out (``archive``): into a gzip'd JSON-lines file under the archive directory,
+written and fsync'd before the events leave the log in one transaction, so a crash leaves them in the log
+or in both (the next archive rewrites that file). The log then starts after ``archived``; seqs keep
+counting from the last event, which is never archived.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gzip
+import os
 import struct
 import time
 from array import array
 from collections.abc import Collection, Iterable
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgspec
 
+from runtime.host.volume import fsync_dir
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
 
@@ -81,11 +91,18 @@ class EventLog(LogBase):
         )
         self._log = self.env.open_db(b"log", create=not readonly)
         self._cursors = self.env.open_db(b"cursors", create=not readonly)
+        self._state: Any = None
+        with contextlib.suppress(lmdb.NotFoundError):  # a read-only open of a log never archived
+            self._state = self.env.open_db(b"state", create=not readonly)
         last = self.last_seq()
         with self.env.begin() as txn:
             entries = txn.stat(self._log)["entries"]
-        # Keys are appended strictly in order from 1, so a gap anywhere shows up as a count mismatch.
-        assert entries == last, f"invariant: the log holds {entries} events but its last seq is {last}"
+        archived = self.archived()
+        # Keys are appended strictly in order from 1 (the first ``archived`` moved out), so a gap anywhere
+        # shows up as a count mismatch.
+        assert entries == last - archived, (
+            f"invariant: the log holds {entries} events but its seqs run from {archived + 1} to {last}"
+        )
         # A read-only log sees other processes' writes: it never indexes, and always scans.
         self._indexed_from = last if not readonly else 1 << 62
         self._indexed_to = last
@@ -158,7 +175,9 @@ class EventLog(LogBase):
             with self.env.begin() as txn:
                 for seq in seqs:
                     raw = txn.get(_SEQ.pack(seq), db=self._log)
-                    assert raw is not None, f"invariant: indexed event {seq} is in the log"
+                    if raw is None:  # archived since it was indexed
+                        assert seq <= self.archived(), f"invariant: indexed event {seq} is in the log"
+                        continue
                     if kset is not None and _head_dec.decode(raw).kind not in kset:
                         continue
                     out.append(_event_dec.decode(raw))
@@ -187,6 +206,54 @@ class EventLog(LogBase):
         if not seqs:
             return []
         return [s for s in seqs[bisect.bisect_right(seqs, since) :] if s <= upto]
+
+    def archived(self) -> int:
+        """The last seq ``archive`` moved out of the log (0: none)."""
+        if self._state is None:
+            return 0
+        with self.env.begin() as txn:
+            v = txn.get(b"archived", db=self._state)
+        return int(_SEQ.unpack(v)[0]) if v is not None else 0
+
+    def archive(self, horizon: float, directory: Path) -> tuple[int, int, Path] | None:
+        """Move the events committed before ``horizon`` (a UNIX time), except the last event, to
+        ``directory/events-FIRST-LAST.jsonl.gz`` (one JSON event per line), then out of the log; return
+        (first, last, file), or None when there was nothing to move. Readers asking for older seqs get
+        what the log still holds; ``python -m runtime.events`` reads the files with any JSON tool."""
+        assert not self.readonly, "invariant: archiving needs a writable log"
+        first = self.archived() + 1
+        last = self.last_seq()
+        moved: list[bytes] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._log)
+            if cur.set_range(_SEQ.pack(first)):
+                for k, raw in cur:
+                    ev = _event_dec.decode(raw)
+                    if _SEQ.unpack(k)[0] >= last or ev.at >= horizon:
+                        break
+                    moved.append(msgspec.json.encode(ev))
+        if not moved:
+            return None
+        upto = first + len(moved) - 1
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(f"events-{first:012d}-*"):  # a crash's copy of fewer of these events
+            stale.unlink()
+        path = directory / f"events-{first:012d}-{upto:012d}.jsonl.gz"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+                gz.write(b"\n".join(moved) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+        # One transaction, which LMDB serialises with the writer's: the events leave the log and the
+        # mark moves together.
+        with self.env.begin(write=True) as txn:
+            for seq in range(first, upto + 1):
+                txn.delete(_SEQ.pack(seq), db=self._log)
+            txn.put(b"archived", _SEQ.pack(upto), db=self._state)
+        return first, upto, path
 
     def cursor(self, agent: str) -> int:
         """The agent's persisted cursor (0 if it never set one)."""

@@ -348,6 +348,11 @@ class Store(GroupCommitter[tuple[Any, "Future[Any]"]]):
         database server's)."""
         return None
 
+    def history_usage(self) -> dict[str, int]:
+        """Per agent, the content bytes its commits wrote into the retained history (operator-only; what
+        retention squashes away). Empty where the backend does not count them."""
+        return {}
+
     def write(self, agent: str, id: str, content: bytes, **options: Unpack[WriteOptions]) -> WriteReceipt:
         """Create or rewrite ``id`` as ``agent`` within ``quota`` bytes; return once it is durable."""
         return self.submit_write(agent, id, content, **options).result()

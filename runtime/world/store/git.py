@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +70,7 @@ from dulwich.refs import DiskRefsContainer, Ref
 from dulwich.repo import Repo
 
 from runtime.errors import storage_failure
+from runtime.host.volume import fsync_dir
 from runtime.world.store import (
     AgentName,
     Artifact,
@@ -143,8 +144,25 @@ class _Reset:
     operator: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Compact:
+    horizon: float
+
+
+class HistoryCompaction(msgspec.Struct, frozen=True):
+    """What ``GitStore.compact`` did: commits squashed and kept, artifacts the squash recreated, and the
+    pack bytes before and after (equal, and ``squashed`` 0, when there was nothing older to squash)."""
+
+    squashed: int
+    kept: int
+    artifacts: int
+    pack_bytes_before: int
+    pack_bytes_after: int
+    head: str
+
+
 _Op = WriteOp | DeleteOp | _Reset
-_Item = tuple[_Op, "Future[Any]"]
+_Item = tuple[_Op | _Compact, "Future[Any]"]
 
 
 @dataclass(slots=True)
@@ -154,6 +172,15 @@ class _Batch:
     head: ObjectID
     tree: ObjectID
     objects: dict[ObjectID, ShaFile]
+    #: Artifacts a squash recreated (``_squash``).
+    artifacts: int = 0
+    #: Content bytes each author's commits of the batch carry (added to ``history_usage`` once durable).
+    written: dict[str, int] = field(default_factory=dict)
+
+    def count_into(self, history: dict[str, int]) -> None:
+        """Add the batch's written bytes to ``history`` (its commits are durable)."""
+        for agent, n in self.written.items():
+            history[agent] = history.get(agent, 0) + n
 
     def add(self, obj: ShaFile) -> ObjectID:
         sha = obj.id
@@ -250,6 +277,9 @@ class GitStore(Store):
                 with self.env.begin(write=True) as txn:
                     self._reindex(txn, commit.tree)
                     txn.put(b"head", commit.id, db=self._state)
+            #: Content bytes written per author in the retained history (``history_usage``), kept by the
+            #: writer from here on. Counting it walks the history once: retention keeps that short.
+            self._history = _written(self._first_parents_of(self._wobjects, commit.id))
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -301,11 +331,11 @@ class GitStore(Store):
             if not refs.set_if_equals(BRANCH, None, first.id):
                 raise RuntimeError(f"could not set {BRANCH.decode()} in {tmp}")
             if self._durable:
-                git_packs.fsync_dir(tmp / "refs" / "heads")
-                git_packs.fsync_dir(tmp)
+                fsync_dir(tmp / "refs" / "heads")
+                fsync_dir(tmp)
             os.rename(tmp, self.path)
             if self._durable:
-                git_packs.fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -333,9 +363,38 @@ class GitStore(Store):
         fut: Future[str] = self._submit(_Reset(target, operator))
         return fut.result()
 
+    def compact(self, horizon: float) -> HistoryCompaction:
+        """Squash the history older than ``horizon`` (a UNIX time) into one commit per artifact, through
+        the writer (so it runs between batches, also while agents write); HEAD's tree is unchanged.
+
+        The history is a chain: the newest commit older than the horizon (the *base*) and everything
+        before it become a root (an empty tree, as a new store's) and one commit per artifact of the
+        base's tree, authored by its owner at its last update, in that order; the commits after the base
+        are re-parented onto that chain with their trees, authors, times and messages. Every object the
+        new history reaches is written as one pack; the branch moves to the new chain only once that pack
+        is durable, and only then are the old packs removed, so a crash at any point leaves either the
+        old history or the new one (and at worst packs no ref reaches, removed by the next compaction).
+        The squash is deterministic: compacting an already compacted history changes nothing.
+        """
+        fut: Future[HistoryCompaction] = self._submit(_Compact(horizon))
+        return fut.result()
+
     # -------------------------------------------------------------------------------- writer
 
     def _commit(self, batch: list[_Item]) -> None:
+        # A compaction is a batch of its own: the operations queued before it first, those after it next.
+        for i, (op, fut) in enumerate(batch):
+            if isinstance(op, _Compact):
+                if i:
+                    self._commit(batch[:i])
+                try:
+                    self._check_open()
+                    fut.set_result(self._compact(op.horizon))
+                except BaseException as exc:
+                    fut.set_exception(storage_failure(exc, "the artifact store's compaction"))
+                if i + 1 < len(batch):
+                    self._commit(batch[i + 1 :])
+                return
         if self._broken is not None:
             for _, fut in batch:
                 fut.set_exception(StoreError("closed", self._broken))
@@ -359,7 +418,7 @@ class GitStore(Store):
                     raise RuntimeError(f"{BRANCH.decode()} moved under the store: is another process writing?")
                 moved = True
                 if self._durable:
-                    git_packs.fsync_dir(self.path / "refs" / "heads")
+                    fsync_dir(self.path / "refs" / "heads")
                 txn.put(b"head", b.head, db=self._state)
             txn.commit()
         except BaseException as exc:
@@ -374,6 +433,7 @@ class GitStore(Store):
                 return
             # The commits are durable in Git but the index did not follow: rebuild it from HEAD.
             self._committed = (b.head, b.tree)
+            b.count_into(self._history)
             try:
                 with self.env.begin(write=True) as txn2:
                     self._reindex(txn2, b.tree)
@@ -382,6 +442,7 @@ class GitStore(Store):
                 self._broken = f"the index could not follow HEAD ({exc2!r}); reopen the store to rebuild it"
         else:
             self._committed = (b.head, b.tree)
+            b.count_into(self._history)
             # Before acknowledging: once every caller has its answer no pack is being removed, so that
             # a `git fsck` run after the last write does not race a roll-up.
             if len(self._packs) > self._max_packs:
@@ -395,7 +456,8 @@ class GitStore(Store):
             else:
                 fut.set_result(res)
 
-    def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op) -> object:
+    def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op | _Compact) -> object:
+        assert not isinstance(op, _Compact), "invariant: a compaction is a batch of its own"
         if isinstance(op, WriteOp):
             return self._apply_write(txn, b, op)
         if isinstance(op, DeleteOp):
@@ -427,6 +489,7 @@ class GitStore(Store):
         commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"write {op.id} ({size} bytes)", now)
         txn.put(key, _enc.encode(_Entry(meta, blob, meta_blob)), db=self._arts)
         self._set_owned(txn, op.agent, after)
+        b.written[op.agent] = b.written.get(op.agent, 0) + size
         return WriteReceipt(op.id, commit.decode(), old is None, size, after)
 
     def _apply_delete(self, txn: lmdb.Transaction, b: _Batch, op: DeleteOp) -> str:
@@ -545,13 +608,124 @@ class GitStore(Store):
                 git_packs.remove_pack(self._pack_dir, old)
         self._packs[base] = count
         if self._durable:
-            git_packs.fsync_dir(self._pack_dir)
-        # Drop cached handles on the removed packs (they would keep the deleted files' space).
+            fsync_dir(self._pack_dir)
+        self._reopen_objects()
+
+    # ---------------------------------------------------------------------------- compaction
+
+    def _compact(self, horizon: float) -> HistoryCompaction:
+        """The writer's side of ``compact`` (see there)."""
+        head, tree = self._committed
+        before = sum(p.stat().st_size for p in self._pack_dir.glob("pack-*.pack"))
+        newer: builtins.list[Commit] = []
+        base: Commit | None = None
+        for c in self._first_parents_of(self._wobjects, head):
+            if c.commit_time >= horizon:
+                newer.append(c)
+            else:
+                base = c
+                break
+        if base is None:
+            return HistoryCompaction(0, len(newer), 0, before, before, head.decode())
+        chain = list(self._first_parents_of(self._wobjects, base.id))
+        b = self._squash(base, chain[-1])
+        for c in reversed(newer):
+            n = c.copy()
+            assert isinstance(n, Commit)
+            n.parents = [b.head]
+            b.head = b.add(n)
+        if b.head == head:  # already compacted at this horizon
+            return HistoryCompaction(0, len(newer), 0, before, before, head.decode())
+        objects = self._reachable(b, [*(c.tree for c in newer), base.tree])
+        new_pack = git_packs.write_pack(
+            self._pack_dir, (full_unpacked_object(o) for o in objects.values()), len(objects), self._durable
+        )
+        if not self._refs.set_if_equals(BRANCH, head, b.head):
+            raise RuntimeError(f"{BRANCH.decode()} moved under the store: is another process writing?")
+        if self._durable:
+            fsync_dir(self.path / "refs" / "heads")
+        self._committed = (b.head, tree)
+        with self.env.begin(write=True) as txn:
+            txn.put(b"head", b.head, db=self._state)
+        # The new history is durable and complete in its own pack: the old packs can go.
+        for old in builtins.list(self._packs):
+            if old != new_pack:
+                git_packs.remove_pack(self._pack_dir, old)
+        self._packs = {new_pack: len(objects)}
+        if self._durable:
+            fsync_dir(self._pack_dir)
+        self._reopen_objects()
+        self._history = _written(self._first_parents_of(self._wobjects, b.head))
+        after = sum(p.stat().st_size for p in self._pack_dir.glob("pack-*.pack"))
+        return HistoryCompaction(len(chain), len(newer), b.artifacts, before, after, b.head.decode())
+
+    def _squash(self, base: Commit, root: Commit) -> _Batch:
+        """A new chain for ``base``'s tree: a root commit of the empty tree at the old root's time, then one
+        commit per artifact, oldest update first. Built with the writer's own tree code on a scratch tip."""
+        empty = Tree()
+        b = _Batch(ObjectID(b""), empty.id, {})
+        b.add(empty)
+        first = Commit()
+        first.tree = empty.id
+        first.author = first.committer = COMMITTER
+        first.author_time = first.commit_time = root.commit_time
+        first.author_timezone = first.commit_timezone = 0
+        first.message = b"create artifact store (older history squashed)\n"
+        b.head = b.add(first)
+        entries = _scan(self._wobjects.__getitem__, base.tree)
+        metas = {aid: _read_meta(self._wobjects.get_raw, blobs[1]) for aid, blobs in entries.items()}
+        saved = self._dirs, self._tip_tree
+        self._dirs, self._tip_tree = {"": {}}, empty.id
+        try:
+            for aid in sorted(entries, key=lambda a: (metas[a].updated, a)):
+                m = metas[aid]
+                self._set(b, aid, entries[aid])
+                author = _ident(m.owner, "agents.invalid")
+                self._chain(b, author, f"write {aid} ({m.size} bytes, older history squashed)", m.updated)
+        finally:
+            self._dirs, self._tip_tree = saved
+        assert b.tree == base.tree, f"invariant: the squash rebuilt {b.tree!r}, not the base tree {base.tree!r}"
+        b.artifacts = len(entries)
+        return b
+
+    def _reachable(self, b: _Batch, trees: builtins.list[ObjectID]) -> dict[ObjectID, ShaFile]:
+        """Every object the new history reaches: the batch's commits and trees, and each tree of ``trees``
+        with what it holds, read from the repository (a subtree already taken is not walked again)."""
+        out = dict(b.objects)
+        seen: set[ObjectID] = set()
+        stack = builtins.list(trees)
+        while stack:
+            sha = stack.pop()
+            if sha in seen:
+                continue
+            seen.add(sha)
+            obj = out.get(sha)
+            if obj is None:
+                obj = out[sha] = self._wobjects[sha]
+            if isinstance(obj, Tree):
+                stack.extend(e.sha for e in obj.iteritems() if e.sha not in seen)
+        return out
+
+    def _reopen_objects(self) -> None:
+        """Drop cached handles on removed packs (they would keep the deleted files' space)."""
         self._wobjects.close()
         self._wobjects = self._open_objects()
         with self._robjects_lock:
             self._robjects.close()
             self._robjects = self._open_objects()
+
+    @staticmethod
+    def _first_parents_of(objects: DiskObjectStore, sha: ObjectID) -> Iterator[Commit]:
+        at: ObjectID | None = sha
+        while at is not None:
+            c = objects[at]
+            assert isinstance(c, Commit), f"invariant: {at!r} in the history is not a commit"
+            yield c
+            at = c.parents[0] if c.parents else None
+
+    def history_usage(self) -> dict[str, int]:
+        """Per author, the content bytes its write commits in the retained history carry."""
+        return dict(self._history)
 
     # --------------------------------------------------------------------------------- reads
 
@@ -767,6 +941,20 @@ class GitStore(Store):
 
 def _artifact(aid: str, m: _Meta, content: bytes) -> Artifact:
     return Artifact(aid, m.kind, m.creator, m.owner, m.price, m.readable, m.created, m.updated, len(content), content)
+
+
+_WRITE_RE = re.compile(rb"^write \S+ \((\d+) bytes")
+
+
+def _written(commits: Iterator[Commit]) -> dict[str, int]:
+    """Content bytes per author of the write commits among ``commits`` (from their subjects)."""
+    out: dict[str, int] = {}
+    for c in commits:
+        m = _WRITE_RE.match(c.message)
+        if m:
+            author = c.author.split(b" <", 1)[0].decode(errors="replace")
+            out[author] = out.get(author, 0) + int(m.group(1))
+    return out
 
 
 def _read_meta(raw: Callable[[ObjectID], tuple[int, bytes]], sha: ObjectID) -> _Meta:

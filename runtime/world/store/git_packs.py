@@ -33,6 +33,8 @@ from dulwich.pack import (
     write_pack_index,
 )
 
+from runtime.host.volume import fsync_dir
+
 #: zlib level of new packs: level 1 is several times faster than git's default 6 on our small objects
 #: and costs little size (object ids, a large part of trees and commits, do not compress anyway).
 ZLEVEL = 1
@@ -199,11 +201,3 @@ def idx_count(idx: Path) -> int:
     base = 8 if head[:4] == b"\xfftOc" else 0
     count: int = struct.unpack_from(">I", head, base + 255 * 4)[0]
     return count
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

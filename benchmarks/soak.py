@@ -1,0 +1,286 @@
+"""A soak: 1,000 scripted agents under the real supervisor for a while, with retention on; does anything
+grow?
+
+The supervisor runs as the operator runs it (``python -m runtime.supervisor --no-live --duration S``) on a
+generated configuration: 1,000 scripted agents, each of which rewrites its own artifact (a commit of
+history every turn), gives 1 scrip to the next agent, reads the next agent's artifact and sleeps
+``SLEEP_S``; every think is a 1 ms ``Burn`` on a worker, charged in the ledger, and every action is an
+event. ``retention:`` compacts the data directory every ``horizon / 2`` with a horizon of a sixth of the
+run (at least the configuration's minimum, 60 s): history, journal and events older than that go.
+
+Sampled every ``SAMPLE_S``: the supervisor's RSS (``psutil``), the data directory's bytes
+(``runtime.host.volume.tree_bytes``) and the agents' actions so far (``status.json``'s totals), hence
+actions/s per interval. Reported: growth of RSS and of the data directory over the last half of the run
+(the median of the samples around its end against those around its middle; target ≤ 5%, flat after the
+first retention pass), and the steadiness of actions/s over the last half (each ``WINDOW_S`` window's
+rate against the half's mean; target within ±10%). Verified after the run, on the stopped data
+directory: ``admin check`` and ``git fsck --strict`` pass.
+
+The target is for 30 minutes (``--minutes 30``, the default) on a quiet machine; a short run on a loaded
+host (``--minutes 3``) shows the shape, not the verdict: the first retention pass lands near its middle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+
+from benchmarks.common import Options, ReportHead, announce, publish, save_figure, scratch
+from runtime.host.volume import tree_bytes
+
+AGENTS = 1000
+SLEEP_S = 1.0
+SAMPLE_S = 5.0
+WINDOW_S = 30.0
+#: Growth over the last half, and actions/s spread over it, that pass.
+GROWTH_TARGET = 0.05
+STEADY_TARGET = 0.10
+QUICK_MINUTES = 1.5
+_MB = 1 << 20
+
+
+class Point(msgspec.Struct, array_like=True):
+    """One sample: seconds since the start, supervisor RSS, data-dir bytes, actions so far."""
+
+    t: float
+    rss: int
+    disk: int
+    actions: int
+
+
+class Report(ReportHead):
+    """The JSON file."""
+
+    agents: int
+    horizon_s: float
+    interval_s: float
+    samples: list[Point]
+    retention_passes: list[str]
+    rss_growth: float | None
+    disk_growth: float | None
+    actions_per_s: float | None
+    actions_spread: float | None
+    verified: bool
+    target: str
+
+
+def config(data: Path, horizon_s: float) -> dict[str, Any]:
+    """The run's configuration: ``AGENTS`` scripted agents in a ring, retention on."""
+    ids = [f"s{i:04d}" for i in range(AGENTS)]
+    agents = [
+        {
+            "id": me,
+            "brain": "scripted",
+            "think_ms": 1,
+            "policy": [
+                {"kind": "write_artifact", "id": f"{me}-notes", "content": f"notes of {me}"},
+                {"kind": "transfer", "to": ids[(i + 1) % AGENTS], "amount": 1},
+                {"kind": "read_artifact", "id": f"{ids[(i + 1) % AGENTS]}-notes"},
+                {"kind": "sleep", "seconds": SLEEP_S},
+            ],
+        }
+        for i, me in enumerate(ids)
+    ]
+    return {
+        "data_dir": str(data),
+        "metrics_port": 0,
+        "status_interval_s": 1.0,
+        "retention": {"enabled": True, "horizon_s": horizon_s, "interval_s": horizon_s / 2, "archive_max_mb": 8},
+        "agents": agents,
+    }
+
+
+def _around(points: list[Point], t: float, field: str, half_width: float) -> float:
+    near = [getattr(p, field) for p in points if abs(p.t - t) <= half_width]
+    return float(statistics.median(near)) if near else float("nan")
+
+
+def growth(points: list[Point], field: str, seconds: float) -> float | None:
+    """Relative growth of ``field`` from the middle of the run to its end (medians of the samples within
+    a window of either point); None without samples there."""
+    w = max(WINDOW_S / 2, SAMPLE_S)
+    mid, end = _around(points, seconds / 2, field, w), _around(points, points[-1].t, field, w)
+    if not (mid == mid and end == end) or mid <= 0:  # NaN: no sample near one of them
+        return None
+    return (end - mid) / mid
+
+
+def steadiness(points: list[Point], seconds: float) -> tuple[float | None, float | None]:
+    """Actions/s over the last half, and the largest deviation of a ``WINDOW_S`` window's rate from it."""
+    half = [p for p in points if p.t >= seconds / 2]
+    if len(half) < 2 or half[-1].t - half[0].t <= 0:
+        return None, None
+    mean = (half[-1].actions - half[0].actions) / (half[-1].t - half[0].t)
+    rates = []
+    start = half[0]
+    for p in half[1:]:
+        if p.t - start.t >= WINDOW_S:
+            rates.append((p.actions - start.actions) / (p.t - start.t))
+            start = p
+    if not rates or mean <= 0:
+        return mean, None
+    return mean, max(abs(r - mean) / mean for r in rates)
+
+
+def _status_actions(status: Path) -> int | None:
+    try:
+        doc = json.loads(status.read_bytes())
+    except (OSError, ValueError):
+        return None
+    totals = doc.get("totals") or {}
+    return int(totals.get("actions", 0)) + int(totals.get("rejected", 0))
+
+
+def _verify(data: Path) -> bool:
+    check = subprocess.run(
+        [sys.executable, "-m", "runtime.admin", "--data-dir", str(data), "check"], capture_output=True, text=True
+    )
+    fsck = subprocess.run(
+        ["git", "--git-dir", str(data / "artifacts.git"), "fsck", "--strict"], capture_output=True, text=True
+    )
+    print(check.stdout.strip().splitlines()[-1] if check.stdout.strip() else check.stderr.strip())
+    print(f"git fsck --strict: exit {fsck.returncode} {fsck.stderr.strip()[:200]}")
+    return check.returncode == 0 and fsck.returncode == 0
+
+
+def plot(points: list[Point], passes: list[float], path: Path, note: str) -> None:
+    """RSS, data-dir bytes and actions/s over time, the retention passes marked."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    ts = [p.t / 60 for p in points]
+    axes[0].plot(ts, [p.rss / _MB for p in points], color="tab:green")
+    axes[0].set_ylabel("supervisor RSS (MB)")
+    axes[1].plot(ts, [p.disk / _MB for p in points], color="tab:blue")
+    axes[1].set_ylabel("data dir (MB)")
+    rate_t = [(a.t + b.t) / 120 for a, b in itertools.pairwise(points)]
+    rates = [(b.actions - a.actions) / (b.t - a.t) for a, b in itertools.pairwise(points)]
+    axes[2].plot(rate_t, rates, color="tab:orange")
+    axes[2].set_ylabel("actions/s")
+    axes[2].set_xlabel("minutes")
+    for ax in axes:
+        for t in passes:
+            ax.axvline(t / 60, color="grey", alpha=0.4, linestyle="--")
+        ax.set_ylim(bottom=0)
+    axes[0].set_title(f"soak: {AGENTS:,} scripted agents, retention on (dashed: retention passes)\n{note}", fontsize=9)
+    save_figure(fig, path)
+
+
+def run(opts: Options) -> int:
+    """Run the soak; print and save the samples, the growth and the steadiness; 1 if a check failed."""
+    minutes = opts.minutes if opts.minutes is not None else (QUICK_MINUTES if opts.quick else 30.0)
+    seconds = minutes * 60
+    horizon = max(60.0, seconds / 6)
+    tmp, host = scratch("soak", ["lmdb", "msgspec", "dulwich", "psutil"])
+    host["load_before"] = list(psutil.getloadavg())
+    announce("soak", opts, f"{AGENTS:,} scripted agents for {minutes:g} min, retention horizon {horizon:g} s", host)
+    data = tmp / "data"
+    cfg_path = tmp / "soak.yaml"
+    cfg_path.write_text(json.dumps(config(data, horizon)))  # JSON is YAML
+    log_path = tmp / "supervisor.log"
+    points: list[Point] = []
+    passes: list[float] = []
+    lines: list[str] = []
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "runtime.supervisor",
+                "--config",
+                str(cfg_path),
+                "--no-live",
+                "--duration",
+                str(seconds),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        started = time.monotonic()
+        sup = psutil.Process(proc.pid)
+
+        def read_stdout() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("retention:"):
+                    passes.append(time.monotonic() - started)
+                    lines.append(line.strip())
+                    print(f"[{time.monotonic() - started:6.0f} s] {line.strip()}", flush=True)
+
+        reader = threading.Thread(target=read_stdout, daemon=True)
+        reader.start()
+        status = data / "run" / "status.json"
+        try:
+            while proc.poll() is None:
+                time.sleep(SAMPLE_S)
+                actions = _status_actions(status)
+                if actions is None or proc.poll() is not None:
+                    continue
+                try:
+                    rss = sup.memory_info().rss
+                except psutil.NoSuchProcess:
+                    break
+                p = Point(time.monotonic() - started, rss, tree_bytes(data), actions)
+                points.append(p)
+                print(
+                    f"[{p.t:6.0f} s] RSS {p.rss / _MB:6.1f} MB, data dir {p.disk / _MB:6.1f} MB, {p.actions:,} actions",
+                    flush=True,
+                )
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            reader.join(10)
+    ok = proc.returncode == 0
+    if not ok:
+        print(f"supervisor exited {proc.returncode}; its log: {log_path}")
+        print(log_path.read_text()[-2000:])
+    verified = ok and _verify(data)
+    rss_g = growth(points, "rss", seconds) if points else None
+    disk_g = growth(points, "disk", seconds) if points else None
+    rate, spread = steadiness(points, seconds)
+
+    def pct(x: float | None) -> str:
+        return f"{x:+.1%}" if x is not None else "n/a"
+
+    target = (
+        f"last half: RSS {pct(rss_g)}, data dir {pct(disk_g)} (target ≤ {GROWTH_TARGET:.0%}); actions/s "
+        f"{rate or 0:,.1f}, windows within {pct(spread)} (target ±{STEADY_TARGET:.0%}); {len(passes)} retention "
+        f"passes; {minutes:g} min, load {host['load_before'][0]:.1f} at the start"
+    )
+    print(target)
+    report = Report(
+        "soak",
+        "quick" if opts.quick else "full",
+        host,
+        seconds,
+        AGENTS,
+        horizon,
+        horizon / 2,
+        points,
+        lines,
+        rss_g,
+        disk_g,
+        rate,
+        spread,
+        verified,
+        target,
+    )
+    note = f"{host['cpus_usable']} CPUs, {minutes:g} min, load {host['load_before'][0]:.1f} at the start"
+    publish(opts.json_path, report, lambda png: plot(points, passes, png, note) if points else None)
+    if ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if verified else 1

@@ -1,0 +1,68 @@
+"""A checkpoint of the ledger: the state the journal's first entries replay to, so that they can go.
+
+Retention folds the journal's old entries into one ``Checkpoint`` (``LmdbLedger.compact``): what replaying
+entries 1..``through`` gives — accounts, balances, supply, open offers and posted tasks — stored in the
+same transaction that deletes those entries (with their usage records and op ids). ``admin check``
+replays the remaining journal from it (``view``), so every invariant is still checked: per asset the
+balances sum to minted − burned, and checkpoint + journal replay to the stored balances.
+
+What folding gives up: an op id whose entry was folded is no longer recognised as a replay, so retention
+folds only entries older than a horizon no retry reaches (a task's op is retried within seconds; one a
+crash interrupted is charged at the next start, and ``admin compact`` refuses to fold while the in-flight
+store holds such tasks); and ``admin bill`` covers the remaining journal.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from runtime.economy.ledger import AccountKind, PostOffer, TaskState
+from runtime.economy.ledger.rules import MemoryView
+
+
+class Checkpoint(Struct, frozen=True):
+    """The ledger as of journal entry ``through`` (applied at ``at``); ``folded``: entries folded in all,
+    ``usage_records``: the usage records dropped with them."""
+
+    through: int
+    at: float
+    kinds: dict[str, AccountKind]
+    balances: dict[str, dict[str, int]]
+    supply: dict[str, tuple[int, int]]
+    offers: list[PostOffer]
+    tasks: list[TaskState]
+    folded: int
+    usage_records: int
+
+    def view(self) -> MemoryView:
+        """A replay's starting state: this checkpoint as a ``MemoryView``."""
+        v = MemoryView()
+        v.kinds = dict(self.kinds)
+        v.balances = {(a, s): n for a, held in self.balances.items() for s, n in held.items()}
+        v.supplies = dict(self.supply)
+        v.offers = {o.offer: o for o in self.offers}
+        v.tasks = {t.post.task: t for t in self.tasks}
+        return v
+
+    @classmethod
+    def of(cls, view: MemoryView, through: int, at: float, folded: int, usage_records: int) -> Checkpoint:
+        """The state of ``view`` (a replay up to entry ``through``) as a checkpoint."""
+        return cls(
+            through,
+            at,
+            dict(view.kinds),
+            view.nonzero(),
+            dict(view.supplies),
+            sorted(view.offers.values(), key=lambda o: o.offer),
+            sorted(view.tasks.values(), key=lambda t: t.post.task),
+            folded,
+            usage_records,
+        )
+
+
+class LedgerCompaction(Struct, frozen=True):
+    """What one ``compact`` folded: entries and usage records, and the checkpoint's seq after it."""
+
+    folded: int
+    usage_records: int
+    through: int

@@ -1,0 +1,211 @@
+"""Retention: ``python -m runtime.admin compact [--horizon WHEN]`` on a stopped data directory, and the
+``retention:`` section that runs the same compaction periodically inside the supervisor.
+
+One pass, with a *horizon* (a time; what is older goes):
+
+- the artifact store's history older than the horizon is squashed into one commit per artifact
+  (``GitStore.compact``: HEAD's tree is unchanged, agents never see history either way);
+- the ledger's journal entries older than it are folded into its checkpoint (``LmdbLedger.compact``),
+  which ``admin check`` replays the rest of the journal from;
+- the events older than it are archived to ``<data>/archive/events-FIRST-LAST.jsonl.gz``
+  (``EventLog.archive``), and the oldest archives beyond ``archive_max_mb`` are deleted.
+
+Each step is crash-safe on its own (its store's docstring says how) and they are independent: a pass a
+crash interrupted leaves every store in its old or its new state, and the next pass finishes the work.
+
+Safety while the supervisor runs: the store's squash is queued to its one writer thread, between two
+group commits; the ledger's fold and the events' removal are LMDB write transactions, which LMDB
+serialises with the writers' own. ``admin compact`` itself takes the data directory's lock, so it is
+refused while a supervisor holds it (use ``retention:`` then), and it refuses to fold the journal while
+the in-flight store holds tasks a crash interrupted (their charge would no longer be recognised as a
+replay once folded: a start charges them first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from msgspec import Struct
+
+from runtime.config import ConfigError, RetentionConfig
+from runtime.economy.ledger import Ledger
+from runtime.economy.ledger.checkpoint import LedgerCompaction
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.errors import AecoError, ErrorCode
+from runtime.host.volume import tree_bytes
+from runtime.ops.bill import parse_since
+from runtime.ops.preflight import claim_data_dir
+from runtime.pool.inflight import InflightLog
+from runtime.world.events import Events
+from runtime.world.events.log import EventLog
+from runtime.world.store import Store
+from runtime.world.store.git import GitStore, HistoryCompaction
+
+log = logging.getLogger("runtime.ops.compact")
+
+ARCHIVE_DIR = "archive"
+
+
+class ArchivedEvents(Struct, frozen=True):
+    """The events one pass moved out of the log, and the file that holds them."""
+
+    first: int
+    last: int
+    file: str
+
+
+class CompactReport(Struct, frozen=True):
+    """What one pass did (None: that store is not one retention compacts, or nothing was moved)."""
+
+    horizon: float
+    history: HistoryCompaction | None
+    ledger: LedgerCompaction | None
+    events: ArchivedEvents | None
+    archives_removed: list[str]
+    seconds: float
+
+    def line(self) -> str:
+        """One line for the operator."""
+        parts = []
+        if (h := self.history) is not None and h.squashed:
+            parts.append(
+                f"store: {h.squashed} commits squashed into {h.artifacts} + 1, {h.kept} kept, packs "
+                f"{h.pack_bytes_before / 1024:.0f} -> {h.pack_bytes_after / 1024:.0f} KB"
+            )
+        if (g := self.ledger) is not None and g.folded:
+            parts.append(f"ledger: {g.folded} journal entries folded (checkpoint at seq {g.through})")
+        if (e := self.events) is not None:
+            parts.append(f"events: {e.first}..{e.last} archived to {e.file}")
+        if self.archives_removed:
+            parts.append(f"{len(self.archives_removed)} old archive(s) removed")
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.horizon))
+        return f"compacted before {when} in {self.seconds:.1f} s: " + ("; ".join(parts) or "nothing to do")
+
+
+def prune_archives(directory: Path, max_bytes: int) -> list[str]:
+    """Delete the oldest archive files until the rest fit in ``max_bytes``; the names deleted."""
+    files = sorted(directory.glob("events-*.jsonl.gz"))  # zero-padded first seqs: oldest first
+    total = sum(f.stat().st_size for f in files)
+    removed = []
+    for f in files:
+        if total <= max_bytes:
+            break
+        total -= f.stat().st_size
+        f.unlink()
+        removed.append(f.name)
+    return removed
+
+
+def compact_stores(
+    store: Store, ledger: Ledger, events: Events, horizon: float, archive: Path, archive_max_bytes: int
+) -> CompactReport:
+    """One pass over the stores a node has open (see the module docstring); a store retention does not
+    compact (PostgreSQL's) is left alone."""
+    started = time.monotonic()
+    history = store.compact(horizon) if isinstance(store, GitStore) else None
+    folded = ledger.compact(horizon) if isinstance(ledger, LmdbLedger) else None
+    moved = events.archive(horizon, archive) if isinstance(events, EventLog) else None
+    archived = ArchivedEvents(moved[0], moved[1], moved[2].name) if moved is not None else None
+    removed = prune_archives(archive, archive_max_bytes) if archive.is_dir() else []
+    return CompactReport(horizon, history, folded, archived, removed, time.monotonic() - started)
+
+
+class CompactRefused(AecoError):
+    """The data directory cannot be compacted now; the message says why and what to do."""
+
+    default_code: ErrorCode = "busy"
+
+
+def compact_data_dir(data: Path, horizon: float, archive_max_bytes: int) -> CompactReport:
+    """One pass over a stopped data directory's stores. ``CompactRefused`` when a supervisor holds it
+    or tasks a crash interrupted are not charged yet."""
+    if not (data / "ledger" / "data.mdb").exists() or not (data / "artifacts.git" / "HEAD").exists():
+        raise CompactRefused(f"{data}: no ledger and artifact store there (has a supervisor run with it?)")
+    try:
+        claim = claim_data_dir(data)
+    except ConfigError as exc:
+        raise CompactRefused(str(exc)) from None
+    try:
+        inflight_path = data / "run" / "inflight"
+        if (inflight_path / "data.mdb").exists():
+            inflight = InflightLog(inflight_path, readonly=True)
+            try:
+                pending = len(inflight.pending())
+            finally:
+                inflight.close()
+            if pending:
+                raise CompactRefused(
+                    f"{data}: {pending} task(s) a crash interrupted are not charged yet "
+                    "(start the supervisor once to charge them, then compact)"
+                )
+        ledger = LmdbLedger(data / "ledger")
+        store = GitStore(data / "artifacts.git")
+        events = EventLog(data / "events")
+        try:
+            return compact_stores(store, ledger, events, horizon, data / ARCHIVE_DIR, archive_max_bytes)
+        finally:
+            events.close()
+            store.close()
+            ledger.close()
+    finally:
+        os.close(claim)
+
+
+async def retain(
+    cfg: RetentionConfig,
+    store: Store,
+    ledger: Ledger,
+    events: Events,
+    data: Path,
+    stop: asyncio.Event,
+    say: Callable[[str], None],
+) -> None:
+    """The supervisor's retention: a pass every ``interval_s`` (the first after one interval), each in a
+    thread so the event loop runs on; until ``stop`` is set. A failed pass is logged and retried."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), cfg.interval_s)
+            return
+        except TimeoutError:
+            pass
+        horizon = time.time() - cfg.horizon_s
+        try:
+            report = await asyncio.to_thread(
+                compact_stores, store, ledger, events, horizon, data / ARCHIVE_DIR, cfg.archive_max_mb << 20
+            )
+        except Exception:
+            log.exception("retention pass failed; retried in %g s", cfg.interval_s)
+            continue
+        say(f"retention: {report.line()}; data dir now {tree_bytes(data) / (1 << 20):.1f} MiB")
+
+
+def command(data: Path, horizon: str, archive_max_mb: int, postgres_url: str | None) -> int:
+    """``admin compact``: one pass over a stopped data directory; its line, or one ``error:`` line."""
+    if postgres_url:
+        print(
+            "error: compact: the PostgreSQL ledger, store and events keep their history "
+            "(compaction is for a data directory's embedded stores: drop --postgres and unset $POSTGRES_URL)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        when = parse_since(horizon, time.time(), "--horizon")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if archive_max_mb < 0:
+        print(f"error: --archive-max-mb {archive_max_mb}: negative (give 0 or more MiB)", file=sys.stderr)
+        return 2
+    try:
+        report = compact_data_dir(data, min(when, time.time()), archive_max_mb << 20)
+    except CompactRefused as exc:
+        print(f"error: compact: {exc.message}", file=sys.stderr)
+        return 1
+    print(report.line())
+    return 0
