@@ -51,6 +51,7 @@ from runtime.host.limits import Limits, Sizing
 from runtime.pool import WorkerPool
 from runtime.pool.inflight import InflightLog
 from runtime.world.events import Emit, Events, emitter
+from runtime.world.events.controls import PAUSE_KINDS, paused
 from runtime.world.memory import MemoryStore
 from runtime.world.store import Store
 from runtime.world.tasks import TaskMint, post_tasks
@@ -70,25 +71,18 @@ async def replay_operator(store: Store, events: Events, emit: Emit, agents: Sequ
     - A rollback: ``python -m runtime.admin rollback`` needs the store to itself, so the supervisor learns
       of it when it starts (HEAD is then the operator's reset commit) and announces it as a
       ``system_reset``, unless one was announced for that commit already (a rollback made while running).
-    - Pause and resume are ``agent_paused``/``agent_resumed`` events (``runtime.ops.dashboard``): each
-      agent's latest one decides, as if the controls were sent again.
+    - Pause and resume are ``agent_paused``/``agent_resumed`` events (``runtime.world.events.controls``):
+      each agent's latest one decides, as if the controls were sent again.
     """
-    latest: dict[str, str] = {}
-    announced: set[object] = set()
-    for ev in await events.read_async(0, kinds=("agent_paused", "agent_resumed", "system_reset")):
-        if ev.kind == "system_reset":
-            announced.add(ev.fields.get("commit"))
-        elif ev.agent is not None:
-            latest[ev.agent] = ev.kind
+    found = await events.read_async(0, kinds=(*PAUSE_KINDS, "system_reset"))
     head = store.last_commit()
-    if head.action == "reset" and head.commit not in announced:
+    if head.action == "reset" and head.commit not in {e.fields.get("commit") for e in found}:
         emit("system_reset", {"commit": head.commit, "by": head.author})
-    paused = []
-    for a in agents:
-        if isinstance(a, Agent) and latest.get(a.id) == "agent_paused":
-            a.pause()
-            paused.append(a.id)
-    return paused
+    held = paused(found)
+    again = [a for a in agents if isinstance(a, Agent) and a.id in held]
+    for a in again:
+        a.pause()
+    return [a.id for a in again]
 
 
 def make_agent(a: AgentConfig, cfg: Config, world: World) -> AnyAgent:

@@ -8,7 +8,9 @@ One pass, with a *horizon* (a time; what is older goes):
 - the ledger's journal entries older than it are folded into its checkpoint (``LmdbLedger.compact``),
   which ``admin check`` replays the rest of the journal from;
 - the events older than it are archived to ``<data>/archive/events-FIRST-LAST.jsonl.gz``
-  (``EventLog.archive``), and the oldest archives beyond ``archive_max_mb`` are deleted.
+  (``EventLog.archive``), and the oldest archives beyond ``archive_max_mb`` are deleted; an operator's
+  pause still in force among them is first carried forward as a new ``agent_paused`` event
+  (``runtime.world.events.controls``), so that a restart still finds it in the log.
 
 Each step is crash-safe on its own (its store's docstring says how) and they are independent: a pass a
 crash interrupted leaves every store in its old or its new state, and the next pass finishes the work.
@@ -43,6 +45,7 @@ from runtime.ops.bill import parse_since
 from runtime.ops.preflight import claim_data_dir
 from runtime.pool.inflight import InflightLog
 from runtime.world.events import Events
+from runtime.world.events.controls import carry_pauses
 from runtime.world.events.log import EventLog
 from runtime.world.store import Store
 from runtime.world.store.git import GitStore, HistoryCompaction
@@ -110,6 +113,8 @@ def compact_stores(
     started = time.monotonic()
     history = store.compact(horizon) if isinstance(store, GitStore) else None
     folded = ledger.compact(horizon) if isinstance(ledger, LmdbLedger) else None
+    if isinstance(events, EventLog):
+        carry_pauses(events, horizon)  # the log alone says who is paused, archived or not
     moved = events.archive(horizon, archive) if isinstance(events, EventLog) else None
     archived = ArchivedEvents(moved[0], moved[1], moved[2].name) if moved is not None else None
     removed = prune_archives(archive, archive_max_bytes) if archive.is_dir() else []

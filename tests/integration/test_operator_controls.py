@@ -1,22 +1,26 @@
 """The operator's grant, burn and note controls carried out on a node's real parts (LMDB ledger, event log,
 worker pool), as the dashboard carries them out for the page and ``python -m runtime.admin control``: each
 an ordinary journaled operation under the ledger's rules, a rate right re-rating the agent's bucket; and a
-rollback made while the supervisor was stopped, announced by the next start.
+rollback made while the supervisor was stopped, announced by the next start; a pause that outlives the
+archiving of its event.
 
 A pause replayed by a restarted supervisor, and a rollback while it runs, are in ``test_dashboard.py``."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from runtime.actions import Noop
+from runtime.agents.loop import Agent
 from runtime.config import AgentConfig, Config, PoolConfig
 from runtime.economy.ledger import Burn, LedgerError, Mint
 from runtime.node import Node
-from runtime.ops.dashboard import BurnAsset, ControlRefused, Dashboard, Grant, Inject
+from runtime.ops.compact import compact_data_dir
+from runtime.ops.dashboard import BurnAsset, Control, ControlRefused, Dashboard, Grant, Inject, Pause, Resume
 from runtime.world.events.log import EventLog
 from tests.harness import python_m
 from tests.integration.store_backends import git, git_head
@@ -100,3 +104,33 @@ def test_a_rollback_made_while_stopped_is_announced_once(tmp_path: Path) -> None
     head = git_head(data / "artifacts.git")
     assert asyncio.run(resets()) == [{"commit": head, "by": "operator"}]
     assert asyncio.run(resets()) == [{"commit": head, "by": "operator"}]
+
+
+def test_a_pause_outlives_the_archiving_of_its_event(tmp_path: Path) -> None:
+    """Retention moves old events out of the log: a pause still in force is carried forward first, so the
+    next start pauses the agent again; a pause the operator took back is not."""
+    data = tmp_path / "data"
+    cfg = Config(
+        data_dir=str(data),
+        pool=PoolConfig(workers=1),
+        agents=[AgentConfig(id=a, brain="scripted", policy=[Noop()]) for a in ("ann", "ben")],
+    )
+
+    async def controls(*sent: Control) -> dict[str, bool]:
+        async with Node(cfg) as node:
+            dash = Dashboard(None, None, node.economy.ledger, node.events, node.world.store, lambda: node.agents)
+            for control in sent:
+                await dash.apply(control)
+            return {a.id: a.paused for a in node.agents if isinstance(a, Agent)}
+
+    assert asyncio.run(controls(Pause("ann"), Pause("ben"), Resume("ben"), Inject("later"))) == {
+        "ann": True,
+        "ben": False,
+    }
+    report = compact_data_dir(data, time.time(), 1 << 30)
+    assert report.events is not None and report.events.last >= 3  # the controls have left the log
+    with EventLog(str(data / "events"), readonly=True) as log:
+        assert [(e.kind, e.agent, e.fields) for e in log.read(kinds=["agent_paused", "agent_resumed"])] == [
+            ("agent_paused", "ann", {"by": "operator", "carried": True})
+        ]
+    assert asyncio.run(controls()) == {"ann": True, "ben": False}
