@@ -1182,12 +1182,6 @@ class WorkerPool:
         reason = w.kill_reason
         if reason is None and oom_killed and job is not None and job.memory_limit:
             reason = "memory_exceeded"  # the kernel killed it at the limit set for this task
-        self._requeue(waiting)  # first: a retried running task goes back ahead of them
-        if job is not None:
-            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason, held)
-        self.accounts.close_worker(
-            w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
-        )
         # The task's fault, not the worker's: replaced at once, not counted against restarts.
         task_fault = reason in ("deadline_exceeded", "memory_exceeded", "cancelled")
         expected = task_fault or reason in ("recycled", "pool_closed") or self._closing
@@ -1195,8 +1189,15 @@ class WorkerPool:
             self.crashed += 1
             why = reason or f"exit status {w.proc.returncode}"
             log.warning("worker %d (pid %d) died in state %s: %s", w.worker_id, w.pid, was_state, why)
+            # Before its task is failed: whoever sees that failure then sees the executor broken.
             if self.on_broken is not None:
                 self.on_broken(f"worker {w.worker_id} (pid {w.pid}) died: {why}")
+        self._requeue(waiting)  # first: a retried running task goes back ahead of them
+        if job is not None:
+            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason, held)
+        self.accounts.close_worker(
+            w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
+        )
         if not self._workers and self._closing and self._all_exited is not None:
             self._all_exited.set()
         if self._closing or self.failed:
@@ -1205,6 +1206,7 @@ class WorkerPool:
             self._spawn()
         elif not expected:
             self._schedule_restart()
+        self._dispatch()  # what went back to the queue may go to another worker
 
     def _charge_lost(
         self,
@@ -1366,6 +1368,7 @@ class WorkerPool:
                     "pid": w.pid,
                     "state": w.state,
                     "tasks": w.counters.tasks_done if w.counters else 0,
+                    "waiting": len(w.waiting),
                 }
                 for w in ws
             ],
@@ -1579,8 +1582,16 @@ class WorkerPoolExecutor(cf.Executor):
             self._idle.notify_all()
         if self._pool.initializer_error:
             _LOGGER.critical("Exception in initializer:\n%s", self._pool.initializer_error)
-        for fut in pending:
-            _settle_future(fut, exc=BrokenProcessPool(f"the worker pool is broken: {reason}"))
+        broken = f"the worker pool is broken: {reason}"
+
+        def fail_pending() -> None:
+            for fut in pending:
+                _settle_future(fut, exc=BrokenProcessPool(broken))
+
+        # Called on the pool's loop as a worker's death is handled: its task is failed there with what it
+        # cost (``WorkerCrashed``) once the executor is marked broken, and every other pending future
+        # right after, by the loop. A future that fails is then never seen before ``submit`` refuses.
+        self._runner.call(fail_pending)
         self._runner.stop(grace_s=0.0)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> UsageFuture:
