@@ -2,8 +2,11 @@
 
 Invariants (asserted where they can break):
 
-- A worker runs at most one task at a time: a task is sent only to a worker in ``idle`` state, which
-  then becomes ``busy`` until its ``Result`` arrives or it dies.
+- A worker runs at most one task at a time: a task runs on a worker in ``idle`` state, which then
+  becomes ``busy`` until its ``Result`` arrives or it dies. Up to ``prefetch`` plain tasks may wait in a
+  busy worker's socket (``_prefetch``); the worker takes them one after another, and each begins, as
+  this loop sees it, when the one ahead of it answered (``_start``). Submitting and cancelling may come
+  from any thread: every entry point holds the pool's lock (``_locked``).
 - Every task that reaches a worker is charged exactly once per attempt: from its ``Result`` when the
   worker answers, from the kernel (``wait4``) when it dies first. Nothing else charges tasks.
 - Every worker process is reaped (through its pidfd) and its child cgroups are removed.
