@@ -1527,7 +1527,8 @@ class WorkerPoolExecutor(cf.Executor):
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        cfg = config or PoolConfig()
+        # One call waits at each worker, as ProcessPoolExecutor queues one beyond its workers.
+        cfg = config or PoolConfig(prefetch=1)
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1:
                 raise ValueError("max_tasks_per_child must be >= 1")
