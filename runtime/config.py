@@ -75,6 +75,12 @@ class PoolConfig(_Section, frozen=True):
     #: keeps its worker (and loaded model); one that has not stopped within this is killed with its worker.
     #: Longer spares more models on a busy host; shorter frees a stuck worker sooner.
     cancel_grace_s: Annotated[float, Meta(ge=0.01, le=600)] = 2.0
+    #: Tasks that may wait at a worker behind the one it runs (0: a worker gets its next task only after
+    #: its last result reached the supervisor). It still runs one at a time and measures each; the wait
+    #: is idle time. Only plain tasks wait (not thinks, invocations nor tracked tasks: see ``runtime.pool``).
+    #: 0 by default: a queued task can then be cancelled for nothing, and which agent's task a worker
+    #: takes is decided when it is free. ``WorkerPoolExecutor`` uses 1 unless given a config.
+    prefetch: Annotated[int, Meta(ge=0, le=64)] = 0
 
 
 class AgentConfig(_Section, frozen=True):

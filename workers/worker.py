@@ -1,8 +1,8 @@
 """A pool worker: ``python -m workers.worker``, started by the supervisor's pool.
 
 It arranges to die with the supervisor first (the pool has already put it in its child cgroups, if
-any), then runs one task at a time from its DEALER socket, measuring
-each. Its CPU life is cut into contiguous segments — start-up, idle (waiting, messaging),
+any), then runs one task at a time from its DEALER socket (the next may already wait there: the pool's
+``prefetch``), measuring each. Its CPU life is cut into contiguous segments — start-up, idle (waiting, messaging),
 measurement, tasks — so that every CPU-second it uses is reported under exactly one name
 (``runtime.protocol.Counters``).
 
@@ -102,7 +102,8 @@ class Worker:
 
     def _begin_task(self) -> None:
         """Forget a stop asked for an earlier task: the supervisor sends one only while a task runs,
-        and dispatches the next only after that task's result, so any signal so far was for it."""
+        and sends no task to wait behind one it may stop so (see ``WorkerPool._prefetch``), so any
+        signal so far was for an earlier task."""
         self.stop_asked = False
         with contextlib.suppress(BlockingIOError):
             while os.read(self.stop_r, 64):

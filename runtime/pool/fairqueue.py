@@ -57,6 +57,12 @@ class FairQueue(Generic[T]):
             return key, item
         raise IndexError("pop from an empty FairQueue")
 
+    def peek(self) -> T:
+        """The item ``pop`` would take next, left in place; ``IndexError`` when empty."""
+        for line in self._lines.values():
+            return line[0]
+        raise IndexError("peek into an empty FairQueue")
+
     def remove(self, key: str, item: T) -> bool:
         """Take ``item`` out of ``key``'s line (the rotation is otherwise unchanged); False if not there."""
         line = self._lines.get(key)

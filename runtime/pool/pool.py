@@ -2,8 +2,11 @@
 
 Invariants (asserted where they can break):
 
-- A worker runs at most one task at a time: a task is sent only to a worker in ``idle`` state, which
-  then becomes ``busy`` until its ``Result`` arrives or it dies.
+- A worker runs at most one task at a time: a task runs on a worker in ``idle`` state, which then
+  becomes ``busy`` until its ``Result`` arrives or it dies. Up to ``prefetch`` plain tasks may wait in a
+  busy worker's socket (``_prefetch``); the worker takes them one after another, and each begins, as
+  this loop sees it, when the one ahead of it answered (``_start``). Submitting and cancelling may come
+  from any thread: every entry point holds the pool's lock (``_locked``).
 - Every task that reaches a worker is charged exactly once per attempt: from its ``Result`` when the
   worker answers, from the kernel (``wait4``) when it dies first. Nothing else charges tasks.
 - Every worker process is reaped (through its pidfd) and its child cgroups are removed.
@@ -37,6 +40,7 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import contextlib
+import functools
 import hmac
 import itertools
 import logging
@@ -60,9 +64,8 @@ from concurrent.futures.process import (
     _process_chunk,
     _RemoteTraceback,
 )
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Literal, TypedDict, Unpack
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict, TypeVar, Unpack
 
 import msgspec
 import zmq
@@ -98,6 +101,20 @@ exec "$@"
 #: Tasks a worker stops by itself when asked (SIGUSR1), keeping its process: a generation between two
 #: tokens, an invocation by killing its confined child. Any other task is stopped by killing its worker.
 _STOPS_WHEN_ASKED = (p.Think, p.Invoke)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run ``method`` holding the pool's lock: the pool's state is touched by its event loop and, for
+    submitting and cancelling, by any thread (``WorkerPoolExecutor`` submits from its callers' threads)."""
+
+    @functools.wraps(method)
+    def locked(self: WorkerPool, *args: Any, **kwargs: Any) -> Any:
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 class TaskFailed(AecoError):
@@ -201,6 +218,10 @@ class _Job:
     kernel_start: KernelReading | None = None
     #: Asked to stop (``WorkerPool.cancel``): it ends as ``cancelled``, whatever stops it.
     cancelled: bool = False
+    #: Asked to stop while it waited at a worker (prefetched): stopped as soon as it starts.
+    cancel_at_start: bool = False
+    #: When it was last sent to a worker (the span a report of its CPU is bounded by).
+    sent_at: float = 0.0
 
 
 class KernelReading(msgspec.Struct, frozen=True, array_like=True):
@@ -224,7 +245,11 @@ class _Worker:
     cgroups: cg.WorkerCgroups | None
     started_at: float
     state: WorkerState = "starting"
+    #: The task it runs (the first one sent and not yet answered).
     job: _Job | None = None
+    #: Tasks sent after it that wait in the worker's socket (``PoolConfig.prefetch``), in order.
+    waiting: collections.deque[_Job] = field(default_factory=collections.deque)
+    #: When ``job`` began as this loop sees it: when it was sent, or when the task ahead of it answered.
     job_started: float = 0.0
     #: When the task in flight must be over (event-loop clock); 0 when idle.
     deadline_at: float = 0.0
@@ -398,6 +423,9 @@ class WorkerPool:
         self._sampler: asyncio.TimerHandle | None = None
         self._deadline_when = float("inf")
         self._log_budget = 20  # malformed-frame log lines before going quiet
+        #: Held by every entry point (``_locked``): the loop's callbacks and other threads' submits.
+        self._mutex = threading.RLock()
+        self._loop_thread: int | None = None
         # Refused peers remembered so that each is logged once; past this many (a flood of made-up
         # identities) further ones are refused without a line: a bounded set, a bounded log.
         self._refused_peers_max = 100
@@ -412,6 +440,7 @@ class WorkerPool:
         if self._loop is not None:
             raise AecoError("this pool is already started", code="busy")
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._all_exited = asyncio.Event()
         self._ready = asyncio.Event()
         self._ctx = zmq.Context(io_threads=1)
@@ -452,8 +481,33 @@ class WorkerPool:
 
     async def close(self, grace_s: float = 2.0) -> None:
         """Stop every worker: finish in-flight tasks within ``grace_s``, then kill; reap all."""
-        if self._closing or self._loop is None:
-            return
+        with self._mutex:
+            if self._closing or self._loop is None:
+                return
+            self._begin_close()
+        assert self._all_exited is not None
+        if self._workers:
+            try:
+                await asyncio.wait_for(self._all_exited.wait(), grace_s)
+            except TimeoutError:
+                with self._mutex:
+                    for w in list(self._workers.values()):
+                        w.kill_reason = w.kill_reason or "pool_closed"
+                        self._kill(w)
+                await asyncio.wait_for(self._all_exited.wait(), 5.0)
+        with self._mutex:
+            for timer in (self._monitor, self._deadline_timer, self._sampler):
+                if timer is not None:
+                    timer.cancel()
+            if self._sock is not None:
+                self._loop.remove_reader(self._fd())
+                self._sock.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._own_run_dir:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def _begin_close(self) -> None:
         self._closing = True
         for job in self._queue.drain():
             self._fail(job, "pool_closed", "the pool was closed before the task ran")
@@ -467,28 +521,10 @@ class WorkerPool:
                     w.kill_reason = "pool_closed"  # if it has to be killed after the grace period
                 else:
                     w.state = "stopping"
-        assert self._all_exited is not None
-        if self._workers:
-            try:
-                await asyncio.wait_for(self._all_exited.wait(), grace_s)
-            except TimeoutError:
-                for w in list(self._workers.values()):
-                    w.kill_reason = w.kill_reason or "pool_closed"
-                    self._kill(w)
-                await asyncio.wait_for(self._all_exited.wait(), 5.0)
-        for timer in (self._monitor, self._deadline_timer, self._sampler):
-            if timer is not None:
-                timer.cancel()
-        if self._sock is not None:
-            self._loop.remove_reader(self._fd())
-            self._sock.close(0)
-        if self._ctx is not None:
-            self._ctx.term()
-        if self._own_run_dir:
-            shutil.rmtree(self._run_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------ submitting
 
+    @_locked
     def submit(
         self,
         spec: p.TaskSpec,
@@ -565,6 +601,7 @@ class WorkerPool:
             await task.stop()
             raise
 
+    @_locked
     def cancel(self, task_id: int) -> bool:
         """Stop task ``task_id``, which then ends ``cancelled``: a queued one at once (charged what
         earlier attempts used, if any), a running one once its worker stopped it (see the module's
@@ -573,6 +610,10 @@ class WorkerPool:
             if w.state == "busy" and w.job is not None and w.job.id == task_id:
                 self._stop(w, w.job)
                 return True
+            for job in w.waiting:
+                if job.id == task_id:  # already in the worker's socket: stopped when it starts
+                    job.cancel_at_start = True
+                    return True
         for job in self._queue:
             if job.id == task_id:
                 self._queue.remove(job.agent, job)
@@ -607,29 +648,90 @@ class WorkerPool:
             w = self._idle.popleft()
             if w.state != "idle":
                 continue
-            _, job = self._queue.pop()
-            if job.claim is not None and not job.claim():
-                self._idle.appendleft(w)
-                continue
-            assert w.job is None, "a worker runs one task at a time"
-            job.attempts += 1
-            w.state, w.job, w.job_started = "busy", job, time.monotonic()  # = the loop's clock
-            if job.measure:
-                job.kernel_start = self._kernel_reading(w, job)
-            w.delay_at_start = w.run_delay.read() if w.run_delay is not None else 0.0
+            job = self._take()
+            if job is not None:
+                self._send_task(w, job)
+        if self.cfg.prefetch and self._queue:
+            self._prefetch()
+
+    def _take(self) -> _Job | None:
+        """The next task in fair order, claimed (None if its claim said it was cancelled meanwhile)."""
+        _, job = self._queue.pop()
+        if job.claim is not None:
+            if not job.claim():
+                return None
+            job.claim = None  # claimed once: a retry or a requeue does not claim it again
+        return job
+
+    def _prefetch(self) -> None:
+        """Send queued tasks to busy workers, up to ``prefetch`` waiting behind each one's running task,
+        so that a worker starts its next task without waiting for the supervisor.
+
+        Only plain tasks wait, behind plain tasks: a ``think`` or an ``invoke`` is stopped by a signal
+        meant for the task running (a waiting one would take it), and an ``invoke`` reads its replies
+        from the socket the waiting task would be in. Nor do tracked tasks (``inflight`` records a task
+        from the moment it is sent), nor tasks for a worker about to be recycled. Fair order is kept:
+        when the next task may not wait, nothing does until a worker is free for it.
+        """
+        for w in self._workers.values():
+            while self._queue and self._may_prefetch(w):
+                head = self._queue.peek()
+                if head.track is not None or isinstance(head.spec, _STOPS_WHEN_ASKED):
+                    return
+                job = self._take()
+                if job is not None:
+                    self._send_task(w, job)
+            if not self._queue:
+                return
+
+    def _may_prefetch(self, w: _Worker) -> bool:
+        job, c = w.job, w.counters
+        if w.state != "busy" or job is None or w.kill_reason is not None or len(w.waiting) >= self.cfg.prefetch:
+            return False
+        if job.track is not None or isinstance(job.spec, _STOPS_WHEN_ASKED) or job.cancelled:
+            return False
+        if c is None:
+            return True
+        most = self.cfg.max_tasks_per_worker
+        if most and c.tasks_done + 1 + len(w.waiting) >= most:
+            return False
+        return c.memory_bytes - w.baseline_memory <= self.cfg.max_memory_growth_mb << 20
+
+    def _send_task(self, w: _Worker, job: _Job) -> None:
+        """Send ``job`` to ``w``: it runs at once if ``w`` is idle, else it waits behind its tasks."""
+        runs_now = w.job is None
+        job.attempts += 1
+        job.sent_at = time.monotonic()  # = the loop's clock
+        if job.measure:
+            job.kernel_start = self._kernel_reading(w, job)
+        if runs_now:
+            self._start(w, job, job.sent_at)
             if job.track is not None and self.inflight is not None:
                 self._record(w, job, job.track, self.inflight)  # before sending: a kill may come any time
-            if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
-                # The worker is gone before it saw the task: put the task back untouched.
-                if job.track is not None and self.inflight is not None:
-                    self.inflight.clear(job.track)
-                job.attempts -= 1
+        else:
+            w.waiting.append(job)
+        if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
+            # The worker is gone before it saw the task: put the task back untouched (its death, already
+            # seen or to come, does the same for any task sent to it before).
+            if job.track is not None and self.inflight is not None and runs_now:
+                self.inflight.clear(job.track)
+            if runs_now:
                 w.job = None
-                self._queue.push_front(job.agent, job)
-                continue
-            w.deadline_at = w.job_started + job.timeout_s
-            if w.deadline_at < self._deadline_when:
-                self._arm_deadline(w.deadline_at)
+            elif job in w.waiting:
+                w.waiting.remove(job)
+            job.attempts -= 1
+            self._queue.push_front(job.agent, job)
+
+    def _start(self, w: _Worker, job: _Job, now: float) -> None:
+        """``job`` is ``w``'s running task from ``now``: its held time and its deadline count from here."""
+        assert w.job is None, "a worker runs one task at a time"
+        w.state, w.job, w.job_started = "busy", job, now
+        w.delay_at_start = w.run_delay.read() if w.run_delay is not None else 0.0
+        w.deadline_at = now + job.timeout_s
+        if w.deadline_at < self._deadline_when:
+            self._arm_deadline(w.deadline_at)
+        if job.cancel_at_start:
+            self._stop(w, job)
 
     def _record(self, w: _Worker, job: _Job, track: str, inflight: InflightLog) -> None:
         assert w.cpu_counter is not None, "opened at hello"
@@ -654,6 +756,7 @@ class WorkerPool:
             )
         )
 
+    @_locked
     def _sample_inflight(self) -> None:
         """Write down the kernel's CPU counter of every worker running a tracked task."""
         assert self._loop is not None and self.inflight is not None
@@ -679,7 +782,7 @@ class WorkerPool:
         finally:
             # Sending can consume the edge that signals pending input; look again.
             if self._loop is not None and int(self._sock.getsockopt(zmq.EVENTS)) & _POLLIN:
-                self._loop.call_soon(self._drain)
+                self._soon(self._drain)
         return True
 
     # --------------------------------------------------------------------------------- receiving
@@ -688,6 +791,7 @@ class WorkerPool:
         assert self._sock is not None
         return int(self._sock.getsockopt(zmq.FD))
 
+    @_locked
     def _drain(self) -> None:
         sock = self._sock
         if sock is None or sock.closed:
@@ -767,8 +871,9 @@ class WorkerPool:
             what = p.kind_of(msg.call)
             log.exception("serving %s for task %d", what, job.id)
             answer = p.RefusedAnswer(error=f"internal error serving {what}: {type(exc).__name__}")
-        if w.job is job and w.state == "busy":  # the task may have ended (or its worker died) meanwhile
-            self._send(w, p.Reply(task_id=job.id, seq=msg.seq, answer=answer))
+        with self._mutex:
+            if w.job is job and w.state == "busy":  # the task may have ended (or its worker died) meanwhile
+                self._send(w, p.Reply(task_id=job.id, seq=msg.seq, answer=answer))
 
     def _note_counters(self, w: _Worker, c: p.Counters) -> None:
         """Keep a worker's books; ``BadReport`` (and nothing kept) if a figure is not finite and >= 0:
@@ -855,12 +960,15 @@ class WorkerPool:
         else:
             code: ErrorCode = msg.error_code or "task_error"
             job.done(None, TaskFailed(code, msg.error or "failed", usage, msg.output))
-        if self._closing:
+        if w.waiting:  # the worker has begun the next one already
+            self._start(w, w.waiting.popleft(), time.monotonic())
+        elif self._closing:
             w.state = "stopping"
             return
-        w.state = "idle"
-        if not self._maybe_recycle(w):
-            self._idle.append(w)
+        else:
+            w.state = "idle"
+            if not self._maybe_recycle(w):
+                self._idle.append(w)
         self._dispatch()
 
     def _kernel_reading(self, w: _Worker, job: _Job) -> KernelReading | None:
@@ -897,7 +1005,7 @@ class WorkerPool:
                 f"worker {w.worker_id}'s report of task {job.id}: peak_memory_bytes {usage.peak_memory_bytes} "
                 f"is more than the host's {_HOST_MEMORY} bytes"
             )
-        span = time.monotonic() - w.job_started
+        span = time.monotonic() - job.sent_at  # a waiting task may have begun before its turn was seen here
         most = span * (os.cpu_count() or 1) + _CGROUP_SLACK_S + PROC_SLACK_S
         if usage.cpu_seconds > most:
             raise BadReport(
@@ -985,14 +1093,35 @@ class WorkerPool:
         with contextlib.suppress(ProcessLookupError):
             os.kill(w.pid, signal.SIGKILL)
 
-    def _arm_deadline(self, when: float) -> None:
-        # One timer for the earliest deadline, not one per task: dispatching stays a comparison.
+    def _soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the pool's loop soon; from another thread this wakes the loop, so it is kept
+        for what is rare there (a result arriving while a submitter sends, the first deadline)."""
         assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_soon(fn)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has ended: the pool is closed
+                self._loop.call_soon_threadsafe(fn)
+
+    def _arm_deadline(self, when: float) -> None:
+        # One timer for the earliest deadline, not one per task: dispatching stays a comparison. A timer
+        # armed for an earlier deadline re-arms itself for the next (``_check_deadlines``), so a steady
+        # stream of tasks arms none: submitting from another thread does not wake the loop for it.
+        assert self._loop is not None
+        self._deadline_when = when
+        if threading.get_ident() != self._loop_thread:
+            self._soon(functools.partial(self._rearm_deadline, when))
+            return
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
-        self._deadline_when = when
         self._deadline_timer = self._loop.call_at(when, self._check_deadlines)
 
+    @_locked
+    def _rearm_deadline(self, when: float) -> None:
+        if when == self._deadline_when:  # not superseded by an earlier one meanwhile
+            self._arm_deadline(when)
+
+    @_locked
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         self._deadline_timer, self._deadline_when = None, float("inf")
@@ -1024,6 +1153,7 @@ class WorkerPool:
         self._spawn()
         return True
 
+    @_locked
     def _on_exit(self, w: _Worker) -> None:
         assert self._loop is not None
         held = w.held() if w.job is not None else 0.0  # while /proc still has the zombie's schedstat
@@ -1047,18 +1177,14 @@ class WorkerPool:
             w.cpu_counter.close()
         if w.run_delay is not None:
             w.run_delay.close()
-        job, was_state = w.job, w.state
+        job, was_state, waiting = w.job, w.state, list(w.waiting)
         w.state, w.job = "dead", None
+        w.waiting.clear()
         del self._workers[w.ident]
         tail = self.accounts.unreported(w.pid, kernel_total)
         reason = w.kill_reason
         if reason is None and oom_killed and job is not None and job.memory_limit:
             reason = "memory_exceeded"  # the kernel killed it at the limit set for this task
-        if job is not None:
-            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason, held)
-        self.accounts.close_worker(
-            w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
-        )
         # The task's fault, not the worker's: replaced at once, not counted against restarts.
         task_fault = reason in ("deadline_exceeded", "memory_exceeded", "cancelled")
         expected = task_fault or reason in ("recycled", "pool_closed") or self._closing
@@ -1066,8 +1192,15 @@ class WorkerPool:
             self.crashed += 1
             why = reason or f"exit status {w.proc.returncode}"
             log.warning("worker %d (pid %d) died in state %s: %s", w.worker_id, w.pid, was_state, why)
+            # Before its task is failed: whoever sees that failure then sees the executor broken.
             if self.on_broken is not None:
                 self.on_broken(f"worker {w.worker_id} (pid {w.pid}) died: {why}")
+        self._requeue(waiting)  # first: a retried running task goes back ahead of them
+        if job is not None:
+            self._charge_lost(w, job, tail, peak, ru.ru_maxrss * 1024 if ru else 0, reason, held)
+        self.accounts.close_worker(
+            w.pid, kernel_total, exit_overhead=0.0 if job is not None else tail, cgroup_total=cgroup_cpu
+        )
         if not self._workers and self._closing and self._all_exited is not None:
             self._all_exited.set()
         if self._closing or self.failed:
@@ -1076,6 +1209,7 @@ class WorkerPool:
             self._spawn()
         elif not expected:
             self._schedule_restart()
+        self._dispatch()  # what went back to the queue may go to another worker
 
     def _charge_lost(
         self,
@@ -1127,6 +1261,19 @@ class WorkerPool:
             return
         job.done(None, WorkerCrashed("worker_crashed", what, total))
 
+    def _requeue(self, waiting: list[_Job]) -> None:
+        """Tasks that waited at a worker that died never began there: each goes back to the head of its
+        agent's line, uncharged and its attempt not counted (or fails as the pool does, if it stops)."""
+        for job in reversed(waiting):
+            job.attempts -= 1
+            if self._closing or self.failed:
+                code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
+                job.done(None, TaskFailed(code, self.failed or "the pool was closed before the task ran", job.prior))
+            elif job.cancel_at_start:
+                job.done(None, TaskFailed("cancelled", f"task {job.id} was cancelled before it ran", job.prior))
+            else:
+                self._queue.push_front(job.agent, job)
+
     def _schedule_restart(self) -> None:
         assert self._loop is not None
         now = time.monotonic()
@@ -1142,6 +1289,7 @@ class WorkerPool:
         delay = min(self.cfg.restart_backoff_s * 2 ** (self._crashes_in_a_row - 1), self.cfg.restart_backoff_max_s)
         self._loop.call_later(delay, self._restart)
 
+    @_locked
     def _restart(self) -> None:
         if not self._closing and not self.failed:
             self._spawn()
@@ -1168,6 +1316,7 @@ class WorkerPool:
         assert self._loop is not None
         self._monitor = self._loop.call_later(self.cfg.heartbeat_s, self._check_liveness)
 
+    @_locked
     def _check_liveness(self) -> None:
         now = time.monotonic()
         for w in list(self._workers.values()):
@@ -1186,6 +1335,7 @@ class WorkerPool:
 
     # ------------------------------------------------------------------------------------ status
 
+    @_locked
     def kernel_cpu(self) -> dict[int, float]:
         """CPU of each live worker from the kernel: its cgroup counter, else /proc/<pid>/stat."""
         out: dict[int, float] = {}
@@ -1197,6 +1347,7 @@ class WorkerPool:
                 out[w.pid] = v
         return out
 
+    @_locked
     def status(self) -> PoolStatus:
         """A snapshot of the pool for live views and summaries."""
         ws = list(self._workers.values())
@@ -1220,6 +1371,7 @@ class WorkerPool:
                     "pid": w.pid,
                     "state": w.state,
                     "tasks": w.counters.tasks_done if w.counters else 0,
+                    "waiting": len(w.waiting),
                 }
                 for w in ws
             ],
@@ -1230,6 +1382,7 @@ class WorkerPool:
         """The address workers connect to (``ipc://…`` or ``tcp://…``)."""
         return self._endpoint
 
+    @_locked
     def pids(self) -> list[int]:
         """Pids of the live worker processes."""
         return [w.pid for w in self._workers.values()]
@@ -1260,7 +1413,7 @@ class UsageFuture(cf.Future[Any]):
 
     usage: TaskUsage | None = None
     #: Stops the task in its worker (set by the executor that made this future).
-    _stop: Callable[[], None] | None = None
+    _stop: Callable[[], object] | None = None
 
     def cancel(self) -> bool:
         """Cancel the call. Unlike ``Future.cancel``, a running call is stopped too: its worker stops
@@ -1374,7 +1527,8 @@ class WorkerPoolExecutor(cf.Executor):
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        cfg = config or PoolConfig()
+        # One call waits at each worker, as ProcessPoolExecutor queues one beyond its workers.
+        cfg = config or PoolConfig(prefetch=1)
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1:
                 raise ValueError("max_tasks_per_child must be >= 1")
@@ -1432,8 +1586,16 @@ class WorkerPoolExecutor(cf.Executor):
             self._idle.notify_all()
         if self._pool.initializer_error:
             _LOGGER.critical("Exception in initializer:\n%s", self._pool.initializer_error)
-        for fut in pending:
-            _settle_future(fut, exc=BrokenProcessPool(f"the worker pool is broken: {reason}"))
+        broken = f"the worker pool is broken: {reason}"
+
+        def fail_pending() -> None:
+            for fut in pending:
+                _settle_future(fut, exc=BrokenProcessPool(broken))
+
+        # Called on the pool's loop as a worker's death is handled: its task is failed there with what it
+        # cost (``WorkerCrashed``) once the executor is marked broken, and every other pending future
+        # right after, by the loop. A future that fails is then never seen before ``submit`` refuses.
+        self._runner.call(fail_pending)
         self._runner.stop(grace_s=0.0)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> UsageFuture:
@@ -1486,14 +1648,9 @@ class WorkerPoolExecutor(cf.Executor):
             settle(fut)
             return False
 
-        task_id: list[int] = []  # known on the pool's loop; stopping runs there after submitting (FIFO)
-        pool, runner, agent = self._pool, self._runner, self._agent
-
-        def stop() -> None:
-            runner.call(lambda: pool.cancel(task_id[0]))
-
-        fut._stop = stop
-        runner.call(lambda: task_id.append(pool.submit(spec, done, agent=agent, claim=claim)))
+        # Queued and sent to a free worker from this thread, under the pool's lock: the pool's loop is
+        # not woken for it (it wakes for the result, which resolves the future where it is read).
+        fut._stop = functools.partial(self._pool.cancel, self._pool.submit(spec, done, agent=self._agent, claim=claim))
         return fut
 
     def _settle(self, fut: UsageFuture) -> None:
@@ -1516,7 +1673,9 @@ class WorkerPoolExecutor(cf.Executor):
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = super().map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize), timeout=timeout)
+        chunks = super().map(
+            functools.partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize), timeout=timeout
+        )
         return _chain_from_iterable_of_lists(chunks)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -1526,21 +1685,11 @@ class WorkerPoolExecutor(cf.Executor):
             pending = list(self._pending)
         lock, idle, runner = self._lock, self._idle, self._runner
         if cancel_futures:
-            cancelled = threading.Event()
-
-            def cancel_queued() -> None:
-                for fut in pending:
-                    if cf.Future.cancel(fut):  # only what has not started, as ProcessPoolExecutor does
-                        self._settle(fut)
-                cancelled.set()
-
-            # On the pool's loop, after the submits before it (FIFO): what a free worker could take has
-            # started, as in ProcessPoolExecutor, whose queue feeds its workers ahead of a shutdown.
-            if runner.thread.is_alive() and threading.current_thread() is not runner.thread:
-                runner.call(cancel_queued)
-                cancelled.wait(5.0)  # the loop may be gone meanwhile: then cancel from here
-            if not cancelled.is_set():
-                cancel_queued()
+            # Submitting sent what a free worker could take (claimed: running), as ProcessPoolExecutor's
+            # queue feeds its workers ahead of a shutdown; what is still queued is cancelled.
+            for fut in pending:
+                if cf.Future.cancel(fut):
+                    self._settle(fut)
         if not runner.thread.is_alive():
             return
 

@@ -189,10 +189,24 @@ def test_a_dead_worker_breaks_the_executor_with_a_broken_process_pool_that_has_c
         while not running.running() and time.monotonic() < end:
             time.sleep(0.005)
         queued = [ex.submit(time.sleep, 30) for _ in range(3)]
+        # The moment the future fails (its callbacks run then), the executor is already broken: code
+        # that sees the failure never submits into it (CPython's test_killed_child raced on this).
+        refused: list[bool] = []
+
+        def at_failure(_: object) -> None:
+            try:
+                ex.submit(pow, 2, 3)
+            except BrokenProcessPool:
+                refused.append(True)
+            else:
+                refused.append(False)
+
+        running.add_done_callback(at_failure)
         busy = [w for w in ex.pool._workers.values() if w.state == "busy"]
         os.kill(busy[0].pid, signal.SIGKILL)
         with pytest.raises(BrokenProcessPool) as err:
             running.result(timeout=30)
+        assert refused == [True]
         assert isinstance(err.value, WorkerCrashed) and err.value.code == "worker_crashed"
         assert err.value.usage is not None and err.value.usage.worker_pid == busy[0].pid
         for fut in queued:  # every other pending future fails too, as with ProcessPoolExecutor

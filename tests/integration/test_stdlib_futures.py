@@ -10,6 +10,7 @@ import pytest
 from tests import stdlib_futures
 
 
+@pytest.mark.timeout(1200)  # 49 tests of up to a few seconds each, on a loaded 2-core host
 def test_cpython_concurrent_futures_suite(capsys: pytest.CaptureFixture[str]) -> None:
     """Every applicable test of CPython's suite passes with ``WorkerPoolExecutor``."""
     result = unittest.TextTestRunner(stream=sys.stderr, verbosity=2).run(stdlib_futures.suite())

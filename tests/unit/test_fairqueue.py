@@ -114,6 +114,22 @@ def test_len_tracks_push_pop_push_front_drain() -> None:
     assert len(q) == 0
 
 
+def test_peek_shows_what_pop_takes_and_leaves_it() -> None:
+    q: FairQueue[int] = FairQueue()
+    with pytest.raises(IndexError):
+        q.peek()
+    q.push("a", 1)
+    q.push("b", 2)
+    q.push("a", 3)
+    seen = []
+    while q:
+        head = q.peek()
+        n = len(q)
+        assert q.pop()[1] == head and len(q) == n - 1
+        seen.append(head)
+    assert seen == [1, 2, 3]
+
+
 def test_drain_returns_everything_and_empties() -> None:
     q: FairQueue[int] = FairQueue()
     for i in range(5):
