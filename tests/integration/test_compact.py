@@ -160,7 +160,7 @@ def test_compact_keeps_head_the_books_and_the_event_seqs(ran: tuple[Path, float]
     assert _git(data, "rev-parse", "HEAD").stdout == tree
     cfg = tmp_path / "run.yaml"
     cfg.write_text(CONFIG.format(data=data))
-    again = python_m("runtime.supervisor", "--config", str(cfg), "--no-live", "--duration", "2")
+    again = python_m("runtime.supervisor", "--config", str(cfg), "--no-live", "--duration", "5")
     assert again.returncode == 0, again.stderr[-2000:]
     grown = _last_seq(data)
     assert grown > last
