@@ -9,12 +9,17 @@ password and says what to do.
 Schema migrations are numbered steps per component (``ledger``, ``store``, ``events``), recorded in
 ``aeco_migrations`` and applied under a transaction-level advisory lock, so several nodes starting at
 once apply each step exactly once and none sees a half-made schema.
+
+Writers that hold a lock other nodes wait for (the ledger's, the event log's head row) commit with
+``commit_with_last``: the COMMIT travels with the transaction's last statements, one round trip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -114,6 +119,29 @@ def connect(
             f"{what}={redact(url)!r}: no PostgreSQL server answered within {deadline_s:g} s "
             f"({gave_up.attempts} attempts; last: {reason(gave_up.last)}). Is the server running and reachable?"
         ) from gave_up.last
+
+
+@contextlib.contextmanager
+def commit_with_last(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction on the autocommit connection ``conn`` whose COMMIT is sent with the statements
+    queued last, in one round trip (``Connection.transaction`` syncs the block before its COMMIT: a
+    round trip more while the transaction holds its locks).
+
+    The block runs in pipeline mode: a fetch, or an inner ``conn.pipeline()`` block, sends what is
+    queued and waits; statements queued after the last one are sent with the COMMIT when the block
+    ends, and their errors are raised then. Any exception rolls the transaction back (on a connection
+    still usable).
+    """
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            yield
+            conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise
 
 
 def lock_key(name: str) -> int:

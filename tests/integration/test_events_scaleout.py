@@ -278,6 +278,24 @@ def test_each_event_of_another_node_is_noticed_once_and_a_nodes_own_never(nodes:
     assert rb.delivered == 10, "node a's events reach node b's followers once each; node b's own never"
 
 
+def test_another_nodes_action_events_are_not_read_and_the_mark_passes_them(nodes: Nodes) -> None:
+    a, b = nodes.log(), nodes.log()
+    ra, _ = nodes.relay(a, poll_s=0.2), nodes.relay(b, poll_s=0.2)
+    heard: list[str] = []
+    a.follow(lambda events, local: heard.extend(e.kind for e in events if not local))
+
+    async def main() -> None:
+        for i in range(5):
+            await b.publish("action", "y", i=i)  # y runs on node b: its turns are news to nobody else
+        await b.publish("transfer", "x", amount=1)
+        for i in range(3):
+            await b.publish("action", "y", i=5 + i)  # the last events are skipped ones: the mark still passes
+        await eventually(lambda: ra.seen() == a.last_seq() == 9)
+
+    asyncio.run(main())
+    assert heard == ["transfer"] and ra.delivered == 1
+
+
 def test_a_waiter_is_woken_by_the_safety_poll_when_no_message_comes(nodes: Nodes) -> None:
     a, b = nodes.log(), nodes.log()  # b has no relay: its commits are never announced
     ra = nodes.relay(a, poll_s=0.3)

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from runtime.host.postgres import DatabaseUnavailable, connect, migrate, redact
+from runtime.host.postgres import DatabaseUnavailable, commit_with_last, connect, migrate, redact
 from tests.harness import together
 from tests.services import Forwarder, free_port, via
 
@@ -79,3 +79,23 @@ def test_concurrent_migrations_apply_each_step_once(pg_url: str) -> None:
         assert migrate(conn, "demo", [*steps, "INSERT INTO t VALUES (3)"]) == 4
         with pytest.raises(DatabaseUnavailable, match="newer than this code knows"):
             migrate(conn, "demo", steps)
+
+
+def test_commit_with_last_commits_the_block_or_nothing(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TEMPORARY TABLE t (k int PRIMARY KEY)")
+        with commit_with_last(conn):
+            with conn.pipeline():  # synced here, as a writer reads before it writes
+                first = conn.execute("INSERT INTO t VALUES (1) RETURNING k")
+            assert first.fetchone() == (1,)
+            conn.execute("INSERT INTO t VALUES (2)")  # sent with the COMMIT
+        assert conn.execute("SELECT k FROM t ORDER BY k").fetchall() == [(1,), (2,)]
+        with pytest.raises(psycopg.errors.UniqueViolation), commit_with_last(conn):
+            conn.execute("INSERT INTO t VALUES (3)")
+            conn.execute("INSERT INTO t VALUES (1)")  # fails when the COMMIT is sent: nothing of the block stays
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("SELECT k FROM t ORDER BY k").fetchall() == [(1,), (2,)]
+        with pytest.raises(RuntimeError), commit_with_last(conn):
+            conn.execute("INSERT INTO t VALUES (4)")
+            raise RuntimeError("the writer gave up")
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)

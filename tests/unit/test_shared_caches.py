@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.economy.ledger.cache import HoldingsCache
+from runtime.economy.ledger.cache import KEEP_CREDITS, HoldingsCache
 from runtime.world.store import ArtifactInfo
 from runtime.world.store.cache import HeadCache
 
@@ -71,13 +71,27 @@ def test_a_credit_from_another_node_is_added_once() -> None:
     assert cache.get("carol") is None
 
 
-def test_balances_read_before_a_credit_are_not_trusted_after_it() -> None:
+def test_balances_read_during_a_credit_get_it_added_unless_they_hold_it() -> None:
     cache = HoldingsCache(clock=Clock())
     cache.put("bob", 10, {"scrip": 100}, cache.token())
     token = cache.token()  # a read (or this node's batch) starts
     cache.credit("bob", "scrip", 5, 12)
-    assert not cache.put("bob", 11, {"scrip": 90}, token)  # may predate the credit; the entry may miss it
-    assert cache.get("bob") is None  # so neither is kept
+    assert cache.put("bob", 11, {"scrip": 90}, token)  # read at seq 11: the credit at 12 is not in it
+    assert cache.get("bob") == {"scrip": 95}
+    token = cache.token()
+    cache.credit("bob", "scrip", 7, 13)
+    assert cache.put("bob", 13, {"scrip": 102}, token)  # read at seq 13: it holds the credit already
+    assert cache.get("bob") == {"scrip": 102}
+
+
+def test_a_read_older_than_the_credits_kept_is_not_trusted() -> None:
+    cache = HoldingsCache(clock=Clock())
+    token = cache.token()
+    for seq in range(20, 20 + KEEP_CREDITS + 1):  # one credit more than are kept per account
+        cache.credit("bob", "scrip", 1, seq)
+    assert not cache.put("bob", 11, {"scrip": 90}, token)  # it missed a credit the cache no longer has
+    assert cache.get("bob") is None
+    assert cache.put("bob", 11, {"scrip": 90}, cache.token())  # a later read is kept
 
 
 def test_a_copy_is_returned() -> None:

@@ -16,6 +16,12 @@ Where its entries come from, and why they stay true:
   to the entry unless the entry's seq shows it already holds it. Credits are announced once each, so
   none is counted twice; an entry with credits added is still exact as of its seq plus every credit
   after it that was announced, which is every change but this node's own (those put a newer entry);
+- balances read while credits arrived (from a ``token`` taken before the read) get those credits whose
+  seq is after theirs added when they are put: a credit's operation is in the balances read at a
+  journal seq exactly when its own seq is not after it. (The last ``KEEP_CREDITS`` credits of an
+  account are kept for this; a read older than those is not put.) With three nodes most agents are
+  credited from elsewhere between two of their own operations: dropping such reads made about every
+  fourth turn read its holdings again;
 - ``forget(account)`` drops the entry (a change that cannot be applied: the next read fetches it);
 - ``max_age_s``: an entry older than this is not used. It bounds how long a change that announces
   itself to nobody (an operator's or a tool's operation written straight to the database, a wake-up
@@ -28,8 +34,8 @@ such an entry is only as fresh as ``max_age_s``.
 
 Invariants (asserted in ``put``): an entry's balances are the account's exact balances at the seq it
 carries plus the announced credits after that seq; an entry is never replaced by one of an older seq;
-balances read or computed before a credit or ``forget`` of their account are never put after it
-(``token``): they may predate the change, so the entry is dropped instead.
+balances read or computed before a ``forget`` of their account (or before credits no longer kept) are
+never put after it (``token``): they may predate the change, so the entry is dropped instead.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from collections.abc import Callable
 
 #: Balances by asset (non-zero only).
 Amounts = dict[str, int]
+#: Per account, how many of its latest credits are kept for the reads in flight (see the module docstring).
+KEEP_CREDITS = 32
 
 
 class HoldingsCache:
@@ -54,14 +62,18 @@ class HoldingsCache:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[int, float, Amounts]] = {}
         self._forgets = 0
+        #: Per account: the counter of its last change a read in flight cannot be given (a forget).
         self._forgotten: dict[str, int] = {}
+        #: Per account: its latest credits, as (counter, asset, amount, journal seq), oldest first.
+        self._credits: dict[str, list[tuple[int, str, int, int]]] = {}
         #: Reads answered from the cache, and those that had to ask the database.
         self.hits = 0
         self.misses = 0
 
     def token(self) -> int:
-        """Taken before reading balances from the database: ``put`` with it is refused for an account
-        forgotten meanwhile (what was read may predate the change that made it forget)."""
+        """Taken before reading balances from the database: ``put`` with it adds the credits announced
+        meanwhile that the read does not hold, and is refused for an account forgotten meanwhile (what
+        was read may predate the change that made it forget)."""
         with self._lock:
             return self._forgets
 
@@ -82,21 +94,27 @@ class HoldingsCache:
         now = self._clock()
         with self._lock:
             if self._forgotten.get(account, -1) >= token:
-                # A credit or forget came after these were read: they may miss it, and the entry may
+                # A forget came after these were read: they may miss the change, and the entry may
                 # miss what they saw. Neither can be trusted alone.
                 self._entries.pop(account, None)
                 return False
             old = self._entries.get(account)
             if old is not None and old[0] > seq:
                 return False
-            self._entries[account] = (seq, now, dict(amounts))
+            held = dict(amounts)
+            for counter, asset, amount, at_seq in self._credits.get(account, ()):
+                if counter >= token and at_seq > seq:  # announced during the read, and not in it
+                    held[asset] = held.get(asset, 0) + amount
+            self._entries[account] = (seq, now, held)
             return True
 
     def forget(self, account: str) -> None:
         """Drop ``account``'s entry (it changed in a way the cache cannot apply)."""
         with self._lock:
             self._entries.pop(account, None)
-            self._touched(account)
+            self._credits.pop(account, None)
+            self._forgotten[account] = self._forgets
+            self._forgets += 1
 
     def credit(self, account: str, asset: str, amount: int, seq: int) -> None:
         """Another node's operation at journal ``seq`` gave ``account`` ``amount`` of ``asset``."""
@@ -107,9 +125,10 @@ class HoldingsCache:
                 amounts = dict(entry[2])
                 amounts[asset] = amounts.get(asset, 0) + amount
                 self._entries[account] = (entry[0], entry[1], amounts)
-            self._touched(account)
-
-    def _touched(self, account: str) -> None:
-        # Holding the lock: reads that began before now may predate this change of ``account``.
-        self._forgotten[account] = self._forgets
-        self._forgets += 1
+            # Kept for the reads in flight, which may predate it (``put``).
+            kept = self._credits.setdefault(account, [])
+            kept.append((self._forgets, asset, amount, seq))
+            self._forgets += 1
+            if len(kept) > KEEP_CREDITS:
+                # A read begun before the oldest credit kept can no longer be given all it missed.
+                self._forgotten[account] = kept.pop(0)[0]

@@ -74,7 +74,7 @@ from runtime.economy.ledger import (
 from runtime.economy.ledger.cache import HoldingsCache
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
 from runtime.host.pgasync import AsyncReader
-from runtime.host.postgres import connect, lock_key, migrate
+from runtime.host.postgres import commit_with_last, connect, lock_key, migrate
 
 #: Append-only migration steps of the ``ledger`` component (never edit a shipped step; add one).
 STEPS: tuple[str, ...] = (
@@ -434,9 +434,11 @@ class PostgresLedger(GroupCommitted):
             task_ids |= t
             agents |= g
         token = self.holdings_cache.token()
-        with conn.transaction():
+        # The flush and the COMMIT share one round trip, and BEGIN goes with the lock and the reads: the
+        # ledger lock, which every node's writer waits for, is held for two round trips and the rules.
+        with commit_with_last(conn):
             view = _BatchView(conn)
-            with conn.pipeline():
+            with conn.pipeline():  # synced on exit
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
                 last = conn.execute("SELECT seq, at FROM ledger_journal ORDER BY seq DESC LIMIT 1")
                 known = conn.execute(
@@ -473,13 +475,12 @@ class PostgresLedger(GroupCommitted):
                 rows.append((seq, op.id, codec.encode(op)))
                 outcomes.append(Receipt(op.id, seq, now))
             if rows:
-                with conn.pipeline():
-                    view.flush()
-                    conn.execute(
-                        "INSERT INTO ledger_journal (seq, at, op_id, op)"
-                        " SELECT s, %s::float8, i, o FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS z(s, i, o)",
-                        (now, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
-                    )
+                view.flush()
+                conn.execute(
+                    "INSERT INTO ledger_journal (seq, at, op_id, op)"
+                    " SELECT s, %s::float8, i, o FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS z(s, i, o)",
+                    (now, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+                )
         # Committed: what the batch read under the lock, changed by its own operations, is every touched
         # account's exact state at ``seq`` (no other writer could run in between).
         for account, amounts in view.held().items():

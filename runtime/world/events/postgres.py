@@ -56,7 +56,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from runtime.host.pgasync import AsyncReader
-from runtime.host.postgres import DatabaseUnavailable, connect, migrate, redact
+from runtime.host.postgres import DatabaseUnavailable, commit_with_last, connect, migrate, redact
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
 
@@ -88,11 +88,18 @@ STEPS: tuple[str, ...] = (
 _json_enc = msgspec.json.Encoder()
 _fields_dec = msgspec.json.Decoder(dict[str, Any])
 
-_NUMBER = (
-    "UPDATE events_head SET seq = seq + %s, at = greatest(at, extract(epoch FROM clock_timestamp())::float8) "
-    "RETURNING seq, at"
+# Numbers a batch's events and inserts them in one statement: the head row's lock is taken by the
+# UPDATE and held until COMMIT, so everything between them is kept to one more round trip (the COMMIT).
+# ``%(n)s`` events take the seqs after the old head, in the order of the arrays (ordinality from 1).
+_NUMBER_AND_INSERT = (
+    "WITH h AS (UPDATE events_head SET seq = seq + %(n)s,"
+    " at = greatest(at, extract(epoch FROM clock_timestamp())::float8) RETURNING seq, at),"
+    " rows AS (INSERT INTO events_log (seq, at, kind, agent, fields)"
+    " SELECT h.seq - %(n)s + z.i, h.at, z.kind, z.agent, z.fields::json"
+    " FROM h, unnest(%(kinds)s::text[], %(agents)s::text[], %(fields)s::text[])"
+    " WITH ORDINALITY AS z(kind, agent, fields, i))"
+    " SELECT seq, at FROM h"
 )
-_COPY = "COPY events_log (seq, at, kind, agent, fields) FROM STDIN"
 _SET_CURSOR = (
     "INSERT INTO events_cursors (agent, seq) VALUES (%s, %s) ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq"
 )
@@ -207,43 +214,48 @@ class PostgresEventLog(LogBase):
         conn = self._conn
         events: list[Event] = []
         cursors: CursorResults = []
-        with conn.transaction():
-            appends = sum(isinstance(it, Append) for it in batch)
-            if appends:
-                row = conn.execute(_NUMBER, (appends,)).fetchone()
-                assert row is not None, "invariant: events_head has its row"
-                seq, at = int(row[0]) - appends, float(row[1])
-            else:
-                head = conn.execute("SELECT seq FROM events_head").fetchone()
-                assert head is not None, "invariant: events_head has its row"
-                seq, at = int(head[0]), 0.0
-            rows: list[tuple[int, float, str, str, str]] = []
+        appended = [it for it in batch if isinstance(it, Append)]
+        # The numbering statement takes the head row's lock, held until the COMMIT returns: the cursor
+        # moves and the COMMIT share the round trip after it.
+        with commit_with_last(conn):
+            with conn.pipeline():  # synced on exit: BEGIN and the numbering in one round trip
+                if appended:
+                    numbered = conn.execute(
+                        _NUMBER_AND_INSERT,
+                        {
+                            "n": len(appended),
+                            "kinds": [it.kind for it in appended],
+                            "agents": [it.agent or "" for it in appended],
+                            "fields": [_json_enc.encode(it.fields).decode() for it in appended],
+                        },
+                    )
+                else:
+                    numbered = conn.execute("SELECT seq, 0::float8 FROM events_head")
+            row = numbered.fetchone()
+            assert row is not None, "invariant: events_head has its row"
+            seq, at = int(row[0]) - len(appended), float(row[1])
             moves: list[tuple[str, int]] = []
             for item in batch:
                 if isinstance(item, Append):
                     seq += 1
                     events.append(Event(seq, at, item.kind, item.agent, item.fields))
-                    rows.append((seq, at, item.kind, item.agent or "", _json_enc.encode(item.fields).decode()))
                 elif item.seq > seq:
                     cursors.append((item.fut, EventError("cursor", f"{item.seq} is past the last event {seq}")))
                 else:
                     moves.append((item.agent, item.seq))
                     cursors.append((item.fut, item.seq))
-            with conn.cursor() as cur:
-                if rows:
-                    with cur.copy(_COPY) as copy:
-                        for r in rows:
-                            copy.write_row(r)
-                if moves:
-                    cur.executemany(_SET_CURSOR, moves)
             # If the connection dies during the COMMIT the batch may be durable after all; its callers
             # hear of the failure, while other nodes (and this node's own relay catch-up) see it.
             # A batch that fails leaves its (seq, at) pairs behind: another node's events that later take
             # those seqs have another ``at``, so they are never mistaken for this node's.
             if self.relayed:  # only a relay asks (and forgets them as it passes)
                 with self._seen_lock:
-                    self._own.update((r[0], r[1]) for r in rows)
+                    self._own.update((ev.seq, ev.at) for ev in events)
             self._committing = True
+            # A failure from here on is one of the COMMIT's round trip: the outcome is unknown.
+            if moves:
+                with conn.cursor() as cur:
+                    cur.executemany(_SET_CURSOR, moves)
         self._cursor_cache.update(moves)
         return events, cursors
 
@@ -293,6 +305,11 @@ class PostgresEventLog(LogBase):
     def _read(self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None) -> list[Event]:
         query = _read_query(since, kinds, agent, limit)
         return [] if query is None else [_event(row) for row in self._fetch(*query)]
+
+    def read_except(self, since: int, skip: Collection[str], limit: int) -> list[Event]:
+        """The first ``limit`` events after ``since`` whose kind is not in ``skip``, in seq order."""
+        rows = self._fetch(_COLUMNS + " AND kind <> ALL(%s) ORDER BY seq LIMIT %s", (since, list(skip), limit))
+        return [_event(row) for row in rows]
 
     def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
         """The newest seq, among events of ``kinds`` (``ANY_KIND`` for all) in the whole log, that

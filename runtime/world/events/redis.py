@@ -13,6 +13,10 @@ Each node runs one ``RedisRelay`` on its ``PostgresEventLog``. The relay is
   with, and skips the ones this node committed itself (their commit already told the followers and
   woke the local waiters).
 
+Not every event is news to another node: an ``action`` event (one per turn, the commonest kind) is
+addressed to the agent that acted, which only the node that committed it runs, and no cache follows
+it. The relay reads every other kind (``NODE_LOCAL``): about a third of the rows in a busy world.
+
 Messages get lost (a disconnect, a restart, Redis down for a while). The relay catches up from the log
 whenever it may have missed something: once subscribed (at start and after each reconnect, which backs
 off exponentially), and on a slow safety poll (``poll_s``) that compares ``last_seq`` with its mark,
@@ -49,6 +53,8 @@ _logger = logging.getLogger("runtime.world.events")
 
 #: Events read from the log per query while catching up, so a long outage is caught up in pages.
 _PAGE = 1000
+#: Kinds whose events concern only the node that committed them (see the module docstring): not read.
+NODE_LOCAL = frozenset({"action"})
 
 
 class RedisUnavailable(Unavailable):
@@ -326,14 +332,15 @@ class RedisRelay:
                 self._mark(last, ())
                 return
             while seen < last:
-                events = self.log.read(seen, limit=_PAGE)
-                if not events:
-                    return
-                fresh = self._mark(events[-1].seq, events)
+                events = self.log.read_except(seen, NODE_LOCAL, _PAGE)
+                # A short page read everything after ``seen`` that had committed, which includes ``last``.
+                full = len(events) == _PAGE
+                upto = events[-1].seq if full else max([last, *(ev.seq for ev in events[-1:])])
+                fresh = self._mark(upto, events)
                 if fresh:
                     self.log.heard(fresh)
                     self.delivered += len(fresh)
-                seen = events[-1].seq
+                seen = upto
         except Exception:
             # The database is down or restarting: the next message or poll tries again.
             _logger.exception("relay: catching up from the event log failed")
