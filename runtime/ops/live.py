@@ -89,6 +89,21 @@ class Frame(Struct, frozen=True):
     line: str
 
 
+class Stored(Struct, frozen=True):
+    """What a frame shows from the ledger and the store: every balance, and the disk each owner uses."""
+
+    balances: dict[str, dict[str, int]]
+    disk: dict[str, int]
+
+
+def stored(world: World | None) -> Stored:
+    """Read what a frame shows of the world's ledger and store (blocking: on a shared deployment these
+    are round trips, which the supervisor makes on a thread, not on the agents' event loop)."""
+    if world is None:
+        return Stored({}, {})
+    return Stored(world.economy.ledger.balances(), world.store.usage())
+
+
 def frame(
     pool: WorkerPool,
     agents: Sequence[LiveAgent],
@@ -96,14 +111,15 @@ def frame(
     world: World | None = None,
     events: EventCounts | None = None,
     snapshot: Snapshot | None = None,
+    read: Stored | None = None,
 ) -> Frame:
     """The view now; with a ``snapshot``, CPU % and memory per agent and the container's limits (and
-    where they were found) and usage."""
+    where they were found) and usage. ``read`` is ``stored(world)`` if the caller read it already."""
     rows: list[list[str]] = []
     per_agent = {s.id: s for s in snapshot.agents} if snapshot else {}
     economy = world.economy if world else None
-    balances = economy.ledger.balances() if economy else {}
-    disk = world.store.usage() if world else {}
+    read = read if read is not None else stored(world)
+    balances, disk = read.balances, read.disk
     tasks_total = 0
     for a in agents:
         t = pool.accounts.agents.get(a.id)

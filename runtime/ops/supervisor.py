@@ -32,7 +32,7 @@ from runtime.node import Node
 from runtime.ops import compact, dashboard, metrics, preflight
 from runtime.ops.dashboard import Dashboard
 from runtime.ops.ecology import EcologyFigures, EcologyMeter
-from runtime.ops.live import LiveView, frame, plain
+from runtime.ops.live import LiveView, frame, plain, stored
 from runtime.ops.stats import Meter, Snapshot
 from runtime.ops.status import STATUS_NAME, Status, write_status
 from runtime.pool import WorkerPool
@@ -161,8 +161,12 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             while not stop.is_set() and not pool.failed:
                 now = time.monotonic() - started
                 snap = snapshot()
-                shown = frame(pool, node.agents, now, world, events, snap)
-                current = status(plain(shown), snap, running=True, figures=ecology.figures())
+                # The ledger's and the store's reads on a thread: on PostgreSQL they are several round trips
+                # (the figures read every journal entry since the last frame, of every node), which on the
+                # loop would hold back every agent of this node once a status interval.
+                read, figures = await asyncio.to_thread(lambda: (stored(world), ecology.figures()))
+                shown = frame(pool, node.agents, now, world, events, snap, read)
+                current = status(plain(shown), snap, running=True, figures=figures)
                 write_status(status_file, current)
                 if dash is not None:
                     dash.status = current
