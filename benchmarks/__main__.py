@@ -34,6 +34,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "benchmarks.soak",
         "1,000 scripted agents with retention on: supervisor RSS, data-dir bytes and actions/s over time",
     ),
+    "think": (
+        "benchmarks.think",
+        "decisions and tokens per CPU-second at 1, 8, 20 agents: one think per task vs batched (+ prefix reuse)",
+    ),
     "sandbox": ("benchmarks.sandbox", "a confined invocation's round trip vs a bare fork+exec of Python and bwrap"),
     "store": ("benchmarks.store", "artifact writes/s and reads/s vs the git CLI"),
     "scale": (

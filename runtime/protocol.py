@@ -20,7 +20,8 @@ from runtime.errors import AecoError, ErrorCode
 
 #: 2: typed inner messages (``ThinkReport``, ``InvokeReport``, ``WorldCall``/``WorldAnswer``).
 #: 3: ``Hello`` carries the secret the supervisor handed the worker (``WorkerKeys``).
-PROTOCOL_VERSION = 3
+#: 4: the ``think_batch`` task (``ThinkBatch``/``ThinkBatchReport``).
+PROTOCOL_VERSION = 4
 
 _R = TypeVar("_R")
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -105,6 +106,24 @@ class Think(_Spec, tag="think", frozen=True):
     price_completion_per_1k: NonNegFloat = 0.0
 
 
+#: Most sequences one ``think_batch`` decodes together (llama.cpp's own bound on a context is 256).
+MAX_BATCH = 64
+
+
+class ThinkBatch(_Spec, tag="think_batch", frozen=True):
+    """Several generations decoded together in one context of the worker's local model
+    (``native.batch``): one ``llama_decode`` per step for all live sequences, each with its own
+    grammar and stop condition. All thinks use the same local model (no ``endpoint``), the one of the
+    first. The output is a ``ThinkBatchReport`` (msgpack), one report per think in order, and the
+    work each sequence caused, by which ``runtime.economy.split`` divides the batch's measured CPU.
+    """
+
+    thinks: Annotated[list[Think], Meta(min_length=1, max_length=MAX_BATCH)]
+    #: Evaluate the thinks' common token prefix once and copy it into each sequence, and keep it in
+    #: the worker for the next batch that starts with it.
+    reuse_prefix: bool = True
+
+
 class Embed(_Spec, tag="embed", frozen=True):
     """Embed texts with the worker's embedder (``native.embed``); output: msgpack list of float lists."""
 
@@ -113,7 +132,7 @@ class Embed(_Spec, tag="embed", frozen=True):
     embedder: str = "hash"
 
 
-TaskSpec = Burn | Alloc | Sleep | Echo | Call | Invoke | Think | Embed
+TaskSpec = Burn | Alloc | Sleep | Echo | Call | Invoke | Think | ThinkBatch | Embed
 
 
 # ----------------------------------------------------------------------------- what tasks return
@@ -141,6 +160,29 @@ class ThinkReport(Struct, frozen=True, forbid_unknown_fields=True):
     def tokens(self) -> int:
         """Prompt plus completion tokens: what the agent's token bucket is charged."""
         return self.prompt_tokens + self.completion_tokens
+
+
+class SeqWork(Struct, frozen=True, forbid_unknown_fields=True):
+    """The work one sequence of a ``think_batch`` caused, in tokens evaluated (``runtime.economy.split``)."""
+
+    #: Prompt tokens evaluated for this sequence alone (after the shared prefix).
+    own_tokens: NonNegInt
+    #: Tokens of the batch's shared prefix (the prompts' common start) evaluated in this batch: their cost
+    #: is shared by the sequences that used them.
+    shared_tokens: NonNegInt = 0
+    #: Tokens of the shared prefix kept in the worker from an earlier batch: they cost this batch no
+    #: evaluation (only a copy, part of the batch's overhead).
+    kept_tokens: NonNegInt = 0
+    #: Decode steps (``llama_decode`` calls after the prompts) this sequence took part in. Every
+    #: sequence takes part from the first step on, so step ``k`` holds the sequences with ``decode_steps > k``.
+    decode_steps: NonNegInt = 0
+
+
+class ThinkBatchReport(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a ``think_batch`` returns: one ``ThinkReport`` and one ``SeqWork`` per think, in order."""
+
+    reports: list[ThinkReport]
+    work: list[SeqWork]
 
 
 #: How confined code can end: ok (empty), or why it failed. A subset of ``runtime.errors.ErrorCode``.
@@ -376,11 +418,17 @@ class WorkerKeys(Struct, frozen=True, forbid_unknown_fields=True):
 
 _think_report = msgspec.msgpack.Decoder(ThinkReport)
 _invoke_report = msgspec.msgpack.Decoder(InvokeReport)
+_think_batch_report = msgspec.msgpack.Decoder(ThinkBatchReport)
 
 
 def decode_think(output: bytes) -> ThinkReport:
     """A ``think`` task's output; ``ProtocolError`` if it is not a ``ThinkReport``."""
     return _decode_output(_think_report, output)
+
+
+def decode_think_batch(output: bytes) -> ThinkBatchReport:
+    """A ``think_batch`` task's output; ``ProtocolError`` if it is not a ``ThinkBatchReport``."""
+    return _decode_output(_think_batch_report, output)
 
 
 def decode_invoke(output: bytes) -> InvokeReport:

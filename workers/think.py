@@ -9,6 +9,10 @@ is not a task failure: the tokens were spent and are charged; ``valid`` is false
 why, so that the agent can be told. Errors that are not
 about the completion (no model, unusable schema, prompt longer than the context) raise.
 
+The ``think_batch`` task decodes several thinks together in one context (``native.batch``), with the
+same model and one ``getrusage`` delta for the whole batch (measured by the worker as for any task);
+it returns each think's report and the work each caused, by which the supervisor splits that CPU.
+
 The default model (``Think.model`` empty) is ``AECO_LLM_MODEL`` from the environment if set (the
 supervisor passes ``llm.model`` that way), else what ``native.models.find_model`` finds.
 """
@@ -21,10 +25,11 @@ from pathlib import Path
 
 import msgspec
 
+from native.batch import BatchDecoder, Request
 from native.llama import InvalidOutput, LlamaBackend
 from native.models import find_model
 from native.openai import OpenAIBackend, Price
-from runtime.protocol import Think, ThinkReport
+from runtime.protocol import SeqWork, Think, ThinkBatch, ThinkBatchReport, ThinkReport
 from workers.tasks import TaskCancelled
 
 #: Environment variable naming the worker's default GGUF (workers inherit the supervisor's environment).
@@ -33,10 +38,14 @@ MODEL_ENV = "AECO_LLM_MODEL"
 N_CTX = 2048
 
 _backends: dict[Path, LlamaBackend] = {}
+#: One batch context per model, made on the first ``think_batch`` (it holds the kept prefix).
+_decoders: dict[Path, BatchDecoder] = {}
 
 
 @atexit.register
 def _free_models() -> None:
+    while _decoders:  # a context before its model
+        _decoders.popitem()[1].close()
     while _backends:
         _backends.popitem()[1].close()
 
@@ -81,3 +90,43 @@ def think(spec: Think) -> bytes:
     else:
         out = ThinkReport(gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason, cost_usd=gen.cost_usd)
     return _encoder.encode(out)
+
+
+def think_batch(spec: ThinkBatch) -> bytes:
+    """Decode the thinks together and return their ``ThinkBatchReport`` (msgpack).
+
+    A cancel stops the whole batch: ``TaskCancelled`` carries a report with what each sequence had
+    spent (its prompt and the tokens generated so far), so that each agent is charged its part.
+    """
+    first = spec.thinks[0]
+    for t in spec.thinks:
+        if t.endpoint or t.model != first.model:
+            raise ValueError("a think_batch runs on one local model: no endpoint, and the same model for every think")
+    llm = backend(first.model)
+    decoder = _decoders.get(llm.path)
+    if decoder is None:
+        decoder = _decoders[llm.path] = BatchDecoder(llm, n_ctx_seq=N_CTX)
+    requests = [Request(t.system, t.prompt, t.schema or None, t.max_tokens, t.temperature, t.seed) for t in spec.thinks]
+    try:
+        outcomes = decoder.generate(requests, reuse_prefix=spec.reuse_prefix)
+    except TaskCancelled as exc:
+        work = decoder.progress or [SeqWork(own_tokens=0) for _ in spec.thinks]
+        spent = [
+            ThinkReport(
+                "", w.own_tokens + w.shared_tokens + w.kept_tokens, w.decode_steps, "cancelled", False, str(exc)
+            )
+            for w in work
+        ]
+        raise TaskCancelled(str(exc), _encoder.encode(ThinkBatchReport(spent, work))) from None
+    reports = [
+        ThinkReport(
+            o.generation.text,
+            o.generation.prompt_tokens,
+            o.generation.completion_tokens,
+            o.generation.finish_reason,
+            not o.error,
+            o.error,
+        )
+        for o in outcomes
+    ]
+    return _encoder.encode(ThinkBatchReport(reports, [o.work for o in outcomes]))

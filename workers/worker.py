@@ -161,14 +161,16 @@ class Worker:
         try:
             if isinstance(msg.spec, p.Invoke):
                 return self._invoke(msg), None, ""
-            if isinstance(msg.spec, p.Think):
+            if isinstance(msg.spec, p.Think | p.ThinkBatch):
                 from workers import think  # llama.cpp is loaded only by workers that think
 
                 self.interruptible = True
                 try:
                     if self.stop_asked:  # asked before it could be interrupted
                         raise tasks.TaskCancelled("the generation was stopped before it began, as its supervisor asked")
-                    return think.think(msg.spec), None, ""
+                    if isinstance(msg.spec, p.Think):
+                        return think.think(msg.spec), None, ""
+                    return think.think_batch(msg.spec), None, ""
                 finally:
                     self.interruptible = False
             if isinstance(msg.spec, p.Embed):

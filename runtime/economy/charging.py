@@ -5,6 +5,11 @@ admit the estimate, run, then charge the measured cost — the usage record and 
 in one ledger operation keyed by the task id, so a replay never charges twice. The supervisor's own
 CPU spent for the agent since its last charge (``runtime.economy.metering``) rides in the same
 operation; what waits too long for a task is charged on its own by ``flush_supervisor``.
+
+``Economy.run_batch`` runs several agents' thinks as one ``think_batch`` task: each agent is admitted
+by its own buckets first; the batch's measured CPU, occupancy and memory are split among them by the
+work each sequence caused (``runtime.economy.split``), exactly, and each agent's usage record names
+the batch.
 """
 
 from __future__ import annotations
@@ -14,15 +19,27 @@ import contextvars
 import itertools
 import logging
 import uuid
+from collections.abc import Sequence
 
 from runtime.economy.buckets import Buckets, BucketState, Estimator
 from runtime.economy.dollars import DollarCap, worst_case_microusd
 from runtime.economy.ledger import Asset, Ledger, Receipt, RecordUsage, SetBuckets, Transfer
 from runtime.economy.metering import AgentMeter
 from runtime.economy.rights import RATE_RIGHTS
+from runtime.economy.split import split_exact, weights
 from runtime.pool import Outcome, RunningTask, Serve, TaskFailed, WorkerPool
 from runtime.pool.accounting import TaskUsage
-from runtime.protocol import Invoke, TaskSpec, Think, decode_think, kind_of
+from runtime.protocol import (
+    Invoke,
+    SeqWork,
+    TaskSpec,
+    Think,
+    ThinkBatch,
+    ThinkBatchReport,
+    decode_think,
+    decode_think_batch,
+    kind_of,
+)
 
 log = logging.getLogger("runtime.economy.charging")
 
@@ -38,6 +55,7 @@ def charge(
     llm_cost_microusd: int = 0,
     error: str = "",
     supervisor_cpu_seconds: float = 0.0,
+    batch: str = "",
 ) -> RecordUsage:
     """Charge a finished task (and the supervisor's CPU spent for the agent since its last charge) to
     its agent's buckets; return the one ledger operation that records it.
@@ -65,7 +83,35 @@ def charge(
         wall_seconds=usage.wall_seconds,
         buckets=levels,
         supervisor_cpu_seconds=supervisor_cpu_seconds,
+        batch=batch,
     )
+
+
+def _micro(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def split_usage(usage: TaskUsage, report: ThinkBatchReport) -> list[TaskUsage]:
+    """A ``think_batch``'s measured usage split among its sequences by the work each caused
+    (``runtime.economy.split``): CPU and occupancy in integer microseconds, the memory the batch added
+    in bytes, each summing exactly to the batch's; wall time and the worker are everyone's."""
+    w = weights(report.work)
+    cpu = split_exact(_micro(usage.cpu_seconds), w)
+    occupancy = split_exact(_micro(usage.occupancy_seconds), w)
+    memory = split_exact(usage.task_memory_bytes, w)
+    return [
+        TaskUsage(
+            cpu_seconds=cpu[i] / 1_000_000,
+            peak_memory_bytes=usage.baseline_memory_bytes + memory[i],
+            baseline_memory_bytes=usage.baseline_memory_bytes,
+            wall_seconds=usage.wall_seconds,
+            worker_pid=usage.worker_pid,
+            memory_probe=usage.memory_probe,
+            attempts=usage.attempts,
+            occupancy_seconds=occupancy[i] / 1_000_000,
+        )
+        for i in range(len(w))
+    ]
 
 
 def _tokens(spec: TaskSpec | None, output: bytes) -> tuple[int, int]:
@@ -80,6 +126,14 @@ def _tokens(spec: TaskSpec | None, output: bytes) -> tuple[int, int]:
 def _spent(spec: TaskSpec, exc: TaskFailed) -> tuple[int, int]:
     """The tokens of a failed task: a generation stopped by a cancel reports what it spent."""
     return _tokens(spec, exc.payload) if exc.code == "cancelled" else (0, 0)
+
+
+def _batch_spent(spec: ThinkBatch, exc: TaskFailed) -> ThinkBatchReport:
+    """What a failed batch's sequences spent: a cancelled batch reports it; otherwise nothing is
+    known per sequence, and the batch is split equally (all weights zero)."""
+    if exc.code == "cancelled" and exc.payload:
+        return decode_think_batch(exc.payload)
+    return ThinkBatchReport([], [SeqWork(own_tokens=0) for _ in spec.thinks])
 
 
 #: What the charges of the current paid think cost (micro-dollars), for ``Economy.run`` to settle its
@@ -172,6 +226,83 @@ class Economy:
             raise
         await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out.output))
         return out
+
+    async def run_batch(
+        self, agents: Sequence[str], spec: ThinkBatch, *, timeout_s: float | None = None
+    ) -> tuple[Outcome, ThinkBatchReport]:
+        """Run ``spec`` (one think per agent, in order) as one task once every agent's buckets admit
+        its think, and charge each agent its share of what the batch used (``split_usage``): one usage
+        record per agent, ``<batch>.<i>``, naming the batch ``<run>-b<n>``.
+
+        Raises ``TaskFailed`` (after charging what it used: a cancelled batch reports each
+        sequence's work so far; a batch that reports nothing is split equally) when the batch failed.
+        Cancelling the caller stops the batch, charges it, and propagates.
+        """
+        if len(agents) != len(spec.thinks):
+            raise ValueError(f"{len(agents)} agents for a batch of {len(spec.thinks)} thinks")
+        for agent in agents:
+            await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, "think"))
+            await self.buckets.acquire(agent, "llm_tokens", self.token_estimator.estimate(agent, "think"))
+        batch = f"{self.run_id}-b{next(self._n)}"
+
+        async def dispatch() -> RunningTask:
+            # Queued as the first agent's (the pool's fair queue has one owner per task); the books
+            # charge it to all of them below.
+            return self.pool.begin(spec, agent=agents[0], timeout_s=timeout_s)
+
+        task = await dispatch()
+        try:
+            out = await asyncio.shield(task.ended)
+        except asyncio.CancelledError:
+            await task.stop()
+            try:
+                out = await task.ended
+            except TaskFailed as exc:
+                await self._charge_batch(agents, batch, exc.usage, _batch_spent(spec, exc), False, exc.code)
+            else:
+                await self._charge_batch(agents, batch, out.usage, decode_think_batch(out.output), True)
+            raise
+        except TaskFailed as exc:
+            await self._charge_batch(agents, batch, exc.usage, _batch_spent(spec, exc), False, exc.code)
+            raise
+        report = decode_think_batch(out.output)
+        await self._charge_batch(agents, batch, out.usage, report, True)
+        return out, report
+
+    async def _charge_batch(
+        self,
+        agents: Sequence[str],
+        batch: str,
+        usage: TaskUsage | None,
+        report: ThinkBatchReport,
+        ok: bool,
+        error: str = "",
+    ) -> None:
+        if usage is None:
+            return  # never reached a worker
+        records = []
+        for i, (agent, share) in enumerate(zip(agents, split_usage(usage, report), strict=True)):
+            tokens = report.reports[i].tokens if i < len(report.reports) else 0
+            self.estimator.observe(agent, "think", share.charged_seconds)
+            if tokens:
+                self.token_estimator.observe(agent, "think", float(tokens))
+                self.tokens[agent] = self.tokens.get(agent, 0) + tokens
+            records.append(
+                charge(
+                    self.buckets,
+                    agent,
+                    "think",
+                    f"{batch}.{i}",
+                    share,
+                    ok,
+                    tokens,
+                    0,
+                    error,
+                    self.meter.take(agent),
+                    batch,
+                )
+            )
+        await asyncio.gather(*(self._submit_usage(r) for r in records))
 
     async def _settle(self, agent: str, spec: TaskSpec, task_id: str, inner: asyncio.Future[Outcome]) -> None:
         kind = kind_of(spec)

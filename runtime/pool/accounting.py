@@ -18,7 +18,15 @@ from pathlib import Path
 from msgspec import Struct, field
 
 from runtime.errors import AecoError, ErrorCode
-from runtime.protocol import Counters, ProtocolError, Think, decode_think
+from runtime.protocol import (
+    Counters,
+    ProtocolError,
+    Think,
+    ThinkBatch,
+    ThinkReport,
+    decode_think,
+    decode_think_batch,
+)
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -265,6 +273,10 @@ def check_think(spec: Think, output: bytes, where: str) -> None:
         report = decode_think(output)
     except ProtocolError as exc:
         raise BadReport(f"{where}: {exc}") from None
+    _check_think_report(spec, report, where)
+
+
+def _check_think_report(spec: Think, report: ThinkReport, where: str) -> None:
     prompt_bytes = len(spec.system.encode()) + len(spec.prompt.encode())
     if report.completion_tokens > 2 * spec.max_tokens + EXTRA_COMPLETION_TOKENS:
         raise BadReport(f"{where}: {report.completion_tokens} completion tokens, max_tokens is {spec.max_tokens}")
@@ -273,6 +285,26 @@ def check_think(spec: Think, output: bytes, where: str) -> None:
     price = report.prompt_tokens * spec.price_prompt_per_1k + report.completion_tokens * spec.price_completion_per_1k
     if report.cost_usd > price / 1000 * (1 + 1e-9) + 1e-12:
         raise BadReport(f"{where}: cost_usd {report.cost_usd!r} is more than its tokens cost at the task's prices")
+
+
+def check_think_batch(spec: ThinkBatch, output: bytes, where: str) -> None:
+    """Raise ``BadReport`` if a ``think_batch``'s report does not decode, has not one report and one
+    work count per think, or claims what cannot be: a think's report as ``check_think`` judges it, or
+    work beyond its prompt and ``max_tokens`` (the work decides how the batch's CPU is split)."""
+    try:
+        report = decode_think_batch(output)
+    except ProtocolError as exc:
+        raise BadReport(f"{where}: {exc}") from None
+    n = len(spec.thinks)
+    if len(report.reports) != n or len(report.work) != n:
+        raise BadReport(f"{where}: {len(report.reports)} reports and {len(report.work)} work counts for {n} thinks")
+    for i, (think, one, work) in enumerate(zip(spec.thinks, report.reports, report.work, strict=True)):
+        _check_think_report(think, one, f"{where}, think {i}")
+        prompt = len(think.system.encode()) + len(think.prompt.encode()) + TEMPLATE_TOKENS
+        if work.own_tokens + work.shared_tokens + work.kept_tokens > prompt:
+            raise BadReport(f"{where}, think {i}: more prompt tokens of work than {prompt}")
+        if work.decode_steps > 2 * think.max_tokens + EXTRA_COMPLETION_TOKENS:
+            raise BadReport(f"{where}, think {i}: {work.decode_steps} decode steps, max_tokens is {think.max_tokens}")
 
 
 class Accounts:

@@ -82,6 +82,7 @@ from runtime.pool.accounting import (
     TaskUsage,
     check_amounts,
     check_think,
+    check_think_batch,
     check_usage,
     occupancy,
     proc_cpu_seconds,
@@ -100,7 +101,7 @@ exec "$@"
 """
 #: Tasks a worker stops by itself when asked (SIGUSR1), keeping its process: a generation between two
 #: tokens, an invocation by killing its confined child. Any other task is stopped by killing its worker.
-_STOPS_WHEN_ASKED = (p.Think, p.Invoke)
+_STOPS_WHEN_ASKED = (p.Think, p.ThinkBatch, p.Invoke)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -928,6 +929,8 @@ class WorkerPool:
             cpu = self._check_report(w, job, msg.usage)
             if msg.ok and isinstance(job.spec, p.Think):  # its tokens are charged from its output
                 check_think(job.spec, msg.output, f"worker {w.worker_id}'s report of task {job.id}")
+            if msg.ok and isinstance(job.spec, p.ThinkBatch):  # its CPU is split by its output
+                check_think_batch(job.spec, msg.output, f"worker {w.worker_id}'s report of task {job.id}")
             # Last: the counters of a refused report must not lower what its task is charged.
             self._note_counters(w, msg.counters)
         except BadReport as exc:

@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import pytest
 
+from native.llama import LlamaBackend
+from native.tiny_model import write_tiny_model
 from runtime.config import PoolConfig
 from runtime.pool import WorkerPool
 
 T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight GGUF (``native.tiny_model``), written once per test module."""
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny: Path) -> LlamaBackend:
+    """The tiny model loaded in this process, one thread."""
+    return LlamaBackend(tiny, n_threads=1)
 
 
 def with_pool(body: Callable[[WorkerPool], Awaitable[T]], size: int = 2, **cfg: Any) -> T:

@@ -57,16 +57,6 @@ SYSTEM = "You are an agent in a small economy. Answer with one action as JSON."
 PROMPT = "It is 12:00 UTC. You have 10 scrip. Choose your next action: noop, sleep or write_artifact."
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def llm(tiny: Path) -> LlamaBackend:
-    return LlamaBackend(tiny, n_threads=1)
-
-
 def _check_action(text: str) -> dict[str, object]:
     value = json.loads(text)
     assert isinstance(value, dict)

@@ -113,6 +113,9 @@ class RecordUsage(_Op, tag="usage", frozen=True):
     #: The supervisor's CPU spent for the agent since its last charge (``runtime.economy.metering``),
     #: charged to its ``cpu`` bucket with the task's; a ``supervisor`` record carries only this.
     supervisor_cpu_seconds: NonNegFloat = 0.0
+    #: The ``think_batch`` this task was one sequence of (``runtime.economy.split``): its CPU, occupancy
+    #: and memory are this agent's share of the batch's; empty for a task run on its own.
+    batch: Annotated[str, Meta(max_length=128)] = ""
 
 
 OfferId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]

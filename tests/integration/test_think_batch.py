@@ -1,0 +1,172 @@
+"""Batched thinks with real llama.cpp (the tiny random model): ``native.batch`` directly, the
+``think_batch`` task through the worker pool, and ``Economy.run_batch`` splitting its measured CPU."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from native.batch import BatchDecoder, Request
+from native.llama import LlamaBackend
+from runtime.agents.loop import DEFAULT_PERSONA, RULES
+from runtime.agents.schema import ACTION_SCHEMA_BYTES, parse_action
+from runtime.economy.buckets import Buckets, Estimator
+from runtime.economy.charging import Economy
+from runtime.economy.ledger import OpenAccount, RecordUsage
+from runtime.economy.ledger.check import check
+from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.pool import WorkerPool
+from runtime.protocol import Think, ThinkBatch, ThinkBatchReport, decode_think_batch
+
+SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
+AGENTS = [f"a{i}" for i in range(8)]
+
+
+def _prompt(i: int) -> str:
+    return f"You are a{i}. Scrip: {10 + i}. News: none.\nReply with one action as JSON."
+
+
+def _requests(n: int, **kw: object) -> list[Request]:
+    return [Request(SYSTEM, _prompt(i), ACTION_SCHEMA_BYTES, 200, seed=i, **kw) for i in range(n)]  # type: ignore[arg-type]
+
+
+def test_a_batch_of_8_gives_8_schema_valid_actions(llm: LlamaBackend) -> None:
+    decoder = BatchDecoder(llm)
+    try:
+        outcomes = decoder.generate(_requests(8))
+    finally:
+        decoder.close()
+    assert len(outcomes) == 8
+    for o in outcomes:
+        assert o.error == "" and o.generation.finish_reason == "stop", o
+        parse_action(o.generation.text)  # raises if it is not an action the supervisor would run
+    assert len({o.generation.text for o in outcomes}) > 1, "eight seeds, eight prompts: not all the same"
+    # The work counts: a common prefix was evaluated once, each sequence evaluated its own suffix.
+    shared = outcomes[0].work.shared_tokens
+    assert shared > 100 and all(o.work.shared_tokens == shared for o in outcomes)
+    for o in outcomes:
+        assert o.work.own_tokens + shared == o.generation.prompt_tokens
+        assert o.work.decode_steps == o.generation.completion_tokens  # the last token sampled is never evaluated
+
+
+def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> None:
+    decoder = BatchDecoder(llm)
+    try:
+        tokens, _ = decoder.chat_tokens(SYSTEM, _prompt(3))
+        single = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=200, seed=3)
+        assert len(tokens) == single.prompt_tokens
+        # Greedy decoding of one sequence follows the single path's completion token for token.
+        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, 200, temperature=0.0)])
+        alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=200, temperature=0.0)
+        assert greedy[0].generation.text == alone.text
+    finally:
+        decoder.close()
+
+
+def test_the_prefix_is_kept_between_batches(llm: LlamaBackend) -> None:
+    decoder = BatchDecoder(llm)
+    try:
+        first = decoder.generate(_requests(3))
+        again = decoder.generate(_requests(3))
+        plain = decoder.generate(_requests(3), reuse_prefix=False)
+    finally:
+        decoder.close()
+    prefix = first[0].work.shared_tokens
+    assert prefix > 100 and first[0].work.kept_tokens == 0
+    assert all(o.work.kept_tokens == prefix and o.work.shared_tokens == 0 for o in again)
+    assert all(o.work.own_tokens == o.generation.prompt_tokens for o in plain)
+    assert [o.generation.text for o in again] == [o.generation.text for o in first], "same seeds, same output"
+
+
+def _economy_run(
+    tmp: Path, batches: list[tuple[list[str], ThinkBatch]]
+) -> tuple[list[list[RecordUsage]], list[ThinkBatchReport]]:
+    """Run the batches one after another through ``Economy.run_batch``; each batch's usage records
+    (checked to sum to its measured CPU) and report."""
+    ledger = LmdbLedger(tmp / "ledger")
+    buckets = Buckets()
+    for agent in AGENTS:
+        ledger.apply(OpenAccount(id=f"open:{agent}", account=agent, grants={"cpu_rate": 1000}))
+        buckets.add(agent, "cpu", 10.0, 100.0)
+        buckets.add(agent, "llm_tokens", 1e6, 1e7)
+    measured: list[int] = []
+    reports: list[ThinkBatchReport] = []
+
+    async def main() -> None:
+        async with WorkerPool(size=1) as pool:
+            eco = Economy(pool, ledger, buckets, Estimator(0.01))
+            for agents, spec in batches:
+                out, report = await asyncio.wait_for(eco.run_batch(agents, spec), 120)
+                assert out.usage is not None
+                measured.append(round(out.usage.cpu_seconds * 1e6))
+                reports.append(report)
+
+    try:
+        asyncio.run(main())
+        records = sorted(ledger.usage_records(), key=lambda r: r.task_id)
+        assert check(ledger).ok
+    finally:
+        ledger.close()
+    by_batch: dict[str, list[RecordUsage]] = {}
+    for r in records:
+        by_batch.setdefault(r.batch, []).append(r)
+    out = [sorted(rs, key=lambda r: int(r.task_id.rsplit(".", 1)[1])) for rs in by_batch.values()]
+    out.sort(key=lambda rs: int(rs[0].batch.rsplit("-b", 1)[1]))
+    for rs, total in zip(out, measured, strict=True):  # every batch's charges sum to its measured CPU exactly
+        assert sum(round(r.cpu_seconds * 1e6) for r in rs) == total
+    return out, reports
+
+
+def _batch(tiny: Path, n: int, reuse: bool = True, seed: int = 0, max_tokens: int = 200) -> ThinkBatch:
+    thinks = [
+        Think(
+            system=SYSTEM,
+            prompt=_prompt(i),
+            schema=ACTION_SCHEMA_BYTES,
+            max_tokens=max_tokens,
+            seed=seed + i,
+            model=str(tiny),
+        )
+        for i in range(n)
+    ]
+    return ThinkBatch(thinks=thinks, reuse_prefix=reuse)
+
+
+def test_charges_sum_to_the_batchs_measured_cpu_exactly(tiny: Path, tmp_path: Path) -> None:
+    (records,), (report,) = _economy_run(tmp_path, [(AGENTS, _batch(tiny, 8))])
+    assert all(r.valid for r in report.reports), report.reports
+    assert [r.agent for r in records] == AGENTS
+    assert len({r.batch for r in records}) == 1 and records[0].batch
+    assert all(r.kind == "think" and r.ok and r.llm_tokens > 0 and r.cpu_seconds > 0 for r in records)
+
+
+def test_reusing_a_prefix_is_charged_less_than_evaluating_it(tiny: Path, tmp_path: Path) -> None:
+    four = AGENTS[:4]
+    # The first batch evaluates the prefix and keeps it; the second starts from it; the third, with the
+    # same prompts and seeds as the second, evaluates everything again. A few tokens each, so that the
+    # prompts' evaluation is most of the work (the tiny model's decoding is mostly sampling).
+    (fresh, kept, plain), _ = _economy_run(
+        tmp_path,
+        [
+            (four, _batch(tiny, 4, seed=50, max_tokens=8)),
+            (four, _batch(tiny, 4, max_tokens=8)),
+            (four, _batch(tiny, 4, reuse=False, max_tokens=8)),
+        ],
+    )
+    assert fresh[0].cpu_seconds > 0
+    for k, p in zip(kept, plain, strict=True):
+        assert k.agent == p.agent and k.llm_tokens == p.llm_tokens  # the same think, token for token
+        assert k.cpu_seconds < p.cpu_seconds, (k, p)
+
+
+def test_a_think_batch_through_the_pool_reports_every_think(tiny: Path) -> None:
+    async def main() -> None:
+        async with WorkerPool(size=1) as pool:
+            out = await pool.run(_batch(tiny, 8))
+            report = decode_think_batch(out.output)
+            assert len(report.reports) == len(report.work) == 8
+            for r in report.reports:
+                assert r.valid and r.finish_reason == "stop"
+                parse_action(r.text)
+
+    asyncio.run(main())
