@@ -21,10 +21,12 @@ What each sequence cost is counted as ``runtime.protocol.SeqWork``: prompt token
 the shared prefix tokens evaluated in this batch (or kept from before), and the decode steps it took
 part in. ``runtime.economy.split`` divides the batch's measured CPU by it.
 
-The KV cache is not unified: each sequence has its own stream of ``n_ctx_seq`` cells, so attention
-in a step spans only the sequence's own tokens. Copying the prefix copies seq 0's whole stream (a
-memory copy, no evaluation). The context is made for a batch size and remade when a larger batch
-comes; it is freed with the backend.
+The KV cache is not unified: each sequence has its own stream of cells, so attention in a step spans
+only the sequence's own tokens. Copying the prefix copies seq 0's whole stream (a memory copy, no
+evaluation). Memory is what sizes the context: a stream holds the longest prompt plus ``max_tokens``
+seen so far, rounded up to ``CTX_STEP`` (at most ``max_ctx_seq``), for the largest batch seen so far
+(SmolLM2-135M: 23 KB of KV per cell, so 9 streams of 1,024 cells are 212 MB). It is remade, and the
+kept prefix lost, only when a batch needs more; it is freed with the backend.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from runtime.protocol import SeqWork
 #: Tokens evaluated per ``llama_decode`` call while prefilling (the context's ``n_batch``): larger
 #: calls cost less per token but hold more activations in memory.
 N_BATCH = 512
+#: Stream sizes are multiples of this many cells, so that slightly longer prompts do not remake the context.
+CTX_STEP = 256
 #: Sampler settings of ``llama_cpp.Llama.create_chat_completion``'s defaults, kept the same so that a
 #: batched think samples as a single one does.
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
@@ -108,9 +112,11 @@ class BatchDecoder:
     """Decodes batches of generations with ``backend``'s model (its weights, tokenizer and chat
     format), in a context of its own. Not for concurrent use (one worker thread calls it)."""
 
-    def __init__(self, backend: LlamaBackend, *, n_ctx_seq: int = 2048) -> None:
+    def __init__(self, backend: LlamaBackend, *, max_ctx_seq: int = 2048) -> None:
         self.backend = backend
-        self.n_ctx_seq = n_ctx_seq
+        #: The most cells a sequence may use: its prompt plus ``max_tokens``.
+        self.max_ctx_seq = max_ctx_seq
+        self._n_ctx_seq = 0
         self._ctx: Any = None  # llama_cpp._internals.LlamaContext, made for ``_n_seq`` sequences
         self._n_seq = 0
         self._batch: Any = None  # llama_cpp.llama_batch of N_BATCH rows
@@ -121,16 +127,17 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------------------- set-up
 
-    def _context(self, n_seq: int) -> Any:
-        """The context, with room for ``n_seq`` generations plus the prefix cache."""
-        if self._ctx is not None and self._n_seq >= n_seq:
+    def _context(self, n_seq: int, n_ctx_seq: int) -> Any:
+        """The context, with room for ``n_seq`` generations of ``n_ctx_seq`` cells plus the prefix cache."""
+        if self._ctx is not None and self._n_seq >= n_seq and self._n_ctx_seq >= n_ctx_seq:
             return self._ctx
+        n_seq, n_ctx_seq = max(n_seq, self._n_seq), max(n_ctx_seq, self._n_ctx_seq)
         import llama_cpp
         from llama_cpp import _internals
 
         self.close()
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx_seq * (n_seq + 1)
+        params.n_ctx = n_ctx_seq * (n_seq + 1)
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_seq_max = n_seq + 1
         params.kv_unified = False
@@ -139,7 +146,7 @@ class BatchDecoder:
             self._ctx = _internals.LlamaContext(model=self.backend.llm._model, params=params, verbose=False)
         except ValueError as exc:
             raise InferenceError(f"llama.cpp could not make a context for {n_seq} sequences: {exc}") from None
-        self._n_seq = n_seq
+        self._n_seq, self._n_ctx_seq = n_seq, n_ctx_seq
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self.cached = []
         return self._ctx
@@ -154,7 +161,7 @@ class BatchDecoder:
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
-        self._n_seq = 0
+        self._n_seq = self._n_ctx_seq = 0
         self.cached = []
 
     def chat_tokens(self, system: str, prompt: str) -> tuple[list[int], list[str]]:
@@ -216,16 +223,17 @@ class BatchDecoder:
             return []
         import llama_cpp
 
-        ctx = self._context(len(requests))
         seqs = []
         for i, request in enumerate(requests):
             tokens, stops = self.chat_tokens(request.system, request.prompt)
-            if len(tokens) + request.max_tokens > self.n_ctx_seq:
+            if len(tokens) + request.max_tokens > self.max_ctx_seq:
                 raise InferenceError(
                     f"prompt of {len(tokens)} tokens + max_tokens {request.max_tokens} exceed a sequence's "
-                    f"context of {self.n_ctx_seq} tokens"
+                    f"context of {self.max_ctx_seq} tokens"
                 )
             seqs.append(_Seq(i + 1, tokens, request, stops, self._sampler(request)))
+        need = max(len(s.tokens) + s.request.max_tokens for s in seqs)
+        ctx = self._context(len(requests), min(self.max_ctx_seq, -(-need // CTX_STEP) * CTX_STEP))
         memory = llama_cpp.llama_get_memory(ctx.ctx)
         prefix: list[int] = []
         if reuse_prefix:
@@ -243,12 +251,14 @@ class BatchDecoder:
             if prefix:
                 llama_cpp.llama_memory_seq_cp(memory, 0, s.seq_id, -1, -1)
             s.own_tokens = len(s.tokens) - len(prefix)
-        self._prefill(ctx, seqs, len(prefix))
 
         def work(s: _Seq) -> SeqWork:
             return SeqWork(
                 own_tokens=s.own_tokens, shared_tokens=evaluated, kept_tokens=kept, decode_steps=s.decode_steps
             )
+
+        self.progress = [work(s) for s in seqs]  # the prompts are being evaluated: theirs is the work so far
+        self._prefill(ctx, seqs, len(prefix))
 
         live = list(seqs)
         while live:

@@ -105,7 +105,7 @@ def think_batch(spec: ThinkBatch) -> bytes:
     llm = backend(first.model)
     decoder = _decoders.get(llm.path)
     if decoder is None:
-        decoder = _decoders[llm.path] = BatchDecoder(llm, n_ctx_seq=N_CTX)
+        decoder = _decoders[llm.path] = BatchDecoder(llm, max_ctx_seq=N_CTX)
     requests = [Request(t.system, t.prompt, t.schema or None, t.max_tokens, t.temperature, t.seed) for t in spec.thinks]
     try:
         outcomes = decoder.generate(requests, reuse_prefix=spec.reuse_prefix)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from native.batch import BatchDecoder, Request
 from native.llama import LlamaBackend
 from runtime.agents.loop import DEFAULT_PERSONA, RULES
@@ -17,6 +19,7 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.pool import WorkerPool
 from runtime.protocol import Think, ThinkBatch, ThinkBatchReport, decode_think_batch
+from tests.integration.conftest import wait_until
 
 SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
 AGENTS = [f"a{i}" for i in range(8)]
@@ -170,3 +173,39 @@ def test_a_think_batch_through_the_pool_reports_every_think(tiny: Path) -> None:
                 parse_action(r.text)
 
     asyncio.run(main())
+
+
+def test_a_cancelled_batch_charges_each_agent_what_its_sequence_spent(tiny: Path, tmp_path: Path) -> None:
+    """Cancelling the caller stops the whole batch between two decode steps; the work each sequence had
+    done splits what the batch used, exactly, in records marked cancelled."""
+    ledger = LmdbLedger(tmp_path / "ledger")
+    buckets = Buckets()
+    four = AGENTS[:4]
+    for agent in four:
+        ledger.apply(OpenAccount(id=f"open:{agent}", account=agent, grants={"cpu_rate": 1000}))
+        buckets.add(agent, "cpu", 10.0, 100.0)
+        buckets.add(agent, "llm_tokens", 1e6, 1e7)
+    # Free text until max_tokens: the random model rambles for seconds, long enough to be stopped.
+    spec = ThinkBatch(
+        thinks=[Think(system=SYSTEM, prompt=_prompt(i), max_tokens=1300, model=str(tiny)) for i in range(4)]
+    )
+
+    async def main() -> None:
+        async with WorkerPool(size=1) as pool:
+            eco = Economy(pool, ledger, buckets, Estimator(0.01))
+            await eco.run_batch(four[:1], _batch(tiny, 1, max_tokens=4))  # the worker loads the model
+            running = asyncio.create_task(eco.run_batch(four, spec))
+            await wait_until(lambda: pool.status().busy == 1, 30)
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+
+    try:
+        asyncio.run(main())
+        records = sorted((r for r in ledger.usage_records() if r.error), key=lambda r: r.task_id)
+        assert check(ledger).ok
+    finally:
+        ledger.close()
+    assert [r.agent for r in records] == four
+    assert all(not r.ok and r.error == "cancelled" and r.batch == records[0].batch for r in records)
+    assert all(r.cpu_seconds > 0 for r in records), records
