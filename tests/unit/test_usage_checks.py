@@ -7,8 +7,8 @@ import math
 import msgspec
 import pytest
 
-from runtime.pool.accounting import BadReport, TaskUsage, check_think, check_usage
-from runtime.protocol import Think, ThinkReport, Usage
+from runtime.pool.accounting import BadReport, TaskUsage, check_think, check_think_batch, check_usage
+from runtime.protocol import SeqWork, Think, ThinkBatch, ThinkBatchReport, ThinkReport, Usage
 
 SPEC = Think(system="sys", prompt="hello", max_tokens=8, price_prompt_per_1k=0.5, price_completion_per_1k=2.0)
 
@@ -44,3 +44,31 @@ def test_a_think_report_is_held_to_its_tokens_and_prices() -> None:
     ]:
         with pytest.raises(BadReport, match=what):
             check_think(SPEC, bad, "forged")
+
+
+def _batch_report(n: int = 2, **work: int) -> bytes:
+    honest = ThinkReport("{}", prompt_tokens=20, completion_tokens=8)
+    w = msgspec.structs.replace(SeqWork(own_tokens=5, shared_tokens=10, kept_tokens=5, decode_steps=8), **work)
+    return msgspec.msgpack.encode(ThinkBatchReport([honest] * n, [w] * n))
+
+
+BATCH = ThinkBatch(thinks=[Think(system="sys", prompt="hello", max_tokens=8)] * 2)
+
+
+def test_a_believable_batch_report_passes() -> None:
+    check_think_batch(BATCH, _batch_report(), "honest")
+
+
+@pytest.mark.parametrize(
+    ("output", "why"),
+    [
+        (_batch_report(1), "1 reports and 1 work counts for 2 thinks"),
+        (_batch_report(own_tokens=10**6), "more prompt tokens of work"),
+        (_batch_report(decode_steps=10**6), "decode steps, max_tokens is 8"),
+        (b"\x01", "not a ThinkBatchReport"),
+    ],
+)
+def test_a_batch_report_that_could_not_be_true_is_refused(output: bytes, why: str) -> None:
+    """Its work decides how the batch's CPU is split: work a think could not have caused is a forgery."""
+    with pytest.raises(BadReport, match=why):
+        check_think_batch(BATCH, output, "forged")
