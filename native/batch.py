@@ -31,6 +31,7 @@ kept prefix lost, only when a batch needs more; it is freed with the backend.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,13 @@ class _Seq:
     request: Request
     stops: list[str]
     sampler: Any  # llama_cpp._internals.LlamaSampler
+    #: The agent whose stream this is (its prompt is kept for its next think); empty: none.
+    key: str = ""
+    #: The position its own evaluation starts at; the tokens before it were kept, or shared.
+    start: int = 0
     own_tokens: int = 0
+    kept: int = 0
+    shared: int = 0
     #: The token sampled last, not yet taken (``_take``).
     next: int = -1
     out: list[int] = field(default_factory=list)
@@ -112,8 +119,12 @@ class BatchDecoder:
     """Decodes batches of generations with ``backend``'s model (its weights, tokenizer and chat
     format), in a context of its own. Not for concurrent use (one worker thread calls it)."""
 
-    def __init__(self, backend: LlamaBackend, *, max_ctx_seq: int = 2048) -> None:
+    def __init__(self, backend: LlamaBackend, *, max_ctx_seq: int = 2048, kept_max: int = 8) -> None:
         self.backend = backend
+        #: How many keys' prompts are kept between batches (each holds a stream of the context).
+        self.kept_max = kept_max
+        #: key -> (its sequence, the prompt tokens in it), least recently used first.
+        self._slots: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()
         #: The most cells a sequence may use: its prompt plus ``max_tokens``.
         self.max_ctx_seq = max_ctx_seq
         self._n_ctx_seq = 0
@@ -148,7 +159,6 @@ class BatchDecoder:
             raise InferenceError(f"llama.cpp could not make a context for {n_seq} sequences: {exc}") from None
         self._n_seq, self._n_ctx_seq = n_seq, n_ctx_seq
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
-        self.cached = []
         return self._ctx
 
     def close(self) -> None:
@@ -163,6 +173,7 @@ class BatchDecoder:
             self._ctx = None
         self._n_seq = self._n_ctx_seq = 0
         self.cached = []
+        self._slots.clear()
 
     def chat_tokens(self, system: str, prompt: str) -> tuple[list[int], list[str]]:
         """The prompt's tokens and stop strings, exactly as ``Llama.create_chat_completion`` makes them."""
@@ -211,18 +222,27 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------------------- decoding
 
-    def generate(self, requests: Sequence[Request], *, reuse_prefix: bool = True) -> list[Outcome]:
+    def generate(
+        self, requests: Sequence[Request], *, reuse_prefix: bool = True, keys: Sequence[str] = ()
+    ) -> list[Outcome]:
         """Decode ``requests`` together; return one ``Outcome`` per request, in order.
 
         With ``reuse_prefix``, their common token prefix is evaluated once (or kept from the last
         batch) and copied into each sequence. Raises ``InferenceError`` if a prompt does not fit
         its sequence's context; an interruption (the worker's cancel) propagates, leaving
         ``progress`` with what each sequence had spent.
+
+        ``keys`` (one per request, distinct; e.g. agent ids): each request's prompt is kept in a
+        sequence of its own after the batch (up to ``kept_max`` of them, the least recently used
+        dropped first), and the next request with the same key starts from the part of it that agrees.
         """
         if not requests:
             return []
+        if keys and (len(keys) != len(requests) or len(set(keys)) != len(keys)):
+            raise ValueError("keys must be one per request, all different")
         import llama_cpp
 
+        self.progress = [SeqWork(own_tokens=0) for _ in requests]
         seqs = []
         for i, request in enumerate(requests):
             tokens, stops = self.chat_tokens(request.system, request.prompt)
@@ -231,34 +251,54 @@ class BatchDecoder:
                     f"prompt of {len(tokens)} tokens + max_tokens {request.max_tokens} exceed a sequence's "
                     f"context of {self.max_ctx_seq} tokens"
                 )
-            seqs.append(_Seq(i + 1, tokens, request, stops, self._sampler(request)))
+            seqs.append(_Seq(0, tokens, request, stops, self._sampler(request), keys[i] if keys else ""))
         need = max(len(s.tokens) + s.request.max_tokens for s in seqs)
-        ctx = self._context(len(requests), min(self.max_ctx_seq, -(-need // CTX_STEP) * CTX_STEP))
+        n_seq = max(len(seqs), self.kept_max if keys else 0)
+        ctx = self._context(n_seq, min(self.max_ctx_seq, -(-need // CTX_STEP) * CTX_STEP))
         memory = llama_cpp.llama_get_memory(ctx.ctx)
+        self._assign(seqs)
+        try:
+            return self._generate(ctx, memory, seqs, reuse_prefix)
+        except BaseException:  # its streams are part rewritten: no kept prompt of this batch is kept
+            for s in seqs:
+                self._slots.pop(s.key, None)
+            raise
+
+    def _generate(self, ctx: Any, memory: Any, seqs: list[_Seq], reuse_prefix: bool) -> list[Outcome]:
+        import llama_cpp
+
+        # A sequence whose key's last prompt is still in its stream starts from what agrees with it (the
+        # system prompt at least); the others start from the shared prefix.
+        own_start = {s.seq_id: self._agreeing(s) for s in seqs}
+        fresh = [s for s in seqs if not own_start[s.seq_id]]
         prefix: list[int] = []
-        if reuse_prefix:
-            shortest = min(len(s.tokens) - 1 for s in seqs)
-            n = shortest
-            for s in seqs[1:]:
-                n = min(n, common_prefix(seqs[0].tokens, s.tokens))
-            prefix = seqs[0].tokens[:n]
-        self.progress = [SeqWork(own_tokens=0) for _ in seqs]
+        if reuse_prefix and fresh:
+            n = min(len(s.tokens) - 1 for s in fresh)
+            for s in fresh[1:]:
+                n = min(n, common_prefix(fresh[0].tokens, s.tokens))
+            prefix = fresh[0].tokens[:n]
         # Without reuse the kept prefix is left alone, for the next batch that reuses it.
         kept = self._extend_prefix(ctx, memory, prefix) if prefix else 0
         evaluated = len(prefix) - kept
         for s in seqs:
-            llama_cpp.llama_memory_seq_rm(memory, s.seq_id, -1, -1)
-            if prefix:
-                llama_cpp.llama_memory_seq_cp(memory, 0, s.seq_id, -1, -1)
-            s.own_tokens = len(s.tokens) - len(prefix)
+            start = own_start[s.seq_id]
+            if start:
+                llama_cpp.llama_memory_seq_rm(memory, s.seq_id, start, -1)
+                s.start, s.kept = start, start
+            else:
+                llama_cpp.llama_memory_seq_rm(memory, s.seq_id, -1, -1)
+                if prefix:
+                    llama_cpp.llama_memory_seq_cp(memory, 0, s.seq_id, -1, -1)
+                s.start, s.kept, s.shared = len(prefix), kept, evaluated
+            s.own_tokens = len(s.tokens) - s.start
 
         def work(s: _Seq) -> SeqWork:
             return SeqWork(
-                own_tokens=s.own_tokens, shared_tokens=evaluated, kept_tokens=kept, decode_steps=s.decode_steps
+                own_tokens=s.own_tokens, shared_tokens=s.shared, kept_tokens=s.kept, decode_steps=s.decode_steps
             )
 
         self.progress = [work(s) for s in seqs]  # the prompts are being evaluated: theirs is the work so far
-        self._prefill(ctx, seqs, len(prefix))
+        self._prefill(ctx, seqs)
 
         live = list(seqs)
         while live:
@@ -270,6 +310,11 @@ class BatchDecoder:
                     s.decode_steps += 1
                     s.next = s.sampler.sample(ctx, row)
             self.progress = [work(s) for s in seqs]
+        for s in seqs:
+            if s.key:  # its prompt stays in its stream, for its agent's next think; the completion goes
+                llama_cpp.llama_memory_seq_rm(memory, s.seq_id, len(s.tokens), -1)
+                self._slots[s.key] = (s.seq_id, s.tokens)
+                self._slots.move_to_end(s.key)
         outcomes = []
         for s in seqs:
             text = s.text.decode(errors="replace")
@@ -286,6 +331,30 @@ class BatchDecoder:
                     error = exc.reason
             outcomes.append(Outcome(gen, work(s), error))
         return outcomes
+
+    def _assign(self, seqs: list[_Seq]) -> None:
+        """Give each sequence its stream: its key's, else a free one, else the least recently used
+        key's (dropping that key's kept prompt)."""
+        mine = {s.key for s in seqs if s.key}
+        taken = {seq_id for key, (seq_id, _) in self._slots.items() if key in mine}
+        free = [i for i in range(1, self._n_seq + 1) if i not in {v[0] for v in self._slots.values()}]
+        for s in seqs:
+            if s.key in self._slots:
+                s.seq_id = self._slots[s.key][0]
+                continue
+            if not free:
+                victim = next(k for k, (i, _) in self._slots.items() if i not in taken)
+                free.append(self._slots.pop(victim)[0])
+            s.seq_id = free.pop(0)
+            taken.add(s.seq_id)
+
+    def _agreeing(self, s: _Seq) -> int:
+        """How many tokens of ``s``'s prompt its stream already holds (0: none worth keeping); at least
+        one is left to evaluate, for the logits to sample from."""
+        kept = self._slots.get(s.key) if s.key else None
+        if kept is None or kept[0] != s.seq_id:
+            return 0
+        return min(common_prefix(kept[1], s.tokens), len(s.tokens) - 1)
 
     def _extend_prefix(self, ctx: Any, memory: Any, prefix: list[int]) -> int:
         """Make seq 0 hold ``prefix``: keep what it already agrees on, evaluate the rest. Returns the
@@ -327,19 +396,19 @@ class BatchDecoder:
             s.finish = "length"
         return not s.finish
 
-    def _prefill(self, ctx: Any, seqs: list[_Seq], start: int) -> None:
+    def _prefill(self, ctx: Any, seqs: list[_Seq]) -> None:
         """Evaluate every sequence's own suffix, several sequences per call, and sample each one's first
         token from the call that held its last prompt token (a call's logits last until the next)."""
         self._batch.n_tokens = 0
         ending: list[tuple[_Seq, int]] = []  # sequences whose prompt ends in this call, and the row
         for s in seqs:
-            for j, token in enumerate(s.tokens[start:]):
+            for j, token in enumerate(s.tokens[s.start :]):
                 if self._batch.n_tokens == N_BATCH:
                     self._prefill_call(ctx, ending)
-                last = start + j == len(s.tokens) - 1
+                last = s.start + j == len(s.tokens) - 1
                 if last:
                     ending.append((s, self._batch.n_tokens))
-                self._add(token, start + j, s.seq_id, last)
+                self._add(token, s.start + j, s.seq_id, last)
         if self._batch.n_tokens:
             self._prefill_call(ctx, ending)
 

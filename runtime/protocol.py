@@ -122,6 +122,9 @@ class ThinkBatch(_Spec, tag="think_batch", frozen=True):
     #: Evaluate the thinks' common token prefix once and copy it into each sequence, and keep it in
     #: the worker for the next batch that starts with it.
     reuse_prefix: bool = True
+    #: One key per think (its agent's id), all different, or none: each think's prompt is kept in the
+    #: worker after the batch, and the next think with the same key evaluates only what changed since.
+    keys: list[str] = []
 
 
 class Embed(_Spec, tag="embed", frozen=True):

@@ -29,13 +29,16 @@ from native.batch import BatchDecoder, Request
 from native.llama import InvalidOutput, LlamaBackend
 from native.models import find_model
 from native.openai import OpenAIBackend, Price
-from runtime.protocol import SeqWork, Think, ThinkBatch, ThinkBatchReport, ThinkReport
+from runtime.protocol import Think, ThinkBatch, ThinkBatchReport, ThinkReport
 from workers.tasks import TaskCancelled
 
 #: Environment variable naming the worker's default GGUF (workers inherit the supervisor's environment).
 MODEL_ENV = "AECO_LLM_MODEL"
 #: Context window of the worker's models.
 N_CTX = 2048
+#: Agents whose last prompt a worker keeps for their next batched think (a context stream each: with
+#: SmolLM2 and 1,024-cell streams, 24 MB apiece).
+KEPT_MAX = 8
 
 _backends: dict[Path, LlamaBackend] = {}
 #: One batch context per model, made on the first ``think_batch`` (it holds the kept prefix).
@@ -105,12 +108,12 @@ def think_batch(spec: ThinkBatch) -> bytes:
     llm = backend(first.model)
     decoder = _decoders.get(llm.path)
     if decoder is None:
-        decoder = _decoders[llm.path] = BatchDecoder(llm, max_ctx_seq=N_CTX)
+        decoder = _decoders[llm.path] = BatchDecoder(llm, max_ctx_seq=N_CTX, kept_max=KEPT_MAX)
     requests = [Request(t.system, t.prompt, t.schema or None, t.max_tokens, t.temperature, t.seed) for t in spec.thinks]
     try:
-        outcomes = decoder.generate(requests, reuse_prefix=spec.reuse_prefix)
+        outcomes = decoder.generate(requests, reuse_prefix=spec.reuse_prefix, keys=spec.keys)
     except TaskCancelled as exc:
-        work = decoder.progress or [SeqWork(own_tokens=0) for _ in spec.thinks]
+        work = decoder.progress  # set before anything is evaluated, one per think
         spent = [
             ThinkReport(
                 "", w.own_tokens + w.shared_tokens + w.kept_tokens, w.decode_steps, "cancelled", False, str(exc)

@@ -209,3 +209,24 @@ def test_a_cancelled_batch_charges_each_agent_what_its_sequence_spent(tiny: Path
     assert [r.agent for r in records] == four
     assert all(not r.ok and r.error == "cancelled" and r.batch == records[0].batch for r in records)
     assert all(r.cpu_seconds > 0 for r in records), records
+
+
+def test_an_agents_kept_prompt_spares_it_all_but_what_changed(llm: LlamaBackend) -> None:
+    decoder = BatchDecoder(llm, kept_max=4)
+    keys = ["a0", "a1", "a2"]
+    try:
+        first = decoder.generate(_requests(3), keys=keys)
+        # The same agents, their prompts grown by a line at the end: only that line (and the chat
+        # template's closing tokens after it) is evaluated.
+        later = [Request(SYSTEM, _prompt(i) + "\nTime: 10:01", ACTION_SCHEMA_BYTES, 200, seed=i) for i in range(3)]
+        again = decoder.generate(later, keys=keys)
+        # A fourth and fifth agent: the least recently used kept prompt (a0's, then a1's) makes room.
+        decoder.generate(_requests(2), keys=["a3", "a4"])
+        after = decoder.generate(later[:1], keys=["a0"])
+    finally:
+        decoder.close()
+    for f, a in zip(first, again, strict=True):
+        assert f.generation.prompt_tokens - 20 < a.work.kept_tokens < f.generation.prompt_tokens
+        assert a.work.shared_tokens == 0
+        assert a.work.own_tokens == a.generation.prompt_tokens - a.work.kept_tokens < 40
+    assert after[0].work.kept_tokens < first[0].generation.prompt_tokens  # a0's own prompt was dropped
