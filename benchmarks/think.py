@@ -1,14 +1,17 @@
 """Thinking throughput: decisions and tokens per CPU-second, one think per task vs batched thinks.
 
 N agents think once each per round, with the agents' real system prompt (``DEFAULT_PERSONA`` and
-``RULES``), the action schema, ``max_tokens`` 160 (``LlmBrain``'s) and a context shaped like
-``Agent.context``'s (time, holdings, limits, news, others, artifacts), different per agent and round.
+``RULES``), the action schema, ``max_tokens`` 160 (``LlmBrain``'s) and a context with
+``Agent.context``'s lines (limits, others, artifacts, holdings, news, time), different per agent and
+round, laid out stable-first (what changes every turn last), as the batched path wants it.
 Paths, side by side in one run, rounds alternating so that a change in the machine's load hits all:
 
 - ``single``: today's path, one ``Think`` task per agent on a one-worker pool (llama-cpp-python's
   ``Llama`` keeps the KV of the previous prompt's common start, as it does in a real run);
 - ``batched``: the round's N thinks as one ``ThinkBatch`` task, no prefix reuse;
 - ``batched+prefix``: the same with the common prefix evaluated once and kept between batches;
+- ``batched+kept``: the same, and each agent's last prompt kept in the worker (``ThinkBatch.keys``), so
+  a think evaluates only what changed since the agent's previous one (a warm-up turn fills it);
 - ``llama_cpp.server``: the same requests to ``python -m llama_cpp.server --n_threads 1`` (what a user
   would pick), N at once, its process's CPU measured from ``/proc`` (skipped when its extras are not
   installed).
@@ -46,7 +49,7 @@ TARGET = 2.5
 TARGET_AGENTS = 8
 SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
 MAX_TOKENS = 160
-PATHS = ("single", "batched", "batched+prefix", "llama_cpp.server")
+PATHS = ("single", "batched", "batched+prefix", "batched+kept", "llama_cpp.server")
 
 
 def context(agent: int, turn: int) -> str:
@@ -55,14 +58,14 @@ def context(agent: int, turn: int) -> str:
     news = "none" if turn == 0 else f"a{(agent + turn) % 10} transferred {turn * 3} scrip to you"
     return "\n".join(
         [
-            f"Time (UTC): 2026-12-06T10:{turn:02d}:{agent % 60:02d}Z",
-            f"You are a{agent}. Scrip: {100 + 7 * agent - turn}. CPU budget: {2.5 + agent / 10:.2f} s. "
-            f"Tokens: {4000 - 90 * turn:.0f}.",
             f"Your limits: disk {agent * 3}/1024 KB, memory 256 MB per task, paid-model budget $0.00, "
             "CPU rate 250 millicores, LLM rate 40 tokens/s. Container: 2 CPUs, 4096 MB.",
-            f"News: {news}",
             f"Other agents: {others}",
             "Artifacts you can see: " + (", ".join(f"notes{j}" for j in range(agent % 4)) or "none"),
+            f"You are a{agent}. Scrip: {100 + 7 * agent - turn}. CPU budget: {2.5 + agent / 10:.2f} s. "
+            f"Tokens: {4000 - 90 * turn:.0f}.",
+            f"News: {news}",
+            f"Time (UTC): 2026-12-06T10:{turn:02d}:{agent % 60:02d}Z",
             "Reply with one action as JSON.",
         ]
     )
@@ -151,9 +154,10 @@ async def _single(pool: WorkerPool, specs: list[Think]) -> Run:
     return _run(reports, cpu, time.perf_counter() - t0)
 
 
-async def _batched(pool: WorkerPool, specs: list[Think], reuse: bool) -> Run:
+async def _batched(pool: WorkerPool, specs: list[Think], reuse: bool, kept: bool = False) -> Run:
     t0 = time.perf_counter()
-    out = await pool.run(ThinkBatch(thinks=specs, reuse_prefix=reuse))
+    keys = [f"a{i}" for i in range(len(specs))] if kept else []
+    out = await pool.run(ThinkBatch(thinks=specs, reuse_prefix=reuse, keys=keys))
     return _run(decode_think_batch(out.output).reports, out.usage.cpu_seconds, time.perf_counter() - t0)
 
 
@@ -266,7 +270,8 @@ async def _measure(model: Path, counts: list[int], rounds: int, skipped: dict[st
     if why:
         skipped["llama_cpp.server"] = why
     try:
-        async with WorkerPool(size=1) as pool:
+        # The kept path has a worker of its own: the other paths' batches would take its streams.
+        async with WorkerPool(size=1) as pool, WorkerPool(size=1) as kept_pool:
             warm = thinks(2, 59, model)
             await _single(pool, warm)  # loads the model, compiles the grammar
             await _batched(pool, warm, True)
@@ -274,6 +279,7 @@ async def _measure(model: Path, counts: list[int], rounds: int, skipped: dict[st
                 await server.round(warm)
             turn = 0
             for n in counts:
+                await _batched(kept_pool, thinks(n, 0, model), True, kept=True)  # each agent's previous turn
                 for r in range(rounds):
                     turn += 1
                     specs = thinks(n, turn, model)
@@ -281,6 +287,7 @@ async def _measure(model: Path, counts: list[int], rounds: int, skipped: dict[st
                         "single": await _single(pool, specs),
                         "batched": await _batched(pool, specs, False),
                         "batched+prefix": await _batched(pool, specs, True),
+                        "batched+kept": await _batched(kept_pool, specs, True, kept=True),
                     }
                     if server is not None:
                         got["llama_cpp.server"] = await server.round(specs)
