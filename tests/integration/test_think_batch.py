@@ -185,10 +185,12 @@ def test_a_cancelled_batch_charges_each_agent_what_its_sequence_spent(tiny: Path
         ledger.apply(OpenAccount(id=f"open:{agent}", account=agent, grants={"cpu_rate": 1000}))
         buckets.add(agent, "cpu", 10.0, 100.0)
         buckets.add(agent, "llm_tokens", 1e6, 1e7)
-    # Free text until max_tokens: the random model rambles for seconds, long enough to be stopped.
-    spec = ThinkBatch(
-        thinks=[Think(system=SYSTEM, prompt=_prompt(i), max_tokens=1300, model=str(tiny)) for i in range(4)]
-    )
+    # Free text, greedy: the random model runs to max_tokens on three of these four prompts (seconds),
+    # long enough to be stopped.
+    thinks = [
+        Think(system=SYSTEM, prompt=_prompt(i), max_tokens=1300, temperature=0.0, model=str(tiny)) for i in range(4)
+    ]
+    spec = ThinkBatch(thinks=thinks)
 
     async def main() -> None:
         async with WorkerPool(size=1) as pool:
