@@ -134,6 +134,8 @@ class TaskMint:
 
     def open_tasks(self) -> list[TaskConfig]:
         """The tasks that still pay, as the ledger says."""
+        if not self.tasks:  # in every agent's context: no ledger read for a runtime without tasks
+            return []
         paid = {s.post.task: len(s.awarded) for s in self.world.economy.ledger.tasks()}
         return [t for t in self.tasks.values() if paid.get(t.id, 0) < t.max_awards]
 
