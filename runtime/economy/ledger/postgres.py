@@ -48,6 +48,7 @@ from collections.abc import Collection, Iterator
 from typing import Any
 
 import psycopg
+from msgspec import Struct
 from psycopg_pool import ConnectionPool
 
 from runtime.economy.buckets import BucketState
@@ -341,7 +342,7 @@ class _BatchView:
         self._write_keyed("ledger_standing", "key", "record", {k: self._standing[k] for k in self._dirty_standing})
         self._write_keyed("ledger_offers", "offer", "post", {o: self._offers[o] for o in self._dirty_offers})
 
-    def _write_keyed(self, table: str, key: str, column: str, rows: dict[str, msgspec.Struct | None]) -> None:
+    def _write_keyed(self, table: str, key: str, column: str, rows: dict[str, Struct | None]) -> None:
         """Write a keyed table's changed rows back: a row that became None is deleted, the rest upserted.
         (``table``, ``key`` and ``column`` are this module's own names, never input.)"""
         gone = [k for k, v in rows.items() if v is None]
