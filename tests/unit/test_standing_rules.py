@@ -3,6 +3,7 @@ what a restart takes up is exactly what these ops leave, and a refused op leaves
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from runtime.economy.ledger import (
@@ -12,8 +13,10 @@ from runtime.economy.ledger import (
     Sponsor,
     SponsorUsed,
     Subscribe,
+    codec,
     standing_key,
 )
+from runtime.economy.ledger.checkpoint import Checkpoint
 from runtime.economy.ledger.rules import MemoryView, apply
 
 
@@ -59,3 +62,16 @@ def test_a_sponsorship_holds_what_is_left_and_ends_at_zero() -> None:
     apply(view, Sponsor(id="p3", owner="ann", artifact="tool", cpu_seconds=1.0))
     apply(view, Sponsor(id="p4", owner="ann", artifact="tool", cpu_seconds=0.0))  # 0 stops it
     assert view.standing_orders == {}
+
+
+def test_a_checkpoint_keeps_what_stands_through_its_stored_form() -> None:
+    view = _view()
+    apply(view, Subscribe(id="s1", trigger="trig-ann-1", subscriber="ann", artifact="tool", kind="transfer"))
+    apply(view, Sponsor(id="p1", owner="ben", artifact="tool", cpu_seconds=1.5))
+    stored = codec.checkpoint.decode(codec.encode(Checkpoint.of(view, through=4, at=0.0, folded=4, usage_records=0)))
+    assert stored.view().standing_orders == view.standing_orders
+    # A checkpoint written before triggers stood in the ledger reads as one with none.
+    fields = msgspec.structs.asdict(stored)
+    del fields["standing"]
+    older = codec.checkpoint.decode(codec.encode(fields))
+    assert older.view().standing_orders == {} and older.view().offers == stored.view().offers
