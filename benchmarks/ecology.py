@@ -646,7 +646,10 @@ def rules_target_line(results: list[SizeResult]) -> str:
             continue
         ratio = on.actions_per_s / off
         met = met and ratio >= RULES_TARGET and on.verified
-        parts.append(f"{n:,}: {on.actions_per_s:,.0f} / {off:,.0f} = {100 * ratio:.0f}%")
+        # The same ratio in CPU per action (supervisor + workers): what a loaded host's noise moves least.
+        bound = [r.cpu_bound_actions_per_s for r in results if r.agents == n and r.metering and not r.rules]
+        cpu = on.cpu_bound_actions_per_s / (sum(bound) / len(bound)) if sum(bound) else math.nan
+        parts.append(f"{n:,}: {on.actions_per_s:,.0f} / {off:,.0f} = {100 * ratio:.0f}% (CPU-bound {100 * cpu:.0f}%)")
     verdict = "met" if met else "NOT met"
     return f"rules on / off (target ≥ {100 * RULES_TARGET:.0f}% at every size): {'; '.join(parts)} — {verdict}"
 

@@ -210,10 +210,12 @@ class Node:
 
                 self.memory = QdrantMemory(url=cfg.memory_url) if cfg.memory_url else QdrantMemory(path=data / "memory")
             self.world = World(self.backends.store, self.economy, self.backends.events, self.memory)
-            if cfg.tasks:
-                post_tasks(ledger, cfg.tasks)
-                self.world.mint = TaskMint(self.world, cfg.tasks, cfg.budget.scrip_supply_cap, emit)
+            # Always a mint: the operator may post tasks into the ledger, before a start or while it runs.
+            post_tasks(ledger, cfg.tasks)
+            self.world.mint = TaskMint(self.world, cfg.tasks, cfg.budget.scrip_supply_cap, emit)
             self.agents = [make_agent(a, cfg, self.world) for a in cfg.agents]
+            # What agents left standing in an earlier run: sponsorships, and this node's agents' triggers.
+            self.world.restore({a.id for a in self.agents})
             if paused := await replay_operator(self.backends.store, self.backends.events, emit, self.agents):
                 self.say(f"paused by the operator: {', '.join(paused)} (python -m runtime.admin control resume AGENT)")
         except BaseException:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -31,6 +32,16 @@ def start_supervisor(config: Path, *args: str) -> subprocess.Popen[str]:
     as text (the test reads it with ``communicate`` once it has stopped it)."""
     argv = [sys.executable, "-m", "runtime.supervisor", "--config", str(config), "--no-live", *args]
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_dashboard(proc: subprocess.Popen[str], data: Path, timeout_s: float = 60) -> Path:
+    """The operator token file of the supervisor ``proc`` running on ``data``, once its dashboard wrote it."""
+    token = data / "run" / "dashboard.token"
+    deadline = time.monotonic() + timeout_s
+    while not token.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no dashboard token"
+        time.sleep(0.1)
+    return token
 
 
 class Closable(Protocol):

@@ -15,15 +15,17 @@ the batch.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import contextvars
 import itertools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from runtime.economy.buckets import Buckets, BucketState, Estimator
 from runtime.economy.dollars import DollarCap, worst_case_microusd
-from runtime.economy.ledger import Asset, Ledger, Receipt, RecordUsage, SetBuckets, Transfer
+from runtime.economy.ledger import Asset, Ledger, LedgerError, Receipt, RecordUsage, SetBuckets, Transfer
 from runtime.economy.metering import AgentMeter
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.economy.split import split_exact, weights
@@ -172,6 +174,32 @@ class Economy:
         self._n = itertools.count(1)
         #: The run's dollar cap on paid models (``budget.max_usd``), when there is one.
         self.dollars: DollarCap | None = None
+        #: Per agent: the memory limits of its tasks admitted and not yet ended (limit -> how many), and
+        #: a lock held while a task takes its limit or a trade shrinks the agent's ``memory_quota``.
+        self._memory_held: dict[str, collections.Counter[int]] = {}
+        self._memory_locks: dict[str, asyncio.Lock] = {}
+
+    def memory_in_use(self, agent: str) -> int:
+        """The bytes of ``agent``'s ``memory_quota`` in use: the largest memory limit one of its tasks was
+        given that has not ended (queued or running; each task may use up to its limit until it ends)."""
+        held = self._memory_held.get(agent)
+        return max(held) if held else 0
+
+    @contextlib.asynccontextmanager
+    async def memory_kept(self, agent: str, giving: int) -> AsyncIterator[None]:
+        """Around a trade that moves ``giving`` bytes of ``agent``'s ``memory_quota`` away: refused
+        (``quota_exceeded``) when that leaves less than ``memory_in_use``, and no task takes a limit
+        meanwhile (so none is given memory the trade is giving away)."""
+        async with self._memory_locks.setdefault(agent, asyncio.Lock()):
+            quota = await self.ledger.balance_async(agent, "memory_quota", fresh=True)
+            used = self.memory_in_use(agent)
+            if quota - giving < used:
+                raise LedgerError(
+                    "quota_exceeded",
+                    f"`{agent}` has a task running with {used} bytes of its {quota} of memory_quota; it can give "
+                    f"away at most {max(quota - used, 0)}, not {giving} (trade it when its tasks have ended)",
+                )
+            yield
 
     async def run(
         self, agent: str, spec: TaskSpec, *, timeout_s: float | None = None, serve: Serve | None = None
@@ -206,8 +234,28 @@ class Economy:
         # A task's memory limit is its agent's memory_quota, as the ledger holds it now. Confined code
         # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
         # could make the kernel pick the worker, not the sandbox, when memory runs out.
-        quota = 0 if isinstance(spec, Invoke) else await self.ledger.balance_async(agent, "memory_quota")
+        async with self._memory_locks.setdefault(agent, asyncio.Lock()):
+            quota = 0 if isinstance(spec, Invoke) else await self.ledger.balance_async(agent, "memory_quota")
+            limit = spec.memory_bytes if isinstance(spec, Invoke) else quota
+            held = self._memory_held.setdefault(agent, collections.Counter())
+            held[limit] += 1
+        try:
+            return await self._dispatched(agent, spec, kind, task_id, quota, timeout_s, serve)
+        finally:
+            held[limit] -= 1
+            if not held[limit]:
+                del held[limit]
 
+    async def _dispatched(
+        self,
+        agent: str,
+        spec: TaskSpec,
+        kind: str,
+        task_id: str,
+        quota: int,
+        timeout_s: float | None,
+        serve: Serve | None,
+    ) -> Outcome:
         async def dispatch() -> RunningTask:
             return self.pool.begin(
                 spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id

@@ -18,6 +18,13 @@ Operator controls on a running supervisor, sent to its dashboard with the token 
 - ``control note TEXT [--agent AGENT]``: an ``operator_note`` event;
 - ``control rollback COMMIT``: roll the store back while the supervisor runs (announced at once).
 
+The operator's tasks (``runtime.world.tasks``; the ledger's ``PostTask`` ops):
+
+- ``task post ID --reward N --tests FILE [--max-awards K] --description TEXT``: post (or re-state) a task
+  with its hidden tests — to the running supervisor as a control (agents hear ``task_posted`` at once),
+  or, when none answers, into the ledger directly (the supervisor takes it up when it starts);
+- ``task list``: every task, its reward, how many it paid of how many it may, and its description.
+
 The artifact store's history, which no agent can reach (with ``--postgres URL``, default
 ``$POSTGRES_URL``, the PostgreSQL store; else the Git store of the data directory, which has one
 writer: stop the supervisor first):
@@ -55,6 +62,7 @@ from runtime.ops import bill as bill_mod
 from runtime.ops import compact, dashboard
 from runtime.world.store import StoreError, check_id
 from runtime.world.store.open import open_store
+from runtime.world.tasks import post_tasks
 
 
 def _balances(ledger: Ledger) -> int:
@@ -125,6 +133,44 @@ def _control(data: Path, args: argparse.Namespace) -> int:
     except dashboard.ControlRefused as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _task_post(data: Path, postgres_url: str | None, args: argparse.Namespace) -> int:
+    try:
+        tests = Path(args.tests).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: --tests {args.tests}: {exc} (give a readable UTF-8 Python file)", file=sys.stderr)
+        return 2
+    fields = {"id": args.id, "description": args.description, "reward": args.reward, "max_awards": args.max_awards}
+    try:
+        task = msgspec.convert({**fields, "tests": tests}, config_mod.TaskConfig)
+    except msgspec.ValidationError as exc:
+        print(f"error: task {args.id!r}: {exc} (see `task post --help`)", file=sys.stderr)
+        return 2
+    try:
+        print(dashboard.send(data / "run", dashboard.PostTaskControl(task)))
+        return 0
+    except dashboard.NotRunning:
+        pass  # no supervisor answers: into the ledger it starts from
+    except dashboard.ControlRefused as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    ledger = open_ledger(data, postgres_url, create=False)
+    try:
+        post_tasks(ledger, [task])
+    finally:
+        ledger.close()
+    print(f"posted task {task.id} into the ledger: {task.reward} scrip, at most {task.max_awards} award(s)")
+    return 0
+
+
+def _task_list(ledger: Ledger) -> int:
+    print(f"{'task':<20} {'reward':>8} {'paid':>9}  description")
+    for state in ledger.tasks():
+        post = state.post
+        paid = f"{len(state.awarded)}/{post.max_awards}"
+        print(f"{post.task:<20} {post.reward:>8} {paid:>9}  {post.description or '(from the configuration)'}")
     return 0
 
 
@@ -201,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("text")
     n.add_argument("--agent", help="to this agent (default: everyone)")
     c.add_parser("rollback", help="roll the store back while the supervisor runs").add_argument("commit")
+    t = sub.add_parser("task", help="the operator's tasks").add_subparsers(dest="action", required=True)
+    tp = t.add_parser("post", help="post (or re-state) a task with its hidden tests")
+    tp.add_argument("id", help="the task's id: lowercase letters, digits, - and _")
+    tp.add_argument("--reward", type=int, required=True, metavar="N", help="scrip minted to each solver")
+    tp.add_argument("--tests", required=True, metavar="FILE", help="Python run after the submission; raise to fail")
+    tp.add_argument("--max-awards", type=int, default=1, metavar="K", help="at most K agents are paid (default 1)")
+    tp.add_argument("--description", required=True, help="what agents are told (200 characters at most)")
+    t.add_parser("list", help="every task and what it paid")
     h = sub.add_parser("history", help="the commits that changed an artifact")
     h.add_argument("id")
     s = sub.add_parser("show", help="an artifact as it was at a commit")
@@ -222,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         return _control(data, args)
     if args.command == "compact":
         return compact.command(data, args.horizon, args.archive_max_mb, args.postgres)
+    if args.command == "task" and args.action == "post":
+        try:
+            return _task_post(data, args.postgres, args)
+        except (NoLedger, DatabaseUnavailable) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.command in ("history", "show", "rollback"):
         return _store_command(data, args.postgres, args)
     try:
@@ -236,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             return _journal(ledger, args.since, args.limit)
         if args.command == "bill":
             return _bill(ledger, args.agent, args.since, args.json)
+        if args.command == "task":
+            return _task_list(ledger)
         return _check(ledger)
     finally:
         ledger.close()

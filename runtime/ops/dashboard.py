@@ -17,7 +17,8 @@ Reading needs nothing; a control needs the token generated at start, printed onc
 replays them, ``runtime.node.replay_operator``), grant and burn
 are ledger ``Mint``/``Burn`` ops under the ledger's rules (a rate right re-rates the agent's bucket, as a
 trade does; a ``cpu_rate`` grant must fit the container's CPU, as at a start), an
-injected note is an ``operator_note`` event, a rollback is a store commit announced by ``system_reset``.
+injected note is an ``operator_note`` event, a rollback is a store commit announced by ``system_reset``, a
+posted task is a ledger ``PostTask`` op announced by ``task_posted`` (``runtime.world.tasks``).
 
 The server runs in its own thread ("dashboard") with its own event loop, so a slow page never holds the
 agents' loop back and what it costs is that thread's CPU (``benchmarks/dashboard.py`` measures it). Its
@@ -54,6 +55,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from runtime.config import TaskConfig
 from runtime.economy.charging import Economy
 from runtime.economy.ledger import Burn, Ledger, Mint
 from runtime.economy.ledger.open import NoLedger, open_ledger
@@ -65,6 +67,7 @@ from runtime.world.events import Events
 from runtime.world.events.log import EventLog
 from runtime.world.store import Store, StoreError
 from runtime.world.store.open import open_store
+from runtime.world.tasks import TaskMint
 
 STATIC = Path(__file__).with_name("dashboard_static")
 TOKEN_NAME = "dashboard.token"
@@ -126,7 +129,13 @@ class Rollback(msgspec.Struct, tag="rollback", frozen=True):
     to: str
 
 
-Control = Pause | Resume | Grant | BurnAsset | Inject | Rollback
+class PostTaskControl(msgspec.Struct, tag="post_task", frozen=True):
+    """Post (or re-state) a task with its hidden tests (``runtime.world.tasks``)."""
+
+    task: TaskConfig
+
+
+Control = Pause | Resume | Grant | BurnAsset | Inject | Rollback | PostTaskControl
 _control = msgspec.json.Decoder(Control)
 
 
@@ -153,8 +162,10 @@ class Dashboard:
         agents: Callable[[], Sequence[object]],
         economy: Economy | None = None,
         cpu_capacity: int | None = None,
+        mint: TaskMint | None = None,
     ) -> None:
         self._token = token
+        self.mint = mint
         self._registry = registry
         self.ledger, self.events, self.store, self.agents, self.economy = ledger, events, store, agents, economy
         #: The millicores of ``cpu_rate`` the agents may hold in all (None: no such bound here, as on a node
@@ -303,6 +314,11 @@ class Dashboard:
                 new = await asyncio.to_thread(self.store.rollback, commit, "operator")
                 ev = await self.events.publish("system_reset", None, commit=new, to=commit)
                 return f"rolled back to {commit}: HEAD {new} (event {ev.seq})"
+            case PostTaskControl(task=task):
+                if self.mint is None:
+                    raise LookupError("this supervisor has no task mint")
+                posted = await self.mint.post(task)
+                return f"posted task {task.id}: {task.reward} scrip, at most {task.max_awards} award(s) ({posted.id})"
         raise AssertionError(control)
 
     def _agent(self, agent: str) -> Pausable:
@@ -352,7 +368,7 @@ def send(run_dir: Path, control: Control) -> str:
         token = (run_dir / TOKEN_NAME).read_text().strip()
         url = (run_dir / URL_NAME).read_text().strip()
     except OSError as exc:
-        raise ControlRefused(f"no running dashboard in {run_dir} ({exc.strerror}): is the supervisor running?") from exc
+        raise NotRunning(f"no running dashboard in {run_dir} ({exc.strerror}): is the supervisor running?") from exc
     req = urllib.request.Request(
         f"{url}/api/control",
         data=msgspec.json.encode(control),
@@ -364,13 +380,19 @@ def send(run_dir: Path, control: Control) -> str:
     except urllib.error.HTTPError as exc:
         raise ControlRefused(f"refused ({exc.code}): {json.loads(exc.read()).get('error', '')}") from exc
     except OSError as exc:
-        raise ControlRefused(f"the supervisor at {url} does not answer: {exc}") from exc
+        raise NotRunning(f"the supervisor at {url} does not answer: {exc}") from exc
 
 
 class ControlRefused(AecoError):
     """An operator control that could not be carried out; the message says why."""
 
     default_code: ErrorCode = "invalid"
+
+
+class NotRunning(ControlRefused):
+    """No supervisor answers for this data directory (none runs, or it left its token behind)."""
+
+    default_code: ErrorCode = "unavailable"
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -129,6 +129,7 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
                 node.economy,
                 # One container: its CPU bounds every agent's rights (a node of a shared deployment warns instead).
                 None if cfg.node.agent_range else node.capacity,
+                world.mint,
             )
             dash.start(sock, loop)
             # The token is shown here once; it stays readable by this user only in the data directory.

@@ -1,6 +1,7 @@
 """Earned scrip: the task mint.
 
-    operator: config ``tasks`` ──► ledger ``PostTask`` (terms; who was paid)
+    operator: config ``tasks``, or ``python -m runtime.admin task post`` ──► ledger ``PostTask`` (terms,
+              description and hidden tests; who was paid)
     agent: submit(task, its code artifact) ──► hidden tests run confined, charged to the agent
         ──► pass: ledger ``AwardTask`` mints the reward (journalled with the task, the artifact and
             the Git blob id of the version tested) — at most ``max_awards`` agents, each once
@@ -11,6 +12,10 @@ what it defines and fail it by raising. The run passes only when it ends by sett
 submission cannot know in advance (a fresh random token, set after the tests). Submission and tests
 share that interpreter, so a submission written to subvert the tests could; the journalled blob id
 lets the operator read what was paid for (``python -m runtime.admin``).
+
+The ledger is where the tasks are: the mint loads them at start (the configuration's are posted first),
+takes a task the operator posts to the running supervisor at once (``post``), and looks in the ledger
+again for a task it does not know when one is submitted (posted into the ledger by another process).
 
 Once-only is the ledger's rule, not this module's: concurrent passing submissions each ask for the
 award, and the ledger grants the first ``max_awards`` agents and refuses the rest.
@@ -72,32 +77,85 @@ def blob_id(content: bytes) -> str:
     return hashlib.sha1(b"blob %d\x00" % len(content) + content, usedforsecurity=False).hexdigest()
 
 
+def post_op(task: TaskConfig) -> PostTask:
+    """The ledger op that posts ``task``: its id carries the terms and a digest of the description and
+    tests, so posting the same task again (a restart with the same configuration) changes nothing."""
+    digest = hashlib.sha256(f"{task.description}\x00{task.tests}".encode()).hexdigest()[:12]
+    return PostTask(
+        id=f"task:{task.id}:{task.reward}x{task.max_awards}:{digest}",
+        task=task.id,
+        reward=task.reward,
+        max_awards=task.max_awards,
+        description=task.description,
+        tests=task.tests,
+    )
+
+
 def post_tasks(ledger: Ledger, tasks: list[TaskConfig]) -> None:
-    """Post (or re-state) the configured tasks; the op id carries the terms, so a restart replays them."""
+    """Post (or re-state) ``tasks`` (the configured ones at start, or the operator's into a stopped ledger)."""
     for t in tasks:
-        terms = f"{t.reward}x{t.max_awards}"
-        ledger.apply(PostTask(id=f"task:{t.id}:{terms}", task=t.id, reward=t.reward, max_awards=t.max_awards))
+        ledger.apply(post_op(t))
+
+
+def posted_tasks(ledger: Ledger, configured: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+    """Every task the ledger holds, with its description and tests (from ``configured`` for a post
+    written before posts carried them), by task id."""
+    found: dict[str, TaskConfig] = {}
+    for state in ledger.tasks():
+        post = state.post
+        if post.tests and post.description:
+            found[post.task] = TaskConfig(
+                id=post.task,
+                description=post.description,
+                reward=post.reward,
+                tests=post.tests,
+                max_awards=post.max_awards,
+            )
+        elif post.task in configured:
+            found[post.task] = configured[post.task]
+    return found
 
 
 class TaskMint:
     """The tasks of one world and their hidden tests (see the module docstring)."""
 
     def __init__(
-        self, world: World, tasks: list[TaskConfig], supply_cap: int | None, emit: Callable[[str, dict[str, Any]], None]
+        self,
+        world: World,
+        configured: list[TaskConfig],
+        supply_cap: int | None,
+        emit: Callable[[str, dict[str, Any]], None],
     ) -> None:
         self.world = world
-        self.tasks = {t.id: t for t in tasks}
+        self.configured = {t.id: t for t in configured}
+        self.tasks = posted_tasks(world.economy.ledger, self.configured)
         self.supply_cap = supply_cap
         self.emit = emit
 
     def open_tasks(self) -> list[TaskConfig]:
         """The tasks that still pay, as the ledger says."""
+        if not self.tasks:  # in every agent's context: no ledger read for a runtime without tasks
+            return []
         paid = {s.post.task: len(s.awarded) for s in self.world.economy.ledger.tasks()}
         return [t for t in self.tasks.values() if paid.get(t.id, 0) < t.max_awards]
+
+    async def post(self, task: TaskConfig) -> PostTask:
+        """Post (or re-state) ``task`` while the runtime runs: journaled, then open to every agent at once
+        (a ``task_posted`` event to everyone, without the tests)."""
+        op = post_op(task)
+        receipt = await asyncio.wrap_future(self.world.economy.ledger.submit(op))
+        self.tasks[task.id] = task
+        if receipt.fresh:
+            fields = {"task": task.id, "reward": task.reward, "max_awards": task.max_awards}
+            self.emit("task_posted", {**fields, "description": task.description})
+        return op
 
     async def submit(self, agent: str, task_id: str, artifact_id: str) -> Award:
         """Test ``agent``'s code artifact against task ``task_id``; mint the reward when it passes."""
         task = self.tasks.get(task_id)
+        if task is None:  # posted into the ledger by another process (the operator, another node)?
+            self.tasks = await asyncio.to_thread(posted_tasks, self.world.economy.ledger, self.configured)
+            task = self.tasks.get(task_id)
         if task is None:
             raise TaskError("not_found", f"no task `{task_id}`; tasks are {', '.join(self.tasks) or 'none'}")
         art = await self.world.store.read_async(agent, check_id(artifact_id))

@@ -13,8 +13,12 @@ the subscriber. A trigger whose subscriber cannot pay (``insufficient_funds``) i
 code's and the trigger stays.
 
 Events a trigger's own invocation causes (``artifact_invoked`` of its artifact) do not fire it again,
-so a trigger cannot feed itself. Triggers live as long as the supervisor (a restart forgets them; the
-subscriber subscribes again).
+so a trigger cannot feed itself.
+
+A trigger stands in the ledger, like an open offer: subscribing is a ``Subscribe`` op (its stored record
+while it stands), a cancellation or suspension an ``EndTrigger`` op, and a supervisor that starts again
+starts the triggers standing for its agents (``restore``). Events committed while no supervisor ran
+fire nothing: a trigger hears what happens while it runs.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from msgspec import Struct
 
+from runtime.economy.ledger import EndTrigger, Subscribe
 from runtime.errors import AecoError
 from runtime.world.events import Event
 
@@ -79,26 +84,45 @@ class Triggers:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._n = itertools.count(1)
 
-    def subscribe(
+    async def subscribe(
         self, subscriber: str, artifact: str, kind: str, actor: str | None = None, about: str | None = None
     ) -> Trigger:
-        """Start a trigger (called on the event loop); the first one attaches to the event log."""
-        if self._loop is None:
-            events = self.world.events
-            if events is None or not hasattr(events, "attach"):
-                raise AecoError("triggers need the supervisor's event log", code="unavailable")
-            self._loop = asyncio.get_running_loop()
-            events.attach(self)
-        trigger = Trigger(
-            id=f"trig-{subscriber}-{next(self._n)}",
+        """Start a trigger once the ledger holds it (on the event loop)."""
+        n = next(self._n)
+        record = Subscribe(
+            id=f"{self.world.economy.run_id}:{subscriber}:sub{n}",
+            trigger=f"trig-{subscriber}-{self.world.economy.run_id}-{n}",
             subscriber=subscriber,
             artifact=artifact,
             kind=kind,
             actor=actor,
             about=about,
         )
+        await asyncio.wrap_future(self.world.economy.ledger.submit(record))
+        return self._start(record)
+
+    def restore(self, agents: Collection[str]) -> list[Trigger]:
+        """Start again the triggers the ledger holds for ``agents`` (this node's), on the event loop."""
+        standing = self.world.economy.ledger.standing()
+        return [self._start(r) for r in standing if isinstance(r, Subscribe) and r.subscriber in agents]
+
+    def _start(self, record: Subscribe) -> Trigger:
+        if self._loop is None:  # the first trigger attaches to the event log
+            events = self.world.events
+            if events is None or not hasattr(events, "attach"):
+                raise AecoError("triggers need the supervisor's event log", code="unavailable")
+            self._loop = asyncio.get_running_loop()
+            events.attach(self)
+        trigger = Trigger(
+            id=record.trigger,
+            subscriber=record.subscriber,
+            artifact=record.artifact,
+            kind=record.kind,
+            actor=record.actor,
+            about=record.about,
+        )
         self.triggers[trigger.id] = trigger
-        self._by_kind.setdefault(kind, []).append(trigger)
+        self._by_kind.setdefault(trigger.kind, []).append(trigger)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[trigger.id] = queue
         task = asyncio.create_task(self._run(trigger, queue), name=f"trigger:{trigger.id}")
@@ -106,14 +130,22 @@ class Triggers:
         self._task_of[trigger.id] = task
         return trigger
 
-    def cancel(self, subscriber: str, trigger_id: str) -> None:
-        """Stop one of ``subscriber``'s triggers."""
+    async def cancel(self, subscriber: str, trigger_id: str) -> None:
+        """Stop one of ``subscriber``'s triggers, for good."""
         trigger = self.triggers.get(trigger_id)
-        if trigger is None or trigger.subscriber != subscriber:
+        if trigger is None or trigger.subscriber != subscriber or trigger.state != "active":
             raise AecoError(f"`{subscriber}` has no trigger `{trigger_id}`", code="not_found")
         trigger.state = "cancelled"
         self._task_of[trigger_id].cancel()
         self._forget(trigger)
+        await self._end(trigger, "")
+
+    async def _end(self, trigger: Trigger, reason: str) -> None:
+        state: Literal["cancelled", "suspended"] = "cancelled" if trigger.state == "cancelled" else "suspended"
+        op = EndTrigger(
+            id=f"end:{trigger.id}", trigger=trigger.id, subscriber=trigger.subscriber, state=state, reason=reason
+        )
+        await asyncio.wrap_future(self.world.economy.ledger.submit(op))
 
     def announce(self, events: Sequence[Event]) -> None:
         """The event log's writer thread hands over committed events: route them on the loop."""
@@ -143,13 +175,13 @@ class Triggers:
             except AecoError as exc:
                 if exc.code in ("insufficient_funds", "not_found", "forbidden", "not_code"):
                     trigger.state = "suspended"
+                    reason = f"{exc.code}: {exc.message}"[:200]
+                    try:
+                        await self._end(trigger, reason)
+                    except AecoError as why:  # it stands in the ledger, and is suspended again after a restart
+                        log.warning("could not record that trigger %s is suspended: %s", trigger.id, why)
                     self.world.emit(
-                        "trigger_suspended",
-                        {
-                            "agent": trigger.subscriber,
-                            "trigger": trigger.id,
-                            "reason": f"{exc.code}: {exc.message[:200]}",
-                        },
+                        "trigger_suspended", {"agent": trigger.subscriber, "trigger": trigger.id, "reason": reason}
                     )
                 else:
                     trigger.failed += 1

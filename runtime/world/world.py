@@ -12,9 +12,11 @@ authorised. The owner is paid the artifact's price only when the invocation succ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
+from collections.abc import AsyncIterator, Collection
 from typing import Any, Literal
 
 import msgspec
@@ -30,6 +32,8 @@ from runtime.economy.ledger import (
     LedgerError,
     PostOffer,
     Receipt,
+    Sponsor,
+    SponsorUsed,
     Transfer,
 )
 from runtime.economy.rights import RATE_RIGHTS
@@ -87,7 +91,8 @@ class World:
         #: The operator's tasks (``runtime.world.tasks``), when the runtime posts any.
         self.mint: TaskMint | None = None
         self.triggers = Triggers(self)
-        #: (owner, artifact) -> CPU-seconds the owner still pays for others' invocations (``charge_to``).
+        #: (owner, artifact) -> CPU-seconds the owner still pays for others' invocations (``charge_to``),
+        #: less what runs in progress hold; the ledger keeps what is left once they settle (``Sponsor``).
         self.sponsored: dict[tuple[str, str], float] = {}
 
     def _disk_lock(self, agent: str) -> asyncio.Lock:
@@ -149,14 +154,27 @@ class World:
                 f"{max(quota - used, 0)}, not {giving} (delete artifacts first)",
             )
 
+    @contextlib.asynccontextmanager
+    async def _quota_kept(self, agent: str, asset: Asset, giving: int) -> AsyncIterator[None]:
+        """Around moving ``giving`` of ``agent``'s ``asset`` away: a quota moves only as far as it is not in
+        use — disk (``disk_in_use``: its artifacts, its memories) or memory (``Economy.memory_in_use``:
+        the limits of its tasks not yet ended) — and its use cannot grow until the move is done."""
+        if asset == "disk_quota":
+            async with self._disk_lock(agent):
+                await self._check_disk_kept(agent, giving)
+                yield
+        elif asset == "memory_quota":
+            async with self.economy.memory_kept(agent, giving):
+                yield
+        else:
+            yield
+
     async def transfer(self, op: Transfer) -> Receipt:
-        """Move an asset between accounts (a rate right re-rates both buckets; disk quota in use stays);
+        """Move an asset between accounts (a rate right re-rates both buckets; quota in use stays);
         the recipient gets a ``transfer`` event addressed to it — news that may change what it decides."""
-        if op.asset == "disk_quota":
-            async with self._disk_lock(op.src):
-                await self._check_disk_kept(op.src, op.amount)
-                return await self._transferred(op, await self.economy.transfer_right(op))
-        return await self._transferred(op, await self.economy.transfer_right(op))
+        async with self._quota_kept(op.src, op.asset, op.amount):
+            receipt = await self.economy.transfer_right(op)
+        return await self._transferred(op, receipt)
 
     async def _transferred(self, op: Transfer, receipt: Receipt) -> Receipt:
         if receipt.fresh:
@@ -222,7 +240,7 @@ class World:
     async def accept_offer(self, agent: str, offer_id: str) -> PostOffer:
         """``agent`` buys the whole of an open offer, atomically (one ledger operation: the asset to
         ``agent``, the scrip to the seller, the offer closed); a rate right re-rates both buckets, and
-        disk quota the seller uses cannot be sold."""
+        quota the seller uses cannot be sold."""
         offer = await self.economy.ledger.offer_async(offer_id)
         if offer is None:
             raise LedgerError("not_found", f"no open offer `{offer_id}`")
@@ -234,11 +252,7 @@ class World:
             amount=offer.amount,
             price=offer.price,
         )
-        if offer.asset == "disk_quota":
-            async with self._disk_lock(offer.seller):
-                await self._check_disk_kept(offer.seller, offer.amount)
-                receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
-        else:
+        async with self._quota_kept(offer.seller, offer.asset, offer.amount):
             receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
         if receipt.fresh:
             await self.economy.rerate_parties(offer.asset, (offer.seller, agent), op.id)
@@ -343,10 +357,10 @@ class World:
         try:
             out = await self.economy.run(payer, spec, serve=serve)
         except TaskFailed as exc:
-            self._settle_sponsored(art.owner, aid, held, exc.usage.cpu_seconds if exc.usage else held)
+            await self._settle_sponsored(art.owner, aid, held, exc.usage.cpu_seconds if exc.usage else held, key)
             self.emit("artifact_invoked", {"agent": art.owner, "by": agent, "id": aid, "ok": False, "error": exc.code})
             raise InvokeError(exc.code, exc.message) from None
-        self._settle_sponsored(art.owner, aid, held, out.usage.cpu_seconds)
+        await self._settle_sponsored(art.owner, aid, held, out.usage.cpu_seconds, key)
         report = p.decode_invoke(out.output)
         if not report.ok:
             self.emit(
@@ -387,16 +401,27 @@ class World:
         art = await self.store.read_async(agent, check_id(artifact_id))
         if art.kind != "code":
             raise InvokeError("not_code", f"artifact `{art.id}` is {art.kind}, not code")
-        return self.triggers.subscribe(agent, art.id, kind, actor, about)
+        return await self.triggers.subscribe(agent, art.id, kind, actor, about)
 
     async def sponsor(self, agent: str, artifact_id: str, cpu_seconds: float) -> None:
         """``agent`` pays, from now on, up to ``cpu_seconds`` of CPU in all for others' invocations of its
-        artifact that ask to be charged to the owner (replacing what was left; 0 stops). Kept for the
-        supervisor's life."""
+        artifact that ask to be charged to the owner (replacing what was left; 0 stops). A ledger
+        ``Sponsor`` op: it outlives the supervisor (``restore``)."""
         art = await self.store.read_async(agent, check_id(artifact_id))
         if art.owner != agent:
             raise InvokeError("forbidden", f"`{art.id}` is {art.owner}'s: only its owner pays for it")
-        self.sponsored[(agent, art.id)] = max(cpu_seconds, 0.0)
+        left = max(cpu_seconds, 0.0)
+        op = Sponsor(id=self._op_id(agent, "sp"), owner=agent, artifact=art.id, cpu_seconds=left)
+        await asyncio.wrap_future(self.economy.ledger.submit(op))
+        self.sponsored[(agent, art.id)] = left
+
+    def restore(self, agents: Collection[str]) -> None:
+        """Take up what stands in the ledger from an earlier run: the sponsorships (any agent may invoke
+        a sponsored artifact) and the triggers of ``agents`` (this node's), started again. On the loop."""
+        for record in self.economy.ledger.standing():
+            if isinstance(record, Sponsor):
+                self.sponsored[(record.owner, record.artifact)] = record.cpu_seconds
+        self.triggers.restore(agents)
 
     def _hold_sponsored(self, owner: str, aid: str, want: float) -> float:
         """Take up to ``want`` CPU-seconds of what ``owner`` sponsors for ``aid``, before the run (so
@@ -408,10 +433,13 @@ class World:
         self.sponsored[(owner, aid)] = left - held
         return held
 
-    def _settle_sponsored(self, owner: str, aid: str, held: float, used: float) -> None:
+    async def _settle_sponsored(self, owner: str, aid: str, held: float, used: float, run: str) -> None:
         if held:
             key = (owner, aid)
             self.sponsored[key] = self.sponsored.get(key, 0.0) + max(held - used, 0.0)
+            spent = min(used, held)
+            op = SponsorUsed(id=f"sponsored:{run}", owner=owner, artifact=aid, cpu_seconds=spent)
+            await asyncio.wrap_future(self.economy.ledger.submit(op))
 
     # ------------------------------------------------------------------------------------ memory
 

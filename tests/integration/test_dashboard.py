@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from runtime.world.events.log import EventLog
-from tests.harness import ROOT, python_m, start_supervisor
+from tests.harness import ROOT, python_m, start_supervisor, wait_for_dashboard
 from tests.integration.store_backends import assert_fsck, git
 from tests.integration.test_native import _free_port
 from tests.integration.test_supervisor import SCRIPTED
@@ -64,11 +64,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
     repo = data / "artifacts.git"
     proc = start_supervisor(config)
     try:
-        token_file = data / "run" / "dashboard.token"
-        deadline = time.monotonic() + 60
-        while not token_file.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no dashboard token"
-            time.sleep(0.1)
+        token_file = wait_for_dashboard(proc, data)
         assert token_file.stat().st_mode & 0o777 == 0o600
         token = token_file.read_text().strip()
         with sync_playwright() as pw:

@@ -85,6 +85,36 @@ def test_disk_quota_in_use_cannot_be_given_away(tmp_path: Path) -> None:
     _ledger_ok(tmp_path)
 
 
+def test_memory_quota_in_use_cannot_be_given_away(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        quota = led.balance("bob", "memory_quota")
+        assert quota == 256 << 20
+        await w.write_artifact("bob", "nap", b"import time\ntime.sleep(3)\nworld.result(1)", kind="code")
+        await perform(w, "bob", MakeOffer(asset="memory_quota", amount=1 << 20, price=1, name="mem"))
+        # bob's confined run holds a limit of its whole quota until it ends: none of it can go meanwhile.
+        running = asyncio.create_task(w.invoke_artifact("bob", "nap", wall_seconds=20))
+        while w.economy.memory_in_use("bob") == 0:
+            await asyncio.sleep(0.01)
+        assert w.economy.memory_in_use("bob") == quota
+        with pytest.raises(LedgerError) as err:
+            await perform(w, "bob", TransferScrip(to="alice", amount=1 << 20, asset="memory_quota"))
+        assert err.value.code == "quota_exceeded" and f"{quota} bytes" in str(err.value)
+        with pytest.raises(LedgerError) as err:
+            await perform(w, "alice", AcceptOffer(offer="bob.mem"))
+        assert err.value.code == "quota_exceeded"
+        assert led.balance("bob", "memory_quota") == quota and [o.offer for o in await w.offers()] == ["bob.mem"]
+        assert (await running).value == 1
+        # Its task has ended: the same trade and the same acceptance go through.
+        assert w.economy.memory_in_use("bob") == 0
+        await perform(w, "bob", TransferScrip(to="alice", amount=1 << 20, asset="memory_quota"))
+        await perform(w, "alice", AcceptOffer(offer="bob.mem"))
+        assert led.balance("bob", "memory_quota") == quota - (2 << 20)
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
 def test_an_offer_is_filled_once_by_concurrent_buyers_and_both_sides_move(tmp_path: Path) -> None:
     events: list[str] = []
 
@@ -315,6 +345,39 @@ def test_a_trigger_fires_once_per_matching_event_and_stops_when_its_subscriber_i
 
     with_world(tmp_path, body, events)
     assert events.count("trigger_suspended") == 1
+    _ledger_ok(tmp_path)
+
+
+def test_triggers_and_sponsorships_stand_across_a_restart(tmp_path: Path) -> None:
+    trigger: list[str] = []
+    left: list[float] = []
+
+    async def before(w: World) -> None:
+        await w.write_artifact("carol", "watcher", b"world.result(world.args['fields']['id'])", kind="code")
+        await w.write_artifact("alice", "hello", b"world.result('hi')", kind="code")
+        kept = await perform(w, "bob", Subscribe(id="watcher", on="artifact_written", actor="alice"))
+        dropped = await w.subscribe("carol", "watcher", "artifact_deleted")
+        await w.triggers.cancel("carol", dropped.id)
+        await perform(w, "alice", Sponsor(id="hello", cpu_seconds=5.0))
+        await perform(w, "bob", InvokeArtifact(id="hello", charge_to="owner"))
+        trigger.append(kept.text.split(" as ")[-1])
+        left.append(w.sponsored[("alice", "hello")])
+
+    async def after(w: World) -> None:
+        assert w.events is not None
+        # The trigger bob left standing runs again (the cancelled one does not); the sponsorship's rest holds.
+        assert [(t.id, t.subscriber, t.state) for t in w.triggers.triggers.values()] == [(trigger[0], "bob", "active")]
+        assert w.sponsored == {("alice", "hello"): pytest.approx(left[0])} and 0 < left[0] < 5.0
+        since = await w.events.last_seq_async()
+        await w.write_artifact("alice", "after", b"x")
+        fired = await w.events.wait("carol", kinds={"artifact_invoked"}, since=since, timeout=60)
+        assert [(e.fields["by"], e.fields["ok"]) for e in fired] == [("bob", True)]
+        alice = _cpu_charged(w, "alice")
+        await perform(w, "bob", InvokeArtifact(id="hello", charge_to="owner"))
+        assert _cpu_charged(w, "alice") > alice and w.sponsored[("alice", "hello")] < left[0]
+
+    with_world(tmp_path, before)
+    with_world(tmp_path, after)
     _ledger_ok(tmp_path)
 
 

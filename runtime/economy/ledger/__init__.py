@@ -10,7 +10,8 @@ Invariants (checked by ``python -m runtime.admin check``):
 - no balance is negative;
 - for each asset, the sum of balances equals what was minted minus what was burned;
 - each task has exactly one usage record, and each usage record was written by exactly one journal entry;
-- replaying the journal from empty gives the balances, the open offers and the tasks' awards.
+- replaying the journal from empty gives the balances, the open offers, the tasks' awards and the
+  standing orders (triggers and sponsorships).
 """
 
 from __future__ import annotations
@@ -157,15 +158,23 @@ class CancelOffer(_Op, tag="cancel_offer", frozen=True):
 
 
 TaskId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+ArtifactRef = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
 
 
 class PostTask(_Op, tag="post_task", frozen=True):
     """The operator posts (or re-states) a task: solving it earns ``reward`` scrip, minted, for at most
-    ``max_awards`` different agents. Posting again changes the terms and keeps who was paid."""
+    ``max_awards`` different agents. Posting again changes the terms and keeps who was paid.
+
+    ``description`` (what agents are told) and the hidden ``tests`` travel with the post, so a task the
+    operator posts while the supervisor runs, or into a stopped data directory, is known after a
+    restart; the journal is the operator's, never an agent's. (Posts from before they did have both
+    empty; the configuration supplies them.)"""
 
     task: TaskId
     reward: Amount
     max_awards: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+    description: Annotated[str, Meta(max_length=200)] = ""
+    tests: Annotated[str, Meta(max_length=1 << 16)] = ""
 
 
 class AwardTask(_Op, tag="award_task", frozen=True):
@@ -176,7 +185,7 @@ class AwardTask(_Op, tag="award_task", frozen=True):
 
     task: TaskId
     agent: AccountId
-    artifact: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
+    artifact: ArtifactRef
     blob: Annotated[str, Meta(pattern=r"^[0-9a-f]{40}$")]
     supply_cap: Amount | None = None
 
@@ -186,6 +195,59 @@ class TaskState(Struct, frozen=True):
 
     post: PostTask
     awarded: list[str] = []
+
+
+TriggerId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+
+
+class Subscribe(_Op, tag="subscribe", frozen=True):
+    """``subscriber`` starts trigger ``trigger``: its code artifact ``artifact`` runs on every event of
+    ``kind`` (about ``actor`` and ``about`` when given; ``runtime.world.triggers``). This op is also the
+    trigger's stored record while it stands, so a restarted supervisor starts it again."""
+
+    trigger: TriggerId
+    subscriber: AccountId
+    artifact: ArtifactRef
+    kind: Annotated[str, Meta(min_length=1, max_length=64)]
+    actor: Annotated[str, Meta(max_length=64)] | None = None
+    about: Annotated[str, Meta(max_length=128)] | None = None
+
+
+class EndTrigger(_Op, tag="end_trigger", frozen=True):
+    """A trigger stops for good: its subscriber cancelled it, or it was suspended (``reason`` says why,
+    such as a subscriber that could not pay)."""
+
+    trigger: TriggerId
+    subscriber: AccountId
+    state: Literal["cancelled", "suspended"]
+    reason: Annotated[str, Meta(max_length=200)] = ""
+
+
+class Sponsor(_Op, tag="sponsor", frozen=True):
+    """``owner`` pays up to ``cpu_seconds`` of CPU, in all, for others' invocations of its artifact that ask
+    to be charged to the owner (replacing what was left; 0 stops). Its stored record holds what is left."""
+
+    owner: AccountId
+    artifact: ArtifactRef
+    cpu_seconds: NonNegFloat
+
+
+class SponsorUsed(_Op, tag="sponsor_used", frozen=True):
+    """A sponsored invocation used ``cpu_seconds`` of what ``owner`` sponsors for ``artifact`` (none
+    left is the end of the sponsorship; a sponsorship that ended meanwhile is left alone)."""
+
+    owner: AccountId
+    artifact: ArtifactRef
+    cpu_seconds: NonNegFloat
+
+
+#: What stands between operations: a trigger or a sponsorship, kept under ``standing_key``.
+Standing = Subscribe | Sponsor
+
+
+def standing_key(kind: Literal["trigger", "sponsor"], *parts: str) -> str:
+    """The key a standing order is kept under: ``trigger:<id>`` or ``sponsor:<owner>/<artifact>``."""
+    return f"{kind}:{'/'.join(parts)}"
 
 
 class SetBuckets(_Op, tag="buckets", frozen=True):
@@ -208,6 +270,10 @@ Op = (
     | CancelOffer
     | PostTask
     | AwardTask
+    | Subscribe
+    | EndTrigger
+    | Sponsor
+    | SponsorUsed
 )
 
 
@@ -311,6 +377,10 @@ class Ledger(Protocol):
 
     def tasks(self) -> list[TaskState]:
         """Every posted task and who was paid for it, by task id."""
+        ...
+
+    def standing(self) -> list[Standing]:
+        """Every standing trigger and sponsorship, by key."""
         ...
 
     def close(self) -> None:

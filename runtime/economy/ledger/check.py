@@ -76,6 +76,8 @@ def check(ledger: Ledger, start: Checkpoint | None = None) -> CheckReport:
         problems.append("replaying the journal does not give the open offers")
     if replay.tasks != {t.post.task: t for t in ledger.tasks()}:
         problems.append("replaying the journal does not give the tasks and their awards")
+    if [v for _, v in sorted(replay.standing_orders.items())] != ledger.standing():
+        problems.append("replaying the journal does not give the standing triggers and sponsorships")
 
     records = Counter(r.task_id for r in ledger.usage_records())
     for task_id, n in records.items():

@@ -1,7 +1,8 @@
 """A checkpoint of the ledger: the state the journal's first entries replay to, so that they can go.
 
 Retention folds the journal's old entries into one ``Checkpoint`` (``LmdbLedger.compact``): what replaying
-entries 1..``through`` gives — accounts, balances, supply, open offers and posted tasks — stored in the
+entries 1..``through`` gives — accounts, balances, supply, open offers, posted tasks and standing
+triggers and sponsorships — stored in the
 same transaction that deletes those entries (with their usage records and op ids). ``admin check``
 replays the remaining journal from it (``view``), so every invariant is still checked: per asset the
 balances sum to minted − burned, and checkpoint + journal replay to the stored balances.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from msgspec import Struct
 
-from runtime.economy.ledger import AccountKind, PostOffer, TaskState
+from runtime.economy.ledger import AccountKind, PostOffer, Standing, TaskState
 from runtime.economy.ledger.rules import MemoryView
 
 
@@ -33,6 +34,8 @@ class Checkpoint(Struct, frozen=True):
     tasks: list[TaskState]
     folded: int
     usage_records: int
+    #: By key (``standing_key``); a checkpoint written before triggers stood in the ledger has none.
+    standing: dict[str, Standing] = {}
 
     def view(self) -> MemoryView:
         """A replay's starting state: this checkpoint as a ``MemoryView``."""
@@ -42,6 +45,7 @@ class Checkpoint(Struct, frozen=True):
         v.supplies = dict(self.supply)
         v.offers = {o.offer: o for o in self.offers}
         v.tasks = {t.post.task: t for t in self.tasks}
+        v.standing_orders = dict(self.standing)
         return v
 
     @classmethod
@@ -57,6 +61,7 @@ class Checkpoint(Struct, frozen=True):
             sorted(view.tasks.values(), key=lambda t: t.post.task),
             folded,
             usage_records,
+            dict(sorted(view.standing_orders.items())),
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from runtime.economy.buckets import BucketState
-from runtime.economy.ledger import JournalEntry, Op, PostOffer, RecordUsage, TaskState
+from runtime.economy.ledger import JournalEntry, Op, PostOffer, RecordUsage, Standing, TaskState
 from runtime.economy.ledger.checkpoint import Checkpoint
 
 encode = msgspec.msgpack.Encoder().encode
@@ -19,4 +19,5 @@ usage = msgspec.msgpack.Decoder(RecordUsage)
 buckets = msgspec.msgpack.Decoder(dict[str, BucketState])
 offer = msgspec.msgpack.Decoder(PostOffer)
 task = msgspec.msgpack.Decoder(TaskState)
+standing: msgspec.msgpack.Decoder[Standing] = msgspec.msgpack.Decoder(Standing)
 checkpoint = msgspec.msgpack.Decoder(Checkpoint)

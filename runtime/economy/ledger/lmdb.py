@@ -9,7 +9,8 @@ wait for the writer.
 Databases in the environment: ``accounts`` (account -> kind), ``balances`` (account NUL asset ->
 int64), ``supply`` (asset -> minted, burned), ``journal`` (seq -> entry), ``ops`` (op id -> seq),
 ``usage`` (task id -> record), ``buckets`` (agent -> levels), ``offers`` (offer id -> the open offer's
-``PostOffer``), ``tasks`` (task id -> ``TaskState``), ``checkpoint`` (the journal's folded entries as one
+``PostOffer``), ``tasks`` (task id -> ``TaskState``), ``standing`` (``standing_key`` -> the standing
+trigger's ``Subscribe`` or sponsorship's ``Sponsor``), ``checkpoint`` (the journal's folded entries as one
 ``Checkpoint``, once retention has folded some).
 """
 
@@ -35,6 +36,7 @@ from runtime.economy.ledger import (
     PostOffer,
     Receipt,
     RecordUsage,
+    Standing,
     TaskState,
     codec,
     rules,
@@ -113,6 +115,16 @@ class _TxnView:
     def put_task(self, state: TaskState) -> None:
         self.txn.put(state.post.task.encode(), codec.encode(state), db=self.dbs["tasks"])
 
+    def standing(self, key: str) -> Standing | None:
+        v = self.txn.get(key.encode(), db=self.dbs["standing"])
+        return codec.standing.decode(v) if v is not None else None
+
+    def put_standing(self, key: str, record: Standing | None) -> None:
+        if record is None:
+            self.txn.delete(key.encode(), db=self.dbs["standing"])
+        else:
+            self.txn.put(key.encode(), codec.encode(record), db=self.dbs["standing"])
+
 
 class LmdbLedger(GroupCommitted):
     """The LMDB ledger. ``durable=False`` skips the sync (for tests of logic, never for real runs);
@@ -140,6 +152,7 @@ class LmdbLedger(GroupCommitted):
             "buckets",
             "offers",
             "tasks",
+            "standing",
             "checkpoint",
         )
         self.dbs = {n: self.env.open_db(n.encode()) for n in names}
@@ -339,6 +352,11 @@ class LmdbLedger(GroupCommitted):
         """Every posted task and who was paid for it, by task id (from one snapshot)."""
         with self.env.begin() as txn:
             return [codec.task.decode(v) for _, v in txn.cursor(db=self.dbs["tasks"])]
+
+    def standing(self) -> list[Standing]:
+        """Every standing trigger and sponsorship, by key (from one snapshot)."""
+        with self.env.begin() as txn:
+            return [codec.standing.decode(v) for _, v in txn.cursor(db=self.dbs["standing"])]
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""

@@ -37,7 +37,8 @@ Tables (schema ``ledger`` in ``aeco_migrations``): ``ledger_accounts``, ``ledger
 non-zero amounts), ``ledger_supply``, ``ledger_journal`` (seq, at, op id, the operation in msgpack; the
 unique op id is the idempotency index), ``ledger_usage`` (task id -> record), ``ledger_buckets``
 (agent -> levels), ``ledger_offers`` (offer id -> the open offer's ``PostOffer``), ``ledger_tasks``
-(task id -> ``TaskState``).
+(task id -> ``TaskState``), ``ledger_standing`` (``standing_key`` -> the standing trigger or
+sponsorship).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from collections.abc import Collection, Iterator
 from typing import Any
 
 import psycopg
+from msgspec import Struct
 from psycopg_pool import ConnectionPool
 
 from runtime.economy.buckets import BucketState
@@ -57,6 +59,7 @@ from runtime.economy.ledger import (
     Asset,
     AwardTask,
     CancelOffer,
+    EndTrigger,
     JournalEntry,
     LedgerError,
     Op,
@@ -66,6 +69,10 @@ from runtime.economy.ledger import (
     Receipt,
     RecordUsage,
     SetBuckets,
+    Sponsor,
+    SponsorUsed,
+    Standing,
+    Subscribe,
     TaskState,
     Transfer,
     codec,
@@ -108,6 +115,7 @@ STEPS: tuple[str, ...] = (
     """,
     "CREATE TABLE ledger_offers (offer text PRIMARY KEY, post bytea NOT NULL);",
     "CREATE TABLE ledger_tasks (task text PRIMARY KEY, state bytea NOT NULL);",
+    'CREATE TABLE ledger_standing (key text COLLATE "C" PRIMARY KEY, record bytea NOT NULL);',
 )
 
 #: What ``pg_stat_activity.application_name`` shows for this backend's connections.
@@ -142,6 +150,10 @@ def _touched(op: Op) -> tuple[set[str], set[str], set[str]]:
         return {op.agent}, set(), set()
     if isinstance(op, PostTask):
         return set(), set(), set()
+    if isinstance(op, Subscribe | EndTrigger):
+        return {op.subscriber}, set(), set()
+    if isinstance(op, Sponsor | SponsorUsed):
+        return {op.owner}, set(), set()
     return {op.account}, set(), set()
 
 
@@ -171,6 +183,8 @@ class _BatchView:
         self._dirty_offers: set[str] = set()
         self._tasks: dict[str, TaskState | None] = {}
         self._dirty_tasks: set[str] = set()
+        self._standing: dict[str, Standing | None] = {}
+        self._dirty_standing: set[str] = set()
 
     def load(self, accounts: Collection[str], task_ids: Collection[str], agents: Collection[str]) -> None:
         """Read the rows of these keys (and the whole supply, a few rows) that are not loaded yet.
@@ -263,6 +277,16 @@ class _BatchView:
         self._tasks[state.post.task] = state
         self._dirty_tasks.add(state.post.task)
 
+    def standing(self, key: str) -> Standing | None:
+        if key not in self._standing:
+            row = self._conn.execute("SELECT record FROM ledger_standing WHERE key = %s", (key,)).fetchone()
+            self._standing[key] = codec.standing.decode(row[0]) if row else None
+        return self._standing[key]
+
+    def put_standing(self, key: str, record: Standing | None) -> None:
+        self._standing[key] = record
+        self._dirty_standing.add(key)
+
     def held(self) -> dict[str, dict[str, int]]:
         """Every non-zero balance of every existing account the batch loaded (all its assets were)."""
         out: dict[str, dict[str, int]] = {a: {} for a, kind in self._kinds.items() if kind is not None}
@@ -314,22 +338,22 @@ class _BatchView:
                 " ON CONFLICT (agent) DO UPDATE SET levels = excluded.levels",
                 (owners, [codec.encode(self._levels[a]) for a in owners]),
             )
-        if self._dirty_tasks:
-            tasks = list(self._dirty_tasks)
-            ex(
-                "INSERT INTO ledger_tasks (task, state) SELECT * FROM unnest(%s::text[], %s::bytea[])"
-                " ON CONFLICT (task) DO UPDATE SET state = excluded.state",
-                (tasks, [codec.encode(self._tasks[t]) for t in tasks]),
-            )
-        posted = [o for o in self._dirty_offers if self._offers[o] is not None]
-        closed = [o for o in self._dirty_offers if self._offers[o] is None]
-        if closed:
-            ex("DELETE FROM ledger_offers WHERE offer = ANY(%s)", (closed,))
-        if posted:
-            ex(
-                "INSERT INTO ledger_offers (offer, post) SELECT * FROM unnest(%s::text[], %s::bytea[])"
-                " ON CONFLICT (offer) DO UPDATE SET post = excluded.post",
-                (posted, [codec.encode(self._offers[o]) for o in posted]),
+        self._write_keyed("ledger_tasks", "task", "state", {t: self._tasks[t] for t in self._dirty_tasks})
+        self._write_keyed("ledger_standing", "key", "record", {k: self._standing[k] for k in self._dirty_standing})
+        self._write_keyed("ledger_offers", "offer", "post", {o: self._offers[o] for o in self._dirty_offers})
+
+    def _write_keyed(self, table: str, key: str, column: str, rows: dict[str, Struct | None]) -> None:
+        """Write a keyed table's changed rows back: a row that became None is deleted, the rest upserted.
+        (``table``, ``key`` and ``column`` are this module's own names, never input.)"""
+        gone = [k for k, v in rows.items() if v is None]
+        kept = [(k, v) for k, v in rows.items() if v is not None]
+        if gone:
+            self._conn.execute(f"DELETE FROM {table} WHERE {key} = ANY(%s)", (gone,))
+        if kept:
+            self._conn.execute(
+                f"INSERT INTO {table} ({key}, {column}) SELECT * FROM unnest(%s::text[], %s::bytea[])"
+                f" ON CONFLICT ({key}) DO UPDATE SET {column} = excluded.{column}",
+                ([k for k, _ in kept], [codec.encode(v) for _, v in kept]),
             )
 
 
@@ -582,6 +606,11 @@ class PostgresLedger(GroupCommitted):
     def tasks(self) -> list[TaskState]:
         """Every posted task and who was paid for it, by task id (from one snapshot)."""
         return [codec.task.decode(blob) for (blob,) in self._read("SELECT state FROM ledger_tasks ORDER BY task")]
+
+    def standing(self) -> list[Standing]:
+        """Every standing trigger and sponsorship, by key (from one snapshot)."""
+        rows = self._read("SELECT record FROM ledger_standing ORDER BY key")
+        return [codec.standing.decode(blob) for (blob,) in rows]
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""

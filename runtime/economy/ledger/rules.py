@@ -20,6 +20,7 @@ from runtime.economy.ledger import (
     AwardTask,
     Burn,
     CancelOffer,
+    EndTrigger,
     LedgerError,
     Mint,
     Op,
@@ -29,8 +30,13 @@ from runtime.economy.ledger import (
     RecordUsage,
     SetBuckets,
     SetQuota,
+    Sponsor,
+    SponsorUsed,
+    Standing,
+    Subscribe,
     TaskState,
     Transfer,
+    standing_key,
 )
 
 
@@ -51,6 +57,8 @@ class View(Protocol):
     def drop_offer(self, offer_id: str) -> None: ...
     def task(self, task_id: str) -> TaskState | None: ...
     def put_task(self, state: TaskState) -> None: ...
+    def standing(self, key: str) -> Standing | None: ...
+    def put_standing(self, key: str, record: Standing | None) -> None: ...
 
 
 _op_encoder = msgspec.msgpack.Encoder()
@@ -159,6 +167,32 @@ def _award(view: View, op: AwardTask) -> None:
     view.put_task(TaskState(state.post, [*state.awarded, op.agent]))
 
 
+def _standing(view: View, op: Subscribe | EndTrigger | Sponsor | SponsorUsed) -> None:
+    if isinstance(op, Subscribe):
+        _agent(view, op.subscriber)
+        key = standing_key("trigger", op.trigger)
+        if view.standing(key) is not None:
+            raise LedgerError("conflict", f"trigger `{op.trigger}` stands already")
+        view.put_standing(key, op)
+    elif isinstance(op, EndTrigger):
+        key = standing_key("trigger", op.trigger)
+        found = view.standing(key)
+        if not isinstance(found, Subscribe):
+            raise LedgerError("not_found", f"no standing trigger `{op.trigger}`")
+        if found.subscriber != op.subscriber:
+            raise LedgerError("forbidden", f"trigger `{op.trigger}` is not `{op.subscriber}`'s to end")
+        view.put_standing(key, None)
+    elif isinstance(op, Sponsor):
+        _agent(view, op.owner)
+        view.put_standing(standing_key("sponsor", op.owner, op.artifact), op if op.cpu_seconds else None)
+    else:
+        key = standing_key("sponsor", op.owner, op.artifact)
+        found = view.standing(key)
+        if isinstance(found, Sponsor):
+            left = max(found.cpu_seconds - op.cpu_seconds, 0.0)
+            view.put_standing(key, msgspec.structs.replace(found, cpu_seconds=left) if left else None)
+
+
 def apply(view: View, op: Op) -> None:
     """Apply ``op`` to ``view``, or raise ``LedgerError`` having written nothing."""
     if isinstance(op, Transfer):
@@ -182,6 +216,8 @@ def apply(view: View, op: Op) -> None:
         view.put_task(TaskState(op, state.awarded if state is not None else []))
     elif isinstance(op, AwardTask):
         _award(view, op)
+    elif isinstance(op, Subscribe | EndTrigger | Sponsor | SponsorUsed):
+        _standing(view, op)
     elif isinstance(op, CancelOffer):
         if _open_offer(view, op.offer).seller != op.seller:
             raise LedgerError("forbidden", f"offer `{op.offer}` is not `{op.seller}`'s to cancel")
@@ -252,6 +288,7 @@ class MemoryView:
         self.bucket_levels: dict[str, dict[str, BucketState]] = {}
         self.offers: dict[str, PostOffer] = {}
         self.tasks: dict[str, TaskState] = {}
+        self.standing_orders: dict[str, Standing] = {}
 
     def account_kind(self, account: str) -> AccountKind | None:
         return self.kinds.get(account)
@@ -294,6 +331,15 @@ class MemoryView:
 
     def put_task(self, state: TaskState) -> None:
         self.tasks[state.post.task] = state
+
+    def standing(self, key: str) -> Standing | None:
+        return self.standing_orders.get(key)
+
+    def put_standing(self, key: str, record: Standing | None) -> None:
+        if record is None:
+            self.standing_orders.pop(key, None)
+        else:
+            self.standing_orders[key] = record
 
     def nonzero(self) -> dict[str, dict[str, int]]:
         """Balances in the shape ``Ledger.balances()`` returns."""

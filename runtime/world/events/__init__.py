@@ -43,6 +43,7 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
 #: ``action`` (an agent's turn: ok or rejected, and why), ``transfer`` and ``rate_changed`` (``World``),
 #: ``offer_posted`` and ``offer_closed`` (``World``: to the seller; the open offers are in every context),
 #: ``budget_alert`` and ``budget_paused`` (the run's dollar cap, ``runtime.economy.dollars``),
+#: ``task_posted`` (the task mint, to everyone: the operator posted a task while the runtime runs),
 #: ``task_solved`` (the task mint, ``runtime.world.tasks``: to the agent it paid), ``trigger_suspended``
 #: (``runtime.world.triggers``: to the subscriber that could not pay),
 #: ``artifact_written``/``_deleted``/``_invoked`` (``World``), ``agent_blocked``/``_unblocked`` (the
@@ -58,6 +59,7 @@ KINDS: tuple[str, ...] = (
     "offer_closed",
     "budget_alert",
     "budget_paused",
+    "task_posted",
     "task_solved",
     "trigger_suspended",
     "artifact_written",

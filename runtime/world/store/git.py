@@ -42,6 +42,7 @@ is also what makes it safe to remove a ref lock file or temporary pack left behi
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -103,6 +104,11 @@ LOCK_NAME = "agent-ecology.lock"
 _DIR_MODE = 0o040000
 _FILE_MODE = 0o100644
 _BLOB = Blob.type_num
+#: Small blobs read at HEAD are kept (least recently read go first, past ``BLOB_CACHE_BYTES`` in all): a
+#: blob is named by its content, so a kept one is never stale, and the artifacts read over and over — a
+#: bulletin, an access policy's contract, asked on every read of what it guards — cost no pack lookup.
+BLOB_CACHE_BYTES = 16 << 20
+BLOB_CACHE_MAX = 64 << 10
 _HEX_RE = re.compile(r"^[0-9a-f]{4,40}$")
 _U64 = struct.Struct(">Q")
 log = logging.getLogger("runtime.world.store")
@@ -249,6 +255,8 @@ class GitStore(Store):
             self._wobjects = self._open_objects()  # the writer thread's
             self._robjects = self._open_objects()  # everyone else's, under _robjects_lock
             self._robjects_lock = threading.Lock()
+            self._blobs: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # under the lock too
+            self._blob_bytes = 0
             head = self._refs.read_ref(BRANCH)
             if head is None:
                 raise StoreError("invalid", f"{self.path} has no {BRANCH.decode()}: not an artifact store")
@@ -746,8 +754,20 @@ class GitStore(Store):
             return self._robjects.get_raw(ObjectID(sha))
 
     def _blob(self, sha: bytes) -> bytes:
+        with self._robjects_lock:
+            kept = self._blobs.get(sha)
+            if kept is not None:
+                self._blobs.move_to_end(sha)
+                return kept
         type_num, raw = self._raw(sha)
         assert type_num == _BLOB, f"invariant: {sha!r} is not a blob"
+        if len(raw) <= BLOB_CACHE_MAX:
+            with self._robjects_lock:
+                if sha not in self._blobs:
+                    self._blobs[sha] = raw
+                    self._blob_bytes += len(raw)
+                while self._blob_bytes > BLOB_CACHE_BYTES:
+                    self._blob_bytes -= len(self._blobs.popitem(last=False)[1])
         return raw
 
     def _obj(self, sha: bytes) -> ShaFile:
