@@ -7,8 +7,9 @@ Stop the supervisor first (the data directory's lock is taken, as a start takes 
   replays; the old one is set aside. A journal that does not is refused: nothing can rebuild who holds
   what, a backup must be restored;
 - the event log is the record of what happened: it is read whole (every seq after those retention
-  archived, every event decodes) or refused. Agents' cursors past its end are brought back to it. The per-agent indexes of
-  the log are kept in memory and built as it runs: there is nothing on disk to rebuild;
+  archived, every event decodes) or refused. Agents' cursors past its end are brought back to it. The
+  per-agent indexes of the log are kept in memory and built as it runs: there is nothing on disk to
+  rebuild;
 - the Git store: ``HEAD`` is rewritten (it is always the symbolic ref to the branch), a missing or
   damaged branch ref is set back to the commit the store's index last described (when that commit is
   there), and the index is set aside and rebuilt from the branch's tree. Damaged pack files are refused:

@@ -217,6 +217,22 @@ def test_repair_rebuilds_a_ledger_whose_tables_disagree_with_its_journal(ran: Pa
     assert list(data.glob("ledger.damaged-*")), "the old ledger is kept for a post-mortem"
 
 
+def test_repair_replays_a_compacted_journal_from_its_checkpoint(ran: Path, tmp_path: Path) -> None:
+    data = _copy(ran, tmp_path)
+    compacted = _admin(data, "compact", "--horizon", "0s")
+    assert compacted.returncode == 0 and "folded" in compacted.stdout, compacted.stdout + compacted.stderr
+    before = _admin(data, "balances").stdout
+    env = lmdb.open(str(data / "ledger"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"reader\x00scrip", struct.pack(">q", 7), db=env.open_db(b"balances", txn=txn))
+    env.close()
+    out = _admin(data, "repair")
+    assert out.returncode == 0 and "rebuilt from its" in out.stdout, out.stdout + out.stderr
+    assert _admin(data, "balances").stdout == before
+    check = _admin(data, "check")
+    assert check.returncode == 0 and "all invariants hold" in check.stdout, check.stdout + check.stderr
+
+
 @pytest.mark.parametrize(
     ("target", "how"), [("ledger/data.mdb", "flip"), ("events/data.mdb", "truncate"), (PACK, "flip")]
 )
