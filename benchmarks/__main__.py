@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import cast
 
 from benchmarks.common import RESULTS_DIR, Options
+from runtime.errors import AecoError, Parser, command
 
 #: Benchmark name -> (module that implements it, one-line description).
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -49,7 +50,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 def _parser() -> argparse.ArgumentParser:
     listing = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in BENCHMARKS.items())
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m benchmarks",
         description="Run one benchmark; print a table and write JSON (and a plot) under benchmarks/results/.",
         epilog=f"benchmarks:\n{listing}",
@@ -75,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     name: str = args.name
     if name not in BENCHMARKS:
-        ap.error(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
+        names = ", ".join(sorted(BENCHMARKS))
+        raise AecoError(f"benchmark {name!r}: there is none of that name (choose one of {names})")
     module = importlib.import_module(BENCHMARKS[name][0])
     run = cast(Callable[[Options], int], module.run)
     json_path: Path = args.json if args.json is not None else RESULTS_DIR / f"{name}.json"
@@ -85,4 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the shared entry point (one-line errors, --debug): it imports this file once more as
+    # ``benchmarks.__main__``, whose ``main`` it calls.
+    sys.exit(command("benchmarks.__main__"))

@@ -18,7 +18,6 @@ one that rejects the node (bad URL, unknown database or role) fails at once. Bot
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
@@ -26,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import lmdb
+
 from runtime import config as config_mod
 from runtime.config import Config, node_id
 from runtime.economy.ledger import Ledger
-from runtime.errors import Unavailable
+from runtime.errors import RESTORE, Damaged, Parser, Unavailable, report
 from runtime.world.events import Event, Events
 from runtime.world.events.pub import EventPublisher
 from runtime.world.store import Store
@@ -103,10 +104,20 @@ def follow_shared_caches(ledger: PostgresLedger, store: PostgresStore) -> Follow
     return follow
 
 
+def _has_lmdb(path: Path) -> bool:
+    """An LMDB environment with something in it is at ``path`` (an empty file is what a new one starts as)."""
+    try:
+        return (path / "data.mdb").stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def open_backends(cfg: Config, data: Path) -> Backends:
     """Open the ledger, the store and the event log ``cfg`` asks for (see the module docstring).
 
-    Raises ``BackendUnavailable`` when a server cannot be used; nothing stays open then.
+    Raises ``BackendUnavailable`` when a server cannot be used, ``Damaged`` (naming the file and what to
+    do) when a file of an embedded store is damaged, or missing while the others say a run used it;
+    nothing stays open then.
     """
     with contextlib.ExitStack() as opened:
         node = cfg.node
@@ -115,15 +126,30 @@ def open_backends(cfg: Config, data: Path) -> Backends:
         store: Store
         events: Events
         if not node.postgres_url:
-            from runtime.economy.ledger.lmdb import LmdbLedger
-            from runtime.world.events.log import EventLog
+            from runtime.economy.ledger.open import open_ledger
+            from runtime.world.events.log import EVENTS_FIX, EventLog
             from runtime.world.store.git import GitStore
 
-            ledger = LmdbLedger(data / "ledger")
+            had_events = _has_lmdb(data / "events")
+            if not _has_lmdb(data / "ledger") and had_events:
+                raise Damaged(
+                    data / "ledger" / "data.mdb",
+                    "missing, but the event log of a run is there",
+                    f"the ledger is the record of who holds what and nothing rebuilds it: {RESTORE}, or start "
+                    "a new world in an empty data_dir",
+                )
+            ledger = open_ledger(data)
             opened.callback(ledger.close)
+            if not had_events and "agent" in ledger.accounts().values():
+                raise Damaged(data / "events" / "data.mdb", "missing, but the ledger of a run is there", EVENTS_FIX)
             store = GitStore(data / "artifacts.git")
             opened.callback(store.close)
-            events = EventLog(data / "events")
+            try:
+                events = EventLog(data / "events")
+            except lmdb.Error as exc:
+                raise Damaged(
+                    data / "events" / "data.mdb", f"damaged ({type(exc).__name__}: {exc})", EVENTS_FIX
+                ) from exc
             opened.callback(events.close)
             where = f"LMDB ledger, Git store and LMDB events in {data}"
         else:
@@ -217,14 +243,14 @@ def setup(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``setup``)."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.backends", description="Prepare the shared PostgreSQL.")
+    ap = Parser(prog="python -m runtime.backends", description="Prepare the shared PostgreSQL.")
     ap.add_argument("command", choices=["setup"], help="migrate the schemas and create the agent login role")
     ap.add_argument("--config", default="config/scale-out.yaml", help="YAML configuration (and the environment)")
     args = ap.parse_args(argv)
     try:
         print(f"setup: {setup(config_mod.load(args.config))}")
     except (config_mod.ConfigError, BackendUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     return 0
 

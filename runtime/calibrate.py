@@ -2,7 +2,7 @@
 
 import sys
 
-from runtime.ops.calibrate import main
+from runtime.errors import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command("runtime.ops.calibrate"))

@@ -17,7 +17,8 @@ input                  ``invalid`` (a value out of range or of the wrong shape),
 permission             ``forbidden``, ``not_found``, ``unknown_account``, ``not_code``
 money and quotas       ``overdraft``, ``insufficient_funds``, ``quota_exceeded``, ``budget_spent``,
                        ``capacity`` (rights that do not fit the container)
-state                  ``conflict``, ``duplicate_usage``, ``cursor``, ``readonly``, ``closed``, ``busy``
+state                  ``conflict``, ``duplicate_usage``, ``cursor``, ``readonly``, ``closed``, ``busy``,
+                       ``damaged`` (a file of the data directory does not hold what it must)
 tasks                  ``task_error``, ``memory_exceeded``, ``worker_crashed``, ``deadline_exceeded``,
                        ``pool_failed``, ``pool_closed``, ``cancelled``, ``bad_report`` (a worker
                        reported a usage that cannot be true: refused, charged from the kernel)
@@ -30,8 +31,16 @@ servers and engines    ``unavailable`` (PostgreSQL, Redis, an embedder), ``model
 
 from __future__ import annotations
 
+import argparse
 import errno
-from typing import Literal, get_args
+import importlib
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal, NoReturn, cast, get_args
 
 ErrorCode = Literal[
     # input
@@ -64,6 +73,7 @@ ErrorCode = Literal[
     "readonly",
     "closed",
     "busy",
+    "damaged",
     # tasks
     "task_error",
     "memory_exceeded",
@@ -134,3 +144,97 @@ def storage_failure(exc: BaseException, store: str) -> Exception:
     if full:
         return StorageFailed(f"{store}: the disk is full ({text}); nothing of the batch was written", code="disk_full")
     return StorageFailed(f"{store}: the commit failed ({type(exc).__name__}: {text})", code="unavailable")
+
+
+class Damaged(AecoError):
+    """A file of the data directory is damaged or missing where the rest of the data says it must be. The
+    message names the file, says what is wrong with it and the command that repairs it (or that nothing
+    can, and a backup must be restored)."""
+
+    default_code: ErrorCode = "damaged"
+
+    def __init__(self, path: str | Path, why: str, fix: str) -> None:
+        super().__init__(f"{path}: {why} ({fix})")
+        self.path = Path(path)
+        self.why = why
+
+
+#: What to do about a damaged file that nothing rebuilds.
+RESTORE = "restore the data_dir from a backup"
+
+
+def repair_command(data: str | Path) -> str:
+    """The command that repairs the data directory ``data`` (``runtime.ops.repair``)."""
+    return f"python -m runtime.admin --data-dir {data} repair"
+
+
+# ------------------------------------------------------------------------------ command lines
+
+#: Codes that mean the operator asked for something wrong (exit 2), rather than that it failed (exit 1).
+INPUT_CODES: frozenset[str] = frozenset(
+    {c for c in ERROR_CODES if c.startswith("invalid")} | {"protocol", "not_found", "unknown_account", "capacity"}
+)
+#: The help of ``--debug``, which every command line takes (``command`` takes it out of the arguments).
+DEBUG_HELP = "on a failure, show its traceback too"
+#: ``--debug`` was given: ``report`` shows the traceback of the error it reports.
+_debug = False
+
+
+def report(line: str) -> None:
+    """Print ``error: <line>`` on stderr, the one line every command ends a failure with; with ``--debug``,
+    the traceback of the exception being handled (if any) first."""
+    if _debug and sys.exc_info()[1] is not None:
+        traceback.print_exc()
+    print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command line: it takes ``--debug``, and a mistake on the line is one line,
+    ``error: <what> (see <prog> --help)``, and exit status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+    def error(self, message: str) -> NoReturn:
+        """Say what is wrong with the command line in one line and exit 2."""
+        report(f"{message} (see {self.prog} --help)")
+        raise SystemExit(2)
+
+
+def _stop_starting(signum: int, frame: FrameType | None) -> None:
+    report(f"stopped by {signal.Signals(signum).name} while starting (nothing was opened)")
+    raise SystemExit(128 + signum)
+
+
+def command(module: str, argv: list[str] | None = None, *, quiet_until_loop: bool = False) -> int:
+    """Run ``module.main(argv)`` as a ``python -m`` command line, the one way every entry point runs.
+
+    ``--debug`` (anywhere on the line) is taken out of ``argv`` and makes ``report`` show tracebacks.
+    A SIGINT or SIGTERM while the module loads stops the process with one line (nothing was opened
+    yet); with ``quiet_until_loop`` that lasts until the command installs its own handlers (the
+    supervisor's loop), else the usual ones come back once it has loaded. What ``main`` lets escape is
+    one line too: an ``AecoError`` its message (exit 2 for bad input, 1 for a failure), anything else
+    its type and message with a hint to ``--debug``, a Ctrl-C ``interrupted`` (exit 130).
+    """
+    global _debug
+    args = sys.argv[1:] if argv is None else argv
+    _debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    before = {sig: signal.signal(sig, _stop_starting) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        main = cast(Callable[[list[str]], int], importlib.import_module(module).main)
+        if not quiet_until_loop:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+        return main(args)
+    except KeyboardInterrupt:
+        report("interrupted (Ctrl-C)")
+        return 130
+    except AecoError as exc:
+        report(str(exc))
+        return 2 if exc.code in INPUT_CODES else 1
+    except Exception as exc:
+        hint = "" if _debug else " (an unexpected failure: run again with --debug for the traceback)"
+        report(f"{type(exc).__name__}: {exc}{hint}")
+        return 1

@@ -5,25 +5,9 @@ in that moment stops the process quietly with one line, before anything was open
 the supervisor's loop runs it handles both itself (and stops cleanly, writing its summary).
 """
 
-import signal
 import sys
-from types import FrameType
 
-
-def _stop_starting(signum: int, frame: FrameType | None) -> None:
-    name = signal.Signals(signum).name
-    print(f"error: stopped by {name} while starting (nothing was opened)", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the supervisor (``runtime.ops.supervisor.main``), quiet about a signal while it loads."""
-    from runtime.ops.supervisor import main as run
-
-    return run(argv)
-
+from runtime.errors import command
 
 if __name__ == "__main__":
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop_starting)
-    sys.exit(main())
+    sys.exit(command("runtime.ops.supervisor", quiet_until_loop=True))

@@ -40,6 +40,12 @@ a running supervisor):
 - ``compact [--horizon WHEN] [--archive-max-mb N]``: the store's history older than ``WHEN`` (default
   ``1d`` back) squashed into one commit per artifact, the journal's older entries folded into the
   ledger's checkpoint, older events archived under ``<data>/archive``.
+
+``repair`` (stop the supervisor first): rebuild what is derived in the data directory — the ledger from
+its journal, the store's ``HEAD``, branch ref and index, the event log's cursors — charge and discard
+the in-flight log, and refuse in one line what nothing can rebuild (``runtime.ops.repair``).
+
+``--debug`` anywhere on the line: a failure shows its traceback, not only its one line.
 """
 
 from __future__ import annotations
@@ -57,9 +63,11 @@ from runtime.economy.ledger import ASSETS, Ledger
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.open import NoLedger, open_ledger
+from runtime.errors import Damaged, Parser, report
 from runtime.host.postgres import DatabaseUnavailable
 from runtime.ops import bill as bill_mod
-from runtime.ops import compact, dashboard
+from runtime.ops import compact, dashboard, preflight
+from runtime.ops import repair as repair_mod
 from runtime.world.store import StoreError, check_id
 from runtime.world.store.open import open_store
 from runtime.world.tasks import post_tasks
@@ -98,12 +106,12 @@ def _check(ledger: Ledger) -> int:
 
 def _bill(ledger: Ledger, agent: str, since: str | None, as_json: bool) -> int:
     if agent not in ledger.accounts():
-        print(f"error: no account {agent!r} in the ledger", file=sys.stderr)
+        report(f"no account {agent!r} in the ledger")
         return 2
     try:
         start = bill_mod.parse_since(since, time.time()) if since is not None else 0.0
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     b = bill_mod.bill(agent, ledger.journal(), start)
     if as_json:
@@ -131,7 +139,7 @@ def _control(data: Path, args: argparse.Namespace) -> int:
     try:
         print(dashboard.send(data / "run", ctl))
     except dashboard.ControlRefused as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        report(f"{exc.message}")
         return 1
     return 0
 
@@ -178,11 +186,11 @@ def _store_command(data: Path, postgres_url: str | None, args: argparse.Namespac
     try:
         store = open_store(data, postgres_url, create=False)
     except DatabaseUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     except StoreError as exc:
         hint = " (stop the supervisor first: the store has one writer)" if exc.code == "closed" else ""
-        print(f"error: {exc.message}{hint}", file=sys.stderr)
+        report(f"{exc.message}{hint}")
         return 2
     try:
         if args.command == "history":
@@ -193,7 +201,7 @@ def _store_command(data: Path, postgres_url: str | None, args: argparse.Namespac
         if args.command == "show":
             aid, sep, commit = args.target.partition("@")
             if not sep or not commit:
-                print(f"error: expected ID@COMMIT, got {args.target!r}", file=sys.stderr)
+                report(f"expected ID@COMMIT, got {args.target!r}")
                 return 2
             art = store.show(check_id(aid), commit)
             print(f"# {art.id} at {commit}: {art.kind}, owner {art.owner}, {art.size} B", file=sys.stderr)
@@ -203,15 +211,36 @@ def _store_command(data: Path, postgres_url: str | None, args: argparse.Namespac
         print(f"rolled back to {args.to}: new HEAD {new}; usage now {store.usage()}")
         return 0
     except StoreError as exc:  # what the operator asked for does not exist or is malformed: bad input
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2 if exc.code in ("invalid", "invalid_id", "not_found") else 1
     finally:
         store.close()
 
 
+def _repair(data: Path, postgres_url: str | None) -> int:
+    if postgres_url:
+        report(
+            "repair: the data directory's stores only (PostgreSQL is repaired by its own tools; unset $POSTGRES_URL)"
+        )
+        return 2
+    if not data.is_dir():
+        report(f"repair: no data directory at {data} (give the one the supervisor ran with)")
+        return 2
+    claim = preflight.claim_data_dir(data)  # no supervisor may run while its files are rewritten
+    try:
+        repair_mod.repair(data, print)
+    except Damaged as exc:
+        report(f"repair: {exc}")
+        return 1
+    finally:
+        os.close(claim)
+    print(f"repaired {data}: what is derived is rebuilt, and the rest read whole")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.admin", description=(__doc__ or "").splitlines()[0])
+    ap = Parser(prog="python -m runtime.admin", description=(__doc__ or "").splitlines()[0])
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
     where.add_argument("--data-dir", help="the data directory (overrides --config)")
@@ -266,12 +295,16 @@ def main(argv: list[str] | None = None) -> int:
         "--horizon", default="1d", metavar="WHEN", help="what is older goes: 90s, 15m, 2h, 1d back, or a UTC time"
     )
     k.add_argument("--archive-max-mb", type=int, default=1024, metavar="N", help="archived events kept, newest first")
+    rp = sub.add_parser("repair", help="rebuild what is derived in the data directory; refuse what cannot be")
+    rp.add_argument("--data-dir", default=argparse.SUPPRESS, help="the data directory (also before the command)")
     args = ap.parse_args(argv)
     try:
         data = config_mod.data_dir_of(args.data_dir, args.config)
     except config_mod.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
+    if args.command == "repair":
+        return _repair(data, args.postgres)
     if args.command == "control":
         return _control(data, args)
     if args.command == "compact":
@@ -287,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ledger = open_ledger(data, args.postgres, create=False)
     except (NoLedger, DatabaseUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     try:
         if args.command == "balances":

@@ -34,7 +34,6 @@ agents (see ``runtime.host.limits``). Exit 0 when converged; 1 when it did not c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -53,7 +52,7 @@ from runtime import config as config_mod
 from runtime.agents.loop import DEFAULT_PERSONA, LlmBrain
 from runtime.config import AgentConfig, Calibration, Config
 from runtime.economy.charging import Economy
-from runtime.errors import AecoError, ErrorCode
+from runtime.errors import AecoError, ErrorCode, Parser, report
 from runtime.host import cgroups as cg
 from runtime.host.limits import CapacityError, Limits, detect
 from runtime.node import Node
@@ -329,7 +328,7 @@ def write_calibration(path: Path, cal: Calibration) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.calibrate", description=(__doc__ or "").splitlines()[0])
+    ap = Parser(prog="python -m runtime.calibrate", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--config", default="config/default.yaml", help="YAML configuration (model, pool, data_dir)")
     ap.add_argument("--agents", type=int, default=5, help="LLM agents thinking back to back (default 5)")
     ap.add_argument("--window-s", type=float, default=20.0, help="seconds per measured window (default 20)")
@@ -349,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config)
         model = str(find_model(cfg.llm.model or os.environ.get("AECO_LLM_MODEL")))
     except (config_mod.ConfigError, ModelNotFound) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     out = Path(args.out) if args.out else config_mod.data_path(cfg, cfg.economy.calibration or "calibration.yaml")
     cfg = msgspec.structs.replace(cfg, llm=msgspec.structs.replace(cfg.llm, model=model))
@@ -366,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     except (CalibrationFailed, CapacityError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     if not converged(windows):
         last = windows[-1]

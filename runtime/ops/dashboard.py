@@ -30,7 +30,6 @@ and plots, so the supervisor holds none.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -60,7 +59,7 @@ from runtime.economy.charging import Economy
 from runtime.economy.ledger import Burn, Ledger, Mint
 from runtime.economy.ledger.open import NoLedger, open_ledger
 from runtime.economy.rights import RATE_RIGHTS, cpu_rate_held
-from runtime.errors import AecoError, ErrorCode
+from runtime.errors import AecoError, ErrorCode, Parser, report
 from runtime.ops import bill as bill_mod
 from runtime.ops.status import STATUS_NAME, Status
 from runtime.world.events import Events
@@ -430,19 +429,19 @@ async def replay(data: Path, host: str, port: int, say: Callable[[str], None] = 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m runtime.ops.dashboard --data-dir DIR [--host H] [--port P]``: replay a stopped run."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.ops.dashboard", description=main.__doc__)
+    ap = Parser(prog="python -m runtime.ops.dashboard", description=main.__doc__)
     ap.add_argument("--data-dir", required=True, help="the stopped run's data directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9465, help="0: any free port")
     args = ap.parse_args(argv)
     data = Path(args.data_dir)
     if not (data / "run" / STATUS_NAME).exists():
-        print(f"error: no {STATUS_NAME} under {data / 'run'}: not a run's data directory", file=sys.stderr)
+        report(f"no {STATUS_NAME} under {data / 'run'}: not a run's data directory")
         return 2
     try:
         asyncio.run(replay(data, args.host, args.port, lambda line: print(line, flush=True)))
     except (NoLedger, StoreError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     except KeyboardInterrupt:
         pass

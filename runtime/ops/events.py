@@ -11,7 +11,6 @@ events from the durable log itself (read-only, safe while the supervisor writes)
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import lmdb
 import msgspec
 import zmq
 
+from runtime.errors import Parser, report
 from runtime.world.events.log import EventLog
 from runtime.world.events.pub import Observer
 
@@ -41,7 +41,7 @@ def tail(endpoint: str, kinds: Sequence[str], count: int | None, timeout: float 
                 if printed:
                     return 0
                 within = "" if timeout is None else f" within {timeout:g} s"
-                print(f"error: no events from {endpoint}{within} (is a supervisor running there?)", file=sys.stderr)
+                report(f"no events from {endpoint}{within} (is a supervisor running there?)")
                 return 1
             if obs.missed > missed:
                 print(f"# missed {obs.missed - missed} events before seq {ev.seq}", file=sys.stderr, flush=True)
@@ -63,13 +63,13 @@ def dump(path: str, since: int, kinds: Sequence[str], agent: str | None, limit: 
 
 
 def _error(line: str) -> int:
-    print(f"error: {line}", file=sys.stderr)
+    report(line)
     return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the subcommand."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.events", description="Print events as JSON lines.")
+    ap = Parser(prog="python -m runtime.events", description="Print events as JSON lines.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tail", help="live events from a supervisor's PUB socket")
     t.add_argument("endpoint", help="e.g. ipc:///run/aeco/events.sock or tcp://127.0.0.1:5601")

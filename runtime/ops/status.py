@@ -7,7 +7,6 @@ status is alive, says it is running and refreshed it within the last ``MAX_AGE_S
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import msgspec
 
 from runtime import config as config_mod
+from runtime.errors import Parser, report
 from runtime.host.limits import Limits, Sizing
 from runtime.host.volume import Volume
 from runtime.ops.ecology import EcologyFigures
@@ -103,8 +103,8 @@ def show(path: Path) -> int:
     """Print the status once; 1 if there is none, 0 otherwise."""
     try:
         st = msgspec.json.decode(path.read_bytes(), type=Status)
-    except FileNotFoundError:
-        print(f"error: no status at {path} (is a supervisor running with this data directory?)", file=sys.stderr)
+    except OSError as exc:
+        report(f"no status at {path}: {exc.strerror} (is a supervisor running with this data directory?)")
         return 1
     except msgspec.DecodeError as exc:
         print(f"unreadable status at {path}: {exc}", file=sys.stderr)
@@ -139,7 +139,7 @@ def healthy(path: Path, max_age_s: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.status", description=(__doc__ or "").splitlines()[0])
+    ap = Parser(prog="python -m runtime.status", description=(__doc__ or "").splitlines()[0])
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
     where.add_argument("--data-dir", help="the data directory (overrides --config)")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = config_mod.data_dir_of(args.data_dir, args.config)
     except config_mod.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     path = data / "run" / STATUS_NAME
     if args.health is not None:

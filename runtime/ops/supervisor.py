@@ -8,7 +8,6 @@ under the data directory.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -19,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import lmdb
 import msgspec
 
 from runtime import config as config_mod
 from runtime.backends import BackendUnavailable
+from runtime.errors import Damaged, Parser, report
 from runtime.host import cgroups as cg
 from runtime.host import limits as limits_mod
 from runtime.host.limits import CapacityError
@@ -75,21 +74,17 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
     try:
         claim = preflight.claim_data_dir(Path(cfg.data_dir))
     except config_mod.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     try:
         node = await Node(cfg, say=_say).start()
     except (BackendUnavailable, CapacityError, config_mod.ConfigError) as exc:
         os.close(claim)
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
-    except lmdb.Error as exc:  # the ledger or the event log: the truth, which nothing can rebuild
+    except Damaged as exc:  # a file of the data directory: named, with the command that repairs it
         os.close(claim)
-        print(
-            f"error: {exc} (that file is damaged: restore the data_dir from a backup; derived files — the "
-            "store's index, the in-flight log — are set aside and rebuilt on their own)",
-            file=sys.stderr,
-        )
+        report(str(exc))
         return 1
     pool, world, events = node.pool, node.world, node.events
     _say(
@@ -204,14 +199,14 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         return 1
     print(f"usage summary: {summary_path}", flush=True)
     if pool.failed:
-        print(f"error: worker pool failed: {pool.failed}", file=sys.stderr)
+        report(f"worker pool failed: {pool.failed}")
         return 1
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    ap = argparse.ArgumentParser(prog="python -m runtime.supervisor", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m runtime.supervisor", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="config/default.yaml", help="YAML configuration file")
     ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
     ap.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
@@ -228,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         sizing = limits_mod.plan(cfg, limits, limits_mod.find_calibration(cfg))
         preflight.check(cfg, sizing.workers)
     except (CapacityError, config_mod.ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc))
         return 2
     if args.check:
         print(f"{args.config}: ok ({len(cfg.agents)} agents, workers: {cfg.pool.workers})")

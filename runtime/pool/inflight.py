@@ -46,6 +46,7 @@ import msgspec
 from msgspec import Struct
 
 from runtime.host import cgroups as cg
+from runtime.host.lmdbfile import check_file
 from runtime.pool.accounting import (
     BadReport,
     TaskUsage,
@@ -192,6 +193,7 @@ class InflightLog:
             self.env = self._open(readonly)
 
     def _open(self, readonly: bool) -> lmdb.Environment:
+        check_file(self.path)
         # sync off and written through the map (no write() per page): a commit is a few microseconds
         # of memory writes into the page cache, which outlives this process.
         env = lmdb.open(

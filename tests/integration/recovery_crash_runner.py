@@ -13,10 +13,10 @@ import os
 import signal
 import sys
 
-from runtime import supervisor
 from runtime.economy.ledger import Op, Receipt, RecordUsage
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.writer import GroupCommitted
+from runtime.ops import supervisor
 from runtime.pool.inflight import CRASH_CODE
 
 

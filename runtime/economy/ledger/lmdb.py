@@ -16,6 +16,7 @@ trigger's ``Subscribe`` or sponsorship's ``Sponsor``), ``checkpoint`` (the journ
 
 from __future__ import annotations
 
+import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+from msgspec import DecodeError
 
 from runtime.economy.buckets import BucketState
 from runtime.economy.ledger import (
@@ -43,12 +45,98 @@ from runtime.economy.ledger import (
 )
 from runtime.economy.ledger.checkpoint import Checkpoint, LedgerCompaction
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
+from runtime.host.lmdbfile import check_length
 
 _I64 = struct.Struct(">q")
 _SEQ = struct.Struct(">Q")
 _SUPPLY = struct.Struct(">qq")
 _OPREF = struct.Struct(">Qd")  # seq, applied at
 _CHECKPOINT = b"state"
+_DBS = (
+    "accounts",
+    "balances",
+    "supply",
+    "journal",
+    "ops",
+    "usage",
+    "buckets",
+    "offers",
+    "tasks",
+    "standing",
+    "checkpoint",
+)
+
+
+def replay_journal(source: str | Path, target: str | Path) -> int:
+    """Build a new ledger at ``target`` from the journal of the one at ``source`` (opened read-only): from
+    its checkpoint if retention folded some entries (``Checkpoint``), every entry applied by the rules,
+    with its own seq and time, in one durable transaction; every other table (balances, supply,
+    accounts, usage, buckets, offers, tasks, op ids) is derived from them. Bucket levels come from the
+    remaining entries' usage records only (levels refill; the next start restores the last ones
+    recorded). Return the entries replayed. Raises ``LedgerError`` (``conflict``) when the journal has
+    a gap, an entry that does not decode or one that does not apply: then it is not intact, and nothing
+    is made at ``target``.
+    """
+    src = lmdb.open(str(source), readonly=True, lock=False, max_dbs=16)
+    try:
+        check_length(src, source)
+        journal = src.open_db(b"journal", create=False)
+        Path(target).mkdir(parents=True)
+        dst = lmdb.open(str(target), map_size=1 << 34, max_dbs=16)
+        try:
+            dbs = {n: dst.open_db(n.encode()) for n in _DBS}
+            n = 0
+            with src.begin() as rtxn, dst.begin(write=True) as wtxn:
+                view = _TxnView(wtxn, dbs)
+                seq = _from_checkpoint(src, rtxn, wtxn, view, dbs)
+                for key, raw in rtxn.cursor(db=journal):
+                    seq += 1
+                    try:
+                        entry = codec.entry.decode(raw)
+                    except DecodeError as exc:
+                        raise LedgerError("conflict", f"journal entry {seq} does not decode: {exc}") from None
+                    if _SEQ.unpack(key)[0] != seq or entry.seq != seq:
+                        raise LedgerError("conflict", f"journal entry {seq} is numbered {entry.seq}: a gap")
+                    rules.apply(view, entry.op)
+                    wtxn.put(key, raw, db=dbs["journal"], append=True)
+                    wtxn.put(entry.op.id.encode(), _OPREF.pack(seq, entry.at), db=dbs["ops"])
+                    n += 1
+            dst.sync(True)
+        except BaseException:
+            dst.close()
+            shutil.rmtree(target)
+            raise
+        dst.close()
+    finally:
+        src.close()
+    return n
+
+
+def _from_checkpoint(
+    src: lmdb.Environment, rtxn: lmdb.Transaction, wtxn: lmdb.Transaction, view: _TxnView, dbs: dict[str, Any]
+) -> int:
+    """Copy the checkpoint of ``src`` (if any) into the new ledger and set its state there; the seq it
+    covers (0 without one)."""
+    try:
+        raw = rtxn.get(_CHECKPOINT, db=src.open_db(b"checkpoint", txn=rtxn, create=False))
+    except lmdb.NotFoundError:
+        return 0
+    if raw is None:
+        return 0
+    cp = codec.checkpoint.decode(raw)
+    for account, kind in cp.kinds.items():
+        view.add_account(account, kind)
+    for account, held in cp.balances.items():
+        for asset, value in held.items():
+            view.set_balance(account, asset, value)  # type: ignore[arg-type]
+    for asset, (minted, burned) in cp.supply.items():
+        view.set_supply(asset, minted, burned)  # type: ignore[arg-type]
+    for offer in cp.offers:
+        view.put_offer(offer)
+    for task in cp.tasks:
+        view.put_task(task)
+    wtxn.put(_CHECKPOINT, raw, db=dbs["checkpoint"])
+    return cp.through
 
 
 def _bkey(account: str, asset: str) -> bytes:
@@ -142,20 +230,12 @@ class LmdbLedger(GroupCommitted):
         Path(path).mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=durable, metasync=durable, max_readers=512)
-        names = (
-            "accounts",
-            "balances",
-            "supply",
-            "journal",
-            "ops",
-            "usage",
-            "buckets",
-            "offers",
-            "tasks",
-            "standing",
-            "checkpoint",
-        )
-        self.dbs = {n: self.env.open_db(n.encode()) for n in names}
+        try:
+            check_length(self.env, path)
+        except lmdb.Error:
+            self.env.close()
+            raise
+        self.dbs = {n: self.env.open_db(n.encode()) for n in _DBS}
         self._start_ledger_writer(max_batch if group else 1)
         present = self.accounts()
         for name in SYSTEM_ACCOUNTS:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lmdb
+
 from runtime.economy.ledger import Ledger
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.postgres import PostgresLedger
-from runtime.errors import AecoError, ErrorCode
+from runtime.errors import RESTORE, AecoError, Damaged, ErrorCode, repair_command
 from runtime.host.postgres import connect, redact
 
 
@@ -23,8 +25,8 @@ def open_ledger(data_dir: str | Path, postgres_url: str | None = None, *, create
     ``data_dir/ledger``.
 
     With ``create=False`` (operator commands, which must not make an empty ledger where they expected
-    one) a missing ledger raises ``NoLedger``. An unusable server raises
-    ``runtime.host.postgres.DatabaseUnavailable``.
+    one) a missing ledger raises ``NoLedger``; an LMDB ledger that does not open raises ``Damaged``. An
+    unusable server raises ``runtime.host.postgres.DatabaseUnavailable``.
     """
     if postgres_url:
         if not create:
@@ -36,4 +38,12 @@ def open_ledger(data_dir: str | Path, postgres_url: str | None = None, *, create
     path = Path(data_dir) / "ledger"
     if not create and not (path / "data.mdb").exists():
         raise NoLedger(f"no ledger at {path} (has the supervisor run with this data directory?)")
-    return LmdbLedger(path)
+    try:
+        return LmdbLedger(path)
+    except lmdb.Error as exc:
+        raise Damaged(path / "data.mdb", f"damaged ({type(exc).__name__}: {exc})", ledger_fix(data_dir)) from exc
+
+
+def ledger_fix(data_dir: str | Path) -> str:
+    """What to do about a damaged LMDB ledger in ``data_dir``."""
+    return f"{repair_command(data_dir)} rebuilds it from its journal if that is intact; else {RESTORE}"

@@ -36,10 +36,14 @@ from typing import Any
 import lmdb
 import msgspec
 
+from runtime.errors import RESTORE
+from runtime.host.lmdbfile import check_length
 from runtime.host.volume import fsync_dir
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
 
+#: What to do about a damaged event log: it is the record of what happened, which nothing else holds.
+EVENTS_FIX = f"the event log is the record of what happened and nothing rebuilds it: {RESTORE}"
 _SEQ = struct.Struct(">Q")
 _enc = msgspec.msgpack.Encoder()
 _event_dec = msgspec.msgpack.Decoder(Event)
@@ -89,6 +93,11 @@ class EventLog(LogBase):
             max_readers=512,
             readonly=readonly,
         )
+        try:
+            check_length(self.env, path)
+        except lmdb.Error:
+            self.env.close()
+            raise
         self._log = self.env.open_db(b"log", create=not readonly)
         self._cursors = self.env.open_db(b"cursors", create=not readonly)
         self._state: Any = None

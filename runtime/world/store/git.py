@@ -70,7 +70,8 @@ from dulwich.pack import (
 from dulwich.refs import DiskRefsContainer, Ref
 from dulwich.repo import Repo
 
-from runtime.errors import storage_failure
+from runtime.errors import RESTORE, Damaged, repair_command, storage_failure
+from runtime.host.lmdbfile import check_length
 from runtime.host.volume import fsync_dir
 from runtime.world.store import (
     AgentName,
@@ -101,6 +102,8 @@ META_SUFFIX = ".meta.json"
 #: Levels of fan-out, one hex digit of sha1(id) each. Fixed for a repository: changing it needs a migration.
 FANOUT_LEVELS = 2
 LOCK_NAME = "agent-ecology.lock"
+#: What ``HEAD`` holds: a symbolic ref to the one branch (Git would read anything else as detached).
+HEAD_REF = b"ref: refs/heads/main\n"
 _DIR_MODE = 0o040000
 _FILE_MODE = 0o100644
 _BLOB = Blob.type_num
@@ -235,7 +238,7 @@ class GitStore(Store):
         self._durable = durable
         self._max_packs = max(2, max_packs)
         self._pack_dir = self.path / "objects" / "pack"
-        if not (self.path / "HEAD").exists():
+        if not self.path.exists():
             self._create()
         self._lock_fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -245,6 +248,7 @@ class GitStore(Store):
             raise StoreError("closed", f"the store at {self.path} is open in another process") from None
         try:
             self._clean_leftovers()
+            self._check_files()
             #: Packs we may roll up (name -> objects); a pack with a ``.keep`` file is left alone, as git does.
             self._packs = {
                 p.stem: git_packs.idx_count(p)
@@ -257,11 +261,7 @@ class GitStore(Store):
             self._robjects_lock = threading.Lock()
             self._blobs: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # under the lock too
             self._blob_bytes = 0
-            head = self._refs.read_ref(BRANCH)
-            if head is None:
-                raise StoreError("invalid", f"{self.path} has no {BRANCH.decode()}: not an artifact store")
-            commit = self._wobjects[ObjectID(head)]
-            assert isinstance(commit, Commit), f"invariant: {BRANCH.decode()} points to a {commit.type_name!r}"
+            commit = self._head_commit()
             #: The durable HEAD commit and its tree, replaced as one tuple so that other threads never
             #: see a commit with another commit's tree.
             self._committed: tuple[ObjectID, ObjectID] = (commit.id, commit.tree)
@@ -307,6 +307,7 @@ class GitStore(Store):
             str(self.index_path), map_size=map_size, max_dbs=4, sync=durable, metasync=False, max_readers=512
         )
         try:
+            check_length(self.env, self.index_path)
             self._arts = self.env.open_db(b"artifacts")
             self._usage = self.env.open_db(b"usage")
             self._state = self.env.open_db(b"state")
@@ -357,6 +358,46 @@ class GitStore(Store):
             orphan = p.suffix == ".pack" and not p.with_suffix(".idx").exists()
             if p.name.startswith("tmp_") or orphan:
                 p.unlink()
+
+    def _damaged(self, name: str, why: str, derived: bool) -> Damaged:
+        fix = (
+            f"{repair_command(self.path.parent)} rewrites it"
+            if derived
+            else f"Git objects exist nowhere else: {RESTORE}"
+        )
+        return Damaged(self.path / name, why, fix)
+
+    def _check_files(self) -> None:
+        """Refuse, naming the file, a repository whose HEAD is not the symbolic ref to the branch or
+        whose pack files do not match their checksums (``Damaged``)."""
+        try:
+            head = (self.path / "HEAD").read_bytes()
+        except FileNotFoundError:
+            raise self._damaged("HEAD", "missing", derived=True) from None
+        if head != HEAD_REF:
+            raise self._damaged("HEAD", f"is {head[:60]!r}, not {HEAD_REF!r}", derived=True)
+        for pack in sorted(self._pack_dir.glob("pack-*.idx")):
+            if (why := git_packs.damage(pack.with_suffix(".pack"))) is not None:
+                raise self._damaged(f"objects/pack/{pack.stem}.pack", why, derived=False)
+
+    def _head_commit(self) -> Commit:
+        """The commit the branch names, with its tree present (``Damaged`` naming the ref otherwise)."""
+        ref = BRANCH.decode()
+        try:
+            head = self._refs.read_ref(BRANCH)
+            if head is None:
+                raise self._damaged(ref, "missing", derived=True)
+            if not re.fullmatch(rb"[0-9a-f]{40}", head):
+                raise self._damaged(ref, f"is {bytes(head)[:60]!r}, not a commit id", derived=True)
+            commit = self._wobjects[ObjectID(head)]
+            if not isinstance(commit, Commit):
+                raise self._damaged(ref, f"names a {commit.type_name.decode()}, not a commit", derived=True)
+            self._wobjects[commit.tree]
+        except (KeyError, ValueError, OSError) as exc:
+            raise self._damaged(
+                ref, f"names no commit of the store ({type(exc).__name__}: {exc})", derived=True
+            ) from exc
+        return commit
 
     def _open_objects(self) -> DiskObjectStore:
         return DiskObjectStore(str(self.path / "objects"), pack_compression_level=git_packs.ZLEVEL)

@@ -201,3 +201,39 @@ def idx_count(idx: Path) -> int:
     base = 8 if head[:4] == b"\xfftOc" else 0
     count: int = struct.unpack_from(">I", head, base + 255 * 4)[0]
     return count
+
+
+def damage(pack: Path) -> str | None:
+    """What is wrong with a pack and its index, or None when both are whole: each file's SHA-1 trailer
+    matches its bytes, the index is of this pack (it records the pack's trailer), and both count the
+    same objects. Reads both files once (hashing runs at memory speed, so a start pays milliseconds
+    per 100 MB of packs)."""
+    idx = pack.with_suffix(".idx")
+    try:
+        with pack.open("rb") as pf, idx.open("rb") as xf:
+            packed = _hashed(pf, "pack")
+            indexed = _hashed(xf, "index")
+            pf.seek(0)
+            head = pf.read(12)
+    except FileNotFoundError as exc:
+        return f"{Path(exc.filename).name} is missing"
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    if head[:4] != b"PACK" or len(head) < 12:
+        return "the pack has no PACK header"
+    if indexed[-40:-20] != packed[-20:]:
+        return "the index is not of this pack (it records another pack's checksum)"
+    if struct.unpack_from(">I", head, 8)[0] != idx_count(idx):
+        return "the pack and its index count different objects"
+    return None
+
+
+def _hashed(f: IO[bytes], what: str) -> bytes:
+    """A Git file's last 40 bytes, once its SHA-1 trailer is checked against the bytes before it."""
+    size = os.fstat(f.fileno()).st_size
+    if size < 40:
+        raise ValueError(f"the {what} is {size} bytes, shorter than its trailer")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m, memoryview(m) as view:
+        if hashlib.sha1(view[: size - 20], usedforsecurity=False).digest() != view[size - 20 :]:
+            raise ValueError(f"the {what}'s bytes do not match its SHA-1 checksum")
+        return bytes(view[size - 40 :])
