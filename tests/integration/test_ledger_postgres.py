@@ -14,7 +14,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import msgspec
@@ -22,16 +25,17 @@ import psycopg
 import pytest
 
 from runtime.economy.buckets import BucketState
-from runtime.economy.ledger import Mint, OpenAccount, RecordUsage, Transfer
+from runtime.economy.ledger import LedgerError, Mint, Op, OpenAccount, Receipt, RecordUsage, Transfer
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.open import NoLedger, open_ledger
-from runtime.economy.ledger.postgres import WRITER_NAME, PostgresLedger, _BatchView
+from runtime.economy.ledger.postgres import _APPEND, _LOCK, WRITER_NAME, PostgresLedger, _BatchView
 from runtime.economy.ledger.rules import MemoryView
 from runtime.economy.ledger.rules import apply as apply_rule
 from runtime.host.postgres import DatabaseUnavailable
 from tests.harness import ROOT, reap, together
 from tests.integration.ledger_bank_client import Summary
 from tests.integration.ledger_crash_writer import ACCOUNTS, FUNDS, fund_bank
+from tests.services import create_database, drop_database
 
 
 @pytest.mark.slow
@@ -179,6 +183,157 @@ def test_the_batch_view_reads_on_demand_what_the_preload_missed(pg_url: str) -> 
         view.flush()
     with PostgresLedger(pg_url) as led:
         assert led.buckets("alice") == {**levels, "llm_tokens": BucketState(3.0, 4.0)}
+
+
+# ------------------------------------------------------------------------------- optimistic batches
+
+
+def _as_another_node(conn: psycopg.Connection[tuple[object, ...]], op: Op, at: float | None = None) -> int:
+    """Apply ``op`` on ``conn``, in its transaction (which holds the ledger lock), as another node's batch
+    writes it; return its journal seq."""
+    view = _BatchView(conn)
+    apply_rule(view, op)
+    view.flush()
+    rows = conn.execute(_APPEND, (at or time.time(), [op.id], [msgspec.msgpack.encode(op)])).fetchall()
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
+def _between_read_and_lock(
+    pg_url: str, led: PostgresLedger, op: Op, other: Callable[[psycopg.Connection[tuple[object, ...]]], None]
+) -> Future[Receipt]:
+    """Submit ``op`` while holding the ledger lock; once the writer has read its batch and waits for the
+    lock, run ``other`` in the lock's transaction and commit it: another node's batch committed between
+    this batch's reads and its writes."""
+    with psycopg.connect(pg_url) as holder, psycopg.connect(pg_url, autocommit=True) as watcher:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+        fut = led.submit(op)
+        deadline = time.monotonic() + 30
+        while watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            (WRITER_NAME,),
+        ).fetchone() != (1,):
+            assert time.monotonic() < deadline and not fut.done(), "the writer never waited for the lock"
+            time.sleep(0.01)
+        other(holder)
+        holder.commit()
+    return fut
+
+
+def _replays_to_its_balances(led: PostgresLedger) -> None:
+    assert check(led).ok
+    entries = list(led.journal())
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    view = MemoryView()
+    for e in entries:
+        apply_rule(view, e.op)
+    assert view.nonzero() == led.balances()
+
+
+def test_a_batch_whose_reads_changed_before_the_lock_runs_again_holding_it(pg_url: str) -> None:
+    """Another node spends alice's scrip between this node's read and its lock: the check under the
+    lock fails, nothing is written, and the batch runs again under the lock, which refuses the
+    overdraft (without the check it would have written alice's balance from the stale read)."""
+    with PostgresLedger(pg_url) as led:
+        for name, scrip in (("alice", 100), ("bob", 0), ("carol", 0)):
+            led.apply(OpenAccount(id=f"o-{name}", account=name, grants={"scrip": scrip} if scrip else {}))
+        spend = Transfer(id="elsewhere", src="alice", dst="carol", asset="scrip", amount=50)
+        fut = _between_read_and_lock(
+            pg_url, led, Transfer(id="here", src="alice", dst="bob", asset="scrip", amount=80),
+            lambda conn: _as_another_node(conn, spend),
+        )  # fmt: skip
+        with pytest.raises(LedgerError, match="has 50 scrip, cannot transfer 80") as refused:
+            fut.result(timeout=30)
+        assert refused.value.code == "overdraft"
+        assert led.retried == 1
+        assert led.balances() == {"alice": {"scrip": 50}, "carol": {"scrip": 50}}
+        _replays_to_its_balances(led)
+        # The holdings the batch read under the lock are what the node's cache keeps.
+        assert led.holdings_cache.get("alice") == {"scrip": 50}
+
+
+def test_a_batch_commits_after_another_nodes_entry_when_what_it_read_still_holds(pg_url: str) -> None:
+    """A disjoint batch of another node committed meanwhile: no retry, and this batch's entry is numbered
+    after it and stamped no earlier (the other node's clock runs ahead)."""
+    with PostgresLedger(pg_url) as led:
+        for name in ("alice", "bob", "dave", "erin"):
+            led.apply(OpenAccount(id=f"o-{name}", account=name, grants={"scrip": 10}))
+        ahead = time.time() + 1000
+        seqs: list[int] = []
+        fut = _between_read_and_lock(
+            pg_url, led, Transfer(id="here", src="alice", dst="bob", asset="scrip", amount=3),
+            lambda conn: seqs.append(
+                _as_another_node(conn, Transfer(id="there", src="dave", dst="erin", asset="scrip", amount=4), ahead)
+            ),
+        )  # fmt: skip
+        receipt = fut.result(timeout=30)
+        assert led.retried == 0
+        assert receipt.fresh and receipt.seq == seqs[0] + 1 and receipt.at == ahead
+        assert led.balances() == {
+            "alice": {"scrip": 7},
+            "bob": {"scrip": 13},
+            "dave": {"scrip": 6},
+            "erin": {"scrip": 14},
+        }
+        _replays_to_its_balances(led)
+
+
+def test_an_op_id_another_node_journalled_meanwhile_comes_back_as_its_replay(pg_url: str) -> None:
+    """Two nodes submit the same operation (a retry after a crash): the one that loses the race is
+    refused by the journal's unique op id, runs again under the lock and gets the first receipt; the
+    transfer is made once."""
+    with PostgresLedger(pg_url) as led:
+        led.apply(OpenAccount(id="o-alice", account="alice", grants={"scrip": 100}))
+        led.apply(OpenAccount(id="o-bob", account="bob"))
+        op = Transfer(id="task-7", src="alice", dst="bob", asset="scrip", amount=30)
+        seqs: list[int] = []
+        fut = _between_read_and_lock(pg_url, led, op, lambda conn: seqs.append(_as_another_node(conn, op)))
+        receipt = fut.result(timeout=30)
+        assert led.retried == 1
+        assert not receipt.fresh and receipt.seq == seqs[0]
+        assert led.balances() == {"alice": {"scrip": 70}, "bob": {"scrip": 30}}
+        _replays_to_its_balances(led)
+
+
+def test_the_locked_path_applies_a_batch_as_the_optimistic_one_does(pg_url: str) -> None:
+    """``optimistic=False`` (the benchmarks' baseline) keeps every rule as the optimistic writer does: in
+    one batch a repeat of an op id gets the first's receipt, another op under that id and an overdraft
+    are refused; a batch of refusals alone is refused too."""
+    batch: list[Op] = [
+        Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=4),
+        Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=4),
+        Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=5),
+        Transfer(id="t2", src="alice", dst="bob", asset="scrip", amount=7),
+    ]
+    outcomes = []
+    second = create_database()
+    try:
+        for url, optimistic in ((pg_url, True), (second, False)):
+            with PostgresLedger(url, optimistic=optimistic) as led:
+                led.apply(OpenAccount(id="o-a", account="alice", grants={"scrip": 10}))
+                led.apply(OpenAccount(id="o-b", account="bob"))
+                hold = led.hold()
+                first = led.submit(OpenAccount(id="o-c", account="carol"))
+                assert hold.waiting.wait(10)
+                futures = [led.submit(op) for op in batch]  # queued behind the held one: one batch
+                hold.release()
+                first.result(timeout=30)
+                got: list[tuple[int, bool] | str] = []
+                for f in futures:
+                    try:
+                        r = f.result(timeout=30)
+                        got.append((r.seq, r.fresh))
+                    except LedgerError as exc:
+                        got.append(exc.code)
+                with pytest.raises(LedgerError, match="cannot transfer 1000"):
+                    led.apply(Transfer(id="t3", src="bob", dst="alice", asset="scrip", amount=1000))
+                assert hold.sizes == [1, len(batch), 1] and led.retried == 0
+                outcomes.append(got)
+                assert led.balances() == {"alice": {"scrip": 6}, "bob": {"scrip": 4}}
+                _replays_to_its_balances(led)
+    finally:
+        drop_database(second)
+    assert outcomes[0] == outcomes[1] == [(6, True), (6, False), "conflict", "overdraft"]
 
 
 def _free_port() -> int:

@@ -4,12 +4,9 @@ Each node has one writer thread (``runtime.groupcommit``) that applies every que
 operation of a batch in ONE transaction and resolves each caller's future only after COMMIT returned
 (``synchronous_commit`` on: the WAL is flushed, so the operation is durable).
 
-Several nodes, one total order. Every batch transaction first takes a transaction-level advisory lock
-on the ledger, then reads the rows its operations touch, applies them with the shared rule book
-(``runtime.economy.ledger.rules``) against those rows held in memory, and writes the changed rows back in bulk.
-The lock serialises writers across nodes, so:
+Several nodes, one total order. A batch's journal entries are numbered, written and committed while its
+transaction holds a transaction-level advisory lock on the ledger, so:
 
-- no update is lost (a batch reads balances only once the previous writer committed);
 - journal sequence numbers are gapless and *commit order is seq order*, so replaying the journal
   gives exactly the stored balances. Row locks alone would let two batches that touch disjoint
   accounts commit in the other order than they numbered their entries, and a batch that later reads
@@ -17,9 +14,18 @@ The lock serialises writers across nodes, so:
   accepted in the other);
 - a reader polling ``journal(since)`` never sees entry N+1 before entry N.
 
-The cost is that only one node writes at a time; each holds the lock for one batch (a few
-milliseconds plus the commit's WAL flush), and under load batches grow, so throughput is bounded by
-the flushes per second times the batch size, not by the number of nodes.
+Batches are optimistic, so the lock is held only while the server works, never across a round trip or
+the node's Python (a node throttled by its CPU quota, or descheduled on a busy host, while it held the
+lock stopped every node). A batch reads the rows its operations touch (and the op ids already journalled)
+outside any transaction, applies the shared rule book (``runtime.economy.ledger.rules``) to them in
+memory, and then sends in one round trip: BEGIN, the lock, a check that every row it read still holds
+what it read (``_BatchView.unchanged``, by value: the rules read nothing else, so an unchanged read
+gives the same result now), its writes in bulk, its journal entries numbered on from the last one
+(``_APPEND``), COMMIT. If another node changed what it read meanwhile, the check raises and nothing is
+written; if another node journalled one of its op ids, the unique index refuses the entry. Either
+way the batch runs again holding the lock from its first read, as every batch did before (one round
+trip for BEGIN, the lock and the reads, the rules, one for the writes and COMMIT), which cannot fail
+that way: no update is lost, and a batch never waits behind more than one conflict of its own.
 
 The writer's transactions are READ COMMITTED on purpose: every statement sees what committed before it
 started, and the statements after the lock start only once the lock is held. (A REPEATABLE READ
@@ -43,6 +49,7 @@ sponsorship).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection, Iterator
 from typing import Any
@@ -116,6 +123,17 @@ STEPS: tuple[str, ...] = (
     "CREATE TABLE ledger_offers (offer text PRIMARY KEY, post bytea NOT NULL);",
     "CREATE TABLE ledger_tasks (task text PRIMARY KEY, state bytea NOT NULL);",
     'CREATE TABLE ledger_standing (key text COLLATE "C" PRIMARY KEY, record bytea NOT NULL);',
+    # An optimistic batch's check, run under the ledger lock before it writes (``_BatchView.unchanged``):
+    # what it read changed meanwhile, so its transaction fails whole and the writer runs it again.
+    """
+    CREATE FUNCTION ledger_expect(unchanged boolean) RETURNS void LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NOT unchanged THEN
+            RAISE EXCEPTION 'ledger rows a batch read changed before it took the ledger lock'
+                USING ERRCODE = 'serialization_failure';
+        END IF;
+    END $$;
+    """,
 )
 
 #: What ``pg_stat_activity.application_name`` shows for this backend's connections.
@@ -128,6 +146,14 @@ _HOLDINGS = (
 )
 _LOCK = lock_key("ledger")
 _JOURNAL_PAGE = 1000
+#: A batch's journal entries, numbered on from the journal's last one and stamped no earlier than it
+#: (nodes' clocks differ). Run under the ledger lock: the seq stays gapless and commit order is seq order.
+_APPEND = (
+    "WITH last AS (SELECT seq, at FROM ledger_journal ORDER BY seq DESC LIMIT 1)"
+    " INSERT INTO ledger_journal (seq, at, op_id, op)"
+    " SELECT coalesce((SELECT seq FROM last), 0) + z.n, greatest(%s::float8, (SELECT at FROM last)), z.i, z.o"
+    " FROM unnest(%s::text[], %s::bytea[]) WITH ORDINALITY AS z(i, o, n) RETURNING seq, at"
+)
 
 
 _Conn = psycopg.Connection[tuple[Any, ...]]
@@ -157,13 +183,57 @@ def _touched(op: Op) -> tuple[set[str], set[str], set[str]]:
     return {op.account}, set(), set()
 
 
+#: An operation of a batch applied but not yet numbered: its op id, its entry's index in the batch's
+#: new entries, and whether it is that entry's own op (False: a repeat of its op id in the batch).
+_New = tuple[str, int, bool]
+
+
+def _apply_all(
+    view: _BatchView, batch: list[Item], done: dict[str, tuple[int, float, Op]]
+) -> tuple[list[Receipt | LedgerError | _New], list[tuple[str, bytes]]]:
+    """Apply each operation of the batch with the rule book, in order: the outcome of each (a receipt
+    for an op id already journalled, ``done``; a refusal; or a new entry) and the new entries (op id,
+    encoded op)."""
+    outcomes: list[Receipt | LedgerError | _New] = []
+    rows: list[tuple[str, bytes]] = []
+    new: dict[str, tuple[int, Op]] = {}
+    for op, _ in batch:
+        if op.id in done:
+            seq, at, prev = done[op.id]
+            outcomes.append(Receipt(op.id, seq, at, fresh=False) if prev == op else _reused(op))
+            continue
+        if op.id in new:
+            index, earlier = new[op.id]
+            outcomes.append((op.id, index, False) if earlier == op else _reused(op))
+            continue
+        try:
+            rules.apply(view, op)
+        except LedgerError as exc:
+            outcomes.append(exc)
+            continue
+        new[op.id] = (len(rows), op)
+        outcomes.append((op.id, len(rows), True))
+        rows.append((op.id, codec.encode(op)))
+    return outcomes, rows
+
+
+def _reused(op: Op) -> LedgerError:
+    return LedgerError("conflict", f"op id `{op.id}` was already used for another operation")
+
+
+def _receipts(outcomes: list[Receipt | LedgerError | _New], first: int, at: float) -> list[Receipt | LedgerError]:
+    """The batch's outcomes once its new entries were journalled from seq ``first`` at time ``at``."""
+    return [Receipt(o[0], first + o[1], at, fresh=o[2]) if isinstance(o, tuple) else o for o in outcomes]
+
+
 class _BatchView:
-    """``rules.View`` over one batch transaction: the rows the batch touches, read once under the ledger
-    lock, changed in memory, written back in bulk by ``flush``.
+    """``rules.View`` over one batch: the rows the batch touches, read once, changed in memory, written
+    back in bulk by ``flush``.
 
     A refused operation leaves the view untouched because the rule book checks everything before it
     writes (as the LMDB backend relies on too). A row the preload missed is read on demand, so the
-    preload is only an optimisation, never a correctness condition.
+    preload is only an optimisation, never a correctness condition. The view keeps what it read, as
+    read, so that a batch read without the ledger lock can check it under the lock (``unchanged``).
     """
 
     def __init__(self, conn: _Conn) -> None:
@@ -185,6 +255,16 @@ class _BatchView:
         self._dirty_tasks: set[str] = set()
         self._standing: dict[str, Standing | None] = {}
         self._dirty_standing: set[str] = set()
+        # What was read, as read (``unchanged``): every account loaded (and those absent), all their
+        # balances, the task ids without a usage record, the supply as loaded and the assets whose
+        # supply the rules used, and per keyed table the stored blob (None: no row) of each key read.
+        self._read_accounts: list[str] = []
+        self._absent: list[str] = []
+        self._read_held: list[tuple[str, str, int]] = []
+        self._unused: list[str] = []
+        self._read_supply: dict[str, tuple[int, int]] = {}
+        self._supply_used: set[str] = set()
+        self._read_keyed: dict[tuple[str, str, str], dict[str, bytes | None]] = {}
 
     def load(self, accounts: Collection[str], task_ids: Collection[str], agents: Collection[str]) -> None:
         """Read the rows of these keys (and the whole supply, a few rows) that are not loaded yet.
@@ -200,15 +280,23 @@ class _BatchView:
         used = ex("SELECT task_id FROM ledger_usage WHERE task_id = ANY(%s)", (tasks,))
         levels = ex("SELECT agent, levels FROM ledger_buckets WHERE agent = ANY(%s)", (owners,))
         supply = None if self._supply_loaded else ex("SELECT asset, minted, burned FROM ledger_supply")
-        self._kinds.update(dict.fromkeys(accts))
-        self._kinds.update(kinds.fetchall())
-        self._balances.update(((account, asset), amount) for account, asset, amount in held.fetchall())
-        self._usage.update(dict.fromkeys(tasks, False))
-        self._usage.update((task_id, True) for (task_id,) in used.fetchall())
-        self._levels.update({a: {} for a in owners})
-        self._levels.update((agent, codec.buckets.decode(blob)) for agent, blob in levels.fetchall())
+        found: dict[str, AccountKind] = dict(kinds.fetchall())
+        self._kinds.update((a, found.get(a)) for a in accts)
+        self._read_accounts += accts
+        self._absent += [a for a in accts if a not in found]
+        rows: list[tuple[str, str, int]] = held.fetchall()
+        self._read_held += rows
+        self._balances.update(((account, asset), amount) for account, asset, amount in rows)
+        recorded = {task_id for (task_id,) in used.fetchall()}
+        self._usage.update((t, t in recorded) for t in tasks)
+        self._unused += [t for t in tasks if t not in recorded]
+        blobs: dict[str, bytes | None] = dict.fromkeys(owners)
+        blobs.update(levels.fetchall())
+        self._read_keyed.setdefault(("ledger_buckets", "agent", "levels"), {}).update(blobs)
+        self._levels.update((a, codec.buckets.decode(b) if b is not None else {}) for a, b in blobs.items())
         if supply is not None:
-            self._supply.update((asset, (minted, burned)) for asset, minted, burned in supply.fetchall())
+            self._read_supply = {asset: (minted, burned) for asset, minted, burned in supply.fetchall()}
+            self._supply.update(self._read_supply)
             self._supply_loaded = True
 
     def account_kind(self, account: str) -> AccountKind | None:
@@ -232,6 +320,7 @@ class _BatchView:
     def supply(self, asset: Asset) -> tuple[int, int]:
         if not self._supply_loaded:
             self.load((), (), ())
+        self._supply_used.add(asset)
         return self._supply.get(asset, (0, 0))
 
     def set_supply(self, asset: Asset, minted: int, burned: int) -> None:
@@ -253,10 +342,18 @@ class _BatchView:
         self._levels[agent] = {**self._levels[agent], **buckets}
         self._dirty_levels.add(agent)
 
+    def _read_one(self, table: str, key: str, column: str, value: str) -> bytes | None:
+        """The stored blob of one key of a keyed table (None: no row), kept as read for ``unchanged``.
+        (``table``, ``key`` and ``column`` are this module's own names, never input.)"""
+        row = self._conn.execute(f"SELECT {column} FROM {table} WHERE {key} = %s", (value,)).fetchone()
+        blob: bytes | None = row[0] if row else None
+        self._read_keyed.setdefault((table, key, column), {})[value] = blob
+        return blob
+
     def offer(self, offer_id: str) -> PostOffer | None:
         if offer_id not in self._offers:
-            row = self._conn.execute("SELECT post FROM ledger_offers WHERE offer = %s", (offer_id,)).fetchone()
-            self._offers[offer_id] = codec.offer.decode(row[0]) if row else None
+            blob = self._read_one("ledger_offers", "offer", "post", offer_id)
+            self._offers[offer_id] = codec.offer.decode(blob) if blob is not None else None
         return self._offers[offer_id]
 
     def put_offer(self, offer: PostOffer) -> None:
@@ -269,8 +366,8 @@ class _BatchView:
 
     def task(self, task_id: str) -> TaskState | None:
         if task_id not in self._tasks:
-            row = self._conn.execute("SELECT state FROM ledger_tasks WHERE task = %s", (task_id,)).fetchone()
-            self._tasks[task_id] = codec.task.decode(row[0]) if row else None
+            blob = self._read_one("ledger_tasks", "task", "state", task_id)
+            self._tasks[task_id] = codec.task.decode(blob) if blob is not None else None
         return self._tasks[task_id]
 
     def put_task(self, state: TaskState) -> None:
@@ -279,8 +376,8 @@ class _BatchView:
 
     def standing(self, key: str) -> Standing | None:
         if key not in self._standing:
-            row = self._conn.execute("SELECT record FROM ledger_standing WHERE key = %s", (key,)).fetchone()
-            self._standing[key] = codec.standing.decode(row[0]) if row else None
+            blob = self._read_one("ledger_standing", "key", "record", key)
+            self._standing[key] = codec.standing.decode(blob) if blob is not None else None
         return self._standing[key]
 
     def put_standing(self, key: str, record: Standing | None) -> None:
@@ -294,6 +391,45 @@ class _BatchView:
             if amount and account in out:
                 out[account][asset] = amount
         return out
+
+    def unchanged(self) -> tuple[str, list[object]]:
+        """One SQL condition (and its parameters) that holds exactly when every row the batch read still
+        holds what it read, every account it loaded has the balances it read, and none it found absent
+        exists. Checked under the ledger lock, it makes what the batch computed what it would compute
+        there: the rule book reads nothing else (and its writes are absolute values of rows it read)."""
+        conds: list[str] = []
+        params: list[object] = []
+        if self._absent:
+            conds.append("NOT EXISTS (SELECT 1 FROM ledger_accounts WHERE account = ANY(%s))")
+            params.append(self._absent)
+        if self._read_accounts:
+            conds.append(
+                "NOT EXISTS (SELECT 1 FROM (SELECT account, asset, amount FROM ledger_balances"
+                " WHERE account = ANY(%s)) AS b FULL JOIN unnest(%s::text[], %s::text[], %s::bigint[])"
+                " AS z(account, asset, amount) USING (account, asset) WHERE b.amount IS DISTINCT FROM z.amount)"
+            )
+            held = self._read_held
+            params += [self._read_accounts, [r[0] for r in held], [r[1] for r in held], [r[2] for r in held]]
+        if self._unused:
+            conds.append("NOT EXISTS (SELECT 1 FROM ledger_usage WHERE task_id = ANY(%s))")
+            params.append(self._unused)
+        assets = sorted(self._supply_used | self._dirty_supply)
+        if assets:
+            conds.append(
+                "NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS z(asset, minted, burned)"
+                " LEFT JOIN ledger_supply s USING (asset)"
+                " WHERE (coalesce(s.minted, 0), coalesce(s.burned, 0)) <> (z.minted, z.burned))"
+            )
+            read = [self._read_supply.get(a, (0, 0)) for a in assets]
+            params += [assets, [m for m, _ in read], [b for _, b in read]]
+        for (table, key, column), blobs in self._read_keyed.items():
+            if blobs:
+                conds.append(
+                    f"NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::bytea[]) AS z(k, v)"
+                    f" LEFT JOIN {table} t ON t.{key} = z.k WHERE t.{column} IS DISTINCT FROM z.v)"
+                )
+                params += [list(blobs), list(blobs.values())]
+        return " AND ".join(conds) or "true", params
 
     def flush(self) -> None:
         """Write every changed row back: one statement per table (new accounts go first, for the keys)."""
@@ -363,6 +499,8 @@ class PostgresLedger(GroupCommitted):
     never for real runs); ``group=False`` commits one operation per transaction (the benchmark's
     baseline). ``pool_size`` bounds this node's synchronous read connections, ``async_readers`` those of
     the reads on the event loop; ``cache_max_age_s`` is the longest a cached holding is used (0: never).
+    ``optimistic=False`` holds the ledger lock from a batch's first read (the benchmarks' baseline; see
+    the module docstring).
 
     Raises ``runtime.host.postgres.DatabaseUnavailable`` for a malformed URL, a rejected login, or a server
     that does not answer within ``connect_deadline_s``.
@@ -379,8 +517,12 @@ class PostgresLedger(GroupCommitted):
         connect_deadline_s: float = 30.0,
         cache_max_age_s: float = 1.0,
         async_readers: int = 4,
+        optimistic: bool = True,
     ) -> None:
         self._url = url
+        self._optimistic = optimistic
+        #: Optimistic batches that found what they read changed under the lock and ran again holding it.
+        self.retried = 0
         #: The node's holdings cache (``runtime.economy.ledger.cache``); ``cache_max_age_s=0`` disables it.
         self.holdings_cache = HoldingsCache(cache_max_age_s)
         self.reader = AsyncReader(url, size=async_readers, name=READER_NAME, setup=_READ_ONLY)
@@ -447,7 +589,22 @@ class PostgresLedger(GroupCommitted):
         resolve(batch, outcomes)
 
     def _run_batch(self, batch: list[Item]) -> list[Receipt | LedgerError]:
-        """One transaction: lock, load, apply every op with the rule book, write back, commit."""
+        """Apply the batch optimistically (read, apply the rules, then check what was read, write and
+        commit under the ledger lock in one round trip); when what it read changed meanwhile, or another
+        node journalled one of its op ids, nothing was written and it runs again holding the lock from
+        its first read, which cannot fail that way."""
+        if self._optimistic:
+            try:
+                return self._attempt(batch, locked=False)
+            except (psycopg.errors.SerializationFailure, psycopg.errors.UniqueViolation):
+                self.retried += 1
+        return self._attempt(batch, locked=True)
+
+    def _attempt(self, batch: list[Item], *, locked: bool) -> list[Receipt | LedgerError]:
+        """One transaction of the batch. ``locked``: BEGIN, the lock and the reads in one round trip,
+        then the writes and COMMIT in another (the lock is held across both and the rules). Else the
+        reads first, outside any transaction, and BEGIN, the lock, the check, the writes and COMMIT in
+        one round trip: the lock is held only while the server runs them."""
         conn = self._conn
         accounts: set[str] = set()
         task_ids: set[str] = set()
@@ -458,58 +615,54 @@ class PostgresLedger(GroupCommitted):
             task_ids |= t
             agents |= g
         token = self.holdings_cache.token()
-        # The flush and the COMMIT share one round trip, and BEGIN goes with the lock and the reads: the
-        # ledger lock, which every node's writer waits for, is held for two round trips and the rules.
-        with commit_with_last(conn):
-            view = _BatchView(conn)
+        view = _BatchView(conn)
+        with contextlib.ExitStack() as transaction:
+            if locked:
+                transaction.enter_context(commit_with_last(conn))
             with conn.pipeline():  # synced on exit
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-                last = conn.execute("SELECT seq, at FROM ledger_journal ORDER BY seq DESC LIMIT 1")
+                if locked:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+                    head = conn.execute("SELECT coalesce(max(seq), 0) FROM ledger_journal")
                 known = conn.execute(
                     "SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%s)",
                     (list({op.id for op, _ in batch}),),
                 )
                 view.load(accounts, task_ids, agents)
-                head = last.fetchone()
-                applied: dict[str, tuple[int, float, Op]] = {
+                done: dict[str, tuple[int, float, Op]] = {
                     op_id: (seq, at, codec.op.decode(blob)) for op_id, seq, at, blob in known.fetchall()
                 }
-            seq, last_at = head if head is not None else (0, 0.0)
-            # Nodes' clocks differ: never let the journal's time go backwards.
-            now = max(time.time(), last_at)
-            outcomes: list[Receipt | LedgerError] = []
-            rows: list[tuple[int, str, bytes]] = []
-            for op, _ in batch:
-                prev = applied.get(op.id)
-                if prev is not None:
-                    pseq, pat, first = prev
-                    if first != op:
-                        message = f"op id `{op.id}` was already used for another operation"
-                        outcomes.append(LedgerError("conflict", message))
-                    else:
-                        outcomes.append(Receipt(op.id, pseq, pat, fresh=False))
-                    continue
-                try:
-                    rules.apply(view, op)
-                except LedgerError as exc:
-                    outcomes.append(exc)
-                    continue
-                seq += 1
-                applied[op.id] = (seq, now, op)
-                rows.append((seq, op.id, codec.encode(op)))
-                outcomes.append(Receipt(op.id, seq, now))
-            if rows:
-                view.flush()
-                conn.execute(
-                    "INSERT INTO ledger_journal (seq, at, op_id, op)"
-                    " SELECT s, %s::float8, i, o FROM unnest(%s::bigint[], %s::text[], %s::bytea[]) AS z(s, i, o)",
-                    (now, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
-                )
-        # Committed: what the batch read under the lock, changed by its own operations, is every touched
-        # account's exact state at ``seq`` (no other writer could run in between).
+            pending, rows = _apply_all(view, batch, done)
+            if not locked:
+                check, params = view.unchanged()
+                if rows:
+                    transaction.enter_context(commit_with_last(conn))
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+                    conn.execute(f"SELECT ledger_expect({check})", params)
+                elif any(isinstance(p, LedgerError) for p in pending):
+                    # Refusals read in several statements: one snapshot in which all those reads
+                    # still hold is a moment at which the ledger refused them all.
+                    conn.execute(f"SELECT ledger_expect({check})", params)
+            if not rows:
+                if locked:  # what it read under the lock is exact at the journal's head
+                    self._cache(view, int(head.fetchall()[0][0]), token)
+                return _receipts(pending, 0, 0.0)
+            view.flush()
+            appended = conn.execute(_APPEND, (time.time(), [r[0] for r in rows], [r[1] for r in rows]))
+        # Committed: the batch's entries follow the journal's last one at the lock, in batch order.
+        numbered = appended.fetchall()
+        first = min(seq for seq, _ in numbered)
+        at = float(numbered[0][1])
+        last = first + len(rows) - 1
+        assert len(numbered) == len(rows), "invariant: one journal entry per new operation"
+        # What the batch read (under the lock, or checked unchanged under it), changed by its own
+        # operations, is every touched account's exact state at ``last``: nothing was written between.
+        self._cache(view, last, token)
+        return _receipts(pending, first, at)
+
+    def _cache(self, view: _BatchView, seq: int, token: int) -> None:
+        """Put the holdings of every account the batch loaded, exact at journal ``seq``, in the cache."""
         for account, amounts in view.held().items():
             self.holdings_cache.put(account, seq, amounts, token)
-        return outcomes
 
     def _close_store(self) -> None:
         self._conn.close()
