@@ -12,6 +12,8 @@ fixed time:
 - ``lmdb-per-op``: ``LmdbLedger(group=False)``, one durable transaction per transfer, sequential;
 - ``postgres-group-threads`` / ``postgres-group-batches`` / ``postgres-group`` / ``postgres-per-op``: the
   same with ``PostgresLedger`` (``synchronous_commit`` on); skipped when no server answers;
+- ``postgres-locked-threads``: ``postgres-group-threads`` with ``optimistic=False``, each batch holding
+  the ledger lock from its first read (the path before optimistic batches);
 - ``sqlite-wal-full`` / ``sqlite-wal-normal``: SQLite in WAL mode with ``synchronous=FULL`` (durable) or
   ``NORMAL`` (a commit can be lost on power failure: listed for reference, marked not durable), one
   transaction per transfer, sequential.
@@ -129,18 +131,26 @@ def _lmdb(path: Path, group: bool) -> Iterator[Ledger]:
         yield led
 
 
-@contextmanager
-def _postgres(_path: Path, group: bool) -> Iterator[Ledger]:
-    """A funded durable PostgreSQL ledger in a database of its own, dropped afterwards."""
-    # The test helpers own the server's administrative URL (AECO_TEST_POSTGRES) and the naming.
-    from tests.services import create_database, drop_database
+def _postgres_opener(optimistic: bool) -> Opener:
+    """Funded durable PostgreSQL ledgers, each in a database of its own dropped afterwards, whose batches
+    are optimistic or hold the ledger lock from their first read (``PostgresLedger(optimistic=...)``)."""
 
-    url = create_database()
-    try:
-        with _funded(PostgresLedger(url, durable=True, group=group)) as led:
-            yield led
-    finally:
-        drop_database(url)
+    @contextmanager
+    def opened(_path: Path, group: bool) -> Iterator[Ledger]:
+        # The test helpers own the server's administrative URL (AECO_TEST_POSTGRES) and the naming.
+        from tests.services import create_database, drop_database
+
+        url = create_database()
+        try:
+            with _funded(PostgresLedger(url, durable=True, group=group, optimistic=optimistic)) as led:
+                yield led
+        finally:
+            drop_database(url)
+
+    return opened
+
+
+_postgres = _postgres_opener(True)
 
 
 def _verify(led: Ledger, counted: int) -> None:
@@ -338,6 +348,13 @@ SYSTEMS = [
         f"PostgresLedger(group=True), fresh database, {THREADS} threads each applying one transfer at a time",
         True,
         _threads(_postgres),
+    ),
+    System(
+        "postgres-locked-threads",
+        f"PostgresLedger(group=True, optimistic=False: the lock held from each batch's first read), fresh "
+        f"database, {THREADS} threads each applying one transfer at a time",
+        True,
+        _threads(_postgres_opener(False)),
     ),
     System(
         "postgres-group-batches",

@@ -32,7 +32,11 @@ PostgreSQL core, and one Redis core, can carry at the measured per-node rate.
 
 Ledger. ``benchmarks.ledger``'s closed-loop systems, run here in the same session: 64 threads each
 applying one durable transfer at a time, on ``LmdbLedger`` and on ``PostgresLedger`` (fresh database,
-``synchronous_commit`` on).
+``synchronous_commit`` on), whose batches are optimistic, and again with ``optimistic=False`` (each batch
+holds the ledger lock from its first read: the path before). Then the two paths under contention:
+``WRITERS`` writer processes on one database, each in a cgroup of ``TOTAL_CORES / WRITERS`` cores with
+``64 / WRITERS`` threads transferring among its own accounts and, half the time, to another writer's (as
+the nodes' agents do), locked then optimistic: a writer throttled while it holds the lock stops them all.
 
 Targets: one node on PostgreSQL delivers at least 60% of the embedded node's actions/s; 3 nodes at
 least 95% of one node's on PostgreSQL; the PostgreSQL ledger sustains at least 2,000 durable
@@ -42,12 +46,18 @@ transfers/s. Needs root (for the cgroups), Debian's PostgreSQL and Redis package
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import os
+import random
 import shutil
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Collection
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Protocol
 
@@ -56,7 +66,17 @@ import yaml
 
 from benchmarks import ledger as ledger_bench
 from benchmarks.cgroup_box import CgroupBox
-from benchmarks.common import Options, ReportHead, Skipped, host_info, measure_each, publish, save_figure
+from benchmarks.common import (
+    Budget,
+    Options,
+    ReportHead,
+    Skipped,
+    closed_loop_threads,
+    host_info,
+    measure_each,
+    publish,
+    save_figure,
+)
 from benchmarks.servers import PostgresServer, RedisServer, ServerFailed, tree_cpu_seconds
 from runtime.economy.ledger.check import CheckReport
 from runtime.world.events import Event
@@ -76,7 +96,11 @@ AGENTS = 60
 TOTAL_CORES = 2.0
 FULL_S, QUICK_S = 20.0, 5.0
 WARMUP_S, WARMUP_MAX_S = 3.0, 180.0
-LEDGER_SYSTEMS = ("lmdb-group-threads", "postgres-group-threads")
+LEDGER_SYSTEMS = ("lmdb-group-threads", "postgres-group-threads", "postgres-locked-threads")
+#: The contention runs: this many writer processes, each with this many accounts of its own.
+WRITERS, WRITER_ACCOUNTS = 3, 20
+#: Of a writer's transfers, the share paid to another writer's account (the nodes' policy: half).
+CROSS_SHARE = 0.5
 TARGET_RATIO = 0.95
 #: One node on PostgreSQL against one embedded node, at the same CPU.
 TARGET_VS_EMBEDDED = 0.6
@@ -124,6 +148,18 @@ class LedgerResult(msgspec.Struct):
     seconds: float
 
 
+class ContentionResult(msgspec.Struct):
+    """``WRITERS`` ledger writers on one database, each a process in a cgroup of ``TOTAL_CORES / WRITERS``
+    cores, with batches that hold the ledger lock from their first read (``locked``) or ``optimistic``."""
+
+    mode: str
+    transfers_per_s: float
+    transfers: int
+    #: Optimistic batches whose check failed under the lock and that ran again holding it.
+    retried: int
+    ledger_ok: bool
+
+
 class Report(ReportHead):
     """The JSON file."""
 
@@ -134,6 +170,10 @@ class Report(ReportHead):
     embedded: NodesResult | None
     nodes: list[NodesResult]
     ledger: list[LedgerResult]
+    #: The same writers, locked then optimistic, in one session: the A/B of the ledger's two write paths.
+    contention: list[ContentionResult]
+    #: The ledger's optimistic write path against the locked one, one line per pair measured.
+    write_paths: list[str]
     targets: list[str]
     #: How many nodes one PostgreSQL core and one Redis core carry, one line per run.
     capacity: list[str]
@@ -343,6 +383,100 @@ def _measure_ledgers(quick: bool, skipped: list[Skipped]) -> list[LedgerResult]:
     return out
 
 
+def _writer_accounts(k: int) -> list[str]:
+    return [f"w{k}-{i}" for i in range(WRITER_ACCOUNTS)]
+
+
+def _writer(
+    url: str, k: int, optimistic: bool, duration: float, box: CgroupBox, go: EventType, out: Connection
+) -> None:
+    """One contention writer (a spawned process): join ``box``, open the ledger, say ready, wait for
+    ``go``, run ``THREADS / WRITERS`` closed-loop clients each transferring 1 scrip from one of its own
+    accounts to another of its own or (``CROSS_SHARE``) to another writer's, and send back (transfers,
+    seconds, batches retried)."""
+    from runtime.economy.ledger import Transfer
+    from runtime.economy.ledger.postgres import PostgresLedger
+
+    box.enter()
+    mine = _writer_accounts(k)
+    others = [a for j in range(WRITERS) if j != k for a in _writer_accounts(j)]
+    with PostgresLedger(url, optimistic=optimistic) as led:
+
+        def client(t: int) -> Callable[[], object]:
+            rng, ids = random.Random(k * 1000 + t), itertools.count()
+
+            def call() -> object:
+                src, dst = rng.sample(mine, 2)
+                if rng.random() < CROSS_SHARE:
+                    dst = rng.choice(others)
+                return led.apply(Transfer(id=f"w{k}-{t}-{next(ids)}", src=src, dst=dst, asset="scrip", amount=1))
+
+            return call
+
+        out.send("ready")
+        go.wait()
+        clients = [client(t) for t in range(ledger_bench.THREADS // WRITERS)]
+        sample = closed_loop_threads(clients, Budget(len(clients), duration, sys.maxsize))
+        out.send((sample.round_trips, sample.seconds, led.retried))
+
+
+def _measure_contention(duration: float, skipped: list[Skipped]) -> list[ContentionResult]:
+    """``WRITERS`` writer processes at ``TOTAL_CORES`` in all, locked then optimistic, on the test server."""
+    from runtime.economy.ledger import OpenAccount
+    from runtime.economy.ledger.check import check
+    from runtime.economy.ledger.postgres import PostgresLedger
+    from tests.services import create_database, drop_database
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads forked mid-lock
+    out: list[ContentionResult] = []
+    for mode in ("locked", "optimistic"):
+        url = create_database()
+        boxes: list[CgroupBox] = []
+        procs: list[multiprocessing.process.BaseProcess] = []
+        try:
+            with PostgresLedger(url) as led:
+                for f in [
+                    led.submit(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 10**9}))
+                    for k in range(WRITERS)
+                    for a in _writer_accounts(k)
+                ]:
+                    f.result()
+            go = spawn.Event()
+            pipes = [spawn.Pipe(duplex=False) for _ in range(WRITERS)]
+            for k, (_, send) in enumerate(pipes):
+                boxes.append(CgroupBox(f"aeco-scale-{os.getpid()}-w{k}", TOTAL_CORES / WRITERS, period_us=_PERIOD_US))
+                args = (url, k, mode == "optimistic", duration, boxes[-1], go, send)
+                procs.append(spawn.Process(target=_writer, args=args, daemon=True))
+                procs[-1].start()
+            for recv, _ in pipes:
+                if not recv.poll(120) or recv.recv() != "ready":
+                    raise RuntimeError("a contention writer did not start")
+            go.set()
+            done: list[tuple[int, float, int]] = []
+            for recv, _ in pipes:
+                if not recv.poll(duration + 120):
+                    raise RuntimeError("a contention writer did not finish")
+                done.append(recv.recv())
+            with PostgresLedger(url) as led:
+                ok = check(led).ok
+            transfers = sum(n for n, _, _ in done)
+            rate = sum(n / secs for n, secs, _ in done)
+            retried = sum(r for _, _, r in done)
+            print(f"[contention-{mode}] {WRITERS} writers: {rate:,.0f} durable transfers/s, {retried} batches retried")
+            out.append(ContentionResult(mode, round(rate, 1), transfers, retried, ok))
+        except Exception as exc:
+            print(f"[contention-{mode}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            skipped.append(Skipped(f"contention-{mode}", f"{type(exc).__name__}: {exc}"))
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.join(10)
+            for box in boxes:
+                box.remove()
+            drop_database(url)
+    return out
+
+
 def targets(embedded: NodesResult | None, nodes: list[NodesResult], ledgers: list[LedgerResult]) -> list[str]:
     """One line per target, saying whether it was met."""
     lines = []
@@ -373,6 +507,28 @@ def targets(embedded: NodesResult | None, nodes: list[NodesResult], ledgers: lis
         lines.append(
             f"PostgreSQL ledger: {pg.transfers_per_s:,.0f} durable transfers/s (target ≥ {TARGET_POSTGRES:,}) — "
             f"{'met' if met else 'NOT met'}"
+        )
+    return lines
+
+
+def write_paths(ledgers: list[LedgerResult], contention: list[ContentionResult]) -> list[str]:
+    """One line per A/B measured in this run: the optimistic write path against the locked one."""
+    lines = []
+    rates = {r.name: r.transfers_per_s for r in ledgers}
+    new, old = rates.get("postgres-group-threads"), rates.get("postgres-locked-threads")
+    if new and old:
+        lines.append(
+            f"one writer, {ledger_bench.THREADS} threads: optimistic {new:,.0f} durable transfers/s, "
+            f"locked {old:,.0f} ({new / old:.2f}×)"
+        )
+    by = {r.mode: r for r in contention}
+    if "optimistic" in by and "locked" in by and by["locked"].transfers_per_s:
+        opt, lock = by["optimistic"], by["locked"]
+        lines.append(
+            f"{WRITERS} writers at {TOTAL_CORES / WRITERS:.2f} cores each, {CROSS_SHARE:.0%} of transfers to another "
+            f"writer's account: optimistic {opt.transfers_per_s:,.0f} durable transfers/s ({opt.retried} batches "
+            f"retried), locked {lock.transfers_per_s:,.0f} ({opt.transfers_per_s / lock.transfers_per_s:.2f}×)"
+            + ("" if opt.ledger_ok and lock.ledger_ok else " — ledger check FAILED")
         )
     return lines
 
@@ -459,13 +615,14 @@ def plot(report: Report, path: Path) -> None:
             transform=middle.transAxes, va="top", fontsize=9,
         )  # fmt: skip
     middle.legend(loc="upper right")
-    names = [r.name.replace("-group-threads", "") for r in report.ledger]
-    rates = [r.transfers_per_s for r in report.ledger]
+    names = [r.name.replace("-group-threads", "").replace("-threads", "") for r in report.ledger]
+    names += [f"{WRITERS} writers\n{r.mode}" for r in report.contention]
+    rates = [r.transfers_per_s for r in report.ledger] + [r.transfers_per_s for r in report.contention]
     right.bar(names, rates, color=["#55a868" if n.startswith("lmdb") else "#8172b2" for n in names])
     right.axhline(TARGET_POSTGRES, color="#c44e52", ls="--", label=f"target {TARGET_POSTGRES:,}/s")
     for name, rate in zip(names, rates, strict=True):
         right.annotate(f"{rate:,.0f}", (name, rate), ha="center", va="bottom")
-    right.set_ylabel("durable transfers/s (64 threads)")
+    right.set_ylabel(f"durable transfers/s ({ledger_bench.THREADS} threads in all)")
     right.set_title("ledger")
     right.legend(loc="upper right")
     fig.suptitle(f"scale-out ({report.mode}); load at start {report.host.get('loadavg_at_start')}", fontsize=9)
@@ -525,11 +682,13 @@ def run(opts: Options) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ledgers = _measure_ledgers(opts.quick, skipped)
+    contention = _measure_contention(ledger_bench.QUICK_S if opts.quick else ledger_bench.FULL_S, skipped)
     lines = targets(embedded, results, ledgers)
     sizing = capacity(results)
     spent = costs(embedded, results)
+    paths = write_paths(ledgers, contention)
     print()
-    for line in lines + spent + sizing:
+    for line in lines + paths + spent + sizing:
         print(line)
     report = Report(
         benchmark="scale",
@@ -542,6 +701,8 @@ def run(opts: Options) -> int:
         embedded=embedded,
         nodes=results,
         ledger=ledgers,
+        contention=contention,
+        write_paths=paths,
         targets=lines,
         capacity=sizing,
         costs=spent,

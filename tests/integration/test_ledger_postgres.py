@@ -295,6 +295,23 @@ def test_an_op_id_another_node_journalled_meanwhile_comes_back_as_its_replay(pg_
         _replays_to_its_balances(led)
 
 
+def test_a_writer_alone_takes_its_own_rows_and_the_check_catches_what_changed_behind_it(pg_url: str) -> None:
+    """A writer that is alone reuses the rows its last batches left instead of reading them; a change no
+    batch made (an operator's SQL) makes the check fail, and the batch runs again on what is stored."""
+    with PostgresLedger(pg_url) as led:
+        led.apply(OpenAccount(id="o-a", account="alice", grants={"scrip": 100}))
+        led.apply(OpenAccount(id="o-b", account="bob"))
+        led.apply(Transfer(id="t1", src="alice", dst="bob", asset="scrip", amount=10))
+        assert led.retried == 0
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE ledger_balances SET amount = 40 WHERE account = 'alice'")
+        with pytest.raises(LedgerError, match="has 40 scrip, cannot transfer 50"):
+            led.apply(Transfer(id="t2", src="alice", dst="bob", asset="scrip", amount=50))
+        assert led.retried == 1
+        led.apply(Transfer(id="t3", src="alice", dst="bob", asset="scrip", amount=30))
+        assert led.balances() == {"alice": {"scrip": 10}, "bob": {"scrip": 40}}
+
+
 def test_the_locked_path_applies_a_batch_as_the_optimistic_one_does(pg_url: str) -> None:
     """``optimistic=False`` (the benchmarks' baseline) keeps every rule as the optimistic writer does: in
     one batch a repeat of an op id gets the first's receipt, another op under that id and an overdraft

@@ -25,7 +25,9 @@ gives the same result now), its writes in bulk, its journal entries numbered on 
 written; if another node journalled one of its op ids, the unique index refuses the entry. Either
 way the batch runs again holding the lock from its first read, as every batch did before (one round
 trip for BEGIN, the lock and the reads, the rules, one for the writes and COMMIT), which cannot fail
-that way: no update is lost, and a batch never waits behind more than one conflict of its own.
+that way: no update is lost, and a batch never waits behind more than one conflict of its own. Under
+contention (nodes writing the same accounts all the time) each failure costs a round trip more than
+the lock would have, so after one the next ``_LOCKED_AFTER_CONFLICT`` batches take the lock first.
 
 The writer's transactions are READ COMMITTED on purpose: every statement sees what committed before it
 started, and the statements after the lock start only once the lock is held. (A REPEATABLE READ
@@ -146,6 +148,8 @@ _HOLDINGS = (
 )
 _LOCK = lock_key("ledger")
 _JOURNAL_PAGE = 1000
+#: After an optimistic batch failed its check, this many batches take the lock from their first read.
+_LOCKED_AFTER_CONFLICT = 8
 #: A batch's journal entries, numbered on from the journal's last one and stamped no earlier than it
 #: (nodes' clocks differ). Run under the ledger lock: the seq stays gapless and commit order is seq order.
 _APPEND = (
@@ -226,6 +230,29 @@ def _receipts(outcomes: list[Receipt | LedgerError | _New], first: int, at: floa
     return [Receipt(o[0], first + o[1], at, fresh=o[2]) if isinstance(o, tuple) else o for o in outcomes]
 
 
+class _Rows:
+    """What the writer knows of the rows its batches touched, as its last batch left them: exact at journal
+    ``seq`` (-1: nothing known). ``usable`` while no other writer has journalled anything between this
+    writer's last two batches (as on a node alone): then a batch takes these rows instead of reading them
+    and, when it finds all it needs here, sends its one round trip without any read before it. Only ever a
+    hint: the check under the lock verifies every value taken from here exactly as a value read.
+    """
+
+    #: Accounts kept at most (a node runs thousands of agents, not millions): past it, start again.
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (a check failed: some row here was stale)."""
+        self.accounts: dict[str, tuple[AccountKind, dict[str, int]]] = {}
+        self.levels: dict[str, bytes | None] = {}
+        self.supply: dict[str, tuple[int, int]] | None = None
+        self.seq = -1
+        self.usable = False
+
+
 class _BatchView:
     """``rules.View`` over one batch: the rows the batch touches, read once, changed in memory, written
     back in bulk by ``flush``.
@@ -298,6 +325,53 @@ class _BatchView:
             self._read_supply = {asset: (minted, burned) for asset, minted, burned in supply.fetchall()}
             self._supply.update(self._read_supply)
             self._supply_loaded = True
+
+    def prefill(
+        self, rows: _Rows, accounts: Collection[str], task_ids: Collection[str], agents: Collection[str]
+    ) -> bool:
+        """Take what ``rows`` knows of these keys as read (``unchanged`` checks it like a read), and take
+        the task ids to have no usage record yet (checked too: a task is charged once, by the node that
+        ran it); return whether anything is still to be read."""
+        for account in accounts:
+            known = rows.accounts.get(account)
+            if known is not None:
+                self._kinds[account] = known[0]
+                self._read_accounts.append(account)
+                for asset, amount in known[1].items():
+                    self._balances[(account, asset)] = amount
+                    self._read_held.append((account, asset, amount))
+        blobs = self._read_keyed.setdefault(("ledger_buckets", "agent", "levels"), {})
+        for agent in agents:
+            if agent in rows.levels:
+                blobs[agent] = blob = rows.levels[agent]
+                self._levels[agent] = codec.buckets.decode(blob) if blob is not None else {}
+        if rows.supply is not None:
+            self._read_supply = dict(rows.supply)
+            self._supply.update(rows.supply)
+            self._supply_loaded = True
+        self._usage.update(dict.fromkeys(task_ids, False))
+        self._unused += task_ids
+        return (
+            rows.supply is None
+            or any(a not in rows.accounts for a in accounts)
+            or any(g not in rows.levels for g in agents)
+        )
+
+    def remember(self, rows: _Rows, seq: int) -> None:
+        """Keep in ``rows`` every row this batch read, as its own operations left them (exact at ``seq``)."""
+        if len(rows.accounts) > _Rows.LIMIT:
+            rows.clear()
+        for account, amounts in self.held().items():
+            kind = self._kinds[account]
+            assert kind is not None
+            rows.accounts[account] = (kind, amounts)
+        read = self._read_keyed.get(("ledger_buckets", "agent", "levels"), {})
+        for agent, levels in self._levels.items():
+            # Encoded as ``flush`` wrote it: the check compares the stored bytes.
+            rows.levels[agent] = codec.encode(levels) if agent in self._dirty_levels else read.get(agent)
+        if self._supply_loaded:
+            rows.supply = dict(self._supply)
+        rows.seq = seq
 
     def account_kind(self, account: str) -> AccountKind | None:
         if account not in self._kinds:
@@ -523,6 +597,8 @@ class PostgresLedger(GroupCommitted):
         self._optimistic = optimistic
         #: Optimistic batches that found what they read changed under the lock and ran again holding it.
         self.retried = 0
+        self._locked_left = 0  # batches still to run locked after the last conflict
+        self._rows = _Rows()  # the writer thread's own: only it reads or changes them
         #: The node's holdings cache (``runtime.economy.ledger.cache``); ``cache_max_age_s=0`` disables it.
         self.holdings_cache = HoldingsCache(cache_max_age_s)
         self.reader = AsyncReader(url, size=async_readers, name=READER_NAME, setup=_READ_ONLY)
@@ -593,18 +669,25 @@ class PostgresLedger(GroupCommitted):
         commit under the ledger lock in one round trip); when what it read changed meanwhile, or another
         node journalled one of its op ids, nothing was written and it runs again holding the lock from
         its first read, which cannot fail that way."""
-        if self._optimistic:
+        if self._optimistic and not self._locked_left:
             try:
                 return self._attempt(batch, locked=False)
             except (psycopg.errors.SerializationFailure, psycopg.errors.UniqueViolation):
                 self.retried += 1
+                self._rows.clear()
+                # Under contention an optimistic batch fails again and again, each failure a round trip
+                # more than the lock costs: the next batches hold it from the start.
+                self._locked_left = _LOCKED_AFTER_CONFLICT
+        else:
+            self._locked_left = max(self._locked_left - 1, 0)
         return self._attempt(batch, locked=True)
 
-    def _attempt(self, batch: list[Item], *, locked: bool) -> list[Receipt | LedgerError]:
+    def _attempt(self, batch: list[Item], *, locked: bool, reuse: bool = True) -> list[Receipt | LedgerError]:
         """One transaction of the batch. ``locked``: BEGIN, the lock and the reads in one round trip,
         then the writes and COMMIT in another (the lock is held across both and the rules). Else the
         reads first, outside any transaction, and BEGIN, the lock, the check, the writes and COMMIT in
-        one round trip: the lock is held only while the server runs them."""
+        one round trip: the lock is held only while the server runs them. ``reuse``: take the writer's
+        own rows instead of reading them when it may (``_Rows``)."""
         conn = self._conn
         accounts: set[str] = set()
         task_ids: set[str] = set()
@@ -616,22 +699,29 @@ class PostgresLedger(GroupCommitted):
             agents |= g
         token = self.holdings_cache.token()
         view = _BatchView(conn)
+        # Alone, the rows of the writer's last batches stand in for reads; an op id journalled already
+        # then shows as the journal's unique index refusing it, and the batch runs again under the lock.
+        to_read = locked or not reuse or not self._rows.usable or view.prefill(self._rows, accounts, task_ids, agents)
+        done: dict[str, tuple[int, float, Op]] = {}
         with contextlib.ExitStack() as transaction:
             if locked:
                 transaction.enter_context(commit_with_last(conn))
-            with conn.pipeline():  # synced on exit
-                if locked:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-                    head = conn.execute("SELECT coalesce(max(seq), 0) FROM ledger_journal")
-                known = conn.execute(
-                    "SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%s)",
-                    (list({op.id for op, _ in batch}),),
-                )
-                view.load(accounts, task_ids, agents)
-                done: dict[str, tuple[int, float, Op]] = {
-                    op_id: (seq, at, codec.op.decode(blob)) for op_id, seq, at, blob in known.fetchall()
-                }
+            if to_read:
+                with conn.pipeline():  # synced on exit
+                    if locked:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+                        head = conn.execute("SELECT coalesce(max(seq), 0) FROM ledger_journal")
+                    known = conn.execute(
+                        "SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%s)",
+                        (list({op.id for op, _ in batch}),),
+                    )
+                    view.load(accounts, task_ids, agents)
+                    done.update((op_id, (seq, at, codec.op.decode(blob))) for op_id, seq, at, blob in known.fetchall())
             pending, rows = _apply_all(view, batch, done)
+            if not to_read and any(isinstance(p, LedgerError) for p in pending):
+                # A refused op may be a replay of one journalled already, which must get its first
+                # receipt: only the journal knows, so read it (and the rows) and apply the batch again.
+                return self._attempt(batch, locked=False, reuse=False)
             if not locked:
                 check, params = view.unchanged()
                 if rows:
@@ -657,6 +747,13 @@ class PostgresLedger(GroupCommitted):
         # What the batch read (under the lock, or checked unchanged under it), changed by its own
         # operations, is every touched account's exact state at ``last``: nothing was written between.
         self._cache(view, last, token)
+        # Another writer journalled something since this one's last batch: what it remembers of other
+        # rows may be stale, and is likely to go stale again (the next batches read).
+        alone = first == self._rows.seq + 1
+        if not alone:
+            self._rows.clear()
+        view.remember(self._rows, last)
+        self._rows.usable = alone
         return _receipts(pending, first, at)
 
     def _cache(self, view: _BatchView, seq: int, token: int) -> None:
