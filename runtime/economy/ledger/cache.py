@@ -6,8 +6,8 @@ would be a round trip. This cache keeps, per account, every balance as of one jo
 
 Where its entries come from, and why they stay true:
 
-- the node's own ledger writer puts the exact balances of every account its batch touched, read under
-  the ledger lock and final at the batch's last seq. Every debit of an agent is made by the node that
+- the node's own ledger writer puts the exact balances of every account its batch touched, checked
+  under the ledger lock to be what the batch read and final at the batch's last seq. Every debit of an agent is made by the node that
   runs it (transfers, prices and code's transfers are all submitted by the payer's node), so between
   its own operations an agent's balances change only by credits from elsewhere;
 - a read puts what it found, with the journal seq of its snapshot;

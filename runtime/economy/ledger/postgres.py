@@ -28,6 +28,9 @@ trip for BEGIN, the lock and the reads, the rules, one for the writes and COMMIT
 that way: no update is lost, and a batch never waits behind more than one conflict of its own. Under
 contention (nodes writing the same accounts all the time) each failure costs a round trip more than
 the lock would have, so after one the next ``_LOCKED_AFTER_CONFLICT`` batches take the lock first.
+A writer alone (no other writer journalled anything between its last two batches) takes the rows its
+last batches left instead of reading them (``_Rows``): its batch is then that one round trip. The
+check verifies those rows as it does reads, so a change made behind its back is caught the same way.
 
 The writer's transactions are READ COMMITTED on purpose: every statement sees what committed before it
 started, and the statements after the lock start only once the lock is held. (A REPEATABLE READ
