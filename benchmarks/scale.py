@@ -615,15 +615,17 @@ def plot(report: Report, path: Path) -> None:
             transform=middle.transAxes, va="top", fontsize=9,
         )  # fmt: skip
     middle.legend(loc="upper right")
-    names = [r.name.replace("-group-threads", "").replace("-threads", "") for r in report.ledger]
+    short = {"lmdb-group-threads": "lmdb", "postgres-group-threads": "1 writer\noptimistic"}
+    names = [short.get(r.name, "1 writer\nlocked") for r in report.ledger]
     names += [f"{WRITERS} writers\n{r.mode}" for r in report.contention]
     rates = [r.transfers_per_s for r in report.ledger] + [r.transfers_per_s for r in report.contention]
-    right.bar(names, rates, color=["#55a868" if n.startswith("lmdb") else "#8172b2" for n in names])
+    colors = ["#55a868" if n == "lmdb" else "#c9b8e6" if n.endswith("locked") else "#8172b2" for n in names]
+    right.bar(names, rates, color=colors)
     right.axhline(TARGET_POSTGRES, color="#c44e52", ls="--", label=f"target {TARGET_POSTGRES:,}/s")
     for name, rate in zip(names, rates, strict=True):
         right.annotate(f"{rate:,.0f}", (name, rate), ha="center", va="bottom")
     right.set_ylabel(f"durable transfers/s ({ledger_bench.THREADS} threads in all)")
-    right.set_title("ledger")
+    right.set_title("ledger (PostgreSQL: optimistic or locked batches)")
     right.legend(loc="upper right")
     fig.suptitle(f"scale-out ({report.mode}); load at start {report.host.get('loadavg_at_start')}", fontsize=9)
     save_figure(fig, path, dpi=110)
