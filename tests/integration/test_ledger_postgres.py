@@ -195,11 +195,13 @@ def _as_another_node(conn: psycopg.Connection[tuple[object, ...]], op: Op, at: f
     apply_rule(view, op)
     view.flush()
     rows = conn.execute(_APPEND, (at or time.time(), [op.id], [msgspec.msgpack.encode(op)])).fetchall()
-    return int(rows[0][0])  # type: ignore[call-overload]
+    seq = rows[0][0]
+    assert isinstance(seq, int)
+    return seq
 
 
 def _between_read_and_lock(
-    pg_url: str, led: PostgresLedger, op: Op, other: Callable[[psycopg.Connection[tuple[object, ...]]], None]
+    pg_url: str, led: PostgresLedger, op: Op, other: Callable[[psycopg.Connection[tuple[object, ...]]], object]
 ) -> Future[Receipt]:
     """Submit ``op`` while holding the ledger lock; once the writer has read its batch and waits for the
     lock, run ``other`` in the lock's transaction and commit it: another node's batch committed between

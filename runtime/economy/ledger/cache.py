@@ -7,9 +7,10 @@ would be a round trip. This cache keeps, per account, every balance as of one jo
 Where its entries come from, and why they stay true:
 
 - the node's own ledger writer puts the exact balances of every account its batch touched, checked
-  under the ledger lock to be what the batch read and final at the batch's last seq. Every debit of an agent is made by the node that
-  runs it (transfers, prices and code's transfers are all submitted by the payer's node), so between
-  its own operations an agent's balances change only by credits from elsewhere;
+  under the ledger lock to be what the batch read and final at the batch's last seq. Every debit of an
+  agent is made by the node that runs it (transfers, prices and code's transfers are all submitted by
+  the payer's node), so between its own operations an agent's balances change only by credits from
+  elsewhere;
 - a read puts what it found, with the journal seq of its snapshot;
 - ``credit(account, asset, amount, seq)``: a credit from elsewhere, announced by the event stream (a
   ``transfer`` event another node committed, which carries the journal seq of its operation), is added
