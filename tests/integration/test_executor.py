@@ -19,7 +19,7 @@ import pytest
 
 from runtime.errors import AecoError
 from runtime.pool import UsageFuture, WorkerCrashed, WorkerPool, WorkerPoolExecutor
-from runtime.pool import pool as pool_module
+from runtime.pool import process as process_module
 from runtime.protocol import Echo
 
 
@@ -280,7 +280,7 @@ def test_workers_parent_death_signal_is_tied_to_the_process_not_to_the_thread_th
     def start_both() -> None:  # a thread that ends at once, as an executor's loop thread does at shutdown
         argv = [sys.executable, "-c", _ARMED]
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE))  # control: forked by this thread
-        procs.append(pool_module._spawner.popen(argv, stdout=subprocess.PIPE))  # as the pool forks workers
+        procs.append(process_module._spawner.popen(argv, stdout=subprocess.PIPE))  # as the pool forks workers
         for proc in procs:
             assert proc.stdout is not None and proc.stdout.readline() == b"armed\n"
 
