@@ -28,9 +28,11 @@ The rules:
 - **Recycling.** An idle worker that did ``max_tasks_per_worker`` tasks or grew more than
   ``max_memory_growth_mb`` is shut down and a new one spawned.
 
-Invariants, asserted by ``check`` (the tests call it after every step): a busy worker runs exactly one
-task, an idle or starting one none, and only a busy one has tasks waiting; a task is in exactly one
-place: queued, waiting at a worker, or running on one (or done: in none).
+Invariants: a busy worker runs exactly one task, an idle or starting one none, and at most ``prefetch``
+wait at a busy one; a task is in exactly one place: queued, waiting at a worker, or running on one (or
+done: in none). Each step that could break one asserts it (a task starts only on a worker that runs
+none, waits only where there is room, a worker says hello once); ``check`` asserts them all at once
+(the unit tests call it after every step, over random sequences of events).
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ class Scheduler(Generic[J]):
     def hello(self, wid: int, baseline_memory: int, now: float) -> list[Command[J]]:
         """Worker ``wid`` proved itself and is ready for tasks; it uses ``baseline_memory`` bytes."""
         w = self.workers[wid]
+        assert w.state == "starting", f"hello from worker {wid} in state {w.state}"
         w.state, w.baseline_memory = "idle", baseline_memory
         self._idle.append(w)
         return self._dispatch(now)
@@ -310,6 +313,7 @@ class Scheduler(Generic[J]):
         job.attempts += 1
         job.sent_at = now
         if w.job is not None:
+            assert len(w.waiting) < self.cfg.prefetch, f"worker {w.wid} has no room for a waiting task"
             w.waiting.append(job)
             return [Send(w.wid, job, False)]
         return [*self._start(w, job, now), Send(w.wid, job, True)]
@@ -354,6 +358,7 @@ class Scheduler(Generic[J]):
     def resume(self, wid: int, now: float) -> list[Command[J]]:
         """After ``answered``: the worker begins its next waiting task, or is free (or recycled)."""
         w = self.workers[wid]
+        assert w.job is None, f"worker {wid} resumed while it runs task {w.job and w.job.id}"
         if w.waiting:  # the worker has begun the next one already
             cmds = self._start(w, w.waiting.popleft(), now)
         elif self.closing:

@@ -352,7 +352,9 @@ def test_every_task_ends_once_and_is_in_one_place_until_then(data: st.DataObject
         live = sorted(sim.s.workers)
         busy = [wid for wid in live if sim.s.workers[wid].state == "busy" and sim.s.workers[wid].job is not None]
         starting = [wid for wid in live if sim.s.workers[wid].state == "starting"]
-        what = data.draw(st.sampled_from(["submit", "answer", "die", "hello", "deadlines", "cancel", "report"]))
+        what = data.draw(
+            st.sampled_from(["submit", "answer", "die", "hello", "deadlines", "cancel", "report", "close"])
+        )
         if what == "submit":
             job = sim.job(
                 data.draw(st.sampled_from("abc")),
@@ -375,6 +377,8 @@ def test_every_task_ends_once_and_is_in_one_place_until_then(data: st.DataObject
             sim.do(sim.s.cancel(data.draw(st.sampled_from(submitted)).id, sim.now)[1])
         elif what == "report" and live:
             sim.do(sim.s.report(data.draw(st.sampled_from(live)), data.draw(st.integers(0, 4)), 0))
+        elif what == "close" and not sim.s.closing and data.draw(st.integers(0, 4)) == 0:
+            sim.do(sim.s.close())
         assert all(n == 1 for n in sim.ended.values()), "a task ended twice"
         assert all(j.attempts <= 2 for j in submitted)
     # Every task not ended is in exactly one place (``check`` asserts "at most one").
