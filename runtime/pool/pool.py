@@ -235,6 +235,8 @@ def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
 #: nanoseconds; this covers the last update of a running thread's figure.
 _CGROUP_SLACK_S = 0.002
 _HOST_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+#: The commands addressed to one worker (``_carry_out``).
+_TO_A_WORKER = (Send, Start, Kill, AskStop, Shutdown)
 
 
 class WorkerPool:
@@ -490,7 +492,7 @@ class WorkerPool:
             self._carrying_out = False
 
     def _carry_out(self, cmd: Command[PoolJob]) -> None:
-        if isinstance(cmd, Send | Start | Kill | AskStop | Shutdown):
+        if isinstance(cmd, _TO_A_WORKER):
             w = self._by_id.get(cmd.wid)
             if w is None:
                 return  # reaped since (a callback raised before this command was reached): nothing to do

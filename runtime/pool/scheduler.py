@@ -114,9 +114,10 @@ class Worker(Generic[J]):
 
 
 # --------------------------------------------------------------------------------------- commands
+# Plain slotted dataclasses: a few are made per task, and a frozen one's __init__ costs a setattr call per field.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send(Generic[J]):
     """Send ``job`` to worker ``wid``; ``runs_now``: it starts there at once (else it waits)."""
 
@@ -125,42 +126,42 @@ class Send(Generic[J]):
     runs_now: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Start:
     """Worker ``wid`` now runs its ``job``: its held time counts from here."""
 
     wid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AskStop:
     """Ask worker ``wid`` to stop its task (SIGUSR1)."""
 
     wid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Kill:
     """Kill worker ``wid`` (its ``kill_reason`` says why)."""
 
     wid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Shutdown:
     """Ask worker ``wid`` to exit once its task is done."""
 
     wid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Spawn:
     """Start a worker after ``delay`` seconds (0: now); after a delay, only if the pool is still up."""
 
     delay: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fail(Generic[J]):
     """End ``job`` without running it (further): ``code``, ``message``."""
 
@@ -169,14 +170,14 @@ class Fail(Generic[J]):
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ArmDeadline:
     """Call ``check_deadlines`` at ``when``."""
 
     when: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PoolFailed:
     """The pool gave up (``reason``): tell whoever waits on it."""
 
