@@ -6,14 +6,26 @@ generated configuration: 1,000 scripted agents, each of which rewrites its own a
 history every turn), gives 1 scrip to the next agent, reads the next agent's artifact and sleeps
 ``SLEEP_S``; every think is a 1 ms ``Burn`` on a worker, charged in the ledger, and every action is an
 event. ``retention:`` compacts the data directory every ``horizon / 2`` with a horizon of a sixth of the
-run (at least the configuration's minimum, 60 s): history, journal and events older than that go.
+run (at least the configuration's minimum, 60 s): history, journal and events older than that go, and
+archived events beyond ``ARCHIVE_MB`` are deleted.
+
+The load is the agents' pace, not what the host can take: each agent sleeps ``SLEEP_S`` a turn, so 1,000
+of them offer about ``4 × 1,000 / SLEEP_S`` actions/s, under what the supervisor turns around on two
+loaded cores, and their CPU rights never hold them back (``cpu_rate: auto`` gives each 1 millicore of a
+two-core container; ``burst_seconds`` is the largest the configuration takes, so a bucket holds far
+more than an agent spends in the run). With the defaults instead (a 10 s burst) the buckets set the
+pace: about 30 actions/s, with the synchronised refills of 1,000 agents as its noise. A pause of the
+stores shows up as a dip below the pace; growth shows up against a constant stream of writes.
 
 Sampled every ``SAMPLE_S``: the supervisor's RSS (``psutil``), the data directory's bytes
-(``runtime.host.volume.tree_bytes``) and the agents' actions so far (``status.json``'s totals), hence
+(``runtime.host.volume.tree_bytes``), whole and per part (the ledger, the event log, the Git repository,
+its index, the archive, ``run/``), and the agents' actions so far (``status.json``'s totals), hence
 actions/s per interval. Reported: growth of RSS and of the data directory over the last half of the run
 (the median of the samples around its end against those around its middle; target ≤ 5%, flat after the
-first retention pass), and the steadiness of actions/s over the last half (each ``WINDOW_S`` window's
-rate against the half's mean; target within ±10%). Verified after the run, on the stopped data
+first retention pass) and of each part, the steadiness of actions/s over the last half (each
+``WINDOW_S`` window's rate against the half's mean; target within ±10%), and the longest pause of the
+store's writes (the largest gap between two ``artifact_written`` events the log and the archive still
+hold, with the retention pass it fell in, if any). Verified after the run, on the stopped data
 directory: ``admin check`` and ``git fsck --strict`` pass.
 
 The target is for 30 minutes (``--minutes 30``, the default) on a quiet machine; a short run on a loaded
@@ -22,8 +34,10 @@ host (``--minutes 3``) shows the shape, not the verdict: the first retention pas
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,7 +54,14 @@ from benchmarks.common import Options, ReportHead, announce, publish, save_figur
 from runtime.host.volume import tree_bytes
 
 AGENTS = 1000
-SLEEP_S = 1.0
+#: Each agent's sleep per turn of four actions: the offered load (about 4 × AGENTS / SLEEP_S actions/s).
+SLEEP_S = 20.0
+#: The largest ``economy.burst_seconds`` the configuration takes: buckets that never hold an agent back.
+BURST_S = 86_400.0
+#: Archived events kept: reached within the run, so the archive is flat in its last half too.
+ARCHIVE_MB = 2
+#: The parts of the data directory sampled on their own (the rest is summed as ``other``).
+PARTS = ("ledger", "events", "artifacts.git", "artifacts.git.index", "archive", "run")
 SAMPLE_S = 5.0
 WINDOW_S = 30.0
 #: Growth over the last half, and actions/s spread over it, that pass.
@@ -48,15 +69,28 @@ GROWTH_TARGET = 0.05
 STEADY_TARGET = 0.10
 QUICK_MINUTES = 1.5
 _MB = 1 << 20
+#: The seconds a pass took, in its report line (``compacted before … in 7.1 s``).
+_PASS_S = re.compile(r" in (\d+(?:\.\d+)?) s")
 
 
 class Point(msgspec.Struct, array_like=True):
-    """One sample: seconds since the start, supervisor RSS, data-dir bytes, actions so far."""
+    """One sample: seconds since the start, supervisor RSS, data-dir bytes, actions so far, and the
+    data dir's bytes per part (``PARTS`` and ``other``)."""
 
     t: float
     rss: int
     disk: int
     actions: int
+    parts: dict[str, int] = {}
+
+
+class Stall(msgspec.Struct):
+    """The longest gap between two store writes: how long, when (seconds since the first write), and
+    the retention pass it fell in (its report line), if any."""
+
+    seconds: float
+    at: float
+    during_pass: str | None
 
 
 class Report(ReportHead):
@@ -69,6 +103,9 @@ class Report(ReportHead):
     retention_passes: list[str]
     rss_growth: float | None
     disk_growth: float | None
+    #: Growth over the last half per part of the data directory.
+    parts_growth: dict[str, float | None]
+    store_stall: Stall | None
     actions_per_s: float | None
     actions_spread: float | None
     verified: bool
@@ -96,9 +133,22 @@ def config(data: Path, horizon_s: float) -> dict[str, Any]:
         "data_dir": str(data),
         "metrics_port": 0,
         "status_interval_s": 1.0,
-        "retention": {"enabled": True, "horizon_s": horizon_s, "interval_s": horizon_s / 2, "archive_max_mb": 8},
+        "economy": {"burst_seconds": BURST_S},
+        "retention": {
+            "enabled": True,
+            "horizon_s": horizon_s,
+            "interval_s": horizon_s / 2,
+            "archive_max_mb": ARCHIVE_MB,
+        },
         "agents": agents,
     }
+
+
+def parts(data: Path) -> dict[str, int]:
+    """Bytes of each part of the data directory (``PARTS``), and of the rest as ``other``."""
+    out = {name: tree_bytes(data / name) for name in PARTS}
+    out["other"] = max(0, tree_bytes(data) - sum(out.values()))
+    return out
 
 
 def _around(points: list[Point], t: float, field: str, half_width: float) -> float:
@@ -107,13 +157,46 @@ def _around(points: list[Point], t: float, field: str, half_width: float) -> flo
 
 
 def growth(points: list[Point], field: str, seconds: float) -> float | None:
-    """Relative growth of ``field`` from the middle of the run to its end (medians of the samples within
-    a window of either point); None without samples there."""
+    """Relative growth of ``field`` (or of part ``part:NAME``) from the middle of the run to its end
+    (medians of the samples within a window of either point); None without samples there."""
     w = max(WINDOW_S / 2, SAMPLE_S)
+    if field.startswith("part:"):
+        name = field[len("part:") :]
+        points = [Point(p.t, 0, p.parts.get(name, 0), 0) for p in points]
+        field = "disk"
     mid, end = _around(points, seconds / 2, field, w), _around(points, points[-1].t, field, w)
     if not (mid == mid and end == end) or mid <= 0:  # NaN: no sample near one of them
         return None
     return (end - mid) / mid
+
+
+def longest_stall(writes: list[float], passes: list[tuple[float, float, str]]) -> Stall | None:
+    """The largest gap between two consecutive times of ``writes`` (sorted UNIX times), and the pass
+    (start, end, line) it overlaps, if any."""
+    if len(writes) < 2:
+        return None
+    gap, i = max((b - a, i) for i, (a, b) in enumerate(itertools.pairwise(writes)))
+    lo, hi = writes[i], writes[i + 1]
+    during = next((line for start, end, line in passes if start < hi and end > lo), None)
+    return Stall(gap, lo - writes[0], during)
+
+
+def _write_times(data: Path) -> list[float]:
+    """The time of every ``artifact_written`` event the stopped data directory still holds (log and archive)."""
+    from runtime.world.events.log import EventLog
+
+    times: list[float] = []
+    for f in sorted((data / "archive").glob("events-*.jsonl.gz")):
+        for line in gzip.decompress(f.read_bytes()).splitlines():
+            ev = json.loads(line)
+            if ev["kind"] == "artifact_written":
+                times.append(float(ev["at"]))
+    log = EventLog(data / "events", readonly=True)
+    try:
+        times.extend(e.at for e in log.read(0, kinds=["artifact_written"]))
+    finally:
+        log.close()
+    return sorted(times)
 
 
 def steadiness(points: list[Point], seconds: float) -> tuple[float | None, float | None]:
@@ -162,7 +245,10 @@ def plot(points: list[Point], passes: list[float], path: Path, note: str) -> Non
     ts = [p.t / 60 for p in points]
     axes[0].plot(ts, [p.rss / _MB for p in points], color="tab:green")
     axes[0].set_ylabel("supervisor RSS (MB)")
-    axes[1].plot(ts, [p.disk / _MB for p in points], color="tab:blue")
+    axes[1].plot(ts, [p.disk / _MB for p in points], color="tab:blue", label="all")
+    for name in (*PARTS, "other"):
+        axes[1].plot(ts, [p.parts.get(name, 0) / _MB for p in points], linewidth=0.8, label=name)
+    axes[1].legend(fontsize=7, ncol=4)
     axes[1].set_ylabel("data dir (MB)")
     rate_t = [(a.t + b.t) / 120 for a, b in itertools.pairwise(points)]
     rates = [(b.actions - a.actions) / (b.t - a.t) for a, b in itertools.pairwise(points)]
@@ -191,6 +277,8 @@ def run(opts: Options) -> int:
     log_path = tmp / "supervisor.log"
     points: list[Point] = []
     passes: list[float] = []
+    #: Each pass's (start, end) in UNIX time, from the end its line is printed at and the seconds it says.
+    spans: list[tuple[float, float, str]] = []
     lines: list[str] = []
     with log_path.open("w") as log:
         proc = subprocess.Popen(
@@ -217,6 +305,9 @@ def run(opts: Options) -> int:
                 if line.startswith("retention:"):
                     passes.append(time.monotonic() - started)
                     lines.append(line.strip())
+                    took = _PASS_S.search(line)
+                    end = time.time()
+                    spans.append((end - float(took.group(1)) if took else end, end, line.strip()))
                     print(f"[{time.monotonic() - started:6.0f} s] {line.strip()}", flush=True)
 
         reader = threading.Thread(target=read_stdout, daemon=True)
@@ -232,10 +323,13 @@ def run(opts: Options) -> int:
                     rss = sup.memory_info().rss
                 except psutil.NoSuchProcess:
                     break
-                p = Point(time.monotonic() - started, rss, tree_bytes(data), actions)
+                sizes = parts(data)
+                p = Point(time.monotonic() - started, rss, sum(sizes.values()), actions, sizes)
                 points.append(p)
+                split = ", ".join(f"{k} {v / _MB:.1f}" for k, v in sizes.items())
                 print(
-                    f"[{p.t:6.0f} s] RSS {p.rss / _MB:6.1f} MB, data dir {p.disk / _MB:6.1f} MB, {p.actions:,} actions",
+                    f"[{p.t:6.0f} s] RSS {p.rss / _MB:6.1f} MB, data dir {p.disk / _MB:6.1f} MB ({split}), "
+                    f"{p.actions:,} actions",
                     flush=True,
                 )
             proc.wait(timeout=600)
@@ -249,17 +343,28 @@ def run(opts: Options) -> int:
         print(f"supervisor exited {proc.returncode}; its log: {log_path}")
         print(log_path.read_text()[-2000:])
     verified = ok and _verify(data)
+    stall = longest_stall(_write_times(data), spans) if ok else None
     rss_g = growth(points, "rss", seconds) if points else None
     disk_g = growth(points, "disk", seconds) if points else None
+    parts_g = {name: growth(points, f"part:{name}", seconds) if points else None for name in (*PARTS, "other")}
     rate, spread = steadiness(points, seconds)
 
     def pct(x: float | None) -> str:
         return f"{x:+.1%}" if x is not None else "n/a"
 
+    if points:
+        end = points[-1].parts
+        each = (f"{k} {pct(g)} ({end.get(k, 0) / _MB:.1f} MB)" for k, g in parts_g.items())
+        print("last half, per part: " + ", ".join(each))
+    if stall is not None:
+        where = f"during the pass '{stall.during_pass[:80]}…'" if stall.during_pass else "outside any retention pass"
+        print(f"longest pause of store writes: {stall.seconds:.2f} s, {stall.at:.0f} s after the first, {where}")
+    pause = f"{stall.seconds:.2f} s" if stall is not None else "n/a"
     target = (
         f"last half: RSS {pct(rss_g)}, data dir {pct(disk_g)} (target ≤ {GROWTH_TARGET:.0%}); actions/s "
-        f"{rate or 0:,.1f}, windows within {pct(spread)} (target ±{STEADY_TARGET:.0%}); {len(passes)} retention "
-        f"passes; {minutes:g} min, load {host['load_before'][0]:.1f} at the start"
+        f"{rate or 0:,.1f}, windows within {pct(spread)} (target ±{STEADY_TARGET:.0%}); longest store-write "
+        f"pause {pause}; {len(passes)} retention passes; {minutes:g} min, "
+        f"load {host['load_before'][0]:.1f} at the start"
     )
     print(target)
     report = Report(
@@ -274,6 +379,8 @@ def run(opts: Options) -> int:
         lines,
         rss_g,
         disk_g,
+        parts_g,
+        stall,
         rate,
         spread,
         verified,
