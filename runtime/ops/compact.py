@@ -12,6 +12,10 @@ One pass, with a *horizon* (a time; what is older goes):
   (``EventLog.archive``), and the oldest archives beyond ``archive_max_mb`` are deleted; an operator's
   pause still in force among them is first carried forward as a new ``agent_paused`` event
   (``runtime.world.events.controls``), so that a restart still finds it in the log.
+- (``admin compact`` on a stopped data directory) the LMDB files mostly free after that are rewritten at
+  the size of what they hold (``runtime.host.lmdbfile.shrink``). A running supervisor's stay at their
+  largest, their freed pages reused by the next writes: with a pass every ``interval_s``, that is about
+  ``horizon_s + interval_s`` of live data.
 
 With PostgreSQL the journal is folded into ``ledger_checkpoint`` and the events archived under the data
 directory given to ``admin`` (``--data-dir``), from one operator command for all nodes (each node's own
@@ -44,6 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 from msgspec import Struct
 
 from runtime.config import ConfigError, RetentionConfig
@@ -51,6 +56,7 @@ from runtime.economy.ledger import Ledger
 from runtime.economy.ledger.checkpoint import LedgerCompaction
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.errors import AecoError, ErrorCode
+from runtime.host.lmdbfile import shrink
 from runtime.host.postgres import DatabaseUnavailable
 from runtime.host.volume import tree_bytes
 from runtime.ops.bill import parse_since
@@ -65,6 +71,8 @@ from runtime.world.store.git import GitStore, HistoryCompaction
 log = logging.getLogger("runtime.ops.compact")
 
 ARCHIVE_DIR = "archive"
+#: The LMDB environments ``admin compact`` rewrites smaller when mostly free (``runtime.host.lmdbfile.shrink``).
+SHRUNK = ("ledger", "events", "artifacts.git.index")
 
 
 class ArchivedEvents(Struct, frozen=True):
@@ -84,6 +92,8 @@ class CompactReport(Struct, frozen=True):
     events: ArchivedEvents | None
     archives_removed: list[str]
     seconds: float
+    #: LMDB files rewritten smaller (``admin compact`` on a stopped data directory): name -> (before, after).
+    shrunk: dict[str, tuple[int, int]] = {}
 
     def line(self) -> str:
         """One line for the operator."""
@@ -99,6 +109,8 @@ class CompactReport(Struct, frozen=True):
             parts.append(f"events: {e.first}..{e.last} archived to {e.file}")
         if self.archives_removed:
             parts.append(f"{len(self.archives_removed)} old archive(s) removed")
+        for name, (before, after) in self.shrunk.items():
+            parts.append(f"{name} file {before / (1 << 20):.1f} -> {after / (1 << 20):.1f} MiB")
         when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.horizon))
         return f"compacted before {when} in {self.seconds:.1f} s: " + ("; ".join(parts) or "nothing to do")
 
@@ -196,11 +208,14 @@ def compact_data_dir(data: Path, horizon: float, archive_max_bytes: int) -> Comp
         store = GitStore(data / "artifacts.git")
         events = EventLog(data / "events")
         try:
-            return compact_stores(store, ledger, events, horizon, data / ARCHIVE_DIR, archive_max_bytes)
+            report = compact_stores(store, ledger, events, horizon, data / ARCHIVE_DIR, archive_max_bytes)
         finally:
             events.close()
             store.close()
             ledger.close()
+        # Closed, and the directory is ours: the LMDB files can be rewritten at the size of what they hold.
+        shrunk = {name: done for name in SHRUNK if (done := shrink(data / name)) is not None}
+        return msgspec.structs.replace(report, shrunk=shrunk)
     finally:
         os.close(claim)
 
