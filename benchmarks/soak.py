@@ -4,12 +4,12 @@ grow?
 The supervisor runs as the operator runs it (``python -m runtime.supervisor --no-live --duration S``) on a
 generated configuration: 1,000 scripted agents, each of which rewrites its own artifact (a commit of
 history every turn), gives 1 scrip to the next agent, reads the next agent's artifact and sleeps
-``SLEEP_S``; every think is a 1 ms ``Burn`` on a worker, charged in the ledger, and every action is an
+about ``SLEEP_S``; every think is a 1 ms ``Burn`` on a worker, charged in the ledger, and every action is an
 event. ``retention:`` compacts the data directory every ``horizon / 2`` with a horizon of a sixth of the
 run (at least the configuration's minimum, 60 s): history, journal and events older than that go, and
 archived events beyond ``ARCHIVE_MB`` are deleted.
 
-The load is the agents' pace, not what the host can take: each agent sleeps ``SLEEP_S`` a turn, so 1,000
+The load is the agents' pace, not what the host can take: each agent sleeps about ``SLEEP_S`` a turn, so 1,000
 of them offer about ``4 × 1,000 / SLEEP_S`` actions/s, under what the supervisor turns around on two
 loaded cores, and their CPU rights never hold them back (``cpu_rate: auto`` gives each 1 millicore of a
 two-core container; ``burst_seconds`` is the largest the configuration takes, so a bucket holds far
@@ -54,7 +54,8 @@ from benchmarks.common import Options, ReportHead, announce, publish, save_figur
 from runtime.host.volume import tree_bytes
 
 AGENTS = 1000
-#: Each agent's sleep per turn of four actions: the offered load (about 4 × AGENTS / SLEEP_S actions/s).
+#: Each agent's sleep per turn of four actions, on average: the offered load (about 4 × AGENTS / SLEEP_S
+#: actions/s).
 SLEEP_S = 20.0
 #: The largest ``economy.burst_seconds`` the configuration takes: buckets that never hold an agent back.
 BURST_S = 86_400.0
@@ -124,7 +125,9 @@ def config(data: Path, horizon_s: float) -> dict[str, Any]:
                 {"kind": "write_artifact", "id": f"{me}-notes", "content": f"notes of {me}"},
                 {"kind": "transfer", "to": ids[(i + 1) % AGENTS], "amount": 1},
                 {"kind": "read_artifact", "id": f"{ids[(i + 1) % AGENTS]}-notes"},
-                {"kind": "sleep", "seconds": SLEEP_S},
+                # Sleeps spread over SLEEP_S ± 25%: turns that all started together drift apart in a few
+                # turns, so the agents do not act in waves.
+                {"kind": "sleep", "seconds": round(SLEEP_S * (0.75 + 0.5 * i / AGENTS), 3)},
             ],
         }
         for i, me in enumerate(ids)
@@ -197,6 +200,14 @@ def _write_times(data: Path) -> list[float]:
     finally:
         log.close()
     return sorted(times)
+
+
+def running(points: list[Point], seconds: float) -> list[Point]:
+    """The samples of the run proper: within its duration and up to the last one that counted new
+    actions (after it the agents have stopped and the stores are closing)."""
+    inside = [p for p in points if p.t <= seconds]
+    moved = [i for i in range(1, len(inside)) if inside[i].actions > inside[i - 1].actions]
+    return inside[: moved[-1] + 1] if moved else inside
 
 
 def steadiness(points: list[Point], seconds: float) -> tuple[float | None, float | None]:
@@ -344,6 +355,7 @@ def run(opts: Options) -> int:
         print(log_path.read_text()[-2000:])
     verified = ok and _verify(data)
     stall = longest_stall(_write_times(data), spans) if ok else None
+    points = running(points, seconds)
     rss_g = growth(points, "rss", seconds) if points else None
     disk_g = growth(points, "disk", seconds) if points else None
     parts_g = {name: growth(points, f"part:{name}", seconds) if points else None for name in (*PARTS, "other")}

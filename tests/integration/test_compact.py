@@ -487,8 +487,8 @@ def test_postgres_compaction_folds_the_journal_and_archives_events(pg_url: str, 
             ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
         for f in [ledger.submit(Transfer(id=f"t{i}", src="a", dst="b", asset="scrip", amount=1)) for i in range(3000)]:
             f.result()
-        for f in [events.submit("tick", "a", {"n": n}) for n in range(3000)]:
-            f.result()
+        for e in [events.submit("tick", "a", {"n": n}) for n in range(3000)]:
+            e.result()
         journal_before = sum(1 for _ in ledger.journal())
         time.sleep(0.05)
         horizon = time.time()

@@ -892,7 +892,8 @@ class PostgresLedger(GroupCommitted):
         folded = usage = 0
         cp = self.checkpoint()
         view = cp.view() if cp is not None else rules.MemoryView()
-        with connect(self._url, deadline_s=self._deadline_s, autocommit=True, log=False) as conn:
+        conn: _Conn = connect(self._url, deadline_s=self._deadline_s, autocommit=True, log=False)
+        with conn:
             while True:
                 through = cp.through if cp is not None else 0
                 (last,) = self._read("SELECT coalesce(max(seq), 0) FROM ledger_journal")[0]

@@ -810,8 +810,8 @@ class GitStore(Store):
         self._reopen_objects()
         # Bytes written since the freeze, counted by the writer, on top of the new history's.
         history = dict(sq.written)
-        for agent, n in self._history.items():
-            if (more := n - frozen.history.get(agent, 0)) > 0:
+        for agent, total in self._history.items():
+            if (more := total - frozen.history.get(agent, 0)) > 0:
                 history[agent] = history.get(agent, 0) + more
         self._history = history
         after = sum(p.stat().st_size for p in self._pack_dir.glob("pack-*.pack"))
