@@ -231,7 +231,8 @@ class NodeConfig(_Section, frozen=True):
 class RetentionConfig(_Section, frozen=True):
     """Bounded growth: the supervisor compacts its data directory every ``interval_s``, as
     ``python -m runtime.admin compact --horizon`` does (``runtime.ops.compact``). The embedded stores only
-    (LMDB ledger and events, Git store); a PostgreSQL deployment keeps its history."""
+    (LMDB ledger and events, Git store); a PostgreSQL deployment's journal and events are compacted by
+    ``admin compact --postgres`` (one pass for all nodes), and its store keeps its history."""
 
     #: Off: history, journal and events are kept whole until an operator compacts them.
     enabled: bool = False

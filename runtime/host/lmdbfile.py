@@ -1,4 +1,4 @@
-"""An LMDB environment's file checked when it opens.
+"""An LMDB environment's file checked when it opens, and rewritten smaller when it is mostly free.
 
 LMDB keeps no checksums: a damaged meta page fails the open (``lmdb.InvalidError``), but a file cut short
 opens, and the first read of a page past its end faults with SIGBUS (the map is larger than the file).
@@ -14,12 +14,19 @@ a signal is the file damaged. A whole file pays one ``stat``; a short one, a chi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lmdb
+
+from runtime.host.volume import fsync_dir
+
+#: ``shrink`` rewrites a file whose compact copy takes less than this share of it: below, the space
+#: given back is worth a rewrite; above, the pages freed are reused by the next writes anyway.
+SHRINK_BELOW = 0.5
 
 #: Run by the child: every key and value of every database, which touches every page the tree reaches.
 _WALK = """
@@ -71,3 +78,39 @@ def check_file(path: str | Path) -> None:
         check_length(env, path, strict=True)
     finally:
         env.close()
+
+
+def shrink(path: str | Path) -> tuple[int, int] | None:
+    """Rewrite the environment at ``path`` compactly when its compact copy (``env.copy(compact=True)``)
+    takes less than ``SHRINK_BELOW`` of its file: LMDB reuses the pages a deletion frees but never
+    gives them back, so a file stays at its largest. Only for an environment no process has open (the
+    caller holds the data directory). The copy is written beside it, fsync'd and renamed over
+    ``data.mdb``: a crash leaves the old file or the new one. (bytes before, bytes after) when it was
+    rewritten, else None."""
+    data = Path(path) / "data.mdb"
+    if not data.exists():
+        return None
+    before = data.stat().st_size
+    tmp = data.parent.with_name(f".{data.parent.name}.shrink")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crash's copy
+    tmp.mkdir()
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64)
+        try:
+            env.copy(str(tmp), compact=True)
+        finally:
+            env.close()
+        copy = tmp / "data.mdb"
+        after = copy.stat().st_size
+        if after >= before * SHRINK_BELOW:
+            return None
+        fd = os.open(copy, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(copy, data)
+        fsync_dir(data.parent)
+        return before, after
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,9 @@ a running supervisor):
 
 - ``compact [--horizon WHEN] [--archive-max-mb N]``: the store's history older than ``WHEN`` (default
   ``1d`` back) squashed into one commit per artifact, the journal's older entries folded into the
-  ledger's checkpoint, older events archived under ``<data>/archive``.
+  ledger's checkpoint, older events archived under ``<data>/archive``. With ``--postgres URL`` (nodes
+  may run meanwhile; ``WHEN`` at least a minute back): the PostgreSQL journal folded into its checkpoint
+  and older events archived under ``<data>/archive``; the store's history stays.
 
 ``repair`` (stop the supervisor first): rebuild what is derived in the data directory — the ledger from
 its journal, the store's ``HEAD``, branch ref and index, the event log's cursors — charge and discard
@@ -61,7 +63,6 @@ import msgspec
 from runtime import config as config_mod
 from runtime.economy.ledger import ASSETS, Ledger
 from runtime.economy.ledger.check import check
-from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.open import NoLedger, open_ledger
 from runtime.errors import Damaged, Parser, report
 from runtime.host.postgres import DatabaseUnavailable
@@ -96,7 +97,7 @@ def _journal(ledger: Ledger, since: int, limit: int | None) -> int:
 
 
 def _check(ledger: Ledger) -> int:
-    report = check(ledger, ledger.checkpoint() if isinstance(ledger, LmdbLedger) else None)
+    report = check(ledger, ledger.checkpoint())
     print(f"{report.accounts} accounts, {report.journal_entries} journal entries, {report.usage_records} usage records")
     for problem in report.problems:
         print(f"VIOLATION: {problem}")

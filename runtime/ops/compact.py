@@ -1,5 +1,6 @@
 """Retention: ``python -m runtime.admin compact [--horizon WHEN]`` on a stopped data directory, and the
-``retention:`` section that runs the same compaction periodically inside the supervisor.
+``retention:`` section that runs the same compaction periodically inside the supervisor; ``admin compact
+--postgres URL`` does the ledger's and the events' part for a PostgreSQL deployment, while its nodes run.
 
 One pass, with a *horizon* (a time; what is older goes):
 
@@ -11,16 +12,29 @@ One pass, with a *horizon* (a time; what is older goes):
   (``EventLog.archive``), and the oldest archives beyond ``archive_max_mb`` are deleted; an operator's
   pause still in force among them is first carried forward as a new ``agent_paused`` event
   (``runtime.world.events.controls``), so that a restart still finds it in the log.
+- (``admin compact`` on a stopped data directory) the LMDB files mostly free after that are rewritten at
+  the size of what they hold (``runtime.host.lmdbfile.shrink``). A running supervisor's stay at their
+  largest, their freed pages reused by the next writes: with a pass every ``interval_s``, that is about
+  ``horizon_s + interval_s`` of live data.
+
+With PostgreSQL the journal is folded into ``ledger_checkpoint`` and the events archived under the data
+directory given to ``admin`` (``--data-dir``), from one operator command for all nodes (each node's own
+``retention:`` compacts only embedded stores); the store's history stays.
 
 Each step is crash-safe on its own (its store's docstring says how) and they are independent: a pass a
 crash interrupted leaves every store in its old or its new state, and the next pass finishes the work.
 
-Safety while the supervisor runs: the store's squash is queued to its one writer thread, between two
-group commits; the ledger's fold and the events' removal are LMDB write transactions, which LMDB
-serialises with the writers' own. ``admin compact`` itself takes the data directory's lock, so it is
-refused while a supervisor holds it (use ``retention:`` then), and it refuses to fold the journal while
-the in-flight store holds tasks a crash interrupted (their charge would no longer be recognised as a
-replay once folded: a start charges them first).
+Safety while the supervisor runs, and no pause: the heavy work is done beside the writers, not in them.
+The store's squash is built in the retention thread from a frozen HEAD, and only its swap (re-parenting
+the commits made meanwhile, moving the branch) is queued to the store's writer, between two group
+commits; the ledger's fold replays its chunks in read transactions and deletes each in one short write
+transaction, and the events leave the log a chunk per transaction, which LMDB serialises with the
+writers' own. Agents' writes wait for one swap or one chunk at most, never for the pass.
+
+``admin compact`` itself takes the data directory's lock, so it is refused while a supervisor holds it
+(use ``retention:`` then), and it refuses to fold the journal while the in-flight store holds tasks a
+crash interrupted (their charge would no longer be recognised as a replay once folded: a start charges
+them first).
 """
 
 from __future__ import annotations
@@ -31,8 +45,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 from msgspec import Struct
 
 from runtime.config import ConfigError, RetentionConfig
@@ -40,6 +56,8 @@ from runtime.economy.ledger import Ledger
 from runtime.economy.ledger.checkpoint import LedgerCompaction
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.errors import AecoError, ErrorCode
+from runtime.host.lmdbfile import shrink
+from runtime.host.postgres import DatabaseUnavailable
 from runtime.host.volume import tree_bytes
 from runtime.ops.bill import parse_since
 from runtime.ops.preflight import claim_data_dir
@@ -53,6 +71,8 @@ from runtime.world.store.git import GitStore, HistoryCompaction
 log = logging.getLogger("runtime.ops.compact")
 
 ARCHIVE_DIR = "archive"
+#: The LMDB environments ``admin compact`` rewrites smaller when mostly free (``runtime.host.lmdbfile.shrink``).
+SHRUNK = ("ledger", "events", "artifacts.git.index")
 
 
 class ArchivedEvents(Struct, frozen=True):
@@ -72,6 +92,8 @@ class CompactReport(Struct, frozen=True):
     events: ArchivedEvents | None
     archives_removed: list[str]
     seconds: float
+    #: LMDB files rewritten smaller (``admin compact`` on a stopped data directory): name -> (before, after).
+    shrunk: dict[str, tuple[int, int]] = {}
 
     def line(self) -> str:
         """One line for the operator."""
@@ -87,6 +109,8 @@ class CompactReport(Struct, frozen=True):
             parts.append(f"events: {e.first}..{e.last} archived to {e.file}")
         if self.archives_removed:
             parts.append(f"{len(self.archives_removed)} old archive(s) removed")
+        for name, (before, after) in self.shrunk.items():
+            parts.append(f"{name} file {before / (1 << 20):.1f} -> {after / (1 << 20):.1f} MiB")
         when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.horizon))
         return f"compacted before {when} in {self.seconds:.1f} s: " + ("; ".join(parts) or "nothing to do")
 
@@ -105,20 +129,51 @@ def prune_archives(directory: Path, max_bytes: int) -> list[str]:
     return removed
 
 
+def _archive_events(
+    events: Events, horizon: float, archive: Path, archive_max_bytes: int
+) -> tuple[ArchivedEvents | None, list[str]]:
+    """Archive the events older than ``horizon`` (a pause still in force carried forward first: the log
+    alone says who is paused, archived or not), then prune the archive to its budget."""
+    carry_pauses(events, horizon)
+    moved = events.archive(horizon, archive)
+    archived = ArchivedEvents(moved[0], moved[1], moved[2].name) if moved is not None else None
+    return archived, prune_archives(archive, archive_max_bytes) if archive.is_dir() else []
+
+
 def compact_stores(
     store: Store, ledger: Ledger, events: Events, horizon: float, archive: Path, archive_max_bytes: int
 ) -> CompactReport:
-    """One pass over the stores a node has open (see the module docstring); a store retention does not
-    compact (PostgreSQL's) is left alone."""
+    """One pass over the embedded stores a node has open (see the module docstring). A node on
+    PostgreSQL leaves the shared ledger and events to ``admin compact --postgres`` (one pass for every
+    node, not one per node)."""
     started = time.monotonic()
     history = store.compact(horizon) if isinstance(store, GitStore) else None
-    folded = ledger.compact(horizon) if isinstance(ledger, LmdbLedger) else None
-    if isinstance(events, EventLog):
-        carry_pauses(events, horizon)  # the log alone says who is paused, archived or not
-    moved = events.archive(horizon, archive) if isinstance(events, EventLog) else None
-    archived = ArchivedEvents(moved[0], moved[1], moved[2].name) if moved is not None else None
-    removed = prune_archives(archive, archive_max_bytes) if archive.is_dir() else []
+    if not (isinstance(ledger, LmdbLedger) and isinstance(events, EventLog)):
+        return CompactReport(horizon, history, None, None, [], time.monotonic() - started)
+    folded = ledger.compact(horizon)
+    archived, removed = _archive_events(events, horizon, archive, archive_max_bytes)
     return CompactReport(horizon, history, folded, archived, removed, time.monotonic() - started)
+
+
+def compact_postgres(url: str, archive: Path, horizon: float, archive_max_bytes: int) -> CompactReport:
+    """One pass over the PostgreSQL ledger and event log, while nodes run: the journal folded into its
+    checkpoint, old events archived under ``archive``. The store's history is not compacted (its
+    commits are rows an operator's ``history``/``rollback`` read; they stay)."""
+    from runtime.economy.ledger.postgres import PostgresLedger
+    from runtime.world.events.postgres import PostgresEventLog
+
+    started = time.monotonic()
+    ledger = PostgresLedger(url)
+    try:
+        events = PostgresEventLog(url)
+        try:
+            folded = ledger.compact(horizon)
+            archived, removed = _archive_events(events, horizon, archive, archive_max_bytes)
+        finally:
+            events.close()
+    finally:
+        ledger.close()
+    return CompactReport(horizon, None, folded, archived, removed, time.monotonic() - started)
 
 
 class CompactRefused(AecoError):
@@ -153,11 +208,14 @@ def compact_data_dir(data: Path, horizon: float, archive_max_bytes: int) -> Comp
         store = GitStore(data / "artifacts.git")
         events = EventLog(data / "events")
         try:
-            return compact_stores(store, ledger, events, horizon, data / ARCHIVE_DIR, archive_max_bytes)
+            report = compact_stores(store, ledger, events, horizon, data / ARCHIVE_DIR, archive_max_bytes)
         finally:
             events.close()
             store.close()
             ledger.close()
+        # Closed, and the directory is ours: the LMDB files can be rewritten at the size of what they hold.
+        shrunk = {name: done for name in SHRUNK if (done := shrink(data / name)) is not None}
+        return msgspec.structs.replace(report, shrunk=shrunk)
     finally:
         os.close(claim)
 
@@ -172,33 +230,42 @@ async def retain(
     say: Callable[[str], None],
 ) -> None:
     """The supervisor's retention: a pass every ``interval_s`` (the first after one interval), each in a
-    thread so the event loop runs on; until ``stop`` is set. A failed pass is logged and retried."""
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), cfg.interval_s)
-            return
-        except TimeoutError:
-            pass
-        horizon = time.time() - cfg.horizon_s
-        try:
-            report = await asyncio.to_thread(
-                compact_stores, store, ledger, events, horizon, data / ARCHIVE_DIR, cfg.archive_max_mb << 20
-            )
-        except Exception:
-            log.exception("retention pass failed; retried in %g s", cfg.interval_s)
-            continue
-        say(f"retention: {report.line()}; data dir now {tree_bytes(data) / (1 << 20):.1f} MiB")
+    thread of its own (``retention``: its CPU is that named overhead) so the event loop runs on; until
+    ``stop`` is set. A failed pass is logged and retried."""
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention") as thread:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), cfg.interval_s)
+                return
+            except TimeoutError:
+                pass
+            horizon = time.time() - cfg.horizon_s
+            try:
+                report = await loop.run_in_executor(
+                    thread,
+                    compact_stores,
+                    store,
+                    ledger,
+                    events,
+                    horizon,
+                    data / ARCHIVE_DIR,
+                    cfg.archive_max_mb << 20,
+                )
+            except Exception:
+                log.exception("retention pass failed; retried in %g s", cfg.interval_s)
+                continue
+            say(f"retention: {report.line()}; data dir now {tree_bytes(data) / (1 << 20):.1f} MiB")
+
+
+#: The newest horizon ``admin compact --postgres`` takes: nodes may be running, and an op they retry
+#: (within seconds) must still be recognised as a replay, so nothing younger than this is folded.
+PG_MIN_AGE_S = 60.0
 
 
 def command(data: Path, horizon: str, archive_max_mb: int, postgres_url: str | None) -> int:
-    """``admin compact``: one pass over a stopped data directory; its line, or one ``error:`` line."""
-    if postgres_url:
-        print(
-            "error: compact: the PostgreSQL ledger, store and events keep their history "
-            "(compaction is for a data directory's embedded stores: drop --postgres and unset $POSTGRES_URL)",
-            file=sys.stderr,
-        )
-        return 2
+    """``admin compact``: one pass over a stopped data directory, or over the PostgreSQL ledger and events
+    with ``postgres_url``; its line, or one ``error:`` line."""
     try:
         when = parse_since(horizon, time.time(), "--horizon")
     except ValueError as exc:
@@ -207,6 +274,21 @@ def command(data: Path, horizon: str, archive_max_mb: int, postgres_url: str | N
     if archive_max_mb < 0:
         print(f"error: --archive-max-mb {archive_max_mb}: negative (give 0 or more MiB)", file=sys.stderr)
         return 2
+    if postgres_url:
+        if when > time.time() - PG_MIN_AGE_S:
+            print(
+                f"error: --horizon {horizon}: less than {PG_MIN_AGE_S:g} s ago (nodes may be running and retry "
+                f"recent ops: give {PG_MIN_AGE_S:g}s or more)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            report = compact_postgres(postgres_url, data / ARCHIVE_DIR, when, archive_max_mb << 20)
+        except DatabaseUnavailable as exc:
+            print(f"error: compact: {exc}", file=sys.stderr)
+            return 1
+        print(report.line())
+        return 0
     try:
         report = compact_data_dir(data, min(when, time.time()), archive_max_mb << 20)
     except CompactRefused as exc:

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import Future
-from typing import Annotated, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol
 
 from msgspec import Meta, Struct
 
 from runtime.economy.buckets import BucketState
 from runtime.errors import AecoError, ErrorCode
+
+if TYPE_CHECKING:
+    from runtime.economy.ledger.checkpoint import Checkpoint, LedgerCompaction
 
 #: ``llm_budget`` is in micro-dollars: what an agent may still spend on a paid (remote) model.
 Asset = Literal["scrip", "cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]
@@ -381,6 +384,15 @@ class Ledger(Protocol):
 
     def standing(self) -> list[Standing]:
         """Every standing trigger and sponsorship, by key."""
+        ...
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The state the journal's folded entries replay to (``compact``), or None if none were folded."""
+        ...
+
+    def compact(self, horizon: float, chunk: int = 2_000) -> LedgerCompaction:
+        """Fold the journal's entries applied before ``horizon`` (a UNIX time) into the checkpoint, a
+        ``chunk`` at a time, while the ledger is written (``runtime.economy.ledger.checkpoint``)."""
         ...
 
     def close(self) -> None:

@@ -7,6 +7,12 @@ same transaction that deletes those entries (with their usage records and op ids
 replays the remaining journal from it (``view``), so every invariant is still checked: per asset the
 balances sum to minted − burned, and checkpoint + journal replay to the stored balances.
 
+Folding runs while the ledger is written, in chunks, the same way on every backend: ``fold`` replays a
+chunk of the oldest entries onto the checkpoint's state outside any write (entries never change once
+written), then the backend deletes them and stores the ``next_checkpoint`` in one short transaction,
+after checking that no other fold moved the checkpoint meanwhile. The group commits wait for that
+transaction at most, never for the replay.
+
 What folding gives up: an op id whose entry was folded is no longer recognised as a replay, so retention
 folds only entries older than a horizon no retry reaches (a task's op is retried within seconds; one a
 crash interrupted is charged at the next start, and ``admin compact`` refuses to fold while the in-flight
@@ -15,9 +21,20 @@ store holds such tasks); and ``admin bill`` covers the remaining journal.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from msgspec import Struct
 
-from runtime.economy.ledger import AccountKind, PostOffer, Standing, TaskState
+from runtime.economy.ledger import (
+    AccountKind,
+    JournalEntry,
+    LedgerError,
+    PostOffer,
+    RecordUsage,
+    Standing,
+    TaskState,
+    rules,
+)
 from runtime.economy.ledger.rules import MemoryView
 
 
@@ -71,3 +88,34 @@ class LedgerCompaction(Struct, frozen=True):
     folded: int
     usage_records: int
     through: int
+
+
+def fold(
+    view: MemoryView, entries: Iterable[JournalEntry], last: int, horizon: float, chunk: int
+) -> list[JournalEntry]:
+    """Replay onto ``view`` the leading ``entries`` (in seq order) applied before ``horizon``, at most
+    ``chunk``, never the journal's ``last`` entry (seqs keep counting from it); those entries. A
+    ``LedgerError`` (``invalid``) when one does not replay: the journal is then not folded."""
+    taken: list[JournalEntry] = []
+    for entry in entries:
+        if entry.seq >= last or entry.at >= horizon or len(taken) == chunk:
+            break
+        try:
+            rules.apply(view, entry.op)
+        except LedgerError as exc:
+            why = f"journal entry {entry.seq} does not replay onto the checkpoint: {exc}"
+            raise LedgerError("invalid", why) from None
+        taken.append(entry)
+    return taken
+
+
+def next_checkpoint(view: MemoryView, before: Checkpoint | None, taken: list[JournalEntry]) -> Checkpoint:
+    """The checkpoint after folding ``taken`` (replayed onto ``view``) into ``before``."""
+    records = sum(isinstance(e.op, RecordUsage) for e in taken)
+    return Checkpoint.of(
+        view,
+        taken[-1].seq,
+        taken[-1].at,
+        (before.folded if before else 0) + len(taken),
+        (before.usage_records if before else 0) + records,
+    )

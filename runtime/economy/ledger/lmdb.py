@@ -43,7 +43,7 @@ from runtime.economy.ledger import (
     codec,
     rules,
 )
-from runtime.economy.ledger.checkpoint import Checkpoint, LedgerCompaction
+from runtime.economy.ledger.checkpoint import Checkpoint, LedgerCompaction, fold, next_checkpoint
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
 from runtime.host.lmdbfile import check_length
 
@@ -284,51 +284,43 @@ class LmdbLedger(GroupCommitted):
     def _close_store(self) -> None:
         self.env.close()
 
-    def compact(self, horizon: float, chunk: int = 10_000) -> LedgerCompaction:
+    def compact(self, horizon: float, chunk: int = 2_000) -> LedgerCompaction:
         """Fold the journal's entries applied before ``horizon`` (a UNIX time) into the checkpoint,
         deleting them with their op ids and usage records; the last entry always stays, so that seqs
-        keep counting from it. Each ``chunk`` of entries is one write transaction, which LMDB serialises
-        with the group commits: a crash leaves the last chunk folded or not, never half. A journal that
-        does not replay onto the checkpoint is not folded (``LedgerError``: run ``admin check``)."""
+        keep counting from it. A journal that does not replay onto the checkpoint is not folded
+        (``LedgerError``: run ``admin check``).
+
+        ``chunk`` entries at a time: each is read and replayed in a read transaction (the group commits
+        go on meanwhile: journal entries never change once written), then deleted in one short write
+        transaction with the new checkpoint, which LMDB serialises with the group commits (the pause it
+        makes is the deletion of one chunk, not the fold). A crash leaves the last chunk folded or not,
+        never half."""
         folded = usage = 0
+        cp = self.checkpoint()
+        view = cp.view() if cp is not None else rules.MemoryView()
         while True:
-            with self.env.begin(write=True) as txn:
-                raw = txn.get(_CHECKPOINT, db=self.dbs["checkpoint"])
-                cp = codec.checkpoint.decode(raw) if raw is not None else None
-                view = cp.view() if cp is not None else rules.MemoryView()
+            with self.env.begin() as txn:
                 cur = txn.cursor(db=self.dbs["journal"])
                 last = _SEQ.unpack(cur.key())[0] if cur.last() else 0
-                taken: list[JournalEntry] = []
-                if cur.first():
-                    for v in cur.iternext(keys=False, values=True):
-                        entry = codec.entry.decode(v)
-                        if entry.seq >= last or entry.at >= horizon or len(taken) == chunk:
-                            break
-                        try:
-                            rules.apply(view, entry.op)
-                        except LedgerError as exc:
-                            raise LedgerError(
-                                "invalid", f"journal entry {entry.seq} does not replay onto the checkpoint: {exc}"
-                            ) from None
-                        taken.append(entry)
-                if not taken:
-                    break
+                entries = (codec.entry.decode(v) for v in cur.iternext(keys=False, values=True)) if cur.first() else ()
+                taken = fold(view, entries, last, horizon, chunk)
+            if not taken:
+                break
+            new = next_checkpoint(view, cp, taken)
+            with self.env.begin(write=True) as txn:
+                raw = txn.get(_CHECKPOINT, db=self.dbs["checkpoint"])
+                through = codec.checkpoint.decode(raw).through if raw is not None else 0
+                if through != (cp.through if cp else 0):
+                    raise LedgerError("conflict", "another compaction folded the journal meanwhile (retry)")
                 for entry in taken:
                     txn.delete(_SEQ.pack(entry.seq), db=self.dbs["journal"])
                     txn.delete(entry.op.id.encode(), db=self.dbs["ops"])
                     if isinstance(entry.op, RecordUsage):
                         usage += txn.delete(entry.op.task_id.encode(), db=self.dbs["usage"])
-                folded += len(taken)
-                new = Checkpoint.of(
-                    view,
-                    taken[-1].seq,
-                    taken[-1].at,
-                    (cp.folded if cp else 0) + len(taken),
-                    (cp.usage_records if cp else 0) + sum(isinstance(e.op, RecordUsage) for e in taken),
-                )
                 txn.put(_CHECKPOINT, codec.encode(new), db=self.dbs["checkpoint"])
-        through = cp.through if cp is not None else 0
-        return LedgerCompaction(folded, usage, through)
+            folded += len(taken)
+            cp = new
+        return LedgerCompaction(folded, usage, cp.through if cp is not None else 0)
 
     def checkpoint(self) -> Checkpoint | None:
         """The checkpoint the journal's folded entries left, or None if none were folded."""

@@ -49,7 +49,13 @@ non-zero amounts), ``ledger_supply``, ``ledger_journal`` (seq, at, op id, the op
 unique op id is the idempotency index), ``ledger_usage`` (task id -> record), ``ledger_buckets``
 (agent -> levels), ``ledger_offers`` (offer id -> the open offer's ``PostOffer``), ``ledger_tasks``
 (task id -> ``TaskState``), ``ledger_standing`` (``standing_key`` -> the standing trigger or
-sponsorship).
+sponsorship), ``ledger_checkpoint`` (one row: the journal's folded entries as one ``Checkpoint``, once
+``compact`` has folded some).
+
+Retention (``compact``, from ``admin compact --postgres`` or a node's ``retention:``) folds old entries
+while every node writes: chunks are replayed from read snapshots, and each is deleted with the new
+checkpoint in one short transaction under an advisory lock of its own (``ledger-compact``: one fold at
+a time), never the ledger's, so no node's batch waits for it beyond the row locks of its deletes.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ from runtime.economy.ledger import (
     rules,
 )
 from runtime.economy.ledger.cache import HoldingsCache
+from runtime.economy.ledger.checkpoint import Checkpoint, LedgerCompaction, fold, next_checkpoint
 from runtime.economy.ledger.writer import GroupCommitted, Item, fail, resolve
 from runtime.host.pgasync import AsyncReader
 from runtime.host.postgres import commit_with_last, connect, lock_key, migrate
@@ -139,6 +146,12 @@ STEPS: tuple[str, ...] = (
         END IF;
     END $$;
     """,
+    """
+    CREATE TABLE ledger_checkpoint (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        state bytea NOT NULL
+    );
+    """,
 )
 
 #: What ``pg_stat_activity.application_name`` shows for this backend's connections.
@@ -150,6 +163,7 @@ _HOLDINGS = (
     " (SELECT coalesce(json_object_agg(asset, amount), '{}') FROM ledger_balances WHERE account = %(a)s)"
 )
 _LOCK = lock_key("ledger")
+_COMPACT_LOCK = lock_key("ledger-compact")
 _JOURNAL_PAGE = 1000
 #: After an optimistic batch failed its check, this many batches take the lock from their first read.
 _LOCKED_AFTER_CONFLICT = 8
@@ -864,6 +878,52 @@ class PostgresLedger(GroupCommitted):
         """Every standing trigger and sponsorship, by key (from one snapshot)."""
         rows = self._read("SELECT record FROM ledger_standing ORDER BY key")
         return [codec.standing.decode(blob) for (blob,) in rows]
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The checkpoint the journal's folded entries left, or None if none were folded."""
+        rows = self._read("SELECT state FROM ledger_checkpoint")
+        return codec.checkpoint.decode(rows[0][0]) if rows else None
+
+    def compact(self, horizon: float, chunk: int = 2_000) -> LedgerCompaction:
+        """Fold the journal's entries applied before ``horizon`` (a UNIX time) into the checkpoint, a
+        ``chunk`` at a time (see the module docstring), deleting them with their usage records; the last
+        entry always stays. An op id folded away is no longer recognised as a replay, as with LMDB
+        (``runtime.economy.ledger.checkpoint``)."""
+        folded = usage = 0
+        cp = self.checkpoint()
+        view = cp.view() if cp is not None else rules.MemoryView()
+        conn: _Conn = connect(self._url, deadline_s=self._deadline_s, autocommit=True, log=False)
+        with conn:
+            while True:
+                through = cp.through if cp is not None else 0
+                (last,) = self._read("SELECT coalesce(max(seq), 0) FROM ledger_journal")[0]
+                rows = self._read(
+                    "SELECT seq, at, op FROM ledger_journal"
+                    " WHERE seq > %s AND seq < %s AND at < %s ORDER BY seq LIMIT %s",
+                    (through, last, horizon, chunk),
+                )
+                taken = fold(view, (JournalEntry(q, a, codec.op.decode(o)) for q, a, o in rows), last, horizon, chunk)
+                if not taken:
+                    break
+                new = next_checkpoint(view, cp, taken)
+                tasks = [e.op.task_id for e in taken if isinstance(e.op, RecordUsage)]
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_COMPACT_LOCK,))
+                    row = conn.execute("SELECT state FROM ledger_checkpoint").fetchone()
+                    if (codec.checkpoint.decode(row[0]).through if row else 0) != through:
+                        raise LedgerError("conflict", "another compaction folded the journal meanwhile (retry)")
+                    usage += conn.execute("DELETE FROM ledger_usage WHERE task_id = ANY(%s)", (tasks,)).rowcount
+                    conn.execute(
+                        "DELETE FROM ledger_journal WHERE seq BETWEEN %s AND %s", (taken[0].seq, taken[-1].seq)
+                    )
+                    conn.execute(
+                        "INSERT INTO ledger_checkpoint (state) VALUES (%s)"
+                        " ON CONFLICT (only_row) DO UPDATE SET state = excluded.state",
+                        (codec.encode(new),),
+                    )
+                folded += len(taken)
+                cp = new
+        return LedgerCompaction(folded, usage, cp.through if cp is not None else 0)
 
     def journal(self, since: int = 0) -> Iterator[JournalEntry]:
         """Journal entries after ``since``, in order, read in pages so a long journal streams."""

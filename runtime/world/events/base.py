@@ -23,6 +23,7 @@ import re
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Self
 
 import msgspec
@@ -293,6 +294,16 @@ class LogBase(GroupCommitter[Item]):
     @abc.abstractmethod
     def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
         """The newest seq of an event of ``kinds`` for ``agent`` (or everyone)."""
+
+    @abc.abstractmethod
+    def archived(self) -> int:
+        """The last seq ``archive`` moved out of the log (0: none)."""
+
+    @abc.abstractmethod
+    def archive(self, horizon: float, directory: Path) -> tuple[int, int, Path] | None:
+        """Move the events committed before ``horizon`` (a UNIX time), except the last, into a file under
+        ``directory`` and out of the log (``runtime.world.events.archive``); (first, last, file), or None
+        when there was nothing to move."""
 
     # The reads for the event loop. Here they are the synchronous ones, right for a log whose reads are
     # local lookups (LMDB: microseconds); a backend whose reads cross a network overrides them.

@@ -15,17 +15,15 @@ Databases in the environment: ``log`` (seq as big-endian u64 -> msgpack ``Event`
 (agent -> seq as big-endian u64) and ``state`` (``archived``: the last seq moved out by ``archive``).
 
 Retention moves old events out (``archive``): into a gzip'd JSON-lines file under the archive directory,
-written and fsync'd before the events leave the log in one transaction, so a crash leaves them in the log
-or in both (the next archive rewrites that file). The log then starts after ``archived``; seqs keep
-counting from the last event, which is never archived.
+written and fsync'd before the events leave the log, a chunk per transaction (``runtime.world.events.archive``
+says how a crash is recovered from). The log then starts after ``archived``; seqs keep counting from the
+last event, which is never archived.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import gzip
-import os
 import struct
 import time
 from array import array
@@ -38,8 +36,8 @@ import msgspec
 
 from runtime.errors import RESTORE
 from runtime.host.lmdbfile import check_length
-from runtime.host.volume import fsync_dir
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
+from runtime.world.events import archive as archives
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
 
 #: What to do about a damaged event log: it is the record of what happened, which nothing else holds.
@@ -226,10 +224,14 @@ class EventLog(LogBase):
 
     def archive(self, horizon: float, directory: Path) -> tuple[int, int, Path] | None:
         """Move the events committed before ``horizon`` (a UNIX time), except the last event, to
-        ``directory/events-FIRST-LAST.jsonl.gz`` (one JSON event per line), then out of the log; return
-        (first, last, file), or None when there was nothing to move. Readers asking for older seqs get
-        what the log still holds; ``python -m runtime.events`` reads the files with any JSON tool."""
+        ``directory/events-FIRST-LAST.jsonl.gz`` (``runtime.world.events.archive``: the file first, then
+        the events out of the log a chunk per transaction, which LMDB serialises with the writer's);
+        return (first, last, file), or None when there was nothing to move. Readers asking for older
+        seqs get what the log still holds; ``python -m runtime.events`` reads the files with any JSON
+        tool."""
         assert not self.readonly, "invariant: archiving needs a writable log"
+        if (rest := archives.interrupted(directory, self.archived())) is not None:
+            self._remove(self.archived() + 1, rest)
         first = self.archived() + 1
         last = self.last_seq()
         moved: list[bytes] = []
@@ -244,25 +246,18 @@ class EventLog(LogBase):
         if not moved:
             return None
         upto = first + len(moved) - 1
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f"events-{first:012d}-*"):  # a crash's copy of fewer of these events
-            stale.unlink()
-        path = directory / f"events-{first:012d}-{upto:012d}.jsonl.gz"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
-                gz.write(b"\n".join(moved) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(directory)
-        # One transaction, which LMDB serialises with the writer's: the events leave the log and the
-        # mark moves together.
-        with self.env.begin(write=True) as txn:
-            for seq in range(first, upto + 1):
-                txn.delete(_SEQ.pack(seq), db=self._log)
-            txn.put(b"archived", _SEQ.pack(upto), db=self._state)
+        path = archives.write(directory, first, upto, moved)
+        self._remove(first, upto)
         return first, upto, path
+
+    def _remove(self, first: int, upto: int) -> None:
+        """Delete events ``first..upto`` (archived) from the log, one chunk per write transaction that
+        also moves the ``archived`` mark."""
+        for lo, hi in archives.chunks(first, upto):
+            with self.env.begin(write=True) as txn:
+                for seq in range(lo, hi + 1):
+                    txn.delete(_SEQ.pack(seq), db=self._log)
+                txn.put(b"archived", _SEQ.pack(hi), db=self._state)
 
     def cursor(self, agent: str) -> int:
         """The agent's persisted cursor (0 if it never set one)."""

@@ -42,13 +42,19 @@ from memory when that is exact:
   nodes' events never reach this log, so every call asks the database.
 
 Tables (prefix ``events_``): ``events_head`` (the counter), ``events_log`` (one row per event;
-``agent`` is ``''`` for a broadcast so that it can be indexed and compared), ``events_cursors``.
+``agent`` is ``''`` for a broadcast so that it can be indexed and compared), ``events_cursors``,
+``events_archived`` (the last seq ``archive`` moved out).
+
+Retention (``archive``) moves the oldest events into files, as the LMDB log does
+(``runtime.world.events.archive``): the file first, then the rows out a chunk per transaction with the
+mark, while every node writes (a delete of old rows takes no lock a new batch needs).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -58,6 +64,7 @@ from psycopg_pool import ConnectionPool
 from runtime.host.pgasync import AsyncReader
 from runtime.host.postgres import DatabaseUnavailable, commit_with_last, connect, migrate, redact
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
+from runtime.world.events import archive as archives
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
 
 #: Schema steps for ``runtime.host.postgres.migrate``: append-only, never edit a step that has shipped.
@@ -82,6 +89,13 @@ STEPS: tuple[str, ...] = (
         agent text PRIMARY KEY,
         seq bigint NOT NULL
     );
+    """,
+    """
+    CREATE TABLE events_archived (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        seq bigint NOT NULL
+    );
+    INSERT INTO events_archived (seq) VALUES (0);
     """,
 )
 
@@ -301,6 +315,34 @@ class PostgresEventLog(LogBase):
     def last_seq(self) -> int:
         """The sequence number of the last durable event of any node (0 for an empty log)."""
         return int(self._fetch("SELECT seq FROM events_head", ())[0][0])
+
+    def archived(self) -> int:
+        """The last seq ``archive`` moved out of the log (0: none)."""
+        return int(self._fetch("SELECT seq FROM events_archived", ())[0][0])
+
+    def archive(self, horizon: float, directory: Path) -> tuple[int, int, Path] | None:
+        """Move the events committed before ``horizon`` (a UNIX time), except the last event, to
+        ``directory/events-FIRST-LAST.jsonl.gz`` and out of the log (``runtime.world.events.archive``);
+        return (first, last, file), or None when there was nothing to move."""
+        if (rest := archives.interrupted(directory, self.archived())) is not None:
+            self._remove(self.archived() + 1, rest)
+        first, last = self.archived() + 1, self.last_seq()
+        rows = self._fetch(_COLUMNS + " AND seq < %s AND at < %s ORDER BY seq", (first - 1, last, horizon))
+        if not rows:
+            return None
+        upto = first + len(rows) - 1
+        assert rows[-1][0] == upto, f"invariant: the log's events {first}..{rows[-1][0]} have gaps"
+        path = archives.write(directory, first, upto, [msgspec.json.encode(_event(r)) for r in rows])
+        self._remove(first, upto)
+        return first, upto, path
+
+    def _remove(self, first: int, upto: int) -> None:
+        """Delete events ``first..upto`` (archived) from the log, a chunk per transaction with the mark."""
+        with connect(self.url, what=self._what, deadline_s=self._deadline_s, autocommit=True) as conn:
+            for lo, hi in archives.chunks(first, upto):
+                with conn.transaction():
+                    conn.execute("DELETE FROM events_log WHERE seq BETWEEN %s AND %s", (lo, hi))
+                    conn.execute("UPDATE events_archived SET seq = greatest(seq, %s)", (hi,))
 
     def _read(self, since: int, kinds: Collection[str] | None, agent: str | None, limit: int | None) -> list[Event]:
         query = _read_query(since, kinds, agent, limit)

@@ -154,8 +154,35 @@ class _Reset:
 
 
 @dataclass(frozen=True, slots=True)
-class _Compact:
-    horizon: float
+class _Freeze:
+    """Start a compaction: the writer stops rolling packs up and names what the squash may read."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Frozen:
+    """What the writer held when a compaction started: the head and the packs holding all its history
+    (and their bytes), and the written bytes per author it had counted (``_swap`` adds what came after)."""
+
+    head: ObjectID
+    packs: frozenset[str]
+    pack_bytes: int
+    history: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Squashed:
+    """A squash built off the writer: the new chain's tip for the frozen head (``None``: nothing to do,
+    or it failed), its pack, and the written bytes per author of the new history."""
+
+    frozen: _Frozen
+    head: ObjectID | None
+    pack: str | None
+    objects: int
+    written: dict[str, int]
+    #: Commits squashed, commits after the base kept, and artifacts the squash recreated.
+    squashed: int = 0
+    kept: int = 0
+    artifacts: int = 0
 
 
 class HistoryCompaction(msgspec.Struct, frozen=True):
@@ -171,7 +198,8 @@ class HistoryCompaction(msgspec.Struct, frozen=True):
 
 
 _Op = WriteOp | DeleteOp | _Reset
-_Item = tuple[_Op | _Compact, "Future[Any]"]
+_Control = _Freeze | _Squashed
+_Item = tuple[_Op | _Control, "Future[Any]"]
 
 
 @dataclass(slots=True)
@@ -195,6 +223,78 @@ class _Batch:
         sha = obj.id
         self.objects.setdefault(sha, obj)
         return sha
+
+
+@dataclass(slots=True)
+class _Tip:
+    """A tip tree being edited: its entries by directory path ("" is the root), loaded from the
+    repository (``get``) on first use. The writer keeps one for HEAD; a squash builds its own."""
+
+    tree: ObjectID
+    get: Callable[[ObjectID], ShaFile]
+    dirs: dict[str, dict[bytes, tuple[int, ObjectID]]] = field(default_factory=dict)
+
+    def reset(self, tree: ObjectID) -> None:
+        """Forget the loaded entries: the tip is ``tree`` now."""
+        self.dirs.clear()
+        self.tree = tree
+
+    def dir(self, path: str) -> dict[bytes, tuple[int, ObjectID]]:
+        """The tip's entries of directory ``path``."""
+        d = self.dirs.get(path)
+        if d is None:
+            if path == "":
+                sha: ObjectID | None = self.tree
+            else:
+                parent, _, name = path.rpartition("/")
+                entry = self.dir(parent).get(name.encode())
+                sha = entry[1] if entry is not None else None
+            d = {}
+            if sha is not None:
+                tree = self.get(sha)
+                assert isinstance(tree, Tree), f"invariant: {path!r} is a {tree.type_name!r}, not a tree"
+                d = {e.path: (e.mode, e.sha) for e in tree.iteritems()}
+            self.dirs[path] = d
+        return d
+
+    def set(self, b: _Batch, aid: str, blobs: tuple[ObjectID, ObjectID] | None) -> None:
+        """Put (or, with None, remove) ``aid``'s two blobs in the tip tree; rewrite the trees on its path."""
+        levels = fanout(aid)
+        paths = ["/".join(levels[:i]) for i in range(len(levels) + 1)]  # "", "3", "3/f"
+        leaf = self.dir(paths[-1])
+        name, meta_name = aid.encode(), (aid + META_SUFFIX).encode()
+        if blobs is None:
+            leaf.pop(name, None)
+            leaf.pop(meta_name, None)
+        else:
+            leaf[name] = (_FILE_MODE, blobs[0])
+            leaf[meta_name] = (_FILE_MODE, blobs[1])
+        # Bottom up; an emptied directory disappears from its parent (Git has no empty directories).
+        child: ObjectID | None = b.add(_tree_of(leaf)) if leaf else None
+        for depth in range(len(levels) - 1, -1, -1):
+            parent = self.dir(paths[depth])
+            key = levels[depth].encode()
+            if child is None:
+                parent.pop(key, None)
+            else:
+                parent[key] = (_DIR_MODE, child)
+            child = b.add(_tree_of(parent)) if parent or depth == 0 else None
+        assert child is not None
+        b.tree = self.tree = child
+
+
+def _chain(b: _Batch, author: bytes, message: str, now: float | None) -> ObjectID:
+    """Append a commit of the batch's tree to its chain."""
+    c = Commit()
+    c.tree = b.tree
+    c.parents = [b.head]
+    c.author = author
+    c.committer = COMMITTER
+    c.author_time = c.commit_time = int(time.time() if now is None else now)
+    c.author_timezone = c.commit_timezone = 0
+    c.message = message.encode() + b"\n"
+    b.head = b.add(c)
+    return b.head
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -291,9 +391,10 @@ class GitStore(Store):
         except BaseException:
             os.close(self._lock_fd)
             raise
-        # The writer's view of the tip: tree entries by directory path ("" is the root), filled lazily.
-        self._dirs: dict[str, dict[bytes, tuple[int, ObjectID]]] = {}
-        self._tip_tree = commit.tree
+        #: The writer's view of HEAD's tree.
+        self._tip = _Tip(commit.tree, lambda sha: self._wobjects[sha])
+        #: Set while a compaction runs (``compact``): no roll-up removes the packs its squash reads.
+        self._frozen: _Frozen | None = None
         self._broken: str | None = None
         self._init_writer("store-writer", max_batch)
         self._start_writer()
@@ -413,32 +514,48 @@ class GitStore(Store):
         return fut.result()
 
     def compact(self, horizon: float) -> HistoryCompaction:
-        """Squash the history older than ``horizon`` (a UNIX time) into one commit per artifact, through
-        the writer (so it runs between batches, also while agents write); HEAD's tree is unchanged.
+        """Squash the history older than ``horizon`` (a UNIX time) into one commit per artifact; HEAD's
+        tree is unchanged. Agents' writes keep flowing meanwhile: the squash is built in the calling
+        thread, and the writer only swaps it in between two batches.
 
         The history is a chain: the newest commit older than the horizon (the *base*) and everything
         before it become a root (an empty tree, as a new store's) and one commit per artifact of the
         base's tree, authored by its owner at its last update, in that order; the commits after the base
-        are re-parented onto that chain with their trees, authors, times and messages. Every object the
-        new history reaches is written as one pack; the branch moves to the new chain only once that pack
-        is durable, and only then are the old packs removed, so a crash at any point leaves either the
-        old history or the new one (and at worst packs no ref reaches, removed by the next compaction).
-        The squash is deterministic: compacting an already compacted history changes nothing.
+        are re-parented onto that chain with their trees, authors, times and messages.
+
+        Three steps. *Freeze* (the writer, between batches): it notes HEAD and the packs that hold its
+        whole history, and rolls no pack up until the swap, so none of them goes away. *Squash* (this
+        thread, reading those packs through its own object store): the new chain for the frozen HEAD,
+        and every object it reaches written as one durable pack. *Swap* (the writer, between batches):
+        the commits made since the freeze are re-parented onto the new chain (a small pack of commits),
+        the branch moves, the index records it, and only then are the frozen packs removed; the packs
+        written since the freeze stay (they hold those commits' trees and blobs). A crash at any point
+        leaves either the old history or the new one (and at worst packs no ref reaches, removed by
+        the next compaction). The squash is deterministic: compacting an already compacted history
+        changes nothing.
         """
-        fut: Future[HistoryCompaction] = self._submit(_Compact(horizon))
-        return fut.result()
+        self._check_open()
+        frozen: _Frozen = self._submit(_Freeze()).result()
+        try:
+            squashed = self._build_squash(frozen, horizon)
+        except BaseException as exc:
+            self._submit(_Squashed(frozen, None, None, 0, {}))  # thaw: roll-ups resume
+            raise storage_failure(exc, "the artifact store's compaction") from exc
+        done: HistoryCompaction = self._submit(squashed).result()
+        return done
 
     # -------------------------------------------------------------------------------- writer
 
     def _commit(self, batch: list[_Item]) -> None:
-        # A compaction is a batch of its own: the operations queued before it first, those after it next.
+        # A compaction's step is a batch of its own: the operations queued before it first, those after
+        # it next.
         for i, (op, fut) in enumerate(batch):
-            if isinstance(op, _Compact):
+            if isinstance(op, _Freeze | _Squashed):
                 if i:
                     self._commit(batch[:i])
                 try:
                     self._check_open()
-                    fut.set_result(self._compact(op.horizon))
+                    fut.set_result(self._freeze() if isinstance(op, _Freeze) else self._swap(op))
                 except BaseException as exc:
                     fut.set_exception(storage_failure(exc, "the artifact store's compaction"))
                 if i + 1 < len(batch):
@@ -450,7 +567,7 @@ class GitStore(Store):
             return
         outcomes: list[tuple[Future[Any], object]] = []
         head, head_tree = self._committed
-        b = _Batch(head, self._tip_tree, {})
+        b = _Batch(head, self._tip.tree, {})
         moved = False
         txn = self.env.begin(write=True)
         try:
@@ -474,8 +591,7 @@ class GitStore(Store):
             txn.abort()
             if not moved:
                 # Nothing is referenced: forget the batch's trees and fail every caller.
-                self._dirs.clear()
-                self._tip_tree = head_tree
+                self._tip.reset(head_tree)
                 err = storage_failure(exc, "the artifact store")
                 for _, fut in batch:
                     fut.set_exception(err)
@@ -494,7 +610,7 @@ class GitStore(Store):
             b.count_into(self._history)
             # Before acknowledging: once every caller has its answer no pack is being removed, so that
             # a `git fsck` run after the last write does not race a roll-up.
-            if len(self._packs) > self._max_packs:
+            if len(self._packs) > self._max_packs and self._frozen is None:
                 try:
                     self._roll_up()
                 except Exception:  # the batch is durable: keep the packs as they are, retry after the next
@@ -505,8 +621,8 @@ class GitStore(Store):
             else:
                 fut.set_result(res)
 
-    def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op | _Compact) -> object:
-        assert not isinstance(op, _Compact), "invariant: a compaction is a batch of its own"
+    def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op | _Control) -> object:
+        assert not isinstance(op, _Freeze | _Squashed), "invariant: a compaction's step is a batch of its own"
         if isinstance(op, WriteOp):
             return self._apply_write(txn, b, op)
         if isinstance(op, DeleteOp):
@@ -534,8 +650,8 @@ class GitStore(Store):
         )
         blob = b.add(Blob.from_string(op.content))
         meta_blob = b.add(Blob.from_string(msgspec.json.encode(meta) + b"\n"))
-        self._set(b, op.id, (blob, meta_blob))
-        commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"write {op.id} ({size} bytes)", now)
+        self._tip.set(b, op.id, (blob, meta_blob))
+        commit = _chain(b, _ident(op.agent, "agents.invalid"), f"write {op.id} ({size} bytes)", now)
         txn.put(key, _enc.encode(_Entry(meta, blob, meta_blob)), db=self._arts)
         self._set_owned(txn, op.agent, after)
         b.written[op.agent] = b.written.get(op.agent, 0) + size
@@ -547,8 +663,8 @@ class GitStore(Store):
         old = _entry_dec.decode(raw) if raw is not None else None
         check_delete(op, old.meta.owner if old is not None else None, old.meta.readable if old is not None else None)
         assert old is not None
-        self._set(b, op.id, None)
-        commit = self._chain(b, _ident(op.agent, "agents.invalid"), f"delete {op.id}", time.time())
+        self._tip.set(b, op.id, None)
+        commit = _chain(b, _ident(op.agent, "agents.invalid"), f"delete {op.id}", time.time())
         txn.delete(key, db=self._arts)
         self._set_owned(txn, op.agent, self._owned(txn, op.agent) - old.meta.size)
         return commit.decode()
@@ -556,67 +672,11 @@ class GitStore(Store):
     def _apply_reset(self, txn: lmdb.Transaction, b: _Batch, op: _Reset) -> str:
         target = self._wobjects[op.target]
         assert isinstance(target, Commit), f"invariant: resolved {op.target!r} is not a commit"
-        self._dirs.clear()
-        b.tree = self._tip_tree = target.tree
-        commit = self._chain(b, _ident(op.operator, "operators.invalid"), f"system reset to {op.target.decode()}", None)
+        self._tip.reset(target.tree)
+        b.tree = target.tree
+        commit = _chain(b, _ident(op.operator, "operators.invalid"), f"system reset to {op.target.decode()}", None)
         self._reindex(txn, target.tree)
         return commit.decode()
-
-    def _chain(self, b: _Batch, author: bytes, message: str, now: float | None) -> ObjectID:
-        """Append a commit of the current tip tree to the batch's chain."""
-        c = Commit()
-        c.tree = b.tree
-        c.parents = [b.head]
-        c.author = author
-        c.committer = COMMITTER
-        c.author_time = c.commit_time = int(time.time() if now is None else now)
-        c.author_timezone = c.commit_timezone = 0
-        c.message = message.encode() + b"\n"
-        b.head = b.add(c)
-        return b.head
-
-    def _dir(self, path: str) -> dict[bytes, tuple[int, ObjectID]]:
-        """The tip's entries of directory ``path``, loaded from the repository on first use."""
-        d = self._dirs.get(path)
-        if d is None:
-            if path == "":
-                sha: ObjectID | None = self._tip_tree
-            else:
-                parent, _, name = path.rpartition("/")
-                entry = self._dir(parent).get(name.encode())
-                sha = entry[1] if entry is not None else None
-            d = {}
-            if sha is not None:
-                tree = self._wobjects[sha]
-                assert isinstance(tree, Tree), f"invariant: {path!r} is a {tree.type_name!r}, not a tree"
-                d = {e.path: (e.mode, e.sha) for e in tree.iteritems()}
-            self._dirs[path] = d
-        return d
-
-    def _set(self, b: _Batch, aid: str, blobs: tuple[ObjectID, ObjectID] | None) -> None:
-        """Put (or, with None, remove) ``aid``'s two blobs in the tip tree; rewrite the trees on its path."""
-        levels = fanout(aid)
-        paths = ["/".join(levels[:i]) for i in range(len(levels) + 1)]  # "", "3", "3/f"
-        leaf = self._dir(paths[-1])
-        name, meta_name = aid.encode(), (aid + META_SUFFIX).encode()
-        if blobs is None:
-            leaf.pop(name, None)
-            leaf.pop(meta_name, None)
-        else:
-            leaf[name] = (_FILE_MODE, blobs[0])
-            leaf[meta_name] = (_FILE_MODE, blobs[1])
-        # Bottom up; an emptied directory disappears from its parent (Git has no empty directories).
-        child: ObjectID | None = b.add(_tree_of(leaf)) if leaf else None
-        for depth in range(len(levels) - 1, -1, -1):
-            parent = self._dir(paths[depth])
-            key = levels[depth].encode()
-            if child is None:
-                parent.pop(key, None)
-            else:
-                parent[key] = (_DIR_MODE, child)
-            child = b.add(_tree_of(parent)) if parent or depth == 0 else None
-        assert child is not None
-        b.tree = self._tip_tree = child
 
     # ------------------------------------------------------------------------------- index
 
@@ -662,33 +722,76 @@ class GitStore(Store):
 
     # ---------------------------------------------------------------------------- compaction
 
-    def _compact(self, horizon: float) -> HistoryCompaction:
-        """The writer's side of ``compact`` (see there)."""
-        head, tree = self._committed
+    def _freeze(self) -> _Frozen:
+        """The writer's first step of ``compact``: note HEAD and its packs; no roll-up until ``_swap``."""
+        if self._frozen is not None:
+            raise StoreError("busy", "a compaction of the store is already running")
         before = sum(p.stat().st_size for p in self._pack_dir.glob("pack-*.pack"))
-        newer: builtins.list[Commit] = []
-        base: Commit | None = None
-        for c in self._first_parents_of(self._wobjects, head):
-            if c.commit_time >= horizon:
-                newer.append(c)
-            else:
-                base = c
-                break
-        if base is None:
-            return HistoryCompaction(0, len(newer), 0, before, before, head.decode())
-        chain = list(self._first_parents_of(self._wobjects, base.id))
-        b = self._squash(base, chain[-1])
-        for c in reversed(newer):
+        self._frozen = _Frozen(self._committed[0], frozenset(self._packs), before, dict(self._history))
+        return self._frozen
+
+    def _build_squash(self, frozen: _Frozen, horizon: float) -> _Squashed:
+        """The squash of ``compact``, off the writer: the new chain for the frozen head and its pack."""
+        objects = self._open_objects()  # its own: the writer's and the readers' are theirs
+        try:
+            newer: builtins.list[Commit] = []
+            base: Commit | None = None
+            for c in self._first_parents_of(objects, frozen.head):
+                if c.commit_time >= horizon:
+                    newer.append(c)
+                else:
+                    base = c
+                    break
+            if base is None:
+                return _Squashed(frozen, None, None, 0, {}, kept=len(newer))
+            chain = builtins.list(self._first_parents_of(objects, base.id))
+            b = _squash(objects, base, chain[-1])
+            for c in reversed(newer):
+                n = c.copy()
+                assert isinstance(n, Commit)
+                n.parents = [b.head]
+                b.head = b.add(n)
+            if b.head == frozen.head:  # already compacted at this horizon
+                return _Squashed(frozen, None, None, 0, {}, kept=len(newer))
+            reached = _reachable(objects.__getitem__, b.objects, [*(c.tree for c in newer), base.tree])
+            pack = git_packs.write_pack(
+                self._pack_dir, (full_unpacked_object(o) for o in reached.values()), len(reached), self._durable
+            )
+            commits = (o for o in b.objects.values() if isinstance(o, Commit))
+            return _Squashed(frozen, b.head, pack, len(reached), _written(commits), len(chain), len(newer), b.artifacts)
+        finally:
+            objects.close()
+
+    def _swap(self, sq: _Squashed) -> HistoryCompaction:
+        """The writer's last step of ``compact``: put the squashed history under the commits made since
+        the freeze, move the branch, drop the frozen packs. Short: those commits are re-parented, no
+        tree or blob is read or written (a reset's tree excepted, copied whole into the commits' pack)."""
+        frozen, self._frozen = sq.frozen, None
+        head, tree = self._committed
+        before = frozen.pack_bytes
+        if sq.head is None or sq.pack is None:
+            return HistoryCompaction(0, sq.kept, 0, before, before, head.decode())
+        since: builtins.list[Commit] = []
+        at = head
+        while at != frozen.head:
+            c = self._wobjects[at]
+            assert isinstance(c, Commit) and c.parents, f"invariant: {frozen.head!r} is not an ancestor of HEAD"
+            since.append(c)
+            at = c.parents[0]
+        b = _Batch(sq.head, tree, {})
+        resets: builtins.list[ObjectID] = []
+        for c in reversed(since):
             n = c.copy()
             assert isinstance(n, Commit)
             n.parents = [b.head]
             b.head = b.add(n)
-        if b.head == head:  # already compacted at this horizon
-            return HistoryCompaction(0, len(newer), 0, before, before, head.decode())
-        objects = self._reachable(b, [*(c.tree for c in newer), base.tree])
-        new_pack = git_packs.write_pack(
-            self._pack_dir, (full_unpacked_object(o) for o in objects.values()), len(objects), self._durable
-        )
+            if n.message.startswith(b"system reset"):
+                resets.append(n.tree)  # its tree may be one only the frozen packs hold
+        objects = _reachable(self._wobjects.__getitem__, b.objects, resets) if resets else b.objects
+        new_packs = {sq.pack: sq.objects}
+        if objects:
+            records = (full_unpacked_object(o) for o in objects.values())
+            new_packs[git_packs.write_pack(self._pack_dir, records, len(objects), self._durable)] = len(objects)
         if not self._refs.set_if_equals(BRANCH, head, b.head):
             raise RuntimeError(f"{BRANCH.decode()} moved under the store: is another process writing?")
         if self._durable:
@@ -696,64 +799,23 @@ class GitStore(Store):
         self._committed = (b.head, tree)
         with self.env.begin(write=True) as txn:
             txn.put(b"head", b.head, db=self._state)
-        # The new history is durable and complete in its own pack: the old packs can go.
-        for old in builtins.list(self._packs):
-            if old != new_pack:
+        # The new history is durable and complete in the new packs and those written since the freeze.
+        for old in frozen.packs:
+            if old not in new_packs:
                 git_packs.remove_pack(self._pack_dir, old)
-        self._packs = {new_pack: len(objects)}
+                self._packs.pop(old, None)
+        self._packs.update(new_packs)
         if self._durable:
             fsync_dir(self._pack_dir)
         self._reopen_objects()
-        self._history = _written(self._first_parents_of(self._wobjects, b.head))
+        # Bytes written since the freeze, counted by the writer, on top of the new history's.
+        history = dict(sq.written)
+        for agent, total in self._history.items():
+            if (more := total - frozen.history.get(agent, 0)) > 0:
+                history[agent] = history.get(agent, 0) + more
+        self._history = history
         after = sum(p.stat().st_size for p in self._pack_dir.glob("pack-*.pack"))
-        return HistoryCompaction(len(chain), len(newer), b.artifacts, before, after, b.head.decode())
-
-    def _squash(self, base: Commit, root: Commit) -> _Batch:
-        """A new chain for ``base``'s tree: a root commit of the empty tree at the old root's time, then one
-        commit per artifact, oldest update first. Built with the writer's own tree code on a scratch tip."""
-        empty = Tree()
-        b = _Batch(ObjectID(b""), empty.id, {})
-        b.add(empty)
-        first = Commit()
-        first.tree = empty.id
-        first.author = first.committer = COMMITTER
-        first.author_time = first.commit_time = root.commit_time
-        first.author_timezone = first.commit_timezone = 0
-        first.message = b"create artifact store (older history squashed)\n"
-        b.head = b.add(first)
-        entries = _scan(self._wobjects.__getitem__, base.tree)
-        metas = {aid: _read_meta(self._wobjects.get_raw, blobs[1]) for aid, blobs in entries.items()}
-        saved = self._dirs, self._tip_tree
-        self._dirs, self._tip_tree = {"": {}}, empty.id
-        try:
-            for aid in sorted(entries, key=lambda a: (metas[a].updated, a)):
-                m = metas[aid]
-                self._set(b, aid, entries[aid])
-                author = _ident(m.owner, "agents.invalid")
-                self._chain(b, author, f"write {aid} ({m.size} bytes, older history squashed)", m.updated)
-        finally:
-            self._dirs, self._tip_tree = saved
-        assert b.tree == base.tree, f"invariant: the squash rebuilt {b.tree!r}, not the base tree {base.tree!r}"
-        b.artifacts = len(entries)
-        return b
-
-    def _reachable(self, b: _Batch, trees: builtins.list[ObjectID]) -> dict[ObjectID, ShaFile]:
-        """Every object the new history reaches: the batch's commits and trees, and each tree of ``trees``
-        with what it holds, read from the repository (a subtree already taken is not walked again)."""
-        out = dict(b.objects)
-        seen: set[ObjectID] = set()
-        stack = builtins.list(trees)
-        while stack:
-            sha = stack.pop()
-            if sha in seen:
-                continue
-            seen.add(sha)
-            obj = out.get(sha)
-            if obj is None:
-                obj = out[sha] = self._wobjects[sha]
-            if isinstance(obj, Tree):
-                stack.extend(e.sha for e in obj.iteritems() if e.sha not in seen)
-        return out
+        return HistoryCompaction(sq.squashed, sq.kept + len(since), sq.artifacts, before, after, b.head.decode())
 
     def _reopen_objects(self) -> None:
         """Drop cached handles on removed packs (they would keep the deleted files' space)."""
@@ -1015,6 +1077,52 @@ def _written(commits: Iterator[Commit]) -> dict[str, int]:
         if m:
             author = c.author.split(b" <", 1)[0].decode(errors="replace")
             out[author] = out.get(author, 0) + int(m.group(1))
+    return out
+
+
+def _squash(objects: DiskObjectStore, base: Commit, root: Commit) -> _Batch:
+    """A new chain for ``base``'s tree: a root commit of the empty tree at the old root's time, then one
+    commit per artifact, oldest update first, built on a scratch tip of its own."""
+    empty = Tree()
+    b = _Batch(ObjectID(b""), empty.id, {})
+    b.add(empty)
+    first = Commit()
+    first.tree = empty.id
+    first.author = first.committer = COMMITTER
+    first.author_time = first.commit_time = root.commit_time
+    first.author_timezone = first.commit_timezone = 0
+    first.message = b"create artifact store (older history squashed)\n"
+    b.head = b.add(first)
+    entries = _scan(objects.__getitem__, base.tree)
+    metas = {aid: _read_meta(objects.get_raw, blobs[1]) for aid, blobs in entries.items()}
+    tip = _Tip(empty.id, objects.__getitem__, {"": {}})
+    for aid in sorted(entries, key=lambda a: (metas[a].updated, a)):
+        m = metas[aid]
+        tip.set(b, aid, entries[aid])
+        _chain(b, _ident(m.owner, "agents.invalid"), f"write {aid} ({m.size} bytes, older history squashed)", m.updated)
+    assert b.tree == base.tree, f"invariant: the squash rebuilt {b.tree!r}, not the base tree {base.tree!r}"
+    b.artifacts = len(entries)
+    return b
+
+
+def _reachable(
+    get: Callable[[ObjectID], ShaFile], new: dict[ObjectID, ShaFile], trees: list[ObjectID]
+) -> dict[ObjectID, ShaFile]:
+    """``new`` and every object the ``trees`` reach, read with ``get`` unless ``new`` holds it (a
+    subtree already taken is not walked again)."""
+    out = dict(new)
+    seen: set[ObjectID] = set()
+    stack = list(trees)
+    while stack:
+        sha = stack.pop()
+        if sha in seen:
+            continue
+        seen.add(sha)
+        obj = out.get(sha)
+        if obj is None:
+            obj = out[sha] = get(sha)
+        if isinstance(obj, Tree):
+            stack.extend(e.sha for e in obj.iteritems() if e.sha not in seen)
     return out
 
 
