@@ -283,7 +283,7 @@ class BatchDecoder:
                 self._decode(ctx)
                 for row, s in enumerate(live):
                     s.decode_steps += 1
-                    s.next = s.c.sample(ctx.ctx, row)
+                    s.next = s.c.sampler.sample(ctx.ctx, row)
             self.progress = [work(s) for s in seqs]
         for s in seqs:
             if s.key:  # its prompt stays in its stream, for its agent's next think; the completion goes
@@ -370,7 +370,7 @@ class BatchDecoder:
     def _prefill_call(self, ctx: Any, ending: list[tuple[_Seq, int]]) -> None:
         self._decode(ctx)
         for s, row in ending:
-            s.next = s.c.sample(ctx.ctx, row)
+            s.next = s.c.sampler.sample(ctx.ctx, row)
         ending.clear()
         self._batch.n_tokens = 0
 

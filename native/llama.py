@@ -384,7 +384,6 @@ class LlamaBackend:
             temperature=temperature,
             seed=seed,
             grammar_first=self.grammar_first,
-            key=parsed[0] if parsed is not None else b"",
         )
         return Completion(sampler, [s.encode() for s in stops if s], max_tokens, self.vocab)
 
@@ -476,7 +475,7 @@ class LlamaBackend:
         keep = min(common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens), len(tokens) - 1)
         llm.n_tokens = keep  # ``eval`` drops the cache's cells from here on
         llm.eval(tokens[keep:])
-        while completion.take(completion.sample(llm.ctx, -1)):
+        while completion.take(completion.sampler.sample(llm.ctx, -1)):
             llm.eval(completion.out[-1:])
 
 

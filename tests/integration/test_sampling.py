@@ -1,7 +1,7 @@
 """The sampler both generation paths share (``native.sampling``), with real llama.cpp: the tiny random
 model and SmolLM2. The grammar checks the token drawn and is applied to every candidate only when it
 refuses it; what is kept always matches the schema, greedy decoding picks what grammar-first sampling
-picks, and the allowed-token sets kept between refusals change nothing but the cost."""
+picks, and a refused token is drawn again from the likeliest tokens the grammar allows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from native.llama import Generation, LlamaBackend
+from native import sampling
+from native.llama import LlamaBackend
 from runtime.agents.loop import DEFAULT_PERSONA, RULES
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, parse_action
 
@@ -47,29 +48,18 @@ def test_greedy_picks_what_grammar_first_picks(checked: LlamaBackend, grammar_fi
         b = grammar_first.generate(SYSTEM, _prompt(i), schema=ACTION_SCHEMA_BYTES, max_tokens=300, temperature=0.0)
         assert a == b
         parse_action(a.text)
-    # The grammar did refuse tokens the chain drew (and the sets it allowed instead were kept).
-    assert checked._candidates.allowed
+    assert checked._candidates.refused > 0  # the grammar did refuse tokens the chain drew
 
 
-def test_kept_allowed_sets_change_no_token(checked: LlamaBackend) -> None:
-    """A seeded think samples the same text whether the allowed sets at its refusals were kept from
-    earlier thinks or found by applying the grammar to every token; every text is an action."""
-
-    def think(seed: int) -> Generation:
-        checked.llm.reset()  # type: ignore[no-untyped-call]  # the whole prompt evaluated each time: the same logits, to the bit
-        return checked.generate(SYSTEM, _prompt(seed), schema=ACTION_SCHEMA_BYTES, max_tokens=300, seed=seed)
-
-    seeds = [3, 4, 5]
-    cold = []
-    for seed in seeds:
-        checked._candidates.allowed.clear()
-        cold.append(think(seed))
-    for seed in seeds:  # other thinks fill the sets
-        think(seed + 10)
-    kept = len(checked._candidates.allowed)
-    warm = [think(seed) for seed in seeds]
-    assert kept > 0
-    assert warm == cold
-    for gen in warm:
+def test_a_refused_token_is_drawn_again_from_what_the_grammar_allows(
+    checked: LlamaBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a refusal the grammar sees the most likely tokens first, and every token only when it
+    allows none of them: with 4 most likely tokens both happen, and every completion is an action."""
+    monkeypatch.setattr(sampling, "REFUSED_TOP", 4)
+    for seed in range(3):
+        gen = checked.generate(SYSTEM, _prompt(seed), schema=ACTION_SCHEMA_BYTES, max_tokens=300, seed=seed)
         assert gen.finish_reason == "stop", gen
         parse_action(gen.text)
+    counts = checked._candidates
+    assert 0 < counts.full_passes < counts.refused, (counts.full_passes, counts.refused)
