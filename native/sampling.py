@@ -107,7 +107,7 @@ class Candidates:
 class Sampler:
     """One generation's sampler: a chain without the grammar, and the grammar (or none) checking it.
 
-    ``grammar`` is a llama.cpp grammar sampler this object now owns (``LlamaBackend.sampler`` clones
+    ``grammar`` is a llama.cpp grammar sampler this object now owns (``LlamaBackend.completion`` clones
     one per generation); ``close`` frees both.
     """
 
@@ -219,9 +219,12 @@ class Completion:
             self.finish = "stop"
             return False
         self.out.append(token)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, 64, 0, False)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # the piece is longer than the buffer: -n bytes
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, -n, 0, False)
         tail = len(self.text)
-        self.text += self._piece.raw[: max(n, 0)]
+        self.text += self._piece.raw[:n]
         # A stop string can only appear where the new piece ends: look at that tail only.
         if any(stop in self.text[max(0, tail - len(stop)) :] for stop in self.stops):
             self.finish = "stop"
