@@ -24,6 +24,8 @@ from tests.integration.conftest import wait_until
 
 SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
 AGENTS = [f"a{i}" for i in range(8)]
+#: Room for the longest action the schema allows, even in the random model's single-byte tokens.
+MAX_TOKENS = 500
 
 
 def _prompt(i: int) -> str:
@@ -31,7 +33,7 @@ def _prompt(i: int) -> str:
 
 
 def _requests(n: int, **kw: object) -> list[Request]:
-    return [Request(SYSTEM, _prompt(i), ACTION_SCHEMA_BYTES, 200, seed=i, **kw) for i in range(n)]  # type: ignore[arg-type]
+    return [Request(SYSTEM, _prompt(i), ACTION_SCHEMA_BYTES, MAX_TOKENS, seed=i, **kw) for i in range(n)]  # type: ignore[arg-type]
 
 
 def test_a_batch_of_8_gives_8_schema_valid_actions(gguf: Path) -> None:
@@ -59,11 +61,11 @@ def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> Non
     decoder = BatchDecoder(llm)
     try:
         tokens, _ = llm.chat_tokens(SYSTEM, _prompt(3))
-        single = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=200, seed=3)
+        single = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=MAX_TOKENS, seed=3)
         assert len(tokens) == single.prompt_tokens
         # Greedy decoding of one sequence follows the single path's completion token for token.
-        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, 200, temperature=0.0)])
-        alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=200, temperature=0.0)
+        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, MAX_TOKENS, temperature=0.0)])
+        alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=MAX_TOKENS, temperature=0.0)
         assert greedy[0].generation.text == alone.text
     finally:
         decoder.close()
@@ -123,7 +125,7 @@ def _economy_run(
     return out, reports
 
 
-def _batch(model: Path, n: int, reuse: bool = True, seed: int = 0, max_tokens: int = 200) -> ThinkBatch:
+def _batch(model: Path, n: int, reuse: bool = True, seed: int = 0, max_tokens: int = MAX_TOKENS) -> ThinkBatch:
     thinks = [
         Think(
             system=SYSTEM,
@@ -223,7 +225,9 @@ def test_an_agents_kept_prompt_spares_it_all_but_what_changed(llm: LlamaBackend)
         first = decoder.generate(_requests(3), keys=keys)
         # The same agents, their prompts grown by a line at the end: only that line (and the chat
         # template's closing tokens after it) is evaluated.
-        later = [Request(SYSTEM, _prompt(i) + "\nTime: 10:01", ACTION_SCHEMA_BYTES, 200, seed=i) for i in range(3)]
+        later = [
+            Request(SYSTEM, _prompt(i) + "\nTime: 10:01", ACTION_SCHEMA_BYTES, MAX_TOKENS, seed=i) for i in range(3)
+        ]
         again = decoder.generate(later, keys=keys)
         # A fourth and fifth agent: the least recently used kept prompt (a0's, then a1's) makes room.
         decoder.generate(_requests(2), keys=["a3", "a4"])
