@@ -2,12 +2,15 @@
 
 N agents think once each per round, with the agents' real system prompt (``DEFAULT_PERSONA`` and
 ``RULES``), the action schema, ``max_tokens`` 160 (``LlmBrain``'s) and a context with
-``Agent.context``'s lines (limits, others, artifacts, holdings, news, time), different per agent and
-round, laid out stable-first (what changes every turn last), as the batched path wants it.
+``Agent.context``'s lines in its order (who, limits, others, artifacts, last action, news, holdings,
+time: stable first, what changes every turn last), different per agent and round.
 Paths, side by side in one run, rounds alternating so that a change in the machine's load hits all:
 
-- ``single``: today's path, one ``Think`` task per agent on a one-worker pool (llama-cpp-python's
-  ``Llama`` keeps the KV of the previous prompt's common start, as it does in a real run);
+- ``single (grammar first)``: today's path as it was, the grammar applied to every candidate token
+  before each draw (llama-cpp-python's sampler; a worker started with ``AECO_GRAMMAR_FIRST=1``);
+- ``single``: today's path, one ``Think`` task per agent on a one-worker pool, sampling as
+  ``native.sampling`` does (the grammar checks the token drawn); the model's context keeps the KV of
+  the previous prompt's common start, as it does in a real run;
 - ``batched``: the round's N thinks as one ``ThinkBatch`` task, no prefix reuse;
 - ``batched+prefix``: the same with the common prefix evaluated once and kept between batches;
 - ``batched+kept``: the same, and each agent's last prompt kept in the worker (``ThinkBatch.keys``), so
@@ -18,12 +21,13 @@ Paths, side by side in one run, rounds alternating so that a change in the machi
 
 A decision is a completion that parses as an action (``runtime.agents.schema.parse_action``). CPU is
 the tasks' measured CPU (the workers' ``getrusage`` deltas) for the pool paths. Target: ≥ 2.5× today's
-decisions per CPU-second at 8 agents.
+decisions per CPU-second (``single``) at 8 agents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import socket
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,31 +49,37 @@ from runtime.agents.loop import DEFAULT_PERSONA, RULES
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
 from runtime.pool import WorkerPool
 from runtime.protocol import Think, ThinkBatch, ThinkReport, decode_think, decode_think_batch
+from workers.think import GRAMMAR_FIRST_ENV
 
 TARGET = 2.5
 TARGET_AGENTS = 8
 SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
 MAX_TOKENS = 160
-PATHS = ("single", "batched", "batched+prefix", "batched+kept", "llama_cpp.server")
+OLD = "single (grammar first)"
+PATHS = (OLD, "single", "batched", "batched+prefix", "batched+kept", "llama_cpp.server")
 
 
 def context(agent: int, turn: int) -> str:
-    """A context in the shape ``Agent.context`` writes, different per agent and turn."""
+    """A context in the shape and order ``Agent.context`` writes, different per agent and turn."""
     others = ", ".join(f"a{j}" for j in range(10) if j != agent)
-    news = "none" if turn == 0 else f"a{(agent + turn) % 10} transferred {turn * 3} scrip to you"
-    return "\n".join(
-        [
-            f"Your limits: disk {agent * 3}/1024 KB, memory 256 MB per task, paid-model budget $0.00, "
-            "CPU rate 250 millicores, LLM rate 40 tokens/s. Container: 2 CPUs, 4096 MB.",
-            f"Other agents: {others}",
-            "Artifacts you can see: " + (", ".join(f"notes{j}" for j in range(agent % 4)) or "none"),
-            f"You are a{agent}. Scrip: {100 + 7 * agent - turn}. CPU budget: {2.5 + agent / 10:.2f} s. "
-            f"Tokens: {4000 - 90 * turn:.0f}.",
-            f"News: {news}",
-            f"Time (UTC): 2026-12-06T10:{turn:02d}:{agent % 60:02d}Z",
-            "Reply with one action as JSON.",
-        ]
-    )
+    news = "none" if turn == 0 else f"transfer(from=a{(agent + turn) % 10}, asset=scrip, amount={turn * 3})"
+    lines = [
+        f"You are a{agent}.",
+        f"Your limits: disk {agent * 3}/1024 KB, memory 256 MB per task, paid-model budget $0.00, "
+        "CPU rate 250 millicores, LLM rate 40 tokens/s. Container: 2 CPUs, 4096 MB.",
+        f"Other agents: {others}",
+        "Artifacts you can see: " + (", ".join(f"notes{j}" for j in range(agent % 4)) or "none"),
+    ]
+    if turn:
+        lines.append(f"Your last action: transfer: moved {turn} scrip to a{(agent + 1) % 10}")
+    lines += [
+        f"News: {news}",
+        f"Scrip: {100 + 7 * agent - turn}. CPU budget: {2.5 + agent / 10 - turn / 50:.2f} s. "
+        f"Tokens: {4000 - 90 * turn:.0f}.",
+        f"Time (UTC): 2026-12-06T10:{turn:02d}:{agent % 60:02d}Z",
+        "Reply with one action as JSON.",
+    ]
+    return "\n".join(lines)
 
 
 def thinks(n: int, turn: int, model: Path) -> list[Think]:
@@ -110,6 +121,8 @@ class Entry(msgspec.Struct):
     valid_rate: float
     #: Decisions per CPU-second relative to ``single`` at the same number of agents.
     vs_single: float
+    #: The same relative to ``single (grammar first)``, today's path before the sampler was changed.
+    vs_grammar_first: float
     runs: list[Run]
 
 
@@ -271,9 +284,14 @@ async def _measure(model: Path, counts: list[int], rounds: int, skipped: dict[st
         skipped["llama_cpp.server"] = why
     try:
         # The kept path has a worker of its own: the other paths' batches would take its streams.
-        async with WorkerPool(size=1) as pool, WorkerPool(size=1) as kept_pool:
+        async with contextlib.AsyncExitStack() as pools:
+            with _environ(GRAMMAR_FIRST_ENV, "1"):  # read by the worker's backend: its worker starts here
+                old_pool = await pools.enter_async_context(WorkerPool(size=1))
+            pool = await pools.enter_async_context(WorkerPool(size=1))
+            kept_pool = await pools.enter_async_context(WorkerPool(size=1))
             warm = thinks(2, 59, model)
-            await _single(pool, warm)  # loads the model, compiles the grammar
+            await _single(old_pool, warm)  # loads the model, compiles the grammar
+            await _single(pool, warm)
             await _batched(pool, warm, True)
             if server is not None:
                 await server.round(warm)
@@ -284,6 +302,7 @@ async def _measure(model: Path, counts: list[int], rounds: int, skipped: dict[st
                     turn += 1
                     specs = thinks(n, turn, model)
                     got = {
+                        OLD: await _single(old_pool, specs),
                         "single": await _single(pool, specs),
                         "batched": await _batched(pool, specs, False),
                         "batched+prefix": await _batched(pool, specs, True),
@@ -303,7 +322,7 @@ async def _measure(model: Path, counts: list[int], rounds: int, skipped: dict[st
             server.stop()
     entries = []
     for n in counts:
-        base = _rate(runs[("single", n)])
+        base, old = _rate(runs[("single", n)]), _rate(runs[(OLD, n)])
         for path in PATHS:
             if (path, n) not in runs:
                 continue
@@ -323,10 +342,25 @@ async def _measure(model: Path, counts: list[int], rounds: int, skipped: dict[st
                     tokens_per_cpu_s=round(tokens / cpu, 2) if cpu else 0.0,
                     valid_rate=round(decisions / (n * len(rs)), 3),
                     vs_single=round(_rate(rs) / base, 3) if base else 0.0,
+                    vs_grammar_first=round(_rate(rs) / old, 3) if old else 0.0,
                     runs=rs,
                 )
             )
     return entries
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """``name`` set to ``value`` in this process's environment (which workers started meanwhile inherit)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _rate(rs: list[Run]) -> float:
@@ -376,11 +410,12 @@ def run(opts: Options) -> int:
         )
         entries = asyncio.run(_measure(model, counts, rounds, skipped))
     print_rows(
-        f"{'path':<18} {'agents':>6} {'decisions':>10} {'CPU-s':>8} {'dec/CPU-s':>10} {'tok/CPU-s':>10} "
-        f"{'× single':>9}",
+        f"{'path':<23} {'agents':>6} {'decisions':>10} {'CPU-s':>8} {'dec/CPU-s':>10} {'tok/CPU-s':>10} "
+        f"{'× single':>9} {'× grammar first':>16}",
         (
-            f"{e.path:<18} {e.agents:>6} {e.decisions:>5}/{e.thinks:<4} {e.cpu_seconds:>8.2f} "
-            f"{e.decisions_per_cpu_s:>10.2f} {e.tokens_per_cpu_s:>10.1f} {e.vs_single:>8.2f}×"
+            f"{e.path:<23} {e.agents:>6} {e.decisions:>5}/{e.thinks:<4} {e.cpu_seconds:>8.2f} "
+            f"{e.decisions_per_cpu_s:>10.2f} {e.tokens_per_cpu_s:>10.1f} {e.vs_single:>8.2f}× "
+            f"{e.vs_grammar_first:>15.2f}×"
             for e in entries
         ),
     )

@@ -13,9 +13,10 @@ runs a batch of generations as sequences of one context (``n_seq_max`` = batch s
                      then one token per decode step: every step is ONE ``llama_decode`` holding the
                      next token of every live sequence
 
-Each sequence samples with its own sampler chain (the schema's grammar, then top-k 40, top-p 0.95,
-min-p 0.05, temperature, seeded: ``llama_cpp.Llama``'s defaults for a chat completion) and stops on
-its own: an end-of-generation token, a stop string of the chat format, or ``max_tokens``.
+Each sequence samples with its own sampler (``native.sampling``, the same as a single think's: the
+chain without the grammar, the grammar checking the token drawn) and stops on its own: an
+end-of-generation token, a stop string of the chat format, ``max_tokens``, or a stop asked from outside
+(``stopped``) while the others go on.
 
 What each sequence cost is counted as ``runtime.protocol.SeqWork``: prompt tokens evaluated for it,
 the shared prefix tokens evaluated in this batch (or kept from before), and the decode steps it took
@@ -32,21 +33,21 @@ kept prefix lost, only when a batch needs more; it is freed with the backend.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from native.llama import (
-    FinishReason,
     Generation,
     InferenceError,
     InvalidOutput,
     LlamaBackend,
     Schema,
-    messages,
+    common_prefix,
     parse_schema,
     validate,
 )
+from native.sampling import Completion
 from runtime.protocol import SeqWork
 
 #: Tokens evaluated per ``llama_decode`` call while prefilling (the context's ``n_batch``): larger
@@ -54,9 +55,6 @@ from runtime.protocol import SeqWork
 N_BATCH = 512
 #: Stream sizes are multiples of this many cells, so that slightly longer prompts do not remake the context.
 CTX_STEP = 256
-#: Sampler settings of ``llama_cpp.Llama.create_chat_completion``'s defaults, kept the same so that a
-#: batched think samples as a single one does.
-TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +87,8 @@ class _Seq:
     seq_id: int
     tokens: list[int]
     request: Request
-    stops: list[str]
-    sampler: Any  # llama_cpp._internals.LlamaSampler
+    #: Its sampler, its tokens so far and why it ended.
+    c: Completion
     #: The agent whose stream this is (its prompt is kept for its next think); empty: none.
     key: str = ""
     #: The position its own evaluation starts at; the tokens before it were kept, or shared.
@@ -98,21 +96,9 @@ class _Seq:
     own_tokens: int = 0
     kept: int = 0
     shared: int = 0
-    #: The token sampled last, not yet taken (``_take``).
+    #: The token sampled last, not yet taken (``Completion.take``).
     next: int = -1
-    out: list[int] = field(default_factory=list)
-    text: bytes = b""
     decode_steps: int = 0
-    finish: FinishReason = ""
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class BatchDecoder:
@@ -175,55 +161,15 @@ class BatchDecoder:
         self.cached = []
         self._slots.clear()
 
-    def chat_tokens(self, system: str, prompt: str) -> tuple[list[int], list[str]]:
-        """The prompt's tokens and stop strings, exactly as ``Llama.create_chat_completion`` makes them."""
-        from llama_cpp import llama_chat_format
-
-        llm = self.backend.llm
-        name = llm.chat_format or ""
-        formatter: Callable[..., Any]
-        if name.startswith("chat_template."):
-            template = llm.metadata["tokenizer." + name.removesuffix(".default")]
-            eos, bos = llm.token_eos(), llm.token_bos()
-            jinja = llama_chat_format.Jinja2ChatFormatter(
-                template=template,
-                eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-                bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
-                stop_token_ids=[eos],
-            )
-            formatter = jinja
-        elif name in _FORMATTERS:
-            formatter = getattr(llama_chat_format, _FORMATTERS[name])
-        else:
-            raise InferenceError(f"the batched path does not know the chat format {name!r} of this model")
-        result = formatter(messages=messages(system, prompt))  # type: ignore[arg-type]
-        tokens = llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
-        stop = result.stop
-        stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
-        return tokens, stops
-
-    def _sampler(self, request: Request) -> Any:
-        from llama_cpp import _internals
-
-        sampler = _internals.LlamaSampler()  # type: ignore[no-untyped-call]
-        parsed = parse_schema(request.schema)
-        if parsed is not None:
-            sampler.add_grammar(self.backend.llm._model, self.backend.grammar(*parsed))
-        if request.temperature == 0:
-            sampler.add_greedy()  # type: ignore[no-untyped-call]
-        else:
-            sampler.add_top_k(TOP_K)
-            sampler.add_typical(1.0, 1)
-            sampler.add_top_p(TOP_P, 1)
-            sampler.add_min_p(MIN_P, 1)
-            sampler.add_temp(request.temperature)
-            sampler.add_dist(request.seed)
-        return sampler
-
     # ------------------------------------------------------------------------------- decoding
 
     def generate(
-        self, requests: Sequence[Request], *, reuse_prefix: bool = True, keys: Sequence[str] = ()
+        self,
+        requests: Sequence[Request],
+        *,
+        reuse_prefix: bool = True,
+        keys: Sequence[str] = (),
+        stopped: Callable[[], Collection[int]] | None = None,
     ) -> list[Outcome]:
         """Decode ``requests`` together; return one ``Outcome`` per request, in order.
 
@@ -235,6 +181,9 @@ class BatchDecoder:
         ``keys`` (one per request, distinct; e.g. agent ids): each request's prompt is kept in a
         sequence of its own after the batch (up to ``kept_max`` of them, the least recently used
         dropped first), and the next request with the same key starts from the part of it that agrees.
+
+        ``stopped``, asked before every decode step: the indexes of requests to stop now. Such a
+        sequence ends there (``finish_reason`` ``cancelled``, not validated) and the others go on.
         """
         if not requests:
             return []
@@ -243,28 +192,49 @@ class BatchDecoder:
         import llama_cpp
 
         self.progress = [SeqWork(own_tokens=0) for _ in requests]
-        seqs = []
-        for i, request in enumerate(requests):
-            tokens, stops = self.chat_tokens(request.system, request.prompt)
+        prompts = []
+        for request in requests:
+            tokens, stops = self.backend.chat_tokens(request.system, request.prompt)
             if len(tokens) + request.max_tokens > self.max_ctx_seq:
                 raise InferenceError(
                     f"prompt of {len(tokens)} tokens + max_tokens {request.max_tokens} exceed a sequence's "
                     f"context of {self.max_ctx_seq} tokens"
                 )
-            seqs.append(_Seq(0, tokens, request, stops, self._sampler(request), keys[i] if keys else ""))
-        need = max(len(s.tokens) + s.request.max_tokens for s in seqs)
-        n_seq = max(len(seqs), self.kept_max if keys else 0)
-        ctx = self._context(n_seq, min(self.max_ctx_seq, -(-need // CTX_STEP) * CTX_STEP))
-        memory = llama_cpp.llama_get_memory(ctx.ctx)
-        self._assign(seqs)
+            prompts.append((tokens, stops))
+        seqs: list[_Seq] = []
         try:
-            return self._generate(ctx, memory, seqs, reuse_prefix)
-        except BaseException:  # its streams are part rewritten: no kept prompt of this batch is kept
+            for i, (request, (tokens, stops)) in enumerate(zip(requests, prompts, strict=True)):
+                c = self.backend.completion(
+                    request.schema,
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                    seed=request.seed,
+                    stops=stops,
+                )
+                seqs.append(_Seq(0, tokens, request, c, keys[i] if keys else ""))
+            need = max(len(s.tokens) + s.request.max_tokens for s in seqs)
+            n_seq = max(len(seqs), self.kept_max if keys else 0)
+            ctx = self._context(n_seq, min(self.max_ctx_seq, -(-need // CTX_STEP) * CTX_STEP))
+            memory = llama_cpp.llama_get_memory(ctx.ctx)
+            self._assign(seqs)
+            try:
+                return self._generate(ctx, memory, seqs, reuse_prefix, stopped)
+            except BaseException:  # its streams are part rewritten: no kept prompt of this batch is kept
+                for s in seqs:
+                    self._slots.pop(s.key, None)
+                raise
+        finally:
             for s in seqs:
-                self._slots.pop(s.key, None)
-            raise
+                s.c.sampler.close()
 
-    def _generate(self, ctx: Any, memory: Any, seqs: list[_Seq], reuse_prefix: bool) -> list[Outcome]:
+    def _generate(
+        self,
+        ctx: Any,
+        memory: Any,
+        seqs: list[_Seq],
+        reuse_prefix: bool,
+        stopped: Callable[[], Collection[int]] | None,
+    ) -> list[Outcome]:
         import llama_cpp
 
         # A sequence whose key's last prompt is still in its stream starts from what agrees with it (the
@@ -302,13 +272,18 @@ class BatchDecoder:
 
         live = list(seqs)
         while live:
-            live = [s for s in live if self._take(s)]
+            live = [s for s in live if s.c.take(s.next)]
+            if live and stopped is not None and (stop := stopped()):
+                for i in stop:
+                    if 0 <= i < len(seqs) and not seqs[i].c.finish:
+                        seqs[i].c.finish = "cancelled"
+                live = [s for s in live if not s.c.finish]
             if live:
                 self._fill(live)
                 self._decode(ctx)
                 for row, s in enumerate(live):
                     s.decode_steps += 1
-                    s.next = s.sampler.sample(ctx, row)
+                    s.next = s.c.sampler.sample(ctx.ctx, row)
             self.progress = [work(s) for s in seqs]
         for s in seqs:
             if s.key:  # its prompt stays in its stream, for its agent's next think; the completion goes
@@ -317,14 +292,10 @@ class BatchDecoder:
                 self._slots.move_to_end(s.key)
         outcomes = []
         for s in seqs:
-            text = s.text.decode(errors="replace")
-            for stop in s.stops:  # as Llama does: the completion ends before its stop string
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            gen = Generation(text, len(s.tokens), len(s.out), s.finish)
-            error = ""
+            gen = Generation(s.c.result(), len(s.tokens), len(s.c.out), s.c.finish)
+            error = "cancelled: stopped inside its batch, as asked" if s.c.finish == "cancelled" else ""
             parsed = parse_schema(s.request.schema)
-            if parsed is not None:
+            if parsed is not None and not error:
                 try:
                     validate(gen, parsed[1])
                 except InvalidOutput as exc:
@@ -380,22 +351,6 @@ class BatchDecoder:
         self.cached = list(prefix)
         return kept
 
-    def _take(self, s: _Seq) -> bool:
-        """Append the token ``s`` just sampled, unless it ends it; True while it goes on."""
-        import llama_cpp
-
-        llm = self.backend.llm
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, s.next):
-            s.finish = "stop"
-            return False
-        s.out.append(s.next)
-        s.text += llm._model.detokenize([s.next])
-        if any(stop.encode() in s.text for stop in s.stops if stop):
-            s.finish = "stop"
-        elif len(s.out) >= s.request.max_tokens:
-            s.finish = "length"
-        return not s.finish
-
     def _prefill(self, ctx: Any, seqs: list[_Seq]) -> None:
         """Evaluate every sequence's own suffix, several sequences per call, and sample each one's first
         token from the call that held its last prompt token (a call's logits last until the next)."""
@@ -415,7 +370,7 @@ class BatchDecoder:
     def _prefill_call(self, ctx: Any, ending: list[tuple[_Seq, int]]) -> None:
         self._decode(ctx)
         for s, row in ending:
-            s.next = s.sampler.sample(ctx, row)
+            s.next = s.c.sampler.sample(ctx.ctx, row)
         ending.clear()
         self._batch.n_tokens = 0
 
@@ -423,7 +378,7 @@ class BatchDecoder:
         """One row per live sequence: its last sampled token, at its next position."""
         self._batch.n_tokens = 0
         for s in live:
-            self._add(s.out[-1], len(s.tokens) + len(s.out) - 1, s.seq_id, True)
+            self._add(s.c.out[-1], len(s.tokens) + len(s.c.out) - 1, s.seq_id, True)
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -441,7 +396,3 @@ class BatchDecoder:
         rc = llama_cpp.llama_decode(ctx.ctx, self._batch)
         if rc != 0:
             raise InferenceError(f"llama_decode failed with {rc} (no room in the context's KV cache?)")
-
-
-#: Chat formats that ``llama_cpp.Llama`` picks by name, and their formatting functions.
-_FORMATTERS = {"llama-2": "format_llama2", "chatml": "format_chatml", "llama-3": "format_llama3"}

@@ -27,19 +27,18 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from native.sampling import Candidates, Completion, FinishReason, Sampler
 from runtime.errors import AecoError, ErrorCode
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
-    from llama_cpp.llama_grammar import LlamaGrammar
 
-FinishReason = Literal["stop", "length", ""]
 #: Grammars kept per backend; the runtime uses a handful of schemas, so this only bounds a misuse.
 GRAMMAR_CACHE_SIZE = 64
 #: What ``generate`` accepts as a schema: parsed, or JSON bytes as they travel in a ``Think`` task.
@@ -295,6 +294,15 @@ def messages(system: str, prompt: str) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------- backend
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class LlamaBackend:
     """One GGUF model loaded once, generating chat completions, optionally constrained to a schema.
 
@@ -302,9 +310,14 @@ class LlamaBackend:
     cost more CPU per token, and the worker is charged for all of them. The model file is mmapped
     (llama.cpp's default), so its pages are shared and counted once per worker.
     Not for concurrent use: calls are serialised by a lock.
+
+    Tokens are sampled by ``native.sampling.Sampler`` (the grammar checks the token drawn; with
+    ``grammar_first``, it is applied to every candidate first, as llama-cpp-python does).
     """
 
-    def __init__(self, path: str | Path, *, n_threads: int = 1, n_ctx: int = 2048, seed: int = 0) -> None:
+    def __init__(
+        self, path: str | Path, *, n_threads: int = 1, n_ctx: int = 2048, seed: int = 0, grammar_first: bool = False
+    ) -> None:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
@@ -316,6 +329,7 @@ class LlamaBackend:
             raise InferenceError(f"model file {str(self.path)!r} does not exist")
         self.n_threads = n_threads
         self.n_ctx = n_ctx
+        self.grammar_first = grammar_first
         try:
             self.llm: Llama = Llama(
                 model_path=str(self.path),
@@ -327,27 +341,78 @@ class LlamaBackend:
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise InferenceError(f"llama.cpp could not load {str(self.path)!r}: {exc}") from None
-        self._grammars: dict[bytes, LlamaGrammar] = {}
+        self.vocab = self.llm._model.vocab
+        #: Schema bytes -> a grammar sampler in its initial state, cloned for each generation (parsing
+        #: the grammar again would cost more than the clone).
+        self._grammars: dict[bytes, Any] = {}
+        self._candidates = Candidates(self.llm.n_vocab())
         self._lock = threading.Lock()
         #: Tokens in the context when the last generation was interrupted (prompt and completion so
         #: far): what an interrupted generation spent, for whoever charges it.
         self.interrupted_tokens = 0
 
-    def grammar(self, key: bytes, schema: Mapping[str, Any]) -> LlamaGrammar:
-        """The grammar compiled from ``schema``, cached under its bytes ``key``."""
-        cached = self._grammars.get(key)
-        if cached is not None:
-            return cached
-        from llama_cpp.llama_grammar import LlamaGrammar
+    def _grammar(self, key: bytes, schema: Mapping[str, Any]) -> Any:
+        """A fresh grammar sampler for ``schema`` (cloned from the one cached under its bytes ``key``)."""
+        import llama_cpp
 
-        try:
-            compiled = LlamaGrammar.from_json_schema(msgspec.json.encode(schema).decode(), verbose=False)
-        except Exception as exc:  # the converter raises bare Exceptions, ValueErrors, KeyErrors …
-            raise SchemaError(f"the schema cannot be compiled to a grammar: {type(exc).__name__}: {exc}") from None
-        if len(self._grammars) >= GRAMMAR_CACHE_SIZE:
-            del self._grammars[next(iter(self._grammars))]  # the oldest: dicts keep insertion order
-        self._grammars[key] = compiled
-        return compiled
+        proto = self._grammars.get(key)
+        if proto is None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            try:
+                gbnf = LlamaGrammar.from_json_schema(msgspec.json.encode(schema).decode(), verbose=False)
+            except Exception as exc:  # the converter raises bare Exceptions, ValueErrors, KeyErrors …
+                raise SchemaError(f"the schema cannot be compiled to a grammar: {type(exc).__name__}: {exc}") from None
+            proto = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf._grammar.encode(), gbnf._root.encode())
+            if not proto:
+                raise SchemaError("the schema's grammar does not parse in llama.cpp")
+            if len(self._grammars) >= GRAMMAR_CACHE_SIZE:  # the oldest goes: dicts keep insertion order
+                llama_cpp.llama_sampler_free(self._grammars.pop(next(iter(self._grammars))))
+            self._grammars[key] = proto
+        return llama_cpp.llama_sampler_clone(proto)
+
+    def completion(
+        self, schema: Schema | None, *, max_tokens: int, temperature: float, seed: int, stops: Sequence[str]
+    ) -> Completion:
+        """An empty completion with its own sampler (constrained to ``schema`` if given); the caller
+        closes its sampler."""
+        parsed = parse_schema(schema)
+        grammar = self._grammar(*parsed) if parsed is not None else None
+        sampler = Sampler(
+            grammar,
+            self._candidates,
+            temperature=temperature,
+            seed=seed,
+            grammar_first=self.grammar_first,
+        )
+        return Completion(sampler, [s.encode() for s in stops if s], max_tokens, self.vocab)
+
+    def chat_tokens(self, system: str, prompt: str) -> tuple[list[int], list[str]]:
+        """The prompt's tokens and stop strings, exactly as ``Llama.create_chat_completion`` makes them."""
+        from llama_cpp import llama_chat_format
+
+        llm = self.llm
+        name = llm.chat_format or ""
+        formatter: Callable[..., Any]
+        if name.startswith("chat_template."):
+            template = llm.metadata["tokenizer." + name.removesuffix(".default")]
+            eos, bos = llm.token_eos(), llm.token_bos()
+            jinja = llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+            formatter = jinja
+        elif name in _FORMATTERS:
+            formatter = getattr(llama_chat_format, _FORMATTERS[name])
+        else:
+            raise InferenceError(f"no chat formatter is known for the chat format {name!r} of this model")
+        result = formatter(messages=messages(system, prompt))  # type: ignore[arg-type]
+        tokens = llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+        stop = result.stop
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+        return tokens, stops
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in this model's vocabulary (special tokens such as ``<|im_end|>`` parsed)."""
@@ -355,6 +420,10 @@ class LlamaBackend:
 
     def close(self) -> None:
         """Free the model now (llama-cpp-python's own finaliser fails when it runs at interpreter exit)."""
+        import llama_cpp
+
+        while self._grammars:
+            llama_cpp.llama_sampler_free(self._grammars.popitem()[1])
         self.llm.close()
 
     def generate(
@@ -374,19 +443,16 @@ class LlamaBackend:
         instance a prompt longer than the context).
         """
         parsed = parse_schema(schema)
-        grammar = self.grammar(*parsed) if parsed is not None else None
+        tokens, stops = self.chat_tokens(system, prompt)
+        if len(tokens) + max_tokens > self.n_ctx:
+            raise InferenceError(
+                f"the prompt's {len(tokens)} tokens and max_tokens {max_tokens} exceed the context window "
+                f"of {self.n_ctx} tokens"
+            )
         with self._lock:
+            completion = self.completion(schema, max_tokens=max_tokens, temperature=temperature, seed=seed, stops=stops)
             try:
-                response: Any = self.llm.create_chat_completion(
-                    messages=messages(system, prompt),  # type: ignore[arg-type]
-                    grammar=grammar,
-                    max_tokens=max_tokens,
-                    temperature=temperature,
-                    seed=seed,
-                    stream=False,
-                )
-            except ValueError as exc:  # "Requested tokens (…) exceed context window of …"
-                raise InferenceError(f"llama.cpp refused the generation: {exc}") from None
+                self._decode(tokens, completion)
             except BaseException:
                 # Interrupted part-way (a worker's cancel signal raises between two tokens): the
                 # model's token bookkeeping may be a step off its KV cache, so the next generation
@@ -394,14 +460,24 @@ class LlamaBackend:
                 self.interrupted_tokens = self.llm.n_tokens
                 self.llm.reset()  # type: ignore[no-untyped-call]
                 raise
-        choice = response["choices"][0]
-        usage = response["usage"]
-        generation = Generation(
-            text=choice["message"]["content"] or "",
-            prompt_tokens=int(usage["prompt_tokens"]),
-            completion_tokens=int(usage["completion_tokens"]),
-            finish_reason=finish_reason(choice.get("finish_reason")),
-        )
+            finally:
+                completion.sampler.close()
+        generation = Generation(completion.result(), len(tokens), len(completion.out), completion.finish)
         if parsed is not None:
             validate(generation, parsed[1])
         return generation
+
+    def _decode(self, tokens: list[int], completion: Completion) -> None:
+        """Evaluate the prompt, then one token at a time until the completion ends. The context still
+        holds the last generation's tokens: the part this prompt starts with is kept (as
+        ``Llama.generate`` does), at least one token is evaluated again for the logits to sample from."""
+        llm = self.llm
+        keep = min(common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens), len(tokens) - 1)
+        llm.n_tokens = keep  # ``eval`` drops the cache's cells from here on
+        llm.eval(tokens[keep:])
+        while completion.take(completion.sampler.sample(llm.ctx, -1)):
+            llm.eval(completion.out[-1:])
+
+
+#: Chat formats that ``llama_cpp.Llama`` picks by name, and their formatting functions.
+_FORMATTERS = {"llama-2": "format_llama2", "chatml": "format_chatml", "llama-3": "format_llama3"}

@@ -341,6 +341,14 @@ class Shutdown(_Msg, tag="shutdown", frozen=True):
     """Ask a worker to exit after its current task."""
 
 
+class StopThink(_Msg, tag="stop_think", frozen=True):
+    """Stop think ``index`` of the ``think_batch`` ``task_id`` the worker runs; the others go on. The
+    worker reads it between two decode steps; that think's report says ``cancelled``."""
+
+    task_id: int
+    index: NonNegInt
+
+
 class Request(_Msg, tag="request", frozen=True):
     """From a busy worker: the confined code it runs calls the world."""
 
@@ -357,7 +365,7 @@ class Reply(_Msg, tag="reply", frozen=True):
     answer: WorldAnswer
 
 
-Message = Hello | Task | Result | Heartbeat | Shutdown | Request | Reply
+Message = Hello | Task | Result | Heartbeat | Shutdown | StopThink | Request | Reply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

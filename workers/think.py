@@ -13,14 +13,21 @@ The ``think_batch`` task decodes several thinks together in one context (``nativ
 same model and one ``getrusage`` delta for the whole batch (measured by the worker as for any task);
 it returns each think's report and the work each caused, by which the supervisor splits that CPU.
 
+A think of a running batch can be stopped alone (``runtime.protocol.StopThink``, read between two
+decode steps): its sequence ends there, its report says ``cancelled`` and what it spent, and the
+others finish.
+
 The default model (``Think.model`` empty) is ``AECO_LLM_MODEL`` from the environment if set (the
 supervisor passes ``llm.model`` that way), else what ``native.models.find_model`` finds.
+``AECO_GRAMMAR_FIRST=1`` makes the worker's backends apply the grammar to every candidate token before
+sampling (``native.sampling``), as llama-cpp-python does: the slower baseline ``benchmarks think`` keeps.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import msgspec
@@ -34,6 +41,8 @@ from workers.tasks import TaskCancelled
 
 #: Environment variable naming the worker's default GGUF (workers inherit the supervisor's environment).
 MODEL_ENV = "AECO_LLM_MODEL"
+#: Environment variable that, set to ``1``, makes this worker sample grammar-first (a benchmark's baseline).
+GRAMMAR_FIRST_ENV = "AECO_GRAMMAR_FIRST"
 #: Context window of the worker's models.
 N_CTX = 2048
 #: Agents whose last prompt a worker keeps for their next batched think (a context stream each: with
@@ -61,7 +70,8 @@ def backend(model: str = "") -> LlamaBackend:
     path = find_model(model or os.environ.get(MODEL_ENV) or None).resolve()
     loaded = _backends.get(path)
     if loaded is None:
-        loaded = _backends[path] = LlamaBackend(path, n_threads=1, n_ctx=N_CTX)
+        grammar_first = os.environ.get(GRAMMAR_FIRST_ENV) == "1"
+        loaded = _backends[path] = LlamaBackend(path, n_threads=1, n_ctx=N_CTX, grammar_first=grammar_first)
     return loaded
 
 
@@ -95,11 +105,13 @@ def think(spec: Think) -> bytes:
     return _encoder.encode(out)
 
 
-def think_batch(spec: ThinkBatch) -> bytes:
+def think_batch(spec: ThinkBatch, stopped: Callable[[], Collection[int]] | None = None) -> bytes:
     """Decode the thinks together and return their ``ThinkBatchReport`` (msgpack).
 
-    A cancel stops the whole batch: ``TaskCancelled`` carries a report with what each sequence had
-    spent (its prompt and the tokens generated so far), so that each agent is charged its part.
+    ``stopped`` (asked before every decode step) names the thinks to stop now; each ends there with a
+    ``cancelled`` report of what it spent, and the others go on. A cancel of the task stops the whole
+    batch: ``TaskCancelled`` carries a report with what each sequence had spent (its prompt and the
+    tokens generated so far), so that each agent is charged its part.
     """
     first = spec.thinks[0]
     for t in spec.thinks:
@@ -111,7 +123,7 @@ def think_batch(spec: ThinkBatch) -> bytes:
         decoder = _decoders[llm.path] = BatchDecoder(llm, max_ctx_seq=N_CTX, kept_max=KEPT_MAX)
     requests = [Request(t.system, t.prompt, t.schema or None, t.max_tokens, t.temperature, t.seed) for t in spec.thinks]
     try:
-        outcomes = decoder.generate(requests, reuse_prefix=spec.reuse_prefix, keys=spec.keys)
+        outcomes = decoder.generate(requests, reuse_prefix=spec.reuse_prefix, keys=spec.keys, stopped=stopped)
     except TaskCancelled as exc:
         work = decoder.progress  # set before anything is evaluated, one per think
         spent = [

@@ -77,6 +77,8 @@ class Worker:
         self.interruptible = False
         #: Readable once SIGUSR1 arrived (the signal wakeup fd): the sandbox's watch loop polls it.
         self.stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: The thinks of the running ``think_batch`` the supervisor asked to stop (``StopThink``).
+        self._stopped_thinks: set[int] = set()
 
     def cpu(self) -> float:
         """All CPU this worker is responsible for so far."""
@@ -105,6 +107,7 @@ class Worker:
         and sends no task to wait behind one it may stop so (see ``WorkerPool._prefetch``), so any
         signal so far was for an earlier task."""
         self.stop_asked = False
+        self._stopped_thinks = set()
         with contextlib.suppress(BlockingIOError):
             while os.read(self.stop_r, 64):
                 pass
@@ -144,7 +147,7 @@ class Worker:
                 break
             if isinstance(msg, p.Task):
                 self.send(self._run(msg) if msg.measure else self._run_unmeasured(msg))
-            elif msg is not None:
+            elif msg is not None and not isinstance(msg, p.StopThink):  # a stop for a batch that ended: moot
                 self.log.warning("dropped unexpected %s message", type(msg).__name__)
 
     def _decode(self, frame: bytes) -> p.Message | None:
@@ -170,7 +173,7 @@ class Worker:
                         raise tasks.TaskCancelled("the generation was stopped before it began, as its supervisor asked")
                     if isinstance(msg.spec, p.Think):
                         return think.think(msg.spec), None, ""
-                    return think.think_batch(msg.spec), None, ""
+                    return think.think_batch(msg.spec, lambda: self._stops_asked(msg.id)), None, ""
                 finally:
                     self.interruptible = False
             if isinstance(msg.spec, p.Embed):
@@ -188,6 +191,24 @@ class Worker:
             return b"", text, "memory_exceeded" if msg.memory_limit else ""
         except Exception as exc:  # a handler bug must not kill the worker
             return b"", f"{type(exc).__name__}: {exc}", ""
+
+    def _stops_asked(self, task_id: int) -> set[int]:
+        """The thinks of batch ``task_id`` asked to stop so far: the ``StopThink`` frames waiting in the
+        socket are read now, without waiting (a decode step asks; nothing else arrives during a batch
+        but a shutdown, kept for after it)."""
+        while self.sock.poll(0):
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            msg = self._decode(frame)
+            if isinstance(msg, p.StopThink) and msg.task_id == task_id:
+                self._stopped_thinks.add(msg.index)
+            elif isinstance(msg, p.Shutdown):
+                self.shutdown_requested = True  # after this task
+            elif msg is not None:
+                self.log.warning("dropped %s during a think batch", type(msg).__name__)
+        return self._stopped_thinks
 
     def _run_unmeasured(self, msg: p.Task) -> p.Result:
 

@@ -310,21 +310,26 @@ class Agent:
         if self._market_lines is None:
             self._market_lines = await self._market()
         limits_line, market = await self.constraints(), self._market_lines
+        # Stable first, what changes every turn last: a worker that kept this agent's last prompt
+        # (``native.batch``) evaluates only from the first line that differs.
         lines = [
-            f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-            f"You are {self.id}. Scrip: {scrip}. "
-            f"CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
+            f"You are {self.id}.",
             limits_line,
-            "News: " + ("; ".join(_describe(e) for e in news) or "none"),
             "Other agents: " + (", ".join(others) or "none"),
-            "Artifacts you can see: " + (", ".join(visible) or "none"),
             *market,
+            "Artifacts you can see: " + (", ".join(visible) or "none"),
         ]
         if self._recalled:
             lines.append("You remember: " + " | ".join(self._recalled))
         if self.last:
             lines.append(f"Your last action: {self.last}")
-        lines.append("Reply with one action as JSON.")
+        lines += [
+            "News: " + ("; ".join(_describe(e) for e in news) or "none"),
+            f"Scrip: {scrip}. CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. "
+            f"Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
+            f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+            "Reply with one action as JSON.",
+        ]
         return "\n".join(lines)
 
     async def constraints(self) -> str:

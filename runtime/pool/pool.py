@@ -475,6 +475,20 @@ class WorkerPool:
         self._do(cmds)
         return found
 
+    @_locked
+    def stop_think(self, task_id: int, index: int) -> bool:
+        """Stop think ``index`` of the running ``think_batch`` ``task_id`` (``StopThink``): its sequence
+        ends between two decode steps with a ``cancelled`` report, the others finish. False if that
+        batch is not running (queued, ended) or has no such think."""
+        for sw in self._sched.workers.values():
+            job = sw.job if sw.state == "busy" else None
+            if job is not None and job.id == task_id and isinstance(job.spec, p.ThinkBatch):
+                w = self._by_id.get(sw.wid)
+                if w is None or not 0 <= index < len(job.spec.thinks):
+                    return False
+                return self._send(w, p.StopThink(task_id=task_id, index=index))
+        return False
+
     # ---------------------------------------------------------------------- carrying out commands
 
     def _do(self, cmds: list[Command[PoolJob]]) -> None:

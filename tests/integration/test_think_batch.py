@@ -1,5 +1,6 @@
-"""Batched thinks with real llama.cpp (the tiny random model): ``native.batch`` directly, the
-``think_batch`` task through the worker pool, and ``Economy.run_batch`` splitting its measured CPU."""
+"""Batched thinks with real llama.cpp (the tiny random model, and SmolLM2 where the ``gguf`` fixture
+says so): ``native.batch`` directly, the ``think_batch`` task through the worker pool, a think stopped
+inside its batch, and ``Economy.run_batch`` splitting its measured CPU."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from native.llama import LlamaBackend
 from runtime.agents.loop import DEFAULT_PERSONA, RULES
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, parse_action
 from runtime.economy.buckets import Buckets, Estimator
-from runtime.economy.charging import Economy
+from runtime.economy.charging import Economy, split_usage
 from runtime.economy.ledger import OpenAccount, RecordUsage
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
@@ -23,6 +24,8 @@ from tests.integration.conftest import wait_until
 
 SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
 AGENTS = [f"a{i}" for i in range(8)]
+#: Room for the longest action the schema allows, even in the random model's single-byte tokens.
+MAX_TOKENS = 500
 
 
 def _prompt(i: int) -> str:
@@ -30,15 +33,17 @@ def _prompt(i: int) -> str:
 
 
 def _requests(n: int, **kw: object) -> list[Request]:
-    return [Request(SYSTEM, _prompt(i), ACTION_SCHEMA_BYTES, 200, seed=i, **kw) for i in range(n)]  # type: ignore[arg-type]
+    return [Request(SYSTEM, _prompt(i), ACTION_SCHEMA_BYTES, MAX_TOKENS, seed=i, **kw) for i in range(n)]  # type: ignore[arg-type]
 
 
-def test_a_batch_of_8_gives_8_schema_valid_actions(llm: LlamaBackend) -> None:
+def test_a_batch_of_8_gives_8_schema_valid_actions(gguf: Path) -> None:
+    llm = LlamaBackend(gguf, n_threads=1)
     decoder = BatchDecoder(llm)
     try:
         outcomes = decoder.generate(_requests(8))
     finally:
         decoder.close()
+        llm.close()
     assert len(outcomes) == 8
     for o in outcomes:
         assert o.error == "" and o.generation.finish_reason == "stop", o
@@ -55,12 +60,12 @@ def test_a_batch_of_8_gives_8_schema_valid_actions(llm: LlamaBackend) -> None:
 def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> None:
     decoder = BatchDecoder(llm)
     try:
-        tokens, _ = decoder.chat_tokens(SYSTEM, _prompt(3))
-        single = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=200, seed=3)
+        tokens, _ = llm.chat_tokens(SYSTEM, _prompt(3))
+        single = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=MAX_TOKENS, seed=3)
         assert len(tokens) == single.prompt_tokens
         # Greedy decoding of one sequence follows the single path's completion token for token.
-        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, 200, temperature=0.0)])
-        alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=200, temperature=0.0)
+        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, MAX_TOKENS, temperature=0.0)])
+        alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=MAX_TOKENS, temperature=0.0)
         assert greedy[0].generation.text == alone.text
     finally:
         decoder.close()
@@ -120,7 +125,7 @@ def _economy_run(
     return out, reports
 
 
-def _batch(tiny: Path, n: int, reuse: bool = True, seed: int = 0, max_tokens: int = 200) -> ThinkBatch:
+def _batch(model: Path, n: int, reuse: bool = True, seed: int = 0, max_tokens: int = MAX_TOKENS) -> ThinkBatch:
     thinks = [
         Think(
             system=SYSTEM,
@@ -128,22 +133,22 @@ def _batch(tiny: Path, n: int, reuse: bool = True, seed: int = 0, max_tokens: in
             schema=ACTION_SCHEMA_BYTES,
             max_tokens=max_tokens,
             seed=seed + i,
-            model=str(tiny),
+            model=str(model),
         )
         for i in range(n)
     ]
     return ThinkBatch(thinks=thinks, reuse_prefix=reuse)
 
 
-def test_charges_sum_to_the_batchs_measured_cpu_exactly(tiny: Path, tmp_path: Path) -> None:
-    (records,), (report,) = _economy_run(tmp_path, [(AGENTS, _batch(tiny, 8))])
+def test_charges_sum_to_the_batchs_measured_cpu_exactly(gguf: Path, tmp_path: Path) -> None:
+    (records,), (report,) = _economy_run(tmp_path, [(AGENTS, _batch(gguf, 8))])
     assert all(r.valid for r in report.reports), report.reports
     assert [r.agent for r in records] == AGENTS
     assert len({r.batch for r in records}) == 1 and records[0].batch
     assert all(r.kind == "think" and r.ok and r.llm_tokens > 0 and r.cpu_seconds > 0 for r in records)
 
 
-def test_reusing_a_prefix_is_charged_less_than_evaluating_it(tiny: Path, tmp_path: Path) -> None:
+def test_reusing_a_prefix_is_charged_less_than_evaluating_it(gguf: Path, tmp_path: Path) -> None:
     four = AGENTS[:4]
     # The first batch evaluates the prefix and keeps it; the second starts from it; the third, with the
     # same prompts and seeds as the second, evaluates everything again. A few tokens each, so that the
@@ -151,9 +156,9 @@ def test_reusing_a_prefix_is_charged_less_than_evaluating_it(tiny: Path, tmp_pat
     (fresh, kept, plain), _ = _economy_run(
         tmp_path,
         [
-            (four, _batch(tiny, 4, seed=50, max_tokens=8)),
-            (four, _batch(tiny, 4, max_tokens=8)),
-            (four, _batch(tiny, 4, reuse=False, max_tokens=8)),
+            (four, _batch(gguf, 4, seed=50, max_tokens=8)),
+            (four, _batch(gguf, 4, max_tokens=8)),
+            (four, _batch(gguf, 4, reuse=False, max_tokens=8)),
         ],
     )
     assert fresh[0].cpu_seconds > 0
@@ -220,7 +225,9 @@ def test_an_agents_kept_prompt_spares_it_all_but_what_changed(llm: LlamaBackend)
         first = decoder.generate(_requests(3), keys=keys)
         # The same agents, their prompts grown by a line at the end: only that line (and the chat
         # template's closing tokens after it) is evaluated.
-        later = [Request(SYSTEM, _prompt(i) + "\nTime: 10:01", ACTION_SCHEMA_BYTES, 200, seed=i) for i in range(3)]
+        later = [
+            Request(SYSTEM, _prompt(i) + "\nTime: 10:01", ACTION_SCHEMA_BYTES, MAX_TOKENS, seed=i) for i in range(3)
+        ]
         again = decoder.generate(later, keys=keys)
         # A fourth and fifth agent: the least recently used kept prompt (a0's, then a1's) makes room.
         decoder.generate(_requests(2), keys=["a3", "a4"])
@@ -232,3 +239,64 @@ def test_an_agents_kept_prompt_spares_it_all_but_what_changed(llm: LlamaBackend)
         assert a.work.shared_tokens == 0
         assert a.work.own_tokens == a.generation.prompt_tokens - a.work.kept_tokens < 40
     assert after[0].work.kept_tokens < first[0].generation.prompt_tokens  # a0's own prompt was dropped
+
+
+def _long_and_short(model: Path, n: int, long_tokens: int) -> ThinkBatch:
+    """Think 0 free text, greedy, ``long_tokens`` long (a random model runs to ``max_tokens``; SmolLM2
+    rambles), the others short actions: think 0 is still decoding when the others end."""
+    first = Think(system=SYSTEM, prompt=_prompt(0), max_tokens=long_tokens, temperature=0.0, model=str(model))
+    return ThinkBatch(thinks=[first, *_batch(model, n, seed=1).thinks[1:]])
+
+
+def test_a_think_stopped_inside_its_batch_ends_and_the_others_finish(llm: LlamaBackend) -> None:
+    decoder = BatchDecoder(llm)
+    asked = 0
+
+    def stopped() -> set[int]:
+        nonlocal asked
+        asked += 1
+        return {0} if asked > 10 else set()  # from the 11th decode step on
+
+    spec = _long_and_short(Path(llm.path), 4, 1300)
+    requests = [Request(t.system, t.prompt, t.schema or None, t.max_tokens, t.temperature, t.seed) for t in spec.thinks]
+    try:
+        outcomes = decoder.generate(requests, stopped=stopped)
+    finally:
+        decoder.close()
+    stopped_one, others = outcomes[0], outcomes[1:]
+    assert stopped_one.generation.finish_reason == "cancelled" and stopped_one.error.startswith("cancelled")
+    assert stopped_one.work.decode_steps == 10 and stopped_one.generation.completion_tokens == 11
+    for o in others:
+        assert o.error == "" and o.generation.finish_reason == "stop", o
+        parse_action(o.generation.text)
+        assert o.work.decode_steps > 10  # they went on after it stopped
+
+
+def test_a_think_stopped_through_the_pool_is_charged_its_part(gguf: Path) -> None:
+    """``WorkerPool.stop_think`` reaches the worker while its batch decodes: that think ends
+    ``cancelled`` with what it spent, the others finish valid, and the batch's CPU splits exactly by
+    the work each did, the stopped think's decode steps ending where it stopped."""
+
+    async def main() -> None:
+        async with WorkerPool(size=1) as pool:
+            await pool.run(_batch(gguf, 1, max_tokens=4))  # the worker loads the model
+            task = pool.begin(_long_and_short(gguf, 4, 1300))
+            await wait_until(lambda: pool.status().busy == 1, 30)
+            assert pool.stop_think(task.task_id, 0)
+            assert not pool.stop_think(task.task_id, 4)  # no such think
+            out = await asyncio.wait_for(task.ended, 120)
+            assert not pool.stop_think(task.task_id, 0)  # ended
+            report = decode_think_batch(out.output)
+            first, *others = report.reports
+            assert first.finish_reason == "cancelled" and not first.valid and first.completion_tokens < 1300
+            for r in others:
+                assert r.valid and r.finish_reason == "stop", r
+                parse_action(r.text)
+            assert out.usage is not None
+            shares = split_usage(out.usage, report)
+            total = round(out.usage.cpu_seconds * 1e6)
+            assert sum(round(s.cpu_seconds * 1e6) for s in shares) == total
+            # Its last token was sampled, not evaluated: it took part in one decode step fewer.
+            assert report.work[0].decode_steps == first.completion_tokens - 1
+
+    asyncio.run(main())

@@ -36,6 +36,7 @@ from runtime.protocol import (
     Result,
     Shutdown,
     Sleep,
+    StopThink,
     Task,
     TaskSpec,
     Think,
@@ -88,6 +89,7 @@ MESSAGES: list[Message] = [
     Result(task_id=10, ok=False, output=b"", error="Traceback ...\nValueError: x", usage=None, counters=COUNTERS),
     Heartbeat(counters=COUNTERS),
     Shutdown(),
+    StopThink(task_id=7, index=3),
     Request(task_id=4, seq=1, call=ReadArtifactCall(id="notes")),
     Request(task_id=4, seq=2, call=TransferCall(to="bob", amount=2**62)),
     Reply(task_id=4, seq=1, answer=ArtifactAnswer(content=b"\x00\xff")),
@@ -268,7 +270,7 @@ def decode_or_protocol_error(frame: bytes) -> None:
         msg = decode(frame)
     except ProtocolError:
         return
-    assert isinstance(msg, Hello | Task | Result | Heartbeat | Shutdown | Request | Reply)
+    assert isinstance(msg, Hello | Task | Result | Heartbeat | Shutdown | StopThink | Request | Reply)
     assert msg.v == PROTOCOL_VERSION
     # what decodes re-encodes to something that decodes to the same message
     assert decode(encode(msg)) == msg

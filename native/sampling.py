@@ -1,0 +1,241 @@
+"""Choosing each next token under a grammar, and what a completion is while it grows.
+
+Both generation paths (one think, ``native.llama``; several decoded together, ``native.batch``) sample
+and stop through this module, so that a batched think samples exactly as a single one does.
+
+Sampling. A grammar sampler applied to every candidate costs a check of each of the vocabulary's
+tokens against the grammar's stacks at every step (SmolLM2: 49,152 tokens) — measured, more than the
+decode itself. So, as llama.cpp's own ``common_sampler_sample`` does, ``Sampler`` runs the chain
+(top-k, typical, top-p, min-p, temperature, seeded draw; or greedy) WITHOUT the grammar, then lets the
+grammar check only the token drawn (a one-entry candidate array). When it refuses it (SmolLM2: a
+third of the tokens of an action, mostly where the grammar forces a literal), the grammar is applied
+to the ``REFUSED_TOP`` most likely tokens and the chain run again on those it allows; only if it allows
+none of them is it applied to all. Every token kept satisfies the grammar either way. Greedy decoding
+picks the same tokens as grammar-first sampling (an allowed argmax is the argmax of the allowed, and
+it is among the most likely if any allowed token is); a seeded draw may land on another valid token.
+``grammar_first`` keeps the old order (the grammar over every candidate, every step), to measure
+against.
+
+Stopping. ``Completion`` appends a sampled token unless it ends the generation: an end-of-generation
+token, a stop string of the chat format, or ``max_tokens``; its text is the completion's bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+#: ``stop``: the model (or the grammar) ended it; ``length``: ``max_tokens`` cut it off; ``cancelled``:
+#: stopped from outside (a sequence of a batch, see ``native.batch``).
+FinishReason = Literal["stop", "length", "cancelled", ""]
+
+#: Sampler settings of ``llama_cpp.Llama.create_chat_completion``'s defaults, kept the same so that a
+#: think samples as it did through llama-cpp-python.
+TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
+
+
+#: After a refusal, the grammar is applied to this many of the most likely tokens first. A grammar pass
+#: costs ~180 ns a token: ~0.4 ms here against ~9 ms for SmolLM2's whole vocabulary, which SmolLM2
+#: then needs after ~5% of its refusals (17% with 512, 1% with 8,192 tokens).
+REFUSED_TOP = 2048
+
+
+class Candidates:
+    """One candidate array as large as the vocabulary, refilled from a row of logits when the grammar
+    must see more than the token drawn (shared by a backend's samplers: one thread samples at a time),
+    and the counts of what the grammar cost."""
+
+    def __init__(self, n_vocab: int) -> None:
+        import llama_cpp
+        import numpy as np
+
+        self.n_vocab = n_vocab
+        self._data = (llama_cpp.llama_token_data * n_vocab)()
+        self.array = llama_cpp.llama_token_data_array(self._data, n_vocab, -1, False)
+        view: npt.NDArray[Any] = np.frombuffer(
+            memoryview(self._data), dtype=np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        )
+        self._view = view
+        self._ids: npt.NDArray[np.int32] = np.arange(n_vocab, dtype=np.int32)
+        #: Tokens drawn that the grammar refused, and refusals after which it had to see every token.
+        self.refused = self.full_passes = 0
+
+    def fill(self, ctx: Any, idx: int) -> Any:
+        """The array holding every token with its logit at output row ``idx`` of ``ctx`` (a
+        ``llama_context_p``), unsorted, nothing selected. Returns the ``llama_token_data_array``."""
+        import llama_cpp
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        # A sampler may have sorted or cut the array in place the last time: every field is rewritten.
+        self._view["id"] = self._ids
+        self._view["logit"] = logits
+        self._view["p"] = 0.0
+        return self._reset(self.n_vocab)
+
+    def fill_top(self, ctx: Any, idx: int, n: int) -> Any:
+        """The array holding only the ``n`` most likely tokens at row ``idx``, unsorted."""
+        import llama_cpp
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        top = np.argpartition(logits, -n)[-n:]
+        head = self._view[:n]
+        head["id"] = top
+        head["logit"] = logits[top]
+        head["p"] = 0.0
+        return self._reset(n)
+
+    def any_allowed(self) -> bool:
+        """Whether the grammar, just applied to the array, left any token allowed."""
+        import numpy as np
+
+        return bool(np.isfinite(self._view["logit"][: self.array.size]).any())
+
+    def _reset(self, size: int) -> Any:
+        a = self.array
+        a.data, a.size, a.selected, a.sorted = self._data, size, -1, False
+        return a
+
+
+class Sampler:
+    """One generation's sampler: a chain without the grammar, and the grammar (or none) checking it.
+
+    ``grammar`` is a llama.cpp grammar sampler this object now owns (``LlamaBackend.completion`` clones
+    one per generation); ``close`` frees both.
+    """
+
+    def __init__(
+        self,
+        grammar: Any,
+        candidates: Candidates,
+        *,
+        temperature: float,
+        seed: int,
+        grammar_first: bool = False,
+    ) -> None:
+        import llama_cpp
+
+        self.grammar = grammar
+        self.grammar_first = grammar_first
+        self._candidates = candidates
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        parts = (
+            [llama_cpp.llama_sampler_init_greedy()]
+            if temperature == 0
+            else [
+                llama_cpp.llama_sampler_init_top_k(TOP_K),
+                llama_cpp.llama_sampler_init_typical(1.0, 1),
+                llama_cpp.llama_sampler_init_top_p(TOP_P, 1),
+                llama_cpp.llama_sampler_init_min_p(MIN_P, 1),
+                llama_cpp.llama_sampler_init_temp(temperature),
+                llama_cpp.llama_sampler_init_dist(seed),
+            ]
+        )
+        for part in parts:
+            llama_cpp.llama_sampler_chain_add(self.chain, part)  # the chain owns and frees them
+        # The one-entry array the grammar checks a drawn token in.
+        self._one = llama_cpp.llama_token_data(0, 0.0, 0.0)
+        self._one_array = llama_cpp.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+
+    def sample(self, ctx: Any, idx: int) -> int:
+        """The next token from output row ``idx`` of ``ctx`` (a ``llama_context_p``; -1: the last),
+        accepted by the grammar and the chain."""
+        import llama_cpp
+
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, idx))
+        candidates = self._candidates
+        if self.grammar_first:
+            array = candidates.fill(ctx, idx)
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        else:
+            token = int(llama_cpp.llama_sampler_sample(self.chain, ctx, idx))  # accepted by the chain
+            one, array = self._one, self._one_array
+            one.id, one.logit, one.p = llama_cpp.llama_token(token), 1.0, 0.0
+            array.size, array.selected, array.sorted = 1, -1, False
+            llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+            if not math.isinf(one.logit):
+                llama_cpp.llama_sampler_accept(self.grammar, token)
+                return token
+            candidates.refused += 1
+            array = None
+            if candidates.n_vocab > REFUSED_TOP:
+                array = candidates.fill_top(ctx, idx, REFUSED_TOP)
+                llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+                if not candidates.any_allowed():
+                    array = None
+            if array is None:
+                candidates.full_passes += 1
+                array = candidates.fill(ctx, idx)
+                llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token
+
+    def close(self) -> None:
+        """Free the chain and the grammar (idempotent)."""
+        import llama_cpp
+
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+        if self.grammar is not None:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass(slots=True)
+class Completion:
+    """A completion as it grows, token by token, and why it ended."""
+
+    sampler: Sampler
+    #: The chat format's stop strings: the completion ends before the first one it produces.
+    stops: list[bytes]
+    max_tokens: int
+    #: ``llama_vocab_p`` of the model: which tokens end a generation, and their text.
+    vocab: Any
+    out: list[int] = field(default_factory=list)
+    text: bytes = b""
+    finish: FinishReason = ""
+    _piece: Any = field(default_factory=lambda: ctypes.create_string_buffer(64))
+
+    def take(self, token: int) -> bool:
+        """Append ``token`` unless it ends the completion; True while the completion goes on."""
+        import llama_cpp
+
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self.finish = "stop"
+            return False
+        self.out.append(token)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # the piece is longer than the buffer: -n bytes
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, -n, 0, False)
+        tail = len(self.text)
+        self.text += self._piece.raw[:n]
+        # A stop string can only appear where the new piece ends: look at that tail only.
+        if any(stop in self.text[max(0, tail - len(stop)) :] for stop in self.stops):
+            self.finish = "stop"
+        elif len(self.out) >= self.max_tokens:
+            self.finish = "length"
+        return not self.finish
+
+    def result(self) -> str:
+        """The completion's text, cut before its first stop string (as ``llama_cpp.Llama`` does)."""
+        text = self.text
+        for stop in self.stops:
+            if stop in text:
+                text = text[: text.index(stop)]
+        return text.decode(errors="ignore")

@@ -1,0 +1,65 @@
+"""The sampler both generation paths share (``native.sampling``), with real llama.cpp: the tiny random
+model and SmolLM2. The grammar checks the token drawn and is applied to every candidate only when it
+refuses it; what is kept always matches the schema, greedy decoding picks what grammar-first sampling
+picks, and a refused token is drawn again from the likeliest tokens the grammar allows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from native import sampling
+from native.llama import LlamaBackend
+from runtime.agents.loop import DEFAULT_PERSONA, RULES
+from runtime.agents.schema import ACTION_SCHEMA_BYTES, parse_action
+
+SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
+
+
+def _prompt(i: int) -> str:
+    return f"You are a{i}.\nOther agents: a1, a2, a3\nNews: none\nScrip: {10 + i}.\nReply with one action as JSON."
+
+
+def _backend(gguf: Path, grammar_first: bool = False) -> Iterator[LlamaBackend]:
+    llm = LlamaBackend(gguf, n_threads=1, grammar_first=grammar_first)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+@pytest.fixture
+def checked(gguf: Path) -> Iterator[LlamaBackend]:
+    yield from _backend(gguf)
+
+
+@pytest.fixture
+def grammar_first(gguf: Path) -> Iterator[LlamaBackend]:
+    yield from _backend(gguf, grammar_first=True)
+
+
+def test_greedy_picks_what_grammar_first_picks(checked: LlamaBackend, grammar_first: LlamaBackend) -> None:
+    """An allowed argmax is the argmax of the allowed: checking only the token drawn changes nothing
+    when decoding greedily, token for token, refusals included."""
+    for i in range(2):
+        a = checked.generate(SYSTEM, _prompt(i), schema=ACTION_SCHEMA_BYTES, max_tokens=300, temperature=0.0)
+        b = grammar_first.generate(SYSTEM, _prompt(i), schema=ACTION_SCHEMA_BYTES, max_tokens=300, temperature=0.0)
+        assert a == b
+        parse_action(a.text)
+    assert checked._candidates.refused > 0  # the grammar did refuse tokens the chain drew
+
+
+def test_a_refused_token_is_drawn_again_from_what_the_grammar_allows(
+    checked: LlamaBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a refusal the grammar sees the most likely tokens first, and every token only when it
+    allows none of them: with 4 most likely tokens both happen, and every completion matches the
+    schema (``generate`` checks it)."""
+    monkeypatch.setattr(sampling, "REFUSED_TOP", 4)
+    for seed in range(3):
+        gen = checked.generate(SYSTEM, _prompt(seed), schema=ACTION_SCHEMA_BYTES, max_tokens=300, seed=seed)
+        assert gen.finish_reason == "stop", gen
+    counts = checked._candidates
+    assert 0 < counts.full_passes < counts.refused, (counts.full_passes, counts.refused)
