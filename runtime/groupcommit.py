@@ -5,6 +5,11 @@ writer thread takes everything queued when it gets to it, at most ``max_batch`` 
 batch to the store's ``_commit``, which applies it in one durable transaction and then resolves every
 future. Under load many callers share one sync; alone a caller waits for no one.
 
+A caller on a thread gets a ``concurrent.futures.Future``; a caller on an event loop an ``asyncio``
+future of its loop. A batch's outcomes go out through one ``Delivery``: the loop's futures of the whole
+batch are resolved by one call on that loop (one wake-up of its self-pipe, not one per item, and no
+thread-safe future chained to an asyncio one per item).
+
 Invariants:
 
 - An item is queued only while the writer accepts: ``_enqueue`` and ``_stop_writer`` are ordered by one
@@ -16,12 +21,17 @@ Invariants:
 from __future__ import annotations
 
 import abc
+import asyncio
+import concurrent.futures as cf
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+#: Where a queued item's outcome goes: a thread's future, or a future of the event loop that queued it.
+Waiting = cf.Future[T] | asyncio.Future[T]
 
 
 def serve_batches(q: queue.SimpleQueue[T | None], max_batch: int, commit: Callable[[list[T]], None]) -> None:
@@ -48,6 +58,48 @@ def serve_batches(q: queue.SimpleQueue[T | None], max_batch: int, commit: Callab
         commit(batch)
         if stop:
             return
+
+
+class Delivery:
+    """The outcomes of one committed batch, handed over once it is durable: a thread's future at once,
+    an event loop's futures together, by one ``call_soon_threadsafe`` per loop for the whole batch."""
+
+    __slots__ = ("_loops",)
+
+    def __init__(self) -> None:
+        self._loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+
+    def result(self, fut: Waiting[T], value: T) -> None:
+        """``fut`` succeeds with ``value``."""
+        if isinstance(fut, cf.Future):
+            fut.set_result(value)
+        else:
+            self._loops.setdefault(fut.get_loop(), []).append((fut, value, None))
+
+    def exception(self, fut: Waiting[Any], exc: BaseException) -> None:
+        """``fut`` fails with ``exc``."""
+        if isinstance(fut, cf.Future):
+            fut.set_exception(exc)
+        else:
+            self._loops.setdefault(fut.get_loop(), []).append((fut, None, exc))
+
+    def send(self) -> None:
+        """Hand the event loops their outcomes (call once, after the last ``result``/``exception``)."""
+        for loop, outcomes in self._loops.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
+                loop.call_soon_threadsafe(_settle, outcomes)
+        self._loops = {}
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the futures' loop: resolve each one its caller still waits for (a cancelled wait is done)."""
+    for fut, value, exc in outcomes:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
 
 
 class Hold:

@@ -269,7 +269,7 @@ class Agent:
     async def _advance(self) -> None:
         """Move the agent's durable cursor past the news it has been shown (it survives a restart)."""
         if self._seen > await self.events.cursor_async(self.id):
-            await asyncio.wrap_future(self.events.set_cursor(self.id, self._seen))
+            await self.events.set_cursor_async(self.id, self._seen)
 
     async def _reject(self, kind: str, why: str) -> None:
         self.rejected += 1

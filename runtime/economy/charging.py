@@ -418,7 +418,7 @@ class Economy:
             await self.flush_supervisor(period_s)
 
     async def _submit_usage(self, record: RecordUsage) -> None:
-        durable = asyncio.wrap_future(self.ledger.submit(record))
+        durable = self.ledger.submit_async(record)
         inflight = self.pool.inflight
         task_id = record.task_id
         if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
@@ -434,7 +434,7 @@ class Economy:
     async def transfer_right(self, op: Transfer) -> Receipt:
         """Transfer an asset; a rate right moves both agents' bucket rates with it, at once (for the
         agents whose buckets are here: another node re-rates its own, see ``World.follow_rates``)."""
-        receipt = await asyncio.wrap_future(self.ledger.submit(op))
+        receipt = await self.ledger.submit_async(op)
         if receipt.fresh:
             await self.rerate_parties(op.asset, (op.src, op.dst), op.id)
         return receipt
@@ -456,6 +456,4 @@ class Economy:
         if rate == self.buckets.get(agent, resource).rate:
             return
         state: BucketState = self.buckets.set_rate(agent, resource, rate)
-        await asyncio.wrap_future(
-            self.ledger.submit(SetBuckets(id=f"rate:{op_id}:{agent}", agent=agent, buckets={resource: state}))
-        )
+        await self.ledger.submit_async(SetBuckets(id=f"rate:{op_id}:{agent}", agent=agent, buckets={resource: state}))

@@ -302,7 +302,7 @@ class Dashboard:
                                 f"agents hold {held} millicores of cpu_rate of the {self.cpu_capacity} the container "
                                 f"offers: {n} more would not fit (burn some first)"
                             )
-                    receipt = await asyncio.wrap_future(self.ledger.submit(op))
+                    receipt = await self.ledger.submit_async(op)
                     if self.economy is not None and asset in RATE_RIGHTS and a in self.economy.buckets.agents():
                         await self.economy.rerate(a, asset, op_id)
                 return f"{op.__struct_config__.tag} {n} {asset} for {a} (journal {receipt.seq})"

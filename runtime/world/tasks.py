@@ -143,7 +143,7 @@ class TaskMint:
         """Post (or re-state) ``task`` while the runtime runs: journaled, then open to every agent at once
         (a ``task_posted`` event to everyone, without the tests)."""
         op = post_op(task)
-        receipt = await asyncio.wrap_future(self.world.economy.ledger.submit(op))
+        receipt = await self.world.economy.ledger.submit_async(op)
         self.tasks[task.id] = task
         if receipt.fresh:
             fields = {"task": task.id, "reward": task.reward, "max_awards": task.max_awards}
@@ -193,7 +193,7 @@ class TaskMint:
             supply_cap=self.supply_cap,
         )
         try:
-            receipt = await asyncio.wrap_future(self.world.economy.ledger.submit(op))
+            receipt = await self.world.economy.ledger.submit_async(op)
         except LedgerError as exc:
             raise TaskError(
                 "conflict", f"`{art.id}` passed, but task `{task_id}` pays no more: {exc.message}"

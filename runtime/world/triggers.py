@@ -98,7 +98,7 @@ class Triggers:
             actor=actor,
             about=about,
         )
-        await asyncio.wrap_future(self.world.economy.ledger.submit(record))
+        await self.world.economy.ledger.submit_async(record)
         return self._start(record)
 
     def restore(self, agents: Collection[str]) -> list[Trigger]:
@@ -145,7 +145,7 @@ class Triggers:
         op = EndTrigger(
             id=f"end:{trigger.id}", trigger=trigger.id, subscriber=trigger.subscriber, state=state, reason=reason
         )
-        await asyncio.wrap_future(self.world.economy.ledger.submit(op))
+        await self.world.economy.ledger.submit_async(op)
 
     def announce(self, events: Sequence[Event]) -> None:
         """The event log's writer thread hands over committed events: route them on the loop."""

@@ -225,7 +225,7 @@ class World:
             amount=amount,
             price=price,
         )
-        receipt = await asyncio.wrap_future(self.economy.ledger.submit(offer))
+        receipt = await self.economy.ledger.submit_async(offer)
         if receipt.fresh:
             # Addressed to the seller, not broadcast: agents see the open offers in their context, and a
             # broadcast would be in every agent's news scan. Observers get every event either way.
@@ -253,7 +253,7 @@ class World:
             price=offer.price,
         )
         async with self._quota_kept(offer.seller, offer.asset, offer.amount):
-            receipt = await asyncio.wrap_future(self.economy.ledger.submit(op))
+            receipt = await self.economy.ledger.submit_async(op)
         if receipt.fresh:
             await self.economy.rerate_parties(offer.asset, (offer.seller, agent), op.id)
             # To the seller, without a ledger seq: the acceptance also debited it, which another node's
@@ -267,7 +267,7 @@ class World:
     async def cancel_offer(self, agent: str, offer_id: str) -> None:
         """``agent`` withdraws its own open offer."""
         op = CancelOffer(id=self._op_id(agent, "c"), offer=offer_id, seller=agent)
-        if (await asyncio.wrap_future(self.economy.ledger.submit(op))).fresh:
+        if (await self.economy.ledger.submit_async(op)).fresh:
             self.emit("offer_closed", {"agent": agent, "offer": offer_id, "buyer": None})
 
     async def invoke_artifact(
@@ -412,7 +412,7 @@ class World:
             raise InvokeError("forbidden", f"`{art.id}` is {art.owner}'s: only its owner pays for it")
         left = max(cpu_seconds, 0.0)
         op = Sponsor(id=self._op_id(agent, "sp"), owner=agent, artifact=art.id, cpu_seconds=left)
-        await asyncio.wrap_future(self.economy.ledger.submit(op))
+        await self.economy.ledger.submit_async(op)
         self.sponsored[(agent, art.id)] = left
 
     def restore(self, agents: Collection[str]) -> None:
@@ -439,7 +439,7 @@ class World:
             self.sponsored[key] = self.sponsored.get(key, 0.0) + max(held - used, 0.0)
             spent = min(used, held)
             op = SponsorUsed(id=f"sponsored:{run}", owner=owner, artifact=aid, cpu_seconds=spent)
-            await asyncio.wrap_future(self.economy.ledger.submit(op))
+            await self.economy.ledger.submit_async(op)
 
     # ------------------------------------------------------------------------------------ memory
 

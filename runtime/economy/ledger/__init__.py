@@ -16,6 +16,7 @@ Invariants (checked by ``python -m runtime.admin check``):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Annotated, Literal, Protocol
@@ -313,6 +314,10 @@ class Ledger(Protocol):
 
     def submit(self, op: Op) -> Future[Receipt]:
         """Queue one operation; the future gets its ``Receipt`` once durable, or a ``LedgerError``."""
+        ...
+
+    def submit_async(self, op: Op) -> asyncio.Future[Receipt]:
+        """``submit`` from code on an event loop: a future of that loop (cheaper to resolve)."""
         ...
 
     def apply(self, op: Op) -> Receipt:

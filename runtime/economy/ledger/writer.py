@@ -7,6 +7,7 @@ future) and ``_close_store()``.
 
 from __future__ import annotations
 
+import asyncio
 from abc import abstractmethod
 from concurrent.futures import Future
 from typing import Self
@@ -14,9 +15,9 @@ from typing import Self
 from runtime.economy.ledger import LedgerError, Op, Receipt
 from runtime.economy.ledger.rules import validate
 from runtime.errors import storage_failure
-from runtime.groupcommit import GroupCommitter
+from runtime.groupcommit import Delivery, GroupCommitter, Waiting
 
-Item = tuple[Op, "Future[Receipt]"]
+Item = tuple[Op, Waiting[Receipt]]
 
 
 class GroupCommitted(GroupCommitter[Item]):
@@ -34,14 +35,24 @@ class GroupCommitted(GroupCommitter[Item]):
         # future, or an asyncio wrapper of it, only stops the waiting), and the writer may always
         # resolve it.
         fut.set_running_or_notify_cancel()
+        self._queue_op(op, fut)
+        return fut
+
+    def submit_async(self, op: Op) -> asyncio.Future[Receipt]:
+        """``submit`` for code on an event loop (call it there): a future of that loop, resolved with the
+        rest of its batch in one call on the loop. Cancelling it only stops the waiting."""
+        fut: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        self._queue_op(op, fut)
+        return fut
+
+    def _queue_op(self, op: Op, fut: Waiting[Receipt]) -> None:
         try:
             op = validate(op)
         except LedgerError as exc:
             fut.set_exception(exc)
-            return fut
+            return
         if not self._enqueue((op, fut)):
             fut.set_exception(LedgerError("closed", "the ledger is closed"))
-        return fut
 
     def apply(self, op: Op) -> Receipt:
         """Apply one operation and wait until it is durable."""
@@ -65,15 +76,19 @@ class GroupCommitted(GroupCommitter[Item]):
 
 def resolve(batch: list[Item], outcomes: list[Receipt | LedgerError]) -> None:
     """Resolve each future of a committed batch with its receipt or refusal."""
+    delivery = Delivery()
     for (_, fut), res in zip(batch, outcomes, strict=True):
         if isinstance(res, Receipt):
-            fut.set_result(res)
+            delivery.result(fut, res)
         else:
-            fut.set_exception(res)
+            delivery.exception(fut, res)
+    delivery.send()
 
 
 def fail(batch: list[Item], exc: BaseException) -> None:
     """The batch's transaction was aborted: nothing of it is written, and every caller learns why."""
     err = storage_failure(exc, "the ledger")
+    delivery = Delivery()
     for _, fut in batch:
-        fut.set_exception(err)
+        delivery.exception(fut, err)
+    delivery.send()

@@ -29,7 +29,7 @@ from typing import Any, Self
 import msgspec
 
 from runtime.errors import ErrorCode, storage_failure
-from runtime.groupcommit import GroupCommitter
+from runtime.groupcommit import Delivery, GroupCommitter, Waiting
 from runtime.world.events import MAX_FIELDS_BYTES, Event, EventError, Notifier
 
 log = logging.getLogger("runtime.world.events")
@@ -45,7 +45,7 @@ class Append:
 
     __slots__ = ("agent", "fields", "fut", "kind")
 
-    def __init__(self, kind: str, agent: str | None, fields: dict[str, Any], fut: Future[Event]) -> None:
+    def __init__(self, kind: str, agent: str | None, fields: dict[str, Any], fut: Waiting[Event]) -> None:
         self.kind, self.agent, self.fields, self.fut = kind, agent, fields, fut
 
 
@@ -54,7 +54,7 @@ class SetCursor:
 
     __slots__ = ("agent", "fut", "seq")
 
-    def __init__(self, agent: str, seq: int, fut: Future[int]) -> None:
+    def __init__(self, agent: str, seq: int, fut: Waiting[int]) -> None:
         self.agent, self.seq, self.fut = agent, seq, fut
 
 
@@ -62,7 +62,7 @@ Item = Append | SetCursor
 #: ``follower(events, local)``: told of events in seq order, ``local`` when this log committed them.
 Follower = Callable[[Sequence[Event], bool], None]
 #: What a commit decided for each cursor update of its batch: the seq written, or why it was refused.
-CursorResults = list[tuple[Future[int], int | EventError]]
+CursorResults = list[tuple[Waiting[int], int | EventError]]
 
 
 class _Waiter:
@@ -156,6 +156,10 @@ class LogBase(GroupCommitter[Item]):
         # Running from the start: a queued event cannot be withdrawn (cancelling the future, or an
         # asyncio wrapper of it, only stops the waiting), and the writer may always resolve it.
         fut.set_running_or_notify_cancel()
+        self._queue_event(kind, agent, fields, fut)
+        return fut
+
+    def _queue_event(self, kind: str, agent: str | None, fields: dict[str, Any] | None, fut: Waiting[Event]) -> None:
         try:
             if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
                 raise EventError("invalid", f"bad event kind {kind!r}")
@@ -164,9 +168,8 @@ class LogBase(GroupCommitter[Item]):
             clean = normalized(fields) if fields else {}
         except EventError as exc:
             fut.set_exception(exc)
-            return fut
+            return
         self._queue_item(Append(kind, agent, clean, fut))
-        return fut
 
     def append(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
         """Append one event and wait until it is durable. Blocks on the sync, so it refuses to run on
@@ -181,8 +184,10 @@ class LogBase(GroupCommitter[Item]):
 
     async def publish(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
         """Append one event and return it once durable. By then the waiters it concerns have been
-        woken and the notifiers (the observers' PUB socket) told."""
-        return await asyncio.wrap_future(self.submit(kind, agent, fields))
+        woken and the notifiers (the observers' PUB socket) told. Cancelling it only stops the waiting."""
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._queue_event(kind, agent, fields, fut)
+        return await fut
 
     def set_cursor(self, agent: str, seq: int) -> Future[int]:
         """Queue an update of ``agent``'s cursor to ``seq`` (backwards is allowed: an agent may re-read);
@@ -190,13 +195,22 @@ class LogBase(GroupCommitter[Item]):
         last event. Committed in order with the events queued before it."""
         fut: Future[int] = Future()
         fut.set_running_or_notify_cancel()
+        self._queue_cursor(agent, seq, fut)
+        return fut
+
+    async def set_cursor_async(self, agent: str, seq: int) -> int:
+        """``set_cursor``, for code on the event loop: returns ``seq`` once durable."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue_cursor(agent, seq, fut)
+        return await fut
+
+    def _queue_cursor(self, agent: str, seq: int, fut: Waiting[int]) -> None:
         if not isinstance(agent, str) or not _AGENT_RE.fullmatch(agent):
             fut.set_exception(EventError("invalid", f"bad agent id {agent!r}"))
         elif not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 1 << 63:
             fut.set_exception(EventError("invalid", f"bad cursor {seq!r}"))
         else:
             self._queue_item(SetCursor(agent, seq, fut))
-        return fut
 
     def _queue_item(self, item: Item) -> None:
         if not self._enqueue(item):
@@ -207,8 +221,10 @@ class LogBase(GroupCommitter[Item]):
     def _fail(batch: list[Item], exc: BaseException) -> None:
         """The transaction was aborted: nothing of the batch is written; every caller hears why."""
         err = storage_failure(exc, "the event log")
+        delivery = Delivery()
         for it in batch:
-            it.fut.set_exception(err)
+            delivery.exception(it.fut, err)
+        delivery.send()
 
     def _acknowledge(self, batch: list[Item], events: list[Event], cursors: CursorResults) -> None:
         """After the commit of ``batch``: tell everyone of its ``events`` (numbered, one per ``Append`` in
@@ -218,14 +234,16 @@ class LogBase(GroupCommitter[Item]):
                 self._tell(events)
             except Exception:  # the batch is durable whatever went wrong downstream: acknowledge it
                 log.exception("telling of events %d..%d failed", events[0].seq, events[-1].seq)
+        delivery = Delivery()
         appends = (it for it in batch if isinstance(it, Append))
         for it, ev in zip(appends, events, strict=True):
-            it.fut.set_result(ev)
+            delivery.result(it.fut, ev)
         for fut, res in cursors:
             if isinstance(res, EventError):
-                fut.set_exception(res)
+                delivery.exception(fut, res)
             else:
-                fut.set_result(res)
+                delivery.result(fut, res)
+        delivery.send()
 
     def _tell(self, events: list[Event]) -> None:
         """Everything that hears of committed events, none of which may stop the writer."""
