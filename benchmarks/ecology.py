@@ -1,4 +1,4 @@
-"""The whole ecology end to end: actions per second and supervisor memory with 10, 100 and 1,000 agents.
+"""The whole ecology end to end: actions per second and supervisor memory with 10, 100, 1,000 and 10,000 agents.
 
 Each size gets a fresh runtime wired as the supervisor wires it: a real ``WorkerPool`` sized from the
 machine (recording the tasks in flight, ``runtime.pool.inflight``), a durable ``LmdbLedger``, a durable
@@ -17,7 +17,10 @@ CPU rights: each agent holds ``capacity_millicores // agents`` millicores, so th
 container, and a burst (``burst_seconds``) large enough that its bucket holds more CPU than one agent can
 possibly use during the run (one think at a time, so at most one CPU-second per second). The buckets
 are charged exactly as usual, but never hold an agent back: the benchmark measures the pipeline, not
-the buckets (the count of ``agent_blocked`` events, expected 0, shows it).
+the buckets (the count of ``agent_blocked`` events, expected 0, shows it). With more agents than the
+container has millicores to hand out (10,000 on 2 cores: 1,800), each still holds one: the run tells the
+runtime the container offers that many (``Sizing.cpu_millicores``), so the rights are oversubscribed —
+which the buckets, never holding anyone back here, do not notice.
 
 All agents run concurrently: a warm-up (until every agent finished a turn, and at least ``WARMUP_S``),
 then a fixed measured window, then each agent finishes the turn in hand. Measured in the window:
@@ -25,7 +28,7 @@ actions per second (applied + rejected, from the agents' counters), turn latency
 (VmRSS of this process, sampled by a thread) and CPU (``time.process_time``, all its threads, with a
 per-thread breakdown), and the workers' utilisation (CPU charged to tasks / workers × seconds).
 
-Each size runs eight times, with the supervisor's metering off and on in the order ``METERING_ORDER``
+Each size but the largest runs eight times, with the supervisor's metering off and on in the order ``METERING_ORDER``
 (``EconomyConfig.metering``, ``runtime.economy.metering``; the order cancels a linear or quadratic
 drift of the host's load): the throughput lost to metering is the difference between the two modes'
 actions over their windows, with its standard error from the runs' spread. On a shared host that
@@ -35,6 +38,8 @@ costs, ``meter_span_cost_us``). With it on, the
 supervisor's CPU in the window (``RUSAGE_SELF``) is split into what was charged to agents, each named
 overhead (the event loop's own work, the group-commit writers, ZeroMQ's thread …) and what neither
 covers; the targets are ≥ 95% attributed to an agent or a named overhead, at ≤ 5% of throughput.
+The largest size (``LARGE``) runs once, metering on and the rules off: its actions/s, and the
+supervisor's peak RSS against ``LARGE_RSS_TARGET_MB``.
 
 Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
@@ -112,6 +117,10 @@ from runtime.node import Node
 from runtime.pool import WorkerPool
 
 SIZES = (10, 100, 1000)
+#: Run once (metering on, the rules off), for its throughput and the supervisor's memory at that scale.
+LARGE = 10_000
+#: Its target: the supervisor's peak RSS in the window.
+LARGE_RSS_TARGET_MB = 300.0
 FULL_S, QUICK_S = 10.0, 3.0
 #: Warm-up: at least this long, and until every agent has finished one turn (at most ``WARMUP_MAX_S``).
 WARMUP_S, WARMUP_MAX_S = 1.0, 60.0
@@ -127,7 +136,9 @@ TRIGGER_EVERY = 10
 RULES_TARGET = 0.9
 SAMPLE_EVERY_S = 0.1
 TARGET_AGENTS = 1000
-TARGET_RATE = 1000.0
+TARGET_RATE = 1300.0
+#: The supervisor's CPU (all its threads) per action at ``TARGET_AGENTS``, in ms.
+TARGET_SUPERVISOR_MS = 0.3
 #: Metering targets: the supervisor's CPU attributed to an agent or a named overhead, and the most
 #: throughput metering may cost.
 TARGET_ATTRIBUTED_PCT = 95.0
@@ -257,6 +268,8 @@ class Report(ReportHead):
     #: The web dashboard's cost at 1,000 agents, off and on in one run: a ``benchmarks.dashboard.Cost``
     #: as JSON (that module builds on this one), None when the phase failed.
     dashboard: dict[str, Any] | None = None
+    #: The ``LARGE`` size: it runs, its actions/s, and the supervisor's RSS against its target.
+    large_target: str = ""
 
 
 # ------------------------------------------------------------------------------ process sampling
@@ -413,9 +426,7 @@ async def measure(
     horizon = WARMUP_MAX_S + duration + DRAIN_MAX_S
     problems: list[str] = []
     capacity = capacity_millicores(Config(data_dir=str(data)), cg.discover())
-    rate = capacity // n
-    if rate <= 0:
-        raise RuntimeError(f"{n} agents do not fit {capacity} millicores")
+    rate = max(1, capacity // n)  # more agents than millicores: one each, oversubscribed (module docstring)
     burst = _burst_seconds(rate, horizon)
     cfg = Config(
         data_dir=str(data),
@@ -434,8 +445,11 @@ async def measure(
         ],
     )
     state = Drive()
+    node = Node(cfg)
+    if rate * n > capacity:
+        node.sizing = msgspec.structs.replace(node.sizing, cpu_millicores=rate * n)
     try:
-        async with Node(cfg) as node:
+        async with node:
             pool, ledger, events = node.pool, node.backends.ledger, node.events
             world = node.world
             readable = f"contract:{GATE}" if rules else "public"
@@ -655,16 +669,34 @@ def rules_target_line(results: list[SizeResult]) -> str:
 
 
 def target_line(results: list[SizeResult]) -> str:
-    """The target: 1,000 agents at 1,000 actions/s or more, fully accounted, on the durable ledger (with
-    the supervisor's metering on, as the runtime runs by default)."""
-    r = next((r for r in results if r.agents == TARGET_AGENTS and r.metering), None)
+    """The target: 1,000 agents at 1,300 actions/s or more and at most 0.3 ms of supervisor CPU per action,
+    fully accounted, on the durable ledger (with the supervisor's metering on, as the runtime runs by
+    default); over every such run, weighted by their actions."""
+    runs = [r for r in results if r.agents == TARGET_AGENTS and r.metering]
+    want = f"target ≥ {TARGET_RATE:,.0f} actions/s, ≤ {TARGET_SUPERVISOR_MS:g} ms of supervisor CPU per action"
+    if not runs:
+        return f"{TARGET_AGENTS:,} agents: no result ({want}) — NOT met"
+    rate, sup = _rate(runs), _per_action(runs, "supervisor_cpu_ms_per_action")
+    verified = all(r.verified for r in runs)
+    met = rate >= TARGET_RATE and sup <= TARGET_SUPERVISOR_MS and verified
+    why = "" if verified else " (the end-of-run checks failed)"
+    return (
+        f"{TARGET_AGENTS:,} agents: {rate:,.0f} actions/s, supervisor {sup:.3f} ms CPU per action ({want}, with "
+        f"full accounting and a durable ledger) — {'met' if met else 'NOT met'}{why}"
+    )
+
+
+def large_line(results: list[SizeResult]) -> str:
+    """The ``LARGE`` size: it runs, its actions/s, and the supervisor's peak RSS against its target."""
+    r = next((r for r in results if r.agents == LARGE), None)
     if r is None:
-        return f"{TARGET_AGENTS:,} agents: no result (target ≥ {TARGET_RATE:,.0f} actions/s) — NOT met"
-    met = r.actions_per_s >= TARGET_RATE and r.verified
+        return f"{LARGE:,} agents: no result (target: runs, supervisor RSS ≤ {LARGE_RSS_TARGET_MB:.0f} MB) — NOT met"
+    met = r.verified and r.rss_mb_peak <= LARGE_RSS_TARGET_MB
     why = "" if r.verified else " (the end-of-run checks failed)"
     return (
-        f"{TARGET_AGENTS:,} agents: {r.actions_per_s:,.0f} actions/s (target ≥ {TARGET_RATE:,.0f} with full "
-        f"accounting and a durable ledger) — {'met' if met else 'NOT met'}{why}"
+        f"{LARGE:,} agents: {r.actions_per_s:,.0f} actions/s, supervisor {r.supervisor_cpu_ms_per_action:.3f} ms "
+        f"CPU per action, RSS peak {r.rss_mb_peak:.0f} MB (target ≤ {LARGE_RSS_TARGET_MB:.0f} MB) — "
+        f"{'met' if met else 'NOT met'}{why}"
     )
 
 
@@ -782,7 +814,7 @@ def plot(results: list[SizeResult], costs: list[MeteringCost], path: Path, note:
 
     on = [
         next(r for r in results if r.agents == n and r.metering)
-        for n in SIZES
+        for n in (*SIZES, LARGE)
         if any(r.agents == n and r.metering for r in results)
     ]
     xs = [r.agents for r in on]
@@ -790,6 +822,8 @@ def plot(results: list[SizeResult], costs: list[MeteringCost], path: Path, note:
     cx = [c.agents for c in costs]
     left.plot(cx, [c.actions_per_s_on for c in costs], "o-", color="tab:blue", label="actions/s, metering on")
     left.plot(cx, [c.actions_per_s_off for c in costs], "x:", color="tab:gray", label="actions/s, metering off")
+    if large := [r for r in on if r.agents == LARGE]:
+        left.plot(xs[-1:], [large[0].actions_per_s], "s", color="tab:blue", label=f"{LARGE:,} agents, one run")
     left.axhline(TARGET_RATE, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATE:,.0f}/s")
     for c in costs:
         left.annotate(
@@ -890,7 +924,7 @@ def run(opts: Options) -> int:
     sizes = ", ".join(f"{n:,}" for n in SIZES)
     what = (
         f"{sizes} scripted agents, {duration:g} s each after a warm-up, {len(METERING_ORDER)} runs per size "
-        f"(metering off and on, interleaved); think = {THINK_MS} ms Burn on a worker"
+        f"(metering off and on, interleaved), then {LARGE:,} once; think = {THINK_MS} ms Burn on a worker"
     )
     announce("ecology", opts, what, host, f"files in {tmp}")
     results: list[SizeResult] = []
@@ -901,7 +935,7 @@ def run(opts: Options) -> int:
     try:
         # Per size: metering off and on interleaved (the rules off), then the rules on (metering on).
         runs = [(i, metering, False) for i, metering in enumerate(METERING_ORDER)] + [(len(METERING_ORDER), True, True)]
-        for n, (i, metering, rules) in ((n, run) for n in SIZES for run in runs):
+        for n, (i, metering, rules) in [*((n, run) for n in SIZES for run in runs), (LARGE, (0, True, False))]:
             tag = f"[{n:,} agents, metering {'on' if metering else 'off'}, rules {'on' if rules else 'off'}]"
             print(f"{tag} starting", flush=True)
             data = tmp / f"agents-{n}-{i}"
@@ -946,8 +980,10 @@ def run(opts: Options) -> int:
     costs = metering_costs(pipeline, span_us)
     meter_line = metering_line(costs)
     rules_line = rules_target_line(results)
+    big = large_line(results)
     print()
     print(line)
+    print(big)
     print(meter_line)
     print(rules_line)
     if dash is not None:
@@ -967,6 +1003,7 @@ def run(opts: Options) -> int:
         RULES_TEXT,
         rules_line,
         dash[1] if dash is not None else None,
+        big,
     )
     note = (
         f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per run, metering off and on interleaved, "
