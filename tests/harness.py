@@ -135,3 +135,28 @@ def reap(procs: Iterable[subprocess.Popen[Any]]) -> None:
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+class ThreadsafeCalls:
+    """Counts the callbacks other threads hand an event loop (``call_soon_threadsafe``: each one wakes the
+    loop through its self-pipe) while installed on it (``counting``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@contextlib.contextmanager
+def counting(loop: Any) -> Iterator[ThreadsafeCalls]:
+    """Count ``loop.call_soon_threadsafe`` calls inside the block (the real method still runs)."""
+    calls = ThreadsafeCalls()
+    real = loop.call_soon_threadsafe
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.count += 1
+        return real(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counted
+    try:
+        yield calls
+    finally:
+        del loop.call_soon_threadsafe  # back to the class's method

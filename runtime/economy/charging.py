@@ -179,6 +179,12 @@ class Economy:
         self._memory_held: dict[str, collections.Counter[int]] = {}
         self._memory_locks: dict[str, asyncio.Lock] = {}
 
+    def _memory_lock(self, agent: str) -> asyncio.Lock:
+        lock = self._memory_locks.get(agent)
+        if lock is None:
+            lock = self._memory_locks[agent] = asyncio.Lock()
+        return lock
+
     def memory_in_use(self, agent: str) -> int:
         """The bytes of ``agent``'s ``memory_quota`` in use: the largest memory limit one of its tasks was
         given that has not ended (queued or running; each task may use up to its limit until it ends)."""
@@ -190,7 +196,7 @@ class Economy:
         """Around a trade that moves ``giving`` bytes of ``agent``'s ``memory_quota`` away: refused
         (``quota_exceeded``) when that leaves less than ``memory_in_use``, and no task takes a limit
         meanwhile (so none is given memory the trade is giving away)."""
-        async with self._memory_locks.setdefault(agent, asyncio.Lock()):
+        async with self._memory_lock(agent):
             quota = await self.ledger.balance_async(agent, "memory_quota", fresh=True)
             used = self.memory_in_use(agent)
             if quota - giving < used:
@@ -234,10 +240,12 @@ class Economy:
         # A task's memory limit is its agent's memory_quota, as the ledger holds it now. Confined code
         # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
         # could make the kernel pick the worker, not the sandbox, when memory runs out.
-        async with self._memory_locks.setdefault(agent, asyncio.Lock()):
+        async with self._memory_lock(agent):
             quota = 0 if isinstance(spec, Invoke) else await self.ledger.balance_async(agent, "memory_quota")
             limit = spec.memory_bytes if isinstance(spec, Invoke) else quota
-            held = self._memory_held.setdefault(agent, collections.Counter())
+            held = self._memory_held.get(agent)
+            if held is None:  # not setdefault: that would build a Counter for every task
+                held = self._memory_held[agent] = collections.Counter()
             held[limit] += 1
         try:
             return await self._dispatched(agent, spec, kind, task_id, quota, timeout_s, serve)

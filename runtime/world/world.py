@@ -96,7 +96,10 @@ class World:
         self.sponsored: dict[tuple[str, str], float] = {}
 
     def _disk_lock(self, agent: str) -> asyncio.Lock:
-        return self._disk_locks.setdefault(agent, asyncio.Lock())
+        lock = self._disk_locks.get(agent)
+        if lock is None:
+            lock = self._disk_locks[agent] = asyncio.Lock()
+        return lock
 
     async def write_artifact(
         self,

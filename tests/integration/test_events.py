@@ -36,7 +36,7 @@ from runtime.world.events.log import EventLog
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.events.pub import EventPublisher, Observer
 from tests.crash import kill_mid_write, live_children
-from tests.harness import ROOT, closing_all, die_with_parent
+from tests.harness import ROOT, closing_all, counting, die_with_parent
 
 Log = EventLog | PostgresEventLog
 Make = Callable[..., Log]
@@ -125,6 +125,31 @@ def test_publish_from_the_loop_and_submit_from_threads_share_one_sequence(events
     published, submitted = asyncio.run(main())
     assert sorted(seqs(published) + seqs(submitted)) == list(range(1, 201))
     assert seqs(published) == sorted(seqs(published))
+
+
+def test_a_batch_reaches_an_event_loop_in_one_call(events: Log) -> None:
+    hold = events.hold()
+
+    async def main() -> None:
+        first = asyncio.ensure_future(events.publish("transfer", "alice", i=0))
+        await asyncio.sleep(0)  # queued
+        assert hold.waiting.wait(10)  # the writer holds a batch of one; what follows queues behind it
+        published = [asyncio.ensure_future(events.publish("transfer", "alice", i=i)) for i in range(1, 41)]
+        cursor = asyncio.ensure_future(events.set_cursor_async("alice", 41))
+        past = asyncio.ensure_future(events.set_cursor_async("bob", 99))
+        await asyncio.sleep(0)
+        with counting(asyncio.get_running_loop()) as calls:
+            hold.release()
+            got = await asyncio.gather(first, *published)
+            assert await cursor == 41
+            with pytest.raises(EventError):
+                await past
+        assert seqs(got) == list(range(1, 42))
+        assert hold.sizes == [1, 42]
+        assert calls.count == 2  # one call on the loop per batch, not one per event
+
+    asyncio.run(main())
+    assert events.cursor("alice") == 41 and events.cursor("bob") == 0
 
 
 def test_events_and_cursors_survive_close_and_reopen(make_log: Make) -> None:

@@ -29,7 +29,7 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.rules import MemoryView
 from runtime.economy.ledger.rules import apply as apply_rule
 from tests.crash import kill_mid_write, live_children
-from tests.harness import ROOT, closing_all
+from tests.harness import ROOT, closing_all, counting
 from tests.integration.ledger_crash_writer import (
     ACCOUNTS,
     BACKENDS,
@@ -580,6 +580,33 @@ def test_a_cancelled_future_does_not_stop_the_writer(ledger: Ledger) -> None:
     asyncio.run(give_up())
     assert ledger.apply(ops.OpenAccount(id="last", account="last")).fresh
     assert "w" in ledger.accounts()
+    assert check(ledger).ok
+
+
+def test_a_batch_reaches_an_event_loop_in_one_call_and_a_thread_at_once(ledger: Ledger) -> None:
+    hold = ledger.hold()  # type: ignore[attr-defined]  # every backend is a GroupCommitter
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first = ledger.submit_async(ops.OpenAccount(id="first", account="first"))
+        assert hold.waiting.wait(10)  # the writer holds a batch of one; what follows queues behind it
+        waits = [ledger.submit_async(ops.OpenAccount(id=f"l{i}", account=f"l{i}")) for i in range(50)]
+        threaded = ledger.submit(ops.OpenAccount(id="thread", account="thread"))
+        given_up = ledger.submit_async(ops.OpenAccount(id="gone", account="gone"))
+        given_up.cancel()  # only the waiting stops: the op is applied with the rest
+        refused = ledger.submit_async(ops.OpenAccount(id="l0", account="other"))
+        with counting(loop) as calls:
+            hold.release()
+            receipts = await asyncio.gather(first, *waits)
+            with pytest.raises(LedgerError) as err:
+                await refused
+        assert err.value.code == "conflict"
+        assert threaded.result(timeout=10).fresh and all(r.fresh for r in receipts)
+        assert hold.sizes == [1, 53]
+        assert calls.count == 2  # one call on the loop per batch, not one per operation
+
+    asyncio.run(main())
+    assert {"first", "l49", "thread", "gone"} <= ledger.accounts().keys()
     assert check(ledger).ok
 
 
