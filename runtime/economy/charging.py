@@ -139,9 +139,35 @@ def _batch_spent(spec: ThinkBatch, exc: TaskFailed) -> ThinkBatchReport:
 
 
 #: What the charges of the current paid think cost (micro-dollars), for ``Economy.run`` to settle its
-#: reservation with: set by ``run`` in its own task, where every charge of the think is made (also on
-#: cancellation), so no other task's charge lands in it.
+#: reservation with: set by ``run`` in its own task, and taken from there when the task is dispatched
+#: (its charge is made by the pool's callback, outside that task), so no other task's charge lands in it.
 _paid: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("paid", default=None)
+
+
+class _Charged:
+    """Where a task's charge lands (``Economy._charge_ended``, from the pool's callback): the caller's
+    future (which the caller may cancel: the charge goes on), and the future of a cancelled caller that
+    waits for the charge to land before it goes."""
+
+    __slots__ = ("caller", "landed", "paid", "waiting")
+
+    def __init__(self, caller: asyncio.Future[Outcome], paid: list[int] | None) -> None:
+        self.caller = caller
+        self.paid = paid
+        self.landed = False
+        self.waiting: asyncio.Future[None] | None = None
+
+    def land(self, out: Outcome | None, exc: BaseException | None) -> None:
+        """The charge is durable (or refused, or there was none): the caller gets ``out`` or ``exc``."""
+        self.landed = True
+        if not self.caller.done():
+            if exc is not None:
+                self.caller.set_exception(exc)
+            else:
+                assert out is not None
+                self.caller.set_result(out)
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_result(None)
 
 
 class Economy:
@@ -213,7 +239,7 @@ class Economy:
         """Run one task for ``agent`` once its CPU bucket admits it, and charge what it used.
 
         Raises ``TaskFailed`` (after charging) when the task failed. If the caller is cancelled while
-        the task runs, the task is stopped (``RunningTask.stop``) and what it used is recorded (as
+        the task runs, the task is stopped (``WorkerPool.cancel``) and what it used is recorded (as
         ``cancelled``, unless it finished first) before the cancellation propagates. A think on a paid
         model first reserves its worst case under the run's dollar cap (``RunBudgetSpent`` when it does
         not fit), and settles it with what the charge recorded.
@@ -264,24 +290,63 @@ class Economy:
         timeout_s: float | None,
         serve: Serve | None,
     ) -> Outcome:
-        async def dispatch() -> RunningTask:
-            return self.pool.begin(
-                spec, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id
-            )
+        charged = _Charged(asyncio.get_running_loop().create_future(), _paid.get())
 
-        # Its own task, metered: the pool's encoding and dispatch of this task is work done for the agent.
-        task = await self.meter.metered(agent, dispatch())
+        def ended(out: Outcome | None, err: TaskFailed | None) -> None:
+            # On the pool's loop, once, when the task ends: charged there and then, whether or not its
+            # caller still waits (no hop through the caller's task, nothing lost if it was cancelled).
+            self.meter.call(agent, self._charge_ended, agent, spec, kind, task_id, out, err, charged)
+
+        # The pool's encoding and dispatch of this task is work done for the agent.
+        pool_id = self.meter.call(
+            agent,
+            lambda: self.pool.submit(
+                spec, ended, agent=agent, timeout_s=timeout_s, memory_limit=quota, serve=serve, track=task_id
+            ),
+        )
         try:
-            out = await asyncio.shield(task.ended)
+            return await charged.caller
         except asyncio.CancelledError:
-            await task.stop()  # the worker is free again at once; what the task used is the agent's
-            await self._settle(agent, spec, task_id, task.ended)
+            if not charged.landed:  # stopped (the worker is free again at once), then charged as it ended
+                charged.waiting = asyncio.get_running_loop().create_future()
+                self.pool.cancel(pool_id)
+                await charged.waiting
             raise
-        except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, False, *_spent(spec, exc), error=exc.code)
-            raise
-        await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out.output))
-        return out
+
+    def _charge_ended(
+        self,
+        agent: str,
+        spec: TaskSpec,
+        kind: str,
+        task_id: str,
+        out: Outcome | None,
+        err: TaskFailed | None,
+        charged: _Charged,
+    ) -> None:
+        """Charge a task that ended (the pool's callback): queue its usage record and, once that is durable,
+        hand the caller the outcome (or the task's ``TaskFailed``, or the ledger's refusal)."""
+        try:
+            if out is not None:
+                record = self._record(
+                    agent, kind, task_id, out.usage, True, *_tokens(spec, out.output), paid=charged.paid
+                )
+            else:
+                assert err is not None
+                record = self._record(
+                    agent, kind, task_id, err.usage, False, *_spent(spec, err), error=err.code, paid=charged.paid
+                )
+        except Exception as exc:  # never into the pool's callback: the caller hears of it
+            charged.land(None, exc)
+            return
+        failure: BaseException | None = err
+        if record is None:  # the task never reached a worker: nothing was used
+            charged.land(out, failure)
+            return
+
+        def durable(f: asyncio.Future[Receipt]) -> None:
+            charged.land(out, failure if f.cancelled() or f.exception() is None else f.exception())
+
+        self._queue_usage(record).add_done_callback(durable)
 
     async def run_batch(
         self, agents: Sequence[str], spec: ThinkBatch, *, timeout_s: float | None = None
@@ -339,37 +404,12 @@ class Economy:
         records = []
         for i, (agent, share) in enumerate(zip(agents, split_usage(usage, report), strict=True)):
             tokens = report.reports[i].tokens if i < len(report.reports) else 0
-            self.estimator.observe(agent, "think", share.charged_seconds)
-            if tokens:
-                self.token_estimator.observe(agent, "think", float(tokens))
-                self.tokens[agent] = self.tokens.get(agent, 0) + tokens
-            records.append(
-                charge(
-                    self.buckets,
-                    agent,
-                    "think",
-                    f"{batch}.{i}",
-                    share,
-                    ok,
-                    tokens,
-                    0,
-                    error,
-                    self.meter.take(agent),
-                    batch,
-                )
-            )
+            record = self._record(agent, "think", f"{batch}.{i}", share, ok, tokens, error=error, batch=batch)
+            assert record is not None  # a share of a measured usage
+            records.append(record)
         await asyncio.gather(*(self._submit_usage(r) for r in records))
 
-    async def _settle(self, agent: str, spec: TaskSpec, task_id: str, inner: asyncio.Future[Outcome]) -> None:
-        kind = kind_of(spec)
-        try:
-            out = await inner
-        except TaskFailed as exc:
-            await self._charge(agent, kind, task_id, exc.usage, False, *_spent(spec, exc), error=exc.code)
-        else:
-            await self._charge(agent, kind, task_id, out.usage, True, *_tokens(spec, out.output))
-
-    async def _charge(
+    def _record(
         self,
         agent: str,
         kind: str,
@@ -379,20 +419,33 @@ class Economy:
         llm_tokens: int = 0,
         llm_cost_microusd: int = 0,
         error: str = "",
-    ) -> None:
+        paid: list[int] | None = None,
+        batch: str = "",
+    ) -> RecordUsage | None:
+        """The usage record of a task that ended (None when it never reached a worker: nothing was used),
+        its agent's buckets charged and its estimates updated; ``paid`` collects what a paid think cost,
+        ``batch`` names the ``think_batch`` the task was a share of."""
         if usage is None:
-            return  # the task never reached a worker: nothing was used
+            return None
         self.estimator.observe(agent, kind, usage.charged_seconds)
         if llm_tokens:
             self.token_estimator.observe(agent, kind, float(llm_tokens))
             self.tokens[agent] = self.tokens.get(agent, 0) + llm_tokens
-        record = charge(
-            self.buckets, agent, kind, task_id, usage, ok, llm_tokens, llm_cost_microusd, error, self.meter.take(agent)
-        )
-        paid = _paid.get()
         if paid is not None:
             paid.append(llm_cost_microusd)
-        await self._submit_usage(record)
+        return charge(
+            self.buckets,
+            agent,
+            kind,
+            task_id,
+            usage,
+            ok,
+            llm_tokens,
+            llm_cost_microusd,
+            error,
+            self.meter.take(agent),
+            batch,
+        )
 
     async def flush_supervisor(self, older_than_s: float = 0.0) -> int:
         """Charge, each as its own ``supervisor`` usage record, the supervisor CPU measured for agents that
@@ -426,15 +479,21 @@ class Economy:
             await self.flush_supervisor(period_s)
 
     async def _submit_usage(self, record: RecordUsage) -> None:
+        # Shielded: even if we are cancelled meanwhile (which is how agents are stopped), the record's
+        # callbacks run once it is durable.
+        await asyncio.shield(self._queue_usage(record))
+
+    def _queue_usage(self, record: RecordUsage) -> asyncio.Future[Receipt]:
+        """Queue ``record``; once durable, its in-flight record is cleared (a recovery must not charge it
+        again) and what it cost a paid model is counted. The future says when."""
         durable = self.ledger.submit_async(record)
         inflight = self.pool.inflight
         task_id = record.task_id
-        if inflight is not None:  # once durable, a recovery must not charge it again; even if we are
-            # cancelled meanwhile (the shield keeps the future going), which is how agents are stopped
+        if inflight is not None:
             durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else inflight.clear(task_id))
         if record.llm_cost_microusd:  # counted once the ledger has burnt it from the budget, as displays read both
             durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._spent(record))
-        await asyncio.shield(durable)
+        return durable
 
     def _spent(self, record: RecordUsage) -> None:
         self.spent_microusd[record.agent] = self.spent_microusd.get(record.agent, 0) + record.llm_cost_microusd

@@ -3,11 +3,12 @@ agent is that agent's to pay, and only the rest is named overhead.
 
 Where the time is measured (``time.thread_time_ns``, the CPU clock of the running thread)::
 
-    event loop thread   an agent's turn (``Agent.step``, ``perform``), the answer to each of its confined
-                        code's world calls (``WorkerPool.for_agent``: serving, encoding, sending) and the
-                        pool's dispatch of its tasks (``Economy.run``) run as ``AgentMeter.metered``
-                        coroutines: each synchronous step (``send`` to the next ``await`` that
-                        suspends) is timed, and the sum is the agent's when the call ends
+    event loop thread   an agent's turn (``Agent.step``, ``perform``) and the answer to each of its confined
+                        code's world calls (``WorkerPool.for_agent``: serving, encoding, sending) run as
+                        ``AgentMeter.metered`` coroutines: each synchronous step (``send`` to the next
+                        ``await`` that suspends) is timed, and the sum is the agent's when the call ends;
+                        the pool's dispatch of its tasks and their charge when they end (``Economy.run``)
+                        are timed calls (``AgentMeter.call``)
     executor threads    recall/remember (local Qdrant runs in the supervisor) run through
                         ``AgentMeter.to_thread``: the call is timed in the thread that runs it
     everything else     the loop's own work (selector, callbacks, the pool's receive path, status,
@@ -123,6 +124,23 @@ class AgentMeter:
     def metered(self, agent: str, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
         """``coro`` with its synchronous steps charged to ``agent`` (``coro`` itself when disabled)."""
         return _Metered(self, agent, coro) if self.enabled else coro
+
+    def call(self, agent: str, fn: Callable[..., T], /, *args: Any) -> T:
+        """``fn(*args)`` on this thread, its CPU charged to ``agent``: for synchronous work done for an agent
+        outside its coroutines (a pool callback charging its task). Inside a metered step, which times it
+        already, it is just called."""
+        local = self._local
+        if not self.enabled or local.active:
+            return fn(*args)
+        clock = time.thread_time_ns
+        local.active = True
+        t0 = clock()
+        try:
+            return fn(*args)
+        finally:
+            ns = clock() - t0
+            local.active = False
+            self._add(agent, threading.get_native_id(), ns, 1)
 
     async def run(self, agent: str, coro: Coroutine[Any, Any, T]) -> T:
         """``metered``, as a coroutine (for ``create_task``)."""
