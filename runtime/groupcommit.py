@@ -5,6 +5,11 @@ writer thread takes everything queued when it gets to it, at most ``max_batch`` 
 batch to the store's ``_commit``, which applies it in one durable transaction and then resolves every
 future. Under load many callers share one sync; alone a caller waits for no one.
 
+Under load the writer lingers (``Linger``): a durable commit costs about the same whatever its size (its
+syncs and the transaction: ~200 µs of CPU on these hosts, against ~15 µs per item), so when items arrive
+fast enough that a few more are due within ``LINGER_MAX_S``, it waits that long at most for them before it
+commits. Alone, or at a trickle, an item waits for nothing.
+
 A caller on a thread gets a ``concurrent.futures.Future``; a caller on an event loop an ``asyncio``
 future of its loop. A batch's outcomes go out through one ``Delivery``: the loop's futures of the whole
 batch are resolved by one call on that loop (one wake-up of its self-pipe, not one per item, and no
@@ -24,8 +29,10 @@ import abc
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -34,27 +41,84 @@ T = TypeVar("T")
 Waiting = cf.Future[T] | asyncio.Future[T]
 
 
-def serve_batches(q: queue.SimpleQueue[T | None], max_batch: int, commit: Callable[[list[T]], None]) -> None:
+#: The longest a writer holds an item back waiting for others to share its commit: what it adds to a
+#: caller's wait under load, against one commit's CPU (~200 µs) saved per item that joins.
+LINGER_MAX_S = 0.004
+#: It lingers only when at least this many more items are due within ``LINGER_MAX_S`` at the recent rate
+#: (1,000 items/s): below that, the wait would cost more latency than the commits it saves are worth.
+LINGER_MIN_DUE = 4.0
+#: It stops lingering once a batch holds this many items: past it, a commit's own cost is small per item.
+LINGER_BATCH = 32
+#: The arrival rate is an average over about this long (older batches weigh exponentially less).
+LINGER_WINDOW_S = 0.1
+
+
+class Linger:
+    """When a writer waits for more items before committing (see the module docstring), from the rate at
+    which its batches filled recently; ``now`` is the writer's ``time.monotonic``, explicit for tests."""
+
+    __slots__ = ("_last", "rate")
+
+    def __init__(self) -> None:
+        #: Items per second, averaged over about ``LINGER_WINDOW_S``.
+        self.rate = 0.0
+        self._last: float | None = None
+
+    def taken(self, items: int, now: float) -> None:
+        """A batch of ``items`` was taken at ``now``: they arrived since the previous batch was taken."""
+        last, self._last = self._last, now
+        if last is None or now <= last:
+            return
+        kept = math.exp(-(now - last) / LINGER_WINDOW_S)
+        self.rate = kept * self.rate + (1.0 - kept) * items / (now - last)
+
+    def until(self, held: int, now: float) -> float:
+        """Until when to wait for more items when ``held`` are in hand at ``now`` (``now``: commit at once)."""
+        if held >= LINGER_BATCH or self.rate * LINGER_MAX_S < LINGER_MIN_DUE:
+            return now
+        return now + min(LINGER_MAX_S, (LINGER_BATCH - held) / self.rate)
+
+
+def serve_batches(
+    q: queue.SimpleQueue[T | None], max_batch: int, commit: Callable[[list[T]], None], linger: Linger | None = None
+) -> None:
     """Commit queued items in batches until a ``None`` arrives.
 
-    Each batch is everything queued when the writer gets to it (at most ``max_batch``). Items queued
-    before the ``None`` are committed before the loop returns.
+    Each batch is everything queued when the writer gets to it (at most ``max_batch``), and with
+    ``linger`` what arrives while it lingers. Items queued before the ``None`` are committed before the
+    loop returns.
     """
+    clock = time.monotonic
     while True:
         item = q.get()
         if item is None:
             return
         batch = [item]
         stop = False
+        end = 0.0
         while len(batch) < max_batch:
             try:
                 nxt = q.get_nowait()
             except queue.Empty:
-                break
+                if linger is None:
+                    break
+                now = clock()
+                if not end:
+                    end = linger.until(len(batch), now)
+                if now >= end:
+                    break
+                try:
+                    nxt = q.get(timeout=end - now)
+                except queue.Empty:
+                    break
             if nxt is None:
                 stop = True
                 break
             batch.append(nxt)
+            if end and len(batch) >= LINGER_BATCH:
+                break
+        if linger is not None:
+            linger.taken(len(batch), clock())
         commit(batch)
         if stop:
             return
@@ -188,7 +252,7 @@ class GroupCommitter(abc.ABC, Generic[T]):
                 hold._before(len(batch))
             self._commit(batch)
 
-        serve_batches(self._queue, self._max_batch, commit)
+        serve_batches(self._queue, self._max_batch, commit, Linger())
 
     @abc.abstractmethod
     def _commit(self, batch: list[T]) -> None:
