@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from msgspec import Struct
 
@@ -263,20 +263,26 @@ class Agent:
             return await self._reject(_kind(thought.action), str(exc)[:300])
         self.actions += 1
         self.last = f"{_kind(thought.action)}: {result}"[:120]
-        await self.events.publish("action", self.id, action=_kind(thought.action), ok=True, result=result[:200])
-        await self._advance()
+        await self._recorded({"action": _kind(thought.action), "ok": True, "result": result[:200]})
 
-    async def _advance(self) -> None:
-        """Move the agent's durable cursor past the news it has been shown (it survives a restart)."""
+    async def _recorded(self, fields: dict[str, Any]) -> None:
+        """The turn's ``action`` event, and the agent's durable cursor moved past the news it has been shown
+        (it survives a restart): queued together, so they share a commit and one wake-up."""
+        event = self.events.submit_async("action", self.id, fields)
+        cursor = None
         if self._seen > await self.events.cursor_async(self.id):
-            await self.events.set_cursor_async(self.id, self._seen)
+            cursor = self.events.set_cursor_async(self.id, self._seen)
+        try:
+            await event
+        finally:
+            if cursor is not None:
+                await cursor
 
     async def _reject(self, kind: str, why: str) -> None:
         self.rejected += 1
         self.reasons.append(f"{kind}: {why}")
         self.last = f"{kind} rejected: {why}"[:120]
-        await self.events.publish("action", self.id, action=kind, ok=False, reason=why[:300])
-        await self._advance()
+        await self._recorded({"action": kind, "ok": False, "reason": why[:300]})
 
     async def _fingerprint(self) -> tuple[int, int]:
         """What the agent's decision rests on: its scrip and the newest event addressed to it. On a shared

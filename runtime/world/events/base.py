@@ -185,9 +185,16 @@ class LogBase(GroupCommitter[Item]):
     async def publish(self, kind: str, agent: str | None = None, **fields: Any) -> Event:
         """Append one event and return it once durable. By then the waiters it concerns have been
         woken and the notifiers (the observers' PUB socket) told. Cancelling it only stops the waiting."""
+        return await self.submit_async(kind, agent, fields)
+
+    def submit_async(
+        self, kind: str, agent: str | None = None, fields: dict[str, Any] | None = None
+    ) -> asyncio.Future[Event]:
+        """``submit`` for code on an event loop (call it there): a future of that loop, resolved with the rest
+        of its batch in one call on the loop. Cancelling it only stops the waiting."""
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._queue_event(kind, agent, fields, fut)
-        return await fut
+        return fut
 
     def set_cursor(self, agent: str, seq: int) -> Future[int]:
         """Queue an update of ``agent``'s cursor to ``seq`` (backwards is allowed: an agent may re-read);
@@ -198,11 +205,11 @@ class LogBase(GroupCommitter[Item]):
         self._queue_cursor(agent, seq, fut)
         return fut
 
-    async def set_cursor_async(self, agent: str, seq: int) -> int:
-        """``set_cursor``, for code on the event loop: returns ``seq`` once durable."""
+    def set_cursor_async(self, agent: str, seq: int) -> asyncio.Future[int]:
+        """``set_cursor`` for code on an event loop (call it there): a future of that loop."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue_cursor(agent, seq, fut)
-        return await fut
+        return fut
 
     def _queue_cursor(self, agent: str, seq: int, fut: Waiting[int]) -> None:
         if not isinstance(agent, str) or not _AGENT_RE.fullmatch(agent):
