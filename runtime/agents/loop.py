@@ -167,6 +167,8 @@ class Agent:
         self._recalled: list[str] = []
         #: The last event the agent's context showed it; its cursor moves there after the turn.
         self._seen = 0
+        #: Its durable cursor, once read: only the agent moves it while it runs.
+        self._cursor: int | None = None
         self._others: list[str] = []
         self._first_turn = True
         self._n_context = itertools.count(1)
@@ -270,13 +272,19 @@ class Agent:
         (it survives a restart): queued together, so they share a commit and one wake-up."""
         event = self.events.submit_async("action", self.id, fields)
         cursor = None
-        if self._seen > await self.events.cursor_async(self.id):
+        if self._seen > await self._read_cursor():
             cursor = self.events.set_cursor_async(self.id, self._seen)
         try:
             await event
         finally:
             if cursor is not None:
-                await cursor
+                self._cursor = None  # read again should the update fail
+                self._cursor = await cursor
+
+    async def _read_cursor(self) -> int:
+        if self._cursor is None:
+            self._cursor = await self.events.cursor_async(self.id)
+        return self._cursor
 
     async def _reject(self, kind: str, why: str) -> None:
         self.rejected += 1
@@ -296,7 +304,7 @@ class Agent:
         ``fingerprint`` is what ``_fingerprint`` just read, if the caller has it (its reads are not repeated)."""
         ledger, buckets = self.economy.ledger, self.economy.buckets
         scrip, addressed = fingerprint if fingerprint is not None else await self._fingerprint()
-        cursor = await self.events.cursor_async(self.id)
+        cursor = await self._read_cursor()
         # News is what others did that concerns this agent. Reading scans every event since the cursor,
         # so only when there is some (or on the first turn, for what arrived while the runtime was down).
         fresh = self._first_turn or addressed > cursor

@@ -333,10 +333,13 @@ class LmdbLedger(GroupCommitted):
     def balance(self, account: str, asset: Asset) -> int:
         """One balance; ``LedgerError`` if the account does not exist."""
         with self.env.begin() as txn:
-            view = _TxnView(txn, self.dbs)
-            if view.account_kind(account) is None:
+            # A balance is kept only for an account (never removed): when there is one, that is one read.
+            v = txn.get(_bkey(account, asset), db=self.dbs["balances"])
+            if v is not None:
+                return int(_I64.unpack(v)[0])
+            if _TxnView(txn, self.dbs).account_kind(account) is None:
                 raise LedgerError("unknown_account", f"no account `{account}`")
-            return view.balance(account, asset)
+            return 0
 
     # The reads for the event loop are the synchronous ones: an LMDB read is a few microseconds of
     # memory-mapped lookups, cheaper than any cache or hand-off to a thread would be.
