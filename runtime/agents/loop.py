@@ -302,7 +302,7 @@ class Agent:
     async def context(self, fingerprint: tuple[int, int] | None = None) -> str:
         """The prompt: the time, the agent's holdings and buckets, news, what it can see, its memories.
         ``fingerprint`` is what ``_fingerprint`` just read, if the caller has it (its reads are not repeated)."""
-        ledger, buckets = self.economy.ledger, self.economy.buckets
+        buckets = self.economy.buckets
         scrip, addressed = fingerprint if fingerprint is not None else await self._fingerprint()
         cursor = await self._read_cursor()
         # News is what others did that concerns this agent. Reading scans every event since the cursor,
@@ -314,8 +314,7 @@ class Agent:
         news = news[-5:]
         visible = [a.id for a in await self.world.list_artifacts(self.id, limit=10)]
         if not self._others or next(self._n_context) % 100 == 0:  # accounts change rarely: look now and then
-            accounts = await ledger.accounts_async()
-            self._others = sorted(a for a, kind in accounts.items() if kind == "agent" and a != self.id)[:10]
+            self._others = [a for a in await self.world.agent_ids(11) if a != self.id][:10]
         others = self._others
         if next(self._n_slow) % _SLOW_EVERY == 0:
             # Its holdings of rights and the market change slowly, and each look is a read of the (maybe

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Collection
 from typing import Any, Literal
 
@@ -47,6 +48,8 @@ from runtime.world.tasks import Award, TaskError, TaskMint
 from runtime.world.triggers import Trigger, Triggers
 
 log = logging.getLogger("runtime.world")
+#: How old ``World.agent_ids`` may be: a new agent shows up in others' contexts that much later at most.
+AGENT_IDS_MAX_AGE_S = 1.0
 
 
 class InvokeError(AecoError):
@@ -94,6 +97,19 @@ class World:
         #: (owner, artifact) -> CPU-seconds the owner still pays for others' invocations (``charge_to``),
         #: less what runs in progress hold; the ledger keeps what is left once they settle (``Sponsor``).
         self.sponsored: dict[tuple[str, str], float] = {}
+        #: The first agent accounts by id, and when (loop time) they were looked up (``agent_ids``).
+        self._agent_ids: tuple[float, int, list[str]] = (-math.inf, 0, [])
+
+    async def agent_ids(self, limit: int) -> list[str]:
+        """The first ``limit`` agent accounts by id. Accounts change rarely and every agent's context names
+        a few: the ledger (all its accounts) is read at most every ``AGENT_IDS_MAX_AGE_S`` for all of them."""
+        now = asyncio.get_running_loop().time()
+        at, n, ids = self._agent_ids
+        if now - at >= AGENT_IDS_MAX_AGE_S or n < limit:
+            accounts = await self.economy.ledger.accounts_async()
+            ids = sorted(a for a, kind in accounts.items() if kind == "agent")[:limit]
+            self._agent_ids = (now, limit, ids)
+        return ids[:limit]
 
     def _disk_lock(self, agent: str) -> asyncio.Lock:
         lock = self._disk_locks.get(agent)
