@@ -295,7 +295,9 @@ class Economy:
         def ended(out: Outcome | None, err: TaskFailed | None) -> None:
             # On the pool's loop, once, when the task ends: charged there and then, whether or not its
             # caller still waits (no hop through the caller's task, nothing lost if it was cancelled).
-            self.meter.call(agent, self._charge_ended, agent, spec, kind, task_id, out, err, charged)
+            # Charging is the economy's own work, named overhead of the loop as the pool's receive path
+            # that calls it: timing it for the agent would cost more than the work.
+            self._charge_ended(agent, spec, kind, task_id, out, err, charged)
 
         # The pool's encoding and dispatch of this task is work done for the agent.
         pool_id = self.meter.call(

@@ -7,13 +7,14 @@ Where the time is measured (``time.thread_time_ns``, the CPU clock of the runnin
                         code's world calls (``WorkerPool.for_agent``: serving, encoding, sending) run as
                         ``AgentMeter.metered`` coroutines: each synchronous step (``send`` to the next
                         ``await`` that suspends) is timed, and the sum is the agent's when the call ends;
-                        the pool's dispatch of its tasks and their charge when they end (``Economy.run``)
-                        are timed calls (``AgentMeter.call``)
+                        the pool's dispatch of its tasks (``Economy.run``) is a timed call
+                        (``AgentMeter.call``), or a part of the step that makes it
     executor threads    recall/remember (local Qdrant runs in the supervisor) run through
                         ``AgentMeter.to_thread``: the call is timed in the thread that runs it
-    everything else     the loop's own work (selector, callbacks, the pool's receive path, status,
-                        metrics, imports), the group-commit writers, ZeroMQ's I/O thread: named
-                        overhead, one name per thread (``SupervisorBooks.overhead``)
+    everything else     the loop's own work (selector, callbacks, the pool's receive path and the
+                        charge it hands each ended task to, status, metrics, imports), the group-commit
+                        writers, ZeroMQ's I/O thread: named overhead, one name per thread
+                        (``SupervisorBooks.overhead``)
 
 Invariants:
 
@@ -127,8 +128,7 @@ class AgentMeter:
 
     def call(self, agent: str, fn: Callable[..., T], /, *args: Any) -> T:
         """``fn(*args)`` on this thread, its CPU charged to ``agent``: for synchronous work done for an agent
-        outside its coroutines (a pool callback charging its task). Inside a metered step, which times it
-        already, it is just called."""
+        outside its coroutines. Inside a metered step, which times it already, it is just called."""
         local = self._local
         if not self.enabled or local.active:
             return fn(*args)
