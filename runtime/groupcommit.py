@@ -45,8 +45,9 @@ Waiting = cf.Future[T] | asyncio.Future[T]
 #: caller's wait under load, against one commit's CPU (~200 µs) saved per item that joins.
 LINGER_MAX_S = 0.004
 #: It lingers only when at least this many more items are due within ``LINGER_MAX_S`` at the recent rate
-#: (1,000 items/s): below that, the wait would cost more latency than the commits it saves are worth.
-LINGER_MIN_DUE = 4.0
+#: (750 items/s): below that, the wait would cost more latency than the commits it saves are worth (at
+#: that rate many callers share the writer, each waiting far longer for its other work than the linger).
+LINGER_MIN_DUE = 3.0
 #: It stops lingering once a batch holds this many items: past it, a commit's own cost is small per item.
 LINGER_BATCH = 32
 #: The arrival rate is an average over about this long (older batches weigh exponentially less).
