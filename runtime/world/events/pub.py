@@ -30,6 +30,8 @@ from runtime.world.events import Event
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(Event)
 _NOBLOCK = int(zmq.NOBLOCK)
+#: Plain ints: ``send_multipart`` would build a ``zmq.Flag`` (an enum) per frame.
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 
 
 class EventPublisher:
@@ -75,7 +77,8 @@ class EventPublisher:
                 return
             for ev in events:
                 try:
-                    self._sock.send_multipart([ev.kind.encode(), _enc.encode(ev)], _NOBLOCK)
+                    self._sock.send(ev.kind.encode(), _MORE_NOBLOCK)
+                    self._sock.send(_enc.encode(ev), _NOBLOCK)
                     self.sent += 1
                 except zmq.ZMQError:  # Again, or the context going away: never the writer's problem
                     self.dropped += 1
