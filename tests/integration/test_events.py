@@ -131,13 +131,11 @@ def test_a_batch_reaches_an_event_loop_in_one_call(events: Log) -> None:
     hold = events.hold()
 
     async def main() -> None:
-        first = asyncio.ensure_future(events.publish("transfer", "alice", i=0))
-        await asyncio.sleep(0)  # queued
+        first = events.submit_async("transfer", "alice", {"i": 0})
         assert hold.waiting.wait(10)  # the writer holds a batch of one; what follows queues behind it
-        published = [asyncio.ensure_future(events.publish("transfer", "alice", i=i)) for i in range(1, 41)]
-        cursor = asyncio.ensure_future(events.set_cursor_async("alice", 41))
-        past = asyncio.ensure_future(events.set_cursor_async("bob", 99))
-        await asyncio.sleep(0)
+        published = [events.submit_async("transfer", "alice", {"i": i}) for i in range(1, 41)]
+        cursor = events.set_cursor_async("alice", 41)  # queued in order, after the events
+        past = events.set_cursor_async("bob", 99)
         with counting(asyncio.get_running_loop()) as calls:
             hold.release()
             got = await asyncio.gather(first, *published)
