@@ -122,8 +122,9 @@ LARGE = 10_000
 #: Its target: the supervisor's peak RSS in the window.
 LARGE_RSS_TARGET_MB = 300.0
 FULL_S, QUICK_S = 10.0, 3.0
-#: Warm-up: at least this long, and until every agent has finished one turn (at most ``WARMUP_MAX_S``).
-WARMUP_S, WARMUP_MAX_S = 1.0, 60.0
+#: Warm-up: at least this long, and until every agent has finished one turn (at most ``WARMUP_MAX_S`` and
+#: ``WARMUP_PER_AGENT_S`` per agent: 10,000 first turns take longer than a minute on a busy host).
+WARMUP_S, WARMUP_MAX_S, WARMUP_PER_AGENT_S = 1.0, 60.0, 0.02
 #: After the window, how long the agents get to finish the turn in hand before they are cancelled.
 DRAIN_MAX_S = 60.0
 THINK_MS = 1
@@ -423,7 +424,8 @@ async def measure(
     """
     rss_before = _rss_bytes()
     load = os.getloadavg()[0]
-    horizon = WARMUP_MAX_S + duration + DRAIN_MAX_S
+    warmup_max = max(WARMUP_MAX_S, n * WARMUP_PER_AGENT_S)
+    horizon = warmup_max + duration + DRAIN_MAX_S
     problems: list[str] = []
     capacity = capacity_millicores(Config(data_dir=str(data)), cg.discover())
     rate = max(1, capacity // n)  # more agents than millicores: one each, oversubscribed (module docstring)
@@ -465,7 +467,7 @@ async def measure(
             try:
                 # Warm-up: every agent through one turn (its first estimate measured), and at least WARMUP_S.
                 t0 = time.perf_counter()
-                while time.perf_counter() - t0 < WARMUP_MAX_S:
+                while time.perf_counter() - t0 < warmup_max:
                     await asyncio.sleep(0.05)
                     if time.perf_counter() - t0 >= WARMUP_S and all(a.actions + a.rejected for a in agents):
                         break
