@@ -234,6 +234,8 @@ def resolve_size(cfg: PoolConfig, info: cg.CgroupInfo | None = None) -> int:
 #: How far a worker's cgroup CPU counter may lag its own getrusage: both count the scheduler's
 #: nanoseconds; this covers the last update of a running thread's figure.
 _CGROUP_SLACK_S = 0.002
+#: Processors that can run a worker: what bounds a report's CPU (``os.cpu_count`` reads /sys each call).
+_CPUS = os.cpu_count() or 1
 _HOST_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 #: The commands addressed to one worker (``_carry_out``).
 _TO_A_WORKER = (Send, Start, Kill, AskStop, Shutdown)
@@ -551,7 +553,9 @@ class WorkerPool:
 
     def _record(self, w: _Worker, job: PoolJob) -> None:
         assert w.cpu_counter is not None and job.track is not None and self.inflight is not None, "opened at hello"
-        baseline = w.cpu_counter.read()
+        # In cgroup mode the reading just taken for the report's bound is the same counter, read again.
+        start = job.kernel_start
+        baseline = start.cpu if start is not None and w.cpu_counter.probe == "cgroup" else w.cpu_counter.read()
         now = time.time()
         self.inflight.begin(
             InFlight(
@@ -793,11 +797,11 @@ class WorkerPool:
                 f"is more than the host's {_HOST_MEMORY} bytes"
             )
         span = time.monotonic() - job.sent_at  # a waiting task may have begun before its turn was seen here
-        most = span * (os.cpu_count() or 1) + _CGROUP_SLACK_S + PROC_SLACK_S
+        most = span * _CPUS + _CGROUP_SLACK_S + PROC_SLACK_S
         if usage.cpu_seconds > most:
             raise BadReport(
                 f"worker {w.worker_id}'s report of task {job.id}: cpu_seconds {usage.cpu_seconds:g} is more "
-                f"than {os.cpu_count()} processors give in its {span:.3f} s"
+                f"than {_CPUS} processors give in its {span:.3f} s"
             )
         start = job.kernel_start
         end = self._kernel_reading(w, job) if start is not None else None

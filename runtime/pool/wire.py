@@ -23,6 +23,8 @@ from runtime.config import PoolConfig
 
 log = logging.getLogger("runtime.pool")
 _POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: no enum lookups per frame
+#: ``send_multipart`` would build a ``zmq.Flag`` (an enum) for each frame but the last.
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 #: Malformed frames logged before going quiet.
 _DROPS_LOGGED = 20
 #: Refused peers remembered so that each is logged once; past this many (a flood of made-up identities)
@@ -75,7 +77,8 @@ class Wire:
 
     def send(self, ident: bytes, msg: p.Message) -> None:
         """Send ``msg`` to the worker ``ident``; ``zmq.ZMQError`` if it is not connected."""
-        self.sock.send_multipart([ident, p.encode(msg)], _NOBLOCK)
+        self.sock.send(ident, _MORE_NOBLOCK)  # unreachable or full: refused here, before any frame is queued
+        self.sock.send(p.encode(msg), _NOBLOCK)
 
     def has_input(self) -> bool:
         """A frame waits (checking EVENTS is cheaper than ending every drain on a zmq.Again)."""
