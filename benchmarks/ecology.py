@@ -44,8 +44,8 @@ supervisor's peak RSS against ``LARGE_RSS_TARGET_MB``.
 Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
 
-The ecology's own rules (``--rules``, the default): each size runs twice in the same process, with the
-rules off (the policy above) and on — the same four turns, two of them through the rules:
+The ecology's own rules (``--rules``, the default): each size also runs three times with the rules on,
+among its runs with them off (``RULES_AT``) — the same four turns, two of them through the rules:
 
     offer 1 byte of memory_quota for 1 scrip as ``<me>.o``, transfer 1 scrip to the next agent,
     read the bulletin (guarded by a contract that allows any reader: run confined once, its answer
@@ -64,7 +64,8 @@ their firings: a firing is one confined invocation charged to its subscriber, an
 as frequent as the turns (say, its own offers' acceptances) would add one per 40 turns, each costing
 tens of times a 1 ms think. ``tests/integration/test_rules.py`` shows that firings happen once per
 matching event. The target is throughput with the rules on ≥ 90% of throughput with them off, at every
-size.
+size: the median of the three runs with the rules on against the median of the four with metering on and
+the rules off, so that a burst of a shared host's load in one run does not decide.
 
 Last, the web dashboard's cost (``benchmarks/dashboard.py``, also ``python -m benchmarks dashboard`` on
 its own): 1,000 agents, windows alternating without the dashboard and with it served and one headless
@@ -147,6 +148,11 @@ TARGET_METERING_COST_PCT = 5.0
 #: The order of the runs of one size (off, on, on, off, on, off, off, on): each mode's mean time in the
 #: sequence is the same, and so is its mean squared time.
 METERING_ORDER = (False, True, True, False, True, False, False, True)
+#: Where the runs with the rules on go among those (before the run at each of these positions): each
+#: between two runs with metering on and the rules off, or next to one, spread over the sequence, so the
+#: comparison's two sides see the same drift of a shared host's load. Three, compared by their median
+#: against the median of the metering-on runs, so that one run a burst of load hit does not decide.
+RULES_AT = (2, 4, 8)
 _MB = 1 << 20
 
 
@@ -648,24 +654,41 @@ def print_table(results: list[SizeResult]) -> None:
             print(f"    PROBLEM: {p}")
 
 
+def run_order() -> list[tuple[int, bool, bool]]:
+    """One size's runs as (index, metering, rules): ``METERING_ORDER`` with the rules-on runs (metering
+    on) placed before the positions ``RULES_AT``."""
+    runs: list[tuple[int, bool, bool]] = []
+    for i, metering in enumerate(METERING_ORDER):
+        if i in RULES_AT:
+            runs.append((len(runs), True, True))
+        runs.append((len(runs), metering, False))
+    if len(METERING_ORDER) in RULES_AT:
+        runs.append((len(runs), True, True))
+    return runs
+
+
 def rules_target_line(results: list[SizeResult]) -> str:
-    """The rules' cost: throughput with them on ≥ 90% of throughput with them off, at every size."""
+    """The rules' cost: throughput with them on ≥ 90% of throughput with them off, at every size (the
+    median of the runs with the rules on against the median of those with metering on and the rules off)."""
     parts, met = [], True
     for n in SIZES:
-        # Against the runs with the same metering (on) and the rules off: their mean rate.
-        offs = [r.actions_per_s for r in results if r.agents == n and r.metering and not r.rules]
-        on = next((r for r in results if r.agents == n and r.rules), None)
-        off = sum(offs) / len(offs) if offs else 0.0
-        if on is None or not off:
+        offs = [r for r in results if r.agents == n and r.metering and not r.rules]
+        ons = [r for r in results if r.agents == n and r.rules]
+        if not ons or not offs:
             parts.append(f"{n:,}: no pair")
             met = False
             continue
-        ratio = on.actions_per_s / off
-        met = met and ratio >= RULES_TARGET and on.verified
+        on, off = statistics.median(r.actions_per_s for r in ons), statistics.median(r.actions_per_s for r in offs)
+        ratio = on / off if off else 0.0
+        met = met and ratio >= RULES_TARGET and all(r.verified for r in ons)
         # The same ratio in CPU per action (supervisor + workers): what a loaded host's noise moves least.
-        bound = [r.cpu_bound_actions_per_s for r in results if r.agents == n and r.metering and not r.rules]
-        cpu = on.cpu_bound_actions_per_s / (sum(bound) / len(bound)) if sum(bound) else math.nan
-        parts.append(f"{n:,}: {on.actions_per_s:,.0f} / {off:,.0f} = {100 * ratio:.0f}% (CPU-bound {100 * cpu:.0f}%)")
+        bound_on = statistics.median(r.cpu_bound_actions_per_s for r in ons)
+        bound_off = statistics.median(r.cpu_bound_actions_per_s for r in offs)
+        cpu = bound_on / bound_off if bound_off else math.nan
+        parts.append(
+            f"{n:,}: median of {len(ons)} {on:,.0f} / of {len(offs)} {off:,.0f} = {100 * ratio:.0f}% "
+            f"(CPU-bound {100 * cpu:.0f}%)"
+        )
     verdict = "met" if met else "NOT met"
     return f"rules on / off (target ≥ {100 * RULES_TARGET:.0f}% at every size): {'; '.join(parts)} — {verdict}"
 
@@ -935,8 +958,8 @@ def run(opts: Options) -> int:
     sampler = RssSampler()
     before = {pid for pid, _ in child_pids()}
     try:
-        # Per size: metering off and on interleaved (the rules off), then the rules on (metering on).
-        runs = [(i, metering, False) for i, metering in enumerate(METERING_ORDER)] + [(len(METERING_ORDER), True, True)]
+        # Per size: metering off and on interleaved (the rules off), the rules-on runs among them.
+        runs = run_order()
         for n, (i, metering, rules) in [*((n, run) for n in SIZES for run in runs), (LARGE, (0, True, False))]:
             tag = f"[{n:,} agents, metering {'on' if metering else 'off'}, rules {'on' if rules else 'off'}]"
             print(f"{tag} starting", flush=True)
@@ -1009,7 +1032,7 @@ def run(opts: Options) -> int:
     )
     note = (
         f"{host['cpus_usable']} CPUs, {mode} run ({duration:g} s per run, metering off and on interleaved, "
-        f"{len(METERING_ORDER)} runs per size, then one with the rules on)"
+        f"{len(METERING_ORDER)} runs per size, and {len(RULES_AT)} with the rules on among them)"
     )
     publish(opts.json_path, report, lambda png: plot(pipeline, costs, png, note) if pipeline else None)
     return 1 if failed else 0
