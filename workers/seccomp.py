@@ -152,45 +152,59 @@ class Arch:
     numbers: dict[str, int]
 
 
-# From the kernel's arch/x86/entry/syscalls/syscall_64.tbl (Linux UAPI asm/unistd_64.h).
-_X86_64 = {
-    "add_key": 248, "request_key": 249, "keyctl": 250, "mount": 165, "umount2": 166, "pivot_root": 155,
-    "chroot": 161, "move_mount": 429, "open_tree": 428, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
-    "fspick": 433, "mount_setattr": 442, "unshare": 272, "setns": 308, "bpf": 321, "userfaultfd": 323,
-    "perf_event_open": 298, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "pidfd_getfd": 438,
-    "process_madvise": 440, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175,
-    "finit_module": 313, "delete_module": 176, "create_module": 174, "get_kernel_syms": 177,
-    "query_module": 178, "open_by_handle_at": 304, "name_to_handle_at": 303, "swapon": 167, "swapoff": 168,
-    "reboot": 169, "quotactl": 179, "quotactl_fd": 443, "acct": 163, "settimeofday": 164,
-    "clock_settime": 227, "clock_adjtime": 305, "syslog": 103, "vhangup": 153, "iopl": 172, "ioperm": 173,
-    "lookup_dcookie": 212, "nfsservctl": 180, "uselib": 134, "ustat": 136, "sysfs": 139, "_sysctl": 156,
-    "afs_syscall": 183, "mbind": 237, "set_mempolicy": 238, "get_mempolicy": 239, "move_pages": 279,
-    "migrate_pages": 256, "fanotify_init": 300, "memfd_create": 319, "memfd_secret": 447, "shmget": 29,
-    "msgget": 68, "flock": 73, "inotify_init": 253, "inotify_init1": 294, "inotify_add_watch": 254,
-    "clone": 56, "clone3": 435, "personality": 135, "socket": 41, "fcntl": 72, "setsockopt": 54,
+# name: (x86-64, the generic table), None where the architecture has no such call. x86-64 from the kernel's
+# arch/x86/entry/syscalls/syscall_64.tbl (Linux UAPI asm/unistd_64.h); the generic one (arm64 and the other
+# new architectures) from include/uapi/asm-generic/unistd.h. One row per call, so none is listed for one
+# architecture and forgotten for the other.
+_NUMBERS: dict[str, tuple[int | None, int | None]] = {
+    # keys
+    "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),
+    # mounts and roots
+    "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41), "chroot": (161, 51), "move_mount": (429, 429),
+    "open_tree": (428, 428), "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
+    "fspick": (433, 433), "mount_setattr": (442, 442),
+    # namespaces
+    "unshare": (272, 97), "setns": (308, 268),
+    # kernel interfaces an escape starts from
+    "bpf": (321, 280), "userfaultfd": (323, 282), "perf_event_open": (298, 241), "io_uring_setup": (425, 425),
+    "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    # other processes
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "kcmp": (312, 272),
+    "pidfd_getfd": (438, 438), "process_madvise": (440, 440),
+    # kernels and modules
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273),
+    "delete_module": (176, 106), "create_module": (174, None), "get_kernel_syms": (177, None),
+    "query_module": (178, None),
+    # file handles
+    "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264),
+    # the machine
+    "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142), "quotactl": (179, 60),
+    "quotactl_fd": (443, 443), "acct": (163, 89), "settimeofday": (164, 170), "clock_settime": (227, 112),
+    "clock_adjtime": (305, 266), "syslog": (103, 116), "vhangup": (153, 58), "iopl": (172, None),
+    "ioperm": (173, None),
+    # old or obscure
+    "lookup_dcookie": (212, 18), "nfsservctl": (180, 42), "uselib": (134, None), "ustat": (136, None),
+    "sysfs": (139, None), "_sysctl": (156, None), "afs_syscall": (183, None), "personality": (135, 92),
+    # memory policy and anonymous memory
+    "mbind": (237, 235), "set_mempolicy": (238, 237), "get_mempolicy": (239, 236), "move_pages": (279, 239),
+    "migrate_pages": (256, 238), "memfd_create": (319, 279), "memfd_secret": (447, 447),
+    # System V IPC, locks, notifications
+    "shmget": (29, 194), "msgget": (68, 186), "flock": (73, 32), "fanotify_init": (300, 262),
+    "inotify_init": (253, None), "inotify_init1": (294, 26), "inotify_add_watch": (254, 27),
+    # processes, sockets and descriptors (their arguments are checked)
+    "clone": (56, 220), "clone3": (435, 435), "socket": (41, 198), "fcntl": (72, 25), "setsockopt": (54, 208),
 }  # fmt: skip
-# From the kernel's include/uapi/asm-generic/unistd.h (arm64 and the other new architectures).
-_GENERIC = {
-    "add_key": 217, "request_key": 218, "keyctl": 219, "mount": 40, "umount2": 39, "pivot_root": 41,
-    "chroot": 51, "move_mount": 429, "open_tree": 428, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
-    "fspick": 433, "mount_setattr": 442, "unshare": 97, "setns": 268, "bpf": 280, "userfaultfd": 282,
-    "perf_event_open": 241, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-    "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272, "pidfd_getfd": 438,
-    "process_madvise": 440, "kexec_load": 104, "kexec_file_load": 294, "init_module": 105,
-    "finit_module": 273, "delete_module": 106, "open_by_handle_at": 265, "name_to_handle_at": 264,
-    "swapon": 224, "swapoff": 225, "reboot": 142, "quotactl": 60, "quotactl_fd": 443, "acct": 89,
-    "settimeofday": 170, "clock_settime": 112, "clock_adjtime": 266, "syslog": 116, "vhangup": 58,
-    "lookup_dcookie": 18, "nfsservctl": 42, "mbind": 235, "set_mempolicy": 237, "get_mempolicy": 236,
-    "move_pages": 239, "migrate_pages": 238, "fanotify_init": 262, "memfd_create": 279, "memfd_secret": 447,
-    "shmget": 194, "msgget": 186, "flock": 32, "inotify_init1": 26, "inotify_add_watch": 27,
-    "clone": 220, "clone3": 435, "personality": 92, "socket": 198, "fcntl": 25, "setsockopt": 208,
-}  # fmt: skip
+
+
+def _table(column: int) -> dict[str, int]:
+    """One architecture's column of ``_NUMBERS``: the calls it has, by name."""
+    return {name: nr for name, pair in _NUMBERS.items() if (nr := pair[column]) is not None}
+
 
 #: By ``os.uname().machine``. Both are little-endian, which the argument offsets below assume.
 ARCHES: dict[str, Arch] = {
-    "x86_64": Arch("x86_64", 0xC000003E, True, _X86_64),
-    "aarch64": Arch("aarch64", 0xC00000B7, False, _GENERIC),
+    "x86_64": Arch("x86_64", 0xC000003E, True, _table(0)),
+    "aarch64": Arch("aarch64", 0xC00000B7, False, _table(1)),
 }
 
 # Classic BPF opcodes (linux/filter.h) and seccomp return values (linux/seccomp.h).
