@@ -3,6 +3,8 @@ processes reaped whatever happened."""
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
 import ctypes
 import signal
@@ -11,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -104,6 +107,55 @@ def acknowledge(lines: list[str], lock: threading.Lock) -> None:
         with lock:
             sys.stdout.write("".join(f"{line}\n" for line in lines))
             sys.stdout.flush()
+
+
+def crash_writer_parser(module: str, what: str, *, threads: int, window: int) -> argparse.ArgumentParser:
+    """The command line every crash writer takes: the directory it writes ``what`` in, and how it streams
+    (``threads`` submitters, ``window`` operations in flight each, until killed or ``--max-seconds``)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}")
+    ap.add_argument("dir", type=Path, help=f"the {what}")
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--window", type=int, default=window, help="operations in flight per thread")
+    ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
+    return ap
+
+
+#: A crash writer's operations in flight, oldest first: each one's tag (what its acknowledgement says)
+#: and its future.
+InFlight = collections.deque[tuple[str, Future[Any]]]
+
+
+def stream_from_threads(
+    threads: int,
+    window: int,
+    max_seconds: float,
+    submitter: Callable[[int], Callable[[InFlight], None]],
+    settle: Callable[[str, Future[Any], InFlight], str | None],
+) -> None:
+    """The loop of every crash writer: ``threads`` threads, thread ``k`` adding operations with
+    ``submitter(k)`` (its own state) while fewer than ``window`` are in flight, until ``max_seconds``
+    and then until none is. A settled operation goes through ``settle`` (which waits for it, may add a
+    follow-up, and says what line acknowledges it, if any). The oldest is waited for, then every next
+    one already done is taken too, so that one flushed block covers a whole committed group rather
+    than one line per syscall: once a line is out, what it names is durable."""
+    out_lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def run(k: int) -> None:
+        add = submitter(k)
+        inflight: InFlight = collections.deque()
+        while time.monotonic() < deadline or inflight:
+            while len(inflight) < window and time.monotonic() < deadline:
+                add(inflight)
+            lines: list[str] = []
+            while inflight and (not lines or inflight[0][1].done()):
+                tag, fut = inflight.popleft()
+                line = settle(tag, fut, inflight)
+                if line is not None:
+                    lines.append(line)
+            acknowledge(lines, out_lock)
+
+    each_in_a_thread(run, threads, "submitter")
 
 
 def die_with_parent() -> None:

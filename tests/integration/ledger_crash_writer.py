@@ -16,17 +16,15 @@ acknowledged acceptances, each of which moved both sides in one operation.
 
 from __future__ import annotations
 
-import argparse
-import collections
 import hashlib
 import itertools
 import random
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from runtime.economy.ledger import (
     AcceptOffer,
@@ -36,13 +34,12 @@ from runtime.economy.ledger import (
     Op,
     OpenAccount,
     PostOffer,
-    Receipt,
     Transfer,
 )
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.postgres import PostgresLedger
 from tests import services
-from tests.harness import acknowledge, die_with_parent, each_in_a_thread
+from tests.harness import InFlight, crash_writer_parser, die_with_parent, stream_from_threads
 
 #: The bank: this many accounts, each funded once with ``FUNDS`` scrip and ``RIGHTS`` of ``cpu_rate``.
 ACCOUNTS = tuple(f"acct{i}" for i in range(10))
@@ -140,45 +137,35 @@ def stream(
     acknowledged id whose op id starts with ``c``."""
     counter = itertools.count()
     counter_lock = threading.Lock()
-    out_lock = threading.Lock()
-    deadline = time.monotonic() + max_seconds
 
-    def submitter(k: int) -> None:
+    def submitter(k: int) -> Callable[[InFlight], None]:
         rng = random.Random(start * 1000 + k)
-        inflight: collections.deque[tuple[str, Future[Receipt]]] = collections.deque()
-        while time.monotonic() < deadline or inflight:
-            while len(inflight) < window and time.monotonic() < deadline:
-                with counter_lock:
-                    i = next(counter)
-                # One thread's submissions keep their order in the writer's queue: a post before its acceptance.
-                inflight.extend((op.id, ledger.submit(op)) for op in step(start, i, rng))
-            acked: list[str] = []
-            # Wait for the oldest, then take every other one that is already done, so one flush
-            # covers a whole committed group rather than one line per syscall.
-            while inflight and (not acked or inflight[0][1].done()):
-                op_id, fut = inflight.popleft()
-                try:
-                    fut.result()
-                except LedgerError as exc:
-                    if exc.code not in _EXPECTED:  # refused transfers are expected; anything else is not
-                        raise
-                    continue
-                if op_id.startswith("c"):
-                    acked.append(op_id)
-            acknowledge(acked, out_lock)
 
-    each_in_a_thread(submitter, threads, "submitter")
+        def add(inflight: InFlight) -> None:
+            with counter_lock:
+                i = next(counter)
+            # One thread's submissions keep their order in the writer's queue: a post before its acceptance.
+            inflight.extend((op.id, ledger.submit(op)) for op in step(start, i, rng))
+
+        return add
+
+    def settle(op_id: str, fut: Future[Any], _: InFlight) -> str | None:
+        try:
+            fut.result()
+        except LedgerError as exc:
+            if exc.code not in _EXPECTED:  # refused transfers are expected; anything else is not
+                raise
+            return None
+        return op_id if op_id.startswith("c") else None
+
+    stream_from_threads(threads, window, max_seconds, submitter, settle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, fund the bank and stream transfers until killed (or ``--max-seconds``)."""
-    ap = argparse.ArgumentParser(prog="python -m tests.integration.ledger_crash_writer")
-    ap.add_argument("dir", type=Path, help="the ledger's storage directory")
+    ap = crash_writer_parser("tests.integration.ledger_crash_writer", "ledger's storage directory", threads=4, window=8)
     ap.add_argument("--start", type=int, required=True, help="round number: op ids are c{N}-{i}")
     ap.add_argument("--backend", default="lmdb", choices=sorted(BACKENDS))
-    ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--window", type=int, default=8, help="operations in flight per thread")
-    ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
     ap.add_argument("--offers", action="store_true", help="stream offers and acceptances, not transfers")
     args = ap.parse_args(argv)
     die_with_parent()

@@ -14,20 +14,16 @@ is durable, which the test checks after killing this process with SIGKILL.
 
 from __future__ import annotations
 
-import argparse
-import collections
 import hashlib
+import itertools
 import random
 import sys
-import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 from runtime.world.store.git import GitStore
-from tests.harness import acknowledge, die_with_parent, each_in_a_thread
+from tests.harness import InFlight, crash_writer_parser, die_with_parent, stream_from_threads
 
 AGENTS = tuple(f"w{i}" for i in range(5))
 QUOTA = 1 << 40
@@ -53,59 +49,48 @@ def agent_for(aid: str) -> str:
 
 def stream(store: GitStore, rnd: int, threads: int, window: int, max_seconds: float) -> None:
     """Submit from ``threads`` threads, ``window`` in flight each; print every acknowledged operation."""
-    out_lock = threading.Lock()
-    deadline = time.monotonic() + max_seconds
 
     def write(aid: str, version: int) -> Future[Any]:
         return store.submit_write(agent_for(aid), aid, content_for(aid, version), quota=QUOTA)
 
-    def submitter(t: int) -> None:
+    def submitter(t: int) -> Callable[[InFlight], None]:
         rng = random.Random(rnd * 1000 + t)
         versions: dict[str, int] = {}
-        inflight: collections.deque[tuple[str, Future[Any]]] = collections.deque()
-        k = 0
-        while time.monotonic() < deadline or inflight:
-            while len(inflight) < window and time.monotonic() < deadline:
-                roll = rng.random()
-                if roll < 0.1:
-                    aid = f"d{rnd}-{t}-{k}"
-                    k += 1
-                    inflight.append((f"D {aid}", write(aid, 0)))
-                    continue
-                if versions and roll < 0.4:
-                    aid = rng.choice(list(versions))
-                    versions[aid] += 1
-                else:
-                    aid = f"c{rnd}-{t}-{k}"
-                    k += 1
-                    versions[aid] = 0
-                v = versions[aid]
-                inflight.append((f"w {aid} {v}", write(aid, v)))
-            lines: list[str] = []
-            # Wait for the oldest, then take every other one already done, so that one flush covers
-            # a whole committed group rather than one line per syscall.
-            while inflight and (not lines or inflight[0][1].done()):
-                tag, fut = inflight.popleft()
-                fut.result()
-                if tag.startswith("D "):  # created: now delete it (acknowledged as "d <id>")
-                    aid = tag[2:]
-                    inflight.append((f"d {aid}", store.submit_delete(agent_for(aid), aid)))
-                    continue
-                lines.append(tag)
-            acknowledge(lines, out_lock)
+        ids = itertools.count()
 
-    each_in_a_thread(submitter, threads, "submitter")
+        def add(inflight: InFlight) -> None:
+            roll = rng.random()
+            if roll < 0.1:
+                aid = f"d{rnd}-{t}-{next(ids)}"
+                inflight.append((f"D {aid}", write(aid, 0)))
+                return
+            if versions and roll < 0.4:
+                aid = rng.choice(list(versions))
+                versions[aid] += 1
+            else:
+                aid = f"c{rnd}-{t}-{next(ids)}"
+                versions[aid] = 0
+            v = versions[aid]
+            inflight.append((f"w {aid} {v}", write(aid, v)))
+
+        return add
+
+    def settle(tag: str, fut: Future[Any], inflight: InFlight) -> str | None:
+        fut.result()
+        if tag.startswith("D "):  # created: now delete it (acknowledged as "d <id>")
+            aid = tag[2:]
+            inflight.append((f"d {aid}", store.submit_delete(agent_for(aid), aid)))
+            return None
+        return tag
+
+    stream_from_threads(threads, window, max_seconds, submitter, settle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and stream operations until killed (or ``--max-seconds``)."""
-    ap = argparse.ArgumentParser(prog="python -m tests.integration.store_crash_writer")
-    ap.add_argument("dir", type=Path, help="the store's repository path")
+    ap = crash_writer_parser("tests.integration.store_crash_writer", "store's repository path", threads=3, window=32)
     ap.add_argument("--round", type=int, required=True, help="round number: ids are c{N}-*, d{N}-*")
-    ap.add_argument("--threads", type=int, default=3)
-    ap.add_argument("--window", type=int, default=32, help="operations in flight per thread")
     ap.add_argument("--max-packs", type=int, default=4)
-    ap.add_argument("--max-seconds", type=float, default=20.0, help="stop on our own after this long")
     args = ap.parse_args(argv)
     die_with_parent()
     store = GitStore(args.dir, max_packs=args.max_packs)
