@@ -46,29 +46,34 @@ QUEUE_LIMIT = 1000
 
 
 class Trigger(Struct, kw_only=True):
-    """One subscription and what it did."""
+    """One subscription (its record in the ledger: who, which artifact, the filter) and what it did."""
 
-    id: str
-    subscriber: str
-    artifact: str
-    kind: str
-    actor: str | None = None
-    about: str | None = None
+    record: Subscribe
     state: Literal["active", "suspended", "cancelled"] = "active"
     fired: int = 0
     failed: int = 0
     dropped: int = 0
 
+    @property
+    def id(self) -> str:
+        """The trigger's id (what ``cancel`` takes)."""
+        return self.record.trigger
+
+    @property
+    def subscriber(self) -> str:
+        """The agent it runs as and charges."""
+        return self.record.subscriber
+
     def matches(self, event: Event) -> bool:
         """Whether ``event`` should fire this trigger."""
-        f = event.fields
-        if event.kind != self.kind or self.state != "active":
+        f, r = event.fields, self.record
+        if event.kind != r.kind or self.state != "active":
             return False
-        if event.kind == "artifact_invoked" and f.get("id") == self.artifact and f.get("by") == self.subscriber:
+        if event.kind == "artifact_invoked" and f.get("id") == r.artifact and f.get("by") == r.subscriber:
             return False  # its own invocation
-        if self.actor is not None and self.actor not in (event.agent, f.get("by"), f.get("from"), f.get("buyer")):
+        if r.actor is not None and r.actor not in (event.agent, f.get("by"), f.get("from"), f.get("buyer")):
             return False
-        return self.about is None or self.about in (f.get("id"), f.get("artifact"), f.get("offer"))
+        return r.about is None or r.about in (f.get("id"), f.get("artifact"), f.get("offer"))
 
 
 class Triggers:
@@ -113,16 +118,9 @@ class Triggers:
                 raise AecoError("triggers need the supervisor's event log", code="unavailable")
             self._loop = asyncio.get_running_loop()
             events.attach(self)
-        trigger = Trigger(
-            id=record.trigger,
-            subscriber=record.subscriber,
-            artifact=record.artifact,
-            kind=record.kind,
-            actor=record.actor,
-            about=record.about,
-        )
+        trigger = Trigger(record=record)
         self.triggers[trigger.id] = trigger
-        self._by_kind.setdefault(trigger.kind, []).append(trigger)
+        self._by_kind.setdefault(record.kind, []).append(trigger)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[trigger.id] = queue
         task = asyncio.create_task(self._run(trigger, queue), name=f"trigger:{trigger.id}")
@@ -170,7 +168,7 @@ class Triggers:
                 break
             args = {"seq": event.seq, "kind": event.kind, "agent": event.agent, "fields": event.fields}
             try:
-                await self.world.invoke_artifact(trigger.subscriber, trigger.artifact, args)
+                await self.world.invoke_artifact(trigger.subscriber, trigger.record.artifact, args)
                 trigger.fired += 1
             except AecoError as exc:
                 if exc.code in ("insufficient_funds", "not_found", "forbidden", "not_code"):
@@ -191,6 +189,6 @@ class Triggers:
 
     def _forget(self, trigger: Trigger) -> None:
         self._queues.pop(trigger.id, None)
-        same = self._by_kind.get(trigger.kind, [])
+        same = self._by_kind.get(trigger.record.kind, [])
         if trigger in same:
             same.remove(trigger)
