@@ -31,6 +31,8 @@ ReadableText = Annotated[
     ),
 ]
 OfferIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+#: ``runtime.economy.ledger.TriggerId`` (a unit test keeps the two equal).
+TriggerIdText = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 
 
 class _Action(Struct, tag_field="kind", forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -124,6 +126,12 @@ class Subscribe(_Action, tag="subscribe", frozen=True):
     about: ArtifactIdText | None = None
 
 
+class Unsubscribe(_Action, tag="unsubscribe", frozen=True):
+    """Stop one of the agent's own triggers for good (its id is what ``subscribe`` answered)."""
+
+    trigger: TriggerIdText
+
+
 class Remember(_Action, tag="remember", frozen=True):
     """Store a memory (embedded on a worker, charged, counted against the agent's memory quota)."""
 
@@ -161,6 +169,7 @@ AgentAction = (
     | CancelOffer
     | SubmitTask
     | Subscribe
+    | Unsubscribe
     | Remember
     | RecallMemories
     | SleepFor
@@ -230,6 +239,9 @@ async def _perform(world: World, agent: str, action: AgentAction) -> Performed:
         case Subscribe():
             trigger = await world.subscribe(agent, action.id, action.on, action.actor, action.about)
             return Performed(f"subscribed {action.id} to {action.on} as {trigger.id}")
+        case Unsubscribe():
+            await world.unsubscribe(agent, action.trigger)
+            return Performed(f"ended trigger {action.trigger}")
         case Remember():
             item = await world.remember(agent, action.text)
             return Performed(f"remembered ({item.size_bytes} bytes)")

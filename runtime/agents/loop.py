@@ -52,7 +52,7 @@ RULES = (
     "Trade rights (cpu_rate, llm_rate, disk_quota, memory_quota, llm_budget): transfer with an asset, "
     "offer some for a price, or accept_offer an open offer by its id. "
     "write_artifact may set readable: public, owner, price:N, allow:agent or contract:artifact. "
-    "subscribe runs your code on every event of a kind, at your cost. "
+    "subscribe runs your code on every event of a kind, at your cost; unsubscribe with its trigger id ends it. "
     "sponsor pays CPU for others' runs of your code; invoke_artifact with charge_to owner uses that."
 )
 

@@ -34,6 +34,8 @@ def _action(kind: str, **props: Any) -> dict[str, Any]:
 
 #: An offer id `<agent>.<name>`: at most 64 characters in all, as the action's own type allows.
 _OFFER = {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,23}[.][A-Za-z0-9_.-]{1,39}$"}
+#: A trigger id as ``runtime.world.triggers`` makes them: ``trig-<agent>-<run>-<n>``.
+_TRIGGER = {"type": "string", "pattern": "^trig-[a-z][a-z0-9_-]{0,23}-[A-Za-z0-9_.-]{1,60}$"}
 _RIGHT = {"enum": ["cpu_rate", "llm_rate", "disk_quota", "memory_quota", "llm_budget"]}
 _PRICE = {"enum": [0, 1, 2, 5, 10, 20, 50]}
 #: Rights come in very different units (millicores, tokens/s, bytes, micro-dollars).
@@ -61,6 +63,7 @@ ACTION_SCHEMA: dict[str, Any] = {
         _action("cancel_offer", offer=_OFFER),
         _action("submit", task=_ID, id=_ID),
         _action("subscribe", id=_ID, on={"type": "string", "pattern": "^[a-z_]{1,32}$"}),
+        _action("unsubscribe", trigger=_TRIGGER),
         _action("remember", text=_TEXT),
         _action("recall", query=_TEXT),
         _action("sleep", seconds={"enum": [1, 2, 5, 10, 30]}),

@@ -422,6 +422,11 @@ class World:
             raise InvokeError("not_code", f"artifact `{art.id}` is {art.kind}, not code")
         return await self.triggers.subscribe(agent, art.id, kind, actor, about)
 
+    async def unsubscribe(self, agent: str, trigger_id: str) -> None:
+        """``agent`` ends one of its own triggers for good (an ``EndTrigger`` op); ``not_found`` if it has
+        no such trigger standing."""
+        await self.triggers.cancel(agent, trigger_id)
+
     async def sponsor(self, agent: str, artifact_id: str, cpu_seconds: float) -> None:
         """``agent`` pays, from now on, up to ``cpu_seconds`` of CPU in all for others' invocations of its
         artifact that ask to be charged to the owner (replacing what was left; 0 stops). A ledger

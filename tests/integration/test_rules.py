@@ -22,14 +22,17 @@ from runtime.actions import (
     SubmitTask,
     Subscribe,
     TransferScrip,
+    Unsubscribe,
     WriteArtifact,
     perform,
 )
 from runtime.agents.schema import ACTION_SCHEMA
 from runtime.config import BudgetConfig, Config, TaskConfig, load
 from runtime.economy.ledger import AwardTask, LedgerError
+from runtime.economy.ledger import Subscribe as LedgerSubscribe
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.errors import AecoError
 from runtime.world.access import CONTRACT_CPU_S, CONTRACT_WALL_S
 from runtime.world.store import StoreError
 from runtime.world.tasks import TaskError, blob_id
@@ -378,6 +381,42 @@ def test_triggers_and_sponsorships_stand_across_a_restart(tmp_path: Path) -> Non
 
     with_world(tmp_path, before)
     with_world(tmp_path, after)
+    _ledger_ok(tmp_path)
+
+
+def test_an_agent_ends_its_own_trigger_with_the_unsubscribe_action_and_no_one_else_can(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        assert w.events is not None
+        led = w.economy.ledger
+        await w.write_artifact("carol", "watcher", b"world.result(world.args['fields']['id'])", kind="code")
+        done = await perform(w, "bob", Subscribe(id="watcher", on="artifact_written", actor="alice"))
+        trigger = done.text.split(" as ")[-1]
+        # The id the agent was told is one the grammar lets a model write back.
+        [variant] = [v for v in ACTION_SCHEMA["anyOf"] if v["properties"]["kind"]["const"] == "unsubscribe"]
+        assert re.fullmatch(variant["properties"]["trigger"]["pattern"], trigger), trigger
+        since = await w.events.last_seq_async()
+        await w.write_artifact("alice", "one", b"x")
+        fired = await w.events.wait("carol", kinds={"artifact_invoked"}, since=since, timeout=60)
+        assert [e.fields["by"] for e in fired] == ["bob"]
+        with pytest.raises(AecoError) as err:  # only its subscriber ends it
+            await perform(w, "alice", Unsubscribe(trigger=trigger))
+        assert err.value.code == "not_found"
+        assert (await perform(w, "bob", Unsubscribe(trigger=trigger))).text == f"ended trigger {trigger}"
+        assert [r for r in led.standing() if isinstance(r, LedgerSubscribe)] == []
+        with pytest.raises(AecoError) as err:  # and once
+            await perform(w, "bob", Unsubscribe(trigger=trigger))
+        assert err.value.code == "not_found"
+        # Ended: a matching event fires nothing any more; a trigger still standing (alice's, on the same
+        # events) fires, so the event was routed.
+        ended = w.triggers.triggers[trigger]
+        await w.subscribe("alice", "watcher", "artifact_written", actor="alice")
+        since = await w.events.last_seq_async()
+        await w.write_artifact("alice", "two", b"x")
+        fired = await w.events.wait("carol", kinds={"artifact_invoked"}, since=since, timeout=60)
+        assert [e.fields["by"] for e in fired] == ["alice"]
+        assert (ended.state, ended.fired) == ("cancelled", 1) and w.triggers.tasks[0].done()
+
+    with_world(tmp_path, body)
     _ledger_ok(tmp_path)
 
 

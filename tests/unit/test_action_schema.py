@@ -35,6 +35,7 @@ EXAMPLES: list[dict[str, Any]] = [
     {"kind": "cancel_offer", "offer": "alice.n1-50.3f2a9c1d0b7e.4"},
     {"kind": "submit", "task": "double", "id": "tool"},
     {"kind": "subscribe", "id": "tool", "on": "transfer"},
+    {"kind": "unsubscribe", "trigger": "trig-alice-n1.3f2a9c1d0b7e-4"},
     {"kind": "remember", "text": "x"},
     {"kind": "recall", "query": "x"},
     {"kind": "sleep", "seconds": 5},
@@ -63,7 +64,7 @@ def test_every_variant_of_the_schema_decodes_to_its_action() -> None:
 def test_the_schema_compiles_to_a_grammar() -> None:
     gbnf = pytest.importorskip("llama_cpp.llama_grammar")
     grammar = gbnf.json_schema_to_gbnf(json.dumps(ACTION_SCHEMA))
-    for kind in ("accept_offer", "submit", "subscribe", "offer", "sponsor"):
+    for kind in ("accept_offer", "submit", "subscribe", "unsubscribe", "offer", "sponsor"):
         assert kind in grammar
 
 

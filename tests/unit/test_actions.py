@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import get_args
 
-from runtime.actions import ReadableText, RightAsset, TradeAsset
-from runtime.economy.ledger import ASSETS
+from runtime.actions import ReadableText, RightAsset, TradeAsset, TriggerIdText
+from runtime.economy.ledger import ASSETS, TriggerId
 from runtime.world.store import READABLE_PATTERN
 
 
@@ -16,3 +16,7 @@ def test_the_actions_name_exactly_the_ledger_assets() -> None:
 
 def test_the_write_action_takes_exactly_the_store_s_access_policies() -> None:
     assert get_args(ReadableText)[1].pattern == READABLE_PATTERN
+
+
+def test_the_unsubscribe_action_takes_exactly_the_ledger_s_trigger_ids() -> None:
+    assert get_args(TriggerIdText)[1].pattern == get_args(TriggerId)[1].pattern
