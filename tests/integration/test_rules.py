@@ -34,7 +34,7 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.errors import AecoError
 from runtime.world.access import CONTRACT_CPU_S, CONTRACT_WALL_S
-from runtime.world.store import StoreError
+from runtime.world.store import Kind, StoreError
 from runtime.world.tasks import TaskError, blob_id
 from runtime.world.world import InvokeError, World
 from tests.integration.test_world import with_world
@@ -185,6 +185,14 @@ def _cpu_charged(w: World, agent: str) -> float:
     return w.economy.pool.accounts.agents[agent].cpu_seconds if agent in w.economy.pool.accounts.agents else 0.0
 
 
+async def _behind_contract(
+    w: World, contract: str, code: bytes, guarded: str, content: bytes, kind: Kind = "data"
+) -> None:
+    """alice's artifact ``guarded``, readable as her code artifact ``contract`` answers."""
+    await w.write_artifact("alice", contract, code, kind="code")
+    await w.write_artifact("alice", guarded, content, kind=kind, readable=f"contract:{contract}")
+
+
 def test_an_allow_list_and_a_read_price_are_kept(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         led = w.economy.ledger
@@ -209,8 +217,7 @@ def test_an_allow_list_and_a_read_price_are_kept(tmp_path: Path) -> None:
 
 def test_a_contract_that_denies_blocks_the_read_and_the_caller_pays_for_the_check(tmp_path: Path) -> None:
     async def body(w: World) -> None:
-        await w.write_artifact("alice", "gate", b"world.result(world.args['caller'] == 'bob')", kind="code")
-        await w.write_artifact("alice", "vault", b"the combination", readable="contract:gate")
+        await _behind_contract(w, "gate", b"world.result(world.args['caller'] == 'bob')", "vault", b"the combination")
         carol_before = _cpu_charged(w, "carol")
         with pytest.raises(StoreError) as err:
             await perform(w, "carol", ReadArtifact(id="vault"))
@@ -230,8 +237,8 @@ def test_a_contract_that_denies_blocks_the_read_and_the_caller_pays_for_the_chec
         await perform(w, "carol", ReadArtifact(id="vault"))
         assert w.access.contract_runs == 3
         # Invocation is an action the contract rules too.
-        await w.write_artifact("alice", "strict", b"world.result(world.args['action'] == 'read')", kind="code")
-        await w.write_artifact("alice", "tool", b"world.result(1)", kind="code", readable="contract:strict")
+        strict = b"world.result(world.args['action'] == 'read')"
+        await _behind_contract(w, "strict", strict, "tool", b"world.result(1)", kind="code")
         await perform(w, "bob", ReadArtifact(id="tool"))
         with pytest.raises(StoreError, match="denies bob to invoke"):
             await w.invoke_artifact("bob", "tool")
@@ -242,8 +249,7 @@ def test_a_contract_that_denies_blocks_the_read_and_the_caller_pays_for_the_chec
 
 def test_a_contract_that_loops_is_cut_at_its_deadline_and_denies(tmp_path: Path) -> None:
     async def body(w: World) -> None:
-        await w.write_artifact("alice", "spin", b"while True:\n    pass", kind="code")
-        await w.write_artifact("alice", "locked", b"x", readable="contract:spin")
+        await _behind_contract(w, "spin", b"while True:\n    pass", "locked", b"x")
         t0 = time.monotonic()
         with pytest.raises(StoreError) as err:
             await perform(w, "bob", ReadArtifact(id="locked"))
@@ -251,7 +257,13 @@ def test_a_contract_that_loops_is_cut_at_its_deadline_and_denies(tmp_path: Path)
         assert err.value.code == "forbidden"
         assert elapsed < CONTRACT_WALL_S + 3.0, elapsed
         # The loop's CPU, cut at the contract's limit, is bob's.
-        assert CONTRACT_CPU_S * 0.5 < _cpu_charged(w, "bob") < CONTRACT_CPU_S + 2.0
+        charged = _cpu_charged(w, "bob")
+        assert CONTRACT_CPU_S * 0.5 < charged < CONTRACT_CPU_S + 2.0
+        # The denial is this contract version's answer: asked again, it is the cached one, at no cost.
+        with pytest.raises(StoreError):
+            await perform(w, "bob", ReadArtifact(id="locked"))
+        assert (w.access.contract_runs, w.access.cache_hits) == (1, 1) and _cpu_charged(w, "bob") == charged
+        assert (await perform(w, "alice", ReadArtifact(id="locked"))).text.endswith("x")  # the owner is not asked
 
     with_world(tmp_path, body)
     _ledger_ok(tmp_path)
@@ -481,8 +493,7 @@ def test_an_owner_pays_for_others_runs_only_up_to_what_it_sponsors(tmp_path: Pat
 def test_a_contract_answer_for_any_caller_is_asked_once_even_by_concurrent_callers(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         gate = b"world.result({'allow': world.args['action'] == 'read', 'any_caller': True})"
-        await w.write_artifact("alice", "gate", gate, kind="code")
-        await w.write_artifact("alice", "board", b"open to all readers", readable="contract:gate")
+        await _behind_contract(w, "gate", gate, "board", b"open to all readers")
         # Asked at once by many: one run, whose answer every caller then uses.
         await asyncio.gather(*(perform(w, agent, ReadArtifact(id="board")) for agent in ("bob", "carol") * 3))
         await perform(w, "alice", ReadArtifact(id="board"))  # the owner is not asked at all
