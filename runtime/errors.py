@@ -32,8 +32,10 @@ servers and engines    ``unavailable`` (PostgreSQL, Redis, an embedder), ``model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import os
 import signal
 import sys
 import traceback
@@ -202,9 +204,21 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _stop_starting(signum: int, frame: FrameType | None) -> None:
-    report(f"stopped by {signal.Signals(signum).name} while starting (nothing was opened)")
-    raise SystemExit(128 + signum)
+def _stop_starting(signum: int, frame: FrameType | None) -> NoReturn:
+    # The process ends here, with os._exit, not by raising SystemExit: the handler runs wherever the main
+    # thread is, and an exception raised inside a finalizer (a ``ZipFile.__del__`` that importlib.metadata
+    # leaves to the garbage collector runs during the supervisor's imports) is printed as ignored while
+    # the start goes on — it then ran for good, its signal spent (seen once, under load). Nothing is open
+    # yet, so nothing needs closing; the line is written unbuffered, as a write this signal interrupted
+    # may hold stderr's buffer.
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    line = f"error: stopped by {signal.Signals(signum).name} while starting (nothing was opened)\n"
+    with contextlib.suppress(OSError):
+        os.write(2, line.encode())
+    os._exit(128 + signum)
 
 
 def command(module: str, argv: list[str] | None = None, *, quiet_until_loop: bool = False) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from runtime import config as config_mod
 from runtime.economy.ledger.rules import MAX_SUPPLY
 from runtime.ops import preflight
-from tests.harness import python_m, start_supervisor, tmpfs
+from tests.harness import ROOT, python_m, start_supervisor, tmpfs
 
 AGENT = "{id: a, workload: [{kind: echo}]}"
 
@@ -190,6 +191,62 @@ def test_a_signal_at_any_moment_of_the_start_stops_it_without_a_traceback(sig: s
     check = python_m("runtime.admin", "--data-dir", str(data), "check")
     assert not (data / "ledger").exists() or "all invariants hold" in check.stdout, check.stdout + check.stderr
     print(f"{sig.name}: exit codes by delay {codes}")
+
+
+#: The steps of a start, in order (``tests.signal_at_step`` sends the signal as one is entered): the
+#: imports' end and ``main`` up to the loop, where a signal ends the process with one line; then, the
+#: loop's handlers installed, each part the node opens and starts, where it stops cleanly with a summary.
+#: ``in-finalizer:``: the signal lands in a ``__del__`` the garbage collector runs there, as it did in a
+#: ``ZipFile`` left by importlib.metadata — the exit raised there was swallowed and the start ran on.
+START_STEPS = [
+    "in-finalizer:runtime.config:load",
+    "runtime.config:load",
+    "runtime.host.limits:detect",
+    "runtime.ops.preflight:check",
+    "in-finalizer:asyncio:run",
+    "runtime.ops.preflight:claim_data_dir",
+    "runtime.node:open_backends",
+    "runtime.pool.pool:WorkerPool.start",
+    "runtime.node:recover",
+    "runtime.node:post_tasks",
+    "runtime.node:Node.start_agents",
+    "runtime.ops.supervisor:write_status",
+]
+#: How long after its signal a supervisor may take to end: a clean stop closes the pool and the stores
+#: (a few seconds here, more on a loaded host); a start that lost its signal never ends.
+EXIT_BOUND_S = 45.0
+
+
+@pytest.mark.parametrize("step", START_STEPS)
+def test_a_signal_at_each_step_of_the_start_ends_the_process_within_a_bound(step: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    cfg = tmp_path / "start.yaml"
+    cfg.write_text(
+        f"data_dir: {data}\nmetrics_port: 0\nagents:\n  - {{id: a, pause_ms: 50, workload: [{{kind: echo}}]}}\n"
+    )
+    argv = ["tests.signal_at_step", step, "SIGTERM", "--config", str(cfg), "--no-live"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=EXIT_BOUND_S + 120)  # the start before the step, then the bound
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"still running long after SIGTERM at {step}: {err[-3000:]}")
+    ended = time.monotonic()
+    signalled = [float(line.split()[-1]) for line in err.splitlines() if line.startswith("signalled at ")]
+    assert len(signalled) == 1, f"the start never reached {step}: {err[-3000:]}"
+    assert ended - signalled[0] < EXIT_BOUND_S, (step, ended - signalled[0])
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    if step.endswith((":load", ":detect", ":check", ":run")):  # before the loop: one line, nothing opened
+        assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-3000:])
+        assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM while starting (nothing was opened)"
+        assert not (data / "ledger").exists()
+    else:  # the loop's: a clean stop, its summary written, the ledger whole
+        assert proc.returncode == 0 and "usage summary: " in out, (proc.returncode, out[-2000:], err[-3000:])
+        check = python_m("runtime.admin", "--data-dir", str(data), "check")
+        assert check.returncode == 0 and "all invariants hold" in check.stdout, check.stdout + check.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
