@@ -48,11 +48,11 @@ DEFAULT_PERSONA = (
 )
 #: What every LLM agent is told of the economy's rules, after its persona: one line per way to earn or trade.
 RULES = (
-    "Earn scrip by solving tasks: write a code artifact, then submit it (kind submit, task, id). "
+    "Earn scrip by solving tasks: write code, then submit it (kind submit, task, id). "
     "Trade rights (cpu_rate, llm_rate, disk_quota, memory_quota, llm_budget): transfer with an asset, "
-    "offer some for a price, or accept_offer an open offer by its id. "
+    "offer some for a price, or accept_offer one by its id. "
     "write_artifact may set readable: public, owner, price:N, allow:agent or contract:artifact. "
-    "subscribe runs your code on every event of a kind, at your cost; unsubscribe with its trigger id ends it. "
+    "subscribe runs your code on each event of a kind, at your cost; unsubscribe ends it. "
     "sponsor pays CPU for others' runs of your code; invoke_artifact with charge_to owner uses that."
 )
 
