@@ -59,11 +59,6 @@ class Trigger(Struct, kw_only=True):
         """The trigger's id (what ``cancel`` takes)."""
         return self.record.trigger
 
-    @property
-    def subscriber(self) -> str:
-        """The agent it runs as and charges."""
-        return self.record.subscriber
-
     def matches(self, event: Event) -> bool:
         """Whether ``event`` should fire this trigger."""
         f, r = event.fields, self.record
@@ -131,7 +126,7 @@ class Triggers:
     async def cancel(self, subscriber: str, trigger_id: str) -> None:
         """Stop one of ``subscriber``'s triggers, for good."""
         trigger = self.triggers.get(trigger_id)
-        if trigger is None or trigger.subscriber != subscriber or trigger.state != "active":
+        if trigger is None or trigger.record.subscriber != subscriber or trigger.state != "active":
             raise AecoError(f"`{subscriber}` has no trigger `{trigger_id}`", code="not_found")
         trigger.state = "cancelled"
         self._task_of[trigger_id].cancel()
@@ -141,7 +136,7 @@ class Triggers:
     async def _end(self, trigger: Trigger, reason: str) -> None:
         state: Literal["cancelled", "suspended"] = "cancelled" if trigger.state == "cancelled" else "suspended"
         op = EndTrigger(
-            id=f"end:{trigger.id}", trigger=trigger.id, subscriber=trigger.subscriber, state=state, reason=reason
+            id=f"end:{trigger.id}", trigger=trigger.id, subscriber=trigger.record.subscriber, state=state, reason=reason
         )
         await self.world.economy.ledger.submit_async(op)
 
@@ -162,13 +157,14 @@ class Triggers:
                     queue.put_nowait(e)
 
     async def _run(self, trigger: Trigger, queue: asyncio.Queue[Event]) -> None:
+        r = trigger.record
         while True:
             event = await queue.get()
             if trigger.state != "active":  # suspended or cancelled meanwhile
                 break
             args = {"seq": event.seq, "kind": event.kind, "agent": event.agent, "fields": event.fields}
             try:
-                await self.world.invoke_artifact(trigger.subscriber, trigger.record.artifact, args)
+                await self.world.invoke_artifact(r.subscriber, r.artifact, args)
                 trigger.fired += 1
             except AecoError as exc:
                 if exc.code in ("insufficient_funds", "not_found", "forbidden", "not_code"):
@@ -179,7 +175,7 @@ class Triggers:
                     except AecoError as why:  # it stands in the ledger, and is suspended again after a restart
                         log.warning("could not record that trigger %s is suspended: %s", trigger.id, why)
                     self.world.emit(
-                        "trigger_suspended", {"agent": trigger.subscriber, "trigger": trigger.id, "reason": reason}
+                        "trigger_suspended", {"agent": r.subscriber, "trigger": trigger.id, "reason": reason}
                     )
                 else:
                     trigger.failed += 1

@@ -381,7 +381,8 @@ def test_triggers_and_sponsorships_stand_across_a_restart(tmp_path: Path) -> Non
     async def after(w: World) -> None:
         assert w.events is not None
         # The trigger bob left standing runs again (the cancelled one does not); the sponsorship's rest holds.
-        assert [(t.id, t.subscriber, t.state) for t in w.triggers.triggers.values()] == [(trigger[0], "bob", "active")]
+        standing = [(t.id, t.record.subscriber, t.state) for t in w.triggers.triggers.values()]
+        assert standing == [(trigger[0], "bob", "active")]
         assert w.sponsored == {("alice", "hello"): pytest.approx(left[0])} and 0 < left[0] < 5.0
         since = await w.events.last_seq_async()
         await w.write_artifact("alice", "after", b"x")
