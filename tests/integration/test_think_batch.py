@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from native.batch import BatchDecoder, Request
-from native.llama import LlamaBackend
+from native.llama import InvalidOutput, LlamaBackend
 from runtime.agents.loop import DEFAULT_PERSONA, RULES
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, parse_action
 from runtime.economy.buckets import Buckets, Estimator
@@ -63,9 +63,14 @@ def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> Non
         tokens, _ = llm.chat_tokens(SYSTEM, _prompt(3))
         single = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=MAX_TOKENS, seed=3)
         assert len(tokens) == single.prompt_tokens
-        # Greedy decoding of one sequence follows the single path's completion token for token.
-        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, MAX_TOKENS, temperature=0.0)])
-        alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=MAX_TOKENS, temperature=0.0)
+        # Greedy decoding of one sequence follows the single path's completion token for token. Over the
+        # first 48 tokens: a long greedy run of the random test model meets near-ties, which the batched
+        # and the single path's float sums may break differently (seen past ~100 tokens with some prompts).
+        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, 48, temperature=0.0)])
+        try:
+            alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=48, temperature=0.0)
+        except InvalidOutput as cut:  # cut off mid-JSON at 48 tokens: the text so far is what is compared
+            alone = cut.generation
         assert greedy[0].generation.text == alone.text
     finally:
         decoder.close()
