@@ -21,7 +21,8 @@ from runtime.errors import AecoError, ErrorCode
 #: 2: typed inner messages (``ThinkReport``, ``InvokeReport``, ``WorldCall``/``WorldAnswer``).
 #: 3: ``Hello`` carries the secret the supervisor handed the worker (``WorkerKeys``).
 #: 4: the ``think_batch`` task (``ThinkBatch``/``ThinkBatchReport``).
-PROTOCOL_VERSION = 4
+#: 5: ``StopThink`` (one think of a running batch stopped, the others go on).
+PROTOCOL_VERSION = 5
 
 _R = TypeVar("_R")
 PositiveInt = Annotated[int, Meta(gt=0)]

@@ -62,7 +62,7 @@ ACTION_SCHEMA: dict[str, Any] = {
         _action("accept_offer", offer=_OFFER),
         _action("cancel_offer", offer=_OFFER),
         _action("submit", task=_ID, id=_ID),
-        _action("subscribe", id=_ID, on={"type": "string", "pattern": "^[a-z_]{1,32}$"}),
+        _action("subscribe", id=_ID, on={"type": "string", "pattern": "^[a-z][a-z_]{0,31}$"}),
         _action("unsubscribe", trigger=_TRIGGER),
         _action("remember", text=_TEXT),
         _action("recall", query=_TEXT),

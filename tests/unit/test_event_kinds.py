@@ -8,8 +8,9 @@ from pathlib import Path
 from runtime.world.events import KINDS
 
 RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
-#: A literal kind handed to the event log (``emit``, ``publish``, ``submit``) or to the buckets' ``on_event``.
-EMITTED = re.compile(r"\b(?:emit|publish|submit)\(\s*\"([a-z_]+)\"|\"(agent_(?:un)?blocked)\"")
+#: A literal kind handed to the event log (``emit``, ``publish``, ``submit``, ``submit_async``) or to the
+#: buckets' ``on_event``.
+EMITTED = re.compile(r"\b(?:emit|publish|submit|submit_async)\(\s*\"([a-z_]+)\"|\"(agent_(?:un)?blocked)\"")
 
 
 def test_every_kind_emitted_is_documented_and_every_documented_kind_is_emitted() -> None:
