@@ -136,6 +136,14 @@ class LlmConfig(_Section, frozen=True):
     #: by the tokens it reports, and in dollars (``prices``) against each agent's ``llm_budget_usd``.
     endpoint: str = ""
     prices: dict[str, ModelPrice] = {}
+    #: Most thinks one worker decodes together (``think_batch`` tasks, ``runtime.agents.batcher``); ``auto``
+    #: sizes it from the memory a worker may add (``runtime.host.limits``); 1 runs each think alone.
+    think_batch: Annotated[int, Meta(ge=1, le=64)] | Literal["auto"] = "auto"
+    #: How long an admitted think waits for others to join its batch while some agent that could join has
+    #: not asked yet: longer makes larger batches (less CPU per token), shorter answers sooner.
+    think_batch_wait_s: Annotated[float, Meta(ge=0, le=10)] = 0.2
+    #: With ``endpoint``: most requests in flight at once, made from the supervisor (no worker is held).
+    remote_inflight: Annotated[int, Meta(ge=1, le=256)] = 8
 
 
 class EconomyConfig(_Section, frozen=True):

@@ -13,7 +13,8 @@ Start (each step needs the ones before it)::
                      their final CPU
     pool             workers spawned and connected
     economy, world   charging every task; the agent-facing surface
-    memory, agents   built, not yet running (``start_agents``); those the operator left paused are
+    memory, agents   built, not yet running (``start_agents``), LLM agents thinking through one
+                     ``ThinkBatcher``; those the operator left paused are
                      paused again, a rollback made while stopped announced
                      (``replay_operator``)
 
@@ -35,6 +36,7 @@ import msgspec
 
 from runtime import config as config_mod
 from runtime.actions import RecallMemories, Remember
+from runtime.agents.batcher import ThinkBatcher
 from runtime.agents.loop import DEFAULT_PERSONA, Agent, Brain, LlmBrain, ScriptedBrain
 from runtime.agents.placeholder import PlaceholderAgent
 from runtime.backends import Backends, open_backends
@@ -85,8 +87,8 @@ async def replay_operator(store: Store, events: Events, emit: Emit, agents: Sequ
     return [a.id for a in again]
 
 
-def make_agent(a: AgentConfig, cfg: Config, world: World) -> AnyAgent:
-    """The configured kind of agent, with its brain."""
+def make_agent(a: AgentConfig, cfg: Config, world: World, batcher: ThinkBatcher | None = None) -> AnyAgent:
+    """The configured kind of agent, with its brain (an LLM's thinks through ``batcher`` when given)."""
     if a.brain == "placeholder":
         return PlaceholderAgent(a, world)
     brain: Brain
@@ -102,7 +104,10 @@ def make_agent(a: AgentConfig, cfg: Config, world: World) -> AnyAgent:
             endpoint=cfg.llm.endpoint,
             price_prompt_per_1k=price.prompt_per_1k,
             price_completion_per_1k=price.completion_per_1k,
+            batcher=batcher,
         )
+        if batcher is not None:
+            batcher.expect([a.id])
     return Agent(a.id, brain, world)
 
 
@@ -150,6 +155,7 @@ class Node:
         self._stopper: asyncio.Future[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._started = False
+        self.batcher: ThinkBatcher | None = None
 
     # The parts, set by ``start``.
     backends: Backends
@@ -213,7 +219,15 @@ class Node:
             # Always a mint: the operator may post tasks into the ledger, before a start or while it runs.
             post_tasks(ledger, cfg.tasks)
             self.world.mint = TaskMint(self.world, cfg.tasks, cfg.budget.scrip_supply_cap, emit)
-            self.agents = [make_agent(a, cfg, self.world) for a in cfg.agents]
+            # LLM agents' thinks go in batches, one per worker at a time (or, for a server, from here).
+            self.batcher = ThinkBatcher(
+                self.economy,
+                think_batch=self.sizing.think_batch,
+                lanes=self.pool.size,
+                wait_s=cfg.llm.think_batch_wait_s,
+                remote_inflight=cfg.llm.remote_inflight,
+            )
+            self.agents = [make_agent(a, cfg, self.world, self.batcher) for a in cfg.agents]
             # What agents left standing in an earlier run: sponsorships, and this node's agents' triggers.
             self.world.restore({a.id for a in self.agents})
             if paused := await replay_operator(self.backends.store, self.backends.events, emit, self.agents):
@@ -251,6 +265,8 @@ class Node:
     async def _stop_running(self) -> None:
         if hasattr(self, "pool"):
             await self.pool.close()
+        if self.batcher is not None:  # its batches ended with the pool, charged
+            await self.batcher.close()
         if self.runners:
             _, stuck = await asyncio.wait(self.runners, timeout=AGENT_STOP_S)
             for r in stuck:

@@ -32,6 +32,7 @@ from runtime.actions import (
     WriteArtifact,
     perform,
 )
+from runtime.agents.batcher import ThinkBatcher
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
 from runtime.economy.charging import Economy
 from runtime.economy.dollars import RunBudgetSpent
@@ -105,7 +106,8 @@ class BudgetSpent(AecoError):
 
 class LlmBrain:
     """Thinks with the worker's llama.cpp model (or an OpenAI-compatible server), constrained to the
-    action schema."""
+    action schema: through ``batcher`` (in a batch with other agents' thinks, or a request from the
+    supervisor to a server) when there is one, else as a ``think`` task of its own."""
 
     def __init__(
         self,
@@ -117,8 +119,10 @@ class LlmBrain:
         endpoint: str = "",
         price_prompt_per_1k: float = 0.0,
         price_completion_per_1k: float = 0.0,
+        batcher: ThinkBatcher | None = None,
     ) -> None:
         self.economy = economy
+        self.batcher = batcher
         self.persona = persona
         self.model = model
         self.max_tokens = max_tokens
@@ -141,8 +145,10 @@ class LlmBrain:
             price_prompt_per_1k=self.prices[0],
             price_completion_per_1k=self.prices[1],
         )
-        out = await self.economy.run(agent, spec)
-        report = decode_think(out.output)
+        if self.batcher is not None:
+            report = await self.batcher.think(agent, spec)
+        else:
+            report = decode_think((await self.economy.run(agent, spec)).output)
         try:
             return Thought(parse_action(report.text), tokens=report.tokens)
         except InvalidAction as exc:

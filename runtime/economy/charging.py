@@ -9,19 +9,28 @@ operation; what waits too long for a task is charged on its own by ``flush_super
 ``Economy.run_batch`` runs several agents' thinks as one ``think_batch`` task: each agent is admitted
 by its own buckets first; the batch's measured CPU, occupancy and memory are split among them by the
 work each sequence caused (``runtime.economy.split``), exactly, and each agent's usage record names
-the batch.
+the batch. ``Economy.admit_think`` admits one agent's think ahead of a batch formed later
+(``runtime.agents.batcher``).
+
+``Economy.run_here`` runs a think against a remote server from the supervisor (a thread of a bounded
+executor: a worker waiting on a socket is not thinking): charged the tokens and dollars the server
+reports and, as supervisor CPU attributed to the agent, what the request cost here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures as cf
 import contextlib
 import contextvars
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import msgspec
 
 from runtime.economy.buckets import Buckets, BucketState, Estimator
 from runtime.economy.dollars import DollarCap, worst_case_microusd
@@ -29,6 +38,7 @@ from runtime.economy.ledger import Asset, Ledger, LedgerError, Receipt, RecordUs
 from runtime.economy.metering import AgentMeter
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.economy.split import split_exact, weights
+from runtime.economy.thinking import ThinkFigures
 from runtime.pool import Outcome, RunningTask, Serve, TaskFailed, WorkerPool
 from runtime.pool.accounting import TaskUsage
 from runtime.protocol import (
@@ -38,12 +48,15 @@ from runtime.protocol import (
     Think,
     ThinkBatch,
     ThinkBatchReport,
+    ThinkReport,
     decode_think,
     decode_think_batch,
     kind_of,
 )
 
 log = logging.getLogger("runtime.economy.charging")
+
+T = TypeVar("T")
 
 
 def charge(
@@ -204,6 +217,8 @@ class Economy:
         #: a lock held while a task takes its limit or a trade shrinks the agent's ``memory_quota``.
         self._memory_held: dict[str, collections.Counter[int]] = {}
         self._memory_locks: dict[str, asyncio.Lock] = {}
+        #: Batches, thinks at once, prefix reuse and remote requests in flight (status and metrics).
+        self.thinking = ThinkFigures()
 
     def _memory_lock(self, agent: str) -> asyncio.Lock:
         lock = self._memory_locks.get(agent)
@@ -244,18 +259,64 @@ class Economy:
         model first reserves its worst case under the run's dollar cap (``RunBudgetSpent`` when it does
         not fit), and settles it with what the charge recorded.
         """
+        return await self._capped(agent, spec, lambda: self._run(agent, spec, timeout_s, serve))
+
+    async def _capped(self, agent: str, spec: TaskSpec, run: Callable[[], Awaitable[T]]) -> T:
+        """``run()``; for a think on a paid model, inside a reservation of its worst case under the run's
+        dollar cap (``RunBudgetSpent`` when it does not fit), settled with what its charges recorded."""
         cap = self.dollars
         if cap is None or not isinstance(spec, Think) or not (spec.price_prompt_per_1k or spec.price_completion_per_1k):
-            return await self._run(agent, spec, timeout_s, serve)
+            return await run()
         hold = worst_case_microusd(spec)
         await cap.reserve(agent, hold)
         paid: list[int] = []
         token = _paid.set(paid)
         try:
-            return await self._run(agent, spec, timeout_s, serve)
+            return await run()
         finally:
             _paid.reset(token)
             await asyncio.shield(cap.settle(hold, sum(paid)))
+
+    async def admit_think(self, agent: str) -> None:
+        """Wait until ``agent``'s buckets admit a think (CPU and LLM tokens, on their estimates)."""
+        await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, "think"))
+        await self.buckets.acquire(agent, "llm_tokens", self.token_estimator.estimate(agent, "think"))
+
+    async def run_here(
+        self, agent: str, spec: Think, generate: Callable[[Think], bytes], executor: cf.Executor
+    ) -> ThinkReport:
+        """Run a think against a remote server (``spec.endpoint``) in the supervisor, as ``generate(spec)``
+        (a ``ThinkReport``, msgpack) in a thread of ``executor`` (its size bounds the requests in flight),
+        once the agent's buckets admit it and its worst case fits the dollar cap.
+
+        No worker is held. The CPU the call uses in its thread is the agent's (``AgentMeter.to_thread``)
+        and rides in its usage record (``<run>-<n>``, kind ``think``, no worker CPU) with the tokens and
+        dollars the server reported. A call that raises fails with ``TaskFailed`` (``task_error``), charged
+        what it cost here. Cancelled, the request is left to finish in its thread (its CPU there is then
+        the supervisor's overhead) and nothing else is charged.
+        """
+        return await self._capped(agent, spec, lambda: self._here(agent, spec, generate, executor))
+
+    async def _here(
+        self, agent: str, spec: Think, generate: Callable[[Think], bytes], executor: cf.Executor
+    ) -> ThinkReport:
+        await self.admit_think(agent)
+        task_id = f"{self.run_id}-{next(self._n)}"
+        nothing = TaskUsage(0.0, 0, 0, 0.0, 0, "none")
+        self.thinking.remote_started()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            output = await self.meter.to_thread(agent, generate, spec, executor=executor)
+        except Exception as exc:  # the backend's own error (unreachable, malformed answer) says why
+            usage = msgspec.structs.replace(nothing, wall_seconds=loop.time() - start)
+            await self._charge(agent, "think", task_id, usage, False, error="task_error")
+            raise TaskFailed("task_error", f"{type(exc).__name__}: {exc}", usage) from None
+        finally:
+            self.thinking.remote_ended()
+        usage = msgspec.structs.replace(nothing, wall_seconds=loop.time() - start)
+        await self._charge(agent, "think", task_id, usage, True, *_tokens(spec, output))
+        return decode_think(output)
 
     async def _run(self, agent: str, spec: TaskSpec, timeout_s: float | None, serve: Serve | None) -> Outcome:
         kind = kind_of(spec)
@@ -351,11 +412,19 @@ class Economy:
         self._queue_usage(record).add_done_callback(durable)
 
     async def run_batch(
-        self, agents: Sequence[str], spec: ThinkBatch, *, timeout_s: float | None = None
+        self,
+        agents: Sequence[str],
+        spec: ThinkBatch,
+        *,
+        timeout_s: float | None = None,
+        admitted: bool = False,
+        prefer: int = 0,
     ) -> tuple[Outcome, ThinkBatchReport]:
         """Run ``spec`` (one think per agent, in order) as one task once every agent's buckets admit
-        its think, and charge each agent its share of what the batch used (``split_usage``): one usage
-        record per agent, ``<batch>.<i>``, naming the batch ``<run>-b<n>``.
+        its think (``admitted``: the caller had each admitted already, ``admit_think``), and charge each
+        agent its share of what the batch used (``split_usage``): one usage record per agent,
+        ``<batch>.<i>``, naming the batch ``<run>-b<n>``. ``prefer``: the pid of the worker to run on
+        if it is idle (the one that kept these agents' last prompts).
 
         Raises ``TaskFailed`` (after charging what it used: a cancelled batch reports each
         sequence's work so far; a batch that reports nothing is split equally) when the batch failed.
@@ -363,17 +432,14 @@ class Economy:
         """
         if len(agents) != len(spec.thinks):
             raise ValueError(f"{len(agents)} agents for a batch of {len(spec.thinks)} thinks")
-        for agent in agents:
-            await self.buckets.acquire(agent, "cpu", self.estimator.estimate(agent, "think"))
-            await self.buckets.acquire(agent, "llm_tokens", self.token_estimator.estimate(agent, "think"))
+        if not admitted:
+            for agent in agents:
+                await self.admit_think(agent)
         batch = f"{self.run_id}-b{next(self._n)}"
-
-        async def dispatch() -> RunningTask:
-            # Queued as the first agent's (the pool's fair queue has one owner per task); the books
-            # charge it to all of them below.
-            return self.pool.begin(spec, agent=agents[0], timeout_s=timeout_s)
-
-        task = await dispatch()
+        # Queued as the first agent's (the pool's fair queue has one owner per task); the books
+        # charge it to all of them below (``_charge_batch``).
+        task = self.pool.begin(spec, agent=agents[0], timeout_s=timeout_s, prefer=prefer)
+        self.thinking.started(len(agents))
         try:
             out = await asyncio.shield(task.ended)
         except asyncio.CancelledError:
@@ -401,10 +467,13 @@ class Economy:
         ok: bool,
         error: str = "",
     ) -> None:
+        self.thinking.ended(report.work if usage is not None else [SeqWork(own_tokens=0) for _ in agents])
         if usage is None:
             return  # never reached a worker
+        shares = split_usage(usage, report)
+        self.pool.accounts.share(agents[0], usage, list(zip(agents, shares, strict=True)), ok)
         records = []
-        for i, (agent, share) in enumerate(zip(agents, split_usage(usage, report), strict=True)):
+        for i, (agent, share) in enumerate(zip(agents, shares, strict=True)):
             tokens = report.reports[i].tokens if i < len(report.reports) else 0
             record = self._record(agent, "think", f"{batch}.{i}", share, ok, tokens, error=error, batch=batch)
             assert record is not None  # a share of a measured usage

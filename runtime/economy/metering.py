@@ -35,6 +35,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
+import contextvars
+import functools
 import os
 import re
 import resource
@@ -146,10 +149,14 @@ class AgentMeter:
         """``metered``, as a coroutine (for ``create_task``)."""
         return await self.metered(agent, coro)
 
-    async def to_thread(self, agent: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``asyncio.to_thread(fn, …)``, with the CPU the call uses in its thread charged to ``agent``."""
+    async def to_thread(
+        self, agent: str, fn: Callable[..., T], /, *args: Any, executor: cf.Executor | None = None, **kwargs: Any
+    ) -> T:
+        """``asyncio.to_thread(fn, …)`` (in a thread of ``executor`` if given, else the loop's default),
+        with the CPU the call uses in its thread charged to ``agent``."""
+        loop, context = asyncio.get_running_loop(), contextvars.copy_context()  # as asyncio.to_thread does
         if not self.enabled:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await loop.run_in_executor(executor, functools.partial(context.run, fn, *args, **kwargs))
         spans: list[tuple[int, int]] = []
 
         def timed() -> T:
@@ -160,7 +167,7 @@ class AgentMeter:
                 spans.append((threading.get_native_id(), time.thread_time_ns() - t0))
 
         try:
-            return await asyncio.to_thread(timed)
+            return await loop.run_in_executor(executor, functools.partial(context.run, timed))
         finally:
             for tid, ns in spans:  # the thread has finished with the call: it appended before returning
                 self._add(agent, tid, ns, 1)

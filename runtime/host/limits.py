@@ -18,6 +18,9 @@ them into the runtime's sizes; every rule is here:
   the ratio of CPU capacities if the container changed; shared evenly by the ``auto`` agents after the
   explicit ones), else the default of the hardware class (``hardware_llm_rate``). Agents that do not
   think with a model get 0.
+- **Think batches** (``llm.think_batch: auto``): as many thinks as fit in what a task may add to a
+  worker, at ``KV_PER_THINK_MB`` of context each plus one for the prefix cache, at most
+  ``AUTO_THINK_BATCH``; ``AUTO_THINK_BATCH`` without a memory limit.
 
 Refusals are ``CapacityError`` with the numbers and the key to change.
 """
@@ -43,6 +46,13 @@ MIN_TASK_MEMORY_MB = 64
 #: Tokens/s per agent by CPU cores, linear between these points and flat beyond the ends: laptops
 #: (up to 4 cores) 5–10, desktops (8 cores: 13) 10–20, servers (16 cores and more) 20–50.
 RATE_BY_CORES: tuple[tuple[float, float], ...] = ((1.0, 5.0), (4.0, 10.0), (16.0, 20.0), (64.0, 50.0))
+#: ``think_batch: auto`` when memory allows: the CPU per token of a batched decode step falls steeply up to
+#: 8 sequences and little beyond (SmolLM2, one thread: 13.2 ms at 1, 6.5 at 8, 6.0 at 16; FACTS.md),
+#: while each sequence's context costs memory and a larger batch makes each think wait longer.
+AUTO_THINK_BATCH = 8
+#: Context memory one think of a batch holds in its worker: a 1,024-cell stream of SmolLM2-135M's KV
+#: cache (23 KB a cell; ``native.batch``), enough for the agents' prompts plus ``max_tokens``.
+KV_PER_THINK_MB = 24
 
 
 class CapacityError(AecoError, ValueError):
@@ -78,6 +88,9 @@ class Sizing(Struct, frozen=True):
     memory_quotas: dict[str, int]
     #: Where the rate of ``llm_rate: auto`` agents came from (empty: no such agent).
     llm_rate_source: str
+    #: Most thinks a worker decodes together (``llm.think_batch``), and why.
+    think_batch: int = 1
+    think_batch_rule: str = ""
 
 
 def hardware_class(cores: float) -> HardwareClass:
@@ -169,6 +182,7 @@ def plan(cfg: Config, limits: Limits, calibration: tuple[Calibration, Path] | No
         else:
             memory_quotas[a.id] = a.memory_quota_mb * _MB
     llm_rates, source = _llm_rates(cfg, limits, calibration)
+    think_batch, think_rule = _think_batch(cfg, task_max)
     return Sizing(
         workers=workers,
         workers_rule=rule,
@@ -178,7 +192,20 @@ def plan(cfg: Config, limits: Limits, calibration: tuple[Calibration, Path] | No
         llm_rates=llm_rates,
         memory_quotas=memory_quotas,
         llm_rate_source=source,
+        think_batch=think_batch,
+        think_batch_rule=think_rule,
     )
+
+
+def _think_batch(cfg: Config, task_max: int | None) -> tuple[int, str]:
+    """``llm.think_batch``, or for ``auto`` what fits in ``task_max`` bytes a task may add (see the rules)."""
+    if cfg.llm.think_batch != "auto":
+        return cfg.llm.think_batch, "configured"
+    if task_max is None:
+        return AUTO_THINK_BATCH, "auto: no memory limit"
+    fits = task_max // (KV_PER_THINK_MB * _MB) - 1  # one stream is the prefix cache
+    n = max(1, min(AUTO_THINK_BATCH, fits))
+    return n, f"auto: {fits} thinks of {KV_PER_THINK_MB} MiB fit the {_mb(task_max)} a task may add"
 
 
 def _llm_rates(cfg: Config, limits: Limits, calibration: tuple[Calibration, Path] | None) -> tuple[dict[str, int], str]:
@@ -219,10 +246,13 @@ def describe(limits: Limits, sizing: Sizing) -> list[str]:
     ]
     if sizing.llm_rate_source:
         lines.append(f"llm_rate auto: {sizing.llm_rate_source}")
+    lines.append(f"think_batch: {sizing.think_batch} ({sizing.think_batch_rule})")
     return lines
 
 
 __all__ = [
+    "AUTO_THINK_BATCH",
+    "KV_PER_THINK_MB",
     "CapacityError",
     "HardwareClass",
     "Limits",

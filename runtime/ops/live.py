@@ -176,6 +176,7 @@ def frame(
             else [f"limits: {st.cpu_capacity:g} CPUs, memory {limit}{probe_note}; {st.cgroups}"]
         ),
         "overhead: " + ", ".join(f"{k} {v:.2f} s" for k, v in over.items()),
+        *([economy.thinking.line()] if economy is not None and economy.thinking.any() else []),
         *(
             ["events: " + (", ".join(f"{k} {v}" for k, v in sorted(events.counts.items())) or "none")]
             if events is not None
@@ -197,8 +198,9 @@ def frame(
         container = (
             f"; {tot.actions_per_s:.1f} actions/s, ${tot.spent_usd:.4f} spent; container CPU {cpu_now}, memory {used}"
         )
+    thinking = sum(1 for a in agents if a.status == "thinking")
     line = (
-        f"[{elapsed_s:.0f} s] {len(agents)} agents ({busy} not blocked), {tasks_total} tasks; "
+        f"[{elapsed_s:.0f} s] {len(agents)} agents ({busy} not blocked, {thinking} thinking), {tasks_total} tasks; "
         f"pool {st.busy}/{st.live} busy, {st.queued} queued, {st.crashed} crashed{failure_note}{container}"
     )
     return Frame(rows=rows, footer=footer, line=line)

@@ -92,6 +92,7 @@ class RuntimeCollector(Collector):
             spent.add_metric([a.id], self.economy.spent_microusd.get(a.id, 0) / 1e6)
             left.add_metric([a.id], balances.get(a.id, {}).get("llm_budget", 0) / 1e6)
         yield from (actions, blocked, tokens, agent_cpu, occupancy, blocked_s, spent, left)
+        yield from self._thinking()
 
         st = self.pool.status()
         yield GaugeMetricFamily("aeco_pool_queue_depth", "Tasks waiting for a worker", st.queued)
@@ -129,6 +130,29 @@ class RuntimeCollector(Collector):
         )
         if self.ecology is not None:
             yield from self.ecology.metrics()
+
+    def _thinking(self) -> Iterator[Metric]:
+        """Batched thinking: batch sizes, thinks at once, prefix-cache hits, prompt tokens evaluated vs reused."""
+        t = self.economy.thinking
+        sizes = CounterMetricFamily("aeco_think_batches", "think_batch tasks ended, by their size", labels=["size"])
+        for size, n in sorted(t.sizes.items()):
+            sizes.add_metric([str(size)], n)
+        yield sizes
+        yield GaugeMetricFamily("aeco_thinks_batched_now", "Thinks in think_batch tasks running now", t.batched_now)
+        yield CounterMetricFamily(
+            "aeco_think_prefix_hits", "Batched thinks that started from tokens their worker kept", t.prefix_hits
+        )
+        prompt = CounterMetricFamily(
+            "aeco_think_prompt_tokens",
+            "Prompt tokens of batched thinks: evaluated, or reused (kept in a worker, or a prefix evaluated once)",
+            labels=["how"],
+        )
+        prompt.add_metric(["evaluated"], t.tokens_evaluated)
+        prompt.add_metric(["reused"], t.tokens_reused)
+        yield prompt
+        yield GaugeMetricFamily(
+            "aeco_remote_thinks_in_flight", "Requests to a remote model server in flight now", t.remote_now
+        )
 
     def _container(self, info: cg.CgroupInfo) -> Iterator[Metric]:
         """Memory limit, throttling, pressure and network of the container."""

@@ -22,6 +22,7 @@ import psutil
 from msgspec import Struct
 
 from runtime.economy.charging import Economy
+from runtime.economy.thinking import ThinkFigures
 from runtime.host import cgroups as cg
 from runtime.host.limits import Limits, Sizing
 from runtime.host.volume import Volume
@@ -170,6 +171,8 @@ class Snapshot(Struct, frozen=True):
     totals: Totals = Totals()
     #: The data volume's size, free space and the data directory's bytes (None: not measured).
     volume: Volume | None = None
+    #: Batched and remote thinking so far (None: no economy).
+    thinking: ThinkFigures | None = None
 
 
 class MeteredAgent(Protocol):
@@ -211,7 +214,10 @@ class Meter:
         per_agent = self.agents(pool, agents, economy, container.interval_s)
         if history:
             per_agent = [msgspec.structs.replace(a, history_bytes=history.get(a.id, 0)) for a in per_agent]
-        return Snapshot(limits, sizing, container, per_agent, totals(per_agent), volume)
+        thinking = None
+        if economy is not None:  # a copy: the economy's figures go on changing
+            thinking = msgspec.structs.replace(economy.thinking, sizes=dict(economy.thinking.sizes))
+        return Snapshot(limits, sizing, container, per_agent, totals(per_agent), volume, thinking)
 
     def container(self) -> ContainerStats:
         """The container now, with its CPU percent, throttled share and network rate since the previous call."""

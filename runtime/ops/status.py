@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 
 from runtime import config as config_mod
+from runtime.economy.thinking import ThinkFigures
 from runtime.errors import Parser, report
 from runtime.host.limits import Limits, Sizing
 from runtime.host.volume import Volume
@@ -46,6 +47,8 @@ class Status(msgspec.Struct):
     totals: Totals | None = None
     ecology: EcologyFigures | None = None
     volume: Volume | None = None
+    #: Batch sizes, thinks at once, prefix-cache hits, prompt tokens evaluated vs reused (``ThinkFigures``).
+    thinking: ThinkFigures | None = None
 
     @classmethod
     def of(cls, snap: Snapshot, table: str, running: bool, ecology: EcologyFigures | None = None) -> Status:
@@ -63,6 +66,7 @@ class Status(msgspec.Struct):
             snap.totals,
             ecology,
             snap.volume,
+            snap.thinking,
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from msgspec import Struct, field
@@ -330,6 +330,28 @@ class Accounts:
         w = self.workers.get(worker_pid)
         if w is not None:
             w.charged += cpu
+
+    def share(self, queued_as: str, usage: TaskUsage, shares: Sequence[tuple[str, TaskUsage]], ok: bool) -> None:
+        """A task several agents shared (a ``think_batch``), charged to ``queued_as`` by ``charge``, now
+        in each agent's totals as its share instead (the workers' books, which count the task once,
+        are unchanged): one task each, their CPU, occupancy and memory summing to ``usage``."""
+        t = self.agents.get(queued_as)
+        if t is not None and t.tasks:
+            t.tasks -= 1
+            t.failed -= 0 if ok else 1
+            t.cpu_seconds -= usage.cpu_seconds
+            t.wall_seconds -= usage.wall_seconds
+            t.occupancy_seconds -= usage.occupancy_seconds
+        for agent, part in shares:
+            a = self.agents.get(agent)
+            if a is None:
+                a = self.agents[agent] = AgentTotals()
+            a.tasks += 1
+            a.failed += 0 if ok else 1
+            a.cpu_seconds += part.cpu_seconds
+            a.wall_seconds += part.wall_seconds
+            a.occupancy_seconds += part.occupancy_seconds
+            a.max_task_memory_bytes = max(a.max_task_memory_bytes, part.task_memory_bytes)
 
     def open_worker(self, pid: int, worker_id: int, cpu_probe: str) -> WorkerAccount:
         """Start the books of a new worker process."""

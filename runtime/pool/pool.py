@@ -406,8 +406,12 @@ class WorkerPool:
         claim: Callable[[], bool] | None = None,
         serve: Serve | None = None,
         track: str | None = None,
+        prefer: int = 0,
     ) -> int:
         """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
+
+        ``prefer``: a worker's pid; when the task's turn comes and that worker is idle, it runs there
+        (a hint: else on any idle worker).
 
         ``track``: the ledger's id of the task, to record it in ``inflight`` from dispatch until the
         caller clears it (once its charge is durable). ``claim``: called once just before the task is
@@ -431,6 +435,7 @@ class WorkerPool:
             done=done,
             serve=serve,
             track=track,
+            prefer=next((w.worker_id for w in self._workers.values() if w.pid == prefer), 0) if prefer else 0,
         )
         self._do(self._sched.submit(job, time.monotonic()))
         return job.id

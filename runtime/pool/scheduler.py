@@ -80,6 +80,9 @@ class Job:
     cancel_at_start: bool = False
     #: When it was last sent to a worker.
     sent_at: float = 0.0
+    #: The worker it should run on if that one is idle when its turn comes (what it needs is kept
+    #: there); 0: any.
+    prefer: int = 0
 
 
 J = TypeVar("J", bound=Job)
@@ -270,10 +273,20 @@ class Scheduler(Generic[J]):
             if job is None:  # cancelled before it was sent: the worker stays free for the next
                 self._idle.appendleft(w)
                 continue
-            cmds += self._send(w, job, now)
+            cmds += self._send(self._preferred(w, job), job, now)
         if self.cfg.prefetch and self.queue:
             cmds += self._prefetch(now)
         return cmds
+
+    def _preferred(self, w: Worker[J], job: J) -> Worker[J]:
+        """The idle worker ``job`` prefers, if there is one (``w`` goes back to the idle ones), else ``w``."""
+        if job.prefer and job.prefer != w.wid:
+            for other in self._idle:
+                if other.wid == job.prefer and other.state == "idle":
+                    self._idle.remove(other)
+                    self._idle.appendleft(w)
+                    return other
+        return w
 
     def _take(self) -> J | None:
         """The next task in fair order, claimed (None if its claim said it was cancelled meanwhile)."""

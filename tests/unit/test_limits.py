@@ -8,9 +8,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from runtime.config import AgentConfig, Calibration, Config, ConfigError, PoolConfig
+from runtime.config import AgentConfig, Calibration, Config, ConfigError, LlmConfig, PoolConfig
 from runtime.host import cgroups as cg
 from runtime.host.limits import (
+    AUTO_THINK_BATCH,
+    KV_PER_THINK_MB,
     CapacityError,
     Limits,
     detect,
@@ -139,9 +141,12 @@ def limits(cores: float = 2.0, memory_mb: int | None = None) -> Limits:
     return Limits("v1", cores, "test", mem, "test memory", hardware_class(cores))
 
 
-def config(*agents: AgentConfig, workers: int | str = "auto", data_dir: str = "data") -> Config:
+def config(
+    *agents: AgentConfig, workers: int | str = "auto", data_dir: str = "data", think_batch: int | str = "auto"
+) -> Config:
     pool = msgspec.convert({"workers": workers}, PoolConfig)
-    return Config(data_dir=data_dir, pool=pool, agents=list(agents))
+    llm = msgspec.convert({"think_batch": think_batch}, LlmConfig)
+    return Config(data_dir=data_dir, pool=pool, llm=llm, agents=list(agents))
 
 
 def llm(name: str, **kw: object) -> AgentConfig:
@@ -187,6 +192,16 @@ def test_workers_auto_are_as_many_as_the_memory_holds() -> None:
 def test_a_memory_limit_too_small_for_one_worker_is_refused() -> None:
     with pytest.raises(CapacityError, match=r"memory limit of 400 MiB \(test memory\).*no room for one worker"):
         plan(config(), limits(2, 400))
+
+
+def test_think_batch_auto_is_what_fits_the_memory_a_task_may_add() -> None:
+    assert plan(config(llm("a")), limits(2)).think_batch == AUTO_THINK_BATCH == 8  # no memory limit
+    assert plan(config(llm("a")), limits(2, 4096)).think_batch == 8  # 1,728 MiB a task: many fit, 8 at most
+    tight = plan(config(llm("a")), limits(2, 1024))  # 192 MiB a task: 8 contexts, one the prefix cache
+    assert tight.think_batch == 192 // KV_PER_THINK_MB - 1 == 7
+    assert tight.think_batch_rule == "auto: 7 thinks of 24 MiB fit the 192 MiB a task may add"
+    assert plan(config(llm("a"), think_batch=3), limits(2, 1024)).think_batch == 3
+    assert plan(config(llm("a"), think_batch=1), limits(2)).think_batch_rule == "configured"
 
 
 def test_llm_rate_auto_is_the_hardware_default_for_llm_agents_only() -> None:
