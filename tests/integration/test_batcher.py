@@ -18,9 +18,9 @@ from runtime.agents.batcher import ThinkBatcher
 from runtime.agents.loop import DEFAULT_PERSONA, RULES, Agent
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, parse_action
 from runtime.config import AgentConfig, Config, EconomyConfig, LlmConfig, PoolConfig
-from runtime.economy.buckets import Buckets, Estimator
+from runtime.economy.buckets import Estimator
 from runtime.economy.charging import Economy
-from runtime.economy.ledger import OpenAccount, RecordUsage
+from runtime.economy.ledger import RecordUsage
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.node import Node
@@ -31,6 +31,7 @@ from runtime.pool import TaskFailed, WorkerPool
 from runtime.protocol import Think, ThinkReport
 from tests.integration.conftest import wait_until
 from tests.integration.test_budget import _Completions, stand_in
+from tests.integration.test_think_batch import thinkers
 
 T = TypeVar("T")
 SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
@@ -55,12 +56,7 @@ def _with_batcher(
 ) -> tuple[T, list[RecordUsage], float]:
     """A ledger, buckets, two real workers, an economy and a batcher expecting ``agents``; run
     ``body(batcher)``; return what it returned, the usage records, and the CPU the workers' books charged."""
-    ledger = LmdbLedger(tmp / "ledger")
-    buckets = Buckets()
-    for agent in agents:
-        ledger.apply(OpenAccount(id=f"open:{agent}", account=agent, grants={"cpu_rate": 1000}))
-        buckets.add(agent, "cpu", 10.0, 100.0)
-        buckets.add(agent, "llm_tokens", 1e6, 1e7)
+    ledger, buckets = thinkers(tmp, agents)
     charged = 0.0
 
     async def main() -> T:

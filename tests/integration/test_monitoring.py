@@ -221,3 +221,46 @@ def test_dollars_spent_and_left_reach_every_surface(tmp_path: Path) -> None:
         assert b.total.llm_tokens > 0 if a.spent_usd else b.total.llm_cost_usd == 0
         assert abs(b.total.llm_cost_usd - a.spent_usd) < 1e-6
         assert b.total.cpu_seconds >= a.cpu_seconds - 1e-6
+
+
+THINKERS = """
+data_dir: {data}
+pool: {{workers: 2, heartbeat_s: 0.5}}
+llm: {{model: "{model}", max_tokens: 96}}
+agents:
+{agents}
+status_interval_s: 0.2
+metrics_port: {port}
+"""
+
+
+def test_batched_thinking_reaches_every_surface(tmp_path: Path) -> None:
+    """8 LLM agents on 2 workers: status.json, the live view's table, ``python -m runtime.status`` and
+    ``/metrics`` show thinks in batches at once, batch sizes, prefix-cache hits and tokens reused."""
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    port = _free_port()
+    config = tmp_path / "thinkers.yaml"
+    path = tmp_path / "data" / "run" / "status.json"
+    agents = "\n".join(f"  - {{id: t{i}, brain: llm, cpu_rate: 100, llm_rate: 5000}}" for i in range(8))
+    config.write_text(THINKERS.format(data=tmp_path / "data", model=model, agents=agents, port=port))
+
+    def enough(s: Status) -> bool:
+        t = s.thinking
+        return t is not None and t.batched_peak >= 5 and t.prefix_hits > 0 and t.largest > 1
+
+    with _supervisor(config) as proc:
+        st = _status_when(path, proc, enough, 180)
+        values = _metrics(port)
+        shown = python_m("runtime.status", "--data-dir", str(tmp_path / "data"), timeout_s=60)
+    t = st.thinking
+    assert t is not None and t.tokens_evaluated > 0 and t.tokens_reused > 0
+    assert sum(t.sizes.values()) == t.batches and sum(n * k for n, k in t.sizes.items()) == t.batched_thinks
+    assert "thinking in batches now" in st.table and "prefix hits" in st.table
+    assert shown.returncode == 0 and "thinking in batches now" in shown.stdout
+    # /metrics, scraped after the status: at least what it said.
+    batches = {k: v for k, v in values.items() if k.startswith("aeco_think_batches_total{")}
+    assert sum(batches.values()) >= t.batches and any(v > 0 for k, v in batches.items() if 'size="1"' not in k)
+    assert values["aeco_think_prefix_hits_total"] >= t.prefix_hits
+    assert values['aeco_think_prompt_tokens_total{how="reused"}'] >= t.tokens_reused > 0
+    assert values['aeco_think_prompt_tokens_total{how="evaluated"}'] >= t.tokens_evaluated
+    assert "aeco_thinks_batched_now" in values and "aeco_remote_thinks_in_flight" in values

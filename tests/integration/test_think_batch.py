@@ -91,17 +91,23 @@ def test_the_prefix_is_kept_between_batches(llm: LlamaBackend) -> None:
     assert [o.generation.text for o in again] == [o.generation.text for o in first], "same seeds, same output"
 
 
+def thinkers(tmp: Path, agents: list[str]) -> tuple[LmdbLedger, Buckets]:
+    """A ledger under ``tmp`` with an account for each of ``agents``, and buckets that admit many thinks."""
+    ledger = LmdbLedger(tmp / "ledger")
+    buckets = Buckets()
+    for agent in agents:
+        ledger.apply(OpenAccount(id=f"open:{agent}", account=agent, grants={"cpu_rate": 1000}))
+        buckets.add(agent, "cpu", 10.0, 100.0)
+        buckets.add(agent, "llm_tokens", 1e6, 1e7)
+    return ledger, buckets
+
+
 def _economy_run(
     tmp: Path, batches: list[tuple[list[str], ThinkBatch]]
 ) -> tuple[list[list[RecordUsage]], list[ThinkBatchReport]]:
     """Run the batches one after another through ``Economy.run_batch``; each batch's usage records
     (checked to sum to its measured CPU) and report."""
-    ledger = LmdbLedger(tmp / "ledger")
-    buckets = Buckets()
-    for agent in AGENTS:
-        ledger.apply(OpenAccount(id=f"open:{agent}", account=agent, grants={"cpu_rate": 1000}))
-        buckets.add(agent, "cpu", 10.0, 100.0)
-        buckets.add(agent, "llm_tokens", 1e6, 1e7)
+    ledger, buckets = thinkers(tmp, AGENTS)
     measured: list[int] = []
     reports: list[ThinkBatchReport] = []
 
@@ -188,13 +194,8 @@ def test_a_think_batch_through_the_pool_reports_every_think(tiny: Path) -> None:
 def test_a_cancelled_batch_charges_each_agent_what_its_sequence_spent(tiny: Path, tmp_path: Path) -> None:
     """Cancelling the caller stops the whole batch between two decode steps; the work each sequence had
     done splits what the batch used, exactly, in records marked cancelled."""
-    ledger = LmdbLedger(tmp_path / "ledger")
-    buckets = Buckets()
     four = AGENTS[:4]
-    for agent in four:
-        ledger.apply(OpenAccount(id=f"open:{agent}", account=agent, grants={"cpu_rate": 1000}))
-        buckets.add(agent, "cpu", 10.0, 100.0)
-        buckets.add(agent, "llm_tokens", 1e6, 1e7)
+    ledger, buckets = thinkers(tmp_path, four)
     # Free text, greedy: the random model runs to max_tokens on three of these four prompts (seconds),
     # long enough to be stopped.
     thinks = [
