@@ -161,7 +161,14 @@ class ThinkBatcher:
 
     def _form(self, now: float) -> list[tuple[int, list[_Pending]]]:
         """The batches that may leave now, each with the worker it prefers (see the module docstring)."""
-        live = self.economy.pool.pids()
+        pool = self.economy.pool
+        if pool.failed:  # as a think alone fails at once
+            while self._pending:
+                p = self._pending.popleft()
+                if not p.done.done():
+                    p.done.set_exception(TaskFailed("pool_failed", pool.failed))
+            return []
+        live = pool.pids()
         free = [pid for pid in live if pid not in self._lanes][: self.lanes - len(self._lanes)]
         if not self._pending or not free:
             return []

@@ -303,17 +303,22 @@ class Economy:
         await self.admit_think(agent)
         task_id = f"{self.run_id}-{next(self._n)}"
         nothing = TaskUsage(0.0, 0, 0, 0.0, 0, "none")
-        self.thinking.remote_started()
+
+        def counted(spec: Think) -> bytes:  # in flight while its thread makes it, not while it waits for one
+            self.thinking.remote_started()
+            try:
+                return generate(spec)
+            finally:
+                self.thinking.remote_ended()
+
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
-            output = await self.meter.to_thread(agent, generate, spec, executor=executor)
+            output = await self.meter.to_thread(agent, counted, spec, executor=executor)
         except Exception as exc:  # the backend's own error (unreachable, malformed answer) says why
             usage = msgspec.structs.replace(nothing, wall_seconds=loop.time() - start)
             await self._charge(agent, "think", task_id, usage, False, error="task_error")
             raise TaskFailed("task_error", f"{type(exc).__name__}: {exc}", usage) from None
-        finally:
-            self.thinking.remote_ended()
         usage = msgspec.structs.replace(nothing, wall_seconds=loop.time() - start)
         await self._charge(agent, "think", task_id, usage, True, *_tokens(spec, output))
         return decode_think(output)

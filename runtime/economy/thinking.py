@@ -13,6 +13,7 @@ A sequence is a prefix-cache hit when it kept some tokens (``kept_tokens`` > 0).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from msgspec import Struct
@@ -20,6 +21,9 @@ from msgspec import Struct
 from runtime.protocol import SeqWork
 
 __all__ = ["ThinkFigures"]
+
+#: The remote figures are counted by the threads that make the requests.
+_remote_lock = threading.Lock()
 
 
 class ThinkFigures(Struct):
@@ -70,14 +74,16 @@ class ThinkFigures(Struct):
         self.tokens_reused += sum(w.kept_tokens for w in work) + shared * max(0, users - 1)
 
     def remote_started(self) -> None:
-        """A request to a remote server left."""
-        self.remote_now += 1
-        self.remote_peak = max(self.remote_peak, self.remote_now)
+        """A request to a remote server left (called from the thread that makes it)."""
+        with _remote_lock:
+            self.remote_now += 1
+            self.remote_peak = max(self.remote_peak, self.remote_now)
 
     def remote_ended(self) -> None:
-        """A request to a remote server ended (however)."""
-        self.remote_now -= 1
-        self.remote_thinks += 1
+        """A request to a remote server ended, however (called from the thread that made it)."""
+        with _remote_lock:
+            self.remote_now -= 1
+            self.remote_thinks += 1
 
     def line(self) -> str:
         """One line for the live view."""

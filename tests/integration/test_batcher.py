@@ -28,7 +28,7 @@ from runtime.ops.live import frame, plain
 from runtime.ops.stats import Meter
 from runtime.ops.status import Status
 from runtime.pool import TaskFailed, WorkerPool
-from runtime.protocol import Think, ThinkReport
+from runtime.protocol import Echo, Think, ThinkReport
 from tests.integration.conftest import wait_until
 from tests.integration.test_budget import _Completions, stand_in
 from tests.integration.test_think_batch import thinkers
@@ -43,7 +43,7 @@ def _think(model: Path | str, agent: str, turn: int, **kw: object) -> Think:
         "system": SYSTEM,
         "prompt": f"You are {agent}. Scrip: {10 + turn}. News: none.\nReply with one action as JSON.",
         "schema": ACTION_SCHEMA_BYTES,
-        "max_tokens": 120,
+        "max_tokens": 200,
         "seed": turn,
         "model": str(model),
         **kw,
@@ -81,6 +81,21 @@ def _with_batcher(
     return out, records, charged
 
 
+def test_a_task_runs_on_the_idle_worker_it_prefers() -> None:
+    """The pool's hint the batcher uses for affinity: with every worker idle, each task goes to the one
+    it names (a hint only: a pid that is not a worker, or not idle, changes nothing)."""
+
+    async def main() -> None:
+        async with WorkerPool(size=2) as pool:
+            pids = pool.pids()
+            await wait_until(lambda: pool.status().idle == 2, 30)
+            for pid in [*pids, *reversed(pids), pids[1], pids[1]]:
+                assert (await pool.run(Echo(data="x"), prefer=pid)).usage.worker_pid == pid
+            assert (await pool.run(Echo(data="x"), prefer=1)).usage.worker_pid in pids
+
+    asyncio.run(main())
+
+
 def _by_batch(records: list[RecordUsage]) -> dict[str, list[RecordUsage]]:
     out: dict[str, list[RecordUsage]] = {}
     for r in records:
@@ -109,18 +124,20 @@ def test_eight_agents_think_in_batches_back_on_the_worker_that_kept_their_prompt
         return dict(zip(AGENTS, reports, strict=True)), t.batched_peak, t.prefix_hits, b.economy.pool.pids()
 
     (reports, peak, hits, pids), records, charged = _with_batcher(tmp_path, AGENTS, body)
-    for rs in reports.values():
-        assert len(rs) == turns
-        for r in rs:
-            assert r.valid, r
-            parse_action(r.text)
+    for got in reports.values():
+        assert len(got) == turns
+        for r in got:  # the random model may ramble to max_tokens; what it finishes is an action
+            assert r.valid or r.finish_reason == "length", r
+            if r.valid:
+                parse_action(r.text)
+    assert sum(r.valid for got in reports.values() for r in got) >= len(AGENTS) * turns // 2
     thinks = [r for r in records if r.kind == "think"]
     assert sorted(r.agent for r in thinks) == sorted(AGENTS * turns)  # each think charged once
     assert len({r.task_id for r in thinks}) == len(thinks)
     batches = _by_batch(thinks)
     assert all(b for b in batches) and max(len(rs) for rs in batches.values()) > 1
-    for name, rs in batches.items():  # <batch>.<i>, i = 0 .. size - 1
-        assert sorted(int(r.task_id.rsplit(".", 1)[1]) for r in rs) == list(range(len(rs))), name
+    for name, shares in batches.items():  # <batch>.<i>, i = 0 .. size - 1
+        assert sorted(int(r.task_id.rsplit(".", 1)[1]) for r in shares) == list(range(len(shares))), name
     # Each batch's shares sum to its measurement in whole microseconds; the workers' books hold the
     # measurements, so the charges differ from them by the rounding to a microsecond, at most.
     total = sum(r.cpu_seconds for r in thinks)
