@@ -139,9 +139,10 @@ class LlmConfig(_Section, frozen=True):
     #: Most thinks one worker decodes together (``think_batch`` tasks, ``runtime.agents.batcher``); ``auto``
     #: sizes it from the memory a worker may add (``runtime.host.limits``); 1 runs each think alone.
     think_batch: Annotated[int, Meta(ge=1, le=64)] | Literal["auto"] = "auto"
-    #: How long an admitted think waits for others to join its batch while some agent that could join has
-    #: not asked yet: longer makes larger batches (less CPU per token), shorter answers sooner.
-    think_batch_wait_s: Annotated[float, Meta(ge=0, le=10)] = 0.2
+    #: How long an admitted think waits for others to join its batch while an agent expected soon (acting,
+    #: not asleep, blocked or paused) has not asked yet: longer makes larger batches (less CPU per token),
+    #: shorter answers sooner.
+    think_batch_wait_s: Annotated[float, Meta(ge=0, le=10)] = 1.0
     #: With ``endpoint``: most requests in flight at once, made from the supervisor (no worker is held).
     remote_inflight: Annotated[int, Meta(ge=1, le=256)] = 8
 

@@ -63,6 +63,8 @@ log = logging.getLogger("runtime.node")
 
 AnyAgent = PlaceholderAgent | Agent
 
+#: The states of an agent that will ask for a think soon (``Node._coming``).
+_COMING = frozenset({"waiting", "thinking", "acting"})
 #: How long stopped agents get to record their last charge once the pool has closed.
 AGENT_STOP_S = 5.0
 
@@ -106,8 +108,6 @@ def make_agent(a: AgentConfig, cfg: Config, world: World, batcher: ThinkBatcher 
             price_completion_per_1k=price.completion_per_1k,
             batcher=batcher,
         )
-        if batcher is not None:
-            batcher.expect([a.id])
     return Agent(a.id, brain, world)
 
 
@@ -228,6 +228,7 @@ class Node:
                 remote_inflight=cfg.llm.remote_inflight,
             )
             self.agents = [make_agent(a, cfg, self.world, self.batcher) for a in cfg.agents]
+            self.batcher.expect(self._coming)
             # What agents left standing in an earlier run: sponsorships, and this node's agents' triggers.
             self.world.restore({a.id for a in self.agents})
             if paused := await replay_operator(self.backends.store, self.backends.events, emit, self.agents):
@@ -236,6 +237,13 @@ class Node:
             await self.close()
             raise
         return self
+
+    def _coming(self) -> list[str]:
+        """The LLM agents that may ask for a think soon: acting, thinking, or not started yet (a think
+        batch waits for them), not asleep, blocked by a bucket or paused (it does not)."""
+        return [
+            a.id for a in self.agents if isinstance(a, Agent) and isinstance(a.brain, LlmBrain) and a.status in _COMING
+        ]
 
     def start_agents(self) -> None:
         """Run every agent's loop (and, on a node of a shared deployment, follow the rate rights other

@@ -11,8 +11,9 @@ not go to the pool alone: it waits here, admitted, and leaves in a batch::
 - **Lanes.** At most one batch runs per worker (``lanes``: the pool's size), so the batches in flight
   hold every worker; thinks admitted while they run wait and join the next batch.
 - **When a batch leaves.** A worker is free, and either its batch is full (``think_batch``), or every
-  agent that could join has asked (each known agent not thinking already is pending), or the oldest
-  pending think has waited ``wait_s``. A batch of one is a think alone, as before.
+  agent expected soon has asked (``expect``: the node's agents that are acting or about to think, not
+  those asleep, blocked by a bucket or paused), or the oldest pending think has waited ``wait_s``. A
+  batch of one is a think alone, as before.
 - **Affinity.** A worker keeps each agent's last prompt (``ThinkBatch.keys``), so an agent's next
   think evaluates only what changed — on that worker. An agent's home is the worker its last batch
   ran on: it goes there when that worker is free (``prefer``, the pool's hint), waits for it while it
@@ -78,7 +79,7 @@ class ThinkBatcher:
         *,
         think_batch: int,
         lanes: int,
-        wait_s: float = 0.2,
+        wait_s: float = 1.0,
         remote_inflight: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -90,8 +91,8 @@ class ThinkBatcher:
         self.wait_s = wait_s
         self.remote_inflight = remote_inflight
         self._clock = clock
-        #: Agents that think here: each one not thinking already may join the next batch.
-        self.agents: set[str] = set()
+        #: The agents expected to ask for a think soon (see ``expect``).
+        self._expected: Callable[[], Iterable[str]] = tuple
         self._pending: collections.deque[_Pending] = collections.deque()
         #: Worker pid -> the agents of the batch running for it (the pid the batch was sent to prefer).
         self._lanes: dict[int, list[str]] = {}
@@ -103,9 +104,14 @@ class ThinkBatcher:
         self._remote: cf.ThreadPoolExecutor | None = None
         self._closed = False
 
-    def expect(self, agents: Iterable[str]) -> None:
-        """Count ``agents`` among those that may join a batch (a batch leaves early once all have asked)."""
-        self.agents.update(agents)
+    def expect(self, agents: Iterable[str] | Callable[[], Iterable[str]]) -> None:
+        """Who may ask for a think soon: these ids, or a callable that says who now. A batch leaves as
+        soon as every one of them not in a running batch has asked (else after ``wait_s``)."""
+        if callable(agents):
+            self._expected = agents
+        else:
+            ids = tuple(agents)
+            self._expected = lambda: ids
 
     async def think(self, agent: str, spec: Think) -> ThinkReport:
         """``agent``'s think: in the next batch of a worker (local model) or a request from here (remote
@@ -174,7 +180,7 @@ class ThinkBatcher:
             return []
         waiting = {p.agent for p in self._pending}
         thinking = {a for members in self._lanes.values() for a in members}
-        everyone_in = not (self.agents - waiting - thinking)
+        everyone_in = not (set(self._expected()) - waiting - thinking)
         full = len(self._pending) >= self.think_batch * len(free)
         if not (everyone_in or full or now - self._pending[0].since >= self.wait_s):
             return []
