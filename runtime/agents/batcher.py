@@ -16,9 +16,10 @@ not go to the pool alone: it waits here, admitted, and leaves in a batch::
   batch of one is a think alone, as before.
 - **Affinity.** A worker keeps each agent's last prompt (``ThinkBatch.keys``), so an agent's next
   think evaluates only what changed — on that worker. An agent's home is the worker its last batch
-  ran on: it goes there when that worker is free (``prefer``, the pool's hint), waits for it while it
-  runs one of these batches (soon free), and goes anywhere when it has no home or its home is gone.
-  Agents without a home are spread evenly over the free workers.
+  ran on: it goes there when that worker is free (``prefer``, the pool's hint), waits up to ``wait_s``
+  for it while it runs one of these batches (soon free), and goes to any free worker when it has no
+  home, its home is gone, or that wait ran out (evaluating its whole prompt again there, rather than
+  leaving a worker idle). Agents without a home are spread evenly over the free workers.
 - **Results and charges.** ``Economy.run_batch`` charges each agent its share, a usage record naming
   the batch; each agent gets its own report, or, when the batch failed, a ``TaskFailed`` with the
   batch's code, exactly as a think alone would.
@@ -148,19 +149,19 @@ class ThinkBatcher:
         self._wake.set()
 
     async def _form_batches(self) -> None:
-        """Send batches whenever they may leave; sleep until a think arrives, a batch ends or the
-        oldest pending think has waited ``wait_s``."""
+        """Send batches whenever they may leave; sleep until a think arrives, a batch ends or a pending
+        think has waited ``wait_s``."""
         assert self._wake is not None
         while not self._closed:
             self._wake.clear()
             for pid, members in self._form(self._clock()):
                 self._start(pid, members)
-            # Woken by the oldest pending think's wait running out, unless it has run out already: then
-            # only a batch ending (or a new think) can change anything (its home is busy, or no worker is free).
+            # Woken when the next pending think's wait runs out; once all have, only a batch ending (or a
+            # new think) can change anything.
             timeout = None
             if self._pending and len(self._lanes) < self.lanes:
-                left = self._pending[0].since + self.wait_s - self._clock()
-                timeout = left if left > 0 else None
+                now = self._clock()
+                timeout = min((t for p in self._pending if (t := p.since + self.wait_s - now) > 0), default=None)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -190,7 +191,7 @@ class ThinkBatcher:
             home = self.home.get(p.agent)
             if home in batches:
                 self._join(batches[home], p)
-            elif home not in self._lanes:  # no home, or a worker that is gone
+            elif home not in self._lanes or now - p.since >= self.wait_s:  # none, gone, or waited enough
                 homeless.append(p)
             # else its home runs a batch now: it waits for it (soon free)
         for p in homeless:  # each to the free worker with the smallest batch so far
