@@ -24,9 +24,9 @@ not go to the pool alone: it waits here, admitted, and leaves in a batch::
   the batch; each agent gets its own report, or, when the batch failed, a ``TaskFailed`` with the
   batch's code, exactly as a think alone would.
 - **Cancelling one agent** (its loop stopped) while it is pending takes it out of the queue; once its
-  think is in a running batch, the batch goes on for the others and the agent is charged its share
-  when it ends (stopping one sequence inside a batch needs a per-sequence cancel in the worker, which
-  ``think_batch`` does not have yet). Pausing an agent never interrupts a think: it pauses between turns.
+  think is in a running batch, its sequence alone is stopped (``WorkerPool.stop_think``), the batch
+  goes on for the others, and the agent is charged its share (the work its sequence did) when it ends.
+  Pausing an agent never interrupts a think: it pauses between turns.
 
 Thinks against a remote server (``Think.endpoint``) are not batched here: the server batches. They run
 from the supervisor (``Economy.run_here``) in a thread pool of ``remote_inflight`` threads, so that many
@@ -61,6 +61,8 @@ class _Pending:
     spec: Think
     since: float
     done: asyncio.Future[ThinkReport] = field(repr=False)
+    #: Once its batch is queued: the pool's task id of the batch, and its index in it.
+    sent: tuple[int, int] | None = None
 
 
 def _remote_think(spec: Think) -> bytes:
@@ -137,6 +139,8 @@ class ThinkBatcher:
         except asyncio.CancelledError:
             with contextlib.suppress(ValueError):  # not yet in a batch: it leaves the queue
                 self._pending.remove(item)
+            if item.sent is not None:  # in a batch: its sequence stops (once running), the others go on
+                self.economy.pool.stop_think(*item.sent)
             raise
 
     # ------------------------------------------------------------------------- forming batches
@@ -221,7 +225,12 @@ class ThinkBatcher:
         agents = [m.agent for m in members]
         spec = ThinkBatch([m.spec for m in members], keys=agents)
         try:
-            out, report = await self.economy.run_batch(agents, spec, admitted=True, prefer=pid)
+
+            def sent(task_id: int) -> None:
+                for i, m in enumerate(members):
+                    m.sent = (task_id, i)
+
+            out, report = await self.economy.run_batch(agents, spec, admitted=True, prefer=pid, sent=sent)
         except TaskFailed as exc:
             for a in agents:  # its worker dropped the prompts it kept for them (or is gone)
                 self.home.pop(a, None)

@@ -424,12 +424,14 @@ class Economy:
         timeout_s: float | None = None,
         admitted: bool = False,
         prefer: int = 0,
+        sent: Callable[[int], None] | None = None,
     ) -> tuple[Outcome, ThinkBatchReport]:
         """Run ``spec`` (one think per agent, in order) as one task once every agent's buckets admit
         its think (``admitted``: the caller had each admitted already, ``admit_think``), and charge each
         agent its share of what the batch used (``split_usage``): one usage record per agent,
         ``<batch>.<i>``, naming the batch ``<run>-b<n>``. ``prefer``: the pid of the worker to run on
-        if it is idle (the one that kept these agents' last prompts).
+        if it is idle (the one that kept these agents' last prompts). ``sent`` is called with the pool's
+        task id of the batch once it is queued (to stop one of its thinks: ``WorkerPool.stop_think``).
 
         Raises ``TaskFailed`` (after charging what it used: a cancelled batch reports each
         sequence's work so far; a batch that reports nothing is split equally) when the batch failed.
@@ -444,6 +446,8 @@ class Economy:
         # Queued as the first agent's (the pool's fair queue has one owner per task); the books
         # charge it to all of them below (``_charge_batch``).
         task = self.pool.begin(spec, agent=agents[0], timeout_s=timeout_s, prefer=prefer)
+        if sent is not None:
+            sent(task.task_id)
         self.thinking.started(len(agents))
         try:
             out = await asyncio.shield(task.ended)

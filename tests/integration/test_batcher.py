@@ -165,8 +165,8 @@ def test_a_failed_batch_fails_each_agents_think_with_its_code_and_charges_each_o
 
 
 def test_one_agent_stopping_does_not_lose_the_others_thinks(tiny: Path, tmp_path: Path) -> None:
-    """An agent cancelled while its think is in a running batch: the batch goes on, the others get their
-    reports, and all three are charged their shares of it (per-sequence cancel is not in the worker yet)."""
+    """An agent cancelled while its think is in a running batch: its sequence stops, the batch goes on,
+    the others get their reports, and all three are charged their shares of it."""
     three = AGENTS[:3]
 
     async def body(b: ThinkBatcher) -> list[ThinkReport]:
@@ -176,7 +176,8 @@ def test_one_agent_stopping_does_not_lose_the_others_thinks(tiny: Path, tmp_path
             asyncio.create_task(b.think(a, _think(tiny, a, 0, schema=b"", temperature=0.0, max_tokens=600)))
             for a in three
         ]
-        await wait_until(lambda: b.economy.thinking.batched_now == 3, 30)
+        await wait_until(lambda: b.economy.thinking.batched_now == 3 and b.economy.pool.status().busy == 1, 30)
+        await asyncio.sleep(0.2)  # a few decode steps in
         tasks[1].cancel()
         with pytest.raises(asyncio.CancelledError):
             await tasks[1]
@@ -186,6 +187,8 @@ def test_one_agent_stopping_does_not_lose_the_others_thinks(tiny: Path, tmp_path
     assert all(r.completion_tokens > 0 for r in finished), finished
     (shared,) = [rs for rs in _by_batch([r for r in records if r.kind == "think"]).values() if len(rs) == 3]
     assert sorted(r.agent for r in shared) == three and all(r.ok and r.cpu_seconds > 0 for r in shared)
+    stopped = next(r for r in shared if r.agent == three[1])
+    assert stopped.llm_tokens < max(r.llm_tokens for r in shared), shared  # its sequence ended early
 
 
 def _node_config(tmp: Path, agents: list[AgentConfig], llm: LlmConfig) -> Config:
