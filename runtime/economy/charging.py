@@ -39,7 +39,7 @@ from runtime.economy.metering import AgentMeter
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.economy.split import split_exact, weights
 from runtime.economy.thinking import ThinkFigures
-from runtime.pool import Outcome, RunningTask, Serve, TaskFailed, WorkerPool
+from runtime.pool import Outcome, Serve, TaskFailed, WorkerPool
 from runtime.pool.accounting import TaskUsage
 from runtime.protocol import (
     Invoke,
