@@ -317,10 +317,14 @@ class Economy:
             output = await self.meter.to_thread(agent, counted, spec, executor=executor)
         except Exception as exc:  # the backend's own error (unreachable, malformed answer) says why
             usage = msgspec.structs.replace(nothing, wall_seconds=loop.time() - start)
-            await self._charge(agent, "think", task_id, usage, False, error="task_error")
+            await self._charged(
+                self._record(agent, "think", task_id, usage, False, error="task_error", paid=_paid.get())
+            )
             raise TaskFailed("task_error", f"{type(exc).__name__}: {exc}", usage) from None
         usage = msgspec.structs.replace(nothing, wall_seconds=loop.time() - start)
-        await self._charge(agent, "think", task_id, usage, True, *_tokens(spec, output))
+        await self._charged(
+            self._record(agent, "think", task_id, usage, True, *_tokens(spec, output), paid=_paid.get())
+        )
         return decode_think(output)
 
     async def _run(self, agent: str, spec: TaskSpec, timeout_s: float | None, serve: Serve | None) -> Outcome:
@@ -557,6 +561,11 @@ class Economy:
         while True:
             await asyncio.sleep(period_s)
             await self.flush_supervisor(period_s)
+
+    async def _charged(self, record: RecordUsage | None) -> None:
+        """Record ``record`` durably (None: the task used nothing, there is nothing to record)."""
+        if record is not None:
+            await self._submit_usage(record)
 
     async def _submit_usage(self, record: RecordUsage) -> None:
         # Shielded: even if we are cancelled meanwhile (which is how agents are stopped), the record's
