@@ -449,7 +449,11 @@ class Economy:
         batch = f"{self.run_id}-b{next(self._n)}"
         # Queued as the first agent's (the pool's fair queue has one owner per task); the books
         # charge it to all of them below (``_charge_batch``).
-        task = self.pool.begin(spec, agent=agents[0], timeout_s=timeout_s, prefer=prefer)
+        # Tracked under the batch's name: a supervisor killed meanwhile leaves a record that recovery
+        # splits among ``agents`` (``runtime.economy.recovery``), cleared once every share is durable.
+        task = self.pool.begin(
+            spec, agent=agents[0], timeout_s=timeout_s, prefer=prefer, track=batch, sharers=tuple(agents)
+        )
         if sent is not None:
             sent(task.task_id)
         self.thinking.started(len(agents))
@@ -492,6 +496,8 @@ class Economy:
             assert record is not None  # a share of a measured usage
             records.append(record)
         await asyncio.gather(*(self._submit_usage(r) for r in records))
+        if self.pool.inflight is not None:
+            self.pool.inflight.clear(batch)
 
     def _record(
         self,

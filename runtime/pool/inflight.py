@@ -95,6 +95,9 @@ class InFlight(Struct, frozen=True, kw_only=True):
     #: Unix time of ``sampled_cpu``.
     sampled_at: float
     finished: Finished | None = None
+    #: The agents of a ``think_batch``, in its order (``agent`` is the first): after a crash each is
+    #: charged an equal share as ``<task_id>.<i>``, the batch's sequences' own work being lost with it.
+    sharers: list[str] = []
     #: The pool's ``share``: a task cut short by the crash pays the occupancy of its worker up to its
     #: last sample at that rate (``runtime.pool.accounting.occupancy``).
     share: float = 0.0

@@ -406,6 +406,7 @@ class WorkerPool:
         claim: Callable[[], bool] | None = None,
         serve: Serve | None = None,
         track: str | None = None,
+        sharers: tuple[str, ...] = (),
         prefer: int = 0,
     ) -> int:
         """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
@@ -414,7 +415,8 @@ class WorkerPool:
         (a hint: else on any idle worker).
 
         ``track``: the ledger's id of the task, to record it in ``inflight`` from dispatch until the
-        caller clears it (once its charge is durable). ``claim``: called once just before the task is
+        caller clears it (once its charge is durable); ``sharers``: the agents of a tracked ``think_batch``.
+        ``claim``: called once just before the task is
         sent; False means it was cancelled meanwhile (it is then dropped, ``done`` not called). Returns
         the task id. ``InvalidTimeout`` (a ``ValueError``) for a ``timeout_s`` that is not a positive
         finite number.
@@ -435,6 +437,7 @@ class WorkerPool:
             done=done,
             serve=serve,
             track=track,
+            sharers=sharers,
             prefer=next((w.worker_id for w in self._workers.values() if w.pid == prefer), 0) if prefer else 0,
         )
         self._do(self._sched.submit(job, time.monotonic()))
@@ -578,6 +581,7 @@ class WorkerPool:
                 sampled_cpu=baseline or 0.0,
                 sampled_at=now,
                 share=self.share,
+                sharers=list(job.sharers),
             )
         )
 

@@ -79,6 +79,7 @@ class TaskOptions(TypedDict, total=False):
     memory_limit: int
     serve: Serve | None
     track: str | None
+    sharers: tuple[str, ...]
     prefer: int
 
 
@@ -104,5 +105,7 @@ class PoolJob(Job):
     prior: TaskUsage | None = None
     #: The ledger's id of the task: recorded in ``WorkerPool.inflight`` while it runs.
     track: str | None = None
+    #: The agents sharing a tracked ``think_batch`` (recorded with it, for a recovery to split it).
+    sharers: tuple[str, ...] = ()
     #: The worker's kernel CPU counter when the task was sent (None: unmeasured, or unreadable).
     kernel_start: KernelReading | None = None

@@ -5,8 +5,10 @@ inside its batch, and ``Economy.run_batch`` splitting its measured CPU."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from native.batch import BatchDecoder, Request
@@ -19,8 +21,10 @@ from runtime.economy.ledger import OpenAccount, RecordUsage
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.pool import WorkerPool
+from runtime.pool.inflight import CRASH_CODE, Finished, InFlight, InflightLog
 from runtime.protocol import Think, ThinkBatch, ThinkBatchReport, decode_think_batch
 from tests.integration.conftest import wait_until
+from tests.integration.test_restart import CONFIG, _start
 
 SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
 AGENTS = [f"a{i}" for i in range(8)]
@@ -306,3 +310,86 @@ def test_a_think_stopped_through_the_pool_is_charged_its_part(gguf: Path) -> Non
             assert report.work[0].decode_steps == first.completion_tokens - 1
 
     asyncio.run(main())
+
+
+def test_a_batch_is_in_flight_with_its_agents_until_every_share_is_durable(tiny: Path, tmp_path: Path) -> None:
+    three = AGENTS[:3]
+    ledger, buckets = thinkers(tmp_path, three)
+    seen: list[InFlight] = []
+
+    async def main() -> None:
+        inflight = InflightLog(tmp_path / "inflight")
+        async with WorkerPool(size=1, inflight=inflight) as pool:
+            eco = Economy(pool, ledger, buckets, Estimator(0.01))
+            spec = _batch(tiny, 3, max_tokens=4)
+            # Sent to the idle worker within ``begin``: its record is durable before the worker sees it.
+            await asyncio.wait_for(eco.run_batch(three, spec, sent=lambda _: seen.extend(inflight.pending())), 120)
+        inflight.close()
+        left = InflightLog(tmp_path / "inflight", readonly=True)
+        try:
+            assert left.pending() == []  # cleared once the three shares were durable
+        finally:
+            left.close()
+
+    try:
+        asyncio.run(main())
+        records = list(ledger.usage_records())
+    finally:
+        ledger.close()
+    (rec,) = seen
+    assert rec.kind == "think_batch" and rec.sharers == three and rec.agent == three[0]
+    assert sorted(r.task_id for r in records) == [f"{rec.task_id}.{i}" for i in range(3)]
+
+
+def test_a_batch_left_in_flight_by_a_killed_supervisor_is_split_among_its_agents_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(CONFIG.format(data=data, cgroups="off", think=20))
+    now = time.time()
+    agents = ["alpha", "beta", "gamma"]
+    batch = InFlight(
+        task_id="dead-b1",
+        agent="alpha",
+        kind="think_batch",
+        worker_id=1,
+        worker_pid=1,
+        started_at=now - 1,
+        cpu_probe="/proc",
+        baseline_cpu=1.0,
+        sampled_cpu=1.0,
+        sampled_at=now,
+        finished=Finished(0.300001, 0, 0, 0.5),
+        sharers=agents,
+    )
+
+    def leave(rec: InFlight) -> None:
+        log = InflightLog(data / "run" / "inflight")
+        with log.env.begin(write=True) as txn:
+            txn.put(rec.task_id.encode(), msgspec.msgpack.encode(rec))
+        log.close()
+
+    def start() -> str:
+        proc = _start("--config", str(cfg), "--duration", "1", "--no-live")
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        return out
+
+    (data / "run").mkdir(parents=True)
+    leave(batch)
+    out = start()
+    with LmdbLedger(data / "ledger") as ledger:
+        assert check(ledger).ok
+        shares = [ledger.usage(f"dead-b1.{i}") for i in range(3)]
+    assert all(s is not None for s in shares), out
+    assert [s.agent for s in shares if s] == agents
+    assert all(s.batch == "dead-b1" and s.error == CRASH_CODE and s.kind == "think" for s in shares if s)
+    # Equal shares in integer microseconds, summing to the batch's exactly (the remainder to one of them).
+    assert sum(round(s.cpu_seconds * 1e6) for s in shares if s) == 300001
+    assert sorted(round(s.cpu_seconds * 1e6) for s in shares if s) == [100000, 100000, 100001]
+    assert sum(f"recovered task dead-b1.{i} " in out for i in range(3)) == 3, out
+
+    leave(batch)  # as if the record's drop had been lost to a second kill: nothing is charged again
+    out = start()
+    assert "recovered task" not in out, out
+    with LmdbLedger(data / "ledger") as ledger:
+        assert sum(r.task_id.startswith("dead-b1") for r in ledger.usage_records()) == 3
