@@ -323,8 +323,10 @@ def test_a_short_calibration_converges_in_the_container(box: Box) -> None:
     achieved = [float(m) for m in re.findall(r"achieved\s+([0-9.]+) tokens/s", log)]
     per_token = [float(m) / 1000 for m in re.findall(r"([0-9.]+) ms per token so far", log)]
     assert len(at_rate) >= 2 and all(0.70 <= u <= 0.80 for u in at_rate[-2:]), log
-    assert len(measured) == len(achieved) == len(per_token) >= 2, log
-    assert all(0.0 < u <= 1.05 for u in measured) and sum(measured) / len(measured) >= 0.25, log
+    # A window before the first think ended has no CPU per token yet ("-"): thinks go out in batches,
+    # and the first may end only after a window or two of agents starting one by one.
+    assert len(measured) == len(achieved) >= 2 and len(per_token) >= 2, log
+    assert all(0.0 <= u <= 1.05 for u in measured) and sum(measured) / len(measured) >= 0.25, log
     assert sum(measured) / sum(achieved) == pytest.approx(per_token[-1], rel=0.3), log
     cal = config_mod.load_calibration(box.data / "calibration.yaml")
     assert cal.agents == 5 and cal.cpu_capacity == 1.0 and "cpu.cfs_quota_us" in cal.cpu_source, cal
