@@ -1,10 +1,11 @@
 """The whole ecology end to end: actions per second and supervisor memory with 10, 100, 1,000 and 10,000 agents.
 
 Each size gets a fresh runtime wired as the supervisor wires it: a real ``WorkerPool`` sized from the
-machine (recording the tasks in flight, ``runtime.pool.inflight``), a durable ``LmdbLedger``, a durable
-``EventLog``, a ``GitStore``, the buckets and the economy (``open_economy``), and the world with the
-events as its ``emit``. No memory store: the policy has no memory actions. Every agent is a real
-``Agent`` with a ``ScriptedBrain`` whose policy is cheap but goes through the whole pipeline:
+machine (recording the tasks in flight, ``runtime.pool.inflight``; ``pool.prefetch`` 1: each worker holds
+its next think, so that it does not wait for its last result to cross the supervisor), a durable
+``LmdbLedger``, a durable ``EventLog``, a ``GitStore``, the buckets and the economy (``open_economy``),
+and the world with the events as its ``emit``. No memory store: the policy has no memory actions. Every
+agent is a real ``Agent`` with a ``ScriptedBrain`` whose policy is cheap but goes through the whole pipeline:
 
     noop, transfer 1 scrip to the next agent, read the public artifact written at setup, noop
 
@@ -108,7 +109,7 @@ from benchmarks.common import (
 )
 from runtime.actions import AcceptOffer, AgentAction, MakeOffer, Noop, ReadArtifact, TransferScrip
 from runtime.agents.loop import Agent
-from runtime.config import AgentConfig, Config, EconomyConfig
+from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
 from runtime.economy.ledger import AcceptOffer as Accepted
 from runtime.economy.ledger.check import check
 from runtime.economy.metering import AgentMeter, SupervisorBooks, thread_cpu_ns
@@ -129,6 +130,8 @@ WARMUP_S, WARMUP_MAX_S, WARMUP_PER_AGENT_S = 1.0, 60.0, 0.02
 #: After the window, how long the agents get to finish the turn in hand before they are cancelled.
 DRAIN_MAX_S = 60.0
 THINK_MS = 1
+#: Thinks that may wait at a busy worker (``PoolConfig.prefetch``).
+PREFETCH = 1
 SCRIP = 1000
 BULLETIN = "bulletin"
 GATE, WATCH = "gate", "watch"
@@ -439,6 +442,7 @@ async def measure(
     cfg = Config(
         data_dir=str(data),
         economy=EconomyConfig(burst_seconds=burst, metering=metering),
+        pool=PoolConfig(prefetch=PREFETCH),
         agents=[
             AgentConfig(
                 id=agent_id(i),

@@ -77,7 +77,7 @@ class PoolConfig(_Section, frozen=True):
     cancel_grace_s: Annotated[float, Meta(ge=0.01, le=600)] = 2.0
     #: Tasks that may wait at a worker behind the one it runs (0: a worker gets its next task only after
     #: its last result reached the supervisor). It still runs one at a time and measures each; the wait
-    #: is idle time. Only plain tasks wait (not thinks, invocations nor tracked tasks: see ``runtime.pool``).
+    #: is idle time. Only plain tasks wait (not thinks nor invocations: see ``runtime.pool``).
     #: 0 by default: a queued task can then be cancelled for nothing, and which agent's task a worker
     #: takes is decided when it is free. ``WorkerPoolExecutor`` uses 1 unless given a config.
     prefetch: Annotated[int, Meta(ge=0, le=64)] = 0

@@ -7,7 +7,11 @@ writes down each task it hands to a worker, in a small LMDB environment under ``
 - at dispatch, before the task is sent: the task id (the ledger's), agent, kind, worker, wall-clock
   start, and a *baseline*: the worker's kernel CPU counter at that moment (its per-worker cgroup's
   ``cpuacct.usage``/``cpu.stat``, else ``/proc/<pid>/stat``), read by the supervisor, not reported by
-  the worker;
+  the worker. A task sent to wait behind the one its worker runs (``pool.prefetch``) is written when its
+  turn comes (the answer of the task ahead), its baseline where the task ahead's ends: that one's
+  baseline plus the CPU it was charged, so that the two never count the same CPU and miss none of the
+  worker's. Until then a crash charges the worker's CPU since the running task's baseline to that task
+  (the kernel cannot tell the two apart), and the waiting task is not charged;
 - every ``pool.sample_s`` while the task runs: the same counter again (one commit for all busy workers);
 - when the worker answers (or dies and is reaped): the exact usage (``finished``);
 - once the task's usage record is durable in the ledger: nothing (the record is deleted).

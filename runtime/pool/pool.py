@@ -178,6 +178,9 @@ class _Worker:
     bad_report: str = ""
     #: How long it had waited for a CPU by the start of the task in hand.
     delay_at_start: float = 0.0
+    #: Where the ``inflight`` record of a task that waited behind the last one to answer counts from:
+    #: that one's baseline plus the CPU it was charged (None: it had no baseline).
+    next_baseline: float | None = None
 
     @property
     def worker_id(self) -> int:
@@ -428,7 +431,7 @@ class WorkerPool:
             agent=agent,
             timeout_s=timeout or self.cfg.task_timeout_s,
             idempotent=idempotent,
-            plain=track is None and not stops_when_asked,
+            plain=not stops_when_asked,
             stops_when_asked=stops_when_asked,
             claim=claim,
             spec=spec,
@@ -523,7 +526,7 @@ class WorkerPool:
             if isinstance(cmd, Send):
                 self._send_task(w, cmd.job, cmd.runs_now)
             elif isinstance(cmd, Start):
-                w.delay_at_start = w.process.run_delay.read()
+                self._begun(w)
             elif isinstance(cmd, Kill):
                 w.process.kill()
             elif isinstance(cmd, AskStop):
@@ -546,24 +549,42 @@ class WorkerPool:
             if self._ready is not None:
                 self._ready.set()
 
+    def _begun(self, w: _Worker) -> None:
+        """``w`` now runs its task: its held time counts from here, and a tracked task that waited there
+        behind the one that just answered is recorded in flight."""
+        w.delay_at_start = w.process.run_delay.read()
+        job = w.job
+        if job is None or job.sent_to != w.worker_id or job.track is None or self.inflight is None:
+            return  # sent to an idle worker: recorded as it is sent (``_send_task``)
+        # Its CPU counts from where the measured CPU of the task ahead ended: the two records together
+        # charge the worker's count once, with no gap.
+        assert w.cpu_counter is not None, "opened at hello"
+        self._record(w, job, w.next_baseline if w.next_baseline is not None else w.cpu_counter.read())
+
     def _send_task(self, w: _Worker, job: PoolJob, runs_now: bool) -> None:
         """Send ``job`` to ``w``: it runs at once (``runs_now``), else it waits behind its tasks."""
         if job.measure:
             job.kernel_start = self._kernel_reading(w, job)
+        # A task sent to wait is recorded when its turn comes (``Start``): until then its worker's CPU
+        # is the running task's, and a crash charges it so.
         recorded = runs_now and job.track is not None and self.inflight is not None
         if recorded:
             self._record(w, job)  # before sending: a kill may come any time
+        job.sent_to = w.worker_id
         if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
             # The worker is gone before it saw the task (and is killed): the task goes back untouched.
             if recorded and job.track is not None and self.inflight is not None:
                 self.inflight.clear(job.track)
             self._do(self._sched.unsent(w.worker_id, job, time.monotonic()))
 
-    def _record(self, w: _Worker, job: PoolJob) -> None:
+    def _record(self, w: _Worker, job: PoolJob, baseline: float | None = None) -> None:
+        """Record ``job`` in flight on ``w``, its CPU counted from ``baseline`` (None: from its sending)."""
         assert w.cpu_counter is not None and job.track is not None and self.inflight is not None, "opened at hello"
-        # In cgroup mode the reading just taken for the report's bound is the same counter, read again.
-        start = job.kernel_start
-        baseline = start.cpu if start is not None and w.cpu_counter.probe == "cgroup" else w.cpu_counter.read()
+        if baseline is None:
+            # In cgroup mode the reading just taken for the report's bound is the same counter, read again.
+            start = job.kernel_start
+            baseline = start.cpu if start is not None and w.cpu_counter.probe == "cgroup" else w.cpu_counter.read()
+        job.baseline = baseline
         now = time.time()
         self.inflight.begin(
             InFlight(
@@ -743,6 +764,7 @@ class WorkerPool:
         except BadReport as exc:
             return self._refuse_report(w, exc)
         self._sched.answered(w.worker_id)
+        w.next_baseline = None if job.baseline is None else job.baseline + cpu
         held = w.held()
         if msg.usage is not None:
             u = msg.usage

@@ -11,10 +11,10 @@ The rules:
 
 - **One task runs per worker.** A task is sent to an ``idle`` worker, which is then ``busy`` until the
   pool reports its answer (``answered``) or its death (``died``).
-- **Prefetch.** Up to ``prefetch`` plain tasks (neither tracked in ``inflight`` nor stopped by asking,
-  see ``Job.plain``) may wait at a busy worker behind a plain task; each starts when the one ahead of it
-  answered. Not at a worker that will be recycled before reaching them. Fair order is kept: when the
-  next task may not wait, nothing waits until a worker is free for it.
+- **Prefetch.** Up to ``prefetch`` plain tasks (not stopped by asking, see ``Job.plain``) may wait at a
+  busy worker behind a plain task; each starts when the one ahead of it answered. Not at a worker that
+  will be recycled before reaching them. Fair order is kept: when the next task may not wait, nothing
+  waits until a worker is free for it.
 - **Fairness.** Tasks leave the queue in ``FairQueue`` order (round-robin over agents).
 - **Retry once.** A task whose worker crashed under it goes back to the head of its agent's line if it
   is idempotent and on its first attempt; tasks that waited at a dead worker go back uncounted.
@@ -65,9 +65,9 @@ class Job:
     timeout_s: float
     #: Retried once after a crash of its worker.
     idempotent: bool = False
-    #: May wait at a worker behind another task, and be waited behind: not tracked in ``inflight``
-    #: (recorded from the moment it is sent) and not stopped by asking (a signal for the task running
-    #: would reach a task waiting, and an invocation's replies share the worker's socket).
+    #: May wait at a worker behind another task, and be waited behind: not stopped by asking (a signal
+    #: for the task running would reach a task waiting, and an invocation's replies share the worker's
+    #: socket). A tracked task that waited is recorded in ``inflight`` when its turn comes (``Start``).
     plain: bool = True
     #: Stopped by asking its worker (SIGUSR1), which keeps its process; else by killing its worker.
     stops_when_asked: bool = False

@@ -109,3 +109,8 @@ class PoolJob(Job):
     sharers: tuple[str, ...] = ()
     #: The worker's kernel CPU counter when the task was sent (None: unmeasured, or unreadable).
     kernel_start: KernelReading | None = None
+    #: The worker it was last sent to (0: none yet); a ``Start`` for that worker finds it sent already
+    #: when it waited there behind another task (``prefetch``).
+    sent_to: int = 0
+    #: Where its ``inflight`` record counts its CPU from (the worker's kernel counter), once recorded.
+    baseline: float | None = None

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+from pathlib import Path
 
+import msgspec
 import pytest
 
+from runtime.config import PoolConfig
 from runtime.pool import TaskFailed, WorkerPool
+from runtime.pool.inflight import InflightLog
 from runtime.protocol import Burn, Call, Echo, Invoke, Sleep
 from tests.integration.conftest import with_pool
 
@@ -88,3 +92,33 @@ def test_invocations_never_wait_at_a_worker_nor_are_overtaken() -> None:
         await asyncio.gather(first.ended, echo.ended)
 
     with_pool(body, size=1, prefetch=1)
+
+
+def test_a_tracked_task_waits_and_is_recorded_in_flight_from_where_the_task_ahead_ended(tmp_path: Path) -> None:
+    """Tracked tasks (the economy's) wait at a worker too; the one that waited is recorded in flight once
+    its turn comes, counting from the running one's baseline plus the CPU it was charged: after a crash the
+    two records would charge the worker's kernel count once, neither twice nor with a gap."""
+    log = InflightLog(tmp_path / "inflight")
+
+    async def main() -> None:
+        async with WorkerPool(msgspec.structs.replace(PoolConfig(), prefetch=1), size=1, inflight=log) as pool:
+            first = pool.begin(Burn(ms=200), agent="a", track="t1")
+            second = pool.begin(Burn(ms=100), agent="b", track="t2")
+            assert _waiting(pool) == 1
+            assert [r.task_id for r in log.pending()] == ["t1"]  # sent, not begun: not in flight yet
+            a = await first.ended
+            recs = {r.task_id: r for r in log.pending()}  # t2 began when t1 answered: recorded with t1's end
+            assert recs["t1"].finished is not None and recs["t1"].finished.cpu_seconds == a.usage.cpu_seconds
+            assert recs["t2"].finished is None and recs["t2"].worker_id == recs["t1"].worker_id
+            assert recs["t2"].baseline_cpu == pytest.approx(recs["t1"].baseline_cpu + a.usage.cpu_seconds, abs=1e-9)
+            b = await second.ended
+            kernel = pool.kernel_cpu()[b.usage.worker_pid]
+            # What a recovery would charge t2 from its record covers what t2 measured (its worker's
+            # overhead between the two tasks included): nothing of the worker's CPU is missed.
+            assert kernel - recs["t2"].baseline_cpu >= b.usage.cpu_seconds - 0.02
+            assert b.usage.cpu_seconds == pytest.approx(0.1, rel=0.3) and b.usage.occupancy_seconds < 0.2
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()

@@ -140,7 +140,7 @@ def test_prefetch_sends_plain_tasks_to_wait_behind_the_running_one() -> None:
 def test_prefetch_keeps_fair_order_when_the_next_task_may_not_wait() -> None:
     sim = Sim(workers=1, prefetch=2)
     sim.submit(sim.job())
-    sim.submit(sim.job(plain=False))  # e.g. a tracked task or a think
+    sim.submit(sim.job(plain=False))  # e.g. a think or an invocation
     assert sim.submit(sim.job()) == []  # may wait, but the task ahead of it may not: nothing waits
     assert sim.waiting(1) == []
 
