@@ -181,6 +181,10 @@ class _Worker:
     #: Where the ``inflight`` record of a task that waited behind the last one to answer counts from:
     #: that one's baseline plus the CPU it was charged (None: it had no baseline).
     next_baseline: float | None = None
+    #: While its answer is handled: the readings just taken of its run delay and of its kernel CPU counter
+    #: (cgroup only), which the start of its next task and a task sent to it meanwhile reuse.
+    answered_delay: float | None = None
+    answered_cpu: KernelReading | None = None
 
     @property
     def worker_id(self) -> int:
@@ -203,10 +207,12 @@ class _Worker:
         """Its ``subprocess.Popen`` (ProcessPoolExecutor's view of a worker)."""
         return self.process.proc
 
-    def held(self) -> float:
-        """Seconds the task in hand has held this worker, less those it waited for a CPU."""
-        waited = self.process.run_delay.read() - self.delay_at_start
-        return max(0.0, time.monotonic() - self.slot.job_started - waited)
+    def held(self, delay: float | None = None) -> float:
+        """Seconds the task in hand has held this worker, less those it waited for a CPU (``delay``: its
+        run delay, if just read)."""
+        if delay is None:
+            delay = self.process.run_delay.read()
+        return max(0.0, time.monotonic() - self.slot.job_started - (delay - self.delay_at_start))
 
 
 class PoolStatus(msgspec.Struct):
@@ -552,7 +558,8 @@ class WorkerPool:
     def _begun(self, w: _Worker) -> None:
         """``w`` now runs its task: its held time counts from here, and a tracked task that waited there
         behind the one that just answered is recorded in flight."""
-        w.delay_at_start = w.process.run_delay.read()
+        delay = w.answered_delay
+        w.delay_at_start = delay if delay is not None else w.process.run_delay.read()
         job = w.job
         if job is None or job.sent_to != w.worker_id or job.track is None or self.inflight is None:
             return  # sent to an idle worker: recorded as it is sent (``_send_task``)
@@ -564,7 +571,8 @@ class WorkerPool:
     def _send_task(self, w: _Worker, job: PoolJob, runs_now: bool) -> None:
         """Send ``job`` to ``w``: it runs at once (``runs_now``), else it waits behind its tasks."""
         if job.measure:
-            job.kernel_start = self._kernel_reading(w, job)
+            reading = w.answered_cpu
+            job.kernel_start = reading if reading is not None else self._kernel_reading(w, job)
         # A task sent to wait is recorded when its turn comes (``Start``): until then its worker's CPU
         # is the running task's, and a crash charges it so.
         recorded = runs_now and job.track is not None and self.inflight is not None
@@ -762,35 +770,41 @@ class WorkerPool:
             # Last: the counters of a refused report must not lower what its task is charged.
             self._note_counters(w, msg.counters)
         except BadReport as exc:
+            w.answered_cpu = None
             return self._refuse_report(w, exc)
         self._sched.answered(w.worker_id)
         w.next_baseline = None if job.baseline is None else job.baseline + cpu
-        held = w.held()
-        if msg.usage is not None:
-            u = msg.usage
-            usage = TaskUsage(
-                cpu,
-                u.peak_memory_bytes,
-                u.baseline_memory_bytes,
-                u.wall_seconds,
-                w.pid,
-                w.memory_probe,
-                occupancy_seconds=occupancy(held, self.share, cpu),
-            )
-        else:  # unmeasured (benchmark) task
-            wall = time.monotonic() - w.slot.job_started
-            usage = TaskUsage(0.0, 0, 0, wall, w.pid, "off", occupancy_seconds=occupancy(held, self.share, 0.0))
-        self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
-        if job.prior is not None:
-            usage = job.prior.plus(usage)
-        if job.track is not None and self.inflight is not None:
-            self.inflight.finish(job.track, usage)
-        if msg.ok:
-            job.done(Outcome(job.id, job.agent, msg.output, usage), None)
-        else:
-            code: ErrorCode = msg.error_code or "task_error"
-            job.done(None, TaskFailed(code, msg.error or "failed", usage, msg.output))
-        self._do(self._sched.resume(w.worker_id, time.monotonic()))
+        # The readings taken now are reused for the task that starts here and one sent here meanwhile.
+        w.answered_delay = w.process.run_delay.read()
+        try:
+            held = w.held(w.answered_delay)
+            if msg.usage is not None:
+                u = msg.usage
+                usage = TaskUsage(
+                    cpu,
+                    u.peak_memory_bytes,
+                    u.baseline_memory_bytes,
+                    u.wall_seconds,
+                    w.pid,
+                    w.memory_probe,
+                    occupancy_seconds=occupancy(held, self.share, cpu),
+                )
+            else:  # unmeasured (benchmark) task
+                wall = time.monotonic() - w.slot.job_started
+                usage = TaskUsage(0.0, 0, 0, wall, w.pid, "off", occupancy_seconds=occupancy(held, self.share, 0.0))
+            self.accounts.charge(job.agent, usage, msg.ok, w.pid, usage.cpu_seconds)
+            if job.prior is not None:
+                usage = job.prior.plus(usage)
+            if job.track is not None and self.inflight is not None:
+                self.inflight.finish(job.track, usage)
+            if msg.ok:
+                job.done(Outcome(job.id, job.agent, msg.output, usage), None)
+            else:
+                code: ErrorCode = msg.error_code or "task_error"
+                job.done(None, TaskFailed(code, msg.error or "failed", usage, msg.output))
+            self._do(self._sched.resume(w.worker_id, time.monotonic()))
+        finally:
+            w.answered_delay = w.answered_cpu = None
         return None
 
     def _kernel_reading(self, w: _Worker, job: PoolJob) -> KernelReading | None:
@@ -836,6 +850,8 @@ class WorkerPool:
             )
         start = job.kernel_start
         end = self._kernel_reading(w, job) if start is not None else None
+        if end is not None and w.cpu_counter is not None and w.cpu_counter.probe == "cgroup":
+            w.answered_cpu = end  # the same counter for whatever task is sent to it next
         if start is None or end is None:
             return usage.cpu_seconds
         seen = max(0.0, end.cpu - start.cpu)
