@@ -4,7 +4,8 @@ Real processes and a real SIGKILL: the supervisor runs scripted agents whose thi
 on two workers, is killed while they run, and is started again. The restart must charge every task that
 was in flight exactly once (failed, ``supervisor_crashed``, with what it burned), keep the buckets at
 their persisted levels minus those charges, and find the ledger's invariants and the store intact. Both
-with per-worker cgroups (this host) and without them (``pool.cgroups: off``, an unprivileged container).
+with per-worker cgroups (this host) and without them (``pool.cgroups: off``, an unprivileged container),
+and with a think waiting at a busy worker (``pool.prefetch: 1``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ THINK_MS = 400
 #: test and refill only 1 ms per second, so "persisted level minus charges" is checked to the millisecond.
 CONFIG = """
 data_dir: {data}
-pool: {{workers: 2, heartbeat_s: 0.5, sample_s: 0.1, cgroups: "{cgroups}"}}
+pool: {{workers: 2, heartbeat_s: 0.5, sample_s: 0.1, cgroups: "{cgroups}", prefetch: {prefetch}}}
 economy: {{burst_seconds: 10000}}
 metrics_port: 0
 status_interval_s: 0.2
@@ -48,11 +49,14 @@ agents:
 RATE = 0.001  # CPU-s per second, for cpu_rate 1
 
 
-@pytest.fixture(params=["auto", "off"], ids=["cgroups", "proc"])
+#: (cgroups, prefetch): with prefetch a third think waits at a worker, and is recorded in flight only once
+#: its turn comes (``runtime.pool.inflight``): the recovery charges what was recorded, each task once.
+@pytest.fixture(params=[("auto", 0), ("off", 0), ("auto", 1)], ids=["cgroups", "proc", "cgroups-prefetch"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path, str]:
+    cgroups, prefetch = request.param
     cfg = tmp_path / "restart.yaml"
-    cfg.write_text(CONFIG.format(data=tmp_path / "data", cgroups=request.param, think=THINK_MS))
-    return cfg, tmp_path / "data", str(request.param)
+    cfg.write_text(CONFIG.format(data=tmp_path / "data", cgroups=cgroups, think=THINK_MS, prefetch=prefetch))
+    return cfg, tmp_path / "data", str(cgroups)
 
 
 def _start(*args: str, module: str = "runtime.supervisor") -> subprocess.Popen[str]:
