@@ -7,9 +7,8 @@ future. Under load many callers share one sync; alone a caller waits for no one.
 
 Under load the writer lingers (``Linger``): a durable commit costs about the same whatever its size (its
 syncs and the transaction: ~200 µs of CPU on these hosts, against ~15 µs per item), so when items arrive
-fast enough that a few more are due within ``LINGER_MAX_S``, it waits that long at most for them, and on
-while they keep coming (up to ``LINGER_LONGEST_S``), before it commits. Alone, or at a trickle, an item
-waits for nothing.
+fast enough that a few more are due within ``LINGER_MAX_S``, it waits that long at most for them before it
+commits (asleep: what is queued meanwhile wakes nobody). Alone, or at a trickle, an item waits for nothing.
 
 A caller on a thread gets a ``concurrent.futures.Future``; a caller on an event loop an ``asyncio``
 future of its loop. A batch's outcomes go out through one ``Delivery``: the loop's futures of the whole
@@ -51,11 +50,6 @@ LINGER_MAX_S = 0.004
 LINGER_MIN_DUE = 3.0
 #: It stops lingering once a batch holds this many items: past it, a commit's own cost is small per item.
 LINGER_BATCH = 32
-#: While items keep coming it lingers on, up to this long since it began: when items arrived while it
-#: waited, it waits on until ``LINGER_MIN_DUE`` more are due at the recent rate, so that a steady stream
-#: (many callers, each waiting far longer for its other work) shares commits of up to ``LINGER_BATCH``,
-#: while a burst that has ended (a few callers, all waiting on this commit) is committed once it paused.
-LINGER_LONGEST_S = 0.016
 #: The arrival rate is an average over about this long (older batches weigh exponentially less).
 LINGER_WINDOW_S = 0.1
 
@@ -84,14 +78,6 @@ class Linger:
         if held >= LINGER_BATCH or self.rate * LINGER_MAX_S < LINGER_MIN_DUE:
             return now
         return now + min(LINGER_MAX_S, (LINGER_BATCH - held) / self.rate)
-
-    def further(self, end: float, began: float, held: int, now: float) -> float:
-        """The deadline once items arrived (by ``now``) while the writer lingered until ``end`` since
-        ``began``, ``held`` items in hand: on for as long as ``LINGER_MIN_DUE`` more take to arrive at the
-        recent rate, at most until ``began + LINGER_LONGEST_S`` (``now``: commit at once)."""
-        if held >= LINGER_BATCH or self.rate <= 0.0:
-            return now
-        return min(began + LINGER_LONGEST_S, max(end, now + LINGER_MIN_DUE / self.rate))
 
 
 def _take_queued(q: queue.SimpleQueue[T | None], batch: list[T], most: int) -> bool:
@@ -127,16 +113,11 @@ def serve_batches(
         if linger is not None and not stop:
             # It lingers asleep, not waiting on the queue: an item queued meanwhile wakes nobody (no
             # thread switch, no hand-over of the GIL, per item), and what came is taken when it wakes.
-            began = now = clock()
+            now = clock()
             end = linger.until(len(batch), now)
-            while now < end and len(batch) < max_batch:
+            if end > now and len(batch) < max_batch:
                 time.sleep(end - now)
-                held = len(batch)
                 stop = _take_queued(q, batch, max_batch)
-                now = clock()
-                if stop or len(batch) == held:
-                    break  # told to stop, or nothing came meanwhile: the stream has paused
-                end = linger.further(end, began, len(batch), now)
             linger.taken(len(batch), clock())
         commit(batch)
         if stop:

@@ -8,15 +8,7 @@ import threading
 
 import pytest
 
-from runtime.groupcommit import (
-    LINGER_BATCH,
-    LINGER_LONGEST_S,
-    LINGER_MAX_S,
-    LINGER_MIN_DUE,
-    LINGER_WINDOW_S,
-    Linger,
-    serve_batches,
-)
+from runtime.groupcommit import LINGER_BATCH, LINGER_MAX_S, LINGER_MIN_DUE, LINGER_WINDOW_S, Linger, serve_batches
 
 
 def steady(linger: Linger, per_s: float, start: float = 100.0, items: int = 4) -> float:
@@ -47,25 +39,6 @@ def test_under_load_it_lingers_at_most_the_maximum_and_less_for_a_nearly_full_ba
     # Close to a full batch: only as long as the items still missing take to arrive.
     assert linger.until(LINGER_BATCH - 2, now) == pytest.approx(now + 2 / linger.rate)
     assert linger.until(LINGER_BATCH, now) == now
-
-
-def test_while_items_keep_coming_it_lingers_on_up_to_the_longest_and_stops_soon_after_the_last() -> None:
-    linger = Linger()
-    fast = 4 * LINGER_MIN_DUE / LINGER_MAX_S
-    now = steady(linger, fast)
-    began, end = now, linger.until(1, now)
-    due = LINGER_MIN_DUE / linger.rate  # how long the next few items take to arrive at the recent rate
-    # An item early in the wait does not shorten it; one near its end moves it on by the time the next
-    # few are due.
-    assert linger.further(end, began, 2, now + 1e-4) == end
-    end = linger.further(end, began, 3, end - 1e-4)
-    assert end == pytest.approx(began + LINGER_MAX_S - 1e-4 + due)
-    # A steady stream moves it on, never past the longest; a full batch is committed at once.
-    held = 3
-    while (moved := linger.further(end, began, held + 1, end - 1e-4)) > end:
-        end, held = moved, held + 1
-    assert end == pytest.approx(began + LINGER_LONGEST_S) and held < LINGER_BATCH
-    assert linger.further(end, began, LINGER_BATCH, end - 1e-3) == end - 1e-3
 
 
 def test_after_an_idle_spell_the_next_item_waits_for_nothing() -> None:
