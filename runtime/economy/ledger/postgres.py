@@ -173,7 +173,7 @@ _APPEND = (
     "WITH last AS (SELECT seq, at FROM ledger_journal ORDER BY seq DESC LIMIT 1)"
     " INSERT INTO ledger_journal (seq, at, op_id, op)"
     " SELECT coalesce((SELECT seq FROM last), 0) + z.n, greatest(%s::float8, (SELECT at FROM last)), z.i, z.o"
-    " FROM unnest(%s::text[], %s::bytea[]) WITH ORDINALITY AS z(i, o, n) RETURNING seq, at"
+    " FROM unnest(%b::text[], %b::bytea[]) WITH ORDINALITY AS z(i, o, n) RETURNING seq, at"
 )
 
 
@@ -319,10 +319,10 @@ class _BatchView:
         tasks = [t for t in task_ids if t not in self._usage]
         owners = [a for a in agents if a not in self._levels]
         ex = self._conn.execute
-        kinds = ex("SELECT account, kind FROM ledger_accounts WHERE account = ANY(%s)", (accts,))
-        held = ex("SELECT account, asset, amount FROM ledger_balances WHERE account = ANY(%s)", (accts,))
-        used = ex("SELECT task_id FROM ledger_usage WHERE task_id = ANY(%s)", (tasks,))
-        levels = ex("SELECT agent, levels FROM ledger_buckets WHERE agent = ANY(%s)", (owners,))
+        kinds = ex("SELECT account, kind FROM ledger_accounts WHERE account = ANY(%b)", (accts,))
+        held = ex("SELECT account, asset, amount FROM ledger_balances WHERE account = ANY(%b)", (accts,))
+        used = ex("SELECT task_id FROM ledger_usage WHERE task_id = ANY(%b)", (tasks,))
+        levels = ex("SELECT agent, levels FROM ledger_buckets WHERE agent = ANY(%b)", (owners,))
         supply = None if self._supply_loaded else ex("SELECT asset, minted, burned FROM ledger_supply")
         found: dict[str, AccountKind] = dict(kinds.fetchall())
         self._kinds.update((a, found.get(a)) for a in accts)
@@ -491,23 +491,23 @@ class _BatchView:
         conds: list[str] = []
         params: list[object] = []
         if self._absent:
-            conds.append("NOT EXISTS (SELECT 1 FROM ledger_accounts WHERE account = ANY(%s))")
+            conds.append("NOT EXISTS (SELECT 1 FROM ledger_accounts WHERE account = ANY(%b))")
             params.append(self._absent)
         if self._read_accounts:
             conds.append(
                 "NOT EXISTS (SELECT 1 FROM (SELECT account, asset, amount FROM ledger_balances"
-                " WHERE account = ANY(%s)) AS b FULL JOIN unnest(%s::text[], %s::text[], %s::bigint[])"
+                " WHERE account = ANY(%b)) AS b FULL JOIN unnest(%b::text[], %b::text[], %b::bigint[])"
                 " AS z(account, asset, amount) USING (account, asset) WHERE b.amount IS DISTINCT FROM z.amount)"
             )
             held = self._read_held
             params += [self._read_accounts, [r[0] for r in held], [r[1] for r in held], [r[2] for r in held]]
         if self._unused:
-            conds.append("NOT EXISTS (SELECT 1 FROM ledger_usage WHERE task_id = ANY(%s))")
+            conds.append("NOT EXISTS (SELECT 1 FROM ledger_usage WHERE task_id = ANY(%b))")
             params.append(self._unused)
         assets = sorted(self._supply_used | self._dirty_supply)
         if assets:
             conds.append(
-                "NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS z(asset, minted, burned)"
+                "NOT EXISTS (SELECT 1 FROM unnest(%b::text[], %b::bigint[], %b::bigint[]) AS z(asset, minted, burned)"
                 " LEFT JOIN ledger_supply s USING (asset)"
                 " WHERE (coalesce(s.minted, 0), coalesce(s.burned, 0)) <> (z.minted, z.burned))"
             )
@@ -516,7 +516,7 @@ class _BatchView:
         for (table, key, column), blobs in self._read_keyed.items():
             if blobs:
                 conds.append(
-                    f"NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::bytea[]) AS z(k, v)"
+                    f"NOT EXISTS (SELECT 1 FROM unnest(%b::text[], %b::bytea[]) AS z(k, v)"
                     f" LEFT JOIN {table} t ON t.{key} = z.k WHERE t.{column} IS DISTINCT FROM z.v)"
                 )
                 params += [list(blobs), list(blobs.values())]
@@ -527,7 +527,7 @@ class _BatchView:
         ex = self._conn.execute
         if self._new_accounts:
             ex(
-                "INSERT INTO ledger_accounts (account, kind) SELECT * FROM unnest(%s::text[], %s::text[])",
+                "INSERT INTO ledger_accounts (account, kind) SELECT * FROM unnest(%b::text[], %b::text[])",
                 (list(self._new_accounts), list(self._new_accounts.values())),
             )
         keep = [k for k in self._dirty_balances if self._balances[k]]
@@ -535,13 +535,13 @@ class _BatchView:
         if keep:
             ex(
                 "INSERT INTO ledger_balances (account, asset, amount)"
-                " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                " SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[])"
                 " ON CONFLICT (account, asset) DO UPDATE SET amount = excluded.amount",
                 ([a for a, _ in keep], [s for _, s in keep], [self._balances[k] for k in keep]),
             )
         if gone:
             ex(
-                "DELETE FROM ledger_balances b USING unnest(%s::text[], %s::text[]) AS z(account, asset)"
+                "DELETE FROM ledger_balances b USING unnest(%b::text[], %b::text[]) AS z(account, asset)"
                 " WHERE b.account = z.account AND b.asset = z.asset",
                 ([a for a, _ in gone], [s for _, s in gone]),
             )
@@ -549,19 +549,19 @@ class _BatchView:
             assets = list(self._dirty_supply)
             ex(
                 "INSERT INTO ledger_supply (asset, minted, burned)"
-                " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
+                " SELECT * FROM unnest(%b::text[], %b::bigint[], %b::bigint[])"
                 " ON CONFLICT (asset) DO UPDATE SET minted = excluded.minted, burned = excluded.burned",
                 (assets, [self._supply[a][0] for a in assets], [self._supply[a][1] for a in assets]),
             )
         if self._new_usage:
             ex(
-                "INSERT INTO ledger_usage (task_id, record) SELECT * FROM unnest(%s::text[], %s::bytea[])",
+                "INSERT INTO ledger_usage (task_id, record) SELECT * FROM unnest(%b::text[], %b::bytea[])",
                 ([r.task_id for r in self._new_usage], [codec.encode(r) for r in self._new_usage]),
             )
         if self._dirty_levels:
             owners = list(self._dirty_levels)
             ex(
-                "INSERT INTO ledger_buckets (agent, levels) SELECT * FROM unnest(%s::text[], %s::bytea[])"
+                "INSERT INTO ledger_buckets (agent, levels) SELECT * FROM unnest(%b::text[], %b::bytea[])"
                 " ON CONFLICT (agent) DO UPDATE SET levels = excluded.levels",
                 (owners, [codec.encode(self._levels[a]) for a in owners]),
             )
@@ -575,10 +575,10 @@ class _BatchView:
         gone = [k for k, v in rows.items() if v is None]
         kept = [(k, v) for k, v in rows.items() if v is not None]
         if gone:
-            self._conn.execute(f"DELETE FROM {table} WHERE {key} = ANY(%s)", (gone,))
+            self._conn.execute(f"DELETE FROM {table} WHERE {key} = ANY(%b)", (gone,))
         if kept:
             self._conn.execute(
-                f"INSERT INTO {table} ({key}, {column}) SELECT * FROM unnest(%s::text[], %s::bytea[])"
+                f"INSERT INTO {table} ({key}, {column}) SELECT * FROM unnest(%b::text[], %b::bytea[])"
                 f" ON CONFLICT ({key}) DO UPDATE SET {column} = excluded.{column}",
                 ([k for k, _ in kept], [codec.encode(v) for _, v in kept]),
             )
@@ -729,7 +729,7 @@ class PostgresLedger(GroupCommitted):
                         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
                         head = conn.execute("SELECT coalesce(max(seq), 0) FROM ledger_journal")
                     known = conn.execute(
-                        "SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%s)",
+                        "SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%b)",
                         (list({op.id for op, _ in batch}),),
                     )
                     view.load(accounts, task_ids, agents)
