@@ -99,3 +99,12 @@ def test_commit_with_last_commits_the_block_or_nothing(pg_url: str) -> None:
             conn.execute("INSERT INTO t VALUES (4)")
             raise RuntimeError("the writer gave up")
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
+        # An error the server returned before the COMMIT was sent (psycopg raises it on sending): nothing
+        # of the block stays, and the connection is left clean for the next transaction.
+        with pytest.raises(psycopg.errors.DivisionByZero), commit_with_last(conn):
+            conn.execute("INSERT INTO t VALUES (5)")
+            conn.execute("SELECT 1/0")
+            time.sleep(0.05)  # its error is back before the COMMIT is sent
+        with commit_with_last(conn):
+            conn.execute("INSERT INTO t VALUES (6)")
+        assert conn.execute("SELECT k FROM t ORDER BY k").fetchall() == [(1,), (2,), (6,)]

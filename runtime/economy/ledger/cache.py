@@ -91,23 +91,31 @@ class HoldingsCache:
 
     def put(self, account: str, seq: int, amounts: Amounts, token: int) -> bool:
         """Keep ``amounts`` as ``account``'s balances at journal ``seq``; return whether they were kept."""
-        assert all(v > 0 for v in amounts.values()), f"invariant: only positive balances are kept ({amounts})"
+        return self.put_all({account: amounts}, seq, token) == 1
+
+    def put_all(self, holdings: dict[str, Amounts], seq: int, token: int) -> int:
+        """``put`` for every account of ``holdings`` (all exact at journal ``seq``), under one taking of
+        the lock (a ledger batch touches dozens); return how many were kept."""
         now = self._clock()
+        kept = 0
         with self._lock:
-            if self._forgotten.get(account, -1) >= token:
-                # A forget came after these were read: they may miss the change, and the entry may
-                # miss what they saw. Neither can be trusted alone.
-                self._entries.pop(account, None)
-                return False
-            old = self._entries.get(account)
-            if old is not None and old[0] > seq:
-                return False
-            held = dict(amounts)
-            for counter, asset, amount, at_seq in self._credits.get(account, ()):
-                if counter >= token and at_seq > seq:  # announced during the read, and not in it
-                    held[asset] = held.get(asset, 0) + amount
-            self._entries[account] = (seq, now, held)
-            return True
+            for account, amounts in holdings.items():
+                assert all(v > 0 for v in amounts.values()), f"invariant: only positive balances are kept ({amounts})"
+                if self._forgotten.get(account, -1) >= token:
+                    # A forget came after these were read: they may miss the change, and the entry may
+                    # miss what they saw. Neither can be trusted alone.
+                    self._entries.pop(account, None)
+                    continue
+                old = self._entries.get(account)
+                if old is not None and old[0] > seq:
+                    continue
+                held = dict(amounts)
+                for counter, asset, amount, at_seq in self._credits.get(account, ()):
+                    if counter >= token and at_seq > seq:  # announced during the read, and not in it
+                        held[asset] = held.get(asset, 0) + amount
+                self._entries[account] = (seq, now, held)
+                kept += 1
+        return kept
 
     def forget(self, account: str) -> None:
         """Drop ``account``'s entry (it changed in a way the cache cannot apply)."""

@@ -775,8 +775,7 @@ class PostgresLedger(GroupCommitted):
 
     def _cache(self, view: _BatchView, seq: int, token: int) -> None:
         """Put the holdings of every account the batch loaded, exact at journal ``seq``, in the cache."""
-        for account, amounts in view.held().items():
-            self.holdings_cache.put(account, seq, amounts, token)
+        self.holdings_cache.put_all(view.held(), seq, token)
 
     def _close_store(self) -> None:
         self._conn.close()
