@@ -10,10 +10,10 @@ syncs and the transaction: ~200 µs of CPU on these hosts, against ~15 µs per i
 fast enough that a few more are due within ``LINGER_MAX_S``, it waits that long at most for them before it
 commits (asleep: what is queued meanwhile wakes nobody). Alone, or at a trickle, an item waits for nothing.
 
-A caller on a thread gets a ``concurrent.futures.Future``; a caller on an event loop an ``asyncio``
-future of its loop. A batch's outcomes go out through one ``Delivery``: the loop's futures of the whole
-batch are resolved by one call on that loop (one wake-up of its self-pipe, not one per item, and no
-thread-safe future chained to an asyncio one per item).
+A caller on a thread gets a ``concurrent.futures.Future`` (or, blocking for its one item, a ``Reply``); a
+caller on an event loop an ``asyncio`` future of its loop. A batch's outcomes go out through one
+``Delivery``: the loop's futures of the whole batch are resolved by one call on that loop (one wake-up of
+its self-pipe, not one per item, and no thread-safe future chained to an asyncio one per item).
 
 Invariants:
 
@@ -37,8 +37,43 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
-#: Where a queued item's outcome goes: a thread's future, or a future of the event loop that queued it.
-Waiting = cf.Future[T] | asyncio.Future[T]
+
+
+class Reply(Generic[T]):
+    """The outcome of one item for the one thread that queued it and waits for it (``wait``): a
+    ``concurrent.futures.Future`` without what a lone waiter does not need (a condition, callbacks,
+    cancelling), so it costs a lock instead of ~7 µs of Python per item — many callers blocking one item
+    at a time (a node's threads, the ledger's ``apply``) each pay that once per item."""
+
+    __slots__ = ("_done", "_exc", "_value")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()  # released once, by the writer, when the outcome is set
+        self._value: T | None = None
+        self._exc: BaseException | None = None
+
+    def set_result(self, value: T) -> None:
+        """Succeed with ``value`` (once)."""
+        self._value = value
+        self._done.release()
+
+    def set_exception(self, exc: BaseException) -> None:
+        """Fail with ``exc`` (once)."""
+        self._exc = exc
+        self._done.release()
+
+    def wait(self) -> T:
+        """Block until the outcome is set; return the value or raise the exception."""
+        self._done.acquire()
+        if self._exc is not None:
+            raise self._exc
+        return self._value  # type: ignore[return-value]
+
+
+#: Where a queued item's outcome goes: a waiting thread's reply or future, or a future of the event loop
+#: that queued it.
+Waiting = Reply[T] | cf.Future[T] | asyncio.Future[T]
 
 
 #: The longest a writer holds an item back waiting for others to share its commit: what it adds to a
@@ -135,17 +170,17 @@ class Delivery:
 
     def result(self, fut: Waiting[T], value: T) -> None:
         """``fut`` succeeds with ``value``."""
-        if isinstance(fut, cf.Future):
-            fut.set_result(value)
-        else:
+        if isinstance(fut, asyncio.Future):
             self._loops.setdefault(fut.get_loop(), []).append((fut, value, None))
+        else:
+            fut.set_result(value)
 
     def exception(self, fut: Waiting[Any], exc: BaseException) -> None:
         """``fut`` fails with ``exc``."""
-        if isinstance(fut, cf.Future):
-            fut.set_exception(exc)
-        else:
+        if isinstance(fut, asyncio.Future):
             self._loops.setdefault(fut.get_loop(), []).append((fut, None, exc))
+        else:
+            fut.set_exception(exc)
 
     def send(self) -> None:
         """Hand the event loops their outcomes (call once, after the last ``result``/``exception``)."""

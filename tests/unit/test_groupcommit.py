@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 
-from runtime.groupcommit import LINGER_BATCH, LINGER_MAX_S, LINGER_MIN_DUE, LINGER_WINDOW_S, Linger, serve_batches
+from runtime.groupcommit import (
+    LINGER_BATCH,
+    LINGER_MAX_S,
+    LINGER_MIN_DUE,
+    LINGER_WINDOW_S,
+    Delivery,
+    Linger,
+    Reply,
+    serve_batches,
+)
 
 
 def steady(linger: Linger, per_s: float, start: float = 100.0, items: int = 4) -> float:
@@ -80,3 +90,28 @@ def test_a_lingering_writer_stops_at_once_when_told_to_and_commits_what_it_holds
     writer.join(10)
     assert not writer.is_alive()
     assert [i for b in batches for i in b] == [0, 1, 2]
+
+
+def test_a_reply_hands_one_waiting_thread_its_outcome_through_a_delivery() -> None:
+    replies: list[Reply[int]] = [Reply(), Reply()]
+    got: list[object] = []
+
+    def waiter(reply: Reply[int]) -> None:
+        try:
+            got.append(reply.wait())
+        except LookupError as exc:
+            got.append(exc)
+
+    threads = [threading.Thread(target=waiter, args=(r,)) for r in replies]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    assert got == []  # both still wait: nothing was delivered
+    delivery = Delivery()
+    delivery.result(replies[0], 7)
+    failure = LookupError("refused")
+    delivery.exception(replies[1], failure)
+    delivery.send()
+    for t in threads:
+        t.join(10)
+    assert sorted(got, key=str) == sorted([7, failure], key=str)

@@ -15,7 +15,7 @@ from typing import Self
 from runtime.economy.ledger import LedgerError, Op, Receipt
 from runtime.economy.ledger.rules import validate
 from runtime.errors import storage_failure
-from runtime.groupcommit import Delivery, GroupCommitter, Waiting
+from runtime.groupcommit import Delivery, GroupCommitter, Reply, Waiting
 
 Item = tuple[Op, Waiting[Receipt]]
 
@@ -56,7 +56,9 @@ class GroupCommitted(GroupCommitter[Item]):
 
     def apply(self, op: Op) -> Receipt:
         """Apply one operation and wait until it is durable."""
-        return self.submit(op).result()
+        reply: Reply[Receipt] = Reply()
+        self._queue_op(op, reply)
+        return reply.wait()
 
     @abstractmethod
     def _close_store(self) -> None:
