@@ -167,6 +167,8 @@ _COMPACT_LOCK = lock_key("ledger-compact")
 _JOURNAL_PAGE = 1000
 #: After an optimistic batch failed its check, this many batches take the lock from their first read.
 _LOCKED_AFTER_CONFLICT = 8
+# Array parameters (a batch's keys, rows and entries) are sent in binary (``%b``): psycopg's text format
+# escapes every element with a regular expression, about 3.6 times the cost of the binary one.
 #: A batch's journal entries, numbered on from the journal's last one and stamped no earlier than it
 #: (nodes' clocks differ). Run under the ledger lock: the seq stays gapless and commit order is seq order.
 _APPEND = (
