@@ -74,6 +74,10 @@ class Entry(msgspec.Struct, omit_defaults=True):
     describe: str
     #: For a summary row (``lmdb-group``, ``postgres-group``): which of the group-commit modes it reports.
     best_of: str | None = None
+    #: CPU of the benchmark's process (its clients and the ledger's writer) per transfer, in µs: steadier
+    #: than transfers/s on a shared host, where the load moves the rate more than the code does.
+    #: (PostgreSQL's own CPU is not in it.) None for the SQLite rows.
+    cpu_us_per_transfer: float | None = None
 
 
 class Report(common.ReportHead):
@@ -89,6 +93,8 @@ class Measured:
 
     transfers: int
     seconds: float
+    #: CPU this process used while the load ran (``time.process_time``: every thread), when measured.
+    cpu_seconds: float | None = None
 
 
 class Mismatch(Exception):
@@ -153,6 +159,11 @@ def _postgres_opener(optimistic: bool) -> Opener:
 _postgres = _postgres_opener(True)
 
 
+def cpu_us_per_transfer(m: Measured) -> float | None:
+    """This process's CPU per transfer of a run, in µs (None when not measured)."""
+    return None if m.cpu_seconds is None or not m.transfers else round(m.cpu_seconds / m.transfers * 1e6, 1)
+
+
 def _verify(led: Ledger, counted: int) -> None:
     transfers = sum(1 for e in led.journal() if isinstance(e.op, Transfer))
     if transfers != counted:
@@ -170,7 +181,9 @@ def _measuring(
 
     def run(path: Path, duration: float) -> Measured:
         with opener(path, group) as led:
-            measured = Measured(*load(led, duration))
+            cpu = time.process_time()
+            transfers, seconds = load(led, duration)
+            measured = Measured(transfers, seconds, time.process_time() - cpu)
             _verify(led, measured.transfers)
             return measured
 
@@ -537,10 +550,12 @@ def run(opts: Options) -> int:
                 seconds=round(m.seconds, 3),
                 durable=system.durable,
                 describe=system.describe,
+                cpu_us_per_transfer=cpu_us_per_transfer(m),
             )
             entries.append(e)
+            cpu = "" if e.cpu_us_per_transfer is None else f", {e.cpu_us_per_transfer:.0f} µs of CPU per transfer here"
             print(
-                f"{tag} done: {e.transfers_per_s:,.0f} transfers/s ({e.transfers:,} in {e.seconds:.2f} s, "
+                f"{tag} done: {e.transfers_per_s:,.0f} transfers/s ({e.transfers:,} in {e.seconds:.2f} s{cpu}, "
                 "verified against the store)",
                 flush=True,
             )

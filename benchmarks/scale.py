@@ -147,6 +147,8 @@ class LedgerResult(msgspec.Struct):
     transfers_per_s: float
     transfers: int
     seconds: float
+    #: The benchmark process's CPU per transfer (its clients and the ledger's writer, not PostgreSQL's), µs.
+    cpu_us_per_transfer: float | None = None
 
 
 class ContentionResult(msgspec.Struct):
@@ -379,8 +381,11 @@ def _measure_ledgers(quick: bool, skipped: list[Skipped]) -> list[LedgerResult]:
         for system, measured in measure_each(systems, Path(tmp), duration, skipped):
             assert isinstance(measured, ledger_bench.Measured)
             rate = measured.transfers / measured.seconds
-            print(f"[{system.name}] {rate:,.0f} durable transfers/s", flush=True)
-            out.append(LedgerResult(system.name, system.describe, round(rate, 1), measured.transfers, measured.seconds))
+            cpu = ledger_bench.cpu_us_per_transfer(measured)
+            print(f"[{system.name}] {rate:,.0f} durable transfers/s, {cpu} µs of CPU per transfer here", flush=True)
+            out.append(
+                LedgerResult(system.name, system.describe, round(rate, 1), measured.transfers, measured.seconds, cpu)
+            )
     return out
 
 
