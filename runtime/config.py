@@ -7,6 +7,7 @@ variables, listed in ``ENV_OVERRIDES``; a bad value there names the variable.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -510,6 +511,14 @@ def node_id(cfg: Config) -> str:
     if cfg.node.id:
         return cfg.node.id
     return f"n{cfg.node.agent_range}" if cfg.node.agent_range else ""
+
+
+def add_data_dir_options(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE | --data-dir DIR``: how an operator's command names the data directory it works on
+    (``data_dir_of(args.data_dir, args.config)`` reads it back)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
+    where.add_argument("--data-dir", help="the data directory (overrides --config)")
 
 
 def data_dir_of(data_dir: str | None, config: str | Path) -> Path:

@@ -1,5 +1,5 @@
-"""Processes in tests: killing a writer at a random moment (the crash-safety tests of the durable
-stores), and finding what a test left running.
+"""Crashes in tests: killing a writer at a random moment (the crash-safety tests of the durable
+stores), finding what a test left running, and the in-flight records a killed supervisor leaves.
 
 A writer prints one line per operation once it is durable; the test kills it with SIGKILL while it
 writes, then checks that every acknowledged operation survived.
@@ -11,10 +11,14 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import psutil
+
+from runtime.pool.inflight import Finished, InFlight, InflightLog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,3 +82,38 @@ def descendants_of_uid(uid: int) -> list[str]:
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def finished_task(task_id: str, kind: str, cpu_seconds: float, **fields: Any) -> InFlight:
+    """The in-flight record of a task of ``alpha``'s that ended on worker 1 a moment ago, ``cpu_seconds``
+    of CPU in half a second, whose charge was not durable yet when the supervisor was killed: what the
+    next start's recovery charges (``fields`` replace the record's others)."""
+    now = time.time()
+    record = InFlight(
+        task_id=task_id,
+        agent="alpha",
+        kind=kind,
+        worker_id=1,
+        worker_pid=1,
+        started_at=now - 1,
+        cpu_probe="/proc",
+        baseline_cpu=1.0,
+        sampled_cpu=1.0,
+        sampled_at=now,
+        finished=Finished(cpu_seconds, 0, 0, 0.5),
+    )
+    return msgspec.structs.replace(record, **fields)
+
+
+def leave_in_flight(data: Path, records: Iterable[InFlight], raw: Mapping[bytes, bytes] | None = None) -> None:
+    """Put ``records`` (under their task ids) and the ``raw`` entries (key -> bytes as stored) in the
+    in-flight log of data directory ``data``, as a supervisor killed with them in flight leaves it."""
+    log = InflightLog(data / "run" / "inflight")
+    try:
+        with log.env.begin(write=True) as txn:
+            for rec in records:
+                txn.put(rec.task_id.encode(), msgspec.msgpack.encode(rec))
+            for key, value in (raw or {}).items():
+                txn.put(key, value)
+    finally:
+        log.close()

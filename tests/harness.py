@@ -1,9 +1,10 @@
 """Small pieces the tests share: things opened and closed after a test, threads started together, child
-processes reaped whatever happened."""
+processes reaped whatever happened, waiters on an event log."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import ctypes
@@ -12,12 +13,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from runtime.world.events import Event
+    from runtime.world.events.base import LogBase
 
 #: The checkout: where ``python -m`` finds the project.
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +217,33 @@ def counting(loop: Any) -> Iterator[ThreadsafeCalls]:
         yield calls
     finally:
         del loop.call_soon_threadsafe  # back to the class's method
+
+
+async def started(log: LogBase, agent: str, **kw: Any) -> asyncio.Task[list[Event]]:
+    """A ``wait`` running as a task, returned once it has read the log and sleeps (so it cannot miss an
+    event, and what it returns from now on was committed after this)."""
+    before = log.sleeping()
+    task = asyncio.create_task(log.wait(agent, **kw))
+    while log.sleeping() == before and not task.done():
+        await asyncio.sleep(0.001)
+    return task
+
+
+async def wake_delays(waiter: LogBase, publishers: Sequence[LogBase], rounds: int, settle_s: float) -> list[float]:
+    """Seconds from the publish call of an event ``alice`` waits for on ``waiter`` to her ``wait``
+    returning it, once a round. Each round, events she does not want (another agent's, another kind),
+    published on each of ``publishers``, leave her asleep for ``settle_s``; the one she wants is published
+    on ``publishers[0]``."""
+    delays = []
+    for i in range(rounds):
+        task = await started(waiter, "alice", kinds={"agent_woken"}, since=waiter.last_seq(), timeout=30)
+        for log in publishers:
+            await log.publish("agent_woken", "bob")
+            await log.publish("transfer", "alice")
+        await asyncio.sleep(settle_s)
+        assert not task.done()
+        t0 = time.perf_counter()
+        ev = await publishers[0].publish("agent_woken", "alice", round=i)
+        assert await task == [ev]
+        delays.append(time.perf_counter() - t0)
+    return delays

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from runtime.protocol import MemoryProbe
 
@@ -60,15 +60,35 @@ def _pread_int(fd: int) -> int:
     return int(os.pread(fd, 64, 0))
 
 
-class CgroupV1Meter:
-    """``memory.max_usage_in_bytes`` of the worker's own v1 memory cgroup (reset by writing 0)."""
+class _CgroupFiles(NamedTuple):
+    """The memory files of one cgroup version, and what is written to reset the peak and lift the limit."""
 
-    name: MemoryProbe = "cgroup-v1"
+    usage: str
+    peak: str
+    limit: str
+    reset: bytes
+    unlimited: bytes
 
-    def __init__(self, directory: str) -> None:
-        self._usage = os.open(os.path.join(directory, "memory.usage_in_bytes"), os.O_RDONLY)
-        self._max = os.open(os.path.join(directory, "memory.max_usage_in_bytes"), os.O_RDWR)
-        self._limit = os.open(os.path.join(directory, "memory.limit_in_bytes"), os.O_WRONLY)
+
+_CGROUP_FILES = {
+    1: _CgroupFiles("memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.limit_in_bytes", b"0", b"-1"),
+    # Writing to an open memory.peak resets that file's own peak (kernel >= 6.12).
+    2: _CgroupFiles("memory.current", "memory.peak", "memory.max", b"reset", b"max"),
+}
+
+
+class CgroupMeter:
+    """The peak of the worker's own memory cgroup (``version`` 1: ``memory.max_usage_in_bytes``,
+    2: ``memory.peak``), reset by a write to it; raises ``OSError`` where the peak cannot be reset."""
+
+    def __init__(self, directory: str, version: int) -> None:
+        files = self._files = _CGROUP_FILES[version]
+        self.name: MemoryProbe = "cgroup-v1" if version == 1 else "cgroup-v2"
+        self._usage = os.open(os.path.join(directory, files.usage), os.O_RDONLY)
+        self._peak = os.open(os.path.join(directory, files.peak), os.O_RDWR)
+        self._limit = os.open(os.path.join(directory, files.limit), os.O_WRONLY)
+        if version == 2:
+            os.pwrite(self._peak, files.reset, 0)  # raises on kernels without per-fd reset
 
     def limit(self, extra: int) -> None:
         # Over it the kernel OOM-kills the worker (its cgroup's only process); the pool reads the
@@ -76,50 +96,19 @@ class CgroupV1Meter:
         os.pwrite(self._limit, str(_pread_int(self._usage) + extra).encode(), 0)
 
     def unlimit(self) -> None:
-        os.pwrite(self._limit, b"-1", 0)
+        os.pwrite(self._limit, self._files.unlimited, 0)
 
     def start(self) -> int:
         usage = _pread_int(self._usage)
-        if _pread_int(self._max) > usage:
-            os.pwrite(self._max, b"0", 0)
-        return usage
-
-    def peak(self) -> int:
-        return _pread_int(self._max)
-
-    def current(self) -> int:
-        return _pread_int(self._usage)
-
-
-class CgroupV2Meter:
-    """``memory.peak`` of the worker's own v2 cgroup; writing to an open file resets its own peak
-    (kernel >= 6.12)."""
-
-    name: MemoryProbe = "cgroup-v2"
-
-    def __init__(self, directory: str) -> None:
-        self._current = os.open(os.path.join(directory, "memory.current"), os.O_RDONLY)
-        self._peak = os.open(os.path.join(directory, "memory.peak"), os.O_RDWR)
-        self._max = os.open(os.path.join(directory, "memory.max"), os.O_WRONLY)
-        os.pwrite(self._peak, b"reset", 0)  # raises on kernels without per-fd reset
-
-    def limit(self, extra: int) -> None:
-        os.pwrite(self._max, str(_pread_int(self._current) + extra).encode(), 0)
-
-    def unlimit(self) -> None:
-        os.pwrite(self._max, b"max", 0)
-
-    def start(self) -> int:
-        usage = _pread_int(self._current)
         if _pread_int(self._peak) > usage:
-            os.pwrite(self._peak, b"reset", 0)
+            os.pwrite(self._peak, self._files.reset, 0)
         return usage
 
     def peak(self) -> int:
         return _pread_int(self._peak)
 
     def current(self) -> int:
-        return _pread_int(self._current)
+        return _pread_int(self._usage)
 
 
 class ProcStatusMeter:
@@ -179,7 +168,7 @@ def open_meter(memory_cgroup: tuple[str, int] | None) -> MemoryMeter:
         try:
             if not joined:
                 raise OSError(f"not a member of {directory}")
-            return CgroupV1Meter(directory) if version == 1 else CgroupV2Meter(directory)
+            return CgroupMeter(directory, version)
         except OSError:
             pass
     return ProcStatusMeter()

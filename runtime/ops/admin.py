@@ -242,9 +242,7 @@ def _repair(data: Path, postgres_url: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = Parser(prog="python -m runtime.admin", description=(__doc__ or "").splitlines()[0])
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
-    where.add_argument("--data-dir", help="the data directory (overrides --config)")
+    config_mod.add_data_dir_options(ap)
     ap.add_argument(
         "--postgres",
         metavar="URL",

@@ -144,9 +144,7 @@ def healthy(path: Path, max_age_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = Parser(prog="python -m runtime.status", description=(__doc__ or "").splitlines()[0])
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--config", default="config/default.yaml", help="read the data directory from this")
-    where.add_argument("--data-dir", help="the data directory (overrides --config)")
+    config_mod.add_data_dir_options(ap)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     mode.add_argument(

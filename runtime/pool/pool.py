@@ -98,33 +98,17 @@ from runtime.pool.task import (
     STOPS_WHEN_ASKED,
     Done,
     ForAgent,
-    InvalidTimeout,
     KernelReading,
     Outcome,
     PoolJob,
     Serve,
     TaskFailed,
     TaskOptions,
-    WorkerCrashed,
     check_timeout,
 )
 from runtime.pool.wire import Wire, hand_keys, proves
 
-__all__ = [
-    "Done",
-    "InvalidTimeout",
-    "Outcome",
-    "PoolStatus",
-    "RunningTask",
-    "Serve",
-    "TaskFailed",
-    "TaskOptions",
-    "WorkerCrashed",
-    "WorkerPool",
-    "check_timeout",
-    "hand_keys",
-    "resolve_size",
-]
+__all__ = ["PoolStatus", "RunningTask", "WorkerPool", "resolve_size"]
 
 log = logging.getLogger("runtime.pool")
 

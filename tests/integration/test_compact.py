@@ -116,6 +116,24 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     return where / "data", between
 
 
+def _open_stores(data: Path) -> tuple[LmdbLedger, GitStore, EventLog]:
+    """A new data directory's ledger, store and event log (not durable: these tests never crash them),
+    with accounts ``a`` and ``b`` holding a million scrip each."""
+    data.mkdir()
+    ledger = LmdbLedger(data / "ledger", durable=False)
+    store = GitStore(data / "artifacts.git", durable=False)
+    events = EventLog(data / "events", durable=False)
+    for a in ("a", "b"):
+        ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
+    return ledger, store, events
+
+
+def _close_stores(ledger: LmdbLedger, store: GitStore, events: EventLog) -> None:
+    events.close()
+    store.close()
+    ledger.close()
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("*.sock"))
     return dst
@@ -221,12 +239,7 @@ def test_retention_passes_while_writers_run_lose_nothing(tmp_path: Path) -> None
     three: every acknowledged write is there afterwards, and every invariant holds. The horizon is a
     second (the configuration's minimum is a minute; the Struct is built here without that check)."""
     data = tmp_path / "data"
-    data.mkdir()
-    ledger = LmdbLedger(data / "ledger", durable=False)
-    store = GitStore(data / "artifacts.git", durable=False)
-    events = EventLog(data / "events", durable=False)
-    for a in ("a", "b"):
-        ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
+    ledger, store, events = _open_stores(data)
     done = threading.Event()
     acked = {"transfers": 0, "writes": 0, "events": 0}
 
@@ -270,9 +283,7 @@ def test_retention_passes_while_writers_run_lose_nothing(tmp_path: Path) -> None
         latest = max(i for i in range(1, acked["writes"] + 1) if i % 5 == k)
         assert store.read("a", f"art{k}").content == f"version {latest}".encode()
     head = store.head()
-    events.close()
-    store.close()
-    ledger.close()
+    _close_stores(ledger, store, events)
     assert (data / "artifacts.git" / "refs" / "heads" / "main").read_text().strip() == head
     _assert_whole(data, _head_listing(data), n)
 
@@ -351,8 +362,6 @@ def test_sigkill_during_compaction_leaves_a_whole_data_dir(filled: Path, tmp_pat
 
 def _fill(ledger: LmdbLedger, store: GitStore, events: EventLog, artifacts: int, rounds: int) -> None:
     """``rounds`` writes of each of ``artifacts`` artifacts, and as many transfers and events."""
-    for a in ("a", "b"):
-        ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
     futures: list[Future[Any]] = []
     for r in range(rounds):
         for i in range(artifacts):
@@ -383,10 +392,7 @@ def test_writes_keep_flowing_during_a_pass(tmp_path: Path) -> None:
     soak saw 1.6-11.7 s, most of each pass.) Every acknowledged write is there afterwards, and every
     invariant holds."""
     data = tmp_path / "data"
-    data.mkdir()
-    ledger = LmdbLedger(data / "ledger", durable=False)
-    store = GitStore(data / "artifacts.git", durable=False)
-    events = EventLog(data / "events", durable=False)
+    ledger, store, events = _open_stores(data)
     _fill(ledger, store, events, 2000, 3)
     time.sleep(1.1)  # Git commit times are whole seconds: the whole fill is before the horizon
     horizon = time.time()
@@ -442,9 +448,7 @@ def test_writes_keep_flowing_during_a_pass(tmp_path: Path) -> None:
     assert balances["a"]["scrip"] == 1_000_000 - 6000 + len(acks["ledger"])
     last = events.last_seq()
     assert last == 6000 + len(acks["events"])
-    events.close()
-    store.close()
-    ledger.close()
+    _close_stores(ledger, store, events)
     _assert_whole(data, _head_listing(data), last)
 
 
@@ -553,12 +557,7 @@ def test_the_data_dir_stays_flat_across_passes(tmp_path: Path) -> None:
     within its budget. The bound is 20% of the settled size, the granularity of a few small packs and
     LMDB pages; the writes of the last half alone are more than twice that, so growth would show."""
     data = tmp_path / "data"
-    data.mkdir()
-    ledger = LmdbLedger(data / "ledger", durable=False)
-    store = GitStore(data / "artifacts.git", durable=False)
-    events = EventLog(data / "events", durable=False)
-    for a in ("a", "b"):
-        ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
+    ledger, store, events = _open_stores(data)
     stop = threading.Event()
     written: list[float] = []
 
@@ -605,9 +604,7 @@ def test_the_data_dir_stays_flat_across_passes(tmp_path: Path) -> None:
     assert 4096 * sum(t >= half for t in written) > 2 * 0.2 * settled, ("too few writes to tell", len(written), sizes)
     assert last <= settled * 1.2, sizes
     assert all(k <= 1 << 20 for k in kept), kept
-    events.close()
-    store.close()
-    ledger.close()
+    _close_stores(ledger, store, events)
 
 
 def test_compact_rewrites_mostly_free_lmdb_files_smaller(filled: Path, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from runtime.world.events.log import EventLog
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.events.pub import EventPublisher, Observer
 from tests.crash import kill_mid_write, live_children
-from tests.harness import ROOT, closing_all, counting, die_with_parent
+from tests.harness import ROOT, closing_all, counting, die_with_parent, started, wake_delays
 
 Log = EventLog | PostgresEventLog
 Make = Callable[..., Log]
@@ -449,30 +449,7 @@ def test_wait_returns_at_once_when_a_matching_event_is_already_durable(events: L
 
 
 def test_a_waiter_wakes_within_milliseconds_of_a_publish(events: Log) -> None:
-    async def waiter(since: int) -> tuple[float, list[Event]]:
-        got = await events.wait("alice", kinds={"agent_woken"}, since=since, timeout=5)
-        return time.perf_counter(), got
-
-    async def main() -> list[float]:
-        delays = []
-        for i in range(20):
-            since = events.last_seq()
-            task = asyncio.create_task(waiter(since))
-            while events.waiting() == 0:
-                await asyncio.sleep(0.001)
-            # Events the waiter does not want leave it asleep.
-            await events.publish("agent_woken", "bob")
-            await events.publish("transfer", "alice")
-            await asyncio.sleep(0.01)
-            assert not task.done()
-            t0 = time.perf_counter()
-            ev = await events.publish("agent_woken", "alice", round=i)
-            woke, got = await task
-            assert got == [ev]
-            delays.append(woke - t0)
-        return delays
-
-    delays = asyncio.run(main())
+    delays = asyncio.run(wake_delays(events, [events], 20, 0.01))
     # From the publish call to the waiter running again, durable commit (fsync) included.
     assert statistics.median(delays) < 0.05, delays
     assert max(delays) < 0.25, delays
@@ -480,9 +457,7 @@ def test_a_waiter_wakes_within_milliseconds_of_a_publish(events: Log) -> None:
 
 def test_an_event_submitted_from_another_thread_wakes_a_waiter_on_the_loop(events: Log) -> None:
     async def main() -> tuple[float, list[Event]]:
-        task = asyncio.create_task(events.wait("alice", since=0, timeout=5))
-        while events.waiting() == 0:
-            await asyncio.sleep(0.001)
+        task = await started(events, "alice", since=0, timeout=5)
         t0 = time.perf_counter()
         threading.Thread(target=lambda: events.submit("agent_unblocked", "alice", {"resource": "cpu"})).start()
         got = await task
@@ -497,9 +472,7 @@ def test_a_publish_wakes_only_the_waiters_it_concerns_and_a_broadcast_wakes_all(
     agents = [f"a{i}" for i in range(100)]
 
     async def main() -> None:
-        tasks = {a: asyncio.create_task(events.wait(a, since=0, timeout=10)) for a in agents}
-        while events.waiting() < len(agents):
-            await asyncio.sleep(0.001)
+        tasks = {a: await started(events, a, since=0, timeout=10) for a in agents}
         ev = await events.publish("transfer", "a42", amount=1)
         assert seqs(await asyncio.wait_for(tasks.pop("a42"), 1)) == [ev.seq]
         await asyncio.sleep(0.05)
@@ -536,9 +509,7 @@ def test_a_sleeping_waiter_uses_no_cpu(events: Log) -> None:
 
 def test_closing_the_log_wakes_its_waiters_with_nothing(events: Log) -> None:
     async def main() -> list[Event]:
-        task = asyncio.create_task(events.wait("alice", since=0))  # no timeout at all
-        while events.waiting() == 0:
-            await asyncio.sleep(0.001)
+        task = await started(events, "alice", since=0)  # no timeout at all
         events.close()
         return await asyncio.wait_for(task, 1)
 
@@ -550,9 +521,7 @@ def test_notice_wakes_a_waiter_that_then_trusts_only_the_log(events: Log) -> Non
     the log; a hint of an event the log does not hold wakes it but returns nothing."""
 
     async def main() -> None:
-        task = asyncio.create_task(events.wait("alice", since=0, timeout=0.5))
-        while events.waiting() == 0:
-            await asyncio.sleep(0.001)
+        task = await started(events, "alice", since=0, timeout=0.5)
         hint = Event(seq=99, at=time.time(), kind="transfer", agent="alice")
         threading.Thread(target=events.notice, args=([hint],)).start()
         await asyncio.sleep(0.05)

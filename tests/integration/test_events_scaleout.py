@@ -32,7 +32,7 @@ import redis
 from runtime.world.events import Event
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.events.redis import RedisRelay, RedisUnavailable
-from tests.harness import ROOT, reap
+from tests.harness import ROOT, reap, started, wake_delays
 from tests.services import ADMIN_URL
 
 #: A safety poll so slow that a test finishing well within it proves the wake-up came another way.
@@ -70,16 +70,6 @@ def nodes(pg_url: str, redis_url: str) -> Iterator[Nodes]:
     made = Nodes(pg_url, redis_url)
     yield made
     made.close()
-
-
-async def started(log: PostgresEventLog, agent: str, **kw: Any) -> asyncio.Task[list[Event]]:
-    """A ``wait`` running as a task, returned once it has read the log and sleeps (so it cannot miss an
-    event, and what it returns from now on was committed after this)."""
-    before = log.sleeping()
-    task = asyncio.create_task(log.wait(agent, **kw))
-    while log.sleeping() == before and not task.done():
-        await asyncio.sleep(0.001)
-    return task
 
 
 async def eventually(cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
@@ -234,23 +224,8 @@ def test_a_waiter_on_one_node_is_woken_by_an_event_appended_on_another(nodes: No
     a, b = nodes.log(), nodes.log()
     ra, rb = nodes.relay(a, poll_s=NEVER), nodes.relay(b, poll_s=NEVER)
 
-    async def main() -> list[float]:
-        delays = []
-        for i in range(15):
-            task = await started(a, "alice", kinds={"agent_woken"}, since=a.last_seq(), timeout=30)
-            # Events the waiter does not want, from either node, leave it asleep.
-            await b.publish("agent_woken", "bob")
-            await b.publish("transfer", "alice")
-            await a.publish("transfer", "alice")
-            await asyncio.sleep(0.05)
-            assert not task.done()
-            t0 = time.perf_counter()
-            ev = await b.publish("agent_woken", "alice", round=i)
-            assert await task == [ev]
-            delays.append(time.perf_counter() - t0)
-        return delays
-
-    delays = asyncio.run(main())
+    # Events the waiter does not want, from either node, leave it asleep; the one it wants comes from b.
+    delays = asyncio.run(wake_delays(a, [b, a], 15, 0.05))
     median, worst = statistics.median(delays) * 1000, max(delays) * 1000
     print(f"cross-node wake-up, from the publish call: median {median:.1f} ms, max {worst:.1f} ms")
     assert ra.received >= 15 and rb.published >= 15  # announcements queued together go out as one

@@ -34,8 +34,9 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.pool import TaskFailed, WorkerPool
 from runtime.pool.accounting import proc_tree_cpu_seconds
-from runtime.pool.inflight import CRASH_CODE, Finished, InFlight, InflightLog, Spoiled
-from runtime.pool.pool import hand_keys
+from runtime.pool.inflight import CRASH_CODE, Finished, InflightLog, Spoiled
+from runtime.pool.wire import hand_keys
+from tests.crash import finished_task, leave_in_flight
 from tests.integration.conftest import wait_until, with_pool
 from tests.integration.test_restart import CONFIG, _start
 
@@ -315,33 +316,14 @@ def test_a_node_starts_past_forged_in_flight_records_and_charges_the_good_one_on
     data = tmp_path / "data"
     cfg = tmp_path / "node.yaml"
     cfg.write_text(CONFIG.format(data=data, cgroups="off", think=20))
-    now = time.time()
-    good = InFlight(
-        task_id="dead-run-1",
-        agent="alpha",
-        kind="think",
-        worker_id=1,
-        worker_pid=1,
-        started_at=now - 1,
-        cpu_probe="/proc",
-        baseline_cpu=1.0,
-        sampled_cpu=1.0,
-        sampled_at=now,
-        finished=Finished(0.125, 0, 0, 0.5),
-    )
+    good = finished_task("dead-run-1", "think", 0.125)
     forged = {
         b"dead-run-2": msgspec.structs.replace(good, task_id="dead-run-2", finished=Finished(math.nan, 0, 0, 0.5)),
         b"dead-run-3": msgspec.structs.replace(good, task_id="dead-run-3", finished=Finished(-5.0, 0, 0, 0.5)),
         b"dead-run-4": msgspec.structs.replace(good, task_id="dead-run-4", finished=None, sampled_cpu=math.inf),
         b"dead-run-5": msgspec.structs.replace(good, task_id="dead-run-5", finished=Finished(1e300, 0, 0, 0.5)),
     }
-    log = InflightLog(data / "run" / "inflight")
-    with log.env.begin(write=True) as txn:
-        txn.put(b"dead-run-1", msgspec.msgpack.encode(good))
-        for key, rec in forged.items():
-            txn.put(key, msgspec.msgpack.encode(rec))
-        txn.put(b"dead-run-6", b"\xc1 not msgpack")
-    log.close()
+    leave_in_flight(data, [good, *forged.values()], raw={b"dead-run-6": b"\xc1 not msgpack"})
 
     first = _start("--config", str(cfg), "--duration", "2", "--no-live")
     out, err = first.communicate(timeout=120)

@@ -5,10 +5,8 @@ inside its batch, and ``Economy.run_batch`` splitting its measured CPU."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from native.batch import BatchDecoder, Request
@@ -21,8 +19,9 @@ from runtime.economy.ledger import OpenAccount, RecordUsage
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.pool import WorkerPool
-from runtime.pool.inflight import CRASH_CODE, Finished, InFlight, InflightLog
+from runtime.pool.inflight import CRASH_CODE, InFlight, InflightLog
 from runtime.protocol import Think, ThinkBatch, ThinkBatchReport, decode_think_batch
+from tests.crash import finished_task, leave_in_flight
 from tests.integration.conftest import wait_until
 from tests.integration.test_restart import CONFIG, _start
 
@@ -345,28 +344,8 @@ def test_a_batch_left_in_flight_by_a_killed_supervisor_is_split_among_its_agents
     data = tmp_path / "data"
     cfg = tmp_path / "node.yaml"
     cfg.write_text(CONFIG.format(data=data, cgroups="off", think=20))
-    now = time.time()
     agents = ["alpha", "beta", "gamma"]
-    batch = InFlight(
-        task_id="dead-b1",
-        agent="alpha",
-        kind="think_batch",
-        worker_id=1,
-        worker_pid=1,
-        started_at=now - 1,
-        cpu_probe="/proc",
-        baseline_cpu=1.0,
-        sampled_cpu=1.0,
-        sampled_at=now,
-        finished=Finished(0.300001, 0, 0, 0.5),
-        sharers=agents,
-    )
-
-    def leave(rec: InFlight) -> None:
-        log = InflightLog(data / "run" / "inflight")
-        with log.env.begin(write=True) as txn:
-            txn.put(rec.task_id.encode(), msgspec.msgpack.encode(rec))
-        log.close()
+    batch = finished_task("dead-b1", "think_batch", 0.300001, sharers=agents)
 
     def start() -> str:
         proc = _start("--config", str(cfg), "--duration", "1", "--no-live")
@@ -375,7 +354,7 @@ def test_a_batch_left_in_flight_by_a_killed_supervisor_is_split_among_its_agents
         return out
 
     (data / "run").mkdir(parents=True)
-    leave(batch)
+    leave_in_flight(data, [batch])
     out = start()
     with LmdbLedger(data / "ledger") as ledger:
         assert check(ledger).ok
@@ -388,7 +367,7 @@ def test_a_batch_left_in_flight_by_a_killed_supervisor_is_split_among_its_agents
     assert sorted(round(s.cpu_seconds * 1e6) for s in shares if s) == [100000, 100000, 100001]
     assert sum(f"recovered task dead-b1.{i} " in out for i in range(3)) == 3, out
 
-    leave(batch)  # as if the record's drop had been lost to a second kill: nothing is charged again
+    leave_in_flight(data, [batch])  # as if the record's drop had been lost to a second kill: nothing is charged again
     out = start()
     assert "recovered task" not in out, out
     with LmdbLedger(data / "ledger") as ledger:

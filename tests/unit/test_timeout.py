@@ -7,7 +7,7 @@ import math
 import pytest
 
 from runtime.errors import AecoError
-from runtime.pool.pool import InvalidTimeout, check_timeout
+from runtime.pool.task import InvalidTimeout, check_timeout
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, True, False, "5", [5]], ids=repr)

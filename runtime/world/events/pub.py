@@ -111,10 +111,6 @@ class Observer:
     """
 
     def __init__(self, endpoint: str, prefixes: Sequence[str] = ("",), *, hwm: int = 1000) -> None:
-        # A socket must not be used by two threads at once: the writer thread announces, the owner
-        # closes. The lock is never contended in between.
-        self._lock = threading.Lock()
-        self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
