@@ -63,8 +63,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Collection, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import psycopg
 from msgspec import Struct
 from psycopg_pool import ConnectionPool
@@ -180,6 +181,8 @@ _APPEND = (
 
 
 _Conn = psycopg.Connection[tuple[Any, ...]]
+#: A row of a keyed table, decoded (``_BatchView._read_one``).
+_R = TypeVar("_R")
 
 
 def _touched(op: Op) -> tuple[set[str], set[str], set[str]]:
@@ -435,19 +438,22 @@ class _BatchView:
         self._levels[agent] = {**self._levels[agent], **buckets}
         self._dirty_levels.add(agent)
 
-    def _read_one(self, table: str, key: str, column: str, value: str) -> bytes | None:
-        """The stored blob of one key of a keyed table (None: no row), kept as read for ``unchanged``.
-        (``table``, ``key`` and ``column`` are this module's own names, never input.)"""
-        row = self._conn.execute(f"SELECT {column} FROM {table} WHERE {key} = %s", (value,)).fetchone()
-        blob: bytes | None = row[0] if row else None
-        self._read_keyed.setdefault((table, key, column), {})[value] = blob
-        return blob
+    def _read_one(
+        self, rows: dict[str, _R | None], decoder: msgspec.msgpack.Decoder[_R], where: tuple[str, str, str], value: str
+    ) -> _R | None:
+        """The row of ``value`` in a keyed table (None: no row), read once per batch into ``rows``; its
+        stored blob is kept as read for ``unchanged``. (``where``, the table, its key column and its
+        blob's column, are this module's own names, never input.)"""
+        if value not in rows:
+            table, key, column = where
+            row = self._conn.execute(f"SELECT {column} FROM {table} WHERE {key} = %s", (value,)).fetchone()
+            blob: bytes | None = row[0] if row else None
+            self._read_keyed.setdefault(where, {})[value] = blob
+            rows[value] = decoder.decode(blob) if blob is not None else None
+        return rows[value]
 
     def offer(self, offer_id: str) -> PostOffer | None:
-        if offer_id not in self._offers:
-            blob = self._read_one("ledger_offers", "offer", "post", offer_id)
-            self._offers[offer_id] = codec.offer.decode(blob) if blob is not None else None
-        return self._offers[offer_id]
+        return self._read_one(self._offers, codec.offer, ("ledger_offers", "offer", "post"), offer_id)
 
     def put_offer(self, offer: PostOffer) -> None:
         self._offers[offer.offer] = offer
@@ -458,20 +464,14 @@ class _BatchView:
         self._dirty_offers.add(offer_id)
 
     def task(self, task_id: str) -> TaskState | None:
-        if task_id not in self._tasks:
-            blob = self._read_one("ledger_tasks", "task", "state", task_id)
-            self._tasks[task_id] = codec.task.decode(blob) if blob is not None else None
-        return self._tasks[task_id]
+        return self._read_one(self._tasks, codec.task, ("ledger_tasks", "task", "state"), task_id)
 
     def put_task(self, state: TaskState) -> None:
         self._tasks[state.post.task] = state
         self._dirty_tasks.add(state.post.task)
 
     def standing(self, key: str) -> Standing | None:
-        if key not in self._standing:
-            blob = self._read_one("ledger_standing", "key", "record", key)
-            self._standing[key] = codec.standing.decode(blob) if blob is not None else None
-        return self._standing[key]
+        return self._read_one(self._standing, codec.standing, ("ledger_standing", "key", "record"), key)
 
     def put_standing(self, key: str, record: Standing | None) -> None:
         self._standing[key] = record
