@@ -168,6 +168,13 @@ def write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def limits_of(info: CgroupInfo) -> tuple[object, object, object]:
+    """What discovery finds: the CPU quota in cores, the memory limit in bytes (None: no limit), and the
+    CPU capacity (the quota, within the CPUs this process may use). Objects, to be compared with a tuple
+    that may hold ``pytest.approx`` values."""
+    return cpu_quota_cores(info), memory_limit_bytes(info), cpu_capacity(info)
+
+
 def fake_proc(tmp_path: Path, cgroup: str, mountinfo: str) -> Path:
     proc = tmp_path / "proc"
     write(proc / "cgroup", cgroup)
@@ -215,9 +222,7 @@ def test_discover_v1_limits(tmp_path: Path) -> None:
     write(cpu / "a/b/cpu.cfs_quota_us", "150000\n")
     write(cpu / "a/b/cpu.cfs_period_us", "100000\n")
     write(mem / "a/b/memory.limit_in_bytes", f"{512 << 20}\n")
-    assert cpu_quota_cores(info) == pytest.approx(1.5)
-    assert memory_limit_bytes(info) == 512 << 20
-    assert cpu_capacity(info) == pytest.approx(min(1.5, AFFINITY))
+    assert limits_of(info) == (pytest.approx(1.5), 512 << 20, pytest.approx(min(1.5, AFFINITY)))
 
 
 def test_discover_v1_unlimited(tmp_path: Path) -> None:
@@ -227,16 +232,12 @@ def test_discover_v1_unlimited(tmp_path: Path) -> None:
         write(d / "cpu.cfs_period_us", "100000\n")
     for d in (mem / "a/b", mem / "a", mem):
         write(d / "memory.limit_in_bytes", V1_UNLIMITED_MEMORY + "\n")
-    assert cpu_quota_cores(info) is None
-    assert memory_limit_bytes(info) is None
-    assert cpu_capacity(info) == AFFINITY
+    assert limits_of(info) == (None, None, AFFINITY)
 
 
 def test_discover_v1_no_limit_files_is_unlimited(tmp_path: Path) -> None:
     info, _, _ = make_v1(tmp_path)
-    assert cpu_quota_cores(info) is None
-    assert memory_limit_bytes(info) is None
-    assert cpu_capacity(info) == AFFINITY
+    assert limits_of(info) == (None, None, AFFINITY)
 
 
 def test_discover_v1_tightest_ancestor_wins(tmp_path: Path) -> None:
@@ -247,9 +248,7 @@ def test_discover_v1_tightest_ancestor_wins(tmp_path: Path) -> None:
         write(d / "cpu.cfs_period_us", "100000")
     for d, limit in ((mem / "a/b", V1_UNLIMITED_MEMORY), (mem / "a", str(256 << 20)), (mem, str(1 << 30))):
         write(d / "memory.limit_in_bytes", limit)
-    assert cpu_quota_cores(info) == pytest.approx(0.5)
-    assert memory_limit_bytes(info) == 256 << 20
-    assert cpu_capacity(info) == pytest.approx(0.5)
+    assert limits_of(info) == (pytest.approx(0.5), 256 << 20, pytest.approx(0.5))
 
 
 def test_discover_limits_above_the_mount_are_ignored(tmp_path: Path) -> None:
@@ -350,9 +349,7 @@ def test_discover_v2_limits_and_tightest_ancestor(tmp_path: Path) -> None:
     write(slice_ / "cpu.max", "50000 100000\n")
     write(scope / "memory.max", "max\n")
     write(slice_ / "memory.max", f"{1 << 30}\n")
-    assert cpu_quota_cores(info) == pytest.approx(0.5)
-    assert memory_limit_bytes(info) == 1 << 30
-    assert cpu_capacity(info) == pytest.approx(min(0.5, AFFINITY))
+    assert limits_of(info) == (pytest.approx(0.5), 1 << 30, pytest.approx(min(0.5, AFFINITY)))
     # now the scope itself is tighter
     write(scope / "cpu.max", "25000 100000\n")
     write(scope / "memory.max", f"{64 << 20}\n")
@@ -365,9 +362,7 @@ def test_discover_v2_unlimited(tmp_path: Path) -> None:
     for d in (root / "user.slice/session-1.scope", root / "user.slice"):
         write(d / "cpu.max", "max 100000\n")
         write(d / "memory.max", "max\n")
-    assert cpu_quota_cores(info) is None
-    assert memory_limit_bytes(info) is None
-    assert cpu_capacity(info) == AFFINITY
+    assert limits_of(info) == (None, None, AFFINITY)
 
 
 def test_discover_v2_container_root(tmp_path: Path) -> None:
