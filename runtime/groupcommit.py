@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -226,7 +226,7 @@ class GroupCommitter(abc.ABC, Generic[T]):
     A subclass calls ``_init_writer`` in its constructor, ``_start_writer`` once its store is ready to
     write (a read-only store never does: it accepts nothing), ``_enqueue`` to queue an item (refusing
     it, with its own error, when that returns False) and ``_stop_writer`` from its ``close``; it
-    implements ``_commit``.
+    implements ``_commit`` and ``close``. A ``with`` block closes it.
     """
 
     def _init_writer(self, name: str, max_batch: int) -> None:
@@ -288,6 +288,17 @@ class GroupCommitter(abc.ABC, Generic[T]):
             self._commit(batch)
 
         serve_batches(self._queue, self._max_batch, commit, Linger())
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Commit what is queued, stop the writer (``_stop_writer``) and release the store; once closed,
+        nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @abc.abstractmethod
     def _commit(self, batch: list[T]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from abc import abstractmethod
 from concurrent.futures import Future
-from typing import Self
 
 from runtime.economy.ledger import LedgerError, Op, Receipt
 from runtime.economy.ledger.rules import validate
@@ -68,12 +67,6 @@ class GroupCommitted(GroupCommitter[Item]):
         """Apply what is queued, stop the writer and close the store."""
         if self._stop_writer():
             self._close_store()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def resolve(batch: list[Item], outcomes: list[Receipt | LedgerError]) -> None:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import msgspec
 
@@ -280,12 +280,6 @@ class LogBase(GroupCommitter[Item]):
     @abc.abstractmethod
     def _close_store(self) -> None:
         """Release the storage; the writer has stopped."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------------------------- reads
 

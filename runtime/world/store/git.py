@@ -1052,12 +1052,6 @@ class GitStore(Store):
             self._robjects.close()
         os.close(self._lock_fd)
 
-    def __enter__(self) -> GitStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 # ----------------------------------------------------------------------------------------- module
 

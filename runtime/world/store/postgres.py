@@ -694,9 +694,3 @@ class PostgresStore(Store):
             self._wconn.close()
             self._pool.close()
             self.reader.close()
-
-    def __enter__(self) -> PostgresStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
