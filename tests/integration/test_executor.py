@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
 import pytest
 
@@ -21,6 +22,8 @@ from runtime.errors import AecoError
 from runtime.pool import UsageFuture, WorkerCrashed, WorkerPool, WorkerPoolExecutor
 from runtime.pool import process as process_module
 from runtime.protocol import Echo
+
+F = TypeVar("F", bound=cf.Future[Any])
 
 
 class CustomError(Exception):
@@ -34,6 +37,15 @@ def square(x: int) -> int:
 def slow_square(x: int, delay: float = 0.05) -> int:
     time.sleep(delay)
     return x * x
+
+
+def started(fut: F) -> F:
+    """``fut`` once it runs (a worker holds it: it can no longer be cancelled); fails after 30 s."""
+    deadline = time.monotonic() + 30
+    while not fut.running():
+        assert not fut.done() and time.monotonic() < deadline, fut
+        time.sleep(0.001)
+    return fut
 
 
 def fail(message: str) -> None:
@@ -112,9 +124,7 @@ def test_submit_after_shutdown_raises(make: type[cf.Executor]) -> None:
 def test_pending_futures_can_be_cancelled(make: type[cf.Executor]) -> None:
     with make(1) as ex:  # type: ignore[call-arg]
         first = ex.submit(slow_square, 1, 0.5)
-        deadline = time.monotonic() + 30
-        while not first.running() and time.monotonic() < deadline:  # it holds the one worker
-            time.sleep(0.001)
+        started(first)  # it holds the one worker
         # ProcessPoolExecutor moves up to max_workers + 1 items to its call queue ahead of time;
         # those can no longer be cancelled, so look at the last few of a longer queue.
         pending = [ex.submit(slow_square, i, 0.2) for i in range(10)]
@@ -130,8 +140,7 @@ def test_pending_futures_can_be_cancelled(make: type[cf.Executor]) -> None:
 
 def test_shutdown_cancel_futures(make: type[cf.Executor]) -> None:
     ex = make(1)  # type: ignore[call-arg]
-    running = ex.submit(slow_square, 3, 0.4)
-    time.sleep(0.15)
+    running = started(ex.submit(slow_square, 3, 0.4))
     queued = [ex.submit(slow_square, i, 0.4) for i in range(8)]
     ex.shutdown(wait=True, cancel_futures=True)
     assert running.result() == 9
@@ -184,10 +193,7 @@ def test_a_result_that_exits_when_unpickled_fails_its_future_and_the_executor_li
 def test_a_dead_worker_breaks_the_executor_with_a_broken_process_pool_that_has_code_and_usage() -> None:
     ex = WorkerPoolExecutor(1)  # one worker: the one busy is the one running `running`, the rest wait
     try:
-        running = ex.submit(time.sleep, 30)
-        end = time.monotonic() + 30
-        while not running.running() and time.monotonic() < end:
-            time.sleep(0.005)
+        running = started(ex.submit(time.sleep, 30))
         queued = [ex.submit(time.sleep, 30) for _ in range(3)]
         # The moment the future fails (its callbacks run then), the executor is already broken: code
         # that sees the failure never submits into it (CPython's test_killed_child raced on this).
