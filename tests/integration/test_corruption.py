@@ -246,7 +246,7 @@ def test_repair_refuses_what_nothing_rebuilds_in_one_line(ran: Path, tmp_path: P
 
 def test_repair_charges_the_tasks_left_in_flight_then_discards_the_log(tmp_path: Path) -> None:
     cfg = tmp_path / "busy.yaml"
-    cfg.write_text(BUSY_CONFIG.format(data=tmp_path / "data", cgroups="off", think=400))
+    cfg.write_text(BUSY_CONFIG.format(data=tmp_path / "data", cgroups="off", think=400, prefetch=0))
     data = tmp_path / "data"
     _kill_mid_run(cfg, data)
     left = {r.task_id for r in _pending(data)}

@@ -315,7 +315,7 @@ def test_honest_reports_are_not_cut(cgroups: str) -> None:
 def test_a_node_starts_past_forged_in_flight_records_and_charges_the_good_one_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
     cfg = tmp_path / "node.yaml"
-    cfg.write_text(CONFIG.format(data=data, cgroups="off", think=20))
+    cfg.write_text(CONFIG.format(data=data, cgroups="off", think=20, prefetch=0))
     good = finished_task("dead-run-1", "think", 0.125)
     forged = {
         b"dead-run-2": msgspec.structs.replace(good, task_id="dead-run-2", finished=Finished(math.nan, 0, 0, 0.5)),

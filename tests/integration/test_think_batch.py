@@ -343,7 +343,7 @@ def test_a_batch_is_in_flight_with_its_agents_until_every_share_is_durable(tiny:
 def test_a_batch_left_in_flight_by_a_killed_supervisor_is_split_among_its_agents_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
     cfg = tmp_path / "node.yaml"
-    cfg.write_text(CONFIG.format(data=data, cgroups="off", think=20))
+    cfg.write_text(CONFIG.format(data=data, cgroups="off", think=20, prefetch=0))
     agents = ["alpha", "beta", "gamma"]
     batch = finished_task("dead-b1", "think_batch", 0.300001, sharers=agents)
 
