@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -315,10 +315,18 @@ class _BatchView:
         self._supply_used: set[str] = set()
         self._read_keyed: dict[tuple[str, str, str], dict[str, bytes | None]] = {}
 
-    def load(self, accounts: Collection[str], task_ids: Collection[str], agents: Collection[str]) -> None:
+    def load(
+        self,
+        accounts: Collection[str],
+        task_ids: Collection[str],
+        agents: Collection[str],
+        then: Callable[[], object] | None = None,
+    ) -> None:
         """Read the rows of these keys (and the whole supply, a few rows) that are not loaded yet.
 
         Every query is sent before any result is read: inside a pipeline that is one round trip.
+        ``then`` sends one more query after these (read by its caller): outside a transaction each
+        statement has a snapshot of its own, so that one sees at least what these saw.
         """
         accts = [a for a in accounts if a not in self._kinds]
         tasks = [t for t in task_ids if t not in self._usage]
@@ -329,6 +337,8 @@ class _BatchView:
         used = ex("SELECT task_id FROM ledger_usage WHERE task_id = ANY(%b)", (tasks,))
         levels = ex("SELECT agent, levels FROM ledger_buckets WHERE agent = ANY(%b)", (owners,))
         supply = None if self._supply_loaded else ex("SELECT asset, minted, burned FROM ledger_supply")
+        if then is not None:
+            then()
         found: dict[str, AccountKind] = dict(kinds.fetchall())
         self._kinds.update((a, found.get(a)) for a in accts)
         self._read_accounts += accts
@@ -730,11 +740,20 @@ class PostgresLedger(GroupCommitted):
                     if locked:
                         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
                         head = conn.execute("SELECT coalesce(max(seq), 0) FROM ledger_journal")
-                    known = conn.execute(
-                        "SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%b)",
-                        (list({op.id for op, _ in batch}),),
+                    ids = list({op.id for op, _ in batch})
+                    sent: list[psycopg.Cursor[Any]] = []
+                    # The journal is read after the rows: read before them, another node's op journalled in
+                    # between would show as its effect (an account that exists) without its op id, and its
+                    # replay here would be refused instead of answered with its first receipt.
+                    view.load(
+                        accounts,
+                        task_ids,
+                        agents,
+                        then=lambda: sent.append(
+                            conn.execute("SELECT op_id, seq, at, op FROM ledger_journal WHERE op_id = ANY(%b)", (ids,))
+                        ),
                     )
-                    view.load(accounts, task_ids, agents)
+                    (known,) = sent
                     done.update((op_id, (seq, at, codec.op.decode(blob))) for op_id, seq, at, blob in known.fetchall())
             pending, rows = _apply_all(view, batch, done)
             if not to_read and any(isinstance(p, LedgerError) for p in pending):
