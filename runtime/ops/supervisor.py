@@ -99,6 +99,13 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
         f"data volume at start: {vol.free_bytes >> 20:,} MB free of {vol.total_bytes >> 20:,} MB ({vol.source}); "
         + (
             f"retention every {cfg.retention.interval_s:g} s, horizon {cfg.retention.horizon_s:g} s"
+            + (
+                ""
+                if not cfg.node.postgres_url
+                else " (the shared ledger and events too)"
+                if cfg.retention.shared
+                else " (not the shared ledger and events: retention.shared on one node, or admin compact --postgres)"
+            )
             if cfg.retention.enabled
             else "retention off (python -m runtime.admin compact, or retention: in the configuration)"
         )

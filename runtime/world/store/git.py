@@ -395,6 +395,10 @@ class GitStore(Store):
         self._tip = _Tip(commit.tree, lambda sha: self._wobjects[sha])
         #: Set while a compaction runs (``compact``): no roll-up removes the packs its squash reads.
         self._frozen: _Frozen | None = None
+        #: While frozen, the commits made since the freeze, oldest first (their chain runs from the frozen
+        #: head to HEAD): ``_swap`` re-parents them from here rather than reading them back through the
+        #: packs the batches wrote meanwhile.
+        self._since: builtins.list[Commit] = []
         self._broken: str | None = None
         self._init_writer("store-writer", max_batch)
         self._start_writer()
@@ -597,8 +601,7 @@ class GitStore(Store):
                     fut.set_exception(err)
                 return
             # The commits are durable in Git but the index did not follow: rebuild it from HEAD.
-            self._committed = (b.head, b.tree)
-            b.count_into(self._history)
+            self._advance(b)
             try:
                 with self.env.begin(write=True) as txn2:
                     self._reindex(txn2, b.tree)
@@ -606,13 +609,16 @@ class GitStore(Store):
             except BaseException as exc2:
                 self._broken = f"the index could not follow HEAD ({exc2!r}); reopen the store to rebuild it"
         else:
-            self._committed = (b.head, b.tree)
-            b.count_into(self._history)
+            self._advance(b)
             # Before acknowledging: once every caller has its answer no pack is being removed, so that
-            # a `git fsck` run after the last write does not race a roll-up.
-            if len(self._packs) > self._max_packs and self._frozen is None:
+            # a `git fsck` run after the last write does not race a roll-up. While a compaction runs
+            # only the packs written since its freeze may be rolled up (its squash reads the others):
+            # without that a long squash left one pack per batch, hundreds, and every object lookup
+            # (dulwich tries the packs one by one) slowed with them.
+            movable = self._packs if self._frozen is None else self._unfrozen()
+            if len(movable) > self._max_packs:
                 try:
-                    self._roll_up()
+                    self._roll_up(movable)
                 except Exception:  # the batch is durable: keep the packs as they are, retry after the next
                     log.exception("pack roll-up failed")
         for fut, res in outcomes:
@@ -620,6 +626,14 @@ class GitStore(Store):
                 fut.set_exception(res)
             else:
                 fut.set_result(res)
+
+    def _advance(self, b: _Batch) -> None:
+        """The batch's commits are durable in Git: HEAD is its tip, its bytes count, and while a
+        compaction runs its commits join those the swap will re-parent."""
+        self._committed = (b.head, b.tree)
+        b.count_into(self._history)
+        if self._frozen is not None:
+            self._since.extend(o for o in b.objects.values() if isinstance(o, Commit))
 
     def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op | _Control) -> object:
         assert not isinstance(op, _Freeze | _Squashed), "invariant: a compaction's step is a batch of its own"
@@ -707,9 +721,15 @@ class GitStore(Store):
 
     # ------------------------------------------------------------------------------- packs
 
-    def _roll_up(self) -> None:
-        """Merge the smaller packs into one (``git_packs.to_roll_up``), drop the merged ones."""
-        bases = git_packs.to_roll_up(self._packs, self._max_packs)
+    def _unfrozen(self) -> dict[str, int]:
+        """The packs a running compaction does not read: those written since its freeze."""
+        frozen = self._frozen.packs if self._frozen is not None else frozenset()
+        return {base: n for base, n in self._packs.items() if base not in frozen}
+
+    def _roll_up(self, packs: dict[str, int]) -> None:
+        """Merge the smaller of ``packs`` (some of ``_packs``) into one (``git_packs.to_roll_up``), drop
+        the merged ones."""
+        bases = git_packs.to_roll_up(packs, self._max_packs)
         base, count = git_packs.merge_packs(self._pack_dir, bases, self._wobjects.get_raw, self._durable)
         for old in bases:
             del self._packs[old]
@@ -728,6 +748,7 @@ class GitStore(Store):
             raise StoreError("busy", "a compaction of the store is already running")
         before = sum(p.stat().st_size for p in self._pack_dir.glob("pack-*.pack"))
         self._frozen = _Frozen(self._committed[0], frozenset(self._packs), before, dict(self._history))
+        self._since = []
         return self._frozen
 
     def _build_squash(self, frozen: _Frozen, horizon: float) -> _Squashed:
@@ -767,20 +788,17 @@ class GitStore(Store):
         the freeze, move the branch, drop the frozen packs. Short: those commits are re-parented, no
         tree or blob is read or written (a reset's tree excepted, copied whole into the commits' pack)."""
         frozen, self._frozen = sq.frozen, None
+        since, self._since = self._since, []
         head, tree = self._committed
         before = frozen.pack_bytes
         if sq.head is None or sq.pack is None:
             return HistoryCompaction(0, sq.kept, 0, before, before, head.decode())
-        since: builtins.list[Commit] = []
-        at = head
-        while at != frozen.head:
-            c = self._wobjects[at]
-            assert isinstance(c, Commit) and c.parents, f"invariant: {frozen.head!r} is not an ancestor of HEAD"
-            since.append(c)
-            at = c.parents[0]
+        assert (since[0].parents[0] if since else frozen.head) == frozen.head and (
+            since[-1].id if since else frozen.head
+        ) == head, "invariant: the commits since the freeze run from the frozen head to HEAD"
         b = _Batch(sq.head, tree, {})
         resets: builtins.list[ObjectID] = []
-        for c in reversed(since):
+        for c in since:
             n = c.copy()
             assert isinstance(n, Commit)
             n.parents = [b.head]
