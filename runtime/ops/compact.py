@@ -42,6 +42,7 @@ them first).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -49,7 +50,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from msgspec import Struct
@@ -60,6 +61,7 @@ from runtime.economy.ledger.checkpoint import LedgerCompaction
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.errors import AecoError, ErrorCode
 from runtime.host.lmdbfile import shrink
+from runtime.host.pace import pacing
 from runtime.host.postgres import DatabaseUnavailable, connect, lock_key
 from runtime.host.volume import tree_bytes
 from runtime.ops.bill import parse_since
@@ -78,6 +80,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("runtime.ops.compact")
 
 ARCHIVE_DIR = "archive"
+#: The share of the interpreter's time a pass of ``retention:`` computes at most (``runtime.host.pace``): the
+#: rest is the event loop's, whose agents' actions would otherwise all but stop for the pass.
+PASS_SHARE = 0.5
 #: The LMDB environments ``admin compact`` rewrites smaller when mostly free (``runtime.host.lmdbfile.shrink``).
 SHRUNK = ("ledger", "events", "artifacts.git.index")
 
@@ -294,14 +299,29 @@ async def retain(
             try:
                 report = await loop.run_in_executor(
                     thread,
-                    lambda: compact_stores(
-                        store, ledger, events, horizon, data / ARCHIVE_DIR, cfg.archive_max_mb << 20, shared=cfg.shared
+                    functools.partial(
+                        _paced_pass,
+                        store,
+                        ledger,
+                        events,
+                        horizon,
+                        data / ARCHIVE_DIR,
+                        cfg.archive_max_mb << 20,
+                        shared=cfg.shared,
                     ),
                 )
             except Exception:
                 log.exception("retention pass failed; retried in %g s", cfg.interval_s)
                 continue
             say(f"retention: {report.line()}; data dir now {tree_bytes(data) / (1 << 20):.1f} MiB")
+
+
+def _paced_pass(*args: Any, **kwargs: Any) -> CompactReport:
+    """``compact_stores`` on the retention thread, paced to ``PASS_SHARE`` of the interpreter's time
+    (``runtime.host.pace``: beside a thread that computes, the event loop waits for the GIL at each of
+    its system calls)."""
+    with pacing(PASS_SHARE):
+        return compact_stores(*args, **kwargs)
 
 
 #: The newest horizon ``admin compact --postgres`` takes: nodes may be running, and an op they retry

@@ -450,6 +450,61 @@ def test_writes_keep_flowing_during_a_pass(tmp_path: Path) -> None:
     _assert_whole(data, _head_listing(data), last)
 
 
+def test_batches_during_a_long_squash_keep_few_packs_and_are_swapped_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However long a compaction's squash takes, the writer goes on, and the packs its batches write
+    meanwhile are rolled up among themselves (never the frozen ones the squash reads): they stay within
+    ``max_packs``. Before, each batch left a pack until the swap, hundreds in a soak's pass, and the
+    swap then read each commit made since the freeze back through all of them (dulwich tries packs one
+    by one), holding agents' writes up to 4.6 s. The swap re-parents those commits onto the squash:
+    history, HEAD's tree and every write are whole, and ``git fsck --strict`` passes."""
+    data = tmp_path / "data"
+    store = GitStore(data / "artifacts.git", durable=False, max_packs=4)
+    for i in range(100):
+        store.write(f"w{i % 5}", f"art{i % 20}", f"old {i}".encode(), quota=1 << 20)
+    time.sleep(1.1)  # commit times are whole seconds
+    horizon = time.time()
+    building, go = threading.Event(), threading.Event()
+    build = GitStore._build_squash
+
+    def slow_build(self: GitStore, frozen: Any, horizon: float) -> Any:
+        building.set()
+        assert go.wait(60)
+        return build(self, frozen, horizon)
+
+    monkeypatch.setattr(GitStore, "_build_squash", slow_build)
+    packs = data / "artifacts.git" / "objects" / "pack"
+    done: list[Any] = []
+    compaction = threading.Thread(target=lambda: done.append(store.compact(horizon)))
+    compaction.start()
+    try:
+        assert building.wait(30)
+        frozen = {p.name for p in packs.glob("*.pack")}
+        most = 0
+        for i in range(60):  # one batch each, one pack each
+            store.write(f"w{i % 5}", f"art{i % 20}", f"new {i}".encode(), quota=1 << 20)
+            most = max(most, len({p.name for p in packs.glob("*.pack")} - frozen))
+        assert most <= 4, f"{most} packs written since the freeze"
+        assert {p.name for p in packs.glob("*.pack")} >= frozen, "a frozen pack went before the swap"
+    finally:
+        go.set()
+        compaction.join(60)
+    (report,) = done
+    assert report.squashed == 101 and report.kept == 60 and report.artifacts == 20, report
+    assert not frozen & {p.name for p in packs.glob("*.pack")}, "the frozen packs are gone after the swap"
+    for k in range(20):
+        assert store.read("w0", f"art{k}").content == f"new {40 + k}".encode()
+    changes = store.history("art0")
+    assert len(changes) == 1 + 3, changes  # the squash's recreation, then its three writes since
+    head = store.head()
+    store.close()
+    fsck = _git(data, "fsck", "--strict")
+    assert fsck.returncode == 0 and "error" not in fsck.stderr.lower(), fsck.stderr
+    log = _git(data, "log", "--format=%H %s", "HEAD").stdout.splitlines()
+    assert log[0].startswith(head) and len(log) == 60 + 20 + 1
+
+
 def test_an_archive_a_crash_cut_short_is_finished_by_the_next(tmp_path: Path) -> None:
     """The state a crash leaves between two of an archive's chunks (its file written, the mark inside its
     range, the rest of its events still in the log): the next archive removes the rest first, then moves

@@ -72,6 +72,7 @@ from dulwich.repo import Repo
 
 from runtime.errors import RESTORE, Damaged, repair_command, storage_failure
 from runtime.host.lmdbfile import check_length
+from runtime.host.pace import pace, paced
 from runtime.host.volume import fsync_dir
 from runtime.world.store import (
     AgentName,
@@ -768,6 +769,7 @@ class GitStore(Store):
             chain = builtins.list(self._first_parents_of(objects, base.id))
             b = _squash(objects, base, chain[-1])
             for c in reversed(newer):
+                pace()
                 n = c.copy()
                 assert isinstance(n, Commit)
                 n.parents = [b.head]
@@ -775,9 +777,8 @@ class GitStore(Store):
             if b.head == frozen.head:  # already compacted at this horizon
                 return _Squashed(frozen, None, None, 0, {}, kept=len(newer))
             reached = _reachable(objects.__getitem__, b.objects, [*(c.tree for c in newer), base.tree])
-            pack = git_packs.write_pack(
-                self._pack_dir, (full_unpacked_object(o) for o in reached.values()), len(reached), self._durable
-            )
+            records = (full_unpacked_object(o) for o in paced(reached.values()))
+            pack = git_packs.write_pack(self._pack_dir, records, len(reached), self._durable)
             commits = (o for o in b.objects.values() if isinstance(o, Commit))
             return _Squashed(frozen, b.head, pack, len(reached), _written(commits), len(chain), len(newer), b.artifacts)
         finally:
@@ -847,6 +848,7 @@ class GitStore(Store):
     def _first_parents_of(objects: DiskObjectStore, sha: ObjectID) -> Iterator[Commit]:
         at: ObjectID | None = sha
         while at is not None:
+            pace()
             c = objects[at]
             assert isinstance(c, Commit), f"invariant: {at!r} in the history is not a commit"
             yield c
@@ -1090,7 +1092,7 @@ _WRITE_RE = re.compile(rb"^write \S+ \((\d+) bytes")
 def _written(commits: Iterator[Commit]) -> dict[str, int]:
     """Content bytes per author of the write commits among ``commits`` (from their subjects)."""
     out: dict[str, int] = {}
-    for c in commits:
+    for c in paced(commits):
         m = _WRITE_RE.match(c.message)
         if m:
             author = c.author.split(b" <", 1)[0].decode(errors="replace")
@@ -1112,9 +1114,9 @@ def _squash(objects: DiskObjectStore, base: Commit, root: Commit) -> _Batch:
     first.message = b"create artifact store (older history squashed)\n"
     b.head = b.add(first)
     entries = _scan(objects.__getitem__, base.tree)
-    metas = {aid: _read_meta(objects.get_raw, blobs[1]) for aid, blobs in entries.items()}
+    metas = {aid: _read_meta(objects.get_raw, blobs[1]) for aid, blobs in paced(entries.items())}
     tip = _Tip(empty.id, objects.__getitem__, {"": {}})
-    for aid in sorted(entries, key=lambda a: (metas[a].updated, a)):
+    for aid in paced(sorted(entries, key=lambda a: (metas[a].updated, a))):
         m = metas[aid]
         tip.set(b, aid, entries[aid])
         _chain(b, _ident(m.owner, "agents.invalid"), f"write {aid} ({m.size} bytes, older history squashed)", m.updated)
@@ -1132,6 +1134,7 @@ def _reachable(
     seen: set[ObjectID] = set()
     stack = list(trees)
     while stack:
+        pace()
         sha = stack.pop()
         if sha in seen:
             continue
@@ -1157,6 +1160,7 @@ def _scan(get: Callable[[ObjectID], ShaFile], tree: ObjectID) -> dict[str, tuple
     metas: dict[str, ObjectID] = {}
     stack = [(tree, 0)]
     while stack:
+        pace()
         sha, depth = stack.pop()
         t = get(sha)
         assert isinstance(t, Tree), f"invariant: {sha!r} is not a tree"
