@@ -82,7 +82,7 @@ log = logging.getLogger("runtime.ops.compact")
 ARCHIVE_DIR = "archive"
 #: The share of the interpreter's time a pass of ``retention:`` computes at most (``runtime.host.pace``): the
 #: rest is the event loop's, whose agents' actions would otherwise all but stop for the pass.
-PASS_SHARE = 0.5
+PASS_SHARE = 0.25
 #: The LMDB environments ``admin compact`` rewrites smaller when mostly free (``runtime.host.lmdbfile.shrink``).
 SHRUNK = ("ledger", "events", "artifacts.git.index")
 
