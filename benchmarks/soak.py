@@ -10,11 +10,11 @@ run (at least the configuration's minimum, 60 s): history, journal and events ol
 archived events beyond ``ARCHIVE_MB`` are deleted.
 
 The load is the agents' pace, not what the host can take: each agent sleeps about ``SLEEP_S`` a turn (on its
-timer alone: ``TIMER_ONLY``), so 1,000 of them offer about ``4 × 1,000 / SLEEP_S`` actions/s, under what the supervisor turns around on two
-loaded cores, and their CPU rights never hold them back (``cpu_rate: auto`` gives each 1 millicore of a
-two-core container; ``burst_seconds`` is the largest the configuration takes, so a bucket holds far
-more than an agent spends in the run). With the defaults instead (a 10 s burst) the buckets set the
-pace: about 70 actions/s on a quiet host (30 on a loaded one), with the synchronised refills of 1,000
+timer alone: ``TIMER_ONLY``), so 1,000 of them offer about ``4 × 1,000 / SLEEP_S`` actions/s, under what the
+supervisor turns around on two loaded cores, and their CPU rights never hold them back (``cpu_rate: auto``
+gives each 1 millicore of a two-core container; ``burst_seconds`` is the largest the configuration takes,
+so a bucket holds far more than an agent spends in the run). With the defaults instead (a 10 s burst) the
+buckets set the pace: about 70 actions/s on a quiet host (30 on a loaded one), with the synchronised refills of 1,000
 agents as its noise (windows within ±64% over the last half of a quiet 30-minute run). A pause of the
 stores shows up as a dip below the pace; growth shows up against a constant stream of writes.
 
