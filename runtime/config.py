@@ -240,9 +240,10 @@ class NodeConfig(_Section, frozen=True):
 
 class RetentionConfig(_Section, frozen=True):
     """Bounded growth: the supervisor compacts its data directory every ``interval_s``, as
-    ``python -m runtime.admin compact --horizon`` does (``runtime.ops.compact``). The embedded stores only
-    (LMDB ledger and events, Git store); a PostgreSQL deployment's journal and events are compacted by
-    ``admin compact --postgres`` (one pass for all nodes), and its store keeps its history."""
+    ``python -m runtime.admin compact --horizon`` does (``runtime.ops.compact``): the embedded stores (LMDB
+    ledger and events, Git store). A PostgreSQL deployment's journal and events are shared by its nodes:
+    the node with ``shared`` compacts them, as ``admin compact --postgres`` does (one pass for all nodes);
+    its store keeps its history."""
 
     #: Off: history, journal and events are kept whole until an operator compacts them.
     enabled: bool = False
@@ -253,6 +254,11 @@ class RetentionConfig(_Section, frozen=True):
     interval_s: Annotated[float, Meta(ge=5, le=86_400)] = 3_600.0
     #: Archived event files kept, newest first, up to this many MiB in all (0: none kept).
     archive_max_mb: Annotated[int, Meta(ge=0, le=1 << 20)] = 1024
+    #: On a node of a shared deployment (PostgreSQL): its passes also fold the shared journal and archive
+    #: the shared events, into this node's data directory. Set it on one node: a pass of another node
+    #: that finds one running skips the shared stores (an advisory lock), so two never archive the same
+    #: events. Ignored by a node with embedded stores (it compacts its own).
+    shared: bool = False
 
 
 class Config(_Section, frozen=True):

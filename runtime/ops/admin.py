@@ -41,7 +41,8 @@ a running supervisor):
   ``1d`` back) squashed into one commit per artifact, the journal's older entries folded into the
   ledger's checkpoint, older events archived under ``<data>/archive``. With ``--postgres URL`` (nodes
   may run meanwhile; ``WHEN`` at least a minute back): the PostgreSQL journal folded into its checkpoint
-  and older events archived under ``<data>/archive``; the store's history stays.
+  and older events archived under ``<data>/archive`` (refused while the node with ``retention.shared``
+  runs its pass over them); the store's history stays.
 
 ``repair`` (stop the supervisor first): rebuild what is derived in the data directory — the ledger from
 its journal, the store's ``HEAD``, branch ref and index, the event log's cursors — charge and discard

@@ -17,9 +17,11 @@ One pass, with a *horizon* (a time; what is older goes):
   largest, their freed pages reused by the next writes: with a pass every ``interval_s``, that is about
   ``horizon_s + interval_s`` of live data.
 
-With PostgreSQL the journal is folded into ``ledger_checkpoint`` and the events archived under the data
-directory given to ``admin`` (``--data-dir``), from one operator command for all nodes (each node's own
-``retention:`` compacts only embedded stores); the store's history stays.
+With PostgreSQL the journal is folded into ``ledger_checkpoint`` and the events archived under a data
+directory, once for all nodes: by the node whose ``retention:`` says ``shared`` (into its data
+directory, every ``interval_s``) or by ``admin compact --postgres`` (into ``--data-dir``); one such pass
+at a time (an advisory lock; a node's pass that finds another running skips the shared stores, the
+command is refused). The store's history stays.
 
 Each step is crash-safe on its own (its store's docstring says how) and they are independent: a pass a
 crash interrupted leaves every store in its old or its new state, and the next pass finishes the work.
@@ -40,6 +42,7 @@ them first).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -47,6 +50,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from msgspec import Struct
@@ -57,7 +61,8 @@ from runtime.economy.ledger.checkpoint import LedgerCompaction
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.errors import AecoError, ErrorCode
 from runtime.host.lmdbfile import shrink
-from runtime.host.postgres import DatabaseUnavailable
+from runtime.host.pace import pacing
+from runtime.host.postgres import DatabaseUnavailable, connect, lock_key
 from runtime.host.volume import tree_bytes
 from runtime.ops.bill import parse_since
 from runtime.ops.preflight import claim_data_dir
@@ -68,9 +73,16 @@ from runtime.world.events.log import EventLog
 from runtime.world.store import Store
 from runtime.world.store.git import GitStore, HistoryCompaction
 
+if TYPE_CHECKING:
+    from runtime.economy.ledger.postgres import PostgresLedger
+    from runtime.world.events.postgres import PostgresEventLog
+
 log = logging.getLogger("runtime.ops.compact")
 
 ARCHIVE_DIR = "archive"
+#: The share of the interpreter's time a pass of ``retention:`` computes at most (``runtime.host.pace``): the
+#: rest is the event loop's, whose agents' actions would otherwise all but stop for the pass.
+PASS_SHARE = 0.25
 #: The LMDB environments ``admin compact`` rewrites smaller when mostly free (``runtime.host.lmdbfile.shrink``).
 SHRUNK = ("ledger", "events", "artifacts.git.index")
 
@@ -141,24 +153,65 @@ def _archive_events(
 
 
 def compact_stores(
-    store: Store, ledger: Ledger, events: Events, horizon: float, archive: Path, archive_max_bytes: int
+    store: Store,
+    ledger: Ledger,
+    events: Events,
+    horizon: float,
+    archive: Path,
+    archive_max_bytes: int,
+    *,
+    shared: bool = False,
 ) -> CompactReport:
-    """One pass over the embedded stores a node has open (see the module docstring). A node on
-    PostgreSQL leaves the shared ledger and events to ``admin compact --postgres`` (one pass for every
-    node, not one per node)."""
+    """One pass over the stores a node has open (see the module docstring): its embedded ones, and with
+    ``shared`` a PostgreSQL ledger and event log (``compact_shared``: skipped while another node's pass
+    holds them). Without ``shared`` a node on PostgreSQL leaves them to the node that has it, or to
+    ``admin compact --postgres``: one pass for every node, not one per node."""
     started = time.monotonic()
     history = store.compact(horizon) if isinstance(store, GitStore) else None
-    if not (isinstance(ledger, LmdbLedger) and isinstance(events, EventLog)):
-        return CompactReport(horizon, history, None, None, [], time.monotonic() - started)
-    folded = ledger.compact(horizon)
-    archived, removed = _archive_events(events, horizon, archive, archive_max_bytes)
+    folded: LedgerCompaction | None = None
+    archived: ArchivedEvents | None = None
+    removed: list[str] = []
+    if isinstance(ledger, LmdbLedger) and isinstance(events, EventLog):
+        folded = ledger.compact(horizon)
+        archived, removed = _archive_events(events, horizon, archive, archive_max_bytes)
+    elif shared:
+        from runtime.economy.ledger.postgres import PostgresLedger
+        from runtime.world.events.postgres import PostgresEventLog
+
+        if isinstance(ledger, PostgresLedger) and isinstance(events, PostgresEventLog):
+            done = compact_shared(ledger, events, horizon, archive, archive_max_bytes)
+            if done is not None:
+                folded, archived, removed = done
     return CompactReport(horizon, history, folded, archived, removed, time.monotonic() - started)
+
+
+#: The advisory lock a pass over the shared ledger and events holds (``compact_shared``).
+SHARED_LOCK = lock_key("retention-shared")
+
+
+def compact_shared(
+    ledger: PostgresLedger, events: PostgresEventLog, horizon: float, archive: Path, archive_max_bytes: int
+) -> tuple[LedgerCompaction, ArchivedEvents | None, list[str]] | None:
+    """Fold the shared journal and archive the shared events under ``archive``, while nodes run; None,
+    doing nothing, when another pass holds them (``SHARED_LOCK``, a session lock: a node's ``retention:``
+    or ``admin compact --postgres``). The fold's chunks are safe against another fold anyway (each
+    checks the checkpoint it started from); the lock keeps two passes from archiving the same events
+    into two data directories."""
+    with connect(events.url, deadline_s=30.0, autocommit=True, log=False) as conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SHARED_LOCK,)).fetchone()
+        if not (row and row[0]):
+            return None
+        # Closing the session releases the lock, also when the pass fails.
+        folded = ledger.compact(horizon)
+        archived, removed = _archive_events(events, horizon, archive, archive_max_bytes)
+        return folded, archived, removed
 
 
 def compact_postgres(url: str, archive: Path, horizon: float, archive_max_bytes: int) -> CompactReport:
     """One pass over the PostgreSQL ledger and event log, while nodes run: the journal folded into its
     checkpoint, old events archived under ``archive``. The store's history is not compacted (its
-    commits are rows an operator's ``history``/``rollback`` read; they stay)."""
+    commits are rows an operator's ``history``/``rollback`` read; they stay). ``CompactRefused`` while
+    a node's pass holds them."""
     from runtime.economy.ledger.postgres import PostgresLedger
     from runtime.world.events.postgres import PostgresEventLog
 
@@ -167,12 +220,14 @@ def compact_postgres(url: str, archive: Path, horizon: float, archive_max_bytes:
     try:
         events = PostgresEventLog(url)
         try:
-            folded = ledger.compact(horizon)
-            archived, removed = _archive_events(events, horizon, archive, archive_max_bytes)
+            done = compact_shared(ledger, events, horizon, archive, archive_max_bytes)
         finally:
             events.close()
     finally:
         ledger.close()
+    if done is None:
+        raise CompactRefused("a node's retention pass is compacting the shared ledger and events (retry later)")
+    folded, archived, removed = done
     return CompactReport(horizon, None, folded, archived, removed, time.monotonic() - started)
 
 
@@ -244,18 +299,29 @@ async def retain(
             try:
                 report = await loop.run_in_executor(
                     thread,
-                    compact_stores,
-                    store,
-                    ledger,
-                    events,
-                    horizon,
-                    data / ARCHIVE_DIR,
-                    cfg.archive_max_mb << 20,
+                    functools.partial(
+                        _paced_pass,
+                        store,
+                        ledger,
+                        events,
+                        horizon,
+                        data / ARCHIVE_DIR,
+                        cfg.archive_max_mb << 20,
+                        shared=cfg.shared,
+                    ),
                 )
             except Exception:
                 log.exception("retention pass failed; retried in %g s", cfg.interval_s)
                 continue
             say(f"retention: {report.line()}; data dir now {tree_bytes(data) / (1 << 20):.1f} MiB")
+
+
+def _paced_pass(*args: Any, **kwargs: Any) -> CompactReport:
+    """``compact_stores`` on the retention thread, paced to ``PASS_SHARE`` of the interpreter's time
+    (``runtime.host.pace``: beside a thread that computes, the event loop waits for the GIL at each of
+    its system calls)."""
+    with pacing(PASS_SHARE):
+        return compact_stores(*args, **kwargs)
 
 
 #: The newest horizon ``admin compact --postgres`` takes: nodes may be running, and an op they retry
@@ -286,6 +352,9 @@ def command(data: Path, horizon: str, archive_max_mb: int, postgres_url: str | N
             report = compact_postgres(postgres_url, data / ARCHIVE_DIR, when, archive_max_mb << 20)
         except DatabaseUnavailable as exc:
             print(f"error: compact: {exc}", file=sys.stderr)
+            return 1
+        except CompactRefused as exc:
+            print(f"error: compact: {exc.message}", file=sys.stderr)
             return 1
         print(report.line())
         return 0

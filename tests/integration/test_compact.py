@@ -31,12 +31,14 @@ from runtime.economy.ledger import OpenAccount, Transfer
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.postgres import PostgresLedger
+from runtime.host.postgres import connect
 from runtime.host.volume import tree_bytes
 from runtime.ops import compact
 from runtime.world.events import archive as archives
 from runtime.world.events.log import EventLog
 from runtime.world.events.postgres import PostgresEventLog
 from runtime.world.store.git import GitStore
+from runtime.world.store.postgres import PostgresStore
 from tests.harness import ROOT, python_m, start_supervisor
 
 CONFIG = """
@@ -452,6 +454,61 @@ def test_writes_keep_flowing_during_a_pass(tmp_path: Path) -> None:
     _assert_whole(data, _head_listing(data), last)
 
 
+def test_batches_during_a_long_squash_keep_few_packs_and_are_swapped_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However long a compaction's squash takes, the writer goes on, and the packs its batches write
+    meanwhile are rolled up among themselves (never the frozen ones the squash reads): they stay within
+    ``max_packs``. Before, each batch left a pack until the swap, hundreds in a soak's pass, and the
+    swap then read each commit made since the freeze back through all of them (dulwich tries packs one
+    by one), holding agents' writes up to 4.6 s. The swap re-parents those commits onto the squash:
+    history, HEAD's tree and every write are whole, and ``git fsck --strict`` passes."""
+    data = tmp_path / "data"
+    store = GitStore(data / "artifacts.git", durable=False, max_packs=4)
+    for i in range(100):
+        store.write(f"w{i % 5}", f"art{i % 20}", f"old {i}".encode(), quota=1 << 20)
+    time.sleep(1.1)  # commit times are whole seconds
+    horizon = time.time()
+    building, go = threading.Event(), threading.Event()
+    build = GitStore._build_squash
+
+    def slow_build(self: GitStore, frozen: Any, horizon: float) -> Any:
+        building.set()
+        assert go.wait(60)
+        return build(self, frozen, horizon)
+
+    monkeypatch.setattr(GitStore, "_build_squash", slow_build)
+    packs = data / "artifacts.git" / "objects" / "pack"
+    done: list[Any] = []
+    compaction = threading.Thread(target=lambda: done.append(store.compact(horizon)))
+    compaction.start()
+    try:
+        assert building.wait(30)
+        frozen = {p.name for p in packs.glob("*.pack")}
+        most = 0
+        for i in range(60):  # one batch each, one pack each
+            store.write(f"w{i % 5}", f"art{i % 20}", f"new {i}".encode(), quota=1 << 20)
+            most = max(most, len({p.name for p in packs.glob("*.pack")} - frozen))
+        assert most <= 4, f"{most} packs written since the freeze"
+        assert {p.name for p in packs.glob("*.pack")} >= frozen, "a frozen pack went before the swap"
+    finally:
+        go.set()
+        compaction.join(60)
+    (report,) = done
+    assert report.squashed == 101 and report.kept == 60 and report.artifacts == 20, report
+    assert not frozen & {p.name for p in packs.glob("*.pack")}, "the frozen packs are gone after the swap"
+    for k in range(20):
+        assert store.read("w0", f"art{k}").content == f"new {40 + k}".encode()
+    changes = store.history("art0")
+    assert len(changes) == 1 + 3, changes  # the squash's recreation, then its three writes since
+    head = store.head()
+    store.close()
+    fsck = _git(data, "fsck", "--strict")
+    assert fsck.returncode == 0 and "error" not in fsck.stderr.lower(), fsck.stderr
+    log = _git(data, "log", "--format=%H %s", "HEAD").stdout.splitlines()
+    assert log[0].startswith(head) and len(log) == 60 + 20 + 1
+
+
 def test_an_archive_a_crash_cut_short_is_finished_by_the_next(tmp_path: Path) -> None:
     """The state a crash leaves between two of an archive's chunks (its file written, the mark inside its
     range, the rest of its events still in the log): the next archive removes the rest first, then moves
@@ -544,6 +601,65 @@ def test_postgres_compaction_folds_the_journal_and_archives_events(pg_url: str, 
     assert len(recent.stderr.strip().splitlines()) == 1
     fine = _admin(tmp_path / "data", "--postgres", pg_url, "compact", "--horizon", "1h")
     assert fine.returncode == 0 and fine.stdout.startswith("compacted before"), fine.stdout + fine.stderr
+
+
+def test_a_shared_nodes_retention_compacts_postgres_once(pg_url: str, tmp_path: Path) -> None:
+    """The ``retention:`` loop of a node on PostgreSQL (``compact.retain``, as the supervisor runs it, on
+    the node's own open ledger and event log) compacts the shared journal and events only with
+    ``shared``, into its data directory; while another pass holds the shared stores (their advisory
+    lock, as a second node's pass would) it skips them, and ``admin compact --postgres`` is refused with
+    one line. Every invariant holds after, and the events are archived once."""
+    data = tmp_path / "data"
+    ledger = PostgresLedger(pg_url, durable=False)
+    events = PostgresEventLog(pg_url, durable=False)
+    store = PostgresStore(pg_url)
+    try:
+        for a in ("a", "b"):
+            ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
+        for f in [ledger.submit(Transfer(id=f"t{i}", src="a", dst="b", asset="scrip", amount=1)) for i in range(500)]:
+            f.result()
+        for e in [events.submit("tick", "a", {"n": n}) for n in range(500)]:
+            e.result()
+        journal = sum(1 for _ in ledger.journal())
+        time.sleep(1.1)
+
+        def passes(shared: bool) -> list[str]:
+            reports: list[str] = []
+            cfg = RetentionConfig(enabled=True, horizon_s=1.0, interval_s=0.3, archive_max_mb=64, shared=shared)
+
+            async def supervise() -> None:
+                stop = asyncio.Event()
+                asyncio.get_running_loop().call_later(1.0, stop.set)
+                await compact.retain(cfg, store, ledger, events, data, stop, reports.append)
+
+            asyncio.run(supervise())
+            assert reports, "no pass ran"
+            return reports
+
+        assert all("nothing to do" in r for r in passes(shared=False))
+        assert ledger.checkpoint() is None and events.archived() == 0
+        with connect(pg_url, autocommit=True) as other:  # another node's pass in progress
+            other.execute("SELECT pg_advisory_lock(%s)", (compact.SHARED_LOCK,))
+            assert all("nothing to do" in r for r in passes(shared=True))
+            refused = _admin(tmp_path / "admin", "--postgres", pg_url, "compact", "--horizon", "1h")
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            assert refused.stderr.startswith("error: compact: a node's retention pass is compacting")
+            assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+        done = passes(shared=True)
+        # The last journal entry and the last event stay (seqs count on from them).
+        assert f"{journal - 1} journal entries folded" in done[0] and "events: 1..499 archived" in done[0], done
+        assert all("nothing to do" in r for r in done[1:]), done
+        cp = ledger.checkpoint()
+        assert cp is not None and cp.through == journal - 1
+        result = check(ledger, cp)
+        assert result.ok, result.problems
+        assert events.archived() == 499 and [e.seq for e in events.read(0)] == [500]
+        assert _archived_seqs(data) == list(range(1, 500))
+        assert not (tmp_path / "admin" / compact.ARCHIVE_DIR).exists()
+    finally:
+        store.close()
+        events.close()
+        ledger.close()
 
 
 # ----------------------------------------------------------------------------------- bounded growth

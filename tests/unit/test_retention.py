@@ -3,11 +3,12 @@ and the soak benchmark's growth and steadiness figures."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.soak import Point, growth, steadiness
+from benchmarks.soak import TIMER_ONLY, Point, config, growth, steadiness
 from runtime.config import ConfigError, parse
 from runtime.ops.compact import prune_archives
 
@@ -25,6 +26,20 @@ def test_retention_section_is_off_by_default_and_ranged() -> None:
         parse(AGENT + "retention: {interval_s: 0.001}\n", "t.yaml", environ={})
     with pytest.raises(ConfigError, match=r"unknown key `retention.keep`"):
         parse(AGENT + "retention: {keep: 3}\n", "t.yaml", environ={})
+    assert not on.retention.shared
+    shared = parse(AGENT + "retention: {enabled: true, shared: true}\n", "t.yaml", environ={})
+    assert shared.retention.shared
+
+
+def test_the_soaks_agents_sleep_on_their_timer_alone(tmp_path: Path) -> None:
+    """A sleep without ``until`` ends at the first event addressed to the agent (the previous agent's
+    transfer, in the soak's ring): the soak's sleeps wait for a kind nothing publishes, so the offered
+    load is the agents' pace."""
+    agents = config(tmp_path, 60.0)["agents"]
+    sleeps = [step for a in agents for step in a["policy"] if step["kind"] == "sleep"]
+    assert len(sleeps) == len(agents) and all(s["until"] == TIMER_ONLY for s in sleeps)
+    # The configuration takes it (JSON is YAML).
+    assert parse(json.dumps({"agents": agents[:1]}), "t.yaml", environ={}).agents[0].id == agents[0]["id"]
 
 
 def test_prune_archives_drops_the_oldest_beyond_the_budget(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from runtime.economy.ledger import (
     rules,
 )
 from runtime.economy.ledger.rules import MemoryView
+from runtime.host.pace import pace
 
 
 class Checkpoint(Struct, frozen=True):
@@ -98,6 +99,7 @@ def fold(
     ``LedgerError`` (``invalid``) when one does not replay: the journal is then not folded."""
     taken: list[JournalEntry] = []
     for entry in entries:
+        pace()  # a retention pass's replay, beside the event loop (runtime.host.pace)
         if entry.seq >= last or entry.at >= horizon or len(taken) == chunk:
             break
         try:

@@ -36,6 +36,7 @@ import msgspec
 
 from runtime.errors import RESTORE
 from runtime.host.lmdbfile import check_length
+from runtime.host.pace import pace
 from runtime.world.events import ANY_KIND, Event, EventError, Notifier
 from runtime.world.events import archive as archives
 from runtime.world.events.base import Append, CursorResults, Item, LogBase
@@ -239,6 +240,7 @@ class EventLog(LogBase):
             cur = txn.cursor(db=self._log)
             if cur.set_range(_SEQ.pack(first)):
                 for k, raw in cur:
+                    pace()  # a retention pass, beside the event loop (runtime.host.pace)
                     ev = _event_dec.decode(raw)
                     if _SEQ.unpack(k)[0] >= last or ev.at >= horizon:
                         break

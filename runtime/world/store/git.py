@@ -72,6 +72,7 @@ from dulwich.repo import Repo
 
 from runtime.errors import RESTORE, Damaged, repair_command, storage_failure
 from runtime.host.lmdbfile import check_length
+from runtime.host.pace import pace, paced
 from runtime.host.volume import fsync_dir
 from runtime.world.store import (
     AgentName,
@@ -395,6 +396,10 @@ class GitStore(Store):
         self._tip = _Tip(commit.tree, lambda sha: self._wobjects[sha])
         #: Set while a compaction runs (``compact``): no roll-up removes the packs its squash reads.
         self._frozen: _Frozen | None = None
+        #: While frozen, the commits made since the freeze, oldest first (their chain runs from the frozen
+        #: head to HEAD): ``_swap`` re-parents them from here rather than reading them back through the
+        #: packs the batches wrote meanwhile.
+        self._since: builtins.list[Commit] = []
         self._broken: str | None = None
         self._init_writer("store-writer", max_batch)
         self._start_writer()
@@ -597,8 +602,7 @@ class GitStore(Store):
                     fut.set_exception(err)
                 return
             # The commits are durable in Git but the index did not follow: rebuild it from HEAD.
-            self._committed = (b.head, b.tree)
-            b.count_into(self._history)
+            self._advance(b)
             try:
                 with self.env.begin(write=True) as txn2:
                     self._reindex(txn2, b.tree)
@@ -606,13 +610,16 @@ class GitStore(Store):
             except BaseException as exc2:
                 self._broken = f"the index could not follow HEAD ({exc2!r}); reopen the store to rebuild it"
         else:
-            self._committed = (b.head, b.tree)
-            b.count_into(self._history)
+            self._advance(b)
             # Before acknowledging: once every caller has its answer no pack is being removed, so that
-            # a `git fsck` run after the last write does not race a roll-up.
-            if len(self._packs) > self._max_packs and self._frozen is None:
+            # a `git fsck` run after the last write does not race a roll-up. While a compaction runs
+            # only the packs written since its freeze may be rolled up (its squash reads the others):
+            # without that a long squash left one pack per batch, hundreds, and every object lookup
+            # (dulwich tries the packs one by one) slowed with them.
+            movable = self._packs if self._frozen is None else self._unfrozen()
+            if len(movable) > self._max_packs:
                 try:
-                    self._roll_up()
+                    self._roll_up(movable)
                 except Exception:  # the batch is durable: keep the packs as they are, retry after the next
                     log.exception("pack roll-up failed")
         for fut, res in outcomes:
@@ -620,6 +627,14 @@ class GitStore(Store):
                 fut.set_exception(res)
             else:
                 fut.set_result(res)
+
+    def _advance(self, b: _Batch) -> None:
+        """The batch's commits are durable in Git: HEAD is its tip, its bytes count, and while a
+        compaction runs its commits join those the swap will re-parent."""
+        self._committed = (b.head, b.tree)
+        b.count_into(self._history)
+        if self._frozen is not None:
+            self._since.extend(o for o in b.objects.values() if isinstance(o, Commit))
 
     def _apply(self, txn: lmdb.Transaction, b: _Batch, op: _Op | _Control) -> object:
         assert not isinstance(op, _Freeze | _Squashed), "invariant: a compaction's step is a batch of its own"
@@ -707,9 +722,15 @@ class GitStore(Store):
 
     # ------------------------------------------------------------------------------- packs
 
-    def _roll_up(self) -> None:
-        """Merge the smaller packs into one (``git_packs.to_roll_up``), drop the merged ones."""
-        bases = git_packs.to_roll_up(self._packs, self._max_packs)
+    def _unfrozen(self) -> dict[str, int]:
+        """The packs a running compaction does not read: those written since its freeze."""
+        frozen = self._frozen.packs if self._frozen is not None else frozenset()
+        return {base: n for base, n in self._packs.items() if base not in frozen}
+
+    def _roll_up(self, packs: dict[str, int]) -> None:
+        """Merge the smaller of ``packs`` (some of ``_packs``) into one (``git_packs.to_roll_up``), drop
+        the merged ones."""
+        bases = git_packs.to_roll_up(packs, self._max_packs)
         base, count = git_packs.merge_packs(self._pack_dir, bases, self._wobjects.get_raw, self._durable)
         for old in bases:
             del self._packs[old]
@@ -728,6 +749,7 @@ class GitStore(Store):
             raise StoreError("busy", "a compaction of the store is already running")
         before = sum(p.stat().st_size for p in self._pack_dir.glob("pack-*.pack"))
         self._frozen = _Frozen(self._committed[0], frozenset(self._packs), before, dict(self._history))
+        self._since = []
         return self._frozen
 
     def _build_squash(self, frozen: _Frozen, horizon: float) -> _Squashed:
@@ -747,6 +769,7 @@ class GitStore(Store):
             chain = builtins.list(self._first_parents_of(objects, base.id))
             b = _squash(objects, base, chain[-1])
             for c in reversed(newer):
+                pace()
                 n = c.copy()
                 assert isinstance(n, Commit)
                 n.parents = [b.head]
@@ -754,9 +777,8 @@ class GitStore(Store):
             if b.head == frozen.head:  # already compacted at this horizon
                 return _Squashed(frozen, None, None, 0, {}, kept=len(newer))
             reached = _reachable(objects.__getitem__, b.objects, [*(c.tree for c in newer), base.tree])
-            pack = git_packs.write_pack(
-                self._pack_dir, (full_unpacked_object(o) for o in reached.values()), len(reached), self._durable
-            )
+            records = (full_unpacked_object(o) for o in paced(reached.values()))
+            pack = git_packs.write_pack(self._pack_dir, records, len(reached), self._durable)
             commits = (o for o in b.objects.values() if isinstance(o, Commit))
             return _Squashed(frozen, b.head, pack, len(reached), _written(commits), len(chain), len(newer), b.artifacts)
         finally:
@@ -767,20 +789,17 @@ class GitStore(Store):
         the freeze, move the branch, drop the frozen packs. Short: those commits are re-parented, no
         tree or blob is read or written (a reset's tree excepted, copied whole into the commits' pack)."""
         frozen, self._frozen = sq.frozen, None
+        since, self._since = self._since, []
         head, tree = self._committed
         before = frozen.pack_bytes
         if sq.head is None or sq.pack is None:
             return HistoryCompaction(0, sq.kept, 0, before, before, head.decode())
-        since: builtins.list[Commit] = []
-        at = head
-        while at != frozen.head:
-            c = self._wobjects[at]
-            assert isinstance(c, Commit) and c.parents, f"invariant: {frozen.head!r} is not an ancestor of HEAD"
-            since.append(c)
-            at = c.parents[0]
+        assert (since[0].parents[0] if since else frozen.head) == frozen.head and (
+            since[-1].id if since else frozen.head
+        ) == head, "invariant: the commits since the freeze run from the frozen head to HEAD"
         b = _Batch(sq.head, tree, {})
         resets: builtins.list[ObjectID] = []
-        for c in reversed(since):
+        for c in since:
             n = c.copy()
             assert isinstance(n, Commit)
             n.parents = [b.head]
@@ -829,6 +848,7 @@ class GitStore(Store):
     def _first_parents_of(objects: DiskObjectStore, sha: ObjectID) -> Iterator[Commit]:
         at: ObjectID | None = sha
         while at is not None:
+            pace()
             c = objects[at]
             assert isinstance(c, Commit), f"invariant: {at!r} in the history is not a commit"
             yield c
@@ -892,13 +912,26 @@ class GitStore(Store):
 
     def list(self, agent: str) -> builtins.list[ArtifactInfo]:
         """Every artifact at HEAD that ``agent`` can see (public ones and its own), by id."""
+        return self._list(agent, None)
+
+    async def list_async(self, agent: str, limit: int | None = None) -> builtins.list[ArtifactInfo]:
+        """The first ``limit`` (all if None) artifacts of ``list``, for code on the event loop: the scan
+        stops there. (Each agent's context asks for ten every turn: decoding the whole index instead,
+        1,000 entries with 1,000 agents, was most of the event loop's time in the soak.)"""
+        return self._list(agent, limit)
+
+    def _list(self, agent: str, limit: int | None) -> builtins.list[ArtifactInfo]:
         self._check_open()
         out: builtins.list[ArtifactInfo] = []
+        if limit is not None and limit <= 0:
+            return out
         with self.env.begin() as txn:
             for k, v in txn.cursor(db=self._arts):
                 e = _entry_dec.decode(v)
                 if visible_to(e.meta.readable, e.meta.owner, agent):
                     out.append(e.info(bytes(k).decode()))
+                    if len(out) == limit:
+                        break
         return out
 
     def owned_bytes(self, agent: str) -> int:
@@ -1066,7 +1099,7 @@ _WRITE_RE = re.compile(rb"^write \S+ \((\d+) bytes")
 def _written(commits: Iterator[Commit]) -> dict[str, int]:
     """Content bytes per author of the write commits among ``commits`` (from their subjects)."""
     out: dict[str, int] = {}
-    for c in commits:
+    for c in paced(commits):
         m = _WRITE_RE.match(c.message)
         if m:
             author = c.author.split(b" <", 1)[0].decode(errors="replace")
@@ -1088,9 +1121,9 @@ def _squash(objects: DiskObjectStore, base: Commit, root: Commit) -> _Batch:
     first.message = b"create artifact store (older history squashed)\n"
     b.head = b.add(first)
     entries = _scan(objects.__getitem__, base.tree)
-    metas = {aid: _read_meta(objects.get_raw, blobs[1]) for aid, blobs in entries.items()}
+    metas = {aid: _read_meta(objects.get_raw, blobs[1]) for aid, blobs in paced(entries.items())}
     tip = _Tip(empty.id, objects.__getitem__, {"": {}})
-    for aid in sorted(entries, key=lambda a: (metas[a].updated, a)):
+    for aid in paced(sorted(entries, key=lambda a: (metas[a].updated, a))):
         m = metas[aid]
         tip.set(b, aid, entries[aid])
         _chain(b, _ident(m.owner, "agents.invalid"), f"write {aid} ({m.size} bytes, older history squashed)", m.updated)
@@ -1108,6 +1141,7 @@ def _reachable(
     seen: set[ObjectID] = set()
     stack = list(trees)
     while stack:
+        pace()
         sha = stack.pop()
         if sha in seen:
             continue
@@ -1133,6 +1167,7 @@ def _scan(get: Callable[[ObjectID], ShaFile], tree: ObjectID) -> dict[str, tuple
     metas: dict[str, ObjectID] = {}
     stack = [(tree, 0)]
     while stack:
+        pace()
         sha, depth = stack.pop()
         t = get(sha)
         assert isinstance(t, Tree), f"invariant: {sha!r} is not a tree"
