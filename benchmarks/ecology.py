@@ -375,6 +375,7 @@ async def drive(agent: Agent, state: Drive) -> None:
         t1 = pc()
         if state.start_ns <= t1 < state.end_ns:
             lat.append(t1 - t0)
+    await agent.settle()  # its last turn's action event, when the turn did not wait for it
 
 
 def _turns(agents: Sequence[Agent]) -> tuple[int, int]:

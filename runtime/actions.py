@@ -184,6 +184,10 @@ class Performed(Struct, frozen=True):
     text: str
     #: For ``recall``: the texts found, most similar first.
     recalled: tuple[str, ...] | None = None
+    #: Whether what it did is already durable when ``perform`` returns — a ledger operation or a store
+    #: commit — and so recorded by the ledger's journal or the store's history: the agent's ``action``
+    #: event then restates it, and the agent need not wait for that event before it thinks again.
+    durable: bool = False
 
 
 async def perform(world: World, agent: str, action: AgentAction) -> Performed:
@@ -206,13 +210,13 @@ async def _perform(world: World, agent: str, action: AgentAction) -> Performed:
                 price=action.price,
                 readable=action.readable,
             )
-            return Performed(f"wrote {action.id} ({r.size} bytes, {r.owned_bytes} owned)")
+            return Performed(f"wrote {action.id} ({r.size} bytes, {r.owned_bytes} owned)", durable=True)
         case ReadArtifact():
             art = await world.read_artifact(agent, action.id)
             return Performed(f"{action.id} ({art.size} bytes): {art.content[:80].decode('utf-8', 'replace')}")
         case DeleteArtifact():
             await world.delete_artifact(agent, action.id)
-            return Performed(f"deleted {action.id}")
+            return Performed(f"deleted {action.id}", durable=True)
         case InvokeArtifact():
             inv = await world.invoke_artifact(
                 agent, action.id, action.args, max_transfer=action.max_transfer, charge_to=action.charge_to
@@ -220,28 +224,32 @@ async def _perform(world: World, agent: str, action: AgentAction) -> Performed:
             return Performed(f"{action.id} returned {json.dumps(inv.value)[:80]} (paid {inv.paid})")
         case Sponsor():
             await world.sponsor(agent, action.id, action.cpu_seconds)
-            return Performed(f"pays up to {action.cpu_seconds:g} CPU-s for others' runs of {action.id}")
+            return Performed(f"pays up to {action.cpu_seconds:g} CPU-s for others' runs of {action.id}", durable=True)
         case TransferScrip():
             await world.give(agent, action.to, action.asset, action.amount)
-            return Performed(f"gave {action.amount} {action.asset} to {action.to}")
+            return Performed(f"gave {action.amount} {action.asset} to {action.to}", durable=True)
         case MakeOffer():
             offer = await world.post_offer(agent, action.asset, action.amount, action.price, action.name)
-            return Performed(f"offered {action.amount} {action.asset} for {action.price} scrip as {offer.offer}")
+            return Performed(
+                f"offered {action.amount} {action.asset} for {action.price} scrip as {offer.offer}", durable=True
+            )
         case AcceptOffer():
             bought = await world.accept_offer(agent, action.offer)
-            return Performed(f"bought {bought.amount} {bought.asset} from {bought.seller} for {bought.price} scrip")
+            return Performed(
+                f"bought {bought.amount} {bought.asset} from {bought.seller} for {bought.price} scrip", durable=True
+            )
         case CancelOffer():
             await world.cancel_offer(agent, action.offer)
-            return Performed(f"withdrew offer {action.offer}")
+            return Performed(f"withdrew offer {action.offer}", durable=True)
         case SubmitTask():
             award = await world.submit_task(agent, action.task, action.id)
-            return Performed(f"{action.id} solved task {award.task}: earned {award.reward} scrip")
+            return Performed(f"{action.id} solved task {award.task}: earned {award.reward} scrip", durable=True)
         case Subscribe():
             trigger = await world.subscribe(agent, action.id, action.on, action.actor, action.about)
-            return Performed(f"subscribed {action.id} to {action.on} as {trigger.id}")
+            return Performed(f"subscribed {action.id} to {action.on} as {trigger.id}", durable=True)
         case Unsubscribe():
             await world.unsubscribe(agent, action.trigger)
-            return Performed(f"ended trigger {action.trigger}")
+            return Performed(f"ended trigger {action.trigger}", durable=True)
         case Remember():
             item = await world.remember(agent, action.text)
             return Performed(f"remembered ({item.size_bytes} bytes)")

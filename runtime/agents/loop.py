@@ -26,6 +26,7 @@ from runtime.actions import (
     CancelOffer,
     DeleteArtifact,
     MakeOffer,
+    Performed,
     SleepFor,
     SubmitTask,
     TransferScrip,
@@ -190,6 +191,8 @@ class Agent:
         #: Set while the agent may take turns; an operator's pause clears it (between two turns).
         self._go = asyncio.Event()
         self._go.set()
+        #: The last turn's ``action`` event and cursor update while they may not be durable yet (``settle``).
+        self._behind: tuple[asyncio.Future[Event], asyncio.Future[int] | None] | None = None
 
     @property
     def economy(self) -> Economy:
@@ -236,8 +239,14 @@ class Agent:
                     pause = min(pause * 2, _RETRY_MAX_S)
                 else:
                     pause = _RETRY_FIRST_S
+            await self.settle()
         finally:
             self.state = "stopped"
+            if self._behind is not None:  # stopped meanwhile: the record is still committed, unawaited
+                for fut in self._behind:
+                    if fut is not None:
+                        fut.cancel()
+                self._behind = None
 
     async def step(self) -> None:
         """One turn: context, think, check, act, publish. The supervisor's CPU spent on the turn is the
@@ -262,24 +271,49 @@ class Agent:
             return await self._reject("think", f"thinking failed: {exc.code}: {exc.message[:200]}")
         if thought.action is None:
             return await self._reject("think", thought.error)
+        # The previous turn's record, if it was left behind, is durable before this turn acts (it was
+        # committed while this one thought).
+        await self.settle()
         if await self._fingerprint() != before:
             return await self._reject(_kind(thought.action), "the world changed while you thought; look again")
         self.state = "acting"
         try:
-            result = await self.act(thought.action)
+            done = await self.act(thought.action)
         except AecoError as exc:
             return await self._reject(_kind(thought.action), str(exc)[:300])
         self.actions += 1
-        self.last = f"{_kind(thought.action)}: {result}"[:120]
-        await self._recorded({"action": _kind(thought.action), "ok": True, "result": result[:200]})
+        self.last = f"{_kind(thought.action)}: {done.text}"[:120]
+        fields = {"action": _kind(thought.action), "ok": True, "result": done.text[:200]}
+        await self._recorded(fields, wait=not done.durable)
 
-    async def _recorded(self, fields: dict[str, Any]) -> None:
+    async def _recorded(self, fields: dict[str, Any], *, wait: bool = True) -> None:
         """The turn's ``action`` event, and the agent's durable cursor moved past the news it has been shown
-        (it survives a restart): queued together, so they share a commit and one wake-up."""
+        (it survives a restart): queued together, so they share a commit and one wake-up.
+
+        A turn waits for one durable record of what it did. For an action whose effect is durable already
+        (``Performed.durable``: its ledger operation or store commit is that record) the event is not
+        waited for here (``wait=False``): it is committed while the agent's next turn thinks, and that turn
+        waits for it (``settle``) before it acts — so an agent has at most one event not yet durable, its
+        events are committed in the order of its turns, and one that cannot be recorded fails the next turn.
+        """
+        await self.settle()
         event = self.events.submit_async("action", self.id, fields)
         cursor = None
         if self._seen > await self._read_cursor():
             cursor = self.events.set_cursor_async(self.id, self._seen)
+            # Queued behind every event the agent was shown: committed before anything it queues next.
+            self._cursor = self._seen
+        self._behind = (event, cursor)
+        if wait:
+            await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until the agent's last ``action`` event (and cursor update) is durable; raise the event log's
+        error if it could not be recorded. Drivers of ``step`` call it once they stop stepping."""
+        if self._behind is None:
+            return
+        event, cursor = self._behind
+        self._behind = None
         try:
             await event
         finally:
@@ -383,7 +417,7 @@ class Agent:
             lines.append("Tasks: " + "; ".join(f"{t.id} (+{t.reward}): {t.description}" for t in tasks))
         return lines
 
-    async def act(self, action: AgentAction) -> str:
+    async def act(self, action: AgentAction) -> Performed:
         """Carry out an action as this agent; raise the world's ``AecoError`` when it is refused."""
         if isinstance(action, SleepFor):
             self.state = "sleeping"
@@ -396,7 +430,7 @@ class Agent:
             self._held = None
         if done.recalled is not None:
             self._recalled = list(done.recalled)
-        return done.text
+        return done
 
 
 #: Events addressed to an agent that change what it should decide.

@@ -80,6 +80,9 @@ class Triggers:
         self.tasks: list[asyncio.Task[None]] = []
         self._task_of: dict[str, asyncio.Task[None]] = {}
         self._by_kind: dict[str, list[Trigger]] = {}
+        #: The kinds of event some trigger stands on: replaced whole on the loop, read by the log's writer
+        #: thread (``announce``), which hands the loop only the events of those kinds.
+        self._kinds: frozenset[str] = frozenset()
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._n = itertools.count(1)
@@ -116,6 +119,7 @@ class Triggers:
         trigger = Trigger(record=record)
         self.triggers[trigger.id] = trigger
         self._by_kind.setdefault(record.kind, []).append(trigger)
+        self._kinds = self._kinds | {record.kind}
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[trigger.id] = queue
         task = asyncio.create_task(self._run(trigger, queue), name=f"trigger:{trigger.id}")
@@ -141,9 +145,12 @@ class Triggers:
         await self.world.economy.ledger.submit_async(op)
 
     def announce(self, events: Sequence[Event]) -> None:
-        """The event log's writer thread hands over committed events: route them on the loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._route, list(events))
+        """The event log's writer thread hands over committed events: those of a kind some trigger stands
+        on are routed on the loop (the others cost the loop no wake-up)."""
+        kinds = self._kinds
+        wanted = [e for e in events if e.kind in kinds]
+        if wanted and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._route, wanted)
 
     def _route(self, events: list[Event]) -> None:
         # By kind first: the event loop pays for the triggers an event could fire, not for all of them.
@@ -188,3 +195,5 @@ class Triggers:
         same = self._by_kind.get(trigger.record.kind, [])
         if trigger in same:
             same.remove(trigger)
+        if not same:
+            self._kinds = self._kinds - {trigger.record.kind}

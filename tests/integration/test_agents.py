@@ -274,6 +274,51 @@ def test_a_paid_model_is_charged_in_dollars_until_the_budget_is_spent(tmp_path: 
         assert (minted, burned) == (3_000_000, 1_000_000)  # three budgets granted, ann's spent to the end
 
 
+def test_a_turn_whose_action_is_durable_in_the_ledger_does_not_wait_for_its_action_event(tmp_path: Path) -> None:
+    """A transfer is durable when the ledger acknowledges it: that is the turn's record, and the turn ends
+    there, its action event still uncommitted; the next turn thinks meanwhile and waits for that event
+    before it acts. A noop's turn has no other record: it waits for its own event."""
+
+    async def body(rt: Runtime) -> None:
+        ledger, log = rt.world.economy.ledger, rt.events
+        assert isinstance(log, EventLog)
+        ann = Agent("ann", ScriptedBrain(rt.world.economy, [TransferScrip(to="ben", amount=1), Noop()], 1), rt.world)
+        ben_before = ledger.balance("ben", "scrip")
+
+        def thinks() -> int:
+            return sum(r.agent == "ann" and r.kind == "burn" for r in ledger.usage_records())
+
+        async def thought(n: int) -> None:
+            while thinks() < n:
+                await asyncio.sleep(0.005)
+
+        hold = log.hold()  # the event log's writer commits nothing until released
+        await asyncio.wait_for(ann.step(), 30)
+        assert ann.actions == 1 and ledger.balance("ben", "scrip") == ben_before + 1
+        assert log.read(kinds={"action"}) == []  # the turn ended before its event was durable
+        second = asyncio.create_task(ann.step())
+        await asyncio.wait_for(thought(2), 30)
+        await asyncio.sleep(0.3)
+        assert not second.done() and ann.actions == 1  # thought, and waits for the transfer's event to act
+        hold.release()
+        await asyncio.wait_for(second, 30)
+        assert [e.fields["action"] for e in log.read(kinds={"action"})] == ["transfer", "noop"]
+
+        await asyncio.wait_for(ann.step(), 30)  # a transfer again
+        await asyncio.wait_for(ann.settle(), 30)  # its event is durable: nothing is left behind
+        hold = log.hold()
+        fourth = asyncio.create_task(ann.step())  # a noop: its turn waits for its own event
+        await asyncio.wait_for(thought(4), 30)
+        await asyncio.sleep(0.3)
+        assert not fourth.done()
+        hold.release()
+        await asyncio.wait_for(fourth, 30)
+        assert ann.actions == 4
+        assert [e.fields["action"] for e in log.read(kinds={"action"})] == ["transfer", "noop"] * 2
+
+    with_runtime(tmp_path, body)
+
+
 def test_news_reaches_the_agent_it_concerns(tmp_path: Path) -> None:
     """A transfer is news for its recipient, an invocation for the artifact's owner: both show in their
     next context, and the agent's cursor moves past them."""
