@@ -433,6 +433,30 @@ def test_an_agent_ends_its_own_trigger_with_the_unsubscribe_action_and_no_one_el
     _ledger_ok(tmp_path)
 
 
+def test_the_loop_is_handed_only_events_of_a_kind_some_trigger_stands_on(tmp_path: Path) -> None:
+    routed: list[str] = []
+
+    async def body(w: World) -> None:
+        assert w.events is not None
+        route = w.triggers._route
+        w.triggers._route = lambda events: (routed.extend(e.kind for e in events), route(events))  # type: ignore[method-assign]
+        await w.write_artifact("carol", "watcher", b"world.result(world.args['fields']['id'])", kind="code")
+        trigger = await w.subscribe("bob", "watcher", "artifact_written", actor="alice")
+        since = await w.events.last_seq_async()
+        await perform(w, "alice", TransferScrip(to="carol", amount=1))  # a transfer event: no trigger on it
+        await w.write_artifact("alice", "one", b"x")
+        fired = await w.events.wait("carol", kinds={"artifact_invoked"}, since=since, timeout=60)
+        assert [e.fields["by"] for e in fired] == ["bob"] and trigger.fired == 1
+        assert set(routed) == {"artifact_written"}  # the transfer, the invocation, the actions: not handed over
+        await w.triggers.cancel("bob", trigger.id)
+        n = len(routed)
+        await w.write_artifact("alice", "two", b"x")
+        await w.events.publish("marker")  # committed in order: the write's event was announced before it
+        assert len(routed) == n  # no trigger stands on any kind now: nothing is handed over
+
+    with_world(tmp_path, body)
+
+
 def test_the_default_config_s_tasks_are_earned_with_one_line_solutions_the_grammar_allows(tmp_path: Path) -> None:
     shipped = load(Path(__file__).resolve().parents[2] / "config" / "default.yaml")
     assert [t.id for t in shipped.tasks] == ["double", "add"]
