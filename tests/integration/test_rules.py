@@ -34,6 +34,7 @@ from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.errors import AecoError
 from runtime.world.access import CONTRACT_CPU_S, CONTRACT_WALL_S
+from runtime.world.events import Event
 from runtime.world.store import Kind, StoreError
 from runtime.world.tasks import TaskError, blob_id
 from runtime.world.world import InvokeError, World
@@ -439,7 +440,12 @@ def test_the_loop_is_handed_only_events_of_a_kind_some_trigger_stands_on(tmp_pat
     async def body(w: World) -> None:
         assert w.events is not None
         route = w.triggers._route
-        w.triggers._route = lambda events: (routed.extend(e.kind for e in events), route(events))  # type: ignore[method-assign]
+
+        def counted(events: list[Event]) -> None:
+            routed.extend(e.kind for e in events)
+            route(events)
+
+        w.triggers._route = counted  # type: ignore[method-assign]
         await w.write_artifact("carol", "watcher", b"world.result(world.args['fields']['id'])", kind="code")
         trigger = await w.subscribe("bob", "watcher", "artifact_written", actor="alice")
         since = await w.events.last_seq_async()
