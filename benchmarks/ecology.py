@@ -12,7 +12,8 @@ agent is a real ``Agent`` with a ``ScriptedBrain`` whose policy is cheap but goe
 (rotated per agent so that the four kinds are in flight at once), with ``think_ms=1``: every think is a
 ``Burn`` task on a worker, measured and charged (a usage record and the new bucket levels in one durable
 ledger operation), and every action, applied or rejected, is a durable event; the agent's cursor moves
-durably after each turn.
+durably after each turn (a transfer's, an offer's or an acceptance's event while the agent's next turn
+thinks: the ledger operation is that turn's record, ``Agent.settle``).
 
 CPU rights: each agent holds ``capacity_millicores // agents`` millicores, so that all of them fit the
 container, and a burst (``burst_seconds``) large enough that its bucket holds more CPU than one agent can
