@@ -293,25 +293,29 @@ def test_a_turn_whose_action_is_durable_in_the_ledger_does_not_wait_for_its_acti
                 await asyncio.sleep(0.005)
 
         hold = log.hold()  # the event log's writer commits nothing until released
-        await asyncio.wait_for(ann.step(), 30)
-        assert ann.actions == 1 and ledger.balance("ben", "scrip") == ben_before + 1
-        assert log.read(kinds={"action"}) == []  # the turn ended before its event was durable
-        second = asyncio.create_task(ann.step())
-        await asyncio.wait_for(thought(2), 30)
-        await asyncio.sleep(0.3)
-        assert not second.done() and ann.actions == 1  # thought, and waits for the transfer's event to act
-        hold.release()
+        try:
+            await asyncio.wait_for(ann.step(), 30)
+            assert ann.actions == 1 and ledger.balance("ben", "scrip") == ben_before + 1
+            assert log.read(kinds={"action"}) == []  # the turn ended before its event was durable
+            second = asyncio.create_task(ann.step())
+            await asyncio.wait_for(thought(2), 30)
+            await asyncio.sleep(0.3)
+            assert not second.done() and ann.actions == 1  # thought, and waits for the transfer's event to act
+        finally:
+            hold.release()  # (on a failure too: a held writer would hold up the node's stop)
         await asyncio.wait_for(second, 30)
         assert [e.fields["action"] for e in log.read(kinds={"action"})] == ["transfer", "noop"]
 
         await asyncio.wait_for(ann.step(), 30)  # a transfer again
         await asyncio.wait_for(ann.settle(), 30)  # its event is durable: nothing is left behind
         hold = log.hold()
-        fourth = asyncio.create_task(ann.step())  # a noop: its turn waits for its own event
-        await asyncio.wait_for(thought(4), 30)
-        await asyncio.sleep(0.3)
-        assert not fourth.done()
-        hold.release()
+        try:
+            fourth = asyncio.create_task(ann.step())  # a noop: its turn waits for its own event
+            await asyncio.wait_for(thought(4), 30)
+            await asyncio.sleep(0.3)
+            assert not fourth.done()
+        finally:
+            hold.release()
         await asyncio.wait_for(fourth, 30)
         assert ann.actions == 4
         assert [e.fields["action"] for e in log.read(kinds={"action"})] == ["transfer", "noop"] * 2
