@@ -1,7 +1,7 @@
 """Thinking throughput: decisions and tokens per CPU-second, one think per task vs batched thinks.
 
-N agents think once each per round, with the agents' real system prompt (``DEFAULT_PERSONA`` and
-``RULES``), the action schema, ``max_tokens`` 160 (``LlmBrain``'s) and a context with
+N agents think once each per round, with the agents' real system prompt (``system_prompt`` of
+``DEFAULT_PERSONA``), the action schema, ``max_tokens`` 160 (``LlmBrain``'s) and a context with
 ``Agent.context``'s lines in its order (who, limits, others, artifacts, last action, news, holdings,
 time: stable first, what changes every turn last), different per agent and round.
 Paths, side by side in one run, rounds alternating so that a change in the machine's load hits all:
@@ -11,13 +11,20 @@ Paths, side by side in one run, rounds alternating so that a change in the machi
 - ``single``: today's path, one ``Think`` task per agent on a one-worker pool, sampling as
   ``native.sampling`` does (the grammar checks the token drawn); the model's context keeps the KV of
   the previous prompt's common start, as it does in a real run;
-- ``batched``: the round's N thinks as one ``ThinkBatch`` task, no prefix reuse;
+- ``batched``: the round's N thinks as one ``ThinkBatch`` task, no prefix reuse: every prompt is
+  evaluated whole, where ``single``'s context keeps the previous prompt's common start (the system
+  prompt), so it evaluates about twice the prompt tokens ``single`` does and costs more; batching the
+  decode steps saves only ~20% of their CPU at these prompt lengths (``native.batch``). An ablation,
+  not a path the runtime takes;
 - ``batched+prefix``: the same with the common prefix evaluated once and kept between batches;
 - ``batched+kept``: the same, and each agent's last prompt kept in the worker (``ThinkBatch.keys``), so
   a think evaluates only what changed since the agent's previous one (a warm-up turn fills it);
 - ``llama_cpp.server``: the same requests to ``python -m llama_cpp.server --n_threads 1`` (what a user
   would pick), N at once, its process's CPU measured from ``/proc`` (skipped when its extras are not
   installed).
+
+After the table, one ``batched+kept`` batch of ``TARGET_AGENTS`` is decoded in this process and where
+its CPU went is printed (``native.batch.Phases``: own prompt tokens, decode steps, sampling).
 
 A decision is a completion that parses as an action (``runtime.agents.schema.parse_action``). CPU is
 the tasks' measured CPU (the workers' ``getrusage`` deltas) for the pool paths. Target: ≥ 2.5× today's
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import socket
@@ -45,15 +53,15 @@ import psutil
 from benchmarks.common import Options, host_info, print_rows, publish, save_figure
 from native.models import default_model
 from native.tiny_model import write_tiny_model
-from runtime.agents.loop import DEFAULT_PERSONA, RULES
+from runtime.agents.loop import DEFAULT_PERSONA, system_prompt
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
 from runtime.pool import WorkerPool
 from runtime.protocol import Think, ThinkBatch, ThinkReport, decode_think, decode_think_batch
-from workers.think import GRAMMAR_FIRST_ENV
+from workers.think import GRAMMAR_FIRST_ENV, KEPT_MAX, N_CTX
 
 TARGET = 2.5
 TARGET_AGENTS = 8
-SYSTEM = f"{DEFAULT_PERSONA}\n{RULES}"
+SYSTEM = system_prompt(DEFAULT_PERSONA)
 MAX_TOKENS = 160
 OLD = "single (grammar first)"
 PATHS = (OLD, "single", "batched", "batched+prefix", "batched+kept", "llama_cpp.server")
@@ -77,7 +85,6 @@ def context(agent: int, turn: int) -> str:
         f"Scrip: {100 + 7 * agent - turn}. CPU budget: {2.5 + agent / 10 - turn / 50:.2f} s. "
         f"Tokens: {4000 - 90 * turn:.0f}.",
         f"Time (UTC): 2026-12-06T10:{turn:02d}:{agent % 60:02d}Z",
-        "Reply with one action as JSON.",
     ]
     return "\n".join(lines)
 
@@ -136,6 +143,9 @@ class Report(msgspec.Struct):
     target: float
     entries: list[Entry]
     skipped: dict[str, str]
+    #: Where one ``batched+kept`` batch's CPU went at ``TARGET_AGENTS`` agents, measured inside the
+    #: decoder (``native.batch.Phases``, this process's thread CPU per phase), and the load then.
+    phases: dict[str, float]
 
 
 def _decided(r: ThinkReport) -> bool:
@@ -363,6 +373,35 @@ def _environ(name: str, value: str) -> Iterator[None]:
             os.environ[name] = before
 
 
+def phases(model: Path, n: int) -> dict[str, float]:
+    """One ``batched+kept`` batch of ``n`` agents decoded in this process after a warm-up turn that
+    keeps their prompts: its ``native.batch.Phases`` (CPU seconds per phase and the work of each)."""
+    from native.batch import BatchDecoder, Request
+    from native.llama import LlamaBackend
+
+    llm = LlamaBackend(model, n_threads=1, n_ctx=N_CTX)
+    decoder = BatchDecoder(llm, max_ctx_seq=N_CTX, kept_max=KEPT_MAX)
+    keys = [f"a{i}" for i in range(n)]
+    try:
+        for turn in (0, 1):
+            requests = [
+                Request(t.system, t.prompt, ACTION_SCHEMA_BYTES, t.max_tokens, seed=t.seed)
+                for t in thinks(n, turn, model)
+            ]
+            c0 = time.process_time()
+            decoder.generate(requests, keys=keys)
+            cpu = time.process_time() - c0
+    finally:
+        decoder.close()
+        llm.close()
+    return {
+        "agents": n,
+        "batch_cpu": round(cpu, 3),
+        **{k: round(v, 3) for k, v in dataclasses.asdict(decoder.phases).items()},
+        "load": os.getloadavg()[0],
+    }
+
+
 def _rate(rs: list[Run]) -> float:
     cpu = sum(x.cpu_seconds for x in rs)
     return sum(x.decisions for x in rs) / cpu if cpu else 0.0
@@ -409,6 +448,7 @@ def run(opts: Options) -> int:
             flush=True,
         )
         entries = asyncio.run(_measure(model, counts, rounds, skipped))
+        where = phases(model, TARGET_AGENTS)
     print_rows(
         f"{'path':<23} {'agents':>6} {'decisions':>10} {'CPU-s':>8} {'dec/CPU-s':>10} {'tok/CPU-s':>10} "
         f"{'× single':>9} {'× grammar first':>16}",
@@ -427,7 +467,17 @@ def run(opts: Options) -> int:
         f"batched at {TARGET_AGENTS} agents: {best:.2f}× single's decisions per CPU-second "
         f"(target ≥ {TARGET:g}×) — {'met' if met or not real else 'NOT met'}"
     )
-    report = Report("think", mode, host, name, TARGET, entries, skipped)
+    rows = where["decode_rows"] or 1
+    print(
+        f"one batched+kept batch of {TARGET_AGENTS} (CPU-s, in-process): {where['batch_cpu']:.2f} — "
+        f"own prompt tokens {where['prefill_tokens']:.0f} in {where['prefill_cpu']:.2f} "
+        f"({1000 * where['prefill_cpu'] / max(1, where['prefill_tokens']):.1f} ms/token), "
+        f"decode {where['decode_steps']:.0f} steps × {where['decode_rows'] / max(1, where['decode_steps']):.1f} "
+        f"in {where['decode_cpu']:.2f} ({1000 * where['decode_cpu'] / rows:.1f} ms/row, "
+        f"{where['decode_ubatches']:.0f} llama.cpp computations), sampling {where['sample_cpu']:.2f}, "
+        f"stream copies {where['stream_copies']:.0f}"
+    )
+    report = Report("think", mode, host, name, TARGET, entries, skipped, where)
     note = f"{name}, n_threads=1, {mode} run, load {host['loadavg_at_start'][0]}"
     publish(opts.json_path, report, lambda png: plot(entries, png, note))
     return 0 if met or not real else 1

@@ -1,17 +1,19 @@
 """Batched generation: several chat completions decoded together in one llama.cpp context.
 
-Evaluating B tokens in one ``llama_decode`` call costs much less CPU per token than B calls of one
-(SmolLM2-135M, one thread: 13.2 ms per token at B=1, 6.5 ms at B=8; FACTS.md). So ``BatchDecoder``
-runs a batch of generations as sequences of one context (``n_seq_max`` = batch size + 1):
+Evaluating B tokens in one ``llama_decode`` call costs less CPU per token than B calls of one. So
+``BatchDecoder`` runs a batch of generations as sequences of one context (``n_seq_max`` = the most
+sequences + 2):
 
     tokens(i)      = the chat prompt of generation i, formatted and tokenized as ``LlamaBackend`` does
     prefix         = the longest token prefix common to the batch (at least one token of each prompt
                      is left out of it, so every sequence has its own last position to sample from)
     seq 0          = the prefix cache: kept from the last batch up to where it agrees with ``prefix``,
-                     then extended to ``prefix``; copied into seq 1..B (``llama_memory_seq_cp``)
-    seq i (1..B)   = its own prompt suffix evaluated after the copy (all suffixes batched together),
-                     then one token per decode step: every step is ONE ``llama_decode`` holding the
-                     next token of every live sequence
+                     then extended to ``prefix``; copied into each sequence (``llama_memory_seq_cp``)
+    seq lo..lo+B-1 = the batch's sequences, in CONSECUTIVE streams (below): each one's own prompt
+                     suffix evaluated after the copy (all suffixes batched together), then one token
+                     per decode step: every step is ONE ``llama_decode`` holding the next token of
+                     every live sequence
+    last seq       = scratch, for exchanging two streams' contents
 
 Each sequence samples with its own sampler (``native.sampling``, the same as a single think's: the
 chain without the grammar, the grammar checking the token drawn) and stops on its own: an
@@ -23,15 +25,34 @@ the shared prefix tokens evaluated in this batch (or kept from before), and the 
 part in. ``runtime.economy.split`` divides the batch's measured CPU by it.
 
 The KV cache is not unified: each sequence has its own stream of cells, so attention in a step spans
-only the sequence's own tokens. Copying the prefix copies seq 0's whole stream (a memory copy, no
-evaluation). Memory is what sizes the context: a stream holds the longest prompt plus ``max_tokens``
-seen so far, rounded up to ``CTX_STEP`` (at most ``max_ctx_seq``), for the largest batch seen so far
-(SmolLM2-135M: 23 KB of KV per cell, so 9 streams of 1,024 cells are 212 MB). It is remade, and the
-kept prefix lost, only when a batch needs more; it is freed with the backend.
+only the sequence's own tokens. llama.cpp computes a call's rows together only for streams with
+consecutive sequence ids, in the rows' order (``split_equal``, sequential); any other layout is split
+into several computations, each paying for the weights again. A step of 8 sequences at ~500 cells
+costs ~11.7 ms a row in ascending consecutive streams, ~15 ms in descending ones (no better than 8
+steps of one), ~14 ms with one gap (SmolLM2-135M, one thread). So rows go in ascending sequence id;
+a batch's sequences get consecutive streams (``_assign``: the agents' kept prompts are moved there,
+exchanged with other agents' kept prompts if need be); and when sequences finish, the live ones are
+moved to close the gaps (``_compact``). A move copies whole streams (a memory copy, no evaluation:
+~18 MB at 768 cells), ``Phases.stream_copies`` counts them.
+
+Where the CPU goes (``Phases``; SmolLM2-135M, one thread, prompts of ~400 tokens, 8 agents' kept
+prompts): the ``llama_decode`` calls are ~97% of a batch, sampling with the grammar ~3%; about half
+is the prompts' changed suffixes (~6.3 ms a token), half the decode steps. A step's cost per
+sequence is dominated by attention over the sequence's ~500 cells (one token at ~10 cells costs
+~10 ms, at ~500 cells ~14 ms; 8 tokens at ~10 cells ~6.5 ms each, FACTS.md's figure, at ~500 cells
+~11 ms): batching the steps saves ~20% of their CPU, not half. What batching spares most is
+evaluation: the kept prefix and each agent's kept prompt.
+
+Memory is what sizes the context: a stream holds the longest prompt plus ``max_tokens`` seen so
+far, rounded up to ``CTX_STEP`` (at most ``max_ctx_seq``), for the largest batch seen so far
+(SmolLM2-135M: 23 KB of KV per cell, so 10 streams of 1,024 cells are 236 MB). It is remade, and the
+kept prompts lost, only when a batch needs more; it is freed with the backend.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -81,6 +102,30 @@ class Outcome:
 
 
 @dataclass(slots=True)
+class Phases:
+    """Where one batch's CPU went: this thread's CPU seconds per phase and the work of each (what
+    ``benchmarks think`` prints). ``prefix``: the shared prefix evaluated into seq 0; ``prefill``: the
+    sequences' own prompt suffixes; ``decode``: the decode steps' ``llama_decode`` calls; ``sample``:
+    choosing every token (the chain and the grammar)."""
+
+    prefix_tokens: int = 0
+    prefix_cpu: float = 0.0
+    prefill_tokens: int = 0
+    prefill_calls: int = 0
+    prefill_cpu: float = 0.0
+    decode_steps: int = 0
+    #: Tokens the decode steps evaluated (one per live sequence per step).
+    decode_rows: int = 0
+    decode_cpu: float = 0.0
+    #: llama.cpp micro-batches the decode steps were computed in (one per run of consecutive streams).
+    decode_ubatches: int = 0
+    samples: int = 0
+    sample_cpu: float = 0.0
+    #: Whole streams copied to keep the batch's streams consecutive (``_assign``, ``_compact``).
+    stream_copies: int = 0
+
+
+@dataclass(slots=True)
 class _Seq:
     """A sequence being generated."""
 
@@ -121,6 +166,8 @@ class BatchDecoder:
         self.cached: list[int] = []
         #: The work of the batch being decoded, readable after an interruption (what it spent so far).
         self.progress: list[SeqWork] = []
+        #: Where the last batch's CPU went (reset by each ``generate``).
+        self.phases = Phases()
 
     # ------------------------------------------------------------------------------- set-up
 
@@ -134,9 +181,10 @@ class BatchDecoder:
 
         self.close()
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx_seq * (n_seq + 1)
+        # Streams: 0 the prefix cache, 1..n_seq the sequences, n_seq + 1 scratch (``_swap``).
+        params.n_ctx = n_ctx_seq * (n_seq + 2)
         params.n_batch = params.n_ubatch = N_BATCH
-        params.n_seq_max = n_seq + 1
+        params.n_seq_max = n_seq + 2
         params.kv_unified = False
         params.n_threads = params.n_threads_batch = self.backend.n_threads
         try:
@@ -192,6 +240,7 @@ class BatchDecoder:
         import llama_cpp
 
         self.progress = [SeqWork(own_tokens=0) for _ in requests]
+        self.phases = Phases()
         prompts = []
         for request in requests:
             tokens, stops = self.backend.chat_tokens(request.system, request.prompt)
@@ -216,7 +265,7 @@ class BatchDecoder:
             n_seq = max(len(seqs), self.kept_max if keys else 0)
             ctx = self._context(n_seq, min(self.max_ctx_seq, -(-need // CTX_STEP) * CTX_STEP))
             memory = llama_cpp.llama_get_memory(ctx.ctx)
-            self._assign(seqs)
+            self._assign(seqs, memory)
             try:
                 return self._generate(ctx, memory, seqs, reuse_prefix, stopped)
             except BaseException:  # its streams are part rewritten: no kept prompt of this batch is kept
@@ -268,9 +317,12 @@ class BatchDecoder:
             )
 
         self.progress = [work(s) for s in seqs]  # the prompts are being evaluated: theirs is the work so far
-        self._prefill(ctx, seqs)
+        # Rows in ascending sequence id, so that llama.cpp computes them together (module docstring).
+        by_id = sorted(seqs, key=lambda s: s.seq_id)
+        self._prefill(ctx, by_id)
 
-        live = list(seqs)
+        live = by_id
+        phases = self.phases
         while live:
             live = [s for s in live if s.c.take(s.next)]
             if live and stopped is not None and (stop := stopped()):
@@ -279,11 +331,21 @@ class BatchDecoder:
                         seqs[i].c.finish = "cancelled"
                 live = [s for s in live if not s.c.finish]
             if live:
+                if live[-1].seq_id - live[0].seq_id >= len(live):  # a gap: one finished
+                    live = self._compact(memory, live, by_id)
+                phases.decode_ubatches += 1 + sum(b.seq_id != a.seq_id + 1 for a, b in itertools.pairwise(live))
                 self._fill(live)
+                t0 = time.thread_time()
                 self._decode(ctx)
+                t1 = time.thread_time()
                 for row, s in enumerate(live):
                     s.decode_steps += 1
                     s.next = s.c.sampler.sample(ctx.ctx, row)
+                phases.decode_steps += 1
+                phases.decode_rows += len(live)
+                phases.decode_cpu += t1 - t0
+                phases.samples += len(live)
+                phases.sample_cpu += time.thread_time() - t1
             self.progress = [work(s) for s in seqs]
         for s in seqs:
             if s.key:  # its prompt stays in its stream, for its agent's next think; the completion goes
@@ -303,21 +365,108 @@ class BatchDecoder:
             outcomes.append(Outcome(gen, work(s), error))
         return outcomes
 
-    def _assign(self, seqs: list[_Seq]) -> None:
-        """Give each sequence its stream: its key's, else a free one, else the least recently used
-        key's (dropping that key's kept prompt)."""
-        mine = {s.key for s in seqs if s.key}
-        taken = {seq_id for key, (seq_id, _) in self._slots.items() if key in mine}
-        free = [i for i in range(1, self._n_seq + 1) if i not in {v[0] for v in self._slots.values()}]
+    def _assign(self, seqs: list[_Seq], memory: Any) -> None:
+        """Give the batch's sequences consecutive streams (llama.cpp computes only consecutive streams
+        together: module docstring), each key's kept prompt kept: the window of streams that already
+        holds most of the batch's kept prompts; a kept prompt outside it is moved in, swapping places
+        with another key's kept prompt if need be; a fresh sequence takes a stream of the window that
+        is free, else one whose kept prompt moves out to a free stream, else (no room) the least recently
+        used other key's kept prompt is dropped.
+
+        Invariant (asserted): the batch's streams are ``lo .. lo + len(seqs) - 1``, one each, and every
+        kept key names a distinct stream. An interruption part-way forgets every kept prompt (the
+        streams' contents may no longer match their keys)."""
+        try:
+            self._place(seqs, memory)
+        except BaseException:
+            self._slots.clear()
+            raise
+        ids = sorted(s.seq_id for s in seqs)
+        assert ids == list(range(ids[0], ids[0] + len(seqs))), ids
+        assert len({i for i, _ in self._slots.values()}) == len(self._slots)
+
+    def _place(self, seqs: list[_Seq], memory: Any) -> None:
+        n = len(seqs)
+        kept = {s.key: self._slots[s.key][0] for s in seqs if s.key in self._slots}
+        lo = max(range(1, self._n_seq - n + 2), key=lambda lo: (sum(lo <= i < lo + n for i in kept.values()), -lo))
+        window = range(lo, lo + n)
+        owner = {i: key for key, (i, _) in self._slots.items()}
+        stay = {key for key, i in kept.items() if i in window}
+        holes = [i for i in window if owner.get(i) not in stay]
+        held, free = [i for i in holes if i in owner], [i for i in holes if i not in owner]
         for s in seqs:
-            if s.key in self._slots:
-                s.seq_id = self._slots[s.key][0]
+            if s.key in stay:
+                s.seq_id = kept[s.key]
+        for s in seqs:  # kept prompts outside the window move in
+            if s.key in kept and s.key not in stay:
+                to = held.pop(0) if held else free.pop(0)
+                self._swap(memory, kept[s.key], to, keep_b=to in owner)
+                s.seq_id = to
+        owner = {i: key for key, (i, _) in self._slots.items()}
+        outside = [i for i in range(1, self._n_seq + 1) if i not in window and i not in owner]
+        members = {s.key for s in seqs}
+        for s in seqs:
+            if s.key in kept:
                 continue
-            if not free:
-                victim = next(k for k, (i, _) in self._slots.items() if i not in taken)
-                free.append(self._slots.pop(victim)[0])
-            s.seq_id = free.pop(0)
-            taken.add(s.seq_id)
+            if free:
+                to = free.pop(0)
+            elif outside:  # another key's kept prompt holds the stream: it moves out
+                to = held.pop(0)
+                self._swap(memory, to, outside.pop(0), keep_b=False)
+            else:  # no room: the least recently used other key's kept prompt is dropped
+                victim = next(key for key in self._slots if key not in members)
+                at = self._slots.pop(victim)[0]
+                if at in held:
+                    held.remove(at)
+                    to = at
+                else:  # outside the window: the holder of a stream of the window moves there
+                    to = held.pop(0)
+                    self._swap(memory, to, at, keep_b=False)
+            s.seq_id = to
+
+    def _compact(self, memory: Any, live: list[_Seq], batch: list[_Seq]) -> list[_Seq]:
+        """Make the live sequences' streams consecutive again after some finished: each live sequence
+        outside the window of streams holding most of them swaps places with a finished one inside it
+        (whose prompt, kept for its key, is kept). Returns the live sequences in stream order."""
+        n = len(live)
+        first = batch[0].seq_id
+        lo = max(
+            range(first, first + len(batch) - n + 1),
+            key=lambda lo: (sum(lo <= s.seq_id < lo + n for s in live), -lo),
+        )
+        inside = {s.seq_id for s in live if lo <= s.seq_id < lo + n}
+        done = [s for s in batch if lo <= s.seq_id < lo + n and s.seq_id not in inside]
+        for s in live:
+            if not lo <= s.seq_id < lo + n:
+                d = done.pop(0)
+                self._swap(memory, s.seq_id, d.seq_id, keep_b=bool(d.key))
+                s.seq_id, d.seq_id = d.seq_id, s.seq_id
+        batch.sort(key=lambda s: s.seq_id)
+        return sorted(live, key=lambda s: s.seq_id)
+
+    def _swap(self, memory: Any, a: int, b: int, *, keep_b: bool) -> None:
+        """Move stream ``a``'s contents to stream ``b``; with ``keep_b``, ``b``'s go to ``a`` (through the
+        scratch stream), else they are dropped. The kept prompts' records follow their contents.
+        llama.cpp copies whole streams (a memory copy, no evaluation) at the next ``llama_decode``, in order."""
+        import llama_cpp
+
+        keys = {i: key for key, (i, _) in self._slots.items()}
+        if keep_b:
+            scratch = self._n_seq + 1
+            llama_cpp.llama_memory_seq_cp(memory, a, scratch, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, b, a, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, scratch, b, -1, -1)
+            llama_cpp.llama_memory_seq_rm(memory, scratch, -1, -1)
+            self.phases.stream_copies += 3
+        else:
+            llama_cpp.llama_memory_seq_cp(memory, a, b, -1, -1)
+            llama_cpp.llama_memory_seq_rm(memory, a, -1, -1)
+            self.phases.stream_copies += 1
+            if b in keys:
+                del self._slots[keys.pop(b)]
+        for i, j in ((a, b), (b, a)):
+            if i in keys:
+                self._slots[keys[i]] = (j, self._slots[keys[i]][1])
 
     def _agreeing(self, s: _Seq) -> int:
         """How many tokens of ``s``'s prompt its stream already holds (0: none worth keeping); at least
@@ -337,6 +486,7 @@ class BatchDecoder:
             return kept
         llama_cpp.llama_memory_seq_rm(memory, 0, kept, -1)
         self.cached = self.cached[:kept]
+        t0 = time.thread_time()
         try:
             for start in range(kept, len(prefix), N_BATCH):
                 chunk = prefix[start : start + N_BATCH]
@@ -349,6 +499,8 @@ class BatchDecoder:
             self.cached = []
             raise
         self.cached = list(prefix)
+        self.phases.prefix_tokens += len(prefix) - kept
+        self.phases.prefix_cpu += time.thread_time() - t0
         return kept
 
     def _prefill(self, ctx: Any, seqs: list[_Seq]) -> None:
@@ -368,9 +520,17 @@ class BatchDecoder:
             self._prefill_call(ctx, ending)
 
     def _prefill_call(self, ctx: Any, ending: list[tuple[_Seq, int]]) -> None:
+        phases = self.phases
+        t0 = time.thread_time()
         self._decode(ctx)
+        t1 = time.thread_time()
         for s, row in ending:
             s.next = s.c.sampler.sample(ctx.ctx, row)
+        phases.prefill_calls += 1
+        phases.prefill_tokens += self._batch.n_tokens
+        phases.prefill_cpu += t1 - t0
+        phases.samples += len(ending)
+        phases.sample_cpu += time.thread_time() - t1
         ending.clear()
         self._batch.n_tokens = 0
 

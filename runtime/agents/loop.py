@@ -57,6 +57,17 @@ RULES = (
     "subscribe runs your code on each event of a kind, at your cost; unsubscribe ends it. "
     "sponsor pays CPU for others' runs of your code; invoke_artifact with charge_to owner uses that."
 )
+#: What every think is asked for, last in the system prompt: constant, so it is never evaluated again
+#: after the lines of the context that change every turn.
+REPLY = "Reply with one action as JSON."
+
+
+def system_prompt(persona: str) -> str:
+    """An LLM agent's system prompt, laid out stable first: the rules (the same for every agent, so a
+    worker evaluates them once for all the agents of a batch: ``native.batch``'s shared prefix), then
+    the agent's persona (kept with its last prompt), then what to reply."""
+    return f"{RULES}\n{persona}\n{REPLY}"
+
 
 log = logging.getLogger("runtime.agents")
 #: The wait after a turn the world could not record, doubled each time up to the cap.
@@ -136,7 +147,7 @@ class LlmBrain:
         if any(self.prices) and await self.economy.ledger.balance_async(agent, "llm_budget") <= 0:
             raise BudgetSpent(f"{agent} has no llm_budget left for {self.model or 'the paid model'}")
         spec = Think(
-            system=f"{self.persona}\n{RULES}",
+            system=system_prompt(self.persona),
             prompt=context,
             schema=ACTION_SCHEMA_BYTES,
             max_tokens=self.max_tokens,
@@ -381,7 +392,6 @@ class Agent:
             f"Scrip: {scrip}. CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. "
             f"Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
             f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-            "Reply with one action as JSON.",
         ]
         return "\n".join(lines)
 

@@ -19,7 +19,7 @@ them into the runtime's sizes; every rule is here:
   explicit ones), else the default of the hardware class (``hardware_llm_rate``). Agents that do not
   think with a model get 0.
 - **Think batches** (``llm.think_batch: auto``): as many thinks as fit in what a task may add to a
-  worker, at ``KV_PER_THINK_MB`` of context each plus one for the prefix cache, at most
+  worker, at ``KV_PER_THINK_MB`` of context each plus two (the prefix cache, a scratch stream), at most
   ``AUTO_THINK_BATCH``; ``AUTO_THINK_BATCH`` without a memory limit.
 
 Refusals are ``CapacityError`` with the numbers and the key to change.
@@ -46,8 +46,9 @@ MIN_TASK_MEMORY_MB = 64
 #: Tokens/s per agent by CPU cores, linear between these points and flat beyond the ends: laptops
 #: (up to 4 cores) 5–10, desktops (8 cores: 13) 10–20, servers (16 cores and more) 20–50.
 RATE_BY_CORES: tuple[tuple[float, float], ...] = ((1.0, 5.0), (4.0, 10.0), (16.0, 20.0), (64.0, 50.0))
-#: ``think_batch: auto`` when memory allows: the CPU per token of a batched decode step falls steeply up to
-#: 8 sequences and little beyond (SmolLM2, one thread: 13.2 ms at 1, 6.5 at 8, 6.0 at 16; FACTS.md),
+#: ``think_batch: auto`` when memory allows: the CPU per token of a batched decode step falls up to 8
+#: sequences and little beyond (SmolLM2, one thread: 13.2 ms at 1, 6.5 at 8, 6.0 at 16 for short contexts,
+#: FACTS.md; at the agents' ~500 cells, 14 ms at 1 and 11.7 at 8, attention being the rest: ``native.batch``),
 #: while each sequence's context costs memory and a larger batch makes each think wait longer.
 AUTO_THINK_BATCH = 8
 #: Context memory one think of a batch holds in its worker: a 1,024-cell stream of SmolLM2-135M's KV
@@ -203,7 +204,7 @@ def _think_batch(cfg: Config, task_max: int | None) -> tuple[int, str]:
         return cfg.llm.think_batch, "configured"
     if task_max is None:
         return AUTO_THINK_BATCH, "auto: no memory limit"
-    fits = task_max // (KV_PER_THINK_MB * _MB) - 1  # one stream is the prefix cache
+    fits = task_max // (KV_PER_THINK_MB * _MB) - 2  # two streams are the prefix cache and scratch (native.batch)
     n = max(1, min(AUTO_THINK_BATCH, fits))
     return n, f"auto: {fits} thinks of {KV_PER_THINK_MB} MiB fit the {_mb(task_max)} a task may add"
 

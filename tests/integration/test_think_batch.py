@@ -372,3 +372,36 @@ def test_a_batch_left_in_flight_by_a_killed_supervisor_is_split_among_its_agents
     assert "recovered task" not in out, out
     with LmdbLedger(data / "ledger") as ledger:
         assert sum(r.task_id.startswith("dead-b1") for r in ledger.usage_records()) == 3
+
+
+def test_scattered_agents_decode_in_consecutive_streams_with_their_kept_prompts(llm: LlamaBackend) -> None:
+    """llama.cpp computes a step's rows together only for consecutive streams: a batch of agents whose
+    kept prompts lie scattered gets consecutive streams (the kept prompts moved, none lost), and every
+    decode step is one computation, also after some sequences finished."""
+    decoder = BatchDecoder(llm, kept_max=8)
+    fresh = BatchDecoder(llm, kept_max=8)
+    keys = [f"a{i}" for i in range(8)]
+    odd = [7, 1, 5, 3]  # kept in streams 8, 2, 6, 4: out of order, with gaps
+    # Greedy, different lengths: sequences end at different steps, a1 first (in stream 2 of 1-4: a gap
+    # the decoder closes).
+    lengths = {7: 16, 1: 6, 5: 11, 3: 21}
+    later = [Request(SYSTEM, _prompt(i) + "\nTime: 10:01", None, lengths[i], temperature=0.0) for i in odd]
+    try:
+        decoder.generate(_requests(8), keys=keys)
+        moved = decoder.generate(later, keys=[keys[i] for i in odd])
+        phases = decoder.phases
+        alone = fresh.generate(later)
+        again = decoder.generate(_requests(8), keys=keys)  # every agent's kept prompt is still its own
+    finally:
+        decoder.close()
+        fresh.close()
+    assert phases.stream_copies > 0
+    assert phases.decode_steps == max(o.work.decode_steps for o in moved) > min(o.work.decode_steps for o in moved)
+    assert phases.decode_ubatches == phases.decode_steps, "a step split into several computations"
+    for m, a in zip(moved, alone, strict=True):
+        assert m.work.kept_tokens > m.work.own_tokens, "its kept prompt was reused"
+        assert m.generation.text == a.generation.text, "the moved prompt is the prompt it was"
+    for i, o in enumerate(again):
+        prompt = o.generation.prompt_tokens
+        # The agents of ``odd`` kept their latest prompt (which differs at the end), the others the same one.
+        assert o.work.kept_tokens == prompt - 1 if i not in odd else prompt - 20 < o.work.kept_tokens < prompt

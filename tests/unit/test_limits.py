@@ -198,8 +198,8 @@ def test_think_batch_auto_is_what_fits_the_memory_a_task_may_add() -> None:
     assert plan(config(llm("a")), limits(2)).think_batch == AUTO_THINK_BATCH == 8  # no memory limit
     assert plan(config(llm("a")), limits(2, 4096)).think_batch == 8  # 1,728 MiB a task: many fit, 8 at most
     tight = plan(config(llm("a")), limits(2, 1024))  # 192 MiB a task: 8 contexts, one the prefix cache
-    assert tight.think_batch == 192 // KV_PER_THINK_MB - 1 == 7
-    assert tight.think_batch_rule == "auto: 7 thinks of 24 MiB fit the 192 MiB a task may add"
+    assert tight.think_batch == 192 // KV_PER_THINK_MB - 2 == 6
+    assert tight.think_batch_rule == "auto: 6 thinks of 24 MiB fit the 192 MiB a task may add"
     assert plan(config(llm("a"), think_batch=3), limits(2, 1024)).think_batch == 3
     assert plan(config(llm("a"), think_batch=1), limits(2)).think_batch_rule == "configured"
 
