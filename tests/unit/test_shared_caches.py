@@ -124,6 +124,7 @@ def test_listings_show_public_artifacts_and_the_agents_own_by_id_up_to_the_limit
     assert [i.id for i in cache.visible("alice", None)] == ["a", "c", "d"]
     assert [i.id for i in cache.visible("bob", None)] == ["b", "c", "d"]
     assert [i.id for i in cache.visible("carol", 1)] == ["c"]
+    assert cache.visible("carol", 0) == []
 
 
 def test_own_writes_and_deletes_are_seen_at_once() -> None:

@@ -148,6 +148,8 @@ class HeadCache:
         out: list[ArtifactInfo] = []
         with self._lock:
             self.hits += 1
+            if limit is not None and limit <= 0:
+                return out  # as the Git store's listing: a limit of 0 asks for none
             for aid in self._ids:
                 info = self._infos[aid][1]
                 if visible_to(info.readable, info.owner, agent):
