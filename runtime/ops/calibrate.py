@@ -147,17 +147,18 @@ class CalibrationFailed(AecoError):
 
 
 def _context(agent: str, others: list[str]) -> str:
-    """A prompt shaped like an agent's context (``runtime.agents.loop.Agent.context``)."""
+    """A prompt shaped like an agent's context (``runtime.agents.loop.Agent.context``): stable lines
+    first, what changes every turn last; the reply instruction is in the system prompt."""
     return "\n".join(
         [
-            f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-            f"You are {agent}. Scrip: 1000. CPU budget: 1.00 s. Tokens: 0.",
+            f"You are {agent}.",
             "Your limits: disk 0/65536 KB, memory 1024 MB per task, paid-model budget $0.00, "
             "CPU rate 1000 millicores, LLM rate 20 tokens/s. Container: 2 CPUs, no memory limit.",
-            "News: none",
             "Other agents: " + (", ".join(o for o in others if o != agent) or "none"),
             "Artifacts you can see: none",
-            "Reply with one action as JSON.",
+            "News: none",
+            "Scrip: 1000. CPU budget: 1.00 s. Tokens: 0.",
+            f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
         ]
     )
 
