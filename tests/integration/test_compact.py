@@ -535,6 +535,16 @@ def test_an_archive_a_crash_cut_short_is_finished_by_the_next(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------- PostgreSQL
 
 
+def _fill_shared(ledger: PostgresLedger, events: PostgresEventLog, n: int) -> None:
+    """Two accounts, then ``n`` transfers between them and ``n`` events, each acknowledged."""
+    for a in ("a", "b"):
+        ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
+    for f in [ledger.submit(Transfer(id=f"t{i}", src="a", dst="b", asset="scrip", amount=1)) for i in range(n)]:
+        f.result()
+    for e in [events.submit("tick", "a", {"n": k}) for k in range(n)]:
+        e.result()
+
+
 def test_postgres_compaction_folds_the_journal_and_archives_events(pg_url: str, tmp_path: Path) -> None:
     """``admin compact --postgres``'s pass on the real server: the journal's old entries are folded into
     ``ledger_checkpoint`` (``check`` replays the rest from it: every invariant holds), old events are
@@ -544,12 +554,7 @@ def test_postgres_compaction_folds_the_journal_and_archives_events(pg_url: str, 
     ledger = PostgresLedger(pg_url, durable=False)
     events = PostgresEventLog(pg_url, durable=False)
     try:
-        for a in ("a", "b"):
-            ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
-        for f in [ledger.submit(Transfer(id=f"t{i}", src="a", dst="b", asset="scrip", amount=1)) for i in range(3000)]:
-            f.result()
-        for e in [events.submit("tick", "a", {"n": n}) for n in range(3000)]:
-            e.result()
+        _fill_shared(ledger, events, 3000)
         journal_before = sum(1 for _ in ledger.journal())
         time.sleep(0.05)
         horizon = time.time()
@@ -614,12 +619,7 @@ def test_a_shared_nodes_retention_compacts_postgres_once(pg_url: str, tmp_path: 
     events = PostgresEventLog(pg_url, durable=False)
     store = PostgresStore(pg_url)
     try:
-        for a in ("a", "b"):
-            ledger.apply(OpenAccount(id=f"open-{a}", account=a, grants={"scrip": 1_000_000}))
-        for f in [ledger.submit(Transfer(id=f"t{i}", src="a", dst="b", asset="scrip", amount=1)) for i in range(500)]:
-            f.result()
-        for e in [events.submit("tick", "a", {"n": n}) for n in range(500)]:
-            e.result()
+        _fill_shared(ledger, events, 500)
         journal = sum(1 for _ in ledger.journal())
         time.sleep(1.1)
 
