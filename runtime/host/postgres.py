@@ -133,10 +133,18 @@ def commit_with_last(conn: psycopg.Connection[Any]) -> Iterator[None]:
     still usable).
     """
     try:
-        with conn.pipeline():
+        with conn.pipeline() as pipeline:
             conn.execute("BEGIN")
-            yield
-            conn.execute("COMMIT")
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException:
+                # A statement failed (its error is what propagates) and aborted the rest: collect their
+                # results here, or leaving the pipeline raises "pipeline aborted" again and psycopg logs a
+                # warning for it (a conflicting optimistic ledger batch, retried at once, did so).
+                with contextlib.suppress(psycopg.Error):
+                    pipeline.sync()
+                raise
     except BaseException:
         if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):
