@@ -691,6 +691,21 @@ if __name__ == "__main__":
     sys.exit(crash_writer())
 
 
+def test_archived_events_leave_the_index(make_lmdb_log: MakeLmdb, tmp_path: Path) -> None:
+    """The per-agent index of a log that archives stays bounded: at the writer's next batch the archived
+    seqs are gone from it, and reads for an agent still equal a scan of what the log holds."""
+    log = make_lmdb_log()
+    for i in range(400):
+        log.append("tick", ["a", "b", None][i % 3], i=i)
+    assert log.archive(time.time() + 1, tmp_path / "archive") is not None  # all but the last
+    log.append("tick", "a", i=400)
+    log.append("tick", "b", i=401)
+    assert sum(len(seqs) for seqs in log._index.values()) == 3
+    for agent in ("a", "b", "z"):
+        assert log.read(0, agent=agent) == [e for e in log.read(0) if concerns(e, None, agent)]
+    assert seqs(log.read(0, agent="a")) == [400, 401] and seqs(log.read(0, agent="b")) == [402]
+
+
 def test_a_read_for_one_agent_from_its_index_equals_a_full_scan(events: Log) -> None:
     """Reads for an agent use an in-memory index of the events committed since the log was opened (LMDB)
     or SQL filters (PostgreSQL); an unfiltered read scans the log: filtering that scan by hand must

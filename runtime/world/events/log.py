@@ -77,6 +77,10 @@ class EventLog(LogBase):
         #: Seqs of the events committed since this log was opened, per agent ("" for broadcasts): lets a
         #: read for one agent skip everyone else's events. Appended by the writer thread only.
         self._index: dict[str, array[int]] = {}
+        #: The last seq ``archive`` moved out, which the writer thread drops from ``_index`` at its next
+        #: batch (``_trimmed``: how far it has): a node that archives runs for days.
+        self._archived_upto = 0
+        self._trimmed = 0
         #: (agent or "" for broadcasts, kind) -> newest seq, written by the writer thread only.
         self._latest: dict[tuple[str, str], int] = {}
         self.path = Path(path)
@@ -152,7 +156,18 @@ class EventLog(LogBase):
             latest[(ev.agent or "", ev.kind)] = latest[(ev.agent or "", ANY_KIND)] = ev.seq
             self._index.setdefault(ev.agent or "", array("Q")).append(ev.seq)
         self._indexed_to = events[-1].seq
+        if (upto := self._archived_upto) > self._trimmed:
+            self._trim_index(upto)
         super()._tell(events)
+
+    def _trim_index(self, upto: int) -> None:
+        """Drop seqs up to ``upto`` (archived) from the index, on the writer thread. Readers bisect an
+        agent's array without a lock, so a trimmed array is replaced by a new one, never shifted in place;
+        only this thread appends, so no append is lost."""
+        for key, seqs in list(self._index.items()):
+            if cut := bisect.bisect_right(seqs, upto):
+                self._index[key] = seqs[cut:]
+        self._trimmed = upto
 
     def last_addressed(self, agent: str, kinds: Collection[str]) -> int:
         """The newest seq, among events of ``kinds`` (``ANY_KIND`` for all) committed since this log was
@@ -250,6 +265,7 @@ class EventLog(LogBase):
         upto = first + len(moved) - 1
         path = archives.write(directory, first, upto, moved)
         self._remove(first, upto)
+        self._archived_upto = upto
         return first, upto, path
 
     def _remove(self, first: int, upto: int) -> None:
