@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,10 @@ _dec = msgspec.msgpack.Decoder(Event)
 _NOBLOCK = int(zmq.NOBLOCK)
 #: Plain ints: ``send_multipart`` would build a ``zmq.Flag`` (an enum) per frame.
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+#: How often the publisher looks for (un)subscriptions: a look costs tens of microseconds of the writer's
+#: thread on a loaded host (ZeroMQ processes the socket's commands), and a new observer may miss the
+#: events of the first moments anyway (ZeroMQ's subscriptions take a moment to arrive).
+_LOOK_EVERY_S = 0.05
 
 
 class EventPublisher:
@@ -76,6 +81,7 @@ class EventPublisher:
         #: The prefixes observers subscribe to: XPUB hands over the first subscription to a prefix and
         #: the last unsubscription from it (an observer that disconnects unsubscribes from all of its own).
         self._topics: set[bytes] = set()
+        self._next_look = 0.0
 
     def _hear_subscriptions(self) -> None:
         """Take the (un)subscriptions observers sent since the last look (under ``_lock``)."""
@@ -92,7 +98,10 @@ class EventPublisher:
         with self._lock:
             if self._closed:
                 return
-            self._hear_subscriptions()
+            now = time.monotonic()
+            if now >= self._next_look:
+                self._next_look = now + _LOOK_EVERY_S
+                self._hear_subscriptions()
             if not self._topics:  # nobody listens: ZeroMQ would drop them all
                 self.unheard += len(events)
                 return
