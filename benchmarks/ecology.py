@@ -43,6 +43,10 @@ covers; the targets are â‰¥ 95% attributed to an agent or a named overhead, at â
 The largest size (``LARGE``) runs once, metering on and the rules off: its actions/s, and the
 supervisor's peak RSS against ``LARGE_RSS_TARGET_MB``.
 
+The collector is set as the supervisor sets it once its agents start (``runtime.ops.supervisor.quiet_collector``:
+the heap the node built frozen out of it, the youngest generation collected every 20,000 allocations), and
+restored after the size.
+
 Verified after each size, on the quiet stores: ``runtime.economy.ledger.check`` passes; exactly one ``burn``
 usage record per think; the event log's seqs are 1..n with no gap, with one ``action`` event per think.
 
@@ -82,6 +86,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import math
 import os
 import shutil
@@ -117,6 +122,7 @@ from runtime.economy.metering import AgentMeter, SupervisorBooks, thread_cpu_ns
 from runtime.economy.rights import capacity_millicores
 from runtime.host import cgroups as cg
 from runtime.node import Node
+from runtime.ops.supervisor import quiet_collector
 from runtime.pool import WorkerPool
 
 SIZES = (10, 100, 1000)
@@ -459,6 +465,7 @@ async def measure(
         ],
     )
     state = Drive()
+    collector = gc.get_threshold()
     node = Node(cfg)
     if rate * n > capacity:
         node.sizing = msgspec.structs.replace(node.sizing, cpu_millicores=rate * n)
@@ -476,6 +483,8 @@ async def measure(
             await world.write_artifact(agent_id(0), BULLETIN, b"the market opens at nine", readable=readable)
             agents = [a for a in node.agents if isinstance(a, Agent)]
             tasks = [asyncio.create_task(drive(a, state), name=f"agent:{a.id}") for a in agents]
+            # The collector as the supervisor sets it once its agents start (``quiet_collector``), undone below.
+            quiet_collector()
             try:
                 # Warm-up: every agent through one turn (its first estimate measured), and at least WARMUP_S.
                 t0 = time.perf_counter()
@@ -539,6 +548,8 @@ async def measure(
             firings = sum(t.fired for t in world.triggers.triggers.values())
     finally:
         sampler.recording = False
+        gc.unfreeze()
+        gc.set_threshold(*collector)
     secs = last.wall - first.wall
     done = (last.applied - first.applied) + (last.rejected - first.rejected)
     lat = sorted(state.latencies)

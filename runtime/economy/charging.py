@@ -418,7 +418,7 @@ class Economy:
         def durable(f: asyncio.Future[Receipt]) -> None:
             charged.land(out, failure if f.cancelled() or f.exception() is None else f.exception())
 
-        self._queue_usage(record).add_done_callback(durable)
+        self._queue_usage(record, durable)
 
     async def run_batch(
         self,
@@ -578,16 +578,26 @@ class Economy:
         # callbacks run once it is durable.
         await asyncio.shield(self._queue_usage(record))
 
-    def _queue_usage(self, record: RecordUsage) -> asyncio.Future[Receipt]:
+    def _queue_usage(
+        self, record: RecordUsage, then: Callable[[asyncio.Future[Receipt]], None] | None = None
+    ) -> asyncio.Future[Receipt]:
         """Queue ``record``; once durable, its in-flight record is cleared (a recovery must not charge it
-        again) and what it cost a paid model is counted. The future says when."""
+        again), what it cost a paid model is counted, and then ``then`` is called with the future, which
+        says when. One callback does all three: each callback of a future is a handle of the loop, and
+        every task's charge comes here."""
         durable = self.ledger.submit_async(record)
         inflight = self.pool.inflight
-        task_id = record.task_id
-        if inflight is not None:
-            durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else inflight.clear(task_id))
-        if record.llm_cost_microusd:  # counted once the ledger has burnt it from the budget, as displays read both
-            durable.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._spent(record))
+
+        def settled(f: asyncio.Future[Receipt]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                if inflight is not None:
+                    inflight.clear(record.task_id)
+                if record.llm_cost_microusd:  # counted once burnt from the budget, as displays read both
+                    self._spent(record)
+            if then is not None:
+                then(f)
+
+        durable.add_done_callback(settled)
         return durable
 
     def _spent(self, record: RecordUsage) -> None:

@@ -610,7 +610,8 @@ def test_a_stalled_observer_does_not_block_publishing_and_its_losses_are_counted
 
         elapsed = asyncio.run(main())
         assert elapsed < 10, f"{n} publishes took {elapsed:.1f} s"
-        assert pub.sent == log.last_seq() and pub.dropped == 0
+        # Every event was handed to ZeroMQ, but the probes committed before the first subscription arrived.
+        assert pub.sent + pub.unheard == log.last_seq() and pub.dropped == 0
         first = stalled.last_seq  # the one probe it took before stalling
         assert stalled.received == 1
         while stalled.recv(0.2) is not None:
@@ -624,6 +625,34 @@ def test_a_stalled_observer_does_not_block_publishing_and_its_losses_are_counted
         while healthy.recv(0.2) is not None:
             pass
         assert healthy.missed == 0 and healthy.last_seq == log.last_seq()
+
+
+def test_events_nobody_subscribed_to_are_not_sent_and_an_observer_that_left_stops_the_sending(
+    make_log: Make,
+) -> None:
+    """The publisher hears subscriptions (XPUB): with no observer it hands ZeroMQ nothing, once one
+    subscribes it gets every event, and once it disconnects the publisher stops sending again."""
+    log = make_log(durable=False)
+    with EventPublisher() as pub:
+        log.attach(pub)
+        asyncio.run(_publish_many(log, 20))
+        assert pub.unheard == 20 and pub.sent == 0
+        with Observer(pub.endpoint) as observer:
+            asyncio.run(_until_heard(log, lambda: observer.recv(0) is not None))
+            while observer.recv(0.2) is not None:  # a probe published before the first one heard may trail in
+                pass
+            tail = asyncio.run(_publish_many(log, 5))
+            got = [observer.recv(2) for _ in tail]
+            assert got == tail
+            sent = pub.sent
+        # The observer's unsubscription reaches the publisher a moment after it closed.
+        unheard = pub.unheard
+        end = time.monotonic() + 10
+        while pub.unheard == unheard:
+            assert time.monotonic() < end, "the publisher kept sending to an observer that left"
+            asyncio.run(_publish_many(log, 1))
+            time.sleep(0.02)
+        assert pub.sent >= sent and pub.sent + pub.unheard == log.last_seq()
 
 
 def _lines(proc: subprocess.Popen[bytes], out: list[bytes]) -> threading.Thread:

@@ -1,7 +1,9 @@
 """Live observers: a ZeroMQ PUB socket that sends every committed event, and the SUB side of it.
 
 Frames are ``[kind, msgpack Event]``: the kind leads so that an observer subscribes by kind prefix
-(``"artifact_"``, ``"agent_"``) and ZeroMQ filters on the publisher's side.
+(``"artifact_"``, ``"agent_"``) and ZeroMQ filters on the publisher's side. The socket is an XPUB (a PUB
+that hears its observers' subscriptions): while nobody subscribes, events are neither encoded nor sent
+(ZeroMQ would drop every one of them), which is most of a run when no observer is attached.
 
 An observer can never slow the supervisor: sends are non-blocking, and a PUB socket that reaches an
 observer's high-water mark drops that observer's messages — only that observer's, the others keep
@@ -19,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,10 +35,14 @@ _dec = msgspec.msgpack.Decoder(Event)
 _NOBLOCK = int(zmq.NOBLOCK)
 #: Plain ints: ``send_multipart`` would build a ``zmq.Flag`` (an enum) per frame.
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+#: How often the publisher looks for (un)subscriptions: a look costs tens of microseconds of the writer's
+#: thread on a loaded host (ZeroMQ processes the socket's commands), and a new observer may miss the
+#: events of the first moments anyway (ZeroMQ's subscriptions take a moment to arrive).
+_LOOK_EVERY_S = 0.05
 
 
 class EventPublisher:
-    """A bound PUB socket; a ``Notifier`` to attach to the event log (``EventLog.attach``).
+    """A bound XPUB socket; a ``Notifier`` to attach to the event log (``EventLog.attach``).
 
     ``endpoint`` is ``ipc://PATH`` or ``tcp://HOST:PORT`` (``tcp://127.0.0.1:*`` picks a free port);
     by default an ``ipc`` socket ``events.sock`` in ``run_dir`` (a fresh private directory, removed on
@@ -56,7 +63,7 @@ class EventPublisher:
         self._lock = threading.Lock()
         self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
-        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.PUB)
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -69,11 +76,34 @@ class EventPublisher:
         self.sent = 0
         #: Events ZeroMQ refused outright (none are expected from a PUB socket; see the module doc).
         self.dropped = 0
+        #: Events committed while no observer subscribed to anything: not encoded, not sent.
+        self.unheard = 0
+        #: The prefixes observers subscribe to: XPUB hands over the first subscription to a prefix and
+        #: the last unsubscription from it (an observer that disconnects unsubscribes from all of its own).
+        self._topics: set[bytes] = set()
+        self._next_look = 0.0
+
+    def _hear_subscriptions(self) -> None:
+        """Take the (un)subscriptions observers sent since the last look (under ``_lock``)."""
+        sock = self._sock
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            msg = sock.recv(_NOBLOCK)
+            if msg[:1] == b"\x01":
+                self._topics.add(msg[1:])
+            elif msg[:1] == b"\x00":
+                self._topics.discard(msg[1:])
 
     def announce(self, events: Sequence[Event]) -> None:
         """Send each event without blocking; called by the log's writer thread after each commit."""
         with self._lock:
             if self._closed:
+                return
+            now = time.monotonic()
+            if now >= self._next_look:
+                self._next_look = now + _LOOK_EVERY_S
+                self._hear_subscriptions()
+            if not self._topics:  # nobody listens: ZeroMQ would drop them all
+                self.unheard += len(events)
                 return
             for ev in events:
                 try:
