@@ -12,7 +12,8 @@ The rules:
 - **One task runs per worker.** A task is sent to an ``idle`` worker, which is then ``busy`` until the
   pool reports its answer (``answered``) or its death (``died``).
 - **Prefetch.** Up to ``prefetch`` plain tasks (not stopped by asking, see ``Job.plain``) may wait at a
-  busy worker behind a plain task; each starts when the one ahead of it answered. Not at a worker that
+  busy worker behind a plain task (up to a task's own ``depth`` when it asks for more); each starts when
+  the one ahead of it answered. Not at a worker that
   will be recycled before reaching them. Fair order is kept: when the next task may not wait, nothing
   waits until a worker is free for it.
 - **Fairness.** Tasks leave the queue in ``FairQueue`` order (round-robin over agents).
@@ -83,6 +84,9 @@ class Job:
     #: The worker it should run on if that one is idle when its turn comes (what it needs is kept
     #: there); 0: any.
     prefer: int = 0
+    #: How many tasks may wait at a worker when this one is sent to wait there, if more than the pool's
+    #: ``prefetch`` (a burst such as ``WorkerPoolExecutor.map``: its tasks travel several per frame).
+    depth: int = 0
 
 
 J = TypeVar("J", bound=Job)
@@ -274,7 +278,7 @@ class Scheduler(Generic[J]):
                 self._idle.appendleft(w)
                 continue
             cmds += self._send(self._preferred(w, job), job, now)
-        if self.cfg.prefetch and self.queue:
+        if self.queue:
             cmds += self._prefetch(now)
         return cmds
 
@@ -300,9 +304,7 @@ class Scheduler(Generic[J]):
     def _prefetch(self, now: float) -> list[Command[J]]:
         cmds: list[Command[J]] = []
         for w in self.workers.values():
-            while self.queue and self._may_prefetch(w):
-                if not self.queue.peek().plain:
-                    return cmds
+            while self.queue and self._may_prefetch(w, self.queue.peek()):
                 job = self._take()
                 if job is not None:
                     cmds += self._send(w, job, now)
@@ -310,9 +312,12 @@ class Scheduler(Generic[J]):
                 break
         return cmds
 
-    def _may_prefetch(self, w: Worker[J]) -> bool:
+    def _may_prefetch(self, w: Worker[J], nxt: J) -> bool:
+        """Whether ``nxt``, the next task in fair order, may be sent to wait at ``w``."""
         job = w.job
-        if w.state != "busy" or job is None or w.kill_reason is not None or len(w.waiting) >= self.cfg.prefetch:
+        if w.state != "busy" or job is None or w.kill_reason is not None or not nxt.plain:
+            return False
+        if len(w.waiting) >= max(self.cfg.prefetch, nxt.depth):
             return False
         if not job.plain or job.cancelled:
             return False
@@ -327,7 +332,7 @@ class Scheduler(Generic[J]):
         job.attempts += 1
         job.sent_at = now
         if w.job is not None:
-            assert len(w.waiting) < self.cfg.prefetch, f"worker {w.wid} has no room for a waiting task"
+            assert len(w.waiting) < max(self.cfg.prefetch, job.depth), f"worker {w.wid} has no room for a waiting task"
             w.waiting.append(job)
             return [Send(w.wid, job, False)]
         return [*self._start(w, job, now), Send(w.wid, job, True)]
@@ -606,7 +611,8 @@ class Scheduler(Generic[J]):
                 assert w.job is not None, f"busy worker {w.wid} runs no task"
             elif w.state in ("starting", "idle"):
                 assert w.job is None and not w.waiting, f"{w.state} worker {w.wid} holds a task"
-            assert len(w.waiting) <= self.cfg.prefetch, f"worker {w.wid} holds more than prefetch waiting"
+            most = max([self.cfg.prefetch, *(job.depth for job in w.waiting)])
+            assert len(w.waiting) <= most, f"worker {w.wid} holds more than prefetch waiting"
             if w.job is not None:
                 put(w.job, f"running on worker {w.wid}")
             for job in w.waiting:
