@@ -4,8 +4,7 @@ It arranges to die with the supervisor first (the pool has already put it in its
 any), then runs one task at a time from its DEALER socket (the next may already wait there: the pool's
 ``prefetch``, several to a frame), measuring each. Its CPU life is cut into contiguous segments —
 start-up, idle (waiting, messaging), measurement, tasks — so that every CPU-second it uses is reported
-under exactly one name
-(``runtime.protocol.Counters``).
+under exactly one name (``runtime.protocol.Counters``).
 
 The supervisor stops a running ``think`` or ``invoke`` with SIGUSR1 (``runtime.pool``): the handler
 raises ``TaskCancelled`` in a generation (Python runs it between bytecodes, so between two calls
