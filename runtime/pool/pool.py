@@ -104,6 +104,7 @@ from runtime.pool.task import (
     Serve,
     TaskFailed,
     TaskOptions,
+    WorkerCrashed,
     check_timeout,
 )
 from runtime.pool.wire import Wire, hand_keys, proves
@@ -536,7 +537,8 @@ class WorkerPool:
             else:
                 self._send(w, p.Shutdown())
         elif isinstance(cmd, Fail):
-            cmd.job.done(None, TaskFailed(cmd.code, cmd.message, cmd.job.prior))
+            failure = WorkerCrashed if cmd.code == "worker_crashed" else TaskFailed  # a BrokenProcessPool too
+            cmd.job.done(None, failure(cmd.code, cmd.message, cmd.job.prior))
         elif isinstance(cmd, ArmDeadline):
             self._arm_deadline(cmd.when)
         elif isinstance(cmd, Spawn):
@@ -586,6 +588,8 @@ class WorkerPool:
         for at in range(0, len(given), p.MAX_TASKS_PER_FRAME):
             part = given[at : at + p.MAX_TASKS_PER_FRAME]
             tasks = [p.Task(id=j.id, spec=j.spec, measure=j.measure, memory_limit=j.memory_limit) for j, _ in part]
+            for job, _ in part:
+                job.framed = len(part) > 1
             if self._send(w, tasks[0] if len(tasks) == 1 else p.Tasks(tasks=tasks)):
                 continue
             # The worker is gone before it saw them (and is killed): the tasks go back untouched, the

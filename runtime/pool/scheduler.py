@@ -87,6 +87,10 @@ class Job:
     #: How many tasks may wait at a worker when this one is sent to wait there, if more than the pool's
     #: ``prefetch`` (a burst such as ``WorkerPoolExecutor.map``: its tasks travel several per frame).
     depth: int = 0
+    #: Last sent in a frame with other tasks (``Tasks``): if its worker dies before answering it, it may
+    #: have run there (the answers a worker queued in its socket die with it), so it is not run again
+    #: unless it is idempotent.
+    framed: bool = False
 
 
 J = TypeVar("J", bound=Job)
@@ -518,7 +522,10 @@ class Scheduler(Generic[J]):
         """Worker ``wid`` is dead (``over_memory``: the kernel killed it at its task's memory limit).
 
         Tasks that waited at it never began there: each goes back to the head of its agent's line,
-        its attempt not counted (or fails, as the pool does if it stops). The pool then settles the
+        its attempt not counted (or fails, as the pool does if it stops); but one that came in a frame
+        with others (``framed``) may have, its answer lost with the worker: it fails ``worker_crashed``
+        uncharged (what the worker used since its last answer is the running task's), unless it is
+        idempotent and on its first attempt (then it goes back, as a retry). The pool then settles the
         task it ran (``retry`` says whether it runs again) and asks ``replace`` for what comes next.
         """
         w = self.workers.pop(wid)
@@ -534,12 +541,16 @@ class Scheduler(Generic[J]):
             self.crashed += 1
         first: list[Command[J]] = []
         for queued in reversed(waiting):
-            queued.attempts -= 1
+            if not queued.framed:  # never begun: the attempt does not count
+                queued.attempts -= 1
             if self.closing or self.failed:
                 code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
                 first.append(Fail(queued, code, self.failed or "the pool was closed before the task ran"))
             elif queued.cancel_at_start:
                 first.append(Fail(queued, "cancelled", f"task {queued.id} was cancelled before it ran"))
+            elif queued.framed and not (queued.idempotent and queued.attempts < 2):
+                why = f"worker {wid} died holding task {queued.id} in a frame of tasks: it may have run; not run again"
+                first.append(Fail(queued, "worker_crashed", why))
             else:
                 self.queue.push_front(queued.agent, queued)
         return Lost(job, reason, was_state, crash, task_fault, first)

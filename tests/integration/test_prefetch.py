@@ -13,7 +13,7 @@ import pytest
 
 from runtime import protocol as p
 from runtime.config import PoolConfig
-from runtime.pool import TaskFailed, WorkerPool
+from runtime.pool import Outcome, TaskFailed, WorkerCrashed, WorkerPool
 from runtime.pool.inflight import InflightLog
 from runtime.protocol import Burn, Call, Echo, Invoke, Sleep
 from tests.integration.conftest import wait_until, with_pool
@@ -162,5 +162,35 @@ def test_a_burst_travels_several_tasks_to_a_frame_each_measured_alone_and_the_bo
         await wait_until(lambda: pool.status().idle == pool.size)
         rec = pool.accounts.reconcile(pool.kernel_cpu())
         assert rec.charged > 0.3 and rec.relative_error < 0.01, rec
+
+    with_pool(body, size=1)
+
+
+def test_a_worker_that_dies_holding_a_frame_of_tasks_charges_its_cpu_once_and_runs_no_task_twice() -> None:
+    """The worker dies in the middle of a frame of several tasks. Its last answers may die with it (queued
+    in its socket), so the tasks it held that have no answer fail ``worker_crashed`` rather than run again:
+    the first charged what the kernel counted since its last answer, the others nothing. No task runs
+    twice (the one that kills its worker kills one), the others all succeed once, and the dead worker's
+    books are its kernel count."""
+    die = pickle.dumps((os._exit, (3,), {}))
+
+    async def body(pool: WorkerPool) -> None:
+        sizes = _count_frames(pool)
+        specs: list[p.TaskSpec] = [Call(payload=die) if i == 150 else Echo(data=str(i)) for i in range(300)]
+        ended = await asyncio.gather(*(pool.run(s, depth=16) for s in specs), return_exceptions=True)
+        assert max(sizes) > 1
+        failed = [i for i, e in enumerate(ended) if not isinstance(e, Outcome)]
+        assert 150 in failed and all(isinstance(ended[i], WorkerCrashed) for i in failed)
+        assert failed == list(range(failed[0], failed[-1] + 1)) and len(failed) <= 17  # the frames it held
+        charged = [ended[i] for i in failed if ended[i].usage is not None]  # type: ignore[union-attr]
+        assert len(charged) == 1  # the first it held, for all it used since its last answer
+        for i, e in enumerate(ended):
+            if isinstance(e, Outcome):
+                assert e.output == str(i).encode() and e.usage.attempts == 1
+        assert pool.crashed == 1
+        acct = pool.accounts.agents["default"]
+        assert acct.tasks == 300 - len(failed) + 1 and acct.failed == 1
+        rec = pool.accounts.reconcile({}, retired=True)
+        assert rec.workers == 1 and rec.kernel > 0 and rec.relative_error < 0.02, rec
 
     with_pool(body, size=1)
