@@ -22,7 +22,8 @@ from runtime.errors import AecoError, ErrorCode
 #: 3: ``Hello`` carries the secret the supervisor handed the worker (``WorkerKeys``).
 #: 4: the ``think_batch`` task (``ThinkBatch``/``ThinkBatchReport``).
 #: 5: ``StopThink`` (one think of a running batch stopped, the others go on).
-PROTOCOL_VERSION = 5
+#: 6: ``Tasks`` (several tasks in one frame).
+PROTOCOL_VERSION = 6
 
 _R = TypeVar("_R")
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -318,6 +319,18 @@ class Task(_Msg, tag="task", frozen=True):
     memory_limit: NonNegInt = 0
 
 
+#: Most tasks one ``Tasks`` frame carries.
+MAX_TASKS_PER_FRAME = 256
+
+
+class Tasks(_Msg, tag="tasks", frozen=True):
+    """Several tasks for one worker in one frame (the pool's ``prefetch``: all but the first wait behind
+    the one it runs). It runs them one at a time in this order, measures each alone and answers each
+    with its own ``Result``, as if they had come one per frame: a frame is only cheaper to carry."""
+
+    tasks: Annotated[list[Task], Meta(min_length=1, max_length=MAX_TASKS_PER_FRAME)]
+
+
 class Result(_Msg, tag="result", frozen=True):
     """The outcome of a task. ``error`` is set iff the task failed in the worker."""
 
@@ -366,7 +379,7 @@ class Reply(_Msg, tag="reply", frozen=True):
     answer: WorldAnswer
 
 
-Message = Hello | Task | Result | Heartbeat | Shutdown | StopThink | Request | Reply
+Message = Hello | Task | Tasks | Result | Heartbeat | Shutdown | StopThink | Request | Reply
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -393,6 +406,8 @@ def decode(frame: bytes) -> Message:
         raise ProtocolError(f"undecodable frame ({len(frame)} bytes): {type(exc).__name__}: {exc}") from None
     if msg.v != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {msg.v}, expected {PROTOCOL_VERSION}")
+    if isinstance(msg, Tasks) and any(t.v != PROTOCOL_VERSION for t in msg.tasks):
+        raise ProtocolError(f"a task of another protocol version in a tasks frame, expected {PROTOCOL_VERSION}")
     return msg
 
 

@@ -2,9 +2,9 @@
 
 It arranges to die with the supervisor first (the pool has already put it in its child cgroups, if
 any), then runs one task at a time from its DEALER socket (the next may already wait there: the pool's
-``prefetch``), measuring each. Its CPU life is cut into contiguous segments — start-up, idle (waiting, messaging),
-measurement, tasks — so that every CPU-second it uses is reported under exactly one name
-(``runtime.protocol.Counters``).
+``prefetch``, several to a frame), measuring each. Its CPU life is cut into contiguous segments —
+start-up, idle (waiting, messaging), measurement, tasks — so that every CPU-second it uses is reported
+under exactly one name (``runtime.protocol.Counters``).
 
 The supervisor stops a running ``think`` or ``invoke`` with SIGUSR1 (``runtime.pool``): the handler
 raises ``TaskCancelled`` in a generation (Python runs it between bytecodes, so between two calls
@@ -14,6 +14,7 @@ which then kills the confined child. Either way the task answers ``cancelled`` w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import json
@@ -132,7 +133,13 @@ class Worker:
             return
         # A receive timeout rather than poll + recv: one call per frame, a heartbeat when it times out.
         self.sock.setsockopt(zmq.RCVTIMEO, int(self.boot.heartbeat_s * 1000))
+        # Tasks that came several to a frame (``Tasks``), run in order before the next frame is read.
+        queued: collections.deque[p.Task] = collections.deque()
         while not self.shutdown_requested:
+            if queued:
+                task = queued.popleft()
+                self.send(self._run(task) if task.measure else self._run_unmeasured(task))
+                continue
             try:
                 frame = self.sock.recv()
             except zmq.Again:
@@ -147,6 +154,8 @@ class Worker:
                 break
             if isinstance(msg, p.Task):
                 self.send(self._run(msg) if msg.measure else self._run_unmeasured(msg))
+            elif isinstance(msg, p.Tasks):
+                queued.extend(msg.tasks)
             elif msg is not None and not isinstance(msg, p.StopThink):  # a stop for a batch that ended: moot
                 self.log.warning("dropped unexpected %s message", type(msg).__name__)
 

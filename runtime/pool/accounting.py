@@ -10,7 +10,6 @@ worker used (its cgroup's CPU counter, else ``/proc/<pid>/stat``), which the wor
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -247,7 +246,7 @@ def check_amounts(record: object, names: Iterable[str], where: str) -> None:
     """
     for name in names:
         value = getattr(record, name)
-        if not (math.isfinite(value) and 0 <= value <= MAX_AMOUNT):
+        if not 0 <= value <= MAX_AMOUNT:  # false for a NaN too (every comparison with one is), and for infinities
             raise BadReport(f"{where}: {name} must be finite, >= 0 and <= {MAX_AMOUNT:g}, got {value!r}")
 
 

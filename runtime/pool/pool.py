@@ -104,6 +104,7 @@ from runtime.pool.task import (
     Serve,
     TaskFailed,
     TaskOptions,
+    WorkerCrashed,
     check_timeout,
 )
 from runtime.pool.wire import Wire, hand_keys, proves
@@ -297,6 +298,11 @@ class WorkerPool:
         #: Commands given and not yet carried out (``_do``), and whether ``_do`` is carrying them out.
         self._commands: collections.deque[Command[PoolJob]] = collections.deque()
         self._carrying_out = False
+        #: Tasks given to each worker (by id) and not sent yet, with whether each is recorded in flight:
+        #: sent in one frame once the commands are carried out, or, while frames are drained
+        #: (``_holding``), once the drain is over: the results of a burst make one frame of tasks.
+        self._outbox: dict[int, list[tuple[PoolJob, bool]]] = {}
+        self._holding = False
 
     @property
     def failed(self) -> str | None:
@@ -401,11 +407,13 @@ class WorkerPool:
         track: str | None = None,
         sharers: tuple[str, ...] = (),
         prefer: int = 0,
+        depth: int = 0,
     ) -> int:
         """Queue a task; ``done(outcome, error)`` is called on the pool's loop when it ends.
 
         ``prefer``: a worker's pid; when the task's turn comes and that worker is idle, it runs there
-        (a hint: else on any idle worker).
+        (a hint: else on any idle worker). ``depth``: how many tasks may wait at a busy worker when this
+        one is sent to wait there, if more than ``prefetch`` (a burst: they travel several per frame).
 
         ``track``: the ledger's id of the task, to record it in ``inflight`` from dispatch until the
         caller clears it (once its charge is durable); ``sharers``: the agents of a tracked ``think_batch``.
@@ -432,6 +440,7 @@ class WorkerPool:
             track=track,
             sharers=sharers,
             prefer=next((w.worker_id for w in self._workers.values() if w.pid == prefer), 0) if prefer else 0,
+            depth=depth,
         )
         self._do(self._sched.submit(job, time.monotonic()))
         return job.id
@@ -459,7 +468,7 @@ class WorkerPool:
         (a positive finite number; None: ``task_timeout_s``); ``idempotent`` (retried once after a
         worker crash); ``measure`` (False: no probes, benchmarks only); ``memory_limit``, bytes the
         task may add to its worker's memory (0: unlimited; over it the task fails with
-        ``memory_exceeded`` and is charged what it used); ``serve``; ``track`` (see ``submit``).
+        ``memory_exceeded`` and is charged what it used); ``serve``; ``track``, ``depth`` (see ``submit``).
         Cancelling the caller stops the task (see ``RunningTask.stop``) before the cancellation goes on.
         """
         task = self.begin(spec, **options)
@@ -503,8 +512,12 @@ class WorkerPool:
             return
         self._carrying_out = True
         try:
-            while self._commands:
-                self._carry_out(self._commands.popleft())
+            while self._commands or (self._outbox and not self._holding):
+                while self._commands:
+                    self._carry_out(self._commands.popleft())
+                if not self._holding:
+                    for wid in list(self._outbox):
+                        self._flush(wid)  # a send that fails gives commands: carried out in this loop
         finally:
             self._carrying_out = False
 
@@ -524,7 +537,8 @@ class WorkerPool:
             else:
                 self._send(w, p.Shutdown())
         elif isinstance(cmd, Fail):
-            cmd.job.done(None, TaskFailed(cmd.code, cmd.message, cmd.job.prior))
+            failure = WorkerCrashed if cmd.code == "worker_crashed" else TaskFailed  # a BrokenProcessPool too
+            cmd.job.done(None, failure(cmd.code, cmd.message, cmd.job.prior))
         elif isinstance(cmd, ArmDeadline):
             self._arm_deadline(cmd.when)
         elif isinstance(cmd, Spawn):
@@ -563,11 +577,28 @@ class WorkerPool:
         if recorded:
             self._record(w, job)  # before sending: a kill may come any time
         job.sent_to = w.worker_id
-        if not self._send(w, p.Task(id=job.id, spec=job.spec, measure=job.measure, memory_limit=job.memory_limit)):
-            # The worker is gone before it saw the task (and is killed): the task goes back untouched.
-            if recorded and job.track is not None and self.inflight is not None:
-                self.inflight.clear(job.track)
-            self._do(self._sched.unsent(w.worker_id, job, time.monotonic()))
+        self._outbox.setdefault(w.worker_id, []).append((job, recorded))
+
+    def _flush(self, wid: int) -> None:
+        """Send worker ``wid`` the tasks given to it since the last flush: one frame carries them all."""
+        given = self._outbox.pop(wid, None)
+        w = self._by_id.get(wid)
+        if not given or w is None:
+            return  # reaped since: its death settled them as tasks of that worker
+        for at in range(0, len(given), p.MAX_TASKS_PER_FRAME):
+            part = given[at : at + p.MAX_TASKS_PER_FRAME]
+            tasks = [p.Task(id=j.id, spec=j.spec, measure=j.measure, memory_limit=j.memory_limit) for j, _ in part]
+            for job, _ in part:
+                job.framed = len(part) > 1
+            if self._send(w, tasks[0] if len(tasks) == 1 else p.Tasks(tasks=tasks)):
+                continue
+            # The worker is gone before it saw them (and is killed): the tasks go back untouched, the
+            # first at the head of its agent's line.
+            for job, recorded in reversed(given[at:]):
+                if recorded and job.track is not None and self.inflight is not None:
+                    self.inflight.clear(job.track)
+                self._do(self._sched.unsent(wid, job, time.monotonic()))
+            return
 
     def _record(self, w: _Worker, job: PoolJob, baseline: float | None = None) -> None:
         """Record ``job`` in flight on ``w``, its CPU counted from ``baseline`` (None: from its sending)."""
@@ -616,6 +647,8 @@ class WorkerPool:
         """Send ``msg`` to ``w``; False (and ``w`` killed) if it is unreachable."""
         wire = self._wire
         assert wire is not None
+        if w.worker_id in self._outbox and not isinstance(msg, p.Task | p.Tasks):
+            self._flush(w.worker_id)  # the tasks given to it before go first
         try:
             wire.send(w.ident, msg)
         except zmq.ZMQError as exc:
@@ -635,12 +668,18 @@ class WorkerPool:
         wire = self._wire
         if wire is None:
             return
-        while wire.has_input():
-            frames = wire.recv()
-            try:
-                self._handle(frames)
-            except Exception:  # a bug in one message's handling must not stop the pool
-                log.exception("error while handling a frame")
+        # The tasks the frames give workers (the next ones of a burst) are held until all are read.
+        self._holding = True
+        try:
+            while wire.has_input():
+                frames = wire.recv()
+                try:
+                    self._handle(frames)
+                except Exception:  # a bug in one message's handling must not stop the pool
+                    log.exception("error while handling a frame")
+        finally:
+            self._holding = False
+            self._do([])  # sends them
 
     def _handle(self, frames: list[bytes]) -> None:
         wire = self._wire
@@ -931,6 +970,9 @@ class WorkerPool:
     def _on_exit(self, w: _Worker) -> None:
         """Worker ``w``'s pidfd is readable: reap it, settle its task, replace it (as the scheduler says)."""
         assert self._loop is not None
+        # What it sent before it died is read first: a task it answered is charged from its answer, not
+        # as lost, and one that waited behind it was not begun, as far as this pool can tell.
+        self._drain()
         held = w.held() if w.job is not None else 0.0  # while /proc still has the zombie's schedstat
         death = w.process.reap()
         if death is None:

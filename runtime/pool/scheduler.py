@@ -12,7 +12,8 @@ The rules:
 - **One task runs per worker.** A task is sent to an ``idle`` worker, which is then ``busy`` until the
   pool reports its answer (``answered``) or its death (``died``).
 - **Prefetch.** Up to ``prefetch`` plain tasks (not stopped by asking, see ``Job.plain``) may wait at a
-  busy worker behind a plain task; each starts when the one ahead of it answered. Not at a worker that
+  busy worker behind a plain task (up to a task's own ``depth`` when it asks for more); each starts when
+  the one ahead of it answered. Not at a worker that
   will be recycled before reaching them. Fair order is kept: when the next task may not wait, nothing
   waits until a worker is free for it.
 - **Fairness.** Tasks leave the queue in ``FairQueue`` order (round-robin over agents).
@@ -83,6 +84,13 @@ class Job:
     #: The worker it should run on if that one is idle when its turn comes (what it needs is kept
     #: there); 0: any.
     prefer: int = 0
+    #: How many tasks may wait at a worker when this one is sent to wait there, if more than the pool's
+    #: ``prefetch`` (a burst such as ``WorkerPoolExecutor.map``: its tasks travel several per frame).
+    depth: int = 0
+    #: Last sent in a frame with other tasks (``Tasks``): if its worker dies before answering it, it may
+    #: have run there (the answers a worker queued in its socket die with it), so it is not run again
+    #: unless it is idempotent.
+    framed: bool = False
 
 
 J = TypeVar("J", bound=Job)
@@ -274,7 +282,7 @@ class Scheduler(Generic[J]):
                 self._idle.appendleft(w)
                 continue
             cmds += self._send(self._preferred(w, job), job, now)
-        if self.cfg.prefetch and self.queue:
+        if self.queue:
             cmds += self._prefetch(now)
         return cmds
 
@@ -300,9 +308,7 @@ class Scheduler(Generic[J]):
     def _prefetch(self, now: float) -> list[Command[J]]:
         cmds: list[Command[J]] = []
         for w in self.workers.values():
-            while self.queue and self._may_prefetch(w):
-                if not self.queue.peek().plain:
-                    return cmds
+            while self.queue and self._may_prefetch(w, self.queue.peek()):
                 job = self._take()
                 if job is not None:
                     cmds += self._send(w, job, now)
@@ -310,9 +316,12 @@ class Scheduler(Generic[J]):
                 break
         return cmds
 
-    def _may_prefetch(self, w: Worker[J]) -> bool:
+    def _may_prefetch(self, w: Worker[J], nxt: J) -> bool:
+        """Whether ``nxt``, the next task in fair order, may be sent to wait at ``w``."""
         job = w.job
-        if w.state != "busy" or job is None or w.kill_reason is not None or len(w.waiting) >= self.cfg.prefetch:
+        if w.state != "busy" or job is None or w.kill_reason is not None or not nxt.plain:
+            return False
+        if len(w.waiting) >= max(self.cfg.prefetch, nxt.depth):
             return False
         if not job.plain or job.cancelled:
             return False
@@ -327,7 +336,7 @@ class Scheduler(Generic[J]):
         job.attempts += 1
         job.sent_at = now
         if w.job is not None:
-            assert len(w.waiting) < self.cfg.prefetch, f"worker {w.wid} has no room for a waiting task"
+            assert len(w.waiting) < max(self.cfg.prefetch, job.depth), f"worker {w.wid} has no room for a waiting task"
             w.waiting.append(job)
             return [Send(w.wid, job, False)]
         return [*self._start(w, job, now), Send(w.wid, job, True)]
@@ -513,7 +522,10 @@ class Scheduler(Generic[J]):
         """Worker ``wid`` is dead (``over_memory``: the kernel killed it at its task's memory limit).
 
         Tasks that waited at it never began there: each goes back to the head of its agent's line,
-        its attempt not counted (or fails, as the pool does if it stops). The pool then settles the
+        its attempt not counted (or fails, as the pool does if it stops); but one that came in a frame
+        with others (``framed``) may have, its answer lost with the worker: it fails ``worker_crashed``
+        uncharged (what the worker used since its last answer is the running task's), unless it is
+        idempotent and on its first attempt (then it goes back, as a retry). The pool then settles the
         task it ran (``retry`` says whether it runs again) and asks ``replace`` for what comes next.
         """
         w = self.workers.pop(wid)
@@ -529,12 +541,16 @@ class Scheduler(Generic[J]):
             self.crashed += 1
         first: list[Command[J]] = []
         for queued in reversed(waiting):
-            queued.attempts -= 1
+            if not queued.framed:  # never begun: the attempt does not count
+                queued.attempts -= 1
             if self.closing or self.failed:
                 code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
                 first.append(Fail(queued, code, self.failed or "the pool was closed before the task ran"))
             elif queued.cancel_at_start:
                 first.append(Fail(queued, "cancelled", f"task {queued.id} was cancelled before it ran"))
+            elif queued.framed and not (queued.idempotent and queued.attempts < 2):
+                why = f"worker {wid} died holding task {queued.id} in a frame of tasks: it may have run; not run again"
+                first.append(Fail(queued, "worker_crashed", why))
             else:
                 self.queue.push_front(queued.agent, queued)
         return Lost(job, reason, was_state, crash, task_fault, first)
@@ -606,7 +622,8 @@ class Scheduler(Generic[J]):
                 assert w.job is not None, f"busy worker {w.wid} runs no task"
             elif w.state in ("starting", "idle"):
                 assert w.job is None and not w.waiting, f"{w.state} worker {w.wid} holds a task"
-            assert len(w.waiting) <= self.cfg.prefetch, f"worker {w.wid} holds more than prefetch waiting"
+            most = max([self.cfg.prefetch, *(job.depth for job in w.waiting)])
+            assert len(w.waiting) <= most, f"worker {w.wid} holds more than prefetch waiting"
             if w.job is not None:
                 put(w.job, f"running on worker {w.wid}")
             for job in w.waiting:

@@ -81,6 +81,7 @@ class TaskOptions(TypedDict, total=False):
     track: str | None
     sharers: tuple[str, ...]
     prefer: int
+    depth: int
 
 
 class KernelReading(msgspec.Struct, frozen=True, array_like=True):

@@ -303,3 +303,30 @@ def test_workers_parent_death_signal_is_tied_to_the_process_not_to_the_thread_th
             proc.wait()
             assert proc.stdout is not None
             proc.stdout.close()
+
+
+def exit_at(x: int, at: int) -> int:
+    """``x``, except that the worker dies (exit 3) at ``at``."""
+    if x == at:
+        os._exit(3)
+    return x
+
+
+def test_a_worker_that_dies_under_a_maps_calls_fails_each_pending_one_and_its_cpu_is_charged_once() -> None:
+    ex = WorkerPoolExecutor(1)
+    try:
+        assert list(ex.map(square, range(3))) == [0, 1, 4]  # the worker has imported this module
+        got: list[int] = []
+        with pytest.raises(BrokenProcessPool):  # from a result, or from a submit if it dies meanwhile
+            got.extend(ex.map(exit_at, range(3000), [2000] * 3000))  # more than wait at a worker at once
+        assert got == list(range(len(got))) and len(got) <= 2000
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(pow, 2, 3)
+    finally:
+        ex.shutdown(wait=True)
+    acct = ex.pool.accounts
+    # Each call that ran was charged once, the one the worker died under from the kernel's count, those
+    # that never ran nothing: the books of the dead worker are its kernel count, to the rounding.
+    assert acct.agents["executor"].tasks >= 3 + len(got) + 1 and acct.agents["executor"].failed == 1
+    rec = acct.reconcile({}, retired=True)
+    assert rec.workers == 1 and rec.kernel > 0 and rec.relative_error < 0.02, rec

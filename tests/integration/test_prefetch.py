@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import random
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from runtime import protocol as p
 from runtime.config import PoolConfig
-from runtime.pool import TaskFailed, WorkerPool
+from runtime.pool import Outcome, TaskFailed, WorkerCrashed, WorkerPool
 from runtime.pool.inflight import InflightLog
 from runtime.protocol import Burn, Call, Echo, Invoke, Sleep
-from tests.integration.conftest import with_pool
+from tests.integration.conftest import wait_until, with_pool
 
 
 def _waiting(pool: WorkerPool) -> int:
@@ -122,3 +124,73 @@ def test_a_tracked_task_waits_and_is_recorded_in_flight_from_where_the_task_ahea
         asyncio.run(main())
     finally:
         log.close()
+
+
+def _count_frames(pool: WorkerPool) -> list[int]:
+    """Record, for every frame of tasks the pool sends from now on, how many tasks it carries."""
+    wire = pool._wire
+    assert wire is not None
+    sizes: list[int] = []
+    send = wire.send
+
+    def counting(ident: bytes, msg: p.Message) -> None:
+        if isinstance(msg, p.Task | p.Tasks):
+            sizes.append(len(msg.tasks) if isinstance(msg, p.Tasks) else 1)
+        send(ident, msg)
+
+    wire.send = counting  # type: ignore[method-assign]  # the real send, counted
+    return sizes
+
+
+def test_a_burst_travels_several_tasks_to_a_frame_each_measured_alone_and_the_books_match_the_kernel() -> None:
+    """Tasks that may wait deep (``depth``) go to a worker several per frame as its answers come back;
+    the worker still runs them one at a time and measures each alone: burns are charged their CPU,
+    echoes next to nothing, and charges plus named overhead are the kernel's count of the worker."""
+
+    async def body(pool: WorkerPool) -> None:
+        sizes = _count_frames(pool)
+        rng = random.Random(3)
+        specs: list[p.TaskSpec] = [Burn(ms=rng.randint(2, 6)) if rng.random() < 0.3 else Echo() for _ in range(600)]
+        outs = await asyncio.gather(*(pool.run(s, agent=f"a{i % 3}", depth=16) for i, s in enumerate(specs)))
+        assert max(sizes) > 1 and sum(sizes) == len(specs), sizes
+        for spec, out in zip(specs, outs, strict=True):
+            if isinstance(spec, Burn):
+                assert out.usage.cpu_seconds >= spec.ms / 1000 * 0.95
+            else:
+                assert out.usage.cpu_seconds < 0.005  # not the burns it waited behind
+        assert sum(o.usage.cpu_seconds for o in outs) == pytest.approx(pool.accounts.charged(), rel=1e-9)
+        await wait_until(lambda: pool.status().idle == pool.size)
+        rec = pool.accounts.reconcile(pool.kernel_cpu())
+        assert rec.charged > 0.3 and rec.relative_error < 0.01, rec
+
+    with_pool(body, size=1)
+
+
+def test_a_worker_that_dies_holding_a_frame_of_tasks_charges_its_cpu_once_and_runs_no_task_twice() -> None:
+    """The worker dies in the middle of a frame of several tasks. Its last answers may die with it (queued
+    in its socket), so the tasks it held that have no answer fail ``worker_crashed`` rather than run again:
+    the first charged what the kernel counted since its last answer, the others nothing. No task runs
+    twice (the one that kills its worker kills one), the others all succeed once, and the dead worker's
+    books are its kernel count."""
+    die = pickle.dumps((os._exit, (3,), {}))
+
+    async def body(pool: WorkerPool) -> None:
+        sizes = _count_frames(pool)
+        specs: list[p.TaskSpec] = [Call(payload=die) if i == 150 else Echo(data=str(i)) for i in range(300)]
+        ended = await asyncio.gather(*(pool.run(s, depth=16) for s in specs), return_exceptions=True)
+        assert max(sizes) > 1
+        failed = [i for i, e in enumerate(ended) if not isinstance(e, Outcome)]
+        assert 150 in failed and all(isinstance(ended[i], WorkerCrashed) for i in failed)
+        assert failed == list(range(failed[0], failed[-1] + 1)) and len(failed) <= 17  # the frames it held
+        charged = [ended[i] for i in failed if ended[i].usage is not None]  # type: ignore[union-attr]
+        assert len(charged) == 1  # the first it held, for all it used since its last answer
+        for i, e in enumerate(ended):
+            if isinstance(e, Outcome):
+                assert e.output == str(i).encode() and e.usage.attempts == 1
+        assert pool.crashed == 1
+        acct = pool.accounts.agents["default"]
+        assert acct.tasks == 300 - len(failed) + 1 and acct.failed == 1
+        rec = pool.accounts.reconcile({}, retired=True)
+        assert rec.workers == 1 and rec.kernel > 0 and rec.relative_error < 0.02, rec
+
+    with_pool(body, size=1)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from runtime.protocol import (
+    MAX_TASKS_PER_FRAME,
     PROTOCOL_VERSION,
     Alloc,
     ArtifactAnswer,
@@ -38,6 +39,7 @@ from runtime.protocol import (
     Sleep,
     StopThink,
     Task,
+    Tasks,
     TaskSpec,
     Think,
     ThinkReport,
@@ -78,6 +80,8 @@ MESSAGES: list[Message] = [
     Hello(worker_id=3, pid=1, memory_probe="off", counters=COUNTERS, secret=bytes(range(32))),
     *[Task(id=i, spec=spec) for i, spec in enumerate(SPECS)],
     Task(id=2**40, spec=Echo(data="x"), measure=False),
+    Tasks(tasks=[Task(id=i, spec=spec) for i, spec in enumerate(SPECS)]),
+    Tasks(tasks=[Task(id=1, spec=Echo(), measure=False, memory_limit=1 << 20)]),
     Result(
         task_id=9,
         ok=True,
@@ -209,6 +213,15 @@ def test_other_version(v: int) -> None:
     assert f"protocol version {v}" in msg
 
 
+def test_a_tasks_frame_holds_one_to_its_most_tasks_each_of_this_version() -> None:
+    echo = Task(id=1, spec=Echo())
+    assert decode(encode(Tasks(tasks=[echo] * MAX_TASKS_PER_FRAME))) == Tasks(tasks=[echo] * MAX_TASKS_PER_FRAME)
+    raises_protocol_error(encode(Tasks(tasks=[])))
+    raises_protocol_error(encode(Tasks(tasks=[echo] * (MAX_TASKS_PER_FRAME + 1))))
+    assert "protocol version" in raises_protocol_error(encode(Tasks(tasks=[echo, Task(id=2, spec=Echo(), v=1)])))
+    raises_protocol_error(encode(Tasks(tasks=[echo])).replace(b"echo", b"ecko"))  # an unknown kind inside
+
+
 def test_other_version_of_a_full_message() -> None:
     raises_protocol_error(encode(Heartbeat(counters=COUNTERS, v=PROTOCOL_VERSION + 1)))
 
@@ -270,7 +283,7 @@ def decode_or_protocol_error(frame: bytes) -> None:
         msg = decode(frame)
     except ProtocolError:
         return
-    assert isinstance(msg, Hello | Task | Result | Heartbeat | Shutdown | StopThink | Request | Reply)
+    assert isinstance(msg, Hello | Task | Tasks | Result | Heartbeat | Shutdown | StopThink | Request | Reply)
     assert msg.v == PROTOCOL_VERSION
     # what decodes re-encodes to something that decodes to the same message
     assert decode(encode(msg)) == msg
@@ -292,6 +305,7 @@ KEYS = st.sampled_from(
         "counters",
         "id",
         "spec",
+        "tasks",
         "measure",
         "kind",
         "ms",
@@ -326,6 +340,7 @@ TAGS = st.sampled_from(
     [
         "hello",
         "task",
+        "tasks",
         "result",
         "heartbeat",
         "shutdown",
@@ -381,6 +396,7 @@ def test_arbitrary_msgpack_objects(obj: Any) -> None:
             "counters": st.lists(st.floats() | st.integers(min_value=0, max_value=2**40), max_size=8),
             "id": LEAVES,
             "spec": st.dictionaries(KEYS, LEAVES, max_size=4),
+            "tasks": st.lists(st.dictionaries(KEYS, LEAVES | TAGS, max_size=4), max_size=3),
             "measure": LEAVES,
             "task_id": LEAVES,
             "ok": LEAVES,

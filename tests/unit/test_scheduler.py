@@ -151,6 +151,31 @@ def test_nothing_waits_behind_a_task_that_is_not_plain() -> None:
     assert sim.submit(sim.job()) == [] and len(sim.s.queue) == 1
 
 
+def test_a_burst_waits_as_deep_as_its_tasks_ask_and_other_tasks_as_prefetch_says() -> None:
+    sim = Sim(workers=1, prefetch=0)
+    cmds = [c for j in [sim.job(depth=3) for _ in range(5)] for c in sim.submit(j)]
+    assert sends(cmds) == [(1, 1, True), (1, 2, False), (1, 3, False), (1, 4, False)]
+    assert len(sim.s.queue) == 1
+    sim.answer(1)
+    sim.answer(1)  # two answers drained at once: their two successors go together
+    assert sim.running(1) == 3 and sim.waiting(1) == [4, 5]
+    sim.submit(sim.job())  # depth 0 and no prefetch: it waits in the queue, not at the worker
+    assert sim.waiting(1) == [4, 5] and len(sim.s.queue) == 1
+
+
+def test_tasks_that_came_in_a_frame_to_a_worker_that_died_fail_and_are_not_run_again_unless_idempotent() -> None:
+    sim = Sim(workers=1, prefetch=3)
+    jobs = [sim.job(), sim.job(), sim.job(idempotent=True), sim.job()]
+    for job in jobs:
+        sim.submit(job)
+    jobs[1].framed = jobs[2].framed = True  # the pool marks the tasks it sent several to a frame
+    sim.die(1)
+    assert sim.ended[1] == 1  # the task it ran, settled by the pool (charged from the kernel)
+    assert sim.failed == {2: "worker_crashed"}  # it may have run 2 (its answer lost with it): not again
+    assert [j.id for j in sim.s.queue] == [3, 4]  # 3 is retried (idempotent), 4 never began
+    assert jobs[2].attempts == 1 and jobs[3].attempts == 0
+
+
 def test_prefetch_stops_where_the_worker_would_be_recycled() -> None:
     sim = Sim(workers=1, prefetch=3, max_tasks_per_worker=3)
     sim.do(sim.s.report(1, 0, 0))
@@ -362,6 +387,8 @@ def test_every_task_ends_once_and_is_in_one_place_until_then(data: st.DataObject
                 plain=data.draw(st.booleans()),
                 stops_when_asked=data.draw(st.booleans()),
                 timeout_s=data.draw(st.floats(1.0, 20.0)),
+                depth=data.draw(st.sampled_from([0, 0, 4])),
+                framed=data.draw(st.booleans()),
             )
             submitted.append(job)
             sim.submit(job)
