@@ -17,6 +17,7 @@ from runtime.actions import (
     CancelOffer,
     InvokeArtifact,
     MakeOffer,
+    Noop,
     ReadArtifact,
     Sponsor,
     SubmitTask,
@@ -26,6 +27,7 @@ from runtime.actions import (
     WriteArtifact,
     perform,
 )
+from runtime.agents.loop import Agent, ScriptedBrain
 from runtime.agents.schema import ACTION_SCHEMA
 from runtime.config import BudgetConfig, Config, TaskConfig, load
 from runtime.economy.ledger import AwardTask, LedgerError
@@ -176,6 +178,25 @@ def test_a_named_offer_open_already_is_refused_without_waiting_for_a_commit(tmp_
 
     with_world(tmp_path, body)
     _ledger_ok(tmp_path)
+
+
+def test_an_agent_s_context_shows_others_open_offers_and_follows_its_own_trades(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        led, mib = w.economy.ledger, 1 << 20
+        alice = Agent("alice", ScriptedBrain(w.economy, [Noop()], 1), w)
+        await perform(w, "bob", MakeOffer(asset="memory_quota", amount=mib, price=3, name="m"))
+        assert f"Offers: bob.m: {mib} memory_quota for 3" in await alice.context()
+        # Its own offer is not shown it, and the others' are still there.
+        await alice.act(MakeOffer(asset="disk_quota", amount=1000, price=1, name="d"))
+        context = await alice.context()
+        assert "bob.m" in context and "alice.d" not in context
+        # What it bought leaves its market and shows in its limits at once.
+        await alice.act(AcceptOffer(offer="bob.m"))
+        context = await alice.context()
+        assert "Offers:" not in context
+        assert f"memory {led.balance('alice', 'memory_quota') / mib:.0f} MB per task" in context
+
+    with_world(tmp_path, body)
 
 
 def test_an_offer_is_filled_once_by_concurrent_buyers_and_both_sides_move(tmp_path: Path) -> None:
