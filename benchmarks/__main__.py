@@ -67,7 +67,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--minutes", type=float, metavar="N", help="how long a timed benchmark (soak) runs")
     ap.add_argument("--profile", action="store_true", help="also record py-spy flame graphs into benchmarks/results/")
+    ap.add_argument(
+        "--sizes",
+        metavar="N[,N...]",
+        help="only these numbers of agents (ecology: each with all its interleaved runs; the 10,000-agent run "
+        "only if named, the dashboard's phase not); the JSON then goes to NAME-sizes-N-N.json unless --json says",
+    )
     return ap
+
+
+def _sizes(ap: argparse.ArgumentParser, text: str | None) -> tuple[int, ...] | None:
+    """``--sizes`` as numbers (None when not given); a usage error when they are not positive integers."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        ap.error(f"--sizes takes positive integers separated by commas, got {text!r}")
+    return sizes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,10 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise AecoError(f"benchmark {name!r}: there is none of that name (choose one of {names})")
     module = importlib.import_module(BENCHMARKS[name][0])
     run = cast(Callable[[Options], int], module.run)
-    json_path: Path = args.json if args.json is not None else RESULTS_DIR / f"{name}.json"
+    sizes = _sizes(ap, args.sizes)
+    # A run of some sizes only does not overwrite the results of a whole run.
+    default = f"{name}.json" if sizes is None else f"{name}-sizes-{'-'.join(map(str, sizes))}.json"
+    json_path: Path = args.json if args.json is not None else RESULTS_DIR / default
     if args.minutes is not None and not 0 < args.minutes <= 24 * 60:
         ap.error(f"--minutes must be in (0, 1440], got {args.minutes}")
-    return run(Options(quick=args.quick, json_path=json_path, profile=args.profile, minutes=args.minutes))
+    return run(Options(quick=args.quick, json_path=json_path, profile=args.profile, minutes=args.minutes, sizes=sizes))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ class Options:
     profile: bool
     #: How long a benchmark that runs for a time (``soak``) runs; None: its own default.
     minutes: float | None = None
+    #: The numbers of agents a benchmark that measures several (``ecology``) measures; None: its own.
+    sizes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

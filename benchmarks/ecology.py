@@ -78,6 +78,10 @@ its own): 1,000 agents, windows alternating without the dashboard and with it se
 Chromium showing the page; its thread's CPU in % of the supervisor's (target ≤ 2%), kept in the JSON as
 ``dashboard``.
 
+``--sizes 10`` (or ``10,100``, ``10000``) measures the sizes named only, each with all its interleaved
+runs and so the rules' comparison among them, and skips the dashboard's phase: a way to repeat one size's
+comparison on a shared host without the rest. Its JSON goes beside the whole run's (``ecology-sizes-10.json``).
+
 ``--profile`` also records a py-spy flame graph of this process during the 1,000-agent window, written
 beside the JSON as ``ecology-supervisor.svg``.
 """
@@ -684,11 +688,12 @@ def run_order() -> list[tuple[int, bool, bool]]:
     return runs
 
 
-def rules_target_line(results: list[SizeResult]) -> str:
-    """The rules' cost: throughput with them on ≥ 90% of throughput with them off, at every size (the
-    median of the runs with the rules on against the median of those with metering on and the rules off)."""
+def rules_target_line(results: list[SizeResult], sizes: Sequence[int] = SIZES) -> str:
+    """The rules' cost: throughput with them on ≥ 90% of throughput with them off, at every size of
+    ``sizes`` (the median of the runs with the rules on against the median of those with metering on and
+    the rules off)."""
     parts, met = [], True
-    for n in SIZES:
+    for n in sizes:
         offs = [r for r in results if r.agents == n and r.metering and not r.rules]
         ons = [r for r in results if r.agents == n and r.rules]
         if not ons or not offs:
@@ -963,10 +968,16 @@ def run(opts: Options) -> int:
     duration = QUICK_S if opts.quick else FULL_S
     mode = "quick" if opts.quick else "full"
     tmp, host = scratch("ecology", ["lmdb", "msgspec", "pyzmq", "dulwich"])
-    sizes = ", ".join(f"{n:,}" for n in SIZES)
+    # ``--sizes``: those only (the largest if named), and no dashboard phase.
+    chosen = opts.sizes if opts.sizes is not None else (*SIZES, LARGE)
+    small = [n for n in chosen if n != LARGE]
+    large = [(LARGE, (0, True, False))] if LARGE in chosen else []
+    sizes = ", ".join(f"{n:,}" for n in small)
     what = (
-        f"{sizes} scripted agents, {duration:g} s each after a warm-up, {len(METERING_ORDER)} runs per size "
-        f"(metering off and on, interleaved), then {LARGE:,} once; think = {THINK_MS} ms Burn on a worker"
+        f"{sizes} scripted agents, {duration:g} s each after a warm-up, {len(run_order())} runs per size "
+        f"(metering off and on, interleaved, {len(RULES_AT)} of them with the rules on)"
+        + (f", then {LARGE:,} once" if large else "")
+        + f"; think = {THINK_MS} ms Burn on a worker"
     )
     announce("ecology", opts, what, host, f"files in {tmp}")
     results: list[SizeResult] = []
@@ -977,7 +988,7 @@ def run(opts: Options) -> int:
     try:
         # Per size: metering off and on interleaved (the rules off), the rules-on runs among them.
         runs = run_order()
-        for n, (i, metering, rules) in [*((n, run) for n in SIZES for run in runs), (LARGE, (0, True, False))]:
+        for n, (i, metering, rules) in [*((n, run) for n in small for run in runs), *large]:
             tag = f"[{n:,} agents, metering {'on' if metering else 'off'}, rules {'on' if rules else 'off'}]"
             print(f"{tag} starting", flush=True)
             data = tmp / f"agents-{n}-{i}"
@@ -1004,8 +1015,8 @@ def run(opts: Options) -> int:
                 f"{r.rss_mb_peak:.0f} MB, {'verified' if r.verified else 'CHECKS FAILED'}",
                 flush=True,
             )
-        dash = dashboard_cost(opts.quick)
-        failed = failed or dash is None
+        dash = dashboard_cost(opts.quick) if opts.sizes is None else None
+        failed = failed or (dash is None and opts.sizes is None)
     finally:
         sampler.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1021,7 +1032,7 @@ def run(opts: Options) -> int:
     print(f"one metered span costs {span_us:.2f} µs of CPU (calibrated)", flush=True)
     costs = metering_costs(pipeline, span_us)
     meter_line = metering_line(costs)
-    rules_line = rules_target_line(results)
+    rules_line = rules_target_line(results, small)
     big = large_line(results)
     print()
     print(line)

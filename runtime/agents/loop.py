@@ -23,9 +23,7 @@ from msgspec import Struct
 from runtime.actions import (
     AcceptOffer,
     AgentAction,
-    CancelOffer,
     DeleteArtifact,
-    MakeOffer,
     Performed,
     SleepFor,
     SubmitTask,
@@ -434,7 +432,9 @@ class Agent:
         done = await perform(self.world, self.id, action)
         if isinstance(action, (WriteArtifact, DeleteArtifact)):
             self._disk_used = None
-        if isinstance(action, (MakeOffer, AcceptOffer, CancelOffer, SubmitTask)):  # the market changed
+        # Posting or withdrawing its own offer changes neither its holdings (an offer holds nothing back)
+        # nor the market it is shown (others' offers only: the first few of them are the same).
+        if isinstance(action, (AcceptOffer, SubmitTask)):  # the market and its holdings changed
             self._held = self._market_lines = None
         elif isinstance(action, TransferScrip) and action.asset != "scrip":  # it gave a right away
             self._held = None

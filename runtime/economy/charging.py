@@ -213,9 +213,11 @@ class Economy:
         self._n = itertools.count(1)
         #: The run's dollar cap on paid models (``budget.max_usd``), when there is one.
         self.dollars: DollarCap | None = None
-        #: Per agent: the memory limits of its tasks admitted and not yet ended (limit -> how many), and
-        #: a lock held while a task takes its limit or a trade shrinks the agent's ``memory_quota``.
+        #: Per agent: the memory limits of its tasks admitted and not yet ended (limit -> how many), the
+        #: bytes of its ``memory_quota`` that trades in progress are giving away, and a lock held while a
+        #: task takes its limit or a trade checks and reserves what it gives.
         self._memory_held: dict[str, collections.Counter[int]] = {}
+        self._memory_leaving: dict[str, int] = {}
         self._memory_locks: dict[str, asyncio.Lock] = {}
         #: Batches, thinks at once, prefix reuse and remote requests in flight (status and metrics).
         self.thinking = ThinkFigures()
@@ -235,10 +237,13 @@ class Economy:
     @contextlib.asynccontextmanager
     async def memory_kept(self, agent: str, giving: int) -> AsyncIterator[None]:
         """Around a trade that moves ``giving`` bytes of ``agent``'s ``memory_quota`` away: refused
-        (``quota_exceeded``) when that leaves less than ``memory_in_use``, and no task takes a limit
-        meanwhile (so none is given memory the trade is giving away)."""
+        (``quota_exceeded``) when that leaves less than ``memory_in_use`` (other trades in progress
+        counted as gone), else reserved until the trade is done, so that a task taking its limit
+        meanwhile takes it from the quota less what is leaving (none is given memory a trade is giving
+        away) — without waiting for the trade's durable commit, as it would behind a lock held that long."""
         async with self._memory_lock(agent):
             quota = await self.ledger.balance_async(agent, "memory_quota", fresh=True)
+            quota -= self._memory_leaving.get(agent, 0)
             used = self.memory_in_use(agent)
             if quota - giving < used:
                 raise LedgerError(
@@ -246,7 +251,16 @@ class Economy:
                     f"`{agent}` has a task running with {used} bytes of its {quota} of memory_quota; it can give "
                     f"away at most {max(quota - used, 0)}, not {giving} (trade it when its tasks have ended)",
                 )
+            self._memory_leaving[agent] = self._memory_leaving.get(agent, 0) + giving
+        try:
             yield
+        finally:
+            # Once the trade is durable the ledger's balance says it (until then, counted twice: stricter).
+            left = self._memory_leaving[agent] - giving
+            if left:
+                self._memory_leaving[agent] = left
+            else:
+                del self._memory_leaving[agent]
 
     async def run(
         self, agent: str, spec: TaskSpec, *, timeout_s: float | None = None, serve: Serve | None = None
@@ -333,11 +347,16 @@ class Economy:
         if isinstance(spec, Think):
             await self.buckets.acquire(agent, "llm_tokens", self.token_estimator.estimate(agent, kind))
         task_id = f"{self.run_id}-{next(self._n)}"
-        # A task's memory limit is its agent's memory_quota, as the ledger holds it now. Confined code
-        # gets its limit from the sandbox's own cgroup instead: a second limit on the worker around it
-        # could make the kernel pick the worker, not the sandbox, when memory runs out.
+        # A task's memory limit is its agent's memory_quota, as the ledger holds it now, less what trades
+        # in progress are giving away (``memory_kept``). Confined code gets its limit from the sandbox's
+        # own cgroup instead: a second limit on the worker around it could make the kernel pick the
+        # worker, not the sandbox, when memory runs out.
         async with self._memory_lock(agent):
-            quota = 0 if isinstance(spec, Invoke) else await self.ledger.balance_async(agent, "memory_quota")
+            quota = (
+                0
+                if isinstance(spec, Invoke)
+                else await self.ledger.balance_async(agent, "memory_quota") - self._memory_leaving.get(agent, 0)
+            )
             limit = spec.memory_bytes if isinstance(spec, Invoke) else quota
             held = self._memory_held.get(agent)
             if held is None:  # not setdefault: that would build a Counter for every task

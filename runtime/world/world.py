@@ -37,6 +37,7 @@ from runtime.economy.ledger import (
     SponsorUsed,
     Transfer,
 )
+from runtime.economy.ledger.rules import open_already
 from runtime.economy.rights import RATE_RIGHTS
 from runtime.errors import AecoError, ErrorCode
 from runtime.pool import Outcome, TaskFailed
@@ -244,6 +245,12 @@ class World:
             amount=amount,
             price=price,
         )
+        if name and await self.economy.ledger.offer_async(offer.offer) is not None:
+            # Refused now, as the ledger would refuse it after a durable commit (a turn's wait for one):
+            # the offer is open as of this read, and a refused post writes nothing, so refusing it here
+            # is the ledger's own answer at this point. An agent that reposts an offer not yet taken
+            # meets this every time.
+            raise open_already(offer.offer)
         receipt = await self.economy.ledger.submit_async(offer)
         if receipt.fresh:
             # Addressed to the seller, not broadcast: agents see the open offers in their context, and a

@@ -17,6 +17,7 @@ from runtime.actions import (
     CancelOffer,
     InvokeArtifact,
     MakeOffer,
+    Noop,
     ReadArtifact,
     Sponsor,
     SubmitTask,
@@ -26,6 +27,7 @@ from runtime.actions import (
     WriteArtifact,
     perform,
 )
+from runtime.agents.loop import Agent, ScriptedBrain
 from runtime.agents.schema import ACTION_SCHEMA
 from runtime.config import BudgetConfig, Config, TaskConfig, load
 from runtime.economy.ledger import AwardTask, LedgerError
@@ -33,6 +35,7 @@ from runtime.economy.ledger import Subscribe as LedgerSubscribe
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.errors import AecoError
+from runtime.protocol import Burn
 from runtime.world.access import CONTRACT_CPU_S, CONTRACT_WALL_S
 from runtime.world.events import Event
 from runtime.world.store import Kind, StoreError
@@ -117,6 +120,83 @@ def test_memory_quota_in_use_cannot_be_given_away(tmp_path: Path) -> None:
 
     with_world(tmp_path, body)
     _ledger_ok(tmp_path)
+
+
+def test_a_memory_trade_waiting_for_its_commit_holds_no_task_back_and_gives_none_what_is_leaving(
+    tmp_path: Path,
+) -> None:
+    async def body(w: World) -> None:
+        async def started() -> None:  # bob has a task that took its limit
+            while w.economy.memory_in_use("bob") == 0:
+                await asyncio.sleep(0.01)
+
+        led = w.economy.ledger
+        quota, giving = led.balance("bob", "memory_quota"), 1 << 20
+        await perform(w, "bob", MakeOffer(asset="memory_quota", amount=giving, price=1, name="mem"))
+        hold = led.hold()  # type: ignore[attr-defined]  # the ledger's writer commits nothing until released
+        try:
+            accepting = asyncio.create_task(perform(w, "alice", AcceptOffer(offer="bob.mem")))
+            await asyncio.wait_for(asyncio.to_thread(hold.waiting.wait), 30)  # checked, queued, not durable
+            # bob's task starts meanwhile, not behind the trade's commit, limited to what stays bob's.
+            burn = asyncio.create_task(w.economy.run("bob", Burn(ms=1)))
+            await asyncio.wait_for(started(), 10)
+            assert w.economy.memory_in_use("bob") == quota - giving
+            assert not accepting.done()
+        finally:
+            hold.release()  # (on a failure too: a held writer would hold up the node's stop)
+        await asyncio.wait_for(asyncio.gather(accepting, burn), 30)
+        assert led.balance("bob", "memory_quota") == quota - giving
+        # The trade done, what was reserved for it is not counted again: the next task takes the new quota.
+        burn = asyncio.create_task(w.economy.run("bob", Burn(ms=200)))
+        await asyncio.wait_for(started(), 10)
+        assert w.economy.memory_in_use("bob") == quota - giving
+        await burn
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_a_named_offer_open_already_is_refused_without_waiting_for_a_commit(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        await perform(w, "alice", MakeOffer(asset="cpu_rate", amount=10, price=1, name="o"))
+        hold = led.hold()  # type: ignore[attr-defined]  # the ledger's writer commits nothing until released
+        try:
+            with pytest.raises(LedgerError) as err:
+                # Refused from the ledger's committed state: a post that waited for a commit would time out.
+                await asyncio.wait_for(perform(w, "alice", MakeOffer(asset="cpu_rate", amount=5, price=2, name="o")), 5)
+            assert err.value.code == "conflict" and "`alice.o` is open already" in str(err.value)
+        finally:
+            hold.release()
+        [offer] = await w.offers()
+        assert (offer.offer, offer.amount, offer.price) == ("alice.o", 10, 1)
+        # Taken, the name is free again.
+        await perform(w, "bob", AcceptOffer(offer="alice.o"))
+        await perform(w, "alice", MakeOffer(asset="cpu_rate", amount=5, price=2, name="o"))
+        [offer] = await w.offers()
+        assert (offer.offer, offer.amount, offer.price) == ("alice.o", 5, 2)
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
+def test_an_agent_s_context_shows_others_open_offers_and_follows_its_own_trades(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        led, mib = w.economy.ledger, 1 << 20
+        alice = Agent("alice", ScriptedBrain(w.economy, [Noop()], 1), w)
+        await perform(w, "bob", MakeOffer(asset="memory_quota", amount=mib, price=3, name="m"))
+        assert f"Offers: bob.m: {mib} memory_quota for 3" in await alice.context()
+        # Its own offer is not shown it, and the others' are still there.
+        await alice.act(MakeOffer(asset="disk_quota", amount=1000, price=1, name="d"))
+        context = await alice.context()
+        assert "bob.m" in context and "alice.d" not in context
+        # What it bought leaves its market and shows in its limits at once.
+        await alice.act(AcceptOffer(offer="bob.m"))
+        context = await alice.context()
+        assert "Offers:" not in context
+        assert f"memory {led.balance('alice', 'memory_quota') / mib:.0f} MB per task" in context
+
+    with_world(tmp_path, body)
 
 
 def test_an_offer_is_filled_once_by_concurrent_buyers_and_both_sides_move(tmp_path: Path) -> None:

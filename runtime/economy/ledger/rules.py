@@ -193,6 +193,12 @@ def _standing(view: View, op: Subscribe | EndTrigger | Sponsor | SponsorUsed) ->
             view.put_standing(key, msgspec.structs.replace(found, cpu_seconds=left) if left else None)
 
 
+def open_already(offer_id: str) -> LedgerError:
+    """The refusal of a post under the id of an open offer (``World.post_offer`` also gives it before
+    queueing a post that would meet it)."""
+    return LedgerError("conflict", f"offer `{offer_id}` is open already")
+
+
 def apply(view: View, op: Op) -> None:
     """Apply ``op`` to ``view``, or raise ``LedgerError`` having written nothing."""
     if isinstance(op, Transfer):
@@ -206,7 +212,7 @@ def apply(view: View, op: Op) -> None:
         if op.asset == "scrip":
             raise LedgerError("invalid", f"offer `{op.offer}` sells scrip for scrip; transfer it instead")
         if view.offer(op.offer) is not None:
-            raise LedgerError("conflict", f"offer `{op.offer}` is open already")
+            raise open_already(op.offer)
         _holds(view, op.seller, op.asset, op.amount, "offer")
         view.put_offer(op)
     elif isinstance(op, AcceptOffer):
