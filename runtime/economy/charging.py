@@ -228,6 +228,11 @@ class Economy:
             lock = self._memory_locks[agent] = asyncio.Lock()
         return lock
 
+    async def memory_available(self, agent: str) -> int:
+        """``agent``'s ``memory_quota`` as the ledger holds it now, less what trades in progress are
+        giving away: the most memory one of its tasks may be given."""
+        return await self.ledger.balance_async(agent, "memory_quota") - self._memory_leaving.get(agent, 0)
+
     def memory_in_use(self, agent: str) -> int:
         """The bytes of ``agent``'s ``memory_quota`` in use: the largest memory limit one of its tasks was
         given that has not ended (queued or running; each task may use up to its limit until it ends)."""
@@ -352,11 +357,15 @@ class Economy:
         # own cgroup instead: a second limit on the worker around it could make the kernel pick the
         # worker, not the sandbox, when memory runs out.
         async with self._memory_lock(agent):
-            quota = (
-                0
-                if isinstance(spec, Invoke)
-                else await self.ledger.balance_async(agent, "memory_quota") - self._memory_leaving.get(agent, 0)
-            )
+            quota = 0 if isinstance(spec, Invoke) else await self.memory_available(agent)
+            if not isinstance(spec, Invoke) and quota <= 0:
+                # The worker reads a limit of 0 as none: an agent that sold all its memory_quota would
+                # run unlimited.
+                raise TaskFailed(
+                    "quota_exceeded",
+                    f"`{agent}` holds no memory_quota (traded away or leaving in a trade): a task needs some; "
+                    "acquire memory_quota before running one",
+                )
             limit = spec.memory_bytes if isinstance(spec, Invoke) else quota
             held = self._memory_held.get(agent)
             if held is None:  # not setdefault: that would build a Counter for every task

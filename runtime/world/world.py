@@ -335,7 +335,12 @@ class World:
         if charge_to == "owner" and art.owner != agent:
             payer, held = art.owner, self._hold_sponsored(art.owner, aid, cpu_seconds)
             cpu_seconds = held
-        memory = min(await self.economy.ledger.balance_async(payer, "memory_quota"), 1 << 30) or (256 << 20)
+        memory = min(await self.economy.memory_available(payer), 1 << 30)
+        if memory <= 0:
+            raise InvokeError(
+                "quota_exceeded",
+                f"`{payer}` holds no memory_quota (traded away or leaving in a trade): invoking `{aid}` needs some",
+            )
         spec = p.Invoke(
             code=art.content.decode("utf-8", "replace"),
             args=encoded_args,

@@ -234,6 +234,36 @@ def test_an_offer_is_filled_once_by_concurrent_buyers_and_both_sides_move(tmp_pa
     _ledger_ok(tmp_path)
 
 
+def test_an_agent_that_gave_away_all_its_memory_quota_runs_nothing_unlimited(tmp_path: Path) -> None:
+    """A limit of 0 means none to the worker, and an invocation fell back to 256 MiB: an agent that sold
+    its whole memory_quota could run tasks and code with more memory than before. Both are refused
+    (``quota_exceeded``), charged nothing; once it buys some back, they run within it."""
+
+    async def body(w: World) -> None:
+        led = w.economy.ledger
+        await w.write_artifact("bob", "hog", b"x = bytearray(64 << 20)\nworld.result(len(x))", kind="code")
+        await perform(
+            w, "bob", TransferScrip(to="alice", amount=led.balance("bob", "memory_quota"), asset="memory_quota")
+        )
+        assert led.balance("bob", "memory_quota") == 0
+        usage = len(list(led.usage_records()))
+        with pytest.raises(AecoError) as ran:
+            await w.economy.run("bob", Burn(ms=10))
+        assert ran.value.code == "quota_exceeded" and "holds no memory_quota" in str(ran.value)
+        with pytest.raises(InvokeError) as invoked:
+            await w.invoke_artifact("bob", "hog")
+        assert invoked.value.code == "quota_exceeded" and "holds no memory_quota" in str(invoked.value)
+        assert len(list(led.usage_records())) == usage  # nothing ran, nothing charged
+        await perform(w, "alice", TransferScrip(to="bob", amount=32 << 20, asset="memory_quota"))
+        assert (await w.economy.run("bob", Burn(ms=10))).usage.cpu_seconds > 0
+        with pytest.raises(InvokeError) as over:
+            await w.invoke_artifact("bob", "hog")  # 64 MiB within a limit of 32
+        assert over.value.code == "memory_exceeded", over.value
+
+    with_world(tmp_path, body)
+    _ledger_ok(tmp_path)
+
+
 def test_confined_code_moves_a_right_only_within_what_the_invoker_authorised(tmp_path: Path) -> None:
     code = b"""
 world.transfer("carol", 60, "cpu_rate")
