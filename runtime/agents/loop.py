@@ -268,16 +268,17 @@ class Agent:
         self.state = "thinking"
         try:
             thought = await self.brain.think(self.id, context)
-        except (BudgetSpent, RunBudgetSpent) as exc:
-            # Nothing to think with until someone gives it budget: sleep on it, not in a loop.
+        except AecoError as exc:
+            if not isinstance(exc, (BudgetSpent, RunBudgetSpent)) and exc.code != "quota_exceeded":
+                return await self._reject("think", f"thinking failed: {exc.code}: {exc.message[:200]}")
+            # Nothing to think with (no budget, or no memory_quota left) until someone gives it some:
+            # sleep on it, not in a loop.
             await self._reject("think", str(exc))
             self.state = "sleeping"
             await self.events.wait(
                 self.id, kinds={"transfer", "system_reset"}, since=await self.events.last_seq_async(), timeout=60
             )
             return None
-        except AecoError as exc:
-            return await self._reject("think", f"thinking failed: {exc.code}: {exc.message[:200]}")
         if thought.action is None:
             return await self._reject("think", thought.error)
         # The previous turn's record, if it was left behind, is durable before this turn acts (it was

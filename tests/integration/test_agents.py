@@ -24,6 +24,7 @@ from runtime.actions import (
     SleepFor,
     TransferScrip,
     WriteArtifact,
+    perform,
 )
 from runtime.agents.loop import Agent, Brain, LlmBrain, ScriptedBrain, Thought
 from runtime.config import AgentConfig, Config, EconomyConfig, PoolConfig
@@ -224,6 +225,35 @@ def test_llm_agents_with_smollm2(tmp_path: Path) -> None:
     crowd, data = _llm_run(tmp_path, model, 2, 10)
     _check_llm_run(crowd, data, 10)
     assert not any("not a valid action" in r for a in crowd for r in a.reasons)  # every output parsed
+
+
+def test_an_agent_with_no_memory_quota_sleeps_until_it_is_given_some(tmp_path: Path) -> None:
+    """Its think is refused (no memory to think in) before it runs: the agent says why and sleeps on
+    the event log, turning no further (each turn's context is CPU it would pay for nothing), until a
+    transfer arrives; then it thinks again."""
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+
+    async def body(rt: Runtime) -> None:
+        led = rt.world.economy.ledger
+        await perform(
+            rt.world, "ann", TransferScrip(to="ben", amount=led.balance("ann", "memory_quota"), asset="memory_quota")
+        )
+        ann = Agent("ann", LlmBrain(rt.world.economy, "You are thrifty.", model=str(model), max_tokens=64), rt.world)
+        turn = asyncio.create_task(ann.step())
+        for _ in range(1000):
+            if ann.state == "sleeping" or turn.done():
+                break
+            await asyncio.sleep(0.01)
+        assert ann.state == "sleeping" and ann.rejected == 1, list(ann.reasons)
+        assert "holds no memory_quota" in ann.reasons[-1]
+        await asyncio.sleep(0.5)
+        assert not turn.done() and ann.rejected == 1  # asleep, not turning
+        await perform(rt.world, "ben", TransferScrip(to="ann", amount=64 << 20, asset="memory_quota"))
+        await asyncio.wait_for(turn, 30)
+        await ann.step()
+        assert ann.actions + ann.rejected == 2 and "holds no memory_quota" not in ann.reasons[-1]
+
+    with_runtime(tmp_path, body)
 
 
 def test_a_paid_model_is_charged_in_dollars_until_the_budget_is_spent(tmp_path: Path) -> None:
