@@ -72,7 +72,7 @@ def context(agent: int, turn: int) -> str:
     others = ", ".join(f"a{j}" for j in range(10) if j != agent)
     news = "none" if turn == 0 else f"transfer(from=a{(agent + turn) % 10}, asset=scrip, amount={turn * 3})"
     lines = [
-        f"You are a{agent}.",
+        f"You are a{agent}. Today (UTC): 2026-12-06.",
         f"Your limits: disk {agent * 3}/1024 KB, memory 256 MB per task, paid-model budget $0.00, "
         "CPU rate 250 millicores, LLM rate 40 tokens/s. Container: 2 CPUs, 4096 MB.",
         f"Other agents: {others}",
@@ -82,9 +82,9 @@ def context(agent: int, turn: int) -> str:
         lines.append(f"Your last action: transfer: moved {turn} scrip to a{(agent + 1) % 10}")
     lines += [
         f"News: {news}",
-        f"Scrip: {100 + 7 * agent - turn}. CPU budget: {2.5 + agent / 10 - turn / 50:.2f} s. "
-        f"Tokens: {4000 - 90 * turn:.0f}.",
-        f"Time (UTC): 2026-12-06T10:{turn:02d}:{agent % 60:02d}Z",
+        f"Scrip {100 + 7 * agent - turn}, CPU budget {2.5 + agent / 10 - turn / 50:.2f} s, "
+        f"tokens {4000 - 90 * turn:.0f}.",
+        f"Time (UTC): 10:{turn:02d}:{agent % 60:02d}",
     ]
     return "\n".join(lines)
 

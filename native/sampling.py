@@ -17,7 +17,10 @@ it is among the most likely if any allowed token is); a seeded draw may land on 
 against.
 
 Stopping. ``Completion`` appends a sampled token unless it ends the generation: an end-of-generation
-token, a stop string of the chat format, or ``max_tokens``; its text is the completion's bytes.
+token, a stop string of the chat format, or ``max_tokens``; its text is the completion's bytes. A
+completion constrained to JSON (``json_end``) also ends with the bracket that closes its value: the
+grammar allows nothing after it (``native.llama.compact_grammar``), so the step that would evaluate
+that bracket only to sample the end-of-generation token is not taken.
 """
 
 from __future__ import annotations
@@ -206,10 +209,16 @@ class Completion:
     max_tokens: int
     #: ``llama_vocab_p`` of the model: which tokens end a generation, and their text.
     vocab: Any
+    #: The completion is one JSON value (a schema's grammar): it ends with the bracket closing it.
+    json_end: bool = False
     out: list[int] = field(default_factory=list)
     text: bytes = b""
     finish: FinishReason = ""
     _piece: Any = field(default_factory=lambda: ctypes.create_string_buffer(64))
+    #: Where the JSON scan of ``text`` is (``json_end``): bracket depth, inside a string, after a backslash.
+    _depth: int = 0
+    _in_string: bool = False
+    _escaped: bool = False
 
     def take(self, token: int) -> bool:
         """Append ``token`` unless it ends the completion; True while the completion goes on."""
@@ -226,11 +235,32 @@ class Completion:
         tail = len(self.text)
         self.text += self._piece.raw[:n]
         # A stop string can only appear where the new piece ends: look at that tail only.
-        if any(stop in self.text[max(0, tail - len(stop)) :] for stop in self.stops):
+        stop_string = any(stop in self.text[max(0, tail - len(stop)) :] for stop in self.stops)
+        if stop_string or (self.json_end and self._closes(self.text[tail:])):
             self.finish = "stop"
         elif len(self.out) >= self.max_tokens:
             self.finish = "length"
         return not self.finish
+
+    def _closes(self, piece: bytes) -> bool:
+        """Scan ``piece`` (the text's new bytes) as JSON; True if it closes the outermost bracket."""
+        for byte in piece:
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif byte == 0x5C:  # backslash
+                    self._escaped = True
+                elif byte == 0x22:  # quote
+                    self._in_string = False
+            elif byte == 0x22:
+                self._in_string = True
+            elif byte in b"{[":
+                self._depth += 1
+            elif byte in b"}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return True
+        return False
 
     def result(self) -> str:
         """The completion's text, cut before its first stop string (as ``llama_cpp.Llama`` does)."""

@@ -374,9 +374,12 @@ class Agent:
             self._market_lines = await self._market()
         limits_line, market = await self.constraints(), self._market_lines
         # Stable first, what changes every turn last: a worker that kept this agent's last prompt
-        # (``native.batch``) evaluates only from the first line that differs.
+        # (``native.batch``) evaluates only from the first line that differs. The date heads the prompt
+        # and the last line holds only the time of day (SmolLM2 spells digits one token each: the whole
+        # timestamp at the end cost 25 tokens a turn, 13 now); the balances' labels are short for the same reason.
+        now = time.gmtime()
         lines = [
-            f"You are {self.id}.",
+            f"You are {self.id}. Today (UTC): {time.strftime('%Y-%m-%d', now)}.",
             limits_line,
             "Other agents: " + (", ".join(others) or "none"),
             *market,
@@ -388,9 +391,9 @@ class Agent:
             lines.append(f"Your last action: {self.last}")
         lines += [
             "News: " + ("; ".join(_describe(e) for e in news) or "none"),
-            f"Scrip: {scrip}. CPU budget: {buckets.level(self.id, 'cpu'):.2f} s. "
-            f"Tokens: {buckets.level(self.id, 'llm_tokens'):.0f}.",
-            f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+            f"Scrip {scrip}, CPU budget {buckets.level(self.id, 'cpu'):.2f} s, "
+            f"tokens {buckets.level(self.id, 'llm_tokens'):.0f}.",
+            f"Time (UTC): {time.strftime('%H:%M:%S', now)}",
         ]
         return "\n".join(lines)
 

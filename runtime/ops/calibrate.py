@@ -149,16 +149,17 @@ class CalibrationFailed(AecoError):
 def _context(agent: str, others: list[str]) -> str:
     """A prompt shaped like an agent's context (``runtime.agents.loop.Agent.context``): stable lines
     first, what changes every turn last; the reply instruction is in the system prompt."""
+    now = time.gmtime()
     return "\n".join(
         [
-            f"You are {agent}.",
+            f"You are {agent}. Today (UTC): {time.strftime('%Y-%m-%d', now)}.",
             "Your limits: disk 0/65536 KB, memory 1024 MB per task, paid-model budget $0.00, "
             "CPU rate 1000 millicores, LLM rate 20 tokens/s. Container: 2 CPUs, no memory limit.",
             "Other agents: " + (", ".join(o for o in others if o != agent) or "none"),
             "Artifacts you can see: none",
             "News: none",
-            "Scrip: 1000. CPU budget: 1.00 s. Tokens: 0.",
-            f"Time (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+            "Scrip 1000, CPU budget 1.00 s, tokens 0.",
+            f"Time (UTC): {time.strftime('%H:%M:%S', now)}",
         ]
     )
 

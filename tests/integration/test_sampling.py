@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from native import sampling
@@ -63,3 +64,23 @@ def test_a_refused_token_is_drawn_again_from_what_the_grammar_allows(
         assert gen.finish_reason == "stop", gen
     counts = checked._candidates
     assert 0 < counts.full_passes < counts.refused, (counts.full_passes, counts.refused)
+
+
+def test_a_completion_is_compact_json_that_ends_with_its_closing_brace(checked: LlamaBackend) -> None:
+    """The grammar allows no whitespace between the JSON's tokens (``compact_grammar``), and the completion
+    ends with the brace that closes the action: no decode step is spent on what follows it."""
+    for seed in range(4):
+        gen = checked.generate(SYSTEM, _prompt(seed), schema=ACTION_SCHEMA_BYTES, max_tokens=300, seed=seed)
+        parse_action(gen.text)
+        assert gen.finish_reason == "stop" and gen.text.endswith("}"), gen
+        assert gen.text == msgspec.json.encode(msgspec.json.decode(gen.text)).decode(), gen  # no space outside strings
+
+
+def test_the_json_scan_skips_brackets_inside_strings(checked: LlamaBackend) -> None:
+    """Brackets and escaped quotes inside a string do not end the completion; the closing brace does."""
+    c = checked.completion(ACTION_SCHEMA_BYTES, max_tokens=100, temperature=0.0, seed=0, stops=[])
+    try:
+        pieces = [b'{"a":"x}', b'\\"]', b'{",', b'"b":[1,', b"{}]", b"}"]
+        assert [c._closes(p) for p in pieces] == [False, False, False, False, False, True]
+    finally:
+        c.sampler.close()

@@ -57,7 +57,8 @@ def test_a_batch_of_8_gives_8_schema_valid_actions(gguf: Path) -> None:
     assert shared > 100 and all(o.work.shared_tokens == shared for o in outcomes)
     for o in outcomes:
         assert o.work.own_tokens + shared == o.generation.prompt_tokens
-        assert o.work.decode_steps == o.generation.completion_tokens  # the last token sampled is never evaluated
+        # The closing brace, the last token of the completion, ends it and is never evaluated.
+        assert o.work.decode_steps == o.generation.completion_tokens - 1 and o.generation.text.endswith("}")
 
 
 def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> None:
