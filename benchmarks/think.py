@@ -1,9 +1,10 @@
 """Thinking throughput: decisions and tokens per CPU-second, one think per task vs batched thinks.
 
-N agents think once each per round, with the agents' real system prompt (``system_prompt`` of
-``DEFAULT_PERSONA``), the action schema, ``max_tokens`` 160 (``LlmBrain``'s) and a context with
-``Agent.context``'s lines in its order (who, limits, others, artifacts, last action, news, holdings,
-time: stable first, what changes every turn last), different per agent and round.
+N agents think once each per round, with the real agents' prompts: ``config/default.yaml``'s agents,
+in turn (their ``system_prompt``: the rules, each one's own persona, the reply), the action schema,
+``max_tokens`` 160 (``LlmBrain``'s) and a context with ``Agent.context``'s lines in its order (who,
+limits, others, the operator's tasks as the default config posts them, artifacts, last action, news,
+holdings, time: stable first, what changes every turn last), different per agent and round.
 Paths, side by side in one run, rounds alternating so that a change in the machine's load hits all:
 
 - ``single (grammar first)``: today's path as it was, the grammar applied to every candidate token
@@ -53,15 +54,19 @@ import psutil
 from benchmarks.common import Options, host_info, print_rows, publish, save_figure
 from native.models import default_model
 from native.tiny_model import write_tiny_model
-from runtime.agents.loop import DEFAULT_PERSONA, system_prompt
+from runtime.agents.loop import system_prompt
 from runtime.agents.schema import ACTION_SCHEMA_BYTES, InvalidAction, parse_action
+from runtime.config import load
 from runtime.pool import WorkerPool
 from runtime.protocol import Think, ThinkBatch, ThinkReport, decode_think, decode_think_batch
 from workers.think import GRAMMAR_FIRST_ENV, KEPT_MAX, N_CTX
 
 TARGET = 2.5
 TARGET_AGENTS = 8
-SYSTEM = system_prompt(DEFAULT_PERSONA)
+#: The default config's agents and tasks: the prompts a user's run thinks with.
+DEFAULT = load(Path(__file__).resolve().parents[1] / "config" / "default.yaml")
+SYSTEMS = [system_prompt(a.persona) for a in DEFAULT.agents if a.brain == "llm"]
+TASKS = "Tasks: " + "; ".join(f"{t.id} (+{t.reward}): {t.description}" for t in DEFAULT.tasks[:3])
 MAX_TOKENS = 160
 OLD = "single (grammar first)"
 PATHS = (OLD, "single", "batched", "batched+prefix", "batched+kept", "llama_cpp.server")
@@ -76,6 +81,7 @@ def context(agent: int, turn: int) -> str:
         f"Your limits: disk {agent * 3}/1024 KB, memory 256 MB per task, paid-model budget $0.00, "
         "CPU rate 250 millicores, LLM rate 40 tokens/s. Container: 2 CPUs, 4096 MB.",
         f"Other agents: {others}",
+        TASKS,
         "Artifacts you can see: " + (", ".join(f"notes{j}" for j in range(agent % 4)) or "none"),
     ]
     if turn:
@@ -93,7 +99,7 @@ def thinks(n: int, turn: int, model: Path) -> list[Think]:
     """The round's think of each of ``n`` agents."""
     return [
         Think(
-            system=SYSTEM,
+            system=SYSTEMS[i % len(SYSTEMS)],
             prompt=context(i, turn),
             schema=ACTION_SCHEMA_BYTES,
             max_tokens=MAX_TOKENS,
