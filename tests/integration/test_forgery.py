@@ -212,7 +212,8 @@ def test_a_forged_report_reaches_the_ledger_only_as_the_kernels_count(value: str
     """Through the economy: one usage record (``bad_report``) with what the kernel counted, a finite
     bucket level still high enough to admit the agent's next task at once, books that check."""
     ledger = LmdbLedger(tmp_path / "ledger")
-    ledger.apply(OpenAccount(id="open:alice", account="alice", grants={"cpu_rate": 1000}))
+    # A memory_quota as every agent's account is opened with: a task of an agent without one is refused.
+    ledger.apply(OpenAccount(id="open:alice", account="alice", grants={"cpu_rate": 1000, "memory_quota": 256 << 20}))
     buckets = Buckets()
     buckets.add("alice", "cpu", 1.0, 2.0)
 
