@@ -259,10 +259,12 @@ class _Slow(_Completions):
             cls.peak = max(cls.peak, cls.now)
         try:
             time.sleep(self.HOLD_S)
-            super().do_POST()
         finally:
+            # Counted out before the answer is written: counted out after, the client's next request
+            # (sent once this answer arrived) could be counted in first, one over the limit it honoured.
             with cls.count:
                 cls.now -= 1
+        super().do_POST()
 
 
 def test_remote_thinks_run_from_the_supervisor_up_to_the_in_flight_limit(tmp_path: Path) -> None:
