@@ -30,6 +30,7 @@ import msgspec
 import zmq
 
 from runtime import protocol as p
+from runtime.tally import TaskTally
 from workers import measure, tasks
 from workers.measure import MemoryMeter
 
@@ -55,9 +56,13 @@ def _die_with_parent(parent_pid: int) -> None:
 class Worker:
     """The worker's loop and books. One instance per process."""
 
-    def __init__(self, boot: p.WorkerBoot, sock: zmq.Socket[bytes], meter: MemoryMeter) -> None:
+    def __init__(
+        self, boot: p.WorkerBoot, sock: zmq.Socket[bytes], meter: MemoryMeter, tally: TaskTally | None = None
+    ) -> None:
 
         self.boot, self.sock, self.meter = boot, sock, meter
+        #: Where it counts each task before beginning it, for its pool to read should it die (None: no pool).
+        self.tally = tally
         self.log = logging.getLogger(f"worker.{boot.worker_id}")
         self._rusage_cpu = measure.cpu_seconds
         #: CPU of confined processes that the kernel counted in their cgroup but that no wait4
@@ -138,7 +143,7 @@ class Worker:
         while not self.shutdown_requested:
             if queued:
                 task = queued.popleft()
-                self.send(self._run(task) if task.measure else self._run_unmeasured(task))
+                self.send(self._run_counted(task))
                 continue
             try:
                 frame = self.sock.recv()
@@ -153,11 +158,17 @@ class Worker:
             if isinstance(msg, p.Shutdown):
                 break
             if isinstance(msg, p.Task):
-                self.send(self._run(msg) if msg.measure else self._run_unmeasured(msg))
+                self.send(self._run_counted(msg))
             elif isinstance(msg, p.Tasks):
                 queued.extend(msg.tasks)
             elif msg is not None and not isinstance(msg, p.StopThink):  # a stop for a batch that ended: moot
                 self.log.warning("dropped unexpected %s message", type(msg).__name__)
+
+    def _run_counted(self, task: p.Task) -> p.Result:
+        """Count ``task`` begun (see ``runtime.tally``), then run it."""
+        if self.tally is not None:
+            self.tally.begin()
+        return self._run(task) if task.measure else self._run_unmeasured(task)
 
     def _decode(self, frame: bytes) -> p.Message | None:
 
@@ -358,7 +369,8 @@ def main() -> int:
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.IDENTITY, keys.identity)
     sock.connect(boot.endpoint)
-    Worker(boot, sock, meter).serve(keys.secret)
+    tally = TaskTally.attach(boot.tally_fd) if boot.tally_fd >= 0 else None
+    Worker(boot, sock, meter, tally).serve(keys.secret)
     if (sandbox := sys.modules.get("workers.sandbox")) is not None:
         # Reap the sandbox's zygote: its CPU (and its outers', already booked as tasks) is then in
         # what the kernel counts for this worker when the pool reaps it.

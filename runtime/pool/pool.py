@@ -108,6 +108,7 @@ from runtime.pool.task import (
     check_timeout,
 )
 from runtime.pool.wire import Wire, hand_keys, proves
+from runtime.tally import TaskTally
 
 __all__ = ["PoolStatus", "RunningTask", "WorkerPool", "resolve_size"]
 
@@ -170,6 +171,8 @@ class _Worker:
     #: (cgroup only), which the start of its next task and a task sent to it meanwhile reuse.
     answered_delay: float | None = None
     answered_cpu: KernelReading | None = None
+    #: Tasks it answered: what its tally counts beyond these began there without an answer coming back.
+    answered: int = 0
 
     @property
     def worker_id(self) -> int:
@@ -588,8 +591,6 @@ class WorkerPool:
         for at in range(0, len(given), p.MAX_TASKS_PER_FRAME):
             part = given[at : at + p.MAX_TASKS_PER_FRAME]
             tasks = [p.Task(id=j.id, spec=j.spec, measure=j.measure, memory_limit=j.memory_limit) for j, _ in part]
-            for job, _ in part:
-                job.framed = len(part) > 1
             if self._send(w, tasks[0] if len(tasks) == 1 else p.Tasks(tasks=tasks)):
                 continue
             # The worker is gone before it saw them (and is killed): the tasks go back untouched, the
@@ -796,6 +797,7 @@ class WorkerPool:
             w.answered_cpu = None
             return self._refuse_report(w, exc)
         self._sched.answered(w.worker_id)
+        w.answered += 1
         w.next_baseline = None if job.baseline is None else job.baseline + cpu
         # The readings taken now are reused for the task that starts here and one sent here meanwhile.
         w.answered_delay = w.process.run_delay.read()
@@ -906,6 +908,7 @@ class WorkerPool:
         assert self._loop is not None and self._wire is not None
         wid = next(self._worker_ids)
         keys_fd, keys = hand_keys(wid)
+        tally = TaskTally()
         cgroups, status = (None, self.cgroup_status)
         if self.info.mode != "none":
             cgroups, status = cg.WorkerCgroups.create(self.info, cg.child_name(os.getpid(), wid, 0))
@@ -921,11 +924,12 @@ class WorkerPool:
             cgroup_dirs=dict(cgroups.controllers) if cgroups else {},
             sandbox_hide=[*self.hide, self._run_dir],
             keys_fd=keys_fd,
+            tally_fd=tally.fd if tally.fd is not None else -1,
             initializer=self.initializer,
         )
         env = dict(os.environ)
         env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()
-        process = WorkerProcess.spawn(self.worker_command, env, keys_fd, cgroups)
+        process = WorkerProcess.spawn(self.worker_command, env, keys_fd, cgroups, tally)
         self._sched.add(wid, time.monotonic())
         w = _Worker(self._sched.workers[wid], keys.identity, keys.secret, process)
         self._workers[keys.identity] = self._by_id[wid] = w
@@ -971,12 +975,13 @@ class WorkerPool:
         """Worker ``w``'s pidfd is readable: reap it, settle its task, replace it (as the scheduler says)."""
         assert self._loop is not None
         # What it sent before it died is read first: a task it answered is charged from its answer, not
-        # as lost, and one that waited behind it was not begun, as far as this pool can tell.
+        # as lost; of those it did not answer, its tally says how many it began (``runtime.tally``).
         self._drain()
         held = w.held() if w.job is not None else 0.0  # while /proc still has the zombie's schedstat
         death = w.process.reap()
         if death is None:
             return  # not yet a zombie
+        begun = w.process.tally.read() - w.answered
         self._loop.remove_reader(w.process.pidfd)
         w.process.close()
         if w.cpu_counter is not None:
@@ -985,7 +990,7 @@ class WorkerPool:
         tail = self.accounts.unreported(w.pid, death.cpu_seconds)
         job = w.job
         over_memory = death.oom_killed and job is not None and bool(job.memory_limit)
-        lost = self._sched.died(w.worker_id, time.monotonic(), over_memory=over_memory)
+        lost = self._sched.died(w.worker_id, time.monotonic(), begun=begun, over_memory=over_memory)
         if lost.crash:
             why = lost.reason or f"exit status {death.returncode}"
             log.warning("worker %d (pid %d) died in state %s: %s", w.worker_id, w.pid, lost.state, why)

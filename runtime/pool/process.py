@@ -22,6 +22,7 @@ import msgspec
 
 from runtime.host import cgroups as cg
 from runtime.pool.accounting import RunDelay
+from runtime.tally import TaskTally
 
 #: A shell joins the worker's cgroups and then becomes the worker, so that the cgroups count the
 #: worker's CPU from its first instruction. A failed join is noticed at hello.
@@ -86,10 +87,11 @@ class Death(msgspec.Struct, frozen=True):
 
 class WorkerProcess:
     """A worker process: its ``Popen``, the pidfd that says when it exits, its cgroups (None: measured
-    through ``/proc``), and the counter of the time it waited for a CPU."""
+    through ``/proc``), the counter of the time it waited for a CPU, and the tally of the tasks it began."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], cgroups: cg.WorkerCgroups | None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], cgroups: cg.WorkerCgroups | None, tally: TaskTally) -> None:
         self.proc = proc
+        self.tally = tally
         self.pid = proc.pid
         self.pidfd = os.pidfd_open(proc.pid)
         self.cgroups = cgroups
@@ -97,10 +99,10 @@ class WorkerProcess:
 
     @classmethod
     def spawn(
-        cls, argv: list[str], env: dict[str, str], keys_fd: int, cgroups: cg.WorkerCgroups | None
+        cls, argv: list[str], env: dict[str, str], keys_fd: int, cgroups: cg.WorkerCgroups | None, tally: TaskTally
     ) -> WorkerProcess:
-        """Start ``argv`` with ``env`` (and the pool's imports on its path), inheriting ``keys_fd``, in
-        ``cgroups`` if any. ``keys_fd`` is closed here, in any case."""
+        """Start ``argv`` with ``env`` (and the pool's imports on its path), inheriting ``keys_fd`` and
+        ``tally``'s file, in ``cgroups`` if any. Both files are closed here, in any case."""
         env = dict(env)
         # Workers import what the supervisor imports (the executor pickles functions by reference).
         env["PYTHONPATH"] = os.pathsep.join(x for x in sys.path if x)
@@ -108,10 +110,16 @@ class WorkerProcess:
             env["AECO_CGROUP_PROCS"] = "\n".join(cgroups.procs_files())
             argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", *argv]
         try:
-            proc = _spawner.popen(argv, env=env, close_fds=True, pass_fds=(keys_fd,), stdin=subprocess.DEVNULL)
+            assert tally.fd is not None, "a tally is handed to one worker"
+            fds = (keys_fd, tally.fd)
+            proc = _spawner.popen(argv, env=env, close_fds=True, pass_fds=fds, stdin=subprocess.DEVNULL)
+        except BaseException:
+            tally.close()
+            raise
         finally:
             os.close(keys_fd)
-        return cls(proc, cgroups)
+        tally.close_fd()
+        return cls(proc, cgroups, tally)
 
     def in_cgroups(self) -> bool:
         """Whether it joined every cgroup made for it (trivially, when it has none)."""
@@ -158,6 +166,7 @@ class WorkerProcess:
         return death
 
     def close(self) -> None:
-        """Close its pidfd (once no loop watches it) and its run-delay counter."""
+        """Close its pidfd (once no loop watches it), its run-delay counter and its tally."""
         os.close(self.pidfd)
         self.run_delay.close()
+        self.tally.close()

@@ -87,10 +87,6 @@ class Job:
     #: How many tasks may wait at a worker when this one is sent to wait there, if more than the pool's
     #: ``prefetch`` (a burst such as ``WorkerPoolExecutor.map``: its tasks travel several per frame).
     depth: int = 0
-    #: Last sent in a frame with other tasks (``Tasks``): if its worker dies before answering it, it may
-    #: have run there (the answers a worker queued in its socket die with it), so it is not run again
-    #: unless it is idempotent.
-    framed: bool = False
 
 
 J = TypeVar("J", bound=Job)
@@ -518,18 +514,21 @@ class Scheduler(Generic[J]):
 
     # ------------------------------------------------------------------------------------- deaths
 
-    def died(self, wid: int, now: float, *, over_memory: bool = False) -> Lost[J]:
+    def died(self, wid: int, now: float, *, begun: int, over_memory: bool = False) -> Lost[J]:
         """Worker ``wid`` is dead (``over_memory``: the kernel killed it at its task's memory limit).
 
-        Tasks that waited at it never began there: each goes back to the head of its agent's line,
-        its attempt not counted (or fails, as the pool does if it stops); but one that came in a frame
-        with others (``framed``) may have, its answer lost with the worker: it fails ``worker_crashed``
-        uncharged (what the worker used since its last answer is the running task's), unless it is
-        idempotent and on its first attempt (then it goes back, as a retry). The pool then settles the
-        task it ran (``retry`` says whether it runs again) and asks ``replace`` for what comes next.
+        ``begun`` is how many of the tasks it held unanswered, in the order sent (its task, then those
+        that waited), it had begun by its own tally (``runtime.tally``). A task that waited and never
+        began goes back to the head of its agent's line, its attempt not counted (or fails, as the pool
+        does if it stops). One that began may have run, its answer lost with the worker: it fails
+        ``worker_crashed`` uncharged (what the worker used since its last answer is charged to the task
+        it ran), unless it is idempotent and on its first attempt (then it goes back, as a retry). The
+        pool then settles the task it ran (``retry`` says whether it runs again) and asks ``replace``
+        for what comes next.
         """
         w = self.workers.pop(wid)
         job, was_state, waiting = w.job, w.state, list(w.waiting)
+        assert job is not None or not waiting, f"worker {wid}: tasks wait behind none"
         w.state, w.job, w.deadline_at = "dead", None, 0.0
         w.waiting.clear()
         reason = w.kill_reason
@@ -540,16 +539,18 @@ class Scheduler(Generic[J]):
         if crash:
             self.crashed += 1
         first: list[Command[J]] = []
-        for queued in reversed(waiting):
-            if not queued.framed:  # never begun: the attempt does not count
+        for at in reversed(range(len(waiting))):
+            queued = waiting[at]
+            began = at + 1 < begun  # ``job`` is the first of those it held
+            if not began:  # the attempt does not count
                 queued.attempts -= 1
             if self.closing or self.failed:
                 code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
                 first.append(Fail(queued, code, self.failed or "the pool was closed before the task ran"))
             elif queued.cancel_at_start:
                 first.append(Fail(queued, "cancelled", f"task {queued.id} was cancelled before it ran"))
-            elif queued.framed and not (queued.idempotent and queued.attempts < 2):
-                why = f"worker {wid} died holding task {queued.id} in a frame of tasks: it may have run; not run again"
+            elif began and not (queued.idempotent and queued.attempts < 2):
+                why = f"worker {wid} died after it began task {queued.id}, whose answer was lost: not run again"
                 first.append(Fail(queued, "worker_crashed", why))
             else:
                 self.queue.push_front(queued.agent, queued)

@@ -36,6 +36,7 @@ from runtime.pool import TaskFailed, WorkerPool
 from runtime.pool.accounting import proc_tree_cpu_seconds
 from runtime.pool.inflight import CRASH_CODE, Finished, InflightLog, Spoiled
 from runtime.pool.wire import hand_keys
+from runtime.tally import TaskTally
 from tests.crash import finished_task, leave_in_flight
 from tests.integration.conftest import wait_until, with_pool
 from tests.integration.test_restart import CONFIG, _start
@@ -89,7 +90,9 @@ def test_a_peer_with_a_guessed_identity_gets_no_task_and_charges_nothing(caplog:
 
 def test_a_worker_reads_its_keys_from_the_pipe_and_leaves_no_trace_of_them() -> None:
     """Started by hand (this test is its supervisor): its hello proves the secret, and neither its
-    argv, its environment, its open files nor those of the processes it starts hold the keys."""
+    argv, its environment, its open files nor those of the processes it starts hold the keys. Its tally
+    of tasks begun (shared memory) counts the task it ran, and only the worker maps it: no process it
+    starts (the sandbox's zygote, confined code) can reach it, nor an open file of it."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     run_dir = tempfile.mkdtemp(prefix="aeco-test-")
@@ -97,14 +100,19 @@ def test_a_worker_reads_its_keys_from_the_pipe_and_leaves_no_trace_of_them() -> 
     router.bind(endpoint)
     keys_fd, keys = hand_keys(1)
     pipe = f"pipe:[{os.fstat(keys_fd).st_ino}]"
-    boot = p.WorkerBoot(worker_id=1, endpoint=endpoint, parent_pid=os.getpid(), heartbeat_s=5.0, keys_fd=keys_fd)
+    tally = TaskTally()
+    assert tally.fd is not None
+    boot = p.WorkerBoot(
+        worker_id=1, endpoint=endpoint, parent_pid=os.getpid(), heartbeat_s=5.0, keys_fd=keys_fd, tally_fd=tally.fd
+    )
     env = dict(
         os.environ,
         AECO_WORKER_BOOT=msgspec.json.encode(boot).decode(),
         PYTHONPATH=os.pathsep.join(x for x in sys.path if x),
     )
-    proc = subprocess.Popen([sys.executable, "-m", "workers.worker"], env=env, pass_fds=(keys_fd,))
+    proc = subprocess.Popen([sys.executable, "-m", "workers.worker"], env=env, pass_fds=(keys_fd, tally.fd))
     os.close(keys_fd)
+    tally.close_fd()
     try:
         assert router.poll(20_000), "worker did not say hello"
         ident, frame = router.recv_multipart()
@@ -114,7 +122,8 @@ def test_a_worker_reads_its_keys_from_the_pipe_and_leaves_no_trace_of_them() -> 
             "import os\nlinks = []\nfor f in os.listdir('/proc/self/fd'):\n"
             "    try:\n        links.append(os.readlink(f'/proc/self/fd/{f}'))\n"
             "    except OSError:\n        pass  # the listing's own descriptor, closed since\n"
-            "world.result(links)"
+            "maps = open('/proc/self/maps').read() if os.path.exists('/proc/self/maps') else ''\n"
+            "world.result([links, 'aeco-tally' in maps])"
         )
         router.send_multipart([ident, p.encode(p.Task(id=1, spec=p.Invoke(code=code)))])
         assert router.poll(30_000)
@@ -122,13 +131,18 @@ def test_a_worker_reads_its_keys_from_the_pipe_and_leaves_no_trace_of_them() -> 
         assert isinstance(res, p.Result) and res.ok, res
         report = p.decode_invoke(res.output)
         assert report.ok, report.error  # the confined code listed its open files: not the pipe
-        links = msgspec.json.decode(report.value)
-        assert links and pipe not in links, links
+        links, tally_mapped = msgspec.json.decode(report.value)
+        assert links and pipe not in links and not any("aeco-tally" in link for link in links), links
+        assert tally_mapped is False
+        assert tally.read() == 1  # the worker counted the task before it began it
         family = [proc.pid, *_descendants(proc.pid)]
         assert len(family) >= 2  # the sandbox's zygote lives on
         for pid in family:
             fds = [os.readlink(f"/proc/{pid}/fd/{f}") for f in os.listdir(f"/proc/{pid}/fd")]
             assert pipe not in fds, (pid, fds)
+            # The worker's alone (its mapping keeps a close-on-exec file open; nothing it starts has one).
+            assert any("aeco-tally" in fd for fd in fds) == (pid == proc.pid), (pid, fds)
+            assert ("aeco-tally" in Path(f"/proc/{pid}/maps").read_text()) == (pid == proc.pid), pid
             for name in ("environ", "cmdline"):
                 raw = Path(f"/proc/{pid}/{name}").read_bytes()
                 assert keys.secret not in raw and keys.secret.hex().encode() not in raw
@@ -138,6 +152,7 @@ def test_a_worker_reads_its_keys_from_the_pipe_and_leaves_no_trace_of_them() -> 
     finally:
         proc.kill()
         proc.wait()
+        tally.close()
         router.close(0)
         ctx.term()
 

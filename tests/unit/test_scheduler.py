@@ -72,9 +72,10 @@ class Sim:
         self.do(self.s.resume(wid, self.now))
         return job
 
-    def die(self, wid: int, over_memory: bool = False) -> bool:
-        """The worker dies; True if its task was retried."""
-        lost = self.s.died(wid, self.now, over_memory=over_memory)
+    def die(self, wid: int, over_memory: bool = False, begun: int = 1) -> bool:
+        """The worker dies having begun ``begun`` of the tasks it held (its task, then those waiting);
+        True if its task was retried."""
+        lost = self.s.died(wid, self.now, begun=begun, over_memory=over_memory)
         self.do(lost.first)
         retried = self.s.retry(lost)
         if lost.job is not None and not retried:
@@ -163,17 +164,26 @@ def test_a_burst_waits_as_deep_as_its_tasks_ask_and_other_tasks_as_prefetch_says
     assert sim.waiting(1) == [4, 5] and len(sim.s.queue) == 1
 
 
-def test_tasks_that_came_in_a_frame_to_a_worker_that_died_fail_and_are_not_run_again_unless_idempotent() -> None:
+def test_waiting_tasks_a_dead_worker_began_fail_and_are_not_run_again_unless_idempotent() -> None:
     sim = Sim(workers=1, prefetch=3)
     jobs = [sim.job(), sim.job(), sim.job(idempotent=True), sim.job()]
     for job in jobs:
         sim.submit(job)
-    jobs[1].framed = jobs[2].framed = True  # the pool marks the tasks it sent several to a frame
-    sim.die(1)
+    sim.die(1, begun=3)  # its tally: it began 1, 2 and 3 (their answers lost with it), never 4
     assert sim.ended[1] == 1  # the task it ran, settled by the pool (charged from the kernel)
-    assert sim.failed == {2: "worker_crashed"}  # it may have run 2 (its answer lost with it): not again
+    assert sim.failed == {2: "worker_crashed"}  # 2 may have run: not again
     assert [j.id for j in sim.s.queue] == [3, 4]  # 3 is retried (idempotent), 4 never began
     assert jobs[2].attempts == 1 and jobs[3].attempts == 0
+
+
+def test_waiting_tasks_a_dead_worker_never_began_go_back_uncounted_whatever_their_frame() -> None:
+    sim = Sim(workers=1, prefetch=3)
+    jobs = [sim.job(), sim.job(), sim.job()]
+    for job in jobs:
+        sim.submit(job)
+    sim.die(1, begun=1)  # it died in its task: what waited behind it never began
+    assert sim.failed == {} and [j.id for j in sim.s.queue] == [2, 3]
+    assert [j.attempts for j in jobs[1:]] == [0, 0]
 
 
 def test_prefetch_stops_where_the_worker_would_be_recycled() -> None:
@@ -210,13 +220,13 @@ def test_a_crashed_worker_is_replaced_after_a_growing_back_off() -> None:
     delays = []
     for _ in range(4):
         wid = max(sim.s.workers)
-        lost = sim.s.died(wid, sim.now)
+        lost = sim.s.died(wid, sim.now, begun=0)
         delays += [c.delay for c in sim.s.replace(lost, sim.now) if isinstance(c, Spawn)]
         sim.spawn(hello=True)
     assert delays == [0.5, 1.0, 1.5, 1.5]
     sim.submit(sim.job())
     sim.answer(max(sim.s.workers))  # an answer ends the streak
-    lost = sim.s.died(max(sim.s.workers), sim.now)
+    lost = sim.s.died(max(sim.s.workers), sim.now, begun=0)
     assert [c.delay for c in sim.s.replace(lost, sim.now) if isinstance(c, Spawn)] == [0.5]
 
 
@@ -243,7 +253,7 @@ def test_too_many_crashes_in_the_window_fail_the_pool() -> None:
 def test_a_death_that_was_the_tasks_fault_is_replaced_at_once_and_not_counted() -> None:
     sim = Sim(workers=1)
     sim.submit(sim.job())
-    lost = sim.s.died(1, sim.now, over_memory=True)
+    lost = sim.s.died(1, sim.now, begun=1, over_memory=True)
     assert lost.reason == "memory_exceeded" and not lost.crash and not sim.s.retry(lost)
     assert sim.s.replace(lost, sim.now) == [Spawn(0.0)] and sim.s.crashed == 0
 
@@ -360,7 +370,7 @@ def test_closing_fails_what_is_queued_and_stops_the_workers() -> None:
     assert sim.s.workers[1].state == "stopping"
     refused = sim.submit(sim.job())[0]
     assert isinstance(refused, Fail) and refused.code == "pool_closed"
-    assert not sim.die(2) and sim.s.replace(sim.s.died(1, sim.now), sim.now) == []
+    assert not sim.die(2) and sim.s.replace(sim.s.died(1, sim.now, begun=1), sim.now) == []
 
 
 # --- invariants under random events -------------------------------------------------------------------
@@ -388,14 +398,13 @@ def test_every_task_ends_once_and_is_in_one_place_until_then(data: st.DataObject
                 stops_when_asked=data.draw(st.booleans()),
                 timeout_s=data.draw(st.floats(1.0, 20.0)),
                 depth=data.draw(st.sampled_from([0, 0, 4])),
-                framed=data.draw(st.booleans()),
             )
             submitted.append(job)
             sim.submit(job)
         elif what == "answer" and busy:
             sim.answer(data.draw(st.sampled_from(busy)))
         elif what == "die" and live:
-            sim.die(data.draw(st.sampled_from(live)))
+            sim.die(data.draw(st.sampled_from(live)), begun=data.draw(st.integers(0, 6)))
         elif what == "hello" and starting:
             sim.do(sim.s.hello(data.draw(st.sampled_from(starting)), 0, sim.now))
         elif what == "deadlines":
