@@ -426,7 +426,7 @@ class WorkerBoot(Struct, frozen=True, forbid_unknown_fields=True):
     sandbox_hide: list[str] = []
     #: An inherited pipe holding the worker's ``WorkerKeys`` (-1: none, a worker started by hand).
     keys_fd: int = -1
-    #: An inherited memory file the worker counts the tasks it begins in (``runtime.tally``; -1: none).
+    #: An inherited memory file the worker counts the tasks it begins in (``runtime.host.tally``; -1: none).
     tally_fd: int = -1
     #: A pickled ``(fn, args)`` to call before saying hello (``WorkerPoolExecutor``'s initializer).
     initializer: bytes = b""

@@ -30,7 +30,7 @@ import msgspec
 import zmq
 
 from runtime import protocol as p
-from runtime.tally import TaskTally
+from runtime.host.tally import TaskTally
 from workers import measure, tasks
 from workers.measure import MemoryMeter
 
@@ -165,7 +165,7 @@ class Worker:
                 self.log.warning("dropped unexpected %s message", type(msg).__name__)
 
     def _run_counted(self, task: p.Task) -> p.Result:
-        """Count ``task`` begun (see ``runtime.tally``), then run it."""
+        """Count ``task`` begun (see ``runtime.host.tally``), then run it."""
         if self.tally is not None:
             self.tally.begin()
         return self._run(task) if task.measure else self._run_unmeasured(task)

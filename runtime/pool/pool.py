@@ -63,6 +63,7 @@ from runtime import protocol as p
 from runtime.config import PoolConfig
 from runtime.errors import AecoError, ErrorCode
 from runtime.host import cgroups as cg
+from runtime.host.tally import TaskTally
 from runtime.pool.accounting import (
     PROC_SLACK_S,
     Accounts,
@@ -108,7 +109,6 @@ from runtime.pool.task import (
     check_timeout,
 )
 from runtime.pool.wire import Wire, hand_keys, proves
-from runtime.tally import TaskTally
 
 __all__ = ["PoolStatus", "RunningTask", "WorkerPool", "resolve_size"]
 
@@ -975,7 +975,7 @@ class WorkerPool:
         """Worker ``w``'s pidfd is readable: reap it, settle its task, replace it (as the scheduler says)."""
         assert self._loop is not None
         # What it sent before it died is read first: a task it answered is charged from its answer, not
-        # as lost; of those it did not answer, its tally says how many it began (``runtime.tally``).
+        # as lost; of those it did not answer, its tally says how many it began (``runtime.host.tally``).
         self._drain()
         held = w.held() if w.job is not None else 0.0  # while /proc still has the zombie's schedstat
         death = w.process.reap()

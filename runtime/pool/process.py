@@ -21,8 +21,8 @@ from typing import Any
 import msgspec
 
 from runtime.host import cgroups as cg
+from runtime.host.tally import TaskTally
 from runtime.pool.accounting import RunDelay
-from runtime.tally import TaskTally
 
 #: A shell joins the worker's cgroups and then becomes the worker, so that the cgroups count the
 #: worker's CPU from its first instruction. A failed join is noticed at hello.

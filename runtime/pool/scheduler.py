@@ -518,7 +518,7 @@ class Scheduler(Generic[J]):
         """Worker ``wid`` is dead (``over_memory``: the kernel killed it at its task's memory limit).
 
         ``begun`` is how many of the tasks it held unanswered, in the order sent (its task, then those
-        that waited), it had begun by its own tally (``runtime.tally``). A task that waited and never
+        that waited), it had begun by its own tally (``runtime.host.tally``). A task that waited and never
         began goes back to the head of its agent's line, its attempt not counted (or fails, as the pool
         does if it stops). One that began may have run, its answer lost with the worker: it fails
         ``worker_crashed`` uncharged (what the worker used since its last answer is charged to the task

@@ -1,10 +1,13 @@
 """The web dashboard in a real browser: headless Chromium from Debian (installed by
 ``scripts/ensure-browser``, which ``make test`` runs), driven by Playwright for Python, against a
-running supervisor. Screenshots are saved under ``benchmarks/results/``."""
+running supervisor. Screenshots are saved in the test's temporary directory; with
+``AECO_SCREENSHOTS=1`` under ``benchmarks/results/`` (the ones the README shows), so that a test run
+leaves the checkout as it found it."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +26,10 @@ from tests.integration.store_backends import assert_fsck, git
 from tests.integration.test_native import _free_port
 from tests.integration.test_supervisor import SCRIPTED
 
-SHOTS = ROOT / "benchmarks" / "results"
+
+def _shots(tmp_path: Path) -> Path:
+    """Where this run's screenshots go (module docstring)."""
+    return ROOT / "benchmarks" / "results" if os.environ.get("AECO_SCREENSHOTS") == "1" else tmp_path
 
 
 def _chromium() -> str:
@@ -88,7 +94,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
                 "t => document.querySelector('#events li').innerText !== t", arg=newest, timeout=30_000
             )
             expect(page.locator("#artifacts tbody tr")).to_have_count(1, timeout=30_000)
-            page.screenshot(path=str(SHOTS / "dashboard-live.png"), full_page=True)
+            page.screenshot(path=str(_shots(tmp_path) / "dashboard-live.png"), full_page=True)
 
             # Without the token a control is refused, and nothing happens.
             writer.locator("button.pause").click()
@@ -119,7 +125,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
             expect(page.locator("#control-result")).to_contain_text("done: mint 100 scrip for writer", timeout=10_000)
             page.locator("#agent-writer td").first.click()
             expect(page.locator("#bill tbody tr").last).to_contain_text("total", timeout=10_000)
-            page.screenshot(path=str(SHOTS / "dashboard-paused.png"), full_page=True)
+            page.screenshot(path=str(_shots(tmp_path) / "dashboard-paused.png"), full_page=True)
 
             # A rollback from the page, while the supervisor runs: the diary's history, its oldest version
             # chosen; HEAD's tree becomes that commit's (the paused writer writes nothing in between).
@@ -133,7 +139,7 @@ def test_the_dashboard_shows_the_run_live_and_controls_need_the_token(tmp_path: 
             assert _tree(repo, "HEAD") == _tree(repo, target)
             expect(page.locator("#events li.system_reset").first).to_be_visible(timeout=10_000)
             expect(page.locator("#history tbody tr").first.locator("td").nth(2)).to_have_text("reset", timeout=10_000)
-            page.screenshot(path=str(SHOTS / "dashboard-rollback.png"), full_page=True)
+            page.screenshot(path=str(_shots(tmp_path) / "dashboard-rollback.png"), full_page=True)
             browser.close()
         # The same controls from the command line (the token from the data directory).
         assert "agent_resumed writer" in _admin(data, "control", "resume", "writer").stdout

@@ -672,7 +672,7 @@ def test_the_observer_cli_prints_json_lines(make_lmdb_log: MakeLmdb, tmp_path: P
     with EventPublisher() as pub:
         log.attach(pub)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.events", "tail", pub.endpoint, "--kind", "task_", "--timeout", "20"],
+            [sys.executable, "-m", "runtime.events", "tail", pub.endpoint, "--kind", "task_", "--timeout", "5"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

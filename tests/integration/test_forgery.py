@@ -32,11 +32,11 @@ from runtime.economy.charging import Economy
 from runtime.economy.ledger import OpenAccount
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
+from runtime.host.tally import TaskTally
 from runtime.pool import TaskFailed, WorkerPool
 from runtime.pool.accounting import proc_tree_cpu_seconds
 from runtime.pool.inflight import CRASH_CODE, Finished, InflightLog, Spoiled
 from runtime.pool.wire import hand_keys
-from runtime.tally import TaskTally
 from tests.crash import finished_task, leave_in_flight
 from tests.integration.conftest import wait_until, with_pool
 from tests.integration.test_restart import CONFIG, _start

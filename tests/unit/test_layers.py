@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
 ]
 #: What a worker process may import from the supervisor's side: stateless definitions only.
-WORKER_MAY_USE = ("runtime.errors", "runtime.protocol", "runtime.host.cgroups")
+WORKER_MAY_USE = ("runtime.errors", "runtime.protocol", "runtime.host.cgroups", "runtime.host.tally")
 
 
 def _within(module: str, prefixes: tuple[str, ...]) -> bool:
