@@ -75,7 +75,7 @@ PATHS = (OLD, "single", "batched", "batched+prefix", "batched+kept", "llama_cpp.
 def context(agent: int, turn: int) -> str:
     """A context in the shape and order ``Agent.context`` writes, different per agent and turn."""
     others = ", ".join(f"a{j}" for j in range(10) if j != agent)
-    news = "none" if turn == 0 else f"transfer(from=a{(agent + turn) % 10}, asset=scrip, amount={turn * 3})"
+    news = "none" if turn == 0 else f"transfer from=a{(agent + turn) % 10} asset=scrip amount={turn * 3}"
     lines = [
         f"You are a{agent}. Today (UTC): 2026-12-06.",
         f"Your limits: disk {agent * 3}/1024 KB, memory 256 MB per task, paid-model budget $0.00, "
@@ -88,9 +88,9 @@ def context(agent: int, turn: int) -> str:
         lines.append(f"Your last action: transfer: moved {turn} scrip to a{(agent + 1) % 10}")
     lines += [
         f"News: {news}",
-        f"Scrip {100 + 7 * agent - turn}, CPU budget {2.5 + agent / 10 - turn / 50:.2f} s, "
+        f"Scrip {100 + 7 * agent - turn}, CPU budget {2.5 + agent / 10 - turn / 50:.1f} s, "
         f"tokens {4000 - 90 * turn:.0f}.",
-        f"Time (UTC): 10:{turn:02d}:{agent % 60:02d}",
+        f"Time: 10:{turn:02d}",
     ]
     return "\n".join(lines)
 

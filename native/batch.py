@@ -20,9 +20,21 @@ chain without the grammar, the grammar checking the token drawn) and stops on it
 end-of-generation token, a stop string of the chat format, ``max_tokens``, or a stop asked from outside
 (``stopped``) while the others go on.
 
+Jump-forward (``jump_forward``, on by default): where the grammar admits exactly one next byte
+(``native.sampling.Forcing``: ``{"kind":"`` before anything is drawn, ``","to":"`` after a value,
+``ransfer","to":"`` once a ``t`` decided the kind), those bytes are not drawn one decode step at a
+time: the token drawn and the forced bytes after it are tokenized together and all evaluated for the
+sequence in the next call (its rows consecutive, logits for the last only), and the forced start in the
+prefill. The text is the text step-by-step sampling gives; a sequence takes fewer decode steps, and its
+forced tokens cost what prompt tokens do (~6 ms, where a decode row reading its stream's cells alone
+costs ~11 ms). llama.cpp computes a call's rows in micro-batches of as many tokens from each of a run
+of consecutive streams (``split_equal``): a sequence's forced tokens beyond the step's one row per
+sequence go in a micro-batch of their own after it (``Phases.decode_ubatches`` counts them).
+
 What each sequence cost is counted as ``runtime.protocol.SeqWork``: prompt tokens evaluated for it,
-the shared prefix tokens evaluated in this batch (or kept from before), and the decode steps it took
-part in. ``runtime.economy.split`` divides the batch's measured CPU by it.
+the shared prefix tokens evaluated in this batch (or kept from before), the decode steps it took
+part in, and the forced completion tokens evaluated for it beyond one row per step.
+``runtime.economy.split`` divides the batch's measured CPU by it.
 
 The KV cache is not unified: each sequence has its own stream of cells, so attention in a step spans
 only the sequence's own tokens. llama.cpp computes a call's rows together only for streams with
@@ -51,7 +63,6 @@ kept prompts lost, only when a batch needs more; it is freed with the backend.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
@@ -114,12 +125,16 @@ class Phases:
     prefill_calls: int = 0
     prefill_cpu: float = 0.0
     decode_steps: int = 0
-    #: Tokens the decode steps evaluated (one per live sequence per step).
+    #: Tokens the decode steps evaluated (one per live sequence per step, and the forced tokens after it).
     decode_rows: int = 0
+    #: Completion tokens the grammar forced, evaluated without a decode step of their own (in the
+    #: prefill, or after a step's drawn token): included in ``prefill_tokens`` and ``decode_rows``.
+    forced_tokens: int = 0
     decode_cpu: float = 0.0
-    #: llama.cpp micro-batches the decode steps were computed in (one per run of consecutive streams).
+    #: llama.cpp micro-batches the decode steps were computed in (``_ubatches``).
     decode_ubatches: int = 0
     samples: int = 0
+    #: Drawing the tokens, and finding the text the grammar forces (``native.sampling.Forcing``).
     sample_cpu: float = 0.0
     #: Whole streams copied to keep the batch's streams consecutive (``_assign``, ``_compact``).
     stream_copies: int = 0
@@ -144,14 +159,23 @@ class _Seq:
     #: The token sampled last, not yet taken (``Completion.take``).
     next: int = -1
     decode_steps: int = 0
+    #: Completion tokens in its stream (evaluated), and those of them forced beyond one per decode step.
+    evaluated: int = 0
+    forced: int = 0
+    #: The batch row of its last token in the call being made (the logits it samples from).
+    row: int = -1
 
 
 class BatchDecoder:
     """Decodes batches of generations with ``backend``'s model (its weights, tokenizer and chat
     format), in a context of its own. Not for concurrent use (one worker thread calls it)."""
 
-    def __init__(self, backend: LlamaBackend, *, max_ctx_seq: int = 2048, kept_max: int = 8) -> None:
+    def __init__(
+        self, backend: LlamaBackend, *, max_ctx_seq: int = 2048, kept_max: int = 8, jump_forward: bool = True
+    ) -> None:
         self.backend = backend
+        #: Evaluate the text the grammar forces without decode steps of its own (module docstring).
+        self.jump_forward = jump_forward
         #: How many keys' prompts are kept between batches (each holds a stream of the context).
         self.kept_max = kept_max
         #: key -> (its sequence, the prompt tokens in it), least recently used first.
@@ -317,18 +341,30 @@ class BatchDecoder:
 
         def work(s: _Seq) -> SeqWork:
             return SeqWork(
-                own_tokens=s.own_tokens, shared_tokens=s.shared, kept_tokens=s.kept, decode_steps=s.decode_steps
+                own_tokens=s.own_tokens,
+                shared_tokens=s.shared,
+                kept_tokens=s.kept,
+                decode_steps=s.decode_steps,
+                forced_tokens=s.forced,
             )
 
         self.progress = [work(s) for s in seqs]  # the prompts are being evaluated: theirs is the work so far
         # Rows in ascending sequence id, so that llama.cpp computes them together (module docstring).
         by_id = sorted(seqs, key=lambda s: s.seq_id)
+        phases = self.phases
+        t0 = time.thread_time()
+        for s in by_id:  # what the grammar forces first (``{"kind":"``) is evaluated with the prompt
+            self._advance(s, -1, len(by_id))
+        phases.sample_cpu += time.thread_time() - t0
         self._prefill(ctx, by_id)
 
-        live = by_id
-        phases = self.phases
+        live = [s for s in by_id if not s.c.finish]
         while live:
-            live = [s for s in live if s.c.take(s.next)]
+            t0 = time.thread_time()
+            for s in live:
+                self._advance(s, s.next, len(live))
+            phases.sample_cpu += time.thread_time() - t0
+            live = [s for s in live if not s.c.finish]
             if live and stopped is not None and (stop := stopped()):
                 for i in stop:
                     if 0 <= i < len(seqs) and not seqs[i].c.finish:
@@ -337,16 +373,19 @@ class BatchDecoder:
             if live:
                 if live[-1].seq_id - live[0].seq_id >= len(live):  # a gap: one finished
                     live = self._compact(memory, live, by_id)
-                phases.decode_ubatches += 1 + sum(b.seq_id != a.seq_id + 1 for a, b in itertools.pairwise(live))
-                self._fill(live)
+                rows = self._fill(live)
+                phases.decode_ubatches += _ubatches([(s.seq_id, n) for s, n in zip(live, rows, strict=True)])
                 t0 = time.thread_time()
                 self._decode(ctx)
                 t1 = time.thread_time()
-                for row, s in enumerate(live):
+                for s, n in zip(live, rows, strict=True):
                     s.decode_steps += 1
-                    s.next = s.c.sampler.sample(ctx.ctx, row)
+                    s.forced += n - 1
+                    s.evaluated = len(s.c.out)
+                    s.next = s.c.sampler.sample(ctx.ctx, s.row)
                 phases.decode_steps += 1
-                phases.decode_rows += len(live)
+                phases.decode_rows += sum(rows)
+                phases.forced_tokens += sum(rows) - len(live)
                 phases.decode_cpu += t1 - t0
                 phases.samples += len(live)
                 phases.sample_cpu += time.thread_time() - t1
@@ -472,6 +511,20 @@ class BatchDecoder:
             if i in keys:
                 self._slots[keys[i]] = (j, self._slots[keys[i]][1])
 
+    def _advance(self, s: _Seq, token: int, n_live: int) -> None:
+        """Append ``token`` (drawn from the sequence's last logits; -1: none yet, before the first draw)
+        to its completion and, with ``jump_forward``, the text the grammar forces after it, tokenized
+        together (``native.sampling.Forcing.tokens``). At most ``N_BATCH // n_live - 1`` forced bytes a
+        step, so that one call holds every live sequence's rows; the rest is forced at the next step."""
+        c = s.c
+        room = min(c.max_tokens - len(c.out) - (token >= 0), N_BATCH // n_live - 1)
+        forcing = self.backend.forcing if self.jump_forward else None
+        forced = c.sampler.forced(forcing, room) if forcing is not None and room > 0 else b""
+        if forcing is not None and forced:
+            c.take_all(forcing.tokens(token, forced))
+        elif token >= 0:
+            c.take(token)
+
     def _agreeing(self, s: _Seq) -> int:
         """How many tokens of ``s``'s prompt its stream already holds (0: none worth keeping); at least
         one is left to evaluate, for the logits to sample from."""
@@ -508,18 +561,23 @@ class BatchDecoder:
         return kept
 
     def _prefill(self, ctx: Any, seqs: list[_Seq]) -> None:
-        """Evaluate every sequence's own suffix, several sequences per call, and sample each one's first
-        token from the call that held its last prompt token (a call's logits last until the next)."""
+        """Evaluate every sequence's own suffix and the completion's forced start, several sequences per
+        call, and sample each one's first token from the call that held its last token (a call's logits
+        last until the next). A completion the grammar forced whole is not evaluated (nothing to sample)."""
         self._batch.n_tokens = 0
         ending: list[tuple[_Seq, int]] = []  # sequences whose prompt ends in this call, and the row
         for s in seqs:
-            for j, token in enumerate(s.tokens[s.start :]):
+            forced = s.c.out if not s.c.finish else []
+            rows = s.tokens[s.start :] + forced
+            for j, token in enumerate(rows):
                 if self._batch.n_tokens == N_BATCH:
                     self._prefill_call(ctx, ending)
-                last = s.start + j == len(s.tokens) - 1
+                last = j == len(rows) - 1 and not s.c.finish
                 if last:
                     ending.append((s, self._batch.n_tokens))
                 self._add(token, s.start + j, s.seq_id, last)
+            s.evaluated = s.forced = len(forced)
+            self.phases.forced_tokens += len(forced)
         if self._batch.n_tokens:
             self._prefill_call(ctx, ending)
 
@@ -538,11 +596,22 @@ class BatchDecoder:
         ending.clear()
         self._batch.n_tokens = 0
 
-    def _fill(self, live: list[_Seq]) -> None:
-        """One row per live sequence: its last sampled token, at its next position."""
+    def _fill(self, live: list[_Seq]) -> list[int]:
+        """The rows of a decode step: each live sequence's completion tokens not yet evaluated (its last
+        draw, and the forced tokens after it), at their positions, logits for the last (``_Seq.row``).
+        Returns how many rows each sequence has."""
         self._batch.n_tokens = 0
+        rows = []
         for s in live:
-            self._add(s.c.out[-1], len(s.tokens) + len(s.c.out) - 1, s.seq_id, True)
+            new = s.c.out[s.evaluated :]
+            at = len(s.tokens) + s.evaluated
+            for j, token in enumerate(new):
+                last = j == len(new) - 1
+                if last:
+                    s.row = self._batch.n_tokens
+                self._add(token, at + j, s.seq_id, last)
+            rows.append(len(new))
+        return rows
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
         b = self._batch
@@ -560,3 +629,22 @@ class BatchDecoder:
         rc = llama_cpp.llama_decode(ctx.ctx, self._batch)
         if rc != 0:
             raise InferenceError(f"llama_decode failed with {rc} (no room in the context's KV cache?)")
+
+
+def _ubatches(rows: Sequence[tuple[int, int]]) -> int:
+    """How many micro-batches llama.cpp computes a call in, given each sequence's stream and row count
+    (ascending streams): as its ``split_equal`` (sequential) does, each takes the run of consecutive
+    streams that still have rows, as many rows from each as the fewest of them has left."""
+    left = dict(rows)
+    n = 0
+    while left:
+        run = [min(left)]
+        while run[-1] + 1 in left:
+            run.append(run[-1] + 1)
+        take = min(left[i] for i in run)
+        for i in run:
+            left[i] -= take
+            if not left[i]:
+                del left[i]
+        n += 1
+    return n

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from native.sampling import Candidates, Completion, FinishReason, Sampler
+from native.sampling import Candidates, Completion, FinishReason, Forcing, Sampler
 from runtime.errors import AecoError, ErrorCode
 
 if TYPE_CHECKING:
@@ -358,6 +358,7 @@ class LlamaBackend:
         #: the grammar again would cost more than the clone).
         self._grammars: dict[bytes, Any] = {}
         self._candidates = Candidates(self.llm.n_vocab())
+        self._forcing: Forcing | None = None
         self._lock = threading.Lock()
         #: Tokens in the context when the last generation was interrupted (prompt and completion so
         #: far): what an interrupted generation spent, for whoever charges it.
@@ -400,6 +401,14 @@ class LlamaBackend:
         )
         stop_bytes = [s.encode() for s in stops if s]
         return Completion(sampler, stop_bytes, max_tokens, self.vocab, json_end=parsed is not None)
+
+    @property
+    def forcing(self) -> Forcing:
+        """What a grammar forces next, for this model's vocabulary (``native.sampling.Forcing``; made on
+        first use)."""
+        if self._forcing is None:
+            self._forcing = Forcing(self.vocab, self.llm.n_vocab())
+        return self._forcing
 
     def chat_tokens(self, system: str, prompt: str) -> tuple[list[int], list[str]]:
         """The prompt's tokens and stop strings, exactly as ``Llama.create_chat_completion`` makes them."""

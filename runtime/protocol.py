@@ -181,6 +181,9 @@ class SeqWork(Struct, frozen=True, forbid_unknown_fields=True):
     #: Decode steps (``llama_decode`` calls after the prompts) this sequence took part in. Every
     #: sequence takes part from the first step on, so step ``k`` holds the sequences with ``decode_steps > k``.
     decode_steps: NonNegInt = 0
+    #: Completion tokens the grammar forced, evaluated for this sequence alone beyond its one row per
+    #: decode step (``native.batch``'s jump-forward: with the prompt, or after a step's drawn token).
+    forced_tokens: NonNegInt = 0
 
 
 class ThinkBatchReport(Struct, frozen=True, forbid_unknown_fields=True):

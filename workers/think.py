@@ -128,7 +128,12 @@ def think_batch(spec: ThinkBatch, stopped: Callable[[], Collection[int]] | None 
         work = decoder.progress  # set before anything is evaluated, one per think
         spent = [
             ThinkReport(
-                "", w.own_tokens + w.shared_tokens + w.kept_tokens, w.decode_steps, "cancelled", False, str(exc)
+                "",
+                w.own_tokens + w.shared_tokens + w.kept_tokens,
+                w.decode_steps + w.forced_tokens,
+                "cancelled",
+                False,
+                str(exc),
             )
             for w in work
         ]

@@ -5,13 +5,17 @@ and llama.cpp cannot say which sequence used which cycle. So the amount is divid
 the work each sequence caused, counted in tokens evaluated (``runtime.protocol.SeqWork``):
 
     weight(i) = own_tokens(i)                          prompt tokens evaluated for i alone
+              + forced_tokens(i)                       completion tokens the grammar forced, evaluated
+                                                       for i alone with its prompt or after a drawn token
               + shared_tokens / users                  the prefix tokens evaluated in this batch
               + sum over decode steps k that i took part in of (CALL_OVERHEAD + b_k) / b_k
 
 where ``users`` is the number of sequences whose prompts started with those tokens and ``b_k`` the
 number of sequences in decode step ``k``. A decode step evaluates one token per sequence in it, plus
 a fixed cost per ``llama_decode`` call (``CALL_OVERHEAD``, in tokens) that its sequences share: a
-sequence left decoding alone pays the whole call, as it would outside a batch. A prefix kept from an
+sequence left decoding alone pays the whole call, as it would outside a batch. A forced token is
+counted as a prompt token: it is evaluated in a run of the sequence's own tokens (in the prefill, or
+after its drawn token in a step), not as a step's row. A prefix kept from an
 earlier batch costs this batch nothing to evaluate, so nobody pays for it here; nobody pays for a
 prefix they did not use.
 
@@ -47,7 +51,7 @@ def weights(work: Sequence[SeqWork]) -> list[Fraction]:
         share_upto.append(share_upto[-1] + (CALL_OVERHEAD + b) / b)
     out = []
     for w in work:
-        weight = Fraction(w.own_tokens) + share_upto[w.decode_steps]
+        weight = Fraction(w.own_tokens + w.forced_tokens) + share_upto[w.decode_steps]
         if w.shared_tokens:
             weight += Fraction(w.shared_tokens, users)
         out.append(weight)

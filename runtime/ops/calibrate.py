@@ -158,8 +158,8 @@ def _context(agent: str, others: list[str]) -> str:
             "Other agents: " + (", ".join(o for o in others if o != agent) or "none"),
             "Artifacts you can see: none",
             "News: none",
-            "Scrip 1000, CPU budget 1.00 s, tokens 0.",
-            f"Time (UTC): {time.strftime('%H:%M:%S', now)}",
+            "Scrip 1000, CPU budget 1.0 s, tokens 0.",
+            f"Time: {time.strftime('%H:%M', now)}",
         ]
     )
 

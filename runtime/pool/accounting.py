@@ -302,8 +302,11 @@ def check_think_batch(spec: ThinkBatch, output: bytes, where: str) -> None:
         prompt = len(think.system.encode()) + len(think.prompt.encode()) + TEMPLATE_TOKENS
         if work.own_tokens + work.shared_tokens + work.kept_tokens > prompt:
             raise BadReport(f"{where}, think {i}: more prompt tokens of work than {prompt}")
-        if work.decode_steps > 2 * think.max_tokens + EXTRA_COMPLETION_TOKENS:
-            raise BadReport(f"{where}, think {i}: {work.decode_steps} decode steps, max_tokens is {think.max_tokens}")
+        if work.decode_steps + work.forced_tokens > 2 * think.max_tokens + EXTRA_COMPLETION_TOKENS:
+            raise BadReport(
+                f"{where}, think {i}: {work.decode_steps} decode steps and {work.forced_tokens} forced tokens, "
+                f"max_tokens is {think.max_tokens}"
+            )
 
 
 class Accounts:

@@ -384,8 +384,8 @@ def test_news_reaches_the_agent_it_concerns(tmp_path: Path) -> None:
         return ann_context, ben_context
 
     ann_context, ben_context = with_runtime(tmp_path, body)
-    assert "transfer(from=ben, asset=scrip, amount=3)" in ann_context
-    assert "artifact_invoked(by=ann, id=ben-tool" in ben_context
+    assert "transfer from=ben asset=scrip amount=3" in ann_context
+    assert "artifact_invoked by=ann id=ben-tool" in ben_context
 
 
 def test_the_context_shows_the_agents_own_limits_compactly(tmp_path: Path) -> None:

@@ -84,3 +84,53 @@ def test_the_json_scan_skips_brackets_inside_strings(checked: LlamaBackend) -> N
         assert [c._closes(p) for p in pieces] == [False, False, False, False, False, True]
     finally:
         c.sampler.close()
+
+
+def test_forced_text_is_what_step_by_step_sampling_writes(checked: LlamaBackend) -> None:
+    """``Forcing`` claims a byte only where the grammar admits no other: at every byte of completions
+    sampled one token at a time, the text it says is forced there is the text that follows. And it
+    claims much: the keys and punctuation of an action, most of its bytes."""
+    import llama_cpp
+
+    from native.llama import parse_schema
+
+    parsed = parse_schema(ACTION_SCHEMA_BYTES)
+    assert parsed is not None
+    forcing = checked.forcing
+    forced_bytes = total = 0
+    for seed in range(4):
+        text = checked.generate(SYSTEM, _prompt(seed), schema=ACTION_SCHEMA_BYTES, max_tokens=300, seed=seed).text
+        raw = text.encode()
+        grammar = checked._grammar(*parsed)
+        try:
+            claims = []
+            for i, byte in enumerate(raw):
+                probe = llama_cpp.llama_sampler_clone(grammar)
+                try:
+                    claims.append(forcing.force(probe, len(raw)))
+                finally:
+                    llama_cpp.llama_sampler_free(probe)
+                assert raw[i:].startswith(claims[-1]), (raw, i, claims[-1])
+                llama_cpp.llama_sampler_accept(grammar, forcing.byte_token[byte])
+        finally:
+            llama_cpp.llama_sampler_free(grammar)
+        assert claims[0] == b'{"kind":"', claims[0]  # nothing to choose before the kind
+        assert b"" in claims  # and somewhere a choice: the kind, a value
+        forced_bytes += sum(1 for c in claims if c)
+        total += len(raw)
+    assert forced_bytes > total / 2, (forced_bytes, total)
+
+
+def test_forced_bytes_are_carried_by_the_tokenizers_own_tokens(checked: LlamaBackend) -> None:
+    """The token drawn last and the forced bytes after it are tokenized together, giving back exactly
+    their bytes; a drawn token that is part of a UTF-8 character keeps its place, the bytes follow it."""
+    forcing = checked.forcing
+    (drawn,) = checked.llm.tokenize(b'"', add_bos=False)
+    tokens = forcing.tokens(drawn, b'inner":"')  # "in" and "er" are merges of both test vocabularies
+    assert b"".join(forcing.piece(t) for t in tokens) == b'"inner":"'
+    assert len(tokens) < len(b'"inner":"'), "merged into the tokenizer's longer tokens"
+    assert b"".join(forcing.piece(t) for t in forcing.tokens(-1, b'{"kind":"')) == b'{"kind":"'
+    lead = forcing.byte_token.get(0xC3)
+    if lead is not None:  # a byte-level vocabulary (SmolLM2's): half a character, then ASCII
+        tokens = forcing.tokens(lead, b'","')
+        assert tokens[0] == lead and b"".join(forcing.piece(t) for t in tokens) == b'\xc3","'

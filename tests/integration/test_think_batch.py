@@ -57,12 +57,41 @@ def test_a_batch_of_8_gives_8_schema_valid_actions(gguf: Path) -> None:
     assert shared > 100 and all(o.work.shared_tokens == shared for o in outcomes)
     for o in outcomes:
         assert o.work.own_tokens + shared == o.generation.prompt_tokens
-        # The closing brace, the last token of the completion, ends it and is never evaluated.
-        assert o.work.decode_steps == o.generation.completion_tokens - 1 and o.generation.text.endswith("}")
+        # The text the grammar forced was evaluated without decode steps of its own (``{"kind":"`` with
+        # the prompt at least); the last draw and what the grammar forced after it, up to the closing
+        # brace that ends the completion, are never evaluated.
+        assert o.work.forced_tokens > 0 and o.generation.text.endswith("}")
+        assert o.work.decode_steps + o.work.forced_tokens < o.generation.completion_tokens
+
+
+def test_jump_forward_evaluates_forced_text_without_decode_steps(gguf: Path) -> None:
+    """With jump-forward a batch of 8 still gives 8 valid actions; most completion tokens take no
+    decode step (the grammar forced them), and every token evaluated is counted once, for the sequence
+    it was evaluated for: the phases' evaluated tokens are the sum of the sequences' work."""
+    llm = LlamaBackend(gguf, n_threads=1)
+    decoder = BatchDecoder(llm)
+    try:
+        outcomes = decoder.generate(_requests(8))
+        phases = decoder.phases
+    finally:
+        decoder.close()
+        llm.close()
+    for o in outcomes:
+        assert o.error == "" and o.generation.finish_reason == "stop", o
+        parse_action(o.generation.text)
+    works = [o.work for o in outcomes]
+    assert sum(w.forced_tokens for w in works) == phases.forced_tokens > 0
+    evaluated = sum(w.own_tokens + w.decode_steps + w.forced_tokens for w in works)
+    assert phases.prefill_tokens + phases.decode_rows == evaluated
+    assert phases.decode_steps == max(w.decode_steps for w in works)
+    completion = sum(o.generation.completion_tokens for o in outcomes)
+    assert sum(w.decode_steps for w in works) < 0.7 * completion, (works, completion)
 
 
 def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> None:
     decoder = BatchDecoder(llm)
+    # Without jump-forward, which evaluates forced text as the tokenizer splits it, not as drawn.
+    step_by_step = BatchDecoder(llm, jump_forward=False)
     try:
         tokens, _ = llm.chat_tokens(SYSTEM, _prompt(3))
         single = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=MAX_TOKENS, seed=3)
@@ -70,7 +99,7 @@ def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> Non
         # Greedy decoding of one sequence follows the single path's completion token for token. Over the
         # first 48 tokens: a long greedy run of the random test model meets near-ties, which the batched
         # and the single path's float sums may break differently (seen past ~100 tokens with some prompts).
-        greedy = decoder.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, 48, temperature=0.0)])
+        greedy = step_by_step.generate([Request(SYSTEM, _prompt(3), ACTION_SCHEMA_BYTES, 48, temperature=0.0)])
         try:
             alone = llm.generate(SYSTEM, _prompt(3), schema=ACTION_SCHEMA_BYTES, max_tokens=48, temperature=0.0)
         except InvalidOutput as cut:  # cut off mid-JSON at 48 tokens: the text so far is what is compared
@@ -78,6 +107,7 @@ def test_prompts_are_tokenized_as_the_single_path_does(llm: LlamaBackend) -> Non
         assert greedy[0].generation.text == alone.text
     finally:
         decoder.close()
+        step_by_step.close()
 
 
 def test_the_prefix_is_kept_between_batches(llm: LlamaBackend) -> None:

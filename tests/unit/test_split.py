@@ -57,6 +57,17 @@ def test_weights_follow_the_documented_rule() -> None:
     assert w[1] == 20 + Fraction(100, 2) + step_of_two
 
 
+def test_forced_tokens_count_as_the_sequences_own_evaluation() -> None:
+    # Jump-forward: the grammar's forced text is evaluated for one sequence alone, with its prompt or
+    # after a drawn token, so it weighs as its own prompt tokens do; the step shares are unchanged.
+    plain = [SeqWork(own_tokens=10, decode_steps=4), SeqWork(own_tokens=10, decode_steps=4)]
+    forced = [SeqWork(own_tokens=10, decode_steps=4, forced_tokens=12), SeqWork(own_tokens=10, decode_steps=4)]
+    assert weights(forced)[0] == weights(plain)[0] + 12
+    assert weights(forced)[1] == weights(plain)[1]
+    shares = split_batch(1_000_003, forced)
+    assert sum(shares) == 1_000_003 and shares[0] > shares[1]
+
+
 def test_a_kept_prefix_is_charged_less_than_evaluating_it() -> None:
     fresh = [SeqWork(own_tokens=30, shared_tokens=400, decode_steps=20) for _ in range(4)]
     kept = [SeqWork(own_tokens=30, kept_tokens=400, decode_steps=20) for _ in range(4)]

@@ -64,7 +64,8 @@ def test_a_believable_batch_report_passes() -> None:
     [
         (_batch_report(1), "1 reports and 1 work counts for 2 thinks"),
         (_batch_report(own_tokens=10**6), "more prompt tokens of work"),
-        (_batch_report(decode_steps=10**6), "decode steps, max_tokens is 8"),
+        (_batch_report(decode_steps=10**6), "decode steps and 0 forced tokens, max_tokens is 8"),
+        (_batch_report(forced_tokens=10**6), "1000000 forced tokens, max_tokens is 8"),
         (b"\x01", "not a ThinkBatchReport"),
     ],
 )
