@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import pytest
 
 if TYPE_CHECKING:
+    from runtime.pool import WorkerPoolExecutor
     from runtime.world.events import Event
     from runtime.world.events.base import LogBase
 
@@ -50,6 +51,20 @@ def wait_for_dashboard(proc: subprocess.Popen[str], data: Path, timeout_s: float
         assert proc.poll() is None and time.monotonic() < deadline, "no dashboard token"
         time.sleep(0.1)
     return token
+
+
+FutureT = TypeVar("FutureT", bound=Future[Any])
+
+
+def begun(ex: WorkerPoolExecutor, fut: FutureT) -> FutureT:
+    """``fut`` once its worker began its call, by the worker's own tally (``runtime.host.tally``): a
+    worker that dies before that never ran it, and its call is not charged. For an executor whose
+    only busy worker holds ``fut``; fails after 30 s."""
+    deadline = time.monotonic() + 30
+    while not (fut.running() and any(w["begun"] > w["answered"] for w in ex.pool.status().workers)):
+        assert not fut.done() and time.monotonic() < deadline, fut
+        time.sleep(0.001)
+    return fut
 
 
 class Closable(Protocol):

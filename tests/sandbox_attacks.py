@@ -5,7 +5,8 @@ store, a worker pool whose workers run agent code confined) and plays every atta
 ``World.invoke_artifact``: mallory writes the artifact, bob (who owns a private diary and has a
 128 MiB memory quota) invokes it, or mallory invokes it herself. After each attack bob invokes a
 trivial artifact (the pool must serve it), the driver checks that nothing of the sandbox is left
-under the workers, and it records what the invocation returned and what the ledger charged for it.
+under the workers, and it records what the invocation returned, what the ledger charged for it and
+each worker's tally of tasks begun against the tasks it answered (``runtime.host.tally``).
 At the end it checks the ledger's invariants (``runtime.ledger.check``); the caller runs
 ``git fsck --strict`` on the store and asserts on the report (``verify``).
 
@@ -39,6 +40,7 @@ from runtime.economy.ledger import Ledger
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.node import Node
+from runtime.pool import WorkerPool
 from runtime.world.world import InvokeError, World
 
 QUOTA_MB = 128
@@ -335,6 +337,44 @@ result = len(hoard)
 """
 
 
+TALLY = r"""
+import os
+# The worker counts the tasks it begins in a shared page (a memfd named aeco-tally): look for it, or
+# any memory file, wherever /proc shows one (open files, mapped files, maps), and forge its count if
+# found. Only the tally is written: were this ever to run unconfined, other processes' memory files
+# (an Erlang VM keeps its heap in some) must not be scribbled on.
+found, written = [], []
+pids = [p for p in os.listdir("/proc") if p.isdigit()] + ["self"] if os.path.isdir("/proc") else []
+for pid in pids:
+    for d in ("fd", "map_files"):
+        try:
+            names = os.listdir(f"/proc/{pid}/{d}")
+        except OSError:
+            continue
+        for n in names:
+            path = f"/proc/{pid}/{d}/{n}"
+            try:
+                target = os.readlink(path)
+            except OSError:
+                continue
+            if "memfd:" in target:
+                found.append(f"{path} -> {target}")
+            if "aeco-tally" in target:
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                    os.pwrite(fd, (1 << 40).to_bytes(8, "little"), 0)
+                    written.append(path)
+                except OSError:
+                    pass
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            found += [f"/proc/{pid}/maps: {line}" for line in f if "memfd:" in line]
+    except OSError:
+        pass
+result = {"pids": len(pids), "found": found, "written": written}
+"""
+
+
 def _forged(value: bytes) -> str:
     """Code that writes its own ``done`` frame with ``value`` as the result, then leaves."""
     frame = b'{"op":"done","ok":true,"value":' + value + b"}"
@@ -365,6 +405,7 @@ ATTACKS: dict[str, tuple[str, str, str]] = {
     "socket buffers": (SOCKET_BUFFERS, "bob", ""),
     "pipes": (PIPES, "bob", ""),
     "processes": (PROCESSES, "bob", ""),
+    "task tally": (TALLY, "mallory", ""),
     "allocate 100 MiB": (ALLOCATE_100, "bob", ""),
     **{f"result {name}": (code, "bob", "") for name, code in RESULTS.items()},
 }
@@ -461,7 +502,7 @@ async def _session(data: Path, params: dict[str, Any]) -> dict[str, Any]:
             "scan": {"needles": needles, "lock": lock, "skip_walk": params["skip_walk"]},
         }
         for name, (code, invoker, arg) in ATTACKS.items():
-            report["attacks"][name] = await _attack(world, ledger, workers, name, code, invoker, args[arg], lock)
+            report["attacks"][name] = await _attack(world, ledger, pool, workers, name, code, invoker, args[arg], lock)
         report["workers_after"] = [int(w["pid"]) for w in pool.status().workers]
         report["workers_before"] = workers
         report["pool_failed"] = str(pool.failed) if pool.failed else ""
@@ -472,7 +513,15 @@ async def _session(data: Path, params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _attack(
-    world: World, ledger: Ledger, workers: list[int], name: str, code: str, invoker: str, args: Any, lock: list[str]
+    world: World,
+    ledger: Ledger,
+    pool: WorkerPool,
+    workers: list[int],
+    name: str,
+    code: str,
+    invoker: str,
+    args: Any,
+    lock: list[str],
 ) -> dict[str, Any]:
     aid = "attack-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     await world.write_artifact("mallory", aid, code.encode(), kind="code")
@@ -492,6 +541,8 @@ async def _attack(
     new = [r for r in ledger.usage_records() if r.task_id not in before]
     out["charged"] = [{"agent": r.agent, "kind": r.kind, "cpu": r.cpu_seconds, "memory": r.memory_bytes} for r in new]
     out["leftovers"] = await _leftovers(workers)
+    # Every live worker is idle: each task its tally says it began, it answered (none forged).
+    out["tallies"] = [(int(w["begun"]), int(w["answered"])) for w in pool.status().workers]
     try:
         nxt = await world.invoke_artifact("bob", "ok")
         out["next"] = nxt.value == 1
@@ -587,6 +638,7 @@ def verify(report: dict[str, Any], host_name: str) -> None:
         charged = a["charged"]
         assert len(charged) == 1 and charged[0]["agent"] == a["invoker"] and charged[0]["kind"] == "invoke", (name, a)
         assert charged[0]["cpu"] > 0 and charged[0]["memory"] > 0, (name, charged)
+        assert a["tallies"] and all(begun == answered for begun, answered in a["tallies"]), (name, a["tallies"])
     assert report["workers_before"] == report["workers_after"] and not report["pool_failed"], report
     assert report["check"]["ok"], report["check"]
     _verify_syscalls(attacks["syscalls"])
@@ -595,6 +647,7 @@ def verify(report: dict[str, Any], host_name: str) -> None:
     seen = attacks["scan"]["value"]["hostname"]
     assert seen != host_name and seen in ("sandbox", report["hostname"]), (seen, host_name, report["hostname"])
     _verify_memory(attacks)
+    _verify_tally(attacks["task tally"])
     for name in RESULTS:
         a = attacks[f"result {name}"]
         assert not a["ok"] and a["code"] == "code_error", (name, a)
@@ -670,3 +723,10 @@ def _verify_memory(attacks: dict[str, Any]) -> None:
     assert a["charged"][0]["memory"] >= quota * 0.9, a  # charged what the kernel saw, up to the kill
     a = attacks["allocate 100 MiB"]
     assert _ok(a) == 100 * MiB and a["charged"][0]["memory"] >= 100 * MiB, a
+
+
+def _verify_tally(a: dict[str, Any]) -> None:
+    v = _ok(a)
+    assert v["pids"] >= 1, v  # it looked
+    assert not any("aeco-tally" in f for f in v["found"]), v["found"]
+    assert v["written"] == [], v

@@ -39,6 +39,12 @@ class TaskTally:
         tally.close_fd()
         return tally
 
+    @property
+    def handed_fd(self) -> int:
+        """The file to hand to the worker (``WorkerBoot.tally_fd``), still open here."""
+        assert self.fd is not None, "the tally's file was closed here: it was handed over already"
+        return self.fd
+
     def close_fd(self) -> None:
         """Close the file (the mapping stays): the pool once the worker inherited it."""
         if self.fd is not None:

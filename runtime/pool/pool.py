@@ -924,7 +924,7 @@ class WorkerPool:
             cgroup_dirs=dict(cgroups.controllers) if cgroups else {},
             sandbox_hide=[*self.hide, self._run_dir],
             keys_fd=keys_fd,
-            tally_fd=tally.fd if tally.fd is not None else -1,
+            tally_fd=tally.handed_fd,
             initializer=self.initializer,
         )
         env = dict(os.environ)
@@ -991,6 +991,9 @@ class WorkerPool:
         job = w.job
         over_memory = death.oom_killed and job is not None and bool(job.memory_limit)
         lost = self._sched.died(w.worker_id, time.monotonic(), begun=begun, over_memory=over_memory)
+        unbegun = lost.unbegun
+        if unbegun is not None and unbegun.track is not None and self.inflight is not None:
+            self.inflight.clear(unbegun.track)  # it never began: nothing of it to charge after a crash
         if lost.crash:
             why = lost.reason or f"exit status {death.returncode}"
             log.warning("worker %d (pid %d) died in state %s: %s", w.worker_id, w.pid, lost.state, why)
@@ -1088,6 +1091,10 @@ class WorkerPool:
                     "state": w.state,
                     "tasks": w.counters.tasks_done if w.counters else 0,
                     "waiting": len(w.slot.waiting),
+                    # By its own tally (``runtime.host.tally``): more begun than answered while it
+                    # is idle would mean a count forged or an answer lost.
+                    "begun": w.process.tally.read(),
+                    "answered": w.answered,
                 }
                 for w in ws
             ],

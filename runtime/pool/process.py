@@ -110,8 +110,7 @@ class WorkerProcess:
             env["AECO_CGROUP_PROCS"] = "\n".join(cgroups.procs_files())
             argv = ["/bin/sh", "-c", _JOIN_AND_EXEC, "sh", *argv]
         try:
-            assert tally.fd is not None, "a tally is handed to one worker"
-            fds = (keys_fd, tally.fd)
+            fds = (keys_fd, tally.handed_fd)
             proc = _spawner.popen(argv, env=env, close_fds=True, pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             tally.close()

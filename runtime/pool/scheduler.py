@@ -209,6 +209,9 @@ class Lost(Generic[J]):
     task_fault: bool
     #: What becomes of the tasks that waited at the worker (those not requeued).
     first: list[Command[J]]
+    #: The task in hand when it had not begun it by its tally (``job`` is then None): requeued, or
+    #: failed in ``first``, uncharged; the pool forgets its in-flight record.
+    unbegun: J | None = None
 
 
 class Scheduler(Generic[J]):
@@ -518,43 +521,47 @@ class Scheduler(Generic[J]):
         """Worker ``wid`` is dead (``over_memory``: the kernel killed it at its task's memory limit).
 
         ``begun`` is how many of the tasks it held unanswered, in the order sent (its task, then those
-        that waited), it had begun by its own tally (``runtime.host.tally``). A task that waited and never
-        began goes back to the head of its agent's line, its attempt not counted (or fails, as the pool
-        does if it stops). One that began may have run, its answer lost with the worker: it fails
-        ``worker_crashed`` uncharged (what the worker used since its last answer is charged to the task
-        it ran), unless it is idempotent and on its first attempt (then it goes back, as a retry). The
-        pool then settles the task it ran (``retry`` says whether it runs again) and asks ``replace``
-        for what comes next.
+        that waited), it had begun by its own tally (``runtime.host.tally``). A task that never began
+        (one that waited, or the task in hand itself if the worker died between its last answer and
+        the next task) goes back to the head of its agent's line, its attempt not counted and nothing
+        charged to it (or fails, as the pool does if it stops, or as a cancel asked). One that waited
+        and began may have run, its answer lost with the worker: it fails ``worker_crashed`` uncharged
+        (what the worker used since its last answer is charged to the task it ran), unless it is
+        idempotent and on its first attempt (then it goes back, as a retry). The pool then settles the
+        task it ran (``retry`` says whether it runs again) and asks ``replace`` for what comes next.
         """
         w = self.workers.pop(wid)
         job, was_state, waiting = w.job, w.state, list(w.waiting)
         assert job is not None or not waiting, f"worker {wid}: tasks wait behind none"
         w.state, w.job, w.deadline_at = "dead", None, 0.0
         w.waiting.clear()
+        ran = job if begun >= 1 else None
         reason = w.kill_reason
-        if reason is None and over_memory and job is not None:
+        if reason is None and over_memory and ran is not None:
             reason = "memory_exceeded"  # the kernel killed it at the limit set for this task
         task_fault = reason in _TASK_FAULTS
         crash = not (task_fault or reason in ("recycled", "pool_closed") or self.closing)
         if crash:
             self.crashed += 1
+        held = [job, *waiting] if job is not None else []
         first: list[Command[J]] = []
-        for at in reversed(range(len(waiting))):
-            queued = waiting[at]
-            began = at + 1 < begun  # ``job`` is the first of those it held
+        for at in reversed(range(len(held))):
+            queued, began = held[at], at < begun
+            if queued is ran:
+                continue  # the pool charges it from the kernel's count, then ``retry`` decides
             if not began:  # the attempt does not count
                 queued.attempts -= 1
             if self.closing or self.failed:
                 code: ErrorCode = "pool_failed" if self.failed else "pool_closed"
                 first.append(Fail(queued, code, self.failed or "the pool was closed before the task ran"))
-            elif queued.cancel_at_start:
+            elif queued.cancel_at_start or (queued is job and reason == "cancelled"):
                 first.append(Fail(queued, "cancelled", f"task {queued.id} was cancelled before it ran"))
             elif began and not (queued.idempotent and queued.attempts < 2):
                 why = f"worker {wid} died after it began task {queued.id}, whose answer was lost: not run again"
                 first.append(Fail(queued, "worker_crashed", why))
             else:
                 self.queue.push_front(queued.agent, queued)
-        return Lost(job, reason, was_state, crash, task_fault, first)
+        return Lost(ran, reason, was_state, crash, task_fault, first, None if ran is not None else job)
 
     def retry(self, lost: Lost[J]) -> bool:
         """Whether the task of a worker that crashed under it runs again: once, if it is idempotent. It

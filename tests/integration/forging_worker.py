@@ -4,12 +4,14 @@
 (``1e12``, ``-1``, ``nan``, ``inf`` …) in its usage's ``FIELD`` (``cpu_seconds``, ``peak_memory_bytes``,
 ``wall_seconds``; ``usage`` with ``none`` sends no usage at all; a ``ThinkReport`` field such as
 ``completion_tokens`` or ``cost_usd`` changes a think's output; a ``Counters`` field such as ``idle``
-its books). It lives in the tests only: the pool
+its books). ``die_before_begin MARKER``: it dies (once: the first to create ``MARKER``) when an
+``Echo`` of ``die-before-begin`` reaches it, before it counts the task begun. It lives in the tests only: the pool
 starts it through ``WorkerPool(worker_command=…)``, as it would start any worker program.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import msgspec
@@ -37,6 +39,26 @@ def _forge(field: str, value: str) -> None:
     worker.Worker._run = lying  # type: ignore[method-assign]
 
 
+def _die_before_begin(marker: str) -> None:
+    """The window between two tasks: the worker dies with a task in hand it has not begun."""
+    counted = worker.Worker._run_counted
+
+    def dying(self: worker.Worker, task: p.Task) -> p.Result:
+        if isinstance(task.spec, p.Echo) and task.spec.data == "die-before-begin":
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass  # died once already: the task runs here
+            else:
+                os._exit(7)
+        return counted(self, task)
+
+    worker.Worker._run_counted = dying  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
-    _forge(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "die_before_begin":
+        _die_before_begin(sys.argv[2])
+    else:
+        _forge(sys.argv[1], sys.argv[2])
     sys.exit(worker.main())

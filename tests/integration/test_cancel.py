@@ -24,6 +24,7 @@ from runtime.pool.inflight import InflightLog
 from runtime.protocol import Burn, Echo, Sleep, Think, decode_think
 from runtime.world.world import InvokeError, World
 from tests.crash import descendants_of_uid
+from tests.harness import begun
 
 T = TypeVar("T")
 NOBODY = 65534
@@ -193,14 +194,11 @@ def test_cancelling_pool_run_stops_the_task_and_a_queued_one_never_runs() -> Non
 
 def test_cancelling_a_running_executor_future_stops_its_call() -> None:
     with WorkerPoolExecutor(1) as ex:
-        fut = ex.submit(time.sleep, 60)
-        end = time.monotonic() + 30
-        while not fut.running() and time.monotonic() < end:
-            time.sleep(0.005)
+        fut = begun(ex, ex.submit(time.sleep, 60))
         assert fut.cancel()
         with pytest.raises(TaskFailed) as err:
             fut.result(timeout=10)
-        assert err.value.code == "cancelled" and fut.usage is not None
+        assert err.value.code == "cancelled" and fut.usage is not None  # it ran: charged what it used
         assert ex.submit(pow, 2, 5).result(timeout=30) == 32  # its worker was replaced
 
 

@@ -22,6 +22,7 @@ from runtime.errors import AecoError
 from runtime.pool import UsageFuture, WorkerCrashed, WorkerPool, WorkerPoolExecutor
 from runtime.pool import process as process_module
 from runtime.protocol import Echo
+from tests.harness import begun
 
 F = TypeVar("F", bound=cf.Future[Any])
 
@@ -193,7 +194,7 @@ def test_a_result_that_exits_when_unpickled_fails_its_future_and_the_executor_li
 def test_a_dead_worker_breaks_the_executor_with_a_broken_process_pool_that_has_code_and_usage() -> None:
     ex = WorkerPoolExecutor(1)  # one worker: the one busy is the one running `running`, the rest wait
     try:
-        running = started(ex.submit(time.sleep, 30))
+        running = begun(ex, ex.submit(time.sleep, 30))
         queued = [ex.submit(time.sleep, 30) for _ in range(3)]
         # The moment the future fails (its callbacks run then), the executor is already broken: code
         # that sees the failure never submits into it (CPython's test_killed_child raced on this).

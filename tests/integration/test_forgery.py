@@ -101,16 +101,16 @@ def test_a_worker_reads_its_keys_from_the_pipe_and_leaves_no_trace_of_them() -> 
     keys_fd, keys = hand_keys(1)
     pipe = f"pipe:[{os.fstat(keys_fd).st_ino}]"
     tally = TaskTally()
-    assert tally.fd is not None
+    tally_fd = tally.handed_fd
     boot = p.WorkerBoot(
-        worker_id=1, endpoint=endpoint, parent_pid=os.getpid(), heartbeat_s=5.0, keys_fd=keys_fd, tally_fd=tally.fd
+        worker_id=1, endpoint=endpoint, parent_pid=os.getpid(), heartbeat_s=5.0, keys_fd=keys_fd, tally_fd=tally_fd
     )
     env = dict(
         os.environ,
         AECO_WORKER_BOOT=msgspec.json.encode(boot).decode(),
         PYTHONPATH=os.pathsep.join(x for x in sys.path if x),
     )
-    proc = subprocess.Popen([sys.executable, "-m", "workers.worker"], env=env, pass_fds=(keys_fd, tally.fd))
+    proc = subprocess.Popen([sys.executable, "-m", "workers.worker"], env=env, pass_fds=(keys_fd, tally_fd))
     os.close(keys_fd)
     tally.close_fd()
     try:

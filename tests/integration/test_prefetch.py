@@ -6,6 +6,7 @@ import asyncio
 import os
 import pickle
 import random
+import sys
 from pathlib import Path
 
 import msgspec
@@ -164,6 +165,41 @@ def test_a_burst_travels_several_tasks_to_a_frame_each_measured_alone_and_the_bo
         assert rec.charged > 0.3 and rec.relative_error < 0.01, rec
 
     with_pool(body, size=1)
+
+
+def test_a_task_in_hand_its_worker_died_before_beginning_runs_elsewhere_charged_once(tmp_path: Path) -> None:
+    """The worker dies between its last answer and the task it was just sent (its tally says it never
+    began it): the task, though not idempotent, runs on the replacement as its first attempt, charged
+    there alone; what the dead worker used since its last answer is its own overhead, and the tasks
+    that waited behind follow in order."""
+    marker = tmp_path / "died"
+    argv = [sys.executable, "-m", "tests.integration.forging_worker", "die_before_begin", str(marker)]
+    log = InflightLog(str(tmp_path / "inflight"))
+
+    async def main() -> None:
+        cfg = PoolConfig(workers=1, prefetch=2, restart_backoff_s=0.05)
+        async with WorkerPool(cfg, size=1, worker_command=argv, inflight=log) as pool:
+            assert (await pool.run(Echo(data="before"), agent="a")).usage.attempts == 1
+            specs = [Echo(data="die-before-begin"), Echo(data="next"), Echo(data="last")]
+            outs = await asyncio.gather(*(pool.run(s, agent="b", track=f"t{i}") for i, s in enumerate(specs)))
+            assert [o.output for o in outs] == [b"die-before-begin", b"next", b"last"]
+            assert [o.usage.attempts for o in outs] == [1, 1, 1] and marker.exists() and pool.crashed == 1
+            b = pool.accounts.agents["b"]
+            assert b.tasks == 3 and b.failed == 0
+            assert b.cpu_seconds == pytest.approx(sum(o.usage.cpu_seconds for o in outs))
+            assert pool.accounts.agents["a"].tasks == 1
+            log.sample([])  # commits what finished
+            recs = {r.task_id: r for r in log.pending()}  # each recorded once, on the worker it ran on
+            assert set(recs) == {"t0", "t1", "t2"}
+            for i, out in enumerate(outs):
+                done = recs[f"t{i}"].finished
+                assert recs[f"t{i}"].worker_pid == out.usage.worker_pid and done is not None
+                assert done.cpu_seconds == out.usage.cpu_seconds
+            rec = pool.accounts.reconcile({}, retired=True)  # the dead worker: charges + named overhead
+            assert rec.workers == 1 and rec.relative_error < 0.02, rec
+
+    asyncio.run(main())
+    log.close()
 
 
 def test_a_worker_that_dies_holding_a_frame_of_tasks_charges_its_cpu_once_and_runs_no_task_twice() -> None:

@@ -186,6 +186,39 @@ def test_waiting_tasks_a_dead_worker_never_began_go_back_uncounted_whatever_thei
     assert [j.attempts for j in jobs[1:]] == [0, 0]
 
 
+def test_a_task_in_hand_the_dead_worker_never_began_goes_back_uncounted_and_uncharged() -> None:
+    sim = Sim(workers=1, prefetch=2)
+    jobs = [sim.job(), sim.job(), sim.job()]
+    for job in jobs:
+        sim.submit(job)
+    lost = sim.s.died(1, sim.now, begun=0)  # it died between its last answer and this task
+    assert lost.job is None and lost.unbegun is jobs[0] and lost.crash  # nothing for the pool to charge
+    assert lost.first == [] and [j.id for j in sim.s.queue] == [1, 2, 3]  # in order, at the head
+    assert [j.attempts for j in jobs] == [0, 0, 0] and sim.s.crashed == 1
+    sim.do(sim.s.replace(lost, sim.now))
+    sim.do(sim.s.hello(2, 0, sim.now))  # its replacement runs them all, in order
+    assert sim.running(2) == 1 and sim.waiting(2) == [2, 3] and jobs[0].attempts == 1
+
+
+def test_a_task_in_hand_never_begun_fails_as_the_pool_or_a_cancel_says_not_as_a_crash() -> None:
+    sim = Sim(workers=1, prefetch=0)
+    job = sim.job(idempotent=True)
+    sim.submit(job)
+    sim.do(sim.s.kill(1, "cancelled"))  # a cancel of a task the worker had not begun yet
+    lost = sim.s.died(1, sim.now, begun=0, over_memory=True)  # not its memory limit: it never ran
+    sim.do(lost.first)
+    assert lost.job is None and lost.reason == "cancelled" and sim.failed == {1: "cancelled"}
+    assert not lost.crash and job.attempts == 0 and not sim.s.queue  # not retried, idempotent or not
+    sim.do(sim.s.replace(lost, sim.now))  # its replacement, at once
+    sim.do(sim.s.hello(2, 0, sim.now))
+    other = sim.job()
+    sim.submit(other)
+    sim.do(sim.s.close())
+    lost = sim.s.died(2, sim.now, begun=0)  # it died before it began its last task
+    sim.do(lost.first)
+    assert lost.job is None and sim.failed[other.id] == "pool_closed" and other.attempts == 0
+
+
 def test_prefetch_stops_where_the_worker_would_be_recycled() -> None:
     sim = Sim(workers=1, prefetch=3, max_tasks_per_worker=3)
     sim.do(sim.s.report(1, 0, 0))
