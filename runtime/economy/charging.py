@@ -228,10 +228,11 @@ class Economy:
             lock = self._memory_locks[agent] = asyncio.Lock()
         return lock
 
-    async def memory_available(self, agent: str) -> int:
-        """``agent``'s ``memory_quota`` as the ledger holds it now, less what trades in progress are
-        giving away: the most memory one of its tasks may be given."""
-        return await self.ledger.balance_async(agent, "memory_quota") - self._memory_leaving.get(agent, 0)
+    async def memory_available(self, agent: str, *, fresh: bool = False) -> int:
+        """``agent``'s ``memory_quota`` as the ledger holds it now (``fresh``: read past any cache), less
+        what trades in progress are giving away: the most memory one of its tasks may be given."""
+        quota = await self.ledger.balance_async(agent, "memory_quota", fresh=fresh)
+        return quota - self._memory_leaving.get(agent, 0)
 
     def memory_in_use(self, agent: str) -> int:
         """The bytes of ``agent``'s ``memory_quota`` in use: the largest memory limit one of its tasks was
@@ -247,8 +248,7 @@ class Economy:
         meanwhile takes it from the quota less what is leaving (none is given memory a trade is giving
         away) — without waiting for the trade's durable commit, as it would behind a lock held that long."""
         async with self._memory_lock(agent):
-            quota = await self.ledger.balance_async(agent, "memory_quota", fresh=True)
-            quota -= self._memory_leaving.get(agent, 0)
+            quota = await self.memory_available(agent, fresh=True)
             used = self.memory_in_use(agent)
             if quota - giving < used:
                 raise LedgerError(
