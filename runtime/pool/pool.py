@@ -928,6 +928,11 @@ class WorkerPool:
             initializer=self.initializer,
         )
         env = dict(os.environ)
+        # A worker is one CPU's share, single-threaded as llama.cpp and the embedder in it are: the first
+        # call that imports numpy would otherwise start OpenBLAS's thread pool, whose threads spin on
+        # after that call returns and are charged to the next task on the worker (measured: 18-64 ms on
+        # a 0.2 s sleep). One thread, unless the operator set it.
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
         env["AECO_WORKER_BOOT"] = msgspec.json.encode(boot).decode()
         process = WorkerProcess.spawn(self.worker_command, env, keys_fd, cgroups, tally)
         self._sched.add(wid, time.monotonic())

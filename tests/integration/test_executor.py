@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import gc
+import importlib
 import logging
 import os
 import signal
@@ -147,6 +148,22 @@ def test_shutdown_cancel_futures(make: type[cf.Executor]) -> None:
     assert running.result() == 9
     assert sum(f.cancelled() for f in queued) >= 5
     assert all(f.done() for f in queued)
+
+
+def import_module(name: str) -> str:
+    importlib.import_module(name)
+    return name
+
+
+def test_a_call_that_imports_numpy_charges_nothing_to_the_next_call() -> None:
+    """Importing numpy starts OpenBLAS's threads unless told otherwise: they spin on after the call that
+    imported it returned, and the next task on the worker would be charged their CPU."""
+    with WorkerPoolExecutor(1) as ex:
+        assert ex.submit(import_module, "numpy").result(timeout=60) == "numpy"
+        naps = [ex.submit(time.sleep, 0.2) for _ in range(2)]
+        for fut in naps:
+            fut.result(timeout=30)
+            assert fut.usage is not None and fut.usage.cpu_seconds < 0.005, fut.usage
 
 
 def test_usage_is_attached_to_each_future() -> None:
