@@ -129,6 +129,14 @@ def _locked(method: _F) -> _F:
     return locked  # type: ignore[return-value]
 
 
+def _settle(fut: asyncio.Future[Outcome], out: Outcome | None, err: TaskFailed | None) -> None:
+    """End ``fut`` as a task ended: with its ``Outcome``, else its failure."""
+    if out is not None:
+        fut.set_result(out)
+    else:
+        fut.set_exception(err or TaskFailed("task_error", "no outcome"))
+
+
 @dataclass(slots=True, eq=False)
 class RunningTask:
     """A task handed to the pool (``WorkerPool.begin``). ``ended`` resolves with its ``Outcome`` or fails
@@ -448,21 +456,17 @@ class WorkerPool:
         self._do(self._sched.submit(job, time.monotonic()))
         return job.id
 
+    def _future(self) -> asyncio.Future[Outcome]:
+        if self._loop is None:
+            raise AecoError("the pool is not started: await pool.start() (or use async with) first", code="closed")
+        return self._loop.create_future()
+
     def begin(self, spec: p.TaskSpec, **options: Unpack[TaskOptions]) -> RunningTask:
         """Queue one task and return its handle: ``ended`` resolves with its ``Outcome`` or fails with
         ``TaskFailed``; ``stop()`` cancels it. Options as for ``run``. ``AecoError`` (``closed``) before
         ``start``."""
-        if self._loop is None:
-            raise AecoError("the pool is not started: await pool.start() (or use async with) first", code="closed")
-        ended: asyncio.Future[Outcome] = self._loop.create_future()
-
-        def done(out: Outcome | None, err: TaskFailed | None) -> None:
-            if out is not None:
-                ended.set_result(out)
-            else:
-                ended.set_exception(err or TaskFailed("task_error", "no outcome"))
-
-        return RunningTask(self, self.submit(spec, done, **options), ended)
+        ended = self._future()
+        return RunningTask(self, self.submit(spec, functools.partial(_settle, ended), **options), ended)
 
     async def run(self, spec: p.TaskSpec, **options: Unpack[TaskOptions]) -> Outcome:
         """Run one task and return its ``Outcome``; raise ``TaskFailed`` if it did not succeed.
@@ -474,9 +478,20 @@ class WorkerPool:
         ``memory_exceeded`` and is charged what it used); ``serve``; ``track``, ``depth`` (see ``submit``).
         Cancelling the caller stops the task (see ``RunningTask.stop``) before the cancellation goes on.
         """
-        task = self.begin(spec, **options)
+        # Not ``shield(begin(...).ended)``: the caller waits on a future of its own, settled in the same call
+        # as ``ended``, so that its cancel leaves ``ended`` alone without the two loop turns a shield adds.
+        ended, waiter = self._future(), self._future()
+
+        def done(out: Outcome | None, err: TaskFailed | None) -> None:
+            _settle(ended, out, err)
+            if not waiter.cancelled():
+                _settle(waiter, out, err)
+                if err is not None:
+                    ended.exception()  # the caller gets it from ``waiter``; asyncio must not warn of ``ended``
+
+        task = RunningTask(self, self.submit(spec, done, **options), ended)
         try:
-            return await asyncio.shield(task.ended)
+            return await waiter
         except asyncio.CancelledError:
             await task.stop()
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -190,6 +191,33 @@ def test_cancelling_pool_run_stops_the_task_and_a_queued_one_never_runs() -> Non
             assert pool.crashed == 0
 
     asyncio.run(main())
+
+
+def test_pool_run_leaves_no_unretrieved_failure_behind_however_its_call_ends() -> None:
+    """``run`` waits on a future of its own beside the task's ``ended``: a failure reaches the caller
+    once, and neither future is left holding an exception nobody looked at (asyncio reports those
+    when they are collected), whether the call succeeded, failed or was cancelled."""
+    reported: list[str] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: reported.append(ctx["message"]))
+        async with WorkerPool(size=1) as pool:
+            assert (await pool.run(Echo(data="x"))).output == b"x"
+            with pytest.raises(TaskFailed) as failed:
+                await pool.run(Burn(ms=5_000), timeout_s=0.2)
+            assert failed.value.code == "deadline_exceeded" and failed.value.usage is not None
+            running = asyncio.create_task(pool.run(Burn(ms=20_000), agent="a"))
+            await _until(lambda: pool.status().busy == 1, "the burn to start")
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert pool.accounts.agents["a"].failed == 1
+            del failed, running
+            gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert reported == []
 
 
 def test_cancelling_a_running_executor_future_stops_its_call() -> None:
