@@ -265,9 +265,17 @@ def test_retention_passes_while_writers_run_lose_nothing(tmp_path: Path) -> None
     writer.start()
 
     async def supervise() -> None:
+        # Five passes, however long a loaded host makes each (CI saw four in a fixed six seconds); the
+        # deadline only bounds a retention loop that stopped reporting.
         stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(6.0, stop.set)
-        await compact.retain(cfg, store, ledger, events, data, stop, reports.append)
+        asyncio.get_running_loop().call_later(90.0, stop.set)
+
+        def report(line: str) -> None:
+            reports.append(line)
+            if len(reports) >= 5:
+                stop.set()
+
+        await compact.retain(cfg, store, ledger, events, data, stop, report)
 
     try:
         asyncio.run(supervise())
@@ -629,9 +637,16 @@ def test_a_shared_nodes_retention_compacts_postgres_once(pg_url: str, tmp_path: 
             cfg = RetentionConfig(enabled=True, horizon_s=1.0, interval_s=0.3, archive_max_mb=64, shared=shared)
 
             async def supervise() -> None:
+                # Two passes, however slow the host (a deadline only bounds a loop that stopped reporting).
                 stop = asyncio.Event()
-                asyncio.get_running_loop().call_later(1.0, stop.set)
-                await compact.retain(cfg, store, ledger, events, data, stop, reports.append)
+                asyncio.get_running_loop().call_later(60.0, stop.set)
+
+                def report(line: str) -> None:
+                    reports.append(line)
+                    if len(reports) >= 2:
+                        stop.set()
+
+                await compact.retain(cfg, store, ledger, events, data, stop, report)
 
             asyncio.run(supervise())
             assert reports, "no pass ran"
