@@ -434,7 +434,7 @@ def test_wait_returns_at_once_when_a_matching_event_is_already_durable(events: L
         await events.last_seq_async()
         t0 = time.monotonic()
         got = await events.wait("alice", kinds={"agent_woken"}, since=0, timeout=10)
-        assert seqs(got) == [1] and time.monotonic() - t0 < 0.05
+        assert seqs(got) == [1] and time.monotonic() - t0 < 0.5  # not the 10 s of its timeout
         assert seqs(await events.wait("alice", since=0, timeout=10)) == [1, 3]  # broadcasts too
         assert seqs(await events.wait("bob", since=0, timeout=10, limit=1)) == [2]
         events.set_cursor("alice", 1).result()
@@ -451,7 +451,8 @@ def test_a_waiter_wakes_within_milliseconds_of_a_publish(events: Log) -> None:
     delays = asyncio.run(wake_delays(events, [events], 20, 0.01))
     # From the publish call to the waiter running again, durable commit (fsync) included.
     assert statistics.median(delays) < 0.05, delays
-    assert max(delays) < 0.25, delays
+    # Every one, too, though a stalled sync on a busy host's disk may stretch one: far below a timeout.
+    assert max(delays) < 2.0, delays
 
 
 def test_an_event_submitted_from_another_thread_wakes_a_waiter_on_the_loop(events: Log) -> None:
@@ -464,7 +465,7 @@ def test_an_event_submitted_from_another_thread_wakes_a_waiter_on_the_loop(event
 
     delay, got = asyncio.run(main())
     assert [(e.kind, e.agent) for e in got] == [("agent_unblocked", "alice")]
-    assert delay < 0.25
+    assert delay < 2.0  # woken by the commit, not by the 5 s timeout (a loaded host may delay the thread)
 
 
 def test_a_publish_wakes_only_the_waiters_it_concerns_and_a_broadcast_wakes_all(events: Log) -> None:
@@ -473,11 +474,11 @@ def test_a_publish_wakes_only_the_waiters_it_concerns_and_a_broadcast_wakes_all(
     async def main() -> None:
         tasks = {a: await started(events, a, since=0, timeout=10) for a in agents}
         ev = await events.publish("transfer", "a42", amount=1)
-        assert seqs(await asyncio.wait_for(tasks.pop("a42"), 1)) == [ev.seq]
+        assert seqs(await asyncio.wait_for(tasks.pop("a42"), 5)) == [ev.seq]
         await asyncio.sleep(0.05)
         assert not any(t.done() for t in tasks.values())
         reset = await events.publish("system_reset")
-        done = await asyncio.wait_for(asyncio.gather(*tasks.values()), 2)
+        done = await asyncio.wait_for(asyncio.gather(*tasks.values()), 10)
         assert all(got == [reset] for got in done)
 
     asyncio.run(main())
@@ -492,7 +493,7 @@ def test_a_waiter_with_a_timeout_returns_nothing_after_the_timeout(events: Log) 
         return time.monotonic() - t0, got
 
     elapsed, got = asyncio.run(main())
-    assert got == [] and 0.29 <= elapsed < 0.6
+    assert got == [] and 0.29 <= elapsed < 1.5
 
 
 def test_a_sleeping_waiter_uses_no_cpu(events: Log) -> None:
@@ -520,7 +521,7 @@ def test_notice_wakes_a_waiter_that_then_trusts_only_the_log(events: Log) -> Non
     the log; a hint of an event the log does not hold wakes it but returns nothing."""
 
     async def main() -> None:
-        task = await started(events, "alice", since=0, timeout=0.5)
+        task = await started(events, "alice", since=0, timeout=10)
         hint = Event(seq=99, at=time.time(), kind="transfer", agent="alice")
         threading.Thread(target=events.notice, args=([hint],)).start()
         await asyncio.sleep(0.05)

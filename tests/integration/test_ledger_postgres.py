@@ -33,7 +33,7 @@ from runtime.economy.ledger.rules import MemoryView
 from runtime.economy.ledger.rules import apply as apply_rule
 from runtime.host.postgres import DatabaseUnavailable
 from tests.harness import ROOT, reap, together
-from tests.integration.ledger_bank_client import Summary
+from tests.integration.ledger_bank_client import ENOUGH_FRESH, Summary
 from tests.integration.ledger_crash_writer import ACCOUNTS, FUNDS, fund_bank
 from tests.services import create_database, drop_database
 
@@ -96,7 +96,7 @@ def test_bank_workload_in_two_processes_on_one_database(pg_url: str) -> None:
     for s in summaries:
         assert s.errors == []
         # Each node really worked concurrently, and the workload did what it claims to.
-        assert len(s.fresh) > 100 and s.refused > 0 and s.replayed > 0, (len(s.fresh), s.refused, s.replayed)
+        assert len(s.fresh) > ENOUGH_FRESH and s.refused > 0 and s.replayed > 0, (len(s.fresh), s.refused, s.replayed)
 
     with PostgresLedger(pg_url) as led:
         report = check(led)

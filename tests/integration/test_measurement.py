@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -26,16 +27,18 @@ def test_single_thread_burn_is_charged_its_cpu(cgroups: str) -> None:
 
 def test_two_threads_releasing_the_gil_are_charged_twice() -> None:
     async def body(pool: WorkerPool) -> None:
-        ratios = []
-        for _ in range(15):
+        ratios: list[float] = []
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        while loop.time() < end and not (ratios and max(ratios) > 1.3):
             u = (await pool.run(Burn(ms=300, threads=2))).usage
             assert u.cpu_seconds == pytest.approx(0.600, rel=0.05)
             ratios.append(u.cpu_seconds / u.wall_seconds)
-            if ratios[-1] > 1.7:
-                break
-        # Both threads ran at once: CPU per wall second near 2, not near 1. Another process on this
-        # 2-core host can take a core for a while, so the best of up to 15 runs is what is judged.
-        assert max(ratios) == pytest.approx(2.0, abs=0.3), ratios
+        # Both threads ran at once: more CPU than wall time, which one thread can never show, and no
+        # more than two cores' worth. Other processes on this 2-core host take cores for a while (a
+        # busy host showed 0.8 for a dozen runs in a row), so runs go on until one shows the overlap; a
+        # quiet host shows 1.9-2.0 at the first.
+        assert 1.3 < max(ratios) <= 2.1, ratios
 
     with_pool(body, size=1)
 

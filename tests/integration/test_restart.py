@@ -162,7 +162,9 @@ def test_a_killed_supervisor_restarts_and_charges_the_tasks_in_flight_once(setup
             exact[r.task_id] = final - r.baseline_cpu
     assert len(exact) == (len(running) if cgroups == "auto" else 0)
 
-    proc = _start("--config", str(cfg), "--duration", "4", "--no-live")
+    # Long enough that each agent, the one that waits behind the recovered two included, gets a think
+    # charged on a loaded host (a think is 0.4 s of CPU; start-up and recovery take a second or two).
+    proc = _start("--config", str(cfg), "--duration", "6", "--no-live")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     said = {line.split()[2]: line for line in out.splitlines() if line.startswith("recovered task ")}
