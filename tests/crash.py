@@ -23,27 +23,31 @@ from runtime.pool.inflight import Finished, InFlight, InflightLog
 REPO = Path(__file__).resolve().parent.parent
 
 
-def kill_mid_write(cmd: Sequence[str], *, env: Mapping[str, str], errlog: Path, delay_s: float) -> list[str]:
-    """Run ``cmd``; ``delay_s`` after its first acknowledgement, SIGKILL it. Return the lines it printed
-    in full (a line cut short by the kill is not an acknowledgement), without their newlines."""
+def kill_mid_write(
+    cmd: Sequence[str], *, env: Mapping[str, str], errlog: Path, delay_s: float, after_acks: int = 1
+) -> list[str]:
+    """Run ``cmd``; ``delay_s`` after its ``after_acks``-th acknowledgement, SIGKILL it. Return the lines
+    it printed in full (a line cut short by the kill is not an acknowledgement), without their newlines.
+    ``after_acks`` makes sure of so much work however slowly a loaded host lets the writer go."""
     with errlog.open("wb") as err:
         proc = subprocess.Popen(
             list(cmd), cwd=REPO, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
         )
     lines: list[bytes] = []
-    first = threading.Event()
+    enough = threading.Event()
 
     def drain() -> None:
         # Read continuously so that a full pipe never slows the writer down before the kill.
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            first.set()
+            if len(lines) >= after_acks:
+                enough.set()
 
     reader = threading.Thread(target=drain)
     reader.start()
     try:
-        assert first.wait(30), f"no acknowledgement; stderr: {errlog.read_text()}"
+        assert enough.wait(60), f"{len(lines)} of {after_acks} acknowledgements; stderr: {errlog.read_text()}"
         time.sleep(delay_s)
         assert proc.poll() is None, f"the writer exited early; stderr: {errlog.read_text()}"
         proc.kill()

@@ -277,7 +277,9 @@ def test_agents_sleeping_in_confined_code_pay_for_the_workers_they_hold_and_cann
         # The first call waits for a sleeper's deadline at most; after that the sleepers are in debt
         # for what they held and wait for their buckets, so the workers are carol's.
         assert served[0] < wall + 3.0
-        assert max(served[1:]) < 1.0, served
+        # A call starts a sandboxed process: 0.1-0.2 s on a quiet host, near a second on a loaded one;
+        # one behind a sleeper would wait for the rest of its 3 s hold.
+        assert max(served[1:]) < 1.5, served
 
     sleepy = {"cpu_rate": 100}  # 0.1 CPU-s per s, 2 CPU-s of burst: less than one held deadline
     with_world(tmp_path, [_agent("alice"), _agent("sam", **sleepy), _agent("sue", **sleepy), _agent("carol")], body, 20)

@@ -133,7 +133,7 @@ def node_main(argv: Sequence[str] | None = None) -> int:
 
 
 def test_two_node_processes_append_concurrently_into_one_gapless_sequence(nodes: Nodes) -> None:
-    threads, count = 2, 300
+    threads, count = 2, 800  # enough that the two nodes overlap even if one wakes late on a loaded host
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "tests.integration.test_events_scaleout", nodes.pg_url, "--redis", nodes.redis_url]
     cmd += ["--namespace", nodes.namespace, "--threads", str(threads), "--count", str(count)]

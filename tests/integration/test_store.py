@@ -686,7 +686,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     for rnd in range(6):
         cmd = [sys.executable, "-m", "tests.integration.store_crash_writer", str(repo), "--round", str(rnd)]
         delay = rng.uniform(0.2, 0.9)
-        lines = kill_mid_write(cmd, env=env, errlog=tmp_path / f"writer-{rnd}.err", delay_s=delay)
+        lines = kill_mid_write(cmd, env=env, errlog=tmp_path / f"writer-{rnd}.err", delay_s=delay, after_acks=51)
         acked = [line.split() for line in lines]
         assert len(acked) > 50, f"round {rnd}: only {len(acked)} acknowledgements"
         for fields in acked:
