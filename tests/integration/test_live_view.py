@@ -36,6 +36,8 @@ status_interval_s: 0.1
 """
 
 FRAMES = 15
+#: How ``rich.live.Live`` begins each redraw after the first: back to the frame's first line.
+REDRAW = b"\r\x1b[2K\x1b[1A"
 
 
 def _run_on_terminal(config: Path, width: int) -> tuple[bytes, int, bytes]:
@@ -67,7 +69,10 @@ def _run_on_terminal(config: Path, width: int) -> tuple[bytes, int, bytes]:
             ready, _, _ = select.select([master], [], [], 0.03 if enough else 1.0)
             if not ready:
                 if enough:
-                    running = bytes(out)
+                    # Up to the last redraw's start (rich's cursor-up): what the frames before it left
+                    # on screen. A redraw is bigger than the terminal's buffer, so a writer the host
+                    # did not schedule for a while can fall silent in the middle of one.
+                    running = bytes(out[: out.rfind(REDRAW)])
                     proc.send_signal(signal.SIGTERM)
                     stopped = True
                 continue
