@@ -459,7 +459,10 @@ def test_writes_keep_flowing_during_a_pass(tmp_path: Path) -> None:
     took = end - start
     assert took >= 1.0, f"the pass took {took:.2f} s: too little history to tell a pause from a turn"
     waits = {name: _longest_wait(times, start, end) for name, times in acks.items()}
-    assert all(waits[name] < took / 4 for name in waits), (f"pass {took:.2f} s", waits)
+    # What the host itself made writers wait, in the half seconds before and after the pass (a busy
+    # host stalls a thread now and then): a pass may not make them wait more than thrice that either.
+    host = max(_longest_wait(times, at, at + 0.5) for times in acks.values() for at in (start - 0.5, end))
+    assert all(waits[name] < max(took / 4, 3 * host) for name in waits), (f"pass {took:.2f} s", host, waits)
     assert all(sum(start < t < end for t in times) > 10 for times in acks.values()), "a writer stood still"
     for k, i in last_write.items():
         assert store.read("writer", f"mine{k}").content == f"during {i}".encode()
