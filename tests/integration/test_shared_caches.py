@@ -277,7 +277,7 @@ def test_a_turn_reads_almost_nothing_from_postgres_in_the_steady_state(
         node=node_cfg,
     )
 
-    async def body() -> tuple[int, int, list[str]]:
+    async def body() -> tuple[int, int, list[str], float]:
         async with RuntimeNode(cfg, memory=False) as node:
             shared = Node(node.backends)
             runners = [a for a in node.agents if isinstance(a, Agent)]
@@ -286,14 +286,18 @@ def test_a_turn_reads_almost_nothing_from_postgres_in_the_steady_state(
                 await asyncio.gather(*(a.run(max_actions=a.actions + a.rejected + n) for a in runners))
 
             await turns(6)
-            before = shared.reads()
+            before, t0 = shared.reads(), time.monotonic()
             await turns(30)
             reasons = [r for a in runners for r in a.reasons]
-            return shared.reads() - before, 2 * 30, reasons
+            return shared.reads() - before, 2 * 30, reasons, time.monotonic() - t0
 
-    reads, turns, rejected = asyncio.run(body())
-    print(f"steady state: {reads} reads from PostgreSQL on the event loop in {turns} turns")
+    reads, turns, rejected, took = asyncio.run(body())
+    print(f"steady state: {reads} reads from PostgreSQL on the event loop in {turns} turns ({took:.1f} s)")
     # Two agents paying each other see their scrip change while they think, now and then: that check is
     # the point of the fingerprint. Nothing else may be refused.
     assert all("the world changed while you thought" in r for r in rejected), rejected
-    assert reads <= turns // 2, f"{reads} reads in {turns} turns"
+    # A turn's own reads are counted, and the refreshes: these come with time, not turns (each agent's
+    # holdings at most once a second, the store's head every 5 s), so a host slow enough to stretch
+    # the turns past a second is allowed three more a second.
+    allowed = turns // 2 + int(3 * max(0.0, took - 1.0))
+    assert reads <= allowed, f"{reads} reads in {turns} turns ({took:.1f} s)"
