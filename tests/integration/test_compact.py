@@ -28,16 +28,18 @@ import msgspec
 import pytest
 
 from runtime.config import RetentionConfig
-from runtime.economy.ledger import OpenAccount, Transfer
+from runtime.economy.ledger import Ledger, OpenAccount, Transfer
 from runtime.economy.ledger.check import check
 from runtime.economy.ledger.lmdb import LmdbLedger
 from runtime.economy.ledger.postgres import PostgresLedger
 from runtime.host.postgres import connect
 from runtime.host.volume import tree_bytes
 from runtime.ops import compact
+from runtime.world.events import Events
 from runtime.world.events import archive as archives
 from runtime.world.events.log import EventLog
 from runtime.world.events.postgres import PostgresEventLog
+from runtime.world.store import Store
 from runtime.world.store.git import GitStore
 from runtime.world.store.postgres import PostgresStore
 from tests.harness import ROOT, python_m, start_supervisor
@@ -237,6 +239,27 @@ def test_compact_everything_then_bad_input_and_a_running_supervisor(ran: tuple[P
 # ------------------------------------------------------------------------------- while writers run
 
 
+def _retain(cfg: RetentionConfig, store: Store, ledger: Ledger, events: Events, data: Path, passes: int) -> list[str]:
+    """The supervisor's retention loop (``compact.retain``) on open stores until it reported ``passes``
+    passes, however long a loaded host makes each (90 s at most); their reports."""
+    reports: list[str] = []
+
+    async def supervise() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(90.0, stop.set)  # only for a loop that stopped reporting
+
+        def report(line: str) -> None:
+            reports.append(line)
+            if len(reports) >= passes:
+                stop.set()
+
+        await compact.retain(cfg, store, ledger, events, data, stop, report)
+
+    asyncio.run(supervise())
+    assert len(reports) >= passes, reports
+    return reports
+
+
 def test_retention_passes_while_writers_run_lose_nothing(tmp_path: Path) -> None:
     """The supervisor's retention loop (``compact.retain``) on open stores while threads write to all
     three: every acknowledged write is there afterwards, and every invariant holds. The horizon is a
@@ -259,26 +282,13 @@ def test_retention_passes_while_writers_run_lose_nothing(tmp_path: Path) -> None
             events.append("tick", "a", n=i)
             acked["events"] = i
 
-    reports: list[str] = []
     cfg = RetentionConfig(enabled=True, horizon_s=1.0, interval_s=0.5, archive_max_mb=64)
     writer = threading.Thread(target=write)
     writer.start()
 
-    async def supervise() -> None:
-        # Five passes, however long a loaded host makes each (CI saw four in a fixed six seconds); the
-        # deadline only bounds a retention loop that stopped reporting.
-        stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(90.0, stop.set)
-
-        def report(line: str) -> None:
-            reports.append(line)
-            if len(reports) >= 5:
-                stop.set()
-
-        await compact.retain(cfg, store, ledger, events, data, stop, report)
-
     try:
-        asyncio.run(supervise())
+        # Five passes, however long a loaded host makes each (CI saw four in a fixed six seconds).
+        reports = _retain(cfg, store, ledger, events, data, 5)
     finally:
         done.set()
         writer.join(30)
@@ -645,24 +655,8 @@ def test_a_shared_nodes_retention_compacts_postgres_once(pg_url: str, tmp_path: 
         time.sleep(1.1)
 
         def passes(shared: bool) -> list[str]:
-            reports: list[str] = []
             cfg = RetentionConfig(enabled=True, horizon_s=1.0, interval_s=0.3, archive_max_mb=64, shared=shared)
-
-            async def supervise() -> None:
-                # Two passes, however slow the host (a deadline only bounds a loop that stopped reporting).
-                stop = asyncio.Event()
-                asyncio.get_running_loop().call_later(60.0, stop.set)
-
-                def report(line: str) -> None:
-                    reports.append(line)
-                    if len(reports) >= 2:
-                        stop.set()
-
-                await compact.retain(cfg, store, ledger, events, data, stop, report)
-
-            asyncio.run(supervise())
-            assert reports, "no pass ran"
-            return reports
+            return _retain(cfg, store, ledger, events, data, 2)
 
         assert all("nothing to do" in r for r in passes(shared=False))
         assert ledger.checkpoint() is None and events.archived() == 0
