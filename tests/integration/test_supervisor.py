@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -84,7 +85,7 @@ def test_the_default_config_is_valid() -> None:
     assert out.returncode == 0, out.stderr
 
 
-def _agents_in_status(data: Path) -> dict[str, dict[str, int]]:
+def _agents_in_status(data: Path) -> dict[str, dict[str, Any]]:
     """The agents of ``status.json`` by id ({} until the first status is written)."""
     try:
         status = json.loads((data / "run" / "status.json").read_text())
@@ -93,23 +94,24 @@ def _agents_in_status(data: Path) -> dict[str, dict[str, int]]:
     return {a["id"]: a for a in status.get("agents", [])}
 
 
-def _run_until(config: Path, data: Path, done: Callable[[dict[str, dict[str, int]]], bool]) -> tuple[str, str]:
+def _run_until(config: Path, data: Path, done: Callable[[dict[str, dict[str, Any]]], bool]) -> tuple[str, str]:
     """Run the supervisor until ``done`` holds of its status's agents (90 s at most), then stop it with
     SIGTERM; its stdout and stderr. Not for a fixed time: a loaded host can spend the first seconds of a
     short run starting up."""
     (data / "run" / "status.json").unlink(missing_ok=True)  # an earlier run's: not this one's
     proc = _supervisor("--config", str(config), "--no-live")
     end = time.monotonic() + 90
-    while time.monotonic() < end and not done(_agents_in_status(data)):
+    while not (met := done(agents := _agents_in_status(data))) and time.monotonic() < end:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    assert met, f"the agents had not done what the test waits for within 90 s: {agents}"
     return out, err
 
 
-def _tasks(agents: dict[str, dict[str, int]], agent: str) -> int:
-    return agents.get(agent, {}).get("tasks", 0)
+def _tasks(agents: dict[str, dict[str, Any]], agent: str) -> int:
+    return int(agents.get(agent, {}).get("tasks", 0))
 
 
 def test_runs_agents_and_writes_a_usage_summary(config: Path, tmp_path: Path) -> None:
