@@ -66,6 +66,15 @@ def _busy_pid(pool: WorkerPool) -> int:
     return pid
 
 
+async def _begun(pool: WorkerPool) -> None:
+    """Until the one busy worker's burn is using CPU. A task reaches its worker (busy) before the worker
+    begins it, and one cancelled in between never ran and is charged nothing: CI's loaded host once
+    cancelled in that window a test that asserts a charge."""
+    pid = _busy_pid(pool)
+    start = pool.kernel_cpu()[pid]
+    await _until(lambda: pool.kernel_cpu()[pid] > start + 0.05, "the burn to use CPU")
+
+
 # ------------------------------------------------------------------------------------ cancellation
 
 
@@ -173,7 +182,8 @@ def test_cancelling_pool_run_stops_the_task_and_a_queued_one_never_runs() -> Non
     async def main() -> None:
         async with WorkerPool(size=1) as pool:
             running = asyncio.create_task(pool.run(Burn(ms=20_000), agent="a"))
-            await _until(lambda: pool.status().busy == 1, "the burn to start")
+            await _until(lambda: pool.status().busy == 1, "the burn to reach its worker")
+            await _begun(pool)
             queued = pool.begin(Burn(ms=20_000), agent="b")
             assert pool.status().queued == 1
             await queued.stop()
@@ -207,7 +217,8 @@ def test_pool_run_leaves_no_unretrieved_failure_behind_however_its_call_ends() -
                 await pool.run(Burn(ms=5_000), timeout_s=0.2)
             assert failed.value.code == "deadline_exceeded" and failed.value.usage is not None
             running = asyncio.create_task(pool.run(Burn(ms=20_000), agent="a"))
-            await _until(lambda: pool.status().busy == 1, "the burn to start")
+            await _until(lambda: pool.status().busy == 1, "the burn to reach its worker")
+            await _begun(pool)
             running.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await running
