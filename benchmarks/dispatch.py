@@ -9,7 +9,11 @@ not of batching or queueing. Systems measured, each with 1 and 2 workers:
 - ``aeco-executor``: ``WorkerPoolExecutor.submit(_noop).result()`` from W threads, accounting on;
 - ``ProcessPoolExecutor``, ``multiprocessing.Pool`` (``apply``), loky and Ray, the same way;
 - ``pyzmq-floor``: bare REQ/REP over ipc to W echo processes, no encoding and no scheduling, the
-  fastest any design built on pyzmq can go.
+  fastest any design built on pyzmq can go;
+- ``pyzmq-asyncio-floor``: the same echo processes from W coroutines, each send answered through a
+  future that a reader callback on the socket's descriptor settles: the fastest an asyncio client
+  (such as ``WorkerPool``) can go, so that the pool's distance from ``pyzmq-floor`` splits into what
+  the event loop costs and what the pool adds.
 
 Then the pipelined rows: ``map`` of 100,000 no-ops (10,000 with --quick) at one ``chunksize``, where
 many tasks are in flight at once: ``WorkerPoolExecutor`` (accounting on, ``pool.prefetch`` 1: a task
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -31,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +69,7 @@ WORKER_COUNTS = (1, 2)
 #: A round trip that takes this long means the peer is stuck: fail it rather than hang the benchmark.
 CALL_TIMEOUT_S = 30.0
 PROFILED = "aeco-pool"  # the system (at 1 worker) that --profile records
-PPE, FLOOR = "ProcessPoolExecutor", "pyzmq-floor"
+PPE, FLOOR, ASYNC_FLOOR = "ProcessPoolExecutor", "pyzmq-floor", "pyzmq-asyncio-floor"
 
 
 def _noop() -> None:
@@ -167,7 +172,10 @@ def _reap(proc: subprocess.Popen[bytes], grace_s: float) -> None:
         proc.wait()
 
 
-def _run_zmq_floor(workers: int, budget: Budget, _profile: Path | None) -> Sample:
+@contextlib.contextmanager
+def _echo_sockets(workers: int) -> Iterator[list[zmq.Socket[bytes]]]:
+    """One REQ socket connected to each of ``workers`` echo processes (``zmq_echo_server``), which are
+    asked to stop and reaped after (killed if the body failed)."""
     tmp = tempfile.mkdtemp(prefix="aeco-zmq-floor-")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in sys.path if x))
     servers: list[subprocess.Popen[bytes]] = []
@@ -196,6 +204,24 @@ def _run_zmq_floor(workers: int, budget: Budget, _profile: Path | None) -> Sampl
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != b"ready":
                 raise Failed(f"echo server pid {proc.pid} did not start (exit {proc.wait()})")
+        yield socks
+        for sock in socks:
+            sock.send(b"stop")
+            sock.recv()
+        stopped = True
+    finally:
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
+        for proc in servers:
+            _reap(proc, 5.0 if stopped else 0.0)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_zmq_floor(workers: int, budget: Budget, _profile: Path | None) -> Sample:
+    with _echo_sockets(workers) as socks:
 
         def client(sock: zmq.Socket[bytes]) -> Callable[[], object]:
             def call() -> bytes:
@@ -206,21 +232,46 @@ def _run_zmq_floor(workers: int, budget: Budget, _profile: Path | None) -> Sampl
 
         # Sockets are created here and used by one client thread each: zmq allows moving a socket
         # to another thread when the move is a full memory barrier, as starting a thread is.
-        sample = closed_loop_threads([client(s) for s in socks], budget)
-        for sock in socks:
-            sock.send(b"stop")
-            sock.recv()
-        stopped = True
-        return sample
+        return closed_loop_threads([client(s) for s in socks], budget)
+
+
+def _run_zmq_asyncio_floor(workers: int, budget: Budget, _profile: Path | None) -> Sample:
+    with _echo_sockets(workers) as socks:
+        return asyncio.run(_zmq_asyncio_floor(socks, budget))
+
+
+async def _zmq_asyncio_floor(socks: list[zmq.Socket[bytes]], budget: Budget) -> Sample:
+    """The least an asyncio client can do per round trip: send, then await a future that a reader
+    callback on the socket's descriptor settles (the pool's own receive path, with nothing else)."""
+    loop = asyncio.get_running_loop()
+    events, pollin, noblock = zmq.EVENTS, int(zmq.POLLIN), int(zmq.NOBLOCK)
+
+    def client(sock: zmq.Socket[bytes]) -> Callable[[], Awaitable[bytes]]:
+        waiting: list[asyncio.Future[bytes]] = []
+
+        def drain() -> None:
+            while int(sock.getsockopt(events)) & pollin:
+                reply = sock.recv(noblock)
+                if waiting:
+                    waiting.pop().set_result(reply)
+
+        loop.add_reader(int(sock.getsockopt(zmq.FD)), drain)
+
+        def call() -> Awaitable[bytes]:
+            fut = loop.create_future()
+            waiting.append(fut)
+            sock.send(b"x", noblock)
+            drain()  # the descriptor is edge-triggered: a send can consume the edge of a reply
+            return fut
+
+        return call
+
+    clients = [client(s) for s in socks]
+    try:
+        return await closed_loop_async(clients, budget)
     finally:
         for sock in socks:
-            sock.close(0)
-        ctx.term()
-        for proc in servers:
-            _reap(proc, 5.0 if stopped else 0.0)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+            loop.remove_reader(int(sock.getsockopt(zmq.FD)))
 
 
 def _run_executor(make: Callable[[int], cf.Executor]) -> Runner:
@@ -356,6 +407,9 @@ def run_map(make: Callable[[int], cf.Executor], workers: int, tasks: int) -> tup
 
 SYSTEMS: list[System] = [
     System(FLOOR, "bare pyzmq REQ/REP over ipc, one echo process per worker", _run_zmq_floor),
+    System(
+        ASYNC_FLOOR, "the same from asyncio: send, await a future a reader callback settles", _run_zmq_asyncio_floor
+    ),
     System(PPE, "concurrent.futures, submit().result()", _run_executor(_make_ppe)),
     System("multiprocessing.Pool", "apply", _run_mp_pool),
     System("loky", "loky.ProcessPoolExecutor, submit().result()", _run_executor(_make_loky)),
@@ -430,6 +484,15 @@ def print_targets(entries: list[Entry], pipelined: list[Pipelined]) -> None:
         )
         _target(
             f"aeco-pool (accounting on) vs pyzmq floor, {n}", _ratio(by.get(("aeco-pool", w)), by.get((FLOOR, w))), 0.85
+        )
+        # What bounds the line above: no asyncio client, however little it does, is as fast as a
+        # blocking one; these two say how far the floor is out of an event loop's reach, and where
+        # the pool stands within that reach.
+        loop_floor = _ratio(by.get((ASYNC_FLOOR, w)), by.get((FLOOR, w)))
+        pool_in_loop = _ratio(by.get(("aeco-pool", w)), by.get((ASYNC_FLOOR, w)))
+        print(
+            f"  the event loop's own reach: pyzmq-asyncio-floor vs pyzmq floor {_fmt_ratio(loop_floor)}; "
+            f"aeco-pool vs pyzmq-asyncio-floor {_fmt_ratio(pool_in_loop)}"
         )
         ours, theirs = maps.get((MAP_AECO, w)), maps.get((MAP_PPE, w))
         r = ours.tasks_per_s / theirs.tasks_per_s if ours and theirs and theirs.tasks_per_s > 0 else None
