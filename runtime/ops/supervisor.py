@@ -2,8 +2,8 @@
 
 It opens a ``runtime.node.Node`` (the pool sized from the container's limits, the economy, the world
 and the configured agents), runs the agents, shows a live table and refreshes the status file, and on
-exit (SIGINT/SIGTERM, or after ``--duration``) stops every worker and writes a JSON usage summary
-under the data directory.
+exit (SIGINT/SIGTERM, or ``--duration`` seconds after the agents started) stops every worker and
+writes a JSON usage summary under the data directory.
 """
 
 from __future__ import annotations
@@ -84,13 +84,11 @@ def _say(line: str) -> None:
 
 
 async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) -> int:
-    """Run the node until a signal or the end of ``duration_s``."""
+    """Run the node until a signal, or for ``duration_s`` once its agents started."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if duration_s is not None:
-        loop.call_later(duration_s, stop.set)
     started = time.monotonic()
     try:
         claim = preflight.claim_data_dir(Path(cfg.data_dir))
@@ -158,6 +156,14 @@ async def serve(cfg: config_mod.Config, duration_s: float | None, live: bool) ->
             # The token is shown here once; it stays readable by this user only in the data directory.
             _say(f"dashboard: {url}/ (operator token: {token}); metrics: {url}/metrics")
     node.start_agents()
+    if duration_s is not None:
+        # The agents' time, not the process's: a start that recovers a crash or waits for a loaded
+        # host's workers does not eat into an experiment's run.
+        def over() -> None:
+            log.info("the agents ran their %g s (--duration): stopping", duration_s)
+            stop.set()
+
+        loop.call_later(duration_s, over)
     quiet_collector()
     meter = Meter(node.info)
 
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m runtime.supervisor", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="config/default.yaml", help="YAML configuration file")
     ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    ap.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    ap.add_argument("--duration", type=float, metavar="S", help="stop S seconds after the agents start")
     ap.add_argument("--no-live", action="store_true", help="no live table (log lines only)")
     args = ap.parse_args(argv)
     if args.duration is not None and args.duration <= 0:

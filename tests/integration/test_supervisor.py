@@ -8,10 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import pytest
@@ -152,6 +153,32 @@ def test_a_signal_stops_everything_within_5_s(config: Path, sig: signal.Signals)
     assert time.monotonic() - t0 < 5.0
     assert proc.returncode == 0
     assert not [w for w in workers if _alive(w)]
+
+
+def test_duration_counts_from_when_the_agents_start(config: Path) -> None:
+    """``--duration S`` is the agents' S seconds: the start before them (spawning workers, opening the
+    stores, recovering a crash) does not eat into it."""
+    proc = _supervisor("--config", str(config), "--duration", "1.5", "--no-live")
+    lines: list[tuple[float, str]] = []
+
+    def read(stream: IO[str]) -> None:
+        for line in stream:
+            lines.append((time.monotonic(), line))
+
+    readers = [threading.Thread(target=read, args=(s,)) for s in (proc.stdout, proc.stderr)]
+    for r in readers:
+        r.start()
+    spawned = time.monotonic()
+    assert proc.wait(timeout=120) == 0, "".join(line for _, line in lines)
+    for r in readers:
+        r.join()
+    text = "".join(line for _, line in lines)
+    # The last line before the agents start, and the line the end of their time writes.
+    ready = next((t for t, line in lines if line.startswith("data volume at start")), None)
+    over = next((t for t, line in lines if "(--duration): stopping" in line), None)
+    assert ready is not None and over is not None, text
+    assert ready - spawned > 0.1, "the start took no time: this test could not tell when the clock began"
+    assert over - ready >= 1.5 - 0.05, f"stopped {over - ready:.2f} s after the agents started, not 1.5 s"
 
 
 def test_workers_die_with_a_killed_supervisor(config: Path) -> None:
