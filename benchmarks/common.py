@@ -13,6 +13,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import resource
 import select
 import shutil
 import signal
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 import psutil
@@ -59,12 +60,15 @@ class Budget:
 
 @dataclass(slots=True)
 class Sample:
-    """Raw result of one closed-loop run: every measured round trip's latency."""
+    """Raw result of one closed-loop run: every measured round trip's latency, and the CPU spent meanwhile."""
 
     latencies_ns: list[int]
     seconds: float
     #: py-spy was sampling during the measurement (its numbers are slightly pessimistic).
     profiled: bool = False
+    #: CPU-seconds used during the measurement by this process (the clients and whatever threads the
+    #: system runs in it), and by its child processes (the system's workers or servers).
+    cpu: CpuUsed | None = None
 
     @property
     def round_trips(self) -> int:
@@ -75,6 +79,31 @@ class Sample:
     def per_second(self) -> float:
         """Round trips per second over the whole measured interval."""
         return self.round_trips / self.seconds if self.seconds > 0 else 0.0
+
+
+class CpuUsed(NamedTuple):
+    """CPU-seconds used by this process (all its threads) and by its live descendants (all theirs)."""
+
+    own: float
+    children: float
+
+    @classmethod
+    def now(cls) -> CpuUsed:
+        """What they used so far. A descendant's count is ``/proc``'s, in clock ticks: read over a
+        window of seconds, good to a fraction of a percent."""
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        children = 0.0
+        for child in psutil.Process().children(recursive=True):
+            try:
+                t = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            children += t.user + t.system
+        return cls(me.ru_utime + me.ru_stime, children)
+
+    def since(self, start: CpuUsed) -> CpuUsed:
+        """What was used between ``start`` and this reading."""
+        return CpuUsed(self.own - start.own, self.children - start.children)
 
 
 def percentile_us(sorted_ns: Sequence[int], q: float) -> float:
@@ -125,9 +154,12 @@ def closed_loop_threads(
     warm_each = math.ceil(budget.warmup / n)
     cap_each = max(1, budget.max_round_trips // n)
 
+    cpu_at_start: list[CpuUsed] = []
+
     def start_clock() -> None:
         if before_measure is not None:
             before_measure()
+        cpu_at_start.append(CpuUsed.now())
         clock["start"] = time.perf_counter_ns()
         clock["deadline"] = clock["start"] + int(budget.duration_s * 1e9)
 
@@ -176,7 +208,8 @@ def closed_loop_threads(
         raise Failed(f"a client failed: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
     if barrier.broken or clock["start"] == 0:
         raise Failed("the measurement was aborted before it started")
-    return Sample(sorted(x for lat in lats for x in lat), (max(ends) - clock["start"]) / 1e9)
+    cpu = CpuUsed.now().since(cpu_at_start[0])
+    return Sample(sorted(x for lat in lats for x in lat), (max(ends) - clock["start"]) / 1e9, cpu=cpu)
 
 
 async def closed_loop_async(
@@ -213,11 +246,13 @@ async def closed_loop_async(
         await asyncio.gather(*(warm(c) for c in clients))
         if before_measure is not None:
             before_measure()
+        cpu_at_start = CpuUsed.now()
         start = time.perf_counter_ns()
         deadline = start + int(budget.duration_s * 1e9)
         runs = await asyncio.gather(*(measure(c, deadline) for c in clients))
+        cpu = CpuUsed.now().since(cpu_at_start)
         lats = sorted(x for lat, _ in runs for x in lat)
-        return Sample(lats, (max(end for _, end in runs) - start) / 1e9)
+        return Sample(lats, (max(end for _, end in runs) - start) / 1e9, cpu=cpu)
 
     try:
         return await asyncio.wait_for(both(), timeout_s)

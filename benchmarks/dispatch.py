@@ -95,6 +95,10 @@ class Entry(msgspec.Struct, omit_defaults=True):
     seconds: float
     #: py-spy was sampling while this was measured (its numbers are slightly pessimistic).
     profiled: bool = False
+    #: CPU per round trip in the benchmark's process (the callers and the system's own threads there:
+    #: the pool's loop, an executor's manager) and in its child processes (workers, echo servers), in µs.
+    client_cpu_us: float | None = None
+    workers_cpu_us: float | None = None
 
 
 class Pipelined(msgspec.Struct):
@@ -450,7 +454,10 @@ def _fmt_ratio(r: float | None) -> str:
 def print_table(entries: list[Entry]) -> None:
     """Print one row per system and worker count, with throughput relative to PPE and the floor."""
     by = {(e.name, e.workers): e for e in entries}
-    head = f"{'system':<22} {'workers':>7} {'rt/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'× PPE':>7} {'× floor':>8}"
+    head = (
+        f"{'system':<22} {'workers':>7} {'rt/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'× PPE':>7} {'× floor':>8}"
+        f" {'CPU µs/rt: caller':>18} {'workers':>8}"
+    )
     print()
     print(head)
     print("-" * len(head))
@@ -459,10 +466,23 @@ def print_table(entries: list[Entry]) -> None:
         print(
             f"{e.name:<22} {e.workers:>7} {e.round_trips_per_s:>10,.0f} {e.p50_us:>9.1f} {e.p99_us:>9.1f} "
             f"{_fmt_ratio(_ratio(e, by.get((PPE, e.workers)))):>7} "
-            f"{_fmt_ratio(_ratio(e, by.get((FLOOR, e.workers)))):>8}{mark}"
+            f"{_fmt_ratio(_ratio(e, by.get((FLOOR, e.workers)))):>8} "
+            f"{_fmt_us(e.client_cpu_us):>18} {_fmt_us(e.workers_cpu_us):>8}{mark}"
         )
+    print(
+        "CPU µs/rt: CPU-seconds used in the measured window per round trip, by the calling process (its callers"
+        " and the system's threads in it) and by its children (workers, servers), all threads"
+    )
     if any(e.profiled for e in entries):
         print("* measured while py-spy was sampling (--profile): slightly pessimistic")
+
+
+def _fmt_us(us: float | None) -> str:
+    return "n/a" if us is None else f"{us:.1f}"
+
+
+def _fmt_delta(ours: float | None, theirs: float | None) -> str:
+    return "n/a" if ours is None or theirs is None else f"{ours - theirs:+.1f}"
 
 
 def _target(what: str, r: float | None, target: float) -> None:
@@ -494,6 +514,14 @@ def print_targets(entries: list[Entry], pipelined: list[Pipelined]) -> None:
             f"  the event loop's own reach: pyzmq-asyncio-floor vs pyzmq floor {_fmt_ratio(loop_floor)}; "
             f"aeco-pool vs pyzmq-asyncio-floor {_fmt_ratio(pool_in_loop)}"
         )
+        pool, bare = by.get(("aeco-pool", w)), by.get((ASYNC_FLOOR, w))
+        if pool is not None and bare is not None:
+            # Where the pool's time goes: a round trip is a relay, so what either side adds is latency.
+            print(
+                f"  what the pool adds per round trip over pyzmq-asyncio-floor: "
+                f"{_fmt_delta(pool.client_cpu_us, bare.client_cpu_us)} µs of CPU in the supervisor, "
+                f"{_fmt_delta(pool.workers_cpu_us, bare.workers_cpu_us)} µs in its workers"
+            )
         ours, theirs = maps.get((MAP_AECO, w)), maps.get((MAP_PPE, w))
         r = ours.tasks_per_s / theirs.tasks_per_s if ours and theirs and theirs.tasks_per_s > 0 else None
         _target(f"aeco-executor map (pipelined) vs ProcessPoolExecutor map, chunksize {MAP_CHUNKSIZE}, {n}", r, 3.0)
@@ -542,6 +570,8 @@ def _entry(name: str, workers: int, s: Sample) -> Entry:
         round_trips=s.round_trips,
         seconds=round(s.seconds, 3),
         profiled=s.profiled,
+        client_cpu_us=None if s.cpu is None or not s.round_trips else round(s.cpu.own / s.round_trips * 1e6, 1),
+        workers_cpu_us=None if s.cpu is None or not s.round_trips else round(s.cpu.children / s.round_trips * 1e6, 1),
     )
 
 
