@@ -90,12 +90,11 @@ class Worker:
         """All CPU this worker is responsible for so far."""
         return self._rusage_cpu() + self.unreaped
 
-    def counters(self, now: float) -> p.Counters:
-        """The books as of CPU reading ``now``."""
+    def counters(self, now: float, memory: int | None = None) -> p.Counters:
+        """The books as of CPU reading ``now`` (``memory``: the current use, if just read)."""
 
-        return p.Counters(
-            now, self.startup, self.idle, self.measurement, self.task_total, self.done, self.meter.current()
-        )
+        memory = self.meter.current() if memory is None else memory
+        return p.Counters(now, self.startup, self.idle, self.measurement, self.task_total, self.done, memory)
 
     def send(self, msg: p.Message) -> None:
         """Send one message to the supervisor."""
@@ -251,16 +250,17 @@ class Worker:
         c3 = self.cpu()
         if msg.memory_limit:
             self.meter.unlimit()
+        peak, current = self.meter.peak_and_current()
         # Confined code runs in processes of its own: without a cgroup around both, this worker's
         # meter does not see them, and their peak is added to what the worker held when it began.
-        peak = max(self.meter.peak(), baseline + self.confined_peak)
+        peak = max(peak, baseline + self.confined_peak)
         wall = time.perf_counter() - w0
         task_cpu = c3 - c2
         self.task_total += task_cpu
         self.done += 1
         self.mark = self.cpu()
         self.measurement += (c2 - c1) + (self.mark - c3)
-        self.last = self.counters(self.mark)
+        self.last = self.counters(self.mark, current)
         usage = p.Usage(task_cpu, peak, baseline, wall)
         return p.Result(
             task_id=msg.id, ok=err is None, output=out, error=err, usage=usage, counters=self.last, error_code=code

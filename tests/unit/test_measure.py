@@ -101,6 +101,20 @@ def test_proc_status_meter_agrees_with_proc_status() -> None:
     assert meter.peak() >= meter.current()
 
 
+def test_proc_status_meter_reads_peak_and_current_together() -> None:
+    meter = ProcStatusMeter()
+    baseline = meter.start()
+    buf = touch(64 * MiB)
+    del buf
+    gc.collect()
+    peak, current = meter.peak_and_current()
+    # The same figures as the two reads, the peak remembering what was freed.
+    assert peak == pytest.approx(meter.peak(), abs=2 * MiB)
+    assert current == pytest.approx(meter.current(), abs=2 * MiB)
+    assert peak - baseline == pytest.approx(64 * MiB, rel=0.05)
+    assert peak - current > 56 * MiB
+
+
 def test_open_meter_without_cgroup_is_proc_status() -> None:
     meter = open_meter(None)
     assert isinstance(meter, ProcStatusMeter)
