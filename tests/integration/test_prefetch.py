@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -73,10 +74,14 @@ def test_a_task_cancelled_while_it_waits_at_a_worker_is_stopped_when_it_starts()
         first = pool.begin(Sleep(ms=200))
         second = pool.begin(Sleep(ms=5000))
         assert _waiting(pool) == 1
+        asked = time.monotonic()
         await second.stop()  # it starts once the first answered, and is stopped then (its worker killed)
         err = second.ended.exception()
-        assert isinstance(err, TaskFailed) and err.code == "cancelled" and err.usage is not None
-        assert err.usage.wall_seconds < 2.0
+        assert isinstance(err, TaskFailed) and err.code == "cancelled"
+        assert time.monotonic() - asked < 2.0  # not the 5 s it would have slept
+        # The kill can land before the worker began it (uncharged: "cancelled before it ran") or after
+        # (charged what it used): which one is the host's scheduling, and both are right.
+        assert err.usage is None or err.usage.wall_seconds < 2.0, err.usage
         assert (await first.ended).usage.attempts == 1  # the task ahead of it is not disturbed
         assert (await pool.run(Echo(data="z"))).output == b"z"
 
