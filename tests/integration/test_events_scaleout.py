@@ -228,7 +228,10 @@ def test_a_waiter_on_one_node_is_woken_by_an_event_appended_on_another(nodes: No
     delays = asyncio.run(wake_delays(a, [b, a], 15, 0.05))
     median, worst = statistics.median(delays) * 1000, max(delays) * 1000
     print(f"cross-node wake-up, from the publish call: median {median:.1f} ms, max {worst:.1f} ms")
-    assert ra.received >= 15 and rb.published >= 15  # announcements queued together go out as one
+    # Announcements queued together go out as one. b counts one once Redis took it, which may be after
+    # a heard it: its count is waited for.
+    asyncio.run(eventually(lambda: rb.published >= 15))
+    assert ra.received >= 15
     assert ra.disconnects == rb.disconnects == 0
 
 
@@ -317,7 +320,8 @@ def test_a_waiter_is_woken_by_the_catch_up_after_its_subscription_was_killed(nod
         assert await task == [ev]
 
     asyncio.run(again())
-    assert ra.received >= 1 and rb.published >= 1
+    asyncio.run(eventually(lambda: rb.published >= 1))  # counted once Redis took it: maybe after a heard it
+    assert ra.received >= 1
 
 
 def test_a_relay_started_late_catches_up_on_what_it_missed(nodes: Nodes) -> None:

@@ -338,8 +338,9 @@ class RedisRelay:
                 upto = events[-1].seq if full else max([last, *(ev.seq for ev in events[-1:])])
                 fresh = self._mark(upto, events)
                 if fresh:
-                    self.log.heard(fresh)
+                    # Counted before they are handed over: whoever a waiter's wake-up reaches sees the count.
                     self.delivered += len(fresh)
+                    self.log.heard(fresh)
                 seen = upto
         except Exception:
             # The database is down or restarting: the next message or poll tries again.
