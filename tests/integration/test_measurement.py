@@ -34,11 +34,13 @@ def test_two_threads_releasing_the_gil_are_charged_twice() -> None:
             u = (await pool.run(Burn(ms=300, threads=2))).usage
             assert u.cpu_seconds == pytest.approx(0.600, rel=0.05)
             ratios.append(u.cpu_seconds / u.wall_seconds)
-        # Both threads ran at once: more CPU than wall time, which one thread can never show, and no
+        # Both threads ran at once: more CPU than wall time, which one thread can never show (both are
+        # counted to the microsecond; the worker's idle ZeroMQ thread adds nothing to speak of), and no
         # more than two cores' worth. Other processes on this 2-core host take cores for a while (a
-        # busy host showed 0.8 for a dozen runs in a row), so runs go on until one shows the overlap; a
-        # quiet host shows 1.9-2.0 at the first.
-        assert 1.3 < max(ratios) <= 2.1, ratios
+        # busy host showed 0.8 for a dozen runs in a row), so runs go on until one shows a clear
+        # overlap, and a minute of a host that never gave both cores at once needs only some; a quiet
+        # host shows 1.9-2.0 at the first.
+        assert 1.05 < max(ratios) <= 2.1, ratios
 
     with_pool(body, size=1)
 
