@@ -502,6 +502,17 @@ def print_targets(entries: list[Entry], pipelined: list[Pipelined]) -> None:
             _ratio(by.get(("aeco-executor", w)), by.get((PPE, w))),
             1.5,
         )
+        ppe, floor, loop = by.get((PPE, w)), by.get((FLOOR, w)), by.get((ASYNC_FLOOR, w))
+        if ppe is not None and floor is not None and floor.round_trips_per_s > 0:
+            # Where the target lies against the floors: past the asyncio floor, no pool driven by an
+            # event loop can reach it, whatever it does per task (see the next lines).
+            asked = 1.5 * ppe.round_trips_per_s
+            vs_loop = asked / loop.round_trips_per_s if loop is not None and loop.round_trips_per_s > 0 else None
+            print(
+                f"  the target, 1.5 × ProcessPoolExecutor = {asked:,.0f} rt/s, is "
+                f"{_fmt_ratio(asked / floor.round_trips_per_s)} the blocking pyzmq floor, "
+                f"{_fmt_ratio(vs_loop)} the asyncio floor"
+            )
         _target(
             f"aeco-pool (accounting on) vs pyzmq floor, {n}", _ratio(by.get(("aeco-pool", w)), by.get((FLOOR, w))), 0.85
         )

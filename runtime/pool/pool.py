@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, Unpack
 
 import msgspec
@@ -181,10 +181,13 @@ class _Worker:
     answered_cpu: KernelReading | None = None
     #: Tasks it answered: what its tally counts beyond these began there without an answer coming back.
     answered: int = 0
+    # Copies of ``slot.wid`` and ``process.pid``, which never change: plain reads on the hot path.
+    worker_id: int = field(init=False)
+    pid: int = field(init=False)
 
-    @property
-    def worker_id(self) -> int:
-        return self.slot.wid
+    def __post_init__(self) -> None:
+        self.worker_id = self.slot.wid
+        self.pid = self.process.pid
 
     @property
     def state(self) -> str:
@@ -193,10 +196,6 @@ class _Worker:
     @property
     def job(self) -> PoolJob | None:
         return self.slot.job
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
@@ -525,6 +524,8 @@ class WorkerPool:
         """Carry out the scheduler's commands in the order it gave them. Carrying one out may call back
         into the pool (a task's ``done`` submits another): the commands that produces wait behind the
         ones given before, or a worker could be sent a task that waits before the one it runs."""
+        if not cmds and not self._commands and not self._outbox:
+            return  # the common "nothing to do" (a report, the end of a drain), without the loop below
         self._commands.extend(cmds)
         if self._carrying_out:
             return
@@ -757,7 +758,7 @@ class WorkerPool:
         """Keep a worker's books; ``BadReport`` (and nothing kept) if a figure is not finite and >= 0:
         status displays read them, the scheduler recycles on them, and a dying worker's task is
         charged what the kernel counted beyond them."""
-        check_amounts(c, p.Counters.__struct_fields__, f"worker {w.worker_id}'s counters")
+        check_amounts(c, p.Counters.__struct_fields__, lambda: f"worker {w.worker_id}'s counters")
         w.counters = c
         acct = self.accounts.workers.get(w.pid)
         if acct is not None:
@@ -875,7 +876,7 @@ class WorkerPool:
             if job.measure:
                 raise BadReport(f"worker {w.worker_id} sent no usage for measured task {job.id}")
             return 0.0
-        check_usage(usage, f"worker {w.worker_id}'s report of task {job.id}")
+        check_usage(usage, lambda: f"worker {w.worker_id}'s report of task {job.id}")
         if max(usage.peak_memory_bytes, usage.baseline_memory_bytes) > _HOST_MEMORY:
             raise BadReport(
                 f"worker {w.worker_id}'s report of task {job.id}: peak_memory_bytes {usage.peak_memory_bytes} "
