@@ -7,7 +7,7 @@ import math
 import msgspec
 import pytest
 
-from runtime.pool.accounting import BadReport, TaskUsage, check_think, check_think_batch, check_usage
+from runtime.pool.accounting import BadReport, TaskUsage, check_amounts, check_think, check_think_batch, check_usage
 from runtime.protocol import SeqWork, Think, ThinkBatch, ThinkBatchReport, ThinkReport, Usage
 
 SPEC = Think(system="sys", prompt="hello", max_tokens=8, price_prompt_per_1k=0.5, price_completion_per_1k=2.0)
@@ -32,6 +32,25 @@ def test_a_believable_usage_passes() -> None:
     check_usage(TaskUsage(3600.0, 1 << 40, 1 << 30, 7200.0, 1, "cgroup-v1"), "large")
     with pytest.raises(BadReport, match="peak_memory_bytes"):
         check_usage(Usage(0.1, -1, 0, 0.1), "negative memory")
+
+
+def test_the_place_of_a_check_is_made_only_for_a_refusal() -> None:
+    """A report is checked once a task: where it came from is a text made only when it is refused."""
+    made: list[str] = []
+
+    def where() -> str:
+        made.append("worker 3")
+        return "worker 3"
+
+    check_usage(Usage(0.5, 100, 50, 1.0), where)
+    assert made == []
+    with pytest.raises(BadReport, match=r"^worker 3: wall_seconds must be finite"):
+        check_usage(Usage(0.5, 100, 50, math.nan), where)
+    assert made == ["worker 3"]
+    # One figure alone is checked as well as several.
+    check_amounts(Usage(0.5, 100, 50, 1.0), ("cpu_seconds",), "one")
+    with pytest.raises(BadReport, match=r"^one: baseline_memory_bytes must be finite"):
+        check_amounts(Usage(0.5, 100, -50, 1.0), ("baseline_memory_bytes",), "one")
 
 
 def test_a_think_report_is_held_to_its_tokens_and_prices() -> None:
