@@ -10,12 +10,9 @@ worker used (its cgroup's CPU counter, else ``/proc/<pid>/stat``), which the wor
 
 from __future__ import annotations
 
-import functools
-import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from msgspec import Struct, field
 
@@ -240,7 +237,7 @@ MAX_AMOUNT = 1e15
 USAGE_FIGURES = ("cpu_seconds", "peak_memory_bytes", "baseline_memory_bytes", "wall_seconds")
 
 
-def check_amounts(record: object, names: tuple[str, ...], where: str | Callable[[], str]) -> None:
+def check_amounts(record: object, names: Iterable[str], where: str | Callable[[], str]) -> None:
     """Raise ``BadReport`` naming the first of the attributes ``names`` of ``record`` (from ``where``, a
     text or what makes it: only a refusal formats it) that is not a finite amount >= 0 (and at most
     ``MAX_AMOUNT``).
@@ -248,17 +245,11 @@ def check_amounts(record: object, names: tuple[str, ...], where: str | Callable[
     Amounts come from workers and from the in-flight log: neither may put a NaN, an infinity or a
     negative amount into a charge, a bucket, a live table or a record read at the next start.
     """
-    for name, value in zip(names, _getter(names)(record), strict=True):
+    for name in names:
+        value = getattr(record, name)
         if not 0 <= value <= MAX_AMOUNT:  # false for a NaN too (every comparison with one is), and for infinities
             place = where if isinstance(where, str) else where()
             raise BadReport(f"{place}: {name} must be finite, >= 0 and <= {MAX_AMOUNT:g}, got {value!r}")
-
-
-@functools.cache
-def _getter(names: tuple[str, ...]) -> Callable[[object], tuple[Any, ...]]:
-    """One C call that reads all of ``names`` (checks run once a task: ``getattr`` in a loop shows)."""
-    get = operator.attrgetter(*names)
-    return get if len(names) > 1 else lambda record: (get(record),)
 
 
 def check_usage(usage: object, where: str | Callable[[], str]) -> None:
